@@ -1,0 +1,193 @@
+"""Log-mel features exactly as ``ASTFeatureExtractor`` computes them (its torchaudio path).
+
+Kaldi-compatible filterbank (``torchaudio.compliance.kaldi.fbank`` with ``window_type="hanning"``), written
+out here so that the window and the mel matrix are built once per process instead of once per call.
+``tests/test_features.py`` checks it against ``ASTFeatureExtractor`` itself.
+
+Every frame depends only on its own 400 samples (snip_edges, no dither, per-frame DC removal), so the
+frames of a long recording can be computed block by block and windowed afterwards: see ``FrameStream``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+SAMPLE_RATE = 16000  # Hz; the extractor refuses anything else
+FRAME_LENGTH = 400  # samples per frame (25 ms)
+HOP_LENGTH = 160  # samples between frames (10 ms)
+N_FFT = 512  # frame zero-padded to the next power of two
+PREEMPHASIS = 0.97
+AUDIOSET_MEAN = -4.2677393
+AUDIOSET_STD = 4.5689974
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """What a checkpoint's ``preprocessor_config.json`` says about its input."""
+
+    sampling_rate: int = SAMPLE_RATE
+    num_mel_bins: int = 128
+    max_length: int = 1024  # frames
+    mean: float = AUDIOSET_MEAN
+    std: float = AUDIOSET_STD
+    do_normalize: bool = True
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "FeatureConfig":
+        raw = dict(raw)
+        if "num_mel_bins" not in raw and "feature_size" in raw:
+            raw["num_mel_bins"] = raw["feature_size"]
+        known = {k: raw[k] for k in ("sampling_rate", "num_mel_bins", "max_length", "mean", "std", "do_normalize") if k in raw}
+        cfg = cls(**known)
+        if cfg.sampling_rate != SAMPLE_RATE:
+            raise ValueError(f"only {SAMPLE_RATE} Hz checkpoints are supported, this one wants {cfg.sampling_rate} Hz")
+        return cfg
+
+    @property
+    def window_seconds(self) -> float:
+        """Audio the model sees at once: 10.24 s for AudioSet checkpoints."""
+        return self.max_length * HOP_LENGTH / SAMPLE_RATE
+
+
+@functools.lru_cache(maxsize=8)
+def _mel_matrix(num_mel_bins: int) -> torch.Tensor:
+    """(N_FFT // 2 + 1, num_mel_bins) kaldi mel filterbank, 20 Hz to Nyquist, last FFT bin unused."""
+    from torchaudio.compliance.kaldi import get_mel_banks
+
+    banks, _ = get_mel_banks(num_mel_bins, N_FFT, float(SAMPLE_RATE), 20.0, 0.0, 100.0, -500.0, 1.0)
+    banks = torch.nn.functional.pad(banks, (0, 1))  # (num_mel_bins, 257)
+    return banks.T.contiguous()
+
+
+@functools.lru_cache(maxsize=1)
+def _window() -> torch.Tensor:
+    return torch.hann_window(FRAME_LENGTH, periodic=False, dtype=torch.float32)  # symmetric, as kaldi "hanning"
+
+
+def num_frames(num_samples: int) -> int:
+    """Frames kaldi makes from ``num_samples`` samples (snip_edges): 998 for 10.00 s."""
+    return 0 if num_samples < FRAME_LENGTH else 1 + (num_samples - FRAME_LENGTH) // HOP_LENGTH
+
+
+def log_mel(waveform: torch.Tensor, num_mel_bins: int = 128) -> torch.Tensor:
+    """(samples,) float32 16 kHz mono in [-1, 1] -> (frames, num_mel_bins) natural-log mel energies."""
+    waveform = waveform.to(torch.float32).contiguous()
+    frames = num_frames(waveform.shape[0])
+    if frames == 0:
+        return torch.empty(0, num_mel_bins)
+    strided = waveform.as_strided((frames, FRAME_LENGTH), (HOP_LENGTH, 1))  # (m, 400)
+    strided = strided - strided.mean(dim=1, keepdim=True)  # per-frame DC removal
+    previous = torch.cat([strided[:, :1], strided[:, :-1]], dim=1)  # kaldi replicates the first sample
+    strided = (strided - PREEMPHASIS * previous) * _window()
+    spectrum = torch.fft.rfft(strided, n=N_FFT).abs().pow(2.0)  # (m, 257) power
+    energies = spectrum @ _mel_matrix(num_mel_bins)  # (m, num_mel_bins)
+    return energies.clamp_min(torch.finfo(torch.float32).eps).log()
+
+
+def pad_or_truncate(frames: torch.Tensor, max_length: int) -> torch.Tensor:
+    """Zero frames appended, or the first ``max_length`` kept: (n, F) -> (max_length, F)."""
+    n = frames.shape[0]
+    if n < max_length:
+        return torch.nn.functional.pad(frames, (0, 0, 0, max_length - n))
+    return frames[:max_length]
+
+
+def normalize(frames: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
+    if not cfg.do_normalize:
+        return frames
+    return (frames - cfg.mean) / (cfg.std * 2)
+
+
+def extract(waveform: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
+    """One clip -> model input (max_length, num_mel_bins), as ``ASTFeatureExtractor`` would give it.
+
+    Clips shorter than one frame (400 samples) are zero-padded to one frame first.
+    """
+    if waveform.shape[0] < FRAME_LENGTH:
+        waveform = torch.nn.functional.pad(waveform, (0, FRAME_LENGTH - waveform.shape[0]))
+    return normalize(pad_or_truncate(log_mel(waveform, cfg.num_mel_bins), cfg.max_length), cfg)
+
+
+@dataclass(frozen=True)
+class Window:
+    """One model input cut from a recording: ``features`` (max_length, F), times in seconds."""
+
+    index: int
+    start: float
+    end: float
+    features: torch.Tensor
+
+
+class FrameStream:
+    """Turns 16 kHz audio pushed in blocks into fixed-length, normalized model windows.
+
+    Window ``w`` covers frames ``[w * hop_frames, w * hop_frames + max_length)`` of the whole recording,
+    which equals the reference extractor applied to that stretch of audio. The last window is zero-padded
+    like the reference pads. Memory stays bounded: only frames not yet consumed by a window are kept.
+    """
+
+    def __init__(self, cfg: FeatureConfig, hop_frames: int | None = None):
+        self.cfg = cfg
+        self.hop_frames = hop_frames or cfg.max_length
+        if self.hop_frames < 1:
+            raise ValueError("hop must be at least one frame (10 ms)")
+        self._samples = torch.empty(0)  # not yet framed; starts at frame self._frames_done
+        self._frames = torch.empty(0, cfg.num_mel_bins)  # computed, starting at frame self._first_frame
+        self._first_frame = 0
+        self._frames_done = 0
+        self._total_samples = 0
+        self._next_window = 0
+
+    def push(self, block: torch.Tensor) -> list[Window]:
+        """Add (samples,) audio; return the windows that became complete."""
+        self._total_samples += block.shape[0]
+        self._samples = torch.cat([self._samples, block.to(torch.float32)])
+        new = log_mel(self._samples, self.cfg.num_mel_bins)
+        if new.shape[0]:
+            self._samples = self._samples[new.shape[0] * HOP_LENGTH :]
+            self._frames = torch.cat([self._frames, new])
+            self._frames_done += new.shape[0]
+        return self._ready(final=False)
+
+    def finish(self) -> list[Window]:
+        """Flush: the remaining windows, the last one padded. A recording gives at least one window."""
+        if self._frames_done == 0 and self._samples.shape[0] < FRAME_LENGTH:
+            # Shorter than one frame: the reference needs 400 samples, so pad to exactly one frame.
+            padded = torch.nn.functional.pad(self._samples, (0, FRAME_LENGTH - self._samples.shape[0]))
+            self._frames = log_mel(padded, self.cfg.num_mel_bins)
+            self._frames_done = 1
+        return self._ready(final=True)
+
+    @property
+    def duration(self) -> float:
+        return self._total_samples / SAMPLE_RATE
+
+    def _ready(self, final: bool) -> list[Window]:
+        out = []
+        max_length, hop = self.cfg.max_length, self.hop_frames
+        while True:
+            start = self._next_window * hop
+            end = start + max_length
+            if not final and end > self._frames_done:
+                break
+            if final and self._next_window > 0 and (
+                start >= self._frames_done or start - hop + max_length >= self._frames_done
+            ):
+                break  # the previous window already reached the last frame
+            local = self._frames[start - self._first_frame : end - self._first_frame]
+            features = normalize(pad_or_truncate(local, max_length), self.cfg)
+            t0 = start * HOP_LENGTH / SAMPLE_RATE
+            t1 = min(end * HOP_LENGTH / SAMPLE_RATE, self.duration) if final else end * HOP_LENGTH / SAMPLE_RATE
+            out.append(Window(self._next_window, t0, t1, features))
+            self._next_window += 1
+            drop = self._next_window * hop - self._first_frame  # frames no later window needs
+            if drop > 0:
+                self._frames = self._frames[drop:]
+                self._first_frame += drop
+            if final and end >= self._frames_done:
+                break
+        return out

@@ -1,0 +1,96 @@
+"""Command-line inputs -> an ordered list of files: paths, directories (walked), globs and ``-`` (stdin)."""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, TextIO
+
+from .audio import AUDIO_EXTENSIONS
+
+GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One file to process. ``path`` is how the user named it (or as found under a given directory);
+    ``root`` is the directory it was found under, or None when given directly."""
+
+    path: str
+    root: str | None = None
+    error: str | None = None  # set when the argument itself is unusable (no such file)
+
+    @property
+    def relative(self) -> str:
+        """Path below its root, or its basename when given directly (used to mirror trees)."""
+        if self.root is None:
+            return os.path.basename(self.path)
+        return os.path.relpath(self.path, self.root)
+
+
+def parse_extensions(values: Iterable[str] | None) -> frozenset[str]:
+    """``--ext wav,flac --ext .mp3`` -> {"wav", "flac", "mp3"}; None -> the default audio/video set."""
+    if not values:
+        return AUDIO_EXTENSIONS
+    exts = {e.strip().lstrip(".").lower() for value in values for e in value.split(",")}
+    return frozenset(e for e in exts if e)
+
+
+def _walk(directory: str, extensions: frozenset[str]) -> list[str]:
+    found = []
+    for current, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            if name.startswith("."):
+                continue
+            if os.path.splitext(name)[1].lstrip(".").lower() in extensions:
+                found.append(os.path.join(current, name))
+    # Sort by path components so that "a/b.wav" < "a b.wav" ordering is the same on every machine.
+    return sorted(found, key=lambda p: Path(os.path.relpath(p, directory)).parts)
+
+
+def expand_inputs(
+    arguments: Iterable[str], extensions: frozenset[str] = AUDIO_EXTENSIONS, stdin: TextIO | None = None
+) -> list[InputFile]:
+    """Files in a deterministic order, each once. ``-`` reads one path per line from ``stdin``.
+
+    A named path that does not exist becomes an ``InputFile`` with ``error`` set, so that it gets an error
+    record like any unreadable file instead of stopping the run.
+    """
+    out: list[InputFile] = []
+    seen: set[str] = set()
+
+    def add(item: InputFile) -> None:
+        key = os.path.normcase(os.path.abspath(item.path))
+        if key not in seen:
+            seen.add(key)
+            out.append(item)
+
+    def handle(arg: str, from_stdin: bool = False) -> None:
+        if os.path.isdir(arg):
+            for path in _walk(arg, extensions):
+                add(InputFile(path, root=arg))
+        elif os.path.exists(arg) or os.path.islink(arg):
+            add(InputFile(arg))
+        elif not from_stdin and GLOB_CHARS & set(arg):
+            matches = sorted(glob.glob(arg, recursive=True))
+            if not matches:
+                add(InputFile(arg, error="no file matches this pattern"))
+            for match in matches:
+                handle(match, from_stdin=True)
+        else:
+            add(InputFile(arg, error="no such file"))
+
+    for arg in arguments:
+        if arg == "-":
+            if stdin is None:
+                continue
+            for line in stdin:
+                line = line.rstrip("\r\n")
+                if line.strip():
+                    handle(line, from_stdin=True)
+        else:
+            handle(arg)
+    return out

@@ -1,0 +1,270 @@
+"""The Audio Spectrogram Transformer (Gong, Chung & Glass 2021), compact and self-contained.
+
+Parameter names mirror the Hugging Face checkpoints (``ASTForAudioClassification``) so that loading
+is a strict one-to-one mapping. No I/O, no printing, no hub access here: see ``weights.py``.
+
+Shapes: B batch, T frames (max_length), F mel bins, D hidden size, N tokens (patches + 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+AttnImplementation = Literal["sdpa", "eager"]
+
+
+@dataclass(frozen=True)
+class ASTConfig:
+    """Architecture of one checkpoint, as found in its ``config.json``."""
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    layer_norm_eps: float = 1e-12
+    patch_size: int = 16
+    frequency_stride: int = 10
+    time_stride: int = 10
+    max_length: int = 1024  # frames of model input (10 ms each)
+    num_mel_bins: int = 128
+    id2label: tuple[str, ...] = ()  # label of class i; empty for a bare encoder
+    hidden_act: str = "gelu"
+    qkv_bias: bool = True
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "ASTConfig":
+        """Build from a hub ``config.json`` dict; unknown keys are ignored.
+
+        Accepts the 2022 names ``time_dimension`` / ``frequency_dimension`` for ``max_length`` /
+        ``num_mel_bins``.
+        """
+        raw = dict(raw)
+        if "max_length" not in raw and "time_dimension" in raw:
+            raw["max_length"] = raw["time_dimension"]
+        if "num_mel_bins" not in raw and "frequency_dimension" in raw:
+            raw["num_mel_bins"] = raw["frequency_dimension"]
+        id2label = raw.get("id2label") or {}
+        num_labels = len(id2label) or int(raw.get("num_labels", 0) or 0)
+        raw["id2label"] = tuple(
+            str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(num_labels)
+        )
+        names = {f.name for f in dataclasses.fields(cls)}
+        cfg = cls(**{k: v for k, v in raw.items() if k in names})
+        if cfg.hidden_act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu"):
+            raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r}")
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        return cfg
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        """(frequency patches, time patches): 12 x 101 for the default checkpoint."""
+        f_dim = (self.num_mel_bins - self.patch_size) // self.frequency_stride + 1
+        t_dim = (self.max_length - self.patch_size) // self.time_stride + 1
+        return f_dim, t_dim
+
+    @property
+    def num_tokens(self) -> int:
+        f_dim, t_dim = self.patch_grid
+        return f_dim * t_dim + 2  # + CLS + distillation
+
+
+def _activation(name: str):
+    if name == "gelu":
+        return F.gelu  # exact (erf) GELU, as in the reference
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    return F.relu
+
+
+class ASTEmbeddings(nn.Module):
+    def __init__(self, cfg: ASTConfig):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
+        self.distillation_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
+        self.patch_embeddings = ASTPatchEmbeddings(cfg)
+        self.position_embeddings = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.hidden_size))
+
+    def forward(self, input_values: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embeddings(input_values)  # (B, f*t, D)
+        batch = x.shape[0]
+        cls = self.cls_token.expand(batch, -1, -1)
+        dist = self.distillation_token.expand(batch, -1, -1)
+        x = torch.cat([cls, dist, x], dim=1)  # (B, N, D)
+        return x + self.position_embeddings
+
+
+class ASTPatchEmbeddings(nn.Module):
+    def __init__(self, cfg: ASTConfig):
+        super().__init__()
+        self.projection = nn.Conv2d(
+            1,
+            cfg.hidden_size,
+            kernel_size=(cfg.patch_size, cfg.patch_size),
+            stride=(cfg.frequency_stride, cfg.time_stride),
+        )
+
+    def forward(self, input_values: torch.Tensor) -> torch.Tensor:
+        x = input_values.unsqueeze(1).transpose(2, 3)  # (B, 1, F, T): frequency first
+        x = self.projection(x)  # (B, D, f_dim, t_dim)
+        return x.flatten(2).transpose(1, 2)  # (B, f_dim*t_dim, D), patch index = f * t_dim + t
+
+
+class ASTSelfAttention(nn.Module):
+    def __init__(self, cfg: ASTConfig):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = cfg.head_dim
+        self.scale = self.head_dim**-0.5  # 0.125 for 64-d heads, exact in float
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.qkv_bias)
+        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.qkv_bias)
+        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.qkv_bias)
+
+    def forward(self, x: torch.Tensor, attn: AttnImplementation) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        shape = (batch, tokens, self.num_heads, self.head_dim)
+        q = self.query(x).view(shape).transpose(1, 2)  # (B, nh, N, hs)
+        k = self.key(x).view(shape).transpose(1, 2)
+        v = self.value(x).view(shape).transpose(1, 2)
+        if attn == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:
+            scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # (B, nh, N, N)
+            # Softmax in float32 then back, as the reference eager path does for half precision.
+            probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            out = torch.matmul(probs, v)
+        return out.transpose(1, 2).reshape(batch, tokens, -1)  # (B, N, D)
+
+
+class ASTSelfOutput(nn.Module):
+    def __init__(self, cfg: ASTConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+
+class ASTAttention(nn.Module):
+    def __init__(self, cfg: ASTConfig):
+        super().__init__()
+        self.attention = ASTSelfAttention(cfg)
+        self.output = ASTSelfOutput(cfg)
+
+    def forward(self, x: torch.Tensor, attn: AttnImplementation) -> torch.Tensor:
+        return self.output.dense(self.attention(x, attn))
+
+
+class ASTDense(nn.Module):
+    """A holder for one ``dense`` Linear, so that key names read ``intermediate.dense.weight``."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.dense = nn.Linear(in_features, out_features)
+
+
+class ASTLayer(nn.Module):
+    """One pre-LayerNorm transformer block."""
+
+    def __init__(self, cfg: ASTConfig):
+        super().__init__()
+        self.attention = ASTAttention(cfg)
+        self.intermediate = ASTDense(cfg.hidden_size, cfg.intermediate_size)
+        self.output = ASTDense(cfg.intermediate_size, cfg.hidden_size)
+        self.layernorm_before = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layernorm_after = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.act = _activation(cfg.hidden_act)
+
+    def forward(self, x: torch.Tensor, attn: AttnImplementation) -> torch.Tensor:
+        x = x + self.attention(self.layernorm_before(x), attn)
+        hidden = self.act(self.intermediate.dense(self.layernorm_after(x)))  # (B, N, 4D)
+        return x + self.output.dense(hidden)
+
+
+class ASTEncoder(nn.Module):
+    def __init__(self, cfg: ASTConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(ASTLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+class ASTBackbone(nn.Module):
+    """``audio_spectrogram_transformer.*`` in the checkpoints."""
+
+    def __init__(self, cfg: ASTConfig):
+        super().__init__()
+        self.embeddings = ASTEmbeddings(cfg)
+        self.encoder = ASTEncoder(cfg)
+        self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+
+class ASTClassifierHead(nn.Module):
+    def __init__(self, cfg: ASTConfig):
+        super().__init__()
+        self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.num_labels)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.dense(self.layernorm(pooled))
+
+
+class AST(nn.Module):
+    """AST encoder plus classification head; ``forward`` returns raw logits (B, num_labels).
+
+    A config without labels builds the encoder only (``forward_features``).
+    """
+
+    def __init__(self, cfg: ASTConfig, attn: AttnImplementation = "sdpa"):
+        super().__init__()
+        if attn not in ("sdpa", "eager"):
+            raise ValueError(f"attn must be 'sdpa' or 'eager', not {attn!r}")
+        self.config = cfg
+        self.attn: AttnImplementation = attn
+        self.audio_spectrogram_transformer = ASTBackbone(cfg)
+        self.classifier = ASTClassifierHead(cfg) if cfg.num_labels else None
+
+    def forward_features(self, input_values: torch.Tensor) -> torch.Tensor:
+        """(B, T, F) normalized log-mel -> (B, D) pooled embedding (mean of CLS and distillation)."""
+        expected = (self.config.max_length, self.config.num_mel_bins)
+        if tuple(input_values.shape[1:]) != expected:
+            raise ValueError(f"expected input (B, {expected[0]}, {expected[1]}), got {tuple(input_values.shape)}")
+        backbone = self.audio_spectrogram_transformer
+        x = backbone.embeddings(input_values)  # (B, N, D)
+        for layer in backbone.encoder.layer:
+            x = layer(x, self.attn)
+        x = backbone.layernorm(x)
+        return (x[:, 0] + x[:, 1]) / 2  # (B, D)
+
+    def forward_head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, D) pooled embedding -> (B, num_labels) raw logits."""
+        if self.classifier is None:
+            raise ValueError("this checkpoint has no classification head")
+        return self.classifier(pooled)
+
+    def forward(self, input_values: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(input_values))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_clip(cfg: ASTConfig) -> float:
+    """Approximate multiply-add FLOPs (x2) of one forward pass, for throughput reporting."""
+    n, d, inner = cfg.num_tokens, cfg.hidden_size, cfg.intermediate_size
+    per_layer = 2 * n * (4 * d * d + 2 * d * inner) + 2 * 2 * n * n * d
+    patch = 2 * (n - 2) * d * cfg.patch_size**2
+    return float(cfg.num_hidden_layers * per_layer + patch)
+
+
+__all__ = ["AST", "ASTConfig", "AttnImplementation", "count_parameters", "flops_per_clip"]

@@ -1,0 +1,284 @@
+"""Checkpoints on disk -> a ready ``AST`` model and its ``FeatureConfig``.
+
+Accepts a directory in Hugging Face hub layout (``config.json``, ``preprocessor_config.json``,
+``model.safetensors`` or ``pytorch_model.bin``) or a single weights file (HF key names, or the original
+YuanGongND/ast ``module.v.*`` naming, remapped by ``remap_original``). Loading is strict: any missing,
+unexpected or mis-shaped key is an error that names it. Pickles are only ever opened with
+``torch.load(weights_only=True)``; safetensors is preferred.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import CheckpointError
+from .features import FeatureConfig
+from .model import AST, ASTConfig, AttnImplementation
+
+CONFIG_NAME = "config.json"
+PREPROCESSOR_NAME = "preprocessor_config.json"
+SAFETENSORS_NAME = "model.safetensors"
+PICKLE_NAME = "pytorch_model.bin"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
+
+PREFIX = "audio_spectrogram_transformer."
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Everything needed to build a model: configs and a float state dict in HF naming."""
+
+    config: ASTConfig
+    features: FeatureConfig
+    state_dict: dict
+    source: str  # path it was read from, for messages
+
+
+def load_labels(name: str) -> tuple[str, ...]:
+    """Bundled label list ``audioset`` (527) or ``speechcommands`` (35), in checkpoint index order."""
+    text = resources.files("ast_cli").joinpath(f"data/{name}_class_labels_indices.csv").read_text("utf-8")
+    rows = list(csv.DictReader(text.splitlines()))
+    return tuple(row["display_name"] for row in sorted(rows, key=lambda r: int(r["index"])))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return data
+
+
+def read_configs(directory: Path) -> tuple[ASTConfig, FeatureConfig]:
+    """``config.json`` (+ optional ``preprocessor_config.json``) of a hub-layout directory."""
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise CheckpointError(f"{directory} has no {CONFIG_NAME}", hint="is this an AST checkpoint directory?")
+    raw = _read_json(config_path)
+    model_type = raw.get("model_type")
+    if model_type not in (None, "audio-spectrogram-transformer"):
+        raise CheckpointError(f"{config_path} describes a {model_type!r} model, not an Audio Spectrogram Transformer")
+    try:
+        config = ASTConfig.from_dict(raw)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{config_path}: {exc}") from None
+    pre: dict[str, Any] = {"num_mel_bins": config.num_mel_bins, "max_length": config.max_length}
+    pre_path = directory / PREPROCESSOR_NAME
+    if pre_path.is_file():
+        pre.update(_read_json(pre_path))
+    try:
+        features = FeatureConfig.from_dict(pre)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{pre_path}: {exc}") from None
+    if (features.max_length, features.num_mel_bins) != (config.max_length, config.num_mel_bins):
+        raise CheckpointError(
+            f"{directory}: preprocessor ({features.max_length} x {features.num_mel_bins}) and model "
+            f"({config.max_length} x {config.num_mel_bins}) disagree on the input shape"
+        )
+    return config, features
+
+
+def read_state_dict(path: Path) -> dict:
+    """Tensors from a ``.safetensors`` file, or a pickle opened with ``weights_only=True``."""
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(
+                f"corrupt or truncated weights file {path} ({_one_line(exc)})",
+                hint="download it again (`ast download MODEL --force`)",
+            ) from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError (zip), EOFError...: all mean unusable
+        raise CheckpointError(
+            f"cannot load {path} as a plain tensor checkpoint ({_one_line(exc)})",
+            hint="only weights_only pickles and safetensors files are accepted",
+        ) from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a dict of tensors")
+    return obj
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:200] or type(exc).__name__
+
+
+_ORIGINAL_BLOCK = {
+    "norm1": "layernorm_before",
+    "norm2": "layernorm_after",
+    "attn.proj": "attention.output.dense",
+    "mlp.fc1": "intermediate.dense",
+    "mlp.fc2": "output.dense",
+}
+
+
+def is_original_layout(state_dict: Mapping[str, Any]) -> bool:
+    return any(k.startswith(("module.v.", "v.")) for k in state_dict)
+
+
+def remap_original(state_dict: Mapping[str, Any]) -> dict:
+    """Original YuanGongND/ast checkpoint (``module.v.*``, fused qkv) -> HF key names. Pure function.
+
+    The unused ``v.head*`` (the ImageNet head of the DeiT backbone) is dropped; anything else that is not
+    recognised is kept under its own name so that strict loading reports it.
+    """
+    out: dict = {}
+    for key, value in state_dict.items():
+        name = key[len("module.") :] if key.startswith("module.") else key
+        if name.startswith(("v.head.", "v.head_dist.")):
+            continue
+        if name.startswith("mlp_head."):
+            index, param = name[len("mlp_head.") :].split(".", 1)
+            out[{"0": "classifier.layernorm.", "1": "classifier.dense."}.get(index, name + ".") + param] = value
+            continue
+        if not name.startswith("v."):
+            out[key] = value
+            continue
+        name = name[2:]
+        emb = PREFIX + "embeddings."
+        simple = {
+            "cls_token": emb + "cls_token",
+            "dist_token": emb + "distillation_token",
+            "pos_embed": emb + "position_embeddings",
+            "patch_embed.proj.weight": emb + "patch_embeddings.projection.weight",
+            "patch_embed.proj.bias": emb + "patch_embeddings.projection.bias",
+            "norm.weight": PREFIX + "layernorm.weight",
+            "norm.bias": PREFIX + "layernorm.bias",
+        }
+        if name in simple:
+            out[simple[name]] = value
+            continue
+        match = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", name)
+        if not match:
+            out[key] = value
+            continue
+        layer, module, param = match.groups()
+        base = f"{PREFIX}encoder.layer.{layer}."
+        if module == "attn.qkv":
+            # Fused (3D, D) projection: rows [0:D] query, [D:2D] key, [2D:3D] value.
+            for part, chunk in zip(("query", "key", "value"), value.chunk(3, dim=0)):
+                out[f"{base}attention.attention.{part}.{param}"] = chunk.clone()
+        elif module in _ORIGINAL_BLOCK:
+            out[f"{base}{_ORIGINAL_BLOCK[module]}.{param}"] = value
+        else:
+            out[key] = value
+    return out
+
+
+def infer_config(state_dict: Mapping[str, Any]) -> tuple[ASTConfig, FeatureConfig]:
+    """Architecture of a bare weights file (no config.json), from tensor shapes.
+
+    The stride is not stored anywhere, so it is found from the number of position embeddings, trying the
+    published input shapes (128 mel bins, 1024 or 128 frames) and strides 10 to 16.
+    """
+    try:
+        pos = state_dict[PREFIX + "embeddings.position_embeddings"]
+        hidden = int(pos.shape[-1])
+        tokens = int(pos.shape[1])
+        layers = 1 + max(int(k.split(".")[3]) for k in state_dict if k.startswith(PREFIX + "encoder.layer."))
+        inner = int(state_dict[PREFIX + "encoder.layer.0.intermediate.dense.weight"].shape[0])
+    except (KeyError, ValueError, IndexError) as exc:
+        raise CheckpointError(f"not an AST state dict (missing {exc})") from None
+    num_labels = int(state_dict["classifier.dense.weight"].shape[0]) if "classifier.dense.weight" in state_dict else 0
+    labels: tuple[str, ...] = ()
+    if num_labels == 527:
+        labels = load_labels("audioset")
+    elif num_labels == 35:
+        labels = load_labels("speechcommands")
+    elif num_labels:
+        labels = tuple(f"LABEL_{i}" for i in range(num_labels))
+    for max_length in (1024, 128, 512, 256):
+        for stride in range(10, 17):
+            cfg = ASTConfig(
+                hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+                intermediate_size=inner, frequency_stride=stride, time_stride=stride,
+                max_length=max_length, id2label=labels,
+            )
+            if cfg.num_tokens == tokens:
+                features = FeatureConfig(max_length=max_length)
+                if num_labels == 35:  # speech-commands normalization
+                    features = replace(features, mean=-6.845978, std=5.5654526)
+                return cfg, features
+    raise CheckpointError(
+        f"cannot infer the input shape from {tokens} position embeddings",
+        hint="put the checkpoint's config.json next to the weights file",
+    )
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a hub-layout directory or a single weights file (with an optional config.json beside it)."""
+    path = Path(path)
+    if path.is_dir():
+        config, features = read_configs(path)
+        weights = path / SAFETENSORS_NAME
+        if not weights.is_file():
+            weights = path / PICKLE_NAME
+        if not weights.is_file():
+            raise CheckpointError(
+                f"{path} has no {SAFETENSORS_NAME} or {PICKLE_NAME}",
+                hint="download the model again (`ast download MODEL --force`)",
+            )
+        state_dict = read_state_dict(weights)
+        if is_original_layout(state_dict):
+            state_dict = remap_original(state_dict)
+        return Checkpoint(config, features, state_dict, str(weights))
+    if not path.is_file():
+        raise CheckpointError(f"no such checkpoint: {path}")
+    state_dict = read_state_dict(path)
+    if is_original_layout(state_dict):
+        state_dict = remap_original(state_dict)
+    if (path.parent / CONFIG_NAME).is_file():
+        config, features = read_configs(path.parent)
+    else:
+        config, features = infer_config(state_dict)
+    return Checkpoint(config, features, state_dict, str(path))
+
+
+def check_state_dict(model, state_dict: Mapping[str, Any], source: str) -> None:
+    """Raise CheckpointError naming the first missing, unexpected or mis-shaped keys."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [
+        f"{k} {tuple(state_dict[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+    if shapes:
+        problems.append(f"{len(shapes)} with wrong shape (e.g. {shapes[0]})")
+    if problems:
+        raise CheckpointError(f"{source} does not fit the AST architecture: " + "; ".join(problems))
+
+
+def build_model(checkpoint: Checkpoint, attn: AttnImplementation = "sdpa") -> AST:
+    """A float32 model in eval mode holding the checkpoint's weights (strictly checked)."""
+    import torch
+
+    with torch.device("meta"):
+        model = AST(checkpoint.config, attn=attn)
+    check_state_dict(model, checkpoint.state_dict, checkpoint.source)
+    state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in checkpoint.state_dict.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
