@@ -165,8 +165,11 @@ class TableWriter(Writer):
 
         if result.error is not None:
             return  # reported on stderr, one line, by the CLI
+        from rich.text import Text
+
         title = f"{result.path} ({result.duration:.2f} s)" if result.duration is not None else result.path
-        table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+        self.console.print(Text(title, style="bold"), soft_wrap=True)  # a long path must not wrap
+        table = Table(show_edge=False, pad_edge=False)
         table.add_column("rank", justify="right")
         table.add_column("label")
         table.add_column("score", justify="right")

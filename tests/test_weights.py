@@ -1,0 +1,105 @@
+"""Checkpoint reading: configs (legacy names, unknown keys), strict key checks, pickle safety, corrupt files."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ast_cli.errors import CheckpointError
+from ast_cli.model import ASTConfig
+from ast_cli.weights import build_model, load_checkpoint, read_configs
+
+
+def test_config_accepts_legacy_names_and_ignores_unknown_keys():
+    cfg = ASTConfig.from_dict({"time_dimension": 128, "frequency_dimension": 64, "something_new": 1,
+                               "id2label": {"0": "a", "1": "b"}})
+    assert (cfg.max_length, cfg.num_mel_bins, cfg.id2label) == (128, 64, ("a", "b"))
+
+
+def test_preprocessor_config_is_read(tiny_checkpoint, tmp_path):
+    directory = tmp_path / "c"
+    shutil.copytree(tiny_checkpoint[0], directory)
+    pre = json.loads((directory / "preprocessor_config.json").read_text())
+    pre.update(mean=-6.845978, std=5.5654526)
+    (directory / "preprocessor_config.json").write_text(json.dumps(pre))
+    _, features = read_configs(directory)
+    assert (features.mean, features.std, features.max_length) == (-6.845978, 5.5654526, 64)
+    (directory / "preprocessor_config.json").unlink()  # defaults: AudioSet normalization, model's shape
+    _, features = read_configs(directory)
+    assert (features.mean, features.max_length) == (-4.2677393, 64)
+
+
+def test_pytorch_model_bin_is_loaded_with_weights_only(tiny_checkpoint, tmp_path):
+    directory = tmp_path / "bin"
+    shutil.copytree(tiny_checkpoint[0], directory)
+    state = load_checkpoint(directory).state_dict
+    (directory / "model.safetensors").unlink()
+    torch.save(state, directory / "pytorch_model.bin")
+    model = build_model(load_checkpoint(directory))
+    assert torch.equal(model.classifier.dense.weight, state["classifier.dense.weight"])
+
+
+class _Evil:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_pickles_with_code_are_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.bin"
+    with open(path, "wb") as handle:
+        pickle.dump({"x": _Evil()}, handle)
+    with pytest.raises(CheckpointError, match="plain tensor checkpoint"):
+        load_checkpoint(path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_missing_and_unexpected_keys_are_named(tiny_checkpoint, tmp_path):
+    directory = tmp_path / "bad"
+    shutil.copytree(tiny_checkpoint[0], directory)
+    state = load_checkpoint(directory).state_dict
+    del state["classifier.dense.bias"]
+    state["audio_spectrogram_transformer.pooler.weight"] = torch.zeros(3)
+    save_file(state, str(directory / "model.safetensors"))
+    with pytest.raises(CheckpointError) as info:
+        build_model(load_checkpoint(directory))
+    message = str(info.value)
+    assert "1 missing (e.g. classifier.dense.bias)" in message
+    assert "1 unexpected (e.g. audio_spectrogram_transformer.pooler.weight)" in message
+
+
+def test_wrong_shapes_are_named(tiny_checkpoint, tmp_path):
+    directory = tmp_path / "shape"
+    shutil.copytree(tiny_checkpoint[0], directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["max_length"] = 128  # the weights were made for 64 frames
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "preprocessor_config.json").unlink()
+    with pytest.raises(CheckpointError, match="position_embeddings"):
+        build_model(load_checkpoint(directory))
+
+
+def test_truncated_safetensors_names_the_file(tiny_checkpoint, tmp_path):
+    directory = tmp_path / "trunc"
+    shutil.copytree(tiny_checkpoint[0], directory)
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(directory)
+    assert str(weights) in str(info.value) and "--force" in info.value.hint
+
+
+def test_directory_without_weights_or_config(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "audio-spectrogram-transformer"}))
+    with pytest.raises(CheckpointError, match="no model.safetensors or pytorch_model.bin"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "whisper"}))
+    with pytest.raises(CheckpointError, match="not an Audio Spectrogram Transformer"):
+        load_checkpoint(tmp_path)
