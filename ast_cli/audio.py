@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ class AudioInfo:
     channels: int
     frames: int | None  # samples per channel, if the container says
     decoder: str  # "soundfile" or "ffmpeg"
+    truncated: str | None = None  # why the container looks cut short, if it does
 
 
 class StreamingResampler:
@@ -118,7 +120,21 @@ def _soundfile_info(path: Path) -> AudioInfo | None:
         return None
     except RuntimeError:  # older soundfile raises RuntimeError
         return None
-    return AudioInfo(int(info.samplerate), int(info.channels), int(info.frames), "soundfile")
+    return AudioInfo(int(info.samplerate), int(info.channels), int(info.frames), "soundfile",
+                     truncated=_truncation(info.extra_info or ""))
+
+
+_SHORT_CHUNK = re.compile(r"^(data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+
+
+def _truncation(extra_info: str) -> str | None:
+    """libsndfile's own log says when a file ends before its header says it should."""
+    match = _SHORT_CHUNK.search(extra_info)
+    if match and int(match.group(2)) > int(match.group(3)):
+        return f"truncated: the {match.group(1)} chunk should hold {match.group(2)} bytes, the file has {match.group(3)}"
+    if "lacks an end-of-stream bit" in extra_info:
+        return "truncated: the Ogg stream ends without its final page"
+    return None
 
 
 def _ffprobe_info(path: Path) -> AudioInfo:
@@ -136,8 +152,8 @@ def _ffprobe_info(path: Path) -> AudioInfo:
         except json.JSONDecodeError:
             streams = []
     if not streams:
-        reason = _last_line(proc.stderr) or "no audio stream"
-        raise AudioDecodeError(f"not a readable audio file ({reason})")
+        reason = _last_line(proc.stderr).replace(f"{path}: ", "") or "no audio stream"
+        raise AudioDecodeError(f"not audio, or a format neither libsndfile nor ffmpeg can read (ffprobe: {reason})")
     stream = streams[0]
     try:
         return AudioInfo(int(stream["sample_rate"]), int(stream["channels"]), None, "ffmpeg")
@@ -190,8 +206,9 @@ def _soundfile_blocks(path: Path, info: AudioInfo, block_frames: int) -> Iterato
 
 
 def _sf_reason(exc: Exception) -> str:
-    text = str(getattr(exc, "error_string", "") or exc)
-    return text.strip().rstrip(".") or "libsndfile error"
+    text = str(getattr(exc, "error_string", "") or exc).strip().rstrip(".")
+    text = re.sub(r"^Error\s*:\s*", "", text)  # libsndfile's "Error : flac decoder lost sync"
+    return text or "libsndfile error"
 
 
 def _ffmpeg_blocks(path: Path, info: AudioInfo, block_frames: int) -> Iterator[np.ndarray]:
@@ -252,6 +269,14 @@ class AudioReader:
                 yield out
         if self.frames_read == 0:
             raise AudioDecodeError("no audio samples (zero-length audio)")
+        if self.info.truncated:
+            raise AudioDecodeError(self.info.truncated)
+        expected = self.info.frames or 0
+        if expected - self.frames_read > max(0.01 * expected, 0.1 * self.info.sample_rate):
+            raise AudioDecodeError(
+                f"truncated: the header promises {expected / self.info.sample_rate:.2f} s, "
+                f"the data ends at {self.duration:.2f} s"
+            )
         tail = resampler.finish()
         if tail.shape[0]:
             yield tail

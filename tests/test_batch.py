@@ -1,0 +1,387 @@
+"""The batch engine through the CLI: trees, stdin, long audio and segments, formats, filters, failures,
+resume after a kill, Ctrl-C, and bounded memory on long files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+from typer.testing import CliRunner
+
+from ast_cli.cli import app
+from conftest import make_reference, tone, write_audio
+
+runner = CliRunner()
+HAVE_FFMPEG = shutil.which("ffmpeg") is not None and shutil.which("ffprobe") is not None
+
+
+def run(*args, input=None):
+    return runner.invoke(app, ["classify", *map(str, args)], input=input, catch_exceptions=False)
+
+
+def jsonl(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def model_1024(tmp_path_factory):
+    """A narrow model with the AudioSet input shape (1024 frames = 10.24 s windows)."""
+    return make_reference(tmp_path_factory.mktemp("m1024"), "tiny1024", max_length=1024)[0]
+
+
+# -- inputs ----------------------------------------------------------------------------------------
+
+
+def _tree(root):
+    write_audio(root / "b" / "two.wav", 0.5)
+    write_audio(root / "a" / "one.flac", 0.4)
+    write_audio(root / "a" / "z" / "deep.ogg", 0.3, subtype="VORBIS")
+    write_audio(root / "dir with space" / "naïve – ü.wav", 0.3)
+    write_audio(root / ".hidden" / "skip.wav", 0.3)
+    write_audio(root / "a" / ".skip.wav", 0.3)
+    (root / "notes.txt").write_text("not audio, and not an audio extension")
+    return root
+
+
+def test_directory_walk_is_sorted_recursive_and_skips_hidden(tiny_checkpoint, tmp_path):
+    root = _tree(tmp_path / "tree")
+    result = run(root, "--model", tiny_checkpoint[0], "-f", "jsonl")
+    assert result.exit_code == 0, result.stderr
+    paths = [r["path"] for r in jsonl(result.stdout)]
+    assert paths == [str(root / p) for p in ("a/one.flac", "a/z/deep.ogg", "b/two.wav", "dir with space/naïve – ü.wav")]
+
+
+def test_ext_option_restricts_the_walk(tiny_checkpoint, tmp_path):
+    root = _tree(tmp_path / "tree")
+    result = run(root, "--model", tiny_checkpoint[0], "-f", "jsonl", "--ext", "wav,.OGG")
+    assert [os.path.basename(r["path"]) for r in jsonl(result.stdout)] == ["deep.ogg", "two.wav", "naïve – ü.wav"]
+
+
+def test_stdin_list_and_globs(tiny_checkpoint, tmp_path):
+    root = _tree(tmp_path / "tree")
+    listing = f"{root / 'b' / 'two.wav'}\n\n{root / 'dir with space' / 'naïve – ü.wav'}\n"
+    result = run("-", str(root / "a" / "*.flac"), "--model", tiny_checkpoint[0], "-f", "jsonl", input=listing)
+    assert result.exit_code == 0, result.stderr
+    assert [os.path.basename(r["path"]) for r in jsonl(result.stdout)] == ["two.wav", "naïve – ü.wav", "one.flac"]
+
+
+def test_no_files_found_is_a_usage_error(tiny_checkpoint, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run(tmp_path / "empty", "--model", tiny_checkpoint[0])
+    assert result.exit_code == 2 and "no audio files found" in result.stderr
+
+
+# -- long audio: windows and segments --------------------------------------------------------------
+
+
+def test_132_second_file_segments_cover_the_file(model_1024, tmp_path):
+    path = write_audio(tmp_path / "long.wav", 132.0, 22050, 2)
+    result = run(path, "--model", model_1024, "-f", "json", "--segments", "--top", "3")
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)[0]
+    segments = record["segments"]
+    assert record["duration"] == 132.0
+    assert len(segments) == 13  # 13198 frames in windows of 1024
+    assert segments[0]["start"] == 0.0 and segments[-1]["end"] == 132.0
+    for previous, current in zip(segments, segments[1:]):
+        assert current["start"] == pytest.approx(previous["start"] + 10.24)
+        assert previous["end"] == pytest.approx(current["start"])  # no gaps, no overlap by default
+    assert all(len(s["labels"]) == 3 for s in segments)
+
+
+def test_hop_overlaps_windows(model_1024, tmp_path):
+    path = write_audio(tmp_path / "long.wav", 30.0)
+    record = json.loads(run(path, "--model", model_1024, "-f", "json", "--segments", "--hop", "5").stdout)[0]
+    starts = [s["start"] for s in record["segments"]]
+    # 2998 frames: windows start every 500 frames until one reaches the last frame.
+    assert starts == [0.0, 5.0, 10.0, 15.0, 20.0]
+    assert record["segments"][-1]["end"] == 30.0
+    assert record["segments"][0]["end"] == pytest.approx(10.24)
+
+
+@pytest.mark.parametrize("aggregate", ["max", "mean"])
+def test_aggregate_modes(tiny_checkpoint, tmp_path, aggregate):
+    path = write_audio(tmp_path / "clip.wav", 3.0, seed=5)
+    record = json.loads(run(path, "--model", tiny_checkpoint[0], "-f", "json", "--segments", "--top", "0",
+                            "--aggregate", aggregate).stdout)[0]
+    per_window = np.zeros((len(record["segments"]), 527))
+    for i, segment in enumerate(record["segments"]):
+        per_window[i, [x["index"] for x in segment["labels"]]] = [x["score"] for x in segment["labels"]]
+    file_level = np.zeros(527)
+    file_level[[x["index"] for x in record["labels"]]] = [x["score"] for x in record["labels"]]
+    expected = per_window.max(axis=0) if aggregate == "max" else per_window.mean(axis=0)
+    np.testing.assert_allclose(file_level, expected, atol=1e-12)
+    assert len(record["segments"]) == 5  # 3.0 s in 0.64 s windows
+
+
+def test_first_window_equals_reference_truncation(tiny_checkpoint, tmp_path):
+    """What the transformers pipeline reports for a long file is our first segment."""
+    import torch
+
+    from conftest import reference_waveform
+
+    directory, hf_model, extractor = tiny_checkpoint
+    path = write_audio(tmp_path / "clip.flac", 2.0, 44100, 2, seed=8)
+    record = json.loads(run(path, "--model", directory, "-f", "json", "--segments", "--top", "0").stdout)[0]
+    inputs = extractor(reference_waveform(path), sampling_rate=16000, return_tensors="pt")["input_values"]
+    with torch.inference_mode():
+        expected = torch.sigmoid(hf_model(inputs).logits)[0].numpy()
+    first = record["segments"][0]["labels"]
+    got = np.zeros(527)
+    got[[x["index"] for x in first]] = [x["score"] for x in first]
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+# -- formats and filters ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_clips(tmp_path_factory):
+    root = tmp_path_factory.mktemp("two")
+    return [write_audio(root / "x.wav", 1.0, seed=1), write_audio(root / "y.wav", 0.5, seed=2)]
+
+
+def test_jsonl_one_record_per_line(tiny_checkpoint, two_clips):
+    result = run(*two_clips, "--model", tiny_checkpoint[0], "-f", "jsonl", "--top", "2")
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2
+    records = [json.loads(line) for line in lines]
+    assert [set(r) for r in records] == [{"path", "duration", "labels", "error", "size", "mtime"}] * 2
+    assert records[0]["size"] == os.path.getsize(two_clips[0])
+
+
+def test_csv_columns_and_rows(tiny_checkpoint, two_clips, tmp_path):
+    missing = tmp_path / "missing.wav"
+    result = run(*two_clips, missing, "--model", tiny_checkpoint[0], "-f", "csv", "--top", "3")
+    assert result.exit_code == 1
+    rows = list(csv.reader(io.StringIO(result.stdout)))
+    assert rows[0] == ["path", "duration", "rank", "label", "index", "score", "error"]
+    assert len(rows) == 1 + 3 + 3 + 1
+    assert rows[1][:3] == [str(two_clips[0]), "1.0", "1"] and rows[3][2] == "3"
+    assert rows[-1] == [str(missing), "", "", "", "", "", "no such file"]
+
+
+def test_csv_with_segments_has_start_end(tiny_checkpoint, two_clips):
+    result = run(two_clips[1], "--model", tiny_checkpoint[0], "-f", "csv", "--top", "1", "--segments")
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert list(rows[0]) == ["path", "duration", "rank", "label", "index", "score", "start", "end", "error"]
+    assert rows[0]["start"] == "" and [(r["start"], r["end"]) for r in rows[1:]] == [("0.0", "0.5")]
+
+
+def test_output_file_is_written_atomically(tiny_checkpoint, two_clips, tmp_path):
+    out = tmp_path / "tags.json"
+    out.write_text("previous content")
+    result = run(*two_clips, "--model", tiny_checkpoint[0], "-f", "json", "-o", out)
+    assert result.exit_code == 0 and result.stdout == ""
+    assert len(json.loads(out.read_text())) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["tags.json"]  # no temporary left behind
+
+
+def test_threshold_include_exclude(tiny_checkpoint, two_clips):
+    base = ["--model", tiny_checkpoint[0], "-f", "json"]
+    every = json.loads(run(two_clips[0], *base, "--top", "0").stdout)[0]["labels"]
+    cut = every[10]["score"]
+    kept = json.loads(run(two_clips[0], *base, "--threshold", str(cut)).stdout)[0]["labels"]
+    assert kept == [x for x in every if x["score"] >= cut] and len(kept) >= 11
+    include = json.loads(run(two_clips[0], *base, "--include", "dog", "--include", "SPEECH").stdout)[0]["labels"]
+    assert sorted(x["label"] for x in include) == ["Dog", "Speech"]
+    best = every[0]["label"]
+    excluded = json.loads(run(two_clips[0], *base, "--exclude", best.upper()).stdout)[0]["labels"]
+    assert best not in [x["label"] for x in excluded] and len(excluded) == 5
+
+
+# -- failures ----------------------------------------------------------------------------------------
+
+
+def _bad_and_good_tree(root):
+    write_audio(root / "good.wav", 1.0)
+    write_audio(root / "good.flac", 1.0, 44100, 2)
+    (root / "empty.wav").write_bytes(b"")
+    sf.write(str(root / "zero-length.wav"), np.zeros((0, 1), np.float32), 16000)
+    data = (root / "good.wav").read_bytes()
+    (root / "truncated.wav").write_bytes(data[: len(data) // 2])
+    (root / "not-audio.mp3").write_text("hello, this is text\n" * 50)
+    flac = bytearray(write_audio(root / "corrupt.flac", 5.0, seed=3).read_bytes())
+    for i in range(4000, len(flac) - 100, 40):
+        flac[i] ^= 0xFF
+    (root / "corrupt.flac").write_bytes(bytes(flac))
+    return {"empty.wav", "zero-length.wav", "truncated.wav", "not-audio.mp3", "corrupt.flac"}
+
+
+def test_bad_files_get_error_records_and_the_batch_goes_on(tiny_checkpoint, tmp_path):
+    bad = _bad_and_good_tree(tmp_path / "mixed")
+    result = run(tmp_path / "mixed", "--model", tiny_checkpoint[0], "-f", "jsonl")
+    assert result.exit_code == 1
+    records = {os.path.basename(r["path"]): r for r in jsonl(result.stdout)}
+    assert set(records) == bad | {"good.wav", "good.flac"}
+    for name, record in records.items():
+        if name in bad:
+            assert record["error"] and "\n" not in record["error"] and record["labels"] == [], name
+        else:
+            assert record["error"] is None and record["labels"], name
+    stderr = result.stderr.splitlines()
+    assert len(stderr) == len(bad) and all(line.startswith("error: ") for line in stderr)
+    assert "truncated" in records["truncated.wav"]["error"]
+    assert records["empty.wav"]["error"] == "empty file (0 bytes)"
+
+
+def test_native_library_noise_stays_off_stderr(tiny_checkpoint, tmp_path):
+    """mpg123 prints 'Note: ...' on fd 2 for a broken mp3; a real process must show only our lines."""
+    path = write_audio(tmp_path / "cut.mp3", 5.0)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    proc = subprocess.run([sys.executable, "-m", "ast_cli", "classify", str(path), "--model",
+                           str(tiny_checkpoint[0])], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [f"error: {path}: truncated: the header promises 5.00 s, the data ends at "
+                                        + proc.stderr.split("the data ends at ")[1].strip()]
+
+
+@pytest.mark.skipif(not HAVE_FFMPEG, reason="ffmpeg is not installed")
+@pytest.mark.parametrize("ext", ["m4a", "webm", "wma", "mka"])
+def test_ffmpeg_fallback_formats(tiny_checkpoint, tmp_path, ext):
+    source = write_audio(tmp_path / "src.wav", 1.0, 44100, 2)
+    target = tmp_path / f"clip.{ext}"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(source), str(target)], check=True)
+    record = jsonl(run(target, "--model", tiny_checkpoint[0], "-f", "jsonl").stdout)[0]
+    assert record["error"] is None and record["labels"]
+    assert record["duration"] == pytest.approx(1.0, abs=0.06)
+
+
+def test_without_ffmpeg_the_error_says_so(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    path = tmp_path / "clip.m4a"
+    path.write_bytes(b"\x00\x00\x00\x18ftypM4A " + b"\x00" * 100)
+    record = jsonl(run(path, "--model", tiny_checkpoint[0], "-f", "jsonl").stdout)[0]
+    assert "ffmpeg is not installed" in record["error"]
+
+
+# -- resume and interruption -------------------------------------------------------------------------
+
+
+def _clips(root, n, seconds=0.5):
+    return [write_audio(root / f"clip{i:02d}.wav", seconds, seed=i) for i in range(n)]
+
+
+def test_resume_after_a_torn_last_line(tiny_checkpoint, tmp_path):
+    clips = _clips(tmp_path / "in", 6)
+    out = tmp_path / "out.jsonl"
+    full = run(tmp_path / "in", "--model", tiny_checkpoint[0], "-f", "jsonl", "-o", out)
+    assert full.exit_code == 0
+    lines = out.read_text().splitlines(keepends=True)
+    # A run killed while writing its fourth record.
+    out.write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2])
+    result = run(tmp_path / "in", "--model", tiny_checkpoint[0], "-f", "jsonl", "-o", out, "--resume")
+    assert result.exit_code == 0, result.stderr
+    records = jsonl(out.read_text())
+    assert sorted(r["path"] for r in records) == sorted(str(c) for c in clips)
+    for before, after in zip([json.loads(line) for line in lines], sorted(records, key=lambda r: r["path"])):
+        # Same answers (batches are composed differently on resume: float noise only).
+        assert [x["index"] for x in before["labels"]] == [x["index"] for x in after["labels"]]
+        assert [x["score"] for x in before["labels"]] == pytest.approx([x["score"] for x in after["labels"]])
+    # Nothing left to do: a second resume writes nothing.
+    again = run(tmp_path / "in", "--model", tiny_checkpoint[0], "-f", "jsonl", "-o", out, "--resume")
+    assert again.exit_code == 0 and len(jsonl(out.read_text())) == 6
+
+
+def test_resume_redoes_changed_files(tiny_checkpoint, tmp_path):
+    clips = _clips(tmp_path / "in", 2)
+    out = tmp_path / "out.jsonl"
+    run(tmp_path / "in", "--model", tiny_checkpoint[0], "-f", "jsonl", "-o", out)
+    write_audio(clips[1], 0.7, seed=99)  # changed since: size and mtime differ
+    run(tmp_path / "in", "--model", tiny_checkpoint[0], "-f", "jsonl", "-o", out, "--resume")
+    records = jsonl(out.read_text())
+    assert [r["path"] for r in records] == [str(clips[0]), str(clips[1]), str(clips[1])]
+    assert records[-1]["duration"] == pytest.approx(0.7)
+
+
+def _start(args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "ast_cli", "classify", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _wait_for_lines(path, count, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().count("\n") >= count:
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def test_kill_9_then_resume_gives_every_file_exactly_once(tiny_checkpoint, tmp_path):
+    clips = _clips(tmp_path / "in", 24, seconds=3.0)
+    out = tmp_path / "out.jsonl"
+    args = [tmp_path / "in", "--model", tiny_checkpoint[0], "-f", "jsonl", "-o", out, "--batch-size", "1",
+            "--workers", "1"]
+    proc = _start(args)
+    _wait_for_lines(out, 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with open(out, "a") as handle:  # as if killed in the middle of a write
+        handle.write('{"path": "torn')
+    finished = subprocess.run([sys.executable, "-m", "ast_cli", "classify", *map(str, args), "--resume"],
+                              capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    paths = [r["path"] for r in jsonl(out.read_text())]
+    assert sorted(paths) == sorted(str(c) for c in clips) and len(paths) == len(set(paths))
+
+
+def test_ctrl_c_stops_cleanly_with_130(tiny_checkpoint, tmp_path):
+    _clips(tmp_path / "in", 24, seconds=3.0)
+    out = tmp_path / "out.jsonl"
+    proc = _start([tmp_path / "in", "--model", tiny_checkpoint[0], "-f", "jsonl", "-o", out, "--batch-size", "1",
+                   "--workers", "1"])
+    assert _wait_for_lines(out, 2, proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "Interrupted."
+    records = jsonl(out.read_text())  # every line is whole
+    assert 2 <= len(records) < 24
+
+
+# -- bounded memory ------------------------------------------------------------------------------------
+
+RSS_SCRIPT = """
+import resource, sys
+from ast_cli.cli import app
+try:
+    app(sys.argv[1:], standalone_mode=False)
+finally:
+    print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+"""
+
+
+def _peak_rss_mb(args) -> float:
+    proc = subprocess.run([sys.executable, "-c", RSS_SCRIPT, "classify", *map(str, args)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stderr.split("PEAK_RSS_KB")[1].split()[0]) / 1024
+
+
+@pytest.mark.slow
+def test_long_file_memory_stays_bounded(model_1024, tmp_path):
+    """Ten minutes of 48 kHz stereo (110 MB as PCM, 220 MB as float32) must not be held in memory whole."""
+    long_path = tmp_path / "long.wav"
+    with sf.SoundFile(str(long_path), "w", 48000, 2, "PCM_16") as handle:
+        block = tone(60.0, 48000, 2)
+        for _ in range(10):
+            handle.write(block)
+    short_path = write_audio(tmp_path / "short.wav", 5.0, 48000, 2)
+    common = ["--model", model_1024, "-f", "jsonl", "--quiet"]
+    baseline = _peak_rss_mb([short_path, *common])
+    peak = _peak_rss_mb([long_path, *common])
+    assert peak - baseline < 120, (baseline, peak)
