@@ -57,6 +57,43 @@ def _stderr_console():
 
 
 @contextmanager
+def native_stderr_silenced(enabled: bool = True) -> Iterator[None]:
+    """Send what C libraries print on file descriptor 2 (mpg123's "Note: Trying to resync...", ffmpeg,
+    libsndfile) to /dev/null while a batch runs, so that stderr carries only our progress and one line
+    per failure. Python's own ``sys.stderr`` keeps writing to the real stderr. Off with --debug."""
+    if not enabled:
+        yield
+        return
+    import io
+    import warnings
+
+    try:
+        python_fd = sys.stderr.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        python_fd = None  # sys.stderr is not a real file (a test runner's capture): leave it alone
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    old_stderr = sys.stderr
+    if python_fd == 2:
+        sys.stderr = open(os.dup(saved), "w", encoding=old_stderr.encoding or "utf-8", errors="backslashreplace",
+                          buffering=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # library warnings are not the user's business without --debug
+            yield
+    finally:
+        if sys.stderr is not old_stderr:
+            sys.stderr.flush()
+            sys.stderr.close()
+            sys.stderr = old_stderr
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@contextmanager
 def cli_errors(debug: bool = False) -> Iterator[None]:
     """Print ``Error: ...`` (+ ``Hint: ...``) and exit non-zero instead of a traceback."""
     try:
@@ -69,12 +106,16 @@ def cli_errors(debug: bool = False) -> Iterator[None]:
     except Exception as exc:
         if _debug_enabled(debug):
             raise
-        message, hint, code = describe_error(exc)
-        console = _stderr_console()
-        console.print(f"Error: {message}", markup=False)
-        if hint:
-            console.print(f"Hint: {hint}", markup=False)
-        raise typer.Exit(code) from None
+        raise typer.Exit(_print_error(_stderr_console(), exc)) from None
+
+
+def _print_error(console, exc: BaseException) -> int:
+    """``Error: ...`` and ``Hint: ...`` lines for ``exc``; returns its exit code."""
+    message, hint, code = describe_error(exc)
+    console.print(f"Error: {message}", markup=False)
+    if hint:
+        console.print(f"Hint: {hint}", markup=False)
+    return code
 
 
 def _version(value: bool) -> None:
@@ -138,11 +179,19 @@ def _load_tagger(model, device, attn, dtype, quantize, threads, offline, console
         _check_choice(quantize, ("int8",), "--quantize")
     if threads:
         torch.set_num_threads(threads)
+    _fetch_model(model, offline, console, quiet)  # first use of a hub model: download it, with its own progress
     if not quiet and console.is_terminal:
         with console.status(f"loading {model}"):
             return Tagger.load(model, device=device, attn=attn, dtype=dtype, quantize=quantize,
                                offline=offline or None)
     return Tagger.load(model, device=device, attn=attn, dtype=dtype, quantize=quantize, offline=offline or None)
+
+
+def _fetch_model(model: str, offline: bool, console, quiet: bool):
+    """Local path of ``model``, downloading a missing hub model (progress bars unless quiet or not a terminal)."""
+    from .hub import resolve_model
+
+    return resolve_model(model, offline=offline or None, console=console if not quiet and console.is_terminal else None)
 
 
 def _report_failure(console, path: str, error: str) -> None:
@@ -247,7 +296,7 @@ def classify(
         progress = BatchProgress(stderr, len(items), enabled=not quiet and stderr.is_terminal)
         commit = True
         try:
-            with progress:
+            with native_stderr_silenced(not _debug_enabled(debug)), progress:
                 results = tagger.classify(
                     items, selection=selection, activation=activation, aggregate=aggregate, segments=segments,
                     hop_seconds=hop, batch_size=batch_size, workers=workers, debug=_debug_enabled(debug),
@@ -287,6 +336,215 @@ def _make_writer(fmt: str, output: str | None, segments: bool, append: bool = Fa
     return CsvWriter(sys.stdout, output, segments=segments)
 
 
+# -- extract-features -------------------------------------------------------------------------------
+
+
+@app.command("extract-features")
+def extract_features_command(
+    paths: Annotated[list[str], typer.Argument(help="Audio files, directories, glob patterns, or - for stdin.")],
+    out: Annotated[str, typer.Option("--out", "-o", metavar="DIR", help="Output directory; mirrors the input tree.")],
+    kind: Annotated[str, typer.Option(help="embedding (pooled, hidden_size per window) or fbank (the model input).")] = "embedding",
+    format: Annotated[str, typer.Option("--format", "-f", help="safetensors, or npy (+ a .json metadata file).")] = "safetensors",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Recompute outputs that exist (default: skip them).")] = False,
+    model: ModelOpt = DEFAULT_MODEL,
+    hop: HopOpt = None,
+    device: DeviceOpt = "auto",
+    attn: AttnOpt = "sdpa",
+    dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
+    threads: ThreadsOpt = None,
+    batch_size: BatchOpt = 4,
+    workers: WorkersOpt = 2,
+    ext: ExtOpt = None,
+    offline: OfflineOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Write each file's model inputs (fbank) or pooled embeddings, one output file per input.
+
+    One row per window of the model's input length (10.24 s for AudioSet models): --kind embedding gives
+    (windows, hidden_size), --kind fbank (windows, max_length, num_mel_bins), exactly what the model sees
+    (fbank needs only the model's configuration, not its weights). DIR mirrors the input tree:
+    DIR/<path below the given directory>.safetensors, or the basename for files named directly. Existing
+    outputs are skipped unless --overwrite, so a rerun resumes; writes are atomic. A summary goes to stderr.
+
+    Examples:
+
+      ast extract-features recordings/ --out embeddings/
+
+      ast extract-features recordings/ --out fbank/ --kind fbank --format npy
+
+      ast extract-features 'clips/*.flac' --out embeddings/ --hop 5 --overwrite
+    """
+    stderr = _stderr_console()
+    with cli_errors(debug):
+        from .errors import UsageError
+        from .extract import FORMATS, KINDS, FeatureSource, extract_features, load_feature_config, plan_outputs
+        from .inputs import expand_inputs, parse_extensions
+        from .progress import BatchProgress
+        from .tagger import hop_to_frames
+
+        _check_choice(kind, KINDS, "--kind")
+        _check_choice(format, FORMATS, "--format")
+        hop_to_frames(hop)  # a bad --hop fails before any work
+        items = expand_inputs(paths, parse_extensions(ext), stdin=sys.stdin)
+        if not items:
+            raise UsageError("no audio files found in the given paths", hint="check --ext, or name files directly")
+        jobs = plan_outputs(items, out, format)  # output collisions fail here, before any work
+        todo = sum(1 for job in jobs if overwrite or not job.exists)
+
+        source = None  # a rerun with nothing left to do loads no model
+        if todo and kind == "embedding":
+            tagger = _load_tagger(model, device, attn, dtype, quantize, threads, offline, stderr, quiet)
+            source = FeatureSource.from_tagger(tagger, model)
+        elif todo:
+            path = _fetch_model(model, offline, stderr, quiet)  # downloads a missing hub model, like classify
+            source = FeatureSource.fbank(model, load_feature_config(str(path), offline=offline or None))
+
+        counts = {"written": 0, "skipped": 0, "failed": 0}
+        progress = BatchProgress(stderr, todo, enabled=not quiet and stderr.is_terminal, description="extracting")
+        try:
+            with progress:
+                results = extract_features(
+                    jobs, source, fmt=format, overwrite=overwrite, hop_seconds=hop, batch_size=batch_size,
+                    workers=workers, debug=_debug_enabled(debug),
+                    on_progress=lambda done: progress.advance(done.duration, done.error is not None),
+                )
+                for result in results:
+                    counts[result.status] += 1
+                    if result.error is not None:
+                        _report_failure(stderr, result.path, result.error)
+        finally:
+            stderr.print(f"{counts['written']} written, {counts['skipped']} skipped (already in {out}), "
+                         f"{counts['failed']} failed", markup=False)
+        if counts["failed"]:
+            raise typer.Exit(EXIT_FAILED)
+
+
+# -- download, models -------------------------------------------------------------------------------
+
+ListFormatOpt = Annotated[str, typer.Option("--format", "-f", help="table or json.")]
+CacheDirOpt = Annotated[
+    Optional[str], typer.Option("--cache-dir", metavar="DIR", help="Hub cache (default: HF_HUB_CACHE, or HF_HOME/hub).")
+]
+
+
+@app.command()
+def download(
+    models: Annotated[
+        Optional[list[str]],
+        typer.Argument(metavar="MODEL", show_default=False,
+                       help="Aliases or hub ids (ORG/NAME[@REV]); default: the default model of classify."),
+    ] = None,
+    revision: Annotated[Optional[str], typer.Option(help="Branch, tag or commit (default: main).")] = None,
+    cache_dir: CacheDirOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Download again even if cached (repairs a corrupt file).")] = False,
+    list_models: Annotated[bool, typer.Option("--list", help="List the model aliases instead (as `ast models`).")] = False,
+    format: ListFormatOpt = "table",
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Download models into the Hugging Face cache, so that they work offline; print each local path.
+
+    Fetches config.json, preprocessor_config.json and model.safetensors (pytorch_model.bin only when a
+    repo has no safetensors) from HF_ENDPOINT (default huggingface.co), with HF_TOKEN for private repos,
+    into HF_HUB_CACHE (default HF_HOME/hub), where every Hugging Face tool looks. Files already cached
+    are not downloaded again.
+
+    Examples:
+
+      ast download
+
+      ast download speech-commands-v2 audioset-16-16-0.442
+
+      HF_ENDPOINT=https://hf-mirror.example ast download MIT/ast-finetuned-audioset-10-10-0.4593@main
+    """
+    if list_models:
+        _list_models(format, cache_dir, debug)
+        return
+    stderr = _stderr_console()
+    with cli_errors(debug):
+        from . import hub
+
+        failed_code = EXIT_OK
+        show_progress = not quiet and stderr.is_terminal
+        for name in models or [DEFAULT_MODEL]:
+            try:
+                path = hub.download(name, revision=revision, cache_dir=cache_dir, force=force,
+                                    console=stderr if show_progress else None)
+            except Exception as exc:
+                if _debug_enabled(debug) or len(models or ()) <= 1:
+                    raise  # one model: cli_errors reports it
+                failed_code = max(failed_code, _print_error(stderr, exc))  # a bad name never sinks the rest
+                continue
+            typer.echo(str(path))
+            if not quiet:
+                files = sorted(p.name for p in path.iterdir() if p.name in hub.INFERENCE_FILES + (hub.PICKLE_NAME,))
+                size = sum((path / file).stat().st_size for file in files) / 1e6
+                stderr.print(f"{name}: {', '.join(files)} ({size:.1f} MB) in the cache", markup=False)
+        if failed_code:
+            raise typer.Exit(failed_code)
+
+
+@app.command()
+def models(
+    format: ListFormatOpt = "table",
+    cache_dir: CacheDirOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """List the model aliases: hub id, labels, input length, strides, and whether each is in the cache.
+
+    Any alias works wherever a model is named (--model, ast download); so does a hub id (ORG/NAME[@REV]),
+    a local directory in hub layout, or a weights file.
+
+    Examples:
+
+      ast models
+
+      ast models --format json | jq -r '.[] | select(.cached) | .alias'
+
+      ast classify clip.wav --model speech-commands-v2
+    """
+    _list_models(format, cache_dir, debug)
+
+
+def _list_models(fmt: str, cache_dir: str | None, debug: bool) -> None:
+    with cli_errors(debug):
+        import json
+
+        from . import hub
+
+        _check_choice(fmt, ("table", "json"), "--format")
+        cached = hub.cached_models(cache_dir)
+        rows = [
+            {
+                "alias": spec.alias, "repo_id": spec.repo_id, "num_labels": spec.num_labels,
+                "max_length": spec.max_length, "input_seconds": spec.input_seconds,
+                "frequency_stride": spec.frequency_stride, "time_stride": spec.time_stride,
+                "mean": spec.mean, "std": spec.std, "default": spec.repo_id == DEFAULT_MODEL,
+                "cached": spec.repo_id in cached,
+                "path": str(cached[spec.repo_id]) if spec.repo_id in cached else None,
+            }
+            for spec in hub.REGISTRY
+        ]
+        if fmt == "json":
+            typer.echo(json.dumps(rows, indent=2))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(box=None, pad_edge=False)
+        for column, justify in (("alias", "left"), ("hub id", "left"), ("labels", "right"), ("input", "right"),
+                                ("strides", "right"), ("cached", "left")):
+            table.add_column(column, justify=justify)
+        for row in rows:
+            table.add_row(row["alias"] + (" (default)" if row["default"] else ""), row["repo_id"],
+                          str(row["num_labels"]), f"{row['input_seconds']:.2f} s",
+                          f"{row['frequency_stride']}/{row['time_stride']}", "yes" if row["cached"] else "no")
+        # Not a terminal: rich would squeeze the table into 80 columns and cut the hub ids.
+        Console(highlight=False, width=None if sys.stdout.isatty() else 160).print(table)
+
+
 @app.command()
 def labels(
     model: ModelOpt = DEFAULT_MODEL,
@@ -302,10 +560,9 @@ def labels(
       ast labels --model speech-commands-v2 | grep -i yes
     """
     with cli_errors(debug):
-        from .hub import resolve_model
         from .weights import load_checkpoint, read_configs
 
-        path = resolve_model(model, offline=offline or None)
+        path = _fetch_model(model, offline, _stderr_console(), quiet=False)
         config = read_configs(path)[0] if path.is_dir() else load_checkpoint(path).config
         for index, name in enumerate(config.id2label):
             typer.echo(f"{index}\t{name}")

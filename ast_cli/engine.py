@@ -22,7 +22,7 @@ from .errors import AstError
 from .features import FeatureConfig, FrameStream
 from .inputs import InputFile
 
-Forward = Callable[["torch.Tensor"], "torch.Tensor"]  # (B, T, F) features -> (B, K) float32 outputs  # noqa: F821
+Forward = Callable[["torch.Tensor"], "torch.Tensor"]  # (B, T, F) features -> (B, ...) outputs  # noqa: F821
 
 
 @dataclass
@@ -32,7 +32,7 @@ class FileOutput:
     item: InputFile
     duration: float | None = None  # seconds of the original recording
     windows: list[tuple[float, float]] = field(default_factory=list)  # (start, end) seconds
-    outputs: np.ndarray | None = None  # (windows, K)
+    outputs: np.ndarray | None = None  # (windows, ...): forward's rows, e.g. (windows, K) logits
     error: str | None = None
     size: int | None = None  # bytes, for resume
     mtime: float | None = None

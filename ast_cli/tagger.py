@@ -145,6 +145,16 @@ def pick_dtype(dtype: str, device: str):
     return names[dtype]
 
 
+def hop_to_frames(hop_seconds: float | None) -> int | None:
+    """``--hop`` seconds -> window hop in 10 ms frames (None: windows do not overlap)."""
+    if hop_seconds is None:
+        return None
+    frames = round(hop_seconds * SAMPLE_RATE / HOP_LENGTH)
+    if frames < 1:
+        raise UsageError(f"--hop {hop_seconds} is shorter than one frame (0.01 s)")
+    return frames
+
+
 class Tagger:
     """A model ready for inference, with the input format and labels it was trained with."""
 
@@ -205,12 +215,7 @@ class Tagger:
             return self.model.forward_features(inputs.to(self.device, self.dtype)).float().cpu()
 
     def hop_frames(self, hop_seconds: float | None) -> int | None:
-        if hop_seconds is None:
-            return None
-        frames = round(hop_seconds * SAMPLE_RATE / HOP_LENGTH)
-        if frames < 1:
-            raise UsageError(f"--hop {hop_seconds} is shorter than one frame (0.01 s)")
-        return frames
+        return hop_to_frames(hop_seconds)
 
     def engine(self, forward, *, hop_seconds=None, batch_size=4, workers=2, debug=False) -> Engine:
         return Engine(self.features, forward, batch_size=batch_size, workers=workers,

@@ -19,13 +19,10 @@ from typing import Any, Mapping
 
 from .errors import CheckpointError
 from .features import FeatureConfig
-from .model import AST, ASTConfig, AttnImplementation
 
-CONFIG_NAME = "config.json"
-PREPROCESSOR_NAME = "preprocessor_config.json"
-SAFETENSORS_NAME = "model.safetensors"
-PICKLE_NAME = "pytorch_model.bin"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
+# The hub's repository layout; hub.py owns the names because it must stay importable without torch.
+from .hub import CONFIG_NAME, PICKLE_NAME, PREPROCESSOR_NAME, SAFETENSORS_NAME, WEIGHT_SUFFIXES  # noqa: F401
+from .model import AST, ASTConfig, AttnImplementation
 
 PREFIX = "audio_spectrogram_transformer."
 

@@ -1,0 +1,274 @@
+"""Feature extraction: the model input (normalized log-mel) or the pooled embedding of every window of every
+file, written as one file per input under an output directory that mirrors the input tree.
+
+    >>> jobs = plan_outputs(expand_inputs(["recordings/"]), "features/")   # checks collisions, finds done files
+    >>> source = FeatureSource.from_tagger(Tagger.load(), "MIT/ast-finetuned-audioset-10-10-0.4593")
+    >>> for result in extract_features(jobs, source):
+    ...     print(result.status, result.output)
+
+Output files (``fmt``):
+
+- ``safetensors``: ``<out>/<relative path>.safetensors`` holding one float32 tensor named after the kind
+  (``fbank`` (windows, max_length, num_mel_bins) or ``embedding`` (windows, hidden_size)); the metadata in
+  its header are strings, JSON-encoded where they are not strings already (numbers, lists).
+- ``npy``: ``<out>/<relative path>.npy`` holding the same array, plus ``<out>/<relative path>.json`` beside it
+  with the same metadata as plain JSON values.
+
+Every file is written to a temporary file in the same directory and renamed into place, so an interrupted run
+never leaves a partial output; an existing output counts as done (skipped unless ``overwrite``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import IO, Callable, Iterable, Iterator, Literal
+
+import numpy as np
+
+from . import __version__
+from .engine import Engine, FileOutput
+from .errors import UsageError
+from .features import HOP_LENGTH, SAMPLE_RATE, FeatureConfig
+from .inputs import InputFile
+from .output import atomic_write
+from .tagger import hop_to_frames
+
+Kind = Literal["fbank", "embedding"]
+Format = Literal["safetensors", "npy"]
+Status = Literal["written", "skipped", "failed"]
+KINDS: tuple[str, ...] = ("fbank", "embedding")
+FORMATS: tuple[str, ...] = ("safetensors", "npy")
+SUFFIXES = {"safetensors": ".safetensors", "npy": ".npy"}
+SIDECAR_SUFFIX = ".json"  # metadata beside a .npy file
+
+
+# -- where outputs go ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input and the file its features go to. ``exists``: that file was already there when planned."""
+
+    item: InputFile
+    output: str
+    exists: bool = False
+
+
+def output_path(item: InputFile, out_dir: str, fmt: Format = "safetensors") -> str:
+    """``out_dir/<path relative to the directory it was found under>`` + suffix; a file named directly keeps
+    its basename. The audio extension stays (``a/song.wav`` -> ``a/song.wav.safetensors``), so ``song.wav``
+    and ``song.flac`` side by side do not collide."""
+    relative = os.path.normpath(item.relative)
+    if os.path.isabs(relative) or relative == ".." or relative.startswith(".." + os.sep):
+        relative = os.path.basename(item.path)  # never write outside out_dir
+    return os.path.join(out_dir, relative + SUFFIXES[fmt])
+
+
+def _sidecar(path: str) -> str:
+    return os.path.splitext(path)[0] + SIDECAR_SUFFIX
+
+
+def is_done(output: str, fmt: Format) -> bool:
+    """The output of a finished file is there (for npy: the array and its metadata)."""
+    return os.path.isfile(output) and (fmt != "npy" or os.path.isfile(_sidecar(output)))
+
+
+def plan_outputs(items: Iterable[InputFile], out_dir: str, fmt: Format = "safetensors") -> list[Job]:
+    """Map every input to its output file, before any work.
+
+    Two inputs that would write the same file are a ``UsageError`` naming both (typically two files with the
+    same name given directly, or a folder given twice under different names). Inputs that are already
+    unusable (``item.error``) take no part: they fail without writing anything.
+    """
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown format {fmt!r} ({', '.join(FORMATS)})")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"--out {out_dir} exists and is not a directory")
+    jobs: list[Job] = []
+    claimed: dict[str, str] = {}
+    for item in items:
+        output = output_path(item, out_dir, fmt)
+        if item.error is None:
+            key = os.path.normcase(os.path.abspath(output))
+            if key in claimed:
+                raise UsageError(
+                    f"{claimed[key]} and {item.path} would both be written to {output}",
+                    hint="give their common parent directory instead, or extract them in separate runs",
+                )
+            claimed[key] = item.path
+        jobs.append(Job(item, output, exists=item.error is None and is_done(output, fmt)))
+    return jobs
+
+
+# -- writing -----------------------------------------------------------------------------------------
+
+
+def _header_strings(metadata: dict) -> dict[str, str]:
+    """safetensors metadata must be str -> str: strings stay, anything else is JSON."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+
+
+def _serialize(handle: IO[bytes], fmt: Format, name: str, array: np.ndarray, metadata: dict) -> None:
+    """Write the array file's bytes to ``handle``."""
+    if fmt == "safetensors":
+        from safetensors.numpy import save
+
+        handle.write(save({name: array}, metadata=_header_strings(metadata)))
+    else:
+        np.save(handle, array, allow_pickle=False)
+
+
+def write_features(output: str, name: str, array: np.ndarray, metadata: dict, fmt: Format = "safetensors") -> None:
+    """Write ``array`` (float32) as tensor ``name`` with ``metadata`` to ``output``, atomically.
+
+    For npy the array goes to its temporary file first, then the JSON sidecar is written and renamed into
+    place, then the ``.npy``: the ``.npy`` existing means both are there. A failure leaves any previous
+    output as it was and no temporary file.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    with atomic_write(output, "wb") as handle:
+        _serialize(handle, fmt, name, array, metadata)
+        if fmt == "npy":
+            with atomic_write(_sidecar(output)) as sidecar:
+                json.dump(metadata, sidecar, ensure_ascii=False)
+                sidecar.write("\n")
+
+
+# -- running -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FeatureSource:
+    """What to compute per window: ``forward`` maps (B, T, F) model inputs to (B, ...) float32 rows.
+
+    ``kind`` names the tensor; ``model`` is the model id recorded in the metadata; ``features`` is that
+    model's input format (window length, mel bins, normalization).
+    """
+
+    kind: Kind
+    model: str
+    features: FeatureConfig
+    forward: Callable
+
+    @classmethod
+    def fbank(cls, model: str, features: FeatureConfig) -> "FeatureSource":
+        """The model input itself: no weights needed, only the model's feature configuration."""
+        return cls("fbank", model, features, lambda inputs: inputs)  # (B, max_length, num_mel_bins)
+
+    @classmethod
+    def from_tagger(cls, tagger, model: str | None = None) -> "FeatureSource":
+        """Pooled embeddings (B, hidden_size) of a loaded ``Tagger``."""
+        return cls("embedding", model or tagger.name, tagger.features, tagger.embed)
+
+
+def load_feature_config(model: str, *, offline: bool | None = None, cache_dir: str | None = None) -> FeatureConfig:
+    """A model's input format from its configuration files, without reading its weights (except for a bare
+    weights file with no ``config.json`` beside it, whose input shape is inferred from its tensors)."""
+    from .hub import resolve_model
+    from .weights import CONFIG_NAME, load_checkpoint, read_configs
+
+    path = resolve_model(model, offline=offline, cache_dir=cache_dir)
+    if path.is_dir():
+        return read_configs(path)[1]
+    if (path.parent / CONFIG_NAME).is_file():
+        return read_configs(path.parent)[1]
+    return load_checkpoint(path).features
+
+
+@dataclass
+class ExtractResult:
+    """What happened to one input: ``written`` to ``output``, ``skipped`` (already there) or ``failed``."""
+
+    path: str  # the input, as named
+    output: str
+    status: Status
+    error: str | None = None
+    duration: float | None = None  # seconds
+    windows: int = 0
+
+
+def metadata_for(out: FileOutput, source: FeatureSource, hop_frames: int | None) -> dict:
+    """The metadata of one output file (JSON values; strings in a safetensors header)."""
+    features = source.features
+    hop_seconds = (hop_frames or features.max_length) * HOP_LENGTH / SAMPLE_RATE
+    return {
+        "kind": source.kind,
+        "model": source.model,
+        "sample_rate": features.sampling_rate,
+        "window_seconds": round(features.window_seconds, 6),
+        "hop_seconds": round(hop_seconds, 6),
+        "window_starts": [round(start, 6) for start, _ in out.windows],
+        "window_ends": [round(end, 6) for _, end in out.windows],
+        "source": out.item.path,
+        "duration": None if out.duration is None else round(out.duration, 6),
+        "ast_cli_version": __version__,
+    }
+
+
+def extract_features(
+    jobs: Iterable[Job],
+    source: FeatureSource | None,
+    *,
+    fmt: Format = "safetensors",
+    overwrite: bool = False,
+    hop_seconds: float | None = None,
+    batch_size: int = 4,
+    workers: int = 2,
+    debug: bool = False,
+    on_progress: Callable[[FileOutput], None] | None = None,
+    engine_hook: Callable[[Engine], None] | None = None,
+) -> Iterator[ExtractResult]:
+    """Compute and write each job's features; one ``ExtractResult`` per job, in order.
+
+    Jobs whose output existed when planned are skipped without decoding (unless ``overwrite``). Decoding,
+    windowing and batching are the engine's, exactly as for ``classify``; a file that fails there, or whose
+    output cannot be written, is a ``failed`` result and the others go on. ``source`` may be None when every
+    job is skipped (a rerun with nothing left to do needs no model).
+    """
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown format {fmt!r} ({', '.join(FORMATS)})")
+    jobs = list(jobs)
+    hop_frames = hop_to_frames(hop_seconds)
+    todo = [job for job in jobs if overwrite or not job.exists]
+    outputs: Iterator[FileOutput] = iter(())
+    if todo:
+        if source is None:
+            raise ValueError("a FeatureSource is needed: some jobs have no output yet")
+        engine = Engine(source.features, source.forward, batch_size=batch_size, workers=workers,
+                        hop_frames=hop_frames, debug=debug)
+        if engine_hook is not None:
+            engine_hook(engine)
+        outputs = engine.run([job.item for job in todo], on_progress=on_progress)
+    try:
+        for job in jobs:
+            if not overwrite and job.exists:
+                yield ExtractResult(job.item.path, job.output, "skipped")
+                continue
+            out = next(outputs)  # the engine yields in the order given, so this is job's file
+            yield _finish(job, out, source, fmt, hop_frames)
+    finally:
+        if hasattr(outputs, "close"):
+            outputs.close()  # stops the decoding threads if we are stopped early
+
+
+def _finish(job: Job, out: FileOutput, source: FeatureSource, fmt: Format, hop_frames: int | None) -> ExtractResult:
+    result = ExtractResult(job.item.path, job.output, "failed", duration=out.duration)
+    if out.error is not None or out.outputs is None or len(out.outputs) == 0:
+        result.error = out.error or "no audio windows"
+        return result
+    try:
+        write_features(job.output, source.kind, out.outputs, metadata_for(out, source, hop_frames), fmt)
+    except OSError as exc:
+        result.error = f"cannot write {job.output}: {exc.strerror or exc}"
+        return result
+    result.status, result.windows = "written", len(out.outputs)
+    return result
+
+
+__all__ = [
+    "ExtractResult", "FeatureSource", "Job", "KINDS", "FORMATS", "extract_features", "load_feature_config",
+    "metadata_for", "output_path", "plan_outputs", "write_features",
+]
