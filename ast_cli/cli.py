@@ -404,7 +404,7 @@ def extract_features_command(
         counts = {"written": 0, "skipped": 0, "failed": 0}
         progress = BatchProgress(stderr, todo, enabled=not quiet and stderr.is_terminal, description="extracting")
         try:
-            with progress:
+            with native_stderr_silenced(not _debug_enabled(debug)), progress:
                 results = extract_features(
                     jobs, source, fmt=format, overwrite=overwrite, hop_seconds=hop, batch_size=batch_size,
                     workers=workers, debug=_debug_enabled(debug),
