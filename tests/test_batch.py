@@ -385,3 +385,29 @@ def test_long_file_memory_stays_bounded(model_1024, tmp_path):
     baseline = _peak_rss_mb([short_path, *common])
     peak = _peak_rss_mb([long_path, *common])
     assert peak - baseline < 120, (baseline, peak)
+
+
+@pytest.mark.skipif(not HAVE_FFMPEG, reason="ffmpeg is not installed")
+def test_twelve_formats_and_bad_files(tiny_checkpoint, tmp_path):
+    """The acceptance tree: good files in 12 formats next to every kind of bad file."""
+    root = tmp_path / "tree"
+    good = []
+    for ext, kwargs in [("wav", {}), ("flac", {}), ("ogg", {"subtype": "VORBIS"}), ("opus", {"format": "OGG", "subtype": "OPUS"}),
+                        ("mp3", {}), ("aiff", {}), ("au", {}), ("caf", {}), ("w64", {})]:
+        good.append(write_audio(root / "sf" / f"clip.{ext}", 1.0, 48000, 2, **kwargs))
+    source = write_audio(tmp_path / "src.wav", 1.0, 44100, 2)
+    for ext in ("m4a", "webm", "wma"):
+        target = root / "ff" / f"clip.{ext}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(source), str(target)], check=True)
+        good.append(target)
+    bad = _bad_and_good_tree(root / "bad")
+    result = run(root, "--model", tiny_checkpoint[0], "-f", "jsonl")
+    assert result.exit_code == 1
+    records = {r["path"]: r for r in jsonl(result.stdout)}
+    assert len(records) == len(good) + len(bad) + 2
+    for path in good:
+        assert records[str(path)]["error"] is None and records[str(path)]["labels"], path
+    failures = [r for r in records.values() if r["error"]]
+    assert sorted(os.path.basename(r["path"]) for r in failures) == sorted(bad)
+    assert len(result.stderr.splitlines()) == len(bad)
