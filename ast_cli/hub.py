@@ -23,8 +23,8 @@ from typing import Iterator
 from . import DEFAULT_MODEL, __version__
 from .errors import AstError, CheckpointError, HubError, ModelNotFoundError, UsageError
 
-# The hub layout's file names, as in weights.py (not imported from there: it pulls in torch, and listing or
-# downloading models should not wait for torch to load).
+# The hub layout's file names. weights.py takes them from here: this module must not import torch, since
+# listing or downloading models should not wait for it to load.
 CONFIG_NAME = "config.json"
 PREPROCESSOR_NAME = "preprocessor_config.json"
 SAFETENSORS_NAME = "model.safetensors"
