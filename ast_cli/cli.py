@@ -179,6 +179,7 @@ def _load_tagger(model, device, attn, dtype, quantize, threads, offline, console
         _check_choice(quantize, ("int8",), "--quantize")
     if threads:
         torch.set_num_threads(threads)
+    _warn_if_slow_bf16([dtype], device, console)
     _fetch_model(model, offline, console, quiet)  # first use of a hub model: download it, with its own progress
     if not quiet and console.is_terminal:
         with console.status(f"loading {model}"):
@@ -566,6 +567,169 @@ def labels(
         config = read_configs(path)[0] if path.is_dir() else load_checkpoint(path).config
         for index, name in enumerate(config.id2label):
             typer.echo(f"{index}\t{name}")
+
+
+# -- benchmark --------------------------------------------------------------------------------------
+
+
+def _warn_if_slow_bf16(dtypes: list[str], device: str, console) -> None:
+    """bf16 on a CPU without bf16 hardware is emulated: slower than fp32. Say so on stderr, then do it anyway."""
+    if "bf16" not in dtypes:
+        return
+    from .speed import cpu_has_native_bf16
+    from .tagger import pick_device
+
+    if pick_device(device) == "cpu" and not cpu_has_native_bf16():
+        console.print("warning: this CPU has no bf16 hardware (AVX512-BF16, AMX or ARM BF16): bf16 runs slower "
+                      "than fp32 here; --quantize int8 is the fast CPU mode", markup=False)
+
+
+@app.command()
+def benchmark(
+    paths: Annotated[Optional[list[str]], typer.Argument(help="Audio files or directories timed with --end-to-end.")] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    random_weights: Annotated[bool, typer.Option("--random-weights", help="Time a default-shape AST with random weights (nothing downloaded; for hardware comparisons).")] = False,
+    device: DeviceOpt = "auto",
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", metavar="N,N,...", help="Batch sizes to time.")] = "1,2,4,8",
+    attn: Annotated[str, typer.Option("--attn", metavar="LIST", help="eager and/or sdpa, comma-separated.")] = "eager,sdpa",
+    dtype: Annotated[str, typer.Option(metavar="LIST", help="auto (fp32 on CPU, fp16 on CUDA), fp32, fp16, bf16; comma-separated.")] = "auto",
+    quantize: Annotated[str, typer.Option(metavar="LIST", help="none and/or int8 (dynamic int8 Linear layers, CPU); comma-separated.")] = "none",
+    iters: Annotated[Optional[int], typer.Option(min=1, help="Timed passes per row (default: 10 on a GPU, 3 on the CPU).")] = None,
+    warmup: Annotated[Optional[int], typer.Option(min=0, help="Untimed passes first (default: 3 on a GPU, 1 on the CPU).")] = None,
+    end_to_end: Annotated[bool, typer.Option("--end-to-end", help="Also time classify on PATHS, split by stage (decode, resample, features, model).")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per model call with --end-to-end.")] = 4,
+    workers: WorkersOpt = 2,
+    threads: ThreadsOpt = None,
+    format: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
+    ext: ExtOpt = None,
+    offline: OfflineOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Time the model forward (every mode, batch size and attention) and, with --end-to-end, classify on files.
+
+    Inputs have the checkpoint's shape (1024 frames = 10.24 s for AudioSet models). The table gives ms per
+    batch (mean and median), ms per clip, clips/s, x real-time and the SDPA-over-eager speedup; --format json
+    gives the same rows plus the environment (torch version, device, threads).
+
+    Examples:
+
+      ast benchmark --device cpu --batch-sizes 1,2
+
+      ast benchmark --random-weights --quantize none,int8 --format json
+
+      ast benchmark --end-to-end clips/ --quantize int8 --attn sdpa
+    """
+    stderr = _stderr_console()
+    with cli_errors(debug):
+        from .benchmark import (BenchmarkReport, benchmark_end_to_end, benchmark_model, environment, parse_attns,
+                                parse_batch_sizes, random_model, resolve_modes, variant)
+        from .errors import UsageError
+        from .speed import set_threads
+        from .tagger import Tagger, pick_device
+
+        _check_choice(format, ("table", "json"), "--format")
+        sizes = parse_batch_sizes(batch_sizes)
+        attns = parse_attns(attn)
+        if paths and not end_to_end:
+            raise UsageError("files are timed only with --end-to-end", hint="ast benchmark --end-to-end PATH...")
+        items = []
+        if end_to_end:
+            from .inputs import expand_inputs, parse_extensions
+
+            items = [item for item in expand_inputs(paths or [], parse_extensions(ext)) if item.error is None]
+            if not items:
+                raise UsageError("--end-to-end needs audio files", hint="ast benchmark --end-to-end clips/")
+        if random_weights and model != DEFAULT_MODEL:
+            raise UsageError("--random-weights builds its own model", hint="drop --model")
+        resolved = pick_device(device)
+        modes = resolve_modes(dtype, quantize, resolved)
+        _warn_if_slow_bf16([m.dtype for m in modes], resolved, stderr)
+        set_threads(threads)
+        gpu = resolved != "cpu"
+        iters = iters or (10 if gpu else 3)
+        warmup = (3 if gpu else 1) if warmup is None else warmup
+        # A missing hub model downloads first, with its own progress bars.
+        path = None if random_weights else _fetch_model(model, offline, stderr, quiet)
+
+        status = stderr.status("loading") if not quiet and stderr.is_terminal else None
+        step = (lambda text: status.update(text)) if status is not None else None
+        if status is not None:
+            status.start()
+        try:
+            if random_weights:
+                from .features import FeatureConfig
+
+                master, name = random_model(), "random weights"
+                features = FeatureConfig(max_length=master.config.max_length, num_mel_bins=master.config.num_mel_bins)
+            else:
+                from .weights import build_model, load_checkpoint
+
+                checkpoint = load_checkpoint(path)
+                master, features, name = build_model(checkpoint), checkpoint.features, model
+            report = BenchmarkReport(environment(master, features, resolved, name))
+            report.rows = benchmark_model(master, features, device=resolved, modes=modes, batch_sizes=sizes,
+                                          attns=attns, iters=iters, warmup=warmup, on_step=step)
+            for mode in modes if end_to_end else ():
+                net = variant(master, mode, resolved, share=True)
+                tagger = Tagger(net, features, device=resolved, dtype=next(net.parameters()).dtype, name=name)
+                for attn_name in attns:
+                    if step is not None:
+                        step(f"end to end: {mode.name} {attn_name}, {len(items)} files")
+                    with native_stderr_silenced(not _debug_enabled(debug)):
+                        report.end_to_end.append(benchmark_end_to_end(
+                            tagger, [item.path for item in items], attn=attn_name, mode=mode,
+                            batch_size=batch_size, workers=workers))
+        finally:
+            if status is not None:
+                status.stop()
+        if format == "json":
+            import json
+
+            typer.echo(json.dumps(report.to_dict(), indent=2))
+        else:
+            _print_benchmark(report)
+
+
+def _print_benchmark(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    env = report.environment
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    console.print(f"{env.model}: {env.parameters / 1e6:.1f} M parameters, input {env.input_frames} x "
+                  f"{env.input_mel_bins} ({env.window_seconds:.2f} s of audio, {env.gflop_per_clip:g} GFLOP); "
+                  f"{env.device} ({env.device_name}), {env.threads} threads, torch {env.torch}", markup=False)
+    speedups = report.speedups()
+    if speedups:
+        table = Table(title="SDPA vs eager (median ms per batch)", title_justify="left")
+        for column in ("mode", "batch size", "eager ms", "sdpa ms", "speedup"):
+            table.add_column(column, justify="left" if column == "mode" else "right")
+        medians = {(r.quantize or r.dtype, r.batch_size, r.attn): r.ms_per_batch_median for r in report.rows}
+        for (mode, batch), speedup in speedups.items():
+            table.add_row(mode, str(batch), f"{medians[(mode, batch, 'eager')]:.1f}",
+                          f"{medians[(mode, batch, 'sdpa')]:.1f}", f"{speedup:.2f}x")
+        console.print(table)
+    table = Table(title="Model forward", title_justify="left")
+    for column in ("mode", "attn", "batch size", "mean ms", "median ms", "ms/clip", "clips/s", "x real-time"):
+        table.add_column(column, justify="left" if column in ("mode", "attn") else "right")
+    for r in report.rows:
+        table.add_row(r.quantize or r.dtype, r.attn, str(r.batch_size), f"{r.ms_per_batch:.1f}",
+                      f"{r.ms_per_batch_median:.1f}", f"{r.ms_per_clip:.1f}", f"{r.clips_per_s:.2f}",
+                      f"{r.x_realtime:.1f}")
+    console.print(table)
+    if report.end_to_end:
+        table = Table(title="End to end (stage seconds from a sequential pass; files/s from the pipelined one)",
+                      title_justify="left")
+        columns = ("mode", "attn", "files", "audio s", "decode s", "resample s", "features s", "model s",
+                   "pipelined s", "files/s", "x real-time")
+        for column in columns:
+            table.add_column(column, justify="left" if column in ("mode", "attn") else "right")
+        for r in report.end_to_end:
+            table.add_row(r.quantize or r.dtype, r.attn, f"{r.files - r.failed}/{r.files}", f"{r.audio_seconds:.1f}",
+                          f"{r.decode_s:.2f}", f"{r.resample_s:.2f}", f"{r.features_s:.2f}", f"{r.model_s:.2f}",
+                          f"{r.pipelined_s:.2f}", f"{r.files_per_s:.2f}", f"{r.x_realtime:.1f}")
+        console.print(table)
 
 
 def main() -> None:

@@ -155,6 +155,20 @@ def hop_to_frames(hop_seconds: float | None) -> int | None:
     return frames
 
 
+def check_quantize(quantize: str | None, device: str, torch_dtype) -> None:
+    """``--quantize int8`` needs the CPU and float32 around its int8 layers; a UsageError otherwise."""
+    import torch
+
+    if quantize is None:
+        return
+    if quantize != "int8":
+        raise UsageError(f"unknown quantization {quantize!r} (int8)")
+    if device != "cpu":
+        raise UsageError("--quantize int8 runs on the CPU only", hint="add --device cpu")
+    if torch_dtype != torch.float32:
+        raise UsageError("--quantize int8 computes in float32 around its int8 layers", hint="drop --dtype")
+
+
 class Tagger:
     """A model ready for inference, with the input format and labels it was trained with."""
 
@@ -167,6 +181,13 @@ class Tagger:
         self.device = device
         self.dtype = dtype or torch.float32
         self.model = model.to(device=device, dtype=self.dtype).eval()
+        # On the CPU a batch goes through in cache-sized pieces (one 10 s window at a time for AudioSet models):
+        # same results, 5-10% less time per window than whole batches.
+        self.windows_per_call = None
+        if device == "cpu":
+            from .speed import cpu_windows_per_call
+
+            self.windows_per_call = cpu_windows_per_call(model.config.num_tokens)
 
     @classmethod
     def load(
@@ -187,14 +208,13 @@ class Tagger:
 
         device = pick_device(device)
         torch_dtype = pick_dtype(dtype, device)
+        check_quantize(quantize, device, torch_dtype)
         path = resolve_model(model, offline=offline, cache_dir=cache_dir)
         checkpoint = load_checkpoint(path)
         net = build_model(checkpoint, attn=attn)
         if quantize is not None:
             from .speed import quantize_dynamic
 
-            if device != "cpu":
-                raise UsageError("--quantize int8 runs on the CPU only", hint="add --device cpu")
             net = quantize_dynamic(net, quantize)
         return cls(net, checkpoint.features, device=device, dtype=torch_dtype, name=model)
 
@@ -202,17 +222,20 @@ class Tagger:
 
     def logits(self, inputs) -> "torch.Tensor":  # noqa: F821
         """(B, T, F) features -> (B, num_labels) float32 raw logits on the CPU."""
-        import torch
-
-        with torch.inference_mode():
-            return self.model(inputs.to(self.device, self.dtype)).float().cpu()
+        return self._run(self.model, inputs)
 
     def embed(self, inputs) -> "torch.Tensor":  # noqa: F821
         """(B, T, F) features -> (B, hidden_size) float32 pooled embeddings on the CPU."""
+        return self._run(self.model.forward_features, inputs)
+
+    def _run(self, forward, inputs) -> "torch.Tensor":  # noqa: F821
         import torch
 
         with torch.inference_mode():
-            return self.model.forward_features(inputs.to(self.device, self.dtype)).float().cpu()
+            inputs = inputs.to(self.device, self.dtype)
+            if self.windows_per_call is None or inputs.shape[0] <= self.windows_per_call:
+                return forward(inputs).float().cpu()
+            return torch.cat([forward(part).float() for part in inputs.split(self.windows_per_call)])
 
     def hop_frames(self, hop_seconds: float | None) -> int | None:
         return hop_to_frames(hop_seconds)

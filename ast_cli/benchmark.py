@@ -1,0 +1,433 @@
+"""Timing the model and the whole ``classify`` path; typed rows for ``ast benchmark`` to render.
+
+``benchmark_model`` times the forward pass on random inputs of the checkpoint's shape (B, max_length,
+num_mel_bins) for every mode (dtype or int8), batch size and attention implementation, with warm-up passes,
+``torch.inference_mode()`` and device synchronisation around each timed pass. Eager and SDPA passes of one
+(mode, batch size) alternate, so that noise from other processes hits both alike.
+
+``benchmark_end_to_end`` times real files: one sequential pass split by stage (decode, resample, features,
+model) and one pipelined pass through ``Tagger.classify`` (parallel decode, batched windows), which is what
+``ast classify`` does.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Sequence
+
+from .errors import UsageError
+from .features import FeatureConfig
+from .model import AST, ASTConfig, count_parameters, flops_per_clip
+
+ATTNS = ("eager", "sdpa")
+QUANTIZE_CHOICES = ("none", "int8")
+
+# What ``--random-weights`` builds: the default AudioSet AST. None = ASTConfig() with the 527 AudioSet labels.
+# (Tests set a tiny config here.)
+RANDOM_CONFIG: ASTConfig | None = None
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How the model computes: a float dtype, or int8 dynamic Linear layers around float32."""
+
+    dtype: str  # fp32, fp16 or bf16
+    quantize: str | None = None  # int8
+
+    @property
+    def name(self) -> str:
+        return self.quantize or self.dtype
+
+
+@dataclass(frozen=True)
+class Environment:
+    torch: str
+    python: str
+    device: str
+    device_name: str
+    threads: int
+    model: str
+    parameters: int
+    input_frames: int  # model input: frames of 10 ms ...
+    input_mel_bins: int  # ... by mel bins
+    window_seconds: float  # audio per model input (10.24 s for AudioSet checkpoints)
+    gflop_per_clip: float
+    native_bf16: bool | None  # CPU only: bf16 matmuls in hardware
+    int8_kernel: str | None  # CPU only: the dynamic int8 Linear kernel
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """One (attn, batch size, mode) forward-pass timing."""
+
+    attn: str
+    batch_size: int
+    dtype: str
+    quantize: str | None
+    device: str
+    iters: int
+    ms_per_batch: float  # mean
+    ms_per_batch_median: float
+    ms_per_clip: float  # median / batch size
+    clips_per_s: float
+    x_realtime: float  # seconds of audio per second
+    gflops: float  # achieved, from flops_per_clip
+
+
+@dataclass(frozen=True)
+class EndToEndRow:
+    """``classify`` on real files: sequential seconds per stage, and the pipelined wall time."""
+
+    attn: str
+    dtype: str
+    quantize: str | None
+    device: str
+    batch_size: int
+    workers: int
+    files: int
+    failed: int
+    audio_seconds: float
+    windows: int
+    decode_s: float  # reading and downmixing (soundfile or ffmpeg)
+    resample_s: float  # to 16 kHz
+    features_s: float  # log-mel frames and windows
+    model_s: float  # forward passes, batch_size windows at a time
+    pipelined_s: float  # Tagger.classify wall time: workers decode while the model runs
+    files_per_s: float  # from the pipelined pass
+    x_realtime: float  # audio seconds per pipelined second
+
+
+@dataclass
+class BenchmarkReport:
+    environment: Environment
+    rows: list[ModelRow] = field(default_factory=list)
+    end_to_end: list[EndToEndRow] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "environment": asdict(self.environment),
+            "rows": [asdict(row) for row in self.rows],
+            "end_to_end": [asdict(row) for row in self.end_to_end],
+        }
+
+    def speedups(self) -> dict[tuple[str, int], float]:
+        """SDPA-over-eager speedup (eager median / SDPA median) per (mode name, batch size)."""
+        medians = {(r.quantize or r.dtype, r.batch_size, r.attn): r.ms_per_batch_median for r in self.rows}
+        return {
+            (mode, batch): medians[(mode, batch, "eager")] / medians[(mode, batch, "sdpa")]
+            for mode, batch, attn in medians
+            if attn == "sdpa" and (mode, batch, "eager") in medians
+        }
+
+
+# -- option parsing (shared by the CLI and library callers) -------------------------------------------
+
+
+def parse_list(value: str | Iterable, option: str) -> list[str]:
+    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    out = []
+    for item in (i.strip().lower() for i in items):
+        if item and item not in out:
+            out.append(item)
+    if not out:
+        raise UsageError(f"{option} needs at least one value")
+    return out
+
+
+def parse_batch_sizes(value: str | Iterable) -> list[int]:
+    sizes = []
+    for item in parse_list(value, "--batch-sizes"):
+        try:
+            size = int(item)
+        except ValueError:
+            raise UsageError(f"--batch-sizes takes whole numbers, not {item!r}") from None
+        if size < 1:
+            raise UsageError("--batch-sizes must be at least 1")
+        sizes.append(size)
+    return sizes
+
+
+def parse_attns(value: str | Iterable) -> list[str]:
+    attns = parse_list(value, "--attn")
+    for attn in attns:
+        if attn not in ATTNS:
+            raise UsageError(f"--attn takes eager and/or sdpa, not {attn!r}")
+    return attns
+
+
+def resolve_modes(dtypes: str | Iterable, quantize: str | Iterable, device: str) -> list[Mode]:
+    """``--dtype`` x ``--quantize`` lists -> modes. int8 pairs with float32 only, on the CPU only."""
+    import torch
+
+    from .tagger import check_quantize, pick_dtype
+
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    resolved = []
+    for name in parse_list(dtypes, "--dtype"):
+        dtype = names[pick_dtype(name, device)]
+        if dtype not in resolved:
+            resolved.append(dtype)
+    quantizes = parse_list(quantize, "--quantize")
+    for q in quantizes:
+        if q not in QUANTIZE_CHOICES:
+            raise UsageError(f"--quantize takes none and/or int8, not {q!r}")
+    modes = []
+    for dtype in resolved:
+        for q in quantizes:
+            if q == "none":
+                modes.append(Mode(dtype))
+            elif dtype == "fp32":
+                check_quantize(q, device, torch.float32)
+                modes.append(Mode("fp32", q))
+    if not modes:
+        raise UsageError("--quantize int8 computes in float32 around its int8 layers", hint="add fp32 to --dtype")
+    return modes
+
+
+# -- models ---------------------------------------------------------------------------------------------
+
+
+def random_model(config: ASTConfig | None = None, seed: int = 0) -> AST:
+    """The default-shape AST (or ``config``) with random weights, float32, eval mode: nothing is downloaded."""
+    import torch
+
+    from .weights import load_labels
+
+    config = config or RANDOM_CONFIG or ASTConfig(id2label=load_labels("audioset"))
+    torch.manual_seed(seed)
+    model = AST(config).eval()
+    with torch.no_grad():  # tokens are zeros at init; make them count like trained ones do
+        for param in model.audio_spectrogram_transformer.embeddings.parameters():
+            if param.dim() == 3:
+                param.normal_(0.0, 0.02)
+    return model
+
+
+def variant(master: AST, mode: Mode, device: str, share: bool = False) -> AST:
+    """``master`` (float32, CPU) in ``mode`` on ``device``. ``share``: the float32 CPU case may reuse master."""
+    import torch
+
+    from .speed import quantize_dynamic
+
+    if mode.quantize:
+        return quantize_dynamic(copy.deepcopy(master), mode.quantize)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mode.dtype]
+    if share and device == "cpu" and dtype == torch.float32:
+        return master
+    return copy.deepcopy(master).to(device=device, dtype=dtype).eval()
+
+
+def environment(master: AST, features: FeatureConfig, device: str, name: str) -> Environment:
+    import torch
+
+    from .speed import cpu_capabilities, cpu_has_native_bf16, int8_kernel
+
+    if device.startswith("cuda"):
+        device_name = torch.cuda.get_device_name(torch.device(device))
+    elif device == "mps":
+        device_name = "Apple MPS"
+    else:
+        device_name = cpu_capabilities().get("cpu_name") or platform.processor() or platform.machine()
+    cpu = device == "cpu"
+    cfg = master.config
+    return Environment(
+        torch=torch.__version__,
+        python=platform.python_version(),
+        device=device,
+        device_name=str(device_name),
+        threads=torch.get_num_threads(),
+        model=name,
+        parameters=count_parameters(master),
+        input_frames=cfg.max_length,
+        input_mel_bins=cfg.num_mel_bins,
+        window_seconds=features.window_seconds,
+        gflop_per_clip=round(flops_per_clip(cfg) / 1e9, 1),
+        native_bf16=cpu_has_native_bf16() if cpu else None,
+        int8_kernel=int8_kernel() if cpu else None,
+    )
+
+
+def _synchronizer(device: str) -> Callable[[], None]:
+    import torch
+
+    if device.startswith("cuda"):
+        return lambda: torch.cuda.synchronize(torch.device(device))
+    if device == "mps":
+        return torch.mps.synchronize
+    return lambda: None
+
+
+# -- model forward ---------------------------------------------------------------------------------------
+
+
+def benchmark_model(
+    master: AST,
+    features: FeatureConfig,
+    *,
+    device: str = "cpu",
+    modes: Sequence[Mode] = (Mode("fp32"),),
+    batch_sizes: Sequence[int] = (1, 2, 4, 8),
+    attns: Sequence[str] = ATTNS,
+    iters: int = 3,
+    warmup: int = 1,
+    on_step: Callable[[str], None] | None = None,
+) -> list[ModelRow]:
+    """Forward-pass timings, one row per (mode, batch size, attn), in that order of nesting."""
+    import torch
+
+    sync = _synchronizer(device)
+    flops = flops_per_clip(master.config)
+    shape = (master.config.max_length, master.config.num_mel_bins)
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for mode in modes:
+        model = variant(master, mode, device, share=True)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        original_attn = model.attn
+        try:
+            for batch in batch_sizes:
+                inputs = torch.randn(batch, *shape, generator=generator).to(device=device, dtype=dtype)
+                times: dict[str, list[float]] = {attn: [] for attn in attns}
+                with torch.inference_mode():
+                    for attn in attns:
+                        if on_step is not None:
+                            on_step(f"warming up {mode.name} {attn}, batch size {batch}")
+                        model.attn = attn
+                        for _ in range(warmup):
+                            model(inputs)
+                    sync()
+                    for i in range(iters):
+                        for attn in attns:  # alternate, so that noise hits each alike
+                            if on_step is not None:
+                                on_step(f"timing {mode.name} {attn}, batch size {batch} ({i + 1}/{iters})")
+                            model.attn = attn
+                            sync()
+                            start = time.perf_counter()
+                            model(inputs)
+                            sync()
+                            times[attn].append(time.perf_counter() - start)
+                for attn in attns:
+                    mean, median = statistics.fmean(times[attn]), statistics.median(times[attn])
+                    rows.append(ModelRow(
+                        attn=attn, batch_size=batch, dtype=mode.dtype, quantize=mode.quantize, device=device,
+                        iters=iters, ms_per_batch=round(mean * 1e3, 3), ms_per_batch_median=round(median * 1e3, 3),
+                        ms_per_clip=round(median * 1e3 / batch, 3), clips_per_s=round(batch / median, 4),
+                        x_realtime=round(batch * features.window_seconds / median, 3),
+                        gflops=round(batch * flops / median / 1e9, 2),
+                    ))
+        finally:
+            model.attn = original_attn
+        del model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return rows
+
+
+# -- end to end -------------------------------------------------------------------------------------------
+
+
+def _stage_pass(tagger, paths: Sequence[str], batch_size: int) -> dict:
+    """One file after another, each stage timed on its own (what AudioReader + FrameStream + the model do)."""
+    import numpy as np
+    import torch
+
+    # The raw block readers are AudioReader's own; calling them directly separates decoding from resampling.
+    from .audio import AudioReader, StreamingResampler, _ffmpeg_blocks, _soundfile_blocks
+    from .errors import AstError
+    from .features import FrameStream
+
+    totals = {"decode_s": 0.0, "resample_s": 0.0, "features_s": 0.0, "model_s": 0.0}
+    pending: list[torch.Tensor] = []
+    windows = failed = 0
+    audio_seconds = 0.0
+
+    def run_model() -> None:
+        start = time.perf_counter()
+        tagger.logits(torch.stack(pending))  # returns on the CPU: synchronised
+        totals["model_s"] += time.perf_counter() - start
+        pending.clear()
+
+    for path in paths:
+        try:
+            start = time.perf_counter()
+            reader = AudioReader(path)
+            source = _soundfile_blocks if reader.info.decoder == "soundfile" else _ffmpeg_blocks
+            blocks = source(reader.path, reader.info, reader.block_frames)
+            resampler = StreamingResampler(reader.info.sample_rate)
+            stream = FrameStream(tagger.features)
+            frames = 0
+            totals["decode_s"] += time.perf_counter() - start
+            while True:
+                start = time.perf_counter()
+                block = next(blocks, None)
+                if block is not None:
+                    frames += block.shape[0]
+                    block = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]
+                    block = np.ascontiguousarray(block, dtype=np.float32)
+                totals["decode_s"] += time.perf_counter() - start
+                start = time.perf_counter()
+                audio = resampler.push(block) if block is not None else resampler.finish()
+                totals["resample_s"] += time.perf_counter() - start
+                start = time.perf_counter()
+                ready = stream.push(torch.from_numpy(audio)) if audio.shape[0] else []
+                if block is None:
+                    ready += stream.finish()
+                totals["features_s"] += time.perf_counter() - start
+                for window in ready:
+                    pending.append(window.features)
+                    windows += 1
+                    if len(pending) >= batch_size:
+                        run_model()
+                if block is None:
+                    break
+            audio_seconds += frames / reader.info.sample_rate
+        except AstError:
+            failed += 1
+    if pending:
+        run_model()
+    return dict(totals, windows=windows, failed=failed, audio_seconds=audio_seconds)
+
+
+def benchmark_end_to_end(
+    tagger,
+    paths: Sequence[str],
+    *,
+    attn: str,
+    mode: Mode,
+    batch_size: int = 4,
+    workers: int = 2,
+) -> EndToEndRow:
+    """Time ``tagger`` on ``paths`` (files): stage by stage, then pipelined through ``Tagger.classify``."""
+    import torch
+
+    from .inputs import InputFile
+    from .tagger import LabelSelection
+
+    tagger.model.attn = attn
+    shape = (1, tagger.model.config.max_length, tagger.model.config.num_mel_bins)
+    tagger.logits(torch.zeros(shape))  # warm-up: first-call allocations and lazy kernels are not the files' fault
+    stages = _stage_pass(tagger, paths, batch_size)
+    start = time.perf_counter()
+    results = list(tagger.classify([InputFile(p) for p in paths], selection=LabelSelection(top=1),
+                                   batch_size=batch_size, workers=workers))
+    pipelined = time.perf_counter() - start
+    audio = sum(r.duration or 0.0 for r in results if r.error is None)
+    return EndToEndRow(
+        attn=attn, dtype=mode.dtype, quantize=mode.quantize, device=tagger.device, batch_size=batch_size,
+        workers=workers, files=len(results), failed=sum(r.error is not None for r in results),
+        audio_seconds=round(audio, 3), windows=stages["windows"],
+        decode_s=round(stages["decode_s"], 4), resample_s=round(stages["resample_s"], 4),
+        features_s=round(stages["features_s"], 4), model_s=round(stages["model_s"], 4),
+        pipelined_s=round(pipelined, 4), files_per_s=round(len(results) / pipelined, 4),
+        x_realtime=round(audio / pipelined, 3),
+    )
+
+
+__all__ = [
+    "ATTNS", "BenchmarkReport", "EndToEndRow", "Environment", "Mode", "ModelRow", "benchmark_end_to_end",
+    "benchmark_model", "environment", "parse_attns", "parse_batch_sizes", "random_model", "resolve_modes", "variant",
+]
