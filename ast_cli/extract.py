@@ -219,7 +219,6 @@ def extract_features(
     workers: int = 2,
     debug: bool = False,
     on_progress: Callable[[FileOutput], None] | None = None,
-    engine_hook: Callable[[Engine], None] | None = None,
 ) -> Iterator[ExtractResult]:
     """Compute and write each job's features; one ``ExtractResult`` per job, in order.
 
@@ -239,8 +238,6 @@ def extract_features(
             raise ValueError("a FeatureSource is needed: some jobs have no output yet")
         engine = Engine(source.features, source.forward, batch_size=batch_size, workers=workers,
                         hop_frames=hop_frames, debug=debug)
-        if engine_hook is not None:
-            engine_hook(engine)
         outputs = engine.run([job.item for job in todo], on_progress=on_progress)
     try:
         for job in jobs:

@@ -259,7 +259,6 @@ class Tagger:
         workers: int = 2,
         debug: bool = False,
         on_progress: Callable[[FileOutput], None] | None = None,
-        engine_hook: Callable[[Engine], None] | None = None,
     ) -> Iterator[FileResult]:
         """Tag files; one ``FileResult`` per item, in order. Long files are cut into windows whose scores
         are aggregated (``max``: an event anywhere in the file counts; ``mean``: typical content)."""
@@ -269,8 +268,6 @@ class Tagger:
         allowed = selection.mask(self.labels)
         engine = self.engine(self.logits, hop_seconds=hop_seconds, batch_size=batch_size, workers=workers,
                              debug=debug)
-        if engine_hook is not None:
-            engine_hook(engine)
         for out in engine.run(items, on_progress=on_progress):
             yield self._result(out, selection, allowed, activation, aggregate, segments)
 
