@@ -14,7 +14,6 @@ from . import DEFAULT_MODEL, __version__
 
 app = typer.Typer(
     name="ast",
-    help="Tag audio with the Audio Spectrogram Transformer: exact reference scores, long files, batches.",
     no_args_is_help=True,
     add_completion=True,
     rich_markup_mode=None,
