@@ -2,8 +2,9 @@
 
 Decoding is soundfile (libsndfile: wav, flac, ogg/vorbis, opus, mp3, aiff, ...) first, then the ``ffmpeg``
 executable for what libsndfile cannot read (m4a, aac, mp4, mkv, webm, wma, ...). Channels are averaged and
-the result resampled with ``torchaudio.functional.resample(x, orig_sr, 16000)`` default arguments, which is
-what the transformers pipeline does, so scores line up with it.
+the result resampled to 16 kHz with the same band-limited sinc filter as ``torchaudio.functional.resample``
+with its default arguments, which is what the transformers pipeline does, so scores line up with it
+(``resample.py``; torchaudio itself is never imported).
 
 Long files never sit in memory whole: ``StreamingResampler`` gives exactly the samples one
 ``resample`` call on the whole signal would give, one block at a time.
@@ -12,7 +13,6 @@ Long files never sit in memory whole: ``StreamingResampler`` gives exactly the s
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -24,6 +24,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import AudioDecodeError
+from .resample import StreamingResampler
 
 SAMPLE_RATE = 16000  # Hz, what every AST checkpoint expects
 BLOCK_SECONDS = 30.0  # audio read per block; bounds memory for long files
@@ -44,70 +45,6 @@ class AudioInfo:
     frames: int | None  # samples per channel, if the container says
     decoder: str  # "soundfile" or "ffmpeg"
     truncated: str | None = None  # why the container looks cut short, if it does
-
-
-class StreamingResampler:
-    """Block-wise ``torchaudio.functional.resample(x, orig_freq, 16000)`` with identical output.
-
-    torchaudio resamples with a polyphase sinc filter: output frame ``j`` (``new`` samples, after dividing
-    both rates by their gcd) reads input samples ``[j*orig - width, j*orig + orig + width)``. Each block is
-    resampled with enough real context on both sides, starting at a multiple of ``orig``, and only the
-    frames whose inputs are all real are kept, so the concatenation equals the one-shot result.
-    """
-
-    def __init__(self, orig_freq: int, new_freq: int = SAMPLE_RATE):
-        self.orig_freq, self.new_freq = int(orig_freq), int(new_freq)
-        gcd = math.gcd(self.orig_freq, self.new_freq)
-        self.orig, self.new = self.orig_freq // gcd, self.new_freq // gcd
-        base = min(self.orig, self.new) * 0.99  # torchaudio's default rolloff
-        self.width = math.ceil(6 * self.orig / base)  # torchaudio's default lowpass_filter_width = 6
-        self.context = math.ceil(self.width / self.orig) * self.orig  # >= width, a multiple of orig
-        self._buffer = np.empty(0, dtype=np.float32)
-        self._buffer_start = 0  # input index of _buffer[0], a multiple of orig
-        self._total_in = 0
-        self._next_frame = 0
-        self._emitted = 0
-
-    @property
-    def passthrough(self) -> bool:
-        return self.orig_freq == self.new_freq
-
-    def push(self, block: np.ndarray) -> np.ndarray:
-        if self.passthrough:
-            return block
-        self._buffer = np.concatenate([self._buffer, block])
-        self._total_in += block.shape[0]
-        # Frames whose whole input span has been read.
-        ready = (self._total_in - self.orig - self.width) // self.orig + 1
-        return self._emit(ready, final=False)
-
-    def finish(self) -> np.ndarray:
-        if self.passthrough:
-            return np.empty(0, dtype=np.float32)
-        target = math.ceil(self.new * self._total_in / self.orig)
-        frames = math.ceil(target / self.new)
-        out = self._emit(frames, final=True)
-        return out[: max(0, target - self._emitted + out.shape[0])]
-
-    def _emit(self, frame_end: int, final: bool) -> np.ndarray:
-        import torch
-        import torchaudio.functional as AF
-
-        if frame_end <= self._next_frame:
-            return np.empty(0, dtype=np.float32)
-        seg_start = max(0, self._next_frame * self.orig - self.context)  # a multiple of orig
-        seg_end = self._total_in if final else frame_end * self.orig + self.width
-        segment = self._buffer[seg_start - self._buffer_start : seg_end - self._buffer_start]
-        resampled = AF.resample(torch.from_numpy(np.ascontiguousarray(segment)), self.orig_freq, self.new_freq)
-        first = (self._next_frame - seg_start // self.orig) * self.new
-        last = (frame_end - seg_start // self.orig) * self.new
-        out = resampled[first:last].numpy()
-        self._next_frame = frame_end
-        self._emitted += out.shape[0]
-        keep_from = max(0, self._next_frame * self.orig - self.context)
-        self._buffer = self._buffer[keep_from - self._buffer_start :]
-        self._buffer_start = keep_from
-        return out
 
 
 def _soundfile_info(path: Path) -> AudioInfo | None:
@@ -258,7 +195,7 @@ class AudioReader:
     def blocks(self) -> Iterator[np.ndarray]:
         """Yields (samples,) float32 arrays at 16 kHz; raises AudioDecodeError on bad data."""
         source = _soundfile_blocks if self.info.decoder == "soundfile" else _ffmpeg_blocks
-        resampler = StreamingResampler(self.info.sample_rate)
+        resampler = StreamingResampler(self.info.sample_rate, SAMPLE_RATE)
         for block in source(self.path, self.info, self.block_frames):
             self.frames_read += block.shape[0]
             mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]

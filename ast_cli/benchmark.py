@@ -336,7 +336,8 @@ def _stage_pass(tagger, paths: Sequence[str], batch_size: int) -> dict:
     import torch
 
     # The raw block readers are AudioReader's own; calling them directly separates decoding from resampling.
-    from .audio import AudioReader, StreamingResampler, _ffmpeg_blocks, _soundfile_blocks
+    from .audio import SAMPLE_RATE, AudioReader, _ffmpeg_blocks, _soundfile_blocks
+    from .resample import StreamingResampler
     from .errors import AstError
     from .features import FrameStream
 
@@ -357,7 +358,7 @@ def _stage_pass(tagger, paths: Sequence[str], batch_size: int) -> dict:
             reader = AudioReader(path)
             source = _soundfile_blocks if reader.info.decoder == "soundfile" else _ffmpeg_blocks
             blocks = source(reader.path, reader.info, reader.block_frames)
-            resampler = StreamingResampler(reader.info.sample_rate)
+            resampler = StreamingResampler(reader.info.sample_rate, SAMPLE_RATE)
             stream = FrameStream(tagger.features)
             frames = 0
             totals["decode_s"] += time.perf_counter() - start

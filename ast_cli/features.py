@@ -1,8 +1,9 @@
 """Log-mel features exactly as ``ASTFeatureExtractor`` computes them (its torchaudio path).
 
 Kaldi-compatible filterbank (``torchaudio.compliance.kaldi.fbank`` with ``window_type="hanning"``), written
-out here so that the window and the mel matrix are built once per process instead of once per call.
-``tests/test_features.py`` checks it against ``ASTFeatureExtractor`` itself.
+out here, mel banks included, so torchaudio is never imported and the window and the mel matrix are built
+once per process instead of once per call. ``tests/test_features.py`` checks it against golden files made
+with torchaudio and ``ASTFeatureExtractor`` (``tests/golden/make_golden.py``).
 
 Every frame depends only on its own 400 samples (snip_edges, no dither, per-frame DC removal), so the
 frames of a long recording can be computed block by block and windowed afterwards: see ``FrameStream``.
@@ -11,6 +12,7 @@ frames of a long recording can be computed block by block and windowed afterward
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -53,13 +55,44 @@ class FeatureConfig:
         return self.max_length * HOP_LENGTH / SAMPLE_RATE
 
 
+LOW_FREQ = 20.0  # Hz, lowest mel filter edge (kaldi's default)
+
+
+def _mel(freq):
+    """Kaldi's mel scale: mel(f) = 1127 ln(1 + f / 700)."""
+    return 1127.0 * (1.0 + freq / 700.0).log()
+
+
+def kaldi_mel_banks(num_mel_bins: int, n_fft: int = N_FFT, sample_rate: float = SAMPLE_RATE,
+                    low_freq: float = LOW_FREQ) -> torch.Tensor:
+    """(num_mel_bins, n_fft // 2) triangular filters, ``torchaudio.compliance.kaldi.get_mel_banks`` without VTLN.
+
+    The range [low_freq, Nyquist] is cut into ``num_mel_bins + 1`` equal steps ``delta`` on the mel scale;
+    filter ``m`` rises linearly in mel from ``left = mel(low) + m * delta`` to 1 at ``left + delta`` and falls
+    back to 0 at ``left + 2 * delta``. FFT bin ``k`` sits at ``k * sample_rate / n_fft`` Hz, so the weight is
+    ``max(0, min((mel_k - left) / delta, (right - mel_k) / delta))``. Like kaldi, only bins 0 .. n_fft/2 - 1
+    are covered (the Nyquist bin gets no weight). Computed in float32 in torchaudio's order.
+    """
+    if num_mel_bins <= 3:
+        raise ValueError("kaldi mel banks need more than 3 bins")
+    nyquist = 0.5 * sample_rate
+    mel_low = 1127.0 * math.log(1.0 + low_freq / 700.0)  # scalar, float64 as in torchaudio
+    mel_high = 1127.0 * math.log(1.0 + nyquist / 700.0)
+    delta = (mel_high - mel_low) / (num_mel_bins + 1)
+    m = torch.arange(num_mel_bins).unsqueeze(1)  # (bins, 1)
+    left = mel_low + m * delta
+    center = mel_low + (m + 1.0) * delta
+    right = mel_low + (m + 2.0) * delta
+    mel = _mel((sample_rate / n_fft) * torch.arange(n_fft / 2)).unsqueeze(0)  # (1, n_fft // 2), float32
+    up = (mel - left) / (center - left)
+    down = (right - mel) / (right - center)
+    return torch.max(torch.zeros(1), torch.min(up, down))
+
+
 @functools.lru_cache(maxsize=8)
 def _mel_matrix(num_mel_bins: int) -> torch.Tensor:
     """(N_FFT // 2 + 1, num_mel_bins) kaldi mel filterbank, 20 Hz to Nyquist, last FFT bin unused."""
-    from torchaudio.compliance.kaldi import get_mel_banks
-
-    banks, _ = get_mel_banks(num_mel_bins, N_FFT, float(SAMPLE_RATE), 20.0, 0.0, 100.0, -500.0, 1.0)
-    banks = torch.nn.functional.pad(banks, (0, 1))  # (num_mel_bins, 257)
+    banks = torch.nn.functional.pad(kaldi_mel_banks(num_mel_bins), (0, 1))  # (num_mel_bins, 257)
     return banks.T.contiguous()
 
 

@@ -3,8 +3,11 @@
 Builds a full-size AST with random weights (``ASTForAudioClassification(ASTConfig())``, 527 AudioSet labels,
 saved with ``save_pretrained``) and a few 10 s stereo 44.1 kHz clips, then times, in ONE process, rounds of:
 
-- transformers: soundfile -> mean downmix -> ``torchaudio.functional.resample`` -> ``ASTFeatureExtractor``
-  -> ``ASTForAudioClassification`` (float32, SDPA) -> sigmoid, one clip at a time (as the HF pipeline does);
+- transformers: soundfile -> mean downmix -> resample -> ``ASTFeatureExtractor`` -> ``ASTForAudioClassification``
+  (float32, SDPA) -> sigmoid, one clip at a time (as the HF pipeline does). The resampler is
+  ``torchaudio.functional.resample`` where torchaudio imports, else ``ast_cli.resample.resample`` (the same
+  algorithm and cost; torchaudio 2.11 does not import next to torch 2.15). The extractor takes whichever path
+  transformers picks (kaldi with torchaudio, numpy without): fidelity against it is then within ~1e-4;
 - ``Tagger.classify`` (what ``ast classify`` runs) in float32 and in each fast mode.
 
 It prints clips/s, the ratio to transformers (median wall time, fastest round, and CPU seconds of all threads,
@@ -102,15 +105,18 @@ def transformers_scores(model, extractor, paths: list[str]) -> np.ndarray:
     """(clips, 527) sigmoid scores by the reference path, one clip at a time."""
     import soundfile as sf
     import torch
-    import torchaudio.functional as AF
 
+    try:
+        from torchaudio.functional import resample
+    except (ImportError, OSError, RuntimeError):  # absent, or broken next to this torch
+        from ast_cli.resample import resample
     dtype = next(model.parameters()).dtype if any(True for _ in model.parameters()) else torch.float32
     rows = []
     for path in paths:
         data, sr = sf.read(path, dtype="float32", always_2d=True)
         mono = torch.from_numpy(data.mean(axis=1).astype(np.float32))
         if sr != 16000:
-            mono = AF.resample(mono, sr, 16000)
+            mono = resample(mono, sr, 16000)
         inputs = extractor(mono.numpy(), sampling_rate=16000, return_tensors="pt")
         with torch.inference_mode():
             logits = model(inputs["input_values"].to(dtype)).logits

@@ -128,12 +128,12 @@ def test_first_window_equals_reference_truncation(tiny_checkpoint, tmp_path):
     """What the transformers pipeline reports for a long file is our first segment."""
     import torch
 
-    from conftest import reference_waveform
+    from conftest import reference_features, reference_waveform
 
     directory, hf_model, extractor = tiny_checkpoint
     path = write_audio(tmp_path / "clip.flac", 2.0, 44100, 2, seed=8)
     record = json.loads(run(path, "--model", directory, "-f", "json", "--segments", "--top", "0").stdout)[0]
-    inputs = extractor(reference_waveform(path), sampling_rate=16000, return_tensors="pt")["input_values"]
+    inputs = reference_features(extractor, reference_waveform(path))
     with torch.inference_mode():
         expected = torch.sigmoid(hf_model(inputs).logits)[0].numpy()
     first = record["segments"][0]["labels"]

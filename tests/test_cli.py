@@ -1,6 +1,6 @@
 """`ast classify` through the CLI: JSON shape, scores, options, exit codes, and end-to-end parity with the
-transformers path (soundfile -> mean downmix -> torchaudio resample -> ASTFeatureExtractor ->
-ASTForAudioClassification -> sigmoid)."""
+transformers path (soundfile -> mean downmix -> resample -> kaldi features -> ASTForAudioClassification ->
+sigmoid; see conftest.reference_features for where the features come from)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from ast_cli.cli import app
-from conftest import make_reference, reference_waveform, write_audio
+from conftest import make_reference, reference_features, reference_waveform, write_audio
 
 runner = CliRunner()
 
@@ -60,7 +60,7 @@ def test_activation_none_gives_raw_logits(tiny_checkpoint, tmp_path):
     clip = write_audio(tmp_path / "short.wav", 0.6, 32000, 2)  # within the tiny model's 0.64 s window
     result = classify(clip, "--model", directory, "--format", "json", "--top", "0", "--activation", "none")
     labels = json.loads(result.stdout)[0]["labels"]
-    inputs = extractor(reference_waveform(clip), sampling_rate=16000, return_tensors="pt")["input_values"]
+    inputs = reference_features(extractor, reference_waveform(clip))
     with torch.inference_mode():
         logits = hf_model(inputs).logits[0].numpy()
     got = np.zeros(527)
@@ -163,7 +163,7 @@ def test_classify_matches_transformers_end_to_end(name, tmp_path):
     records = json.loads(result.stdout)
     assert len(records) == len(files)
     for path, record in zip(files, records):
-        inputs = extractor(reference_waveform(path), sampling_rate=16000, return_tensors="pt")["input_values"]
+        inputs = reference_features(extractor, reference_waveform(path))
         with torch.inference_mode():
             expected = torch.sigmoid(hf_model(inputs).logits)[0].numpy()
         got = np.zeros(527)

@@ -16,7 +16,7 @@ from ast_cli import __version__, extract
 from ast_cli.cli import app
 from ast_cli.extract import plan_outputs, write_features
 from ast_cli.inputs import InputFile, expand_inputs
-from conftest import make_reference, reference_waveform, write_audio
+from conftest import make_reference, reference_features, reference_waveform, write_audio
 
 FBANK_TOLERANCE = 1e-5
 EMBEDDING_TOLERANCE = 1e-4
@@ -33,11 +33,10 @@ def read_safetensors(path):
 
 
 def reference_windows(audio, extractor, hop_frames: int, count: int) -> np.ndarray:
-    """What ASTFeatureExtractor gives for each window's stretch of audio: (count, max_length, num_mel_bins)."""
+    """The reference features of each window's stretch of audio: (count, max_length, num_mel_bins)."""
     wave = reference_waveform(audio)
     return np.concatenate([
-        extractor(wave[w * hop_frames * HOP_SAMPLES:], sampling_rate=16000, return_tensors="np")["input_values"]
-        for w in range(count)
+        reference_features(extractor, wave[w * hop_frames * HOP_SAMPLES:]).numpy() for w in range(count)
     ])
 
 

@@ -1,0 +1,154 @@
+"""Band-limited resampling, the same math as ``torchaudio.functional.resample`` with its default arguments.
+
+torchaudio is not imported (its last release fails to import next to current PyTorch); this is the same
+polyphase windowed-sinc filter, computed in the same order and dtype, so the output matches it to float32
+rounding. ``tests/golden/`` pins it to torchaudio 2.11's output.
+
+With both rates divided by their gcd (``orig`` in, ``new`` out), output sample ``y[j]`` is a windowed sinc
+interpolation of the input at time ``j / new``::
+
+    y[j] = sum_i x[i] * h(i / orig - j / new)
+    h(d) = s * sinc(pi * b * d) * cos(pi * b * d / (2 * W)) ** 2,   |b * d| <= W, else 0
+
+with ``b = min(orig, new) * rolloff`` (rolloff 0.99: the cut-off sits just below the lower Nyquist frequency),
+``W = lowpass_filter_width = 6`` zero crossings on each side, a Hann window (``sinc_interp_hann``) and
+``s = b / orig``. Since ``y[j + new]`` uses the filter of ``y[j]`` shifted by ``orig`` input samples, the ``new``
+distinct filters (each ``2 * width + orig`` taps, ``width = ceil(W * orig / b)``) are applied as one strided
+``conv1d`` over the input zero-padded by ``width`` on the left and ``width + orig`` on the right. The output
+has ``ceil(new * n / orig)`` samples for ``n`` input samples.
+
+``StreamingResampler`` gives the same samples block by block, so long files never sit in memory whole.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+LOWPASS_FILTER_WIDTH = 6  # zero crossings of the sinc kept on each side (torchaudio's default)
+ROLLOFF = 0.99  # cut-off as a fraction of the lower Nyquist frequency (torchaudio's default)
+
+
+def reduced_rates(orig_freq: int, new_freq: int) -> tuple[int, int]:
+    """Both rates divided by their gcd: 44100 -> 16000 is 441 -> 160."""
+    gcd = math.gcd(int(orig_freq), int(new_freq))
+    return int(orig_freq) // gcd, int(new_freq) // gcd
+
+
+def filter_width(orig: int, new: int) -> int:
+    """Input samples the filter reaches on each side of an output sample's span (``orig``, ``new`` reduced)."""
+    return math.ceil(LOWPASS_FILTER_WIDTH * orig / (min(orig, new) * ROLLOFF))
+
+
+@functools.lru_cache(maxsize=16)
+def sinc_kernel(orig: int, new: int):
+    """(new, 1, 2 * width + orig) float32 filters, one per output phase, for the reduced rates.
+
+    Computed in float32 step by step as torchaudio computes it for a float32 waveform, so the taps are the same.
+    """
+    import torch
+
+    base = min(orig, new) * ROLLOFF
+    width = filter_width(orig, new)
+    idx = torch.arange(-width, width + orig, dtype=torch.float32)[None, None] / orig  # input times, (1, 1, taps)
+    t = torch.arange(0, -new, -1, dtype=torch.float32)[:, None, None] / new + idx  # i/orig - j/new, (new, 1, taps)
+    t *= base
+    t = t.clamp_(-LOWPASS_FILTER_WIDTH, LOWPASS_FILTER_WIDTH)  # b * d, limited to W zero crossings
+    window = torch.cos(t * math.pi / LOWPASS_FILTER_WIDTH / 2) ** 2  # Hann window over [-W, W]
+    t *= math.pi
+    kernels = torch.where(t == 0, torch.tensor(1.0).to(t), t.sin() / t)  # sinc
+    kernels *= window * (base / orig)
+    return kernels
+
+
+def resample(waveform, orig_freq: int, new_freq: int):
+    """``torchaudio.functional.resample(waveform, orig_freq, new_freq)``: (..., n) float tensor -> (..., m).
+
+    ``m = ceil(new * n / orig)`` with the reduced rates. Equal rates return the input unchanged.
+    """
+    import torch
+
+    if orig_freq <= 0 or new_freq <= 0:
+        raise ValueError("sample rates must be positive")
+    if int(orig_freq) != orig_freq or int(new_freq) != new_freq:
+        raise ValueError("sample rates must be whole numbers of Hz")
+    if orig_freq == new_freq:
+        return waveform
+    if not waveform.is_floating_point():
+        raise TypeError(f"expected a floating-point waveform, got {waveform.dtype}")
+    orig, new = reduced_rates(orig_freq, new_freq)
+    width = filter_width(orig, new)
+    kernel = sinc_kernel(orig, new).to(device=waveform.device, dtype=waveform.dtype)
+    shape = waveform.shape
+    flat = waveform.reshape(-1, shape[-1])  # (channels, n)
+    length = flat.shape[-1]
+    padded = torch.nn.functional.pad(flat, (width, width + orig))
+    out = torch.nn.functional.conv1d(padded[:, None], kernel, stride=orig)  # (channels, new, frames)
+    out = out.transpose(1, 2).reshape(flat.shape[0], -1)  # phases interleaved: (channels, new * frames)
+    out = out[..., : math.ceil(new * length / orig)]
+    return out.reshape(shape[:-1] + out.shape[-1:])
+
+
+class StreamingResampler:
+    """``resample(x, orig_freq, new_freq)`` of a whole signal, given block by block, with identical output.
+
+    Output frame ``j`` (``new`` samples, reduced rates) reads input samples ``[j*orig - width, j*orig + orig +
+    width)``. Each block is resampled with enough real context on both sides, starting at a multiple of
+    ``orig``, and only the frames whose inputs are all real are kept, so the concatenation equals the one-shot
+    result.
+    """
+
+    def __init__(self, orig_freq: int, new_freq: int):
+        self.orig_freq, self.new_freq = int(orig_freq), int(new_freq)
+        self.orig, self.new = reduced_rates(self.orig_freq, self.new_freq)
+        self.width = filter_width(self.orig, self.new)
+        self.context = math.ceil(self.width / self.orig) * self.orig  # >= width, a multiple of orig
+        self._buffer = np.empty(0, dtype=np.float32)
+        self._buffer_start = 0  # input index of _buffer[0], a multiple of orig
+        self._total_in = 0
+        self._next_frame = 0
+        self._emitted = 0
+
+    @property
+    def passthrough(self) -> bool:
+        return self.orig_freq == self.new_freq
+
+    def push(self, block: np.ndarray) -> np.ndarray:
+        """Add (n,) float32 input; return the output samples that are now final."""
+        if self.passthrough:
+            return block
+        self._buffer = np.concatenate([self._buffer, block])
+        self._total_in += block.shape[0]
+        # Frames whose whole input span has been read.
+        ready = (self._total_in - self.orig - self.width) // self.orig + 1
+        return self._emit(ready, final=False)
+
+    def finish(self) -> np.ndarray:
+        """The rest of the output, once the input has ended."""
+        if self.passthrough:
+            return np.empty(0, dtype=np.float32)
+        target = math.ceil(self.new * self._total_in / self.orig)
+        frames = math.ceil(target / self.new)
+        out = self._emit(frames, final=True)
+        return out[: max(0, target - self._emitted + out.shape[0])]
+
+    def _emit(self, frame_end: int, final: bool) -> np.ndarray:
+        import torch
+
+        if frame_end <= self._next_frame:
+            return np.empty(0, dtype=np.float32)
+        seg_start = max(0, self._next_frame * self.orig - self.context)  # a multiple of orig
+        seg_end = self._total_in if final else frame_end * self.orig + self.width
+        segment = self._buffer[seg_start - self._buffer_start : seg_end - self._buffer_start]
+        resampled = resample(torch.from_numpy(np.ascontiguousarray(segment)), self.orig_freq, self.new_freq)
+        first = (self._next_frame - seg_start // self.orig) * self.new
+        last = (frame_end - seg_start // self.orig) * self.new
+        out = resampled[first:last].numpy()
+        self._next_frame = frame_end
+        self._emitted += out.shape[0]
+        keep_from = max(0, self._next_frame * self.orig - self.context)
+        self._buffer = self._buffer[keep_from - self._buffer_start :]
+        self._buffer_start = keep_from
+        return out
