@@ -23,10 +23,10 @@ from typing import Iterator
 
 import numpy as np
 
+from .constants import SAMPLE_RATE
 from .errors import AudioDecodeError
 from .resample import StreamingResampler
 
-SAMPLE_RATE = 16000  # Hz, what every AST checkpoint expects
 BLOCK_SECONDS = 30.0  # audio read per block; bounds memory for long files
 
 # Extensions taken when walking directories (lower case, without the dot).
@@ -74,13 +74,19 @@ def _truncation(extra_info: str) -> str | None:
     return None
 
 
+def _ffmpeg_input(path: Path) -> str:
+    """How ffmpeg/ffprobe are given a file: ``file:`` + absolute path, so that a name beginning with ``-`` is
+    not read as an option and ``a:b.wav`` not as protocol ``a``."""
+    return "file:" + os.path.abspath(path)
+
+
 def _ffprobe_info(path: Path) -> AudioInfo:
     ffprobe = shutil.which("ffprobe")
     if ffprobe is None:
         raise AudioDecodeError("unsupported format (libsndfile cannot read it, and ffmpeg is not installed)",
                                hint="install ffmpeg to read m4a/aac/mp4/webm/wma and other formats")
     cmd = [ffprobe, "-v", "error", "-select_streams", "a:0", "-show_entries", "stream=sample_rate,channels",
-           "-of", "json", str(path)]
+           "-of", "json", _ffmpeg_input(path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     streams = []
     if proc.returncode == 0:
@@ -89,7 +95,8 @@ def _ffprobe_info(path: Path) -> AudioInfo:
         except json.JSONDecodeError:
             streams = []
     if not streams:
-        reason = _last_line(proc.stderr).replace(f"{path}: ", "") or "no audio stream"
+        reason = _last_line(proc.stderr).replace(f"{_ffmpeg_input(path)}: ", "").replace(f"{path}: ", "")
+        reason = reason or "no audio stream"
         raise AudioDecodeError(f"not audio, or a format neither libsndfile nor ffmpeg can read (ffprobe: {reason})")
     stream = streams[0]
     try:
@@ -126,7 +133,7 @@ def probe(path: str | os.PathLike) -> AudioInfo:
     return info
 
 
-def _soundfile_blocks(path: Path, info: AudioInfo, block_frames: int) -> Iterator[np.ndarray]:
+def _soundfile_blocks(path: Path, block_frames: int) -> Iterator[np.ndarray]:
     import soundfile as sf
 
     try:
@@ -148,13 +155,13 @@ def _sf_reason(exc: Exception) -> str:
     return text or "libsndfile error"
 
 
-def _ffmpeg_blocks(path: Path, info: AudioInfo, block_frames: int) -> Iterator[np.ndarray]:
+def _ffmpeg_blocks(path: Path, channels: int, block_frames: int) -> Iterator[np.ndarray]:
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
         raise AudioDecodeError("unsupported format (libsndfile cannot read it, and ffmpeg is not installed)")
-    cmd = [ffmpeg, "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-vn",
+    cmd = [ffmpeg, "-nostdin", "-v", "error", "-i", _ffmpeg_input(path), "-map", "0:a:0", "-vn",
            "-f", "f32le", "-acodec", "pcm_f32le", "-"]
-    frame_bytes = 4 * info.channels
+    frame_bytes = 4 * channels
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL) as proc:
         try:
             pending = b""
@@ -165,7 +172,7 @@ def _ffmpeg_blocks(path: Path, info: AudioInfo, block_frames: int) -> Iterator[n
                 pending += chunk
                 usable = len(pending) - len(pending) % frame_bytes
                 if usable:
-                    data = np.frombuffer(pending[:usable], dtype="<f4").reshape(-1, info.channels)
+                    data = np.frombuffer(pending[:usable], dtype="<f4").reshape(-1, channels)
                     pending = pending[usable:]
                     yield data
             stderr = proc.stderr.read().decode("utf-8", "replace")
@@ -176,34 +183,66 @@ def _ffmpeg_blocks(path: Path, info: AudioInfo, block_frames: int) -> Iterator[n
                 proc.kill()
 
 
+MAX_BLOCK_BYTES = 32 << 20  # decoded float32 bytes per block, whatever the channel count (64 channels: 2.6 s)
+
+
+class ToModelRate:
+    """Decoded (frames, channels) float32 blocks -> 16 kHz mono blocks: channels averaged (as the transformers
+    pipeline downmixes), non-finite samples refused, resampled block by block with the exact one-shot result."""
+
+    def __init__(self, sample_rate: int):
+        self.sample_rate = int(sample_rate)
+        self.resampler = StreamingResampler(self.sample_rate, SAMPLE_RATE)
+        self.frames_in = 0  # frames of the original rate pushed so far
+
+    def push(self, block: np.ndarray) -> np.ndarray:
+        """(n, channels) or (n,) float32 at the original rate -> (m,) float32 at 16 kHz (m may be 0)."""
+        self.frames_in += block.shape[0]
+        mono = block if block.ndim == 1 else (block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1
+                                              else block[:, 0])
+        mono = np.ascontiguousarray(mono, dtype=np.float32)
+        if not np.isfinite(mono).all():
+            raise AudioDecodeError("audio contains NaN or infinite samples")
+        return self.resampler.push(mono)
+
+    def finish(self) -> np.ndarray:
+        """The last samples, once the input has ended."""
+        return self.resampler.finish()
+
+    @property
+    def duration(self) -> float:
+        """Seconds of audio pushed, at the original rate."""
+        return self.frames_in / self.sample_rate
+
+
 class AudioReader:
     """Reads one file as 16 kHz mono float32 blocks.
 
-    ``duration`` (seconds of the original file) is exact once ``blocks()`` has been consumed.
+    ``duration`` (seconds of the original file) is exact once ``blocks()`` has been consumed. Blocks hold at
+    most ``block_seconds`` of audio and at most ``MAX_BLOCK_BYTES`` of decoded samples.
     """
 
     def __init__(self, path: str | os.PathLike, block_seconds: float = BLOCK_SECONDS):
         self.path = Path(path)
         self.info = probe(self.path)
-        self.block_frames = max(1, int(block_seconds * self.info.sample_rate))
+        by_bytes = MAX_BLOCK_BYTES // (4 * self.info.channels)
+        self.block_frames = max(1, min(int(block_seconds * self.info.sample_rate), by_bytes))
         self.frames_read = 0
 
     @property
     def duration(self) -> float:
         return self.frames_read / self.info.sample_rate
 
-    def blocks(self) -> Iterator[np.ndarray]:
-        """Yields (samples,) float32 arrays at 16 kHz; raises AudioDecodeError on bad data."""
-        source = _soundfile_blocks if self.info.decoder == "soundfile" else _ffmpeg_blocks
-        resampler = StreamingResampler(self.info.sample_rate, SAMPLE_RATE)
-        for block in source(self.path, self.info, self.block_frames):
+    def raw_blocks(self) -> Iterator[np.ndarray]:
+        """Yields decoded (frames, channels) float32 blocks at the file's own rate; raises AudioDecodeError on
+        bad data, including a file that ends before its header says it should (after its last block)."""
+        if self.info.decoder == "soundfile":
+            decoded = _soundfile_blocks(self.path, self.block_frames)
+        else:
+            decoded = _ffmpeg_blocks(self.path, self.info.channels, self.block_frames)
+        for block in decoded:
             self.frames_read += block.shape[0]
-            mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]
-            if not np.isfinite(mono).all():
-                raise AudioDecodeError("audio contains NaN or infinite samples")
-            out = resampler.push(np.ascontiguousarray(mono, dtype=np.float32))
-            if out.shape[0]:
-                yield out
+            yield block
         if self.frames_read == 0:
             raise AudioDecodeError("no audio samples (zero-length audio)")
         if self.info.truncated:
@@ -214,7 +253,15 @@ class AudioReader:
                 f"truncated: the header promises {expected / self.info.sample_rate:.2f} s, "
                 f"the data ends at {self.duration:.2f} s"
             )
-        tail = resampler.finish()
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """Yields (samples,) float32 arrays at 16 kHz; raises AudioDecodeError on bad data."""
+        convert = ToModelRate(self.info.sample_rate)
+        for block in self.raw_blocks():
+            out = convert.push(block)
+            if out.shape[0]:
+                yield out
+        tail = convert.finish()
         if tail.shape[0]:
             yield tail
 

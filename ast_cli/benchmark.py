@@ -22,9 +22,10 @@ from typing import Callable, Iterable, Sequence
 from .errors import UsageError
 from .features import FeatureConfig
 from .model import AST, ASTConfig, count_parameters, flops_per_clip
+from .options import Attn, Quantize
 
-ATTNS = ("eager", "sdpa")
-QUANTIZE_CHOICES = ("none", "int8")
+ATTNS = tuple(sorted(a.value for a in Attn))  # eager first: the reference
+QUANTIZE_CHOICES = tuple(q.value for q in Quantize)
 
 # What ``--random-weights`` builds: the default AudioSet AST. None = ASTConfig() with the 527 AudioSet labels.
 # (Tests set a tiny config here.)
@@ -127,65 +128,61 @@ class BenchmarkReport:
 # -- option parsing (shared by the CLI and library callers) -------------------------------------------
 
 
-def parse_list(value: str | Iterable, option: str) -> list[str]:
+def parse_list(value: str | Iterable, option: str, choices: Iterable[str] | None = None) -> list[str]:
+    """``"a,b"`` or ``["a", "b"]`` -> distinct lower-case items; each one of ``choices`` if given."""
     items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
     out = []
     for item in (i.strip().lower() for i in items):
         if item and item not in out:
             out.append(item)
     if not out:
-        raise UsageError(f"{option} needs at least one value")
+        raise UsageError("needs at least one value", option=option)
+    allowed = tuple(choices or ())
+    for item in out if allowed else ():
+        if item not in allowed:
+            raise UsageError(f"takes {' and/or '.join(allowed)}, not {item!r}", option=option)
     return out
 
 
 def parse_batch_sizes(value: str | Iterable) -> list[int]:
     sizes = []
-    for item in parse_list(value, "--batch-sizes"):
-        try:
-            size = int(item)
-        except ValueError:
-            raise UsageError(f"--batch-sizes takes whole numbers, not {item!r}") from None
-        if size < 1:
-            raise UsageError("--batch-sizes must be at least 1")
-        sizes.append(size)
+    for item in parse_list(value, "batch_sizes"):
+        if not item.isdigit() or int(item) < 1:
+            raise UsageError(f"takes whole numbers of at least 1, not {item!r}", option="batch_sizes")
+        sizes.append(int(item))
     return sizes
 
 
 def parse_attns(value: str | Iterable) -> list[str]:
-    attns = parse_list(value, "--attn")
-    for attn in attns:
-        if attn not in ATTNS:
-            raise UsageError(f"--attn takes eager and/or sdpa, not {attn!r}")
-    return attns
+    return parse_list(value, "attn", ATTNS)
 
 
-def resolve_modes(dtypes: str | Iterable, quantize: str | Iterable, device: str) -> list[Mode]:
-    """``--dtype`` x ``--quantize`` lists -> modes. int8 pairs with float32 only, on the CPU only."""
-    import torch
+def resolve_modes(dtypes: str | Iterable, quantize: str | Iterable, device: str) -> tuple[list[Mode], list[str]]:
+    """``dtype`` x ``quantize`` lists -> (modes, the combinations left out). int8 pairs with float32 only, on
+    the CPU only, so e.g. bf16 x int8 is left out (and named, so that a front end can say so)."""
+    from .backends import check_quantize, resolve_dtype
+    from .options import DType, dtype_name, torch_dtype
 
-    from .tagger import check_quantize, pick_dtype
-
-    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
     resolved = []
-    for name in parse_list(dtypes, "--dtype"):
-        dtype = names[pick_dtype(name, device)]
+    for name in parse_list(dtypes, "dtype", [d.value for d in DType]):
+        dtype = dtype_name(resolve_dtype(name, device))
         if dtype not in resolved:
             resolved.append(dtype)
-    quantizes = parse_list(quantize, "--quantize")
-    for q in quantizes:
-        if q not in QUANTIZE_CHOICES:
-            raise UsageError(f"--quantize takes none and/or int8, not {q!r}")
-    modes = []
+    quantizes = parse_list(quantize, "quantize", QUANTIZE_CHOICES)
+    modes, skipped = [], []
     for dtype in resolved:
         for q in quantizes:
             if q == "none":
                 modes.append(Mode(dtype))
             elif dtype == "fp32":
-                check_quantize(q, device, torch.float32)
+                check_quantize(q, device, torch_dtype("fp32"))
                 modes.append(Mode("fp32", q))
+            else:
+                skipped.append(f"{dtype}+{q}")
     if not modes:
-        raise UsageError("--quantize int8 computes in float32 around its int8 layers", hint="add fp32 to --dtype")
-    return modes
+        raise UsageError("int8 computes in float32 around its int8 layers", option="quantize",
+                         suggest={"dtype": "fp32"})
+    return modes, skipped
 
 
 # -- models ---------------------------------------------------------------------------------------------
@@ -208,17 +205,16 @@ def random_model(config: ASTConfig | None = None, seed: int = 0) -> AST:
 
 
 def variant(master: AST, mode: Mode, device: str, share: bool = False) -> AST:
-    """``master`` (float32, CPU) in ``mode`` on ``device``. ``share``: the float32 CPU case may reuse master."""
-    import torch
-
+    """``master`` (float32, CPU) in ``mode`` on ``device``. ``share``: the float32 CPU case may reuse master
+    (nothing here changes a model: attention is chosen per call)."""
+    from .options import torch_dtype
     from .speed import quantize_dynamic
 
     if mode.quantize:
         return quantize_dynamic(copy.deepcopy(master), mode.quantize)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mode.dtype]
-    if share and device == "cpu" and dtype == torch.float32:
+    if share and device == "cpu" and mode.dtype == "fp32":
         return master
-    return copy.deepcopy(master).to(device=device, dtype=dtype).eval()
+    return copy.deepcopy(master).to(device=device, dtype=torch_dtype(mode.dtype)).eval()
 
 
 def environment(master: AST, features: FeatureConfig, device: str, name: str) -> Environment:
@@ -287,40 +283,34 @@ def benchmark_model(
     for mode in modes:
         model = variant(master, mode, device, share=True)
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        original_attn = model.attn
-        try:
-            for batch in batch_sizes:
-                inputs = torch.randn(batch, *shape, generator=generator).to(device=device, dtype=dtype)
-                times: dict[str, list[float]] = {attn: [] for attn in attns}
-                with torch.inference_mode():
-                    for attn in attns:
-                        if on_step is not None:
-                            on_step(f"warming up {mode.name} {attn}, batch size {batch}")
-                        model.attn = attn
-                        for _ in range(warmup):
-                            model(inputs)
-                    sync()
-                    for i in range(iters):
-                        for attn in attns:  # alternate, so that noise hits each alike
-                            if on_step is not None:
-                                on_step(f"timing {mode.name} {attn}, batch size {batch} ({i + 1}/{iters})")
-                            model.attn = attn
-                            sync()
-                            start = time.perf_counter()
-                            model(inputs)
-                            sync()
-                            times[attn].append(time.perf_counter() - start)
+        for batch in batch_sizes:
+            inputs = torch.randn(batch, *shape, generator=generator).to(device=device, dtype=dtype)
+            times: dict[str, list[float]] = {attn: [] for attn in attns}
+            with torch.inference_mode():
                 for attn in attns:
-                    mean, median = statistics.fmean(times[attn]), statistics.median(times[attn])
-                    rows.append(ModelRow(
-                        attn=attn, batch_size=batch, dtype=mode.dtype, quantize=mode.quantize, device=device,
-                        iters=iters, ms_per_batch=round(mean * 1e3, 3), ms_per_batch_median=round(median * 1e3, 3),
-                        ms_per_clip=round(median * 1e3 / batch, 3), clips_per_s=round(batch / median, 4),
-                        x_realtime=round(batch * features.window_seconds / median, 3),
-                        gflops=round(batch * flops / median / 1e9, 2),
-                    ))
-        finally:
-            model.attn = original_attn
+                    if on_step is not None:
+                        on_step(f"warming up {mode.name} {attn}, batch size {batch}")
+                    for _ in range(warmup):
+                        model(inputs, attn=attn)
+                sync()
+                for i in range(iters):
+                    for attn in attns:  # alternate, so that noise hits each alike
+                        if on_step is not None:
+                            on_step(f"timing {mode.name} {attn}, batch size {batch} ({i + 1}/{iters})")
+                        sync()
+                        start = time.perf_counter()
+                        model(inputs, attn=attn)
+                        sync()
+                        times[attn].append(time.perf_counter() - start)
+            for attn in attns:
+                mean, median = statistics.fmean(times[attn]), statistics.median(times[attn])
+                rows.append(ModelRow(
+                    attn=attn, batch_size=batch, dtype=mode.dtype, quantize=mode.quantize, device=device,
+                    iters=iters, ms_per_batch=round(mean * 1e3, 3), ms_per_batch_median=round(median * 1e3, 3),
+                    ms_per_clip=round(median * 1e3 / batch, 3), clips_per_s=round(batch / median, 4),
+                    x_realtime=round(batch * features.window_seconds / median, 3),
+                    gflops=round(batch * flops / median / 1e9, 2),
+                ))
         del model
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -331,13 +321,12 @@ def benchmark_model(
 
 
 def _stage_pass(tagger, paths: Sequence[str], batch_size: int) -> dict:
-    """One file after another, each stage timed on its own (what AudioReader + FrameStream + the model do)."""
-    import numpy as np
+    """One file after another, each stage timed on its own: decoding (``AudioReader.raw_blocks``, with its
+    truncation checks), downmix + resampling (``ToModelRate``, with its NaN check), features (``FrameStream``)
+    and the model, batch_size windows at a time."""
     import torch
 
-    # The raw block readers are AudioReader's own; calling them directly separates decoding from resampling.
-    from .audio import SAMPLE_RATE, AudioReader, _ffmpeg_blocks, _soundfile_blocks
-    from .resample import StreamingResampler
+    from .audio import AudioReader, ToModelRate
     from .errors import AstError
     from .features import FrameStream
 
@@ -346,38 +335,31 @@ def _stage_pass(tagger, paths: Sequence[str], batch_size: int) -> dict:
     windows = failed = 0
     audio_seconds = 0.0
 
-    def run_model() -> None:
+    def timed(stage: str, call, *args):
         start = time.perf_counter()
-        tagger.logits(torch.stack(pending))  # returns on the CPU: synchronised
-        totals["model_s"] += time.perf_counter() - start
+        try:
+            return call(*args)
+        finally:
+            totals[stage] += time.perf_counter() - start
+
+    def run_model() -> None:
+        timed("model_s", tagger.logits, torch.stack(pending))  # returns on the CPU: synchronised
         pending.clear()
 
     for path in paths:
         try:
-            start = time.perf_counter()
-            reader = AudioReader(path)
-            source = _soundfile_blocks if reader.info.decoder == "soundfile" else _ffmpeg_blocks
-            blocks = source(reader.path, reader.info, reader.block_frames)
-            resampler = StreamingResampler(reader.info.sample_rate, SAMPLE_RATE)
-            stream = FrameStream(tagger.features)
-            frames = 0
-            totals["decode_s"] += time.perf_counter() - start
+            reader = timed("decode_s", AudioReader, path)
+            convert, stream = ToModelRate(reader.info.sample_rate), FrameStream(tagger.features)
+            blocks = reader.raw_blocks()
             while True:
-                start = time.perf_counter()
-                block = next(blocks, None)
-                if block is not None:
-                    frames += block.shape[0]
-                    block = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]
-                    block = np.ascontiguousarray(block, dtype=np.float32)
-                totals["decode_s"] += time.perf_counter() - start
-                start = time.perf_counter()
-                audio = resampler.push(block) if block is not None else resampler.finish()
-                totals["resample_s"] += time.perf_counter() - start
-                start = time.perf_counter()
-                ready = stream.push(torch.from_numpy(audio)) if audio.shape[0] else []
+                block = timed("decode_s", next, blocks, None)
                 if block is None:
-                    ready += stream.finish()
-                totals["features_s"] += time.perf_counter() - start
+                    audio = timed("resample_s", convert.finish)
+                else:
+                    audio = timed("resample_s", convert.push, block)
+                ready = timed("features_s", stream.push, torch.from_numpy(audio)) if audio.shape[0] else []
+                if block is None:
+                    ready += timed("features_s", stream.finish)
                 for window in ready:
                     pending.append(window.features)
                     windows += 1
@@ -385,7 +367,7 @@ def _stage_pass(tagger, paths: Sequence[str], batch_size: int) -> dict:
                         run_model()
                 if block is None:
                     break
-            audio_seconds += frames / reader.info.sample_rate
+            audio_seconds += reader.duration
         except AstError:
             failed += 1
     if pending:
@@ -405,16 +387,16 @@ def benchmark_end_to_end(
     """Time ``tagger`` on ``paths`` (files): stage by stage, then pipelined through ``Tagger.classify``."""
     import torch
 
-    from .inputs import InputFile
-    from .tagger import LabelSelection
+    from .engine import Engine
+    from .tagger import LabelSelection, Tagger
 
-    tagger.model.attn = attn
-    shape = (1, tagger.model.config.max_length, tagger.model.config.num_mel_bins)
+    tagger = Tagger(tagger.backend.with_attn(attn), tagger.labels, name=tagger.name, options=tagger.options)
+    shape = (1, tagger.features.max_length, tagger.features.num_mel_bins)
     tagger.logits(torch.zeros(shape))  # warm-up: first-call allocations and lazy kernels are not the files' fault
     stages = _stage_pass(tagger, paths, batch_size)
+    engine = Engine(tagger.features, tagger.backend, batch_size=batch_size, workers=workers)
     start = time.perf_counter()
-    results = list(tagger.classify([InputFile(p) for p in paths], selection=LabelSelection(top=1),
-                                   batch_size=batch_size, workers=workers))
+    results = list(tagger.classify(paths, selection=LabelSelection(top=1), engine=engine))
     pipelined = time.perf_counter() - start
     audio = sum(r.duration or 0.0 for r in results if r.error is None)
     return EndToEndRow(
@@ -428,7 +410,33 @@ def benchmark_end_to_end(
     )
 
 
+def run_benchmark(master: AST, features: FeatureConfig, name: str, *, device: str, modes: Sequence[Mode],
+                  batch_sizes: Sequence[int], attns: Sequence[str], iters: int, warmup: int,
+                  paths: Sequence[str] = (), batch_size: int = 4, workers: int = 2,
+                  on_step: Callable[[str], None] | None = None) -> BenchmarkReport:
+    """The whole benchmark: forward timings for every mode, and end to end on ``paths`` if any."""
+    from .backends import LocalBackend
+    from .options import RunOptions, torch_dtype
+    from .tagger import Tagger
+
+    report = BenchmarkReport(environment(master, features, device, name))
+    report.rows = benchmark_model(master, features, device=device, modes=modes, batch_sizes=batch_sizes,
+                                  attns=attns, iters=iters, warmup=warmup, on_step=on_step)
+    for mode in modes if paths else ():
+        backend = LocalBackend(variant(master, mode, device, share=True), features, device=device,
+                               dtype=torch_dtype(mode.dtype))
+        tagger = Tagger(backend, master.config.id2label, name=name,
+                        options=RunOptions(batch_size=batch_size, workers=workers))
+        for attn in attns:
+            if on_step is not None:
+                on_step(f"end to end: {mode.name} {attn}, {len(paths)} files")
+            report.end_to_end.append(benchmark_end_to_end(tagger, paths, attn=attn, mode=mode,
+                                                          batch_size=batch_size, workers=workers))
+    return report
+
+
 __all__ = [
     "ATTNS", "BenchmarkReport", "EndToEndRow", "Environment", "Mode", "ModelRow", "benchmark_end_to_end",
-    "benchmark_model", "environment", "parse_attns", "parse_batch_sizes", "random_model", "resolve_modes", "variant",
+    "benchmark_model", "environment", "parse_attns", "parse_batch_sizes", "random_model", "resolve_modes",
+    "run_benchmark", "variant",
 ]

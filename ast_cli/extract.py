@@ -2,8 +2,8 @@
 file, written as one file per input under an output directory that mirrors the input tree.
 
     >>> jobs = plan_outputs(expand_inputs(["recordings/"]), "features/")   # checks collisions, finds done files
-    >>> source = FeatureSource.from_tagger(Tagger.load(), "MIT/ast-finetuned-audioset-10-10-0.4593")
-    >>> for result in extract_features(jobs, source):
+    >>> extractor = FeatureExtractor.embeddings(Tagger.load())
+    >>> for result in extractor.extract(jobs):
     ...     print(result.status, result.output)
 
 Output files (``fmt``):
@@ -28,12 +28,13 @@ from typing import IO, Callable, Iterable, Iterator, Literal
 import numpy as np
 
 from . import __version__
+from .constants import FRAME_SECONDS
 from .engine import Engine, FileOutput
 from .errors import UsageError
-from .features import HOP_LENGTH, SAMPLE_RATE, FeatureConfig
+from .features import FeatureConfig
 from .inputs import InputFile
+from .options import RunOptions
 from .output import atomic_write
-from .tagger import hop_to_frames
 
 Kind = Literal["fbank", "embedding"]
 Format = Literal["safetensors", "npy"]
@@ -83,9 +84,9 @@ def plan_outputs(items: Iterable[InputFile], out_dir: str, fmt: Format = "safete
     unusable (``item.error``) take no part: they fail without writing anything.
     """
     if fmt not in FORMATS:
-        raise UsageError(f"unknown format {fmt!r} ({', '.join(FORMATS)})")
+        raise UsageError(f"unknown format {fmt!r} ({', '.join(FORMATS)})", option="format")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UsageError(f"--out {out_dir} exists and is not a directory")
+        raise UsageError(f"{out_dir} exists and is not a directory", option="out")
     jobs: list[Job] = []
     claimed: dict[str, str] = {}
     for item in items:
@@ -141,27 +142,38 @@ def write_features(output: str, name: str, array: np.ndarray, metadata: dict, fm
 
 
 @dataclass(frozen=True)
-class FeatureSource:
-    """What to compute per window: ``forward`` maps (B, T, F) model inputs to (B, ...) float32 rows.
+class FeatureExtractor:
+    """What to compute per window and how: ``backend`` maps (B, T, F) model inputs to (B, ...) float32 rows.
 
-    ``kind`` names the tensor; ``model`` is the model id recorded in the metadata; ``features`` is that
-    model's input format (window length, mel bins, normalization).
+    ``kind`` names the tensor; ``model`` is the model id recorded in the metadata; ``options`` give the hop,
+    batch size and workers.
     """
 
     kind: Kind
     model: str
-    features: FeatureConfig
-    forward: Callable
+    backend: Callable
+    options: RunOptions = RunOptions()
+
+    @property
+    def features(self) -> FeatureConfig:
+        return self.backend.features
 
     @classmethod
-    def fbank(cls, model: str, features: FeatureConfig) -> "FeatureSource":
+    def fbank(cls, model: str, features: FeatureConfig, options: RunOptions = RunOptions()) -> "FeatureExtractor":
         """The model input itself: no weights needed, only the model's feature configuration."""
-        return cls("fbank", model, features, lambda inputs: inputs)  # (B, max_length, num_mel_bins)
+        from .backends import InputsBackend
+
+        return cls("fbank", model, InputsBackend(features), options)  # (B, max_length, num_mel_bins)
 
     @classmethod
-    def from_tagger(cls, tagger, model: str | None = None) -> "FeatureSource":
-        """Pooled embeddings (B, hidden_size) of a loaded ``Tagger``."""
-        return cls("embedding", model or tagger.name, tagger.features, tagger.embed)
+    def embeddings(cls, tagger, model: str | None = None) -> "FeatureExtractor":
+        """Pooled embeddings (B, hidden_size) of a loaded ``Tagger``, with its options."""
+        return cls("embedding", model or tagger.name, tagger.backend.with_output("embedding"), tagger.options)
+
+    def extract(self, jobs: Iterable[Job], *, fmt: Format = "safetensors", overwrite: bool = False,
+                on_progress: Callable[[FileOutput], None] | None = None) -> Iterator[ExtractResult]:
+        """``extract_features(jobs, self, ...)``."""
+        return extract_features(jobs, self, fmt=fmt, overwrite=overwrite, on_progress=on_progress)
 
 
 def load_feature_config(model: str, *, offline: bool | None = None, cache_dir: str | None = None) -> FeatureConfig:
@@ -188,21 +200,22 @@ class ExtractResult:
     error: str | None = None
     duration: float | None = None  # seconds
     windows: int = 0
+    exception: BaseException | None = None  # behind ``error``
 
 
-def metadata_for(out: FileOutput, source: FeatureSource, hop_frames: int | None) -> dict:
+def metadata_for(out: FileOutput, extractor: FeatureExtractor) -> dict:
     """The metadata of one output file (JSON values; strings in a safetensors header)."""
-    features = source.features
-    hop_seconds = (hop_frames or features.max_length) * HOP_LENGTH / SAMPLE_RATE
+    features = extractor.features
+    hop_seconds = (extractor.options.hop_frames or features.max_length) * FRAME_SECONDS
     return {
-        "kind": source.kind,
-        "model": source.model,
+        "kind": extractor.kind,
+        "model": extractor.model,
         "sample_rate": features.sampling_rate,
         "window_seconds": round(features.window_seconds, 6),
         "hop_seconds": round(hop_seconds, 6),
         "window_starts": [round(start, 6) for start, _ in out.windows],
         "window_ends": [round(end, 6) for _, end in out.windows],
-        "source": out.item.path,
+        "source": out.name,
         "duration": None if out.duration is None else round(out.duration, 6),
         "ast_cli_version": __version__,
     }
@@ -210,34 +223,30 @@ def metadata_for(out: FileOutput, source: FeatureSource, hop_frames: int | None)
 
 def extract_features(
     jobs: Iterable[Job],
-    source: FeatureSource | None,
+    extractor: FeatureExtractor | None,
     *,
     fmt: Format = "safetensors",
     overwrite: bool = False,
-    hop_seconds: float | None = None,
-    batch_size: int = 4,
-    workers: int = 2,
-    debug: bool = False,
     on_progress: Callable[[FileOutput], None] | None = None,
 ) -> Iterator[ExtractResult]:
     """Compute and write each job's features; one ``ExtractResult`` per job, in order.
 
     Jobs whose output existed when planned are skipped without decoding (unless ``overwrite``). Decoding,
     windowing and batching are the engine's, exactly as for ``classify``; a file that fails there, or whose
-    output cannot be written, is a ``failed`` result and the others go on. ``source`` may be None when every
+    output cannot be written, is a ``failed`` result and the others go on. ``extractor`` may be None when every
     job is skipped (a rerun with nothing left to do needs no model).
     """
     if fmt not in FORMATS:
-        raise UsageError(f"unknown format {fmt!r} ({', '.join(FORMATS)})")
+        raise UsageError(f"unknown format {fmt!r} ({', '.join(FORMATS)})", option="format")
     jobs = list(jobs)
-    hop_frames = hop_to_frames(hop_seconds)
     todo = [job for job in jobs if overwrite or not job.exists]
     outputs: Iterator[FileOutput] = iter(())
     if todo:
-        if source is None:
-            raise ValueError("a FeatureSource is needed: some jobs have no output yet")
-        engine = Engine(source.features, source.forward, batch_size=batch_size, workers=workers,
-                        hop_frames=hop_frames, debug=debug)
+        if extractor is None:
+            raise ValueError("a FeatureExtractor is needed: some jobs have no output yet")
+        options = extractor.options
+        engine = Engine(extractor.features, extractor.backend, batch_size=options.batch_size,
+                        workers=options.workers, hop_frames=options.hop_frames)
         outputs = engine.run([job.item for job in todo], on_progress=on_progress)
     try:
         for job in jobs:
@@ -245,27 +254,27 @@ def extract_features(
                 yield ExtractResult(job.item.path, job.output, "skipped")
                 continue
             out = next(outputs)  # the engine yields in the order given, so this is job's file
-            yield _finish(job, out, source, fmt, hop_frames)
+            yield _finish(job, out, extractor, fmt)
     finally:
         if hasattr(outputs, "close"):
             outputs.close()  # stops the decoding threads if we are stopped early
 
 
-def _finish(job: Job, out: FileOutput, source: FeatureSource, fmt: Format, hop_frames: int | None) -> ExtractResult:
-    result = ExtractResult(job.item.path, job.output, "failed", duration=out.duration)
+def _finish(job: Job, out: FileOutput, extractor: FeatureExtractor, fmt: Format) -> ExtractResult:
+    result = ExtractResult(job.item.path, job.output, "failed", duration=out.duration, exception=out.exception)
     if out.error is not None or out.outputs is None or len(out.outputs) == 0:
         result.error = out.error or "no audio windows"
         return result
     try:
-        write_features(job.output, source.kind, out.outputs, metadata_for(out, source, hop_frames), fmt)
+        write_features(job.output, extractor.kind, out.outputs, metadata_for(out, extractor), fmt)
     except OSError as exc:
-        result.error = f"cannot write {job.output}: {exc.strerror or exc}"
+        result.error, result.exception = f"cannot write {job.output}: {exc.strerror or exc}", exc
         return result
     result.status, result.windows = "written", len(out.outputs)
     return result
 
 
 __all__ = [
-    "ExtractResult", "FeatureSource", "Job", "KINDS", "FORMATS", "extract_features", "load_feature_config",
+    "ExtractResult", "FeatureExtractor", "Job", "KINDS", "FORMATS", "extract_features", "load_feature_config",
     "metadata_for", "output_path", "plan_outputs", "write_features",
 ]

@@ -18,13 +18,10 @@ from typing import Any, Mapping
 
 import torch
 
-SAMPLE_RATE = 16000  # Hz; the extractor refuses anything else
-FRAME_LENGTH = 400  # samples per frame (25 ms)
-HOP_LENGTH = 160  # samples between frames (10 ms)
-N_FFT = 512  # frame zero-padded to the next power of two
+from .constants import (AUDIOSET_MAX_LENGTH, AUDIOSET_MEAN, AUDIOSET_STD, FRAME_LENGTH, FRAME_SECONDS, HOP_LENGTH,
+                        N_FFT, SAMPLE_RATE)
+
 PREEMPHASIS = 0.97
-AUDIOSET_MEAN = -4.2677393
-AUDIOSET_STD = 4.5689974
 
 
 @dataclass(frozen=True)
@@ -33,7 +30,7 @@ class FeatureConfig:
 
     sampling_rate: int = SAMPLE_RATE
     num_mel_bins: int = 128
-    max_length: int = 1024  # frames
+    max_length: int = AUDIOSET_MAX_LENGTH  # frames
     mean: float = AUDIOSET_MEAN
     std: float = AUDIOSET_STD
     do_normalize: bool = True
@@ -52,7 +49,7 @@ class FeatureConfig:
     @property
     def window_seconds(self) -> float:
         """Audio the model sees at once: 10.24 s for AudioSet checkpoints."""
-        return self.max_length * HOP_LENGTH / SAMPLE_RATE
+        return self.max_length * FRAME_SECONDS
 
 
 LOW_FREQ = 20.0  # Hz, lowest mel filter edge (kaldi's default)
@@ -199,28 +196,42 @@ class FrameStream:
     def duration(self) -> float:
         return self._total_samples / SAMPLE_RATE
 
+    def _window(self, index: int, start: int, final: bool) -> Window:
+        end = start + self.cfg.max_length
+        local = self._frames[start - self._first_frame : end - self._first_frame]
+        features = normalize(pad_or_truncate(local, self.cfg.max_length), self.cfg)
+        t1 = min(end * FRAME_SECONDS, self.duration) if final else end * FRAME_SECONDS
+        return Window(index, start * FRAME_SECONDS, t1, features)
+
     def _ready(self, final: bool) -> list[Window]:
         out = []
         max_length, hop = self.cfg.max_length, self.hop_frames
+        last_end = None
         while True:
             start = self._next_window * hop
             end = start + max_length
             if not final and end > self._frames_done:
                 break
-            if final and self._next_window > 0 and (
-                start >= self._frames_done or start - hop + max_length >= self._frames_done
-            ):
-                break  # the previous window already reached the last frame
-            local = self._frames[start - self._first_frame : end - self._first_frame]
-            features = normalize(pad_or_truncate(local, max_length), self.cfg)
-            t0 = start * HOP_LENGTH / SAMPLE_RATE
-            t1 = min(end * HOP_LENGTH / SAMPLE_RATE, self.duration) if final else end * HOP_LENGTH / SAMPLE_RATE
-            out.append(Window(self._next_window, t0, t1, features))
+            if final and self._next_window > 0 and start >= self._frames_done:
+                break
+            out.append(self._window(self._next_window, start, final))
             self._next_window += 1
-            drop = self._next_window * hop - self._first_frame  # frames no later window needs
-            if drop > 0:
-                self._frames = self._frames[drop:]
-                self._first_frame += drop
+            last_end = end
             if final and end >= self._frames_done:
                 break
+        if final and self._next_window > 0 and (last_end or (self._next_window - 1) * hop + max_length) < self._frames_done:
+            # A hop longer than the window leaves the end of the recording between windows: score it too,
+            # with one more window that ends at the last frame.
+            out.append(self._window(self._next_window, self._frames_done - max_length, final))
+            self._next_window += 1
+        self._trim()
         return out
+
+    def _trim(self) -> None:
+        """Drop frames no later window needs: before the next window's start, keeping the last window's worth
+        (for the closing window of a hop longer than the window)."""
+        keep_from = min(self._next_window * self.hop_frames, max(0, self._frames_done - self.cfg.max_length))
+        drop = min(keep_from - self._first_frame, self._frames.shape[0])
+        if drop > 0:
+            self._frames = self._frames[drop:]
+            self._first_frame += drop

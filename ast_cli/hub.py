@@ -2,19 +2,27 @@
 
 A model is named once and is then there: ``resolve_model`` turns an alias (``speech-commands-v2``), a hub id
 (``ORG/NAME[@REV]``), a hub-layout directory or a weights file into a local path, downloading a missing hub
-model into the Hugging Face cache unless offline. Downloads fetch only what inference needs.
+model into the Hugging Face cache unless offline. Downloads fetch only what inference needs, all from one commit.
+
+The work is huggingface_hub's own: ``HfApi.model_info`` resolves the revision, ``snapshot_download`` fetches
+the files pinned to that commit, ``scan_cache_dir`` lists the cache, ``validate_repo_id`` checks names. This
+module only chooses the files, reads the environment and names the failures.
 
 The environment (``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``, ``HF_HOME``, ``HF_HUB_CACHE``) is read at call
-time and passed to ``huggingface_hub`` explicitly: that library reads it once, at import, which would make a
-changed environment (and in-process tests) silently ignored. Its exceptions become our few named ones, each
-with a hint (``ModelNotFoundError``, ``HubError``, ``CheckpointError``).
+time and passed to huggingface_hub explicitly, since that library reads most of it once, at import. Nothing
+process-wide is changed: the one setting that cannot be passed per call is huggingface_hub's own offline
+switch (``HF_HUB_OFFLINE`` as it was when huggingface_hub was first imported); when it is on, this module
+keeps to the cache too, and says why (see ``is_offline``).
+
+Failures are our few named exceptions with structured fields (``ModelNotFoundError.problem``,
+``CheckpointError.corrupt``...); their text and hints never name command-line options.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import os
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +40,14 @@ PICKLE_NAME = "pytorch_model.bin"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 # What inference needs from a hub repo; pytorch_model.bin only when there is no safetensors.
 INFERENCE_FILES = (CONFIG_NAME, PREPROCESSOR_NAME, SAFETENSORS_NAME)
+AST_MODEL_TYPE = "audio-spectrogram-transformer"  # config.json "model_type" of every AST checkpoint
 
 LIBRARY_NAME = "ast-cli"  # sent to the hub as library_name / library_version, like every HF-based tool
 DEFAULT_ENDPOINT = "https://huggingface.co"
+DEFAULT_REVISION = "main"
 FRAME_SHIFT_SECONDS = 0.01  # one spectrogram frame per 10 ms (features.HOP_LENGTH / SAMPLE_RATE)
 _TRUE = {"1", "ON", "YES", "TRUE"}  # what huggingface_hub accepts as true in HF_HUB_OFFLINE
-_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9_.-]{1,96}")
+_RETRY_HINT = "check the network (and HF_ENDPOINT, proxies), then try again; files already complete are kept"
 
 
 # -- the registry: the eight published MIT checkpoints -------------------------------------------------
@@ -83,6 +93,10 @@ def find_alias(name: str) -> ModelSpec | None:
     return next((spec for spec in REGISTRY if spec.alias == lowered), None)
 
 
+def _alias_of(repo_id: str) -> str | None:
+    return next((spec.alias for spec in REGISTRY if spec.repo_id == repo_id), None)
+
+
 # -- the environment, read at call time ------------------------------------------------------------
 
 
@@ -99,17 +113,37 @@ def hub_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(os.path.expandvars(home)).expanduser() / "hub"
 
 
+def _cache(cache_dir: str | os.PathLike | None) -> Path:
+    # huggingface_hub resolves the cache folder (snapshot_download, scan_cache_dir): so do we, so that every
+    # path this module returns is spelled the same way whichever function found it.
+    return hub_cache_dir(cache_dir).resolve()
+
+
 def hub_endpoint() -> str:
     """HF_ENDPOINT (a mirror, or a local test server), else huggingface.co."""
     return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
 
 
 def is_offline(offline: bool | None = None) -> bool:
-    """An explicit ``offline`` wins; None means HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as set right now."""
+    """Whether this call keeps to the cache: an explicit ``offline`` wins; None means HF_HUB_OFFLINE (or
+    TRANSFORMERS_OFFLINE) as set right now.
+
+    Independently of this, huggingface_hub refuses every request when HF_HUB_OFFLINE was set at the moment it
+    was first imported (it reads the variable once); ``resolve_model`` and ``download`` then keep to the cache
+    as well, and their errors say so.
+    """
     if offline is not None:
         return offline
     value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
     return value.strip().upper() in _TRUE
+
+
+def _hub_library_offline() -> bool:
+    """huggingface_hub's own offline switch, fixed when it was imported. There is no per-call override (its
+    HTTP client's request hook consults it), and flipping it would change every thread of the process."""
+    from huggingface_hub import constants
+
+    return bool(constants.is_offline_mode())
 
 
 def _token() -> str | None:
@@ -132,19 +166,32 @@ def looks_local(name: str) -> bool:
 
 
 def parse_model_name(name: str) -> tuple[str, str | None]:
-    """(hub id, revision or None) for an alias or ``ORG/NAME``, each optionally followed by ``@REV``."""
+    """(hub id, revision or None) for an alias or ``ORG/NAME``, each optionally followed by ``@REV``.
+
+    Raises ``ModelNotFoundError(problem="unknown_name")`` for anything else, with the closest alias as
+    ``suggestion`` when there is one. A hub id must name its owner (``ORG/NAME``): bare legacy names such as
+    ``gpt2`` are never AST checkpoints, so a bare word is taken for a misspelt alias.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     base, at, revision = name.strip().partition("@")
     if at and not revision:
-        raise ModelNotFoundError(f"no revision after '@' in {name!r}", hint="write ORG/NAME@REV, e.g. @main")
+        raise ModelNotFoundError(f"no revision after '@' in {name!r}", model=name, problem="unknown_name",
+                                 hint="write ORG/NAME@REV, e.g. ORG/NAME@main")
     spec = find_alias(base)
     repo_id = spec.repo_id if spec else base
-    if not _REPO_ID.fullmatch(repo_id) or "--" in repo_id or ".." in repo_id or repo_id.endswith(".git"):
+    try:
+        if "/" not in repo_id:
+            raise HFValidationError(f"not an alias and not ORG/NAME: {repo_id!r}")
+        validate_repo_id(repo_id)
+    except HFValidationError:
         close = difflib.get_close_matches(base.lower(), [s.alias for s in REGISTRY], n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]}? " if close else ""
+        suggestion = close[0] if close else None
         raise ModelNotFoundError(
             f"unknown model {name!r}: not an alias, a hub id (ORG/NAME) or an existing path",
-            hint=hint + "`ast models` lists the aliases",
-        )
+            model=name, problem="unknown_name", suggestion=suggestion,
+            hint=f"did you mean {suggestion}?" if suggestion else None,
+        ) from None
     return repo_id, revision or None
 
 
@@ -158,38 +205,104 @@ def _weights_in(snapshot: Path) -> Path | None:
     return None
 
 
+def _model_type(config: Path) -> tuple[bool, str | None]:
+    """(readable, model_type) of a config.json."""
+    try:
+        data = json.loads(config.read_text("utf-8"))
+    except (OSError, ValueError):
+        return False, None
+    return isinstance(data, dict), data.get("model_type") if isinstance(data, dict) else None
+
+
 def cached_snapshot(repo_id: str, revision: str | None = None,
                     cache_dir: str | os.PathLike | None = None) -> Path | None:
     """The cached snapshot folder of ``repo_id`` at ``revision`` (default main) if it holds a config and
     weights; None otherwise. Never touches the network."""
     from huggingface_hub import try_to_load_from_cache
 
-    config = try_to_load_from_cache(repo_id, CONFIG_NAME, cache_dir=str(hub_cache_dir(cache_dir)),
-                                    revision=revision or "main")
+    config = try_to_load_from_cache(repo_id, CONFIG_NAME, cache_dir=str(_cache(cache_dir)),
+                                    revision=revision or DEFAULT_REVISION)
     if not isinstance(config, str):  # None, or the "known not to exist" marker
         return None
     snapshot = Path(config).parent
     return snapshot if _weights_in(snapshot) else None
 
 
+@dataclass(frozen=True)
+class CachedModel:
+    """One cached snapshot of an AST checkpoint (a row of ``cached_checkpoints``).
+
+    ``path``: the snapshot folder; ``commit_hash``: the commit it holds; ``refs``: the branches and tags that
+    point at it (``("main",)``), possibly none; ``size_on_disk``: bytes of its files (blobs shared with another
+    snapshot of the repo count in each); ``last_modified``: newest file, as a POSIX timestamp.
+    """
+
+    repo_id: str
+    path: Path
+    commit_hash: str
+    refs: tuple[str, ...]
+    size_on_disk: int
+    last_modified: float
+
+    @property
+    def alias(self) -> str | None:
+        """The registry alias of ``repo_id``, if it is one of the published checkpoints."""
+        return _alias_of(self.repo_id)
+
+
+def _scan(cache_dir: str | os.PathLike | None):
+    """huggingface_hub's scan of the cache: the model repos, or () when there is no cache yet. Repos it finds
+    corrupt (a ref to a missing snapshot, a broken symlink) are in its warnings and left out."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.utils import CacheNotFound
+
+    try:
+        info = scan_cache_dir(_cache(cache_dir))
+    except CacheNotFound:
+        return ()
+    return sorted((repo for repo in info.repos if repo.repo_type == "model"), key=lambda repo: repo.repo_id)
+
+
+def _by_preference(revisions) -> list:
+    """A repo's cached revisions, the one ``main`` points at first, then others with a ref, newest first."""
+    return sorted(revisions, key=lambda rev: (DEFAULT_REVISION not in rev.refs, not rev.refs, -rev.last_modified,
+                                              rev.commit_hash))
+
+
 def cached_models(cache_dir: str | os.PathLike | None = None) -> dict[str, Path]:
-    """Hub id -> cached snapshot folder for every complete model in the cache (main first, else any ref)."""
-    cache = hub_cache_dir(cache_dir)
+    """Hub id -> cached snapshot folder for every complete model in the cache (config.json and weights): the
+    snapshot ``main`` points at, else one another ref points at, else the newest. Never touches the network."""
     found: dict[str, Path] = {}
-    for repo_dir in sorted(cache.glob("models--*")):
-        repo_id = repo_dir.name[len("models--"):].replace("--", "/")
-        refs = sorted(str(p.relative_to(repo_dir / "refs")) for p in (repo_dir / "refs").rglob("*") if p.is_file())
-        for revision in ["main"] + [r for r in refs if r != "main"]:
-            snapshot = cached_snapshot(repo_id, revision, cache)
-            if snapshot is not None:
-                found[repo_id] = snapshot
+    for repo in _scan(cache_dir):
+        for revision in _by_preference(repo.revisions):
+            path = Path(revision.snapshot_path)
+            if (path / CONFIG_NAME).is_file() and _weights_in(path):
+                found[repo.repo_id] = path
                 break
     return found
 
 
-def verify_weights(path: Path, name: str) -> None:
-    """Raise CheckpointError, naming the file and suggesting ``--force``, if a safetensors header is unreadable
-    (truncated or corrupt download). Reads the header only."""
+def cached_checkpoints(cache_dir: str | os.PathLike | None = None) -> list[CachedModel]:
+    """Every cached snapshot that holds an AST checkpoint, of any repo (not only the registry's): a config.json
+    whose ``model_type`` is the AST's (or absent) and weights. Sorted by hub id, then as ``cached_models``
+    prefers them. Never touches the network."""
+    rows: list[CachedModel] = []
+    for repo in _scan(cache_dir):
+        for revision in _by_preference(repo.revisions):
+            path = Path(revision.snapshot_path)
+            readable, model_type = _model_type(path / CONFIG_NAME)
+            if not readable or model_type not in (None, AST_MODEL_TYPE) or _weights_in(path) is None:
+                continue
+            rows.append(CachedModel(repo_id=repo.repo_id, path=path, commit_hash=revision.commit_hash,
+                                    refs=tuple(sorted(revision.refs)), size_on_disk=revision.size_on_disk,
+                                    last_modified=revision.last_modified))
+    return rows
+
+
+def verify_weights(path: Path, name: str | None = None) -> None:
+    """Raise ``CheckpointError(corrupt=True)``, naming the file, if a safetensors header is unreadable (truncated
+    or corrupt download). Reads the header only. ``name``: the model as given, when the file came from the cache
+    (a forced download repairs it)."""
     if path.suffix != ".safetensors":
         return
     from safetensors import SafetensorError, safe_open
@@ -199,174 +312,218 @@ def verify_weights(path: Path, name: str) -> None:
             pass
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(
-            f"corrupt or truncated weights file {path} ({_one_line(exc)})",
-            hint=f"download it again: `ast download {name} --force`",
+            f"corrupt or truncated weights file {path} ({_one_line(exc)})", path=str(path), model=name,
+            corrupt=True,
+            hint="a forced download replaces it" if name else None,
         ) from None
+
+
+# -- progress --------------------------------------------------------------------------------------
+
+
+def _tqdm_class(progress: bool) -> type:
+    """huggingface_hub's tqdm (bars on stderr, on a terminal) for ``progress``, else the same class silenced.
+
+    A subclass rather than ``disable_progress_bars()``, which would silence every caller in the process."""
+    from huggingface_hub.utils import tqdm
+
+    if progress:
+        return tqdm
+
+    class SilentTqdm(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return SilentTqdm
 
 
 # -- resolving and downloading ---------------------------------------------------------------------
 
 
-def resolve_model(name: str, *, offline: bool | None = None, cache_dir: str | None = None,
-                  console=None) -> Path:
-    """Local checkpoint path for ``name``: a local file or directory as is; an alias or hub id from the cache,
-    downloaded first when missing unless offline (``offline`` flag, or HF_HUB_OFFLINE).
+@dataclass(frozen=True)
+class DownloadResult:
+    """What ``download`` left in the cache: the snapshot folder, the files inference needs there, whether
+    anything was transferred (False: all of it was cached already) and their size in bytes."""
 
-    ``console`` (a rich Console, e.g. on stderr) shows download progress; None downloads silently.
+    path: Path
+    files: tuple[str, ...]
+    fetched: bool
+    size: int
+
+
+def resolve_model(name: str, *, offline: bool | None = None, cache_dir: str | None = None,
+                  progress: bool = False) -> Path:
+    """Local checkpoint path for ``name``: a local file or directory as is; an alias or hub id from the cache,
+    downloaded first when missing unless offline (``offline``, else HF_HUB_OFFLINE now; see ``is_offline``).
+
+    ``progress``: draw huggingface_hub's download bars on stderr (on a terminal); False downloads silently.
+    Raises ``ModelNotFoundError`` (``problem`` says which), ``CheckpointError`` for corrupt cached weights,
+    ``HubError`` when the hub cannot be reached.
     """
     if looks_local(name):
         path = Path(name).expanduser()
         if not path.exists():
-            raise ModelNotFoundError(f"no such model file or directory: {name}")
+            raise ModelNotFoundError(f"no such model file or directory: {name}", model=name, problem="no_such_path")
         return path
     repo_id, revision = parse_model_name(name)
     snapshot = cached_snapshot(repo_id, revision, cache_dir)
     if snapshot is not None:
         verify_weights(_weights_in(snapshot), name)
         return snapshot
-    if is_offline(offline):
-        raise _not_cached(name, repo_id, cache_dir)
-    return download(name, cache_dir=cache_dir, console=console)
+    if is_offline(offline) or _hub_library_offline():
+        raise _not_cached(name, repo_id, cache_dir, library=not is_offline(offline))
+    return download(name, cache_dir=cache_dir, offline=False, progress=progress).path
 
 
-def _not_cached(name: str, repo_id: str, cache_dir: str | None = None) -> ModelNotFoundError:
+def _not_cached(name: str, repo_id: str, cache_dir: str | None, *, library: bool = False) -> ModelNotFoundError:
+    if library:  # we would go online, but huggingface_hub was imported under HF_HUB_OFFLINE=1
+        return ModelNotFoundError(
+            f"model {repo_id!r} is not in the Hugging Face cache ({_cache(cache_dir)}) and huggingface_hub is in "
+            "offline mode in this process",
+            model=name, problem="not_cached",
+            hint="huggingface_hub reads HF_HUB_OFFLINE once, when first imported: start the process without it",
+        )
     return ModelNotFoundError(
-        f"model {repo_id!r} is not in the Hugging Face cache ({hub_cache_dir(cache_dir)}) and offline mode is on",
-        hint=f"run `ast download {name}` where the hub is reachable",
+        f"model {repo_id!r} is not in the Hugging Face cache ({_cache(cache_dir)}) and offline mode is on",
+        model=name, problem="not_cached", hint="download it where the hub is reachable (HF_HUB_OFFLINE unset)",
     )
 
 
 def download(name: str = DEFAULT_MODEL, *, revision: str | None = None, cache_dir: str | None = None,
-             force: bool = False, offline: bool | None = None, console=None) -> Path:
-    """Fetch what inference needs from the hub into the HF cache; return the local snapshot folder.
+             force: bool = False, offline: bool | None = None, progress: bool = False) -> DownloadResult:
+    """Fetch what inference needs from the hub into the HF cache, all from one commit.
 
     Files: ``config.json``, ``preprocessor_config.json`` and ``model.safetensors`` (``pytorch_model.bin`` only
-    when the repo has no safetensors). Idempotent: files already cached are not downloaded again unless
-    ``force``. Offline, a complete cached snapshot is returned as is. ``console``: where progress is drawn.
+    when the repo has no safetensors). The revision (``revision``, or ``@REV`` in ``name``, default main) is
+    resolved to a commit once, and every file is fetched at that commit, so a push during the download cannot
+    mix two; the cache's ref for the revision then points at it, as huggingface_hub's own downloads leave it.
+    The config is fetched and checked first, so no weights are fetched for a repo that is not an AST.
+
+    Idempotent: files already cached are not transferred again unless ``force`` (``DownloadResult.fetched``
+    tells). Offline (see ``is_offline``), a complete cached snapshot is returned as is. ``progress``:
+    huggingface_hub's bars on stderr.
+
+    Raises ``UsageError`` (``option``: ``name``, ``revision`` or ``force``), ``ModelNotFoundError`` (``problem``:
+    ``unknown_name``, ``not_cached``, ``no_such_repo``, ``no_such_revision``, ``gated``, ``not_ast``),
+    ``CheckpointError(corrupt=True)``, ``HubError``. Their ``model`` is the name that retries the download:
+    ``name``, with ``@REV`` appended when the revision came as ``revision``.
     """
     if looks_local(name):
-        raise UsageError(f"{name} is a local path: nothing to download")
+        raise UsageError(f"{name} is a local path: nothing to download", option="name")
     repo_id, name_revision = parse_model_name(name)
     if revision and name_revision and revision != name_revision:
-        raise UsageError(f"{name} and --revision {revision} name different revisions")
+        raise UsageError(f"{name} and revision {revision!r} name different revisions", option="revision",
+                         suggest={"revision": None})
     revision = revision or name_revision
-    label = name if not revision or name_revision else f"{name}@{revision}"
-    if is_offline(offline):
+    label = name if not revision or name_revision else f"{name}@{revision}"  # the name that retries this
+    offline_now = is_offline(offline)
+    if offline_now or _hub_library_offline():
         if force:
-            raise UsageError("--force downloads again, but offline mode is on (--offline or HF_HUB_OFFLINE)")
+            raise UsageError("a forced download needs the hub, but offline mode is on"
+                             + ("" if offline_now else " (huggingface_hub was imported under HF_HUB_OFFLINE=1)"),
+                             option="force", suggest={"force": None})
         snapshot = cached_snapshot(repo_id, revision, cache_dir)
         if snapshot is None:
-            raise _not_cached(label, repo_id, cache_dir)
+            raise _not_cached(label, repo_id, cache_dir, library=not offline_now)
         verify_weights(_weights_in(snapshot), label)
-        return snapshot
+        files = tuple(f for f in (CONFIG_NAME, PREPROCESSOR_NAME, SAFETENSORS_NAME, PICKLE_NAME)
+                      if (snapshot / f).is_file() and (f != PICKLE_NAME or not (snapshot / SAFETENSORS_NAME).is_file()))
+        return DownloadResult(snapshot, files, False, _size(snapshot, files))
 
-    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import HfApi, snapshot_download
 
-    endpoint, token, cache = hub_endpoint(), _token(), str(hub_cache_dir(cache_dir))
-    state = {"file": None}  # which file is on the wire, for messages and progress labels
-    with _hub_errors(label, repo_id, revision, endpoint, state), _online(), _download_bars(console, state) as bars:
+    endpoint, token, cache = hub_endpoint(), _token(), str(_cache(cache_dir))
+    common = dict(cache_dir=cache, endpoint=endpoint, token=token, force_download=force, library_name=LIBRARY_NAME,
+                  library_version=__version__, tqdm_class=_tqdm_class(progress))
+    state: dict = {"files": None}  # which files are on the wire, for messages
+    with _hub_errors(label, repo_id, revision, endpoint, state):
         api = HfApi(endpoint=endpoint, token=token, library_name=LIBRARY_NAME, library_version=__version__)
         info = api.model_info(repo_id, revision=revision)
-        files = _pick_files([s.rfilename for s in info.siblings or ()], repo_id)
-        paths = []
-        for filename in files:
-            state["file"] = filename
-            paths.append(Path(hf_hub_download(
-                repo_id, filename, revision=revision or "main", endpoint=endpoint, token=token, cache_dir=cache,
-                force_download=force, library_name=LIBRARY_NAME, library_version=__version__, tqdm_class=bars,
-            )))
-            if filename == CONFIG_NAME:
-                _check_model_type(paths[-1], repo_id)
-        state["file"] = None
-    verify_weights(paths[-1], label)
-    return paths[-1].parent
+        sha = info.sha
+        if not sha:
+            raise HubError(f"{endpoint} gave no commit for {repo_id} (it does not answer like a Hugging Face hub)",
+                           model=label, hint="check HF_ENDPOINT and proxy settings")
+        files = _pick_files([s.rfilename for s in info.siblings or ()], repo_id, label)
+        snapshot = Path(cache) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / sha
+        before = _stats(snapshot, files)
+        # Two pinned passes: the configs first (checked before any weights move), then the weights.
+        for batch in (files[:-1], files[-1:]):
+            state["files"] = batch
+            path = Path(snapshot_download(repo_id, revision=sha, allow_patterns=list(batch), **common))
+            missing = [f for f in batch if not (path / f).is_file()]
+            if missing:
+                raise HubError(f"{endpoint} lists {', '.join(missing)} in {repo_id} at {sha[:12]} but did not "
+                               "serve it", model=label, hint=_RETRY_HINT)
+            if CONFIG_NAME in batch:
+                _check_model_type(path / CONFIG_NAME, repo_id, label)
+        state["files"] = None
+    _record_ref(cache, repo_id, revision or DEFAULT_REVISION, sha)
+    verify_weights(path / files[-1], label)
+    return DownloadResult(path, files, _stats(path, files) != before, _size(path, files))
 
 
-def _pick_files(repo_files: list[str], repo_id: str) -> list[str]:
-    """The files of INFERENCE_FILES the repo has; pytorch_model.bin only when there is no safetensors."""
+def _stats(snapshot: Path, files) -> dict:
+    """What identifies each present file's content in the cache (its blob): compared before and after a
+    download, a difference means something was transferred."""
+    found = {}
+    for filename in files:
+        try:
+            st = (snapshot / filename).stat()
+        except OSError:
+            continue
+        found[filename] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    return found
+
+
+def _size(snapshot: Path, files) -> int:
+    return sum(stat[2] for stat in _stats(snapshot, files).values())
+
+
+def _record_ref(cache: str, repo_id: str, revision: str, sha: str) -> None:
+    """Point the cache's ``refs/<revision>`` at ``sha``, as ``hf_hub_download`` does for a branch or tag: a
+    download pinned to a commit hash records no ref, and offline resolution of ``revision`` needs it."""
+    try:
+        from huggingface_hub.file_download import _cache_commit_hash_for_specific_revision as cache_ref
+    except ImportError:  # a private helper: write the ref the same way (atomically) if it ever moves
+        def cache_ref(storage_folder: str, revision: str, commit_hash: str) -> None:
+            if revision == commit_hash:
+                return
+            ref = Path(storage_folder) / "refs" / revision
+            ref.parent.mkdir(parents=True, exist_ok=True)
+            if not ref.is_file() or ref.read_text() != commit_hash:
+                tmp = ref.with_name(f"{ref.name}.{os.getpid()}.tmp")
+                tmp.write_text(commit_hash)
+                os.replace(tmp, ref)
+
+    try:
+        cache_ref(os.path.join(cache, f"models--{repo_id.replace('/', '--')}"), revision, sha)
+    except OSError:
+        pass  # a read-only cache: the snapshot is complete, only revision -> commit is not remembered
+
+
+def _pick_files(repo_files: list[str], repo_id: str, name: str) -> tuple[str, ...]:
+    """The files of INFERENCE_FILES the repo has, weights last; pytorch_model.bin only when there is no
+    safetensors."""
     present = set(repo_files)
     weights = next((f for f in (SAFETENSORS_NAME, PICKLE_NAME) if f in present), None)
     missing = [what for what, ok in ((CONFIG_NAME, CONFIG_NAME in present),
                                      (f"{SAFETENSORS_NAME} or {PICKLE_NAME}", weights)) if not ok]
     if missing:
-        raise CheckpointError(
-            f"{repo_id} does not look like an AST checkpoint (no {' and no '.join(missing)})",
-            hint="`ast models` lists the published AST checkpoints",
-        )
-    return [CONFIG_NAME] + ([PREPROCESSOR_NAME] if PREPROCESSOR_NAME in present else []) + [weights]
+        raise ModelNotFoundError(f"{repo_id} does not look like an AST checkpoint (no {' and no '.join(missing)})",
+                                 model=name, problem="not_ast")
+    return (CONFIG_NAME,) + ((PREPROCESSOR_NAME,) if PREPROCESSOR_NAME in present else ()) + (weights,)
 
 
-def _check_model_type(config_path: Path, repo_id: str) -> None:
-    import json
-
-    try:
-        model_type = json.loads(config_path.read_text("utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
+def _check_model_type(config_path: Path, repo_id: str, name: str) -> None:
+    readable, model_type = _model_type(config_path)
+    if not readable:
         return  # a broken config is reported, with its path, when the model is loaded
-    if model_type not in (None, "audio-spectrogram-transformer"):
-        raise CheckpointError(
+    if model_type not in (None, AST_MODEL_TYPE):
+        raise ModelNotFoundError(
             f"{repo_id} does not look like an AST checkpoint (its config.json describes a {model_type!r} model)",
-            hint="`ast models` lists the published AST checkpoints",
+            model=name, problem="not_ast",
         )
-
-
-@contextmanager
-def _online() -> Iterator[None]:
-    """Let huggingface_hub make requests for this call: its own offline guard was fixed at import time from
-    HF_HUB_OFFLINE, while ours (``is_offline``) was just decided from the current environment."""
-    from huggingface_hub import constants
-
-    previous = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = False
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = previous
-
-
-@contextmanager
-def _download_bars(console, state: dict) -> Iterator[type]:
-    """A tqdm-like class for huggingface_hub's ``tqdm_class``: one rich bar per file on ``console``, or silence."""
-    progress = None
-    if console is not None:
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                   TransferSpeedColumn)
-
-        progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                            TimeRemainingColumn(), console=console, transient=True)
-
-    class Bar:
-        """The part of tqdm's interface that huggingface_hub's ``http_get`` uses."""
-
-        def __init__(self, *args, total=None, initial=0, **kwargs):
-            self.task = None
-            if progress is not None:
-                self.task = progress.add_task(state["file"] or "downloading", total=total, completed=initial or 0)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.close()
-
-        def update(self, n=1):
-            if self.task is not None:
-                progress.update(self.task, advance=n or 0)
-
-        def close(self):
-            pass
-
-        def set_postfix_str(self, *args, **kwargs):
-            pass
-
-        def refresh(self, *args, **kwargs):
-            pass
-
-    if progress is None:
-        yield Bar
-        return
-    with progress:
-        yield Bar
 
 
 # -- huggingface_hub exceptions -> ours ----------------------------------------------------------------
@@ -390,57 +547,63 @@ def _transport_errors() -> tuple[type, ...]:
 
 @contextmanager
 def _hub_errors(name: str, repo_id: str, revision: str | None, endpoint: str, state: dict) -> Iterator[None]:
-    """Turn huggingface_hub and network exceptions into ModelNotFoundError / HubError / CheckpointError."""
+    """Turn huggingface_hub and network exceptions into ModelNotFoundError / HubError."""
     try:
         yield
     except AstError:
         raise
     except Exception as exc:
-        mapped = _map_hub_error(exc, name, repo_id, revision, endpoint, state["file"])
+        mapped = _map_hub_error(exc, name, repo_id, revision, endpoint, state["files"])
         if mapped is None:
             raise
         raise mapped from exc
 
 
 def _map_hub_error(exc: BaseException, name: str, repo_id: str, revision: str | None, endpoint: str,
-                   filename: str | None) -> AstError | None:
+                   files) -> AstError | None:
     from huggingface_hub import errors as hf
 
-    # Wrappers (LocalEntryNotFoundError after a failed HEAD, ValueError after a failed --force) carry the cause.
+    # Wrappers (LocalEntryNotFoundError after a failed request, ValueError after a failed forced download)
+    # carry the cause.
     root = exc
     while isinstance(root, (hf.LocalEntryNotFoundError, ValueError)) and root.__cause__ is not None:
         root = root.__cause__
-    retry = f"check the network (and HF_ENDPOINT, proxies), then run `ast download {name}` again"
     if isinstance(root, hf.GatedRepoError):
-        return HubError(f"{repo_id} is a gated repo on {endpoint}: access must be granted first",
-                        hint="accept its conditions on the model page, then set HF_TOKEN to a token of that account")
+        return ModelNotFoundError(
+            f"{repo_id} is a gated repo on {endpoint}: access must be granted first", model=name, problem="gated",
+            hint="accept its conditions on the model page, then set HF_TOKEN to a token of that account")
+    if isinstance(root, hf.DisabledRepoError):
+        return HubError(f"{repo_id} is disabled on {endpoint}", model=name)
     if isinstance(root, hf.RepositoryNotFoundError):
-        token_hint = "HF_TOKEN gives no access to it" if _token() else "for a private repo set HF_TOKEN"
-        return ModelNotFoundError(f"no model {repo_id!r} on {endpoint} (or it is private)",
-                                  hint=f"check the name (`ast models` lists the aliases); {token_hint}")
+        return ModelNotFoundError(
+            f"no model {repo_id!r} on {endpoint} (or it is private)", model=name, problem="no_such_repo",
+            hint="check the name; " + ("HF_TOKEN gives no access to it" if _token()
+                                       else "for a private repo set HF_TOKEN"))
     if isinstance(root, hf.RevisionNotFoundError):
-        return ModelNotFoundError(f"{repo_id} has no revision {revision!r}",
-                                  hint="name a branch, tag or commit of the repo (--revision or ORG/NAME@REV)")
+        return ModelNotFoundError(f"{repo_id} has no revision {revision!r}", model=name, problem="no_such_revision",
+                                  hint="name a branch, tag or commit of the repo")
     if isinstance(root, hf.RemoteEntryNotFoundError):
-        return CheckpointError(f"{repo_id} does not look like an AST checkpoint (no {filename or 'such file'})",
-                               hint="`ast models` lists the published AST checkpoints")
-    if isinstance(root, hf.OfflineModeIsEnabled):
-        return _not_cached(name, repo_id)
+        missing = " and ".join(files) if files else "such file"
+        return ModelNotFoundError(f"{repo_id} does not look like an AST checkpoint (no {missing})", model=name,
+                                  problem="not_ast")
+    if isinstance(root, hf.OfflineModeIsEnabled):  # huggingface_hub went offline (its import) after we checked
+        return _not_cached(name, repo_id, None, library=True)
     if isinstance(root, hf.FileMetadataError):
-        return HubError(f"{endpoint} does not answer like a Hugging Face hub ({_one_line(root)[:100]})",
+        return HubError(f"{endpoint} does not answer like a Hugging Face hub ({_one_line(root)[:100]})", model=name,
                         hint="check HF_ENDPOINT and proxy settings")
     if isinstance(root, hf.HfHubHTTPError):
         status = root.response.status_code if root.response is not None else "an"
         hint = "set HF_TOKEN to a token with access" if status in (401, 403) else "try again later"
-        return HubError(f"the hub at {endpoint} answered {status} error for {repo_id}", hint=hint)
+        return HubError(f"the hub at {endpoint} answered {status} error for {repo_id}", model=name, hint=hint)
     network = isinstance(root, _transport_errors()) or isinstance(root, (ConnectionError, TimeoutError)) or (
         isinstance(root, OSError) and "Consistency check failed" in str(root)  # size mismatch: cut-off download
     )
     if network or isinstance(exc, hf.LocalEntryNotFoundError):
-        if filename is not None:
-            return HubError(f"download of {repo_id} interrupted while fetching {filename} ({_one_line(root)})",
-                            hint=retry + " (files already complete are kept)")
-        return HubError(f"cannot reach the hub at {endpoint} ({_one_line(root)})", hint=retry)
+        if files:
+            return HubError(f"download of {repo_id} interrupted while fetching {' and '.join(files)} "
+                            f"({_one_line(root)})", model=name, hint=_RETRY_HINT)
+        return HubError(f"cannot reach the hub at {endpoint} ({_one_line(root)})", model=name, hint=_RETRY_HINT)
     if isinstance(root, hf.HFValidationError):
-        return ModelNotFoundError(f"{name!r} is not a valid hub model id ({_one_line(root)})")
+        return ModelNotFoundError(f"{name!r} is not a valid hub model id ({_one_line(root)})", model=name,
+                                  problem="unknown_name")
     return None

@@ -233,15 +233,19 @@ class AST(nn.Module):
         self.audio_spectrogram_transformer = ASTBackbone(cfg)
         self.classifier = ASTClassifierHead(cfg) if cfg.num_labels else None
 
-    def forward_features(self, input_values: torch.Tensor) -> torch.Tensor:
-        """(B, T, F) normalized log-mel -> (B, D) pooled embedding (mean of CLS and distillation)."""
+    def forward_features(self, input_values: torch.Tensor, attn: AttnImplementation | None = None) -> torch.Tensor:
+        """(B, T, F) normalized log-mel -> (B, D) pooled embedding (mean of CLS and distillation).
+
+        ``attn`` overrides the model's attention implementation for this call (the model is not changed).
+        """
+        attn = attn or self.attn
         expected = (self.config.max_length, self.config.num_mel_bins)
         if tuple(input_values.shape[1:]) != expected:
             raise ValueError(f"expected input (B, {expected[0]}, {expected[1]}), got {tuple(input_values.shape)}")
         backbone = self.audio_spectrogram_transformer
         x = backbone.embeddings(input_values)  # (B, N, D)
         for layer in backbone.encoder.layer:
-            x = layer(x, self.attn)
+            x = layer(x, attn)
         x = backbone.layernorm(x)
         return (x[:, 0] + x[:, 1]) / 2  # (B, D)
 
@@ -251,8 +255,9 @@ class AST(nn.Module):
             raise ValueError("this checkpoint has no classification head")
         return self.classifier(pooled)
 
-    def forward(self, input_values: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(input_values))
+    def forward(self, input_values: torch.Tensor, attn: AttnImplementation | None = None) -> torch.Tensor:
+        """(B, T, F) -> (B, num_labels) raw logits; ``attn`` as in ``forward_features``."""
+        return self.forward_head(self.forward_features(input_values, attn))
 
 
 def count_parameters(model: nn.Module) -> int:

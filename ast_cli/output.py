@@ -1,21 +1,50 @@
-"""Rendering results: records (the stable JSON schema), writers for table/json/jsonl/csv, atomic files,
-and the JSONL journal that ``--resume`` reads."""
+"""Results out: records (the stable JSON schema), table/json/jsonl/csv/tsv writers, and output files that never
+harm what was there before.
+
+``plan_output`` checks an output before any work (format from the extension, not a directory, not one of the
+inputs, not an existing non-empty file unless resuming or overwriting, writable, not used by another run) and
+returns an ``OutputTarget``; ``target.open()`` then gives the writer. Files are written so that a failed or
+interrupted run leaves an earlier output byte for byte as it was:
+
+- json, csv, tsv: into a temporary file beside the target, renamed over it only when the run completes
+  (``close(commit=True)``); an interrupted run discards it. A symlink is written through (its target is
+  replaced, the link stays); a device or FIFO (``/dev/stdout``, ``>(gzip)``) is written directly.
+- jsonl: line by line into the file itself (flushed per line, so ``tail -f`` and ``--resume`` see each
+  record); fsync only where there is a disk behind it.
+
+New files get the mode the umask allows; a replaced file keeps its mode. While a run writes, it holds an
+exclusive lock (a second run on the same output stops with one line). Paths that are not valid UTF-8 (a
+``caf\\xe9.wav`` from a latin-1 file system) are written as JSON ``\\udcXX`` escapes, which ``json.loads`` +
+``os.fsencode`` turn back into the original bytes.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import io
+import glob
 import json
 import os
+import stat
 import tempfile
-from typing import IO, Iterator
+import time
+from dataclasses import dataclass, field
+from typing import IO, Iterator, Sequence, TextIO
 
+from .errors import UsageError
+from .options import OutputFormat
 from .tagger import FileResult, LabelScore
 
-FORMATS = ("table", "json", "jsonl", "csv")
 CSV_COLUMNS = ("path", "duration", "rank", "label", "index", "score")
 CSV_SEGMENT_COLUMNS = ("start", "end")
+TEMP_SUFFIX = ".ast-tmp"  # our temporary files: `.<name>.<random>.ast-tmp` beside the output
+
+
+EXTENSIONS = {".json": OutputFormat.json, ".jsonl": OutputFormat.jsonl, ".ndjson": OutputFormat.jsonl,
+              ".csv": OutputFormat.csv, ".tsv": OutputFormat.tsv}
+
+
+# -- records -------------------------------------------------------------------------------------------
 
 
 def _labels(labels: list[LabelScore]) -> list[dict]:
@@ -38,13 +67,52 @@ def to_record(result: FileResult) -> dict:
     return record
 
 
+def dumps(record: dict) -> str:
+    """One record as JSON text that is always valid UTF-8: names with undecodable bytes (held as surrogate
+    escapes) are written with ``\\u`` escapes, which ``json.loads`` reads back to the same string."""
+    text = json.dumps(record, ensure_ascii=False, allow_nan=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(record, ensure_ascii=True, allow_nan=False)
+    return text
+
+
+def display_path(path: str) -> str:
+    """A path for text outputs (CSV, table, messages): undecodable bytes shown as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace") if _has_surrogates(path) else path
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+# -- output files --------------------------------------------------------------------------------------
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = "w") -> Iterator[IO]:
-    """Write to a temporary file beside ``path`` and rename it over ``path`` only on success, so an
-    interrupted run never leaves a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    """Write to a temporary file beside ``path`` and rename it over ``path`` only on success, so an interrupted
+    run never leaves a half-written file. A symlink is written through; the file gets the mode the umask
+    allows, or keeps the mode of the file it replaces."""
+    path = os.path.realpath(path)  # through symlinks: the link stays a link
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=TEMP_SUFFIX, dir=directory)
     try:
+        try:
+            os.fchmod(fd, stat.S_IMODE(os.stat(path).st_mode))
+        except FileNotFoundError:
+            os.fchmod(fd, _umask_mode())
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as handle:
             yield handle
             handle.flush()
@@ -56,91 +124,294 @@ def atomic_write(path: str, mode: str = "w") -> Iterator[IO]:
         raise
 
 
+def remove_stale_temp_files(path: str, older_than: float = 0.0) -> int:
+    """Remove our temporary files beside ``path`` left by runs that were killed (the caller holds the lock of
+    ``path``, so no live run owns them). Returns how many were removed."""
+    path = os.path.realpath(path)
+    pattern = os.path.join(glob.escape(os.path.dirname(path)), f".{glob.escape(os.path.basename(path))}.*{TEMP_SUFFIX}")
+    removed = 0
+    for stale in glob.glob(pattern):
+        with contextlib.suppress(OSError):
+            if time.time() - os.stat(stale).st_mtime >= older_than:
+                os.unlink(stale)
+                removed += 1
+    return removed
+
+
+class OutputLock:
+    """An exclusive advisory lock for one output, held while a run writes it (flock on a lock file beside it;
+    the kernel releases it when the process dies, so a killed run never blocks the next)."""
+
+    def __init__(self, path: str):
+        real = os.path.realpath(path)
+        self.output = path
+        self.path = os.path.join(os.path.dirname(real), f".{os.path.basename(real)}.ast-lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UsageError(f"cannot write beside {self.path}: {exc.strerror or exc}", option="output") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UsageError(f"another run is writing {self.output} right now", option="output") from None
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _kind(path: str) -> str:
+    """``missing``, ``regular`` (through symlinks), ``directory`` or ``special`` (device, FIFO, socket)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        raise UsageError(f"cannot use {path}: {exc.strerror or exc}", option="output") from None
+    if stat.S_ISDIR(info.st_mode):
+        return "directory"
+    return "regular" if stat.S_ISREG(info.st_mode) else "special"
+
+
+@dataclass
+class OutputTarget:
+    """A checked output: ``format``, ``path`` (None: stdout), the resume ``journal`` (or None)."""
+
+    format: OutputFormat
+    path: str | None = None
+    kind: str = "missing"
+    append: bool = False
+    journal: object = None
+    stream: TextIO | None = None
+    lock: OutputLock | None = field(default=None, repr=False)
+
+    def open(self, segments: bool = False) -> "Writer":
+        """The writer (for a file: takes the lock first; the writer releases it)."""
+        import sys
+
+        stream = self.stream or sys.stdout
+        if self.format is OutputFormat.table:
+            from rich.console import Console
+
+            return TableWriter(Console(file=stream, highlight=False, soft_wrap=False))
+        if self.path is not None and self.kind != "special":
+            self.lock = OutputLock(self.path)
+            self.lock.acquire()
+            remove_stale_temp_files(self.path)
+            if self.journal is not None:
+                self.journal.repair()
+        if self.format is OutputFormat.jsonl:
+            writer: Writer = JsonlWriter(stream, self.path, append=self.append, fsync=self.kind != "special")
+        elif self.format is OutputFormat.json:
+            writer = JsonWriter(stream, self.path, direct=self.kind == "special")
+        else:
+            writer = CsvWriter(stream, self.path, segments=segments, direct=self.kind == "special",
+                               delimiter="\t" if self.format is OutputFormat.tsv else ",")
+        writer.lock = self.lock
+        return writer
+
+
+def plan_output(path: str | None, fmt: OutputFormat | str | None, *, resume: bool = False, overwrite: bool = False,
+                inputs: Sequence = (), default: str = "jsonl") -> OutputTarget:
+    """Check an output before any work, and decide its format. Raises ``UsageError`` (touching nothing).
+
+    ``fmt`` None: from the extension of ``path`` (.json, .jsonl/.ndjson, .csv, .tsv), else ``default``.
+    """
+    fmt = OutputFormat(fmt) if fmt is not None else None
+    inferred = EXTENSIONS.get(os.path.splitext(path)[1].lower()) if path else None
+    if fmt is not None and inferred is not None and fmt is not inferred and fmt is not OutputFormat.table:
+        raise UsageError(f"{path} looks like {inferred.value}, but the format asked for is {fmt.value}",
+                         option="format", hint="drop --format, or name the file after its format")
+    fmt = fmt or inferred or OutputFormat(default)
+    if resume and overwrite:
+        raise UsageError("resuming keeps the output, overwriting replaces it: choose one", option="resume")
+    if path is None:
+        if resume:
+            raise UsageError("needs an output file (--output FILE.jsonl)", option="resume")
+        return OutputTarget(fmt)
+    if fmt is OutputFormat.table:
+        raise UsageError("a table goes to the terminal; a file takes json, jsonl, csv or tsv", option="output")
+    if resume and fmt is not OutputFormat.jsonl:
+        raise UsageError("resuming needs a JSONL output (one record per line)", option="resume",
+                         suggest={"format": "jsonl"})
+    kind = _kind(path)
+    if kind == "directory":
+        raise UsageError(f"{path} is a directory", option="output")
+    for item in inputs:
+        name = getattr(item, "path", item)
+        with contextlib.suppress(OSError):
+            if kind != "missing" and os.path.samefile(name, path):
+                raise UsageError(f"{path} is also one of the inputs: refusing to overwrite it", option="output")
+        if os.path.realpath(name) == os.path.realpath(path):
+            raise UsageError(f"{path} is also one of the inputs: refusing to overwrite it", option="output")
+    target = OutputTarget(fmt, path, kind)
+    if kind == "regular" and os.path.getsize(path) > 0 and not (resume or overwrite):
+        raise UsageError(f"{path} exists and is not empty", option="output",
+                         hint="--resume continues it (jsonl), --overwrite replaces it")
+    if kind != "special":
+        _check_writable(path)
+    if resume:
+        from .resume import Journal
+
+        target.journal = Journal.read(path)
+        target.append = True
+    return target
+
+
+def _check_writable(path: str) -> None:
+    real = os.path.realpath(path)
+    directory = os.path.dirname(real)
+    if not os.path.isdir(directory):
+        raise UsageError(f"the folder of {path} does not exist", option="output")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{os.path.basename(real)}.", suffix=TEMP_SUFFIX, dir=directory)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}", option="output") from None
+    os.close(fd)
+    os.unlink(probe)
+    if os.path.exists(real) and not os.access(real, os.W_OK):
+        raise UsageError(f"cannot write {path}: permission denied", option="output")
+
+
+# -- writers -------------------------------------------------------------------------------------------
+
+
 class Writer:
-    """Receives results one by one; ``close(commit)`` ends the output (``commit=False``: discard it)."""
+    """Receives results one by one; ``close(commit)`` ends the output (``commit=False``: a failed or
+    interrupted run, which must leave an earlier file as it was)."""
+
+    lock: OutputLock | None = None
 
     def write(self, result: FileResult) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
     def close(self, commit: bool = True) -> None:
-        pass
+        self._release()
+
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 class _StreamWriter(Writer):
-    """Common part of writers that produce text to stdout or to an atomically replaced file."""
+    """Writers whose whole output is only valid once complete (json, csv): to stdout, directly to a device,
+    or to a temporary file renamed over the target on commit."""
 
-    def __init__(self, stream: IO | None, path: str | None):
-        self._atomic = atomic_write(path) if path else None
-        self.stream = self._atomic.__enter__() if self._atomic else stream
+    def __init__(self, stream: IO | None, path: str | None, direct: bool = False):
+        self._atomic = atomic_write(path) if path and not direct else None
+        self._own = path is not None and direct
+        if self._atomic is not None:
+            self.stream = self._atomic.__enter__()
+        elif self._own:
+            self.stream = open(path, "w", encoding="utf-8", newline="")
+        else:
+            self.stream = stream
+
+    def _finish(self) -> None:
+        """What a complete output ends with (json's closing bracket)."""
 
     def close(self, commit: bool = True) -> None:
-        self.stream.flush()
-        if self._atomic is not None:
-            if commit:
-                self._atomic.__exit__(None, None, None)
-            else:
-                with contextlib.suppress(KeyboardInterrupt):
-                    self._atomic.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
-            self._atomic = None
+        try:
+            if commit or self._atomic is None:
+                self._finish()
+            _flush(self.stream)
+            if self._atomic is not None:
+                if commit:
+                    self._atomic.__exit__(None, None, None)
+                else:
+                    with contextlib.suppress(KeyboardInterrupt):
+                        self._atomic.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
+                self._atomic = None
+            elif self._own:
+                self.stream.close()
+        finally:
+            self._release()
+
+
+def _flush(stream) -> None:
+    try:
+        stream.flush()
+    except BrokenPipeError:
+        raise
+    except (OSError, ValueError):
+        pass
 
 
 class JsonWriter(_StreamWriter):
     """One JSON array; records are written as they come (to a temporary file when ``path`` is set)."""
 
-    def __init__(self, stream: IO | None = None, path: str | None = None):
-        super().__init__(stream, path)
+    def __init__(self, stream: IO | None = None, path: str | None = None, direct: bool = False):
+        super().__init__(stream, path, direct)
         self.count = 0
 
     def write(self, result: FileResult) -> None:
         self.stream.write("[\n  " if self.count == 0 else ",\n  ")
-        self.stream.write(json.dumps(to_record(result), ensure_ascii=False))
+        self.stream.write(dumps(to_record(result)))
         self.count += 1
 
-    def close(self, commit: bool = True) -> None:
+    def _finish(self) -> None:
         self.stream.write("[]\n" if self.count == 0 else "\n]\n")
-        super().close(commit)
 
 
 class JsonlWriter(Writer):
     """One line per file, flushed as soon as it is written, so ``tail -f`` and ``--resume`` see it."""
 
-    def __init__(self, stream: IO | None = None, path: str | None = None, append: bool = False):
+    def __init__(self, stream: IO | None = None, path: str | None = None, append: bool = False, fsync: bool = True):
         self._own = path is not None
+        self._fsync = fsync
         self.stream = open(path, "a" if append else "w", encoding="utf-8") if path else stream
 
     def write(self, result: FileResult) -> None:
-        self.stream.write(json.dumps(to_record(result), ensure_ascii=False) + "\n")
+        self.stream.write(dumps(to_record(result)) + "\n")
         self.stream.flush()
 
     def close(self, commit: bool = True) -> None:
-        self.stream.flush()
-        if self._own:
-            os.fsync(self.stream.fileno())
-            self.stream.close()
+        try:
+            _flush(self.stream)
+            if self._own:
+                if self._fsync:
+                    with contextlib.suppress(OSError):
+                        os.fsync(self.stream.fileno())
+                self.stream.close()
+        finally:
+            self._release()
 
 
 class CsvWriter(_StreamWriter):
     """One row per (file, label): ``path,duration,rank,label,index,score`` (+ ``start,end`` with segments),
     then ``error``. File-level rows have empty start/end; a failed file is one row with its error."""
 
-    def __init__(self, stream: IO | None = None, path: str | None = None, segments: bool = False):
-        super().__init__(stream, path)
+    def __init__(self, stream: IO | None = None, path: str | None = None, segments: bool = False,
+                 direct: bool = False, delimiter: str = ","):
+        super().__init__(stream, path, direct)
         self.segments = segments
         self.columns = CSV_COLUMNS + (CSV_SEGMENT_COLUMNS if segments else ()) + ("error",)
-        self.csv = csv.writer(self.stream, lineterminator="\n")
+        self.csv = csv.writer(self.stream, lineterminator="\n", delimiter=delimiter)
         self.csv.writerow(self.columns)
 
     def _rows(self, result: FileResult, labels: list[LabelScore], span: tuple | None) -> None:
         duration = "" if result.duration is None else round(result.duration, 6)
         extra = (span if span else ("", "")) if self.segments else ()
+        path = display_path(result.path)
         for rank, item in enumerate(labels, 1):
-            self.csv.writerow((result.path, duration, rank, item.label, item.index, item.score) + extra + ("",))
+            self.csv.writerow((path, duration, rank, item.label, item.index, item.score) + extra + ("",))
 
     def write(self, result: FileResult) -> None:
         if result.error is not None:
             duration = "" if result.duration is None else round(result.duration, 6)
             blank = ("", "") if self.segments else ()
-            self.csv.writerow((result.path, duration, "", "", "", "") + blank + (result.error,))
+            self.csv.writerow((display_path(result.path), duration, "", "", "", "") + blank + (result.error,))
             return
         self._rows(result, result.labels, None)
         for segment in result.segments or []:
@@ -162,12 +433,12 @@ class TableWriter(Writer):
 
     def write(self, result: FileResult) -> None:
         from rich.table import Table
+        from rich.text import Text
 
         if result.error is not None:
             return  # reported on stderr, one line, by the CLI
-        from rich.text import Text
-
-        title = f"{result.path} ({result.duration:.2f} s)" if result.duration is not None else result.path
+        path = display_path(result.path)
+        title = f"{path} ({result.duration:.2f} s)" if result.duration is not None else path
         self.console.print(Text(title, style="bold"), soft_wrap=True)  # a long path must not wrap
         table = Table(show_edge=False, pad_edge=False)
         table.add_column("rank", justify="right")
@@ -186,39 +457,3 @@ class TableWriter(Writer):
                 timeline.add_row(_clock(segment.start), _clock(segment.end), labels)
             self.console.print(timeline)
         self.console.print()
-
-
-# -- resume journal ------------------------------------------------------------------------------
-
-
-def read_journal(path: str) -> dict[str, dict]:
-    """Records already in a JSONL output, by path. A torn last line (a run killed mid-write) is cut off
-    the file, so that appending continues from a clean line boundary."""
-    done: dict[str, dict] = {}
-    if not os.path.exists(path):
-        return done
-    with open(path, "rb+") as handle:
-        data = handle.read()
-        good_end = 0
-        position = 0
-        for line in io.BytesIO(data):
-            position += len(line)
-            if not line.endswith(b"\n"):
-                break  # torn: no newline
-            try:
-                record = json.loads(line)
-            except ValueError:
-                break  # torn or garbage: everything from here is dropped
-            if isinstance(record, dict) and "path" in record:
-                done[record["path"]] = record
-            good_end = position
-        if good_end != len(data):
-            handle.truncate(good_end)
-    return done
-
-
-def already_done(record: dict | None, size: int | None, mtime: float | None) -> bool:
-    """A journal record still describes the file on disk (same size and modification time)."""
-    if record is None or size is None:
-        return False
-    return record.get("size") == size and record.get("mtime") is not None and abs(record["mtime"] - mtime) < 1e-6

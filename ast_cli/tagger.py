@@ -1,27 +1,25 @@
-"""The tagging API: a loaded model plus the engine -> typed results per file.
+"""The tagging API: a loaded model (a ``LocalBackend``) plus the engine -> typed results per file.
 
-    >>> tagger = Tagger.load("MIT/ast-finetuned-audioset-10-10-0.4593")
-    >>> for result in tagger.classify(expand_inputs(["song.wav"])):
+    >>> tagger = Tagger.load("MIT/ast-finetuned-audioset-10-10-0.4593", RunOptions(device="cpu"))
+    >>> for result in tagger.classify(["song.wav"]):
     ...     print(result.labels[0].label, result.labels[0].score)
+
+``classify`` takes paths, ``inputs.InputFile``s or any ``sources.AudioSource`` (an array, a byte stream).
 """
 
 from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Literal
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from . import DEFAULT_MODEL
+from .constants import DEFAULT_MODEL
 from .engine import Engine, FileOutput
 from .errors import UsageError
-from .features import HOP_LENGTH, SAMPLE_RATE, FeatureConfig
-from .inputs import InputFile
-from .model import AST, AttnImplementation
-
-Activation = Literal["sigmoid", "softmax", "none"]
-Aggregate = Literal["max", "mean"]
+from .features import FeatureConfig
+from .options import Activation, Aggregate, RunOptions
 
 
 @dataclass(frozen=True)
@@ -49,6 +47,7 @@ class FileResult:
     segments: list[Segment] | None = None
     size: int | None = None
     mtime: float | None = None
+    exception: BaseException | None = field(default=None, repr=False, compare=False)  # behind ``error``
 
 
 @dataclass(frozen=True)
@@ -61,6 +60,25 @@ class LabelSelection:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
 
+    @classmethod
+    def from_options(cls, top: int | None, threshold: float | None, include=None, exclude=None,
+                     activation: Activation | str = Activation.sigmoid) -> "LabelSelection":
+        """``top`` None: 5, or all labels when a threshold is given; 0: all. A threshold must be a score the
+        activation can give (sigmoid and softmax scores lie in [0, 1])."""
+        import math
+
+        if threshold is not None:
+            bounded = Activation(activation) is not Activation.none
+            if not math.isfinite(threshold) or (bounded and not 0.0 <= threshold <= 1.0):
+                raise UsageError(f"must be a score from 0 to 1, not {threshold}" if bounded
+                                 else f"must be a finite number, not {threshold}", option="threshold")
+        if top is not None and top < 0:
+            raise UsageError("must be 0 (all) or more", option="top")
+        if top is None:
+            top = None if threshold is not None else 5
+        return cls(top=top or None, threshold=threshold, include=tuple(include or ()),
+                   exclude=tuple(exclude or ()))
+
     def mask(self, labels: tuple[str, ...]) -> np.ndarray:
         """Boolean (num_labels,) of labels allowed by include/exclude; unknown names are a UsageError."""
         lowered = [name.lower() for name in labels]
@@ -71,7 +89,7 @@ class LabelSelection:
             if key not in index:
                 close = difflib.get_close_matches(key, lowered, n=1)
                 hint = f" (did you mean {labels[lowered.index(close[0])]!r}?)" if close else ""
-                raise UsageError(f"unknown label {name!r}{hint}", hint="`ast labels` lists this model's labels")
+                raise UsageError(f"unknown label {name!r}{hint}", option="labels")
             return index[key]
 
         allowed = np.ones(len(labels), dtype=bool)
@@ -96,189 +114,101 @@ class LabelSelection:
         return picked
 
 
-def activate(logits: np.ndarray, activation: Activation) -> np.ndarray:
+def activate(logits: np.ndarray, activation: Activation | str) -> np.ndarray:
     """(..., num_labels) raw logits -> scores. AudioSet is multi-label, so sigmoid is the default."""
-    if activation == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-    if activation == "softmax":
-        shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-        e = np.exp(shifted)
+    activation = Activation(activation)
+    logits = logits.astype(np.float64)
+    if activation is Activation.sigmoid:
+        return 1.0 / (1.0 + np.exp(-logits))
+    if activation is Activation.softmax:
+        e = np.exp(logits - logits.max(axis=-1, keepdims=True))
         return e / e.sum(axis=-1, keepdims=True)
-    if activation == "none":
-        return logits.astype(np.float64)
-    raise UsageError(f"unknown activation {activation!r}")
-
-
-def pick_device(device: str = "auto") -> str:
-    """``auto`` -> cuda, then mps, then cpu. Asking for an absent device is a UsageError."""
-    import torch
-
-    if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but no CUDA device is available", hint="use --device cpu")
-    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError("--device mps asked for, but MPS is not available", hint="use --device cpu")
-    if device not in ("cpu", "mps") and not device.startswith("cuda"):
-        raise UsageError(f"unknown device {device!r} (auto, cpu, cuda, cuda:N or mps)")
-    return device
-
-
-DTYPES = ("auto", "fp32", "fp16", "bf16")
-
-
-def pick_dtype(dtype: str, device: str):
-    """``auto`` -> float16 on CUDA, float32 elsewhere."""
-    import torch
-
-    names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if dtype == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    if dtype not in names:
-        raise UsageError(f"unknown dtype {dtype!r} (auto, fp32, fp16, bf16)")
-    if dtype == "fp16" and device == "cpu":
-        raise UsageError("fp16 is slow and inexact on CPUs", hint="use --dtype bf16 or --quantize int8 on CPU")
-    return names[dtype]
-
-
-def hop_to_frames(hop_seconds: float | None) -> int | None:
-    """``--hop`` seconds -> window hop in 10 ms frames (None: windows do not overlap)."""
-    if hop_seconds is None:
-        return None
-    frames = round(hop_seconds * SAMPLE_RATE / HOP_LENGTH)
-    if frames < 1:
-        raise UsageError(f"--hop {hop_seconds} is shorter than one frame (0.01 s)")
-    return frames
-
-
-def check_quantize(quantize: str | None, device: str, torch_dtype) -> None:
-    """``--quantize int8`` needs the CPU and float32 around its int8 layers; a UsageError otherwise."""
-    import torch
-
-    if quantize is None:
-        return
-    if quantize != "int8":
-        raise UsageError(f"unknown quantization {quantize!r} (int8)")
-    if device != "cpu":
-        raise UsageError("--quantize int8 runs on the CPU only", hint="add --device cpu")
-    if torch_dtype != torch.float32:
-        raise UsageError("--quantize int8 computes in float32 around its int8 layers", hint="drop --dtype")
+    return logits
 
 
 class Tagger:
-    """A model ready for inference, with the input format and labels it was trained with."""
+    """A model ready for inference (``backend``), with the input format and labels it was trained with."""
 
-    def __init__(self, model: AST, features: FeatureConfig, *, device: str = "cpu", dtype=None, name: str = ""):
-        import torch
-
+    def __init__(self, backend, labels: tuple[str, ...], *, name: str = "", options: RunOptions = RunOptions()):
+        self.backend = backend
+        self.features: FeatureConfig = backend.features
+        self.labels = labels
         self.name = name
-        self.features = features
-        self.labels = model.config.id2label
-        self.device = device
-        self.dtype = dtype or torch.float32
-        self.model = model.to(device=device, dtype=self.dtype).eval()
-        # On the CPU a batch goes through in cache-sized pieces (one 10 s window at a time for AudioSet models):
-        # same results, 5-10% less time per window than whole batches.
-        self.windows_per_call = None
-        if device == "cpu":
-            from .speed import cpu_windows_per_call
-
-            self.windows_per_call = cpu_windows_per_call(model.config.num_tokens)
+        self.options = options
 
     @classmethod
-    def load(
-        cls,
-        model: str = DEFAULT_MODEL,
-        *,
-        device: str = "auto",
-        attn: AttnImplementation = "sdpa",
-        dtype: str = "auto",
-        quantize: str | None = None,
-        offline: bool | None = None,
-        cache_dir: str | None = None,
-        progress: Callable[[str], None] | None = None,
-    ) -> "Tagger":
-        """Resolve ``model`` (alias, hub id, directory or file), load it strictly and place it on ``device``."""
+    def load(cls, model: str = DEFAULT_MODEL, options: RunOptions = RunOptions()) -> "Tagger":
+        """Resolve ``model`` (alias, hub id, directory or file; downloaded on first use unless offline), load
+        it strictly and place it as ``options`` say."""
+        from .backends import LocalBackend
         from .hub import resolve_model
         from .weights import build_model, load_checkpoint
 
-        device = pick_device(device)
-        torch_dtype = pick_dtype(dtype, device)
-        check_quantize(quantize, device, torch_dtype)
-        path = resolve_model(model, offline=offline, cache_dir=cache_dir)
+        options.validate()
+        path = resolve_model(model, offline=options.offline, cache_dir=options.cache_dir)
         checkpoint = load_checkpoint(path)
-        net = build_model(checkpoint, attn=attn)
-        if quantize is not None:
-            from .speed import quantize_dynamic
+        backend = LocalBackend.build(build_model(checkpoint), checkpoint.features, options)
+        return cls(backend, checkpoint.config.id2label, name=model, options=options)
 
-            net = quantize_dynamic(net, quantize)
-        return cls(net, checkpoint.features, device=device, dtype=torch_dtype, name=model)
+    @property
+    def model(self):
+        return self.backend.model
+
+    @property
+    def device(self) -> str:
+        return self.backend.device
 
     # -- model calls -----------------------------------------------------------------------------
 
     def logits(self, inputs) -> "torch.Tensor":  # noqa: F821
         """(B, T, F) features -> (B, num_labels) float32 raw logits on the CPU."""
-        return self._run(self.model, inputs)
+        return self.backend.with_output("logits").tensor(inputs)
 
     def embed(self, inputs) -> "torch.Tensor":  # noqa: F821
         """(B, T, F) features -> (B, hidden_size) float32 pooled embeddings on the CPU."""
-        return self._run(self.model.forward_features, inputs)
+        return self.backend.with_output("embedding").tensor(inputs)
 
-    def _run(self, forward, inputs) -> "torch.Tensor":  # noqa: F821
-        import torch
-
-        with torch.inference_mode():
-            inputs = inputs.to(self.device, self.dtype)
-            if self.windows_per_call is None or inputs.shape[0] <= self.windows_per_call:
-                return forward(inputs).float().cpu()
-            return torch.cat([forward(part).float() for part in inputs.split(self.windows_per_call)])
-
-    def hop_frames(self, hop_seconds: float | None) -> int | None:
-        return hop_to_frames(hop_seconds)
-
-    def engine(self, forward, *, hop_seconds=None, batch_size=4, workers=2, debug=False) -> Engine:
-        return Engine(self.features, forward, batch_size=batch_size, workers=workers,
-                      hop_frames=self.hop_frames(hop_seconds), debug=debug)
+    def engine(self, backend=None) -> Engine:
+        """An engine over this tagger's windows (its ``options``: hop, batch size, workers)."""
+        return Engine(self.features, backend or self.backend, batch_size=self.options.batch_size,
+                      workers=self.options.workers, hop_frames=self.options.hop_frames)
 
     # -- tagging -------------------------------------------------------------------------------
 
     def classify(
         self,
-        items: Iterable[InputFile],
+        sources: Iterable,
         *,
         selection: LabelSelection = LabelSelection(),
-        activation: Activation = "sigmoid",
-        aggregate: Aggregate = "max",
+        activation: Activation | str = Activation.sigmoid,
+        aggregate: Aggregate | str = Aggregate.max,
         segments: bool = False,
-        hop_seconds: float | None = None,
-        batch_size: int = 4,
-        workers: int = 2,
-        debug: bool = False,
+        engine: Engine | None = None,
         on_progress: Callable[[FileOutput], None] | None = None,
     ) -> Iterator[FileResult]:
-        """Tag files; one ``FileResult`` per item, in order. Long files are cut into windows whose scores
-        are aggregated (``max``: an event anywhere in the file counts; ``mean``: typical content)."""
-        if aggregate not in ("max", "mean"):
-            raise UsageError(f"unknown aggregate {aggregate!r} (max or mean)")
-        activate(np.zeros((1, 1)), activation)  # validate before any work
-        allowed = selection.mask(self.labels)
-        engine = self.engine(self.logits, hop_seconds=hop_seconds, batch_size=batch_size, workers=workers,
-                             debug=debug)
-        for out in engine.run(items, on_progress=on_progress):
-            yield self._result(out, selection, allowed, activation, aggregate, segments)
+        """Tag sources (paths, ``InputFile``s or ``AudioSource``s); one ``FileResult`` each, in order. Long
+        files are cut into windows whose scores are aggregated (``max``: an event anywhere in the file
+        counts; ``mean``: typical content). ``engine``: one made by ``self.engine()``, to ``stop()`` it."""
+        activation, aggregate = Activation(activation), Aggregate(aggregate)
+        allowed = selection.mask(self.labels)  # unknown label names fail before any work
+        engine = engine or self.engine()
+        for out in engine.run(sources, on_progress=on_progress):
+            yield self.result(out, selection, allowed, activation, aggregate, segments)
 
-    def _result(self, out: FileOutput, selection, allowed, activation, aggregate, segments) -> FileResult:
-        result = FileResult(out.item.path, out.duration, error=out.error, size=out.size, mtime=out.mtime)
+    def result(self, out: FileOutput, selection: LabelSelection, allowed: np.ndarray, activation: Activation,
+               aggregate: Aggregate, segments: bool) -> FileResult:
+        """One engine output (logits per window) -> its ``FileResult``."""
+        result = FileResult(out.name, out.duration, error=out.error, size=out.size, mtime=out.mtime,
+                            exception=out.exception)
         if out.error is not None or out.outputs is None or len(out.outputs) == 0:
             if result.error is None:
                 result.error = "no audio windows"
             return result
         scores = activate(out.outputs, activation)  # (W, L)
-        pooled = scores.max(axis=0) if aggregate == "max" else scores.mean(axis=0)
+        if not np.isfinite(scores).all():
+            result.error = "the model gave non-finite scores (the audio is far outside [-1, 1]?)"
+            return result
+        pooled = scores.max(axis=0) if aggregate is Aggregate.max else scores.mean(axis=0)
         result.labels = selection.select(pooled, self.labels, allowed)
         if segments:
             result.segments = []

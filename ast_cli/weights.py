@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
+from .constants import AUDIOSET_MAX_LENGTH, SPEECH_COMMANDS_MAX_LENGTH, SPEECH_COMMANDS_MEAN, SPEECH_COMMANDS_STD
 from .errors import CheckpointError
 from .features import FeatureConfig
 
@@ -94,16 +95,16 @@ def read_state_dict(path: Path) -> dict:
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(
-                f"corrupt or truncated weights file {path} ({_one_line(exc)})",
-                hint="download it again (`ast download MODEL --force`)",
-            ) from None
+            raise CheckpointError(f"corrupt or truncated weights file {path} ({_one_line(exc)})", path=str(path),
+                                  corrupt=True) from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError, RuntimeError (zip), EOFError...: all mean unusable
+    except Exception:  # UnpicklingError, RuntimeError (zip), EOFError...: all mean unusable
+        # torch's own message ends by suggesting weights_only=False, i.e. running the file's code: never echo it.
         raise CheckpointError(
-            f"cannot load {path} as a plain tensor checkpoint ({_one_line(exc)})",
-            hint="only weights_only pickles and safetensors files are accepted",
+            f"not a safe weights file: {path} (neither safetensors nor a PyTorch file of plain tensors)",
+            path=str(path), hint="only safetensors files and tensor-only PyTorch checkpoints are loaded; "
+                                 "nothing in a model file is ever executed",
         ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
@@ -201,7 +202,7 @@ def infer_config(state_dict: Mapping[str, Any]) -> tuple[ASTConfig, FeatureConfi
         labels = load_labels("speechcommands")
     elif num_labels:
         labels = tuple(f"LABEL_{i}" for i in range(num_labels))
-    for max_length in (1024, 128, 512, 256):
+    for max_length in (AUDIOSET_MAX_LENGTH, SPEECH_COMMANDS_MAX_LENGTH, 512, 256):
         for stride in range(10, 17):
             cfg = ASTConfig(
                 hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
@@ -211,7 +212,7 @@ def infer_config(state_dict: Mapping[str, Any]) -> tuple[ASTConfig, FeatureConfi
             if cfg.num_tokens == tokens:
                 features = FeatureConfig(max_length=max_length)
                 if num_labels == 35:  # speech-commands normalization
-                    features = replace(features, mean=-6.845978, std=5.5654526)
+                    features = replace(features, mean=SPEECH_COMMANDS_MEAN, std=SPEECH_COMMANDS_STD)
                 return cfg, features
     raise CheckpointError(
         f"cannot infer the input shape from {tokens} position embeddings",
@@ -229,15 +230,18 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             weights = path / PICKLE_NAME
         if not weights.is_file():
             raise CheckpointError(
-                f"{path} has no {SAFETENSORS_NAME} or {PICKLE_NAME}",
-                hint="download the model again (`ast download MODEL --force`)",
+                f"{path} has no {SAFETENSORS_NAME} or {PICKLE_NAME}", path=str(path),
+                hint=f"a checkpoint directory holds {CONFIG_NAME}, {PREPROCESSOR_NAME} and {SAFETENSORS_NAME}",
             )
         state_dict = read_state_dict(weights)
         if is_original_layout(state_dict):
             state_dict = remap_original(state_dict)
         return Checkpoint(config, features, state_dict, str(weights))
     if not path.is_file():
-        raise CheckpointError(f"no such checkpoint: {path}")
+        raise CheckpointError(f"no such checkpoint: {path}", path=str(path))
+    if path.suffix.lower() not in WEIGHT_SUFFIXES:
+        raise CheckpointError(f"{path} is not a weights file (expected one of {', '.join(WEIGHT_SUFFIXES)}, "
+                              "or a checkpoint directory)", path=str(path))
     state_dict = read_state_dict(path)
     if is_original_layout(state_dict):
         state_dict = remap_original(state_dict)

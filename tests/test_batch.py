@@ -75,10 +75,13 @@ def test_stdin_list_and_globs(tiny_checkpoint, tmp_path):
     assert [os.path.basename(r["path"]) for r in jsonl(result.stdout)] == ["two.wav", "naïve – ü.wav", "one.flac"]
 
 
-def test_no_files_found_is_a_usage_error(tiny_checkpoint, tmp_path):
+def test_an_empty_input_list_is_not_an_error(tiny_checkpoint, tmp_path):
+    """`find ... -mtime -7 | ast classify -` in a week with no new files: exit 0, nothing written, no model."""
     (tmp_path / "empty").mkdir()
-    result = run(tmp_path / "empty", "--model", tiny_checkpoint[0])
-    assert result.exit_code == 2 and "no audio files found" in result.stderr
+    result = run(tmp_path / "empty", "--model", tmp_path / "no-such-model")
+    assert result.exit_code == 0 and result.stdout == "" and "no audio files found" in result.stderr
+    result = CliRunner().invoke(app, ["classify", "-", "--model", str(tmp_path / "no-such-model")], input="")
+    assert result.exit_code == 0 and result.stdout == ""
 
 
 # -- long audio: windows and segments --------------------------------------------------------------
@@ -181,7 +184,10 @@ def test_csv_with_segments_has_start_end(tiny_checkpoint, two_clips):
 def test_output_file_is_written_atomically(tiny_checkpoint, two_clips, tmp_path):
     out = tmp_path / "tags.json"
     out.write_text("previous content")
-    result = run(*two_clips, "--model", tiny_checkpoint[0], "-f", "json", "-o", out)
+    refused = run(*two_clips, "--model", tiny_checkpoint[0], "-f", "json", "-o", out)
+    assert refused.exit_code == 2 and "exists and is not empty" in refused.stderr
+    assert out.read_text() == "previous content"
+    result = run(*two_clips, "--model", tiny_checkpoint[0], "-f", "json", "-o", out, "--overwrite")
     assert result.exit_code == 0 and result.stdout == ""
     assert len(json.loads(out.read_text())) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["tags.json"]  # no temporary left behind

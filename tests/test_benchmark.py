@@ -19,6 +19,7 @@ from ast_cli.features import FeatureConfig, extract
 from ast_cli.model import ASTConfig, count_parameters
 from ast_cli.speed import (Int8LinearFbgemm, Int8LinearIntMM, cpu_has_native_bf16, cpu_has_vnni, int8_kernel,
                            is_quantized, quantize_dynamic)
+from ast_cli.options import RunOptions
 from ast_cli.tagger import Tagger
 from ast_cli.weights import build_model, load_checkpoint
 from conftest import TINY, tone, write_audio
@@ -121,7 +122,7 @@ def test_end_to_end_reports_every_stage(tiny_checkpoint, clips):
 def test_end_to_end_library_counts_bad_files(tiny_checkpoint, clips, tmp_path):
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"not audio at all" * 10)
-    tagger = Tagger.load(str(tiny_checkpoint[0]), device="cpu")
+    tagger = Tagger.load(str(tiny_checkpoint[0]), RunOptions(device="cpu"))
     row = bench.benchmark_end_to_end(tagger, [str(clips[0]), str(bad)], attn="eager", mode=bench.Mode("fp32"),
                                      batch_size=2, workers=1)
     assert (row.files, row.failed, row.windows, row.attn) == (2, 1, 3, "eager")
@@ -131,13 +132,12 @@ def test_end_to_end_library_counts_bad_files(tiny_checkpoint, clips, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (("--batch-sizes", "0"), "--batch-sizes must be at least 1"),
+        (("--batch-sizes", "0"), "--batch-sizes: takes whole numbers of at least 1"),
         (("--batch-sizes", "two"), "whole numbers"),
         (("--attn", "flash"), "eager and/or sdpa"),
         (("--quantize", "int4"), "none and/or int8"),
         (("--dtype", "bf16", "--quantize", "int8"), "float32"),
         (("--dtype", "fp16"), "fp16 is slow"),
-        (("--format", "csv"), "--format"),
         (("some.wav",), "--end-to-end"),
         (("--end-to-end",), "--end-to-end needs audio files"),
     ],
@@ -154,7 +154,8 @@ def test_device_cuda_without_cuda_is_one_line_and_exit_2(tiny_checkpoint):
     result = run("--model", tiny_checkpoint[0], "--device", "cuda", "--iters", "1")
     assert result.exit_code == 2
     lines = result.stderr.splitlines()
-    assert lines[0] == "Error: --device cuda asked for, but no CUDA device is available"
+    assert lines[0] == "Error: --device: CUDA was asked for, but no CUDA device is available"
+    assert lines[1] == "Hint: use --device cpu"
     assert all(line.startswith(("Error:", "Hint:")) for line in lines) and len(lines) <= 2
 
 
@@ -237,8 +238,8 @@ def test_tagger_int8_classify_matches_fp32(tiny_checkpoint, clips):
             out.append(row)
         return np.stack(out)
 
-    fp32 = Tagger.load(str(tiny_checkpoint[0]), device="cpu")
-    int8 = Tagger.load(str(tiny_checkpoint[0]), device="cpu", quantize="int8")
+    fp32 = Tagger.load(str(tiny_checkpoint[0]), RunOptions(device="cpu"))
+    int8 = Tagger.load(str(tiny_checkpoint[0]), RunOptions(device="cpu", quantize="int8"))
     assert is_quantized(int8.model) and not is_quantized(fp32.model)
     assert np.abs(scores(int8) - scores(fp32)).max() < 0.02
 
@@ -248,18 +249,18 @@ def test_cpu_batches_run_in_cache_sized_pieces_with_the_same_results(tiny_checkp
 
     assert cpu_windows_per_call(1214) == 1  # one 10.24 s AudioSet window per call
     assert cpu_windows_per_call(62) == CPU_TOKENS_PER_CALL // 62
-    tagger = Tagger.load(str(tiny_checkpoint[0]), device="cpu")
+    tagger = Tagger.load(str(tiny_checkpoint[0]), RunOptions(device="cpu"))
     whole = tagger.logits(tiny_features)
-    tagger.windows_per_call = 2
+    tagger.backend.windows_per_call = 2
     pieces = tagger.logits(tiny_features)
     assert pieces.shape == whole.shape and torch.allclose(pieces, whole, atol=1e-5)
-    assert torch.allclose(tagger.embed(tiny_features), Tagger.load(str(tiny_checkpoint[0]), device="cpu").embed(tiny_features),
+    assert torch.allclose(tagger.embed(tiny_features), Tagger.load(str(tiny_checkpoint[0]), RunOptions(device="cpu")).embed(tiny_features),
                           atol=1e-5)
 
 
 def test_quantize_needs_float32(tiny_checkpoint):
     with pytest.raises(UsageError, match="float32"):
-        Tagger.load(str(tiny_checkpoint[0]), device="cpu", dtype="bf16", quantize="int8")
+        Tagger.load(str(tiny_checkpoint[0]), RunOptions(device="cpu", dtype="bf16", quantize="int8"))
 
 
 def test_classify_accepts_the_fast_modes(tiny_checkpoint, clips):

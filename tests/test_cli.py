@@ -101,18 +101,20 @@ def test_unreadable_file_does_not_stop_the_batch(tiny_checkpoint, clips, tmp_pat
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--format", "yaml"], "--format must be one of"),
-    (["--attn", "flash"], "--attn must be one of"),
-    (["--activation", "relu"], "--activation must be one of"),
+    (["--format", "yaml"], "Invalid value for '--format'"),
+    (["--attn", "flash"], "Invalid value for '--attn'"),
+    (["--activation", "relu"], "Invalid value for '--activation'"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
     (["--include", "Dgo"], "unknown label 'Dgo' (did you mean 'Dog'?)"),
-    (["--resume"], "--resume needs --output"),
+    (["--resume"], "--resume: needs an output file"),
+    (["--hop", "nan"], "--hop: must be a finite number"),
+    (["--threshold", "1.5"], "--threshold: must be a score from 0 to 1"),
 ])
 def test_usage_errors_exit_2(tiny_checkpoint, clips, args, needle):
     result = classify(clips[0], "--model", tiny_checkpoint[0], *args)
     assert result.exit_code == 2
     assert needle in result.stderr
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 3
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 4
 
 
 def test_missing_model_is_a_clean_error(clips, tmp_path):

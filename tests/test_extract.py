@@ -283,12 +283,12 @@ def test_output_path_stays_under_out(tmp_path):
 def test_usage_errors(tmp_path):
     audio = write_audio(tmp_path / "x.wav", 0.5)
     for args, message in [
-        (["--kind", "mfcc"], "--kind must be one of fbank, embedding"),
-        (["--format", "pt"], "--format must be one of safetensors, npy"),
-        (["--hop", "0.001"], "shorter than one frame"),
+        (["--kind", "mfcc"], "Invalid value for '--kind'"),
+        (["--format", "pt"], "Invalid value for '--format'"),
+        (["--hop", "0.001"], "--hop: 0.001 s is shorter than one frame"),
     ]:
         result = run(audio, "--out", tmp_path / "out", *args)
         assert result.exit_code == 2 and message in result.stderr, result.output
     (tmp_path / "file").write_text("")
     result = run(audio, "--out", tmp_path / "file")
-    assert result.exit_code == 2 and "is not a directory" in result.stderr
+    assert result.exit_code == 2 and "--out: " in result.stderr and "is not a directory" in result.stderr

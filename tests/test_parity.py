@@ -20,7 +20,8 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
+@pytest.fixture(scope="module", params=[
+    pytest.param(name, marks=[pytest.mark.slow] if name.startswith("full") else []) for name in CONFIGS])
 def reference(request, tmp_path_factory):
     name = request.param
     return name, *make_reference(tmp_path_factory.mktemp(name), name, **CONFIGS[name])

@@ -54,9 +54,17 @@ def test_pickles_with_code_are_refused(tmp_path, monkeypatch):
     path = tmp_path / "evil.bin"
     with open(path, "wb") as handle:
         pickle.dump({"x": _Evil()}, handle)
-    with pytest.raises(CheckpointError, match="plain tensor checkpoint"):
+    with pytest.raises(CheckpointError, match="not a safe weights file") as info:
         load_checkpoint(path)
+    assert "weights_only" not in str(info.value) + (info.value.hint or "")  # never advice to run the code
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_json_file_is_not_a_weights_file(tmp_path):
+    path = tmp_path / "junk.json"
+    path.write_text("{}")
+    with pytest.raises(CheckpointError, match="is not a weights file"):
+        load_checkpoint(path)
 
 
 def test_missing_and_unexpected_keys_are_named(tiny_checkpoint, tmp_path):
@@ -91,7 +99,7 @@ def test_truncated_safetensors_names_the_file(tiny_checkpoint, tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(directory)
-    assert str(weights) in str(info.value) and "--force" in info.value.hint
+    assert str(weights) in str(info.value) and info.value.corrupt and info.value.path == str(weights)
 
 
 def test_directory_without_weights_or_config(tmp_path):

@@ -13,8 +13,6 @@ class BatchProgress:
         self.console = console
         self.total = total
         self.enabled = enabled and total > 0
-        self.done = 0
-        self.failed = 0
         self.audio_seconds = 0.0
         self.started = time.monotonic()
         self._progress = None
@@ -37,7 +35,7 @@ class BatchProgress:
                 transient=True,
             )
             self._progress.__enter__()
-            self._task = self._progress.add_task(self.description, total=self.total, audio="0.00 h", speed="")
+            self._task = self._progress.add_task(self.description, total=self.total, audio="", speed="")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -49,14 +47,21 @@ class BatchProgress:
         elapsed = time.monotonic() - self.started
         return self.audio_seconds / elapsed if elapsed > 0 else 0.0
 
-    def advance(self, duration: float | None, failed: bool) -> None:
-        self.done += 1
-        self.failed += int(failed)
+    def advance(self, duration: float | None) -> None:
         self.audio_seconds += duration or 0.0
         if self._progress is not None:
             self._progress.update(
                 self._task,
                 advance=1,
-                audio=f"{self.audio_seconds / 3600:.2f} h",
+                audio=audio_amount(self.audio_seconds),
                 speed=f"{self.realtime_factor:.1f}x real-time",
             )
+
+
+def audio_amount(seconds: float) -> str:
+    """How much audio: ``42 s``, ``7.5 min``, ``3.21 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s of audio"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min of audio"
+    return f"{seconds / 3600:.2f} h of audio"

@@ -1,0 +1,140 @@
+"""What every command shares: option types (``Annotated`` aliases, defined once), the ``RunOptions`` bundle,
+consoles and the per-file failure line. Nothing heavy is imported here: ``ast --help`` and completion stay
+instant."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from ..constants import DEFAULT_MODEL
+from ..options import Attn, DType, Quantize, RunOptions
+
+
+def _complete_model(incomplete: str) -> list[str]:
+    """Aliases and hub ids of the published checkpoints, for shell completion (no hub access, no torch)."""
+    from ..hub import REGISTRY
+
+    names = [spec.alias for spec in REGISTRY] + [spec.repo_id for spec in REGISTRY]
+    return [name for name in names if name.startswith(incomplete)]
+
+
+ModelOpt = Annotated[
+    str,
+    typer.Option("--model", "-m", metavar="MODEL", autocompletion=_complete_model,
+                 help="Model alias, hub id (ORG/NAME[@REV]), local directory or weights file."),
+]
+PathsArg = Annotated[
+    list[str], typer.Argument(metavar="PATH", help="Audio files, directories, glob patterns, or - for stdin.")
+]
+ExtOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--ext", metavar="EXT", help="Extensions taken from directories (repeatable, or a,b,c)."),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks and library messages (also AST_DEBUG=1).")]
+OfflineOpt = Annotated[bool, typer.Option("--offline", help="Use only the local cache (also HF_HUB_OFFLINE=1).")]
+CacheDirOpt = Annotated[
+    Optional[str],
+    typer.Option("--cache-dir", metavar="DIR", help="Hub cache (default: HF_HUB_CACHE, or HF_HOME/hub)."),
+]
+
+# The run options, as (name, annotation, default). ``run_options`` adds them to a command's signature.
+RUN_OPTIONS: list[tuple[str, object, object]] = [
+    ("device", Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda, cuda:N or mps.")], "auto"),
+    ("dtype", Annotated[DType, typer.Option(help="Compute dtype: auto is fp16 on CUDA, fp32 elsewhere.")], DType.auto),
+    ("attn", Annotated[Attn, typer.Option(help="Attention implementation.")], Attn.sdpa),
+    ("quantize", Annotated[Quantize, typer.Option(help="int8: dynamic int8 Linear layers (CPU).")], Quantize.none),
+    ("threads", Annotated[Optional[int], typer.Option(metavar="N", help="CPU threads for the model (default: torch's).")], None),
+    ("batch_size", Annotated[int, typer.Option("--batch-size", metavar="N", help="Windows per model call.")], 4),
+    ("workers", Annotated[int, typer.Option(metavar="N", help="Decoding/feature threads (1-64).")], 2),
+    ("hop", Annotated[Optional[float], typer.Option(metavar="SECONDS", help="Seconds between window starts for long audio (default: the window length).")], None),
+    ("offline", OfflineOpt, False),
+    ("cache_dir", CacheDirOpt, None),
+]
+
+
+def run_options(command: Callable) -> Callable:
+    """Give ``command`` the shared run options as CLI options and pass them to it as one ``run: RunOptions``."""
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != "run"]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+             for name, annotation, default in RUN_OPTIONS]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        values = {name: kwargs.pop(name) for name, _, _ in RUN_OPTIONS}
+        run = RunOptions(device=values["device"], dtype=values["dtype"], attn=values["attn"],
+                         quantize=values["quantize"], threads=values["threads"], batch_size=values["batch_size"],
+                         workers=values["workers"], hop_seconds=values["hop"], offline=values["offline"] or None,
+                         cache_dir=values["cache_dir"])
+        return command(run=run, **kwargs)
+
+    del wrapper.__wrapped__  # typer must read the signature below, not the command's own
+    wrapper.__signature__ = signature.replace(parameters=own + extra)
+    wrapper.__annotations__ = {p.name: p.annotation for p in own + extra}
+    return wrapper
+
+
+def stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def stdout_console():
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=False)
+
+
+def report_failure(console, name: str, error: str) -> None:
+    """The one stderr line of a file that failed."""
+    from ._errors import say
+
+    say(console, f"error: {name}: {error}")
+
+
+__all__ = ["DEFAULT_MODEL", "ModelOpt", "PathsArg", "ExtOpt", "QuietOpt", "DebugOpt", "OfflineOpt", "CacheDirOpt",
+           "run_options", "stderr_console", "stdout_console", "report_failure"]
+
+
+def warn_if_slow_bf16(dtypes, device: str, console) -> None:
+    """bf16 on a CPU without bf16 hardware is emulated: slower than fp32. Say so on stderr, then do it anyway."""
+    from ._errors import say
+
+    if "bf16" not in [getattr(d, "value", d) for d in dtypes]:
+        return
+    from ..backends import pick_device
+    from ..speed import cpu_has_native_bf16
+
+    if pick_device(device) == "cpu" and not cpu_has_native_bf16():
+        say(console, "warning: this CPU has no bf16 hardware (AVX512-BF16, AMX or ARM BF16): bf16 runs slower "
+                     "than fp32 here; --quantize int8 is the fast CPU mode")
+
+
+def fetch_model(model: str, run: RunOptions, console, quiet: bool):
+    """Local path of ``model``, downloading a missing hub model first (progress bars on a terminal)."""
+    from ..hub import resolve_model
+
+    return resolve_model(model, offline=run.offline, cache_dir=run.cache_dir,
+                         progress=not quiet and console.is_terminal)
+
+
+def load_tagger(model: str, run: RunOptions, console, quiet: bool):
+    """``Tagger.load`` with the CLI's manners: a download shows its progress, loading shows a spinner."""
+    from ..tagger import Tagger
+
+    run.validate()
+    warn_if_slow_bf16([run.dtype], run.device, console)
+    path = str(fetch_model(model, run, console, quiet))  # first use of a hub model: download it
+    if not quiet and console.is_terminal:
+        with console.status(f"loading {model}"):
+            tagger = Tagger.load(path, run)
+    else:
+        tagger = Tagger.load(path, run)
+    tagger.name = model
+    return tagger

@@ -1,0 +1,45 @@
+"""File descriptors and streams: C-library noise kept off stderr while a batch runs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+
+@contextmanager
+def native_stderr_silenced(enabled: bool = True) -> Iterator[None]:
+    """Send what C libraries print on file descriptor 2 (mpg123's "Note: Trying to resync...", ffmpeg,
+    libsndfile) to /dev/null while a batch runs, so that stderr carries only our progress and one line
+    per failure. Python's own ``sys.stderr`` keeps writing to the real stderr. Off with --debug."""
+    if not enabled:
+        yield
+        return
+    import io
+    import warnings
+
+    try:
+        python_fd = sys.stderr.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        python_fd = None  # sys.stderr is not a real file (a test runner's capture): leave it alone
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    old_stderr = sys.stderr
+    if python_fd == 2:
+        sys.stderr = open(os.dup(saved), "w", encoding=old_stderr.encoding or "utf-8", errors="backslashreplace",
+                          buffering=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # library warnings are not the user's business without --debug
+            yield
+    finally:
+        if sys.stderr is not old_stderr:
+            sys.stderr.flush()
+            sys.stderr.close()
+            sys.stderr = old_stderr
+        os.dup2(saved, 2)
+        os.close(saved)

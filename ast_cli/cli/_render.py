@@ -1,0 +1,62 @@
+"""What a person sees: tables for ``ast models`` and ``ast benchmark``."""
+
+from __future__ import annotations
+
+import sys
+
+
+def print_models(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for column, justify in (("alias", "left"), ("hub id", "left"), ("labels", "right"), ("input", "right"),
+                            ("strides", "right"), ("cached", "left")):
+        table.add_column(column, justify=justify)
+    for row in rows:
+        table.add_row(row["alias"] + (" (default)" if row["default"] else ""), row["repo_id"],
+                      str(row["num_labels"]), f"{row['input_seconds']:.2f} s",
+                      f"{row['frequency_stride']}/{row['time_stride']}", "yes" if row["cached"] else "no")
+    # Not a terminal: rich would squeeze the table into 80 columns and cut the hub ids.
+    Console(highlight=False, width=None if sys.stdout.isatty() else 160).print(table)
+
+
+def print_benchmark(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    env = report.environment
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    console.print(f"{env.model}: {env.parameters / 1e6:.1f} M parameters, input {env.input_frames} x "
+                  f"{env.input_mel_bins} ({env.window_seconds:.2f} s of audio, {env.gflop_per_clip:g} GFLOP); "
+                  f"{env.device} ({env.device_name}), {env.threads} threads, torch {env.torch}", markup=False)
+    speedups = report.speedups()
+    if speedups:
+        table = Table(title="SDPA vs eager (median ms per batch)", title_justify="left")
+        for column in ("mode", "batch size", "eager ms", "sdpa ms", "speedup"):
+            table.add_column(column, justify="left" if column == "mode" else "right")
+        medians = {(r.quantize or r.dtype, r.batch_size, r.attn): r.ms_per_batch_median for r in report.rows}
+        for (mode, batch), speedup in speedups.items():
+            table.add_row(mode, str(batch), f"{medians[(mode, batch, 'eager')]:.1f}",
+                          f"{medians[(mode, batch, 'sdpa')]:.1f}", f"{speedup:.2f}x")
+        console.print(table)
+    table = Table(title="Model forward", title_justify="left")
+    for column in ("mode", "attn", "batch size", "mean ms", "median ms", "ms/clip", "clips/s", "x real-time"):
+        table.add_column(column, justify="left" if column in ("mode", "attn") else "right")
+    for r in report.rows:
+        table.add_row(r.quantize or r.dtype, r.attn, str(r.batch_size), f"{r.ms_per_batch:.1f}",
+                      f"{r.ms_per_batch_median:.1f}", f"{r.ms_per_clip:.1f}", f"{r.clips_per_s:.2f}",
+                      f"{r.x_realtime:.1f}")
+    console.print(table)
+    if report.end_to_end:
+        table = Table(title="End to end (stage seconds from a sequential pass; files/s from the pipelined one)",
+                      title_justify="left")
+        columns = ("mode", "attn", "files", "audio s", "decode s", "resample s", "features s", "model s",
+                   "pipelined s", "files/s", "x real-time")
+        for column in columns:
+            table.add_column(column, justify="left" if column in ("mode", "attn") else "right")
+        for r in report.end_to_end:
+            table.add_row(r.quantize or r.dtype, r.attn, f"{r.files - r.failed}/{r.files}", f"{r.audio_seconds:.1f}",
+                          f"{r.decode_s:.2f}", f"{r.resample_s:.2f}", f"{r.features_s:.2f}", f"{r.model_s:.2f}",
+                          f"{r.pipelined_s:.2f}", f"{r.files_per_s:.2f}", f"{r.x_realtime:.1f}")
+        console.print(table)

@@ -1,0 +1,110 @@
+"""``ast classify``: ranked labels per file, as a table, JSON, JSONL or CSV."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from ..options import Activation, Aggregate, OutputFormat, RunOptions
+from ._app import app
+from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, load_tagger, report_failure,
+                      run_options, stderr_console)
+from ._errors import EXIT_FAILED, cli_errors, debug_enabled, say
+
+
+@app.command()
+@run_options
+def classify(
+    paths: PathsArg,
+    run: RunOptions,
+    model: ModelOpt = DEFAULT_MODEL,
+    top: Annotated[Optional[int], typer.Option(min=0, metavar="N", help="Labels per file (0 = all; default 5, or all with --threshold).")] = None,
+    threshold: Annotated[Optional[float], typer.Option(metavar="P", help="Keep labels with score >= P.")] = None,
+    include: Annotated[Optional[list[str]], typer.Option(metavar="LABEL", help="Only these labels (repeatable, case-insensitive).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(metavar="LABEL", help="Never these labels (repeatable, case-insensitive).")] = None,
+    format: Annotated[Optional[OutputFormat], typer.Option("--format", "-f", help="Output format (default: from the --output extension, else table on a terminal and jsonl otherwise).")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="FILE", help="Write to this file (json/csv atomically, jsonl line by line).")] = None,
+    resume: Annotated[bool, typer.Option(help="With --output x.jsonl: skip files already recorded there, retry failed ones.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing non-empty --output.")] = False,
+    activation: Annotated[Activation, typer.Option(help="sigmoid (multi-label, default), softmax, or none (raw logits).")] = Activation.sigmoid,
+    segments: Annotated[bool, typer.Option(help="Add per-window results (start, end, labels).")] = False,
+    aggregate: Annotated[Aggregate, typer.Option(help="Window scores -> file score.")] = Aggregate.max,
+    ext: ExtOpt = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Tag audio files with ranked labels and scores.
+
+    Long files are cut into windows of the model's input length (10.24 s for AudioSet models) and the
+    window scores aggregated; --segments shows each window.
+
+    Examples:
+
+      ast classify song.wav --top 5
+
+      ast classify recordings/ --format jsonl --output tags.jsonl --resume
+
+      find . -name '*.flac' | ast classify - --threshold 0.3 --format csv > tags.csv
+    """
+    stderr = stderr_console()
+    with cli_errors(stderr, debug):
+        from ..inputs import expand_inputs, parse_extensions
+        from ..output import plan_output
+        from ..sources import as_sources
+        from ..tagger import LabelSelection
+
+        run.validate()
+        selection = LabelSelection.from_options(top, threshold, include, exclude, activation)
+        items = expand_inputs(paths, parse_extensions(ext), stdin=sys.stdin)
+        target = plan_output(output, format, resume=resume, overwrite=overwrite, inputs=items,
+                             default="table" if sys.stdout.isatty() and output is None else "jsonl")
+        sources = as_sources(items)
+        if target.journal is not None:
+            todo = target.journal.pending(sources)
+            if not quiet:
+                say(stderr, f"resuming: {len(sources) - len(todo)} of {len(sources)} files already in {output}")
+            sources = todo
+        if not sources:
+            if not items:
+                say(stderr, "no audio files found in the given paths")
+            target.open(segments).close(commit=not target.journal)  # an empty list given on purpose: exit 0
+            return
+        tagger = load_tagger(model, run, stderr, quiet)
+        selection.mask(tagger.labels)  # unknown --include/--exclude names fail before any output is opened
+        failed = _run(tagger, sources, target, selection, activation, aggregate, segments, stderr, quiet, debug)
+        if failed:
+            raise typer.Exit(EXIT_FAILED)
+
+
+def _run(tagger, sources, target, selection, activation, aggregate, segments, stderr, quiet, debug) -> int:
+    """Tag ``sources`` into ``target``; returns how many failed. Ctrl-C keeps what is done (jsonl) or leaves
+    the earlier file as it was (json/csv)."""
+    from ._io import native_stderr_silenced
+    from ._progress import BatchProgress
+
+    writer = target.open(segments)
+    failed = 0
+    progress = BatchProgress(stderr, len(sources), enabled=not quiet and stderr.is_terminal)
+    engine = tagger.engine()
+    try:
+        with native_stderr_silenced(not debug_enabled(debug)), progress:
+            results = tagger.classify(sources, selection=selection, activation=activation, aggregate=aggregate,
+                                      segments=segments, engine=engine,
+                                      on_progress=lambda out: progress.advance(out.duration))
+            for result in results:
+                if result.error is not None:
+                    failed += 1
+                    report_failure(stderr, result.path, result.error)
+                    if debug_enabled(debug) and result.exception is not None:
+                        from ._errors import traceback_text
+
+                        stderr.print(traceback_text(result.exception), markup=False, highlight=False)
+                writer.write(result)
+    except BaseException:
+        engine.stop()
+        writer.close(commit=False)
+        raise
+    writer.close(commit=True)
+    return failed

@@ -1,0 +1,100 @@
+"""``ast extract-features``: per-window model inputs or pooled embeddings, one output file per input."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+from ..options import RunOptions
+from ._app import app
+from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, fetch_model, load_tagger,
+                      report_failure, run_options, stderr_console)
+from ._errors import EXIT_FAILED, cli_errors, debug_enabled, say
+
+
+class Kind(str, Enum):
+    embedding = "embedding"
+    fbank = "fbank"
+
+
+class FeatureFormat(str, Enum):
+    safetensors = "safetensors"
+    npy = "npy"
+
+
+@app.command("extract-features")
+@run_options
+def extract_features_command(
+    paths: PathsArg,
+    run: RunOptions,
+    out: Annotated[str, typer.Option("--out", "-o", metavar="DIR", help="Output directory; mirrors the input tree.")],
+    kind: Annotated[Kind, typer.Option(help="embedding (pooled, hidden_size per window) or fbank (the model input).")] = Kind.embedding,
+    format: Annotated[FeatureFormat, typer.Option("--format", "-f", help="safetensors, or npy (+ a .json metadata file).")] = FeatureFormat.safetensors,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Recompute outputs that exist (default: skip them).")] = False,
+    model: ModelOpt = DEFAULT_MODEL,
+    ext: ExtOpt = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Write each file's model inputs (fbank) or pooled embeddings, one output file per input.
+
+    One row per window of the model's input length (10.24 s for AudioSet models): --kind embedding gives
+    (windows, hidden_size), --kind fbank (windows, max_length, num_mel_bins), exactly what the model sees
+    (fbank needs only the model's configuration, not its weights). DIR mirrors the input tree:
+    DIR/<path below the given directory>.safetensors, or the basename for files named directly. Existing
+    outputs are skipped unless --overwrite, so a rerun resumes; writes are atomic. A summary goes to stderr.
+
+    Examples:
+
+      ast extract-features recordings/ --out embeddings/
+
+      ast extract-features recordings/ --out fbank/ --kind fbank --format npy
+
+      ast extract-features 'clips/*.flac' --out embeddings/ --hop 5 --overwrite
+    """
+    stderr = stderr_console()
+    with cli_errors(stderr, debug):
+        from ..errors import UsageError
+        from ..extract import FeatureExtractor, load_feature_config, plan_outputs
+        from ..inputs import expand_inputs, parse_extensions
+
+        run.validate()
+        items = expand_inputs(paths, parse_extensions(ext), stdin=sys.stdin)
+        if not items:
+            raise UsageError("no audio files found in the given paths", hint="check --ext, or name files directly")
+        jobs = plan_outputs(items, out, format.value)  # output collisions fail here, before any work
+        todo = sum(1 for job in jobs if overwrite or not job.exists)
+
+        extractor = None  # a rerun with nothing left to do loads no model
+        if todo and kind is Kind.embedding:
+            extractor = FeatureExtractor.embeddings(load_tagger(model, run, stderr, quiet), model)
+        elif todo:
+            path = fetch_model(model, run, stderr, quiet)  # downloads a missing hub model, like classify
+            extractor = FeatureExtractor.fbank(model, load_feature_config(str(path), offline=run.offline), run)
+        counts = {"written": 0, "skipped": 0, "failed": 0}
+        try:
+            _run(jobs, extractor, format.value, overwrite, todo, counts, stderr, quiet, debug)
+        finally:  # also after Ctrl-C: what was written is complete and stays
+            say(stderr, f"{counts['written']} written, {counts['skipped']} skipped (already in {out}), "
+                        f"{counts['failed']} failed")
+        if counts["failed"]:
+            raise typer.Exit(EXIT_FAILED)
+
+
+def _run(jobs, extractor, fmt: str, overwrite: bool, todo: int, counts: dict, stderr, quiet: bool,
+         debug: bool) -> None:
+    from ..extract import extract_features
+    from ._io import native_stderr_silenced
+    from ._progress import BatchProgress
+
+    progress = BatchProgress(stderr, todo, enabled=not quiet and stderr.is_terminal, description="extracting")
+    with native_stderr_silenced(not debug_enabled(debug)), progress:
+        results = extract_features(jobs, extractor, fmt=fmt, overwrite=overwrite,
+                                   on_progress=lambda done: progress.advance(done.duration))
+        for result in results:
+            counts[result.status] += 1
+            if result.error is not None:
+                report_failure(stderr, result.path, result.error)

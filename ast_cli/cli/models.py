@@ -1,0 +1,150 @@
+"""``ast download``, ``ast models`` and ``ast labels``: the models, the hub cache and label lists."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Optional
+
+import typer
+
+from ..constants import DEFAULT_MODEL
+from ..options import RunOptions
+from ._app import app
+from ._common import CacheDirOpt, DebugOpt, ModelOpt, OfflineOpt, QuietOpt, fetch_model, stderr_console
+from ._errors import cli_errors, debug_enabled, print_error, say
+
+
+class ListFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
+ListFormatOpt = Annotated[ListFormat, typer.Option("--format", "-f", help="table or json.")]
+
+
+@app.command()
+def download(
+    models: Annotated[
+        Optional[list[str]],
+        typer.Argument(metavar="MODEL...", show_default=False,
+                       help="Aliases or hub ids (ORG/NAME[@REV]); default: the default model of classify."),
+    ] = None,
+    revision: Annotated[Optional[str], typer.Option(metavar="REV", help="Branch, tag or commit (default: main).")] = None,
+    cache_dir: CacheDirOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Download again even if cached (repairs a corrupt file).")] = False,
+    list_models: Annotated[bool, typer.Option("--list", help="List the model aliases instead (as `ast models`).")] = False,
+    format: ListFormatOpt = ListFormat.table,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Download models into the Hugging Face cache, so that they work offline; print each local path.
+
+    Fetches config.json, preprocessor_config.json and model.safetensors (pytorch_model.bin only when a
+    repo has no safetensors) from HF_ENDPOINT (default huggingface.co), with HF_TOKEN for private repos,
+    into HF_HUB_CACHE (default HF_HOME/hub), where every Hugging Face tool looks. Files already cached
+    are not downloaded again; all files come from one commit.
+
+    Examples:
+
+      ast download
+
+      ast download speech-commands-v2 audioset-16-16-0.442
+
+      HF_ENDPOINT=https://hf-mirror.example ast download MIT/ast-finetuned-audioset-10-10-0.4593@main
+    """
+    if list_models:
+        _list_models(format, cache_dir, debug)
+        return
+    stderr = stderr_console()
+    with cli_errors(stderr, debug):
+        from .. import hub
+
+        failed_code = 0
+        for name in models or [DEFAULT_MODEL]:
+            try:
+                result = hub.download(name, revision=revision, cache_dir=cache_dir, force=force,
+                                      progress=not quiet and stderr.is_terminal)
+            except Exception as exc:
+                if debug_enabled(debug) or len(models or ()) <= 1:
+                    raise  # one model: cli_errors reports it
+                failed_code = max(failed_code, print_error(stderr, exc))  # a bad name never sinks the rest
+                continue
+            typer.echo(str(result.path))
+            if not quiet:
+                how = "downloaded" if result.fetched else "already in the cache"
+                say(stderr, f"{name}: {', '.join(result.files)} ({result.size / 1e6:.1f} MB) {how}")
+        if failed_code:
+            raise typer.Exit(failed_code)
+
+
+@app.command()
+def models(
+    format: ListFormatOpt = ListFormat.table,
+    cache_dir: CacheDirOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """List the model aliases: hub id, labels, input length, strides, and whether each is in the cache.
+
+    Any alias works wherever a model is named (--model, ast download); so does a hub id (ORG/NAME[@REV]),
+    a local directory in hub layout, or a weights file.
+
+    Examples:
+
+      ast models
+
+      ast models --format json | jq -r '.[] | select(.cached) | .alias'
+
+      ast classify clip.wav --model speech-commands-v2
+    """
+    _list_models(format, cache_dir, debug)
+
+
+def _list_models(fmt: ListFormat, cache_dir: str | None, debug: bool) -> None:
+    with cli_errors(stderr_console(), debug):
+        import json
+
+        from .. import hub
+
+        cached = hub.cached_models(cache_dir)
+        rows = [
+            {
+                "alias": spec.alias, "repo_id": spec.repo_id, "num_labels": spec.num_labels,
+                "max_length": spec.max_length, "input_seconds": spec.input_seconds,
+                "frequency_stride": spec.frequency_stride, "time_stride": spec.time_stride,
+                "mean": spec.mean, "std": spec.std, "default": spec.repo_id == DEFAULT_MODEL,
+                "cached": spec.repo_id in cached,
+                "path": str(cached[spec.repo_id]) if spec.repo_id in cached else None,
+            }
+            for spec in hub.REGISTRY
+        ]
+        if fmt is ListFormat.json:
+            typer.echo(json.dumps(rows, indent=2))
+            return
+        from ._render import print_models
+
+        print_models(rows)
+
+
+@app.command()
+def labels(
+    model: ModelOpt = DEFAULT_MODEL,
+    offline: OfflineOpt = False,
+    cache_dir: CacheDirOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """List a model's labels, one per line: index, tab, name.
+
+    Examples:
+
+      ast labels
+
+      ast labels --model speech-commands-v2 | grep -i yes
+    """
+    stderr = stderr_console()
+    with cli_errors(stderr, debug):
+        from ..weights import load_checkpoint, read_configs
+
+        path = fetch_model(model, RunOptions(offline=offline or None, cache_dir=cache_dir), stderr, quiet=False)
+        config = read_configs(path)[0] if path.is_dir() else load_checkpoint(path).config
+        for index, name in enumerate(config.id2label):
+            typer.echo(f"{index}\t{name}")

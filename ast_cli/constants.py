@@ -1,0 +1,17 @@
+"""Facts every module shares, defined once. Importing this module imports nothing else."""
+
+SAMPLE_RATE = 16000  # Hz: what every AST checkpoint (and ASTFeatureExtractor) expects
+FRAME_LENGTH = 400  # samples per spectrogram frame (25 ms)
+HOP_LENGTH = 160  # samples between frames (10 ms)
+FRAME_SECONDS = HOP_LENGTH / SAMPLE_RATE  # 0.01 s: one frame of model input per 10 ms
+N_FFT = 512  # a frame zero-padded to the next power of two
+
+# Feature normalization of the published checkpoints (preprocessor_config.json "mean" / "std").
+AUDIOSET_MEAN = -4.2677393
+AUDIOSET_STD = 4.5689974
+AUDIOSET_MAX_LENGTH = 1024  # frames: 10.24 s
+SPEECH_COMMANDS_MEAN = -6.845978
+SPEECH_COMMANDS_STD = 5.5654526
+SPEECH_COMMANDS_MAX_LENGTH = 128  # frames: 1.28 s
+
+DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"

@@ -1,0 +1,142 @@
+"""Run options shared by every front end, as one typed object, and the choice types behind them.
+
+``RunOptions`` says how the model runs and how audio is cut (device, dtype, attention, int8, threads, batch
+size, decoding workers, window hop, hub cache and offline mode). Every command takes the same bundle; library
+callers build one directly. ``validate()`` checks everything that can be checked without loading a model, so
+a bad value fails before any output is opened.
+
+This module imports no torch: the CLI uses the enums for option parsing and completion.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+from .constants import FRAME_SECONDS
+from .errors import UsageError
+
+
+class Attn(str, Enum):
+    """Attention implementation: ``sdpa`` (torch's fused kernel) or ``eager`` (the reference's matmul-softmax)."""
+
+    sdpa = "sdpa"
+    eager = "eager"
+
+
+class DType(str, Enum):
+    """Compute dtype; ``auto`` is fp16 on CUDA and fp32 elsewhere."""
+
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class Quantize(str, Enum):
+    """``int8``: dynamic int8 Linear layers on the CPU (``none``: off)."""
+
+    none = "none"
+    int8 = "int8"
+
+
+class Activation(str, Enum):
+    """Logits -> scores: ``sigmoid`` (multi-label, AudioSet), ``softmax`` (single-label), ``none`` (raw)."""
+
+    sigmoid = "sigmoid"
+    softmax = "softmax"
+    none = "none"
+
+
+class Aggregate(str, Enum):
+    """Window scores -> one file score: ``max`` (an event anywhere counts) or ``mean`` (typical content)."""
+
+    max = "max"
+    mean = "mean"
+
+
+class OutputFormat(str, Enum):
+    """How ``classify`` writes results."""
+
+    table = "table"
+    json = "json"
+    jsonl = "jsonl"
+    csv = "csv"
+    tsv = "tsv"
+
+
+def torch_dtype(name: str):
+    """``fp32``/``fp16``/``bf16`` -> the torch dtype (the one such map in the package)."""
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[DType(name).value]
+
+
+def dtype_name(dtype) -> str:
+    """A torch float dtype -> ``fp32``/``fp16``/``bf16``."""
+    import torch
+
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+
+MAX_WORKERS = 64  # decoding threads: more only costs memory (each holds a decode block)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run computes. Strings are accepted for the enum fields (``RunOptions(dtype="bf16")``)."""
+
+    device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
+    dtype: DType = DType.auto
+    attn: Attn = Attn.sdpa
+    quantize: Quantize = Quantize.none
+    threads: int | None = None  # CPU threads for the model; None: torch's default
+    batch_size: int = 4  # windows per model call
+    workers: int = 2  # decoding / feature threads
+    hop_seconds: float | None = None  # between window starts; None: the window length (no overlap)
+    offline: bool | None = None  # None: HF_HUB_OFFLINE decides
+    cache_dir: str | None = None  # hub cache; None: HF_HUB_CACHE or HF_HOME/hub
+
+    def __post_init__(self) -> None:
+        for name, kind in (("dtype", DType), ("attn", Attn), ("quantize", Quantize)):
+            value = getattr(self, name)
+            if value is None and kind is Quantize:
+                value = Quantize.none
+            try:
+                object.__setattr__(self, name, kind(value.value if isinstance(value, Enum) else value))
+            except ValueError:
+                choices = ", ".join(k.value for k in kind)
+                raise UsageError(f"must be one of {choices}, not {value!r}", option=name) from None
+
+    def validate(self) -> "RunOptions":
+        """Check every value that can be checked before loading anything; returns self."""
+        for name, low, high in (("batch_size", 1, 1 << 16), ("workers", 1, MAX_WORKERS), ("threads", 1, 4096)):
+            value = getattr(self, name)
+            if value is None and name == "threads":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise UsageError(f"must be a whole number from {low} to {high}, not {value!r}", option=name)
+        hop_frames(self.hop_seconds)
+        if self.quantize is Quantize.int8 and self.dtype not in (DType.auto, DType.fp32):
+            raise UsageError("int8 computes in float32 around its int8 layers", option="quantize",
+                             suggest={"dtype": None})
+        return self
+
+    @property
+    def hop_frames(self) -> int | None:
+        return hop_frames(self.hop_seconds)
+
+
+def hop_frames(hop_seconds: float | None) -> int | None:
+    """Window hop in seconds -> 10 ms frames (None: windows do not overlap). Out of range is a UsageError."""
+    if hop_seconds is None:
+        return None
+    if not isinstance(hop_seconds, (int, float)) or isinstance(hop_seconds, bool) or not math.isfinite(hop_seconds):
+        raise UsageError(f"must be a finite number of seconds, not {hop_seconds!r}", option="hop_seconds")
+    if hop_seconds > 24 * 3600:
+        raise UsageError(f"{hop_seconds} s is longer than a day", option="hop_seconds")
+    frames = round(hop_seconds / FRAME_SECONDS)
+    if frames < 1:
+        raise UsageError(f"{hop_seconds} s is shorter than one frame (0.01 s)", option="hop_seconds")
+    return frames
