@@ -12,11 +12,22 @@ from typing import Any, Literal
 
 
 class AstError(Exception):
-    """Base class: an expected failure with a message fit for a user."""
+    """Base class: an expected failure with a message fit for a user.
 
-    def __init__(self, message: str, *, hint: str | None = None):
+    Subclasses declare their structured fields as annotated class attributes (with defaults); they are set
+    from keyword arguments: ``ModelNotFoundError("...", model="x", problem="not_cached")``.
+    """
+
+    hint: str | None = None
+
+    def __init__(self, message: str, **fields: Any):
         super().__init__(message)
-        self.hint = hint
+        known = {name for cls in type(self).__mro__ for name in getattr(cls, "__annotations__", {})}
+        unknown = set(fields) - known
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no field {', '.join(sorted(unknown))}")
+        for name, value in fields.items():
+            setattr(self, name, value)
 
 
 class UsageError(AstError):
@@ -27,19 +38,14 @@ class UsageError(AstError):
     ``True`` for a switch, ``None`` for "drop this option").
     """
 
-    def __init__(self, message: str, *, option: str | None = None, suggest: dict[str, Any] | None = None,
-                 hint: str | None = None):
-        super().__init__(message, hint=hint)
-        self.option = option
-        self.suggest = suggest or {}
+    option: str | None = None
+    suggest: dict[str, Any] = {}
 
 
 class AudioDecodeError(AstError):
     """A file could not be read as audio (missing, empty, truncated, unsupported...)."""
 
-    def __init__(self, message: str, *, needs_ffmpeg: bool = False, hint: str | None = None):
-        super().__init__(message, hint=hint)
-        self.needs_ffmpeg = needs_ffmpeg
+    needs_ffmpeg: bool = False
 
 
 ModelProblem = Literal["unknown_name", "no_such_path", "not_cached", "no_such_repo", "no_such_revision",
@@ -52,12 +58,9 @@ class ModelNotFoundError(AstError):
     ``model``: the name as given; ``problem``: which of ``ModelProblem``; ``suggestion``: a close alias, if any.
     """
 
-    def __init__(self, message: str, *, model: str, problem: ModelProblem, suggestion: str | None = None,
-                 hint: str | None = None):
-        super().__init__(message, hint=hint)
-        self.model = model
-        self.problem = problem
-        self.suggestion = suggestion
+    model: str | None = None
+    problem: ModelProblem | None = None
+    suggestion: str | None = None
 
 
 class CheckpointError(AstError):
@@ -67,28 +70,21 @@ class CheckpointError(AstError):
     download can repair a ``corrupt`` file).
     """
 
-    def __init__(self, message: str, *, path: str | None = None, model: str | None = None, corrupt: bool = False,
-                 hint: str | None = None):
-        super().__init__(message, hint=hint)
-        self.path = path
-        self.model = model
-        self.corrupt = corrupt
+    path: str | None = None
+    model: str | None = None
+    corrupt: bool = False
 
 
 class HubError(AstError):
     """The Hugging Face hub could not be reached or refused the request (``model``: the name as given)."""
 
-    def __init__(self, message: str, *, model: str | None = None, hint: str | None = None):
-        super().__init__(message, hint=hint)
-        self.model = model
+    model: str | None = None
 
 
 class DeviceOutOfMemoryError(AstError):
     """The model ran out of device (or host) memory on a batch of ``batch_size`` windows."""
 
-    def __init__(self, message: str = "out of memory on the device", *, batch_size: int | None = None):
-        super().__init__(message)
-        self.batch_size = batch_size
+    batch_size: int | None = None
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from . import DEFAULT_MODEL, __version__
+from . import __version__
+from .constants import (AUDIOSET_MAX_LENGTH, AUDIOSET_MEAN, AUDIOSET_STD, DEFAULT_MODEL, FRAME_SECONDS,
+                        SPEECH_COMMANDS_MAX_LENGTH, SPEECH_COMMANDS_MEAN, SPEECH_COMMANDS_STD)
 from .errors import AstError, CheckpointError, HubError, ModelNotFoundError, UsageError
 
 # The hub layout's file names. weights.py takes them from here: this module must not import torch, since
@@ -45,7 +47,6 @@ AST_MODEL_TYPE = "audio-spectrogram-transformer"  # config.json "model_type" of 
 LIBRARY_NAME = "ast-cli"  # sent to the hub as library_name / library_version, like every HF-based tool
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_REVISION = "main"
-FRAME_SHIFT_SECONDS = 0.01  # one spectrogram frame per 10 ms (features.HOP_LENGTH / SAMPLE_RATE)
 _TRUE = {"1", "ON", "YES", "TRUE"}  # what huggingface_hub accepts as true in HF_HUB_OFFLINE
 _RETRY_HINT = "check the network (and HF_ENDPOINT, proxies), then try again; files already complete are kept"
 
@@ -69,10 +70,10 @@ class ModelSpec:
     @property
     def input_seconds(self) -> float:
         """Audio per model input (window length), in seconds."""
-        return round(self.max_length * FRAME_SHIFT_SECONDS, 2)
+        return round(self.max_length * FRAME_SECONDS, 2)
 
 
-_AUDIOSET = dict(max_length=1024, num_labels=527, mean=-4.2677393, std=4.5689974)
+_AUDIOSET = dict(max_length=AUDIOSET_MAX_LENGTH, num_labels=527, mean=AUDIOSET_MEAN, std=AUDIOSET_STD)
 
 REGISTRY: tuple[ModelSpec, ...] = (
     ModelSpec("audioset-10-10-0.4593", "MIT/ast-finetuned-audioset-10-10-0.4593", 10, 10, **_AUDIOSET),
@@ -83,7 +84,8 @@ REGISTRY: tuple[ModelSpec, ...] = (
     ModelSpec("audioset-14-14-0.443", "MIT/ast-finetuned-audioset-14-14-0.443", 14, 14, **_AUDIOSET),
     ModelSpec("audioset-16-16-0.442", "MIT/ast-finetuned-audioset-16-16-0.442", 16, 16, **_AUDIOSET),
     ModelSpec("speech-commands-v2", "MIT/ast-finetuned-speech-commands-v2", 10, 10,
-              max_length=128, num_labels=35, mean=-6.845978, std=5.5654526),
+              max_length=SPEECH_COMMANDS_MAX_LENGTH, num_labels=35, mean=SPEECH_COMMANDS_MEAN,
+              std=SPEECH_COMMANDS_STD),
 )
 
 

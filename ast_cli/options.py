@@ -18,52 +18,26 @@ from .constants import FRAME_SECONDS
 from .errors import UsageError
 
 
-class Attn(str, Enum):
-    """Attention implementation: ``sdpa`` (torch's fused kernel) or ``eager`` (the reference's matmul-softmax)."""
-
-    sdpa = "sdpa"
-    eager = "eager"
-
-
-class DType(str, Enum):
-    """Compute dtype; ``auto`` is fp16 on CUDA and fp32 elsewhere."""
-
-    auto = "auto"
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
+def _choices(name: str, values: str, doc: str) -> type[Enum]:
+    """A str-valued Enum (what Typer turns into a checked, completable choice): ``_choices("X", "a b", ...)``."""
+    kind = Enum(name, [(v, v) for v in values.split()], type=str, module=__name__)
+    kind.__doc__ = doc
+    return kind
 
 
-class Quantize(str, Enum):
-    """``int8``: dynamic int8 Linear layers on the CPU (``none``: off)."""
-
-    none = "none"
-    int8 = "int8"
-
-
-class Activation(str, Enum):
-    """Logits -> scores: ``sigmoid`` (multi-label, AudioSet), ``softmax`` (single-label), ``none`` (raw)."""
-
-    sigmoid = "sigmoid"
-    softmax = "softmax"
-    none = "none"
-
-
-class Aggregate(str, Enum):
-    """Window scores -> one file score: ``max`` (an event anywhere counts) or ``mean`` (typical content)."""
-
-    max = "max"
-    mean = "mean"
-
-
-class OutputFormat(str, Enum):
-    """How ``classify`` writes results."""
-
-    table = "table"
-    json = "json"
-    jsonl = "jsonl"
-    csv = "csv"
-    tsv = "tsv"
+# The choices. Attn: sdpa (torch's fused kernel) or eager (the reference's matmul-softmax). DType: auto is fp16
+# on CUDA, fp32 elsewhere. Quantize int8: dynamic int8 Linear layers on the CPU. Activation: sigmoid for
+# multi-label checkpoints (AudioSet), softmax for single-label ones, none for raw logits. Aggregate: window
+# scores -> one file score, max (an event anywhere counts) or mean (typical content).
+Attn = _choices("Attn", "sdpa eager", "Attention implementation.")
+DType = _choices("DType", "auto fp32 fp16 bf16", "Compute dtype.")
+Quantize = _choices("Quantize", "none int8", "Integer quantization of the Linear layers.")
+Activation = _choices("Activation", "sigmoid softmax none", "Logits -> scores.")
+Aggregate = _choices("Aggregate", "max mean", "Window scores -> one file score.")
+OutputFormat = _choices("OutputFormat", "table json jsonl csv tsv", "How classify writes results.")
+ListFormat = _choices("ListFormat", "table json", "How a listing or report is printed.")
+FeatureKind = _choices("FeatureKind", "embedding fbank", "What extract-features writes.")
+FeatureFormat = _choices("FeatureFormat", "safetensors npy", "The file format of extracted features.")
 
 
 def torch_dtype(name: str):

@@ -333,7 +333,7 @@ def test_kill_9_then_resume_gives_every_file_exactly_once(tiny_checkpoint, tmp_p
     args = [tmp_path / "in", "--model", tiny_checkpoint[0], "-f", "jsonl", "-o", out, "--batch-size", "1",
             "--workers", "1"]
     proc = _start(args)
-    _wait_for_lines(out, 3, proc)
+    assert _wait_for_lines(out, 3, proc), "the run never wrote 3 records"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     with open(out, "a") as handle:  # as if killed in the middle of a write
@@ -343,6 +343,7 @@ def test_kill_9_then_resume_gives_every_file_exactly_once(tiny_checkpoint, tmp_p
     assert finished.returncode == 0, finished.stderr
     paths = [r["path"] for r in jsonl(out.read_text())]
     assert sorted(paths) == sorted(str(c) for c in clips) and len(paths) == len(set(paths))
+    assert "resuming: " in finished.stderr and "resuming: 0 " not in finished.stderr  # the killed run's work kept
 
 
 def test_ctrl_c_stops_cleanly_with_130(tiny_checkpoint, tmp_path):

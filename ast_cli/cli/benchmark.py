@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from enum import Enum
 from typing import Annotated, Optional
 
 import typer
 
 from ..constants import DEFAULT_MODEL
-from ..options import RunOptions
+from ..options import ListFormat, RunOptions
 from ._app import app
 from ._common import (CacheDirOpt, DebugOpt, ExtOpt, ModelOpt, OfflineOpt, QuietOpt, fetch_model, stderr_console,
                       warn_if_slow_bf16)
 from ._errors import cli_errors, debug_enabled, say
-
-
-class ReportFormat(str, Enum):
-    table = "table"
-    json = "json"
 
 
 @app.command()
@@ -37,7 +31,7 @@ def benchmark(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, metavar="N", help="Windows per model call with --end-to-end.")] = 4,
     workers: Annotated[int, typer.Option(min=1, max=64, metavar="N", help="Decoding/feature threads with --end-to-end.")] = 2,
     threads: Annotated[Optional[int], typer.Option(min=1, metavar="N", help="CPU threads for the model (default: torch's).")] = None,
-    format: Annotated[ReportFormat, typer.Option("--format", "-f", help="table or json.")] = ReportFormat.table,
+    format: Annotated[ListFormat, typer.Option("--format", "-f", help="table or json.")] = ListFormat.table,
     ext: ExtOpt = None,
     offline: OfflineOpt = False,
     cache_dir: CacheDirOpt = None,
@@ -89,7 +83,7 @@ def benchmark(
                 iters=iters or (10 if gpu else 3), warmup=(3 if gpu else 1) if warmup is None else warmup,
                 paths=files, batch_size=batch_size, workers=workers,
                 on_step=status.update if status is not None else None)
-        if format is ReportFormat.json:
+        if format is ListFormat.json:
             import json
 
             typer.echo(json.dumps(report.to_dict(), indent=2))

@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import sys
-from enum import Enum
 from typing import Annotated
 
 import typer
 
-from ..options import RunOptions
+from ..options import FeatureFormat, FeatureKind, RunOptions
 from ._app import app
 from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, fetch_model, load_tagger,
                       report_failure, run_options, stderr_console)
 from ._errors import EXIT_FAILED, cli_errors, debug_enabled, say
-
-
-class Kind(str, Enum):
-    embedding = "embedding"
-    fbank = "fbank"
-
-
-class FeatureFormat(str, Enum):
-    safetensors = "safetensors"
-    npy = "npy"
 
 
 @app.command("extract-features")
@@ -31,7 +20,7 @@ def extract_features_command(
     paths: PathsArg,
     run: RunOptions,
     out: Annotated[str, typer.Option("--out", "-o", metavar="DIR", help="Output directory; mirrors the input tree.")],
-    kind: Annotated[Kind, typer.Option(help="embedding (pooled, hidden_size per window) or fbank (the model input).")] = Kind.embedding,
+    kind: Annotated[FeatureKind, typer.Option(help="embedding (pooled, hidden_size per window) or fbank (the model input).")] = FeatureKind.embedding,
     format: Annotated[FeatureFormat, typer.Option("--format", "-f", help="safetensors, or npy (+ a .json metadata file).")] = FeatureFormat.safetensors,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Recompute outputs that exist (default: skip them).")] = False,
     model: ModelOpt = DEFAULT_MODEL,
@@ -69,7 +58,7 @@ def extract_features_command(
         todo = sum(1 for job in jobs if overwrite or not job.exists)
 
         extractor = None  # a rerun with nothing left to do loads no model
-        if todo and kind is Kind.embedding:
+        if todo and kind is FeatureKind.embedding:
             extractor = FeatureExtractor.embeddings(load_tagger(model, run, stderr, quiet), model)
         elif todo:
             path = fetch_model(model, run, stderr, quiet)  # downloads a missing hub model, like classify

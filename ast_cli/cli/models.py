@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Annotated, Optional
 
 import typer
 
 from ..constants import DEFAULT_MODEL
-from ..options import RunOptions
+from ..options import ListFormat, RunOptions
 from ._app import app
 from ._common import CacheDirOpt, DebugOpt, ModelOpt, OfflineOpt, QuietOpt, fetch_model, stderr_console
 from ._errors import cli_errors, debug_enabled, print_error, say
-
-
-class ListFormat(str, Enum):
-    table = "table"
-    json = "json"
 
 
 ListFormatOpt = Annotated[ListFormat, typer.Option("--format", "-f", help="table or json.")]
