@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,7 @@ def _soundfile_info(path: Path) -> AudioInfo | None:
     import soundfile as sf
 
     try:
-        info = sf.info(str(path))
+        info = sf.info(os.fsencode(path))  # bytes: names that are not valid UTF-8 open too
     except sf.LibsndfileError:
         return None
     except RuntimeError:  # older soundfile raises RuntimeError
@@ -114,14 +115,16 @@ def probe(path: str | os.PathLike) -> AudioInfo:
     """Find how to decode ``path``; raises AudioDecodeError with the reason when it cannot be read."""
     path = Path(path)
     try:
-        size = path.stat().st_size
+        info = path.stat()
     except FileNotFoundError:
         raise AudioDecodeError("no such file") from None
     except OSError as exc:
         raise AudioDecodeError(f"cannot open: {exc.strerror or exc}") from None
-    if path.is_dir():
+    if stat.S_ISDIR(info.st_mode):
         raise AudioDecodeError("is a directory")
-    if size == 0:
+    if not stat.S_ISREG(info.st_mode):
+        raise AudioDecodeError("not a regular file")  # sources.FileSource reads pipes and devices as streams
+    if info.st_size == 0:
         raise AudioDecodeError("empty file (0 bytes)")
     if not os.access(path, os.R_OK):
         raise AudioDecodeError("permission denied")
@@ -137,7 +140,7 @@ def _soundfile_blocks(path: Path, block_frames: int) -> Iterator[np.ndarray]:
     import soundfile as sf
 
     try:
-        with sf.SoundFile(str(path)) as f:
+        with sf.SoundFile(os.fsencode(path)) as f:
             while True:
                 block = f.read(block_frames, dtype="float32", always_2d=True)  # (n, channels)
                 if block.shape[0] == 0:

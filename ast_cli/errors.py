@@ -81,6 +81,12 @@ class HubError(AstError):
     model: str | None = None
 
 
+class OutputWriteError(AstError):
+    """An output could not be written (disk full, a device that refuses, a vanished folder): ``path``."""
+
+    path: str | None = None
+
+
 class DeviceOutOfMemoryError(AstError):
     """The model ran out of device (or host) memory on a batch of ``batch_size`` windows."""
 

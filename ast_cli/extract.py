@@ -87,6 +87,7 @@ def plan_outputs(items: Iterable[InputFile], out_dir: str, fmt: Format = "safete
         raise UsageError(f"unknown format {fmt!r} ({', '.join(FORMATS)})", option="format")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"{out_dir} exists and is not a directory", option="out")
+    _check_writable(out_dir)
     jobs: list[Job] = []
     claimed: dict[str, str] = {}
     for item in items:
@@ -101,6 +102,21 @@ def plan_outputs(items: Iterable[InputFile], out_dir: str, fmt: Format = "safete
             claimed[key] = item.path
         jobs.append(Job(item, output, exists=item.error is None and is_done(output, fmt)))
     return jobs
+
+
+def _check_writable(out_dir: str) -> None:
+    """Fail before any work where nothing can be written (a read-only file system, no permission)."""
+    import tempfile
+
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ast-probe-", dir=existing)
+    except OSError as exc:
+        raise UsageError(f"cannot write in {out_dir}: {exc.strerror or exc}", option="out") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 # -- writing -----------------------------------------------------------------------------------------

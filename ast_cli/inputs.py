@@ -38,9 +38,14 @@ def parse_extensions(values: Iterable[str] | None) -> frozenset[str]:
     return frozenset(e for e in exts if e)
 
 
-def _walk(directory: str, extensions: frozenset[str]) -> list[str]:
+def _walk(directory: str, extensions: frozenset[str], unreadable: list[tuple[str, str]]) -> list[str]:
+    """Audio files below ``directory``; directories that cannot be read are added to ``unreadable``."""
     found = []
-    for current, dirs, files in os.walk(directory):
+
+    def onerror(exc: OSError) -> None:
+        unreadable.append((exc.filename or directory, f"cannot read this directory: {exc.strerror or exc}"))
+
+    for current, dirs, files in os.walk(directory, onerror=onerror):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in files:
             if name.startswith("."):
@@ -56,8 +61,9 @@ def expand_inputs(
 ) -> list[InputFile]:
     """Files in a deterministic order, each once. ``-`` reads one path per line from ``stdin``.
 
-    A named path that does not exist becomes an ``InputFile`` with ``error`` set, so that it gets an error
-    record like any unreadable file instead of stopping the run.
+    A named path that does not exist, and a directory that cannot be listed, become ``InputFile``s with
+    ``error`` set, so that they get an error record like any unreadable file instead of stopping the run (or
+    being skipped in silence).
     """
     out: list[InputFile] = []
     seen: set[str] = set()
@@ -70,8 +76,11 @@ def expand_inputs(
 
     def handle(arg: str, from_stdin: bool = False) -> None:
         if os.path.isdir(arg):
-            for path in _walk(arg, extensions):
+            unreadable: list[tuple[str, str]] = []
+            for path in _walk(arg, extensions, unreadable):
                 add(InputFile(path, root=arg))
+            for path, error in unreadable:  # a folder we could not list is a failure, not silence
+                add(InputFile(os.fspath(path), root=arg, error=error))
         elif os.path.exists(arg) or os.path.islink(arg):
             add(InputFile(arg))
         elif not from_stdin and GLOB_CHARS & set(arg):

@@ -56,11 +56,24 @@ class ASTConfig:
         )
         names = {f.name for f in dataclasses.fields(cls)}
         cfg = cls(**{k: v for k, v in raw.items() if k in names})
-        if cfg.hidden_act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu"):
-            raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r}")
-        if cfg.hidden_size % cfg.num_attention_heads:
-            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        cfg.check()
         return cfg
+
+    def check(self) -> None:
+        """ValueError for a config no AST can be built from (a broken or hostile config.json)."""
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size",
+                     "frequency_stride", "time_stride", "max_length", "num_mel_bins"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1 << 20:
+                raise ValueError(f"{name} must be a positive whole number, not {value!r}")
+        if not isinstance(self.layer_norm_eps, (int, float)) or not 0 < self.layer_norm_eps < 1:
+            raise ValueError(f"layer_norm_eps must be a small positive number, not {self.layer_norm_eps!r}")
+        if self.max_length < self.patch_size or self.num_mel_bins < self.patch_size:
+            raise ValueError(f"max_length and num_mel_bins must be at least the patch size ({self.patch_size})")
+        if self.hidden_act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu"):
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
 
     @property
     def num_labels(self) -> int:

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Iterator, Sequence, TextIO
 
-from .errors import UsageError
+from .errors import OutputWriteError, UsageError
 from .options import OutputFormat
 from .tagger import FileResult, LabelScore
 
@@ -291,12 +291,36 @@ class Writer:
     interrupted run, which must leave an earlier file as it was)."""
 
     lock: OutputLock | None = None
+    path: str | None = None
 
-    def write(self, result: FileResult) -> None:  # pragma: no cover - interface
+    def write(self, result: FileResult) -> None:
+        with self._errors():
+            self._write(result)
+
+    def _write(self, result: FileResult) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
     def close(self, commit: bool = True) -> None:
-        self._release()
+        try:
+            with self._errors():
+                self._close(commit)
+        finally:
+            self._release()
+
+    def _close(self, commit: bool) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """An OSError of the output (disk full...) is one ``OutputWriteError`` naming it; a reader that went
+        away (BrokenPipeError) is left for the front end to end quietly."""
+        try:
+            yield
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            where = self.path or "standard output"
+            raise OutputWriteError(f"cannot write {where}: {exc.strerror or exc}", path=self.path) from exc
 
     def _release(self) -> None:
         if self.lock is not None:
@@ -309,42 +333,41 @@ class _StreamWriter(Writer):
     or to a temporary file renamed over the target on commit."""
 
     def __init__(self, stream: IO | None, path: str | None, direct: bool = False):
+        self.path = path
         self._atomic = atomic_write(path) if path and not direct else None
         self._own = path is not None and direct
-        if self._atomic is not None:
-            self.stream = self._atomic.__enter__()
-        elif self._own:
-            self.stream = open(path, "w", encoding="utf-8", newline="")
-        else:
-            self.stream = stream
+        with self._errors():
+            if self._atomic is not None:
+                self.stream = self._atomic.__enter__()
+            elif self._own:
+                self.stream = open(path, "w", encoding="utf-8", newline="")
+            else:
+                self.stream = stream
 
     def _finish(self) -> None:
         """What a complete output ends with (json's closing bracket)."""
 
-    def close(self, commit: bool = True) -> None:
+    def _close(self, commit: bool) -> None:
         try:
             if commit or self._atomic is None:
                 self._finish()
             _flush(self.stream)
-            if self._atomic is not None:
-                if commit:
-                    self._atomic.__exit__(None, None, None)
-                else:
-                    with contextlib.suppress(KeyboardInterrupt):
-                        self._atomic.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
-                self._atomic = None
+            if self._atomic is not None and commit:
+                atomic, self._atomic = self._atomic, None
+                atomic.__exit__(None, None, None)
+        finally:
+            if self._atomic is not None:  # not committed, or the commit failed: the temporary file goes
+                atomic, self._atomic = self._atomic, None
+                with contextlib.suppress(KeyboardInterrupt, OSError):
+                    atomic.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
             elif self._own:
                 self.stream.close()
-        finally:
-            self._release()
 
 
 def _flush(stream) -> None:
     try:
         stream.flush()
-    except BrokenPipeError:
-        raise
-    except (OSError, ValueError):
+    except ValueError:  # already closed
         pass
 
 
@@ -355,7 +378,7 @@ class JsonWriter(_StreamWriter):
         super().__init__(stream, path, direct)
         self.count = 0
 
-    def write(self, result: FileResult) -> None:
+    def _write(self, result: FileResult) -> None:
         self.stream.write("[\n  " if self.count == 0 else ",\n  ")
         self.stream.write(dumps(to_record(result)))
         self.count += 1
@@ -368,24 +391,24 @@ class JsonlWriter(Writer):
     """One line per file, flushed as soon as it is written, so ``tail -f`` and ``--resume`` see it."""
 
     def __init__(self, stream: IO | None = None, path: str | None = None, append: bool = False, fsync: bool = True):
+        self.path = path
         self._own = path is not None
         self._fsync = fsync
-        self.stream = open(path, "a" if append else "w", encoding="utf-8") if path else stream
+        with self._errors():
+            self.stream = open(path, "a" if append else "w", encoding="utf-8") if path else stream
 
-    def write(self, result: FileResult) -> None:
+    def _write(self, result: FileResult) -> None:
         self.stream.write(dumps(to_record(result)) + "\n")
         self.stream.flush()
 
-    def close(self, commit: bool = True) -> None:
+    def _close(self, commit: bool) -> None:
         try:
             _flush(self.stream)
-            if self._own:
-                if self._fsync:
-                    with contextlib.suppress(OSError):
-                        os.fsync(self.stream.fileno())
-                self.stream.close()
+            if self._own and self._fsync:
+                os.fsync(self.stream.fileno())
         finally:
-            self._release()
+            if self._own:
+                self.stream.close()
 
 
 class CsvWriter(_StreamWriter):
@@ -407,7 +430,7 @@ class CsvWriter(_StreamWriter):
         for rank, item in enumerate(labels, 1):
             self.csv.writerow((path, duration, rank, item.label, item.index, item.score) + extra + ("",))
 
-    def write(self, result: FileResult) -> None:
+    def _write(self, result: FileResult) -> None:
         if result.error is not None:
             duration = "" if result.duration is None else round(result.duration, 6)
             blank = ("", "") if self.segments else ()
@@ -431,7 +454,7 @@ class TableWriter(Writer):
     def __init__(self, console):
         self.console = console
 
-    def write(self, result: FileResult) -> None:
+    def _write(self, result: FileResult) -> None:
         from rich.table import Table
         from rich.text import Text
 

@@ -5,7 +5,8 @@ which yields 16 kHz mono float32 arrays and raises ``AudioDecodeError`` on bad d
 the original audio) is exact once ``blocks()`` is exhausted. ``identity()`` gives (size, mtime) for sources
 that are files, so that ``--resume`` can tell whether a file changed.
 
-- ``FileSource``: a file, decoded with soundfile (libsndfile) or the ffmpeg executable (``audio.AudioReader``).
+- ``FileSource``: a file, decoded with soundfile (libsndfile) or the ffmpeg executable (``audio.AudioReader``);
+  a pipe or device path (``/dev/stdin``, ``<(...)``) is read once as a WAV stream.
 - ``ArraySource``: samples already in memory, at any rate, mono or (frames, channels).
 - ``StreamSource``: a byte stream (a pipe, a socket, stdin): WAV, including the unknown-length headers that
   ``arecord`` and ffmpeg write to pipes, or raw PCM (s16le, s32le, f32le) at a given rate and channel count.
@@ -16,6 +17,7 @@ A source is cheap to create; all work happens in ``blocks()``, on the engine's w
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from typing import BinaryIO, Iterable, Iterator, Protocol, runtime_checkable
 
@@ -56,6 +58,15 @@ class FileSource:
     def blocks(self) -> Iterator[np.ndarray]:
         if self.error:
             raise AudioDecodeError(self.error)
+        if _is_stream(self.path):  # /dev/stdin, <(sox ... -t wav -), a named pipe: read once, as a WAV stream
+            try:
+                handle = open(self.path, "rb")
+            except OSError as exc:
+                raise AudioDecodeError(f"cannot open: {exc.strerror or exc}") from None
+            with handle:
+                self._reader = StreamSource(handle, self.name)
+                yield from self._reader.blocks()
+            return
         self._reader = AudioReader(self.path, block_seconds=self.block_seconds)
         yield from self._reader.blocks()
 
@@ -219,6 +230,15 @@ class StreamSource:
 
     def identity(self) -> tuple[int | None, float | None]:
         return None, None
+
+
+def _is_stream(path: str) -> bool:
+    """A FIFO or character device (what a shell's ``<(...)`` and ``/dev/stdin`` are): no size, no seeking."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISSOCK(mode)
 
 
 def _to_float(frames: np.ndarray) -> np.ndarray:

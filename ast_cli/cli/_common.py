@@ -79,6 +79,20 @@ def run_options(command: Callable) -> Callable:
     return wrapper
 
 
+def path_stdin(paths: list[str]):
+    """stdin as a list of paths (for ``-``), decoded as the file system decodes names: a latin-1 name is kept
+    byte for byte (as surrogate escapes) instead of failing the run. None when ``-`` is not among ``paths``."""
+    import io
+    import sys
+
+    if "-" not in paths:
+        return None
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:
+        return sys.stdin
+    return io.TextIOWrapper(buffer, encoding=sys.getfilesystemencoding(), errors="surrogateescape")
+
+
 def stderr_console():
     from rich.console import Console
 

@@ -38,8 +38,14 @@ def native_stderr_silenced(enabled: bool = True) -> Iterator[None]:
             yield
     finally:
         if sys.stderr is not old_stderr:
-            sys.stderr.flush()
-            sys.stderr.close()
+            try:  # stderr may be full or gone (2>/dev/full): messages are best effort
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+            try:
+                sys.stderr.close()
+            except (OSError, ValueError):
+                pass
             sys.stderr = old_stderr
         os.dup2(saved, 2)
         os.close(saved)

@@ -9,6 +9,7 @@ import sys
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a filter whose reader went away
 EXIT_TERMINATED = 143  # 128 + SIGTERM
+stdout_closed = False  # the process started with stdout closed (>&-): data must go to --output
 
 
 class Terminated(KeyboardInterrupt):
@@ -24,8 +25,10 @@ def _devnull(mode: str = "w"):
 
 
 def run_main(app) -> None:
+    global stdout_closed
     if sys.stdout is None:  # started with stdout closed (>&-): data needs --output; nothing may crash
         sys.stdout = _devnull()
+        stdout_closed = True
     if sys.stderr is None:  # 2>&-
         sys.stderr = _devnull()
     if sys.stdin is None:
@@ -44,14 +47,21 @@ def run_main(app) -> None:
 def _quiet_exit(code: int) -> None:
     """Flush stdout and stderr; where a reader went away, point the descriptor at /dev/null so that Python's
     own flush at exit prints nothing."""
-    for stream, fd in ((sys.stdout, 1), (sys.stderr, 2)):
+    for name, fd in (("stdout", 1), ("stderr", 2)):
         try:
-            stream.flush()
+            getattr(sys, name).flush()
         except BrokenPipeError:
             code = EXIT_BROKEN_PIPE if fd == 1 and code == 0 else code
             _to_devnull(fd)
+            setattr(sys, name, _devnull())  # what could not be flushed must not fail Python's own exit
         except (OSError, ValueError):
             _to_devnull(fd)
+            setattr(sys, name, _devnull())
+    if code in (130, EXIT_TERMINATED):
+        # Interrupted: the output is closed and flushed. End now, with this code: waiting for decoder threads
+        # to finish their block would delay the exit, and CPython turns a Ctrl-C that landed inside some C
+        # extensions' start-up code into death by SIGINT at exit, whatever was handled since.
+        os._exit(code)
     sys.exit(code)
 
 

@@ -9,7 +9,7 @@ import typer
 
 from ..options import Activation, Aggregate, OutputFormat, RunOptions
 from ._app import app
-from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, load_tagger, report_failure,
+from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, path_stdin, load_tagger, report_failure,
                       run_options, stderr_console)
 from ._errors import EXIT_FAILED, cli_errors, debug_enabled, say
 
@@ -50,14 +50,19 @@ def classify(
     """
     stderr = stderr_console()
     with cli_errors(stderr, debug):
+        from ..errors import UsageError
         from ..inputs import expand_inputs, parse_extensions
         from ..output import plan_output
         from ..sources import as_sources
         from ..tagger import LabelSelection
 
+        from . import _signals
+
         run.validate()
+        if output is None and _signals.stdout_closed:
+            raise UsageError("stdout is closed: there is nowhere to write the results", option="output")
         selection = LabelSelection.from_options(top, threshold, include, exclude, activation)
-        items = expand_inputs(paths, parse_extensions(ext), stdin=sys.stdin)
+        items = expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths))
         target = plan_output(output, format, resume=resume, overwrite=overwrite, inputs=items,
                              default="table" if sys.stdout.isatty() and output is None else "jsonl")
         sources = as_sources(items)

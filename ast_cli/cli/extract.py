@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
 
 from ..options import FeatureFormat, FeatureKind, RunOptions
 from ._app import app
-from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, fetch_model, load_tagger,
+from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, path_stdin, fetch_model, load_tagger,
                       report_failure, run_options, stderr_console)
 from ._errors import EXIT_FAILED, cli_errors, debug_enabled, say
 
@@ -51,7 +50,7 @@ def extract_features_command(
         from ..inputs import expand_inputs, parse_extensions
 
         run.validate()
-        items = expand_inputs(paths, parse_extensions(ext), stdin=sys.stdin)
+        items = expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths))
         if not items:
             raise UsageError("no audio files found in the given paths", hint="check --ext, or name files directly")
         jobs = plan_outputs(items, out, format.value)  # output collisions fail here, before any work
