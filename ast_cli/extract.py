@@ -23,18 +23,20 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import IO, Callable, Iterable, Iterator, Literal
+from typing import IO, TYPE_CHECKING, Callable, Iterable, Iterator, Literal
 
 import numpy as np
 
 from . import __version__
 from .constants import FRAME_SECONDS
-from .engine import Engine, FileOutput
 from .errors import UsageError
-from .features import FeatureConfig
-from .inputs import InputFile
+from .inputs import InputFile, claim_outputs, mirrored_path
 from .options import RunOptions
-from .output import atomic_write
+from .output import atomic_write, check_writable_dir
+
+if TYPE_CHECKING:  # torch comes with these; planning (what is done already) must not wait for it
+    from .engine import FileOutput
+    from .features import FeatureConfig
 
 Kind = Literal["fbank", "embedding"]
 Format = Literal["safetensors", "npy"]
@@ -58,13 +60,8 @@ class Job:
 
 
 def output_path(item: InputFile, out_dir: str, fmt: Format = "safetensors") -> str:
-    """``out_dir/<path relative to the directory it was found under>`` + suffix; a file named directly keeps
-    its basename. The audio extension stays (``a/song.wav`` -> ``a/song.wav.safetensors``), so ``song.wav``
-    and ``song.flac`` side by side do not collide."""
-    relative = os.path.normpath(item.relative)
-    if os.path.isabs(relative) or relative == ".." or relative.startswith(".." + os.sep):
-        relative = os.path.basename(item.path)  # never write outside out_dir
-    return os.path.join(out_dir, relative + SUFFIXES[fmt])
+    """Where ``item``'s features go: ``inputs.mirrored_path`` with the format's suffix."""
+    return mirrored_path(item, out_dir, SUFFIXES[fmt])
 
 
 def _sidecar(path: str) -> str:
@@ -76,47 +73,86 @@ def is_done(output: str, fmt: Format) -> bool:
     return os.path.isfile(output) and (fmt != "npy" or os.path.isfile(_sidecar(output)))
 
 
-def plan_outputs(items: Iterable[InputFile], out_dir: str, fmt: Format = "safetensors") -> list[Job]:
+@dataclass(frozen=True)
+class Settings:
+    """What an output was computed with; an existing output made otherwise is not this run's to skip."""
+
+    kind: str
+    model: str
+    hop_seconds: float | None = None  # as asked; None: the window length
+    compute: str = "fp32"  # fp32, fp16, bf16 or int8 (embeddings only: fbank does not depend on it)
+
+    @classmethod
+    def of(cls, kind: str, model: str, options: RunOptions) -> "Settings":
+        compute = "int8" if options.quantize.value == "int8" else options.dtype.value
+        return cls(kind, model, options.hop_seconds, "fp32" if compute == "auto" else compute)
+
+    def mismatch(self, metadata: dict) -> str | None:
+        """How ``metadata`` (of an existing output) differs from these settings, or None."""
+        if not metadata:
+            return "unreadable, or not written by ast-cli"
+        if metadata.get("kind") != self.kind:
+            return f"kind {metadata.get('kind')!r}, not {self.kind!r}"
+        if metadata.get("model") != self.model:
+            return f"model {metadata.get('model')!r}, not {self.model!r}"
+        hop, window = metadata.get("hop_seconds"), metadata.get("window_seconds")
+        wanted = window if self.hop_seconds is None else round(round(self.hop_seconds / FRAME_SECONDS) * FRAME_SECONDS, 6)
+        if hop != wanted:
+            return f"hop {hop} s, not {wanted} s"
+        if self.kind == "embedding" and metadata.get("compute", "fp32") != self.compute:
+            return f"computed in {metadata.get('compute', 'fp32')}, not {self.compute}"
+        return None
+
+
+def read_metadata(output: str, fmt: Format) -> dict:
+    """The metadata of an existing output (values decoded from the safetensors header); {} if unreadable."""
+    try:
+        if fmt == "npy":
+            with open(_sidecar(output), encoding="utf-8") as handle:
+                data = json.load(handle)
+            return data if isinstance(data, dict) else {}
+        from safetensors import safe_open
+
+        with safe_open(output, framework="np") as handle:
+            raw = handle.metadata() or {}
+    except Exception:  # unreadable or corrupt (safetensors raises its own kinds): not a finished output
+        return {}
+    out = {}
+    for key, value in raw.items():
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def plan_outputs(items: Iterable[InputFile], out_dir: str, fmt: Format = "safetensors",
+                 settings: Settings | None = None) -> list[Job]:
     """Map every input to its output file, before any work.
 
     Two inputs that would write the same file are a ``UsageError`` naming both (typically two files with the
     same name given directly, or a folder given twice under different names). Inputs that are already
-    unusable (``item.error``) take no part: they fail without writing anything.
+    unusable (``item.error``) take no part: they fail without writing anything. With ``settings``, an existing
+    output made with other settings (another kind, model, hop or precision) is a ``UsageError`` too, unless
+    ``overwrite`` is meant: callers that overwrite pass no settings.
     """
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r} ({', '.join(FORMATS)})", option="format")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"{out_dir} exists and is not a directory", option="out")
-    _check_writable(out_dir)
-    jobs: list[Job] = []
-    claimed: dict[str, str] = {}
-    for item in items:
-        output = output_path(item, out_dir, fmt)
-        if item.error is None:
-            key = os.path.normcase(os.path.abspath(output))
-            if key in claimed:
-                raise UsageError(
-                    f"{claimed[key]} and {item.path} would both be written to {output}",
-                    hint="give their common parent directory instead, or extract them in separate runs",
-                )
-            claimed[key] = item.path
-        jobs.append(Job(item, output, exists=item.error is None and is_done(output, fmt)))
+    check_writable_dir(out_dir)
+    jobs = [Job(item, output, exists=item.error is None and is_done(output, fmt))
+            for item, output in claim_outputs(items, out_dir, SUFFIXES[fmt])]
+    if settings is not None:
+        stale = [(job, settings.mismatch(read_metadata(job.output, fmt))) for job in jobs if job.exists]
+        stale = [(job, why) for job, why in stale if why]
+        if stale:
+            job, why = stale[0]
+            raise UsageError(
+                f"{len(stale)} existing output(s) in {out_dir} were made with other settings or are not ours "
+                f"({job.output}: {why})",
+                option="out", hint="extract into another --out, or replace them with --overwrite")
     return jobs
-
-
-def _check_writable(out_dir: str) -> None:
-    """Fail before any work where nothing can be written (a read-only file system, no permission)."""
-    import tempfile
-
-    existing = os.path.abspath(out_dir)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".ast-probe-", dir=existing)
-    except OSError as exc:
-        raise UsageError(f"cannot write in {out_dir}: {exc.strerror or exc}", option="out") from None
-    os.close(fd)
-    os.unlink(probe)
 
 
 # -- writing -----------------------------------------------------------------------------------------
@@ -169,6 +205,11 @@ class FeatureExtractor:
     model: str
     backend: Callable
     options: RunOptions = RunOptions()
+
+    @property
+    def compute(self) -> str:
+        """The precision recorded with the output (see ``Settings``)."""
+        return Settings.of(self.kind, self.model, self.options).compute
 
     @property
     def features(self) -> FeatureConfig:
@@ -233,6 +274,7 @@ def metadata_for(out: FileOutput, extractor: FeatureExtractor) -> dict:
         "window_ends": [round(end, 6) for _, end in out.windows],
         "source": out.name,
         "duration": None if out.duration is None else round(out.duration, 6),
+        "compute": extractor.compute,
         "ast_cli_version": __version__,
     }
 
@@ -260,6 +302,8 @@ def extract_features(
     if todo:
         if extractor is None:
             raise ValueError("a FeatureExtractor is needed: some jobs have no output yet")
+        from .engine import Engine
+
         options = extractor.options
         engine = Engine(extractor.features, extractor.backend, batch_size=options.batch_size,
                         workers=options.workers, hop_frames=options.hop_frames)

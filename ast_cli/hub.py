@@ -95,6 +95,26 @@ def find_alias(name: str) -> ModelSpec | None:
     return next((spec for spec in REGISTRY if spec.alias == lowered), None)
 
 
+def bundled_labels(name: str) -> tuple[str, ...] | None:
+    """The label list of a published checkpoint (alias or hub id, at its default revision), from the lists that
+    ship with ast-cli (their order is the checkpoints' ``id2label``); None for any other model."""
+    base, _, revision = name.strip().partition("@")
+    spec = find_alias(base) or next((s for s in REGISTRY if s.repo_id == base), None)
+    if spec is None or revision:
+        return None
+    return load_labels("audioset" if spec.num_labels == 527 else "speechcommands")
+
+
+def load_labels(name: str) -> tuple[str, ...]:
+    """Bundled label list ``audioset`` (527) or ``speechcommands`` (35), in checkpoint index order."""
+    import csv
+    from importlib import resources
+
+    text = resources.files("ast_cli").joinpath(f"data/{name}_class_labels_indices.csv").read_text("utf-8")
+    rows = list(csv.DictReader(text.splitlines()))
+    return tuple(row["display_name"] for row in sorted(rows, key=lambda r: int(r["index"])))
+
+
 def _alias_of(repo_id: str) -> str | None:
     return next((spec.alias for spec in REGISTRY if spec.repo_id == repo_id), None)
 
@@ -299,6 +319,23 @@ def cached_checkpoints(cache_dir: str | os.PathLike | None = None) -> list[Cache
                                     refs=tuple(sorted(revision.refs)), size_on_disk=revision.size_on_disk,
                                     last_modified=revision.last_modified))
     return rows
+
+
+def remove_cached(name: str, cache_dir: str | os.PathLike | None = None) -> int:
+    """Delete every cached revision of the model ``name`` (alias or ``ORG/NAME``) with huggingface_hub's own
+    cache deletion; returns the bytes freed. ``ModelNotFoundError(problem="not_cached")`` when there is none."""
+    repo_id, _ = parse_model_name(name)
+    repos = [repo for repo in _scan(cache_dir) if repo.repo_id == repo_id]
+    if not repos:
+        raise ModelNotFoundError(f"model {repo_id!r} is not in the Hugging Face cache ({_cache(cache_dir)})",
+                                 model=name, problem="not_cached", hint="nothing to remove")
+    from huggingface_hub import scan_cache_dir
+
+    hashes = [revision.commit_hash for repo in repos for revision in repo.revisions]
+    strategy = scan_cache_dir(_cache(cache_dir)).delete_revisions(*hashes)
+    freed = strategy.expected_freed_size
+    strategy.execute()
+    return freed
 
 
 def verify_weights(path: Path, name: str | None = None) -> None:

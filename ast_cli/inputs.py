@@ -103,3 +103,35 @@ def expand_inputs(
         else:
             handle(arg)
     return out
+
+
+def mirrored_path(item: InputFile, out_dir: str, suffix: str) -> str:
+    """``out_dir/<path relative to the directory it was found under>`` + suffix; a file named directly keeps
+    its basename. The audio extension stays (``a/song.wav`` -> ``a/song.wav.json``), so ``song.wav`` and
+    ``song.flac`` side by side do not collide."""
+    relative = os.path.normpath(item.relative)
+    if os.path.isabs(relative) or relative == ".." or relative.startswith(".." + os.sep):
+        relative = os.path.basename(item.path)  # never write outside out_dir
+    return os.path.join(out_dir, relative + suffix)
+
+
+def claim_outputs(items: Iterable[InputFile], out_dir: str, suffix: str) -> list[tuple[InputFile, str]]:
+    """(item, its mirrored output) for every item, before any work. Two usable inputs that would write the
+    same file are a ``UsageError`` naming both (two files of one name given directly, or a folder given twice
+    under different names)."""
+    from .errors import UsageError
+
+    pairs = []
+    claimed: dict[str, str] = {}
+    for item in items:
+        output = mirrored_path(item, out_dir, suffix)
+        if item.error is None:
+            key = os.path.normcase(os.path.abspath(output))
+            if key in claimed:
+                raise UsageError(
+                    f"{claimed[key]} and {item.path} would both be written to {output}",
+                    hint="give their common parent directory instead, or run them separately",
+                )
+            claimed[key] = item.path
+        pairs.append((item, output))
+    return pairs

@@ -67,14 +67,14 @@ def to_record(result: FileResult) -> dict:
     return record
 
 
-def dumps(record: dict) -> str:
+def dumps(record: dict, indent: int | None = None) -> str:
     """One record as JSON text that is always valid UTF-8: names with undecodable bytes (held as surrogate
     escapes) are written with ``\\u`` escapes, which ``json.loads`` reads back to the same string."""
-    text = json.dumps(record, ensure_ascii=False, allow_nan=False)
+    text = json.dumps(record, ensure_ascii=False, allow_nan=False, indent=indent)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return json.dumps(record, ensure_ascii=True, allow_nan=False)
+        return json.dumps(record, ensure_ascii=True, allow_nan=False, indent=indent)
     return text
 
 
@@ -239,6 +239,9 @@ def plan_output(path: str | None, fmt: OutputFormat | str | None, *, resume: boo
         if resume:
             raise UsageError("needs an output file (--output FILE.jsonl)", option="resume")
         return OutputTarget(fmt)
+    if fmt in (OutputFormat.audacity, OutputFormat.raven):
+        raise UsageError(f"{fmt.value} files describe one recording each: write them with --output-dir DIR",
+                         option="format")
     if fmt is OutputFormat.table:
         raise UsageError("a table goes to the terminal; a file takes json, jsonl, csv or tsv", option="output")
     if resume and fmt is not OutputFormat.jsonl:
@@ -266,6 +269,20 @@ def plan_output(path: str | None, fmt: OutputFormat | str | None, *, resume: boo
         target.journal = Journal.read(path)
         target.append = True
     return target
+
+
+def check_writable_dir(out_dir: str, option: str = "out") -> None:
+    """Fail before any work where nothing can be written below ``out_dir`` (a read-only file system, no
+    permission), probing its nearest existing ancestor with a temporary file."""
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ast-probe-", suffix=TEMP_SUFFIX, dir=existing)
+    except OSError as exc:
+        raise UsageError(f"cannot write in {out_dir}: {exc.strerror or exc}", option=option) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _check_writable(path: str) -> None:
@@ -480,3 +497,102 @@ class TableWriter(Writer):
                 timeline.add_row(_clock(segment.start), _clock(segment.end), labels)
             self.console.print(timeline)
         self.console.print()
+
+
+# -- one result file per input ------------------------------------------------------------------------
+
+PER_FILE_SUFFIXES = {OutputFormat.json: ".json", OutputFormat.csv: ".csv", OutputFormat.tsv: ".tsv",
+                     OutputFormat.audacity: ".labels.txt", OutputFormat.raven: ".selections.txt"}
+RAVEN_COLUMNS = ("Selection", "View", "Channel", "Begin Time (s)", "End Time (s)", "Low Freq (Hz)", "High Freq (Hz)",
+                 "Label", "Index", "Score")
+
+
+@dataclass
+class OutputDir:
+    """``--output-dir``: one result file per input, at the input's path mirrored below ``path``."""
+
+    path: str
+    format: OutputFormat
+    outputs: dict[str, str] = field(default_factory=dict)  # source name -> its result file
+    journal: object = None
+
+    @property
+    def needs_segments(self) -> bool:
+        """Label tracks and selection tables are made of windows."""
+        return self.format in (OutputFormat.audacity, OutputFormat.raven)
+
+    def open(self, segments: bool = False) -> "Writer":
+        return PerFileWriter(self.outputs, self.format, segments)
+
+
+def plan_output_dir(path: str, fmt: OutputFormat | str | None, items: Sequence, *, overwrite: bool = False
+                    ) -> tuple[OutputDir, list]:
+    """Check ``--output-dir`` before any work; returns it and the items still to do (a file's result already
+    there is done, unless ``overwrite``)."""
+    from .inputs import claim_outputs
+
+    fmt = OutputFormat(fmt) if fmt is not None else OutputFormat.json
+    if fmt not in PER_FILE_SUFFIXES:
+        raise UsageError(f"one file per input takes {', '.join(f.value for f in PER_FILE_SUFFIXES)}",
+                         option="format")
+    if _kind(path) not in ("missing", "directory"):
+        raise UsageError(f"{path} exists and is not a directory", option="output_dir")
+    check_writable_dir(path, option="output_dir")
+    target, todo = OutputDir(path, fmt), []
+    inputs = {os.path.realpath(getattr(item, "path", item)) for item in items}
+    for item, output in claim_outputs(items, path, PER_FILE_SUFFIXES[fmt]):
+        if os.path.realpath(output) in inputs:
+            raise UsageError(f"{output} is also one of the inputs: refusing to overwrite it", option="output_dir")
+        target.outputs[item.path] = output
+        if overwrite or item.error is not None or not os.path.isfile(output):
+            todo.append(item)
+    return target, todo
+
+
+class PerFileWriter(Writer):
+    """Writes each result to its own file, atomically; a failed file gets no file (its error goes to stderr,
+    and a rerun tries it again)."""
+
+    def __init__(self, outputs: dict[str, str], fmt: OutputFormat, segments: bool):
+        self.outputs, self.format, self.segments = outputs, fmt, segments
+
+    def _write(self, result: FileResult) -> None:
+        if result.error is not None:
+            return
+        self.path = self.outputs[result.path]
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with atomic_write(self.path) as handle:
+            if self.format is OutputFormat.json:
+                handle.write(dumps(to_record(result), indent=2) + "\n")
+            elif self.format in (OutputFormat.csv, OutputFormat.tsv):
+                rows = CsvWriter(handle, segments=self.segments,
+                                 delimiter="\t" if self.format is OutputFormat.tsv else ",")
+                rows.write(result)
+            elif self.format is OutputFormat.audacity:
+                handle.write(audacity_labels(result))
+            else:
+                handle.write(raven_table(result))
+
+
+def _spans(result: FileResult) -> list[tuple[float, float, list[LabelScore]]]:
+    if result.segments:
+        return [(s.start, s.end, s.labels) for s in result.segments]
+    return [(0.0, result.duration or 0.0, result.labels)]
+
+
+def audacity_labels(result: FileResult) -> str:
+    """An Audacity label track (File > Import > Labels): ``start<TAB>end<TAB>label`` per window and label."""
+    return "".join(f"{start:.6f}\t{end:.6f}\t{x.label} ({x.score:.3f})\n"
+                   for start, end, labels in _spans(result) for x in labels)
+
+
+def raven_table(result: FileResult) -> str:
+    """A Raven selection table (as BirdNET writes them): one selection per window and label, full band."""
+    lines = ["\t".join(RAVEN_COLUMNS)]
+    number = 0
+    for start, end, labels in _spans(result):
+        for x in labels:
+            number += 1
+            lines.append("\t".join(map(str, (number, "Spectrogram 1", 1, f"{start:.6f}", f"{end:.6f}", 0, 8000,
+                                             x.label, x.index, f"{x.score:.6f}"))))
+    return "\n".join(lines) + "\n"

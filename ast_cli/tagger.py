@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 
 from .constants import DEFAULT_MODEL
-from .engine import Engine, FileOutput
 from .errors import UsageError
-from .features import FeatureConfig
 from .options import Activation, Aggregate, RunOptions
+
+if TYPE_CHECKING:  # torch comes with these; deciding what is left to do must not wait for it
+    from .engine import Engine, FileOutput
+    from .features import FeatureConfig
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,8 @@ class Tagger:
 
     def engine(self, backend=None) -> Engine:
         """An engine over this tagger's windows (its ``options``: hop, batch size, workers)."""
+        from .engine import Engine
+
         return Engine(self.features, backend or self.backend, batch_size=self.options.batch_size,
                       workers=self.options.workers, hop_frames=self.options.hop_frames)
 

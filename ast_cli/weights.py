@@ -9,11 +9,9 @@ unexpected or mis-shaped key is an error that names it. Pickles are only ever op
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from dataclasses import dataclass, replace
-from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,7 +20,8 @@ from .errors import CheckpointError
 from .features import FeatureConfig
 
 # The hub's repository layout; hub.py owns the names because it must stay importable without torch.
-from .hub import CONFIG_NAME, PICKLE_NAME, PREPROCESSOR_NAME, SAFETENSORS_NAME, WEIGHT_SUFFIXES  # noqa: F401
+from .hub import (CONFIG_NAME, PICKLE_NAME, PREPROCESSOR_NAME, SAFETENSORS_NAME, WEIGHT_SUFFIXES,  # noqa: F401
+                  load_labels)
 from .model import AST, ASTConfig, AttnImplementation
 
 PREFIX = "audio_spectrogram_transformer."
@@ -36,13 +35,6 @@ class Checkpoint:
     features: FeatureConfig
     state_dict: dict
     source: str  # path it was read from, for messages
-
-
-def load_labels(name: str) -> tuple[str, ...]:
-    """Bundled label list ``audioset`` (527) or ``speechcommands`` (35), in checkpoint index order."""
-    text = resources.files("ast_cli").joinpath(f"data/{name}_class_labels_indices.csv").read_text("utf-8")
-    rows = list(csv.DictReader(text.splitlines()))
-    return tuple(row["display_name"] for row in sorted(rows, key=lambda r: int(r["index"])))
 
 
 def _read_json(path: Path) -> dict:

@@ -241,6 +241,7 @@ def test_bad_files_get_error_records_and_the_batch_goes_on(tiny_checkpoint, tmp_
     assert records["empty.wav"]["error"] == "empty file (0 bytes)"
 
 
+@pytest.mark.slow  # a whole process (or several): seconds each
 def test_native_library_noise_stays_off_stderr(tiny_checkpoint, tmp_path):
     """mpg123 prints 'Note: ...' on fd 2 for a broken mp3; a real process must show only our lines."""
     path = write_audio(tmp_path / "cut.mp3", 5.0)
@@ -327,6 +328,7 @@ def _wait_for_lines(path, count, proc, timeout=120):
     return False
 
 
+@pytest.mark.slow  # a whole process (or several): seconds each
 def test_kill_9_then_resume_gives_every_file_exactly_once(tiny_checkpoint, tmp_path):
     clips = _clips(tmp_path / "in", 24, seconds=3.0)
     out = tmp_path / "out.jsonl"
@@ -346,6 +348,7 @@ def test_kill_9_then_resume_gives_every_file_exactly_once(tiny_checkpoint, tmp_p
     assert "resuming: " in finished.stderr and "resuming: 0 " not in finished.stderr  # the killed run's work kept
 
 
+@pytest.mark.slow  # a whole process (or several): seconds each
 def test_ctrl_c_stops_cleanly_with_130(tiny_checkpoint, tmp_path):
     _clips(tmp_path / "in", 24, seconds=3.0)
     out = tmp_path / "out.jsonl"

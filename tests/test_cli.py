@@ -124,6 +124,7 @@ def test_missing_model_is_a_clean_error(clips, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # a whole process (or several): seconds each
 def test_python_dash_m_works(tiny_checkpoint, clips):
     proc = subprocess.run([sys.executable, "-m", "ast_cli", "classify", str(clips[0]), "--model",
                            str(tiny_checkpoint[0]), "--top", "2"], capture_output=True, text=True)

@@ -46,10 +46,21 @@ def test_help_and_version_import_nothing_heavy(args):
     assert heavy == []
 
 
-@pytest.mark.parametrize("words,cword,expected", [("ast cl", "1", "classify"), ("ast classify --fo", "2", "--format")])
-def test_completion_lookup_is_light_and_answers(words, cword, expected):
-    heavy, proc = _heavy_modules([], env={"_AST_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": cword})
-    assert expected in proc.stdout.split()
+@pytest.mark.parametrize("words,cword,expected", [
+    ("ast cl", "1", ["classify"]),
+    ("ast classify --fo", "2", ["--format"]),
+    ("ast classify x.wav --format ", "4", ["table", "json", "jsonl", "csv", "tsv", "audacity", "raven"]),
+    ("ast classify x.wav --dtype ", "4", ["auto", "fp32", "fp16", "bf16"]),
+    ("ast classify x.wav --aggregate ", "4", ["max", "mean"]),
+    ("ast extract-features x.wav --kind ", "4", ["embedding", "fbank"]),
+    ("ast classify x.wav --model speech", "4", ["speech-commands-v2"]),
+    ("ast classify x.wav --model acme/", "4", ["acme/fine-tuned-frogs"]),  # a cached model
+])
+def test_completion_lookup_is_light_and_answers(words, cword, expected, tmp_path):
+    (tmp_path / "hub" / "models--acme--fine-tuned-frogs").mkdir(parents=True)
+    heavy, proc = _heavy_modules([], env={"_AST_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": cword,
+                                          "HF_HUB_CACHE": str(tmp_path / "hub")})
+    assert proc.stdout.split() == expected
     assert heavy == []
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -51,3 +52,47 @@ def test_readme_setup_commands_are_what_ci_runs():
 def test_changelog_has_an_unreleased_section():
     changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
     assert "## [Unreleased]" in changelog and "### Added" in changelog
+
+
+def _recipes() -> list[str]:
+    block = README.split("Recipes (the test suite runs each of them", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [line for line in block.strip().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+@pytest.mark.slow  # a whole process (or several): seconds each
+def test_readme_recipes_run_end_to_end(tiny_checkpoint, tmp_path):
+    """Every recipe of the README's batch section, as written, on a generated archive with a bad file."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import write_audio
+
+    archive = tmp_path / "archive"
+    write_audio(archive / "a.flac", 1.0, 44100, 2, seed=1)
+    write_audio(archive / "b.wav", 1.5, 16000, 1, seed=2)
+    write_audio(archive / "sub" / "c.flac", 0.8, 22050, 1, seed=3)
+    (archive / "bad.mp3").write_bytes(b"not an mp3 at all" * 20)
+    env = dict(os.environ, AST_MODEL=str(tiny_checkpoint[0]), HF_HUB_OFFLINE="1",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    outputs = []
+    for recipe in _recipes():
+        if recipe.startswith("jq ") and shutil.which("jq") is None:
+            pytest.skip("jq is not installed (CI installs it)")
+        command = recipe.replace("/data/archive", str(archive))
+        proc = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert "Traceback" not in proc.stderr, (recipe, proc.stderr)
+        outputs.append((recipe, proc))
+    tag, week, dog, failed, table, per_file = (proc for _, proc in outputs)
+    assert tag.returncode == 1  # the bad file
+    records = [json.loads(line) for line in (tmp_path / "tags.jsonl").read_text().splitlines()]
+    assert sorted(os.path.basename(r["path"]) for r in records) == ["a.flac", "b.wav", "bad.mp3", "c.flac"]
+    assert week.returncode == 0
+    assert len((tmp_path / "week.jsonl").read_text().splitlines()) == 2  # the two flac files
+    assert dog.returncode == 0 and len(dog.stdout.splitlines()) == 3  # each good file, with its Dog score
+    assert all("\t" in line for line in dog.stdout.splitlines())
+    assert failed.stdout.strip().startswith(str(archive / "bad.mp3") + ": ")
+    assert table.returncode == 1 and (tmp_path / "tags.csv").read_text().startswith("path,duration,rank,label")
+    assert per_file.returncode == 1 and len(list((tmp_path / "labels").rglob("*.labels.txt"))) == 3

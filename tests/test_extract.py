@@ -107,6 +107,7 @@ def test_metadata(tiny_checkpoint, tmp_path):
         "window_ends": "[0.64, 1.0]",
         "source": str(audio),
         "duration": "1.0",
+        "compute": "fp32",
         "ast_cli_version": __version__,
     }
 
@@ -201,12 +202,14 @@ def test_skip_and_overwrite(tiny_checkpoint, tmp_path):
     target.parent.mkdir()
     target.write_bytes(b"left by an earlier run")
     result = run(audio, "--out", tmp_path / "out", *common_args(directory))
-    assert result.exit_code == 0 and "0 written, 1 skipped" in result.stderr
+    assert result.exit_code == 2 and "not written by ast-cli" in result.stderr  # not ours: never skipped as done
     assert target.read_bytes() == b"left by an earlier run"
     result = run(audio, "--out", tmp_path / "out", "--overwrite", *common_args(directory))
     assert result.exit_code == 0 and "1 written, 0 skipped" in result.stderr
     tensors, _ = read_safetensors(target)
     assert tensors["embedding"].shape == (1, 32)
+    result = run(audio, "--out", tmp_path / "out", *common_args(directory))
+    assert result.exit_code == 0 and "0 written, 1 skipped" in result.stderr  # our own output, same settings
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "npy"])

@@ -65,6 +65,7 @@ def test_the_fake_torchaudio_really_is_broken(broken_torchaudio):
     assert proc.returncode != 0 and "RuntimeError" in proc.stderr and "CUDA version" in proc.stderr
 
 
+@pytest.mark.slow  # a whole process (or several): seconds each
 @pytest.mark.parametrize("with_broken", [False, True], ids=["as-installed", "broken-torchaudio-installed"])
 def test_classify_never_imports_torchaudio(tiny_checkpoint, clips, broken_torchaudio, with_broken):
     result, proc = run_ast(["classify", *clips, "--model", tiny_checkpoint[0], "-f", "jsonl", "--top", "3"],
@@ -75,6 +76,7 @@ def test_classify_never_imports_torchaudio(tiny_checkpoint, clips, broken_torcha
     assert "TorchAudio" not in proc.stderr
 
 
+@pytest.mark.slow  # a whole process (or several): seconds each
 def test_extract_features_never_imports_torchaudio(tiny_checkpoint, clips, broken_torchaudio, tmp_path):
     result, proc = run_ast(["extract-features", *clips, "--model", tiny_checkpoint[0], "--out", tmp_path / "f",
                             "--quiet"], broken_torchaudio)
@@ -82,6 +84,7 @@ def test_extract_features_never_imports_torchaudio(tiny_checkpoint, clips, broke
     assert len(list((tmp_path / "f").rglob("*.safetensors"))) == 2
 
 
+@pytest.mark.slow  # a whole process (or several): seconds each
 def test_benchmark_never_imports_torchaudio(tiny_checkpoint, clips, broken_torchaudio):
     result, proc = run_ast(["benchmark", "--model", tiny_checkpoint[0], "--batch-sizes", "1", "--iters", "1",
                             "--warmup", "0", "--end-to-end", *clips, "-f", "json"], broken_torchaudio)

@@ -139,6 +139,7 @@ def test_jsonl_to_dev_null_exits_0(tiny_checkpoint, clips):
 
 # -- 3. names that are not valid UTF-8 --------------------------------------------------------------------------
 
+@pytest.mark.slow  # a whole process (or several): seconds each
 @pytest.mark.skipif(sys.platform == "darwin", reason="macOS file systems refuse names that are not UTF-8")
 def test_a_latin1_file_name_is_tagged_and_round_trips(tiny_checkpoint, tmp_path):
     folder = tmp_path / "in"
@@ -161,6 +162,7 @@ def test_a_latin1_file_name_is_tagged_and_round_trips(tiny_checkpoint, tmp_path)
 
 # -- 4, 21. interrupted runs leave the earlier file, and no temporary files ------------------------------------
 
+@pytest.mark.slow  # a whole process (or several): seconds each
 @pytest.mark.parametrize("sig, code, last", [(signal.SIGINT, 130, "Interrupted."), (signal.SIGTERM, 143, "Terminated.")])
 def test_interrupting_a_json_run_keeps_the_earlier_file(tiny_checkpoint, many, tmp_path, sig, code, last):
     out = tmp_path / "tags.json"
@@ -282,6 +284,7 @@ def test_a_second_run_on_the_same_output_stops_with_one_line(tiny_checkpoint, cl
 
 # -- 10, 19. stderr and stdout going away ------------------------------------------------------------------------
 
+@pytest.mark.slow  # a whole process (or several): seconds each
 @pytest.mark.parametrize("how", ["dev-full", "closed"])
 def test_losing_stderr_never_loses_data(tiny_checkpoint, clips, tmp_path, how):
     out = tmp_path / "tags.jsonl"
@@ -297,6 +300,7 @@ def test_losing_stderr_never_loses_data(tiny_checkpoint, clips, tmp_path, how):
     assert [r["path"] for r in records(out.read_text())] == [str(c) for c in clips] + [str(bad)]
 
 
+@pytest.mark.slow  # a whole process (or several): seconds each
 def test_a_closed_stdout_pipe_ends_quietly(tiny_checkpoint, many):
     proc = ast_process(many, *model_args(tiny_checkpoint), "-f", "jsonl", "--batch-size", "1")
     first = proc.stdout.readline()
@@ -325,6 +329,7 @@ def test_huge_finite_samples_are_an_error_record_not_nan(tiny_checkpoint, clips,
 
 # -- 12. names that look like options or protocols, through ffmpeg -------------------------------------------------
 
+@pytest.mark.slow  # a whole process (or several): seconds each
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg executable")
 @pytest.mark.parametrize("name", ["-dash.m4a", "proto:col.m4a"])
 def test_ffmpeg_reads_names_that_look_like_options_or_protocols(tiny_checkpoint, tmp_path, name):

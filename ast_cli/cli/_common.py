@@ -15,16 +15,25 @@ from ..options import Attn, DType, Quantize, RunOptions
 
 
 def _complete_model(incomplete: str) -> list[str]:
-    """Aliases and hub ids of the published checkpoints, for shell completion (no hub access, no torch)."""
-    from ..hub import REGISTRY
+    """Aliases, published hub ids and cached hub ids, for shell completion. No hub access and no torch or
+    huggingface_hub import (completion must answer at once), so the cache's folder names are read directly:
+    ``models--ORG--NAME`` is the hub cache's documented layout."""
+    import os
+
+    from ..hub import REGISTRY, hub_cache_dir
 
     names = [spec.alias for spec in REGISTRY] + [spec.repo_id for spec in REGISTRY]
-    return [name for name in names if name.startswith(incomplete)]
+    try:
+        cached = os.listdir(hub_cache_dir())
+    except OSError:
+        cached = []
+    names += sorted(entry[len("models--"):].replace("--", "/", 1) for entry in cached if entry.startswith("models--"))
+    return [name for name in dict.fromkeys(names) if name.startswith(incomplete)]
 
 
 ModelOpt = Annotated[
     str,
-    typer.Option("--model", "-m", metavar="MODEL", autocompletion=_complete_model,
+    typer.Option("--model", "-m", metavar="MODEL", autocompletion=_complete_model, envvar="AST_MODEL",
                  help="Model alias, hub id (ORG/NAME[@REV]), local directory or weights file."),
 ]
 PathsArg = Annotated[
@@ -91,6 +100,24 @@ def path_stdin(paths: list[str]):
     if buffer is None:
         return sys.stdin
     return io.TextIOWrapper(buffer, encoding=sys.getfilesystemencoding(), errors="surrogateescape")
+
+
+def label_list(values: list[str] | None) -> list[str]:
+    """``--include`` values, where ``@FILE`` stands for the labels in FILE (one per line; # comments)."""
+    from ..errors import UsageError
+
+    out: list[str] = []
+    for value in values or ():
+        if not value.startswith("@"):
+            out.append(value)
+            continue
+        try:
+            with open(value[1:], encoding="utf-8") as handle:
+                lines = [line.split("#", 1)[0].strip() for line in handle]
+        except OSError as exc:
+            raise UsageError(f"cannot read the label list {value[1:]}: {exc.strerror or exc}", option="labels") from None
+        out.extend(line for line in lines if line)
+    return out
 
 
 def stderr_console():

@@ -78,10 +78,7 @@ def describe_error(exc: BaseException) -> tuple[str, str | None, int]:
             hint = f"download it again: `ast download {exc.model} --force`"
         return str(exc), hint, EXIT_FAILED
     if isinstance(exc, HubError):
-        hint = exc.hint or "check the network (and HF_ENDPOINT, proxies), then try again"
-        if exc.model:
-            hint += f"; `ast download {exc.model}` fetches it on its own"
-        return str(exc), hint, EXIT_FAILED
+        return str(exc), exc.hint or "check the network (and HF_ENDPOINT, proxies), then try again", EXIT_FAILED
     if isinstance(exc, DeviceOutOfMemoryError) or (not isinstance(exc, AstError) and is_out_of_memory(exc)):
         if isinstance(exc, MemoryError):
             return "out of memory", "use a smaller --batch-size or fewer --workers", EXIT_FAILED

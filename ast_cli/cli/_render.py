@@ -21,6 +21,21 @@ def print_models(rows: list[dict]) -> None:
     Console(highlight=False, width=None if sys.stdout.isatty() else 160).print(table)
 
 
+def print_cached(rows: list[dict], cache) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, title=f"AST checkpoints in {cache}", title_justify="left")
+    for column, justify in (("hub id", "left"), ("alias", "left"), ("revision", "left"), ("refs", "left"),
+                            ("size", "right")):
+        table.add_column(column, justify=justify)
+    for row in rows:
+        table.add_row(row["repo_id"], row["alias"] or "", row["revision"][:12], ",".join(row["refs"]),
+                      f"{row['size_on_disk'] / 1e6:.1f} MB")
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    console.print(table if rows else f"no AST checkpoints in {cache}")
+
+
 def print_benchmark(report) -> None:
     from rich.console import Console
     from rich.table import Table

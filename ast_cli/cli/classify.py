@@ -9,8 +9,8 @@ import typer
 
 from ..options import Activation, Aggregate, OutputFormat, RunOptions
 from ._app import app
-from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, path_stdin, load_tagger, report_failure,
-                      run_options, stderr_console)
+from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, label_list, load_tagger,
+                      path_stdin, report_failure, run_options, stderr_console)
 from ._errors import EXIT_FAILED, cli_errors, debug_enabled, say
 
 
@@ -22,10 +22,11 @@ def classify(
     model: ModelOpt = DEFAULT_MODEL,
     top: Annotated[Optional[int], typer.Option(min=0, metavar="N", help="Labels per file (0 = all; default 5, or all with --threshold).")] = None,
     threshold: Annotated[Optional[float], typer.Option(metavar="P", help="Keep labels with score >= P.")] = None,
-    include: Annotated[Optional[list[str]], typer.Option(metavar="LABEL", help="Only these labels (repeatable, case-insensitive).")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option(metavar="LABEL", help="Never these labels (repeatable, case-insensitive).")] = None,
+    include: Annotated[Optional[list[str]], typer.Option(metavar="LABEL", help="Only these labels (repeatable, case-insensitive; @FILE: one label per line).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(metavar="LABEL", help="Never these labels (repeatable, case-insensitive; @FILE: one label per line).")] = None,
     format: Annotated[Optional[OutputFormat], typer.Option("--format", "-f", help="Output format (default: from the --output extension, else table on a terminal and jsonl otherwise).")] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="FILE", help="Write to this file (json/csv atomically, jsonl line by line).")] = None,
+    output_dir: Annotated[Optional[str], typer.Option("--output-dir", metavar="DIR", help="One result file per input, mirroring the input tree (json, csv, tsv, audacity label tracks, raven selection tables); existing ones are skipped unless --overwrite.")] = None,
     resume: Annotated[bool, typer.Option(help="With --output x.jsonl: skip files already recorded there, retry failed ones.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing non-empty --output.")] = False,
     activation: Annotated[Activation, typer.Option(help="sigmoid (multi-label, default), softmax, or none (raw logits).")] = Activation.sigmoid,
@@ -52,7 +53,7 @@ def classify(
     with cli_errors(stderr, debug):
         from ..errors import UsageError
         from ..inputs import expand_inputs, parse_extensions
-        from ..output import plan_output
+        from ..output import plan_output, plan_output_dir
         from ..sources import as_sources
         from ..tagger import LabelSelection
 
@@ -61,11 +62,20 @@ def classify(
         run.validate()
         if output is None and _signals.stdout_closed:
             raise UsageError("stdout is closed: there is nowhere to write the results", option="output")
-        selection = LabelSelection.from_options(top, threshold, include, exclude, activation)
+        selection = LabelSelection.from_options(top, threshold, label_list(include), label_list(exclude), activation)
         items = expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths))
-        target = plan_output(output, format, resume=resume, overwrite=overwrite, inputs=items,
-                             default="table" if sys.stdout.isatty() and output is None else "jsonl")
-        sources = as_sources(items)
+        if output_dir is not None:
+            if output is not None or resume:
+                raise UsageError("--output-dir writes one file per input: it goes without --output and --resume")
+            target, items_todo = plan_output_dir(output_dir, format, items, overwrite=overwrite)
+            segments = segments or target.needs_segments
+            if len(items_todo) < len(items) and not quiet:
+                say(stderr, f"{len(items) - len(items_todo)} of {len(items)} files already in {output_dir}")
+            sources = as_sources(items_todo)
+        else:
+            target = plan_output(output, format, resume=resume, overwrite=overwrite, inputs=items,
+                                 default="table" if sys.stdout.isatty() and output is None else "jsonl")
+            sources = as_sources(items)
         if target.journal is not None:
             todo = target.journal.pending(sources)
             if not quiet:
@@ -74,7 +84,8 @@ def classify(
         if not sources:
             if not items:
                 say(stderr, "no audio files found in the given paths")
-            target.open(segments).close(commit=not target.journal)  # an empty list given on purpose: exit 0
+            if target.journal is None:  # an empty list given on purpose: a valid, empty output and exit 0
+                target.open(segments).close()
             return
         tagger = load_tagger(model, run, stderr, quiet)
         selection.mask(tagger.labels)  # unknown --include/--exclude names fail before any output is opened

@@ -46,14 +46,15 @@ def extract_features_command(
     stderr = stderr_console()
     with cli_errors(stderr, debug):
         from ..errors import UsageError
-        from ..extract import FeatureExtractor, load_feature_config, plan_outputs
+        from ..extract import FeatureExtractor, Settings, load_feature_config, plan_outputs
         from ..inputs import expand_inputs, parse_extensions
 
         run.validate()
         items = expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths))
         if not items:
             raise UsageError("no audio files found in the given paths", hint="check --ext, or name files directly")
-        jobs = plan_outputs(items, out, format.value)  # output collisions fail here, before any work
+        settings = None if overwrite else Settings.of(kind.value, model, run)
+        jobs = plan_outputs(items, out, format.value, settings)  # collisions, other settings: fail before any work
         todo = sum(1 for job in jobs if overwrite or not job.exists)
 
         extractor = None  # a rerun with nothing left to do loads no model

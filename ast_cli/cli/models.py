@@ -74,23 +74,57 @@ def download(
 @app.command()
 def models(
     format: ListFormatOpt = ListFormat.table,
+    cached: Annotated[bool, typer.Option("--cached", help="List every AST checkpoint in the cache (any repo), with its size.")] = False,
+    remove: Annotated[Optional[list[str]], typer.Option("--rm", metavar="MODEL", help="Remove a model from the cache (all its revisions; repeatable).")] = None,
     cache_dir: CacheDirOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """List the model aliases: hub id, labels, input length, strides, and whether each is in the cache.
 
     Any alias works wherever a model is named (--model, ast download); so does a hub id (ORG/NAME[@REV]),
-    a local directory in hub layout, or a weights file.
+    a local directory in hub layout, or a weights file. --cached lists what the cache holds, fine-tuned
+    checkpoints included; --rm removes models from it.
 
     Examples:
 
       ast models
 
-      ast models --format json | jq -r '.[] | select(.cached) | .alias'
+      ast models --cached --format json | jq -r '.[].repo_id'
 
-      ast classify clip.wav --model speech-commands-v2
+      ast models --rm audioset-16-16-0.442
     """
-    _list_models(format, cache_dir, debug)
+    if remove:
+        _remove(remove, cache_dir, debug)
+    elif cached:
+        _list_cached(format, cache_dir, debug)
+    else:
+        _list_models(format, cache_dir, debug)
+
+
+def _remove(names: list[str], cache_dir: str | None, debug: bool) -> None:
+    stderr = stderr_console()
+    with cli_errors(stderr, debug):
+        from .. import hub
+
+        for name in names:
+            freed = hub.remove_cached(name, cache_dir)
+            say(stderr, f"removed {name} from the cache ({freed / 1e6:.1f} MB freed)")
+
+
+def _list_cached(fmt: ListFormat, cache_dir: str | None, debug: bool) -> None:
+    with cli_errors(stderr_console(), debug):
+        import json
+
+        from .. import hub
+
+        rows = [{"repo_id": m.repo_id, "alias": m.alias, "revision": m.commit_hash, "refs": list(m.refs),
+                 "size_on_disk": m.size_on_disk, "path": str(m.path)} for m in hub.cached_checkpoints(cache_dir)]
+        if fmt is ListFormat.json:
+            typer.echo(json.dumps(rows, indent=2))
+            return
+        from ._render import print_cached
+
+        print_cached(rows, hub.hub_cache_dir(cache_dir))
 
 
 def _list_models(fmt: ListFormat, cache_dir: str | None, debug: bool) -> None:
@@ -136,8 +170,14 @@ def labels(
     """
     stderr = stderr_console()
     with cli_errors(stderr, debug):
+        from ..hub import bundled_labels
         from ..weights import load_checkpoint, read_configs
 
+        bundled = bundled_labels(model)  # the published checkpoints' lists ship with ast: no download
+        if bundled is not None:
+            for index, name in enumerate(bundled):
+                typer.echo(f"{index}\t{name}")
+            return
         path = fetch_model(model, RunOptions(offline=offline or None, cache_dir=cache_dir), stderr, quiet=False)
         config = read_configs(path)[0] if path.is_dir() else load_checkpoint(path).config
         for index, name in enumerate(config.id2label):
