@@ -75,3 +75,31 @@ def print_benchmark(report) -> None:
                           f"{r.decode_s:.2f}", f"{r.resample_s:.2f}", f"{r.features_s:.2f}", f"{r.model_s:.2f}",
                           f"{r.pipelined_s:.2f}", f"{r.files_per_s:.2f}", f"{r.x_realtime:.1f}")
         console.print(table)
+
+
+class LiveView:
+    """``ast listen`` on a terminal: the current window's top labels as bars, redrawn in place."""
+
+    def __enter__(self) -> "LiveView":
+        from rich.console import Console
+        from rich.live import Live
+
+        self._live = Live(console=Console(highlight=False), refresh_per_second=8, transient=False)
+        self._live.__enter__()
+        return self
+
+    def update(self, window, dropped: int) -> None:
+        from rich.table import Table
+
+        table = Table(title=f"{window.start:8.2f} - {window.end:8.2f} s   (latency {window.latency * 1000:.0f} ms"
+                            + (f", {dropped} windows dropped)" if dropped else ")"), title_justify="left",
+                      show_edge=False, pad_edge=False)
+        table.add_column("label")
+        table.add_column("score", justify="right")
+        table.add_column("", min_width=30)
+        for x in window.labels:
+            table.add_row(x.label, f"{x.score:.3f}", "█" * max(0, min(30, round(x.score * 30))))
+        self._live.update(table)
+
+    def __exit__(self, *exc) -> None:
+        self._live.__exit__(*exc)

@@ -1,0 +1,149 @@
+"""``ast listen``: tag a live stream as it plays, one JSON line per window (or onsets/offsets, or a live view)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from ..options import Activation, RunOptions, _choices
+from ._app import app
+from ._common import (DEFAULT_MODEL, DebugOpt, ModelOpt, QuietOpt, label_list, load_tagger, run_options,
+                      stderr_console)
+from ._errors import cli_errors, debug_enabled, say
+
+LiveFormat = _choices("LiveFormat", "live jsonl", "What listen prints.")
+SampleFormat = _choices("SampleFormat", "s16le s32le f32le", "Raw PCM sample format.")
+
+
+@app.command()
+@run_options
+def listen(
+    source: Annotated[str, typer.Argument(metavar="SOURCE", help="- (WAV or, with --raw, PCM on stdin), or anything ffmpeg opens: a file, a URL, a device.")],
+    run: RunOptions,
+    model: ModelOpt = DEFAULT_MODEL,
+    raw: Annotated[bool, typer.Option("--raw", help="stdin is raw PCM (give --rate, --channels, --sample-format).")] = False,
+    rate: Annotated[Optional[int], typer.Option(min=1, metavar="HZ", help="Sample rate of raw PCM.")] = None,
+    channels: Annotated[int, typer.Option(min=1, metavar="N", help="Channels of raw PCM.")] = 1,
+    sample_format: Annotated[SampleFormat, typer.Option("--sample-format", help="Sample format of raw PCM.")] = SampleFormat.s16le,
+    top: Annotated[Optional[int], typer.Option(min=0, metavar="N", help="Labels per window (0 = all; default 5, or all with --threshold).")] = None,
+    threshold: Annotated[Optional[float], typer.Option(metavar="P", help="Keep labels with score >= P (with --events: the on/off threshold, default 0.5).")] = None,
+    include: Annotated[Optional[list[str]], typer.Option(metavar="LABEL", help="Only these labels (repeatable; @FILE: one per line).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(metavar="LABEL", help="Never these labels (repeatable; @FILE: one per line).")] = None,
+    events: Annotated[bool, typer.Option("--events", help="Print only onsets and offsets: a label's score crossing --threshold.")] = False,
+    activation: Annotated[Activation, typer.Option(help="sigmoid (multi-label, default), softmax, or none.")] = Activation.sigmoid,
+    format: Annotated[Optional[LiveFormat], typer.Option("--format", "-f", help="live (a view of the current top labels; default on a terminal) or jsonl.")] = None,
+    stall: Annotated[float, typer.Option(metavar="SECONDS", help="Fail when the source sends nothing for this long.")] = 30.0,
+    drop: Annotated[Optional[bool], typer.Option("--drop/--no-drop", help="Drop windows the model has no time for (default for stdin, URLs and devices), or wait for it (default for a recording on disk).")] = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Tag a live stream as it plays: a window of the model's length every --hop seconds (default 1 s here).
+
+    Each window ends --hop after the previous one; until one window's worth has arrived, windows are the
+    audio so far, zero-padded as the reference pads a short clip. One JSON line per window as soon as it is
+    scored, flushed: {"start", "end"} in seconds from the start of the stream, "time" (wall clock),
+    "labels", "latency_s". When the model is slower than real time, windows are dropped (and counted on
+    stderr), never queued; a recording on disk waits for the model instead (--drop/--no-drop). EOF scores
+    the last partial window; Ctrl-C flushes and exits 130.
+
+    Examples:
+
+      arecord -f S16_LE -r 16000 -c 1 | ast listen - --events --threshold 0.4
+
+      ffmpeg -i rtsp://camera/stream -f wav - | ast listen - --include Speech --include Dog
+
+      ast listen https://radio.example/stream.mp3 --hop 2 --format jsonl
+    """
+    stderr = stderr_console()
+    with cli_errors(stderr, debug):
+        from ..errors import UsageError
+        from ..listen import EventTracker, Listener, ffmpeg_source
+        from ..sources import StreamSource
+        from ..tagger import LabelSelection
+
+        run.validate()
+        if events and threshold is None:
+            threshold = 0.5
+        selection = LabelSelection.from_options(top, threshold, label_list(include), label_list(exclude), activation)
+        if raw and source != "-":
+            raise UsageError("--raw reads stdin: give - as the source")
+        if raw and rate is None:
+            raise UsageError("raw PCM needs its sample rate", hint="add --rate HZ (and --channels, --sample-format)")
+        fmt = format or (LiveFormat.live if sys.stdout.isatty() and not events else LiveFormat.jsonl)
+        tagger = load_tagger(model, run, stderr, quiet)
+        if source == "-":
+            # Unbuffered, not sys.stdin.buffer: a reader thread blocked in a buffered stdin would abort
+            # CPython's shutdown ("could not acquire lock for <stdin>") when the run ends on an error.
+            try:
+                stdin = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
+            except (OSError, ValueError, AttributeError):  # not a real file (an in-process test runner)
+                stdin = sys.stdin.buffer
+            stream = StreamSource(stdin, "-", raw=raw, sample_rate=rate, channels=channels,
+                                  sample_format=sample_format.value)
+        else:
+            stream = ffmpeg_source(source)
+        recording = source != "-" and os.path.isfile(source)
+        listener = Listener(tagger.backend, tagger.labels, hop_seconds=run.hop_seconds or 1.0,
+                            selection=selection, activation=activation, stall_seconds=stall,
+                            drop=(not recording) if drop is None else drop)
+        tracker = EventTracker(tagger.labels, threshold, listener.allowed) if events else None
+        from ._io import native_stderr_silenced
+
+        try:
+            with native_stderr_silenced(not debug_enabled(debug)):
+                _loop(listener, stream, fmt, tracker, stderr, quiet)
+        finally:
+            if listener.dropped and not quiet:
+                say(stderr, f"dropped {listener.dropped} windows: the model is slower than real time here "
+                            "(a larger --hop, --quantize int8 or a GPU keeps up)")
+
+
+def _loop(listener, stream, fmt, tracker, stderr, quiet: bool) -> None:
+    import time
+
+    from ..output import dumps
+
+    if fmt is LiveFormat.live and tracker is None:
+        from ._render import LiveView
+
+        with LiveView() as view:
+            for window in listener.windows(stream):
+                view.update(window, listener.dropped)
+        return
+    reported, last_note = 0, 0.0
+    last = None
+    for window in listener.windows(stream):
+        last = window
+        if tracker is not None:
+            lines = [_event(e) for e in tracker.update(window)]
+        else:
+            lines = [dumps({"start": window.start, "end": window.end, "time": _iso(window.wall),
+                            "labels": [{"label": x.label, "index": x.index, "score": x.score} for x in window.labels],
+                            "latency_s": round(window.latency, 4)})]
+        for line in lines:
+            sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+        if listener.dropped > reported and time.monotonic() - last_note > 10 and not quiet:
+            say(stderr, f"dropped {listener.dropped} windows so far: the model is slower than real time")
+            reported, last_note = listener.dropped, time.monotonic()
+    if tracker is not None and last is not None:
+        for event in tracker.close(last.end, time.time()):
+            sys.stdout.write(_event(event) + "\n")
+        sys.stdout.flush()
+
+
+def _event(event) -> str:
+    from ..output import dumps
+
+    score = None if event.score != event.score else event.score  # NaN (no score at the end) -> null
+    return dumps({"event": event.kind, "label": event.label, "index": event.index, "time": event.time,
+                  "score": score, "wall": _iso(event.wall)})
+
+
+def _iso(wall: float) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(wall, timezone.utc).isoformat(timespec="milliseconds")

@@ -1,0 +1,275 @@
+"""Live tagging: a stream of audio (any ``AudioSource``) -> rolling windows scored as the audio arrives.
+
+A reader thread takes the source's 16 kHz blocks, computes log-mel frames as they complete and, every ``hop``
+of new audio, cuts the window of the model's length that ends there: frames ``[end - max_length, end)``, or
+``[0, end)`` zero-padded while less than one window has arrived (as the reference pads a short clip). Window
+``k`` ends at ``k * hop``; at the end of the stream one more window ends with the last frame, so the tail is
+scored too. Each window equals ``classify`` on that excerpt of the stream (16 kHz streams: exactly).
+
+The scoring thread (the caller's) always takes the newest window. When the model is slower than real time,
+older windows that were never scored are dropped and counted, never queued: memory stays flat on an endless
+stream, and the output never falls further and further behind.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .constants import FRAME_LENGTH, FRAME_SECONDS, HOP_LENGTH, SAMPLE_RATE
+from .errors import AstError, AudioDecodeError, UsageError
+from .tagger import LabelScore, LabelSelection, activate
+
+
+@dataclass(frozen=True)
+class LiveWindow:
+    """One scored window: times in seconds from the start of the stream; ``wall`` when it was scored."""
+
+    index: int
+    start: float
+    end: float
+    labels: list[LabelScore]
+    scores: np.ndarray = field(repr=False)  # (num_labels,) after the activation
+    wall: float = 0.0  # time.time() when its scores were ready
+    latency: float = 0.0  # seconds from the window's audio being complete to its scores
+
+
+@dataclass(frozen=True)
+class Event:
+    """A label's score crossing the threshold: ``kind`` onset (up) or offset (down), at window ``time``."""
+
+    kind: str
+    label: str
+    index: int
+    time: float
+    score: float
+    wall: float
+
+
+class _Latest:
+    """A one-slot mailbox between the reader and the scorer: a newer window replaces an unscored one (``drop``),
+    or waits for the scorer to take it (``drop=False``, until ``stop`` is set)."""
+
+    def __init__(self, drop: bool = True, stop: threading.Event | None = None):
+        self._cond = threading.Condition()
+        self._item = None
+        self._drop = drop
+        self._stop = stop or threading.Event()
+        self.dropped = 0
+        self.closed = False
+        self.error: BaseException | None = None
+
+    def put(self, item) -> None:
+        with self._cond:
+            if not self._drop:
+                while self._item is not None and not self._stop.is_set():
+                    self._cond.wait(0.1)
+            if self._item is not None:
+                self.dropped += 1
+            self._item = item
+            self._cond.notify_all()
+
+    def close(self, error: BaseException | None = None) -> None:
+        with self._cond:
+            self.closed, self.error = True, error
+            self._cond.notify()
+
+    def get(self, timeout: float):
+        """The newest window, or None at the end of the stream; raises TimeoutError if nothing arrives."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._item is not None or self.closed, timeout):
+                raise TimeoutError
+            item, self._item = self._item, None
+            self._cond.notify_all()
+            return item
+
+
+class Listener:
+    """Scores rolling windows of a live ``source`` with ``backend`` (a ``LocalBackend`` giving logits).
+
+    ``hop_seconds``: how often a window ends (default 1 s); ``stall_seconds``: how long the source may send
+    nothing before the run fails (a stream that stopped without closing). ``drop``: a live source, where a
+    window the model had no time for is dropped; False for a recording, where the reader waits for the model
+    instead (every window is scored, as fast as the model goes).
+    """
+
+    def __init__(self, backend, labels: tuple[str, ...], *, hop_seconds: float = 1.0,
+                 selection: LabelSelection = LabelSelection(), activation="sigmoid", stall_seconds: float = 30.0,
+                 drop: bool = True):
+        from .options import hop_frames
+
+        self.backend = backend
+        self.features = backend.features
+        self.labels = labels
+        self.hop_frames = hop_frames(hop_seconds)
+        if stall_seconds <= 0:
+            raise UsageError("must be a positive number of seconds", option="stall")
+        self.selection = selection
+        self.allowed = selection.mask(labels)
+        self.activation = activation
+        self.stall_seconds = stall_seconds
+        self.drop = drop
+        self.dropped = 0
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- the reader: blocks -> frames -> windows -----------------------------------------------------------
+
+    def _read(self, source, mailbox: _Latest) -> None:
+        import torch
+
+        from .features import log_mel, normalize, pad_or_truncate
+
+        cfg = self.features
+        pending = torch.empty(0)  # samples not yet framed
+        frames = torch.empty(0, cfg.num_mel_bins)  # the newest frames, at most one window's worth
+        done = 0  # frames so far
+        samples = 0
+        next_end = self.hop_frames
+        index = 0
+
+        def cut(end: int, end_seconds: float) -> None:
+            nonlocal index
+            local = frames[max(0, frames.shape[0] - (done - end) - cfg.max_length) : frames.shape[0] - (done - end)]
+            window = normalize(pad_or_truncate(local, cfg.max_length), cfg)
+            start = max(0, end - cfg.max_length)
+            mailbox.put((index, start * FRAME_SECONDS, end_seconds, window, time.monotonic()))
+            index += 1
+
+        try:
+            for block in source.blocks():
+                if self._stop.is_set():
+                    break
+                samples += block.shape[0]
+                pending = torch.cat([pending, torch.from_numpy(block)])
+                new = log_mel(pending, cfg.num_mel_bins)
+                if new.shape[0] == 0:
+                    continue
+                pending = pending[new.shape[0] * HOP_LENGTH :]
+                frames = torch.cat([frames, new])
+                done += new.shape[0]
+                while next_end <= done:
+                    cut(next_end, next_end * FRAME_SECONDS)
+                    next_end += self.hop_frames
+                frames = frames[-(cfg.max_length + self.hop_frames) :]  # memory stays flat
+            else:
+                last_end = next_end - self.hop_frames
+                if done == 0 and samples:  # shorter than one frame: padded to one, as classify does
+                    frames = log_mel(torch.nn.functional.pad(pending, (0, FRAME_LENGTH - pending.shape[0])),
+                                     cfg.num_mel_bins)
+                    done = 1
+                if done > last_end:  # the tail after the last full hop is scored too
+                    cut(done, samples / SAMPLE_RATE)
+            mailbox.close()
+        except BaseException as exc:  # the scorer reports it
+            mailbox.close(exc)
+
+    # -- the scorer -------------------------------------------------------------------------------------
+
+    def windows(self, source) -> Iterator[LiveWindow]:
+        """Yield scored windows as they come, until the source ends (or ``stop()``)."""
+        mailbox = _Latest(self.drop, self._stop)
+        reader = threading.Thread(target=self._read, args=(source, mailbox), name="ast-listen", daemon=True)
+        reader.start()
+        try:
+            while not self._stop.is_set():
+                try:
+                    item = mailbox.get(self.stall_seconds)
+                except TimeoutError:
+                    raise AudioDecodeError(f"the stream sent no audio for {self.stall_seconds:g} s") from None
+                self.dropped = mailbox.dropped
+                if item is None:
+                    if mailbox.error is not None:
+                        if isinstance(mailbox.error, AstError):
+                            raise mailbox.error
+                        raise AudioDecodeError(f"the stream failed: {type(mailbox.error).__name__}: "
+                                               f"{mailbox.error}") from mailbox.error
+                    return
+                index, start, end, window, ready = item
+                logits = self.backend(window[None])[0]
+                scores = activate(logits[None], self.activation)[0]
+                labels = self.selection.select(scores, self.labels, self.allowed)
+                yield LiveWindow(index, round(start, 6), round(end, 6), labels, scores, wall=time.time(),
+                                 latency=time.monotonic() - ready)
+        finally:
+            self._stop.set()
+            self.dropped = mailbox.dropped
+
+
+class EventTracker:
+    """Onsets and offsets: a label is "on" while its window score is at or above ``threshold``."""
+
+    def __init__(self, labels: tuple[str, ...], threshold: float, allowed: np.ndarray):
+        self.labels, self.threshold, self.allowed = labels, threshold, allowed
+        self.on = np.zeros(len(labels), dtype=bool)
+
+    def update(self, window: LiveWindow) -> list[Event]:
+        now = (window.scores >= self.threshold) & self.allowed
+        events = [Event("onset" if now[i] else "offset", self.labels[i], int(i), window.end,
+                        float(window.scores[i]), window.wall)
+                  for i in np.flatnonzero(now != self.on)]
+        self.on = now
+        return events
+
+    def close(self, at: float, wall: float) -> list[Event]:
+        """Offsets for every label still on when the stream ends."""
+        events = [Event("offset", self.labels[i], int(i), at, float("nan"), wall) for i in np.flatnonzero(self.on)]
+        self.on[:] = False
+        return events
+
+
+def ffmpeg_source(url: str, name: str | None = None):
+    """A ``StreamSource`` over anything the ffmpeg executable can open (a URL, a device, a growing file):
+    ffmpeg decodes it to WAV on a pipe, at its own rate and channels (our resampler does the rest)."""
+    import shutil
+    import subprocess
+
+    from .sources import StreamSource
+
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        raise UsageError("reading anything but a WAV or raw stream on stdin needs the ffmpeg executable",
+                         hint="install ffmpeg, or pipe WAV into `ast listen -`")
+    target = url if "://" in url or url.startswith(("/dev/", "pipe:")) else "file:" + url
+    process = subprocess.Popen([ffmpeg, "-nostdin", "-v", "error", "-i", target,
+                                "-map", "0:a:0", "-vn", "-f", "wav", "-acodec", "pcm_f32le", "-"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return _FfmpegStream(StreamSource(process.stdout, name or url), process)
+
+
+class _FfmpegStream:
+    """A StreamSource whose bytes come from an ffmpeg process; ffmpeg's own error is the stream's error."""
+
+    def __init__(self, stream, process):
+        self.stream, self.process, self.name = stream, process, stream.name
+
+    def blocks(self):
+        try:
+            yield from self.stream.blocks()
+        except AudioDecodeError:
+            if self.process.wait() != 0:
+                raise AudioDecodeError(f"ffmpeg could not read the source: {self._ffmpeg_error()}") from None
+            raise
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+            self.process.wait()
+        if self.process.returncode not in (0, -9):
+            raise AudioDecodeError(f"ffmpeg stopped: {self._ffmpeg_error()}")
+
+    def _ffmpeg_error(self) -> str:
+        text = self.process.stderr.read().decode("utf-8", "replace").strip().splitlines()
+        return text[-1] if text else f"exit code {self.process.returncode}"
+
+    @property
+    def duration(self):
+        return self.stream.duration
+
+    def identity(self):
+        return None, None

@@ -1,0 +1,202 @@
+"""``ast listen`` (#16): rolling windows of a live stream, each equal to classify on its excerpt; raw PCM and pipe
+WAV headers; dropping windows (never queuing them) when the model is slower than the stream; EOF, Ctrl-C,
+stalls and broken sources."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ast_cli.backends import LocalBackend
+from ast_cli.cli import app
+from ast_cli.listen import EventTracker, Listener, LiveWindow
+from ast_cli.options import RunOptions
+from ast_cli.sources import ArraySource, StreamSource
+from ast_cli.tagger import LabelSelection, Tagger
+from conftest import reference_features, tone
+from test_sources import wav_header
+
+HOP = 160  # samples per frame
+
+
+@pytest.fixture(scope="module")
+def tagger(tiny_checkpoint):
+    return Tagger.load(str(tiny_checkpoint[0]), RunOptions(device="cpu"))
+
+
+def expected_scores(tiny_checkpoint, wave: np.ndarray, start: float, end_frame: int) -> np.ndarray:
+    """classify on the excerpt: the reference model on the reference features of those samples."""
+    _, hf_model, extractor = tiny_checkpoint
+    first = round(start * 100)
+    excerpt = wave[first * HOP : (end_frame - 1) * HOP + 400]
+    with torch.inference_mode():
+        return torch.sigmoid(hf_model(reference_features(extractor, excerpt)).logits)[0].numpy()
+
+
+def test_windows_roll_every_hop_and_equal_classify_on_the_excerpt(tagger, tiny_checkpoint):
+    wave = tone(3.3, 16000, seed=21)[:, 0]
+    listener = Listener(tagger.backend, tagger.labels, hop_seconds=0.25, selection=LabelSelection(top=None),
+                        drop=False)  # a recording: every window
+    windows = list(listener.windows(ArraySource(wave, 16000, "live")))
+    ends = [w.end for w in windows]
+    assert ends[:-1] == pytest.approx([0.25 * k for k in range(1, 14)])  # one every hop...
+    assert ends[-1] == pytest.approx(3.3)  # ...and the tail at EOF
+    assert windows[0].start == 0.0 and windows[1].start == 0.0 and windows[3].start == pytest.approx(0.36)
+    for window in windows:
+        end_frame = round(window.end * 100) if window is not windows[-1] else 1 + (wave.shape[0] - 400) // HOP
+        np.testing.assert_allclose(window.scores, expected_scores(tiny_checkpoint, wave, window.start, end_frame),
+                                   atol=1e-5, err_msg=f"window {window.index}")
+    assert listener.dropped == 0
+
+
+def test_a_slow_writer_gets_records_before_it_finishes(tagger, tiny_checkpoint):
+    wave = tone(6.0, 16000, seed=22)[:, 0]
+    pcm = (wave * 32767).astype("<i2")
+    read_fd, write_fd = os.pipe()
+
+    def writer():
+        with os.fdopen(write_fd, "wb") as pipe:
+            pipe.write(wav_header(16000, 1))  # unknown length, as arecord writes to a pipe
+            for i in range(0, pcm.shape[0], 4000):  # 0.25 s of audio every 1/16 s: 4x real time
+                pipe.write(pcm[i : i + 4000].tobytes())
+                pipe.flush()
+                time.sleep(1 / 16)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    listener = Listener(tagger.backend, tagger.labels, hop_seconds=1.0, selection=LabelSelection(top=None))
+    arrived = []
+    with os.fdopen(read_fd, "rb") as stream:
+        for window in listener.windows(StreamSource(stream, "pipe", chunk_seconds=0.05)):
+            arrived.append((window, thread.is_alive()))
+    thread.join()
+    assert arrived[0][1], "the first record came only after the writer had finished"
+    windows = [w for w, _ in arrived]
+    assert [w.end for w in windows] == pytest.approx([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    as_read = pcm.astype(np.float32) / 32768
+    for window in windows[:-1]:
+        np.testing.assert_allclose(window.scores, expected_scores(tiny_checkpoint, as_read, window.start,
+                                                                  round(window.end * 100)), atol=1e-5)
+
+
+@pytest.mark.parametrize("sample_format,dtype,scale", [("s16le", "<i2", 32767), ("s32le", "<i4", 2**31 - 1),
+                                                       ("f32le", "<f4", 1.0)])
+def test_raw_pcm_streams(tagger, sample_format, dtype, scale):
+    wave = tone(2.2, 16000, seed=23)[:, 0]
+    pcm = (wave * scale).astype(dtype)
+    source = StreamSource(io.BytesIO(pcm.tobytes()), raw=True, sample_rate=16000, channels=1,
+                          sample_format=sample_format)
+    listener = Listener(tagger.backend, tagger.labels, selection=LabelSelection(top=None), drop=False)
+    scores = [w.scores for w in listener.windows(source)]
+    reference = [w.scores for w in Listener(tagger.backend, tagger.labels, selection=LabelSelection(top=None),
+                                            drop=False).windows(ArraySource(wave, 16000))]
+    assert len(scores) == len(reference) == 3
+    np.testing.assert_allclose(np.stack(scores), np.stack(reference), atol=1e-4)  # 16-bit rounding at most
+
+
+class SlowBackend:
+    def __init__(self, backend, seconds: float):
+        self.backend, self.seconds, self.features = backend, seconds, backend.features
+
+    def __call__(self, inputs):
+        time.sleep(self.seconds)
+        return self.backend(inputs)
+
+
+def test_a_writer_faster_than_the_model_drops_windows_with_flat_memory(tagger):
+    wave = tone(60.0, 16000, seed=24)[:, 0]  # 600 windows at a 0.1 s hop, delivered at once
+    listener = Listener(SlowBackend(tagger.backend, 0.02), tagger.labels, hop_seconds=0.1)
+    windows = list(listener.windows(ArraySource(wave, 16000)))
+    assert listener.dropped > 100 and len(windows) + listener.dropped == 599 + 1  # every 0.1 s, and the tail
+    assert len(windows) > 1
+    assert windows[-1].end == pytest.approx(60.0)  # the newest window is always the one scored
+    assert all(a.end < b.end for a, b in zip(windows, windows[1:]))
+
+
+def test_events_are_onsets_and_offsets():
+    labels = ("Dog", "Cat", "Bird")
+    tracker = EventTracker(labels, 0.5, np.array([True, True, False]))
+
+    def window(end, scores):
+        return LiveWindow(0, end - 1, end, [], np.array(scores), wall=end)
+
+    assert tracker.update(window(1.0, [0.2, 0.1, 0.9])) == []  # Bird is not watched
+    [onset] = tracker.update(window(2.0, [0.7, 0.1, 0.9]))
+    assert (onset.kind, onset.label, onset.time, onset.score) == ("onset", "Dog", 2.0, 0.7)
+    assert tracker.update(window(3.0, [0.6, 0.2, 0.1])) == []  # still on: nothing new
+    events = tracker.update(window(4.0, [0.3, 0.8, 0.1]))
+    assert [(e.kind, e.label) for e in events] == [("offset", "Dog"), ("onset", "Cat")]
+    assert [(e.kind, e.label, e.time) for e in tracker.close(4.5, 5.0)] == [("offset", "Cat", 4.5)]
+
+
+def test_cli_jsonl_events_and_errors(tiny_checkpoint):
+    wave = tone(2.5, 22050, 2, seed=25)
+    data = wav_header(22050, 2, bits=32, fmt=3) + wave.astype("<f4").tobytes()
+    runner = CliRunner()
+    result = runner.invoke(app, ["listen", "-", "--model", str(tiny_checkpoint[0]), "-f", "jsonl", "--top", "2"],
+                           input=data)
+    assert result.exit_code == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["end"] for line in lines] == [1.0, 2.0, 2.5] and all(len(x["labels"]) == 2 for x in lines)
+    assert set(lines[0]) == {"start", "end", "time", "labels", "latency_s"}
+    events = runner.invoke(app, ["listen", "-", "--model", str(tiny_checkpoint[0]), "--events", "--threshold",
+                                 "0.6"], input=data)
+    kinds = [json.loads(line)["event"] for line in events.stdout.splitlines()]
+    assert kinds and set(kinds) <= {"onset", "offset"} and kinds.count("onset") == kinds.count("offset")
+    not_wav = runner.invoke(app, ["listen", "-", "--model", str(tiny_checkpoint[0])], input=b"ID3 no wav here" * 9)
+    assert not_wav.exit_code == 1 and "not a WAV stream" in not_wav.stderr and "Traceback" not in not_wav.stderr
+    raw_no_rate = runner.invoke(app, ["listen", "-", "--raw", "--model", str(tiny_checkpoint[0])], input=b"")
+    assert raw_no_rate.exit_code == 2 and "--rate" in raw_no_rate.stderr
+
+
+@pytest.mark.slow  # whole processes
+def test_cli_a_stalled_stream_and_ctrl_c(tiny_checkpoint):
+    args = [sys.executable, "-m", "ast_cli", "listen", "-", "--model", str(tiny_checkpoint[0]), "-f", "jsonl"]
+    stalled = subprocess.Popen(args + ["--stall", "1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    stalled.stdin.write(wav_header(16000, 1) + (tone(1.5)[:, 0] * 32767).astype("<i2").tobytes())
+    stalled.stdin.flush()  # then nothing more, and the pipe stays open
+    deadline = time.monotonic() + 60
+    while stalled.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stalled.returncode == 1
+    err = stalled.stderr.read().decode()
+    assert "the stream sent no audio for 1 s" in err and "Traceback" not in err
+    assert json.loads(stalled.stdout.readline())["end"] == 1.0  # what came was tagged
+    stalled.stdin.close()
+
+    live = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    live.stdin.write(wav_header(16000, 1) + (tone(3.0)[:, 0] * 32767).astype("<i2").tobytes())
+    live.stdin.flush()
+    first = live.stdout.readline()
+    live.send_signal(signal.SIGINT)
+    rest, err = live.communicate(timeout=60)
+    assert live.returncode == 130 and json.loads(first)["end"] == 1.0
+    assert err.decode().strip().splitlines()[-1] == "Interrupted."
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg executable")
+def test_cli_through_ffmpeg_and_a_broken_source(tiny_checkpoint, tmp_path):
+    import soundfile as sf
+
+    path = tmp_path / "radio.flac"
+    sf.write(str(path), tone(2.0, 44100, 2, seed=26), 44100)
+    runner = CliRunner()
+    result = runner.invoke(app, ["listen", str(path), "--model", str(tiny_checkpoint[0]), "-f", "jsonl"])
+    assert result.exit_code == 0, result.stderr
+    assert [json.loads(line)["end"] for line in result.stdout.splitlines()] == [1.0, 2.0]
+    broken = runner.invoke(app, ["listen", str(tmp_path / "nothing.mp3"), "--model", str(tiny_checkpoint[0])])
+    assert broken.exit_code == 1 and "ffmpeg could not read the source" in broken.stderr
+    assert len(broken.stderr.strip().splitlines()) == 1
