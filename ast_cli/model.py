@@ -36,6 +36,7 @@ class ASTConfig:
     id2label: tuple[str, ...] = ()  # label of class i; empty for a bare encoder
     hidden_act: str = "gelu"
     qkv_bias: bool = True
+    problem_type: str | None = None  # "single_label_classification" (softmax) or "multi_label_classification"
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "ASTConfig":

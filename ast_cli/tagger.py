@@ -64,13 +64,13 @@ class LabelSelection:
 
     @classmethod
     def from_options(cls, top: int | None, threshold: float | None, include=None, exclude=None,
-                     activation: Activation | str = Activation.sigmoid) -> "LabelSelection":
+                     activation: Activation | str | None = None) -> "LabelSelection":
         """``top`` None: 5, or all labels when a threshold is given; 0: all. A threshold must be a score the
         activation can give (sigmoid and softmax scores lie in [0, 1])."""
         import math
 
         if threshold is not None:
-            bounded = Activation(activation) is not Activation.none
+            bounded = activation is None or Activation(activation) is not Activation.none
             if not math.isfinite(threshold) or (bounded and not 0.0 <= threshold <= 1.0):
                 raise UsageError(f"must be a score from 0 to 1, not {threshold}" if bounded
                                  else f"must be a finite number, not {threshold}", option="threshold")
@@ -128,15 +128,33 @@ def activate(logits: np.ndarray, activation: Activation | str) -> np.ndarray:
     return logits
 
 
+def is_single_label(config) -> bool:
+    """A checkpoint trained with one label per clip: its ``problem_type`` says so, or it is speech-commands."""
+    if config.problem_type == "single_label_classification":
+        return True
+    if config.problem_type == "multi_label_classification":
+        return False
+    from .hub import load_labels
+
+    return config.id2label == load_labels("speechcommands")
+
+
 class Tagger:
     """A model ready for inference (``backend``), with the input format and labels it was trained with."""
 
-    def __init__(self, backend, labels: tuple[str, ...], *, name: str = "", options: RunOptions = RunOptions()):
+    def __init__(self, backend, labels: tuple[str, ...], *, name: str = "", options: RunOptions = RunOptions(),
+                 single_label: bool = False):
         self.backend = backend
         self.features: FeatureConfig = backend.features
         self.labels = labels
         self.name = name
         self.options = options
+        self.single_label = single_label
+
+    @property
+    def default_activation(self) -> Activation:
+        """softmax for a single-label checkpoint (its ``problem_type``, or speech-commands), else sigmoid."""
+        return Activation.softmax if self.single_label else Activation.sigmoid
 
     @classmethod
     def load(cls, model: str = DEFAULT_MODEL, options: RunOptions = RunOptions()) -> "Tagger":
@@ -150,7 +168,8 @@ class Tagger:
         path = resolve_model(model, offline=options.offline, cache_dir=options.cache_dir)
         checkpoint = load_checkpoint(path)
         backend = LocalBackend.build(build_model(checkpoint), checkpoint.features, options)
-        return cls(backend, checkpoint.config.id2label, name=model, options=options)
+        return cls(backend, checkpoint.config.id2label, name=model, options=options,
+                   single_label=is_single_label(checkpoint.config))
 
     @property
     def model(self):
@@ -184,7 +203,7 @@ class Tagger:
         sources: Iterable,
         *,
         selection: LabelSelection = LabelSelection(),
-        activation: Activation | str = Activation.sigmoid,
+        activation: Activation | str | None = None,
         aggregate: Aggregate | str = Aggregate.max,
         segments: bool = False,
         engine: Engine | None = None,
@@ -192,8 +211,10 @@ class Tagger:
     ) -> Iterator[FileResult]:
         """Tag sources (paths, ``InputFile``s or ``AudioSource``s); one ``FileResult`` each, in order. Long
         files are cut into windows whose scores are aggregated (``max``: an event anywhere in the file
-        counts; ``mean``: typical content). ``engine``: one made by ``self.engine()``, to ``stop()`` it."""
-        activation, aggregate = Activation(activation), Aggregate(aggregate)
+        counts; ``mean``: typical content). ``activation`` None: ``default_activation``. ``engine``: one made
+        by ``self.engine()``, to ``stop()`` it."""
+        activation = Activation(activation) if activation is not None else self.default_activation
+        aggregate = Aggregate(aggregate)
         allowed = selection.mask(self.labels)  # unknown label names fail before any work
         engine = engine or self.engine()
         for out in engine.run(sources, on_progress=on_progress):

@@ -3,12 +3,13 @@ level, so ``ast --help`` and shell completion stay instant (torch loads only ins
 
 - ``_app``: the Typer app; ``_common``: shared option types and the RunOptions bundle; ``_errors``: the error
   table; ``_io``: stderr handling; ``_progress`` and ``_render``: what a person sees.
-- ``classify``, ``listen``, ``extract``, ``models`` (download, models, labels), ``benchmark``: the commands.
+- ``classify``, ``listen``, ``extract``, ``train`` (train, evaluate), ``models`` (download, models, labels),
+  ``benchmark``: the commands.
 """
 
 from __future__ import annotations
 
-from . import classify, listen, extract, models, benchmark  # noqa: F401, I001  (each registers its commands, in this order)
+from . import classify, listen, extract, train, models, benchmark  # noqa: F401, I001  (each registers its commands, in this order)
 from ._app import app
 from ._errors import describe_error
 

@@ -103,3 +103,32 @@ class LiveView:
 
     def __exit__(self, *exc) -> None:
         self._live.__exit__(*exc)
+
+
+def print_evaluation(report: dict, multi_label: bool) -> None:
+    """``ast evaluate``'s table: the headline metric, then a confusion table or per-label AP and F1."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    if not multi_label:
+        console.print(f"{report['files']} files: accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}")
+        table = Table(title="confusion (rows: true label, columns: predicted)", title_justify="left",
+                      show_edge=False, pad_edge=False)
+        table.add_column("")
+        labels = report["labels"]
+        for name in labels:
+            table.add_column(name[:12], justify="right")
+        for name, row in zip(labels, report["confusion"]):
+            table.add_row(name, *map(str, row))
+        console.print(table)
+        return
+    map_ = report["map"]
+    console.print(f"{report['files']} files: mAP {map_:.4f}" if map_ is not None else "no label has positives")
+    table = Table(show_edge=False, pad_edge=False)
+    for column in ("label", "AP", f"F1 @ {report['threshold']:g}", "positives"):
+        table.add_column(column, justify="left" if column == "label" else "right")
+    for name, row in report["per_label"].items():
+        table.add_row(name, "-" if row["ap"] is None else f"{row['ap']:.4f}",
+                      "-" if row["f1"] is None else f"{row['f1']:.4f}", str(row["positives"]))
+    console.print(table)

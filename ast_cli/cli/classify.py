@@ -29,7 +29,7 @@ def classify(
     output_dir: Annotated[Optional[str], typer.Option("--output-dir", metavar="DIR", help="One result file per input, mirroring the input tree (json, csv, tsv, audacity label tracks, raven selection tables); existing ones are skipped unless --overwrite.")] = None,
     resume: Annotated[bool, typer.Option(help="With --output x.jsonl: skip files already recorded there, retry failed ones.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing non-empty --output.")] = False,
-    activation: Annotated[Activation, typer.Option(help="sigmoid (multi-label, default), softmax, or none (raw logits).")] = Activation.sigmoid,
+    activation: Annotated[Optional[Activation], typer.Option(help="sigmoid (multi-label), softmax (single-label) or none (raw logits); default: what the checkpoint was trained for.")] = None,
     segments: Annotated[bool, typer.Option(help="Add per-window results (start, end, labels).")] = False,
     aggregate: Annotated[Aggregate, typer.Option(help="Window scores -> file score.")] = Aggregate.max,
     ext: ExtOpt = None,

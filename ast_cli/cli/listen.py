@@ -33,7 +33,7 @@ def listen(
     include: Annotated[Optional[list[str]], typer.Option(metavar="LABEL", help="Only these labels (repeatable; @FILE: one per line).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option(metavar="LABEL", help="Never these labels (repeatable; @FILE: one per line).")] = None,
     events: Annotated[bool, typer.Option("--events", help="Print only onsets and offsets: a label's score crossing --threshold.")] = False,
-    activation: Annotated[Activation, typer.Option(help="sigmoid (multi-label, default), softmax, or none.")] = Activation.sigmoid,
+    activation: Annotated[Optional[Activation], typer.Option(help="sigmoid (multi-label), softmax (single-label) or none; default: what the checkpoint was trained for.")] = None,
     format: Annotated[Optional[LiveFormat], typer.Option("--format", "-f", help="live (a view of the current top labels; default on a terminal) or jsonl.")] = None,
     stall: Annotated[float, typer.Option(metavar="SECONDS", help="Fail when the source sends nothing for this long.")] = 30.0,
     drop: Annotated[Optional[bool], typer.Option("--drop/--no-drop", help="Drop windows the model has no time for (default for stdin, URLs and devices), or wait for it (default for a recording on disk).")] = None,
@@ -87,7 +87,7 @@ def listen(
             stream = ffmpeg_source(source)
         recording = source != "-" and os.path.isfile(source)
         listener = Listener(tagger.backend, tagger.labels, hop_seconds=run.hop_seconds or 1.0,
-                            selection=selection, activation=activation, stall_seconds=stall,
+                            selection=selection, activation=activation or tagger.default_activation, stall_seconds=stall,
                             drop=(not recording) if drop is None else drop)
         tracker = EventTracker(tagger.labels, threshold, listener.allowed) if events else None
         from ._io import native_stderr_silenced

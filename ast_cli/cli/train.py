@@ -1,0 +1,161 @@
+"""``ast train`` and ``ast evaluate``: your own labels on top of AST, and how well a model does on labeled data."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ..options import ListFormat, RunOptions, _choices
+from ._app import app
+from ._common import DEFAULT_MODEL, DebugOpt, ModelOpt, QuietOpt, fetch_model, load_tagger, run_options, stderr_console
+from ._errors import cli_errors, say
+
+Mode = _choices("Mode", "head finetune", "What ast train trains.")
+DataArg = Annotated[str, typer.Argument(metavar="DATA", help="A folder of label subfolders (single-label), or a CSV/JSONL of path,labels (labels separated by ;, multi-label).")]
+
+
+@app.command()
+@run_options
+def train(
+    data: DataArg,
+    run: RunOptions,
+    out: Annotated[str, typer.Option("--out", "-o", metavar="DIR", help="Where the new checkpoint goes (a Hugging Face model folder).")],
+    model: ModelOpt = DEFAULT_MODEL,
+    mode: Annotated[Mode, typer.Option(help="head: a classifier on frozen, cached embeddings (fast); finetune: every weight.")] = Mode.head,
+    val: Annotated[Optional[str], typer.Option(metavar="DATA", help="Validation data (default: a stratified --val-split of DATA).")] = None,
+    val_split: Annotated[float, typer.Option(metavar="FRACTION", help="Part of DATA held out for validation when --val is not given.")] = 0.2,
+    epochs: Annotated[Optional[int], typer.Option(min=1, metavar="N", help="Epochs at most (default: 200 with early stopping for head, 10 for finetune).")] = None,
+    lr: Annotated[Optional[float], typer.Option(metavar="RATE", help="Peak learning rate (default: 1e-3 head, 1e-5 finetune).")] = None,
+    train_batch: Annotated[int, typer.Option("--train-batch", min=1, metavar="N", help="Training windows per step.")] = 64,
+    patience: Annotated[int, typer.Option(min=1, metavar="N", help="Stop after this many epochs without a better validation loss.")] = 15,
+    seed: Annotated[int, typer.Option(metavar="N", help="Seed of the split, the initialisation and the shuffling.")] = 0,
+    mixup: Annotated[float, typer.Option(metavar="P", help="finetune: probability of mixing a batch (AST recipe: 0.5).")] = 0.0,
+    accumulate: Annotated[int, typer.Option(min=1, metavar="N", help="finetune: steps of gradients summed per update.")] = 1,
+    warmup: Annotated[float, typer.Option(metavar="EPOCHS", help="finetune: linear warm-up before the cosine decay.")] = 1.0,
+    keep_normalization: Annotated[bool, typer.Option("--keep-normalization", help="finetune: keep the base model's mean/std instead of the data's.")] = False,
+    features_dir: Annotated[Optional[str], typer.Option("--features-dir", metavar="DIR", help="head: where window embeddings are cached (default: DIR/embeddings); reused by later runs.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="finetune: continue from the last epoch's checkpoint in DIR.")] = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Train a classifier for your own labels; DIR becomes a checkpoint every command (and transformers) loads.
+
+    --mode head trains the checkpoint's classifier (LayerNorm + Linear) on the frozen model's pooled
+    embeddings, computed once per window and cached: seconds to minutes on a CPU. --mode finetune trains
+    every weight with SpecAugment, optional mixup, warm-up and cosine learning rate, a checkpoint per epoch
+    (--resume; Ctrl-C saves one). Single-label data trains with cross-entropy, multi-label with BCE.
+
+    Examples:
+
+      ast train frogs/ --out frog-ast/
+
+      ast train labels.csv --val val.csv --out ads/ --mode finetune --epochs 5 --mixup 0.5
+
+      ast classify night.wav --model frog-ast/
+    """
+    stderr = stderr_console()
+    with cli_errors(stderr, debug):
+        import os
+
+        from ..errors import UsageError
+        from ..train import TrainConfig, Trainer, load_dataset, split
+
+        run.validate()
+        config = TrainConfig(mode=mode.value, epochs=epochs, lr=lr, batch_size=train_batch, patience=patience,
+                             seed=seed, mixup=mixup, accumulate=accumulate, warmup_epochs=warmup,
+                             keep_normalization=keep_normalization).resolved()
+        if resume and mode.value != "finetune":
+            raise UsageError("--resume continues a finetune run (head training takes seconds: run it again)")
+        if os.path.isdir(out) and os.listdir(out) and not resume and os.path.exists(os.path.join(out, "model.safetensors")):
+            raise UsageError(f"{out} already holds a model", option="out", hint="choose another --out")
+        dataset = load_dataset(data)
+        train_set, val_set = (dataset, load_dataset(val)) if val else split(dataset, val_split, seed)
+        if val and val_set.multi_label != dataset.multi_label:
+            raise UsageError("--val must be labeled like DATA (both folders, or both tables)")
+        say(stderr, f"{len(train_set.examples)} training and {len(val_set.examples)} validation files, "
+                    f"{len(dataset.labels)} labels ({'multi' if dataset.multi_label else 'single'}-label), mode {mode.value}")
+        base = str(fetch_model(model, run, stderr, quiet))
+        progress = _EpochProgress(stderr, config.epochs, enabled=not quiet and stderr.is_terminal)
+        trainer = Trainer(base, train_set, val_set, out, config, run, feature_cache=features_dir,
+                          on_epoch=progress.update, model_name=model)
+        with progress:
+            result = trainer.run(resume=resume)
+        best = result.val
+        metric = (f"accuracy {best.get('accuracy', 0):.3f}, macro-F1 {best.get('macro_f1', 0):.3f}"
+                  if not result.multi_label else f"mAP {best.get('map', 0):.3f}")
+        say(stderr, f"best epoch {result.best_epoch} of {result.epochs}: validation {metric}; "
+                    f"{result.seconds_per_epoch:.2f} s per epoch")
+        typer.echo(out)
+
+
+class _EpochProgress:
+    """A bar over epochs with the loss and the validation metric; a line per epoch when not a terminal."""
+
+    def __init__(self, console, epochs: int, enabled: bool):
+        self.console, self.epochs, self.enabled = console, epochs, enabled
+        self._progress = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+            self._progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
+                                      TextColumn("{task.fields[status]}"), console=self.console, transient=True)
+            self._progress.__enter__()
+            self._task = self._progress.add_task("training", total=self.epochs, status="")
+        return self
+
+    def update(self, record: dict) -> None:
+        metric = next((f"{k} {record[k]:.3f}" for k in ("accuracy", "map") if record.get(k) is not None), "")
+        status = f"loss {record['loss']:.4f}, val loss {record['val_loss']:.4f} {metric}"
+        if self._progress is not None:
+            self._progress.update(self._task, completed=record["epoch"], status=status)
+        elif record["epoch"] == 1 or record["epoch"] % max(1, self.epochs // 10) == 0:  # a log, not a flood
+            say(self.console, f"epoch {record['epoch']}: {status}")
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+
+@app.command()
+@run_options
+def evaluate(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Alias, hub id, directory (e.g. what ast train wrote) or weights file.")],
+    data: DataArg,
+    run: RunOptions,
+    threshold: Annotated[float, typer.Option(metavar="P", help="multi-label: the score a label counts as present at (for F1).")] = 0.5,
+    format: Annotated[ListFormat, typer.Option("--format", "-f", help="table or json.")] = ListFormat.table,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Measure a model on labeled data: accuracy, macro-F1 and a confusion table (single-label), or mAP and
+    per-label AP and F1 (multi-label).
+
+    Examples:
+
+      ast evaluate frog-ast/ frogs-test/
+
+      ast evaluate ads/ test.csv --format json | jq .map
+    """
+    stderr = stderr_console()
+    with cli_errors(stderr, debug):
+        import json
+
+        from ..train import evaluate as measure
+        from ..train import load_dataset
+
+        dataset = load_dataset(data)
+        tagger = load_tagger(model, run, stderr, quiet)
+        report = measure(tagger, dataset, threshold)
+        for failure in report["failed"]:
+            say(stderr, f"error: {failure['path']}: {failure['error']}")
+        if format is ListFormat.json:
+            typer.echo(json.dumps(report, indent=2))
+        else:
+            from ._render import print_evaluation
+
+            print_evaluation(report, dataset.multi_label)
+        if report["failed"]:
+            raise typer.Exit(1)
