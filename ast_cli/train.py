@@ -421,7 +421,7 @@ class Trainer:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 schedule.step()
-            total += float(loss) * len(rows)
+            total += loss.item() * len(rows)
             count += len(rows)
         return total / max(1, count)
 

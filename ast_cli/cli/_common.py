@@ -11,7 +11,7 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from ..constants import DEFAULT_MODEL
-from ..options import Attn, DType, Quantize, RunOptions
+from ..options import Attn, DType, Quantize, RunOptions, _choices
 
 
 def _complete_model(incomplete: str) -> list[str]:
@@ -66,26 +66,65 @@ RUN_OPTIONS: list[tuple[str, object, object]] = [
 ]
 
 
-def run_options(command: Callable) -> Callable:
-    """Give ``command`` the shared run options as CLI options and pass them to it as one ``run: RunOptions``."""
-    signature = inspect.signature(command, eval_str=True)
-    own = [p for p in signature.parameters.values() if p.name != "run"]
-    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-             for name, annotation, default in RUN_OPTIONS]
+def _bundle(name: str, params: list[tuple[str, object, object]], build: Callable[[dict], object]) -> Callable:
+    """A decorator giving a command ``params`` as CLI options, passed to it as one object ``name=build(values)``."""
 
-    @functools.wraps(command)
-    def wrapper(**kwargs):
-        values = {name: kwargs.pop(name) for name, _, _ in RUN_OPTIONS}
-        run = RunOptions(device=values["device"], dtype=values["dtype"], attn=values["attn"],
-                         quantize=values["quantize"], threads=values["threads"], batch_size=values["batch_size"],
-                         workers=values["workers"], hop_seconds=values["hop"], offline=values["offline"] or None,
-                         cache_dir=values["cache_dir"])
-        return command(run=run, **kwargs)
+    def decorate(command: Callable) -> Callable:
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != name]
+        extra = [inspect.Parameter(option, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+                 for option, annotation, default in params]
 
-    del wrapper.__wrapped__  # typer must read the signature below, not the command's own
-    wrapper.__signature__ = signature.replace(parameters=own + extra)
-    wrapper.__annotations__ = {p.name: p.annotation for p in own + extra}
-    return wrapper
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            values = {option: kwargs.pop(option) for option, _, _ in params}
+            return command(**{name: build(values)}, **kwargs)
+
+        del wrapper.__wrapped__  # typer must read the signature below, not the command's own
+        wrapper.__signature__ = signature.replace(parameters=own + extra)
+        wrapper.__annotations__ = {p.name: p.annotation for p in own + extra}
+        return wrapper
+
+    return decorate
+
+
+def _run_options(values: dict) -> RunOptions:
+    return RunOptions(device=values["device"], dtype=values["dtype"], attn=values["attn"], quantize=values["quantize"],
+                      threads=values["threads"], batch_size=values["batch_size"], workers=values["workers"],
+                      hop_seconds=values["hop"], offline=values["offline"] or None, cache_dir=values["cache_dir"])
+
+
+run_options = _bundle("run", RUN_OPTIONS, _run_options)
+run_options.__doc__ = "Give a command the shared run options, passed to it as one ``run: RunOptions``."
+
+Engine = _choices("Engine", "local ray", "Where a batch runs.")
+DISTRIBUTED_OPTIONS: list[tuple[str, object, object]] = [
+    ("shard", Annotated[Optional[str], typer.Option(metavar="K/N", help="Only shard K of N of the expanded, sorted inputs (for job arrays; the shards together are every file once).")], None),
+    ("engine", Annotated[Engine, typer.Option(help="local (this process) or ray (a Ray cluster; pip install 'ast-cli[ray]').")], Engine.local),
+    ("ray_address", Annotated[Optional[str], typer.Option("--ray-address", metavar="ADDR", help="Ray cluster to join: auto, or host:port (default: RAY_ADDRESS, else a local Ray).")], None),
+    ("ray_workers", Annotated[Optional[int], typer.Option("--ray-workers", min=1, metavar="N", help="Ray actors, each with the model loaded once (default: the cluster's CPUs / --cpus-per-worker).")], None),
+    ("cpus_per_worker", Annotated[float, typer.Option("--cpus-per-worker", metavar="N", help="CPUs (and torch threads) per Ray actor.")], 1.0),
+    ("gpus_per_worker", Annotated[float, typer.Option("--gpus-per-worker", metavar="N", help="GPUs per Ray actor (1, or 0.5 to share one).")], 0.0),
+]
+
+
+def _distributed(values: dict):
+    """The options as given; ``checked_distributed`` (inside the command's error handling) validates them."""
+    return values
+
+
+def checked_distributed(values: dict):
+    """``RaySettings`` from the distributed options; a UsageError for a bad --shard or Ray missing."""
+    from ..distributed import RaySettings, parse_shard, ray_available
+    from ..errors import UsageError
+
+    if values["engine"] is Engine.ray and not ray_available():
+        raise UsageError("--engine ray needs Ray Data", hint='pip install "ast-cli[ray]"')
+    return RaySettings(values["ray_address"], values["ray_workers"], values["cpus_per_worker"],
+                       values["gpus_per_worker"], engine=values["engine"].value, shard=parse_shard(values["shard"]))
+
+
+distributed_options = _bundle("dist", DISTRIBUTED_OPTIONS, _distributed)
 
 
 def path_stdin(paths: list[str]):

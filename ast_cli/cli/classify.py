@@ -7,18 +7,22 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..distributed import take_shard
 from ..options import Activation, Aggregate, OutputFormat, RunOptions
 from ._app import app
-from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, label_list, load_tagger,
-                      path_stdin, report_failure, run_options, stderr_console)
+from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, checked_distributed,
+                      distributed_options, label_list, load_tagger, path_stdin, report_failure, run_options,
+                      stderr_console)
 from ._errors import EXIT_FAILED, cli_errors, debug_enabled, say
 
 
 @app.command()
+@distributed_options
 @run_options
 def classify(
     paths: PathsArg,
     run: RunOptions,
+    dist: dict,
     model: ModelOpt = DEFAULT_MODEL,
     top: Annotated[Optional[int], typer.Option(min=0, metavar="N", help="Labels per file (0 = all; default 5, or all with --threshold).")] = None,
     threshold: Annotated[Optional[float], typer.Option(metavar="P", help="Keep labels with score >= P.")] = None,
@@ -63,7 +67,8 @@ def classify(
         if output is None and _signals.stdout_closed:
             raise UsageError("stdout is closed: there is nowhere to write the results", option="output")
         selection = LabelSelection.from_options(top, threshold, label_list(include), label_list(exclude), activation)
-        items = expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths))
+        settings = checked_distributed(dist)
+        items = take_shard(expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths)), settings.shard)
         if output_dir is not None:
             if output is not None or resume:
                 raise UsageError("--output-dir writes one file per input: it goes without --output and --resume")
@@ -87,29 +92,52 @@ def classify(
             if target.journal is None:  # an empty list given on purpose: a valid, empty output and exit 0
                 target.open(segments).close()
             return
-        tagger = load_tagger(model, run, stderr, quiet)
-        selection.mask(tagger.labels)  # unknown --include/--exclude names fail before any output is opened
-        failed = _run(tagger, sources, target, selection, activation, aggregate, segments, stderr, quiet, debug)
+        if settings.ray:
+            from ..distributed import record_to_result, run_ray
+
+            labels = _labels_of(model, run, stderr, quiet)
+            selection.mask(labels)  # unknown --include/--exclude names fail before any output is opened
+            results = (record_to_result(r) for r in run_ray(sources, model, run, settings, selection=selection,
+                                                              activation=activation, aggregate=aggregate,
+                                                              segments=segments))
+            failed = _write(results, None, len(sources), target, segments, stderr, quiet, debug)
+        else:
+            tagger = load_tagger(model, run, stderr, quiet)
+            selection.mask(tagger.labels)  # unknown --include/--exclude names fail before any output is opened
+            engine_ = tagger.engine()
+            results = tagger.classify(sources, selection=selection, activation=activation, aggregate=aggregate,
+                                      segments=segments, engine=engine_)
+            failed = _write(results, engine_, len(sources), target, segments, stderr, quiet, debug)
         if failed:
             raise typer.Exit(EXIT_FAILED)
 
 
-def _run(tagger, sources, target, selection, activation, aggregate, segments, stderr, quiet, debug) -> int:
-    """Tag ``sources`` into ``target``; returns how many failed. Ctrl-C keeps what is done (jsonl) or leaves
+def _labels_of(model: str, run: RunOptions, stderr, quiet: bool) -> tuple[str, ...]:
+    """The model's labels without loading its weights (the Ray workers load those)."""
+    from ..hub import bundled_labels
+    from ..weights import load_checkpoint, read_configs
+    from ._common import fetch_model
+
+    bundled = bundled_labels(model)
+    if bundled is not None:
+        return bundled
+    path = fetch_model(model, run, stderr, quiet)
+    return (read_configs(path)[0] if path.is_dir() else load_checkpoint(path).config).id2label
+
+
+def _write(results, engine, total: int, target, segments, stderr, quiet, debug) -> int:
+    """Write ``results`` into ``target``; returns how many failed. Ctrl-C keeps what is done (jsonl) or leaves
     the earlier file as it was (json/csv)."""
     from ._io import native_stderr_silenced
     from ._progress import BatchProgress
 
     writer = target.open(segments)
     failed = 0
-    progress = BatchProgress(stderr, len(sources), enabled=not quiet and stderr.is_terminal)
-    engine = tagger.engine()
+    progress = BatchProgress(stderr, total, enabled=not quiet and stderr.is_terminal)
     try:
         with native_stderr_silenced(not debug_enabled(debug)), progress:
-            results = tagger.classify(sources, selection=selection, activation=activation, aggregate=aggregate,
-                                      segments=segments, engine=engine,
-                                      on_progress=lambda out: progress.advance(out.duration))
             for result in results:
+                progress.advance(result.duration)
                 if result.error is not None:
                     failed += 1
                     report_failure(stderr, result.path, result.error)
@@ -119,7 +147,8 @@ def _run(tagger, sources, target, selection, activation, aggregate, segments, st
                         stderr.print(traceback_text(result.exception), markup=False, highlight=False)
                 writer.write(result)
     except BaseException:
-        engine.stop()
+        if engine is not None:
+            engine.stop()
         writer.close(commit=False)
         raise
     writer.close(commit=True)

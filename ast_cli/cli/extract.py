@@ -8,16 +8,19 @@ import typer
 
 from ..options import FeatureFormat, FeatureKind, RunOptions
 from ._app import app
-from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, path_stdin, fetch_model, load_tagger,
-                      report_failure, run_options, stderr_console)
+from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, checked_distributed,
+                      distributed_options, fetch_model, load_tagger, path_stdin, report_failure, run_options,
+                      stderr_console)
 from ._errors import EXIT_FAILED, cli_errors, debug_enabled, say
 
 
 @app.command("extract-features")
+@distributed_options
 @run_options
 def extract_features_command(
     paths: PathsArg,
     run: RunOptions,
+    dist: dict,
     out: Annotated[str, typer.Option("--out", "-o", metavar="DIR", help="Output directory; mirrors the input tree.")],
     kind: Annotated[FeatureKind, typer.Option(help="embedding (pooled, hidden_size per window) or fbank (the model input).")] = FeatureKind.embedding,
     format: Annotated[FeatureFormat, typer.Option("--format", "-f", help="safetensors, or npy (+ a .json metadata file).")] = FeatureFormat.safetensors,
@@ -49,8 +52,11 @@ def extract_features_command(
         from ..extract import FeatureExtractor, Settings, load_feature_config, plan_outputs
         from ..inputs import expand_inputs, parse_extensions
 
+        from ..distributed import take_shard
+
         run.validate()
-        items = expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths))
+        cluster = checked_distributed(dist)
+        items = take_shard(expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths)), cluster.shard)
         if not items:
             raise UsageError("no audio files found in the given paths", hint="check --ext, or name files directly")
         settings = None if overwrite else Settings.of(kind.value, model, run)
@@ -58,14 +64,16 @@ def extract_features_command(
         todo = sum(1 for job in jobs if overwrite or not job.exists)
 
         extractor = None  # a rerun with nothing left to do loads no model
-        if todo and kind is FeatureKind.embedding:
+        if todo and cluster.ray:
+            extractor = ("ray", cluster, str(fetch_model(model, run, stderr, quiet)))
+        elif todo and kind is FeatureKind.embedding:
             extractor = FeatureExtractor.embeddings(load_tagger(model, run, stderr, quiet), model)
         elif todo:
             path = fetch_model(model, run, stderr, quiet)  # downloads a missing hub model, like classify
             extractor = FeatureExtractor.fbank(model, load_feature_config(str(path), offline=run.offline), run)
         counts = {"written": 0, "skipped": 0, "failed": 0}
         try:
-            _run(jobs, extractor, format.value, overwrite, todo, counts, stderr, quiet, debug)
+            _run(jobs, extractor, format.value, overwrite, todo, counts, stderr, quiet, debug, run, kind)
         finally:  # also after Ctrl-C: what was written is complete and stays
             say(stderr, f"{counts['written']} written, {counts['skipped']} skipped (already in {out}), "
                         f"{counts['failed']} failed")
@@ -73,17 +81,35 @@ def extract_features_command(
             raise typer.Exit(EXIT_FAILED)
 
 
+class _ExtractRecord:
+    """A result as a Ray worker reports it."""
+
+    def __init__(self, path, output, status, error=None, duration=None, windows=0):
+        self.path, self.output, self.status, self.error, self.duration, self.windows = (
+            path, output, status, error, duration, windows)
+
+
 def _run(jobs, extractor, fmt: str, overwrite: bool, todo: int, counts: dict, stderr, quiet: bool,
-         debug: bool) -> None:
+         debug: bool, run=None, kind=None) -> None:
     from ..extract import extract_features
     from ._io import native_stderr_silenced
     from ._progress import BatchProgress
 
     progress = BatchProgress(stderr, todo, enabled=not quiet and stderr.is_terminal, description="extracting")
     with native_stderr_silenced(not debug_enabled(debug)), progress:
-        results = extract_features(jobs, extractor, fmt=fmt, overwrite=overwrite,
-                                   on_progress=lambda done: progress.advance(done.duration))
+        if isinstance(extractor, tuple):  # ("ray", settings, model path): the actors write the files
+            from ..distributed import run_ray_extract
+
+            _, cluster, model = extractor
+            todo_jobs = [job for job in jobs if overwrite or not job.exists]
+            counts["skipped"] += len(jobs) - len(todo_jobs)
+            results = (_ExtractRecord(**r) for r in run_ray_extract(todo_jobs, model, kind.value, fmt, run, cluster))
+        else:
+            results = extract_features(jobs, extractor, fmt=fmt, overwrite=overwrite,
+                                       on_progress=lambda done: progress.advance(done.duration))
         for result in results:
             counts[result.status] += 1
+            if isinstance(extractor, tuple):
+                progress.advance(result.duration)
             if result.error is not None:
                 report_failure(stderr, result.path, result.error)

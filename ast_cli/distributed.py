@@ -1,0 +1,193 @@
+"""Past one machine: ``--engine ray`` runs the tagging on a Ray cluster, and ``--shard K/N`` splits the input list
+for job arrays without Ray.
+
+The Ray engine is Ray Data's batch inference: a dataset of the input items (index and path), ``map_batches``
+over a pool of actors that each load the model once (``TaggerActor``) and run the whole local pipeline for
+their items (decode, features, model: the same ``Tagger.classify`` as the local engine, so the records are the
+same), with CPUs and GPUs as Ray resources. A per-file error is a record like any other, never a failed task.
+Ray's retries redo a batch whose worker died; its records reach the driver only once a batch is complete, so
+none is lost or written twice. Order is preserved (``preserve_order``), and records stream to the driver as
+they finish, so a million-file run never holds all results in the driver's memory.
+
+Every node needs the model: in the Hugging Face cache (``ast download`` there, or a shared ``HF_HOME``), hub
+access, or a path that exists on every node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from .errors import UsageError
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"K/N"`` (1 <= K <= N) -> (K, N); None stays None."""
+    if text is None:
+        return None
+    k, _, n = text.partition("/")
+    if not (k.isdigit() and n.isdigit()) or not 1 <= int(k) <= int(n):
+        raise UsageError(f"must be K/N with 1 <= K <= N, like 2/8, not {text!r}", option="shard")
+    return int(k), int(n)
+
+
+def take_shard(items: list, shard: tuple[int, int] | None) -> list:
+    """Shard K of N of the expanded, sorted input list: items K-1, K-1+N, K-1+2N, ... (every item in exactly
+    one shard, and shards balanced within one item)."""
+    if shard is None:
+        return items
+    k, n = shard
+    return items[k - 1 :: n]
+
+
+def ray_available() -> bool:
+    try:
+        import ray  # noqa: F401
+        import ray.data  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """Where and how wide ``--engine ray`` runs (``engine``: local or ray; ``shard``: (K, N) or None)."""
+
+    address: str | None = None  # "auto", "ray://host:10001", an IP:port; None: RAY_ADDRESS, else a local Ray
+    workers: int | None = None  # actors in the pool (default: one per node's CPUs / cpus_per_worker, at least 1)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    files_per_batch: int = 4  # items per map_batches call: the unit that is retried when a worker dies
+    engine: str = "local"
+    shard: tuple[int, int] | None = None
+
+    @property
+    def ray(self) -> bool:
+        return self.engine == "ray"
+
+
+class TaggerActor:
+    """One Ray actor: loads the model once, then tags batches of items with the local engine."""
+
+    def __init__(self, model: str, options: dict, job: dict):
+        from .options import RunOptions
+        from .tagger import LabelSelection, Tagger
+
+        self.tagger = Tagger.load(model, RunOptions(**options))
+        self.job = job
+        self.selection = LabelSelection(**job["selection"])
+
+    def __call__(self, batch: dict) -> dict:
+        from .output import to_record
+
+        paths = [str(p) for p in batch["path"]]
+        errors = [e if isinstance(e, str) and e else None for e in batch["error"]]
+        from .sources import FileSource
+
+        sources = [FileSource(p, error=e) for p, e in zip(paths, errors)]
+        records = []
+        for result in self.tagger.classify(sources, selection=self.selection, activation=self.job["activation"],
+                                           aggregate=self.job["aggregate"], segments=self.job["segments"]):
+            records.append(to_record(result))
+        import json
+
+        return {"index": list(batch["index"]), "record": [json.dumps(r, allow_nan=False) for r in records]}
+
+
+class ExtractActor:
+    """One Ray actor for ``extract-features``: loads the model (or only its configuration, for fbank) once and
+    writes each item's features where the driver planned them (a file system every node shares)."""
+
+    def __init__(self, model: str, options: dict, kind: str, fmt: str):
+        from .extract import FeatureExtractor, load_feature_config
+        from .options import RunOptions
+        from .tagger import Tagger
+
+        run = RunOptions(**options)
+        if kind == "embedding":
+            self.extractor = FeatureExtractor.embeddings(Tagger.load(model, run), model)
+        else:
+            self.extractor = FeatureExtractor.fbank(model, load_feature_config(model, offline=run.offline,
+                                                                               cache_dir=run.cache_dir), run)
+        self.fmt = fmt
+
+    def __call__(self, batch: dict) -> dict:
+        import json
+
+        from .extract import Job, extract_features
+        from .inputs import InputFile
+
+        jobs = [Job(InputFile(str(p), root=str(r) or None, error=str(e) or None), str(o))
+                for p, r, e, o in zip(batch["path"], batch["root"], batch["error"], batch["output"])]
+        results = [{"path": r.path, "output": r.output, "status": r.status, "error": r.error,
+                    "duration": r.duration, "windows": r.windows}
+                   for r in extract_features(jobs, self.extractor, fmt=self.fmt, overwrite=True)]
+        return {"index": list(batch["index"]), "record": [json.dumps(r) for r in results]}
+
+
+def _ray_map(rows: list[dict], actor, args: tuple, settings: "RaySettings") -> Iterator[dict]:
+    """Ray Data's map_batches of ``rows`` over a pool of ``actor``s; yields the records, in order."""
+    import json
+    import os
+
+    if not ray_available():
+        raise UsageError("--engine ray needs Ray Data", hint='pip install "ast-cli[ray]"')
+    import ray
+
+    address = settings.address or os.environ.get("RAY_ADDRESS") or None
+    if not ray.is_initialized():
+        # A local Ray (no address) listens on loopback only: nothing of it is reachable from elsewhere.
+        local = {} if address else {"num_cpus": os.cpu_count(), "_node_ip_address": "127.0.0.1"}
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False, **local)
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # records in input order, as with the local engine
+    context.enable_progress_bars = False
+    workers = settings.workers or max(1, int(ray.cluster_resources().get("CPU", 1) // max(settings.cpus_per_worker, 1e-3)))
+    dataset = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // settings.files_per_batch))
+    dataset = dataset.map_batches(
+        actor, fn_constructor_args=args, batch_size=settings.files_per_batch, concurrency=workers,
+        num_cpus=settings.cpus_per_worker, num_gpus=settings.gpus_per_worker or None, batch_format="numpy",
+        max_restarts=-1, max_task_retries=-1)  # a worker that dies is restarted and its batch redone
+    for row in dataset.iter_rows():
+        yield json.loads(row["record"])
+
+
+def _options_dict(options, settings: "RaySettings") -> dict:
+    """RunOptions for an actor: one decoding thread and torch threads for its CPUs."""
+    return {"device": options.device, "dtype": options.dtype.value, "attn": options.attn.value,
+            "quantize": options.quantize.value, "threads": options.threads or int(max(1, settings.cpus_per_worker)),
+            "batch_size": options.batch_size, "workers": 1, "hop_seconds": options.hop_seconds,
+            "offline": options.offline, "cache_dir": options.cache_dir}
+
+
+def run_ray_extract(jobs: list, model: str, kind: str, fmt: str, options, settings: "RaySettings") -> Iterator[dict]:
+    """``extract-features`` on Ray: ``jobs`` (``extract.Job``s still to do) -> result dicts, in order."""
+    rows = [{"index": i, "path": job.item.path, "root": job.item.root or "", "error": job.item.error or "",
+             "output": job.output} for i, job in enumerate(jobs)]
+    return _ray_map(rows, ExtractActor, (model, _options_dict(options, settings), kind, fmt), settings)
+
+
+def run_ray(sources: list, model: str, options, settings: RaySettings, *, selection, activation, aggregate,
+            segments: bool) -> Iterator[dict]:
+    """Tag ``sources`` (``sources.FileSource``s: a path, and an error already known) on Ray; yields their
+    records (dicts, as ``output.to_record`` makes them) in input order, as they finish."""
+    job = {"selection": {"top": selection.top, "threshold": selection.threshold, "include": selection.include,
+                         "exclude": selection.exclude},
+           "activation": activation.value if activation is not None else None,
+           "aggregate": aggregate.value, "segments": segments}
+    rows = [{"index": i, "path": source.path, "error": source.error or ""} for i, source in enumerate(sources)]
+    return _ray_map(rows, TaggerActor, (model, _options_dict(options, settings), job), settings)
+
+
+def record_to_result(record: dict):
+    """A record (from a worker) back into the ``FileResult`` the writers take."""
+    from .tagger import FileResult, LabelScore, Segment
+
+    def labels(items) -> list:
+        return [LabelScore(x["label"], x["index"], x["score"]) for x in items]
+
+    segments = None
+    if record.get("segments") is not None:
+        segments = [Segment(s["start"], s["end"], labels(s["labels"])) for s in record["segments"]]
+    return FileResult(record["path"], record["duration"], labels(record["labels"]), record["error"], segments,
+                      record.get("size"), record.get("mtime"))
