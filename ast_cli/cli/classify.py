@@ -94,13 +94,16 @@ def classify(
             return
         if settings.ray:
             from ..distributed import record_to_result, run_ray
+            from ._io import stdout_for_data_only
 
             labels = _labels_of(model, run, stderr, quiet)
             selection.mask(labels)  # unknown --include/--exclude names fail before any output is opened
-            results = (record_to_result(r) for r in run_ray(sources, model, run, settings, selection=selection,
-                                                              activation=activation, aggregate=aggregate,
-                                                              segments=segments))
-            failed = _write(results, None, len(sources), target, segments, stderr, quiet, debug)
+            with stdout_for_data_only() as data:  # Ray prints its workers' troubles on stdout: keep them off
+                target.stream = data
+                results = (record_to_result(r) for r in run_ray(sources, model, run, settings, selection=selection,
+                                                                  activation=activation, aggregate=aggregate,
+                                                                  segments=segments))
+                failed = _write(results, None, len(sources), target, segments, stderr, quiet, debug)
         else:
             tagger = load_tagger(model, run, stderr, quiet)
             selection.mask(tagger.labels)  # unknown --include/--exclude names fail before any output is opened
