@@ -33,11 +33,12 @@ def test_logits_match_transformers(reference, attn):
     checkpoint = load_checkpoint(directory)
     model = build_model(checkpoint, attn=attn)
     torch.manual_seed(1)
-    inputs = torch.randn(2, checkpoint.config.max_length, checkpoint.config.num_mel_bins)
+    batch = 2 if name == "tiny" else 1  # batching is checked on the tiny model; full size costs seconds a clip
+    inputs = torch.randn(batch, checkpoint.config.max_length, checkpoint.config.num_mel_bins)
     with torch.inference_mode():
         expected = hf_model(inputs).logits
         got = model(inputs)
-    assert got.shape == expected.shape == (2, 527)
+    assert got.shape == expected.shape == (batch, 527)
     torch.testing.assert_close(got, expected, atol=TOLERANCE, rtol=0)
 
 
