@@ -261,3 +261,12 @@ def test_benchmark_says_which_combinations_it_leaves_out(tiny_checkpoint):
     assert "left out bf16+int8" in result.stderr
     modes = {(row["dtype"], row["quantize"]) for row in json.loads(result.stdout)["rows"]}
     assert modes == {("fp32", None), ("bf16", None), ("fp32", "int8")}
+
+
+def test_a_missing_relative_model_path_is_named_as_such(clips, tmp_path, monkeypatch):
+    """`--model recordings/mdl` reads as a hub id; when `recordings` is a folder here, say the path is missing."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = ast("classify", clips[0], "--model", "models/mine")
+    assert result.exit_code == 1 and "as a local path, ./models/mine does not exist either" in result.stderr

@@ -204,6 +204,19 @@ def fetch_model(model: str, run: RunOptions, console, quiet: bool):
                          progress=not quiet and console.is_terminal)
 
 
+def model_labels(model: str, run: RunOptions, console, quiet: bool) -> tuple[str, ...]:
+    """A model's labels without loading its weights: the bundled lists of the published checkpoints (no
+    download), else its config.json (a bare weights file: inferred from its tensors)."""
+    from ..hub import bundled_labels
+    from ..weights import load_checkpoint, read_configs
+
+    bundled = bundled_labels(model)
+    if bundled is not None:
+        return bundled
+    path = fetch_model(model, run, console, quiet)
+    return (read_configs(path)[0] if path.is_dir() else load_checkpoint(path).config).id2label
+
+
 def load_tagger(model: str, run: RunOptions, console, quiet: bool):
     """``Tagger.load`` with the CLI's manners: a download shows its progress, loading shows a spinner."""
     from ..tagger import Tagger

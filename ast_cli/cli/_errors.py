@@ -61,6 +61,15 @@ def _model_hint(exc) -> str | None:
     return None
 
 
+def _with_path_note(model: str | None, hint: str | None) -> str | None:
+    """``recordings/model`` reads as a hub id ORG/NAME; when its first part is a local folder, the user most
+    likely meant a path that does not exist: say so."""
+    if model and "/" in model and os.path.isdir(model.split("/", 1)[0]) and not os.path.exists(model):
+        note = f"as a local path, ./{model} does not exist either"
+        return f"{hint}; {note}" if hint else note
+    return hint
+
+
 def describe_error(exc: BaseException) -> tuple[str, str | None, int]:
     """(message, hint, exit code) for an exception that reached the CLI."""
     from ..errors import (AstError, CheckpointError, DeviceOutOfMemoryError, HubError, ModelNotFoundError,
@@ -71,14 +80,15 @@ def describe_error(exc: BaseException) -> tuple[str, str | None, int]:
         hint = _suggestion(exc.suggest) if exc.suggest else exc.hint
         return message, hint, EXIT_USAGE
     if isinstance(exc, ModelNotFoundError):
-        return str(exc), _model_hint(exc) or exc.hint, EXIT_FAILED
+        return str(exc), _with_path_note(exc.model, _model_hint(exc) or exc.hint), EXIT_FAILED
     if isinstance(exc, CheckpointError):
         hint = exc.hint
         if exc.corrupt and exc.model:
             hint = f"download it again: `ast download {exc.model} --force`"
         return str(exc), hint, EXIT_FAILED
     if isinstance(exc, HubError):
-        return str(exc), exc.hint or "check the network (and HF_ENDPOINT, proxies), then try again", EXIT_FAILED
+        hint = exc.hint or "check the network (and HF_ENDPOINT, proxies), then try again"
+        return str(exc), _with_path_note(exc.model, hint), EXIT_FAILED
     if isinstance(exc, DeviceOutOfMemoryError) or (not isinstance(exc, AstError) and is_out_of_memory(exc)):
         if isinstance(exc, MemoryError):
             return "out of memory", "use a smaller --batch-size or fewer --workers", EXIT_FAILED

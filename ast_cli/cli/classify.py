@@ -11,7 +11,7 @@ from ..distributed import take_shard
 from ..options import Activation, Aggregate, OutputFormat, RunOptions
 from ._app import app
 from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, checked_distributed,
-                      distributed_options, label_list, load_tagger, path_stdin, report_failure, run_options,
+                      distributed_options, label_list, load_tagger, model_labels, path_stdin, report_failure, run_options,
                       stderr_console)
 from ._errors import EXIT_FAILED, cli_errors, debug_enabled, say
 
@@ -96,7 +96,7 @@ def classify(
             from ..distributed import record_to_result, run_ray
             from ._io import stdout_for_data_only
 
-            labels = _labels_of(model, run, stderr, quiet)
+            labels = model_labels(model, run, stderr, quiet)
             selection.mask(labels)  # unknown --include/--exclude names fail before any output is opened
             with stdout_for_data_only() as data:  # Ray prints its workers' troubles on stdout: keep them off
                 target.stream = data
@@ -113,19 +113,6 @@ def classify(
             failed = _write(results, engine_, len(sources), target, segments, stderr, quiet, debug)
         if failed:
             raise typer.Exit(EXIT_FAILED)
-
-
-def _labels_of(model: str, run: RunOptions, stderr, quiet: bool) -> tuple[str, ...]:
-    """The model's labels without loading its weights (the Ray workers load those)."""
-    from ..hub import bundled_labels
-    from ..weights import load_checkpoint, read_configs
-    from ._common import fetch_model
-
-    bundled = bundled_labels(model)
-    if bundled is not None:
-        return bundled
-    path = fetch_model(model, run, stderr, quiet)
-    return (read_configs(path)[0] if path.is_dir() else load_checkpoint(path).config).id2label
 
 
 def _write(results, engine, total: int, target, segments, stderr, quiet, debug) -> int:

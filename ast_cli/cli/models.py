@@ -9,7 +9,7 @@ import typer
 from ..constants import DEFAULT_MODEL
 from ..options import ListFormat, RunOptions
 from ._app import app
-from ._common import CacheDirOpt, DebugOpt, ModelOpt, OfflineOpt, QuietOpt, fetch_model, stderr_console
+from ._common import CacheDirOpt, DebugOpt, ModelOpt, OfflineOpt, QuietOpt, model_labels, stderr_console
 from ._errors import cli_errors, debug_enabled, print_error, say
 
 
@@ -170,15 +170,6 @@ def labels(
     """
     stderr = stderr_console()
     with cli_errors(stderr, debug):
-        from ..hub import bundled_labels
-        from ..weights import load_checkpoint, read_configs
-
-        bundled = bundled_labels(model)  # the published checkpoints' lists ship with ast: no download
-        if bundled is not None:
-            for index, name in enumerate(bundled):
-                typer.echo(f"{index}\t{name}")
-            return
-        path = fetch_model(model, RunOptions(offline=offline or None, cache_dir=cache_dir), stderr, quiet=False)
-        config = read_configs(path)[0] if path.is_dir() else load_checkpoint(path).config
-        for index, name in enumerate(config.id2label):
+        run = RunOptions(offline=offline or None, cache_dir=cache_dir)
+        for index, name in enumerate(model_labels(model, run, stderr, quiet=False)):  # published ones: no download
             typer.echo(f"{index}\t{name}")
