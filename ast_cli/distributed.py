@@ -136,9 +136,11 @@ def _ray_map(rows: list[dict], actor, args: tuple, settings: "RaySettings") -> I
 
     address = settings.address or os.environ.get("RAY_ADDRESS") or None
     if not ray.is_initialized():
-        # A local Ray (no address) listens on loopback only: nothing of it is reachable from elsewhere.
+        # Without an address, a new local Ray ("local": never one that happens to run here already), listening on
+        # loopback only, so nothing of it is reachable from elsewhere.
         local = {} if address else {"num_cpus": os.cpu_count(), "_node_ip_address": "127.0.0.1"}
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False, **local)
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 **local)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # records in input order, as with the local engine
     context.enable_progress_bars = False
