@@ -21,6 +21,9 @@ from typing import Iterator
 from .errors import UsageError
 
 
+MAX_BLOCKS = 10_000  # past it, a block holds several batches (a million files: 100 per block)
+
+
 def parse_shard(text: str | None) -> tuple[int, int] | None:
     """``"K/N"`` (1 <= K <= N) -> (K, N); None stays None."""
     if text is None:
@@ -57,13 +60,20 @@ class RaySettings:
     workers: int | None = None  # actors in the pool (default: one per node's CPUs / cpus_per_worker, at least 1)
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    files_per_batch: int = 4  # items per map_batches call: the unit that is retried when a worker dies
+    # Files per actor task (the unit redone when a worker dies); None: one on CPUs, where a file's windows already
+    # make a batch and the last tasks balance best, and --batch-size on GPUs, to batch windows across files.
+    files_per_batch: int | None = None
     engine: str = "local"
     shard: tuple[int, int] | None = None
 
     @property
     def ray(self) -> bool:
         return self.engine == "ray"
+
+    def files_per_task(self, batch_size: int) -> int:
+        if self.files_per_batch:
+            return self.files_per_batch
+        return max(1, batch_size) if self.gpus_per_worker else 1
 
 
 class TaggerActor:
@@ -125,7 +135,7 @@ class ExtractActor:
         return {"index": list(batch["index"]), "record": [json.dumps(r) for r in results]}
 
 
-def _ray_map(rows: list[dict], actor, args: tuple, settings: "RaySettings") -> Iterator[dict]:
+def _ray_map(rows: list[dict], actor, args: tuple, settings: "RaySettings", per_task: int) -> Iterator[dict]:
     """Ray Data's map_batches of ``rows`` over a pool of ``actor``s; yields the records, in order."""
     import json
     import os
@@ -145,9 +155,14 @@ def _ray_map(rows: list[dict], actor, args: tuple, settings: "RaySettings") -> I
     context.execution_options.preserve_order = True  # records in input order, as with the local engine
     context.enable_progress_bars = False
     workers = settings.workers or max(1, int(ray.cluster_resources().get("CPU", 1) // max(settings.cpus_per_worker, 1e-3)))
-    dataset = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // settings.files_per_batch))
+    # One block per batch of files (up to MAX_BLOCKS): a block is what one actor task takes, so fewer blocks than
+    # actors would leave actors idle. One task in flight per actor: an actor that is ready first must not queue
+    # up the blocks that the others, still loading the model, should take.
+    blocks = min(MAX_BLOCKS, max(1, -(-len(rows) // per_task)))
+    dataset = ray.data.from_items(rows, override_num_blocks=blocks)
     dataset = dataset.map_batches(
-        actor, fn_constructor_args=args, batch_size=settings.files_per_batch, concurrency=workers,
+        actor, fn_constructor_args=args, batch_size=per_task,
+        compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
         num_cpus=settings.cpus_per_worker, num_gpus=settings.gpus_per_worker or None, batch_format="numpy",
         max_restarts=-1, max_task_retries=-1)  # a worker that dies is restarted and its batch redone
     for row in dataset.iter_rows():
@@ -166,7 +181,8 @@ def run_ray_extract(jobs: list, model: str, kind: str, fmt: str, options, settin
     """``extract-features`` on Ray: ``jobs`` (``extract.Job``s still to do) -> result dicts, in order."""
     rows = [{"index": i, "path": job.item.path, "root": job.item.root or "", "error": job.item.error or "",
              "output": job.output} for i, job in enumerate(jobs)]
-    return _ray_map(rows, ExtractActor, (model, _options_dict(options, settings), kind, fmt), settings)
+    return _ray_map(rows, ExtractActor, (model, _options_dict(options, settings), kind, fmt), settings,
+                    settings.files_per_task(options.batch_size))
 
 
 def run_ray(sources: list, model: str, options, settings: RaySettings, *, selection, activation, aggregate,
@@ -178,7 +194,8 @@ def run_ray(sources: list, model: str, options, settings: RaySettings, *, select
            "activation": activation.value if activation is not None else None,
            "aggregate": aggregate.value, "segments": segments}
     rows = [{"index": i, "path": source.path, "error": source.error or ""} for i, source in enumerate(sources)]
-    return _ray_map(rows, TaggerActor, (model, _options_dict(options, settings), job), settings)
+    return _ray_map(rows, TaggerActor, (model, _options_dict(options, settings), job), settings,
+                    settings.files_per_task(options.batch_size))
 
 
 def record_to_result(record: dict):
