@@ -146,8 +146,8 @@ def _ray_map(rows: list[dict], actor, args: tuple, settings: "RaySettings", per_
 
     address = settings.address or os.environ.get("RAY_ADDRESS") or None
     if not ray.is_initialized():
-        # Without an address, a new local Ray ("local": never one that happens to run here already), listening on
-        # loopback only, so nothing of it is reachable from elsewhere.
+        # Without an address, a new local Ray ("local": never one that happens to run here already), its node
+        # address loopback (some of Ray's processes still use the machine's own address besides).
         local = {} if address else {"num_cpus": os.cpu_count(), "_node_ip_address": "127.0.0.1"}
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False,
                  **local)

@@ -17,7 +17,7 @@ driver a batch at a time, so the time between records says little; the two sizes
 Every process runs in a loopback-only network namespace (tests/raynet.py), so Ray's traffic stays on this
 machine's loopback; that needs root and iproute2.
 
-    python benchmarks/ray_vs_local.py                       # 20 ten-second clips, 2 rounds: ~25 minutes on 2 cores
+    python benchmarks/ray_vs_local.py                       # 20 ten-second clips, 2 rounds: ~20 minutes on 2 cores
     python benchmarks/ray_vs_local.py --clips 8 --rounds 1  # a quick look
 """
 
