@@ -15,6 +15,8 @@ access, or a path that exists on every node.
 
 from __future__ import annotations
 
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -135,26 +137,96 @@ class ExtractActor:
         return {"index": list(batch["index"]), "record": [json.dumps(r) for r in results]}
 
 
-def _ray_map(rows: list[dict], actor, args: tuple, settings: "RaySettings", per_task: int) -> Iterator[dict]:
-    """Ray Data's map_batches of ``rows`` over a pool of ``actor``s; yields the records, in order."""
-    import json
+def _probe(address: str, option: str) -> None:
+    """A cluster address (``host:port``, ``ray://host:port``) that nothing answers at fails in seconds, in one
+    line, where ``ray.init`` would retry for minutes. ``auto`` is left to Ray, which fails fast by itself."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"{address!r} is not a Ray address: give auto, HOST:PORT or ray://HOST:PORT",
+                         option=option)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        raise UsageError(f"no Ray cluster answers at {address} ({exc.strerror or exc})", option=option,
+                         hint="start one with `ray start --head`, check the address, or leave out --ray-address "
+                              "and RAY_ADDRESS for a Ray of this run's own") from None
+
+
+def connect(settings: "RaySettings") -> None:
+    """Join the cluster ``settings`` names, or start a Ray of this run's own; a UsageError, in one line, when
+    there is none to join. Called before any output is opened; does nothing once connected."""
     import os
 
     if not ray_available():
         raise UsageError("--engine ray needs Ray Data", hint='pip install "ast-cli[ray]"')
     import ray
 
+    if ray.is_initialized():
+        return
     address = settings.address or os.environ.get("RAY_ADDRESS") or None
-    if not ray.is_initialized():
-        # Without an address, a new local Ray ("local": never one that happens to run here already), its node
-        # address loopback (some of Ray's processes still use the machine's own address besides).
-        local = {} if address else {"num_cpus": os.cpu_count(), "_node_ip_address": "127.0.0.1"}
+    option = "ray_address" if settings.address else "RAY_ADDRESS"
+    if address:
+        _probe(address, option)
+    # Without an address, a new local Ray ("local": never one that happens to run here already), its node
+    # address loopback (some of Ray's processes still use the machine's own address besides).
+    local = {} if address else {"num_cpus": os.cpu_count(), "_node_ip_address": "127.0.0.1"}
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False,
                  **local)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot join the Ray cluster at {address or 'a local Ray'}: {reason}", option=option,
+                         hint="start one with `ray start --head`, or leave out --ray-address and RAY_ADDRESS "
+                              "for a Ray of this run's own") from None
+    finally:
+        # ray.init installs its own SIGTERM handler (sys.exit(15)): keep the caller's, so that SIGTERM ends a run
+        # as the local engine's does.
+        if sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)
+    check_resources(ray.nodes(), settings)
+
+
+def default_workers(resources: dict, settings: "RaySettings") -> int:
+    """As many workers as the cluster's CPUs (and GPUs, when each takes some) hold, at least one."""
+    fits = resources.get("CPU", 1) // settings.cpus_per_worker
+    if settings.gpus_per_worker:
+        fits = min(fits, resources.get("GPU", 0) // settings.gpus_per_worker)
+    return max(1, int(fits))
+
+
+def check_resources(nodes: list[dict], settings: "RaySettings") -> None:
+    """A UsageError, before any work, when no live node has the CPUs and GPUs one worker asks for: Ray would
+    wait for such a node forever, saying nothing. (An autoscaling cluster must have one such node up.)"""
+    alive = [node.get("Resources", {}) for node in nodes if node.get("Alive")]
+    if any(r.get("CPU", 0) >= settings.cpus_per_worker and r.get("GPU", 0) >= settings.gpus_per_worker
+           for r in alive):
+        return
+    cpus = max((r.get("CPU", 0) for r in alive), default=0)
+    gpus = max((r.get("GPU", 0) for r in alive), default=0)
+    asked = f"{settings.cpus_per_worker:g} CPUs" + (f" and {settings.gpus_per_worker:g} GPUs"
+                                                    if settings.gpus_per_worker else "")
+    option = "gpus_per_worker" if settings.gpus_per_worker > gpus else "cpus_per_worker"
+    raise UsageError(f"no node of the Ray cluster has {asked} for one worker (the most on one node: "
+                     f"{cpus:g} CPUs, {gpus:g} GPUs)", option=option,
+                     hint="ask for less per worker, or add such a node to the cluster")
+
+
+def _ray_map(rows: list[dict], actor, args: tuple, settings: "RaySettings", per_task: int) -> Iterator[dict]:
+    """Ray Data's map_batches of ``rows`` over a pool of ``actor``s; yields the records, in order."""
+    import json
+
+    import ray
+
+    connect(settings)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # records in input order, as with the local engine
     context.enable_progress_bars = False
-    workers = settings.workers or max(1, int(ray.cluster_resources().get("CPU", 1) // max(settings.cpus_per_worker, 1e-3)))
+    workers = settings.workers or default_workers(ray.cluster_resources(), settings)
     # One block per batch of files (up to MAX_BLOCKS): a block is what one actor task takes, so fewer blocks than
     # actors would leave actors idle. One task in flight per actor: an actor that is ready first must not queue
     # up the blocks that the others, still loading the model, should take.
@@ -163,8 +235,9 @@ def _ray_map(rows: list[dict], actor, args: tuple, settings: "RaySettings", per_
     dataset = dataset.map_batches(
         actor, fn_constructor_args=args, batch_size=per_task,
         compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
-        num_cpus=settings.cpus_per_worker, num_gpus=settings.gpus_per_worker or None, batch_format="numpy",
-        max_restarts=-1, max_task_retries=-1)  # a worker that dies is restarted and its batch redone
+        num_cpus=settings.cpus_per_worker, num_gpus=settings.gpus_per_worker or None, batch_format="numpy")
+    # Ray Data's actors restart when they die (max_restarts=-1) and their tasks are redone (max_task_retries=-1)
+    # by default; tests/test_distributed.py kills one mid-run to hold Ray to it.
     for row in dataset.iter_rows():
         yield json.loads(row["record"])
 

@@ -69,6 +69,43 @@ def test_engine_ray_without_ray_is_one_line(tiny_checkpoint, tree, monkeypatch):
         assert result.exit_code == 2 and "needs Ray Data" in result.stderr and "ast-cli[ray]" in result.stderr
 
 
+def test_worker_sizes_are_checked_before_anything(tiny_checkpoint, tree):
+    for option, value in (("--cpus-per-worker", "0"), ("--cpus-per-worker", "-1"), ("--gpus-per-worker", "-1"),
+                          ("--cpus-per-worker", "nan")):
+        result = runner.invoke(app, ["classify", str(tree), "--model", str(tiny_checkpoint[0]), "--engine", "ray",
+                                     option, value])
+        assert result.exit_code == 2 and f"Error: {option}: must be" in result.stderr, (option, value, result.stderr)
+
+
+def test_no_cluster_at_the_address_is_one_line_in_seconds_and_touches_nothing(tiny_checkpoint, tree, tmp_path,
+                                                                              monkeypatch):
+    """Ray itself retries an address nothing answers at for minutes, silently; we fail within seconds."""
+    import socket
+
+    if not ray_available():
+        pytest.skip("the ray extra is not installed (pip install -e '.[test]')")
+    with socket.socket() as sock:  # a loopback port that was free a moment ago: nothing listens there now
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "keep.jsonl"
+    out.write_text('{"earlier": "output"}\n')
+    base = ["classify", str(tree), "--model", str(tiny_checkpoint[0]), "--engine", "ray", "-o", str(out),
+            "--overwrite"]
+    start = time.monotonic()
+    result = runner.invoke(app, [*base, "--ray-address", f"127.0.0.1:{port}"])
+    assert result.exit_code == 2 and time.monotonic() - start < 30
+    assert f"Error: --ray-address: no Ray cluster answers at 127.0.0.1:{port}" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and out.read_text() == '{"earlier": "output"}\n'
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    result = runner.invoke(app, ["extract-features", str(tree), "--model", str(tiny_checkpoint[0]), "--engine",
+                                 "ray", "--out", str(tmp_path / "feats")])
+    assert result.exit_code == 2 and "Error: RAY_ADDRESS (environment): no Ray cluster" in result.stderr
+    assert not (tmp_path / "feats").exists()
+    monkeypatch.delenv("RAY_ADDRESS")
+    result = runner.invoke(app, [*base, "--ray-address", "nonsense"])
+    assert result.exit_code == 2 and "is not a Ray address" in result.stderr
+
+
 def same_records(a: list[dict], b: list[dict]) -> None:
     """The Ray engine's records are the local engine's: same files in the same order, same errors, durations and
     labels, scores within 1e-6."""
@@ -109,6 +146,9 @@ def test_a_local_ray_gives_the_local_engines_records(tiny_checkpoint, tree):
     local = runner.invoke(app, base)
     space = raynet.RayNamespace()
     try:
+        nothing = space.ast([*base, "--engine", "ray", "--ray-address", "auto"], timeout=120)
+        assert nothing.returncode == 2 and "Error: --ray-address: cannot join the Ray cluster at auto" in nothing.stderr
+        assert "Traceback" not in nothing.stderr and not nothing.stdout
         remote = space.ast([*base, "--engine", "ray"])
         assert local.exit_code == remote.returncode == 1, remote.stderr  # the two bad files
         same_records(records(local.stdout), records(remote.stdout))
@@ -210,3 +250,50 @@ def test_library_noise_on_stdout_never_reaches_the_data():
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.stdout == '{"record": 1}\nafter\n'
     assert "(raylet) a worker died" in proc.stderr and "(raylet) more noise" in proc.stderr
+
+
+@pytest.mark.slow
+@needs_ray
+def test_worker_sizes_no_node_has_are_refused_at_once(cluster, tiny_checkpoint, tree, tmp_path):
+    """Ray would wait forever, silently, for a node with 2 CPUs (both have 1) or a GPU (none has one)."""
+    out = tmp_path / "keep.jsonl"
+    out.write_text('{"earlier": "output"}\n')
+    base = ["classify", str(tree), "--model", str(tiny_checkpoint[0]), "--engine", "ray", "--ray-address", "auto",
+            "-o", str(out), "--overwrite"]
+    for option, words in ((["--cpus-per-worker", "2"], "--cpus-per-worker: no node of the Ray cluster has 2 CPUs"),
+                          (["--gpus-per-worker", "1"], "--gpus-per-worker: no node of the Ray cluster has 1 CPUs "
+                                                       "and 1 GPUs")):
+        result = cluster.ast([*base, *option], timeout=120)
+        assert result.returncode == 2 and words in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert out.read_text() == '{"earlier": "output"}\n'
+
+
+@pytest.mark.slow
+@needs_ray
+def test_sigterm_ends_a_ray_run_like_a_local_one_and_resume_finishes_it(cluster, tiny_checkpoint, tmp_path):
+    """ray.init puts in a SIGTERM handler of its own (exit 15, a traceback with --debug); ours must stay: exit
+    143, every finished record kept, and --resume does the rest, each file once."""
+    many = tmp_path / "many"
+    for i in range(60):
+        write_audio(many / f"c{i:03d}.wav", 3.0, 16000, 1, seed=i)
+    out = tmp_path / "tags.jsonl"
+    base = ["classify", str(many), "--model", str(tiny_checkpoint[0]), "--engine", "ray", "--ray-address", "auto",
+            "-o", str(out)]
+    proc = cluster.popen_ast(base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if out.exists() and out.read_text().count("\n") >= 4:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before SIGTERM could be sent"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    done = out.read_text().splitlines()
+    assert 4 <= len(done) < 60
+    rest = cluster.ast([*base, "--resume"])
+    assert rest.returncode == 0, rest.stderr
+    got = [json.loads(line)["path"] for line in out.read_text().splitlines()]
+    assert sorted(got) == [str(many / f"c{i:03d}.wav") for i in range(60)]  # each file once

@@ -102,7 +102,7 @@ DISTRIBUTED_OPTIONS: list[tuple[str, object, object]] = [
     ("shard", Annotated[Optional[str], typer.Option(metavar="K/N", help="Only shard K of N of the expanded, sorted inputs (for job arrays; the shards together are every file once).")], None),
     ("engine", Annotated[Engine, typer.Option(help="local (this process) or ray (a Ray cluster; pip install 'ast-cli[ray]').")], Engine.local),
     ("ray_address", Annotated[Optional[str], typer.Option("--ray-address", metavar="ADDR", help="Ray cluster to join: auto, or host:port (default: RAY_ADDRESS, else a local Ray).")], None),
-    ("ray_workers", Annotated[Optional[int], typer.Option("--ray-workers", min=1, metavar="N", help="Ray actors, each with the model loaded once (default: the cluster's CPUs / --cpus-per-worker).")], None),
+    ("ray_workers", Annotated[Optional[int], typer.Option("--ray-workers", min=1, metavar="N", help="Ray actors, each with the model loaded once (default: as many as the cluster's CPUs, and GPUs with --gpus-per-worker, hold).")], None),
     ("cpus_per_worker", Annotated[float, typer.Option("--cpus-per-worker", metavar="N", help="CPUs (and torch threads) per Ray actor.")], 1.0),
     ("gpus_per_worker", Annotated[float, typer.Option("--gpus-per-worker", metavar="N", help="GPUs per Ray actor (1, or 0.5 to share one).")], 0.0),
 ]
@@ -118,6 +118,10 @@ def checked_distributed(values: dict):
     from ..distributed import RaySettings, parse_shard, ray_available
     from ..errors import UsageError
 
+    if not values["cpus_per_worker"] > 0:
+        raise UsageError(f"must be more than 0, not {values['cpus_per_worker']:g}", option="cpus_per_worker")
+    if not values["gpus_per_worker"] >= 0:
+        raise UsageError(f"must be 0 or more, not {values['gpus_per_worker']:g}", option="gpus_per_worker")
     if values["engine"] is Engine.ray and not ray_available():
         raise UsageError("--engine ray needs Ray Data", hint='pip install "ast-cli[ray]"')
     return RaySettings(values["ray_address"], values["ray_workers"], values["cpus_per_worker"],

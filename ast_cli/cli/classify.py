@@ -93,11 +93,13 @@ def classify(
                 target.open(segments).close()
             return
         if settings.ray:
-            from ..distributed import record_to_result, run_ray
+            from ..distributed import connect, record_to_result, run_ray
             from ._io import stdout_for_data_only
 
             labels = model_labels(model, run, stderr, quiet)
             selection.mask(labels)  # unknown --include/--exclude names fail before any output is opened
+            with stdout_for_data_only():
+                connect(settings)  # no cluster at --ray-address: one line, before any output is opened
             with stdout_for_data_only() as data:  # Ray prints its workers' troubles on stdout: keep them off
                 target.stream = data
                 results = (record_to_result(r) for r in run_ray(sources, model, run, settings, selection=selection,

@@ -65,7 +65,12 @@ def extract_features_command(
 
         extractor = None  # a rerun with nothing left to do loads no model
         if todo and cluster.ray:
+            from ..distributed import connect
+            from ._io import stdout_for_data_only
+
             extractor = ("ray", cluster, str(fetch_model(model, run, stderr, quiet)))
+            with stdout_for_data_only():
+                connect(cluster)  # no cluster at --ray-address: one line, before any file is written
         elif todo and kind is FeatureKind.embedding:
             extractor = FeatureExtractor.embeddings(load_tagger(model, run, stderr, quiet), model)
         elif todo:
