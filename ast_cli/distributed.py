@@ -45,6 +45,12 @@ def take_shard(items: list, shard: tuple[int, int] | None) -> list:
     return items[k - 1 :: n]
 
 
+def require_ray() -> None:
+    """A UsageError, saying what to install, without Ray Data."""
+    if not ray_available():
+        raise UsageError("--engine ray needs Ray Data", hint='pip install "ast-cli[ray]"')
+
+
 def ray_available() -> bool:
     try:
         import ray  # noqa: F401
@@ -59,12 +65,9 @@ class RaySettings:
     """Where and how wide ``--engine ray`` runs (``engine``: local or ray; ``shard``: (K, N) or None)."""
 
     address: str | None = None  # "auto", "ray://host:10001", an IP:port; None: RAY_ADDRESS, else a local Ray
-    workers: int | None = None  # actors in the pool (default: one per node's CPUs / cpus_per_worker, at least 1)
+    workers: int | None = None  # actors in the pool (None: ``default_workers``)
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    # Files per actor task (the unit redone when a worker dies); None: one on CPUs, where a file's windows already
-    # make a batch and the last tasks balance best, and --batch-size on GPUs, to batch windows across files.
-    files_per_batch: int | None = None
     engine: str = "local"
     shard: tuple[int, int] | None = None
 
@@ -73,8 +76,8 @@ class RaySettings:
         return self.engine == "ray"
 
     def files_per_task(self, batch_size: int) -> int:
-        if self.files_per_batch:
-            return self.files_per_batch
+        """Files per actor task (the unit redone when a worker dies): one on CPUs, where a file's windows already
+        make a batch and the last tasks balance best; ``--batch-size`` on GPUs, to batch windows across files."""
         return max(1, batch_size) if self.gpus_per_worker else 1
 
 
@@ -161,8 +164,7 @@ def connect(settings: "RaySettings") -> None:
     there is none to join. Called before any output is opened; does nothing once connected."""
     import os
 
-    if not ray_available():
-        raise UsageError("--engine ray needs Ray Data", hint='pip install "ast-cli[ray]"')
+    require_ray()
     import ray
 
     if ray.is_initialized():

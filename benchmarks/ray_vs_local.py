@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         space = raynet.RayNamespace()
         try:
-            for phase, configs, before in (("cold", cold_phase, None), ("cluster", warm_phase, "start")):
-                if before == "start":
+            for phase, configs in (("cold", cold_phase), ("cluster", warm_phase)):
+                if phase == "cluster":
                     space.start_cluster((cores,))
                 runs = {(name, size): [] for name in configs for size in sizes}
                 for round_ in range(args.rounds):

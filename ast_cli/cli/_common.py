@@ -115,15 +115,15 @@ def _distributed(values: dict):
 
 def checked_distributed(values: dict):
     """``RaySettings`` from the distributed options; a UsageError for a bad --shard or Ray missing."""
-    from ..distributed import RaySettings, parse_shard, ray_available
+    from ..distributed import RaySettings, parse_shard, require_ray
     from ..errors import UsageError
 
     if not values["cpus_per_worker"] > 0:
         raise UsageError(f"must be more than 0, not {values['cpus_per_worker']:g}", option="cpus_per_worker")
     if not values["gpus_per_worker"] >= 0:
         raise UsageError(f"must be 0 or more, not {values['gpus_per_worker']:g}", option="gpus_per_worker")
-    if values["engine"] is Engine.ray and not ray_available():
-        raise UsageError("--engine ray needs Ray Data", hint='pip install "ast-cli[ray]"')
+    if values["engine"] is Engine.ray:
+        require_ray()
     return RaySettings(values["ray_address"], values["ray_workers"], values["cpus_per_worker"],
                        values["gpus_per_worker"], engine=values["engine"].value, shard=parse_shard(values["shard"]))
 

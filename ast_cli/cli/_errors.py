@@ -20,8 +20,7 @@ FLAGS = {
     "format": "--format", "output": "--output", "resume": "--resume", "out": "--out", "revision": "--revision",
     "force": "--force", "batch_sizes": "--batch-sizes", "threshold": "--threshold", "top": "--top",
     "kind": "--kind", "overwrite": "--overwrite", "activation": "--activation", "aggregate": "--aggregate",
-    "RAY_ADDRESS": "RAY_ADDRESS (environment)", "cpus_per_worker": "--cpus-per-worker",
-    "gpus_per_worker": "--gpus-per-worker", "shard": "--shard", "ray_address": "--ray-address",
+    "RAY_ADDRESS": "RAY_ADDRESS (environment)",
 }
 
 
