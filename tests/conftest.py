@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +99,37 @@ def reference_waveform(path: Path) -> np.ndarray:
     if sr != 16000:
         mono = resample(torch.from_numpy(mono), sr, 16000).numpy()
     return mono
+
+
+def sigint_default() -> None:
+    """``preexec_fn`` for a child a test will Ctrl-C. A job a shell starts in the background (``pytest &``, nohup,
+    some CI runners) has SIGINT ignored, the child inherits that, and Python then rightly keeps ignoring it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def trickle_fifo(path: Path, limit_seconds: float = 120.0) -> Path:
+    """A named pipe that a thread feeds with a live WAV stream, 0.1 s of audio every 0.1 s, until its reader goes
+    away or ``limit_seconds`` pass. As the last input of a run it keeps the run busy however fast the processor is,
+    so that a test's signal always lands mid-run."""
+    from test_sources import wav_header
+
+    os.mkfifo(path)
+    chunk = (tone(0.1)[:, 0] * 32767).astype("<i2").tobytes()
+
+    def feed() -> None:
+        try:
+            with open(path, "wb") as pipe:  # blocks until the run opens it
+                pipe.write(wav_header(16000, 1))
+                deadline = time.monotonic() + limit_seconds
+                while time.monotonic() < deadline:
+                    pipe.write(chunk)
+                    pipe.flush()
+                    time.sleep(0.1)
+        except OSError:  # the reader went away: BrokenPipeError
+            pass
+
+    threading.Thread(target=feed, daemon=True).start()
+    return path
 
 
 def extractor_uses_torchaudio() -> bool:

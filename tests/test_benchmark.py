@@ -23,6 +23,7 @@ from ast_cli.options import RunOptions
 from ast_cli.tagger import Tagger
 from ast_cli.weights import build_model, load_checkpoint
 from conftest import TINY, tone, write_audio
+from tolerances import FAST_MODE_SCORES, SAME_MACHINE_BATCHING
 
 runner = CliRunner()
 ROW_KEYS = {"attn", "batch_size", "dtype", "device", "ms_per_batch", "ms_per_batch_median", "clips_per_s"}
@@ -192,7 +193,7 @@ def test_int8_scores_are_close_to_fp32(tiny_checkpoint, tiny_features, kernel):
     kind = Int8LinearFbgemm if kernel == "fbgemm" else Int8LinearIntMM
     assert sum(isinstance(m, kind) for m in model.modules()) == 2 * 6 + 1
     scores = _scores(model, tiny_features)
-    assert np.abs(scores - reference).max() < 0.02
+    assert np.abs(scores - reference).max() < FAST_MODE_SCORES
     assert np.abs(scores - reference).max() > 0  # it is really quantized
     overlap = [len(a & b) for a, b in zip(_top5(scores), _top5(reference))]
     assert sum(overlap) >= 13  # of 15: at most a near-tie at the 5th place swaps
@@ -208,6 +209,8 @@ def test_int8_linear_kernels_agree_with_float_on_random_data():
     for module in [Int8LinearIntMM(linear)] + fbgemm:
         out = module(x)
         assert out.shape == (3, 7, 40) and out.dtype == torch.float32
+        # int8 rounds weights per row and activations per token to 1/127 of their range: 96-term sums of such
+        # errors stay within 3% of the output's range (measured ~1%).
         assert (out - expected).abs().max() < 0.03 * expected.abs().max()
 
 
@@ -222,7 +225,7 @@ def test_bf16_scores_are_close_to_fp32(tiny_checkpoint, tiny_features):
     checkpoint = load_checkpoint(tiny_checkpoint[0])
     reference = _scores(build_model(checkpoint), tiny_features)
     scores = _scores(build_model(checkpoint).to(torch.bfloat16), tiny_features, torch.bfloat16)
-    assert np.abs(scores - reference).max() < 0.02
+    assert np.abs(scores - reference).max() < FAST_MODE_SCORES
 
 
 def test_tagger_int8_classify_matches_fp32(tiny_checkpoint, clips):
@@ -241,7 +244,7 @@ def test_tagger_int8_classify_matches_fp32(tiny_checkpoint, clips):
     fp32 = Tagger.load(str(tiny_checkpoint[0]), RunOptions(device="cpu"))
     int8 = Tagger.load(str(tiny_checkpoint[0]), RunOptions(device="cpu", quantize="int8"))
     assert is_quantized(int8.model) and not is_quantized(fp32.model)
-    assert np.abs(scores(int8) - scores(fp32)).max() < 0.02
+    assert np.abs(scores(int8) - scores(fp32)).max() < FAST_MODE_SCORES
 
 
 def test_cpu_batches_run_in_cache_sized_pieces_with_the_same_results(tiny_checkpoint, tiny_features):
@@ -253,9 +256,9 @@ def test_cpu_batches_run_in_cache_sized_pieces_with_the_same_results(tiny_checkp
     whole = tagger.logits(tiny_features)
     tagger.backend.windows_per_call = 2
     pieces = tagger.logits(tiny_features)
-    assert pieces.shape == whole.shape and torch.allclose(pieces, whole, atol=1e-5)
+    assert pieces.shape == whole.shape and torch.allclose(pieces, whole, atol=SAME_MACHINE_BATCHING)
     assert torch.allclose(tagger.embed(tiny_features), Tagger.load(str(tiny_checkpoint[0]), RunOptions(device="cpu")).embed(tiny_features),
-                          atol=1e-5)
+                          atol=SAME_MACHINE_BATCHING)
 
 
 def test_quantize_needs_float32(tiny_checkpoint):

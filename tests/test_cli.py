@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from ast_cli.cli import app
 from conftest import make_reference, reference_features, reference_waveform, write_audio
+from tolerances import END_TO_END
 
 runner = CliRunner()
 
@@ -65,7 +66,7 @@ def test_activation_none_gives_raw_logits(tiny_checkpoint, tmp_path):
         logits = hf_model(inputs).logits[0].numpy()
     got = np.zeros(527)
     got[[x["index"] for x in labels]] = [x["score"] for x in labels]
-    np.testing.assert_allclose(got, logits, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got, logits, atol=END_TO_END, rtol=0)
 
 
 def test_softmax_scores_sum_to_one(tiny_checkpoint, clips):
@@ -171,4 +172,4 @@ def test_classify_matches_transformers_end_to_end(name, tmp_path):
             expected = torch.sigmoid(hf_model(inputs).logits)[0].numpy()
         got = np.zeros(527)
         got[[x["index"] for x in record["labels"]]] = [x["score"] for x in record["labels"]]
-        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0, err_msg=str(path))
+        np.testing.assert_allclose(got, expected, atol=END_TO_END, rtol=0, err_msg=str(path))

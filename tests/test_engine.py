@@ -15,6 +15,7 @@ from ast_cli.engine import Batcher, Engine, OrderedEmitter
 from ast_cli.errors import AudioDecodeError
 from ast_cli.features import FeatureConfig, Window
 from ast_cli.sources import ArraySource
+from tolerances import SAME_MACHINE_BATCHING
 
 FEATURES = FeatureConfig(max_length=16, num_mel_bins=128)  # 0.16 s windows: many windows from little audio
 
@@ -104,7 +105,7 @@ def test_outputs_equal_the_backend_on_each_window_in_input_order():
         assert out.error is None and out.duration == pytest.approx(src.samples.shape[0] / 16000)
         expected = [mean_backend(w.features[None])[0] for w in _windows(src)]
         assert out.outputs.shape == (len(expected), 1) and len(out.windows) == len(expected)
-        np.testing.assert_allclose(out.outputs, np.stack(expected), atol=1e-6)
+        np.testing.assert_allclose(out.outputs, np.stack(expected), atol=SAME_MACHINE_BATCHING)
 
 
 def _windows(src: ArraySource) -> list[Window]:

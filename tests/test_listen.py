@@ -25,7 +25,8 @@ from ast_cli.listen import EventTracker, Listener, LiveWindow
 from ast_cli.options import RunOptions
 from ast_cli.sources import ArraySource, StreamSource
 from ast_cli.tagger import LabelSelection, Tagger
-from conftest import reference_features, tone
+from conftest import reference_features, sigint_default, tone
+from tolerances import END_TO_END, PCM16_SCORES
 from test_sources import wav_header
 
 HOP = 160  # samples per frame
@@ -57,7 +58,7 @@ def test_windows_roll_every_hop_and_equal_classify_on_the_excerpt(tagger, tiny_c
     for window in windows:
         end_frame = round(window.end * 100) if window is not windows[-1] else 1 + (wave.shape[0] - 400) // HOP
         np.testing.assert_allclose(window.scores, expected_scores(tiny_checkpoint, wave, window.start, end_frame),
-                                   atol=1e-5, err_msg=f"window {window.index}")
+                                   atol=END_TO_END, err_msg=f"window {window.index}")
     assert listener.dropped == 0
 
 
@@ -88,7 +89,7 @@ def test_a_slow_writer_gets_records_before_it_finishes(tagger, tiny_checkpoint):
     as_read = pcm.astype(np.float32) / 32768
     for window in windows[:-1]:
         np.testing.assert_allclose(window.scores, expected_scores(tiny_checkpoint, as_read, window.start,
-                                                                  round(window.end * 100)), atol=1e-5)
+                                                                  round(window.end * 100)), atol=END_TO_END)
 
 
 @pytest.mark.parametrize("sample_format,dtype,scale", [("s16le", "<i2", 32767), ("s32le", "<i4", 2**31 - 1),
@@ -103,7 +104,7 @@ def test_raw_pcm_streams(tagger, sample_format, dtype, scale):
     reference = [w.scores for w in Listener(tagger.backend, tagger.labels, selection=LabelSelection(top=None),
                                             drop=False).windows(ArraySource(wave, 16000))]
     assert len(scores) == len(reference) == 3
-    np.testing.assert_allclose(np.stack(scores), np.stack(reference), atol=1e-4)  # 16-bit rounding at most
+    np.testing.assert_allclose(np.stack(scores), np.stack(reference), atol=PCM16_SCORES)  # 16-bit rounding
 
 
 class SlowBackend:
@@ -177,7 +178,8 @@ def test_cli_a_stalled_stream_and_ctrl_c(tiny_checkpoint):
     assert json.loads(stalled.stdout.readline())["end"] == 1.0  # what came was tagged
     stalled.stdin.close()
 
-    live = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    live = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=sigint_default)
     live.stdin.write(wav_header(16000, 1) + (tone(3.0)[:, 0] * 32767).astype("<i2").tobytes())
     live.stdin.flush()
     first = live.stdout.readline()

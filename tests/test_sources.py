@@ -20,6 +20,7 @@ from ast_cli.inputs import InputFile
 from ast_cli.resample import resample
 from ast_cli.sources import ArraySource, FileSource, StreamSource, as_sources
 from conftest import reference_waveform, tone, write_audio
+from tolerances import WAVEFORM
 
 
 def collect(source) -> np.ndarray:
@@ -43,16 +44,16 @@ def test_array_source_equals_the_file_path(tmp_path):
     path = write_audio(tmp_path / "x.flac", 2.3, 44100, 2, seed=3, subtype="PCM_24")
     data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     array = ArraySource(data, rate, name="mine")
-    np.testing.assert_allclose(collect(array), reference_waveform(path), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(collect(array), reference_waveform(path), atol=WAVEFORM, rtol=0)
     assert array.duration == pytest.approx(2.3) and array.name == "mine" and array.identity() == (None, None)
     file = FileSource(path)
-    np.testing.assert_allclose(collect(file), collect(array), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(collect(file), collect(array), atol=WAVEFORM, rtol=0)
     assert file.identity() == (os.path.getsize(path), os.path.getmtime(path))
 
 
 def test_array_source_scales_integers_and_refuses_empty_or_odd_shapes():
     ints = (tone(0.5)[:, 0] * 32767).astype(np.int16)
-    np.testing.assert_allclose(collect(ArraySource(ints)), ints / 32768.0, atol=1e-7)
+    np.testing.assert_allclose(collect(ArraySource(ints)), ints / 32768.0, atol=1e-7)  # float32 of an exact quotient: <= 0.5 ulp(1)
     with pytest.raises(AudioDecodeError, match="zero-length"):
         collect(ArraySource(np.zeros(0, np.float32)))
     with pytest.raises(ValueError):
@@ -68,7 +69,7 @@ def test_wav_stream_with_unknown_length_reads_to_eof(bits, fmt, dtype, scale):
     source = StreamSource(stream, "pipe")
     got = collect(source)
     as_float = pcm.astype(np.float64) / (1.0 if fmt == 3 else -np.iinfo(dtype).min)
-    np.testing.assert_allclose(got, expected_16k(as_float.astype(np.float32), 22050), atol=1e-6)
+    np.testing.assert_allclose(got, expected_16k(as_float.astype(np.float32), 22050), atol=WAVEFORM)
     assert (source.sample_rate, source.channels) == (22050, 2) and source.duration == pytest.approx(1.7)
 
 
@@ -86,7 +87,7 @@ def test_raw_pcm_stream(sample_format, dtype, scale):
     source = StreamSource(io.BytesIO(pcm.tobytes()), raw=True, sample_rate=48000, channels=2,
                           sample_format=sample_format, chunk_seconds=0.013)  # reads not aligned to anything
     as_float = pcm.astype(np.float64) / (1.0 if sample_format == "f32le" else -np.iinfo(dtype).min)
-    np.testing.assert_allclose(collect(source), expected_16k(as_float.astype(np.float32), 48000), atol=1e-6)
+    np.testing.assert_allclose(collect(source), expected_16k(as_float.astype(np.float32), 48000), atol=WAVEFORM)
 
 
 def test_stream_from_a_real_pipe_arrives_while_the_writer_writes():

@@ -111,3 +111,32 @@ SAME_MACHINE_FEATURES = 1e-5
 # rounded; the sum with the streaming resampler's pieces vs one call is the same ops in the same order. One ulp at
 # full scale is 1.2e-7; 1e-6 leaves room for the resampler's 12-tap sums (see RESAMPLE_SAME_ALGORITHM).
 WAVEFORM = 1e-6
+
+
+# -- the model and the whole pipeline ----------------------------------------------------------------------------
+
+# Our AST against transformers' ASTForAudioClassification, same checkpoint, same input, both float32 on this
+# processor (logits and pooled embeddings, magnitudes <= 5 with the tests' random weights). Our SDPA path calls the
+# same kernels as transformers' default (measured 0); the eager path does matmul + float32 softmax instead of the
+# fused kernel, which reorders 1214-term sums in each of 12 layers: measured 1.25e-6 (full size, Sapphire Rapids).
+# Another processor's matmul blocking (AVX2 / AVX-512 / AMX-fp32) reorders sums on both sides alike; 1e-5 leaves 8x.
+MODEL_VS_TRANSFORMERS = 1e-5
+
+# `ast` end to end (decode, resample, windows cut from a stream, batched model) against transformers fed the
+# reference features of that stretch of audio (conftest.reference_features): features equal to SAME_MACHINE_FEATURES,
+# model to MODEL_VS_TRANSFORMERS, and sigmoid's slope is at most 1/4. Scores, probabilities or logits.
+# Measured <= 2.5e-7 (Sapphire Rapids).
+END_TO_END = 1e-5
+
+# The same backend on the same windows, batched differently (windows per call, files per batch, another process):
+# oneDNN chooses its kernel by the number of rows, which reorders float32 sums. Measured 0 to 1e-7.
+SAME_MACHINE_BATCHING = 1e-5
+
+# A stream read as 16-bit PCM against the float signal it was made from: each sample moves by <= 2**-16 on every
+# processor alike (measured 2.8e-6 on the scores); the rest is END_TO_END's float32 noise.
+PCM16_SCORES = 1e-5
+
+# The fast modes' promise (README "Fast modes", issue 26): scores within 0.02 of fp32. bf16 keeps 8 mantissa bits
+# (relative rounding 2**-9 per activation, a few hundred roundings deep); int8 rounds each weight row and each
+# token's activations to 1/127 of their range. Neither depends on the processor's float32 rounding.
+FAST_MODE_SCORES = 0.02
