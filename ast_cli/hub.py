@@ -23,6 +23,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,9 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_REVISION = "main"
 _TRUE = {"1", "ON", "YES", "TRUE"}  # what huggingface_hub accepts as true in HF_HUB_OFFLINE
 _RETRY_HINT = "check the network (and HF_ENDPOINT, proxies), then try again; files already complete are kept"
+COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+# What git's check-ref-format refuses in a ref name: control characters, space, ~ ^ : ? * [ \ and DEL.
+_REF_BAD_CHARS = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
 
 
 # -- the registry: the eight published MIT checkpoints -------------------------------------------------
@@ -214,7 +218,21 @@ def parse_model_name(name: str) -> tuple[str, str | None]:
             model=name, problem="unknown_name", suggestion=suggestion,
             hint=f"did you mean {suggestion}?" if suggestion else None,
         ) from None
-    return repo_id, revision or None
+    return repo_id, check_revision(revision, name) if revision else None
+
+
+def check_revision(revision: str, model: str, option: str | None = None) -> str:
+    """``revision`` if it is a full commit hash or a name git accepts for a ref (``main``, ``v1.0``,
+    ``refs/pr/1``); else ``UsageError``. The revision becomes a path in the cache (``refs/<revision>``), so
+    ``..``, empty or dot-led parts, a leading or trailing slash and git's forbidden characters never get there."""
+    if COMMIT_HASH.fullmatch(revision):
+        return revision
+    parts = revision.split("/")
+    if (len(revision) > 200 or revision == "@" or "@{" in revision or ".." in revision or revision.endswith(".")
+            or _REF_BAD_CHARS.search(revision) or any(not p or p.startswith(".") or p.endswith(".lock") for p in parts)):
+        raise UsageError(f"{revision!r} is not a valid revision of {model} (a branch, tag or commit name)",
+                         option=option, hint="name a branch, tag or 40-character commit hash of the repo")
+    return revision
 
 
 # -- the cache -------------------------------------------------------------------------------------
@@ -242,8 +260,8 @@ def cached_snapshot(repo_id: str, revision: str | None = None,
     weights; None otherwise. Never touches the network."""
     from huggingface_hub import try_to_load_from_cache
 
-    config = try_to_load_from_cache(repo_id, CONFIG_NAME, cache_dir=str(_cache(cache_dir)),
-                                    revision=revision or DEFAULT_REVISION)
+    revision = check_revision(revision or DEFAULT_REVISION, repo_id)  # read as refs/<revision>
+    config = try_to_load_from_cache(repo_id, CONFIG_NAME, cache_dir=str(_cache(cache_dir)), revision=revision)
     if not isinstance(config, str):  # None, or the "known not to exist" marker
         return None
     snapshot = Path(config).parent
@@ -454,7 +472,7 @@ def download(name: str = DEFAULT_MODEL, *, revision: str | None = None, cache_di
     if revision and name_revision and revision != name_revision:
         raise UsageError(f"{name} and revision {revision!r} name different revisions", option="revision",
                          suggest={"revision": None})
-    revision = revision or name_revision
+    revision = check_revision(revision, name, option="revision") if revision else name_revision
     label = name if not revision or name_revision else f"{name}@{revision}"  # the name that retries this
     offline_now = is_offline(offline)
     if offline_now or _hub_library_offline():
@@ -480,9 +498,9 @@ def download(name: str = DEFAULT_MODEL, *, revision: str | None = None, cache_di
         api = HfApi(endpoint=endpoint, token=token, library_name=LIBRARY_NAME, library_version=__version__)
         info = api.model_info(repo_id, revision=revision)
         sha = info.sha
-        if not sha:
-            raise HubError(f"{endpoint} gave no commit for {repo_id} (it does not answer like a Hugging Face hub)",
-                           model=label, hint="check HF_ENDPOINT and proxy settings")
+        if not sha or not COMMIT_HASH.fullmatch(sha):  # it becomes a folder name: snapshots/<sha>
+            raise HubError(f"{endpoint} gave no valid commit for {repo_id} (it does not answer like a Hugging Face "
+                           "hub)", model=label, hint="check HF_ENDPOINT and proxy settings")
         files = _pick_files([s.rfilename for s in info.siblings or ()], repo_id, label)
         snapshot = Path(cache) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / sha
         before = _stats(snapshot, files)

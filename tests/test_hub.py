@@ -809,3 +809,32 @@ def test_cli_offline_not_cached_in_a_real_process(env, clip):  # CLI
     lines = proc.stderr.strip().splitlines()
     assert 1 <= len(lines) <= 3 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("Error: model 'nobody/no-such-model' is not in the Hugging Face cache")
+
+
+# -- issue 22: hostile names and revisions -----------------------------------------------------------
+
+
+def test_22_1_revision_is_not_a_path(fake_hub, env, repo_files, clip):  # CLI
+    """A hub (or mirror) that answers for any revision must not turn it into a file write outside the cache."""
+    evil = "../../../../victim.txt"  # refs/<evil> would be env/victim.txt
+    fake_hub.add(REPO, repo_files, refs=("main", evil))
+    victim = env / "victim.txt"
+    victim.write_text("precious\n")
+    for args in (("download", REPO, "--revision", evil), ("download", f"{REPO}@{evil}"),
+                 ("classify", str(clip), "--model", f"{REPO}@{evil}")):
+        result = run_cli(*args)
+        assert_clean_error(result, "not a valid revision", code=2)
+        assert victim.read_text() == "precious\n", args
+    assert fake_hub.requests == []  # refused before asking the hub
+    for bad in ("a/../b", ".hidden", "x.lock", "a b", "v1~1", "x@{1}", "/main", "main/"):
+        with pytest.raises(UsageError, match="not a valid revision") as info:
+            hub.download(REPO, revision=bad)
+        assert raised(info).option == "revision"
+    commit = fake_hub.repos[REPO]["commit"]
+    assert hub.parse_model_name(f"{REPO}@{commit}") == (REPO, commit)  # a full commit hash is a revision
+    # The commit the server names becomes snapshots/<sha>: anything but a commit hash is refused.
+    fake_hub.repos[REPO]["refs"]["main"] = "../../../x"
+    fake_hub.repos[REPO]["commits"]["../../../x"] = repo_files
+    with pytest.raises(HubError, match="no valid commit"):
+        hub.download(REPO)
+    assert not (env / "hf_home" / "x").exists() and not list(env.rglob("snapshots/*"))
