@@ -330,8 +330,7 @@ def cached_checkpoints(cache_dir: str | os.PathLike | None = None) -> list[Cache
     for repo in _scan(cache_dir):
         for revision in _by_preference(repo.revisions):
             path = Path(revision.snapshot_path)
-            readable, model_type = _model_type(path / CONFIG_NAME)
-            if not readable or model_type not in (None, AST_MODEL_TYPE) or _weights_in(path) is None:
+            if not _is_ast_snapshot(path):
                 continue
             rows.append(CachedModel(repo_id=repo.repo_id, path=path, commit_hash=revision.commit_hash,
                                     refs=tuple(sorted(revision.refs)), size_on_disk=revision.size_on_disk,
@@ -339,21 +338,89 @@ def cached_checkpoints(cache_dir: str | os.PathLike | None = None) -> list[Cache
     return rows
 
 
-def remove_cached(name: str, cache_dir: str | os.PathLike | None = None) -> int:
-    """Delete every cached revision of the model ``name`` (alias or ``ORG/NAME``) with huggingface_hub's own
-    cache deletion; returns the bytes freed. ``ModelNotFoundError(problem="not_cached")`` when there is none."""
-    repo_id, _ = parse_model_name(name)
-    repos = [repo for repo in _scan(cache_dir) if repo.repo_id == repo_id]
-    if not repos:
-        raise ModelNotFoundError(f"model {repo_id!r} is not in the Hugging Face cache ({_cache(cache_dir)})",
-                                 model=name, problem="not_cached", hint="nothing to remove")
-    from huggingface_hub import scan_cache_dir
+@dataclass(frozen=True)
+class Removal:
+    """What removing a cached model deletes (``plan_removal``), all inside one repo folder of the cache.
 
-    hashes = [revision.commit_hash for repo in repos for revision in repo.revisions]
-    strategy = scan_cache_dir(_cache(cache_dir)).delete_revisions(*hashes)
-    freed = strategy.expected_freed_size
-    strategy.execute()
-    return freed
+    ``commits``: the snapshots that go; ``refs``: the branches and tags that point at them and go with them;
+    ``whole_repo``: the repo folder goes (no ``@REV``); ``blobs``: with ``@REV``, the files no other snapshot of
+    the repo shares; ``size``: bytes freed; ``is_ast``: whether what goes holds AST checkpoints.
+    """
+
+    repo_id: str
+    repo_path: Path
+    commits: tuple[str, ...]
+    refs: tuple[str, ...]
+    whole_repo: bool
+    blobs: tuple[Path, ...]
+    size: int
+    is_ast: bool
+
+
+def _is_ast_snapshot(path: Path) -> bool:
+    readable, model_type = _model_type(path / CONFIG_NAME)
+    return readable and model_type in (None, AST_MODEL_TYPE) and _weights_in(path) is not None
+
+
+def plan_removal(name: str, cache_dir: str | os.PathLike | None = None, *, allow_other: bool = False) -> Removal:
+    """What removing ``name`` (alias or ``ORG/NAME``: every cached revision; ``ORG/NAME@REV``: the snapshot REV
+    names, a ref or a commit hash, and the refs pointing at it) would delete. Deletes nothing.
+
+    Raises ``ModelNotFoundError(problem="not_cached")`` when the cache has no such repo or revision, and
+    ``UsageError`` for a repo that holds no AST checkpoint unless ``allow_other`` and ``name`` spells its hub id
+    exactly (not an alias)."""
+    repo_id, revision = parse_model_name(name)
+    repo = next((repo for repo in _scan(cache_dir) if repo.repo_id == repo_id), None)
+    revisions = [rev for rev in (repo.revisions if repo else ()) if revision in (None, rev.commit_hash, *rev.refs)]
+    if not revisions:
+        what = f"{repo_id!r}" + (f" at revision {revision!r}" if revision and repo else "")
+        raise ModelNotFoundError(f"model {what} is not in the Hugging Face cache ({_cache(cache_dir)})",
+                                 model=name, problem="not_cached", hint="nothing to remove")
+    is_ast = any(_is_ast_snapshot(Path(rev.snapshot_path)) for rev in revisions)
+    if not is_ast and not (allow_other and name.partition("@")[0] == repo_id):
+        raise UsageError(f"{repo_id} in the cache holds no AST checkpoint: not removing it unless named by its hub "
+                         "id and confirmed", suggest={"allow_other": True})
+    kept = {f.blob_path for rev in repo.revisions if rev not in revisions for f in rev.files}
+    blobs = {f.blob_path: f.size_on_disk for rev in revisions for f in rev.files if f.blob_path not in kept}
+    whole = revision is None
+    return Removal(repo_id=repo_id, repo_path=Path(repo.repo_path), commits=tuple(r.commit_hash for r in revisions),
+                   refs=tuple(sorted(ref for r in revisions for ref in r.refs)), whole_repo=whole,
+                   blobs=() if whole else tuple(sorted(blobs)), size=repo.size_on_disk if whole else sum(blobs.values()),
+                   is_ast=is_ast)
+
+
+def remove_cached(plan: Removal, cache_dir: str | os.PathLike | None = None) -> int:
+    """Delete what ``plan`` names (nothing outside its repo folder), then check in a new scan of the cache
+    that exactly that went: every other snapshot of every repo is still there. Returns the bytes freed.
+    Raises ``AstError`` if the cache is not as planned afterwards."""
+    import shutil
+
+    before = _snapshots(cache_dir)
+    repo = plan.repo_path
+    doomed = [repo / "snapshots" / commit for commit in plan.commits] + [repo / "refs" / ref for ref in plan.refs]
+    doomed += [Path(blob) for blob in plan.blobs]
+    if repo.parent != _cache(cache_dir) or not repo.name.startswith("models--") or any(
+            repo not in Path(os.path.abspath(path)).parents for path in doomed):
+        raise AstError(f"{repo} is not a model folder of the cache {_cache(cache_dir)}: not removing it")
+    if plan.whole_repo:
+        shutil.rmtree(repo)
+    for path in [] if plan.whole_repo else doomed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    expected = {key for key in before if key[0] != plan.repo_id or (not plan.whole_repo
+                                                                      and key[1] not in plan.commits)}
+    after = _snapshots(cache_dir)
+    if after != expected:
+        changed = sorted(f"{repo_id}@{commit[:12]}" for repo_id, commit in after ^ expected)
+        raise AstError(f"removing {plan.repo_id} left the cache other than planned ({', '.join(changed)})")
+    return plan.size
+
+
+def _snapshots(cache_dir) -> set[tuple[str, str]]:
+    """(hub id, commit) of every cached model snapshot."""
+    return {(repo.repo_id, rev.commit_hash) for repo in _scan(cache_dir) for rev in repo.revisions}
 
 
 def verify_weights(path: Path, name: str | None = None) -> None:

@@ -838,3 +838,79 @@ def test_22_1_revision_is_not_a_path(fake_hub, env, repo_files, clip):  # CLI
     with pytest.raises(HubError, match="no valid commit"):
         hub.download(REPO)
     assert not (env / "hf_home" / "x").exists() and not list(env.rglob("snapshots/*"))
+
+
+def _cached_files(cache: Path) -> dict[str, bytes]:
+    """Every file under the cache (links followed), by relative path: what a removal must leave alone."""
+    return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
+
+
+def test_22_2_rm_deletes_exactly_the_named_repo(env, repo_files):  # CLI
+    """Two repos at the same commit hash (a mirror, a duplicated repo): --rm of one leaves the other whole."""
+    cache = cache_root(env)
+    files = {name: repo_files[name] for name in SNAPSHOT_FILES}
+    _fake_snapshot(cache, "test/ast-tiny", "a" * 40, files)
+    _fake_snapshot(cache, "test/ast-16-16", "a" * 40, files)
+    other = {k: v for k, v in _cached_files(cache).items() if "ast-16-16" in k}
+    result = run_cli("models", "--rm", "test/ast-tiny", "--yes")
+    assert result.exit_code == 0, result.stderr
+    assert "removed test/ast-tiny from the cache" in result.stderr
+    assert not (cache / "models--test--ast-tiny").exists()
+    assert _cached_files(cache) == other
+    assert [row.repo_id for row in hub.cached_checkpoints()] == ["test/ast-16-16"]
+
+
+def test_22_3_rm_at_rev_deletes_only_that_revision(env, repo_files):  # CLI
+    cache = cache_root(env)
+    files = {name: repo_files[name] for name in SNAPSHOT_FILES}
+    _fake_snapshot(cache, REPO, "1" * 40, files, refs=("v1",))
+    repo = cache / "models--acme--tiny-ast"
+    newer = dict(files, **{"config.json": repo_files["config.json"] + b" "})  # shares the weights blob
+    new = repo / "snapshots" / ("2" * 40)
+    new.mkdir()
+    for name, data in newer.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        new.joinpath(name).symlink_to(os.path.relpath(blob, new))
+    (repo / "refs" / "main").write_text("2" * 40)
+    kept = {k: v for k, v in _cached_files(cache).items() if "2" * 40 in k or k.endswith("refs/main")}
+
+    result = run_cli("models", "--rm", f"{REPO}@v1", "--yes")
+    assert result.exit_code == 0, result.stderr
+    assert f"removed {REPO}@{'1' * 12} (refs v1)" in result.stderr
+    assert not (repo / "snapshots" / ("1" * 40)).exists() and not (repo / "refs" / "v1").exists()
+    assert {k: v for k, v in _cached_files(cache).items() if "snapshots" in k or "refs" in k} == kept
+    assert len(list((repo / "blobs").iterdir())) == 3  # the old config's blob went, the shared weights stayed
+    assert hub.cached_snapshot(REPO) == new
+    # By commit hash too; a revision that is not cached is an error and removes nothing.
+    assert_clean_error(run_cli("models", "--rm", f"{REPO}@v1", "--yes"), "not in the Hugging Face cache")
+    assert run_cli("models", "--rm", f"{REPO}@{'2' * 40}", "--yes").exit_code == 0
+    assert not (repo / "snapshots" / ("2" * 40)).exists() and not (repo / "refs" / "main").exists()
+
+
+def test_22_4_rm_asks_refuses_non_ast_and_dry_runs(env, repo_files, monkeypatch):  # CLI
+    from ast_cli.cli import models as models_cli
+
+    cache = cache_root(env)
+    _fake_snapshot(cache, REPO, "1" * 40, {name: repo_files[name] for name in SNAPSHOT_FILES})
+    _fake_snapshot(cache, "acme/gpt2", "2" * 40, {"config.json": b'{"model_type": "gpt2"}',
+                                                 "model.safetensors": repo_files["model.safetensors"]})
+    before = _cached_files(cache)
+
+    dry = run_cli("models", "--rm", REPO, "--dry-run")
+    assert dry.exit_code == 0 and dry.stdout.startswith(f"would remove {REPO} (") and _cached_files(cache) == before
+    # No terminal, no --yes: refused. Not an AST: refused without --yes.
+    assert_clean_error(run_cli("models", "--rm", REPO), "no terminal to ask on", code=2)
+    assert_clean_error(run_cli("models", "--rm", "acme/gpt2"), "holds no AST checkpoint", code=2)
+    assert_clean_error(run_cli("models", "--rm", "acme/gpt2", "--dry-run"), "holds no AST checkpoint", code=2)
+    assert _cached_files(cache) == before
+
+    monkeypatch.setattr(models_cli, "_can_ask", lambda: True)  # a terminal: show, ask
+    declined = CliRunner().invoke(models_cli.app, ["models", "--rm", REPO], input="n\n")
+    assert declined.exit_code == 1 and f"to remove: {REPO} (" in declined.stderr and "Remove?" in declined.stderr
+    assert _cached_files(cache) == before
+    accepted = CliRunner().invoke(models_cli.app, ["models", "--rm", REPO], input="y\n")
+    assert accepted.exit_code == 0 and "removed acme/tiny-ast" in accepted.stderr
+    assert not (cache / "models--acme--tiny-ast").exists()
+    assert run_cli("models", "--rm", "acme/gpt2", "--yes").exit_code == 0  # exact name + --yes
+    assert not (cache / "models--acme--gpt2").exists()
