@@ -94,9 +94,7 @@ def models(
 
       ast models --cached --format json | jq -r '.[].repo_id'
 
-      ast models --rm audioset-16-16-0.442
-
-      ast models --rm acme/my-ast@v1 --yes
+      ast models --rm acme/my-ast@v1 --dry-run
     """
     if remove:
         _remove(remove, cache_dir, debug, yes=yes, dry_run=dry_run)
