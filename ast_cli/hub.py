@@ -245,13 +245,35 @@ def _weights_in(snapshot: Path) -> Path | None:
     return None
 
 
+MAX_CONFIG_BYTES = 8 << 20  # a config.json of the published checkpoints is 40 kB
+
+
+def read_json(path: Path) -> dict:
+    """The JSON object in ``path`` (a config file), or ``CheckpointError`` naming the file: unreadable, larger
+    than MAX_CONFIG_BYTES, not JSON, nested too deep for the parser, or not an object."""
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read(MAX_CONFIG_BYTES + 1)
+        if len(text) > MAX_CONFIG_BYTES:
+            raise CheckpointError(f"{path} is larger than a config file can be ({MAX_CONFIG_BYTES >> 20} MiB)",
+                                  path=str(path))
+        data = json.loads(text.decode("utf-8"))
+    except RecursionError:
+        raise CheckpointError(f"cannot read {path}: JSON nested too deep", path=str(path)) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}", path=str(path)) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object", path=str(path))
+    return data
+
+
 def _model_type(config: Path) -> tuple[bool, str | None]:
     """(readable, model_type) of a config.json."""
     try:
-        data = json.loads(config.read_text("utf-8"))
-    except (OSError, ValueError):
+        data = read_json(config)
+    except CheckpointError:
         return False, None
-    return isinstance(data, dict), data.get("model_type") if isinstance(data, dict) else None
+    return True, data.get("model_type")
 
 
 def cached_snapshot(repo_id: str, revision: str | None = None,

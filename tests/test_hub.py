@@ -914,3 +914,13 @@ def test_22_4_rm_asks_refuses_non_ast_and_dry_runs(env, repo_files, monkeypatch)
     assert not (cache / "models--acme--tiny-ast").exists()
     assert run_cli("models", "--rm", "acme/gpt2", "--yes").exit_code == 0  # exact name + --yes
     assert not (cache / "models--acme--gpt2").exists()
+
+
+def test_22_14_a_config_too_deep_for_the_parser_is_left_out_of_the_listing(env, repo_files):  # CLI
+    cache = cache_root(env)
+    _fake_snapshot(cache, "acme/deep", "d" * 40, {"config.json": b"[" * 100_000 + b"]" * 100_000,
+                                                  "model.safetensors": repo_files["model.safetensors"]})
+    _fake_snapshot(cache, REPO, "1" * 40, {name: repo_files[name] for name in SNAPSHOT_FILES})
+    result = run_cli("models", "--cached", "-f", "json")
+    assert result.exit_code == 0, result.stderr
+    assert [row["repo_id"] for row in json.loads(result.stdout)] == [REPO]
