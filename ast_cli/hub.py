@@ -27,7 +27,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol
 
 from . import __version__
 from .constants import (AUDIOSET_MAX_LENGTH, AUDIOSET_MEAN, AUDIOSET_STD, DEFAULT_MODEL, FRAME_SECONDS,
@@ -227,9 +227,9 @@ def check_revision(revision: str, model: str, option: str | None = None) -> str:
     ``..``, empty or dot-led parts, a leading or trailing slash and git's forbidden characters never get there."""
     if COMMIT_HASH.fullmatch(revision):
         return revision
-    parts = revision.split("/")
-    if (len(revision) > 200 or revision == "@" or "@{" in revision or ".." in revision or revision.endswith(".")
-            or _REF_BAD_CHARS.search(revision) or any(not p or p.startswith(".") or p.endswith(".lock") for p in parts)):
+    bad_part = any(not part or part.startswith(".") or part.endswith(".lock") for part in revision.split("/"))
+    if (bad_part or len(revision) > 200 or revision == "@" or "@{" in revision or ".." in revision
+            or revision.endswith(".") or _REF_BAD_CHARS.search(revision)):
         raise UsageError(f"{revision!r} is not a valid revision of {model} (a branch, tag or commit name)",
                          option=option, hint="name a branch, tag or 40-character commit hash of the repo")
     return revision
@@ -407,8 +407,8 @@ def plan_removal(name: str, cache_dir: str | os.PathLike | None = None, *, allow
     whole = revision is None
     return Removal(repo_id=repo_id, repo_path=Path(repo.repo_path), commits=tuple(r.commit_hash for r in revisions),
                    refs=tuple(sorted(ref for r in revisions for ref in r.refs)), whole_repo=whole,
-                   blobs=() if whole else tuple(sorted(blobs)), size=repo.size_on_disk if whole else sum(blobs.values()),
-                   is_ast=is_ast)
+                   blobs=() if whole else tuple(sorted(blobs)),
+                   size=repo.size_on_disk if whole else sum(blobs.values()), is_ast=is_ast)
 
 
 def remove_cached(plan: Removal, cache_dir: str | os.PathLike | None = None) -> int:
@@ -467,21 +467,40 @@ def verify_weights(path: Path, name: str | None = None) -> None:
 # -- progress --------------------------------------------------------------------------------------
 
 
-def _tqdm_class(progress: bool) -> type:
-    """huggingface_hub's tqdm (bars on stderr, on a terminal) for ``progress``, else the same class silenced.
+class DownloadProgress(Protocol):
+    """What ``download`` tells a front end about a transfer; the library itself prints nothing.
 
-    A subclass rather than ``disable_progress_bars()``, which would silence every caller in the process."""
+    ``start``: the weights of ``model`` are about to be fetched into ``cache``, ``size`` bytes (None: unknown);
+    ``advance``: that many more bytes are on disk (called from huggingface_hub's download threads);
+    ``finish``: the transfer ended, done or failed.
+    """
+
+    def start(self, model: str, size: int | None, cache: Path) -> None: ...
+
+    def advance(self, nbytes: int) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+def _tqdm_class(progress: DownloadProgress | None) -> type:
+    """huggingface_hub's tqdm, silenced (its bars are not ours), passing the bytes its snapshot bar counts on to
+    ``progress``. A subclass rather than ``disable_progress_bars()``, which would silence every caller in the
+    process."""
     from huggingface_hub.utils import tqdm
 
-    if progress:
-        return tqdm
-
-    class SilentTqdm(tqdm):
+    class Forwarding(tqdm):
         def __init__(self, *args, **kwargs):
+            # The bar of bytes written, summed over the files (huggingface_hub names it so); not the file count.
+            self.counts_bytes = progress is not None and kwargs.get("name") == "huggingface_hub.snapshot_download"
             kwargs["disable"] = True
             super().__init__(*args, **kwargs)
 
-    return SilentTqdm
+        def update(self, n=1):
+            if self.counts_bytes and n:
+                progress.advance(int(n))
+            return super().update(n)
+
+    return Forwarding
 
 
 # -- resolving and downloading ---------------------------------------------------------------------
@@ -499,11 +518,11 @@ class DownloadResult:
 
 
 def resolve_model(name: str, *, offline: bool | None = None, cache_dir: str | None = None,
-                  progress: bool = False) -> Path:
+                  progress: DownloadProgress | None = None) -> Path:
     """Local checkpoint path for ``name``: a local file or directory as is; an alias or hub id from the cache,
     downloaded first when missing unless offline (``offline``, else HF_HUB_OFFLINE now; see ``is_offline``).
 
-    ``progress``: draw huggingface_hub's download bars on stderr (on a terminal); False downloads silently.
+    ``progress``: told about a download (see ``DownloadProgress``); None downloads silently.
     Raises ``ModelNotFoundError`` (``problem`` says which), ``CheckpointError`` for corrupt cached weights,
     ``HubError`` when the hub cannot be reached.
     """
@@ -537,7 +556,8 @@ def _not_cached(name: str, repo_id: str, cache_dir: str | None, *, library: bool
 
 
 def download(name: str = DEFAULT_MODEL, *, revision: str | None = None, cache_dir: str | None = None,
-             force: bool = False, offline: bool | None = None, progress: bool = False) -> DownloadResult:
+             force: bool = False, offline: bool | None = None,
+             progress: DownloadProgress | None = None) -> DownloadResult:
     """Fetch what inference needs from the hub into the HF cache, all from one commit.
 
     Files: ``config.json``, ``preprocessor_config.json`` and ``model.safetensors`` (``pytorch_model.bin`` only
@@ -547,8 +567,8 @@ def download(name: str = DEFAULT_MODEL, *, revision: str | None = None, cache_di
     The config is fetched and checked first, so no weights are fetched for a repo that is not an AST.
 
     Idempotent: files already cached are not transferred again unless ``force`` (``DownloadResult.fetched``
-    tells). Offline (see ``is_offline``), a complete cached snapshot is returned as is. ``progress``:
-    huggingface_hub's bars on stderr.
+    tells). Offline (see ``is_offline``), a complete cached snapshot is returned as is. ``progress`` hears of
+    the weights' transfer (``DownloadProgress``); huggingface_hub's own bars are never drawn.
 
     Raises ``UsageError`` (``option``: ``name``, ``revision`` or ``force``), ``ModelNotFoundError`` (``problem``:
     ``unknown_name``, ``not_cached``, ``no_such_repo``, ``no_such_revision``, ``gated``, ``not_ast``),
@@ -581,11 +601,11 @@ def download(name: str = DEFAULT_MODEL, *, revision: str | None = None, cache_di
 
     endpoint, token, cache = hub_endpoint(), _token(), str(_cache(cache_dir))
     common = dict(cache_dir=cache, endpoint=endpoint, token=token, force_download=force, library_name=LIBRARY_NAME,
-                  library_version=__version__, tqdm_class=_tqdm_class(progress))
+                  library_version=__version__)
     state: dict = {"files": None}  # which files are on the wire, for messages
     with _hub_errors(label, repo_id, revision, endpoint, state):
         api = HfApi(endpoint=endpoint, token=token, library_name=LIBRARY_NAME, library_version=__version__)
-        info = api.model_info(repo_id, revision=revision)
+        info = api.model_info(repo_id, revision=revision, files_metadata=True)  # with sizes, for progress
         sha = info.sha
         if not sha or not COMMIT_HASH.fullmatch(sha):  # it becomes a folder name: snapshots/<sha>
             raise HubError(f"{endpoint} gave no valid commit for {repo_id} (it does not answer like a Hugging Face "
@@ -596,7 +616,17 @@ def download(name: str = DEFAULT_MODEL, *, revision: str | None = None, cache_di
         # Two pinned passes: the configs first (checked before any weights move), then the weights.
         for batch in (files[:-1], files[-1:]):
             state["files"] = batch
-            path = Path(snapshot_download(repo_id, revision=sha, allow_patterns=list(batch), **common))
+            # The weights are what takes time: a front end hears of them, once, when they are to be fetched.
+            told = progress is not None and batch[-1] == files[-1] and (force or files[-1] not in before)
+            if told:
+                size = next((s.size for s in info.siblings if s.rfilename == files[-1]), None)
+                progress.start(label, size, Path(cache))
+            try:
+                path = Path(snapshot_download(repo_id, revision=sha, allow_patterns=list(batch),
+                                              tqdm_class=_tqdm_class(progress if told else None), **common))
+            finally:
+                if told:
+                    progress.finish()
             missing = [f for f in batch if not (path / f).is_file()]
             if missing:
                 raise HubError(f"{endpoint} lists {', '.join(missing)} in {repo_id} at {sha[:12]} but did not "

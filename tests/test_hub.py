@@ -142,7 +142,8 @@ class FakeHub:
             commit, files = found
             self._send(request, 200, {"id": repo_id, "modelId": repo_id, "sha": commit,
                                       "private": self.repos[repo_id]["private"],
-                                      "siblings": [{"rfilename": name} for name in sorted(files)]})
+                                      "siblings": [{"rfilename": name, "size": len(files[name])}
+                                                   for name in sorted(files)]})
 
     def _tree(self, request, repo_id: str, revision: str) -> None:
         if found := self._commit(request, repo_id, revision):
@@ -472,14 +473,68 @@ def test_download_sends_library_name_and_honours_hf_hub_cache(fake_hub, env, mon
     assert hub.resolve_model(REPO, offline=True, cache_dir=str(tmp_path / "explicit")) == other
 
 
+class Recorder:
+    """A ``hub.DownloadProgress`` that writes down what it hears."""
+
+    def __init__(self):
+        self.calls: list = []
+        self.bytes = 0
+
+    def start(self, model, size, cache):
+        self.calls.append(("start", model, size, cache))
+
+    def advance(self, nbytes):
+        self.bytes += nbytes
+
+    def finish(self):
+        self.calls.append(("finish",))
+
+
 def test_progress_is_off_by_default_and_never_global(fake_hub, env, capfd):
     from huggingface_hub.utils import are_progress_bars_disabled
 
     enabled = not are_progress_bars_disabled()
     hub.download(REPO)
     assert capfd.readouterr().err == ""
-    hub.download(REPO, force=True, progress=True)  # huggingface_hub's own bars (drawn on a terminal only)
+    hub.download(REPO, force=True, progress=Recorder())
+    assert capfd.readouterr().err == ""  # huggingface_hub's own bars are never drawn
     assert (not are_progress_bars_disabled()) == enabled
+
+
+def test_24_8_a_download_is_one_bar_or_one_line(fake_hub, env, repo_files, capfd):
+    """The library tells its caller of the weights' transfer (the bytes as they land) and prints nothing; the CLI
+    draws one rich bar on a terminal, or one line without one, and nothing with -q."""
+    import io
+
+    from rich.console import Console
+
+    from ast_cli.cli._progress import DownloadBar
+
+    recorder = Recorder()
+    result = hub.download(REPO, progress=recorder)
+    size = len(repo_files["model.safetensors"])
+    assert recorder.calls == [("start", REPO, size, cache_root(env)), ("finish",)]
+    assert recorder.bytes == size and capfd.readouterr().err == ""
+    again = Recorder()
+    hub.download(REPO, progress=again)
+    assert again.calls == []  # nothing to fetch: nothing said
+
+    lines = run_cli("download", "acme/other", "-q")  # not there: the error only
+    assert "downloading" not in lines.stderr
+    fake_hub.add("acme/other", repo_files)
+    piped = run_cli("download", "acme/other")
+    assert piped.exit_code == 0, piped.stderr
+    assert piped.stderr.splitlines()[0] == f"downloading acme/other (0.2 MB) to {cache_root(env)}"
+    assert len(piped.stderr.splitlines()) == 2  # and the summary; no "Fetching", no "Reconstruction"
+    assert run_cli("download", "acme/other", "--force", "-q").stderr == ""
+
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=100)
+    hub.download(REPO, force=True, progress=DownloadBar(console))
+    drawn = screen.getvalue()
+    assert f"downloading {REPO}" in drawn and "Fetching" not in drawn and "Reconstruct" not in drawn
+    assert capfd.readouterr().err == ""
+    assert result.path == hub.cached_snapshot(REPO)
 
 
 def test_environment_is_read_at_call_time(fake_hub, env, monkeypatch):
@@ -732,7 +787,7 @@ def test_cli_hub_errors(fake_hub, env, repo_files, tmp_path):  # CLI
                                "model.safetensors": repo_files["model.safetensors"]})
     assert_clean_error(run_cli("download", "acme/bert"), "describes a 'bert' model")
     fake_hub.add("acme/broken", dict(repo_files, **{"model.safetensors": repo_files["model.safetensors"][:100]}))
-    assert_clean_error(run_cli("download", "acme/broken"), "corrupt or truncated weights file")
+    assert_clean_error(run_cli("download", "acme/broken", "-q"), "corrupt or truncated weights file")
     assert_clean_error(run_cli("download", str(tmp_path)), "is a local path", code=2)
 
 

@@ -11,6 +11,7 @@ from ..options import ListFormat, RunOptions
 from ._app import app
 from ._common import CacheDirOpt, DebugOpt, ModelOpt, OfflineOpt, QuietOpt, model_labels, stderr_console
 from ._errors import cli_errors, debug_enabled, print_error, say
+from ._progress import download_progress, megabytes
 
 
 ListFormatOpt = Annotated[ListFormat, typer.Option("--format", "-f", help="table or json.")]
@@ -57,7 +58,7 @@ def download(
         for name in models or [DEFAULT_MODEL]:
             try:
                 result = hub.download(name, revision=revision, cache_dir=cache_dir, force=force,
-                                      progress=not quiet and stderr.is_terminal)
+                                      progress=download_progress(stderr, quiet))
             except Exception as exc:
                 if debug_enabled(debug) or len(models or ()) <= 1:
                     raise  # one model: cli_errors reports it
@@ -66,7 +67,7 @@ def download(
             typer.echo(str(result.path))
             if not quiet:
                 how = "downloaded" if result.fetched else "already in the cache"
-                say(stderr, f"{name}: {', '.join(result.files)} ({result.size / 1e6:.1f} MB) {how}")
+                say(stderr, f"{name}: {', '.join(result.files)} ({megabytes(result.size)}) {how}")
         if failed_code:
             raise typer.Exit(failed_code)
 
@@ -75,9 +76,15 @@ def download(
 def models(
     format: ListFormatOpt = ListFormat.table,
     cached: Annotated[bool, typer.Option("--cached", help="List every AST checkpoint in the cache (any repo), with its size.")] = False,
-    remove: Annotated[Optional[list[str]], typer.Option("--rm", metavar="MODEL", help="Remove a model from the cache: all its revisions, or only REV with ORG/NAME@REV (repeatable).")] = None,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="With --rm: do not ask first (needed without a terminal); allows a repo that is not an AST checkpoint, named exactly.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="With --rm: print what would be removed, remove nothing.")] = False,
+    remove: Annotated[Optional[list[str]], typer.Option(
+        "--rm", metavar="MODEL",
+        help="Remove a model from the cache: all its revisions, or only REV with ORG/NAME@REV (repeatable).")] = None,
+    yes: Annotated[bool, typer.Option(
+        "--yes", "-y",
+        help="With --rm: do not ask first (needed without a terminal); also removes a repo that is not an AST "
+             "checkpoint, named by its hub id.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="With --rm: print what would be removed, remove nothing.")] = False,
     cache_dir: CacheDirOpt = None,
     debug: DebugOpt = False,
 ) -> None:
@@ -112,7 +119,7 @@ def _remove(names: list[str], cache_dir: str | None, debug: bool, *, yes: bool, 
         from ..errors import UsageError
 
         plans = [hub.plan_removal(name, cache_dir, allow_other=yes) for name in names]
-        lines = [f"{_removal_text(plan)} ({plan.size / 1e6:.1f} MB): {plan.repo_path}" for plan in plans]
+        lines = [f"{_removal_text(plan)} ({megabytes(plan.size)}): {plan.repo_path}" for plan in plans]
         if dry_run:
             typer.echo("\n".join(f"would remove {line}" for line in lines))
             return
@@ -127,7 +134,7 @@ def _remove(names: list[str], cache_dir: str | None, debug: bool, *, yes: bool, 
                 raise typer.Exit(1)
         for plan in plans:
             freed = hub.remove_cached(plan, cache_dir)
-            say(stderr, f"removed {_removal_text(plan)} from the cache ({freed / 1e6:.1f} MB freed)")
+            say(stderr, f"removed {_removal_text(plan)} from the cache ({megabytes(freed)} freed)")
 
 
 def _can_ask() -> bool:
