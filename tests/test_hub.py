@@ -835,6 +835,7 @@ def test_cli_classify_downloads_on_first_use_then_works_offline(fake_hub, env, m
                                                             tmp_path):  # CLI
     first = run_cli("classify", str(clip), "--model", REPO, "--format", "json")
     assert first.exit_code == 0, first.stderr
+    assert f"downloading {REPO} (0.2 MB) to {cache_root(env)}\n" in first.stderr  # #24.8: not in silence
     assert fake_hub.downloads("model.safetensors") == 1
     fake_hub.stop()
 
