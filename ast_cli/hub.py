@@ -366,7 +366,7 @@ class Removal:
 
     ``commits``: the snapshots that go; ``refs``: the branches and tags that point at them and go with them;
     ``whole_repo``: the repo folder goes (no ``@REV``); ``blobs``: with ``@REV``, the files no other snapshot of
-    the repo shares; ``size``: bytes freed; ``is_ast``: whether what goes holds AST checkpoints.
+    the repo shares; ``size``: bytes freed.
     """
 
     repo_id: str
@@ -376,7 +376,6 @@ class Removal:
     whole_repo: bool
     blobs: tuple[Path, ...]
     size: int
-    is_ast: bool
 
 
 def _is_ast_snapshot(path: Path) -> bool:
@@ -399,7 +398,7 @@ def plan_removal(name: str, cache_dir: str | os.PathLike | None = None, *, allow
         raise ModelNotFoundError(f"model {what} is not in the Hugging Face cache ({_cache(cache_dir)})",
                                  model=name, problem="not_cached", hint="nothing to remove")
     is_ast = any(_is_ast_snapshot(Path(rev.snapshot_path)) for rev in revisions)
-    if not is_ast and not (allow_other and name.partition("@")[0] == repo_id):
+    if not (is_ast or allow_other and name.partition("@")[0] == repo_id):
         raise UsageError(f"{repo_id} in the cache holds no AST checkpoint: not removing it unless named by its hub "
                          "id and confirmed", suggest={"allow_other": True})
     kept = {f.blob_path for rev in repo.revisions if rev not in revisions for f in rev.files}
@@ -408,7 +407,7 @@ def plan_removal(name: str, cache_dir: str | os.PathLike | None = None, *, allow
     return Removal(repo_id=repo_id, repo_path=Path(repo.repo_path), commits=tuple(r.commit_hash for r in revisions),
                    refs=tuple(sorted(ref for r in revisions for ref in r.refs)), whole_repo=whole,
                    blobs=() if whole else tuple(sorted(blobs)),
-                   size=repo.size_on_disk if whole else sum(blobs.values()), is_ast=is_ast)
+                   size=repo.size_on_disk if whole else sum(blobs.values()))
 
 
 def remove_cached(plan: Removal, cache_dir: str | os.PathLike | None = None) -> int:
