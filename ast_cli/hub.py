@@ -218,7 +218,7 @@ def parse_model_name(name: str) -> tuple[str, str | None]:
             model=name, problem="unknown_name", suggestion=suggestion,
             hint=f"did you mean {suggestion}?" if suggestion else None,
         ) from None
-    return repo_id, check_revision(revision, name) if revision else None
+    return repo_id, check_revision(revision, repo_id) if revision else None
 
 
 def check_revision(revision: str, model: str, option: str | None = None) -> str:
