@@ -42,9 +42,25 @@ class FeatureConfig:
             raw["num_mel_bins"] = raw["feature_size"]
         known = {k: raw[k] for k in ("sampling_rate", "num_mel_bins", "max_length", "mean", "std", "do_normalize") if k in raw}
         cfg = cls(**known)
-        if cfg.sampling_rate != SAMPLE_RATE:
-            raise ValueError(f"only {SAMPLE_RATE} Hz checkpoints are supported, this one wants {cfg.sampling_rate} Hz")
+        cfg.check()
         return cfg
+
+    def check(self) -> None:
+        """ValueError naming the field of a preprocessor_config.json that no input can be made with."""
+        for name in ("sampling_rate", "num_mel_bins", "max_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive whole number, not {value!r}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, not {value!r}")
+        if self.std <= 0:
+            raise ValueError(f"std must be positive (features are divided by it), not {self.std!r}")
+        if not isinstance(self.do_normalize, bool):
+            raise ValueError(f"do_normalize must be true or false, not {self.do_normalize!r}")
+        if self.sampling_rate != SAMPLE_RATE:
+            raise ValueError(f"only {SAMPLE_RATE} Hz checkpoints are supported, this one wants {self.sampling_rate} Hz")
 
     @property
     def window_seconds(self) -> float:

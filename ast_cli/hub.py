@@ -23,10 +23,11 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol
 
 from . import __version__
 from .constants import (AUDIOSET_MAX_LENGTH, AUDIOSET_MEAN, AUDIOSET_STD, DEFAULT_MODEL, FRAME_SECONDS,
@@ -49,6 +50,9 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_REVISION = "main"
 _TRUE = {"1", "ON", "YES", "TRUE"}  # what huggingface_hub accepts as true in HF_HUB_OFFLINE
 _RETRY_HINT = "check the network (and HF_ENDPOINT, proxies), then try again; files already complete are kept"
+COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+# What git's check-ref-format refuses in a ref name: control characters, space, ~ ^ : ? * [ \ and DEL.
+_REF_BAD_CHARS = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
 
 
 # -- the registry: the eight published MIT checkpoints -------------------------------------------------
@@ -214,7 +218,21 @@ def parse_model_name(name: str) -> tuple[str, str | None]:
             model=name, problem="unknown_name", suggestion=suggestion,
             hint=f"did you mean {suggestion}?" if suggestion else None,
         ) from None
-    return repo_id, revision or None
+    return repo_id, check_revision(revision, repo_id) if revision else None
+
+
+def check_revision(revision: str, model: str, option: str | None = None) -> str:
+    """``revision`` if it is a full commit hash or a name git accepts for a ref (``main``, ``v1.0``,
+    ``refs/pr/1``); else ``UsageError``. The revision becomes a path in the cache (``refs/<revision>``), so
+    ``..``, empty or dot-led parts, a leading or trailing slash and git's forbidden characters never get there."""
+    if COMMIT_HASH.fullmatch(revision):
+        return revision
+    bad_part = any(not part or part.startswith(".") or part.endswith(".lock") for part in revision.split("/"))
+    if (bad_part or len(revision) > 200 or revision == "@" or "@{" in revision or ".." in revision
+            or revision.endswith(".") or _REF_BAD_CHARS.search(revision)):
+        raise UsageError(f"{revision!r} is not a valid revision of {model} (a branch, tag or commit name)",
+                         option=option, hint="name a branch, tag or 40-character commit hash of the repo")
+    return revision
 
 
 # -- the cache -------------------------------------------------------------------------------------
@@ -227,13 +245,35 @@ def _weights_in(snapshot: Path) -> Path | None:
     return None
 
 
+MAX_CONFIG_BYTES = 8 << 20  # a config.json of the published checkpoints is 40 kB
+
+
+def read_json(path: Path) -> dict:
+    """The JSON object in ``path`` (a config file), or ``CheckpointError`` naming the file: unreadable, larger
+    than MAX_CONFIG_BYTES, not JSON, nested too deep for the parser, or not an object."""
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read(MAX_CONFIG_BYTES + 1)
+        if len(text) > MAX_CONFIG_BYTES:
+            raise CheckpointError(f"{path} is larger than a config file can be ({MAX_CONFIG_BYTES >> 20} MiB)",
+                                  path=str(path))
+        data = json.loads(text.decode("utf-8"))
+    except RecursionError:
+        raise CheckpointError(f"cannot read {path}: JSON nested too deep", path=str(path)) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}", path=str(path)) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object", path=str(path))
+    return data
+
+
 def _model_type(config: Path) -> tuple[bool, str | None]:
     """(readable, model_type) of a config.json."""
     try:
-        data = json.loads(config.read_text("utf-8"))
-    except (OSError, ValueError):
+        data = read_json(config)
+    except CheckpointError:
         return False, None
-    return isinstance(data, dict), data.get("model_type") if isinstance(data, dict) else None
+    return True, data.get("model_type")
 
 
 def cached_snapshot(repo_id: str, revision: str | None = None,
@@ -242,8 +282,8 @@ def cached_snapshot(repo_id: str, revision: str | None = None,
     weights; None otherwise. Never touches the network."""
     from huggingface_hub import try_to_load_from_cache
 
-    config = try_to_load_from_cache(repo_id, CONFIG_NAME, cache_dir=str(_cache(cache_dir)),
-                                    revision=revision or DEFAULT_REVISION)
+    revision = check_revision(revision or DEFAULT_REVISION, repo_id)  # read as refs/<revision>
+    config = try_to_load_from_cache(repo_id, CONFIG_NAME, cache_dir=str(_cache(cache_dir)), revision=revision)
     if not isinstance(config, str):  # None, or the "known not to exist" marker
         return None
     snapshot = Path(config).parent
@@ -312,8 +352,7 @@ def cached_checkpoints(cache_dir: str | os.PathLike | None = None) -> list[Cache
     for repo in _scan(cache_dir):
         for revision in _by_preference(repo.revisions):
             path = Path(revision.snapshot_path)
-            readable, model_type = _model_type(path / CONFIG_NAME)
-            if not readable or model_type not in (None, AST_MODEL_TYPE) or _weights_in(path) is None:
+            if not _is_ast_snapshot(path):
                 continue
             rows.append(CachedModel(repo_id=repo.repo_id, path=path, commit_hash=revision.commit_hash,
                                     refs=tuple(sorted(revision.refs)), size_on_disk=revision.size_on_disk,
@@ -321,21 +360,88 @@ def cached_checkpoints(cache_dir: str | os.PathLike | None = None) -> list[Cache
     return rows
 
 
-def remove_cached(name: str, cache_dir: str | os.PathLike | None = None) -> int:
-    """Delete every cached revision of the model ``name`` (alias or ``ORG/NAME``) with huggingface_hub's own
-    cache deletion; returns the bytes freed. ``ModelNotFoundError(problem="not_cached")`` when there is none."""
-    repo_id, _ = parse_model_name(name)
-    repos = [repo for repo in _scan(cache_dir) if repo.repo_id == repo_id]
-    if not repos:
-        raise ModelNotFoundError(f"model {repo_id!r} is not in the Hugging Face cache ({_cache(cache_dir)})",
-                                 model=name, problem="not_cached", hint="nothing to remove")
-    from huggingface_hub import scan_cache_dir
+@dataclass(frozen=True)
+class Removal:
+    """What removing a cached model deletes (``plan_removal``), all inside one repo folder of the cache.
 
-    hashes = [revision.commit_hash for repo in repos for revision in repo.revisions]
-    strategy = scan_cache_dir(_cache(cache_dir)).delete_revisions(*hashes)
-    freed = strategy.expected_freed_size
-    strategy.execute()
-    return freed
+    ``commits``: the snapshots that go; ``refs``: the branches and tags that point at them and go with them;
+    ``whole_repo``: the repo folder goes (no ``@REV``); ``blobs``: with ``@REV``, the files no other snapshot of
+    the repo shares; ``size``: bytes freed.
+    """
+
+    repo_id: str
+    repo_path: Path
+    commits: tuple[str, ...]
+    refs: tuple[str, ...]
+    whole_repo: bool
+    blobs: tuple[Path, ...]
+    size: int
+
+
+def _is_ast_snapshot(path: Path) -> bool:
+    readable, model_type = _model_type(path / CONFIG_NAME)
+    return readable and model_type in (None, AST_MODEL_TYPE) and _weights_in(path) is not None
+
+
+def plan_removal(name: str, cache_dir: str | os.PathLike | None = None, *, allow_other: bool = False) -> Removal:
+    """What removing ``name`` (alias or ``ORG/NAME``: every cached revision; ``ORG/NAME@REV``: the snapshot REV
+    names, a ref or a commit hash, and the refs pointing at it) would delete. Deletes nothing.
+
+    Raises ``ModelNotFoundError(problem="not_cached")`` when the cache has no such repo or revision, and
+    ``UsageError`` for a repo that holds no AST checkpoint unless ``allow_other`` and ``name`` spells its hub id
+    exactly (not an alias)."""
+    repo_id, revision = parse_model_name(name)
+    repo = next((repo for repo in _scan(cache_dir) if repo.repo_id == repo_id), None)
+    revisions = [rev for rev in (repo.revisions if repo else ()) if revision in (None, rev.commit_hash, *rev.refs)]
+    if not revisions:
+        what = f"{repo_id!r}" + (f" at revision {revision!r}" if revision and repo else "")
+        raise ModelNotFoundError(f"model {what} is not in the Hugging Face cache ({_cache(cache_dir)})",
+                                 model=name, problem="not_cached", hint="nothing to remove")
+    is_ast = any(_is_ast_snapshot(Path(rev.snapshot_path)) for rev in revisions)
+    if not (is_ast or allow_other and name.partition("@")[0] == repo_id):
+        raise UsageError(f"{repo_id} in the cache holds no AST checkpoint: not removing it unless named by its hub "
+                         "id and confirmed", suggest={"allow_other": True})
+    kept = {f.blob_path for rev in repo.revisions if rev not in revisions for f in rev.files}
+    blobs = {f.blob_path: f.size_on_disk for rev in revisions for f in rev.files if f.blob_path not in kept}
+    whole = revision is None
+    return Removal(repo_id=repo_id, repo_path=Path(repo.repo_path), commits=tuple(r.commit_hash for r in revisions),
+                   refs=tuple(sorted(ref for r in revisions for ref in r.refs)), whole_repo=whole,
+                   blobs=() if whole else tuple(sorted(blobs)),
+                   size=repo.size_on_disk if whole else sum(blobs.values()))
+
+
+def remove_cached(plan: Removal, cache_dir: str | os.PathLike | None = None) -> int:
+    """Delete what ``plan`` names (nothing outside its repo folder), then check in a new scan of the cache
+    that exactly that went: every other snapshot of every repo is still there. Returns the bytes freed.
+    Raises ``AstError`` if the cache is not as planned afterwards."""
+    import shutil
+
+    before = _snapshots(cache_dir)
+    repo = plan.repo_path
+    doomed = [repo / "snapshots" / commit for commit in plan.commits] + [repo / "refs" / ref for ref in plan.refs]
+    doomed += [Path(blob) for blob in plan.blobs]
+    if repo.parent != _cache(cache_dir) or not repo.name.startswith("models--") or any(
+            repo not in Path(os.path.abspath(path)).parents for path in doomed):
+        raise AstError(f"{repo} is not a model folder of the cache {_cache(cache_dir)}: not removing it")
+    if plan.whole_repo:
+        shutil.rmtree(repo)
+    for path in [] if plan.whole_repo else doomed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    expected = {key for key in before if key[0] != plan.repo_id or (not plan.whole_repo
+                                                                      and key[1] not in plan.commits)}
+    after = _snapshots(cache_dir)
+    if after != expected:
+        changed = sorted(f"{repo_id}@{commit[:12]}" for repo_id, commit in after ^ expected)
+        raise AstError(f"removing {plan.repo_id} left the cache other than planned ({', '.join(changed)})")
+    return plan.size
+
+
+def _snapshots(cache_dir) -> set[tuple[str, str]]:
+    """(hub id, commit) of every cached model snapshot."""
+    return {(repo.repo_id, rev.commit_hash) for repo in _scan(cache_dir) for rev in repo.revisions}
 
 
 def verify_weights(path: Path, name: str | None = None) -> None:
@@ -360,21 +466,40 @@ def verify_weights(path: Path, name: str | None = None) -> None:
 # -- progress --------------------------------------------------------------------------------------
 
 
-def _tqdm_class(progress: bool) -> type:
-    """huggingface_hub's tqdm (bars on stderr, on a terminal) for ``progress``, else the same class silenced.
+class DownloadProgress(Protocol):
+    """What ``download`` tells a front end about a transfer; the library itself prints nothing.
 
-    A subclass rather than ``disable_progress_bars()``, which would silence every caller in the process."""
+    ``start``: the weights of ``model`` are about to be fetched into ``cache``, ``size`` bytes (None: unknown);
+    ``advance``: that many more bytes are on disk (called from huggingface_hub's download threads);
+    ``finish``: the transfer ended, done or failed.
+    """
+
+    def start(self, model: str, size: int | None, cache: Path) -> None: ...
+
+    def advance(self, nbytes: int) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+def _tqdm_class(progress: DownloadProgress | None) -> type:
+    """huggingface_hub's tqdm, silenced (its bars are not ours), passing the bytes its snapshot bar counts on to
+    ``progress``. A subclass rather than ``disable_progress_bars()``, which would silence every caller in the
+    process."""
     from huggingface_hub.utils import tqdm
 
-    if progress:
-        return tqdm
-
-    class SilentTqdm(tqdm):
+    class Forwarding(tqdm):
         def __init__(self, *args, **kwargs):
+            # The bar of bytes written, summed over the files (huggingface_hub names it so); not the file count.
+            self.counts_bytes = progress is not None and kwargs.get("name") == "huggingface_hub.snapshot_download"
             kwargs["disable"] = True
             super().__init__(*args, **kwargs)
 
-    return SilentTqdm
+        def update(self, n=1):
+            if self.counts_bytes and n:
+                progress.advance(int(n))
+            return super().update(n)
+
+    return Forwarding
 
 
 # -- resolving and downloading ---------------------------------------------------------------------
@@ -392,11 +517,11 @@ class DownloadResult:
 
 
 def resolve_model(name: str, *, offline: bool | None = None, cache_dir: str | None = None,
-                  progress: bool = False) -> Path:
+                  progress: DownloadProgress | None = None) -> Path:
     """Local checkpoint path for ``name``: a local file or directory as is; an alias or hub id from the cache,
     downloaded first when missing unless offline (``offline``, else HF_HUB_OFFLINE now; see ``is_offline``).
 
-    ``progress``: draw huggingface_hub's download bars on stderr (on a terminal); False downloads silently.
+    ``progress``: told about a download (see ``DownloadProgress``); None downloads silently.
     Raises ``ModelNotFoundError`` (``problem`` says which), ``CheckpointError`` for corrupt cached weights,
     ``HubError`` when the hub cannot be reached.
     """
@@ -430,7 +555,8 @@ def _not_cached(name: str, repo_id: str, cache_dir: str | None, *, library: bool
 
 
 def download(name: str = DEFAULT_MODEL, *, revision: str | None = None, cache_dir: str | None = None,
-             force: bool = False, offline: bool | None = None, progress: bool = False) -> DownloadResult:
+             force: bool = False, offline: bool | None = None,
+             progress: DownloadProgress | None = None) -> DownloadResult:
     """Fetch what inference needs from the hub into the HF cache, all from one commit.
 
     Files: ``config.json``, ``preprocessor_config.json`` and ``model.safetensors`` (``pytorch_model.bin`` only
@@ -440,8 +566,8 @@ def download(name: str = DEFAULT_MODEL, *, revision: str | None = None, cache_di
     The config is fetched and checked first, so no weights are fetched for a repo that is not an AST.
 
     Idempotent: files already cached are not transferred again unless ``force`` (``DownloadResult.fetched``
-    tells). Offline (see ``is_offline``), a complete cached snapshot is returned as is. ``progress``:
-    huggingface_hub's bars on stderr.
+    tells). Offline (see ``is_offline``), a complete cached snapshot is returned as is. ``progress`` hears of
+    the weights' transfer (``DownloadProgress``); huggingface_hub's own bars are never drawn.
 
     Raises ``UsageError`` (``option``: ``name``, ``revision`` or ``force``), ``ModelNotFoundError`` (``problem``:
     ``unknown_name``, ``not_cached``, ``no_such_repo``, ``no_such_revision``, ``gated``, ``not_ast``),
@@ -454,7 +580,7 @@ def download(name: str = DEFAULT_MODEL, *, revision: str | None = None, cache_di
     if revision and name_revision and revision != name_revision:
         raise UsageError(f"{name} and revision {revision!r} name different revisions", option="revision",
                          suggest={"revision": None})
-    revision = revision or name_revision
+    revision = check_revision(revision, name, option="revision") if revision else name_revision
     label = name if not revision or name_revision else f"{name}@{revision}"  # the name that retries this
     offline_now = is_offline(offline)
     if offline_now or _hub_library_offline():
@@ -474,22 +600,32 @@ def download(name: str = DEFAULT_MODEL, *, revision: str | None = None, cache_di
 
     endpoint, token, cache = hub_endpoint(), _token(), str(_cache(cache_dir))
     common = dict(cache_dir=cache, endpoint=endpoint, token=token, force_download=force, library_name=LIBRARY_NAME,
-                  library_version=__version__, tqdm_class=_tqdm_class(progress))
+                  library_version=__version__)
     state: dict = {"files": None}  # which files are on the wire, for messages
     with _hub_errors(label, repo_id, revision, endpoint, state):
         api = HfApi(endpoint=endpoint, token=token, library_name=LIBRARY_NAME, library_version=__version__)
-        info = api.model_info(repo_id, revision=revision)
+        info = api.model_info(repo_id, revision=revision, files_metadata=True)  # with sizes, for progress
         sha = info.sha
-        if not sha:
-            raise HubError(f"{endpoint} gave no commit for {repo_id} (it does not answer like a Hugging Face hub)",
-                           model=label, hint="check HF_ENDPOINT and proxy settings")
+        if not sha or not COMMIT_HASH.fullmatch(sha):  # it becomes a folder name: snapshots/<sha>
+            raise HubError(f"{endpoint} gave no valid commit for {repo_id} (it does not answer like a Hugging Face "
+                           "hub)", model=label, hint="check HF_ENDPOINT and proxy settings")
         files = _pick_files([s.rfilename for s in info.siblings or ()], repo_id, label)
         snapshot = Path(cache) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / sha
         before = _stats(snapshot, files)
         # Two pinned passes: the configs first (checked before any weights move), then the weights.
         for batch in (files[:-1], files[-1:]):
             state["files"] = batch
-            path = Path(snapshot_download(repo_id, revision=sha, allow_patterns=list(batch), **common))
+            # The weights are what takes time: a front end hears of them, once, when they are to be fetched.
+            told = progress is not None and batch[-1] == files[-1] and (force or files[-1] not in before)
+            if told:
+                size = next((s.size for s in info.siblings if s.rfilename == files[-1]), None)
+                progress.start(label, size, Path(cache))
+            try:
+                path = Path(snapshot_download(repo_id, revision=sha, allow_patterns=list(batch),
+                                              tqdm_class=_tqdm_class(progress if told else None), **common))
+            finally:
+                if told:
+                    progress.finish()
             missing = [f for f in batch if not (path / f).is_file()]
             if missing:
                 raise HubError(f"{endpoint} lists {', '.join(missing)} in {repo_id} at {sha[:12]} but did not "

@@ -17,6 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 AttnImplementation = Literal["sdpa", "eager"]
+# Bounds on what a config.json may ask for, checked before anything is allocated from it (a hostile config can
+# ask for 10^10 labels in one line). Generous: the published checkpoints have 527 labels and 1024 x 128 inputs.
+MAX_LABELS = 1 << 17
+MAX_INPUT_VALUES = 1 << 22  # max_length x num_mel_bins of one window: 32 times the published 1024 x 128
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,11 @@ class ASTConfig:
         if "num_mel_bins" not in raw and "frequency_dimension" in raw:
             raw["num_mel_bins"] = raw["frequency_dimension"]
         id2label = raw.get("id2label") or {}
-        num_labels = len(id2label) or int(raw.get("num_labels", 0) or 0)
+        if not isinstance(id2label, dict):
+            raise ValueError(f"id2label must map class indices to names, not a {type(id2label).__name__}")
+        num_labels = len(id2label) or raw.get("num_labels") or 0
+        if not isinstance(num_labels, int) or isinstance(num_labels, bool) or not 0 <= num_labels <= MAX_LABELS:
+            raise ValueError(f"num_labels must be a whole number from 0 to {MAX_LABELS}, not {num_labels!r}")
         raw["id2label"] = tuple(
             str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(num_labels)
         )
@@ -71,6 +79,13 @@ class ASTConfig:
             raise ValueError(f"layer_norm_eps must be a small positive number, not {self.layer_norm_eps!r}")
         if self.max_length < self.patch_size or self.num_mel_bins < self.patch_size:
             raise ValueError(f"max_length and num_mel_bins must be at least the patch size ({self.patch_size})")
+        if self.max_length * self.num_mel_bins > MAX_INPUT_VALUES:
+            raise ValueError(f"max_length x num_mel_bins ({self.max_length} x {self.num_mel_bins}) is more than "
+                             f"{MAX_INPUT_VALUES} input values per window")
+        if max(self.frequency_stride, self.time_stride) > self.patch_size:
+            raise ValueError(f"frequency_stride and time_stride must be at most the patch size ({self.patch_size})")
+        if not isinstance(self.qkv_bias, bool):
+            raise ValueError(f"qkv_bias must be true or false, not {self.qkv_bias!r}")
         if self.hidden_act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu"):
             raise ValueError(f"unsupported hidden_act {self.hidden_act!r}")
         if self.hidden_size % self.num_attention_heads:
@@ -95,6 +110,16 @@ class ASTConfig:
     def num_tokens(self) -> int:
         f_dim, t_dim = self.patch_grid
         return f_dim * t_dim + 2  # + CLS + distillation
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameters of the model this config describes: what its weights file must hold (86,594,063 for the
+        default checkpoint)."""
+        d, inner, patch, labels = self.hidden_size, self.intermediate_size, self.patch_size, self.num_labels
+        embeddings = (2 + self.num_tokens) * d + d * patch * patch + d  # tokens, positions, patch projection
+        layer = 3 * (d * d + d * self.qkv_bias) + (d * d + d) + 2 * d * inner + inner + d + 4 * d
+        head = 2 * d + d * labels + labels if labels else 0
+        return embeddings + self.num_hidden_layers * layer + 2 * d + head
 
 
 def _activation(name: str):

@@ -9,7 +9,6 @@ unexpected or mis-shaped key is an error that names it. Pickles are only ever op
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +20,7 @@ from .features import FeatureConfig
 
 # The hub's repository layout; hub.py owns the names because it must stay importable without torch.
 from .hub import (CONFIG_NAME, PICKLE_NAME, PREPROCESSOR_NAME, SAFETENSORS_NAME, WEIGHT_SUFFIXES,  # noqa: F401
-                  load_labels)
+                  load_labels, read_json, verify_weights)
 from .model import AST, ASTConfig, AttnImplementation
 
 PREFIX = "audio_spectrogram_transformer."
@@ -37,43 +36,59 @@ class Checkpoint:
     source: str  # path it was read from, for messages
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return data
-
-
-def read_configs(directory: Path) -> tuple[ASTConfig, FeatureConfig]:
-    """``config.json`` (+ optional ``preprocessor_config.json``) of a hub-layout directory."""
+def read_configs(directory: Path, weights: Path | None = None) -> tuple[ASTConfig, FeatureConfig]:
+    """``config.json`` (+ optional ``preprocessor_config.json``) of a hub-layout directory, every field checked
+    before anything is allocated from it, and the size it describes against the weights file (``weights``, else
+    the directory's own, when there is one)."""
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise CheckpointError(f"{directory} has no {CONFIG_NAME}", hint="is this an AST checkpoint directory?")
-    raw = _read_json(config_path)
+    raw = read_json(config_path)
     model_type = raw.get("model_type")
     if model_type not in (None, "audio-spectrogram-transformer"):
         raise CheckpointError(f"{config_path} describes a {model_type!r} model, not an Audio Spectrogram Transformer")
     try:
         config = ASTConfig.from_dict(raw)
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{config_path}: {exc}") from None
+        raise CheckpointError(f"{config_path}: {exc}", path=str(config_path)) from None
+    _check_size(config, config_path, weights or _weights_file(directory))
     pre: dict[str, Any] = {"num_mel_bins": config.num_mel_bins, "max_length": config.max_length}
     pre_path = directory / PREPROCESSOR_NAME
     if pre_path.is_file():
-        pre.update(_read_json(pre_path))
+        pre.update(read_json(pre_path))
     try:
         features = FeatureConfig.from_dict(pre)
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{pre_path}: {exc}") from None
+        raise CheckpointError(f"{pre_path}: {exc}", path=str(pre_path)) from None
     if (features.max_length, features.num_mel_bins) != (config.max_length, config.num_mel_bins):
         raise CheckpointError(
             f"{directory}: preprocessor ({features.max_length} x {features.num_mel_bins}) and model "
             f"({config.max_length} x {config.num_mel_bins}) disagree on the input shape"
         )
     return config, features
+
+
+def _weights_file(directory: Path) -> Path | None:
+    return next((directory / name for name in (SAFETENSORS_NAME, PICKLE_NAME) if (directory / name).is_file()), None)
+
+
+def _check_size(config: ASTConfig, config_path: Path, weights: Path | None) -> None:
+    """The parameters ``config`` describes must fit in the weights file at 2 bytes each (float16, the smallest
+    float a checkpoint holds): a config that asks for more cannot be the file's, and is refused before a model
+    of its size is made."""
+    if weights is None:
+        return
+    verify_weights(weights)  # a truncated download is named as such first (its header no longer reads)
+    try:
+        size = weights.stat().st_size
+    except OSError:
+        return  # reported when the weights are read
+    if 2 * config.num_parameters > size:
+        raise CheckpointError(
+            f"{config_path}: hidden_size {config.hidden_size}, num_hidden_layers {config.num_hidden_layers}, "
+            f"intermediate_size {config.intermediate_size}, {config.num_tokens} tokens and {config.num_labels} "
+            f"labels make {config.num_parameters:,} parameters, more than {weights.name} ({size:,} bytes) holds",
+            path=str(config_path))
 
 
 def read_state_dict(path: Path) -> dict:
@@ -217,10 +232,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if path.is_dir():
         config, features = read_configs(path)
-        weights = path / SAFETENSORS_NAME
-        if not weights.is_file():
-            weights = path / PICKLE_NAME
-        if not weights.is_file():
+        weights = _weights_file(path)
+        if weights is None:
             raise CheckpointError(
                 f"{path} has no {SAFETENSORS_NAME} or {PICKLE_NAME}", path=str(path),
                 hint=f"a checkpoint directory holds {CONFIG_NAME}, {PREPROCESSOR_NAME} and {SAFETENSORS_NAME}",
@@ -234,13 +247,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if path.suffix.lower() not in WEIGHT_SUFFIXES:
         raise CheckpointError(f"{path} is not a weights file (expected one of {', '.join(WEIGHT_SUFFIXES)}, "
                               "or a checkpoint directory)", path=str(path))
+    configs = read_configs(path.parent, path) if (path.parent / CONFIG_NAME).is_file() else None
     state_dict = read_state_dict(path)
     if is_original_layout(state_dict):
         state_dict = remap_original(state_dict)
-    if (path.parent / CONFIG_NAME).is_file():
-        config, features = read_configs(path.parent)
-    else:
-        config, features = infer_config(state_dict)
+    config, features = configs or infer_config(state_dict)
     return Checkpoint(config, features, state_dict, str(path))
 
 

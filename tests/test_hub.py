@@ -142,7 +142,8 @@ class FakeHub:
             commit, files = found
             self._send(request, 200, {"id": repo_id, "modelId": repo_id, "sha": commit,
                                       "private": self.repos[repo_id]["private"],
-                                      "siblings": [{"rfilename": name} for name in sorted(files)]})
+                                      "siblings": [{"rfilename": name, "size": len(files[name])}
+                                                   for name in sorted(files)]})
 
     def _tree(self, request, repo_id: str, revision: str) -> None:
         if found := self._commit(request, repo_id, revision):
@@ -472,14 +473,68 @@ def test_download_sends_library_name_and_honours_hf_hub_cache(fake_hub, env, mon
     assert hub.resolve_model(REPO, offline=True, cache_dir=str(tmp_path / "explicit")) == other
 
 
+class Recorder:
+    """A ``hub.DownloadProgress`` that writes down what it hears."""
+
+    def __init__(self):
+        self.calls: list = []
+        self.bytes = 0
+
+    def start(self, model, size, cache):
+        self.calls.append(("start", model, size, cache))
+
+    def advance(self, nbytes):
+        self.bytes += nbytes
+
+    def finish(self):
+        self.calls.append(("finish",))
+
+
 def test_progress_is_off_by_default_and_never_global(fake_hub, env, capfd):
     from huggingface_hub.utils import are_progress_bars_disabled
 
     enabled = not are_progress_bars_disabled()
     hub.download(REPO)
     assert capfd.readouterr().err == ""
-    hub.download(REPO, force=True, progress=True)  # huggingface_hub's own bars (drawn on a terminal only)
+    hub.download(REPO, force=True, progress=Recorder())
+    assert capfd.readouterr().err == ""  # huggingface_hub's own bars are never drawn
     assert (not are_progress_bars_disabled()) == enabled
+
+
+def test_24_8_a_download_is_one_bar_or_one_line(fake_hub, env, repo_files, capfd):
+    """The library tells its caller of the weights' transfer (the bytes as they land) and prints nothing; the CLI
+    draws one rich bar on a terminal, or one line without one, and nothing with -q."""
+    import io
+
+    from rich.console import Console
+
+    from ast_cli.cli._progress import DownloadBar
+
+    recorder = Recorder()
+    result = hub.download(REPO, progress=recorder)
+    size = len(repo_files["model.safetensors"])
+    assert recorder.calls == [("start", REPO, size, cache_root(env)), ("finish",)]
+    assert recorder.bytes == size and capfd.readouterr().err == ""
+    again = Recorder()
+    hub.download(REPO, progress=again)
+    assert again.calls == []  # nothing to fetch: nothing said
+
+    lines = run_cli("download", "acme/other", "-q")  # not there: the error only
+    assert "downloading" not in lines.stderr
+    fake_hub.add("acme/other", repo_files)
+    piped = run_cli("download", "acme/other")
+    assert piped.exit_code == 0, piped.stderr
+    assert piped.stderr.splitlines()[0] == f"downloading acme/other (0.2 MB) to {cache_root(env)}"
+    assert len(piped.stderr.splitlines()) == 2  # and the summary; no "Fetching", no "Reconstruction"
+    assert run_cli("download", "acme/other", "--force", "-q").stderr == ""
+
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=100)
+    hub.download(REPO, force=True, progress=DownloadBar(console))
+    drawn = screen.getvalue()
+    assert f"downloading {REPO}" in drawn and "Fetching" not in drawn and "Reconstruct" not in drawn
+    assert capfd.readouterr().err == ""
+    assert result.path == hub.cached_snapshot(REPO)
 
 
 def test_environment_is_read_at_call_time(fake_hub, env, monkeypatch):
@@ -732,7 +787,7 @@ def test_cli_hub_errors(fake_hub, env, repo_files, tmp_path):  # CLI
                                "model.safetensors": repo_files["model.safetensors"]})
     assert_clean_error(run_cli("download", "acme/bert"), "describes a 'bert' model")
     fake_hub.add("acme/broken", dict(repo_files, **{"model.safetensors": repo_files["model.safetensors"][:100]}))
-    assert_clean_error(run_cli("download", "acme/broken"), "corrupt or truncated weights file")
+    assert_clean_error(run_cli("download", "acme/broken", "-q"), "corrupt or truncated weights file")
     assert_clean_error(run_cli("download", str(tmp_path)), "is a local path", code=2)
 
 
@@ -780,6 +835,7 @@ def test_cli_classify_downloads_on_first_use_then_works_offline(fake_hub, env, m
                                                             tmp_path):  # CLI
     first = run_cli("classify", str(clip), "--model", REPO, "--format", "json")
     assert first.exit_code == 0, first.stderr
+    assert f"downloading {REPO} (0.2 MB) to {cache_root(env)}\n" in first.stderr  # #24.8: not in silence
     assert fake_hub.downloads("model.safetensors") == 1
     fake_hub.stop()
 
@@ -809,3 +865,118 @@ def test_cli_offline_not_cached_in_a_real_process(env, clip):  # CLI
     lines = proc.stderr.strip().splitlines()
     assert 1 <= len(lines) <= 3 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("Error: model 'nobody/no-such-model' is not in the Hugging Face cache")
+
+
+# -- issue 22: hostile names and revisions -----------------------------------------------------------
+
+
+def test_22_1_revision_is_not_a_path(fake_hub, env, repo_files, clip):  # CLI
+    """A hub (or mirror) that answers for any revision must not turn it into a file write outside the cache."""
+    evil = "../../../../victim.txt"  # refs/<evil> would be env/victim.txt
+    fake_hub.add(REPO, repo_files, refs=("main", evil))
+    victim = env / "victim.txt"
+    victim.write_text("precious\n")
+    for args in (("download", REPO, "--revision", evil), ("download", f"{REPO}@{evil}"),
+                 ("classify", str(clip), "--model", f"{REPO}@{evil}")):
+        result = run_cli(*args)
+        assert_clean_error(result, "not a valid revision", code=2)
+        assert victim.read_text() == "precious\n", args
+    assert fake_hub.requests == []  # refused before asking the hub
+    for bad in ("a/../b", ".hidden", "x.lock", "a b", "v1~1", "x@{1}", "/main", "main/"):
+        with pytest.raises(UsageError, match="not a valid revision") as info:
+            hub.download(REPO, revision=bad)
+        assert raised(info).option == "revision"
+    commit = fake_hub.repos[REPO]["commit"]
+    assert hub.parse_model_name(f"{REPO}@{commit}") == (REPO, commit)  # a full commit hash is a revision
+    # The commit the server names becomes snapshots/<sha>: anything but a commit hash is refused.
+    fake_hub.repos[REPO]["refs"]["main"] = "../../../x"
+    fake_hub.repos[REPO]["commits"]["../../../x"] = repo_files
+    with pytest.raises(HubError, match="no valid commit"):
+        hub.download(REPO)
+    assert not (env / "hf_home" / "x").exists() and not list(env.rglob("snapshots/*"))
+
+
+def _cached_files(cache: Path) -> dict[str, bytes]:
+    """Every file under the cache (links followed), by relative path: what a removal must leave alone."""
+    return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
+
+
+def test_22_2_rm_deletes_exactly_the_named_repo(env, repo_files):  # CLI
+    """Two repos at the same commit hash (a mirror, a duplicated repo): --rm of one leaves the other whole."""
+    cache = cache_root(env)
+    files = {name: repo_files[name] for name in SNAPSHOT_FILES}
+    _fake_snapshot(cache, "test/ast-tiny", "a" * 40, files)
+    _fake_snapshot(cache, "test/ast-16-16", "a" * 40, files)
+    other = {k: v for k, v in _cached_files(cache).items() if "ast-16-16" in k}
+    result = run_cli("models", "--rm", "test/ast-tiny", "--yes")
+    assert result.exit_code == 0, result.stderr
+    assert "removed test/ast-tiny from the cache" in result.stderr
+    assert not (cache / "models--test--ast-tiny").exists()
+    assert _cached_files(cache) == other
+    assert [row.repo_id for row in hub.cached_checkpoints()] == ["test/ast-16-16"]
+
+
+def test_22_3_rm_at_rev_deletes_only_that_revision(env, repo_files):  # CLI
+    cache = cache_root(env)
+    files = {name: repo_files[name] for name in SNAPSHOT_FILES}
+    _fake_snapshot(cache, REPO, "1" * 40, files, refs=("v1",))
+    repo = cache / "models--acme--tiny-ast"
+    newer = dict(files, **{"config.json": repo_files["config.json"] + b" "})  # shares the weights blob
+    new = repo / "snapshots" / ("2" * 40)
+    new.mkdir()
+    for name, data in newer.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        new.joinpath(name).symlink_to(os.path.relpath(blob, new))
+    (repo / "refs" / "main").write_text("2" * 40)
+    kept = {k: v for k, v in _cached_files(cache).items() if "2" * 40 in k or k.endswith("refs/main")}
+
+    result = run_cli("models", "--rm", f"{REPO}@v1", "--yes")
+    assert result.exit_code == 0, result.stderr
+    assert f"removed {REPO}@{'1' * 12} (refs v1)" in result.stderr
+    assert not (repo / "snapshots" / ("1" * 40)).exists() and not (repo / "refs" / "v1").exists()
+    assert {k: v for k, v in _cached_files(cache).items() if "snapshots" in k or "refs" in k} == kept
+    assert len(list((repo / "blobs").iterdir())) == 3  # the old config's blob went, the shared weights stayed
+    assert hub.cached_snapshot(REPO) == new
+    # By commit hash too; a revision that is not cached is an error and removes nothing.
+    assert_clean_error(run_cli("models", "--rm", f"{REPO}@v1", "--yes"), "not in the Hugging Face cache")
+    assert run_cli("models", "--rm", f"{REPO}@{'2' * 40}", "--yes").exit_code == 0
+    assert not (repo / "snapshots" / ("2" * 40)).exists() and not (repo / "refs" / "main").exists()
+
+
+def test_22_4_rm_asks_refuses_non_ast_and_dry_runs(env, repo_files, monkeypatch):  # CLI
+    from ast_cli.cli import models as models_cli
+
+    cache = cache_root(env)
+    _fake_snapshot(cache, REPO, "1" * 40, {name: repo_files[name] for name in SNAPSHOT_FILES})
+    _fake_snapshot(cache, "acme/gpt2", "2" * 40, {"config.json": b'{"model_type": "gpt2"}',
+                                                 "model.safetensors": repo_files["model.safetensors"]})
+    before = _cached_files(cache)
+
+    dry = run_cli("models", "--rm", REPO, "--dry-run")
+    assert dry.exit_code == 0 and dry.stdout.startswith(f"would remove {REPO} (") and _cached_files(cache) == before
+    # No terminal, no --yes: refused. Not an AST: refused without --yes.
+    assert_clean_error(run_cli("models", "--rm", REPO), "no terminal to ask on", code=2)
+    assert_clean_error(run_cli("models", "--rm", "acme/gpt2"), "holds no AST checkpoint", code=2)
+    assert_clean_error(run_cli("models", "--rm", "acme/gpt2", "--dry-run"), "holds no AST checkpoint", code=2)
+    assert _cached_files(cache) == before
+
+    monkeypatch.setattr(models_cli, "_can_ask", lambda: True)  # a terminal: show, ask
+    declined = CliRunner().invoke(models_cli.app, ["models", "--rm", REPO], input="n\n")
+    assert declined.exit_code == 1 and f"to remove: {REPO} (" in declined.stderr and "Remove?" in declined.stderr
+    assert _cached_files(cache) == before
+    accepted = CliRunner().invoke(models_cli.app, ["models", "--rm", REPO], input="y\n")
+    assert accepted.exit_code == 0 and "removed acme/tiny-ast" in accepted.stderr
+    assert not (cache / "models--acme--tiny-ast").exists()
+    assert run_cli("models", "--rm", "acme/gpt2", "--yes").exit_code == 0  # exact name + --yes
+    assert not (cache / "models--acme--gpt2").exists()
+
+
+def test_22_14_a_config_too_deep_for_the_parser_is_left_out_of_the_listing(env, repo_files):  # CLI
+    cache = cache_root(env)
+    _fake_snapshot(cache, "acme/deep", "d" * 40, {"config.json": b"[" * 100_000 + b"]" * 100_000,
+                                                  "model.safetensors": repo_files["model.safetensors"]})
+    _fake_snapshot(cache, REPO, "1" * 40, {name: repo_files[name] for name in SNAPSHOT_FILES})
+    result = run_cli("models", "--cached", "-f", "json")
+    assert result.exit_code == 0, result.stderr
+    assert [row["repo_id"] for row in json.loads(result.stdout)] == [REPO]

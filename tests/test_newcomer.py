@@ -140,7 +140,7 @@ def test_models_lists_every_cached_ast_and_removes_one(tiny_checkpoint, tmp_path
     assert all(r["size_on_disk"] > 1000 for r in rows)
     table = ast("models", "--cached", "--cache-dir", cache)
     assert "frog-lab/ast-frogs-12" in table.stdout and " MB" in table.stdout
-    removed = ast("models", "--rm", "frog-lab/ast-frogs-12", "--cache-dir", cache)
+    removed = ast("models", "--rm", "frog-lab/ast-frogs-12", "--yes", "--cache-dir", cache)
     assert removed.exit_code == 0 and "MB freed" in removed.stderr
     assert not (cache / "models--frog-lab--ast-frogs-12").exists()
     assert [r["repo_id"] for r in json.loads(ast("models", "--cached", "-f", "json", "--cache-dir", cache).stdout)] == [

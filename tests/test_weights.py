@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 
 import pytest
@@ -111,3 +112,64 @@ def test_directory_without_weights_or_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "whisper"}))
     with pytest.raises(CheckpointError, match="not an Audio Spectrogram Transformer"):
         load_checkpoint(tmp_path)
+
+
+def _edited(tiny_checkpoint, tmp_path, name: str, **changes):
+    """A copy of the tiny checkpoint with ``changes`` merged into its config file ``name``."""
+    directory = tmp_path / "edited"
+    shutil.rmtree(directory, ignore_errors=True)
+    shutil.copytree(tiny_checkpoint[0], directory)
+    path = directory / name
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), **changes)))
+    return directory
+
+
+@pytest.mark.parametrize("name,changes,field", [
+    ("config.json", {"num_labels": 10**10, "id2label": None}, "num_labels"),
+    ("config.json", {"num_labels": "527", "id2label": None}, "num_labels"),
+    ("config.json", {"id2label": ["a", "b"]}, "id2label"),
+    ("config.json", {"num_hidden_layers": 100000}, "num_hidden_layers 100000"),
+    ("config.json", {"hidden_size": 1 << 20, "num_attention_heads": 1}, "hidden_size 1048576"),
+    ("config.json", {"max_length": 1 << 20}, "max_length x num_mel_bins"),
+    ("config.json", {"time_stride": 1000}, "time_stride"),
+    ("preprocessor_config.json", {"mean": "abc"}, "mean must be a finite number, not 'abc'"),
+    ("preprocessor_config.json", {"std": 0}, "std must be positive"),
+    ("preprocessor_config.json", {"std": float("nan")}, "std must be a finite number, not nan"),
+    ("preprocessor_config.json", {"do_normalize": "yes"}, "do_normalize"),
+])
+def test_22_14_config_sizes_are_bounded_and_fields_named(tiny_checkpoint, tmp_path, name, changes, field):
+    """Every size in a config is checked before anything is allocated from it (10^10 labels took 11 GB), and
+    against the weights file's real size; a bad field is one error naming the file and the field."""
+    import time
+
+    directory = _edited(tiny_checkpoint, tmp_path, name, **changes)
+    started = time.monotonic()
+    with pytest.raises(CheckpointError, match=re.escape(field)) as info:
+        load_checkpoint(directory)
+    assert time.monotonic() - started < 5
+    assert str(directory / name) in str(info.value)
+
+
+def test_22_14_deep_or_huge_json_is_one_error(tiny_checkpoint, tmp_path):
+    directory = _edited(tiny_checkpoint, tmp_path, "config.json")
+    (directory / "config.json").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(CheckpointError, match="nested too deep"):
+        load_checkpoint(directory)
+    (directory / "config.json").write_text('{"a": "' + "x" * (9 << 20) + '"}')
+    with pytest.raises(CheckpointError, match="larger than a config file can be"):
+        load_checkpoint(directory)
+
+
+def test_22_14_a_bad_config_is_one_line_for_the_whole_batch(tiny_checkpoint, tmp_path):  # CLI
+    from typer.testing import CliRunner
+
+    from ast_cli.cli import app
+    from conftest import write_audio
+
+    directory = _edited(tiny_checkpoint, tmp_path, "preprocessor_config.json", mean="abc")
+    clips = [str(write_audio(tmp_path / f"{i}.wav", 1.0, seed=i)) for i in range(3)]
+    result = CliRunner().invoke(app, ["classify", *clips, "--model", str(directory), "-f", "jsonl"])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.splitlines()[0] == (f"Error: {directory / 'preprocessor_config.json'}: mean must be a "
+                                             "finite number, not 'abc'")
+    assert len(result.stderr.splitlines()) <= 2 and "Traceback" not in result.stderr

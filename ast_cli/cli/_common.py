@@ -201,11 +201,12 @@ def warn_if_slow_bf16(dtypes, device: str, console) -> None:
 
 
 def fetch_model(model: str, run: RunOptions, console, quiet: bool):
-    """Local path of ``model``, downloading a missing hub model first (progress bars on a terminal)."""
+    """Local path of ``model``, downloading a missing hub model first (a bar on a terminal, else one line)."""
     from ..hub import resolve_model
+    from ._progress import download_progress
 
     return resolve_model(model, offline=run.offline, cache_dir=run.cache_dir,
-                         progress=not quiet and console.is_terminal)
+                         progress=download_progress(console, quiet))
 
 
 def model_labels(model: str, run: RunOptions, console, quiet: bool) -> tuple[str, ...]:

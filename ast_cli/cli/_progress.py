@@ -65,3 +65,48 @@ def audio_amount(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.1f} min of audio"
     return f"{seconds / 3600:.2f} h of audio"
+
+
+class DownloadBar:
+    """``hub.DownloadProgress`` on stderr: one rich bar on a terminal (gone when done), else one line
+    ``downloading MODEL (SIZE) to CACHE``."""
+
+    def __init__(self, console):
+        self.console = console
+        self._progress = None
+        self._task = None
+
+    def start(self, model: str, size: int | None, cache) -> None:
+        if not self.console.is_terminal:
+            from ._errors import say
+
+            say(self.console, f"downloading {model} ({megabytes(size)}) to {cache}")
+            return
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+
+        self._progress = Progress(TextColumn("downloading {task.description}"), BarColumn(), DownloadColumn(),
+                                  TransferSpeedColumn(), TimeRemainingColumn(), console=self.console, transient=True)
+        self._progress.start()
+        self._task = self._progress.add_task(model, total=size)
+
+    def advance(self, nbytes: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, advance=nbytes)
+
+    def finish(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def download_progress(console, quiet: bool) -> DownloadBar | None:
+    """What a command passes as ``progress`` to the hub's downloads: nothing with ``--quiet``."""
+    return None if quiet else DownloadBar(console)
+
+
+def megabytes(size: int | None) -> str:
+    """``346 MB``, ``0.2 MB``; ``size unknown`` for None."""
+    if size is None:
+        return "size unknown"
+    return f"{size / 1e6:.0f} MB" if size >= 10e6 else f"{size / 1e6:.1f} MB"

@@ -11,6 +11,7 @@ from ..options import ListFormat, RunOptions
 from ._app import app
 from ._common import CacheDirOpt, DebugOpt, ModelOpt, OfflineOpt, QuietOpt, model_labels, stderr_console
 from ._errors import cli_errors, debug_enabled, print_error, say
+from ._progress import download_progress, megabytes
 
 
 ListFormatOpt = Annotated[ListFormat, typer.Option("--format", "-f", help="table or json.")]
@@ -57,7 +58,7 @@ def download(
         for name in models or [DEFAULT_MODEL]:
             try:
                 result = hub.download(name, revision=revision, cache_dir=cache_dir, force=force,
-                                      progress=not quiet and stderr.is_terminal)
+                                      progress=download_progress(stderr, quiet))
             except Exception as exc:
                 if debug_enabled(debug) or len(models or ()) <= 1:
                     raise  # one model: cli_errors reports it
@@ -66,7 +67,7 @@ def download(
             typer.echo(str(result.path))
             if not quiet:
                 how = "downloaded" if result.fetched else "already in the cache"
-                say(stderr, f"{name}: {', '.join(result.files)} ({result.size / 1e6:.1f} MB) {how}")
+                say(stderr, f"{name}: {', '.join(result.files)} ({megabytes(result.size)}) {how}")
         if failed_code:
             raise typer.Exit(failed_code)
 
@@ -75,7 +76,15 @@ def download(
 def models(
     format: ListFormatOpt = ListFormat.table,
     cached: Annotated[bool, typer.Option("--cached", help="List every AST checkpoint in the cache (any repo), with its size.")] = False,
-    remove: Annotated[Optional[list[str]], typer.Option("--rm", metavar="MODEL", help="Remove a model from the cache (all its revisions; repeatable).")] = None,
+    remove: Annotated[Optional[list[str]], typer.Option(
+        "--rm", metavar="MODEL",
+        help="Remove a model from the cache: all its revisions, or only REV with ORG/NAME@REV (repeatable).")] = None,
+    yes: Annotated[bool, typer.Option(
+        "--yes", "-y",
+        help="With --rm: do not ask first (needed without a terminal); also removes a repo that is not an AST "
+             "checkpoint, named by its hub id.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="With --rm: print what would be removed, remove nothing.")] = False,
     cache_dir: CacheDirOpt = None,
     debug: DebugOpt = False,
 ) -> None:
@@ -83,7 +92,8 @@ def models(
 
     Any alias works wherever a model is named (--model, ast download); so does a hub id (ORG/NAME[@REV]),
     a local directory in hub layout, or a weights file. --cached lists what the cache holds, fine-tuned
-    checkpoints included; --rm removes models from it.
+    checkpoints included; --rm removes models from it, after showing what goes and asking (--yes: without
+    asking; --dry-run: only show).
 
     Examples:
 
@@ -91,24 +101,55 @@ def models(
 
       ast models --cached --format json | jq -r '.[].repo_id'
 
-      ast models --rm audioset-16-16-0.442
+      ast models --rm acme/my-ast@v1 --dry-run
     """
     if remove:
-        _remove(remove, cache_dir, debug)
+        _remove(remove, cache_dir, debug, yes=yes, dry_run=dry_run)
     elif cached:
         _list_cached(format, cache_dir, debug)
     else:
         _list_models(format, cache_dir, debug)
 
 
-def _remove(names: list[str], cache_dir: str | None, debug: bool) -> None:
+def _remove(names: list[str], cache_dir: str | None, debug: bool, *, yes: bool, dry_run: bool) -> None:
+    """Print what would go (--dry-run), or show it and ask on a terminal (unless --yes), then remove it."""
     stderr = stderr_console()
     with cli_errors(stderr, debug):
         from .. import hub
+        from ..errors import UsageError
 
-        for name in names:
-            freed = hub.remove_cached(name, cache_dir)
-            say(stderr, f"removed {name} from the cache ({freed / 1e6:.1f} MB freed)")
+        plans = [hub.plan_removal(name, cache_dir, allow_other=yes) for name in names]
+        lines = [f"{_removal_text(plan)} ({megabytes(plan.size)}): {plan.repo_path}" for plan in plans]
+        if dry_run:
+            typer.echo("\n".join(f"would remove {line}" for line in lines))
+            return
+        if not yes:
+            if not _can_ask():
+                raise UsageError("not removing anything without a confirmation, and there is no terminal to ask on",
+                                 suggest={"yes": True})
+            for line in lines:
+                say(stderr, f"to remove: {line}")
+            if not typer.confirm("Remove?", default=False, err=True):
+                say(stderr, "nothing removed")
+                raise typer.Exit(1)
+        for plan in plans:
+            freed = hub.remove_cached(plan, cache_dir)
+            say(stderr, f"removed {_removal_text(plan)} from the cache ({megabytes(freed)} freed)")
+
+
+def _can_ask() -> bool:
+    """A person can answer: stdin is a terminal."""
+    import sys
+
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+def _removal_text(plan) -> str:
+    """``acme/x`` (the whole repo) or ``acme/x@1a2b3c4d5e6f (refs v1)`` (one snapshot)."""
+    if plan.whole_repo:
+        return plan.repo_id
+    refs = f" (refs {', '.join(plan.refs)})" if plan.refs else ""
+    return ", ".join(f"{plan.repo_id}@{commit[:12]}" for commit in plan.commits) + refs
 
 
 def _list_cached(fmt: ListFormat, cache_dir: str | None, debug: bool) -> None:
