@@ -1,0 +1,53 @@
+"""How a classify run begins and ends with its output: resume, locks, long names, signals at the very end,
+the end-of-run summary, which model made a record, and empty inputs.
+
+Each test names the item it covers: issue #22 items 5, 10, 11, 12 and issue #24 items 4, 5, 9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from ast_cli.cli import app
+from conftest import write_audio
+
+runner = CliRunner()
+
+
+def classify(*args, input=None):
+    return runner.invoke(app, ["classify", *map(str, args)], input=input)
+
+
+def records(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clips")
+    return [write_audio(root / f"f{i:02d}.wav", 1.0 + 0.1 * i, 16000, 1, seed=i) for i in range(3)]
+
+
+@pytest.fixture
+def model(tiny_checkpoint):
+    return ["--model", tiny_checkpoint[0]]
+
+
+# -- #22.5: a whole last record without its newline is kept ------------------------------------------------------
+
+def test_22_5_resume_keeps_a_whole_last_record_without_its_newline(clips, model, tmp_path):
+    out = tmp_path / "tags.jsonl"
+    assert classify(clips[1], clips[0], *model, "-o", out).exit_code == 0
+    unterminated = out.read_bytes().rstrip(b"\n")  # clips[0]'s record ends the file, without its newline
+    out.write_bytes(unterminated)
+    result = classify(clips[1], clips[2], *model, "-o", out, "--resume")  # clips[0] is not among the inputs
+    assert result.exit_code == 0, result.stderr
+    data = out.read_bytes()
+    assert data.startswith(unterminated + b"\n")
+    assert [r["path"] for r in records(data.decode())] == [str(clips[1]), str(clips[0]), str(clips[2])]
