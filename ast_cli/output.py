@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import glob
+import hashlib
 import json
 import os
 import stat
@@ -38,6 +39,8 @@ from .tagger import FileResult, LabelScore
 CSV_COLUMNS = ("path", "duration", "rank", "label", "index", "score")
 CSV_SEGMENT_COLUMNS = ("start", "end")
 TEMP_SUFFIX = ".ast-tmp"  # our temporary files: `.<name>.<random>.ast-tmp` beside the output
+NAME_MAX = 255  # bytes in one file name (ext4, xfs, btrfs, APFS, NTFS)
+_BESIDE_ROOM = 32  # what our names add to `.<name>`: `.<random>.ast-tmp` (17), `.ast-lock` (9)
 
 
 EXTENSIONS = {".json": OutputFormat.json, ".jsonl": OutputFormat.jsonl, ".ndjson": OutputFormat.jsonl,
@@ -100,14 +103,24 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
+def beside(path: str) -> str:
+    """The stem of our files beside ``path`` (temporary files, the lock): ``<folder>/.<name>``, or, where the
+    name is too long to take our suffixes within NAME_MAX, ``<folder>/.<hash of the name>``, so that any name
+    the file system allows can be an output."""
+    path = os.path.realpath(path)
+    name = os.path.basename(path)
+    if len(os.fsencode(name)) + 1 + _BESIDE_ROOM > NAME_MAX:
+        name = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+    return os.path.join(os.path.dirname(path), "." + name)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = "w") -> Iterator[IO]:
     """Write to a temporary file beside ``path`` and rename it over ``path`` only on success, so an interrupted
     run never leaves a half-written file. A symlink is written through; the file gets the mode the umask
     allows, or keeps the mode of the file it replaces."""
     path = os.path.realpath(path)  # through symlinks: the link stays a link
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=TEMP_SUFFIX, dir=directory)
+    fd, tmp = _temp_file(path)
     try:
         try:
             os.fchmod(fd, stat.S_IMODE(os.stat(path).st_mode))
@@ -124,11 +137,16 @@ def atomic_write(path: str, mode: str = "w") -> Iterator[IO]:
         raise
 
 
+def _temp_file(path: str) -> tuple[int, str]:
+    """A new temporary file beside ``path``: (descriptor, name)."""
+    stem = beside(path)
+    return tempfile.mkstemp(prefix=os.path.basename(stem) + ".", suffix=TEMP_SUFFIX, dir=os.path.dirname(stem))
+
+
 def remove_stale_temp_files(path: str, older_than: float = 0.0) -> int:
     """Remove our temporary files beside ``path`` left by runs that were killed (the caller holds the lock of
     ``path``, so no live run owns them). Returns how many were removed."""
-    path = os.path.realpath(path)
-    pattern = os.path.join(glob.escape(os.path.dirname(path)), f".{glob.escape(os.path.basename(path))}.*{TEMP_SUFFIX}")
+    pattern = f"{glob.escape(beside(path))}.*{TEMP_SUFFIX}"
     removed = 0
     for stale in glob.glob(pattern):
         with contextlib.suppress(OSError):
@@ -143,9 +161,8 @@ class OutputLock:
     the kernel releases it when the process dies, so a killed run never blocks the next)."""
 
     def __init__(self, path: str):
-        real = os.path.realpath(path)
         self.output = path
-        self.path = os.path.join(os.path.dirname(real), f".{os.path.basename(real)}.ast-lock")
+        self.path = beside(path) + ".ast-lock"
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -291,7 +308,7 @@ def _check_writable(path: str) -> None:
     if not os.path.isdir(directory):
         raise UsageError(f"the folder of {path} does not exist", option="output")
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{os.path.basename(real)}.", suffix=TEMP_SUFFIX, dir=directory)
+        fd, probe = _temp_file(real)
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}", option="output") from None
     os.close(fd)

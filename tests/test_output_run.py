@@ -51,3 +51,16 @@ def test_22_5_resume_keeps_a_whole_last_record_without_its_newline(clips, model,
     data = out.read_bytes()
     assert data.startswith(unterminated + b"\n")
     assert [r["path"] for r in records(data.decode())] == [str(clips[1]), str(clips[0]), str(clips[2])]
+
+
+# -- #22.11: any legal output name works (temporary and lock names are derived to fit) ----------------------------
+
+@pytest.mark.parametrize("length, fmt", [(246, "json"), (250, "csv"), (255, "jsonl"), (255, "json")])
+def test_22_11_output_names_up_to_255_characters_work(clips, model, tmp_path, length, fmt):
+    out = tmp_path / ("t" * (length - len(fmt) - 1) + "." + fmt)
+    assert len(out.name) == length
+    result = classify(*clips, *model, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert out.stat().st_size > 0 and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+    again = classify(*clips, *model, "-o", out, "--overwrite")  # the lock and the temporary file again
+    assert again.exit_code == 0, again.stderr
