@@ -12,8 +12,9 @@ interrupted run leaves an earlier output byte for byte as it was:
 - jsonl: line by line into the file itself (flushed per line, so ``tail -f`` and ``--resume`` see each
   record); fsync only where there is a disk behind it.
 
-New files get the mode the umask allows; a replaced file keeps its mode. While a run writes, it holds an
-exclusive lock (a second run on the same output stops with one line). Paths that are not valid UTF-8 (a
+New files get the mode the umask allows; a replaced file keeps its mode. From planning (before a resumed
+output is read) to the end of writing, a run holds an exclusive lock (a second run on the same output stops
+with one line). Paths that are not valid UTF-8 (a
 ``caf\\xe9.wav`` from a latin-1 file system) are written as JSON ``\\udcXX`` escapes, which ``json.loads`` +
 ``os.fsencode`` turn back into the original bytes.
 """
@@ -177,6 +178,9 @@ class OutputLock:
         except OSError:
             os.close(fd)
             raise UsageError(f"another run is writing {self.output} right now", option="output") from None
+        if not _same_file(fd, self.path):  # the run that held it removed it meanwhile: lock the one there now
+            os.close(fd)
+            return self.acquire()
         self._fd = fd
 
     def release(self) -> None:
@@ -185,6 +189,14 @@ class OutputLock:
                 os.unlink(self.path)
             os.close(self._fd)
             self._fd = None
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _kind(path: str) -> str:
@@ -212,8 +224,21 @@ class OutputTarget:
     stream: TextIO | None = None
     lock: OutputLock | None = field(default=None, repr=False)
 
+    def take_lock(self) -> None:
+        """Hold the output's lock (a file, not a device), before its contents are read or written."""
+        if self.lock is None and self.path is not None and self.kind != "special":
+            lock = OutputLock(self.path)
+            lock.acquire()
+            self.lock = lock
+
+    def release(self) -> None:
+        """Let the lock go (a run that stops before or after writing; the writer's close does it too)."""
+        if self.lock is not None:
+            self.lock.release()
+
     def open(self, segments: bool = False) -> "Writer":
-        """The writer (for a file: takes the lock first; the writer releases it)."""
+        """The writer (for a file: holding the lock, taken now if ``plan_output`` did not; the writer
+        releases it)."""
         import sys
 
         stream = self.stream or sys.stdout
@@ -222,8 +247,7 @@ class OutputTarget:
 
             return TableWriter(Console(file=stream, highlight=False, soft_wrap=False))
         if self.path is not None and self.kind != "special":
-            self.lock = OutputLock(self.path)
-            self.lock.acquire()
+            self.take_lock()
             remove_stale_temp_files(self.path)
             if self.journal is not None:
                 self.journal.repair()
@@ -280,10 +304,15 @@ def plan_output(path: str | None, fmt: OutputFormat | str | None, *, resume: boo
                          hint="--resume continues it (jsonl), --overwrite replaces it")
     if kind != "special":
         _check_writable(path)
+    target.take_lock()  # before reading the journal: a second run must not resume from what the first writes
     if resume:
         from .resume import Journal
 
-        target.journal = Journal.read(path)
+        try:
+            target.journal = Journal.read(path)
+        except BaseException:
+            target.release()
+            raise
         target.append = True
     return target
 
@@ -540,6 +569,9 @@ class OutputDir:
 
     def open(self, segments: bool = False) -> "Writer":
         return PerFileWriter(self.outputs, self.format, segments)
+
+    def release(self) -> None:
+        """Nothing to let go: each file is written atomically, with no lock."""
 
 
 def plan_output_dir(path: str, fmt: OutputFormat | str | None, items: Sequence, *, overwrite: bool = False

@@ -64,3 +64,51 @@ def test_22_11_output_names_up_to_255_characters_work(clips, model, tmp_path, le
     assert out.stat().st_size > 0 and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
     again = classify(*clips, *model, "-o", out, "--overwrite")  # the lock and the temporary file again
     assert again.exit_code == 0, again.stderr
+
+
+# -- #22.10: the lock comes before the journal is read ----------------------------------------------------------
+
+def test_22_10_resume_reads_the_journal_only_while_holding_the_lock(clips, model, tmp_path, monkeypatch):
+    import fcntl
+
+    from ast_cli.output import OutputLock
+    from ast_cli.resume import Journal
+
+    out = tmp_path / "tags.jsonl"
+    assert classify(clips[0], *model, "-o", out).exit_code == 0
+    before = out.read_bytes()
+    other = OutputLock(str(out))
+    other.acquire()  # a first run is writing
+    try:
+        second = classify(*clips, *model, "-o", out, "--resume")
+    finally:
+        other.release()
+    assert second.exit_code == 2 and "another run is writing" in second.stderr
+    assert "resuming" not in second.stderr and out.read_bytes() == before
+
+    held = []
+    real_read = Journal.read.__func__
+
+    def read(cls, path):  # is the lock held while the journal is read?
+        fd = os.open(OutputLock(path).path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(False)
+        except OSError:
+            held.append(True)
+        finally:
+            os.close(fd)
+        return real_read(cls, path)
+
+    monkeypatch.setattr(Journal, "read", classmethod(read))
+    result = classify(*clips, *model, "-o", out, "--resume")
+    assert result.exit_code == 0 and held == [True]
+    assert [r["path"] for r in records(out.read_text())] == [str(c) for c in clips]  # each file once
+
+
+def test_22_10_no_resuming_message_for_an_output_that_does_not_exist(clips, model, tmp_path):
+    out = tmp_path / "new.jsonl"
+    result = classify(*clips, *model, "-o", out, "--resume")
+    assert result.exit_code == 0 and "resuming" not in result.stderr
+    again = classify(*clips, *model, "-o", out, "--resume")
+    assert "resuming: 3 of 3 files already in" in again.stderr

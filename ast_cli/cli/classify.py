@@ -81,40 +81,50 @@ def classify(
             target = plan_output(output, format, resume=resume, overwrite=overwrite, inputs=items,
                                  default="table" if sys.stdout.isatty() and output is None else "jsonl")
             sources = as_sources(items)
-        if target.journal is not None:
-            todo = target.journal.pending(sources)
-            if not quiet:
-                say(stderr, f"resuming: {len(sources) - len(todo)} of {len(sources)} files already in {output}")
-            sources = todo
-        if not sources:
-            if not items:
-                say(stderr, "no audio files found in the given paths")
-            if target.journal is None:  # an empty list given on purpose: a valid, empty output and exit 0
-                target.open(segments).close()
-            return
-        if settings.ray:
-            from ..distributed import connect, record_to_result, run_ray
-            from ._io import stdout_for_data_only
+        try:
+            _run(target, sources, items, model, run, settings, selection, activation, aggregate, segments, output,
+                 stderr, quiet, debug)
+        finally:
+            target.release()
 
-            labels = model_labels(model, run, stderr, quiet)
-            selection.mask(labels)  # unknown --include/--exclude names fail before any output is opened
-            with stdout_for_data_only():
-                connect(settings)  # no cluster at --ray-address: one line, before any output is opened
-            with stdout_for_data_only() as data:  # Ray prints its workers' troubles on stdout: keep them off
-                target.stream = data
-                results = (record_to_result(r) for r in run_ray(sources, model, run, settings, selection=selection,
-                                                                  activation=activation, aggregate=aggregate,
-                                                                  segments=segments))
-                failed = _write(results, None, len(sources), target, segments, stderr, quiet, debug)
-        else:
-            tagger = load_tagger(model, run, stderr, quiet)
-            selection.mask(tagger.labels)  # unknown --include/--exclude names fail before any output is opened
-            engine_ = tagger.engine()
-            results = tagger.classify(sources, selection=selection, activation=activation, aggregate=aggregate,
-                                      segments=segments, engine=engine_)
-            failed = _write(results, engine_, len(sources), target, segments, stderr, quiet, debug)
-        if failed:
-            raise typer.Exit(EXIT_FAILED)
+
+def _run(target, sources, items, model, run, settings, selection, activation, aggregate, segments, output,
+         stderr, quiet, debug) -> None:
+    """Tag ``sources`` into ``target`` (planned, and holding its lock)."""
+    if target.journal is not None:
+        todo = target.journal.pending(sources)
+        if not quiet and target.kind != "missing":  # after the lock; nothing to say of a new file
+            say(stderr, f"resuming: {len(sources) - len(todo)} of {len(sources)} files already in {output}")
+        sources = todo
+    if not sources:
+        if not items:
+            say(stderr, "no audio files found in the given paths")
+        if target.journal is None:  # an empty list given on purpose: a valid, empty output and exit 0
+            target.open(segments).close()
+        return
+    if settings.ray:
+        from ..distributed import connect, record_to_result, run_ray
+        from ._io import stdout_for_data_only
+
+        labels = model_labels(model, run, stderr, quiet)
+        selection.mask(labels)  # unknown --include/--exclude names fail before any output is opened
+        with stdout_for_data_only():
+            connect(settings)  # no cluster at --ray-address: one line, before any output is opened
+        with stdout_for_data_only() as data:  # Ray prints its workers' troubles on stdout: keep them off
+            target.stream = data
+            results = (record_to_result(r) for r in run_ray(sources, model, run, settings, selection=selection,
+                                                              activation=activation, aggregate=aggregate,
+                                                              segments=segments))
+            failed = _write(results, None, len(sources), target, segments, stderr, quiet, debug)
+    else:
+        tagger = load_tagger(model, run, stderr, quiet)
+        selection.mask(tagger.labels)  # unknown --include/--exclude names fail before any output is opened
+        engine_ = tagger.engine()
+        results = tagger.classify(sources, selection=selection, activation=activation, aggregate=aggregate,
+                                  segments=segments, engine=engine_)
+        failed = _write(results, engine_, len(sources), target, segments, stderr, quiet, debug)
+    if failed:
+        raise typer.Exit(EXIT_FAILED)
 
 
 def _write(results, engine, total: int, target, segments, stderr, quiet, debug) -> int:
