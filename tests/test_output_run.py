@@ -112,3 +112,42 @@ def test_22_10_no_resuming_message_for_an_output_that_does_not_exist(clips, mode
     assert result.exit_code == 0 and "resuming" not in result.stderr
     again = classify(*clips, *model, "-o", out, "--resume")
     assert "resuming: 3 of 3 files already in" in again.stderr
+
+
+# -- #22.12: a signal at the very end: replaced and success, or not replaced and 130/143 ------------------------
+
+SIGNAL_AT_REPLACE = """
+import os, signal, sys
+target, when, signum = os.path.realpath(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+real_replace = os.replace
+
+def replace(src, dst, *args, **kwargs):  # the signal comes just before or just after the output is replaced
+    ours = os.path.realpath(dst) == target
+    if ours and when == "before":
+        os.kill(os.getpid(), signum)
+    real_replace(src, dst, *args, **kwargs)
+    if ours and when == "after":
+        os.kill(os.getpid(), signum)
+
+os.replace = replace
+sys.argv = ["ast", "classify", *sys.argv[4:]]
+from ast_cli.cli import main
+main()
+"""
+
+
+@pytest.mark.slow  # whole processes
+@pytest.mark.parametrize("when, sig", [("before", signal.SIGINT), ("after", signal.SIGINT), ("after", signal.SIGTERM)])
+def test_22_12_a_signal_at_the_replace_never_reports_an_interrupt_after_replacing(clips, model, tmp_path, when, sig):
+    out = tmp_path / "tags.json"
+    out.write_text('["the earlier output"]\n')
+    args = [out, when, int(sig), *clips, *model, "-o", out, "--overwrite"]
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_AT_REPLACE, *map(str, args)], capture_output=True,
+                          text=True, timeout=120)
+    replaced = out.read_text() != '["the earlier output"]\n'
+    assert "Traceback" not in proc.stderr
+    assert (replaced and proc.returncode in (0, 1)) or (not replaced and proc.returncode in (130, 143)), \
+        (replaced, proc.returncode, proc.stderr)
+    if replaced:
+        assert [r["path"] for r in json.loads(out.read_text())] == [str(c) for c in clips]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tags.json"]  # no temporary file, no lock left

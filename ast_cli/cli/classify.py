@@ -130,6 +130,7 @@ def _run(target, sources, items, model, run, settings, selection, activation, ag
 def _write(results, engine, total: int, target, segments, stderr, quiet, debug) -> int:
     """Write ``results`` into ``target``; returns how many failed. Ctrl-C keeps what is done (jsonl) or leaves
     the earlier file as it was (json/csv)."""
+    from . import _signals
     from ._io import native_stderr_silenced
     from ._progress import BatchProgress
 
@@ -148,6 +149,7 @@ def _write(results, engine, total: int, target, segments, stderr, quiet, debug) 
 
                         stderr.print(traceback_text(result.exception), markup=False, highlight=False)
                 writer.write(result)
+        _signals.finishing()  # every result is in: from here the output is committed, whatever signal comes
     except BaseException:
         if engine is not None:
             engine.stop()
