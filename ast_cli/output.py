@@ -55,9 +55,10 @@ def _labels(labels: list[LabelScore]) -> list[dict]:
     return [{"label": x.label, "index": x.index, "score": x.score} for x in labels]
 
 
-def to_record(result: FileResult) -> dict:
+def to_record(result: FileResult, provenance: dict | None = None) -> dict:
     """The JSON record of one file. Keys ``path``, ``duration``, ``labels``, ``error`` are the stable schema;
-    ``segments`` appears with ``--segments``; ``size`` and ``mtime`` identify the file for ``--resume``."""
+    ``segments`` appears with ``--segments``; ``size`` and ``mtime`` identify the file for ``--resume``;
+    ``provenance`` (``model`` and ``settings``: what made the scores) comes last."""
     record = {
         "path": result.path,
         "duration": None if result.duration is None else round(result.duration, 6),
@@ -68,6 +69,7 @@ def to_record(result: FileResult) -> dict:
         record["segments"] = [{"start": s.start, "end": s.end, "labels": _labels(s.labels)} for s in result.segments]
     record["size"] = result.size
     record["mtime"] = result.mtime
+    record.update(provenance or {})
     return record
 
 
@@ -236,9 +238,9 @@ class OutputTarget:
         if self.lock is not None:
             self.lock.release()
 
-    def open(self, segments: bool = False) -> "Writer":
+    def open(self, segments: bool = False, provenance: dict | None = None) -> "Writer":
         """The writer (for a file: holding the lock, taken now if ``plan_output`` did not; the writer
-        releases it)."""
+        releases it). ``provenance``: added to every JSON record (see ``to_record``)."""
         import sys
 
         stream = self.stream or sys.stdout
@@ -259,6 +261,7 @@ class OutputTarget:
             writer = CsvWriter(stream, self.path, segments=segments, direct=self.kind == "special",
                                delimiter="\t" if self.format is OutputFormat.tsv else ",")
         writer.lock = self.lock
+        writer.provenance = provenance
         return writer
 
 
@@ -355,6 +358,7 @@ class Writer:
 
     lock: OutputLock | None = None
     path: str | None = None
+    provenance: dict | None = None  # added to JSON records
 
     def write(self, result: FileResult) -> None:
         with self._errors():
@@ -443,7 +447,7 @@ class JsonWriter(_StreamWriter):
 
     def _write(self, result: FileResult) -> None:
         self.stream.write("[\n  " if self.count == 0 else ",\n  ")
-        self.stream.write(dumps(to_record(result)))
+        self.stream.write(dumps(to_record(result, self.provenance)))
         self.count += 1
 
     def _finish(self) -> None:
@@ -461,7 +465,7 @@ class JsonlWriter(Writer):
             self.stream = open(path, "a" if append else "w", encoding="utf-8") if path else stream
 
     def _write(self, result: FileResult) -> None:
-        self.stream.write(dumps(to_record(result)) + "\n")
+        self.stream.write(dumps(to_record(result, self.provenance)) + "\n")
         self.stream.flush()
 
     def _close(self, commit: bool) -> None:
@@ -567,8 +571,10 @@ class OutputDir:
         """Label tracks and selection tables are made of windows."""
         return self.format in (OutputFormat.audacity, OutputFormat.raven)
 
-    def open(self, segments: bool = False) -> "Writer":
-        return PerFileWriter(self.outputs, self.format, segments)
+    def open(self, segments: bool = False, provenance: dict | None = None) -> "Writer":
+        writer = PerFileWriter(self.outputs, self.format, segments)
+        writer.provenance = provenance
+        return writer
 
     def release(self) -> None:
         """Nothing to let go: each file is written atomically, with no lock."""
@@ -612,7 +618,7 @@ class PerFileWriter(Writer):
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         with atomic_write(self.path) as handle:
             if self.format is OutputFormat.json:
-                handle.write(dumps(to_record(result), indent=2) + "\n")
+                handle.write(dumps(to_record(result, self.provenance), indent=2) + "\n")
             elif self.format in (OutputFormat.csv, OutputFormat.tsv):
                 rows = CsvWriter(handle, segments=self.segments,
                                  delimiter="\t" if self.format is OutputFormat.tsv else ",")

@@ -109,6 +109,19 @@ class Journal:
                 todo.append(source)
         return todo
 
+    def check(self, settings) -> None:
+        """Refuse (``UsageError``, changing nothing) to add records made otherwise than the ones there:
+        ``settings.mismatch`` (``extract.Settings``) reads each record's ``model`` and ``settings``."""
+        for record in self.records.values():
+            made = record.get("settings")
+            why = (settings.mismatch({"model": record["model"], **made}) if "model" in record and isinstance(made, dict)
+                   else "it names no model (an older ast wrote it)")
+            if why:
+                raise UsageError(
+                    f"{self.path} holds records made with another model or settings ({record['path']}: {why}): "
+                    "refusing to resume into it (nothing was changed)", option="resume",
+                    hint="start it afresh (overwrite it instead of resuming), or resume into another file")
+
     def repair(self) -> None:
         """Cut a torn last line (a run killed mid-write), or end a whole last record with its newline, so that
         appending starts on a line boundary. Checks that the file is still the one that was read."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,7 +85,7 @@ def test_22_10_resume_reads_the_journal_only_while_holding_the_lock(clips, model
     finally:
         other.release()
     assert second.exit_code == 2 and "another run is writing" in second.stderr
-    assert "resuming" not in second.stderr and out.read_bytes() == before
+    assert "resuming:" not in second.stderr and out.read_bytes() == before
 
     held = []
     real_read = Journal.read.__func__
@@ -109,7 +110,7 @@ def test_22_10_resume_reads_the_journal_only_while_holding_the_lock(clips, model
 def test_22_10_no_resuming_message_for_an_output_that_does_not_exist(clips, model, tmp_path):
     out = tmp_path / "new.jsonl"
     result = classify(*clips, *model, "-o", out, "--resume")
-    assert result.exit_code == 0 and "resuming" not in result.stderr
+    assert result.exit_code == 0 and "resuming:" not in result.stderr
     again = classify(*clips, *model, "-o", out, "--resume")
     assert "resuming: 3 of 3 files already in" in again.stderr
 
@@ -151,3 +152,88 @@ def test_22_12_a_signal_at_the_replace_never_reports_an_interrupt_after_replacin
     if replaced:
         assert [r["path"] for r in json.loads(out.read_text())] == [str(c) for c in clips]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tags.json"]  # no temporary file, no lock left
+
+
+# -- #24.4: an end-of-run summary on stderr, the same as extract-features' ----------------------------------------
+
+def test_24_4_classify_ends_with_a_summary_unless_quiet(clips, model, tmp_path):
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"junk" * 50)
+    out = tmp_path / "tags.jsonl"
+    result = classify(*clips, bad, *model, "-o", out)
+    assert result.exit_code == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"3 tagged, 1 failed; \d+ s of audio in [\d.]+ s \([\d.]+x real-time\); results in {out}",
+                        last), last
+    again = classify(*clips, bad, *model, "-o", out, "--resume")
+    assert again.stderr.strip().splitlines()[-1].startswith(f"0 tagged, 1 failed, 3 skipped (already in {out}); ")
+    quiet = classify(*clips, bad, *model, "-o", out, "--resume", "-q")
+    assert quiet.stderr.strip().splitlines() == [f"error: {bad}: {records(out.read_text())[-1]['error']}"]
+
+
+# -- #24.5: records name the model and settings; --resume refuses others, --overwrite replaces --------------------
+
+def test_24_5_records_name_the_model_and_the_settings_that_change_scores(clips, model, tiny_checkpoint, tmp_path):
+    out = tmp_path / "tags.jsonl"
+    assert classify(*clips[:2], *model, "-o", out).exit_code == 0
+    got = records(out.read_text())
+    assert {r["model"] for r in got} == {os.path.realpath(tiny_checkpoint[0])}
+    assert got[0]["settings"] == {"activation": "sigmoid", "hop_seconds": 0.64, "window_seconds": 0.64,
+                                  "compute": "fp32"}
+
+
+@pytest.mark.parametrize("changed", [["--activation", "softmax"], ["--hop", "0.32"], ["--quantize", "int8"],
+                                     ["--model", "other"]])
+def test_24_5_resume_refuses_another_model_or_settings_and_overwrite_replaces(clips, model, tmp_path, changed):
+    from conftest import make_reference
+
+    if changed[0] == "--model":
+        changed = ["--model", make_reference(tmp_path, "tiny-other", seed=1)[0]]
+    out = tmp_path / "tags.jsonl"
+    assert classify(*clips[:2], *model, "-o", out).exit_code == 0
+    before = out.read_bytes()
+    refused = classify(*clips, *model, *changed, "-o", out, "--resume")
+    assert refused.exit_code == 2 and out.read_bytes() == before
+    assert refused.stderr.startswith("Error: --resume: ") and "another model or settings" in refused.stderr
+    replaced = classify(*clips, *model, *changed, "-o", out, "--overwrite")
+    assert replaced.exit_code == 0 and len(records(out.read_text())) == 3
+    assert classify(*clips, *model, *changed, "-o", out, "--resume").exit_code == 0  # the same settings again
+
+
+def test_24_5_a_hub_model_is_named_by_repo_and_commit(clips, tiny_checkpoint, tmp_path, monkeypatch):
+    from test_newcomer import fake_cache
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    fake_cache(tmp_path / "hub", "test/ast-tiny", tiny_checkpoint[0], commit="c" * 40)
+    result = classify(clips[0], "--model", "test/ast-tiny", "-f", "jsonl")
+    assert result.exit_code == 0, result.stderr
+    assert records(result.stdout)[0]["model"] == "test/ast-tiny@" + "c" * 40
+
+
+def test_24_5_resume_refuses_records_that_name_no_model(clips, model, tmp_path):
+    out = tmp_path / "tags.jsonl"
+    out.write_text(json.dumps({"path": str(clips[0]), "duration": 1.0, "labels": [], "error": None}) + "\n")
+    result = classify(*clips, *model, "-o", out, "--resume")
+    assert result.exit_code == 2 and "names no model" in result.stderr
+
+
+# -- #24.9: nothing on stdin is no output; named folders with no audio are a failure -----------------------------
+
+def test_24_9_nothing_from_stdin_exits_0_and_creates_no_file(model, tmp_path):
+    out = tmp_path / "week.jsonl"
+    result = classify("-", *model, "-o", out, "--overwrite", input="")
+    assert result.exit_code == 0 and not out.exists() and list(tmp_path.iterdir()) == []
+    out.write_text("last week's\n")
+    assert classify("-", *model, "-o", out, "--overwrite", input="").exit_code == 0
+    assert out.read_text() == "last week's\n"
+
+
+@pytest.mark.parametrize("ext", [["--ext", "xyz"], []])
+def test_24_9_a_folder_with_no_audio_fails_saying_what_was_searched(clips, model, tmp_path, ext):
+    folder = clips[0].parent if ext else tmp_path / "empty"
+    folder.mkdir(exist_ok=True)
+    out = tmp_path / "tags.jsonl"
+    result = classify(folder, *model, *ext, "-o", out)
+    assert result.exit_code == 1 and result.stdout == "" and not out.exists()
+    looked_for = "files ending in .xyz" if ext else "audio or video files"
+    assert result.stderr.splitlines()[0] == f"Error: no {looked_for} in {folder}"

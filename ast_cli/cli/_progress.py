@@ -1,5 +1,5 @@
 """Progress on stderr: files done/total, hours of audio, speed as x real-time, ETA. Off when stderr is not a
-terminal or with ``--quiet``."""
+terminal or with ``--quiet``. ``summary``: the end-of-run line of every batch command."""
 
 from __future__ import annotations
 
@@ -65,3 +65,13 @@ def audio_amount(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.1f} min of audio"
     return f"{seconds / 3600:.2f} h of audio"
+
+
+def summary(console, counts: str, progress: BatchProgress, where: str) -> None:
+    """The end-of-run line on stderr (``classify``, ``extract-features``): what became of the files (``counts``),
+    how much audio in how long, and where the results are (``where``)."""
+    from ._errors import say
+
+    elapsed = time.monotonic() - progress.started
+    speed = f" ({progress.realtime_factor:.1f}x real-time)" if progress.audio_seconds else ""
+    say(console, f"{counts}; {audio_amount(progress.audio_seconds)} in {elapsed:.1f} s{speed}; {where}")
