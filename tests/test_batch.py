@@ -247,7 +247,7 @@ def test_native_library_noise_stays_off_stderr(tiny_checkpoint, tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 3])
     proc = subprocess.run([sys.executable, "-m", "ast_cli", "classify", str(path), "--model",
-                           str(tiny_checkpoint[0])], capture_output=True, text=True)
+                           str(tiny_checkpoint[0]), "--quiet"], capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [f"error: {path}: truncated: the header promises 5.00 s, the data ends at "
                                         + proc.stderr.split("the data ends at ")[1].strip()]
