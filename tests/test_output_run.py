@@ -237,3 +237,13 @@ def test_24_9_a_folder_with_no_audio_fails_saying_what_was_searched(clips, model
     assert result.exit_code == 1 and result.stdout == "" and not out.exists()
     looked_for = "files ending in .xyz" if ext else "audio or video files"
     assert result.stderr.splitlines()[0] == f"Error: no {looked_for} in {folder}"
+
+
+def test_24_9_a_folder_with_no_audio_next_to_other_inputs_is_an_error_record(clips, model, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = classify(clips[0], empty, *model, "-f", "jsonl", "-q")
+    assert result.exit_code == 1
+    assert [(r["path"], r["error"]) for r in records(result.stdout)] == [
+        (str(clips[0]), None), (str(empty), "no audio or video files in this folder")]
+    assert result.stderr.splitlines() == [f"error: {empty}: no audio or video files in this folder"]

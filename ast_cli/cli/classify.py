@@ -72,7 +72,7 @@ def classify(
         found = expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths))
         if not found:
             return _nothing_found(paths, ext, stderr, quiet)
-        items = take_shard(found, cluster.shard)
+        items = take_shard(found + _empty_folders(paths, found, ext), cluster.shard)
         job = _Job(model, run, cluster, selection, activation, aggregate, segments, output_dir or output, stderr,
                    quiet, debug)
         target, sources, note = _plan(items, job, format, output, output_dir, resume, overwrite)
@@ -105,17 +105,34 @@ def _nothing_found(paths: list[str], ext, stderr, quiet: bool) -> None:
     """No input at all: fine for an empty list on stdin (exit 0, no output written); a named folder or pattern
     with no audio in it is a failure (a typo in a path or --ext must not look like success)."""
     from ..errors import AstError
-    from ..inputs import parse_extensions
 
     named = [path for path in paths if path != "-"]
     if not named:
         if not quiet:
             say(stderr, "nothing to tag: standard input listed no files")
         return
-    looked_for = "files ending in " + ", ".join("." + e for e in sorted(parse_extensions(ext))) if ext else \
-        "audio or video files"
-    raise AstError(f"no {looked_for} in {', '.join(named)}",
+    raise AstError(f"no {_looked_for(ext)} in {', '.join(named)}",
                    hint="check the paths and --ext" if ext else "--ext chooses the extensions taken from folders")
+
+
+def _looked_for(ext) -> str:
+    from ..inputs import parse_extensions
+
+    if not ext:
+        return "audio or video files"
+    return "files ending in " + ", ".join("." + e for e in sorted(parse_extensions(ext)))
+
+
+def _empty_folders(paths: list[str], found, ext) -> list:
+    """A folder named next to other inputs that gave no file: an error item of its own (like a pattern that
+    matches nothing), so the rest goes on and the exit code says something was wrong."""
+    import os
+
+    from ..inputs import InputFile
+
+    roots = {item.root for item in found}
+    return [InputFile(path, error=f"no {_looked_for(ext)} in this folder") for path in dict.fromkeys(paths)
+            if path != "-" and path not in roots and os.path.isdir(path)]
 
 
 def _plan(items, job: _Job, format, output, output_dir, resume, overwrite):
