@@ -247,3 +247,23 @@ def test_24_9_a_folder_with_no_audio_next_to_other_inputs_is_an_error_record(cli
     assert [(r["path"], r["error"]) for r in records(result.stdout)] == [
         (str(clips[0]), None), (str(empty), "no audio or video files in this folder")]
     assert result.stderr.splitlines() == [f"error: {empty}: no audio or video files in this folder"]
+
+
+def test_24_5_records_name_the_precision_the_model_runs_in(monkeypatch):
+    import importlib
+    from types import SimpleNamespace
+
+    import ast_cli.backends
+    from ast_cli.options import RunOptions
+
+    cli = importlib.import_module("ast_cli.cli.classify")
+    monkeypatch.setattr(ast_cli.backends, "pick_device", lambda device: "cuda:0")  # auto picks a GPU here
+    local, ray_gpu = SimpleNamespace(ray=False), SimpleNamespace(ray=True, gpus_per_worker=1.0)
+
+    def compute(cluster, **options):
+        return cli._compute(cli._Job("m", RunOptions(**options), cluster, None, None, None, False, None, None,
+                                     True, False))
+
+    assert compute(local) == "fp16" and compute(ray_gpu) == "fp16"  # auto is fp16 on CUDA
+    assert compute(SimpleNamespace(ray=True, gpus_per_worker=0.0)) == "fp32"
+    assert compute(local, dtype="bf16") == "bf16" and compute(local, quantize="int8") == "int8"

@@ -189,10 +189,27 @@ def _provenance(target, job: _Job) -> dict:
     config, features = model_config(path)
     job.selection.mask(config.id2label)
     activation = job.activation or (Activation.softmax if is_single_label(config) else Activation.sigmoid)
-    settings = Settings.of(None, model_identity(job.model, path), job.run, activation.value)
+    settings = Settings(None, model_identity(job.model, path), job.run.hop_seconds, _compute(job), activation.value)
     if target.journal is not None:
         target.journal.check(settings)
     return {"model": settings.model, "settings": settings.record(features.window_seconds)}
+
+
+def _compute(job: _Job) -> str:
+    """The precision the model runs in, as records name it: int8, or the dtype (auto: fp16 on CUDA, fp32
+    elsewhere; a Ray worker is on CUDA when it takes GPUs)."""
+    from ..backends import pick_device
+    from ..options import DType, Quantize
+
+    if job.run.quantize is Quantize.int8:
+        return "int8"
+    if job.run.dtype is not DType.auto:
+        return job.run.dtype.value
+    if job.cluster.ray:
+        device = job.run.device if job.run.device != "auto" else "cuda" if job.cluster.gpus_per_worker else "cpu"
+    else:
+        device = pick_device(job.run.device)
+    return "fp16" if device.startswith("cuda") else "fp32"
 
 
 def _run_ray(target, sources, provenance: dict, progress, job: _Job) -> int:
