@@ -75,32 +75,48 @@ def is_done(output: str, fmt: Format) -> bool:
 
 @dataclass(frozen=True)
 class Settings:
-    """What an output was computed with; an existing output made otherwise is not this run's to skip."""
+    """What an output was computed with; an existing output made otherwise is not this run's to skip (or, for
+    ``classify --resume``, to append to: there ``kind`` is None and ``activation`` counts)."""
 
-    kind: str
+    kind: str | None
     model: str
     hop_seconds: float | None = None  # as asked; None: the window length
-    compute: str = "fp32"  # fp32, fp16, bf16 or int8 (embeddings only: fbank does not depend on it)
+    compute: str = "fp32"  # fp32, fp16, bf16 or int8 (not for fbank, which does not depend on it)
+    activation: str | None = None  # classify's scores: sigmoid, softmax or none
 
     @classmethod
-    def of(cls, kind: str, model: str, options: RunOptions) -> "Settings":
+    def of(cls, kind: str | None, model: str, options: RunOptions, activation: str | None = None) -> "Settings":
         compute = "int8" if options.quantize.value == "int8" else options.dtype.value
-        return cls(kind, model, options.hop_seconds, "fp32" if compute == "auto" else compute)
+        return cls(kind, model, options.hop_seconds, "fp32" if compute == "auto" else compute, activation)
+
+    def hop(self, window_seconds: float) -> float:
+        """The hop in seconds, as recorded: whole 10 ms frames; the window when none was asked for."""
+        if self.hop_seconds is None:
+            return window_seconds
+        return round(round(self.hop_seconds / FRAME_SECONDS) * FRAME_SECONDS, 6)
+
+    def record(self, window_seconds: float) -> dict:
+        """The settings as ``classify`` records them (what ``mismatch`` reads back)."""
+        window = round(window_seconds, 6)
+        return {"activation": self.activation, "hop_seconds": self.hop(window), "window_seconds": window,
+                "compute": self.compute}
 
     def mismatch(self, metadata: dict) -> str | None:
         """How ``metadata`` (of an existing output) differs from these settings, or None."""
         if not metadata:
             return "unreadable, or not written by ast-cli"
-        if metadata.get("kind") != self.kind:
+        if self.kind is not None and metadata.get("kind") != self.kind:
             return f"kind {metadata.get('kind')!r}, not {self.kind!r}"
         if metadata.get("model") != self.model:
             return f"model {metadata.get('model')!r}, not {self.model!r}"
         hop, window = metadata.get("hop_seconds"), metadata.get("window_seconds")
-        wanted = window if self.hop_seconds is None else round(round(self.hop_seconds / FRAME_SECONDS) * FRAME_SECONDS, 6)
+        wanted = self.hop(window)
         if hop != wanted:
             return f"hop {hop} s, not {wanted} s"
-        if self.kind == "embedding" and metadata.get("compute", "fp32") != self.compute:
+        if self.kind != "fbank" and metadata.get("compute", "fp32") != self.compute:
             return f"computed in {metadata.get('compute', 'fp32')}, not {self.compute}"
+        if self.activation is not None and metadata.get("activation") != self.activation:
+            return f"activation {metadata.get('activation')!r}, not {self.activation!r}"
         return None
 
 

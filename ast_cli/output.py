@@ -12,8 +12,9 @@ interrupted run leaves an earlier output byte for byte as it was:
 - jsonl: line by line into the file itself (flushed per line, so ``tail -f`` and ``--resume`` see each
   record); fsync only where there is a disk behind it.
 
-New files get the mode the umask allows; a replaced file keeps its mode. While a run writes, it holds an
-exclusive lock (a second run on the same output stops with one line). Paths that are not valid UTF-8 (a
+New files get the mode the umask allows; a replaced file keeps its mode. From planning (before a resumed
+output is read) to the end of writing, a run holds an exclusive lock (a second run on the same output stops
+with one line). Paths that are not valid UTF-8 (a
 ``caf\\xe9.wav`` from a latin-1 file system) are written as JSON ``\\udcXX`` escapes, which ``json.loads`` +
 ``os.fsencode`` turn back into the original bytes.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import glob
+import hashlib
 import json
 import os
 import stat
@@ -38,6 +40,8 @@ from .tagger import FileResult, LabelScore
 CSV_COLUMNS = ("path", "duration", "rank", "label", "index", "score")
 CSV_SEGMENT_COLUMNS = ("start", "end")
 TEMP_SUFFIX = ".ast-tmp"  # our temporary files: `.<name>.<random>.ast-tmp` beside the output
+NAME_MAX = 255  # bytes in one file name (ext4, xfs, btrfs, APFS, NTFS)
+_BESIDE_ROOM = 32  # what our names add to `.<name>`: `.<random>.ast-tmp` (17), `.ast-lock` (9)
 
 
 EXTENSIONS = {".json": OutputFormat.json, ".jsonl": OutputFormat.jsonl, ".ndjson": OutputFormat.jsonl,
@@ -51,9 +55,10 @@ def _labels(labels: list[LabelScore]) -> list[dict]:
     return [{"label": x.label, "index": x.index, "score": x.score} for x in labels]
 
 
-def to_record(result: FileResult) -> dict:
+def to_record(result: FileResult, provenance: dict | None = None) -> dict:
     """The JSON record of one file. Keys ``path``, ``duration``, ``labels``, ``error`` are the stable schema;
-    ``segments`` appears with ``--segments``; ``size`` and ``mtime`` identify the file for ``--resume``."""
+    ``segments`` appears with ``--segments``; ``size`` and ``mtime`` identify the file for ``--resume``;
+    ``provenance`` (``model`` and ``settings``: what made the scores) comes last."""
     record = {
         "path": result.path,
         "duration": None if result.duration is None else round(result.duration, 6),
@@ -64,6 +69,7 @@ def to_record(result: FileResult) -> dict:
         record["segments"] = [{"start": s.start, "end": s.end, "labels": _labels(s.labels)} for s in result.segments]
     record["size"] = result.size
     record["mtime"] = result.mtime
+    record.update(provenance or {})
     return record
 
 
@@ -100,14 +106,24 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
+def beside(path: str) -> str:
+    """The stem of our files beside ``path`` (temporary files, the lock): ``<folder>/.<name>``, or, where the
+    name is too long to take our suffixes within NAME_MAX, ``<folder>/.<hash of the name>``, so that any name
+    the file system allows can be an output."""
+    path = os.path.realpath(path)
+    name = os.path.basename(path)
+    if len(os.fsencode(name)) + 1 + _BESIDE_ROOM > NAME_MAX:
+        name = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+    return os.path.join(os.path.dirname(path), "." + name)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = "w") -> Iterator[IO]:
     """Write to a temporary file beside ``path`` and rename it over ``path`` only on success, so an interrupted
     run never leaves a half-written file. A symlink is written through; the file gets the mode the umask
     allows, or keeps the mode of the file it replaces."""
     path = os.path.realpath(path)  # through symlinks: the link stays a link
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=TEMP_SUFFIX, dir=directory)
+    fd, tmp = _temp_file(path)
     try:
         try:
             os.fchmod(fd, stat.S_IMODE(os.stat(path).st_mode))
@@ -124,11 +140,16 @@ def atomic_write(path: str, mode: str = "w") -> Iterator[IO]:
         raise
 
 
+def _temp_file(path: str) -> tuple[int, str]:
+    """A new temporary file beside ``path``: (descriptor, name)."""
+    stem = beside(path)
+    return tempfile.mkstemp(prefix=os.path.basename(stem) + ".", suffix=TEMP_SUFFIX, dir=os.path.dirname(stem))
+
+
 def remove_stale_temp_files(path: str, older_than: float = 0.0) -> int:
     """Remove our temporary files beside ``path`` left by runs that were killed (the caller holds the lock of
     ``path``, so no live run owns them). Returns how many were removed."""
-    path = os.path.realpath(path)
-    pattern = os.path.join(glob.escape(os.path.dirname(path)), f".{glob.escape(os.path.basename(path))}.*{TEMP_SUFFIX}")
+    pattern = f"{glob.escape(beside(path))}.*{TEMP_SUFFIX}"
     removed = 0
     for stale in glob.glob(pattern):
         with contextlib.suppress(OSError):
@@ -143,9 +164,8 @@ class OutputLock:
     the kernel releases it when the process dies, so a killed run never blocks the next)."""
 
     def __init__(self, path: str):
-        real = os.path.realpath(path)
         self.output = path
-        self.path = os.path.join(os.path.dirname(real), f".{os.path.basename(real)}.ast-lock")
+        self.path = beside(path) + ".ast-lock"
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -160,6 +180,9 @@ class OutputLock:
         except OSError:
             os.close(fd)
             raise UsageError(f"another run is writing {self.output} right now", option="output") from None
+        if not _same_file(fd, self.path):  # the run that held it removed it meanwhile: lock the one there now
+            os.close(fd)
+            return self.acquire()
         self._fd = fd
 
     def release(self) -> None:
@@ -168,6 +191,14 @@ class OutputLock:
                 os.unlink(self.path)
             os.close(self._fd)
             self._fd = None
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _kind(path: str) -> str:
@@ -195,8 +226,21 @@ class OutputTarget:
     stream: TextIO | None = None
     lock: OutputLock | None = field(default=None, repr=False)
 
-    def open(self, segments: bool = False) -> "Writer":
-        """The writer (for a file: takes the lock first; the writer releases it)."""
+    def take_lock(self) -> None:
+        """Hold the output's lock (a file, not a device), before its contents are read or written."""
+        if self.lock is None and self.path is not None and self.kind != "special":
+            lock = OutputLock(self.path)
+            lock.acquire()
+            self.lock = lock
+
+    def release(self) -> None:
+        """Let the lock go (a run that stops before or after writing; the writer's close does it too)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def open(self, segments: bool = False, provenance: dict | None = None) -> "Writer":
+        """The writer (for a file: holding the lock, taken now if ``plan_output`` did not; the writer
+        releases it). ``provenance``: added to every JSON record (see ``to_record``)."""
         import sys
 
         stream = self.stream or sys.stdout
@@ -205,8 +249,7 @@ class OutputTarget:
 
             return TableWriter(Console(file=stream, highlight=False, soft_wrap=False))
         if self.path is not None and self.kind != "special":
-            self.lock = OutputLock(self.path)
-            self.lock.acquire()
+            self.take_lock()
             remove_stale_temp_files(self.path)
             if self.journal is not None:
                 self.journal.repair()
@@ -218,6 +261,7 @@ class OutputTarget:
             writer = CsvWriter(stream, self.path, segments=segments, direct=self.kind == "special",
                                delimiter="\t" if self.format is OutputFormat.tsv else ",")
         writer.lock = self.lock
+        writer.provenance = provenance
         return writer
 
 
@@ -263,10 +307,15 @@ def plan_output(path: str | None, fmt: OutputFormat | str | None, *, resume: boo
                          hint="--resume continues it (jsonl), --overwrite replaces it")
     if kind != "special":
         _check_writable(path)
+    target.take_lock()  # before reading the journal: a second run must not resume from what the first writes
     if resume:
         from .resume import Journal
 
-        target.journal = Journal.read(path)
+        try:
+            target.journal = Journal.read(path)
+        except BaseException:
+            target.release()
+            raise
         target.append = True
     return target
 
@@ -291,7 +340,7 @@ def _check_writable(path: str) -> None:
     if not os.path.isdir(directory):
         raise UsageError(f"the folder of {path} does not exist", option="output")
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{os.path.basename(real)}.", suffix=TEMP_SUFFIX, dir=directory)
+        fd, probe = _temp_file(real)
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}", option="output") from None
     os.close(fd)
@@ -309,6 +358,7 @@ class Writer:
 
     lock: OutputLock | None = None
     path: str | None = None
+    provenance: dict | None = None  # added to JSON records
 
     def write(self, result: FileResult) -> None:
         with self._errors():
@@ -397,7 +447,7 @@ class JsonWriter(_StreamWriter):
 
     def _write(self, result: FileResult) -> None:
         self.stream.write("[\n  " if self.count == 0 else ",\n  ")
-        self.stream.write(dumps(to_record(result)))
+        self.stream.write(dumps(to_record(result, self.provenance)))
         self.count += 1
 
     def _finish(self) -> None:
@@ -415,7 +465,7 @@ class JsonlWriter(Writer):
             self.stream = open(path, "a" if append else "w", encoding="utf-8") if path else stream
 
     def _write(self, result: FileResult) -> None:
-        self.stream.write(dumps(to_record(result)) + "\n")
+        self.stream.write(dumps(to_record(result, self.provenance)) + "\n")
         self.stream.flush()
 
     def _close(self, commit: bool) -> None:
@@ -521,8 +571,13 @@ class OutputDir:
         """Label tracks and selection tables are made of windows."""
         return self.format in (OutputFormat.audacity, OutputFormat.raven)
 
-    def open(self, segments: bool = False) -> "Writer":
-        return PerFileWriter(self.outputs, self.format, segments)
+    def open(self, segments: bool = False, provenance: dict | None = None) -> "Writer":
+        writer = PerFileWriter(self.outputs, self.format, segments)
+        writer.provenance = provenance
+        return writer
+
+    def release(self) -> None:
+        """Nothing to let go: each file is written atomically, with no lock."""
 
 
 def plan_output_dir(path: str, fmt: OutputFormat | str | None, items: Sequence, *, overwrite: bool = False
@@ -563,7 +618,7 @@ class PerFileWriter(Writer):
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         with atomic_write(self.path) as handle:
             if self.format is OutputFormat.json:
-                handle.write(dumps(to_record(result), indent=2) + "\n")
+                handle.write(dumps(to_record(result, self.provenance), indent=2) + "\n")
             elif self.format in (OutputFormat.csv, OutputFormat.tsv):
                 rows = CsvWriter(handle, segments=self.segments,
                                  delimiter="\t" if self.format is OutputFormat.tsv else ",")

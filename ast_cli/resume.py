@@ -3,7 +3,8 @@
 A run writes one JSON line per file as it finishes, so after a crash, a kill -9 or Ctrl-C the output holds
 every finished file, and at most a torn last line. ``Journal.read`` reads such an output WITHOUT changing it and
 refuses anything else (a JSON array, CSV, audio, a line that is not one of our records in the middle): nothing
-is touched unless the run can start. ``repair()`` cuts a torn last line just before the run appends.
+is touched unless the run can start. ``repair()`` cuts a torn last line just before the run appends; a last
+record that is whole but lacks its newline (an editor, ``head -c``) is kept, and gets its newline instead.
 
 A file counts as done when its latest record has no error and the same size and modification time as the file
 on disk now; failed files are tried again (their new record comes later in the file: the latest record wins).
@@ -38,6 +39,7 @@ class Journal:
     intact_bytes: int = 0  # length of the part made of whole lines
     size: int = 0  # length of the file when read
     lines: int = 0
+    unterminated: bool = False  # the last line is a whole record without its newline
 
     @classmethod
     def read(cls, path: str) -> "Journal":
@@ -72,8 +74,14 @@ class Journal:
                     "(nothing was changed)", option="resume")
             journal.records[path_key(record["path"])] = record
             journal.lines += 1
+        last = _record(torn) if torn.strip() else None
+        if last is not None:  # a whole record, only its newline missing: keep it
+            journal.records[path_key(last["path"])] = last
+            journal.lines += 1
+            journal.unterminated = True
+            position += len(torn)
         journal.intact_bytes = position
-        if torn.strip() and not lines and _record(torn) is None and not torn.lstrip().startswith(b"{"):
+        if torn.strip() and not lines and last is None and not torn.lstrip().startswith(b"{"):
             raise UsageError(f"{path} is not a JSONL output of `ast`: refusing to resume into it "
                              "(nothing was changed)", option="resume")
         return journal
@@ -101,17 +109,33 @@ class Journal:
                 todo.append(source)
         return todo
 
+    def check(self, settings) -> None:
+        """Refuse (``UsageError``, changing nothing) to add records made otherwise than the ones there:
+        ``settings.mismatch`` (``extract.Settings``) reads each record's ``model`` and ``settings``."""
+        for record in self.records.values():
+            made = record.get("settings")
+            why = (settings.mismatch({"model": record["model"], **made}) if "model" in record and isinstance(made, dict)
+                   else "it names no model (an older ast wrote it)")
+            if why:
+                raise UsageError(
+                    f"{self.path} holds records made with another model or settings ({record['path']}: {why}): "
+                    "refusing to resume into it (nothing was changed)", option="resume",
+                    hint="start it afresh (overwrite it instead of resuming), or resume into another file")
+
     def repair(self) -> None:
-        """Cut a torn last line (a run killed mid-write), so that appending starts on a line boundary. Checks
-        that the file is still the one that was read."""
-        if not self.torn:
+        """Cut a torn last line (a run killed mid-write), or end a whole last record with its newline, so that
+        appending starts on a line boundary. Checks that the file is still the one that was read."""
+        if not (self.torn or self.unterminated):
             return
         with open(self.path, "rb+") as handle:
             handle.seek(0, os.SEEK_END)
             if handle.tell() != self.size:
                 raise UsageError(f"{self.path} changed while this run started: refusing to resume into it",
                                  option="resume")
-            handle.truncate(self.intact_bytes)
+            if self.torn:
+                handle.truncate(self.intact_bytes)
+            else:
+                handle.write(b"\n")
 
 
 def _record(line: bytes) -> dict | None:

@@ -84,7 +84,7 @@ def test_table_output(tiny_checkpoint, clips):
 
 
 def test_missing_file_is_one_line_and_exit_1(tiny_checkpoint, clips, tmp_path):
-    result = classify(clips[0], tmp_path / "nope.wav", "--model", tiny_checkpoint[0], "-f", "json")
+    result = classify(clips[0], tmp_path / "nope.wav", "--model", tiny_checkpoint[0], "-f", "json", "--quiet")
     assert result.exit_code == 1
     records = json.loads(result.stdout)
     assert records[0]["error"] is None and records[1]["error"] == "no such file"
@@ -94,7 +94,7 @@ def test_missing_file_is_one_line_and_exit_1(tiny_checkpoint, clips, tmp_path):
 def test_unreadable_file_does_not_stop_the_batch(tiny_checkpoint, clips, tmp_path):
     junk = tmp_path / "junk.wav"
     junk.write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage" * 10)
-    result = classify(junk, clips[0], "--model", tiny_checkpoint[0], "-f", "json")
+    result = classify(junk, clips[0], "--model", tiny_checkpoint[0], "-f", "json", "--quiet")
     assert result.exit_code == 1
     records = json.loads(result.stdout)
     assert records[0]["error"] and records[0]["labels"] == [] and records[1]["labels"]

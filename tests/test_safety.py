@@ -447,7 +447,7 @@ def test_output_problems_are_found_before_any_work(tiny_checkpoint, clips, tmp_p
 def test_a_newline_in_a_failing_name_stays_on_one_line(tiny_checkpoint, tmp_path):
     bad = tmp_path / "two\nlines.wav"
     bad.write_bytes(b"junk" * 50)
-    result = classify(bad, *model_args(tiny_checkpoint), "-f", "jsonl")
+    result = classify(bad, *model_args(tiny_checkpoint), "-f", "jsonl", "--quiet")
     assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
     assert "two\\nlines.wav" in result.stderr and records(result.stdout)[0]["path"] == str(bad)
 

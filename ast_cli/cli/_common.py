@@ -213,13 +213,34 @@ def model_labels(model: str, run: RunOptions, console, quiet: bool) -> tuple[str
     """A model's labels without loading its weights: the bundled lists of the published checkpoints (no
     download), else its config.json (a bare weights file: inferred from its tensors)."""
     from ..hub import bundled_labels
-    from ..weights import load_checkpoint, read_configs
 
     bundled = bundled_labels(model)
     if bundled is not None:
         return bundled
-    path = fetch_model(model, run, console, quiet)
-    return (read_configs(path)[0] if path.is_dir() else load_checkpoint(path).config).id2label
+    return model_config(fetch_model(model, run, console, quiet))[0].id2label
+
+
+def model_config(path):
+    """(ASTConfig, FeatureConfig) of the checkpoint at ``path`` without loading its weights (a bare weights
+    file: inferred from its tensors)."""
+    from ..weights import load_checkpoint, read_configs
+
+    if path.is_dir():
+        return read_configs(path)
+    checkpoint = load_checkpoint(path)
+    return checkpoint.config, checkpoint.features
+
+
+def model_identity(model: str, path) -> str:
+    """How records name a model: ``ORG/NAME@<commit>`` for a hub model (``path``: its cached snapshot, a
+    folder named after the commit), else the resolved local path."""
+    import os
+
+    from ..hub import looks_local, parse_model_name
+
+    if looks_local(model):
+        return os.path.realpath(path)
+    return f"{parse_model_name(model)[0]}@{path.name}"
 
 
 def load_tagger(model: str, run: RunOptions, console, quiet: bool):

@@ -1,5 +1,5 @@
 """Progress on stderr: files done/total, hours of audio, speed as x real-time, ETA. Off when stderr is not a
-terminal or with ``--quiet``."""
+terminal or with ``--quiet``. ``summary``: the end-of-run line of every batch command."""
 
 from __future__ import annotations
 
@@ -110,3 +110,13 @@ def megabytes(size: int | None) -> str:
     if size is None:
         return "size unknown"
     return f"{size / 1e6:.0f} MB" if size >= 10e6 else f"{size / 1e6:.1f} MB"
+
+
+def summary(console, counts: str, progress: BatchProgress, where: str) -> None:
+    """The end-of-run line on stderr (``classify``, ``extract-features``): what became of the files (``counts``),
+    how much audio in how long, and where the results are (``where``)."""
+    from ._errors import say
+
+    elapsed = time.monotonic() - progress.started
+    speed = f" ({progress.realtime_factor:.1f}x real-time)" if progress.audio_seconds else ""
+    say(console, f"{counts}; {audio_amount(progress.audio_seconds)} in {elapsed:.1f} s{speed}; {where}")

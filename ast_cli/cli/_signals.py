@@ -10,14 +10,25 @@ import sys
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a filter whose reader went away
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 stdout_closed = False  # the process started with stdout closed (>&-): data must go to --output
+_finishing = False  # the run is committing its output: a signal no longer interrupts it
 
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Ctrl-C would be, so that the same clean-up runs."""
 
 
-def _on_sigterm(signum, frame) -> None:
-    raise Terminated()
+def _on_signal(signum, frame) -> None:
+    if _finishing:
+        return  # the output is being (or has been) replaced: the run ends as it would have, 0 or 1
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def finishing() -> None:
+    """From now on Ctrl-C and SIGTERM no longer interrupt the run: it is committing its output. Either the
+    output is replaced and the run reports how it went, or a signal came earlier and it is not replaced and the
+    run exits 130/143, never both. (Python runs signal handlers between bytecodes, so the one flag decides.)"""
+    global _finishing
+    _finishing = True
 
 
 def _devnull(mode: str = "w"):
@@ -33,7 +44,10 @@ def run_main(app) -> None:
         sys.stderr = _devnull()
     if sys.stdin is None:
         sys.stdin = _devnull("r")
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    global _finishing
+    _finishing = False
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
     code = 0
     try:
         app()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Optional
+from dataclasses import dataclass
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -11,8 +12,8 @@ from ..distributed import take_shard
 from ..options import Activation, Aggregate, OutputFormat, RunOptions
 from ._app import app
 from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, checked_distributed,
-                      distributed_options, label_list, load_tagger, model_labels, path_stdin, report_failure, run_options,
-                      stderr_console)
+                      distributed_options, fetch_model, label_list, load_tagger, model_config, model_identity,
+                      path_stdin, report_failure, run_options, stderr_console)
 from ._errors import EXIT_FAILED, cli_errors, debug_enabled, say
 
 
@@ -57,8 +58,6 @@ def classify(
     with cli_errors(stderr, debug):
         from ..errors import UsageError
         from ..inputs import expand_inputs, parse_extensions
-        from ..output import plan_output, plan_output_dir
-        from ..sources import as_sources
         from ..tagger import LabelSelection
 
         from . import _signals
@@ -66,78 +65,198 @@ def classify(
         run.validate()
         if output is None and _signals.stdout_closed:
             raise UsageError("stdout is closed: there is nowhere to write the results", option="output")
+        if output_dir is not None and (output is not None or resume):
+            raise UsageError("--output-dir writes one file per input: it goes without --output and --resume")
         selection = LabelSelection.from_options(top, threshold, label_list(include), label_list(exclude), activation)
-        settings = checked_distributed(dist)
-        items = take_shard(expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths)), settings.shard)
-        if output_dir is not None:
-            if output is not None or resume:
-                raise UsageError("--output-dir writes one file per input: it goes without --output and --resume")
-            target, items_todo = plan_output_dir(output_dir, format, items, overwrite=overwrite)
-            segments = segments or target.needs_segments
-            if len(items_todo) < len(items) and not quiet:
-                say(stderr, f"{len(items) - len(items_todo)} of {len(items)} files already in {output_dir}")
-            sources = as_sources(items_todo)
-        else:
-            target = plan_output(output, format, resume=resume, overwrite=overwrite, inputs=items,
-                                 default="table" if sys.stdout.isatty() and output is None else "jsonl")
-            sources = as_sources(items)
-        if target.journal is not None:
-            todo = target.journal.pending(sources)
-            if not quiet:
-                say(stderr, f"resuming: {len(sources) - len(todo)} of {len(sources)} files already in {output}")
-            sources = todo
-        if not sources:
-            if not items:
-                say(stderr, "no audio files found in the given paths")
-            if target.journal is None:  # an empty list given on purpose: a valid, empty output and exit 0
-                target.open(segments).close()
-            return
-        if settings.ray:
-            from ..distributed import connect, record_to_result, run_ray
-            from ._io import stdout_for_data_only
-
-            labels = model_labels(model, run, stderr, quiet)
-            selection.mask(labels)  # unknown --include/--exclude names fail before any output is opened
-            with stdout_for_data_only():
-                connect(settings)  # no cluster at --ray-address: one line, before any output is opened
-            with stdout_for_data_only() as data:  # Ray prints its workers' troubles on stdout: keep them off
-                target.stream = data
-                results = (record_to_result(r) for r in run_ray(sources, model, run, settings, selection=selection,
-                                                                  activation=activation, aggregate=aggregate,
-                                                                  segments=segments))
-                failed = _write(results, None, len(sources), target, segments, stderr, quiet, debug)
-        else:
-            tagger = load_tagger(model, run, stderr, quiet)
-            selection.mask(tagger.labels)  # unknown --include/--exclude names fail before any output is opened
-            engine_ = tagger.engine()
-            results = tagger.classify(sources, selection=selection, activation=activation, aggregate=aggregate,
-                                      segments=segments, engine=engine_)
-            failed = _write(results, engine_, len(sources), target, segments, stderr, quiet, debug)
+        cluster = checked_distributed(dist)
+        found = expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths))
+        if not found:
+            return _nothing_found(paths, ext, stderr, quiet)
+        items = take_shard(found + _empty_folders(paths, found, ext), cluster.shard)
+        job = _Job(model, run, cluster, selection, activation, aggregate, segments, output_dir or output, stderr,
+                   quiet, debug)
+        target, sources, note = _plan(items, job, format, output, output_dir, resume, overwrite)
+        try:
+            failed = _run(target, sources, len(items) - len(sources), note, job)
+        finally:
+            target.release()
         if failed:
             raise typer.Exit(EXIT_FAILED)
 
 
-def _write(results, engine, total: int, target, segments, stderr, quiet, debug) -> int:
-    """Write ``results`` into ``target``; returns how many failed. Ctrl-C keeps what is done (jsonl) or leaves
-    the earlier file as it was (json/csv)."""
-    from ._io import native_stderr_silenced
+@dataclass
+class _Job:
+    """One classify run as the command line asked for it (``destination``: the --output or --output-dir)."""
+
+    model: str
+    run: RunOptions
+    cluster: Any
+    selection: Any
+    activation: Optional[Activation]
+    aggregate: Aggregate
+    segments: bool
+    destination: Optional[str]
+    stderr: Any
+    quiet: bool
+    debug: bool
+
+
+def _nothing_found(paths: list[str], ext, stderr, quiet: bool) -> None:
+    """No input at all: fine for an empty list on stdin (exit 0, no output written); a named folder or pattern
+    with no audio in it is a failure (a typo in a path or --ext must not look like success)."""
+    from ..errors import AstError
+
+    named = [path for path in paths if path != "-"]
+    if not named:
+        if not quiet:
+            say(stderr, "nothing to tag: standard input listed no files")
+        return
+    raise AstError(f"no {_looked_for(ext)} in {', '.join(named)}",
+                   hint="check the paths and --ext" if ext else "--ext chooses the extensions taken from folders")
+
+
+def _looked_for(ext) -> str:
+    from ..inputs import parse_extensions
+
+    if not ext:
+        return "audio or video files"
+    return "files ending in " + ", ".join("." + e for e in sorted(parse_extensions(ext)))
+
+
+def _empty_folders(paths: list[str], found, ext) -> list:
+    """A folder named next to other inputs that gave no file: an error item of its own (like a pattern that
+    matches nothing), so the rest goes on and the exit code says something was wrong."""
+    import os
+
+    from ..inputs import InputFile
+
+    roots = {item.root for item in found}
+    return [InputFile(path, error=f"no {_looked_for(ext)} in this folder") for path in dict.fromkeys(paths)
+            if path != "-" and path not in roots and os.path.isdir(path)]
+
+
+def _plan(items, job: _Job, format, output, output_dir, resume, overwrite):
+    """The checked output, the sources still to tag (an earlier run's done files left out), and what to say of
+    those (None: nothing)."""
+    from ..output import plan_output, plan_output_dir
+    from ..sources import as_sources
+
+    if output_dir is not None:
+        target, todo = plan_output_dir(output_dir, format, items, overwrite=overwrite)
+        job.segments = job.segments or target.needs_segments
+        done = len(items) - len(todo)
+        return target, as_sources(todo), f"{done} of {len(items)} files already in {output_dir}" if done else None
+    target = plan_output(output, format, resume=resume, overwrite=overwrite, inputs=items,
+                         default="table" if sys.stdout.isatty() and output is None else "jsonl")
+    sources = as_sources(items)
+    if target.journal is None:
+        return target, sources, None
+    todo = target.journal.pending(sources)  # read under the lock
+    note = f"resuming: {len(sources) - len(todo)} of {len(sources)} files already in {output}"
+    return target, todo, note if target.kind != "missing" else None  # nothing to say of a new file
+
+
+def _run(target, sources, skipped: int, note: str | None, job: _Job) -> int:
+    """Tag ``sources`` into ``target`` (planned, and holding its lock); returns how many failed."""
     from ._progress import BatchProgress
 
-    writer = target.open(segments)
+    provenance = _provenance(target, job) if sources else {}  # another model or settings: refused here
+    if note and not job.quiet:
+        say(job.stderr, note)
+    progress = BatchProgress(job.stderr, len(sources), enabled=not job.quiet and job.stderr.is_terminal)
     failed = 0
-    progress = BatchProgress(stderr, total, enabled=not quiet and stderr.is_terminal)
+    if sources:
+        if job.cluster.ray:
+            failed = _run_ray(target, sources, provenance, progress, job)
+        else:
+            tagger = load_tagger(job.model, job.run, job.stderr, job.quiet)
+            engine = tagger.engine()
+            results = tagger.classify(sources, selection=job.selection, activation=job.activation,
+                                      aggregate=job.aggregate, segments=job.segments, engine=engine)
+            failed = _write(results, engine, target, provenance, progress, job)
+    if not job.quiet:
+        _summary(len(sources) - failed, failed, skipped, progress, job)
+    return failed
+
+
+def _provenance(target, job: _Job) -> dict:
+    """What records say made them (the model, and the settings that change scores), checked against a resumed
+    output's records before the model loads. Unknown --include/--exclude names fail here too."""
+    from ..extract import Settings
+    from ..tagger import is_single_label
+
+    path = fetch_model(job.model, job.run, job.stderr, job.quiet)
+    config, features = model_config(path)
+    job.selection.mask(config.id2label)
+    activation = job.activation or (Activation.softmax if is_single_label(config) else Activation.sigmoid)
+    settings = Settings(None, model_identity(job.model, path), job.run.hop_seconds, _compute(job), activation.value)
+    if target.journal is not None:
+        target.journal.check(settings)
+    return {"model": settings.model, "settings": settings.record(features.window_seconds)}
+
+
+def _compute(job: _Job) -> str:
+    """The precision the model runs in, as records name it: int8, or the dtype (auto: fp16 on CUDA, fp32
+    elsewhere; a Ray worker is on CUDA when it takes GPUs)."""
+    from ..backends import pick_device
+    from ..options import DType, Quantize
+
+    if job.run.quantize is Quantize.int8:
+        return "int8"
+    if job.run.dtype is not DType.auto:
+        return job.run.dtype.value
+    if job.cluster.ray:
+        device = job.run.device if job.run.device != "auto" else "cuda" if job.cluster.gpus_per_worker else "cpu"
+    else:
+        device = pick_device(job.run.device)
+    return "fp16" if device.startswith("cuda") else "fp32"
+
+
+def _run_ray(target, sources, provenance: dict, progress, job: _Job) -> int:
+    from ..distributed import connect, record_to_result, run_ray
+    from ._io import stdout_for_data_only
+
+    with stdout_for_data_only():
+        connect(job.cluster)  # no cluster at --ray-address: one line, before any output is opened
+    with stdout_for_data_only() as data:  # Ray prints its workers' troubles on stdout: keep them off
+        target.stream = data
+        results = (record_to_result(r) for r in run_ray(sources, job.model, job.run, job.cluster,
+                                                          selection=job.selection, activation=job.activation,
+                                                          aggregate=job.aggregate, segments=job.segments))
+        return _write(results, None, target, provenance, progress, job)
+
+
+def _summary(tagged: int, failed: int, skipped: int, progress, job: _Job) -> None:
+    from ._progress import summary
+
+    counts = f"{tagged} tagged, {failed} failed"
+    if skipped:
+        counts += f", {skipped} skipped (already in {job.destination})"
+    summary(job.stderr, counts, progress,
+            f"results in {job.destination}" if job.destination else "results on standard output")
+
+
+def _write(results, engine, target, provenance: dict, progress, job: _Job) -> int:
+    """Write ``results`` into ``target``; returns how many failed. Ctrl-C keeps what is done (jsonl) or leaves
+    the earlier file as it was (json/csv)."""
+    from . import _signals
+    from ._io import native_stderr_silenced
+
+    writer = target.open(job.segments, provenance)
+    failed = 0
     try:
-        with native_stderr_silenced(not debug_enabled(debug)), progress:
+        with native_stderr_silenced(not debug_enabled(job.debug)), progress:
             for result in results:
                 progress.advance(result.duration)
                 if result.error is not None:
                     failed += 1
-                    report_failure(stderr, result.path, result.error)
-                    if debug_enabled(debug) and result.exception is not None:
+                    report_failure(job.stderr, result.path, result.error)
+                    if debug_enabled(job.debug) and result.exception is not None:
                         from ._errors import traceback_text
 
-                        stderr.print(traceback_text(result.exception), markup=False, highlight=False)
+                        job.stderr.print(traceback_text(result.exception), markup=False, highlight=False)
                 writer.write(result)
+        _signals.finishing()  # every result is in: from here the output is committed, whatever signal comes
     except BaseException:
         if engine is not None:
             engine.stop()

@@ -11,7 +11,8 @@ from ._app import app
 from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, checked_distributed,
                       distributed_options, fetch_model, load_tagger, path_stdin, report_failure, run_options,
                       stderr_console)
-from ._errors import EXIT_FAILED, cli_errors, debug_enabled, say
+from ._errors import EXIT_FAILED, cli_errors, debug_enabled
+from ._progress import BatchProgress, summary
 
 
 @app.command("extract-features")
@@ -77,11 +78,12 @@ def extract_features_command(
             path = fetch_model(model, run, stderr, quiet)  # downloads a missing hub model, like classify
             extractor = FeatureExtractor.fbank(model, load_feature_config(str(path), offline=run.offline), run)
         counts = {"written": 0, "skipped": 0, "failed": 0}
+        progress = BatchProgress(stderr, todo, enabled=not quiet and stderr.is_terminal, description="extracting")
         try:
-            _run(jobs, extractor, format.value, overwrite, todo, counts, stderr, quiet, debug, run, kind)
+            _run(jobs, extractor, format.value, overwrite, progress, counts, stderr, debug, run, kind)
         finally:  # also after Ctrl-C: what was written is complete and stays
-            say(stderr, f"{counts['written']} written, {counts['skipped']} skipped (already in {out}), "
-                        f"{counts['failed']} failed")
+            summary(stderr, f"{counts['written']} written, {counts['skipped']} skipped (already in {out}), "
+                            f"{counts['failed']} failed", progress, f"results in {out}")
         if counts["failed"]:
             raise typer.Exit(EXIT_FAILED)
 
@@ -94,13 +96,11 @@ class _ExtractRecord:
             path, output, status, error, duration, windows)
 
 
-def _run(jobs, extractor, fmt: str, overwrite: bool, todo: int, counts: dict, stderr, quiet: bool,
-         debug: bool, run=None, kind=None) -> None:
+def _run(jobs, extractor, fmt: str, overwrite: bool, progress, counts: dict, stderr, debug: bool, run=None,
+         kind=None) -> None:
     from ..extract import extract_features
     from ._io import native_stderr_silenced
-    from ._progress import BatchProgress
 
-    progress = BatchProgress(stderr, todo, enabled=not quiet and stderr.is_terminal, description="extracting")
     with native_stderr_silenced(not debug_enabled(debug)), progress:
         if isinstance(extractor, tuple):  # ("ray", settings, model path): the actors write the files
             from ..distributed import run_ray_extract
