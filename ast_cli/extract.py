@@ -334,7 +334,71 @@ def _finish(job: Job, out: FileOutput, extractor: FeatureExtractor, fmt: Format)
     return result
 
 
+# -- the embedding cache ------------------------------------------------------------------------------
+#
+# Window embeddings keyed by what they depend on: the model (its weights file, resolved, with size and mtime; its
+# input format), the window settings (hop, precision) and the audio file (resolved path, size, mtime). A replaced
+# file, or another file of the same name elsewhere, is embedded again; any other rerun (another output folder,
+# other training settings) reads them back.
+
+
+def embedding_cache_dir() -> str:
+    """The shared embedding cache: huggingface_hub's assets folder for ast-cli (``HF_ASSETS_CACHE``, default
+    ``HF_HOME/assets``), beside the hub cache."""
+    from huggingface_hub import cached_assets_path
+
+    return str(cached_assets_path("ast-cli", namespace="embeddings", subfolder="v1"))
+
+
+def _digest(identity: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _file_identity(path: str) -> dict | None:
+    """The resolved path, size and mtime of ``path``; None when it cannot be found."""
+    real = os.path.realpath(path)
+    try:
+        info = os.stat(real)
+    except OSError:
+        return None
+    return {"path": real, "size": info.st_size, "mtime_ns": info.st_mtime_ns}
+
+
+def cache_key(checkpoint, options: RunOptions) -> str:
+    """The model and window settings part of the cache key."""
+    from dataclasses import asdict
+
+    return _digest({"weights": _file_identity(checkpoint.source), "features": asdict(checkpoint.features),
+                    "hop_frames": options.hop_frames,
+                    "compute": Settings.of("embedding", "", options).compute})[:24]
+
+
+def cached_embeddings(paths: list[str], checkpoint, options: RunOptions, make_extractor: Callable[[], FeatureExtractor],
+                      cache_dir: str | None = None) -> Iterator[tuple[str | None, np.ndarray | None]]:
+    """(error, (windows, hidden_size) embeddings) for each of ``paths``, in order: read from the cache, or
+    computed with ``make_extractor()`` (called only when some are missing) and stored there."""
+    from safetensors.numpy import load_file
+
+    model_dir = os.path.join(cache_dir or embedding_cache_dir(), cache_key(checkpoint, options))
+    jobs = []
+    for path in paths:
+        identity = _file_identity(path)
+        output = os.path.join(model_dir, _digest(identity)[:40] + ".safetensors") if identity else ""
+        jobs.append(Job(InputFile(path), output, exists=bool(output) and bool(read_metadata(output, "safetensors"))))
+    todo = [job for job in jobs if not job.exists]
+    errors = {}
+    if todo:
+        for job, result in zip(todo, extract_features(todo, make_extractor())):
+            errors[job.output or job.item.path] = result.error
+    for job in jobs:
+        error = errors.get(job.output or job.item.path)
+        yield (error, None) if error else (None, load_file(job.output)["embedding"])
+
+
 __all__ = [
-    "ExtractResult", "FeatureExtractor", "Job", "KINDS", "FORMATS", "extract_features", "load_feature_config",
+    "ExtractResult", "FeatureExtractor", "Job", "KINDS", "FORMATS", "cached_embeddings", "embedding_cache_dir",
+    "extract_features", "load_feature_config",
     "metadata_for", "output_path", "plan_outputs", "write_features",
 ]

@@ -21,6 +21,7 @@ FLAGS = {
     "force": "--force", "batch_sizes": "--batch-sizes", "threshold": "--threshold", "top": "--top",
     "kind": "--kind", "overwrite": "--overwrite", "activation": "--activation", "aggregate": "--aggregate",
     "RAY_ADDRESS": "RAY_ADDRESS (environment)",
+    "data": "DATA", "warmup_epochs": "--warmup",
 }
 
 
