@@ -343,11 +343,12 @@ def _finish(job: Job, out: FileOutput, extractor: FeatureExtractor, fmt: Format)
 
 
 def embedding_cache_dir() -> str:
-    """The shared embedding cache: huggingface_hub's assets folder for ast-cli (``HF_ASSETS_CACHE``, default
-    ``HF_HOME/assets``), beside the hub cache."""
-    from huggingface_hub import cached_assets_path
-
-    return str(cached_assets_path("ast-cli", namespace="embeddings", subfolder="v1"))
+    """The shared embedding cache, in huggingface_hub's assets folder beside the hub cache: ``HF_ASSETS_CACHE``
+    (default ``HF_HOME/assets``) ``/ast-cli/embeddings/v1``; the environment is read at call time."""
+    env = os.environ
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    assets = env.get("HF_ASSETS_CACHE") or os.path.join(home, "assets")
+    return os.path.join(os.path.expanduser(os.path.expandvars(assets)), "ast-cli", "embeddings", "v1")
 
 
 def _digest(identity: dict) -> str:

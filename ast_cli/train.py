@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -588,7 +589,9 @@ def _load_state(out, model, optimizer, schedule) -> _TrainState:
 
     path = os.path.join(_state_dir(out), "trainer_state.pt")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a tampered file's pickle protocol: it is refused anyway
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         schedule.load_state_dict(payload["schedule"])
