@@ -402,10 +402,17 @@ class Trainer:
             val_windows = [(w - mean) / std for w in val_windows]
             _fold(model, mean, std)
         started = time.monotonic()
-        state = self._fit(model, kind, x, y, val_windows, features, resume)
-        if state.best_weights is not None:
-            model.load_state_dict(state.best_weights)
-        self.save(model, features)
+        try:
+            state = self._fit(model, kind, x, y, val_windows, features, resume)
+            if state.best_weights is not None:
+                model.load_state_dict(state.best_weights)
+            self.save(model, features)
+        except BaseException:
+            if kind == "embedding":  # nothing to resume: leave nothing behind
+                import shutil
+
+                shutil.rmtree(self.work, ignore_errors=True)
+            raise
         result = TrainResult(self.out, self.labels, self.multi_label, state.epoch, state.best_epoch,
                              state.best_metrics, round((time.monotonic() - started) / max(1, state.epoch), 4),
                              failed=self.failed)

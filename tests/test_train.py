@@ -249,20 +249,20 @@ def test_22_6_train_refuses_a_folder_it_did_not_make_and_overwrite_replaces_its_
 
 def test_22_7_a_save_killed_halfway_leaves_no_partial_checkpoint_and_nothing_that_blocks(tiny_checkpoint, small,
                                                                                           tmp_path, monkeypatch):
-    import ast_cli.train as train
+    import ast_cli.output as output
 
-    real = train._write_json
+    real = output.atomic_write
 
-    def killed(path, data):  # as a kill -9 after model.safetensors, before config.json
-        if path.endswith("config.json") and "preprocessor" not in path:
+    def killed(path, mode="w"):  # as a kill -9 after model.safetensors, before config.json
+        if os.path.basename(path) == "config.json":
             raise KeyboardInterrupt
-        real(path, data)
+        return real(path, mode)
 
-    monkeypatch.setattr(train, "_write_json", killed)
+    monkeypatch.setattr(output, "atomic_write", killed)
     out = tmp_path / "out"
     assert tiny_train(small, out, tiny_checkpoint[0]).exit_code == 130
     assert not (out / "model.safetensors").exists()  # never a model without its config.json
-    monkeypatch.setattr(train, "_write_json", real)
+    monkeypatch.setattr(output, "atomic_write", real)
     result = tiny_train(small, out, tiny_checkpoint[0])
     assert result.exit_code == 0, result.stderr
     assert {"config.json", "preprocessor_config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}

@@ -82,7 +82,7 @@ def train(
         say(stderr, f"{len(train_set.examples)} training and {len(val_set.examples)} validation files, "
                     f"{len(labels)} labels ({'multi' if dataset.multi_label else 'single'}-label), mode {mode.value}")
         base = str(fetch_model(model, run, stderr, quiet))
-        progress = _EpochProgress(stderr, config.epochs, enabled=not quiet and stderr.is_terminal)
+        progress = _EpochProgress(None if quiet else stderr, config.epochs, enabled=stderr.is_terminal)
         trainer = Trainer(base, train_set, val_set, out, config, run, feature_cache=features_dir,
                           on_epoch=progress.update, model_name=model, strict=strict,
                           on_failure=lambda path, error: say(stderr, f"error: {path}: {error}"))
@@ -100,14 +100,15 @@ def train(
 
 
 class _EpochProgress:
-    """A bar over epochs with the loss and the validation metric; a line per epoch when not a terminal."""
+    """A bar over epochs with the loss and the validation metric; a line per epoch when not a terminal; nothing
+    without a console (--quiet)."""
 
     def __init__(self, console, epochs: int, enabled: bool):
         self.console, self.epochs, self.enabled = console, epochs, enabled
         self._progress = None
 
     def __enter__(self):
-        if self.enabled:
+        if self.enabled and self.console is not None:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
             self._progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
@@ -121,7 +122,8 @@ class _EpochProgress:
         status = f"loss {record['loss']:.4f}, val loss {record['val_loss']:.4f} {metric}"
         if self._progress is not None:
             self._progress.update(self._task, completed=record["epoch"], status=status)
-        elif record["epoch"] == 1 or record["epoch"] % max(1, self.epochs // 10) == 0:  # a log, not a flood
+        elif self.console is not None and (record["epoch"] == 1 or record["epoch"] % max(1, self.epochs // 10) == 0):
+            # a log, not a flood
             say(self.console, f"epoch {record['epoch']}: {status}")
 
     def __exit__(self, *exc):
