@@ -167,6 +167,11 @@ def split(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, Da
     return dataset.subset(sorted(train)), dataset.subset(sorted(val))
 
 
+def untrained_labels(train: Dataset, val: Dataset) -> list[str]:
+    """Labels of the data that no training file has (the classifier could never learn them)."""
+    return sorted((set(train.labels) | set(val.labels)) - {name for e in train.examples for name in e.labels})
+
+
 # -- metrics ---------------------------------------------------------------------------------------------
 
 def average_precision(scores: np.ndarray, positives: np.ndarray) -> float:
@@ -430,7 +435,7 @@ class Trainer:
         for name, dataset in (("training", self.train_set), ("validation", self.val_set)):
             if not dataset.examples:
                 raise AudioDecodeError(f"no readable {name} file is left")
-        untrained = sorted(set(self.labels) - {name for e in self.train_set.examples for name in e.labels})
+        untrained = untrained_labels(self.train_set, self.val_set)
         if untrained:
             raise AudioDecodeError(f"no readable training file is left for label(s) {', '.join(untrained)}")
 

@@ -394,6 +394,8 @@ def test_23_checks_that_need_no_model_come_before_it_loads(tiny_checkpoint, smal
         result = tiny_train(small, tmp_path / "x", tiny_checkpoint[0], *extra)
         assert result.exit_code == 2 and message in result.stderr, (extra, result.stderr)
     assert "warning: class folder 'empty' holds no audio file: left out" in result.stderr  # named, once
+    val_only = tiny_train(single, tmp_path / "x", tiny_checkpoint[0], "--val", str(small))
+    assert val_only.exit_code == 2 and "--val: no training file has label(s) high, low" in val_only.stderr
     split_case = tiny_train(single, tmp_path / "x", tiny_checkpoint[0], "--val-split", "0.99")
     assert split_case.exit_code == 2 and "no file is left for validation" in split_case.stderr, split_case.stderr
     missing = tiny_train(tmp_path / "nothing", tmp_path / "x", tiny_checkpoint[0])

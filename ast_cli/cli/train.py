@@ -60,7 +60,7 @@ def train(
     with cli_errors(stderr, debug):
         from ..errors import UsageError
         from ..output import check_writable_dir
-        from ..train import TrainConfig, Trainer, check_out, load_dataset, split
+        from ..train import TrainConfig, Trainer, check_out, load_dataset, split, untrained_labels
 
         run.validate()
         config = TrainConfig(mode=mode.value, epochs=epochs, lr=lr, batch_size=train_batch, patience=patience,
@@ -77,6 +77,9 @@ def train(
         for name in (*dataset.empty, *(val_set.empty if val else ())):
             say(stderr, f"warning: class folder {name!r} holds no audio file: left out")
         labels = tuple(sorted(set(train_set.labels) | set(val_set.labels)))
+        if untrained_labels(train_set, val_set):
+            raise UsageError(f"no training file has label(s) {', '.join(untrained_labels(train_set, val_set))}",
+                             option="val")
         check_out(out, overwrite=overwrite, resume=resume,
                   marker={"mode": mode.value, "labels": list(labels), "multi_label": dataset.multi_label})
         say(stderr, f"{len(train_set.examples)} training and {len(val_set.examples)} validation files, "
