@@ -377,9 +377,11 @@ def cache_key(checkpoint, options: RunOptions) -> str:
 
 
 def cached_embeddings(paths: list[str], checkpoint, options: RunOptions, make_extractor: Callable[[], FeatureExtractor],
-                      cache_dir: str | None = None) -> Iterator[tuple[str | None, np.ndarray | None]]:
-    """(error, (windows, hidden_size) embeddings) for each of ``paths``, in order: read from the cache, or
-    computed with ``make_extractor()`` (called only when some are missing) and stored there."""
+                      cache_dir: str | None = None
+                      ) -> Iterator[tuple[str | None, np.ndarray | None, BaseException | None]]:
+    """(error, (windows, hidden_size) embeddings, the exception behind the error) for each of ``paths``, in
+    order: read from the cache, or computed with ``make_extractor()`` (called only when some are missing) and
+    stored there."""
     from safetensors.numpy import load_file
 
     model_dir = os.path.join(cache_dir or embedding_cache_dir(), cache_key(checkpoint, options))
@@ -389,13 +391,14 @@ def cached_embeddings(paths: list[str], checkpoint, options: RunOptions, make_ex
         output = os.path.join(model_dir, _digest(identity)[:40] + ".safetensors") if identity else ""
         jobs.append(Job(InputFile(path), output, exists=bool(output) and bool(read_metadata(output, "safetensors"))))
     todo = [job for job in jobs if not job.exists]
-    errors = {}
+    failed: dict[str, ExtractResult] = {}
     if todo:
         for job, result in zip(todo, extract_features(todo, make_extractor())):
-            errors[job.output or job.item.path] = result.error
+            if result.error:
+                failed[job.output or job.item.path] = result
     for job in jobs:
-        error = errors.get(job.output or job.item.path)
-        yield (error, None) if error else (None, load_file(job.output)["embedding"])
+        bad = failed.get(job.output or job.item.path)
+        yield (bad.error, None, bad.exception) if bad else (None, load_file(job.output)["embedding"], None)
 
 
 __all__ = [

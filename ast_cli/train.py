@@ -38,7 +38,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .errors import AudioDecodeError, OutputWriteError, UsageError
+from .errors import AudioDecodeError, DeviceOutOfMemoryError, OutputWriteError, UsageError, is_out_of_memory
 from .inputs import InputFile, expand_inputs
 
 SINGLE, MULTI = "single_label_classification", "multi_label_classification"
@@ -324,10 +324,13 @@ class Trainer:
             engine = Engine(self.checkpoint.features, InputsBackend(self.checkpoint.features),
                             batch_size=self.options.batch_size, workers=self.options.workers,
                             hop_frames=self.options.hop_frames)
-            results = ((r.error or ("no audio windows" if not len(r.outputs) else None), r.outputs)
+            results = ((r.error or ("no audio windows" if not len(r.outputs) else None), r.outputs, r.exception)
                        for r in engine.run([e.path for e in dataset.examples]))
         windows, bad = [], []
-        for example, (error, array) in zip(dataset.examples, results):
+        for example, (error, array, exception) in zip(dataset.examples, results):
+            if exception is not None and is_out_of_memory(exception):  # the machine's limit, not a bad clip
+                raise DeviceOutOfMemoryError(f"out of memory while computing the model's windows: {error}",
+                                             batch_size=self.options.batch_size) from None
             if error:
                 bad.append(example.path)
                 self._fail(example.path, error)
@@ -408,7 +411,13 @@ class Trainer:
             _fold(model, mean, std)
         started = time.monotonic()
         try:
-            state = self._fit(model, kind, x, y, val_windows, features, resume)
+            try:
+                state = self._fit(model, kind, x, y, val_windows, features, resume)
+            except Exception as exc:
+                if not is_out_of_memory(exc) or isinstance(exc, DeviceOutOfMemoryError):
+                    raise
+                raise DeviceOutOfMemoryError(f"out of memory while training: {_first_line(exc)}",
+                                             batch_size=self.config.batch_size, training=True) from None
             if state.best_weights is not None:
                 model.load_state_dict(state.best_weights)
             self.save(model, features)
@@ -846,6 +855,10 @@ def _dataset_normalization(windows: list[np.ndarray], features):
 def _renormalize(windows: np.ndarray, old, new) -> np.ndarray:
     raw = windows * (2 * old.std) + old.mean if old.do_normalize else windows
     return ((raw - new.mean) / (2 * new.std)).astype(np.float32)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _jsonable(value):

@@ -434,3 +434,25 @@ def test_23_a_full_disk_during_train_names_the_file(tiny_checkpoint, small, tmp_
     result = tiny_train(small, tmp_path / "out", tiny_checkpoint[0])
     assert result.exit_code == 1 and "model.safetensors: No space left on device" in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_23_out_of_memory_names_the_batch_that_causes_it_and_is_not_a_bad_clip(tiny_checkpoint, small, tmp_path,
+                                                                               monkeypatch):
+    import ast_cli.backends as backends
+    import ast_cli.train as train
+
+    def epoch(*a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train.Trainer, "_epoch", epoch)
+    result = tiny_train(small, tmp_path / "out", tiny_checkpoint[0])
+    assert result.exit_code == 1 and "Hint: use a smaller --train-batch" in result.stderr, result.stderr
+    assert "--batch-size" not in result.stderr and not (tmp_path / "out").exists()
+
+    def model(*a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(backends.LocalBackend, "__call__", model)
+    result = tiny_train(small, tmp_path / "out", tiny_checkpoint[0], "--features-dir", str(tmp_path / "cache"))
+    assert result.exit_code == 1 and "Hint: use a smaller --batch-size" in result.stderr, result.stderr
+    assert "error: " not in result.stderr  # not six bad clips
