@@ -456,3 +456,26 @@ def test_23_out_of_memory_names_the_batch_that_causes_it_and_is_not_a_bad_clip(t
     result = tiny_train(small, tmp_path / "out", tiny_checkpoint[0], "--features-dir", str(tmp_path / "cache"))
     assert result.exit_code == 1 and "Hint: use a smaller --batch-size" in result.stderr, result.stderr
     assert "error: " not in result.stderr  # not six bad clips
+
+
+def test_22_7_an_interrupted_finetune_leaves_out_alone_and_resumes(tiny_checkpoint, small, tmp_path, monkeypatch):
+    import ast_cli.train as train
+
+    real, calls = train.Trainer._epoch, []
+
+    def epoch(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(train.Trainer, "_epoch", epoch)
+    out = tmp_path / "ft"
+    args = ["--mode", "finetune", "--epochs", "3"]
+    stopped = tiny_train(small, out, tiny_checkpoint[0], *args)
+    assert stopped.exit_code == 130 and "--resume" in stopped.stderr, stopped.stderr
+    assert not out.exists()
+    resumed = tiny_train(small, out, tiny_checkpoint[0], *args, "--resume")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert [json.loads(line)["epoch"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

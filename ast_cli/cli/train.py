@@ -89,8 +89,13 @@ def train(
         trainer = Trainer(base, train_set, val_set, out, config, run, feature_cache=features_dir,
                           on_epoch=progress.update, model_name=model, strict=strict,
                           on_failure=lambda path, error: say(stderr, f"error: {path}: {error}"))
-        with progress:
-            result = trainer.run(resume=resume)
+        try:
+            with progress:
+                result = trainer.run(resume=resume)
+        except KeyboardInterrupt:
+            if mode.value == "finetune":
+                say(stderr, f"the last finished epoch is kept beside {out}: the same command with --resume continues")
+            raise
         best = result.val
         metric = (f"accuracy {best.get('accuracy', 0):.3f}, macro-F1 {best.get('macro_f1', 0):.3f}"
                   if not result.multi_label else f"mAP {best.get('map', 0):.3f}")
