@@ -367,24 +367,24 @@ def _file_identity(path: str) -> dict | None:
     return {"path": real, "size": info.st_size, "mtime_ns": info.st_mtime_ns}
 
 
-def cache_key(checkpoint, options: RunOptions) -> str:
-    """The model and window settings part of the cache key."""
+def cache_key(weights: str, features: FeatureConfig, options: RunOptions) -> str:
+    """The model (its ``weights`` file and input format) and window settings part of the cache key."""
     from dataclasses import asdict
 
-    return _digest({"weights": _file_identity(checkpoint.source), "features": asdict(checkpoint.features),
+    return _digest({"weights": _file_identity(weights), "features": asdict(features),
                     "hop_frames": options.hop_frames,
                     "compute": Settings.of("embedding", "", options).compute})[:24]
 
 
-def cached_embeddings(paths: list[str], checkpoint, options: RunOptions, make_extractor: Callable[[], FeatureExtractor],
-                      cache_dir: str | None = None
+def cached_embeddings(paths: list[str], weights: str, features: FeatureConfig, options: RunOptions,
+                      make_extractor: Callable[[], FeatureExtractor], cache_dir: str | None = None
                       ) -> Iterator[tuple[str | None, np.ndarray | None, BaseException | None]]:
     """(error, (windows, hidden_size) embeddings, the exception behind the error) for each of ``paths``, in
-    order: read from the cache, or computed with ``make_extractor()`` (called only when some are missing) and
-    stored there."""
+    order, for the model whose weights file is ``weights``: read from the cache, or computed with
+    ``make_extractor()`` (called only when some are missing) and stored there."""
     from safetensors.numpy import load_file
 
-    model_dir = os.path.join(cache_dir or embedding_cache_dir(), cache_key(checkpoint, options))
+    model_dir = os.path.join(cache_dir or embedding_cache_dir(), cache_key(weights, features, options))
     jobs = []
     for path in paths:
         identity = _file_identity(path)

@@ -354,8 +354,8 @@ class Trainer:
                                          output="embedding")
             return FeatureExtractor("embedding", self.model_name, backend, self.options)
 
-        return cached_embeddings([e.path for e in dataset.examples], self.checkpoint, self.options, extractor,
-                                 self.feature_cache)
+        return cached_embeddings([e.path for e in dataset.examples], self.checkpoint.source,
+                                 self.checkpoint.features, self.options, extractor, self.feature_cache)
 
     # -- the model --------------------------------------------------------------------------------------
 
@@ -875,27 +875,27 @@ def _jsonable(value):
 
 # -- evaluation ---------------------------------------------------------------------------------------------
 
-def evaluate(tagger, dataset: Dataset, threshold: float = 0.5) -> dict:
-    """Metrics of ``tagger`` on ``dataset``; its labels are matched by name (every data label must be one)."""
-    from .tagger import LabelSelection
-
-    activation = "sigmoid" if dataset.multi_label else "softmax"
+def evaluate(tagger, dataset: Dataset, threshold: float = 0.5, feature_cache: str | None = None) -> dict:
+    """Metrics of ``tagger`` on ``dataset``; its labels are matched by name (every data label must be one).
+    Window embeddings come from (and go to) the shared cache (``feature_cache``: another folder), so a second
+    evaluation of the same model and files, or one of the base model ``train`` used, computes nothing again."""
     index = {name: i for i, name in enumerate(tagger.labels)}
     missing = sorted(set(dataset.labels) - set(index))
     if missing:
         raise UsageError(f"the model has no label {missing[0]!r} (and {len(missing) - 1} more)" if len(missing) > 1
                          else f"the model has no label {missing[0]!r}", option="data")
-    aggregate = "max" if dataset.multi_label else "mean"
     scores = np.zeros((len(dataset.examples), len(tagger.labels)))
-    failed = []
-    for row, result in enumerate(tagger.classify([e.path for e in dataset.examples], selection=LabelSelection(top=None),
-                                                 activation=activation, aggregate=aggregate)):
-        if result.error:
-            failed.append({"path": result.path, "error": result.error})
-            continue
-        for label in result.labels:
-            scores[row, label.index] = label.score
-    keep = [i for i, e in enumerate(dataset.examples) if e.path not in {f["path"] for f in failed}]
+    failed, keep = [], []
+    for row, (example, (error, logits)) in enumerate(zip(dataset.examples, _file_logits(tagger, dataset,
+                                                                                         feature_cache))):
+        if error is None:
+            scores[row] = file_scores([logits], dataset.multi_label)[0]  # as classify: softmax mean, sigmoid max
+            if not np.isfinite(scores[row]).all():
+                error = "the model gave non-finite scores (the audio is far outside [-1, 1]?)"
+        if error is not None:
+            failed.append({"path": example.path, "error": error})
+        else:
+            keep.append(row)
     if not keep:  # nothing to measure: no metrics (numpy would warn on empty arrays)
         return {"files": 0, "failed": failed}
     columns = [index[name] for name in dataset.labels]
@@ -903,3 +903,25 @@ def evaluate(tagger, dataset: Dataset, threshold: float = 0.5) -> dict:
                      threshold)
     report["failed"] = failed
     return _jsonable(report)
+
+
+def _file_logits(tagger, dataset: Dataset, feature_cache: str | None) -> Iterator[tuple[str | None, np.ndarray]]:
+    """(error, (windows, K) logits) per file: the classifier on cached embeddings, or (a ``Tagger`` that does
+    not know its weights file) the whole model."""
+    from .extract import FeatureExtractor, cached_embeddings, embedding_cache_dir
+    from .output import check_writable_dir
+
+    paths = [e.path for e in dataset.examples]
+    try:
+        check_writable_dir(feature_cache or embedding_cache_dir())
+        cached = getattr(tagger, "source", None) is not None
+    except UsageError:  # a read-only cache: evaluate all the same
+        cached = False
+    if not cached:
+        for out in tagger.engine().run(paths):
+            empty = out.error is None and (out.outputs is None or not len(out.outputs))
+            yield ("no audio windows" if empty else out.error), out.outputs
+        return
+    for error, embeddings, _ in cached_embeddings(paths, tagger.source, tagger.features, tagger.options,
+                                                  lambda: FeatureExtractor.embeddings(tagger), feature_cache):
+        yield error, None if error else tagger.head(embeddings)

@@ -479,3 +479,29 @@ def test_22_7_an_interrupted_finetune_leaves_out_alone_and_resumes(tiny_checkpoi
     assert resumed.exit_code == 0, resumed.stderr
     assert [json.loads(line)["epoch"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_24_6_evaluate_shares_the_cache_and_scores_as_classify(tiny_checkpoint, small, tmp_path, monkeypatch):
+    from ast_cli import RunOptions, Tagger
+    from ast_cli.train import evaluate
+
+    out = tmp_path / "out"
+    assert tiny_train(small, out, tiny_checkpoint[0]).exit_code == 0
+    cache = tmp_path / "cache"
+    first = runner.invoke(app, ["evaluate", str(out), str(small), "-f", "json", "--features-dir", str(cache)])
+    assert first.exit_code == 0, first.stderr
+    assert len(list(cache.rglob("*.safetensors"))) == 6  # the trained model's embeddings, one file per clip
+    tagger = Tagger.load(str(out), RunOptions())
+    tagger.source = None  # no weights file to key a cache by: the whole model on every window, as classify
+    whole = evaluate(tagger, load_dataset(str(small)))
+    import ast_cli.extract as extract
+
+    def refuse(*a, **k):
+        raise AssertionError("embeddings were computed again")
+
+    monkeypatch.setattr(extract, "extract_features", refuse)
+    second = runner.invoke(app, ["evaluate", str(out), str(small), "-f", "json", "--features-dir", str(cache)])
+    assert second.exit_code == 0, second.stderr
+    assert json.loads(second.stdout) == json.loads(first.stdout)
+    assert json.loads(first.stdout)["confusion"] == whole["confusion"]
+    assert json.loads(first.stdout)["accuracy"] == pytest.approx(whole["accuracy"])

@@ -59,6 +59,7 @@ def train(
     stderr = stderr_console()
     with cli_errors(stderr, debug):
         from ..errors import UsageError
+        from ..extract import embedding_cache_dir
         from ..output import check_writable_dir
         from ..train import TrainConfig, Trainer, check_out, load_dataset, split, untrained_labels
 
@@ -68,8 +69,8 @@ def train(
                              keep_normalization=keep_normalization).resolved()
         if resume and mode.value != "finetune":
             raise UsageError("--resume continues a finetune run (head training takes seconds: run it again)")
-        if features_dir:
-            check_writable_dir(features_dir, option="features_dir")
+        if mode is Mode.head:
+            check_writable_dir(features_dir or embedding_cache_dir(), option="features_dir")
         dataset = load_dataset(data)
         train_set, val_set = (dataset, load_dataset(val, option="val")) if val else split(dataset, val_split, seed)
         if val and val_set.multi_label != dataset.multi_label:
@@ -146,6 +147,7 @@ def evaluate(
     data: DataArg,
     run: RunOptions,
     threshold: Annotated[float, typer.Option(metavar="P", help="multi-label: the score a label counts as present at (for F1).")] = 0.5,
+    features_dir: Annotated[Optional[str], typer.Option("--features-dir", metavar="DIR", help="Where window embeddings are cached (default: the cache ast train shares, under HF_HOME/assets).")] = None,
     format: Annotated[ListFormat, typer.Option("--format", "-f", help="table or json.")] = ListFormat.table,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -164,12 +166,15 @@ def evaluate(
         import json
 
         from ..errors import AudioDecodeError
+        from ..output import check_writable_dir
         from ..train import evaluate as measure
         from ..train import load_dataset
 
         dataset = load_dataset(data)
+        if features_dir:
+            check_writable_dir(features_dir, option="features_dir")
         tagger = load_tagger(model, run, stderr, quiet)
-        report = measure(tagger, dataset, threshold)
+        report = measure(tagger, dataset, threshold, feature_cache=features_dir)
         for failure in report["failed"]:
             say(stderr, f"error: {failure['path']}: {failure['error']}")
         if not report["files"]:
