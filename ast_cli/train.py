@@ -440,7 +440,7 @@ class Trainer:
 
     def _check_clips(self) -> None:
         if self.failed and self.strict:
-            raise BadClipsError(f"{len(self.failed)} clip(s) could not be read", failed=self.failed)
+            raise BadClipsError(f"{clips(len(self.failed))} could not be read", failed=self.failed)
         for name, dataset in (("training", self.train_set), ("validation", self.val_set)):
             if not dataset.examples:
                 raise AudioDecodeError(f"no readable {name} file is left")
@@ -459,6 +459,8 @@ class Trainer:
         steps_per_epoch = max(1, math.ceil(len(x) / self.config.batch_size / self.config.accumulate))
         schedule = _warmup_cosine(optimizer, steps_per_epoch, self.config)
         state = _load_state(self.work, model, optimizer, schedule) if resume else _TrainState()
+        if resume:  # a kill between the log line and the state file: the state says where the run is
+            _trim_log(os.path.join(self.work, "train_log.jsonl"), state.epoch)
         rng = np.random.default_rng(self.config.seed + state.epoch)
         try:
             for epoch in range(state.epoch + 1, self.config.epochs + 1):
@@ -778,6 +780,27 @@ def _write_json(path: str, data) -> None:
         handle.write("\n")
 
 
+def _trim_log(path: str, epochs: int) -> None:
+    """Keep the log's records of the first ``epochs`` epochs (and drop a torn last line)."""
+    from .output import atomic_write
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except FileNotFoundError:
+        return
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["epoch"] <= epochs:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    if kept != lines:
+        with _writing(path), atomic_write(path) as handle:
+            handle.write("".join(line + "\n" for line in kept))
+
+
 def _append_line(path: str, line: str) -> None:
     with _writing(path), open(path, "a", encoding="utf-8") as handle:
         handle.write(line + "\n")
@@ -855,6 +878,10 @@ def _dataset_normalization(windows: list[np.ndarray], features):
 def _renormalize(windows: np.ndarray, old, new) -> np.ndarray:
     raw = windows * (2 * old.std) + old.mean if old.do_normalize else windows
     return ((raw - new.mean) / (2 * new.std)).astype(np.float32)
+
+
+def clips(count: int) -> str:
+    return f"{count} clip" if count == 1 else f"{count} clips"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -348,12 +348,12 @@ def test_23_train_names_every_bad_clip_and_trains_on_the_rest(tiny_checkpoint, s
     assert result.exit_code == 1, result.stderr
     for name in ("truncated.wav", "text.wav", "dangling.wav"):
         assert sum(name in line and line.startswith("error: ") for line in result.stderr.splitlines()) == 1
-    assert "3 clip(s) could not be read" in result.stderr
+    assert "3 clips could not be read and left out" in result.stderr
     saved = json.loads((out / "metrics.json").read_text())
     assert sorted(os.path.basename(f["path"]) for f in saved["failed"]) == ["dangling.wav", "text.wav", "truncated.wav"]
     assert (out / "model.safetensors").is_file()
     strict = tiny_train(small, tmp_path / "strict", tiny_checkpoint[0], "--strict")
-    assert strict.exit_code == 1 and "Error: 3 clip(s) could not be read" in strict.stderr, strict.stderr
+    assert strict.exit_code == 1 and "Error: 3 clips could not be read" in strict.stderr, strict.stderr
     assert not (tmp_path / "strict").exists()
 
 
@@ -414,7 +414,7 @@ def test_23_evaluate_when_every_file_fails_is_one_line(tiny_checkpoint, tmp_path
         (data / kind / "x.wav").write_text("not audio")
     result = runner.invoke(app, ["evaluate", str(tiny_checkpoint[0]), str(data)])
     assert result.exit_code == 1, result.stderr
-    assert "Error: none of the 2 files" in result.stderr
+    assert f"Error: no file of {data} could be read" in result.stderr
     assert "Warning" not in result.stderr and "TypeError" not in result.stderr and "unexpected" not in result.stderr
 
 
@@ -505,3 +505,15 @@ def test_24_6_evaluate_shares_the_cache_and_scores_as_classify(tiny_checkpoint, 
     assert json.loads(second.stdout) == json.loads(first.stdout)
     assert json.loads(first.stdout)["confusion"] == whole["confusion"]
     assert json.loads(first.stdout)["accuracy"] == pytest.approx(whole["accuracy"])
+
+
+def test_22_7_a_kill_between_the_log_and_the_state_file_logs_each_epoch_once(tiny_checkpoint, small, tmp_path,
+                                                                              monkeypatch):
+    out = tmp_path / "ft"
+    args = ["--mode", "finetune", "--epochs", "2"]
+    assert tiny_train(small, out, tiny_checkpoint[0], *args).exit_code == 0
+    with open(out / "train_log.jsonl", "a") as log:  # epoch 3 logged, its state never saved
+        log.write('{"epoch": 3, "loss": 1.0, "val_loss": 1.0}\n{"epoch": 4, "lo')
+    resumed = tiny_train(small, out, tiny_checkpoint[0], "--mode", "finetune", "--epochs", "3", "--resume")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert [json.loads(line)["epoch"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]

@@ -61,7 +61,7 @@ def train(
         from ..errors import UsageError
         from ..extract import embedding_cache_dir
         from ..output import check_writable_dir
-        from ..train import TrainConfig, Trainer, check_out, load_dataset, split, untrained_labels
+        from ..train import TrainConfig, Trainer, check_out, clips, load_dataset, split, untrained_labels
 
         run.validate()
         config = TrainConfig(mode=mode.value, epochs=epochs, lr=lr, batch_size=train_batch, patience=patience,
@@ -104,7 +104,7 @@ def train(
                     f"{result.seconds_per_epoch:.2f} s per epoch")
         typer.echo(out)
         if result.failed:
-            say(stderr, f"{len(result.failed)} clip(s) could not be read and were left out (listed in metrics.json)")
+            say(stderr, f"{clips(len(result.failed))} could not be read and left out (listed in metrics.json)")
             raise typer.Exit(1)
 
 
@@ -178,7 +178,7 @@ def evaluate(
         for failure in report["failed"]:
             say(stderr, f"error: {failure['path']}: {failure['error']}")
         if not report["files"]:
-            raise AudioDecodeError(f"none of the {len(report['failed'])} files of {data} could be read: nothing to measure")
+            raise AudioDecodeError(f"no file of {data} could be read: nothing to measure")
         if format is ListFormat.json:
             typer.echo(json.dumps(report, indent=2))
         else:
