@@ -7,7 +7,8 @@ of the model's length, all with the file's labels; a file's score is its windows
 ``classify`` does (softmax: mean; sigmoid: max).
 
 - ``head``: the pooled embedding of every window is computed once with the base model and cached on disk in
-  ``extract-features``' format (a rerun with other training settings computes nothing again); the checkpoint's
+  ``extract-features``' format, in the cache every run shares (``extract.cached_embeddings``: keyed by the
+  model, the window settings and each file's identity), so any rerun computes nothing again; the checkpoint's
   classifier (its LayerNorm + Linear, LayerNorm started from the base's) is trained with AdamW, cross-entropy
   for single-label data and BCE-with-logits for multi-label, with early stopping on the validation loss. The
   head sees the embeddings standardized per feature (over the training windows); that affine map is folded
@@ -20,7 +21,9 @@ of the model's length, all with the file's labels; a file's score is its windows
 
 The output folder holds ``config.json`` (new ``id2label``/``label2id`` and ``problem_type``),
 ``preprocessor_config.json``, ``model.safetensors``, ``train_log.jsonl`` (one line per epoch) and
-``metrics.json`` (validation); ``transformers.ASTForAudioClassification.from_pretrained`` loads it.
+``metrics.json`` (validation, and the clips left out as unreadable), and ``MARKER`` (what makes it an output
+of this module: its mode and labels); ``transformers.ASTForAudioClassification.from_pretrained`` loads it. A run
+works in ``staging_dir(out)`` and renames it to ``out`` when done, so ``out`` is never half written.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import math
 import os
 import random
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -39,7 +42,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .errors import AudioDecodeError, DeviceOutOfMemoryError, OutputWriteError, UsageError, is_out_of_memory
-from .inputs import InputFile, expand_inputs
+from .inputs import expand_inputs
 
 SINGLE, MULTI = "single_label_classification", "multi_label_classification"
 
@@ -54,8 +57,8 @@ class Example:
 
 @dataclass
 class Dataset:
-    """Labeled files. ``root``: the folder paths are mirrored below in the feature cache. ``empty``: class
-    folders that held no audio file (left out)."""
+    """Labeled files. ``root``: the data folder, or the folder of the table. ``empty``: class folders that held
+    no audio file (left out)."""
 
     examples: list[Example]
     labels: tuple[str, ...]
@@ -75,9 +78,6 @@ class Dataset:
                                      option="data")
                 out[row, index[name]] = 1.0
         return out
-
-    def inputs(self) -> list[InputFile]:
-        return [InputFile(e.path, root=self.root) for e in self.examples]
 
     def subset(self, rows: Iterable[int]) -> "Dataset":
         return replace(self, examples=[self.examples[i] for i in rows])
@@ -117,7 +117,7 @@ def _read_table(path: str, option: str) -> Dataset:
         # utf-8-sig: a CSV saved by Excel starts with a byte order mark, which would end up in the first column name
         with open(path, encoding="utf-8-sig", newline="") as handle:
             if path.lower().endswith((".jsonl", ".ndjson")):
-                rows = [_jsonl_row(path, number, line) for number, line in enumerate(handle, 1) if line.strip()]
+                rows = [_jsonl_row(path, number, line, option) for number, line in enumerate(handle, 1) if line.strip()]
             else:
                 reader = csv.DictReader(handle)
                 if "path" not in (reader.fieldnames or ()):
@@ -133,16 +133,16 @@ def _read_table(path: str, option: str) -> Dataset:
     return Dataset(examples, names, multi_label=True, root=base)
 
 
-def _jsonl_row(path: str, number: int, line: str) -> tuple[str, str]:
+def _jsonl_row(path: str, number: int, line: str, option: str) -> tuple[str, str]:
     """(path, labels joined by ;) of one JSONL line; a wrong type is a ``UsageError`` naming the line and field."""
     record = json.loads(line)
     if not isinstance(record, dict) or not isinstance(record.get("path"), str) or not record["path"]:
-        raise UsageError(f"{path} line {number}: 'path' must be a non-empty string")
+        raise UsageError(f"{path} line {number}: 'path' must be a non-empty string", option=option)
     labels = record.get("labels", "")
     if isinstance(labels, list) and all(isinstance(x, str) for x in labels):
         labels = ";".join(labels)
     if not isinstance(labels, str):
-        raise UsageError(f"{path} line {number}: 'labels' must be a string or a list of strings")
+        raise UsageError(f"{path} line {number}: 'labels' must be a string or a list of strings", option=option)
     return record["path"], labels
 
 
@@ -431,7 +431,7 @@ class Trainer:
                              state.best_metrics, round((time.monotonic() - started) / max(1, state.epoch), 4),
                              failed=self.failed)
         _write_json(os.path.join(self.work, "metrics.json"), _jsonable(asdict(result)))
-        _swap_into_place(self.work, self.out)
+        _swap_into_place(self.work, os.path.realpath(self.out))
         return result
 
     def marker(self) -> dict:
@@ -600,9 +600,14 @@ def _save_state(out, model, optimizer, schedule, state: _TrainState) -> None:
     if state.best_weights is not None and state.best_epoch != state.epoch:
         payload["best_model"] = state.best_weights
     path = os.path.join(directory, "trainer_state.pt")
-    with _writing(path):
+    try:
         torch.save(payload, path + ".part")
         os.replace(path + ".part", path)
+    except (OSError, RuntimeError) as exc:  # torch's zip writer reports a full disk as a RuntimeError
+        with suppress(OSError):
+            os.unlink(path + ".part")
+        reason = getattr(exc, "strerror", None) or _first_line(exc)
+        raise OutputWriteError(f"cannot write {path}: {reason}", path=path) from None
 
 
 def _load_state(out, model, optimizer, schedule) -> _TrainState:
@@ -637,8 +642,9 @@ STAGING_SUFFIX = ".ast-train"
 
 
 def staging_dir(out: str) -> str:
-    """The folder a run works in, beside ``out``, renamed to ``out`` when it is done."""
-    out = os.path.abspath(out)
+    """The folder a run works in, beside ``out`` (through a symlink: beside its target), renamed to ``out``
+    when it is done."""
+    out = os.path.realpath(out)
     return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}{STAGING_SUFFIX}")
 
 
