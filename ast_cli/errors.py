@@ -88,9 +88,11 @@ class OutputWriteError(AstError):
 
 
 class DeviceOutOfMemoryError(AstError):
-    """The model ran out of device (or host) memory on a batch of ``batch_size`` windows."""
+    """The model ran out of device (or host) memory on a batch of ``batch_size`` windows (``training``: of
+    training examples, in a training step)."""
 
     batch_size: int | None = None
+    training: bool = False
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -350,7 +350,75 @@ def _finish(job: Job, out: FileOutput, extractor: FeatureExtractor, fmt: Format)
     return result
 
 
+# -- the embedding cache ------------------------------------------------------------------------------
+#
+# Window embeddings keyed by what they depend on: the model (its weights file, resolved, with size and mtime; its
+# input format), the window settings (hop, precision) and the audio file (resolved path, size, mtime). A replaced
+# file, or another file of the same name elsewhere, is embedded again; any other rerun (another output folder,
+# other training settings) reads them back.
+
+
+def embedding_cache_dir() -> str:
+    """The shared embedding cache, in huggingface_hub's assets folder beside the hub cache: ``HF_ASSETS_CACHE``
+    (default ``HF_HOME/assets``) ``/ast-cli/embeddings/v1``; the environment is read at call time."""
+    env = os.environ
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    assets = env.get("HF_ASSETS_CACHE") or os.path.join(home, "assets")
+    return os.path.join(os.path.expanduser(os.path.expandvars(assets)), "ast-cli", "embeddings", "v1")
+
+
+def _digest(identity: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _file_identity(path: str) -> dict | None:
+    """The resolved path, size and mtime of ``path``; None when it cannot be found."""
+    real = os.path.realpath(path)
+    try:
+        info = os.stat(real)
+    except OSError:
+        return None
+    return {"path": real, "size": info.st_size, "mtime_ns": info.st_mtime_ns}
+
+
+def cache_key(weights: str, features: FeatureConfig, options: RunOptions) -> str:
+    """The model (its ``weights`` file and input format) and window settings part of the cache key."""
+    from dataclasses import asdict
+
+    return _digest({"weights": _file_identity(weights), "features": asdict(features),
+                    "hop_frames": options.hop_frames,
+                    "compute": Settings.of("embedding", "", options).compute})[:24]
+
+
+def cached_embeddings(paths: list[str], weights: str, features: FeatureConfig, options: RunOptions,
+                      make_extractor: Callable[[], FeatureExtractor], cache_dir: str | None = None
+                      ) -> Iterator[tuple[str | None, np.ndarray | None, BaseException | None]]:
+    """(error, (windows, hidden_size) embeddings, the exception behind the error) for each of ``paths``, in
+    order, for the model whose weights file is ``weights``: read from the cache, or computed with
+    ``make_extractor()`` (called only when some are missing) and stored there."""
+    from safetensors.numpy import load_file
+
+    model_dir = os.path.join(cache_dir or embedding_cache_dir(), cache_key(weights, features, options))
+    jobs = []
+    for path in paths:
+        identity = _file_identity(path)
+        output = os.path.join(model_dir, _digest(identity)[:40] + ".safetensors") if identity else ""
+        jobs.append(Job(InputFile(path), output, exists=bool(output) and bool(read_metadata(output, "safetensors"))))
+    todo = [job for job in jobs if not job.exists]
+    failed: dict[str, ExtractResult] = {}
+    if todo:
+        for job, result in zip(todo, extract_features(todo, make_extractor())):
+            if result.error:
+                failed[job.output or job.item.path] = result
+    for job in jobs:
+        bad = failed.get(job.output or job.item.path)
+        yield (bad.error, None, bad.exception) if bad else (None, load_file(job.output)["embedding"], None)
+
+
 __all__ = [
-    "ExtractResult", "FeatureExtractor", "Job", "KINDS", "FORMATS", "extract_features", "load_feature_config",
+    "ExtractResult", "FeatureExtractor", "Job", "KINDS", "FORMATS", "cached_embeddings", "embedding_cache_dir",
+    "extract_features", "load_feature_config",
     "metadata_for", "output_path", "plan_outputs", "write_features",
 ]

@@ -143,8 +143,9 @@ class Tagger:
     """A model ready for inference (``backend``), with the input format and labels it was trained with."""
 
     def __init__(self, backend, labels: tuple[str, ...], *, name: str = "", options: RunOptions = RunOptions(),
-                 single_label: bool = False):
+                 single_label: bool = False, source: str | None = None):
         self.backend = backend
+        self.source = source  # the weights file, when loaded from one: what caches of its outputs are keyed by
         self.features: FeatureConfig = backend.features
         self.labels = labels
         self.name = name
@@ -169,7 +170,7 @@ class Tagger:
         checkpoint = load_checkpoint(path)
         backend = LocalBackend.build(build_model(checkpoint), checkpoint.features, options)
         return cls(backend, checkpoint.config.id2label, name=model, options=options,
-                   single_label=is_single_label(checkpoint.config))
+                   single_label=is_single_label(checkpoint.config), source=checkpoint.source)
 
     @property
     def model(self):
@@ -188,6 +189,15 @@ class Tagger:
     def embed(self, inputs) -> "torch.Tensor":  # noqa: F821
         """(B, T, F) features -> (B, hidden_size) float32 pooled embeddings on the CPU."""
         return self.backend.with_output("embedding").tensor(inputs)
+
+    def head(self, embeddings: np.ndarray) -> np.ndarray:
+        """(W, hidden_size) pooled embeddings -> (W, num_labels) float32 logits: the classifier alone, in the
+        model's dtype (an embedding is a float32 copy of it: casting back is exact)."""
+        import torch
+
+        with torch.inference_mode():
+            pooled = torch.from_numpy(np.ascontiguousarray(embeddings)).to(self.device, self.backend.dtype)
+            return self.model.forward_head(pooled).float().cpu().numpy()
 
     def engine(self, backend=None) -> Engine:
         """An engine over this tagger's windows (its ``options``: hop, batch size, workers)."""

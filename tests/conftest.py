@@ -161,4 +161,5 @@ def _offline_hub(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("HF_HUB_OFFLINE", os.environ.get("AST_TEST_HF_OFFLINE", "1"))
     monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf_home"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HF_ASSETS_CACHE", raising=False)  # the embedding cache lives there
     monkeypatch.delenv("AST_DEBUG", raising=False)

@@ -206,3 +206,315 @@ def test_train_usage_errors(base, folder, tmp_path):
     for args, message in cases:
         result = runner.invoke(app, [*args, "--model", str(base[0])])
         assert result.exit_code == 2 and message in result.stderr, (args, result.stderr)
+
+
+# -- #22 and #23: never lose, never leak; bad clips; checks before the model loads ----------------------------
+
+@pytest.fixture
+def small(tmp_path):
+    """Two labels of three short clips each (one window of the tiny model's 0.64 s)."""
+    rng = np.random.default_rng(2)
+    for kind in ("high", "low"):
+        (tmp_path / "small" / kind).mkdir(parents=True)
+        for i in range(3):
+            sf.write(str(tmp_path / "small" / kind / f"{i}.wav"), sound(kind, rng)[:9000], RATE)
+    return tmp_path / "small"
+
+
+def tiny_train(data, out, model, *extra):
+    return runner.invoke(app, ["train", str(data), "--out", str(out), "--model", str(model), "--val-split", "0.34",
+                               "--epochs", "2", "--quiet", *extra])
+
+
+def test_22_6_train_refuses_a_folder_it_did_not_make_and_overwrite_replaces_its_own(tiny_checkpoint, small, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in ("config.json", "metrics.json", "train_log.jsonl"):
+        (mine / name).write_text("the user's own\n")
+    for extra in ((), ("--overwrite",)):
+        refused = tiny_train(small, mine, tiny_checkpoint[0], *extra)
+        assert refused.exit_code == 2 and "is not an ast training output" in refused.stderr, refused.stderr
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json", "metrics.json", "train_log.jsonl"]
+    assert all(p.read_text() == "the user's own\n" for p in mine.iterdir())
+    out = tmp_path / "out"
+    assert tiny_train(small, out, tiny_checkpoint[0]).exit_code == 0
+    again = tiny_train(small, out, tiny_checkpoint[0])
+    assert again.exit_code == 2 and "already holds a training run" in again.stderr and "--overwrite" in again.stderr
+    before = (out / "model.safetensors").stat().st_ino
+    replaced = tiny_train(small, out, tiny_checkpoint[0], "--overwrite", "--seed", "3")
+    assert replaced.exit_code == 0, replaced.stderr
+    assert (out / "model.safetensors").stat().st_ino != before
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 2  # replaced, not appended to
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
+
+
+def test_22_7_a_save_killed_halfway_leaves_no_partial_checkpoint_and_nothing_that_blocks(tiny_checkpoint, small,
+                                                                                          tmp_path, monkeypatch):
+    import ast_cli.output as output
+
+    real = output.atomic_write
+
+    def killed(path, mode="w"):  # as a kill -9 after model.safetensors, before config.json
+        if os.path.basename(path) == "config.json":
+            raise KeyboardInterrupt
+        return real(path, mode)
+
+    monkeypatch.setattr(output, "atomic_write", killed)
+    out = tmp_path / "out"
+    assert tiny_train(small, out, tiny_checkpoint[0]).exit_code == 130
+    assert not (out / "model.safetensors").exists()  # never a model without its config.json
+    monkeypatch.setattr(output, "atomic_write", real)
+    result = tiny_train(small, out, tiny_checkpoint[0])
+    assert result.exit_code == 0, result.stderr
+    assert {"config.json", "preprocessor_config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_22_8_the_embedding_cache_knows_files_that_share_a_name_and_files_replaced(tiny_checkpoint, small, tmp_path):
+    other = tmp_path / "other"  # the same relative names, other audio
+    rng = np.random.default_rng(9)
+    for kind in ("high", "low"):
+        (other / kind).mkdir(parents=True)
+        for i in range(3):
+            sf.write(str(other / kind / f"{i}.wav"), sound("noise", rng)[:9000], RATE)
+    cache = tmp_path / "cache"
+    args = ["--features-dir", str(cache)]
+    assert tiny_train(small, tmp_path / "a", tiny_checkpoint[0], "--val", str(other), *args).exit_code == 0
+    assert len(list(cache.rglob("*.safetensors"))) == 12  # 6 + 6: none of other/ was taken for small/
+    sf.write(str(small / "high" / "0.wav"), sound("noise", rng)[:9000], RATE)  # replaced in place
+    assert tiny_train(small, tmp_path / "b", tiny_checkpoint[0], *args).exit_code == 0
+    assert len(list(cache.rglob("*.safetensors"))) == 13  # only the replaced file was embedded again
+
+
+def test_24_6_any_rerun_reuses_the_shared_embedding_cache(tiny_checkpoint, small, tmp_path, monkeypatch):
+    assert tiny_train(small, tmp_path / "one", tiny_checkpoint[0]).exit_code == 0
+    import ast_cli.extract as extract
+
+    def refuse(*a, **k):
+        raise AssertionError("embeddings were computed again")
+
+    monkeypatch.setattr(extract, "extract_features", refuse)
+    again = tiny_train(small, tmp_path / "two", tiny_checkpoint[0], "--lr", "3e-3")
+    assert again.exit_code == 0, again.stderr
+    assert not (tmp_path / "two" / "embeddings").exists()
+
+
+def test_22_9_after_resume_the_saved_model_is_the_best_epoch(tiny_checkpoint, small, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import ast_cli.train as train
+
+    losses, weights = iter([0.5, 0.9, 0.8, 0.7]), {}  # the best validation loss is epoch 1's
+
+    def validate(self, model, kind, windows, device):
+        weights[len(weights) + 1] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return next(losses), {"accuracy": 0.5}
+
+    monkeypatch.setattr(train.Trainer, "_validate", validate)
+    out = tmp_path / "ft"
+    args = ["--mode", "finetune", "--lr", "1e-3"]
+    assert tiny_train(small, out, tiny_checkpoint[0], *args).exit_code == 0
+    resumed = tiny_train(small, out, tiny_checkpoint[0], *args, "--epochs", "4", "--resume")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert json.loads((out / "metrics.json").read_text())["best_epoch"] == 1
+    saved = load_file(str(out / "model.safetensors"))
+    for name, tensor in weights[1].items():
+        torch.testing.assert_close(saved[name], tensor, rtol=0, atol=0)
+
+
+def test_22_13_a_tampered_trainer_state_is_not_a_safe_file(tiny_checkpoint, small, tmp_path):
+    import pickle
+
+    out = tmp_path / "ft"
+    args = ["--mode", "finetune", "--epochs", "1"]
+    assert tiny_train(small, out, tiny_checkpoint[0], *args).exit_code == 0
+
+    class Code:
+        def __reduce__(self):
+            return (print, ("ran the file's code",))
+
+    (out / "checkpoint" / "trainer_state.pt").write_bytes(pickle.dumps({"model": Code()}))
+    result = tiny_train(small, out, tiny_checkpoint[0], *args, "--epochs", "2", "--resume")
+    assert result.exit_code == 1 and "not a safe training state file" in result.stderr, result.stderr
+    assert "weights_only" not in result.stderr and "unexpected" not in result.stderr
+    assert "ran the file's code" not in result.output
+
+
+def test_23_train_names_every_bad_clip_and_trains_on_the_rest(tiny_checkpoint, small, tmp_path):
+    (small / "high" / "truncated.wav").write_bytes((small / "high" / "0.wav").read_bytes()[:30])
+    (small / "low" / "text.wav").write_text("not audio")
+    os.symlink(tmp_path / "gone.wav", small / "low" / "dangling.wav")
+    out = tmp_path / "out"
+    result = tiny_train(small, out, tiny_checkpoint[0])
+    assert result.exit_code == 1, result.stderr
+    for name in ("truncated.wav", "text.wav", "dangling.wav"):
+        assert sum(name in line and line.startswith("error: ") for line in result.stderr.splitlines()) == 1
+    assert "3 clips could not be read and left out" in result.stderr
+    saved = json.loads((out / "metrics.json").read_text())
+    assert sorted(os.path.basename(f["path"]) for f in saved["failed"]) == ["dangling.wav", "text.wav", "truncated.wav"]
+    assert (out / "model.safetensors").is_file()
+    strict = tiny_train(small, tmp_path / "strict", tiny_checkpoint[0], "--strict")
+    assert strict.exit_code == 1 and "Error: 3 clips could not be read" in strict.stderr, strict.stderr
+    assert not (tmp_path / "strict").exists()
+
+
+def test_23_checks_that_need_no_model_come_before_it_loads(tiny_checkpoint, small, tmp_path, monkeypatch):
+    import ast_cli.cli.train as cli_train
+
+    (small / "empty").mkdir()
+    single = tmp_path / "single"
+    for kind in ("a", "b"):
+        (single / kind).mkdir(parents=True)
+        sf.write(str(single / kind / "x.wav"), np.zeros(9000, np.float32), RATE)
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes("\ufeffpath,labels\nhigh/0.wav,high\nlow/0.wav,low\n".encode())
+    (tmp_path / "high").symlink_to(small / "high")
+    (tmp_path / "low").symlink_to(small / "low")
+    jsonl = tmp_path / "bad.jsonl"
+    jsonl.write_text('{"path": "high/0.wav", "labels": "high"}\n{"path": 5, "labels": [1]}\n')
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    resumable = tmp_path / "ft"
+    assert tiny_train(small, resumable, tiny_checkpoint[0], "--mode", "finetune", "--epochs", "1").exit_code == 0
+    (small / "other").mkdir()
+    sf.write(str(small / "other" / "x.wav"), np.zeros(9000, np.float32), RATE)
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the check")
+
+    monkeypatch.setattr(cli_train, "fetch_model", no_model)
+    cases = [
+        (["--lr", "-1"], "--lr: must be a positive number"),
+        (["--lr", "nan"], "--lr: must be a positive number"),
+        (["--warmup", "nan"], "--warmup: "),
+        (["--features-dir", str(a_file)], "--features-dir: "),
+        (["--out", str(a_file)], "--out: "),
+        (["--mode", "finetune", "--out", str(resumable), "--resume"], "--resume: cannot resume"),
+    ]
+    for extra, message in cases:
+        result = tiny_train(small, tmp_path / "x", tiny_checkpoint[0], *extra)
+        assert result.exit_code == 2 and message in result.stderr, (extra, result.stderr)
+    assert "warning: class folder 'empty' holds no audio file: left out" in result.stderr  # named, once
+    val_only = tiny_train(single, tmp_path / "x", tiny_checkpoint[0], "--val", str(small))
+    assert val_only.exit_code == 2 and "--val: no training file has label(s) high, low" in val_only.stderr
+    split_case = tiny_train(single, tmp_path / "x", tiny_checkpoint[0], "--val-split", "0.99")
+    assert split_case.exit_code == 2 and "no file is left for validation" in split_case.stderr, split_case.stderr
+    missing = tiny_train(tmp_path / "nothing", tmp_path / "x", tiny_checkpoint[0])
+    assert missing.exit_code == 2 and "DATA: no such data" in missing.stderr and "--data" not in missing.stderr
+    bad_jsonl = tiny_train(jsonl, tmp_path / "x", tiny_checkpoint[0])
+    assert bad_jsonl.exit_code == 2 and "bad.jsonl line 2: 'path' must be" in bad_jsonl.stderr, bad_jsonl.stderr
+    from ast_cli.train import load_dataset
+
+    assert [e.labels for e in load_dataset(str(bom)).examples] == [("high",), ("low",)]
+
+
+def test_23_evaluate_when_every_file_fails_is_one_line(tiny_checkpoint, tmp_path):
+    data = tmp_path / "data"
+    for kind in ("Speech", "Music"):
+        (data / kind).mkdir(parents=True)
+        (data / kind / "x.wav").write_text("not audio")
+    result = runner.invoke(app, ["evaluate", str(tiny_checkpoint[0]), str(data)])
+    assert result.exit_code == 1, result.stderr
+    assert f"Error: no file of {data} could be read" in result.stderr
+    assert "Warning" not in result.stderr and "TypeError" not in result.stderr and "unexpected" not in result.stderr
+
+
+def test_23_a_full_disk_during_train_names_the_file(tiny_checkpoint, small, tmp_path, monkeypatch):
+    import errno
+
+    import ast_cli.output as output
+
+    real = output.atomic_write
+
+    def full(path, mode="w"):
+        if path.endswith("model.safetensors"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, mode)
+
+    monkeypatch.setattr(output, "atomic_write", full)
+    result = tiny_train(small, tmp_path / "out", tiny_checkpoint[0])
+    assert result.exit_code == 1 and "model.safetensors: No space left on device" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_23_out_of_memory_names_the_batch_that_causes_it_and_is_not_a_bad_clip(tiny_checkpoint, small, tmp_path,
+                                                                               monkeypatch):
+    import ast_cli.backends as backends
+    import ast_cli.train as train
+
+    def epoch(*a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train.Trainer, "_epoch", epoch)
+    result = tiny_train(small, tmp_path / "out", tiny_checkpoint[0])
+    assert result.exit_code == 1 and "Hint: use a smaller --train-batch" in result.stderr, result.stderr
+    assert "--batch-size" not in result.stderr and not (tmp_path / "out").exists()
+
+    def model(*a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(backends.LocalBackend, "__call__", model)
+    result = tiny_train(small, tmp_path / "out", tiny_checkpoint[0], "--features-dir", str(tmp_path / "cache"))
+    assert result.exit_code == 1 and "Hint: use a smaller --batch-size" in result.stderr, result.stderr
+    assert "error: " not in result.stderr  # not six bad clips
+
+
+def test_22_7_an_interrupted_finetune_leaves_out_alone_and_resumes(tiny_checkpoint, small, tmp_path, monkeypatch):
+    import ast_cli.train as train
+
+    real, calls = train.Trainer._epoch, []
+
+    def epoch(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(train.Trainer, "_epoch", epoch)
+    out = tmp_path / "ft"
+    args = ["--mode", "finetune", "--epochs", "3"]
+    stopped = tiny_train(small, out, tiny_checkpoint[0], *args)
+    assert stopped.exit_code == 130 and "--resume" in stopped.stderr, stopped.stderr
+    assert not out.exists()
+    resumed = tiny_train(small, out, tiny_checkpoint[0], *args, "--resume")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert [json.loads(line)["epoch"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_24_6_evaluate_shares_the_cache_and_scores_as_classify(tiny_checkpoint, small, tmp_path, monkeypatch):
+    from ast_cli import RunOptions, Tagger
+    from ast_cli.train import evaluate
+
+    out = tmp_path / "out"
+    assert tiny_train(small, out, tiny_checkpoint[0]).exit_code == 0
+    cache = tmp_path / "cache"
+    first = runner.invoke(app, ["evaluate", str(out), str(small), "-f", "json", "--features-dir", str(cache)])
+    assert first.exit_code == 0, first.stderr
+    assert len(list(cache.rglob("*.safetensors"))) == 6  # the trained model's embeddings, one file per clip
+    tagger = Tagger.load(str(out), RunOptions())
+    tagger.source = None  # no weights file to key a cache by: the whole model on every window, as classify
+    whole = evaluate(tagger, load_dataset(str(small)))
+    import ast_cli.extract as extract
+
+    def refuse(*a, **k):
+        raise AssertionError("embeddings were computed again")
+
+    monkeypatch.setattr(extract, "extract_features", refuse)
+    second = runner.invoke(app, ["evaluate", str(out), str(small), "-f", "json", "--features-dir", str(cache)])
+    assert second.exit_code == 0, second.stderr
+    assert json.loads(second.stdout) == json.loads(first.stdout)
+    assert json.loads(first.stdout)["confusion"] == whole["confusion"]
+    assert json.loads(first.stdout)["accuracy"] == pytest.approx(whole["accuracy"])
+
+
+def test_22_7_a_kill_between_the_log_and_the_state_file_logs_each_epoch_once(tiny_checkpoint, small, tmp_path,
+                                                                              monkeypatch):
+    out = tmp_path / "ft"
+    args = ["--mode", "finetune", "--epochs", "2"]
+    assert tiny_train(small, out, tiny_checkpoint[0], *args).exit_code == 0
+    with open(out / "train_log.jsonl", "a") as log:  # epoch 3 logged, its state never saved
+        log.write('{"epoch": 3, "loss": 1.0, "val_loss": 1.0}\n{"epoch": 4, "lo')
+    resumed = tiny_train(small, out, tiny_checkpoint[0], "--mode", "finetune", "--epochs", "3", "--resume")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert [json.loads(line)["epoch"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]

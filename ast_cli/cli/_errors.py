@@ -22,6 +22,8 @@ FLAGS = {
     "kind": "--kind", "overwrite": "--overwrite", "activation": "--activation", "aggregate": "--aggregate",
     "RAY_ADDRESS": "RAY_ADDRESS (environment)",
     "allow_other": "--yes",
+
+    "data": "DATA", "warmup_epochs": "--warmup",
 }
 
 
@@ -91,6 +93,8 @@ def describe_error(exc: BaseException) -> tuple[str, str | None, int]:
     if isinstance(exc, HubError):
         hint = exc.hint or "check the network (and HF_ENDPOINT, proxies), then try again"
         return str(exc), _with_path_note(exc.model, hint), EXIT_FAILED
+    if isinstance(exc, DeviceOutOfMemoryError) and exc.training:
+        return str(exc), "use a smaller --train-batch (or --device cpu)", EXIT_FAILED
     if isinstance(exc, DeviceOutOfMemoryError) or (not isinstance(exc, AstError) and is_out_of_memory(exc)):
         if isinstance(exc, MemoryError):
             return "out of memory", "use a smaller --batch-size or fewer --workers", EXIT_FAILED

@@ -34,8 +34,10 @@ def train(
     accumulate: Annotated[int, typer.Option(min=1, metavar="N", help="finetune: steps of gradients summed per update.")] = 1,
     warmup: Annotated[float, typer.Option(metavar="EPOCHS", help="finetune: linear warm-up before the cosine decay.")] = 1.0,
     keep_normalization: Annotated[bool, typer.Option("--keep-normalization", help="finetune: keep the base model's mean/std instead of the data's.")] = False,
-    features_dir: Annotated[Optional[str], typer.Option("--features-dir", metavar="DIR", help="head: where window embeddings are cached (default: DIR/embeddings); reused by later runs.")] = None,
+    features_dir: Annotated[Optional[str], typer.Option("--features-dir", metavar="DIR", help="head: where window embeddings are cached (default: a cache shared by every run, under HF_HOME/assets); reused by any later run on the same files and model.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="finetune: continue from the last epoch's checkpoint in DIR.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace DIR when it holds an earlier ast train output (only once the new one is complete).")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Stop when any clip cannot be read (default: name it and train on the rest).")] = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -56,10 +58,10 @@ def train(
     """
     stderr = stderr_console()
     with cli_errors(stderr, debug):
-        import os
-
         from ..errors import UsageError
-        from ..train import TrainConfig, Trainer, load_dataset, split
+        from ..extract import embedding_cache_dir
+        from ..output import check_writable_dir
+        from ..train import TrainConfig, Trainer, check_out, clips, load_dataset, split, untrained_labels
 
         run.validate()
         config = TrainConfig(mode=mode.value, epochs=epochs, lr=lr, batch_size=train_batch, patience=patience,
@@ -67,37 +69,55 @@ def train(
                              keep_normalization=keep_normalization).resolved()
         if resume and mode.value != "finetune":
             raise UsageError("--resume continues a finetune run (head training takes seconds: run it again)")
-        if os.path.isdir(out) and os.listdir(out) and not resume and os.path.exists(os.path.join(out, "model.safetensors")):
-            raise UsageError(f"{out} already holds a model", option="out", hint="choose another --out")
+        if mode is Mode.head:
+            check_writable_dir(features_dir or embedding_cache_dir(), option="features_dir")
         dataset = load_dataset(data)
-        train_set, val_set = (dataset, load_dataset(val)) if val else split(dataset, val_split, seed)
+        train_set, val_set = (dataset, load_dataset(val, option="val")) if val else split(dataset, val_split, seed)
         if val and val_set.multi_label != dataset.multi_label:
             raise UsageError("--val must be labeled like DATA (both folders, or both tables)")
+        for name in (*dataset.empty, *(val_set.empty if val else ())):
+            say(stderr, f"warning: class folder {name!r} holds no audio file: left out")
+        labels = tuple(sorted(set(train_set.labels) | set(val_set.labels)))
+        if untrained_labels(train_set, val_set):
+            raise UsageError(f"no training file has label(s) {', '.join(untrained_labels(train_set, val_set))}",
+                             option="val")
+        check_out(out, overwrite=overwrite, resume=resume,
+                  marker={"mode": mode.value, "labels": list(labels), "multi_label": dataset.multi_label})
         say(stderr, f"{len(train_set.examples)} training and {len(val_set.examples)} validation files, "
-                    f"{len(dataset.labels)} labels ({'multi' if dataset.multi_label else 'single'}-label), mode {mode.value}")
+                    f"{len(labels)} labels ({'multi' if dataset.multi_label else 'single'}-label), mode {mode.value}")
         base = str(fetch_model(model, run, stderr, quiet))
-        progress = _EpochProgress(stderr, config.epochs, enabled=not quiet and stderr.is_terminal)
+        progress = _EpochProgress(None if quiet else stderr, config.epochs, enabled=stderr.is_terminal)
         trainer = Trainer(base, train_set, val_set, out, config, run, feature_cache=features_dir,
-                          on_epoch=progress.update, model_name=model)
-        with progress:
-            result = trainer.run(resume=resume)
+                          on_epoch=progress.update, model_name=model, strict=strict,
+                          on_failure=lambda path, error: say(stderr, f"error: {path}: {error}"))
+        try:
+            with progress:
+                result = trainer.run(resume=resume)
+        except KeyboardInterrupt:
+            if mode.value == "finetune":
+                say(stderr, f"the last finished epoch is kept beside {out}: the same command with --resume continues")
+            raise
         best = result.val
         metric = (f"accuracy {best.get('accuracy', 0):.3f}, macro-F1 {best.get('macro_f1', 0):.3f}"
                   if not result.multi_label else f"mAP {best.get('map', 0):.3f}")
         say(stderr, f"best epoch {result.best_epoch} of {result.epochs}: validation {metric}; "
                     f"{result.seconds_per_epoch:.2f} s per epoch")
         typer.echo(out)
+        if result.failed:
+            say(stderr, f"{clips(len(result.failed))} could not be read and left out (listed in metrics.json)")
+            raise typer.Exit(1)
 
 
 class _EpochProgress:
-    """A bar over epochs with the loss and the validation metric; a line per epoch when not a terminal."""
+    """A bar over epochs with the loss and the validation metric; a line per epoch when not a terminal; nothing
+    without a console (--quiet)."""
 
     def __init__(self, console, epochs: int, enabled: bool):
         self.console, self.epochs, self.enabled = console, epochs, enabled
         self._progress = None
 
     def __enter__(self):
-        if self.enabled:
+        if self.enabled and self.console is not None:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
             self._progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
@@ -111,7 +131,8 @@ class _EpochProgress:
         status = f"loss {record['loss']:.4f}, val loss {record['val_loss']:.4f} {metric}"
         if self._progress is not None:
             self._progress.update(self._task, completed=record["epoch"], status=status)
-        elif record["epoch"] == 1 or record["epoch"] % max(1, self.epochs // 10) == 0:  # a log, not a flood
+        elif self.console is not None and (record["epoch"] == 1 or record["epoch"] % max(1, self.epochs // 10) == 0):
+            # a log, not a flood
             say(self.console, f"epoch {record['epoch']}: {status}")
 
     def __exit__(self, *exc):
@@ -126,6 +147,7 @@ def evaluate(
     data: DataArg,
     run: RunOptions,
     threshold: Annotated[float, typer.Option(metavar="P", help="multi-label: the score a label counts as present at (for F1).")] = 0.5,
+    features_dir: Annotated[Optional[str], typer.Option("--features-dir", metavar="DIR", help="Where window embeddings are cached (default: the cache ast train shares, under HF_HOME/assets).")] = None,
     format: Annotated[ListFormat, typer.Option("--format", "-f", help="table or json.")] = ListFormat.table,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -143,14 +165,20 @@ def evaluate(
     with cli_errors(stderr, debug):
         import json
 
+        from ..errors import AudioDecodeError
+        from ..output import check_writable_dir
         from ..train import evaluate as measure
         from ..train import load_dataset
 
         dataset = load_dataset(data)
+        if features_dir:
+            check_writable_dir(features_dir, option="features_dir")
         tagger = load_tagger(model, run, stderr, quiet)
-        report = measure(tagger, dataset, threshold)
+        report = measure(tagger, dataset, threshold, feature_cache=features_dir)
         for failure in report["failed"]:
             say(stderr, f"error: {failure['path']}: {failure['error']}")
+        if not report["files"]:
+            raise AudioDecodeError(f"no file of {data} could be read: nothing to measure")
         if format is ListFormat.json:
             typer.echo(json.dumps(report, indent=2))
         else:
