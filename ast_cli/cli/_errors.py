@@ -22,7 +22,6 @@ FLAGS = {
     "kind": "--kind", "overwrite": "--overwrite", "activation": "--activation", "aggregate": "--aggregate",
     "RAY_ADDRESS": "RAY_ADDRESS (environment)",
     "allow_other": "--yes",
-
     "data": "DATA", "warmup_epochs": "--warmup",
 }
 
