@@ -107,10 +107,10 @@ def sigint_default() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def trickle_fifo(path: Path, limit_seconds: float = 120.0) -> Path:
+def trickle_fifo(path: Path, limit_seconds: float = 120.0, opened: threading.Event | None = None) -> Path:
     """A named pipe that a thread feeds with a live WAV stream, 0.1 s of audio every 0.1 s, until its reader goes
     away or ``limit_seconds`` pass. As the last input of a run it keeps the run busy however fast the processor is,
-    so that a test's signal always lands mid-run."""
+    so that a test's signal always lands mid-run. ``opened`` is set once the run has opened the pipe."""
     from test_sources import wav_header
 
     os.mkfifo(path)
@@ -119,6 +119,8 @@ def trickle_fifo(path: Path, limit_seconds: float = 120.0) -> Path:
     def feed() -> None:
         try:
             with open(path, "wb") as pipe:  # blocks until the run opens it
+                if opened is not None:
+                    opened.set()
                 pipe.write(wav_header(16000, 1))
                 deadline = time.monotonic() + limit_seconds
                 while time.monotonic() < deadline:

@@ -186,6 +186,23 @@ def test_interrupting_a_json_run_keeps_the_earlier_file(tiny_checkpoint, many, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tags.json"]
 
 
+@pytest.mark.slow  # a whole process: seconds
+def test_a_run_started_with_sigint_ignored_keeps_ignoring_it(tiny_checkpoint, tmp_path):
+    """nohup and a shell's background jobs start a program with SIGINT ignored; such a run is not ended by one
+    (SIGTERM still ends it, 143)."""
+    opened = threading.Event()
+    live = trickle_fifo(tmp_path / "live.wav", opened=opened)
+    proc = ast_process(live, *model_args(tiny_checkpoint), "-f", "jsonl",
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert opened.wait(60)  # the run is reading: its signal handlers are in place
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.0)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and stderr.strip().splitlines()[-1] == "Terminated."
+
+
 def test_stale_temporary_files_of_killed_runs_are_removed(tiny_checkpoint, clips, tmp_path):
     out = tmp_path / "tags.json"
     stale = tmp_path / ".tags.json.k1ll3d.ast-tmp"

@@ -46,8 +46,9 @@ def run_main(app) -> None:
         sys.stdin = _devnull("r")
     global _finishing
     _finishing = False
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup, a shell's background job: stay ignored
+            signal.signal(signum, _on_signal)
     code = 0
     try:
         app()
