@@ -111,8 +111,8 @@ class BenchmarkReport:
     def to_dict(self) -> dict:
         return {
             "environment": asdict(self.environment),
-            "rows": [asdict(row) for row in self.rows],
-            "end_to_end": [asdict(row) for row in self.end_to_end],
+            "rows": [_named_quantize(asdict(row)) for row in self.rows],
+            "end_to_end": [_named_quantize(asdict(row)) for row in self.end_to_end],
         }
 
     def speedups(self) -> dict[tuple[str, int], float]:
@@ -123,6 +123,11 @@ class BenchmarkReport:
             for mode, batch, attn in medians
             if attn == "sdpa" and (mode, batch, "eager") in medians
         }
+
+
+def _named_quantize(row: dict) -> dict:
+    """JSON says ``"quantize": "none"``, the value ``--quantize`` takes, rather than null."""
+    return dict(row, quantize=row["quantize"] or "none")
 
 
 # -- option parsing (shared by the CLI and library callers) -------------------------------------------

@@ -90,12 +90,19 @@ def _bundle(name: str, params: list[tuple[str, object, object]], build: Callable
 
 def _run_options(values: dict) -> RunOptions:
     return RunOptions(device=values["device"], dtype=values["dtype"], attn=values["attn"], quantize=values["quantize"],
-                      threads=values["threads"], batch_size=values["batch_size"], workers=values["workers"],
-                      hop_seconds=values["hop"], offline=values["offline"] or None, cache_dir=values["cache_dir"])
+                      threads=values["threads"], batch_size=values.get("batch_size", RunOptions.batch_size),
+                      workers=values.get("workers", RunOptions.workers), hop_seconds=values["hop"],
+                      offline=values["offline"] or None, cache_dir=values["cache_dir"])
 
 
 run_options = _bundle("run", RUN_OPTIONS, _run_options)
 run_options.__doc__ = "Give a command the shared run options, passed to it as one ``run: RunOptions``."
+
+# ``ast listen`` scores one window at a time from one stream: no batches, no decoding threads, and its own hop.
+LISTEN_HOP = Annotated[Optional[float], typer.Option(metavar="SECONDS", help="Seconds between window ends (default 1 s).")]
+listen_run_options = _bundle("run", [(name, LISTEN_HOP if name == "hop" else annotation, default)
+                                     for name, annotation, default in RUN_OPTIONS
+                                     if name not in ("batch_size", "workers")], _run_options)
 
 Engine = _choices("Engine", "local ray", "Where a batch runs.")
 DISTRIBUTED_OPTIONS: list[tuple[str, object, object]] = [

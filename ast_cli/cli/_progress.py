@@ -27,7 +27,7 @@ class BatchProgress:
                 TextColumn("{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("files"),
+                TextColumn("{task.fields[noun]}"),
                 TextColumn("{task.fields[audio]}"),
                 TextColumn("{task.fields[speed]}"),
                 TimeRemainingColumn(),
@@ -35,7 +35,8 @@ class BatchProgress:
                 transient=True,
             )
             self._progress.__enter__()
-            self._task = self._progress.add_task(self.description, total=self.total, audio="", speed="")
+            self._task = self._progress.add_task(self.description, total=self.total, audio="", speed="",
+                                                 noun="file" if self.total == 1 else "files")
         return self
 
     def __exit__(self, *exc) -> None:

@@ -13,7 +13,7 @@ from ._app import app
 from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, checked_distributed,
                       distributed_options, label_list, load_tagger, model_labels, path_stdin, report_failure, run_options,
                       stderr_console)
-from ._errors import EXIT_FAILED, cli_errors, debug_enabled, say
+from ._errors import EXIT_FAILED, cli_errors, counted, debug_enabled, say
 
 
 @app.command()
@@ -75,7 +75,7 @@ def classify(
             target, items_todo = plan_output_dir(output_dir, format, items, overwrite=overwrite)
             segments = segments or target.needs_segments
             if len(items_todo) < len(items) and not quiet:
-                say(stderr, f"{len(items) - len(items_todo)} of {len(items)} files already in {output_dir}")
+                say(stderr, f"{len(items) - len(items_todo)} of {counted(len(items), 'file')} already in {output_dir}")
             sources = as_sources(items_todo)
         else:
             target = plan_output(output, format, resume=resume, overwrite=overwrite, inputs=items,
@@ -84,7 +84,7 @@ def classify(
         if target.journal is not None:
             todo = target.journal.pending(sources)
             if not quiet:
-                say(stderr, f"resuming: {len(sources) - len(todo)} of {len(sources)} files already in {output}")
+                say(stderr, f"resuming: {len(sources) - len(todo)} of {counted(len(sources), 'file')} already in {output}")
             sources = todo
         if not sources:
             if not items:

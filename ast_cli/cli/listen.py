@@ -10,7 +10,7 @@ import typer
 
 from ..options import Activation, RunOptions, _choices
 from ._app import app
-from ._common import (DEFAULT_MODEL, DebugOpt, ModelOpt, QuietOpt, label_list, load_tagger, run_options,
+from ._common import (DEFAULT_MODEL, DebugOpt, ModelOpt, QuietOpt, label_list, listen_run_options, load_tagger,
                       stderr_console)
 from ._errors import cli_errors, debug_enabled, say
 
@@ -19,7 +19,7 @@ SampleFormat = _choices("SampleFormat", "s16le s32le f32le", "Raw PCM sample for
 
 
 @app.command()
-@run_options
+@listen_run_options
 def listen(
     source: Annotated[str, typer.Argument(metavar="SOURCE", help="- (WAV or, with --raw, PCM on stdin), or anything ffmpeg opens: a file, a URL, a device.")],
     run: RunOptions,
