@@ -82,3 +82,19 @@ def test_24_11_benchmark_json_says_quantize_none(tiny_checkpoint):
                  "--batch-sizes", "1", "--attn", "sdpa", "--format", "json")
     assert result.exit_code == 0, result.output
     assert [row["quantize"] for row in json.loads(result.stdout)["rows"]] == ["none"]
+
+
+# -- 7. a --hop longer than the window leaves gaps: say how much -----------------------------------------------
+
+def test_24_7_a_hop_longer_than_the_window_says_how_much_goes_unscored(tiny_checkpoint, tmp_path):
+    long = write_audio(tmp_path / "long.wav", 3.0)
+    model = tiny_checkpoint[0]  # 64 frames: a 0.64 s window
+    sparse = ast("classify", long, "--model", model, "--hop", "1", "-f", "json")
+    assert sparse.exit_code == 0
+    assert ("warning: --hop 1 s is longer than the model's 0.64 s window: 0.36 s after every window (36% of the "
+            "audio) is never scored") in sparse.stderr
+    fbank = ast("extract-features", long, "--out", tmp_path / "fbank", "--kind", "fbank", "--model", model,
+                "--hop", "2", "--quiet")
+    assert fbank.exit_code == 0 and "1.36 s after every window (68% of the audio)" in fbank.stderr
+    dense = ast("classify", long, "--model", model, "--hop", "0.64", "-f", "json")
+    assert dense.exit_code == 0 and "warning" not in dense.stderr

@@ -207,6 +207,19 @@ def warn_if_slow_bf16(dtypes, device: str, console) -> None:
                      "than fp32 here; --quantize int8 is the fast CPU mode")
 
 
+def warn_if_gaps(run: RunOptions, features, console) -> None:
+    """A --hop longer than the model's window leaves audio that no window sees: say how much, then go on (a
+    sparse sample of a long archive can be what the user wants)."""
+    from ..options import unscored_seconds
+    from ._errors import say
+
+    gap = unscored_seconds(run.hop_seconds, features.max_length)
+    if gap > 0:
+        say(console, f"warning: --hop {run.hop_seconds:g} s is longer than the model's {features.window_seconds:g} s "
+                     f"window: {gap:.2f} s after every window ({gap / run.hop_seconds:.0%} of the audio) is never "
+                     f"scored; a --hop of at most {features.window_seconds:g} s scores all of it")
+
+
 def fetch_model(model: str, run: RunOptions, console, quiet: bool):
     """Local path of ``model``, downloading a missing hub model first (progress bars on a terminal)."""
     from ..hub import resolve_model
@@ -241,4 +254,5 @@ def load_tagger(model: str, run: RunOptions, console, quiet: bool):
     else:
         tagger = Tagger.load(path, run)
     tagger.name = model
+    warn_if_gaps(run, tagger.features, console)
     return tagger

@@ -10,7 +10,7 @@ from ..options import FeatureFormat, FeatureKind, RunOptions
 from ._app import app
 from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, checked_distributed,
                       distributed_options, fetch_model, load_tagger, path_stdin, report_failure, run_options,
-                      stderr_console)
+                      stderr_console, warn_if_gaps)
 from ._errors import EXIT_FAILED, cli_errors, debug_enabled, say
 
 
@@ -75,7 +75,9 @@ def extract_features_command(
             extractor = FeatureExtractor.embeddings(load_tagger(model, run, stderr, quiet), model)
         elif todo:
             path = fetch_model(model, run, stderr, quiet)  # downloads a missing hub model, like classify
-            extractor = FeatureExtractor.fbank(model, load_feature_config(str(path), offline=run.offline), run)
+            features = load_feature_config(str(path), offline=run.offline)
+            warn_if_gaps(run, features, stderr)
+            extractor = FeatureExtractor.fbank(model, features, run)
         counts = {"written": 0, "skipped": 0, "failed": 0}
         try:
             _run(jobs, extractor, format.value, overwrite, todo, counts, stderr, quiet, debug, run, kind)
