@@ -4,6 +4,13 @@ BirdNET-Analyzer. Each test names the item of issue #24 it covers (items 1, 2, 3
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -21,6 +28,45 @@ def ast(*args, **kwargs):
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     return write_audio(tmp_path_factory.mktemp("walk") / "clip.wav", 1.0, 16000, 1, seed=1)
+
+
+# -- 1. the progress bar and the tables share a terminal -----------------------------------------------------
+
+def run_in_tmux(tmp_path: Path, command: list[str], width: int = 150, height: int = 60) -> list[str]:
+    """``command`` in a real terminal (a tmux pane of its own server), the screen's lines once it has ended."""
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed (apt-get install tmux): the terminal test needs a real terminal")
+    socket = f"ast-test-{os.getpid()}-{time.monotonic_ns()}"
+    done = tmp_path / "done"
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": os.pathsep.join(sys.path), "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf_home"), "TERM": "xterm-256color", "COLUMNS": str(width)}
+    script = " ".join(shlex.quote(a) for a in command) + f"; echo $? > {shlex.quote(str(done))}; sleep 60"
+    start = ["tmux", "-L", socket, "-f", "/dev/null", "new-session", "-d", "-x", str(width), "-y", str(height),
+             "env", "-i", *(f"{k}={v}" for k, v in env.items()), "bash", "--norc", "-c", script]
+    subprocess.run(start, check=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert done.exists(), "the command did not end in 120 s"
+        time.sleep(0.3)  # the last screen update
+        screen = subprocess.run(["tmux", "-L", socket, "capture-pane", "-p", "-J"], check=True,
+                                capture_output=True, text=True).stdout
+    finally:
+        subprocess.run(["tmux", "-L", socket, "kill-server"], capture_output=True)
+    assert done.read_text().strip() == "0", screen
+    return screen.splitlines()
+
+
+@pytest.mark.slow  # a whole process in a terminal
+def test_24_1_the_progress_bar_never_glues_itself_to_a_table(tiny_checkpoint, tmp_path):
+    clips = [write_audio(tmp_path / f"clip{i}.wav", 1.0 + i / 2, seed=i) for i in range(4)]
+    lines = run_in_tmux(tmp_path, [sys.executable, "-m", "ast_cli", "classify", *map(str, clips), "--model",
+                                   str(tiny_checkpoint[0]), "--top", "2", "--segments", "--hop", "0.5"])
+    titles = [line for line in lines if "clip" in line]
+    assert titles == [f"{clip} ({1.0 + i / 2:.2f} s)" for i, clip in enumerate(clips)], "\n".join(lines)
+    assert not any("tagging" in line or "files" in line for line in lines), "\n".join(lines)
+    assert sum(line.startswith("rank") for line in lines) == 4 and sum(line.strip() == "timeline" for line in lines) == 4
 
 
 # -- 11. messages and help -----------------------------------------------------------------------------------

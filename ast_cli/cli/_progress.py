@@ -3,7 +3,10 @@ terminal or with ``--quiet``."""
 
 from __future__ import annotations
 
+import sys
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 
 class BatchProgress:
@@ -42,6 +45,21 @@ class BatchProgress:
     def __exit__(self, *exc) -> None:
         if self._progress is not None:
             self._progress.__exit__(*exc)
+
+    @contextmanager
+    def above(self) -> Iterator[None]:
+        """Write to stdout on the bar's terminal: the bar is taken off the screen, the text goes where it stood,
+        the bar is drawn again below it. (Written while the bar is up, the text would start at the bar's line
+        end, and the bar's first line would stay on the screen, glued to it.)"""
+        if self._progress is None or not sys.stdout.isatty():
+            yield
+            return
+        self._progress.stop()  # transient: the bar is erased and the cursor is back where it began
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            self._progress.start()
 
     @property
     def realtime_factor(self) -> float:

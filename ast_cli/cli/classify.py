@@ -137,7 +137,8 @@ def _write(results, engine, total: int, target, segments, stderr, quiet, debug) 
                         from ._errors import traceback_text
 
                         stderr.print(traceback_text(result.exception), markup=False, highlight=False)
-                writer.write(result)
+                with progress.above():
+                    writer.write(result)
     except BaseException:
         if engine is not None:
             engine.stop()
