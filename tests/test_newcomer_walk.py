@@ -144,3 +144,54 @@ def test_24_7_a_hop_longer_than_the_window_says_how_much_goes_unscored(tiny_chec
     assert fbank.exit_code == 0 and "1.36 s after every window (68% of the audio)" in fbank.stderr
     dense = ast("classify", long, "--model", model, "--hop", "0.64", "-f", "json")
     assert dense.exit_code == 0 and "warning" not in dense.stderr
+
+
+# -- 2. `cat clip.wav | ast listen -`: audio faster than real time is no reason to drop ------------------------
+
+def test_24_2_a_pipe_faster_than_real_time_scores_every_window(tiny_checkpoint):
+    import threading
+
+    import numpy as np
+
+    from ast_cli.listen import Listener
+    from ast_cli.options import RunOptions
+    from ast_cli.sources import StreamSource
+    from ast_cli.tagger import Tagger
+    from conftest import tone
+    from test_listen import SlowBackend
+    from test_sources import wav_header
+
+    tagger = Tagger.load(str(tiny_checkpoint[0]), RunOptions(device="cpu"))
+    pcm = (tone(6.0, 16000, seed=5)[:, 0] * 32767).astype("<i2")
+    read_fd, write_fd = os.pipe()
+
+    def cat():  # 6 s of audio into the pipe at once, as `cat clip.wav |` does
+        with os.fdopen(write_fd, "wb") as pipe:
+            pipe.write(wav_header(16000, 1) + pcm.tobytes())
+
+    writer = threading.Thread(target=cat)
+    writer.start()
+    # 50 ms a window: 20x faster than the 1 s hop, but slower than the pipe delivers 6 windows
+    listener = Listener(SlowBackend(tagger.backend, 0.05), tagger.labels, hop_seconds=1.0)  # drop: a live source
+    with os.fdopen(read_fd, "rb") as stream:
+        windows = list(listener.windows(StreamSource(stream, "-")))
+    writer.join()
+    assert [w.end for w in windows] == pytest.approx([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]) and listener.dropped == 0
+    assert listener.stream_seconds == pytest.approx(6.0) and listener.stream_wall_seconds < 3.0
+    assert np.isfinite(np.stack([w.scores for w in windows])).all()
+
+
+@pytest.mark.slow  # a whole process, fed by a pipe
+def test_24_2_cat_clip_into_listen_scores_all_and_says_why(tiny_checkpoint, tmp_path):
+    from test_sources import wav_header
+    from conftest import tone
+
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_header(16000, 1) + (tone(6.0, 16000, seed=6)[:, 0] * 32767).astype("<i2").tobytes())
+    result = subprocess.run(f"cat {shlex.quote(str(clip))} | {shlex.quote(sys.executable)} -m ast_cli listen - "
+                            f"--top 2 --model {shlex.quote(str(tiny_checkpoint[0]))} -f jsonl", shell=True,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["end"] for line in result.stdout.splitlines()] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert "dropped 0" not in result.stderr and "windows: the model" not in result.stderr
+    assert "the audio came faster than real time (6.0 s of audio in" in result.stderr and "none dropped" in result.stderr
