@@ -195,3 +195,63 @@ def test_24_2_cat_clip_into_listen_scores_all_and_says_why(tiny_checkpoint, tmp_
     assert [json.loads(line)["end"] for line in result.stdout.splitlines()] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     assert "dropped 0" not in result.stderr and "windows: the model" not in result.stderr
     assert "the audio came faster than real time (6.0 s of audio in" in result.stderr and "none dropped" in result.stderr
+
+
+# -- 3. audio on stdin is one input named -; text stays a list of paths ----------------------------------------
+
+@pytest.mark.parametrize("name, write", [
+    ("pipe.wav", None),  # as `sox ... -t wav -` and ffmpeg write to a pipe: RIFF, sizes unknown
+    ("x.wav", dict(format="WAV")), ("x.rf64", dict(format="RF64")), ("x.flac", dict(format="FLAC")),
+    ("x.ogg", dict(format="OGG", subtype="VORBIS")), ("x.aiff", dict(format="AIFF")),
+    ("x.mp3", dict(format="MP3")),
+])
+def test_24_3_audio_on_stdin_is_one_input_named_dash(tiny_checkpoint, tmp_path, name, write):
+    import numpy as np
+    import soundfile as sf
+
+    from conftest import tone
+    from test_sources import wav_header
+
+    samples = tone(1.5, 22050, seed=7)
+    path = reference_path = tmp_path / name
+    if write is None:
+        path.write_bytes(wav_header(22050, 1) + (samples[:, 0] * 32767).astype("<i2").tobytes())
+        reference_path = tmp_path / "same.wav"  # the same samples as a file (a pipe's header gives no length)
+        sf.write(str(reference_path), (samples * 32767).astype("<i2"), 22050)
+    else:
+        try:
+            sf.write(str(path), samples, 22050, **write)
+        except (sf.LibsndfileError, ValueError, TypeError) as exc:  # an old libsndfile without mp3
+            pytest.skip(f"this libsndfile cannot write {name}: {exc}")
+    model = ["--model", tiny_checkpoint[0], "--top", "3", "-f", "json"]
+    piped = ast("classify", "-", *model, input=path.read_bytes())
+    named = ast("classify", reference_path, *model)
+    assert piped.exit_code == 0 and piped.stderr == "", piped.stderr
+    [record] = json.loads(piped.stdout)
+    [reference] = json.loads(named.stdout)
+    assert record["path"] == "-" and record["error"] is None
+    assert record["duration"] == pytest.approx(reference["duration"], abs=1e-3)  # mp3: the decoder's own padding
+    assert [x["index"] for x in record["labels"]] == [x["index"] for x in reference["labels"]]
+    # the same decoder on the same bytes: equal up to float32 summation order in the resampler's blocks
+    np.testing.assert_allclose([x["score"] for x in record["labels"]], [x["score"] for x in reference["labels"]],
+                               atol=1e-5)
+
+
+def test_24_3_text_on_stdin_stays_a_list_of_paths(tiny_checkpoint, clip):
+    result = ast("classify", "-", "--model", tiny_checkpoint[0], "-f", "json", input=f"{clip}\n".encode())
+    assert result.exit_code == 0 and [r["path"] for r in json.loads(result.stdout)] == [str(clip)]
+
+
+def test_24_3_piped_audio_is_bounded_in_memory(tmp_path):
+    import io
+
+    import soundfile as sf
+
+    from ast_cli.errors import AudioDecodeError
+    from ast_cli.sources import PipedAudio
+    from conftest import tone
+
+    data = io.BytesIO()
+    sf.write(data, tone(2.0), 16000, format="FLAC")
+    with pytest.raises(AudioDecodeError, match="save it to a file, or pipe WAV"):
+        list(PipedAudio(io.BytesIO(data.getvalue()), max_bytes=1000).blocks())

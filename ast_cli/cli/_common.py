@@ -139,8 +139,9 @@ distributed_options = _bundle("dist", DISTRIBUTED_OPTIONS, _distributed)
 
 
 def path_stdin(paths: list[str]):
-    """stdin as a list of paths (for ``-``), decoded as the file system decodes names: a latin-1 name is kept
-    byte for byte (as surrogate escapes) instead of failing the run. None when ``-`` is not among ``paths``."""
+    """What ``-`` stands for: audio (a ``PipedAudio``) when stdin begins like an audio file (``sox ... -t wav - |``),
+    else a list of paths, decoded as the file system decodes names: a latin-1 name is kept byte for byte (as
+    surrogate escapes) instead of failing the run. None when ``-`` is not among ``paths``."""
     import io
     import sys
 
@@ -149,7 +150,12 @@ def path_stdin(paths: list[str]):
     buffer = getattr(sys.stdin, "buffer", None)
     if buffer is None:
         return sys.stdin
-    return io.TextIOWrapper(buffer, encoding=sys.getfilesystemencoding(), errors="surrogateescape")
+    from ..sources import PipedAudio, sniff
+
+    audio, stream = sniff(buffer)
+    if audio:
+        return PipedAudio(stream, "-")
+    return io.TextIOWrapper(stream, encoding=sys.getfilesystemencoding(), errors="surrogateescape")
 
 
 def label_list(values: list[str] | None) -> list[str]:
