@@ -255,3 +255,32 @@ def test_24_3_piped_audio_is_bounded_in_memory(tmp_path):
     sf.write(data, tone(2.0), 16000, format="FLAC")
     with pytest.raises(AudioDecodeError, match="save it to a file, or pipe WAV"):
         list(PipedAudio(io.BytesIO(data.getvalue()), max_bytes=1000).blocks())
+
+
+# -- 10. benchmark warm-up: until two passes agree, and say how many ------------------------------------------
+
+def test_24_10_warm_up_runs_until_two_passes_agree_within_5_percent():
+    from ast_cli.benchmark import MAX_WARMUP, warm_up
+
+    def passes(*seconds):
+        taken = iter(seconds)
+        return lambda: next(taken)
+
+    # bf16 on AMX: fp32-like passes until the kernels settle (1455 ms -> 308 ms), then steady
+    assert warm_up(passes(1.455, 1.2, 0.6, 0.310, 0.308, 0.309)) == 5
+    assert warm_up(passes(0.5, 0.51)) == 2  # settled at once: no pass wasted
+    assert warm_up(passes(*[1.0, 2.0] * MAX_WARMUP)) == MAX_WARMUP  # a machine too noisy to settle: bounded
+    assert warm_up(passes(), 0) == 0 and warm_up(passes(9, 9, 9), 3) == 3  # --warmup N: exactly N
+
+
+def test_24_10_benchmark_prints_the_warm_up_count(tiny_checkpoint):
+    common = ["benchmark", "--model", tiny_checkpoint[0], "--device", "cpu", "--iters", "1", "--batch-sizes", "1",
+              "--attn", "sdpa"]
+    result = ast(*common, "--format", "json")
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.stdout)["rows"]
+    assert 2 <= row["warmup"] <= 20
+    table = ast(*common, "--warmup", "3", terminal_width=200)
+    assert table.exit_code == 0 and "warm-up" in table.stdout
+    [line] = [line for line in table.stdout.splitlines() if "fp32" in line and "│" in line]
+    assert [cell.strip() for cell in line.split("│")][4] == "3"  # (edge), mode, attn, batch size, warm-up

@@ -58,10 +58,11 @@ def print_benchmark(report) -> None:
                           f"{medians[(mode, batch, 'sdpa')]:.1f}", f"{speedup:.2f}x")
         console.print(table)
     table = Table(title="Model forward", title_justify="left")
-    for column in ("mode", "attn", "batch size", "mean ms", "median ms", "ms/clip", "clips/s", "x real-time"):
+    for column in ("mode", "attn", "batch size", "warm-up", "mean ms", "median ms", "ms/clip", "clips/s",
+                   "x real-time"):
         table.add_column(column, justify="left" if column in ("mode", "attn") else "right")
     for r in report.rows:
-        table.add_row(r.quantize or r.dtype, r.attn, str(r.batch_size), f"{r.ms_per_batch:.1f}",
+        table.add_row(r.quantize or r.dtype, r.attn, str(r.batch_size), str(r.warmup), f"{r.ms_per_batch:.1f}",
                       f"{r.ms_per_batch_median:.1f}", f"{r.ms_per_clip:.1f}", f"{r.clips_per_s:.2f}",
                       f"{r.x_realtime:.1f}")
     console.print(table)
