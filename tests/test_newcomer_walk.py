@@ -284,3 +284,12 @@ def test_24_10_benchmark_prints_the_warm_up_count(tiny_checkpoint):
     assert table.exit_code == 0 and "warm-up" in table.stdout
     [line] = [line for line in table.stdout.splitlines() if "fp32" in line and "│" in line]
     assert [cell.strip() for cell in line.split("│")][4] == "3"  # (edge), mode, attn, batch size, warm-up
+
+
+def test_24_3_audio_on_stdin_is_not_sent_to_ray_workers(tiny_checkpoint, clip, tmp_path):
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[test]')")
+    out = tmp_path / "tags.jsonl"
+    result = ast("classify", "-", "--model", tiny_checkpoint[0], "--engine", "ray", "-o", out,
+                 input=clip.read_bytes())
+    assert result.exit_code == 2 and "Error: --engine: audio on stdin is read by this process" in result.stderr
+    assert not out.exists()

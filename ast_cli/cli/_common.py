@@ -158,6 +158,15 @@ def path_stdin(paths: list[str]):
     return io.TextIOWrapper(stream, encoding=sys.getfilesystemencoding(), errors="surrogateescape")
 
 
+def refuse_piped_audio_on_ray(items, settings) -> None:
+    """Audio on stdin is read by this process: Ray workers cannot read it. A usage error before anything starts."""
+    from ..errors import UsageError
+
+    if settings.ray and any(getattr(item, "source", None) is not None for item in items):
+        raise UsageError("audio on stdin is read by this process, not by Ray workers", option="engine",
+                         hint="leave out --engine ray for audio piped in, or give its file")
+
+
 def label_list(values: list[str] | None) -> list[str]:
     """``--include`` values, where ``@FILE`` stands for the labels in FILE (one per line; # comments)."""
     from ..errors import UsageError

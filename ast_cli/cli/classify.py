@@ -11,8 +11,8 @@ from ..distributed import take_shard
 from ..options import Activation, Aggregate, OutputFormat, RunOptions
 from ._app import app
 from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, checked_distributed,
-                      distributed_options, label_list, load_tagger, model_labels, path_stdin, report_failure, run_options,
-                      stderr_console)
+                      distributed_options, label_list, load_tagger, model_labels, path_stdin, refuse_piped_audio_on_ray,
+                      report_failure, run_options, stderr_console)
 from ._errors import EXIT_FAILED, cli_errors, counted, debug_enabled, say
 
 
@@ -69,6 +69,7 @@ def classify(
         selection = LabelSelection.from_options(top, threshold, label_list(include), label_list(exclude), activation)
         settings = checked_distributed(dist)
         items = take_shard(expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths)), settings.shard)
+        refuse_piped_audio_on_ray(items, settings)
         if output_dir is not None:
             if output is not None or resume:
                 raise UsageError("--output-dir writes one file per input: it goes without --output and --resume")

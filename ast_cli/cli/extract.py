@@ -9,8 +9,8 @@ import typer
 from ..options import FeatureFormat, FeatureKind, RunOptions
 from ._app import app
 from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, checked_distributed,
-                      distributed_options, fetch_model, load_tagger, path_stdin, report_failure, run_options,
-                      stderr_console, warn_if_gaps)
+                      distributed_options, fetch_model, load_tagger, path_stdin, refuse_piped_audio_on_ray,
+                      report_failure, run_options, stderr_console, warn_if_gaps)
 from ._errors import EXIT_FAILED, cli_errors, debug_enabled, say
 
 
@@ -57,6 +57,7 @@ def extract_features_command(
         run.validate()
         cluster = checked_distributed(dist)
         items = take_shard(expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths)), cluster.shard)
+        refuse_piped_audio_on_ray(items, cluster)
         if not items:
             raise UsageError("no audio files found in the given paths", hint="check --ext, or name files directly")
         settings = None if overwrite else Settings.of(kind.value, model, run)
