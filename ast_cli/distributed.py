@@ -194,9 +194,9 @@ def connect(settings: "RaySettings") -> None:
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False,
                  **local)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise UsageError(f"cannot join the Ray cluster at {address or 'a local Ray'}: {_ray_reason(exc)}", option=option,
-                         hint="start one with `ray start --head`, or leave out --ray-address and RAY_ADDRESS "
-                              "for a Ray of this run's own") from None
+        raise UsageError(f"cannot join the Ray cluster at {address or 'a local Ray'}: {_ray_reason(exc)}",
+                         option=option, hint="start one with `ray start --head`, or leave out --ray-address and "
+                                             "RAY_ADDRESS for a Ray of this run's own") from None
     finally:
         # ray.init installs its own SIGTERM handler (sys.exit(15)): keep the caller's, so that SIGTERM ends a run
         # as the local engine's does.

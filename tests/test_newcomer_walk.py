@@ -66,7 +66,8 @@ def test_24_1_the_progress_bar_never_glues_itself_to_a_table(tiny_checkpoint, tm
     titles = [line for line in lines if "clip" in line]
     assert titles == [f"{clip} ({1.0 + i / 2:.2f} s)" for i, clip in enumerate(clips)], "\n".join(lines)
     assert not any("tagging" in line or "files" in line for line in lines), "\n".join(lines)
-    assert sum(line.startswith("rank") for line in lines) == 4 and sum(line.strip() == "timeline" for line in lines) == 4
+    assert sum(line.startswith("rank") for line in lines) == 4
+    assert sum(line.strip() == "timeline" for line in lines) == 4
 
 
 # -- 11. messages and help -----------------------------------------------------------------------------------
@@ -194,7 +195,8 @@ def test_24_2_cat_clip_into_listen_scores_all_and_says_why(tiny_checkpoint, tmp_
     assert result.returncode == 0, result.stderr
     assert [json.loads(line)["end"] for line in result.stdout.splitlines()] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     assert "dropped 0" not in result.stderr and "windows: the model" not in result.stderr
-    assert "the audio came faster than real time (6.0 s of audio in" in result.stderr and "none dropped" in result.stderr
+    assert "the audio came faster than real time (6.0 s of audio in" in result.stderr
+    assert "none dropped" in result.stderr
 
 
 # -- 3. audio on stdin is one input named -; text stays a list of paths ----------------------------------------

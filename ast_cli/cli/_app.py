@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
-
 import re
+from typing import Annotated, Optional
 
 import typer
 from typer.core import TyperGroup
@@ -23,7 +22,7 @@ class _OneLineUsageError(_UsageError):
     def show(self, file=None) -> None:
         flag, message = "", self.format_message()
         bad_value = re.match(r"Invalid value for '([^']+)'(?: / '[^']+')*: (?:Value error, )?(.*)", message, re.S)
-        if bad_value:  # "Invalid value for '--format' / '-f': Value error, 'x' is not ..." -> "--format: 'x' is not ..."
+        if bad_value:  # "Invalid value for '--format' / '-f': Value error, 'x' is ..." -> "--format: 'x' is ..."
             flag, message = f"{bad_value[1]}: ", bad_value[2]
         message = flag + message[:1].lower() + message[1:]  # "No such option" -> "no such option", as ours read
         hint = None

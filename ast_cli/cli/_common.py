@@ -99,7 +99,8 @@ run_options = _bundle("run", RUN_OPTIONS, _run_options)
 run_options.__doc__ = "Give a command the shared run options, passed to it as one ``run: RunOptions``."
 
 # ``ast listen`` scores one window at a time from one stream: no batches, no decoding threads, and its own hop.
-LISTEN_HOP = Annotated[Optional[float], typer.Option(metavar="SECONDS", help="Seconds between window ends (default 1 s).")]
+LISTEN_HOP = Annotated[Optional[float],
+                       typer.Option(metavar="SECONDS", help="Seconds between window ends (default 1 s).")]
 listen_run_options = _bundle("run", [(name, LISTEN_HOP if name == "hop" else annotation, default)
                                      for name, annotation, default in RUN_OPTIONS
                                      if name not in ("batch_size", "workers")], _run_options)

@@ -115,7 +115,8 @@ def print_evaluation(report: dict, multi_label: bool) -> None:
 
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     if not multi_label:
-        console.print(f"{counted(report['files'], 'file')}: accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}")
+        console.print(f"{counted(report['files'], 'file')}: accuracy {report['accuracy']:.4f}, "
+                      f"macro-F1 {report['macro_f1']:.4f}")
         # A line of its own: as a table title it would wrap to the width of a table of few, short labels.
         console.print("confusion (rows: true label, columns: predicted)")
         table = Table(show_edge=False, pad_edge=False)
@@ -128,7 +129,8 @@ def print_evaluation(report: dict, multi_label: bool) -> None:
         console.print(table)
         return
     map_ = report["map"]
-    console.print(f"{counted(report['files'], 'file')}: mAP {map_:.4f}" if map_ is not None else "no label has positives")
+    console.print(f"{counted(report['files'], 'file')}: mAP {map_:.4f}" if map_ is not None
+                  else "no label has positives")
     table = Table(show_edge=False, pad_edge=False)
     for column in ("label", "AP", f"F1 @ {report['threshold']:g}", "positives"):
         table.add_column(column, justify="left" if column == "label" else "right")

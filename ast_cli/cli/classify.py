@@ -85,7 +85,8 @@ def classify(
         if target.journal is not None:
             todo = target.journal.pending(sources)
             if not quiet:
-                say(stderr, f"resuming: {len(sources) - len(todo)} of {counted(len(sources), 'file')} already in {output}")
+                say(stderr, f"resuming: {len(sources) - len(todo)} of {counted(len(sources), 'file')} "
+                            f"already in {output}")
             sources = todo
         if not sources:
             if not items:

@@ -74,7 +74,8 @@ def train(
         if val and val_set.multi_label != dataset.multi_label:
             raise UsageError("--val must be labeled like DATA (both folders, or both tables)")
         say(stderr, f"{len(train_set.examples)} training and {counted(len(val_set.examples), 'validation file')}, "
-                    f"{counted(len(dataset.labels), 'label')} ({'multi' if dataset.multi_label else 'single'}-label), mode {mode.value}")
+                    f"{counted(len(dataset.labels), 'label')} ({'multi' if dataset.multi_label else 'single'}-label), "
+                    f"mode {mode.value}")
         base = str(fetch_model(model, run, stderr, quiet))
         progress = _EpochProgress(stderr, config.epochs, enabled=not quiet and stderr.is_terminal)
         trainer = Trainer(base, train_set, val_set, out, config, run, feature_cache=features_dir,
