@@ -1,7 +1,8 @@
 """Timing the model and the whole ``classify`` path; typed rows for ``ast benchmark`` to render.
 
 ``benchmark_model`` times the forward pass on random inputs of the checkpoint's shape (B, max_length,
-num_mel_bins) for every mode (dtype or int8), batch size and attention implementation, with warm-up passes,
+num_mel_bins) for every mode (dtype or int8), batch size and attention implementation, after warm-up passes
+(by default until two in a row agree within 5%: bf16 on an AMX CPU needs several before its kernels settle),
 ``torch.inference_mode()`` and device synchronisation around each timed pass. Eager and SDPA passes of one
 (mode, batch size) alternate, so that noise from other processes hits both alike.
 
@@ -26,6 +27,9 @@ from .options import Attn, Quantize
 
 ATTNS = tuple(sorted(a.value for a in Attn))  # eager first: the reference
 QUANTIZE_CHOICES = tuple(q.value for q in Quantize)
+
+WARMUP_AGREE = 0.05  # two warm-up passes in a row this close (relative): the kernels have settled
+MAX_WARMUP = 20  # at most this many warm-up passes, however noisy the machine
 
 # What ``--random-weights`` builds: the default AudioSet AST. None = ASTConfig() with the 527 AudioSet labels.
 # (Tests set a tiny config here.)
@@ -77,6 +81,7 @@ class ModelRow:
     clips_per_s: float
     x_realtime: float  # seconds of audio per second
     gflops: float  # achieved, from flops_per_clip
+    warmup: int = 0  # untimed passes before the timed ones
 
 
 @dataclass(frozen=True)
@@ -111,8 +116,8 @@ class BenchmarkReport:
     def to_dict(self) -> dict:
         return {
             "environment": asdict(self.environment),
-            "rows": [asdict(row) for row in self.rows],
-            "end_to_end": [asdict(row) for row in self.end_to_end],
+            "rows": [_named_quantize(asdict(row)) for row in self.rows],
+            "end_to_end": [_named_quantize(asdict(row)) for row in self.end_to_end],
         }
 
     def speedups(self) -> dict[tuple[str, int], float]:
@@ -123,6 +128,11 @@ class BenchmarkReport:
             for mode, batch, attn in medians
             if attn == "sdpa" and (mode, batch, "eager") in medians
         }
+
+
+def _named_quantize(row: dict) -> dict:
+    """JSON says ``"quantize": "none"``, the value ``--quantize`` takes, rather than null."""
+    return dict(row, quantize=row["quantize"] or "none")
 
 
 # -- option parsing (shared by the CLI and library callers) -------------------------------------------
@@ -260,6 +270,23 @@ def _synchronizer(device: str) -> Callable[[], None]:
 # -- model forward ---------------------------------------------------------------------------------------
 
 
+def warm_up(run_pass: Callable[[], float], passes: int | None = None) -> int:
+    """Untimed passes before timing; returns how many ran. ``run_pass`` runs one and returns its seconds.
+    ``passes``: exactly that many; None: until two in a row agree within ``WARMUP_AGREE``, at most ``MAX_WARMUP``
+    (a fixed count is too few for kernels that settle late, and wasted where they settle at once)."""
+    if passes is not None:
+        for _ in range(passes):
+            run_pass()
+        return passes
+    previous = run_pass()
+    for count in range(2, MAX_WARMUP + 1):
+        current = run_pass()
+        if abs(current - previous) <= WARMUP_AGREE * min(current, previous):
+            return count
+        previous = current
+    return MAX_WARMUP
+
+
 def benchmark_model(
     master: AST,
     features: FeatureConfig,
@@ -269,10 +296,11 @@ def benchmark_model(
     batch_sizes: Sequence[int] = (1, 2, 4, 8),
     attns: Sequence[str] = ATTNS,
     iters: int = 3,
-    warmup: int = 1,
+    warmup: int | None = None,
     on_step: Callable[[str], None] | None = None,
 ) -> list[ModelRow]:
-    """Forward-pass timings, one row per (mode, batch size, attn), in that order of nesting."""
+    """Forward-pass timings, one row per (mode, batch size, attn), in that order of nesting. ``warmup``: untimed
+    passes first (None: until two agree, see ``warm_up``)."""
     import torch
 
     sync = _synchronizer(device)
@@ -286,22 +314,25 @@ def benchmark_model(
         for batch in batch_sizes:
             inputs = torch.randn(batch, *shape, generator=generator).to(device=device, dtype=dtype)
             times: dict[str, list[float]] = {attn: [] for attn in attns}
+            warmups: dict[str, int] = {}
+
+            def timed_pass(attn: str) -> float:
+                sync()
+                start = time.perf_counter()
+                model(inputs, attn=attn)
+                sync()
+                return time.perf_counter() - start
+
             with torch.inference_mode():
                 for attn in attns:
                     if on_step is not None:
                         on_step(f"warming up {mode.name} {attn}, batch size {batch}")
-                    for _ in range(warmup):
-                        model(inputs, attn=attn)
-                sync()
+                    warmups[attn] = warm_up(lambda: timed_pass(attn), warmup)
                 for i in range(iters):
                     for attn in attns:  # alternate, so that noise hits each alike
                         if on_step is not None:
                             on_step(f"timing {mode.name} {attn}, batch size {batch} ({i + 1}/{iters})")
-                        sync()
-                        start = time.perf_counter()
-                        model(inputs, attn=attn)
-                        sync()
-                        times[attn].append(time.perf_counter() - start)
+                        times[attn].append(timed_pass(attn))
             for attn in attns:
                 mean, median = statistics.fmean(times[attn]), statistics.median(times[attn])
                 rows.append(ModelRow(
@@ -309,7 +340,7 @@ def benchmark_model(
                     iters=iters, ms_per_batch=round(mean * 1e3, 3), ms_per_batch_median=round(median * 1e3, 3),
                     ms_per_clip=round(median * 1e3 / batch, 3), clips_per_s=round(batch / median, 4),
                     x_realtime=round(batch * features.window_seconds / median, 3),
-                    gflops=round(batch * flops / median / 1e9, 2),
+                    gflops=round(batch * flops / median / 1e9, 2), warmup=warmups[attn],
                 ))
         del model
         if device.startswith("cuda"):
@@ -411,7 +442,7 @@ def benchmark_end_to_end(
 
 
 def run_benchmark(master: AST, features: FeatureConfig, name: str, *, device: str, modes: Sequence[Mode],
-                  batch_sizes: Sequence[int], attns: Sequence[str], iters: int, warmup: int,
+                  batch_sizes: Sequence[int], attns: Sequence[str], iters: int, warmup: int | None,
                   paths: Sequence[str] = (), batch_size: int = 4, workers: int = 2,
                   on_step: Callable[[str], None] | None = None) -> BenchmarkReport:
     """The whole benchmark: forward timings for every mode, and end to end on ``paths`` if any."""
@@ -438,5 +469,5 @@ def run_benchmark(master: AST, features: FeatureConfig, name: str, *, device: st
 __all__ = [
     "ATTNS", "BenchmarkReport", "EndToEndRow", "Environment", "Mode", "ModelRow", "benchmark_end_to_end",
     "benchmark_model", "environment", "parse_attns", "parse_batch_sizes", "random_model", "resolve_modes",
-    "run_benchmark", "variant",
+    "run_benchmark", "variant", "warm_up",
 ]

@@ -159,6 +159,19 @@ def _probe(address: str, option: str) -> None:
                               "and RAY_ADDRESS for a Ray of this run's own") from None
 
 
+def _ray_reason(exc: BaseException) -> str:
+    """The first line of Ray's error, less the sentences that advise Ray's own command-line flags (``Please
+    specify ... the `--address` flag``): ours are named in the hint."""
+    import re
+
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    sentences = re.split(r"(?<=\.)\s+", text.splitlines()[0])
+    kept = [s for s in sentences if "--" not in s] or sentences[:1]
+    return " ".join(kept).rstrip(".")
+
+
 def connect(settings: "RaySettings") -> None:
     """Join the cluster ``settings`` names, or start a Ray of this run's own; a UsageError, in one line, when
     there is none to join. Called before any output is opened; does nothing once connected."""
@@ -181,10 +194,9 @@ def connect(settings: "RaySettings") -> None:
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False,
                  **local)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"cannot join the Ray cluster at {address or 'a local Ray'}: {reason}", option=option,
-                         hint="start one with `ray start --head`, or leave out --ray-address and RAY_ADDRESS "
-                              "for a Ray of this run's own") from None
+        raise UsageError(f"cannot join the Ray cluster at {address or 'a local Ray'}: {_ray_reason(exc)}",
+                         option=option, hint="start one with `ray start --head`, or leave out --ray-address and "
+                                             "RAY_ADDRESS for a Ray of this run's own") from None
     finally:
         # ray.init installs its own SIGTERM handler (sys.exit(15)): keep the caller's, so that SIGTERM ends a run
         # as the local engine's does.

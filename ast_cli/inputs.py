@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, TextIO
 
@@ -21,6 +21,7 @@ class InputFile:
     path: str
     root: str | None = None
     error: str | None = None  # set when the argument itself is unusable (no such file)
+    source: object = field(default=None, compare=False, repr=False)  # audio that is no file: ``-`` on stdin
 
     @property
     def relative(self) -> str:
@@ -59,7 +60,8 @@ def _walk(directory: str, extensions: frozenset[str], unreadable: list[tuple[str
 def expand_inputs(
     arguments: Iterable[str], extensions: frozenset[str] = AUDIO_EXTENSIONS, stdin: TextIO | None = None
 ) -> list[InputFile]:
-    """Files in a deterministic order, each once. ``-`` reads one path per line from ``stdin``.
+    """Files in a deterministic order, each once. ``-`` reads one path per line from ``stdin``; when ``stdin``
+    is an audio source instead (``sources.PipedAudio``: audio arrived there), ``-`` is that one input.
 
     A named path that does not exist, and a directory that cannot be listed, become ``InputFile``s with
     ``error`` set, so that they get an error record like any unreadable file instead of stopping the run (or
@@ -95,6 +97,9 @@ def expand_inputs(
     for arg in arguments:
         if arg == "-":
             if stdin is None:
+                continue
+            if hasattr(stdin, "blocks"):
+                add(InputFile("-", source=stdin))
                 continue
             for line in stdin:
                 line = line.rstrip("\r\n")

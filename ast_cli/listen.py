@@ -6,9 +6,12 @@ of new audio, cuts the window of the model's length that ends there: frames ``[e
 ``k`` ends at ``k * hop``; at the end of the stream one more window ends with the last frame, so the tail is
 scored too. Each window equals ``classify`` on that excerpt of the stream (16 kHz streams: exactly).
 
-The scoring thread (the caller's) always takes the newest window. When the model is slower than real time,
-older windows that were never scored are dropped and counted, never queued: memory stays flat on an endless
-stream, and the output never falls further and further behind.
+The scoring thread (the caller's) always takes the newest window. When the model falls behind the stream's
+own clock (a window is still unscored when the stream, counted from its first sample at the pace it plays, has
+passed the end of the next one), the older window is dropped and counted, never queued: memory stays flat on
+an endless stream, and the output never falls further and further behind. Audio that arrives faster than
+real time (a file piped in) is no reason to drop: the reader then waits for the model, and every window is
+scored.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
@@ -51,8 +54,9 @@ class Event:
 
 
 class _Latest:
-    """A one-slot mailbox between the reader and the scorer: a newer window replaces an unscored one (``drop``),
-    or waits for the scorer to take it (``drop=False``, until ``stop`` is set)."""
+    """A one-slot mailbox between the reader and the scorer: a newer window waits for the scorer to take the
+    one in the slot (until ``stop`` is set), or, with ``drop``, replaces it once the wall clock has reached the
+    newer window's ``due`` time (the model fell behind the stream)."""
 
     def __init__(self, drop: bool = True, stop: threading.Event | None = None):
         self._cond = threading.Condition()
@@ -63,11 +67,15 @@ class _Latest:
         self.closed = False
         self.error: BaseException | None = None
 
-    def put(self, item) -> None:
+    def put(self, item, due: float = 0.0) -> None:
+        """``due``: the ``time.monotonic()`` at which a stream played in real time would have reached the end of
+        ``item``; before then the model is not behind, whatever the slot holds."""
         with self._cond:
-            if not self._drop:
-                while self._item is not None and not self._stop.is_set():
-                    self._cond.wait(0.1)
+            while self._item is not None and not self._stop.is_set():
+                wait = due - time.monotonic() if self._drop else 0.1
+                if wait <= 0:
+                    break
+                self._cond.wait(min(wait, 0.1))
             if self._item is not None:
                 self.dropped += 1
             self._item = item
@@ -114,6 +122,8 @@ class Listener:
         self.stall_seconds = stall_seconds
         self.drop = drop
         self.dropped = 0
+        self.stream_seconds = 0.0  # audio received so far ...
+        self.stream_wall_seconds = 0.0  # ... in this much wall time, from the first sample to the latest block
         self._stop = threading.Event()
 
     def stop(self) -> None:
@@ -133,20 +143,26 @@ class Listener:
         samples = 0
         next_end = self.hop_frames
         index = 0
+        first_sample = None  # time.monotonic() when the stream's first sample was played: its clock's zero
 
         def cut(end: int, end_seconds: float) -> None:
             nonlocal index
             local = frames[max(0, frames.shape[0] - (done - end) - cfg.max_length) : frames.shape[0] - (done - end)]
             window = normalize(pad_or_truncate(local, cfg.max_length), cfg)
             start = max(0, end - cfg.max_length)
-            mailbox.put((index, start * FRAME_SECONDS, end_seconds, window, time.monotonic()))
+            mailbox.put((index, start * FRAME_SECONDS, end_seconds, window, time.monotonic()),
+                        due=first_sample + end_seconds)
             index += 1
 
         try:
             for block in source.blocks():
                 if self._stop.is_set():
                     break
+                if first_sample is None:  # the first block ends now: its first sample played its length ago
+                    first_sample = time.monotonic() - block.shape[0] / SAMPLE_RATE
                 samples += block.shape[0]
+                self.stream_seconds = samples / SAMPLE_RATE
+                self.stream_wall_seconds = time.monotonic() - first_sample
                 pending = torch.cat([pending, torch.from_numpy(block)])
                 new = log_mel(pending, cfg.num_mel_bins)
                 if new.shape[0] == 0:

@@ -102,6 +102,12 @@ class RunOptions:
         return hop_frames(self.hop_seconds)
 
 
+def unscored_seconds(hop_seconds: float | None, window_frames: int) -> float:
+    """Seconds after each window that no window covers when the hop is longer than the window (else 0)."""
+    frames = hop_frames(hop_seconds)
+    return max(0, frames - window_frames) * FRAME_SECONDS if frames is not None else 0.0
+
+
 def hop_frames(hop_seconds: float | None) -> int | None:
     """Window hop in seconds -> 10 ms frames (None: windows do not overlap). Out of range is a UsageError."""
     if hop_seconds is None:

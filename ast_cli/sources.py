@@ -10,12 +10,15 @@ that are files, so that ``--resume`` can tell whether a file changed.
 - ``ArraySource``: samples already in memory, at any rate, mono or (frames, channels).
 - ``StreamSource``: a byte stream (a pipe, a socket, stdin): WAV, including the unknown-length headers that
   ``arecord`` and ffmpeg write to pipes, or raw PCM (s16le, s32le, f32le) at a given rate and channel count.
+- ``PipedAudio``: one audio file of any format libsndfile reads, arriving on a byte stream (``sox ... - |``);
+  ``sniff`` tells such a stream from a list of paths by its first bytes.
 
 A source is cheap to create; all work happens in ``blocks()``, on the engine's worker thread.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import struct
@@ -27,6 +30,11 @@ from .audio import BLOCK_SECONDS, MAX_BLOCK_BYTES, AudioReader, ToModelRate
 from .errors import AudioDecodeError
 
 SAMPLE_FORMATS = {"s16le": "<i2", "s32le": "<i4", "f32le": "<f4"}
+
+# How audio files begin: WAV (RIFF, big-endian RIFX, RF64), FLAC, Ogg, an ID3 tag (mp3), AIFF (FORM); an MPEG
+# frame sync (0xFF, then three more set bits) is checked in ``starts_like_audio``. No list of paths begins so.
+AUDIO_MAGIC = (b"RIFF", b"RIFX", b"RF64", b"fLaC", b"OggS", b"ID3", b"FORM")
+MAX_PIPED_BYTES = 1 << 30  # a non-WAV file on a pipe is held in memory (libsndfile seeks): at most this much
 
 
 @runtime_checkable
@@ -232,6 +240,98 @@ class StreamSource:
         return None, None
 
 
+def starts_like_audio(head: bytes) -> bool:
+    """Whether bytes open like an audio file (see ``AUDIO_MAGIC``) rather than like text."""
+    return head.startswith(AUDIO_MAGIC) or (len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0)
+
+
+class _Prefixed(io.RawIOBase):
+    """``head`` (bytes already read from ``stream``), then the rest of ``stream``."""
+
+    def __init__(self, head: bytes, stream: BinaryIO):
+        self.head, self.stream = head, stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.head:
+            n = min(len(buffer), len(self.head))
+            buffer[:n], self.head = self.head[:n], self.head[n:]
+            return n
+        data = (getattr(self.stream, "read1", None) or self.stream.read)(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def sniff(stream: BinaryIO) -> tuple[bool, io.BufferedReader]:
+    """(whether ``stream`` opens like an audio file, a stream that still gives every byte, the first ones too)."""
+    head = b""
+    while len(head) < 4:
+        chunk = stream.read(4 - len(head))
+        if not chunk:
+            break
+        head += chunk
+    return starts_like_audio(head), io.BufferedReader(_Prefixed(head, stream))
+
+
+class PipedAudio:
+    """One audio file arriving on a byte stream (``sox in.flac -t flac - | ast classify -``). WAV (RIFF, RF64) is
+    read as it comes, pipe headers of unknown length included (``StreamSource``); the other formats libsndfile
+    reads (FLAC, Ogg, mp3, AIFF, RIFX) need to seek, so they are read into memory first, at most ``max_bytes``."""
+
+    def __init__(self, stream: BinaryIO, name: str = "-", max_bytes: int = MAX_PIPED_BYTES):
+        self.stream = stream if hasattr(stream, "peek") else io.BufferedReader(_Prefixed(b"", stream))
+        self.name = name
+        self.max_bytes = max_bytes
+        self._reader = None  # what knows the duration: a StreamSource, or a ToModelRate
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        if self.stream.peek(4)[:4] in (b"RIFF", b"RF64"):
+            self._reader = StreamSource(self.stream, self.name)
+            yield from self._reader.blocks()
+            return
+        yield from self._decode(self._read_all())
+
+    def _read_all(self) -> bytes:
+        data = self.stream.read(self.max_bytes + 1)
+        if len(data) > self.max_bytes:
+            raise AudioDecodeError(f"more than {self.max_bytes >> 20} MiB of non-WAV audio on a pipe: save it to a "
+                                   "file, or pipe WAV, which is read as it comes")
+        return data
+
+    def _decode(self, data: bytes) -> Iterator[np.ndarray]:
+        import soundfile as sf
+
+        from .audio import _sf_reason
+
+        try:
+            with sf.SoundFile(io.BytesIO(data)) as f:
+                self._reader = convert = ToModelRate(f.samplerate)
+                frames = max(1, min(int(BLOCK_SECONDS * f.samplerate), MAX_BLOCK_BYTES // (4 * f.channels)))
+                while True:
+                    block = f.read(frames, dtype="float32", always_2d=True)  # (n, channels)
+                    if block.shape[0] == 0:
+                        break
+                    out = convert.push(block)
+                    if out.shape[0]:
+                        yield out
+        except (sf.LibsndfileError, RuntimeError) as exc:
+            raise AudioDecodeError(f"not audio libsndfile can read: {_sf_reason(exc)}") from None
+        if convert.frames_in == 0:
+            raise AudioDecodeError("no audio samples (zero-length audio)")
+        tail = convert.finish()
+        if tail.shape[0]:
+            yield tail
+
+    @property
+    def duration(self) -> float | None:
+        return self._reader.duration if self._reader is not None else None
+
+    def identity(self) -> tuple[int | None, float | None]:
+        return None, None
+
+
 def _is_stream(path: str) -> bool:
     """A FIFO or character device (what a shell's ``<(...)`` and ``/dev/stdin`` are): no size, no seeking."""
     try:
@@ -257,7 +357,7 @@ def as_sources(items: Iterable) -> list[AudioSource]:
     out: list[AudioSource] = []
     for item in items:
         if isinstance(item, InputFile):
-            out.append(FileSource(item.path, error=item.error))
+            out.append(item.source if item.source is not None else FileSource(item.path, error=item.error))
         elif isinstance(item, (str, os.PathLike)):
             out.append(FileSource(item))
         elif isinstance(item, AudioSource):

@@ -17,7 +17,7 @@ from ast_cli.cli import app
 from ast_cli.errors import UsageError
 from ast_cli.features import FeatureConfig, extract
 from ast_cli.model import ASTConfig, count_parameters
-from ast_cli.speed import (Int8LinearFbgemm, Int8LinearIntMM, cpu_has_native_bf16, cpu_has_vnni, int8_kernel,
+from ast_cli.speed import (Int8LinearFbgemm, Int8LinearIntMM, cpu_has_vnni, int8_kernel,
                            is_quantized, quantize_dynamic)
 from ast_cli.options import RunOptions
 from ast_cli.tagger import Tagger
@@ -63,7 +63,7 @@ def test_json_has_one_row_per_attn_and_batch_size(tiny_checkpoint):
     assert len(rows) == 4
     for row in rows:
         assert ROW_KEYS <= set(row)
-        assert row["dtype"] == "fp32" and row["device"] == "cpu" and row["quantize"] is None and row["iters"] == 1
+        assert row["dtype"] == "fp32" and row["device"] == "cpu" and row["quantize"] == "none" and row["iters"] == 1
         assert row["ms_per_batch"] > 0 and row["ms_per_batch_median"] > 0 and row["clips_per_s"] > 0
         assert row["ms_per_clip"] == pytest.approx(row["ms_per_batch_median"] / row["batch_size"], rel=1e-3)
         assert row["x_realtime"] == pytest.approx(row["clips_per_s"] * 0.64, rel=1e-3)  # 64 frames = 0.64 s
@@ -86,7 +86,7 @@ def test_quantize_and_dtype_lists_multiply(tiny_checkpoint):
                    "--quantize", "none,int8", "--format", "json")
     assert result.exit_code == 0, result.output
     modes = [(r["dtype"], r["quantize"]) for r in json.loads(result.stdout)["rows"]]
-    assert modes == [("fp32", None), ("fp32", "int8"), ("bf16", None)]  # int8 pairs with fp32 only
+    assert modes == [("fp32", "none"), ("fp32", "int8"), ("bf16", "none")]  # int8 pairs with fp32 only
 
 
 def test_random_weights_builds_a_model_without_a_checkpoint(monkeypatch):

@@ -102,9 +102,9 @@ def test_unreadable_file_does_not_stop_the_batch(tiny_checkpoint, clips, tmp_pat
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--format", "yaml"], "Invalid value for '--format'"),
-    (["--attn", "flash"], "Invalid value for '--attn'"),
-    (["--activation", "relu"], "Invalid value for '--activation'"),
+    (["--format", "yaml"], "Error: --format: "),
+    (["--attn", "flash"], "Error: --attn: "),
+    (["--activation", "relu"], "Error: --activation: "),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
     (["--include", "Dgo"], "unknown label 'Dgo' (did you mean 'Dog'?)"),
     (["--resume"], "--resume: needs an output file"),

@@ -150,6 +150,7 @@ def test_a_local_ray_gives_the_local_engines_records(tiny_checkpoint, tree):
         nothing = space.ast([*base, "--engine", "ray", "--ray-address", "auto"], timeout=120)
         assert nothing.returncode == 2 and "Error: --ray-address: cannot join the Ray cluster at auto" in nothing.stderr
         assert "Traceback" not in nothing.stderr and not nothing.stdout
+        assert "`--address` flag" not in nothing.stderr  # Ray's own advice names ray's flag, not ours (#24.11)
         remote = space.ast([*base, "--engine", "ray"])
         assert local.exit_code == remote.returncode == 1, remote.stderr  # the two bad files
         same_records(records(local.stdout), records(remote.stdout))

@@ -42,11 +42,17 @@ def test_every_option_has_help(name):
 
 
 def test_readme_setup_commands_are_what_ci_runs():
-    setup = README.split("## Set up", 1)[1].split("```bash", 1)[1].split("```", 1)[0].strip().splitlines()
-    assert setup == ['pip install -e ".[test]"', "python -m pytest -q"]
+    """The set-up block is CI's own commands, in CI's order (#24.12: a venv first), plus the CPU-only PyTorch line,
+    which comes before the install and says it is only for machines without a GPU."""
+    block = README.split("## Set up", 1)[1].split("```bash", 1)[1].split("```", 1)[0].strip().splitlines()
+    setup = [line.split("#", 1)[0].strip() for line in block]
+    cpu_only = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+    assert setup == ["python3 -m venv .venv", ". .venv/bin/activate", cpu_only, 'pip install -e ".[test]"',
+                     "python -m pytest -q"]
+    assert "without a GPU" in block[2]
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
-    for command in setup:
-        assert command in ci, f".ci/run does not run `{command}`"
+    ci_commands = [command for command in setup if command != cpu_only]
+    assert [line for line in ci if line in ci_commands] == ci_commands, ".ci/run runs other set-up commands"
 
 
 def test_changelog_has_an_unreleased_section():
@@ -96,3 +102,24 @@ def test_readme_recipes_run_end_to_end(tiny_checkpoint, tmp_path):
     assert failed.stdout.strip().startswith(str(archive / "bad.mp3") + ": ")
     assert table.returncode == 1 and (tmp_path / "tags.csv").read_text().startswith("path,duration,rank,label")
     assert per_file.returncode == 1 and len(list((tmp_path / "labels").rglob("*.labels.txt"))) == 3
+
+
+def test_24_12_the_python_api_sample_prints_what_the_readme_shows(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """The README's Python API sample, run as written on the files it names, prints its transcript exactly."""
+    import sys
+
+    from conftest import write_audio
+
+    section = README.split("## Python API", 1)[1]
+    code = section.split("```python", 1)[1].split("```", 1)[0]
+    transcript = section.split("```console", 1)[1].split("```", 1)[0].strip().splitlines()
+    monkeypatch.chdir(tmp_path)
+    write_audio(tmp_path / "in" / "a.wav", 2.0, 16000, 1, seed=1)
+    cut = write_audio(tmp_path / "in" / "cut.wav", 2.0, 16000, 1, seed=2)
+    cut.write_bytes(cut.read_bytes()[: 44 + 16000])  # the header promises 2 s, the data ends at 0.5 s
+    write_audio(tmp_path / "in" / "b.flac", 3.5, 44100, 2, seed=3)
+    write_audio(tmp_path / "in" / "long.wav", 36.0, 16000, 1, seed=4)
+    monkeypatch.setattr(sys, "argv", ["api_example.py", str(tiny_checkpoint[0])])
+    capsys.readouterr()
+    exec(compile(code, "api_example.py", "exec"), {"__name__": "__main__"})
+    assert capsys.readouterr().out.splitlines() == transcript[1:]  # [0] is the command line

@@ -287,8 +287,8 @@ def test_output_path_stays_under_out(tmp_path):
 def test_usage_errors(tmp_path):
     audio = write_audio(tmp_path / "x.wav", 0.5)
     for args, message in [
-        (["--kind", "mfcc"], "Invalid value for '--kind'"),
-        (["--format", "pt"], "Invalid value for '--format'"),
+        (["--kind", "mfcc"], "Error: --kind: "),
+        (["--format", "pt"], "Error: --format: "),
         (["--hop", "0.001"], "--hop: 0.001 s is shorter than one frame"),
     ]:
         result = run(audio, "--out", tmp_path / "out", *args)

@@ -260,7 +260,7 @@ def test_benchmark_says_which_combinations_it_leaves_out(tiny_checkpoint):
     assert result.exit_code == 0, result.stderr
     assert "left out bf16+int8" in result.stderr
     modes = {(row["dtype"], row["quantize"]) for row in json.loads(result.stdout)["rows"]}
-    assert modes == {("fp32", None), ("bf16", None), ("fp32", "int8")}
+    assert modes == {("fp32", "none"), ("bf16", "none"), ("fp32", "int8")}
 
 
 def test_a_missing_relative_model_path_is_named_as_such(clips, tmp_path, monkeypatch):

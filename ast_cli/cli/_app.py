@@ -2,14 +2,63 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from .. import __version__
 
+# click's UsageError: typer raises it for a bad option value, an unknown option or command, a missing argument,
+# but does not re-export it; BadParameter (public) is its subclass.
+_UsageError = typer.BadParameter.__mro__[1]
+
+
+class _OneLineUsageError(_UsageError):
+    """A usage error from option parsing, in our style: ``Error: ...`` and ``Hint: ...`` lines on stderr
+    instead of typer's usage block."""
+
+    def show(self, file=None) -> None:
+        flag, message = "", self.format_message()
+        bad_value = re.match(r"Invalid value for '([^']+)'(?: / '[^']+')*: (?:Value error, )?(.*)", message, re.S)
+        if bad_value:  # "Invalid value for '--format' / '-f': Value error, 'x' is ..." -> "--format: 'x' is ..."
+            flag, message = f"{bad_value[1]}: ", bad_value[2]
+        message = flag + message[:1].lower() + message[1:]  # "No such option" -> "no such option", as ours read
+        hint = None
+        if self.ctx is not None:
+            listed = "commands" if isinstance(self.ctx.command, TyperGroup) else "options"
+            hint = f"`{self.ctx.command_path} --help` lists the {listed}"
+        typer.echo(f"Error: {message}" + (f"\nHint: {hint}" if hint else ""), err=True)
+
+
+def _one_line(exc) -> _OneLineUsageError:
+    return _OneLineUsageError(exc.format_message(), ctx=exc.ctx)
+
+
+class _Group(TyperGroup):
+    """The app's group: parsing errors of the app and of every command come out in one style."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except _UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # plain `ast`: the help, as asked for
+                raise
+            raise _one_line(exc) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except _OneLineUsageError:
+            raise
+        except _UsageError as exc:
+            raise _one_line(exc) from None
+
+
 app = typer.Typer(
     name="ast",
+    cls=_Group,
     no_args_is_help=True,
     add_completion=True,
     rich_markup_mode=None,

@@ -90,12 +90,20 @@ def _bundle(name: str, params: list[tuple[str, object, object]], build: Callable
 
 def _run_options(values: dict) -> RunOptions:
     return RunOptions(device=values["device"], dtype=values["dtype"], attn=values["attn"], quantize=values["quantize"],
-                      threads=values["threads"], batch_size=values["batch_size"], workers=values["workers"],
-                      hop_seconds=values["hop"], offline=values["offline"] or None, cache_dir=values["cache_dir"])
+                      threads=values["threads"], batch_size=values.get("batch_size", RunOptions.batch_size),
+                      workers=values.get("workers", RunOptions.workers), hop_seconds=values["hop"],
+                      offline=values["offline"] or None, cache_dir=values["cache_dir"])
 
 
 run_options = _bundle("run", RUN_OPTIONS, _run_options)
 run_options.__doc__ = "Give a command the shared run options, passed to it as one ``run: RunOptions``."
+
+# ``ast listen`` scores one window at a time from one stream: no batches, no decoding threads, and its own hop.
+LISTEN_HOP = Annotated[Optional[float],
+                       typer.Option(metavar="SECONDS", help="Seconds between window ends (default 1 s).")]
+listen_run_options = _bundle("run", [(name, LISTEN_HOP if name == "hop" else annotation, default)
+                                     for name, annotation, default in RUN_OPTIONS
+                                     if name not in ("batch_size", "workers")], _run_options)
 
 Engine = _choices("Engine", "local ray", "Where a batch runs.")
 DISTRIBUTED_OPTIONS: list[tuple[str, object, object]] = [
@@ -132,8 +140,9 @@ distributed_options = _bundle("dist", DISTRIBUTED_OPTIONS, _distributed)
 
 
 def path_stdin(paths: list[str]):
-    """stdin as a list of paths (for ``-``), decoded as the file system decodes names: a latin-1 name is kept
-    byte for byte (as surrogate escapes) instead of failing the run. None when ``-`` is not among ``paths``."""
+    """What ``-`` stands for: audio (a ``PipedAudio``) when stdin begins like an audio file (``sox ... -t wav - |``),
+    else a list of paths, decoded as the file system decodes names: a latin-1 name is kept byte for byte (as
+    surrogate escapes) instead of failing the run. None when ``-`` is not among ``paths``."""
     import io
     import sys
 
@@ -142,7 +151,21 @@ def path_stdin(paths: list[str]):
     buffer = getattr(sys.stdin, "buffer", None)
     if buffer is None:
         return sys.stdin
-    return io.TextIOWrapper(buffer, encoding=sys.getfilesystemencoding(), errors="surrogateescape")
+    from ..sources import PipedAudio, sniff
+
+    audio, stream = sniff(buffer)
+    if audio:
+        return PipedAudio(stream, "-")
+    return io.TextIOWrapper(stream, encoding=sys.getfilesystemencoding(), errors="surrogateescape")
+
+
+def refuse_piped_audio_on_ray(items, settings) -> None:
+    """Audio on stdin is read by this process: Ray workers cannot read it. A usage error before anything starts."""
+    from ..errors import UsageError
+
+    if settings.ray and any(getattr(item, "source", None) is not None for item in items):
+        raise UsageError("audio on stdin is read by this process, not by Ray workers", option="engine",
+                         hint="leave out --engine ray for audio piped in, or give its file")
 
 
 def label_list(values: list[str] | None) -> list[str]:
@@ -198,6 +221,19 @@ def warn_if_slow_bf16(dtypes, device: str, console) -> None:
     if pick_device(device) == "cpu" and not cpu_has_native_bf16():
         say(console, "warning: this CPU has no bf16 hardware (AVX512-BF16, AMX or ARM BF16): bf16 runs slower "
                      "than fp32 here; --quantize int8 is the fast CPU mode")
+
+
+def warn_if_gaps(run: RunOptions, features, console) -> None:
+    """A --hop longer than the model's window leaves audio that no window sees: say how much, then go on (a
+    sparse sample of a long archive can be what the user wants)."""
+    from ..options import unscored_seconds
+    from ._errors import say
+
+    gap = unscored_seconds(run.hop_seconds, features.max_length)
+    if gap > 0:
+        say(console, f"warning: --hop {run.hop_seconds:g} s is longer than the model's {features.window_seconds:g} s "
+                     f"window: {gap:.2f} s after every window ({gap / run.hop_seconds:.0%} of the audio) is never "
+                     f"scored; a --hop of at most {features.window_seconds:g} s scores all of it")
 
 
 def fetch_model(model: str, run: RunOptions, console, quiet: bool):
@@ -256,4 +292,5 @@ def load_tagger(model: str, run: RunOptions, console, quiet: bool):
     else:
         tagger = Tagger.load(path, run)
     tagger.name = model
+    warn_if_gaps(run, tagger.features, console)
     return tagger

@@ -68,7 +68,8 @@ def _with_path_note(model: str | None, hint: str | None) -> str | None:
     """``recordings/model`` reads as a hub id ORG/NAME; when its first part is a local folder, the user most
     likely meant a path that does not exist: say so."""
     if model and "/" in model and os.path.isdir(model.split("/", 1)[0]) and not os.path.exists(model):
-        note = f"as a local path, ./{model} does not exist either"
+        shown = model if model.startswith(("./", "../", "/")) else f"./{model}"
+        note = f"as a local path, {shown} does not exist either"
         return f"{hint}; {note}" if hint else note
     return hint
 
@@ -122,6 +123,11 @@ def say(console, text: str) -> None:
         console.print(one_line(text), markup=False, highlight=False, soft_wrap=True)
     except (OSError, ValueError):
         pass
+
+
+def counted(n: int, noun: str) -> str:
+    """``1 file``, ``2 files``: a count with its noun in the right number."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def one_line(text: str) -> str:

@@ -3,7 +3,10 @@ terminal or with ``--quiet``. ``summary``: the end-of-run line of every batch co
 
 from __future__ import annotations
 
+import sys
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 
 class BatchProgress:
@@ -27,7 +30,7 @@ class BatchProgress:
                 TextColumn("{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("files"),
+                TextColumn("{task.fields[noun]}"),
                 TextColumn("{task.fields[audio]}"),
                 TextColumn("{task.fields[speed]}"),
                 TimeRemainingColumn(),
@@ -35,12 +38,28 @@ class BatchProgress:
                 transient=True,
             )
             self._progress.__enter__()
-            self._task = self._progress.add_task(self.description, total=self.total, audio="", speed="")
+            self._task = self._progress.add_task(self.description, total=self.total, audio="", speed="",
+                                                 noun="file" if self.total == 1 else "files")
         return self
 
     def __exit__(self, *exc) -> None:
         if self._progress is not None:
             self._progress.__exit__(*exc)
+
+    @contextmanager
+    def above(self) -> Iterator[None]:
+        """Write to stdout on the bar's terminal: the bar is taken off the screen, the text goes where it stood,
+        the bar is drawn again below it. (Written while the bar is up, the text would start at the bar's line
+        end, and the bar's first line would stay on the screen, glued to it.)"""
+        if self._progress is None or not sys.stdout.isatty():
+            yield
+            return
+        self._progress.stop()  # transient: the bar is erased and the cursor is back where it began
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            self._progress.start()
 
     @property
     def realtime_factor(self) -> float:

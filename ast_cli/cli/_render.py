@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from ._errors import counted
+
 
 def print_models(rows: list[dict]) -> None:
     from rich.console import Console
@@ -56,10 +58,11 @@ def print_benchmark(report) -> None:
                           f"{medians[(mode, batch, 'sdpa')]:.1f}", f"{speedup:.2f}x")
         console.print(table)
     table = Table(title="Model forward", title_justify="left")
-    for column in ("mode", "attn", "batch size", "mean ms", "median ms", "ms/clip", "clips/s", "x real-time"):
+    for column in ("mode", "attn", "batch size", "warm-up", "mean ms", "median ms", "ms/clip", "clips/s",
+                   "x real-time"):
         table.add_column(column, justify="left" if column in ("mode", "attn") else "right")
     for r in report.rows:
-        table.add_row(r.quantize or r.dtype, r.attn, str(r.batch_size), f"{r.ms_per_batch:.1f}",
+        table.add_row(r.quantize or r.dtype, r.attn, str(r.batch_size), str(r.warmup), f"{r.ms_per_batch:.1f}",
                       f"{r.ms_per_batch_median:.1f}", f"{r.ms_per_clip:.1f}", f"{r.clips_per_s:.2f}",
                       f"{r.x_realtime:.1f}")
     console.print(table)
@@ -112,9 +115,11 @@ def print_evaluation(report: dict, multi_label: bool) -> None:
 
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     if not multi_label:
-        console.print(f"{report['files']} files: accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}")
-        table = Table(title="confusion (rows: true label, columns: predicted)", title_justify="left",
-                      show_edge=False, pad_edge=False)
+        console.print(f"{counted(report['files'], 'file')}: accuracy {report['accuracy']:.4f}, "
+                      f"macro-F1 {report['macro_f1']:.4f}")
+        # A line of its own: as a table title it would wrap to the width of a table of few, short labels.
+        console.print("confusion (rows: true label, columns: predicted)")
+        table = Table(show_edge=False, pad_edge=False)
         table.add_column("")
         labels = report["labels"]
         for name in labels:
@@ -124,7 +129,8 @@ def print_evaluation(report: dict, multi_label: bool) -> None:
         console.print(table)
         return
     map_ = report["map"]
-    console.print(f"{report['files']} files: mAP {map_:.4f}" if map_ is not None else "no label has positives")
+    console.print(f"{counted(report['files'], 'file')}: mAP {map_:.4f}" if map_ is not None
+                  else "no label has positives")
     table = Table(show_edge=False, pad_edge=False)
     for column in ("label", "AP", f"F1 @ {report['threshold']:g}", "positives"):
         table.add_column(column, justify="left" if column == "label" else "right")

@@ -26,7 +26,7 @@ def benchmark(
     dtype: Annotated[str, typer.Option(metavar="LIST", help="auto (fp32 on CPU, fp16 on CUDA), fp32, fp16, bf16; comma-separated.")] = "auto",
     quantize: Annotated[str, typer.Option(metavar="LIST", help="none and/or int8 (dynamic int8 Linear layers, CPU); comma-separated.")] = "none",
     iters: Annotated[Optional[int], typer.Option(min=1, metavar="N", help="Timed passes per row (default: 10 on a GPU, 3 on the CPU).")] = None,
-    warmup: Annotated[Optional[int], typer.Option(min=0, metavar="N", help="Untimed passes first (default: 3 on a GPU, 1 on the CPU).")] = None,
+    warmup: Annotated[Optional[int], typer.Option(min=0, metavar="N", help="Untimed passes first (default: until two in a row agree within 5%, at most 20).")] = None,
     end_to_end: Annotated[bool, typer.Option("--end-to-end", help="Also time classify on PATHS, split by stage (decode, resample, features, model).")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, metavar="N", help="Windows per model call with --end-to-end.")] = 4,
     workers: Annotated[int, typer.Option(min=1, max=64, metavar="N", help="Decoding/feature threads with --end-to-end.")] = 2,
@@ -80,7 +80,7 @@ def benchmark(
         with status if status is not None else nullcontext(), native_stderr_silenced(not debug_enabled(debug)):
             report = run_benchmark(
                 master, features, name, device=resolved, modes=modes, batch_sizes=sizes, attns=attns,
-                iters=iters or (10 if gpu else 3), warmup=(3 if gpu else 1) if warmup is None else warmup,
+                iters=iters or (10 if gpu else 3), warmup=warmup,
                 paths=files, batch_size=batch_size, workers=workers,
                 on_step=status.update if status is not None else None)
         if format is ListFormat.json:

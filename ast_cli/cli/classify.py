@@ -13,8 +13,8 @@ from ..options import Activation, Aggregate, OutputFormat, RunOptions
 from ._app import app
 from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, checked_distributed,
                       distributed_options, fetch_model, label_list, load_tagger, model_config, model_identity,
-                      path_stdin, report_failure, run_options, stderr_console)
-from ._errors import EXIT_FAILED, cli_errors, debug_enabled, say
+                      path_stdin, refuse_piped_audio_on_ray, report_failure, run_options, stderr_console)
+from ._errors import EXIT_FAILED, cli_errors, counted, debug_enabled, say
 
 
 @app.command()
@@ -73,6 +73,7 @@ def classify(
         if not found:
             return _nothing_found(paths, ext, stderr, quiet)
         items = take_shard(found + _empty_folders(paths, found, ext), cluster.shard)
+        refuse_piped_audio_on_ray(items, cluster)
         job = _Job(model, run, cluster, selection, activation, aggregate, segments, output_dir or output, stderr,
                    quiet, debug)
         target, sources, note = _plan(items, job, format, output, output_dir, resume, overwrite)
@@ -145,14 +146,15 @@ def _plan(items, job: _Job, format, output, output_dir, resume, overwrite):
         target, todo = plan_output_dir(output_dir, format, items, overwrite=overwrite)
         job.segments = job.segments or target.needs_segments
         done = len(items) - len(todo)
-        return target, as_sources(todo), f"{done} of {len(items)} files already in {output_dir}" if done else None
+        note = f"{done} of {counted(len(items), 'file')} already in {output_dir}" if done else None
+        return target, as_sources(todo), note
     target = plan_output(output, format, resume=resume, overwrite=overwrite, inputs=items,
                          default="table" if sys.stdout.isatty() and output is None else "jsonl")
     sources = as_sources(items)
     if target.journal is None:
         return target, sources, None
     todo = target.journal.pending(sources)  # read under the lock
-    note = f"resuming: {len(sources) - len(todo)} of {len(sources)} files already in {output}"
+    note = f"resuming: {len(sources) - len(todo)} of {counted(len(sources), 'file')} already in {output}"
     return target, todo, note if target.kind != "missing" else None  # nothing to say of a new file
 
 
@@ -255,7 +257,8 @@ def _write(results, engine, target, provenance: dict, progress, job: _Job) -> in
                         from ._errors import traceback_text
 
                         job.stderr.print(traceback_text(result.exception), markup=False, highlight=False)
-                writer.write(result)
+                with progress.above():
+                    writer.write(result)
         _signals.finishing()  # every result is in: from here the output is committed, whatever signal comes
     except BaseException:
         if engine is not None:

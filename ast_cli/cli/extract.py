@@ -9,8 +9,8 @@ import typer
 from ..options import FeatureFormat, FeatureKind, RunOptions
 from ._app import app
 from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, checked_distributed,
-                      distributed_options, fetch_model, load_tagger, path_stdin, report_failure, run_options,
-                      stderr_console)
+                      distributed_options, fetch_model, load_tagger, path_stdin, refuse_piped_audio_on_ray,
+                      report_failure, run_options, stderr_console, warn_if_gaps)
 from ._errors import EXIT_FAILED, cli_errors, debug_enabled
 from ._progress import BatchProgress, summary
 
@@ -58,6 +58,7 @@ def extract_features_command(
         run.validate()
         cluster = checked_distributed(dist)
         items = take_shard(expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths)), cluster.shard)
+        refuse_piped_audio_on_ray(items, cluster)
         if not items:
             raise UsageError("no audio files found in the given paths", hint="check --ext, or name files directly")
         settings = None if overwrite else Settings.of(kind.value, model, run)
@@ -76,7 +77,9 @@ def extract_features_command(
             extractor = FeatureExtractor.embeddings(load_tagger(model, run, stderr, quiet), model)
         elif todo:
             path = fetch_model(model, run, stderr, quiet)  # downloads a missing hub model, like classify
-            extractor = FeatureExtractor.fbank(model, load_feature_config(str(path), offline=run.offline), run)
+            features = load_feature_config(str(path), offline=run.offline)
+            warn_if_gaps(run, features, stderr)
+            extractor = FeatureExtractor.fbank(model, features, run)
         counts = {"written": 0, "skipped": 0, "failed": 0}
         progress = BatchProgress(stderr, todo, enabled=not quiet and stderr.is_terminal, description="extracting")
         try:

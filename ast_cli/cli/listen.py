@@ -10,7 +10,7 @@ import typer
 
 from ..options import Activation, RunOptions, _choices
 from ._app import app
-from ._common import (DEFAULT_MODEL, DebugOpt, ModelOpt, QuietOpt, label_list, load_tagger, run_options,
+from ._common import (DEFAULT_MODEL, DebugOpt, ModelOpt, QuietOpt, label_list, listen_run_options, load_tagger,
                       stderr_console)
 from ._errors import cli_errors, debug_enabled, say
 
@@ -19,7 +19,7 @@ SampleFormat = _choices("SampleFormat", "s16le s32le f32le", "Raw PCM sample for
 
 
 @app.command()
-@run_options
+@listen_run_options
 def listen(
     source: Annotated[str, typer.Argument(metavar="SOURCE", help="- (WAV or, with --raw, PCM on stdin), or anything ffmpeg opens: a file, a URL, a device.")],
     run: RunOptions,
@@ -45,9 +45,10 @@ def listen(
     Each window ends --hop after the previous one; until one window's worth has arrived, windows are the
     audio so far, zero-padded as the reference pads a short clip. One JSON line per window as soon as it is
     scored, flushed: {"start", "end"} in seconds from the start of the stream, "time" (wall clock),
-    "labels", "latency_s". When the model is slower than real time, windows are dropped (and counted on
-    stderr), never queued; a recording on disk waits for the model instead (--drop/--no-drop). EOF scores
-    the last partial window; Ctrl-C flushes and exits 130.
+    "labels", "latency_s". When the model falls behind the stream (slower than real time), windows are
+    dropped (and counted on stderr), never queued; audio that comes faster than real time (a file piped in)
+    and a recording on disk wait for the model instead (--drop/--no-drop). EOF scores the last partial
+    window; Ctrl-C flushes and exits 130.
 
     Examples:
 
@@ -96,9 +97,20 @@ def listen(
             with native_stderr_silenced(not debug_enabled(debug)):
                 _loop(listener, stream, fmt, tracker, stderr, quiet)
         finally:
-            if listener.dropped and not quiet:
-                say(stderr, f"dropped {listener.dropped} windows: the model is slower than real time here "
-                            "(a larger --hop, --quantize int8 or a GPU keeps up)")
+            if not quiet:
+                _say_pace(listener, stderr)
+
+
+def _say_pace(listener, stderr) -> None:
+    """Which of the two happened: the model fell behind the stream (windows dropped), or the audio came faster
+    than it plays (a file piped in: every window scored, at the model's pace)."""
+    pace = f"{listener.stream_seconds:.1f} s of audio in {listener.stream_wall_seconds:.1f} s"
+    if listener.dropped:
+        say(stderr, f"dropped {listener.dropped} windows: the model fell behind the stream ({pace}); a larger "
+                    "--hop, --quantize int8 or a GPU keeps up")
+    elif listener.drop and listener.stream_seconds > 1.1 * listener.stream_wall_seconds + 0.5:
+        say(stderr, f"note: the audio came faster than real time ({pace}): every window was scored, as fast "
+                    "as the model goes, none dropped")
 
 
 def _loop(listener, stream, fmt, tracker, stderr, quiet: bool) -> None:
@@ -127,7 +139,7 @@ def _loop(listener, stream, fmt, tracker, stderr, quiet: bool) -> None:
             sys.stdout.write(line + "\n")
         sys.stdout.flush()
         if listener.dropped > reported and time.monotonic() - last_note > 10 and not quiet:
-            say(stderr, f"dropped {listener.dropped} windows so far: the model is slower than real time")
+            say(stderr, f"dropped {listener.dropped} windows so far: the model fell behind the stream")
             reported, last_note = listener.dropped, time.monotonic()
     if tracker is not None and last is not None:
         for event in tracker.close(last.end, time.time()):

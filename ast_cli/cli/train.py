@@ -9,7 +9,7 @@ import typer
 from ..options import ListFormat, RunOptions, _choices
 from ._app import app
 from ._common import DEFAULT_MODEL, DebugOpt, ModelOpt, QuietOpt, fetch_model, load_tagger, run_options, stderr_console
-from ._errors import cli_errors, say
+from ._errors import cli_errors, counted, say
 
 Mode = _choices("Mode", "head finetune", "What ast train trains.")
 DataArg = Annotated[str, typer.Argument(metavar="DATA", help="A folder of label subfolders (single-label), or a CSV/JSONL of path,labels (labels separated by ;, multi-label).")]
@@ -83,8 +83,9 @@ def train(
                              option="val")
         check_out(out, overwrite=overwrite, resume=resume,
                   marker={"mode": mode.value, "labels": list(labels), "multi_label": dataset.multi_label})
-        say(stderr, f"{len(train_set.examples)} training and {len(val_set.examples)} validation files, "
-                    f"{len(labels)} labels ({'multi' if dataset.multi_label else 'single'}-label), mode {mode.value}")
+        say(stderr, f"{len(train_set.examples)} training and {counted(len(val_set.examples), 'validation file')}, "
+                    f"{counted(len(labels), 'label')} ({'multi' if dataset.multi_label else 'single'}-label), "
+                    f"mode {mode.value}")
         base = str(fetch_model(model, run, stderr, quiet))
         progress = _EpochProgress(None if quiet else stderr, config.epochs, enabled=stderr.is_terminal)
         trainer = Trainer(base, train_set, val_set, out, config, run, feature_cache=features_dir,
