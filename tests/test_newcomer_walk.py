@@ -225,7 +225,7 @@ def test_24_3_audio_on_stdin_is_one_input_named_dash(tiny_checkpoint, tmp_path, 
             sf.write(str(path), samples, 22050, **write)
         except (sf.LibsndfileError, ValueError, TypeError) as exc:  # an old libsndfile without mp3
             pytest.skip(f"this libsndfile cannot write {name}: {exc}")
-    model = ["--model", tiny_checkpoint[0], "--top", "3", "-f", "json"]
+    model = ["--model", tiny_checkpoint[0], "--top", "3", "-f", "json", "--quiet"]
     piped = ast("classify", "-", *model, input=path.read_bytes())
     named = ast("classify", reference_path, *model)
     assert piped.exit_code == 0 and piped.stderr == "", piped.stderr
