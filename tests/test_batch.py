@@ -256,6 +256,21 @@ def test_23_2_a_header_rate_out_of_range_fails_that_file_alone(tiny_checkpoint, 
     assert result.stderr.count("\n") == 1 and "absurd.wav" in result.stderr
 
 
+def test_23_5_an_output_dir_file_that_cannot_be_written_fails_that_input_alone(tiny_checkpoint, tmp_path):
+    """A name of 249 bytes is fine for the input, too long (264) for its `.selections.txt`: that input fails with
+    one line; before, the batch stopped there and wrote nothing else."""
+    tree = tmp_path / "tree"
+    write_audio(tree / "a.wav", 0.3)
+    write_audio(tree / ("x" * 245 + ".wav"), 0.3)
+    write_audio(tree / "z.wav", 0.3)
+    out = tmp_path / "out"
+    result = run(tree, "--model", tiny_checkpoint[0], "--output-dir", out, "-f", "raven")
+    assert result.exit_code == 1
+    assert sorted(p.name for p in out.iterdir()) == ["a.wav.selections.txt", "z.wav.selections.txt"]
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "x" * 245 + ".wav: cannot write " in lines[0] and "too long" in lines[0]
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs")
 def test_23_3_fifos_sockets_and_devices_in_a_walked_folder_are_not_read(tiny_checkpoint, tmp_path):
     """A FIFO with no writer in a walked folder hung the batch forever; a FIFO named on its own is still a stream

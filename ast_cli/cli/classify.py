@@ -120,6 +120,7 @@ def classify(
 def _write(results, engine, total: int, target, segments, stderr, quiet, debug) -> int:
     """Write ``results`` into ``target``; returns how many failed. Ctrl-C keeps what is done (jsonl) or leaves
     the earlier file as it was (json/csv)."""
+    from ..errors import OutputWriteError
     from ._io import native_stderr_silenced
     from ._progress import BatchProgress
 
@@ -130,6 +131,12 @@ def _write(results, engine, total: int, target, segments, stderr, quiet, debug) 
         with native_stderr_silenced(not debug_enabled(debug)), progress:
             for result in results:
                 progress.advance(result.duration)
+                try:
+                    writer.write(result)
+                except OutputWriteError as exc:
+                    if not writer.per_input:
+                        raise
+                    result.error, result.exception = str(exc), exc  # this input's file only: the rest go on
                 if result.error is not None:
                     failed += 1
                     report_failure(stderr, result.path, result.error)
@@ -137,7 +144,6 @@ def _write(results, engine, total: int, target, segments, stderr, quiet, debug) 
                         from ._errors import traceback_text
 
                         stderr.print(traceback_text(result.exception), markup=False, highlight=False)
-                writer.write(result)
     except BaseException:
         if engine is not None:
             engine.stop()
