@@ -152,11 +152,38 @@ def _probe(address: str, option: str) -> None:
         raise UsageError(f"{address!r} is not a Ray address: give auto, HOST:PORT or ray://HOST:PORT",
                          option=option)
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=5) as connection:
+            speaks_grpc = _answers_http2(connection)
     except OSError as exc:
         raise UsageError(f"no Ray cluster answers at {address} ({exc.strerror or exc})", option=option,
                          hint="start one with `ray start --head`, check the address, or leave out --ray-address "
                               "and RAY_ADDRESS for a Ray of this run's own") from None
+    if not speaks_grpc:  # ray.init would retry it for a minute and more, printing Ray's errors
+        raise UsageError(f"what answers at {address} is not Ray (it does not speak gRPC)", option=option,
+                         hint="give the port of the Ray head (`ray start --head` prints it; 6379 by default), "
+                              "or ray://HOST:10001 for Ray Client")
+
+
+def _answers_http2(connection, timeout: float = 5.0) -> bool:
+    """Whether the server on ``connection`` speaks HTTP/2, as Ray's GCS and Ray Client (gRPC) do: sent the client
+    preface and an empty SETTINGS frame, an HTTP/2 server's first frame is SETTINGS (RFC 9113, 3.4). With TLS
+    (RAY_USE_TLS) nothing is checked here."""
+    import os
+
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return True
+    connection.settimeout(timeout)
+    connection.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+    header = b""
+    try:
+        while len(header) < 9:
+            chunk = connection.recv(9 - len(header))
+            if not chunk:
+                break
+            header += chunk
+    except OSError:  # silence (a timeout) or a reset: not Ray either
+        return False
+    return len(header) == 9 and header[3] == 4  # frame type 4: SETTINGS
 
 
 def connect(settings: "RaySettings") -> None:
