@@ -19,10 +19,11 @@ has ``ceil(new * n / orig)`` samples for ``n`` input samples.
 
 That kernel holds ``new * (2 * width + orig)`` taps: 76,000 for 44100 -> 16000, but 178 million (713 MB, and
 gigabytes while it is built) for 11127 Hz, whose gcd with 16000 is 1. Past ``MAX_KERNEL_TAPS`` the same filter
-``h`` is evaluated directly instead (``_resample_direct``): each output sample's taps are computed on the fly,
-in blocks of outputs, from the exact offset ``(i * new - j * orig) / (orig * new)`` (integers, then float64),
-and only the ``~2 * W * orig / b`` input samples where ``h`` is non-zero are read. Its memory is a few MB
-whatever the rates, its work per output sample grows with the ratio of the rates only, and its output
+``h`` is evaluated directly instead (``_resample_direct``): each output sample's taps are computed from the exact
+offset ``(i * new - j * orig) / (orig * new)`` (integers, then float64), once per phase when that table is small
+(16,000 x 18 taps for 22051 Hz), else on the fly, in blocks of outputs; only the ``~2 * W * orig / b`` input
+samples where ``h`` is non-zero are read. Its memory is a few MB whatever the rates (the table at most 8 MB),
+its work per output sample grows with the ratio of the rates only, and its output
 differs from an exact float64 evaluation of the same filter by float32 rounding (``tests/test_features.py``).
 The standard rates keep torchaudio's kernel and its bit-for-bit output.
 
