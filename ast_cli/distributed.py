@@ -15,6 +15,7 @@ access, or a path that exists on every node.
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 from dataclasses import dataclass
@@ -205,8 +206,9 @@ def connect(settings: "RaySettings") -> None:
     local = {} if address else {"num_cpus": os.cpu_count(), "_node_ip_address": "127.0.0.1"}
     sigterm = signal.getsignal(signal.SIGTERM)
     try:
-        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 **local)
+        init = functools.partial(ray.init, address=address or "local", include_dashboard=False, log_to_driver=False,
+                                 configure_logging=False, **local)
+        init() if not address else _interruptible(init)  # a Ray of our own must start from the main thread
     except (ConnectionError, RuntimeError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"cannot join the Ray cluster at {address or 'a local Ray'}: {reason}", option=option,
@@ -218,6 +220,34 @@ def connect(settings: "RaySettings") -> None:
         if sigterm is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, sigterm)
     check_resources(ray.nodes(), settings)
+
+
+def _interruptible(call):
+    """``call()`` in a thread of its own while this one waits for it: Ray's client can block a thread in C++ for a
+    minute waiting for a GCS, and Ctrl-C and SIGTERM, whose handlers run in the main thread, would wait with it."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # handed to the waiting thread
+            outcome["error"] = exc
+
+    import logging
+
+    thread = threading.Thread(target=run, name="ast-ray-init", daemon=True)
+    worker_log = logging.getLogger("ray._private.worker")
+    level = worker_log.level
+    worker_log.setLevel(logging.ERROR)  # not "SIGTERM handler is not set ...": ours stays, as we want
+    try:
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.1)
+    finally:
+        worker_log.setLevel(level)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
 
 
 def default_workers(resources: dict, settings: "RaySettings") -> int:

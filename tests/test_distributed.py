@@ -207,6 +207,50 @@ def cluster():
         space.close()
 
 
+HTTP2_SERVER = """
+import socket, sys
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("127.0.0.1", int(sys.argv[1])))
+server.listen(16)
+print("ready", flush=True)
+held = []
+while True:
+    connection, _ = server.accept()
+    held.append(connection)
+    connection.sendall(bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))  # an empty SETTINGS frame, then silence
+    print("accepted", flush=True)
+"""
+
+
+@pytest.mark.slow  # whole processes
+@needs_ray
+def test_23_4_sigterm_while_ray_init_waits_ends_the_run_in_a_second_or_two(tiny_checkpoint, tree):
+    """Past the probe (this server speaks HTTP/2 but never answers an RPC, as a hung GCS would), ray.init waits in
+    C++ for a minute; SIGTERM waited with it (20 s and more). In a loopback-only namespace: Ray may look for the
+    address on the machine's own network address too."""
+    space = raynet.RayNamespace()
+    server = subprocess.Popen(space.command([sys.executable, "-c", HTTP2_SERVER, "6391"]), stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        proc = space.popen_ast(["classify", str(tree), "--model", str(tiny_checkpoint[0]), "--engine", "ray",
+                                "--ray-address", "127.0.0.1:6391"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+        assert server.stdout.readline().strip() == "accepted"  # the probe
+        assert server.stdout.readline().strip() == "accepted"  # ray.init
+        time.sleep(1.0)  # well inside ray.init's wait
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 143 and time.monotonic() - start < 2.5, (time.monotonic() - start, err)
+        assert "Traceback" not in err
+    finally:
+        server.kill()
+        space.close()
+
+
 def classify_args(tree, checkpoint) -> list[str]:
     return ["classify", str(tree), "--model", str(checkpoint), "-f", "jsonl", "--top", "0", "--segments"]
 
