@@ -113,22 +113,21 @@ def _direct_reach(orig: int, new: int) -> int:
     return math.floor(LOWPASS_FILTER_WIDTH * orig / (min(orig, new) * ROLLOFF))
 
 
-def _direct_taps(remainders: np.ndarray, orig: int, new: int):
+def _direct_taps(remainders: np.ndarray, orig: int, new: int) -> np.ndarray:
     """(J, 2 * reach + 2) float32 taps of the outputs ``j`` with ``j * orig % new`` in ``remainders``, for the
     inputs ``i = j * orig // new - reach + k``. Their offsets ``i * new - j * orig = (k - reach) * new - r`` are
     exact integers; the filter is evaluated on them in float64."""
-    import torch
-
     base = min(orig, new) * ROLLOFF
     reach = _direct_reach(orig, new)
-    offsets = (torch.arange(2 * reach + 2, dtype=torch.float64) - reach) * new
-    t = (offsets - torch.from_numpy(remainders)[:, None]) * (base / (orig * new))  # b * (i / orig - j / new)
-    h = torch.sinc(t) * torch.cos(t * (math.pi / LOWPASS_FILTER_WIDTH / 2)) ** 2 * (base / orig)
-    return h.masked_fill_(t.abs() >= LOWPASS_FILTER_WIDTH, 0.0).float()
+    offsets = (np.arange(2 * reach + 2, dtype=np.float64) - reach) * new
+    t = (offsets - remainders[:, None]) * (base / (orig * new))  # b * (i / orig - j / new)
+    h = np.sinc(t) * np.cos(t * (math.pi / LOWPASS_FILTER_WIDTH / 2)) ** 2 * (base / orig)
+    h[np.abs(t) >= LOWPASS_FILTER_WIDTH] = 0.0
+    return h.astype(np.float32)
 
 
 @functools.lru_cache(maxsize=4)
-def _phase_taps(orig: int, new: int):
+def _phase_taps(orig: int, new: int) -> np.ndarray | None:
     """``_direct_taps`` of every remainder (outputs ``j`` and ``j + new`` share their taps), when that table is
     small (``MAX_KERNEL_TAPS``); None otherwise, and the taps are evaluated block by block."""
     if new * (2 * _direct_reach(orig, new) + 2) > MAX_KERNEL_TAPS:
@@ -138,25 +137,26 @@ def _phase_taps(orig: int, new: int):
 
 def _resample_direct(waveform, orig: int, new: int):
     """``resample`` for rates whose kernel is too large to build: the same filter ``h``, evaluated for each
-    output sample ``j`` only at the inputs within its reach, a block of outputs at a time."""
+    output sample ``j`` only at the inputs within its reach, a block of outputs at a time. numpy, one thread:
+    many small steps that torch's thread pool would only slow down while the model runs beside them."""
     import torch
 
     reach = _direct_reach(orig, new)
     taps = 2 * reach + 2
     shape = waveform.shape
-    flat = waveform.reshape(-1, shape[-1])  # (channels, n)
+    flat = waveform.detach().reshape(-1, shape[-1]).cpu().to(torch.float32).numpy()  # (channels, n)
     total = math.ceil(new * flat.shape[-1] / orig)
-    padded = torch.nn.functional.pad(flat, (reach, reach + 2))  # zeros outside the input, as torchaudio pads
-    spans = padded.unfold(-1, taps, 1)  # (channels, n + 1, taps) view: row q holds inputs q - reach ... q + reach + 1
+    padded = np.pad(flat, ((0, 0), (reach, reach + 2)))  # zeros outside the input, as torchaudio pads
+    spans = np.lib.stride_tricks.sliding_window_view(padded, taps, axis=-1)  # (channels, n + 1, taps), a view
     table = _phase_taps(orig, new)
-    out = torch.empty(flat.shape[0], total, dtype=waveform.dtype, device=waveform.device)
+    out = np.empty((flat.shape[0], total), dtype=np.float32)
     step = max(1, DIRECT_BLOCK_TAPS // (taps * flat.shape[0]))
     for first in range(0, total, step):
         q, r = np.divmod(np.arange(first, min(total, first + step), dtype=np.int64) * orig, new)  # (J,)
-        h = table[torch.from_numpy(r)] if table is not None else _direct_taps(r, orig, new)  # (J, taps)
-        rows = spans[:, torch.from_numpy(q).to(flat.device)]  # (channels, J, taps)
-        out[:, first : first + q.shape[0]] = (rows * h.to(device=flat.device, dtype=flat.dtype)).sum(-1)
-    return out.reshape(shape[:-1] + out.shape[-1:])
+        h = table[r] if table is not None else _direct_taps(r, orig, new)  # (J, taps)
+        out[:, first : first + q.shape[0]] = np.einsum("cjt,jt->cj", spans[:, q], h)
+    result = torch.from_numpy(out).to(device=waveform.device, dtype=waveform.dtype)
+    return result.reshape(shape[:-1] + result.shape[-1:])
 
 
 def check_rate(sample_rate) -> int:
