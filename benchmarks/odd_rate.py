@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
-        work = Path(args.workdir or scratch)
+        work = Path(args.workdir or scratch).resolve()
         work.mkdir(parents=True, exist_ok=True)
         model = tiny_model(work)
         print(json.dumps({"cpu": cpu_name(), "cores": os.cpu_count()}), flush=True)

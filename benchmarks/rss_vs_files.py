@@ -48,8 +48,9 @@ def peak_rss(args: list[str]) -> tuple[float, float, int]:
     """Run ``python -m ast_cli ARGS`` (stdout to /dev/null): (peak RSS in MB, wall seconds, exit code)."""
     start = time.perf_counter()
     with open(os.devnull, "w") as null:
+        # Started outside any checkout: ``-m`` puts the working directory first on sys.path, ahead of PYTHONPATH.
         proc = subprocess.Popen([sys.executable, "-m", "ast_cli", *args], stdout=null, stderr=subprocess.PIPE,
-                                text=True)
+                                text=True, cwd=tempfile.gettempdir())
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     import soundfile as sf
 
     with tempfile.TemporaryDirectory() as scratch:
-        work = Path(args.workdir or scratch)
+        work = Path(args.workdir or scratch).resolve()
         work.mkdir(parents=True, exist_ok=True)
         model = tiny_model(work)
         clip = work / "clip.wav"
