@@ -26,7 +26,7 @@ import numpy as np
 
 from .constants import SAMPLE_RATE
 from .errors import AudioDecodeError
-from .resample import StreamingResampler
+from .resample import StreamingResampler, check_rate
 
 BLOCK_SECONDS = 30.0  # audio read per block; bounds memory for long files
 
@@ -194,7 +194,10 @@ class ToModelRate:
     pipeline downmixes), non-finite samples refused, resampled block by block with the exact one-shot result."""
 
     def __init__(self, sample_rate: int):
-        self.sample_rate = int(sample_rate)
+        try:  # a header claiming 4294967295 Hz is refused here, before anything is read or allocated for it
+            self.sample_rate = check_rate(sample_rate)
+        except ValueError as exc:
+            raise AudioDecodeError(str(exc)) from None
         self.resampler = StreamingResampler(self.sample_rate, SAMPLE_RATE)
         self.frames_in = 0  # frames of the original rate pushed so far
 

@@ -15,6 +15,7 @@ access, or a path that exists on every node.
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 from dataclasses import dataclass
@@ -152,11 +153,38 @@ def _probe(address: str, option: str) -> None:
         raise UsageError(f"{address!r} is not a Ray address: give auto, HOST:PORT or ray://HOST:PORT",
                          option=option)
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=5) as connection:
+            speaks_grpc = _answers_http2(connection)
     except OSError as exc:
         raise UsageError(f"no Ray cluster answers at {address} ({exc.strerror or exc})", option=option,
                          hint="start one with `ray start --head`, check the address, or leave out --ray-address "
                               "and RAY_ADDRESS for a Ray of this run's own") from None
+    if not speaks_grpc:  # ray.init would retry it for a minute and more, printing Ray's errors
+        raise UsageError(f"what answers at {address} is not Ray (it does not speak gRPC)", option=option,
+                         hint="give the port of the Ray head (`ray start --head` prints it; 6379 by default), "
+                              "or ray://HOST:10001 for Ray Client")
+
+
+def _answers_http2(connection, timeout: float = 5.0) -> bool:
+    """Whether the server on ``connection`` speaks HTTP/2, as Ray's GCS and Ray Client (gRPC) do: sent the client
+    preface and an empty SETTINGS frame, an HTTP/2 server's first frame is SETTINGS (RFC 9113, 3.4). With TLS
+    (RAY_USE_TLS) nothing is checked here."""
+    import os
+
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return True
+    connection.settimeout(timeout)
+    connection.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+    header = b""
+    try:
+        while len(header) < 9:
+            chunk = connection.recv(9 - len(header))
+            if not chunk:
+                break
+            header += chunk
+    except OSError:  # silence (a timeout) or a reset: not Ray either
+        return False
+    return len(header) == 9 and header[3] == 4  # frame type 4: SETTINGS
 
 
 def _ray_reason(exc: BaseException) -> str:
@@ -191,8 +219,9 @@ def connect(settings: "RaySettings") -> None:
     local = {} if address else {"num_cpus": os.cpu_count(), "_node_ip_address": "127.0.0.1"}
     sigterm = signal.getsignal(signal.SIGTERM)
     try:
-        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 **local)
+        init = functools.partial(ray.init, address=address or "local", include_dashboard=False, log_to_driver=False,
+                                 configure_logging=False, **local)
+        init() if not address else _interruptible(init)  # a Ray of our own must start from the main thread
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise UsageError(f"cannot join the Ray cluster at {address or 'a local Ray'}: {_ray_reason(exc)}",
                          option=option, hint="start one with `ray start --head`, or leave out --ray-address and "
@@ -203,6 +232,34 @@ def connect(settings: "RaySettings") -> None:
         if sigterm is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, sigterm)
     check_resources(ray.nodes(), settings)
+
+
+def _interruptible(call):
+    """``call()`` in a thread of its own while this one waits for it: Ray's client can block a thread in C++ for a
+    minute waiting for a GCS, and Ctrl-C and SIGTERM, whose handlers run in the main thread, would wait with it."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # handed to the waiting thread
+            outcome["error"] = exc
+
+    import logging
+
+    thread = threading.Thread(target=run, name="ast-ray-init", daemon=True)
+    worker_log = logging.getLogger("ray._private.worker")
+    level = worker_log.level
+    worker_log.setLevel(logging.ERROR)  # not "SIGTERM handler is not set ...": ours stays, as we want
+    try:
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.1)
+    finally:
+        worker_log.setLevel(level)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
 
 
 def default_workers(resources: dict, settings: "RaySettings") -> int:

@@ -138,7 +138,6 @@ class _State:
     output: FileOutput
     rows: dict[int, np.ndarray] = field(default_factory=dict)
     expected: int | None = None  # windows, once reading has finished
-    finished: bool = False
 
 
 _WINDOW, _DONE, _ERROR = "window", "done", "error"
@@ -185,7 +184,8 @@ class Engine:
 
 
 class _Run:
-    """One run's queue, states and threads."""
+    """One run's queue, states and threads. A file's state lives from its submission until its output is
+    finished, so memory stays flat in the number of files."""
 
     def __init__(self, engine: Engine, sources: list[AudioSource], stop: threading.Event, on_progress):
         self.engine = engine
@@ -245,6 +245,8 @@ class _Run:
 
     def _apply(self, results: list[BatchResult]) -> None:
         for result in results:
+            if result.key not in self.states:
+                continue  # its file already failed and left (an earlier window of this failed batch)
             if result.error is not None:
                 self._fail(result.key, result.error, result.exception)
             else:
@@ -252,9 +254,9 @@ class _Run:
             self._check_complete(result.key)
 
     def _check_complete(self, file_id: int) -> None:
-        state = self.states[file_id]
-        if state.finished or state.expected is None:
-            return  # still reading: more windows may come
+        state = self.states.get(file_id)
+        if state is None or state.expected is None:
+            return  # finished already, or still reading: more windows may come
         out = state.output
         if out.error is None and len(state.rows) < state.expected:
             return
@@ -263,7 +265,7 @@ class _Run:
             out.outputs = np.stack(rows) if rows else np.empty((0, 0), np.float32)
         else:
             out.windows, out.outputs = [], None
-        state.finished = True
+        del self.states[file_id]  # the record leaves with the emitter: nothing of it stays behind per file
         self.emitter.finish(file_id, out)
         if self.on_progress is not None:
             self.on_progress(out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, TextIO
@@ -11,6 +12,7 @@ from typing import Iterable, TextIO
 from .audio import AUDIO_EXTENSIONS
 
 GLOB_CHARS = set("*?[")
+NOT_REGULAR = "not a regular file (a FIFO, socket or device is read only when named on its own)"
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,18 @@ def parse_extensions(values: Iterable[str] | None) -> frozenset[str]:
     return frozenset(e for e in exts if e)
 
 
-def _walk(directory: str, extensions: frozenset[str], unreadable: list[tuple[str, str]]) -> list[str]:
-    """Audio files below ``directory``; directories that cannot be read are added to ``unreadable``."""
+def _regular_or_missing(path: str) -> bool:
+    """False for a FIFO, socket or device (or a link to one): reading it could wait forever for a writer."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return True  # a dangling link and the like: decoding it says what is wrong
+
+
+def _walk(directory: str, extensions: frozenset[str],
+          unreadable: list[tuple[str, str]]) -> list[tuple[str, str | None]]:
+    """(path, error) of the audio files below ``directory``, sorted; the error is ``NOT_REGULAR`` for a FIFO,
+    socket or device, else None. Directories that cannot be read are added to ``unreadable``."""
     found = []
 
     def onerror(exc: OSError) -> None:
@@ -52,9 +64,10 @@ def _walk(directory: str, extensions: frozenset[str], unreadable: list[tuple[str
             if name.startswith("."):
                 continue
             if os.path.splitext(name)[1].lstrip(".").lower() in extensions:
-                found.append(os.path.join(current, name))
+                path = os.path.join(current, name)
+                found.append((path, None if _regular_or_missing(path) else NOT_REGULAR))
     # Sort by path components so that "a/b.wav" < "a b.wav" ordering is the same on every machine.
-    return sorted(found, key=lambda p: Path(os.path.relpath(p, directory)).parts)
+    return sorted(found, key=lambda item: Path(os.path.relpath(item[0], directory)).parts)
 
 
 def expand_inputs(
@@ -63,9 +76,10 @@ def expand_inputs(
     """Files in a deterministic order, each once. ``-`` reads one path per line from ``stdin``; when ``stdin``
     is an audio source instead (``sources.PipedAudio``: audio arrived there), ``-`` is that one input.
 
-    A named path that does not exist, and a directory that cannot be listed, become ``InputFile``s with
-    ``error`` set, so that they get an error record like any unreadable file instead of stopping the run (or
-    being skipped in silence).
+    A named path that does not exist, a directory that cannot be listed, and a FIFO, socket or device found in a
+    directory or by a pattern (one named on its own is read as a stream) become ``InputFile``s with ``error``
+    set, so that they get an error record like any unreadable file instead of stopping (or hanging) the run, or
+    being skipped in silence.
     """
     out: list[InputFile] = []
     seen: set[str] = set()
@@ -79,8 +93,8 @@ def expand_inputs(
     def handle(arg: str, from_stdin: bool = False) -> None:
         if os.path.isdir(arg):
             unreadable: list[tuple[str, str]] = []
-            for path in _walk(arg, extensions, unreadable):
-                add(InputFile(path, root=arg))
+            for path, error in _walk(arg, extensions, unreadable):
+                add(InputFile(path, root=arg, error=error))
             for path, error in unreadable:  # a folder we could not list is a failure, not silence
                 add(InputFile(os.fspath(path), root=arg, error=error))
         elif os.path.exists(arg) or os.path.islink(arg):
@@ -90,7 +104,10 @@ def expand_inputs(
             if not matches:
                 add(InputFile(arg, error="no file matches this pattern"))
             for match in matches:
-                handle(match, from_stdin=True)
+                if os.path.isdir(match) or _regular_or_missing(match):
+                    handle(match, from_stdin=True)
+                else:
+                    add(InputFile(match, error=NOT_REGULAR))
         else:
             add(InputFile(arg, error="no such file"))
 

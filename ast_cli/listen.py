@@ -96,6 +96,15 @@ class _Latest:
             return item
 
 
+def check_stall(seconds: float) -> float:
+    """``seconds`` if it is a positive, finite wait a thread can make (``threading.TIMEOUT_MAX``); else UsageError
+    (inf overflowed the wait, nan waited forever)."""
+    if not 0 < seconds <= threading.TIMEOUT_MAX:  # nan: False
+        raise UsageError(f"must be a positive number of seconds up to {threading.TIMEOUT_MAX:.0f}, not {seconds}",
+                         option="stall")
+    return seconds
+
+
 class Listener:
     """Scores rolling windows of a live ``source`` with ``backend`` (a ``LocalBackend`` giving logits).
 
@@ -114,8 +123,7 @@ class Listener:
         self.features = backend.features
         self.labels = labels
         self.hop_frames = hop_frames(hop_seconds)
-        if stall_seconds <= 0:
-            raise UsageError("must be a positive number of seconds", option="stall")
+        check_stall(stall_seconds)
         self.selection = selection
         self.allowed = selection.mask(labels)
         self.activation = activation

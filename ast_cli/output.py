@@ -359,6 +359,7 @@ class Writer:
     lock: OutputLock | None = None
     path: str | None = None
     provenance: dict | None = None  # added to JSON records
+    per_input = False  # True: each result has a file of its own, and one that fails to write fails alone
 
     def write(self, result: FileResult) -> None:
         with self._errors():
@@ -606,7 +607,9 @@ def plan_output_dir(path: str, fmt: OutputFormat | str | None, items: Sequence, 
 
 class PerFileWriter(Writer):
     """Writes each result to its own file, atomically; a failed file gets no file (its error goes to stderr,
-    and a rerun tries it again)."""
+    and a rerun tries it again). A file that cannot be written (a name too long) is that input's failure only."""
+
+    per_input = True
 
     def __init__(self, outputs: dict[str, str], fmt: OutputFormat, segments: bool):
         self.outputs, self.format, self.segments = outputs, fmt, segments

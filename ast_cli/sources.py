@@ -61,26 +61,30 @@ class FileSource:
         self.name = self.path
         self.error = error
         self.block_seconds = block_seconds
-        self._reader: AudioReader | None = None
+        self._reader: AudioReader | StreamSource | None = None
+        self._duration: float | None = None
 
     def blocks(self) -> Iterator[np.ndarray]:
         if self.error:
             raise AudioDecodeError(self.error)
-        if _is_stream(self.path):  # /dev/stdin, <(sox ... -t wav -), a named pipe: read once, as a WAV stream
-            try:
-                handle = open(self.path, "rb")
-            except OSError as exc:
-                raise AudioDecodeError(f"cannot open: {exc.strerror or exc}") from None
-            with handle:
-                self._reader = StreamSource(handle, self.name)
-                yield from self._reader.blocks()
-            return
-        self._reader = AudioReader(self.path, block_seconds=self.block_seconds)
-        yield from self._reader.blocks()
+        try:
+            if _is_stream(self.path):  # /dev/stdin, <(sox ... -t wav -), a named pipe: read once, as a WAV stream
+                try:
+                    handle = open(self.path, "rb")
+                except OSError as exc:
+                    raise AudioDecodeError(f"cannot open: {exc.strerror or exc}") from None
+                with handle:
+                    self._reader = StreamSource(handle, self.name)
+                    yield from self._reader.blocks()
+                return
+            self._reader = AudioReader(self.path, block_seconds=self.block_seconds)
+            yield from self._reader.blocks()
+        finally:  # keep the duration, not the reader: a batch of a million sources stays small
+            self._duration, self._reader = self.duration, None
 
     @property
     def duration(self) -> float | None:
-        return self._reader.duration if self._reader is not None else None
+        return self._reader.duration if self._reader is not None else self._duration
 
     def identity(self) -> tuple[int | None, float | None]:
         try:

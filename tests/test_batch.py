@@ -241,6 +241,65 @@ def test_bad_files_get_error_records_and_the_batch_goes_on(tiny_checkpoint, tmp_
     assert records["empty.wav"]["error"] == "empty file (0 bytes)"
 
 
+def test_23_2_a_header_rate_out_of_range_fails_that_file_alone(tiny_checkpoint, tmp_path):
+    """A WAV header claiming 2147483647 Hz (the most libsndfile reads) asked for an exabyte-sized kernel;
+    767999 Hz (gcd 1 with 16 kHz, within range) for 50 GB."""
+    absurd = write_audio(tmp_path / "absurd.wav", 0.5, 44100)
+    data = bytearray(absurd.read_bytes())
+    data[24:28] = (0x7FFFFFFF).to_bytes(4, "little")
+    absurd.write_bytes(bytes(data))
+    odd = write_audio(tmp_path / "odd.wav", 0.5, 767999)
+    result = run(absurd, odd, "--model", tiny_checkpoint[0], "-f", "jsonl")
+    assert result.exit_code == 1
+    records = jsonl(result.stdout)
+    assert records[0]["error"].startswith("unsupported sample rate 2147483647 Hz") and records[1]["error"] is None
+    assert result.stderr.count("\n") == 1 and "absurd.wav" in result.stderr
+
+
+def test_23_5_an_output_dir_file_that_cannot_be_written_fails_that_input_alone(tiny_checkpoint, tmp_path):
+    """A name of 249 bytes is fine for the input, too long (264) for its `.selections.txt`: that input fails with
+    one line; before, the batch stopped there and wrote nothing else."""
+    tree = tmp_path / "tree"
+    write_audio(tree / "a.wav", 0.3)
+    write_audio(tree / ("x" * 245 + ".wav"), 0.3)
+    write_audio(tree / "z.wav", 0.3)
+    out = tmp_path / "out"
+    result = run(tree, "--model", tiny_checkpoint[0], "--output-dir", out, "-f", "raven")
+    assert result.exit_code == 1
+    assert sorted(p.name for p in out.iterdir()) == ["a.wav.selections.txt", "z.wav.selections.txt"]
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "x" * 245 + ".wav: cannot write " in lines[0] and "too long" in lines[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs")
+def test_23_3_fifos_sockets_and_devices_in_a_walked_folder_are_not_read(tiny_checkpoint, tmp_path):
+    """A FIFO with no writer in a walked folder hung the batch forever; a FIFO named on its own is still a stream
+    (tests/test_safety.py)."""
+    import socket
+
+    from ast_cli.inputs import NOT_REGULAR, expand_inputs
+
+    root = tmp_path / "tree"
+    write_audio(root / "a.wav", 0.3)
+    os.mkfifo(root / "b.wav")
+    os.symlink("/dev/zero", root / "c.wav")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(root / "d.wav"))
+    write_audio(root / "e.wav", 0.3)
+    try:
+        items = expand_inputs([str(root)])
+        assert [(os.path.basename(i.path), i.error) for i in items] == [
+            ("a.wav", None), ("b.wav", NOT_REGULAR), ("c.wav", NOT_REGULAR), ("d.wav", NOT_REGULAR), ("e.wav", None)]
+        assert [i.error for i in expand_inputs([str(root / "*.wav")])] == [None, NOT_REGULAR, NOT_REGULAR,
+                                                                            NOT_REGULAR, None]
+        result = run(root, "--model", tiny_checkpoint[0], "-f", "jsonl")
+    finally:
+        server.close()
+    assert result.exit_code == 1
+    assert [r["error"] is None for r in jsonl(result.stdout)] == [True, False, False, False, True]
+    assert len(result.stderr.splitlines()) == 3 and "b.wav: not a regular file" in result.stderr
+
+
 @pytest.mark.slow  # a whole process (or several): seconds each
 def test_native_library_noise_stays_off_stderr(tiny_checkpoint, tmp_path):
     """mpg123 prints 'Note: ...' on fd 2 for a broken mp3; a real process must show only our lines."""

@@ -107,6 +107,79 @@ def test_no_cluster_at_the_address_is_one_line_in_seconds_and_touches_nothing(ti
     assert result.exit_code == 2 and "is not a Ray address" in result.stderr
 
 
+class NotRay:
+    """A loopback TCP server that accepts and then says ``banner`` (or nothing): the port is open, it is not Ray."""
+
+    def __init__(self, banner: bytes = b""):
+        import socket
+        import threading
+
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(8)
+        self.port = self.server.getsockname()[1]
+        self.accepted = threading.Event()
+        self.connections = []
+
+        def serve():
+            while True:
+                try:
+                    connection, _ = self.server.accept()
+                except OSError:
+                    return
+                self.connections.append(connection)
+                connection.sendall(banner)
+                self.accepted.set()
+
+        threading.Thread(target=serve, daemon=True).start()
+
+    def close(self):
+        self.server.close()
+        for connection in self.connections:
+            connection.close()
+
+
+@pytest.mark.parametrize("banner", [b"SSH-2.0-OpenSSH_9.6\r\n", b"", b"HTTP/1.1 400 Bad Request\r\n\r\n"])
+def test_23_4_an_address_where_something_else_answers_is_one_line_in_seconds(tiny_checkpoint, tree, tmp_path, banner):
+    """The TCP probe passed, then ray.init retried for a minute and more, printing Ray's GCS errors."""
+    if not ray_available():
+        pytest.skip("the ray extra is not installed (pip install -e '.[test]')")
+    other = NotRay(banner)
+    out = tmp_path / "keep.jsonl"
+    out.write_text('{"earlier": "output"}\n')
+    start = time.monotonic()
+    try:
+        result = runner.invoke(app, ["classify", str(tree), "--model", str(tiny_checkpoint[0]), "--engine", "ray",
+                                     "--ray-address", f"127.0.0.1:{other.port}", "-o", str(out), "--overwrite"])
+    finally:
+        other.close()
+    assert result.exit_code == 2 and time.monotonic() - start < 15, result.stderr
+    assert result.stderr.startswith(f"Error: --ray-address: what answers at 127.0.0.1:{other.port} is not Ray")
+    assert len(result.stderr.splitlines()) == 2 and result.stderr.splitlines()[1].startswith("Hint: ")
+    assert out.read_text() == '{"earlier": "output"}\n'
+
+
+@pytest.mark.slow  # a whole process
+def test_23_4_sigterm_while_the_address_is_tried_ends_the_run_in_a_second_or_two(tiny_checkpoint, tree):
+    if not ray_available():
+        pytest.skip("the ray extra is not installed (pip install -e '.[test]')")
+    other = NotRay()  # silent: the probe waits for its answer
+    proc = subprocess.Popen([sys.executable, "-m", "ast_cli", "classify", str(tree), "--model", str(tiny_checkpoint[0]),
+                             "--engine", "ray", "--ray-address", f"127.0.0.1:{other.port}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert other.accepted.wait(60)
+        proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        other.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143 and time.monotonic() - start < 2.5, err
+    assert "Traceback" not in err
+
+
 def same_records(a: list[dict], b: list[dict]) -> None:
     """The Ray engine's records are the local engine's: same files in the same order, same errors, durations and
     labels, scores within 1e-6."""
@@ -132,6 +205,50 @@ def cluster():
         space.start_cluster((1, 1))
         yield space
     finally:
+        space.close()
+
+
+HTTP2_SERVER = """
+import socket, sys
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("127.0.0.1", int(sys.argv[1])))
+server.listen(16)
+print("ready", flush=True)
+held = []
+while True:
+    connection, _ = server.accept()
+    held.append(connection)
+    connection.sendall(bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))  # an empty SETTINGS frame, then silence
+    print("accepted", flush=True)
+"""
+
+
+@pytest.mark.slow  # whole processes
+@needs_ray
+def test_23_4_sigterm_while_ray_init_waits_ends_the_run_in_a_second_or_two(tiny_checkpoint, tree):
+    """Past the probe (this server speaks HTTP/2 but never answers an RPC, as a hung GCS would), ray.init waits in
+    C++ for a minute; SIGTERM waited with it (20 s and more). In a loopback-only namespace: Ray may look for the
+    address on the machine's own network address too."""
+    space = raynet.RayNamespace()
+    server = subprocess.Popen(space.command([sys.executable, "-c", HTTP2_SERVER, "6391"]), stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        proc = space.popen_ast(["classify", str(tree), "--model", str(tiny_checkpoint[0]), "--engine", "ray",
+                                "--ray-address", "127.0.0.1:6391"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+        assert server.stdout.readline().strip() == "accepted"  # the probe
+        assert server.stdout.readline().strip() == "accepted"  # ray.init
+        time.sleep(1.0)  # well inside ray.init's wait
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 143 and time.monotonic() - start < 2.5, (time.monotonic() - start, err)
+        assert "Traceback" not in err
+    finally:
+        server.kill()
         space.close()
 
 

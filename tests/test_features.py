@@ -20,13 +20,13 @@ import torch
 from ast_cli import features as F
 from ast_cli.audio import AudioReader, load_audio
 from ast_cli.resample import StreamingResampler, resample
-from conftest import extractor_uses_torchaudio, reference_waveform, tone, write_audio
+from conftest import extractor_uses_torchaudio, reference_features, reference_waveform, tone, write_audio
 from golden.signals import (
     EXTRACTOR_LENGTHS, FBANK_LENGTHS, RESAMPLE_RATES, checksum, resample_input, signal,
 )
 from tolerances import (
     RESAMPLE_SAME_ALGORITHM, SAME_MACHINE_FEATURES, WAVEFORM, assert_features_close, assert_log_mel_close,
-    mel_bank_tolerance, resample_float32_error,
+    mel_bank_tolerance, resample_direct_error, resample_float32_error,
 )
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -218,7 +218,80 @@ def test_decode_and_resample_match_pipeline_path(tmp_path, fmt, subtype, sample_
     np.testing.assert_allclose(waveform, expected_wave, atol=WAVEFORM, rtol=0)
 
 
-@pytest.mark.parametrize("orig", RESAMPLE_RATES)
+ODD_RATES = (22051, 11127, 44101, 767999, 7)  # Hz: torchaudio's kernel for these would hold 0.1 to 12 G taps
+
+
+def exact_sinc_resample(x: np.ndarray, orig_freq: int, new_freq: int) -> np.ndarray:
+    """The filter of ``ast_cli.resample`` (torchaudio's windowed sinc, its default arguments) evaluated in float64
+    for every output sample ``j`` at every input ``i`` within W zero crossings (``|t| < W``; zero beyond). At the
+    standard rates it equals torchaudio's own code run in float64 (tests/golden/reference64.npz) within 4e-13."""
+    from ast_cli.resample import LOWPASS_FILTER_WIDTH as W, ROLLOFF
+
+    base = min(orig_freq, new_freq) * ROLLOFF
+    reach = int(np.ceil(W * orig_freq / base)) + 1
+    j = np.arange(-(-x.shape[0] * new_freq // orig_freq))[:, None]
+    out = np.zeros(j.shape[0])
+    for k in range(-reach, reach + 1):  # one input offset from each output's nearest input at a time
+        i = np.floor(j * orig_freq / new_freq).astype(np.int64) + k
+        t = base * (i / orig_freq - j / new_freq)
+        h = np.where(np.abs(t) < W, np.sinc(t) * np.cos(np.pi * t / W / 2) ** 2 * base / orig_freq, 0.0)
+        inside = (i >= 0) & (i < x.shape[0])
+        out += (np.where(inside, x.astype(np.float64)[np.clip(i, 0, x.shape[0] - 1)], 0.0) * h)[:, 0]
+    return out
+
+
+@pytest.mark.parametrize("rate", ODD_RATES)
+def test_23_2_odd_rates_are_the_exact_sinc_filter_within_float32(rate):
+    x = np.random.default_rng(rate).uniform(-1, 1, max(64, rate // 20)).astype(np.float32)  # 50 ms
+    got = resample(torch.from_numpy(x), rate, 16000).numpy()
+    expected = exact_sinc_resample(x, rate, 16000)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=resample_direct_error(1.0), rtol=0)
+
+
+def test_23_2_scores_of_an_odd_rate_file_are_the_exact_resamplers(tiny_checkpoint, tmp_path):
+    """A 22051 Hz file through ``ast`` against transformers' model on the exactly resampled (float64) waveform,
+    the path transformers + torchaudio take up to torchaudio's float32 rounding: scores within 2e-3 (#23's bound;
+    the waveforms differ by ~1e-7, so the scores by float32 noise)."""
+    from ast_cli.options import RunOptions
+    from ast_cli.tagger import LabelSelection, Tagger
+
+    path = write_audio(tmp_path / "odd.wav", 0.7, 22051, seed=7, subtype="FLOAT")
+    directory, model, extractor = tiny_checkpoint
+    exact = exact_sinc_resample(tone(0.7, 22051, seed=7)[:, 0], 22051, 16000).astype(np.float32)
+    with torch.no_grad():
+        expected = torch.sigmoid(model(reference_features(extractor, exact)).logits)[0].numpy()
+    tagger = Tagger.load(str(directory), RunOptions(device="cpu", workers=1))
+    result = next(tagger.classify([str(path)], selection=LabelSelection(top=None)))
+    got = np.array([x.score for x in sorted(result.labels, key=lambda x: x.index)])
+    np.testing.assert_allclose(got, expected, atol=2e-3, rtol=0)
+
+
+def test_23_2_odd_rates_resample_in_bounded_memory():
+    """2 s at 22051 Hz built a 6.4 GB kernel (44101 Hz: 12 GB, 767999 Hz: 50 GB). In a child process whose
+    address space may grow by 1 GB at most, each rate resamples, in one call and streaming."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import resource, numpy as np, torch
+        from ast_cli.resample import StreamingResampler, resample
+        mapped = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (mapped + (1 << 30), resource.RLIM_INFINITY))
+        for rate in (22051, 44101, 767999, 11127):
+            x = np.random.default_rng(0).uniform(-1, 1, 2 * rate).astype(np.float32)
+            assert resample(torch.from_numpy(x), rate, 16000).shape == (32000,)
+            stream = StreamingResampler(rate, 16000)
+            parts = [stream.push(x[i : i + 5000]) for i in range(0, x.shape[0], 5000)] + [stream.finish()]
+            assert sum(part.shape[0] for part in parts) == 32000
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("orig", RESAMPLE_RATES + (22051, 11127))
 def test_streaming_resampler_equals_one_call_on_long_input(orig):
     x = tone(7.3, orig, seed=orig)[:, 0]
     expected = resample(torch.from_numpy(x), orig, 16000).numpy()

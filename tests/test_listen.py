@@ -175,6 +175,19 @@ def test_cli_jsonl_events_and_errors(tiny_checkpoint):
     assert raw_no_rate.exit_code == 2 and "--rate" in raw_no_rate.stderr
 
 
+@pytest.mark.parametrize("args, option", [
+    (["--stall", "inf"], "--stall"),  # OverflowError after the model loaded
+    (["--stall", "nan"], "--stall"),  # waited forever
+    (["--stall", "0"], "--stall"),
+    (["--raw", "--rate", "4294967295"], "--rate"),  # accepted: an 11 TB kernel
+    (["--raw", "--rate", "768001"], "--rate"),
+])
+def test_23_6_stall_and_rate_are_usage_errors_before_the_model_loads(tmp_path, args, option):
+    result = CliRunner().invoke(app, ["listen", "-", "--model", str(tmp_path / "no-such-model"), *args], input=b"")
+    assert result.exit_code == 2, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and option in result.stderr and "no-such-model" not in result.stderr
+
+
 @pytest.mark.slow  # whole processes
 def test_cli_a_stalled_stream_and_ctrl_c(tiny_checkpoint):
     args = [sys.executable, "-m", "ast_cli", "listen", "-", "--model", str(tiny_checkpoint[0]), "-f", "jsonl"]

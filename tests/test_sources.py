@@ -118,6 +118,15 @@ def test_bad_streams_are_one_clear_error(data, message):
         collect(StreamSource(io.BytesIO(data)))
 
 
+def test_23_2_a_stream_header_with_an_absurd_rate_is_refused_before_any_audio():
+    header = bytearray(wav_header(16000, 1))
+    header[24:28] = struct.pack("<I", 0xFFFFFFFF)  # the fmt chunk's sample rate: 4294967295 Hz
+    with pytest.raises(AudioDecodeError, match="^unsupported sample rate 4294967295 Hz"):
+        collect(StreamSource(io.BytesIO(bytes(header) + b"\x00\x01" * 16000)))
+    with pytest.raises(AudioDecodeError, match="unsupported sample rate 1000000000 Hz"):
+        collect(ArraySource(np.zeros(10, np.float32), 10**9))
+
+
 def test_as_sources_takes_paths_inputs_and_sources(tmp_path):
     array = ArraySource(np.zeros(100, np.float32))
     got = as_sources(["a.wav", tmp_path / "b.wav", InputFile("c.wav", error="no such file"), array])

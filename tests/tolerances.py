@@ -48,6 +48,16 @@ def resample_float32_error(orig: int, new: int, peak: float) -> float:
     return EPS32 * peak * (base + 12)
 
 
+# The direct path (rates whose torchaudio kernel would be huge, ``resample._resample_direct``) against the same
+# filter evaluated exactly in float64: its tap times are exact and its taps computed in float64, then rounded to
+# float32 (0.5 ulp each); then float32 products and their float32 sum, 18 terms at 22051 Hz, 584 at 767999 Hz,
+# of which only the ~12 near the centre matter (the filter's L1 norm is about 1.5): a few ulp of the result,
+# growing at worst with the number of terms. Measured: 1.3 eps * peak at 22051 Hz, 0.6 at 767999 Hz (random
+# samples of peak 1). The bound is 16 eps * peak.
+def resample_direct_error(peak: float) -> float:
+    return 16 * EPS32 * peak
+
+
 # -- mel banks and log-mel features -------------------------------------------------------------------------------
 
 MEL_HIGH = 1127.0 * math.log(1.0 + 8000.0 / 700.0)  # 2840.0: the mel value of 8 kHz, the largest in the banks

@@ -241,6 +241,7 @@ def _summary(tagged: int, failed: int, skipped: int, progress, job: _Job) -> Non
 def _write(results, engine, target, provenance: dict, progress, job: _Job) -> int:
     """Write ``results`` into ``target``; returns how many failed. Ctrl-C keeps what is done (jsonl) or leaves
     the earlier file as it was (json/csv)."""
+    from ..errors import OutputWriteError
     from . import _signals
     from ._io import native_stderr_silenced
 
@@ -250,6 +251,13 @@ def _write(results, engine, target, provenance: dict, progress, job: _Job) -> in
         with native_stderr_silenced(not debug_enabled(job.debug)), progress:
             for result in results:
                 progress.advance(result.duration)
+                try:
+                    with progress.above():
+                        writer.write(result)
+                except OutputWriteError as exc:
+                    if not writer.per_input:
+                        raise
+                    result.error, result.exception = str(exc), exc  # this input's file only: the rest go on
                 if result.error is not None:
                     failed += 1
                     report_failure(job.stderr, result.path, result.error)
@@ -257,8 +265,6 @@ def _write(results, engine, target, provenance: dict, progress, job: _Job) -> in
                         from ._errors import traceback_text
 
                         job.stderr.print(traceback_text(result.exception), markup=False, highlight=False)
-                with progress.above():
-                    writer.write(result)
         _signals.finishing()  # every result is in: from here the output is committed, whatever signal comes
     except BaseException:
         if engine is not None:

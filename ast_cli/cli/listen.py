@@ -61,11 +61,18 @@ def listen(
     stderr = stderr_console()
     with cli_errors(stderr, debug):
         from ..errors import UsageError
-        from ..listen import EventTracker, Listener, ffmpeg_source
+        from ..listen import EventTracker, Listener, check_stall, ffmpeg_source
+        from ..resample import check_rate
         from ..sources import StreamSource
         from ..tagger import LabelSelection
 
         run.validate()
+        check_stall(stall)
+        if rate is not None:
+            try:
+                check_rate(rate)
+            except ValueError as exc:
+                raise UsageError(str(exc), option="rate") from None
         if events and threshold is None:
             threshold = 0.5
         selection = LabelSelection.from_options(top, threshold, label_list(include), label_list(exclude), activation)
