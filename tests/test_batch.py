@@ -249,7 +249,7 @@ def test_23_2_a_header_rate_out_of_range_fails_that_file_alone(tiny_checkpoint, 
     data[24:28] = (0x7FFFFFFF).to_bytes(4, "little")
     absurd.write_bytes(bytes(data))
     odd = write_audio(tmp_path / "odd.wav", 0.5, 767999)
-    result = run(absurd, odd, "--model", tiny_checkpoint[0], "-f", "jsonl")
+    result = run(absurd, odd, "--model", tiny_checkpoint[0], "-f", "jsonl", "--quiet")
     assert result.exit_code == 1
     records = jsonl(result.stdout)
     assert records[0]["error"].startswith("unsupported sample rate 2147483647 Hz") and records[1]["error"] is None
@@ -264,7 +264,7 @@ def test_23_5_an_output_dir_file_that_cannot_be_written_fails_that_input_alone(t
     write_audio(tree / ("x" * 245 + ".wav"), 0.3)
     write_audio(tree / "z.wav", 0.3)
     out = tmp_path / "out"
-    result = run(tree, "--model", tiny_checkpoint[0], "--output-dir", out, "-f", "raven")
+    result = run(tree, "--model", tiny_checkpoint[0], "--output-dir", out, "-f", "raven", "--quiet")
     assert result.exit_code == 1
     assert sorted(p.name for p in out.iterdir()) == ["a.wav.selections.txt", "z.wav.selections.txt"]
     lines = result.stderr.splitlines()
@@ -292,7 +292,7 @@ def test_23_3_fifos_sockets_and_devices_in_a_walked_folder_are_not_read(tiny_che
             ("a.wav", None), ("b.wav", NOT_REGULAR), ("c.wav", NOT_REGULAR), ("d.wav", NOT_REGULAR), ("e.wav", None)]
         assert [i.error for i in expand_inputs([str(root / "*.wav")])] == [None, NOT_REGULAR, NOT_REGULAR,
                                                                             NOT_REGULAR, None]
-        result = run(root, "--model", tiny_checkpoint[0], "-f", "jsonl")
+        result = run(root, "--model", tiny_checkpoint[0], "-f", "jsonl", "--quiet")
     finally:
         server.close()
     assert result.exit_code == 1
