@@ -41,7 +41,7 @@ def parse_extensions(values: Iterable[str] | None) -> frozenset[str]:
     return frozenset(e for e in exts if e)
 
 
-def _regular_or_missing(path: str) -> bool:
+def regular_or_missing(path: str) -> bool:
     """False for a FIFO, socket or device (or a link to one): reading it could wait forever for a writer."""
     try:
         return stat.S_ISREG(os.stat(path).st_mode)
@@ -65,7 +65,7 @@ def _walk(directory: str, extensions: frozenset[str],
                 continue
             if os.path.splitext(name)[1].lstrip(".").lower() in extensions:
                 path = os.path.join(current, name)
-                found.append((path, None if _regular_or_missing(path) else NOT_REGULAR))
+                found.append((path, None if regular_or_missing(path) else NOT_REGULAR))
     # Sort by path components so that "a/b.wav" < "a b.wav" ordering is the same on every machine.
     return sorted(found, key=lambda item: Path(os.path.relpath(item[0], directory)).parts)
 
@@ -104,7 +104,7 @@ def expand_inputs(
             if not matches:
                 add(InputFile(arg, error="no file matches this pattern"))
             for match in matches:
-                if os.path.isdir(match) or _regular_or_missing(match):
+                if os.path.isdir(match) or regular_or_missing(match):
                     handle(match, from_stdin=True)
                 else:
                     add(InputFile(match, error=NOT_REGULAR))

@@ -86,6 +86,14 @@ class Dataset:
         drop = set(paths)
         return replace(self, examples=[e for e in self.examples if e.path not in drop])
 
+    def regular_files(self) -> tuple["Dataset", list[dict]]:
+        """The dataset without its FIFOs, sockets and devices, and a failure for each: reading one could wait
+        forever for a writer (a file named in training data is not a stream named on the command line)."""
+        from .inputs import NOT_REGULAR, regular_or_missing
+
+        irregular = [e.path for e in self.examples if not regular_or_missing(e.path)]
+        return self.without(irregular), [{"path": path, "error": NOT_REGULAR} for path in irregular]
+
 
 def load_dataset(path: str, option: str = "data") -> Dataset:
     """A folder of label subfolders (single-label), or a ``.csv``/``.jsonl`` of ``path,labels`` (multi-label).
@@ -315,6 +323,9 @@ class Trainer:
     def _windows(self, dataset: Dataset, kind: str) -> tuple[Dataset, list[np.ndarray]]:
         """Per readable file: (windows, D) embeddings (cached on disk) or (windows, T, F) model inputs (in
         memory); the files that could not be read are left out of the returned dataset (and reported)."""
+        dataset, irregular = dataset.regular_files()
+        for failure in irregular:
+            self._fail(failure["path"], failure["error"])
         if kind == "embedding":
             results = self._cached_embeddings(dataset)
         else:
@@ -917,8 +928,9 @@ def evaluate(tagger, dataset: Dataset, threshold: float = 0.5, feature_cache: st
     if missing:
         raise UsageError(f"the model has no label {missing[0]!r} (and {len(missing) - 1} more)" if len(missing) > 1
                          else f"the model has no label {missing[0]!r}", option="data")
+    dataset, failed = dataset.regular_files()
     scores = np.zeros((len(dataset.examples), len(tagger.labels)))
-    failed, keep = [], []
+    keep = []
     for row, (example, (error, logits)) in enumerate(zip(dataset.examples, _file_logits(tagger, dataset,
                                                                                          feature_cache))):
         if error is None:

@@ -358,6 +358,26 @@ def test_23_train_names_every_bad_clip_and_trains_on_the_rest(tiny_checkpoint, s
     assert not (tmp_path / "strict").exists()
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_23_a_fifo_in_the_training_data_is_a_bad_clip_not_a_hang(tiny_checkpoint, small, tmp_path):
+    """A FIFO with no writer among the training files blocked ast train (and evaluate) forever; they are named
+    like any bad clip. Whole processes, so that a hang is a timeout, not a stuck suite."""
+    import subprocess
+    import sys
+
+    os.mkfifo(small / "low" / "pipe.wav")
+    table = tmp_path / "data.csv"
+    table.write_text(f"path,labels\n{small / 'high' / '0.wav'},high\n{small / 'low' / 'pipe.wav'},low\n")
+    out = tmp_path / "out"
+    commands = (["train", str(small), "--out", str(out), "--model", str(tiny_checkpoint[0]), "--val-split", "0.34",
+                 "--epochs", "1", "--quiet"], ["evaluate", str(out), str(table)])
+    for command in commands:
+        done = subprocess.run([sys.executable, "-m", "ast_cli", *command], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 1, done.stderr
+        assert f"error: {small / 'low' / 'pipe.wav'}: not a regular file" in done.stderr
+
+
 def test_23_checks_that_need_no_model_come_before_it_loads(tiny_checkpoint, small, tmp_path, monkeypatch):
     import ast_cli.cli.train as cli_train
 
