@@ -3,7 +3,7 @@
 Downloads go through huggingface_hub to ``FakeHub``, a threaded HTTP server on 127.0.0.1 that serves tiny model
 repos in the hub's URL layout; ``HF_ENDPOINT`` points at it. Nothing here touches the real hub.
 
-Most tests call the library (``ast_cli.hub``) and check the exception class and its structured fields. The few
+Most tests call the library (``ast_cli.checkpoint.hub``) and check the exception class and its structured fields. The few
 marked ``# CLI`` go through ``ast ...`` and check only exit codes and the ``Error:`` line.
 """
 

@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from ast_cli.cli import app
-from ast_cli.train import average_precision, load_dataset, metrics, split
+from ast_cli.tasks.train import average_precision, load_dataset, metrics, split
 from conftest import make_reference, reference_features, reference_waveform
 from tolerances import END_TO_END
 
@@ -152,7 +152,7 @@ def test_a_second_head_run_reuses_the_cached_embeddings(base, folder, tmp_path, 
     assert runner.invoke(app, [*args, "--out", str(tmp_path / "one")]).exit_code == 0
     files = sorted(cache.rglob("*.safetensors"))
     assert len(files) == 96
-    import ast_cli.extract as extract
+    import ast_cli.tasks.extract as extract
 
     def refuse(*a, **k):
         raise AssertionError("embeddings were computed again")
@@ -250,7 +250,7 @@ def test_22_6_train_refuses_a_folder_it_did_not_make_and_overwrite_replaces_its_
 
 def test_22_7_a_save_killed_halfway_leaves_no_partial_checkpoint_and_nothing_that_blocks(tiny_checkpoint, small,
                                                                                           tmp_path, monkeypatch):
-    import ast_cli.output as output
+    import ast_cli.run.output as output
 
     real = output.atomic_write
 
@@ -288,7 +288,7 @@ def test_22_8_the_embedding_cache_knows_files_that_share_a_name_and_files_replac
 
 def test_24_6_any_rerun_reuses_the_shared_embedding_cache(tiny_checkpoint, small, tmp_path, monkeypatch):
     assert tiny_train(small, tmp_path / "one", tiny_checkpoint[0]).exit_code == 0
-    import ast_cli.extract as extract
+    import ast_cli.tasks.extract as extract
 
     def refuse(*a, **k):
         raise AssertionError("embeddings were computed again")
@@ -302,7 +302,7 @@ def test_24_6_any_rerun_reuses_the_shared_embedding_cache(tiny_checkpoint, small
 def test_22_9_after_resume_the_saved_model_is_the_best_epoch(tiny_checkpoint, small, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    import ast_cli.train as train
+    import ast_cli.tasks.train as train
 
     losses, weights = iter([0.5, 0.9, 0.8, 0.7]), {}  # the best validation loss is epoch 1's
 
@@ -403,7 +403,7 @@ def test_23_checks_that_need_no_model_come_before_it_loads(tiny_checkpoint, smal
     assert missing.exit_code == 2 and "DATA: no such data" in missing.stderr and "--data" not in missing.stderr
     bad_jsonl = tiny_train(jsonl, tmp_path / "x", tiny_checkpoint[0])
     assert bad_jsonl.exit_code == 2 and "bad.jsonl line 2: 'path' must be" in bad_jsonl.stderr, bad_jsonl.stderr
-    from ast_cli.train import load_dataset
+    from ast_cli.tasks.train import load_dataset
 
     assert [e.labels for e in load_dataset(str(bom)).examples] == [("high",), ("low",)]
 
@@ -422,7 +422,7 @@ def test_23_evaluate_when_every_file_fails_is_one_line(tiny_checkpoint, tmp_path
 def test_23_a_full_disk_during_train_names_the_file(tiny_checkpoint, small, tmp_path, monkeypatch):
     import errno
 
-    import ast_cli.output as output
+    import ast_cli.run.output as output
 
     real = output.atomic_write
 
@@ -439,8 +439,8 @@ def test_23_a_full_disk_during_train_names_the_file(tiny_checkpoint, small, tmp_
 
 def test_23_out_of_memory_names_the_batch_that_causes_it_and_is_not_a_bad_clip(tiny_checkpoint, small, tmp_path,
                                                                                monkeypatch):
-    import ast_cli.backends as backends
-    import ast_cli.train as train
+    import ast_cli.run.backends as backends
+    import ast_cli.tasks.train as train
 
     def epoch(*a, **k):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -460,7 +460,7 @@ def test_23_out_of_memory_names_the_batch_that_causes_it_and_is_not_a_bad_clip(t
 
 
 def test_22_7_an_interrupted_finetune_leaves_out_alone_and_resumes(tiny_checkpoint, small, tmp_path, monkeypatch):
-    import ast_cli.train as train
+    import ast_cli.tasks.train as train
 
     real, calls = train.Trainer._epoch, []
 
@@ -484,7 +484,7 @@ def test_22_7_an_interrupted_finetune_leaves_out_alone_and_resumes(tiny_checkpoi
 
 def test_24_6_evaluate_shares_the_cache_and_scores_as_classify(tiny_checkpoint, small, tmp_path, monkeypatch):
     from ast_cli import RunOptions, Tagger
-    from ast_cli.train import evaluate
+    from ast_cli.tasks.train import evaluate
 
     out = tmp_path / "out"
     assert tiny_train(small, out, tiny_checkpoint[0]).exit_code == 0
@@ -495,7 +495,7 @@ def test_24_6_evaluate_shares_the_cache_and_scores_as_classify(tiny_checkpoint, 
     tagger = Tagger.load(str(out), RunOptions())
     tagger.source = None  # no weights file to key a cache by: the whole model on every window, as classify
     whole = evaluate(tagger, load_dataset(str(small)))
-    import ast_cli.extract as extract
+    import ast_cli.tasks.extract as extract
 
     def refuse(*a, **k):
         raise AssertionError("embeddings were computed again")

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..constants import DEFAULT_MODEL
-from ..options import ListFormat, RunOptions
+from ..run.options import ListFormat, RunOptions
 from ._app import app
 from ._common import CacheDirOpt, DebugOpt, ModelOpt, OfflineOpt, QuietOpt, model_labels, stderr_console
 from ._errors import cli_errors, debug_enabled, print_error, say
@@ -52,7 +52,7 @@ def download(
         return
     stderr = stderr_console()
     with cli_errors(stderr, debug):
-        from .. import hub
+        from ..checkpoint import hub
 
         failed_code = 0
         for name in models or [DEFAULT_MODEL]:
@@ -115,7 +115,7 @@ def _remove(names: list[str], cache_dir: str | None, debug: bool, *, yes: bool, 
     """Print what would go (--dry-run), or show it and ask on a terminal (unless --yes), then remove it."""
     stderr = stderr_console()
     with cli_errors(stderr, debug):
-        from .. import hub
+        from ..checkpoint import hub
         from ..errors import UsageError
 
         plans = [hub.plan_removal(name, cache_dir, allow_other=yes) for name in names]
@@ -156,7 +156,7 @@ def _list_cached(fmt: ListFormat, cache_dir: str | None, debug: bool) -> None:
     with cli_errors(stderr_console(), debug):
         import json
 
-        from .. import hub
+        from ..checkpoint import hub
 
         rows = [{"repo_id": m.repo_id, "alias": m.alias, "revision": m.commit_hash, "refs": list(m.refs),
                  "size_on_disk": m.size_on_disk, "path": str(m.path)} for m in hub.cached_checkpoints(cache_dir)]
@@ -172,7 +172,7 @@ def _list_models(fmt: ListFormat, cache_dir: str | None, debug: bool) -> None:
     with cli_errors(stderr_console(), debug):
         import json
 
-        from .. import hub
+        from ..checkpoint import hub
 
         cached = hub.cached_models(cache_dir)
         rows = [

@@ -41,8 +41,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .errors import AudioDecodeError, DeviceOutOfMemoryError, OutputWriteError, UsageError, is_out_of_memory
-from .inputs import expand_inputs
+from ..errors import AudioDecodeError, DeviceOutOfMemoryError, OutputWriteError, UsageError, is_out_of_memory
+from ..audio.inputs import expand_inputs
 
 SINGLE, MULTI = "single_label_classification", "multi_label_classification"
 
@@ -214,7 +214,7 @@ def metrics(scores: np.ndarray, targets: np.ndarray, labels: tuple[str, ...], mu
 
 def file_scores(window_logits: list[np.ndarray], multi_label: bool) -> np.ndarray:
     """(files, K) scores from each file's (windows, K) logits, aggregated as classify does."""
-    from .tagger import activate
+    from ..run.tagger import activate
 
     if multi_label:
         return np.stack([activate(w, "sigmoid").max(axis=0) for w in window_logits])
@@ -292,7 +292,7 @@ class Trainer:
                  feature_cache: str | None = None, on_epoch: Callable[[dict], None] | None = None,
                  model_name: str | None = None, on_failure: Callable[[str, str], None] | None = None,
                  strict: bool = False):
-        from .weights import load_checkpoint
+        from ..checkpoint.weights import load_checkpoint
 
         self.base_path = base
         self.checkpoint = load_checkpoint(base)
@@ -318,8 +318,8 @@ class Trainer:
         if kind == "embedding":
             results = self._cached_embeddings(dataset)
         else:
-            from .backends import InputsBackend
-            from .engine import Engine
+            from ..run.backends import InputsBackend
+            from ..run.engine import Engine
 
             engine = Engine(self.checkpoint.features, InputsBackend(self.checkpoint.features),
                             batch_size=self.options.batch_size, workers=self.options.workers,
@@ -345,9 +345,9 @@ class Trainer:
 
     def _cached_embeddings(self, dataset: Dataset) -> Iterable[tuple[str | None, np.ndarray | None]]:
         """(error, embeddings) per file, from the shared cache (``extract.cached_embeddings``)."""
-        from .backends import LocalBackend
+        from ..run.backends import LocalBackend
         from .extract import FeatureExtractor, cached_embeddings
-        from .weights import build_model
+        from ..checkpoint.weights import build_model
 
         def extractor() -> FeatureExtractor:  # the model is built only when something is not cached yet
             backend = LocalBackend.build(build_model(self.checkpoint), self.checkpoint.features, self.options,
@@ -363,8 +363,8 @@ class Trainer:
         """The base model with a new classifier of len(labels) outputs (LayerNorm from the base's)."""
         import torch
 
-        from .model import AST
-        from .weights import build_model
+        from ..checkpoint.model import AST
+        from ..checkpoint.weights import build_model
 
         base = build_model(self.checkpoint)
         config = replace(self.checkpoint.config, id2label=self.labels,
@@ -542,8 +542,8 @@ class Trainer:
 def save_checkpoint(out: str, model, features, base_source: str, multi_label: bool) -> None:
     from safetensors.torch import save
 
-    from .hub import CONFIG_NAME, PREPROCESSOR_NAME, SAFETENSORS_NAME
-    from .output import atomic_write
+    from ..checkpoint.hub import CONFIG_NAME, PREPROCESSOR_NAME, SAFETENSORS_NAME
+    from ..run.output import atomic_write
 
     base_dir = base_source if os.path.isdir(base_source) else os.path.dirname(base_source)
     raw: dict = {}
@@ -613,7 +613,7 @@ def _save_state(out, model, optimizer, schedule, state: _TrainState) -> None:
 def _load_state(out, model, optimizer, schedule) -> _TrainState:
     import torch
 
-    from .errors import CheckpointError
+    from ..errors import CheckpointError
 
     path = os.path.join(_state_dir(out), "trainer_state.pt")
     try:
@@ -661,7 +661,7 @@ def read_marker(folder: str) -> dict | None:
 def check_out(out: str, *, overwrite: bool, resume: bool, marker: dict) -> None:
     """Before any work: ``out`` is absent, empty, or an ast training output that ``overwrite`` replaces or
     ``resume`` continues (with the same mode and labels as ``marker``)."""
-    from .output import check_writable_dir
+    from ..run.output import check_writable_dir
 
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"{out} exists and is not a folder", option="out")
@@ -779,7 +779,7 @@ def _writing(path: str) -> Iterator[str]:
 
 
 def _write_json(path: str, data) -> None:
-    from .output import atomic_write
+    from ..run.output import atomic_write
 
     with _writing(path), atomic_write(path) as handle:
         json.dump(data, handle, indent=2)
@@ -788,7 +788,7 @@ def _write_json(path: str, data) -> None:
 
 def _trim_log(path: str, epochs: int) -> None:
     """Keep the log's records of the first ``epochs`` epochs (and drop a torn last line)."""
-    from .output import atomic_write
+    from ..run.output import atomic_write
 
     try:
         with open(path, encoding="utf-8") as handle:
@@ -813,7 +813,7 @@ def _append_line(path: str, line: str) -> None:
 
 
 def _training_device(device: str) -> str:
-    from .backends import pick_device
+    from ..run.backends import pick_device
 
     return pick_device(device)
 
@@ -942,7 +942,7 @@ def _file_logits(tagger, dataset: Dataset, feature_cache: str | None) -> Iterato
     """(error, (windows, K) logits) per file: the classifier on cached embeddings, or (a ``Tagger`` that does
     not know its weights file) the whole model."""
     from .extract import FeatureExtractor, cached_embeddings, embedding_cache_dir
-    from .output import check_writable_dir
+    from ..run.output import check_writable_dir
 
     paths = [e.path for e in dataset.examples]
     try:

@@ -14,9 +14,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from .constants import AUDIOSET_MAX_LENGTH, SPEECH_COMMANDS_MAX_LENGTH, SPEECH_COMMANDS_MEAN, SPEECH_COMMANDS_STD
-from .errors import CheckpointError
-from .features import FeatureConfig
+from ..constants import AUDIOSET_MAX_LENGTH, SPEECH_COMMANDS_MAX_LENGTH, SPEECH_COMMANDS_MEAN, SPEECH_COMMANDS_STD
+from ..errors import CheckpointError
+from ..audio.features import FeatureConfig
 
 # The hub's repository layout; hub.py owns the names because it must stay importable without torch.
 from .hub import (CONFIG_NAME, PICKLE_NAME, PREPROCESSOR_NAME, SAFETENSORS_NAME, WEIGHT_SUFFIXES,  # noqa: F401

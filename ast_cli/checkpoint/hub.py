@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
 
-from . import __version__
-from .constants import (AUDIOSET_MAX_LENGTH, AUDIOSET_MEAN, AUDIOSET_STD, DEFAULT_MODEL, FRAME_SECONDS,
+from .. import __version__
+from ..constants import (AUDIOSET_MAX_LENGTH, AUDIOSET_MEAN, AUDIOSET_STD, DEFAULT_MODEL, FRAME_SECONDS,
                         SPEECH_COMMANDS_MAX_LENGTH, SPEECH_COMMANDS_MEAN, SPEECH_COMMANDS_STD)
-from .errors import AstError, CheckpointError, HubError, ModelNotFoundError, UsageError
+from ..errors import AstError, CheckpointError, HubError, ModelNotFoundError, UsageError
 
 # The hub layout's file names. weights.py takes them from here: this module must not import torch, since
 # listing or downloading models should not wait for it to load.

@@ -26,8 +26,8 @@ from typing import BinaryIO, Iterable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
-from .audio import BLOCK_SECONDS, MAX_BLOCK_BYTES, AudioReader, ToModelRate
-from .errors import AudioDecodeError
+from .decode import BLOCK_SECONDS, MAX_BLOCK_BYTES, AudioReader, ToModelRate
+from ..errors import AudioDecodeError
 
 SAMPLE_FORMATS = {"s16le": "<i2", "s32le": "<i4", "f32le": "<f4"}
 
@@ -307,7 +307,7 @@ class PipedAudio:
     def _decode(self, data: bytes) -> Iterator[np.ndarray]:
         import soundfile as sf
 
-        from .audio import _sf_reason
+        from .decode import _sf_reason
 
         try:
             with sf.SoundFile(io.BytesIO(data)) as f:

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Iterator, Sequence, TextIO
 
-from .errors import OutputWriteError, UsageError
+from ..errors import OutputWriteError, UsageError
 from .options import OutputFormat
 from .tagger import FileResult, LabelScore
 
@@ -585,7 +585,7 @@ def plan_output_dir(path: str, fmt: OutputFormat | str | None, items: Sequence, 
                     ) -> tuple[OutputDir, list]:
     """Check ``--output-dir`` before any work; returns it and the items still to do (a file's result already
     there is done, unless ``overwrite``)."""
-    from .inputs import claim_outputs
+    from ..audio.inputs import claim_outputs
 
     fmt = OutputFormat(fmt) if fmt is not None else OutputFormat.json
     if fmt not in PER_FILE_SUFFIXES:
