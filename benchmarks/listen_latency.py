@@ -28,7 +28,7 @@ def random_checkpoint(directory: str) -> str:
     from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from ast_cli.checkpoint.hub import load_labels
+    from ast_cli.checkpoint.names import load_labels
 
     labels = load_labels("audioset")
     config = ASTConfig(num_labels=527, id2label=dict(enumerate(labels)), label2id={x: i for i, x in enumerate(labels)})

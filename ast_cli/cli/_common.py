@@ -20,7 +20,7 @@ def _complete_model(incomplete: str) -> list[str]:
     ``models--ORG--NAME`` is the hub cache's documented layout."""
     import os
 
-    from ..checkpoint.hub import REGISTRY, hub_cache_dir
+    from ..checkpoint.names import REGISTRY, hub_cache_dir
 
     names = [spec.alias for spec in REGISTRY] + [spec.repo_id for spec in REGISTRY]
     try:
@@ -248,7 +248,7 @@ def fetch_model(model: str, run: RunOptions, console, quiet: bool):
 def model_labels(model: str, run: RunOptions, console, quiet: bool) -> tuple[str, ...]:
     """A model's labels without loading its weights: the bundled lists of the published checkpoints (no
     download), else its config.json (a bare weights file: inferred from its tensors)."""
-    from ..checkpoint.hub import bundled_labels
+    from ..checkpoint.names import bundled_labels
 
     bundled = bundled_labels(model)
     if bundled is not None:
@@ -272,7 +272,7 @@ def model_identity(model: str, path) -> str:
     folder named after the commit), else the resolved local path."""
     import os
 
-    from ..checkpoint.hub import looks_local, parse_model_name
+    from ..checkpoint.names import looks_local, parse_model_name
 
     if looks_local(model):
         return os.path.realpath(path)

@@ -134,7 +134,7 @@ def is_single_label(config) -> bool:
         return True
     if config.problem_type == "multi_label_classification":
         return False
-    from ..checkpoint.hub import load_labels
+    from ..checkpoint.names import load_labels
 
     return config.id2label == load_labels("speechcommands")
 

@@ -542,7 +542,7 @@ class Trainer:
 def save_checkpoint(out: str, model, features, base_source: str, multi_label: bool) -> None:
     from safetensors.torch import save
 
-    from ..checkpoint.hub import CONFIG_NAME, PREPROCESSOR_NAME, SAFETENSORS_NAME
+    from ..checkpoint.names import CONFIG_NAME, PREPROCESSOR_NAME, SAFETENSORS_NAME
     from ..run.output import atomic_write
 
     base_dir = base_source if os.path.isdir(base_source) else os.path.dirname(base_source)
