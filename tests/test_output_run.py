@@ -72,7 +72,7 @@ def test_22_11_output_names_up_to_255_characters_work(clips, model, tmp_path, le
 def test_22_10_resume_reads_the_journal_only_while_holding_the_lock(clips, model, tmp_path, monkeypatch):
     import fcntl
 
-    from ast_cli.run.output import OutputLock
+    from ast_cli.run.files import OutputLock
     from ast_cli.run.resume import Journal
 
     out = tmp_path / "tags.jsonl"

@@ -21,7 +21,7 @@ import soundfile as sf
 from typer.testing import CliRunner
 
 from ast_cli.cli import app
-from ast_cli.run.output import OutputLock
+from ast_cli.run.files import OutputLock
 from conftest import reference_features, sigint_default, trickle_fifo, write_audio
 from tolerances import END_TO_END
 

@@ -250,20 +250,20 @@ def test_22_6_train_refuses_a_folder_it_did_not_make_and_overwrite_replaces_its_
 
 def test_22_7_a_save_killed_halfway_leaves_no_partial_checkpoint_and_nothing_that_blocks(tiny_checkpoint, small,
                                                                                           tmp_path, monkeypatch):
-    import ast_cli.run.output as output
+    import ast_cli.run.files as files
 
-    real = output.atomic_write
+    real = files.atomic_write
 
     def killed(path, mode="w"):  # as a kill -9 after model.safetensors, before config.json
         if os.path.basename(path) == "config.json":
             raise KeyboardInterrupt
         return real(path, mode)
 
-    monkeypatch.setattr(output, "atomic_write", killed)
+    monkeypatch.setattr(files, "atomic_write", killed)
     out = tmp_path / "out"
     assert tiny_train(small, out, tiny_checkpoint[0]).exit_code == 130
     assert not (out / "model.safetensors").exists()  # never a model without its config.json
-    monkeypatch.setattr(output, "atomic_write", real)
+    monkeypatch.setattr(files, "atomic_write", real)
     result = tiny_train(small, out, tiny_checkpoint[0])
     assert result.exit_code == 0, result.stderr
     assert {"config.json", "preprocessor_config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
@@ -422,16 +422,16 @@ def test_23_evaluate_when_every_file_fails_is_one_line(tiny_checkpoint, tmp_path
 def test_23_a_full_disk_during_train_names_the_file(tiny_checkpoint, small, tmp_path, monkeypatch):
     import errno
 
-    import ast_cli.run.output as output
+    import ast_cli.run.files as files
 
-    real = output.atomic_write
+    real = files.atomic_write
 
     def full(path, mode="w"):
         if path.endswith("model.safetensors"):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, mode)
 
-    monkeypatch.setattr(output, "atomic_write", full)
+    monkeypatch.setattr(files, "atomic_write", full)
     result = tiny_train(small, tmp_path / "out", tiny_checkpoint[0])
     assert result.exit_code == 1 and "model.safetensors: No space left on device" in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()

@@ -123,7 +123,7 @@ def _say_pace(listener, stderr) -> None:
 def _loop(listener, stream, fmt, tracker, stderr, quiet: bool) -> None:
     import time
 
-    from ..run.output import dumps
+    from ..run.records import dumps
 
     if fmt is LiveFormat.live and tracker is None:
         from ._render import LiveView
@@ -155,7 +155,7 @@ def _loop(listener, stream, fmt, tracker, stderr, quiet: bool) -> None:
 
 
 def _event(event) -> str:
-    from ..run.output import dumps
+    from ..run.records import dumps
 
     score = None if event.score != event.score else event.score  # NaN (no score at the end) -> null
     return dumps({"event": event.kind, "label": event.label, "index": event.index, "time": event.time,

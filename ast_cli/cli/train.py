@@ -60,7 +60,7 @@ def train(
     with cli_errors(stderr, debug):
         from ..errors import UsageError
         from ..tasks.extract import embedding_cache_dir
-        from ..run.output import check_writable_dir
+        from ..run.files import check_writable_dir
         from ..tasks.train import TrainConfig, Trainer, check_out, clips, load_dataset, split, untrained_labels
 
         run.validate()
@@ -167,7 +167,7 @@ def evaluate(
         import json
 
         from ..errors import AudioDecodeError
-        from ..run.output import check_writable_dir
+        from ..run.files import check_writable_dir
         from ..tasks.train import evaluate as measure
         from ..tasks.train import load_dataset
 

@@ -94,7 +94,7 @@ class TaggerActor:
         self.selection = LabelSelection(**job["selection"])
 
     def __call__(self, batch: dict) -> dict:
-        from ..run.output import to_record
+        from ..run.records import to_record
 
         paths = [str(p) for p in batch["path"]]
         errors = [e if isinstance(e, str) and e else None for e in batch["error"]]
@@ -332,7 +332,7 @@ def run_ray_extract(jobs: list, model: str, kind: str, fmt: str, options, settin
 def run_ray(sources: list, model: str, options, settings: RaySettings, *, selection, activation, aggregate,
             segments: bool) -> Iterator[dict]:
     """Tag ``sources`` (``sources.FileSource``s: a path, and an error already known) on Ray; yields their
-    records (dicts, as ``output.to_record`` makes them) in input order, as they finish."""
+    records (dicts, as ``records.to_record`` makes them) in input order, as they finish."""
     job = {"selection": {"top": selection.top, "threshold": selection.threshold, "include": selection.include,
                          "exclude": selection.exclude},
            "activation": activation.value if activation is not None else None,

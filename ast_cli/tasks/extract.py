@@ -32,7 +32,7 @@ from ..constants import FRAME_SECONDS
 from ..errors import UsageError
 from ..audio.inputs import InputFile, claim_outputs, mirrored_path
 from ..run.options import RunOptions
-from ..run.output import atomic_write, check_writable_dir
+from ..run.files import atomic_write, check_writable_dir
 
 if TYPE_CHECKING:  # torch comes with these; planning (what is done already) must not wait for it
     from ..run.engine import FileOutput

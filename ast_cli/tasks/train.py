@@ -543,7 +543,7 @@ def save_checkpoint(out: str, model, features, base_source: str, multi_label: bo
     from safetensors.torch import save
 
     from ..checkpoint.names import CONFIG_NAME, PREPROCESSOR_NAME, SAFETENSORS_NAME
-    from ..run.output import atomic_write
+    from ..run.files import atomic_write
 
     base_dir = base_source if os.path.isdir(base_source) else os.path.dirname(base_source)
     raw: dict = {}
@@ -661,7 +661,7 @@ def read_marker(folder: str) -> dict | None:
 def check_out(out: str, *, overwrite: bool, resume: bool, marker: dict) -> None:
     """Before any work: ``out`` is absent, empty, or an ast training output that ``overwrite`` replaces or
     ``resume`` continues (with the same mode and labels as ``marker``)."""
-    from ..run.output import check_writable_dir
+    from ..run.files import check_writable_dir
 
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"{out} exists and is not a folder", option="out")
@@ -779,7 +779,7 @@ def _writing(path: str) -> Iterator[str]:
 
 
 def _write_json(path: str, data) -> None:
-    from ..run.output import atomic_write
+    from ..run.files import atomic_write
 
     with _writing(path), atomic_write(path) as handle:
         json.dump(data, handle, indent=2)
@@ -788,7 +788,7 @@ def _write_json(path: str, data) -> None:
 
 def _trim_log(path: str, epochs: int) -> None:
     """Keep the log's records of the first ``epochs`` epochs (and drop a torn last line)."""
-    from ..run.output import atomic_write
+    from ..run.files import atomic_write
 
     try:
         with open(path, encoding="utf-8") as handle:
@@ -942,7 +942,7 @@ def _file_logits(tagger, dataset: Dataset, feature_cache: str | None) -> Iterato
     """(error, (windows, K) logits) per file: the classifier on cached embeddings, or (a ``Tagger`` that does
     not know its weights file) the whole model."""
     from .extract import FeatureExtractor, cached_embeddings, embedding_cache_dir
-    from ..run.output import check_writable_dir
+    from ..run.files import check_writable_dir
 
     paths = [e.path for e in dataset.examples]
     try:
