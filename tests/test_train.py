@@ -13,7 +13,8 @@ import torch
 from typer.testing import CliRunner
 
 from ast_cli.cli import app
-from ast_cli.tasks.train import average_precision, load_dataset, metrics, split
+from ast_cli.tasks.metrics import average_precision, metrics
+from ast_cli.tasks.train_data import load_dataset, split
 from conftest import make_reference, reference_features, reference_waveform
 from tolerances import END_TO_END
 
@@ -403,7 +404,7 @@ def test_23_checks_that_need_no_model_come_before_it_loads(tiny_checkpoint, smal
     assert missing.exit_code == 2 and "DATA: no such data" in missing.stderr and "--data" not in missing.stderr
     bad_jsonl = tiny_train(jsonl, tmp_path / "x", tiny_checkpoint[0])
     assert bad_jsonl.exit_code == 2 and "bad.jsonl line 2: 'path' must be" in bad_jsonl.stderr, bad_jsonl.stderr
-    from ast_cli.tasks.train import load_dataset
+    from ast_cli.tasks.train_data import load_dataset
 
     assert [e.labels for e in load_dataset(str(bom)).examples] == [("high",), ("low",)]
 
@@ -484,7 +485,7 @@ def test_22_7_an_interrupted_finetune_leaves_out_alone_and_resumes(tiny_checkpoi
 
 def test_24_6_evaluate_shares_the_cache_and_scores_as_classify(tiny_checkpoint, small, tmp_path, monkeypatch):
     from ast_cli import RunOptions, Tagger
-    from ast_cli.tasks.train import evaluate
+    from ast_cli.tasks.metrics import evaluate
 
     out = tmp_path / "out"
     assert tiny_train(small, out, tiny_checkpoint[0]).exit_code == 0

@@ -61,7 +61,9 @@ def train(
         from ..errors import UsageError
         from ..tasks.extract import embedding_cache_dir
         from ..run.files import check_writable_dir
-        from ..tasks.train import TrainConfig, Trainer, check_out, clips, load_dataset, split, untrained_labels
+        from ..tasks.train import TrainConfig, Trainer
+        from ..tasks.train_data import clips, load_dataset, split, untrained_labels
+        from ..tasks.train_state import check_out
 
         run.validate()
         config = TrainConfig(mode=mode.value, epochs=epochs, lr=lr, batch_size=train_batch, patience=patience,
@@ -168,8 +170,8 @@ def evaluate(
 
         from ..errors import AudioDecodeError
         from ..run.files import check_writable_dir
-        from ..tasks.train import evaluate as measure
-        from ..tasks.train import load_dataset
+        from ..tasks.metrics import evaluate as measure
+        from ..tasks.train_data import load_dataset
 
         dataset = load_dataset(data)
         if features_dir:
