@@ -8,6 +8,16 @@ The Python API, in the spirit of whisper's ``load_model`` + ``transcribe``::
         print(result.path, [(x.label, round(x.score, 3)) for x in result.labels])
 
 Everything heavy (torch) is imported on first use of these names, so ``import ast_cli`` stays instant.
+
+Layers, lowest first; a module imports only from its own layer or the layers below it (tests/test_layout.py
+reads every import and holds the code to this):
+
+1. ``constants``, ``errors``: plain values and the exception types; import nothing of ours.
+2. ``audio``: decoding, resampling, log-mel features, audio sources, input paths. No model.
+3. ``checkpoint``: the AST model, weights, the hub and its cache, fast inference modes. No audio decoding.
+4. ``run``: options, backends, the engine, the Tagger, outputs, resume. No command line.
+5. ``tasks``: extract, train/evaluate, listen, benchmark, the Ray runner: each a use of the layers below.
+6. ``cli``: the ``ast`` command, glue over everything above; the only place that speaks in flags.
 """
 
 from __future__ import annotations
@@ -18,10 +28,11 @@ __version__ = "0.1.0"
 
 # Public names -> the module that defines them; loaded lazily (PEP 562).
 _LAZY = {
-    "Tagger": "tagger", "FileResult": "tagger", "LabelScore": "tagger", "LabelSelection": "tagger",
-    "Segment": "tagger", "RunOptions": "options", "Engine": "engine", "FileOutput": "engine",
-    "ArraySource": "sources", "FileSource": "sources", "StreamSource": "sources", "AudioSource": "sources",
-    "LocalBackend": "backends", "Backend": "backends", "FeatureExtractor": "extract",
+    "Tagger": "run.tagger", "FileResult": "run.tagger", "LabelScore": "run.tagger", "LabelSelection": "run.tagger",
+    "Segment": "run.tagger", "RunOptions": "run.options", "Engine": "run.engine", "FileOutput": "run.engine",
+    "ArraySource": "audio.sources", "FileSource": "audio.sources", "StreamSource": "audio.sources",
+    "AudioSource": "audio.sources",
+    "LocalBackend": "run.backends", "Backend": "run.backends", "FeatureExtractor": "tasks.extract",
     "AstError": "errors", "AudioDecodeError": "errors", "CheckpointError": "errors", "HubError": "errors",
     "ModelNotFoundError": "errors", "UsageError": "errors",
 }

@@ -5,7 +5,7 @@ saved with ``save_pretrained``) and a few 10 s stereo 44.1 kHz clips, then times
 
 - transformers: soundfile -> mean downmix -> resample -> ``ASTFeatureExtractor`` -> ``ASTForAudioClassification``
   (float32, SDPA) -> sigmoid, one clip at a time (as the HF pipeline does). The resampler is
-  ``torchaudio.functional.resample`` where torchaudio imports, else ``ast_cli.resample.resample`` (the same
+  ``torchaudio.functional.resample`` where torchaudio imports, else ``ast_cli.audio.resample.resample`` (the same
   algorithm and cost; torchaudio 2.11 does not import next to torch 2.15). The extractor takes whichever path
   transformers picks (kaldi with torchaudio, numpy without): fidelity against it is then within ~1e-4;
 - ``Tagger.classify`` (what ``ast classify`` runs) in float32 and in each fast mode.
@@ -46,7 +46,7 @@ def make_checkpoint(directory: Path, seed: int = 0) -> Path:
     import torch
     from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification
 
-    from ast_cli.weights import load_labels
+    from ast_cli.checkpoint.weights import load_labels
 
     if (directory / "model.safetensors").is_file():
         return directory
@@ -109,7 +109,7 @@ def transformers_scores(model, extractor, paths: list[str]) -> np.ndarray:
     try:
         from torchaudio.functional import resample
     except (ImportError, OSError, RuntimeError):  # absent, or broken next to this torch
-        from ast_cli.resample import resample
+        from ast_cli.audio.resample import resample
     dtype = next(model.parameters()).dtype if any(True for _ in model.parameters()) else torch.float32
     rows = []
     for path in paths:
@@ -125,7 +125,7 @@ def transformers_scores(model, extractor, paths: list[str]) -> np.ndarray:
 
 
 def load_ours(model_dir: str, mode: str):
-    from ast_cli.tagger import Tagger
+    from ast_cli.run.tagger import Tagger
 
     if mode == "int8":
         return Tagger.load(model_dir, device="cpu", quantize="int8")
@@ -134,8 +134,8 @@ def load_ours(model_dir: str, mode: str):
 
 def our_scores(tagger, paths: list[str], batch_size: int = 4) -> np.ndarray:
     """(clips, labels) sigmoid scores through ``Tagger.classify`` (parallel decode, batched windows)."""
-    from ast_cli.inputs import expand_inputs
-    from ast_cli.tagger import LabelSelection
+    from ast_cli.audio.inputs import expand_inputs
+    from ast_cli.run.tagger import LabelSelection
 
     rows = []
     for result in tagger.classify(expand_inputs(paths), selection=LabelSelection(top=None), batch_size=batch_size):
@@ -248,7 +248,7 @@ def environment() -> dict:
     import torch
     import transformers
 
-    from ast_cli.speed import cpu_has_native_bf16, int8_kernel
+    from ast_cli.checkpoint.speed import cpu_has_native_bf16, int8_kernel
 
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
     return {
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from ast_cli.speed import cpu_has_native_bf16
+    from ast_cli.checkpoint.speed import cpu_has_native_bf16
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -28,7 +28,7 @@ def random_checkpoint(directory: str) -> str:
     from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from ast_cli.hub import load_labels
+    from ast_cli.checkpoint.names import load_labels
 
     labels = load_labels("audioset")
     config = ASTConfig(num_labels=527, id2label=dict(enumerate(labels)), label2id={x: i for i, x in enumerate(labels)})
@@ -86,7 +86,7 @@ def main() -> None:
         model = args.model or random_checkpoint(os.path.join(tmp, "ast"))
         import torch
 
-        from ast_cli.speed import cpu_capabilities
+        from ast_cli.checkpoint.speed import cpu_capabilities
 
         print(f"machine: {cpu_capabilities().get('cpu_name') or platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} cores; torch {torch.__version__}; {args.seconds:g} s streamed at real time, "

@@ -35,7 +35,7 @@ def make_reference(tmp_path: Path, name: str = "tiny", num_labels: int = 527, se
     """
     from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification
 
-    from ast_cli.weights import load_labels
+    from ast_cli.checkpoint.weights import load_labels
 
     labels = load_labels("audioset") if num_labels == 527 else tuple(f"class {i}" for i in range(num_labels))
     params = dict(TINY if name.startswith("tiny") else {}, **overrides)
@@ -89,10 +89,10 @@ def write_audio(path: Path, seconds: float, sample_rate: int = 16000, channels: 
 def reference_waveform(path: Path) -> np.ndarray:
     """The transformers pipeline's path to the extractor: soundfile -> mean downmix -> one-shot resample to 16 kHz.
 
-    The resampler is ``ast_cli.resample.resample`` called once on the whole signal: torchaudio's algorithm,
+    The resampler is ``ast_cli.audio.resample.resample`` called once on the whole signal: torchaudio's algorithm,
     pinned to torchaudio's own output by tests/golden (torchaudio itself does not import next to current torch).
     """
-    from ast_cli.resample import resample
+    from ast_cli.audio.resample import resample
 
     data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     mono = data.mean(axis=1).astype(np.float32)
@@ -145,12 +145,12 @@ def reference_features(extractor, waveform: np.ndarray) -> torch.Tensor:
     """(1, max_length, num_mel_bins) model input for ``waveform`` (16 kHz mono) with ``extractor``'s settings.
 
     With a working torchaudio, transformers' extractor itself. Without one it would take its numpy path, which
-    differs from the torchaudio path by ~5e-5, so both models are fed the kaldi features of ``ast_cli.features``
+    differs from the torchaudio path by ~5e-5, so both models are fed the kaldi features of ``ast_cli.audio.features``
     instead: those equal the torchaudio path within 1e-5 (tests/test_features.py, against tests/golden).
     """
     if extractor_uses_torchaudio():
         return extractor(waveform, sampling_rate=16000, return_tensors="pt")["input_values"]
-    from ast_cli.features import FeatureConfig, extract
+    from ast_cli.audio.features import FeatureConfig, extract
 
     cfg = FeatureConfig(num_mel_bins=extractor.num_mel_bins, max_length=extractor.max_length,
                         mean=extractor.mean, std=extractor.std, do_normalize=extractor.do_normalize)

@@ -277,7 +277,7 @@ def test_23_3_fifos_sockets_and_devices_in_a_walked_folder_are_not_read(tiny_che
     (tests/test_safety.py)."""
     import socket
 
-    from ast_cli.inputs import NOT_REGULAR, expand_inputs
+    from ast_cli.audio.inputs import NOT_REGULAR, expand_inputs
 
     root = tmp_path / "tree"
     write_audio(root / "a.wav", 0.3)

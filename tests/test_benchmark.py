@@ -12,16 +12,16 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from ast_cli import benchmark as bench
+from ast_cli.tasks import benchmark as bench
 from ast_cli.cli import app
 from ast_cli.errors import UsageError
-from ast_cli.features import FeatureConfig, extract
-from ast_cli.model import ASTConfig, count_parameters
-from ast_cli.speed import (Int8LinearFbgemm, Int8LinearIntMM, cpu_has_vnni, int8_kernel,
+from ast_cli.audio.features import FeatureConfig, extract
+from ast_cli.checkpoint.model import ASTConfig, count_parameters
+from ast_cli.checkpoint.speed import (Int8LinearFbgemm, Int8LinearIntMM, cpu_has_vnni, int8_kernel,
                            is_quantized, quantize_dynamic)
-from ast_cli.options import RunOptions
-from ast_cli.tagger import Tagger
-from ast_cli.weights import build_model, load_checkpoint
+from ast_cli.run.options import RunOptions
+from ast_cli.run.tagger import Tagger
+from ast_cli.checkpoint.weights import build_model, load_checkpoint
 from conftest import TINY, tone, write_audio
 from tolerances import FAST_MODE_SCORES, SAME_MACHINE_BATCHING
 
@@ -163,7 +163,7 @@ def test_device_cuda_without_cuda_is_one_line_and_exit_2(tiny_checkpoint):
 
 
 def test_bf16_on_a_cpu_without_bf16_hardware_warns(tiny_checkpoint, monkeypatch):
-    import ast_cli.speed as speed
+    import ast_cli.checkpoint.speed as speed
 
     monkeypatch.setattr(speed, "cpu_has_native_bf16", lambda: False)
     result = quick("--model", tiny_checkpoint[0], "--batch-sizes", "1", "--attn", "sdpa", "--dtype", "bf16")
@@ -231,8 +231,8 @@ def test_bf16_scores_are_close_to_fp32(tiny_checkpoint, tiny_features):
 
 
 def test_tagger_int8_classify_matches_fp32(tiny_checkpoint, clips):
-    from ast_cli.inputs import expand_inputs
-    from ast_cli.tagger import LabelSelection
+    from ast_cli.audio.inputs import expand_inputs
+    from ast_cli.run.tagger import LabelSelection
 
     def scores(tagger):
         out = []
@@ -250,7 +250,7 @@ def test_tagger_int8_classify_matches_fp32(tiny_checkpoint, clips):
 
 
 def test_cpu_batches_run_in_cache_sized_pieces_with_the_same_results(tiny_checkpoint, tiny_features):
-    from ast_cli.speed import CPU_TOKENS_PER_CALL, cpu_windows_per_call
+    from ast_cli.checkpoint.speed import CPU_TOKENS_PER_CALL, cpu_windows_per_call
 
     assert cpu_windows_per_call(1214) == 1  # one 10.24 s AudioSet window per call
     assert cpu_windows_per_call(62) == CPU_TOKENS_PER_CALL // 62
@@ -284,7 +284,7 @@ def test_classify_accepts_the_fast_modes(tiny_checkpoint, clips):
     ({}, set(), False),
 ])
 def test_native_bf16_detection(monkeypatch, caps, flags, expected):
-    import ast_cli.speed as speed
+    import ast_cli.checkpoint.speed as speed
 
     monkeypatch.setattr(speed, "cpu_capabilities", lambda: caps)
     monkeypatch.setattr(speed, "_cpuinfo_flags", lambda: flags)

@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ast_cli.cli import app
-from ast_cli.distributed import parse_shard, ray_available, take_shard
+from ast_cli.tasks.distributed import parse_shard, ray_available, take_shard
 from ast_cli.errors import UsageError
 import raynet
 from conftest import write_audio
@@ -62,7 +62,7 @@ def test_shards_on_the_local_engine_together_give_the_unsharded_set(tiny_checkpo
 
 
 def test_engine_ray_without_ray_is_one_line(tiny_checkpoint, tree, monkeypatch):
-    import ast_cli.distributed as distributed
+    import ast_cli.tasks.distributed as distributed
 
     monkeypatch.setattr(distributed, "ray_available", lambda: False)
     for command in (["classify", str(tree)], ["extract-features", str(tree), "--out", "/tmp/unused"]):

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from ast_cli.engine import Batcher, Engine, OrderedEmitter
+from ast_cli.run.engine import Batcher, Engine, OrderedEmitter
 from ast_cli.errors import AudioDecodeError
-from ast_cli.features import FeatureConfig, Window
-from ast_cli.sources import ArraySource
+from ast_cli.audio.features import FeatureConfig, Window
+from ast_cli.audio.sources import ArraySource
 from tolerances import SAME_MACHINE_BATCHING
 
 FEATURES = FeatureConfig(max_length=16, num_mel_bins=128)  # 0.16 s windows: many windows from little audio
@@ -110,7 +110,7 @@ def test_outputs_equal_the_backend_on_each_window_in_input_order():
 
 
 def _windows(src: ArraySource) -> list[Window]:
-    from ast_cli.features import FrameStream
+    from ast_cli.audio.features import FrameStream
 
     stream = FrameStream(FEATURES)
     return stream.push(torch.from_numpy(src.samples)) + stream.finish()

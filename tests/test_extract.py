@@ -12,14 +12,15 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from ast_cli import __version__, extract
+from ast_cli import __version__
+from ast_cli.tasks import extract
 from ast_cli.cli import app
-from ast_cli.extract import plan_outputs, write_features
-from ast_cli.inputs import InputFile, expand_inputs
+from ast_cli.tasks.extract import plan_outputs, write_features
+from ast_cli.audio.inputs import InputFile, expand_inputs
 from conftest import make_reference, reference_features, reference_waveform, write_audio
 from tolerances import MODEL_VS_TRANSFORMERS, SAME_MACHINE_FEATURES
 
-FBANK_TOLERANCE = SAME_MACHINE_FEATURES  # both sides are ast_cli.features here (tests/tolerances.py)
+FBANK_TOLERANCE = SAME_MACHINE_FEATURES  # both sides are ast_cli.audio.features here (tests/tolerances.py)
 EMBEDDING_TOLERANCE = MODEL_VS_TRANSFORMERS  # pooled output against transformers' pooler
 HOP_SAMPLES = 160  # one 10 ms frame
 
@@ -115,12 +116,12 @@ def test_metadata(tiny_checkpoint, tmp_path):
 
 def test_fbank_reads_no_weights(tiny_checkpoint, tmp_path, monkeypatch):
     directory, *_ = tiny_checkpoint
-    import ast_cli.weights
+    import ast_cli.checkpoint.weights
 
     def refuse(*args, **kwargs):
         raise AssertionError("fbank extraction read the weights")
 
-    monkeypatch.setattr(ast_cli.weights, "read_state_dict", refuse)
+    monkeypatch.setattr(ast_cli.checkpoint.weights, "read_state_dict", refuse)
     audio = write_audio(tmp_path / "clip.wav", 0.5)
     result = run(audio, "--out", tmp_path / "out", "--kind", "fbank", *common_args(directory))
     assert result.exit_code == 0, result.output

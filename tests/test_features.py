@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from ast_cli import features as F
-from ast_cli.audio import AudioReader, load_audio
-from ast_cli.resample import StreamingResampler, resample
+from ast_cli.audio import features as F
+from ast_cli.audio.decode import AudioReader, load_audio
+from ast_cli.audio.resample import StreamingResampler, resample
 from conftest import extractor_uses_torchaudio, reference_features, reference_waveform, tone, write_audio
 from golden.signals import (
     EXTRACTOR_LENGTHS, FBANK_LENGTHS, RESAMPLE_RATES, checksum, resample_input, signal,
@@ -222,10 +222,10 @@ ODD_RATES = (22051, 11127, 44101, 767999, 7)  # Hz: torchaudio's kernel for thes
 
 
 def exact_sinc_resample(x: np.ndarray, orig_freq: int, new_freq: int) -> np.ndarray:
-    """The filter of ``ast_cli.resample`` (torchaudio's windowed sinc, its default arguments) evaluated in float64
+    """The filter of ``ast_cli.audio.resample`` (torchaudio's windowed sinc, its default arguments) evaluated in float64
     for every output sample ``j`` at every input ``i`` within W zero crossings (``|t| < W``; zero beyond). At the
     standard rates it equals torchaudio's own code run in float64 (tests/golden/reference64.npz) within 4e-13."""
-    from ast_cli.resample import LOWPASS_FILTER_WIDTH as W, ROLLOFF
+    from ast_cli.audio.resample import LOWPASS_FILTER_WIDTH as W, ROLLOFF
 
     base = min(orig_freq, new_freq) * ROLLOFF
     reach = int(np.ceil(W * orig_freq / base)) + 1
@@ -253,8 +253,8 @@ def test_23_2_scores_of_an_odd_rate_file_are_the_exact_resamplers(tiny_checkpoin
     """A 22051 Hz file through ``ast`` against transformers' model on the exactly resampled (float64) waveform,
     the path transformers + torchaudio take up to torchaudio's float32 rounding: scores within 2e-3 (#23's bound;
     the waveforms differ by ~1e-7, so the scores by float32 noise)."""
-    from ast_cli.options import RunOptions
-    from ast_cli.tagger import LabelSelection, Tagger
+    from ast_cli.run.options import RunOptions
+    from ast_cli.run.tagger import LabelSelection, Tagger
 
     path = write_audio(tmp_path / "odd.wav", 0.7, 22051, seed=7, subtype="FLOAT")
     directory, model, extractor = tiny_checkpoint
@@ -276,7 +276,7 @@ def test_23_2_odd_rates_resample_in_bounded_memory():
 
     script = textwrap.dedent("""
         import resource, numpy as np, torch
-        from ast_cli.resample import StreamingResampler, resample
+        from ast_cli.audio.resample import StreamingResampler, resample
         mapped = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
         resource.setrlimit(resource.RLIMIT_AS, (mapped + (1 << 30), resource.RLIM_INFINITY))
         for rate in (22051, 44101, 767999, 11127):

@@ -3,7 +3,7 @@
 Downloads go through huggingface_hub to ``FakeHub``, a threaded HTTP server on 127.0.0.1 that serves tiny model
 repos in the hub's URL layout; ``HF_ENDPOINT`` points at it. Nothing here touches the real hub.
 
-Most tests call the library (``ast_cli.hub``) and check the exception class and its structured fields. The few
+Most tests call the library (``ast_cli.checkpoint.hub``) and check the exception class and its structured fields. The few
 marked ``# CLI`` go through ``ast ...`` and check only exit codes and the ``Error:`` line.
 """
 
@@ -25,7 +25,9 @@ from urllib.parse import unquote, urlsplit
 import pytest
 from typer.testing import CliRunner
 
-from ast_cli import DEFAULT_MODEL, hub
+from ast_cli import DEFAULT_MODEL
+from ast_cli.checkpoint import cache as hub_cache
+from ast_cli.checkpoint import hub, names
 from ast_cli.errors import AstError, CheckpointError, HubError, ModelNotFoundError, UsageError
 from conftest import write_audio
 
@@ -292,46 +294,46 @@ def raised(excinfo) -> AstError:
 
 
 def test_registry_has_the_eight_published_checkpoints():
-    assert len(hub.REGISTRY) == 8
-    assert len({spec.alias for spec in hub.REGISTRY}) == 8
-    assert all(spec.repo_id.startswith("MIT/ast-finetuned-") for spec in hub.REGISTRY)
-    assert hub.find_alias("audioset-10-10-0.4593").repo_id == DEFAULT_MODEL
-    speech = hub.find_alias("speech-commands-v2")
+    assert len(names.REGISTRY) == 8
+    assert len({spec.alias for spec in names.REGISTRY}) == 8
+    assert all(spec.repo_id.startswith("MIT/ast-finetuned-") for spec in names.REGISTRY)
+    assert names.find_alias("audioset-10-10-0.4593").repo_id == DEFAULT_MODEL
+    speech = names.find_alias("speech-commands-v2")
     assert (speech.num_labels, speech.max_length, speech.input_seconds) == (35, 128, 1.28)
     assert (speech.mean, speech.std) == (-6.845978, 5.5654526)
-    assert hub.find_alias("audioset-16-16-0.442").frequency_stride == 16
+    assert names.find_alias("audioset-16-16-0.442").frequency_stride == 16
 
 
 def test_aliases_and_hub_ids_resolve_to_repo_and_revision():
-    assert hub.parse_model_name("audioset-16-16-0.442") == ("MIT/ast-finetuned-audioset-16-16-0.442", None)
-    assert hub.parse_model_name("Speech-Commands-V2") == ("MIT/ast-finetuned-speech-commands-v2", None)
-    assert hub.parse_model_name("speech-commands-v2@v1") == ("MIT/ast-finetuned-speech-commands-v2", "v1")
-    assert hub.parse_model_name("acme/tiny-ast") == ("acme/tiny-ast", None)
-    assert hub.parse_model_name("acme/tiny-ast@refs/pr/1") == ("acme/tiny-ast", "refs/pr/1")
+    assert names.parse_model_name("audioset-16-16-0.442") == ("MIT/ast-finetuned-audioset-16-16-0.442", None)
+    assert names.parse_model_name("Speech-Commands-V2") == ("MIT/ast-finetuned-speech-commands-v2", None)
+    assert names.parse_model_name("speech-commands-v2@v1") == ("MIT/ast-finetuned-speech-commands-v2", "v1")
+    assert names.parse_model_name("acme/tiny-ast") == ("acme/tiny-ast", None)
+    assert names.parse_model_name("acme/tiny-ast@refs/pr/1") == ("acme/tiny-ast", "refs/pr/1")
     with pytest.raises(ModelNotFoundError, match="unknown model") as info:
-        hub.parse_model_name("audioset-16-16-0.44")
+        names.parse_model_name("audioset-16-16-0.44")
     exc = raised(info)
     assert (exc.model, exc.problem, exc.suggestion) == ("audioset-16-16-0.44", "unknown_name", "audioset-16-16-0.442")
     # huggingface_hub's validate_repo_id decides what a hub id may be; a bare word must be an alias.
     for bad in ("nonsense", "a--b/c", "acme/x@", "acme/x.git", "-acme/x", "acme/ti ny", "acme/a..b"):
         with pytest.raises(ModelNotFoundError) as info:
-            hub.parse_model_name(bad)
+            names.parse_model_name(bad)
         assert (raised(info).problem, info.value.model, info.value.suggestion) == ("unknown_name", bad, None), bad
 
 
 def test_looks_local():
-    assert hub.looks_local("./model") and hub.looks_local("/x/y") and hub.looks_local("ckpt.pth")
-    assert hub.looks_local("a/b/c")
-    assert not hub.looks_local("acme/tiny-ast") and not hub.looks_local("acme/tiny-ast@refs/pr/1")
-    assert not hub.looks_local("speech-commands-v2")
+    assert names.looks_local("./model") and names.looks_local("/x/y") and names.looks_local("ckpt.pth")
+    assert names.looks_local("a/b/c")
+    assert not names.looks_local("acme/tiny-ast") and not names.looks_local("acme/tiny-ast@refs/pr/1")
+    assert not names.looks_local("speech-commands-v2")
 
 
 
 def test_models_list_shows_what_is_cached(fake_hub, env, repo_files):
-    spec = hub.find_alias("speech-commands-v2")
+    spec = names.find_alias("speech-commands-v2")
     fake_hub.add(spec.repo_id, repo_files)
     path = hub.download("speech-commands-v2").path
-    assert hub.cached_models() == {spec.repo_id: path}
+    assert hub_cache.cached_models() == {spec.repo_id: path}
 
 
 # -- the cache -------------------------------------------------------------------------------------
@@ -354,8 +356,8 @@ def _fake_snapshot(cache: Path, repo_id: str, commit: str, files: dict[str, byte
 
 
 def test_cached_checkpoints_lists_every_cached_ast_repo(fake_hub, env, repo_files):
-    assert hub.cached_checkpoints() == [] and hub.cached_models() == {}  # no cache folder yet: CacheNotFound
-    spec = hub.find_alias("speech-commands-v2")
+    assert hub_cache.cached_checkpoints() == [] and hub_cache.cached_models() == {}  # no cache folder yet: CacheNotFound
+    spec = names.find_alias("speech-commands-v2")
     fake_hub.add(spec.repo_id, repo_files)
     mine, published = hub.download(REPO), hub.download(spec.alias)
     cache = cache_root(env)
@@ -367,7 +369,7 @@ def test_cached_checkpoints_lists_every_cached_ast_repo(fake_hub, env, repo_file
     bare = _fake_snapshot(cache, "acme/bare", "d" * 40, {"config.json": b"{}", "pytorch_model.bin": b"x" * 10},
                           refs=())
 
-    rows = hub.cached_checkpoints()
+    rows = hub_cache.cached_checkpoints()
     assert [row.repo_id for row in rows] == ["MIT/ast-finetuned-speech-commands-v2", "acme/bare", REPO]
     by_id = {row.repo_id: row for row in rows}
     row = by_id[REPO]
@@ -377,8 +379,8 @@ def test_cached_checkpoints_lists_every_cached_ast_repo(fake_hub, env, repo_file
     assert by_id[spec.repo_id].alias == "speech-commands-v2" and by_id[spec.repo_id].path == published.path
     assert (by_id["acme/bare"].path, by_id["acme/bare"].refs, by_id["acme/bare"].size_on_disk) == (bare, (), 12)
     # cached_models: every complete model (config and weights), whatever it is.
-    assert set(hub.cached_models()) == {REPO, spec.repo_id, "acme/bert", "acme/bare"}
-    assert hub.cached_checkpoints(cache_dir=str(env / "nowhere")) == []
+    assert set(hub_cache.cached_models()) == {REPO, spec.repo_id, "acme/bert", "acme/bare"}
+    assert hub_cache.cached_checkpoints(cache_dir=str(env / "nowhere")) == []
 
 
 def test_cached_models_prefers_the_snapshot_main_points_at(env, repo_files):
@@ -391,12 +393,12 @@ def test_cached_models_prefers_the_snapshot_main_points_at(env, repo_files):
     for name in files:
         (new / name).symlink_to(os.readlink(old / name))
     (cache / "models--acme--tiny-ast" / "refs" / "main").write_text("2" * 40)
-    assert hub.cached_models() == {REPO: new}
-    assert [(row.commit_hash, row.refs) for row in hub.cached_checkpoints()] == [("2" * 40, ("main",)),
+    assert hub_cache.cached_models() == {REPO: new}
+    assert [(row.commit_hash, row.refs) for row in hub_cache.cached_checkpoints()] == [("2" * 40, ("main",)),
                                                                                 ("1" * 40, ("v1",))]
     (cache / "models--acme--tiny-ast" / "refs" / "main").unlink()
-    assert hub.cached_models() == {REPO: old}  # no main: the snapshot another ref points at
-    assert hub.cached_snapshot(REPO, "v1") == old and hub.cached_snapshot(REPO) is None
+    assert hub_cache.cached_models() == {REPO: old}  # no main: the snapshot another ref points at
+    assert hub_cache.cached_snapshot(REPO, "v1") == old and hub_cache.cached_snapshot(REPO) is None
 
 
 # -- downloading -----------------------------------------------------------------------------------
@@ -449,14 +451,14 @@ def test_download_is_pinned_to_one_commit(fake_hub, env, repo_files):
     file_requests = [path for _, path in fake_hub.requests if "/resolve/" in path or "/tree/" in path]
     assert file_requests and all(f"/{first}" in path for path in file_requests), file_requests
     assert (cache_root(env) / "models--acme--tiny-ast" / "refs" / "main").read_text() == first
-    assert hub.cached_snapshot(REPO) == result.path
+    assert hub_cache.cached_snapshot(REPO) == result.path
 
     # The next download sees the push: a new snapshot, refs/main moved; the old snapshot stays.
     latest = hub.download(REPO)
     assert latest.path.name == pushed[0] and latest.fetched
     assert json.loads((latest.path / "config.json").read_text())["pushed"] is True
-    assert hub.cached_snapshot(REPO) == latest.path and hub.cached_models() == {REPO: latest.path}
-    assert [row.commit_hash for row in hub.cached_checkpoints()] == [pushed[0], first]
+    assert hub_cache.cached_snapshot(REPO) == latest.path and hub_cache.cached_models() == {REPO: latest.path}
+    assert [row.commit_hash for row in hub_cache.cached_checkpoints()] == [pushed[0], first]
 
 
 def test_download_sends_library_name_and_honours_hf_hub_cache(fake_hub, env, monkeypatch, tmp_path):
@@ -534,7 +536,7 @@ def test_24_8_a_download_is_one_bar_or_one_line(fake_hub, env, repo_files, capfd
     drawn = screen.getvalue()
     assert f"downloading {REPO}" in drawn and "Fetching" not in drawn and "Reconstruct" not in drawn
     assert capfd.readouterr().err == ""
-    assert result.path == hub.cached_snapshot(REPO)
+    assert result.path == hub_cache.cached_snapshot(REPO)
 
 
 def test_environment_is_read_at_call_time(fake_hub, env, monkeypatch):
@@ -624,13 +626,13 @@ def test_resolve_model_library(fake_hub, env, monkeypatch, tmp_path):
     assert (raised(info).problem, info.value.model) == ("not_cached", REPO)
     assert fake_hub.requests == []  # offline means no request at all
     path = hub.resolve_model(REPO)  # online (HF_HUB_OFFLINE=0): downloaded on first use
-    assert path == hub.cached_snapshot(REPO)
+    assert path == hub_cache.cached_snapshot(REPO)
     fake_hub.stop()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert hub.resolve_model(REPO) == path
     offline = hub.download(REPO)  # offline download: the complete cached snapshot
     assert (offline.path, offline.fetched) == (path, False)
-    assert hub.cached_snapshot(REPO) == path
+    assert hub_cache.cached_snapshot(REPO) == path
     with pytest.raises(ModelNotFoundError) as info:
         hub.resolve_model(str(tmp_path / "missing"))
     assert raised(info).problem == "no_such_path"
@@ -686,7 +688,7 @@ def test_repo_without_ast_weights_or_config(fake_hub, env, repo_files):
         hub.download("acme/bert")
     assert raised(info).problem == "not_ast"
     assert fake_hub.downloads("model.safetensors") == 0  # found out before fetching any weights
-    assert hub.cached_checkpoints() == []
+    assert hub_cache.cached_checkpoints() == []
 
 
 def test_server_down_midway(fake_hub, env, monkeypatch, repo_files):
@@ -701,7 +703,7 @@ def test_server_down_midway(fake_hub, env, monkeypatch, repo_files):
     repo_cache = cache_root(env) / "models--acme--tiny-ast"
     assert not list(repo_cache.rglob("*.incomplete"))  # no partial file left behind
     assert not (repo_cache / "refs" / "main").exists()  # main is recorded once the snapshot is complete
-    assert hub.cached_snapshot(REPO) is None and REPO not in hub.cached_models()
+    assert hub_cache.cached_snapshot(REPO) is None and REPO not in hub_cache.cached_models()
     with pytest.raises(ModelNotFoundError) as info:
         hub.resolve_model(REPO, offline=True)
     assert info.value.problem == "not_cached"
@@ -758,7 +760,7 @@ def test_download_of_a_local_path_is_a_usage_error(env, tmp_path):
 
 
 def test_cli_models_list_shows_what_is_cached(fake_hub, env, repo_files):  # CLI
-    spec = hub.find_alias("speech-commands-v2")
+    spec = names.find_alias("speech-commands-v2")
     fake_hub.add(spec.repo_id, repo_files)
     path = hub.download("speech-commands-v2").path
     rows = {row["alias"]: row for row in json.loads(run_cli("models", "-f", "json").stdout)}
@@ -801,7 +803,7 @@ def test_cli_network_unreachable(env, monkeypatch):  # CLI
 
 def test_cli_models_list_json_and_table(env):  # CLI
     rows = json.loads(run_cli("models", "--format", "json").stdout)
-    assert [row["alias"] for row in rows] == [spec.alias for spec in hub.REGISTRY]
+    assert [row["alias"] for row in rows] == [spec.alias for spec in names.REGISTRY]
     first = rows[0]
     assert first["repo_id"] == DEFAULT_MODEL and first["default"] is True
     assert (first["num_labels"], first["max_length"], first["input_seconds"]) == (527, 1024, 10.24)
@@ -887,7 +889,7 @@ def test_22_1_revision_is_not_a_path(fake_hub, env, repo_files, clip):  # CLI
             hub.download(REPO, revision=bad)
         assert raised(info).option == "revision"
     commit = fake_hub.repos[REPO]["commit"]
-    assert hub.parse_model_name(f"{REPO}@{commit}") == (REPO, commit)  # a full commit hash is a revision
+    assert names.parse_model_name(f"{REPO}@{commit}") == (REPO, commit)  # a full commit hash is a revision
     # The commit the server names becomes snapshots/<sha>: anything but a commit hash is refused.
     fake_hub.repos[REPO]["refs"]["main"] = "../../../x"
     fake_hub.repos[REPO]["commits"]["../../../x"] = repo_files
@@ -913,7 +915,7 @@ def test_22_2_rm_deletes_exactly_the_named_repo(env, repo_files):  # CLI
     assert "removed test/ast-tiny from the cache" in result.stderr
     assert not (cache / "models--test--ast-tiny").exists()
     assert _cached_files(cache) == other
-    assert [row.repo_id for row in hub.cached_checkpoints()] == ["test/ast-16-16"]
+    assert [row.repo_id for row in hub_cache.cached_checkpoints()] == ["test/ast-16-16"]
 
 
 def test_22_3_rm_at_rev_deletes_only_that_revision(env, repo_files):  # CLI
@@ -937,7 +939,7 @@ def test_22_3_rm_at_rev_deletes_only_that_revision(env, repo_files):  # CLI
     assert not (repo / "snapshots" / ("1" * 40)).exists() and not (repo / "refs" / "v1").exists()
     assert {k: v for k, v in _cached_files(cache).items() if "snapshots" in k or "refs" in k} == kept
     assert len(list((repo / "blobs").iterdir())) == 3  # the old config's blob went, the shared weights stayed
-    assert hub.cached_snapshot(REPO) == new
+    assert hub_cache.cached_snapshot(REPO) == new
     # By commit hash too; a revision that is not cached is an error and removes nothing.
     assert_clean_error(run_cli("models", "--rm", f"{REPO}@v1", "--yes"), "not in the Hugging Face cache")
     assert run_cli("models", "--rm", f"{REPO}@{'2' * 40}", "--yes").exit_code == 0

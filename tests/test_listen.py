@@ -20,10 +20,10 @@ import torch
 from typer.testing import CliRunner
 
 from ast_cli.cli import app
-from ast_cli.listen import EventTracker, Listener, LiveWindow
-from ast_cli.options import RunOptions
-from ast_cli.sources import ArraySource, StreamSource
-from ast_cli.tagger import LabelSelection, Tagger
+from ast_cli.tasks.listen import EventTracker, Listener, LiveWindow
+from ast_cli.run.options import RunOptions
+from ast_cli.audio.sources import ArraySource, StreamSource
+from ast_cli.run.tagger import LabelSelection, Tagger
 from conftest import reference_features, sigint_default, tone
 from tolerances import END_TO_END, PCM16_SCORES
 from test_sources import wav_header

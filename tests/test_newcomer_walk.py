@@ -81,7 +81,7 @@ def test_24_11_a_missing_dot_slash_model_is_named_once(clip, tmp_path, monkeypat
 def test_24_11_rays_own_flag_advice_never_reaches_users(monkeypatch):
     ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[test]')")
     from ast_cli.cli import describe_error
-    from ast_cli.distributed import RaySettings, connect
+    from ast_cli.tasks.distributed import RaySettings, connect
     from ast_cli.errors import UsageError
 
     def no_cluster(**kwargs):  # what ray.init(address="auto") raises where no Ray runs (ray/_private/services.py)
@@ -154,10 +154,10 @@ def test_24_2_a_pipe_faster_than_real_time_scores_every_window(tiny_checkpoint):
 
     import numpy as np
 
-    from ast_cli.listen import Listener
-    from ast_cli.options import RunOptions
-    from ast_cli.sources import StreamSource
-    from ast_cli.tagger import Tagger
+    from ast_cli.tasks.listen import Listener
+    from ast_cli.run.options import RunOptions
+    from ast_cli.audio.sources import StreamSource
+    from ast_cli.run.tagger import Tagger
     from conftest import tone
     from test_listen import SlowBackend
     from test_sources import wav_header
@@ -250,7 +250,7 @@ def test_24_3_piped_audio_is_bounded_in_memory(tmp_path):
     import soundfile as sf
 
     from ast_cli.errors import AudioDecodeError
-    from ast_cli.sources import PipedAudio
+    from ast_cli.audio.sources import PipedAudio
     from conftest import tone
 
     data = io.BytesIO()
@@ -262,7 +262,7 @@ def test_24_3_piped_audio_is_bounded_in_memory(tmp_path):
 # -- 10. benchmark warm-up: until two passes agree, and say how many ------------------------------------------
 
 def test_24_10_warm_up_runs_until_two_passes_agree_within_5_percent():
-    from ast_cli.benchmark import MAX_WARMUP, warm_up
+    from ast_cli.tasks.benchmark import MAX_WARMUP, warm_up
 
     def passes(*seconds):
         taken = iter(seconds)

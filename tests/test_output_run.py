@@ -72,8 +72,8 @@ def test_22_11_output_names_up_to_255_characters_work(clips, model, tmp_path, le
 def test_22_10_resume_reads_the_journal_only_while_holding_the_lock(clips, model, tmp_path, monkeypatch):
     import fcntl
 
-    from ast_cli.output import OutputLock
-    from ast_cli.resume import Journal
+    from ast_cli.run.files import OutputLock
+    from ast_cli.run.resume import Journal
 
     out = tmp_path / "tags.jsonl"
     assert classify(clips[0], *model, "-o", out).exit_code == 0
@@ -253,11 +253,11 @@ def test_24_5_records_name_the_precision_the_model_runs_in(monkeypatch):
     import importlib
     from types import SimpleNamespace
 
-    import ast_cli.backends
-    from ast_cli.options import RunOptions
+    import ast_cli.run.backends
+    from ast_cli.run.options import RunOptions
 
     cli = importlib.import_module("ast_cli.cli.classify")
-    monkeypatch.setattr(ast_cli.backends, "pick_device", lambda device: "cuda:0")  # auto picks a GPU here
+    monkeypatch.setattr(ast_cli.run.backends, "pick_device", lambda device: "cuda:0")  # auto picks a GPU here
     local, ray_gpu = SimpleNamespace(ray=False), SimpleNamespace(ray=True, gpus_per_worker=1.0)
 
     def compute(cluster, **options):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ast_cli.model import AST, ASTConfig
-from ast_cli.weights import build_model, load_checkpoint, remap_original
+from ast_cli.checkpoint.model import AST, ASTConfig
+from ast_cli.checkpoint.weights import build_model, load_checkpoint, remap_original
 from conftest import make_reference
 from tolerances import MODEL_VS_TRANSFORMERS
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from ast_cli.audio import load_audio
-from ast_cli.features import extract
-from ast_cli.weights import build_model, load_checkpoint
+from ast_cli.audio.decode import load_audio
+from ast_cli.audio.features import extract
+from ast_cli.checkpoint.weights import build_model, load_checkpoint
 
 # From the transformers integration tests (AST_REFERENCE.md): logits[0, :3] on sample_audio.flac.
 EXPECTED = {

@@ -21,7 +21,7 @@ import soundfile as sf
 from typer.testing import CliRunner
 
 from ast_cli.cli import app
-from ast_cli.output import OutputLock
+from ast_cli.run.files import OutputLock
 from conftest import reference_features, sigint_default, trickle_fifo, write_audio
 from tolerances import END_TO_END
 
@@ -376,7 +376,7 @@ def test_a_full_disk_is_one_line_without_a_traceback(tiny_checkpoint, clips, fmt
 # -- 15, 16. resume retries failures, survives odd records, and compares resolved paths -----------------------------
 
 def test_resume_retries_a_failed_file(tiny_checkpoint, clips, tmp_path, monkeypatch):
-    import ast_cli.audio as audio
+    import ast_cli.audio.decode as audio
 
     out = tmp_path / "tags.jsonl"
     real_probe = audio.probe
@@ -438,7 +438,7 @@ def test_outputs_respect_the_umask_and_keep_an_existing_mode(tiny_checkpoint, cl
 # -- 18. memory bounds ---------------------------------------------------------------------------------------
 
 def test_blocks_are_bounded_in_bytes_and_workers_are_capped(tiny_checkpoint, tmp_path):
-    from ast_cli.audio import MAX_BLOCK_BYTES, AudioReader
+    from ast_cli.audio.decode import MAX_BLOCK_BYTES, AudioReader
 
     wide = tmp_path / "64ch.wav"
     sf.write(str(wide), np.zeros((48000 * 3, 64), np.float32), 48000, subtype="FLOAT")

@@ -16,9 +16,9 @@ import torch
 
 from ast_cli import RunOptions, Tagger
 from ast_cli.errors import AudioDecodeError
-from ast_cli.inputs import InputFile
-from ast_cli.resample import resample
-from ast_cli.sources import ArraySource, FileSource, StreamSource, as_sources
+from ast_cli.audio.inputs import InputFile
+from ast_cli.audio.resample import resample
+from ast_cli.audio.sources import ArraySource, FileSource, StreamSource, as_sources
 from conftest import reference_waveform, tone, write_audio
 from tolerances import WAVEFORM
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from ast_cli import features as F
-from ast_cli.resample import resample
+from ast_cli.audio import features as F
+from ast_cli.audio.resample import resample
 
 
 def _torchaudio():

@@ -13,7 +13,8 @@ import torch
 from typer.testing import CliRunner
 
 from ast_cli.cli import app
-from ast_cli.train import average_precision, load_dataset, metrics, split
+from ast_cli.tasks.metrics import average_precision, metrics
+from ast_cli.tasks.train_data import load_dataset, split
 from conftest import make_reference, reference_features, reference_waveform
 from tolerances import END_TO_END
 
@@ -152,7 +153,7 @@ def test_a_second_head_run_reuses_the_cached_embeddings(base, folder, tmp_path, 
     assert runner.invoke(app, [*args, "--out", str(tmp_path / "one")]).exit_code == 0
     files = sorted(cache.rglob("*.safetensors"))
     assert len(files) == 96
-    import ast_cli.extract as extract
+    import ast_cli.tasks.extract as extract
 
     def refuse(*a, **k):
         raise AssertionError("embeddings were computed again")
@@ -250,20 +251,20 @@ def test_22_6_train_refuses_a_folder_it_did_not_make_and_overwrite_replaces_its_
 
 def test_22_7_a_save_killed_halfway_leaves_no_partial_checkpoint_and_nothing_that_blocks(tiny_checkpoint, small,
                                                                                           tmp_path, monkeypatch):
-    import ast_cli.output as output
+    import ast_cli.run.files as files
 
-    real = output.atomic_write
+    real = files.atomic_write
 
     def killed(path, mode="w"):  # as a kill -9 after model.safetensors, before config.json
         if os.path.basename(path) == "config.json":
             raise KeyboardInterrupt
         return real(path, mode)
 
-    monkeypatch.setattr(output, "atomic_write", killed)
+    monkeypatch.setattr(files, "atomic_write", killed)
     out = tmp_path / "out"
     assert tiny_train(small, out, tiny_checkpoint[0]).exit_code == 130
     assert not (out / "model.safetensors").exists()  # never a model without its config.json
-    monkeypatch.setattr(output, "atomic_write", real)
+    monkeypatch.setattr(files, "atomic_write", real)
     result = tiny_train(small, out, tiny_checkpoint[0])
     assert result.exit_code == 0, result.stderr
     assert {"config.json", "preprocessor_config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
@@ -288,7 +289,7 @@ def test_22_8_the_embedding_cache_knows_files_that_share_a_name_and_files_replac
 
 def test_24_6_any_rerun_reuses_the_shared_embedding_cache(tiny_checkpoint, small, tmp_path, monkeypatch):
     assert tiny_train(small, tmp_path / "one", tiny_checkpoint[0]).exit_code == 0
-    import ast_cli.extract as extract
+    import ast_cli.tasks.extract as extract
 
     def refuse(*a, **k):
         raise AssertionError("embeddings were computed again")
@@ -302,7 +303,7 @@ def test_24_6_any_rerun_reuses_the_shared_embedding_cache(tiny_checkpoint, small
 def test_22_9_after_resume_the_saved_model_is_the_best_epoch(tiny_checkpoint, small, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    import ast_cli.train as train
+    import ast_cli.tasks.train as train
 
     losses, weights = iter([0.5, 0.9, 0.8, 0.7]), {}  # the best validation loss is epoch 1's
 
@@ -423,7 +424,7 @@ def test_23_checks_that_need_no_model_come_before_it_loads(tiny_checkpoint, smal
     assert missing.exit_code == 2 and "DATA: no such data" in missing.stderr and "--data" not in missing.stderr
     bad_jsonl = tiny_train(jsonl, tmp_path / "x", tiny_checkpoint[0])
     assert bad_jsonl.exit_code == 2 and "bad.jsonl line 2: 'path' must be" in bad_jsonl.stderr, bad_jsonl.stderr
-    from ast_cli.train import load_dataset
+    from ast_cli.tasks.train_data import load_dataset
 
     assert [e.labels for e in load_dataset(str(bom)).examples] == [("high",), ("low",)]
 
@@ -442,16 +443,16 @@ def test_23_evaluate_when_every_file_fails_is_one_line(tiny_checkpoint, tmp_path
 def test_23_a_full_disk_during_train_names_the_file(tiny_checkpoint, small, tmp_path, monkeypatch):
     import errno
 
-    import ast_cli.output as output
+    import ast_cli.run.files as files
 
-    real = output.atomic_write
+    real = files.atomic_write
 
     def full(path, mode="w"):
         if path.endswith("model.safetensors"):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, mode)
 
-    monkeypatch.setattr(output, "atomic_write", full)
+    monkeypatch.setattr(files, "atomic_write", full)
     result = tiny_train(small, tmp_path / "out", tiny_checkpoint[0])
     assert result.exit_code == 1 and "model.safetensors: No space left on device" in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
@@ -459,8 +460,8 @@ def test_23_a_full_disk_during_train_names_the_file(tiny_checkpoint, small, tmp_
 
 def test_23_out_of_memory_names_the_batch_that_causes_it_and_is_not_a_bad_clip(tiny_checkpoint, small, tmp_path,
                                                                                monkeypatch):
-    import ast_cli.backends as backends
-    import ast_cli.train as train
+    import ast_cli.run.backends as backends
+    import ast_cli.tasks.train as train
 
     def epoch(*a, **k):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -480,7 +481,7 @@ def test_23_out_of_memory_names_the_batch_that_causes_it_and_is_not_a_bad_clip(t
 
 
 def test_22_7_an_interrupted_finetune_leaves_out_alone_and_resumes(tiny_checkpoint, small, tmp_path, monkeypatch):
-    import ast_cli.train as train
+    import ast_cli.tasks.train as train
 
     real, calls = train.Trainer._epoch, []
 
@@ -504,7 +505,7 @@ def test_22_7_an_interrupted_finetune_leaves_out_alone_and_resumes(tiny_checkpoi
 
 def test_24_6_evaluate_shares_the_cache_and_scores_as_classify(tiny_checkpoint, small, tmp_path, monkeypatch):
     from ast_cli import RunOptions, Tagger
-    from ast_cli.train import evaluate
+    from ast_cli.tasks.metrics import evaluate
 
     out = tmp_path / "out"
     assert tiny_train(small, out, tiny_checkpoint[0]).exit_code == 0
@@ -515,7 +516,7 @@ def test_24_6_evaluate_shares_the_cache_and_scores_as_classify(tiny_checkpoint, 
     tagger = Tagger.load(str(out), RunOptions())
     tagger.source = None  # no weights file to key a cache by: the whole model on every window, as classify
     whole = evaluate(tagger, load_dataset(str(small)))
-    import ast_cli.extract as extract
+    import ast_cli.tasks.extract as extract
 
     def refuse(*a, **k):
         raise AssertionError("embeddings were computed again")

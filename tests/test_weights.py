@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from ast_cli.errors import CheckpointError
-from ast_cli.model import ASTConfig
-from ast_cli.weights import build_model, load_checkpoint, read_configs
+from ast_cli.checkpoint.model import ASTConfig
+from ast_cli.checkpoint.weights import build_model, load_checkpoint, read_configs
 
 
 def test_config_accepts_legacy_names_and_ignores_unknown_keys():

@@ -11,7 +11,7 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from ..constants import DEFAULT_MODEL
-from ..options import Attn, DType, Quantize, RunOptions, _choices
+from ..run.options import Attn, DType, Quantize, RunOptions, _choices
 
 
 def _complete_model(incomplete: str) -> list[str]:
@@ -20,7 +20,7 @@ def _complete_model(incomplete: str) -> list[str]:
     ``models--ORG--NAME`` is the hub cache's documented layout."""
     import os
 
-    from ..hub import REGISTRY, hub_cache_dir
+    from ..checkpoint.names import REGISTRY, hub_cache_dir
 
     names = [spec.alias for spec in REGISTRY] + [spec.repo_id for spec in REGISTRY]
     try:
@@ -123,7 +123,7 @@ def _distributed(values: dict):
 
 def checked_distributed(values: dict):
     """``RaySettings`` from the distributed options; a UsageError for a bad --shard or Ray missing."""
-    from ..distributed import RaySettings, parse_shard, require_ray
+    from ..tasks.distributed import RaySettings, parse_shard, require_ray
     from ..errors import UsageError
 
     if not values["cpus_per_worker"] > 0:
@@ -151,7 +151,7 @@ def path_stdin(paths: list[str]):
     buffer = getattr(sys.stdin, "buffer", None)
     if buffer is None:
         return sys.stdin
-    from ..sources import PipedAudio, sniff
+    from ..audio.sources import PipedAudio, sniff
 
     audio, stream = sniff(buffer)
     if audio:
@@ -215,8 +215,8 @@ def warn_if_slow_bf16(dtypes, device: str, console) -> None:
 
     if "bf16" not in [getattr(d, "value", d) for d in dtypes]:
         return
-    from ..backends import pick_device
-    from ..speed import cpu_has_native_bf16
+    from ..run.backends import pick_device
+    from ..checkpoint.speed import cpu_has_native_bf16
 
     if pick_device(device) == "cpu" and not cpu_has_native_bf16():
         say(console, "warning: this CPU has no bf16 hardware (AVX512-BF16, AMX or ARM BF16): bf16 runs slower "
@@ -226,7 +226,7 @@ def warn_if_slow_bf16(dtypes, device: str, console) -> None:
 def warn_if_gaps(run: RunOptions, features, console) -> None:
     """A --hop longer than the model's window leaves audio that no window sees: say how much, then go on (a
     sparse sample of a long archive can be what the user wants)."""
-    from ..options import unscored_seconds
+    from ..run.options import unscored_seconds
     from ._errors import say
 
     gap = unscored_seconds(run.hop_seconds, features.max_length)
@@ -238,7 +238,7 @@ def warn_if_gaps(run: RunOptions, features, console) -> None:
 
 def fetch_model(model: str, run: RunOptions, console, quiet: bool):
     """Local path of ``model``, downloading a missing hub model first (a bar on a terminal, else one line)."""
-    from ..hub import resolve_model
+    from ..checkpoint.hub import resolve_model
     from ._progress import download_progress
 
     return resolve_model(model, offline=run.offline, cache_dir=run.cache_dir,
@@ -248,7 +248,7 @@ def fetch_model(model: str, run: RunOptions, console, quiet: bool):
 def model_labels(model: str, run: RunOptions, console, quiet: bool) -> tuple[str, ...]:
     """A model's labels without loading its weights: the bundled lists of the published checkpoints (no
     download), else its config.json (a bare weights file: inferred from its tensors)."""
-    from ..hub import bundled_labels
+    from ..checkpoint.names import bundled_labels
 
     bundled = bundled_labels(model)
     if bundled is not None:
@@ -259,7 +259,7 @@ def model_labels(model: str, run: RunOptions, console, quiet: bool) -> tuple[str
 def model_config(path):
     """(ASTConfig, FeatureConfig) of the checkpoint at ``path`` without loading its weights (a bare weights
     file: inferred from its tensors)."""
-    from ..weights import load_checkpoint, read_configs
+    from ..checkpoint.weights import load_checkpoint, read_configs
 
     if path.is_dir():
         return read_configs(path)
@@ -272,7 +272,7 @@ def model_identity(model: str, path) -> str:
     folder named after the commit), else the resolved local path."""
     import os
 
-    from ..hub import looks_local, parse_model_name
+    from ..checkpoint.names import looks_local, parse_model_name
 
     if looks_local(model):
         return os.path.realpath(path)
@@ -281,7 +281,7 @@ def model_identity(model: str, path) -> str:
 
 def load_tagger(model: str, run: RunOptions, console, quiet: bool):
     """``Tagger.load`` with the CLI's manners: a download shows its progress, loading shows a spinner."""
-    from ..tagger import Tagger
+    from ..run.tagger import Tagger
 
     run.validate()
     warn_if_slow_bf16([run.dtype], run.device, console)

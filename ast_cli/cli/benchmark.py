@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..constants import DEFAULT_MODEL
-from ..options import ListFormat, RunOptions
+from ..run.options import ListFormat, RunOptions
 from ._app import app
 from ._common import (CacheDirOpt, DebugOpt, ExtOpt, ModelOpt, OfflineOpt, QuietOpt, fetch_model, stderr_console,
                       warn_if_slow_bf16)
@@ -54,10 +54,10 @@ def benchmark(
     """
     stderr = stderr_console()
     with cli_errors(stderr, debug):
-        from ..backends import pick_device
-        from ..benchmark import parse_attns, parse_batch_sizes, resolve_modes, run_benchmark
+        from ..run.backends import pick_device
+        from ..tasks.benchmark import parse_attns, parse_batch_sizes, resolve_modes, run_benchmark
         from ..errors import UsageError
-        from ..speed import set_threads
+        from ..checkpoint.speed import set_threads
 
         sizes, attns = parse_batch_sizes(batch_sizes), parse_attns(attn)
         if paths and not end_to_end:
@@ -95,7 +95,7 @@ def benchmark(
 
 def _files(paths, ext) -> list[str]:
     from ..errors import UsageError
-    from ..inputs import expand_inputs, parse_extensions
+    from ..audio.inputs import expand_inputs, parse_extensions
 
     files = [item.path for item in expand_inputs(paths or [], parse_extensions(ext)) if item.error is None]
     if not files:
@@ -106,13 +106,13 @@ def _files(paths, ext) -> list[str]:
 def _model(model: str, random_weights: bool, run: RunOptions, stderr, quiet: bool):
     """(float32 CPU master model, its FeatureConfig, its name): random weights, or the checkpoint."""
     if random_weights:
-        from ..benchmark import random_model
-        from ..features import FeatureConfig
+        from ..tasks.benchmark import random_model
+        from ..audio.features import FeatureConfig
 
         master = random_model()
         return master, FeatureConfig(max_length=master.config.max_length,
                                      num_mel_bins=master.config.num_mel_bins), "random weights"
-    from ..weights import build_model, load_checkpoint
+    from ..checkpoint.weights import build_model, load_checkpoint
 
     checkpoint = load_checkpoint(fetch_model(model, run, stderr, quiet))  # a missing hub model downloads first
     return build_model(checkpoint), checkpoint.features, model

@@ -8,8 +8,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ..distributed import take_shard
-from ..options import Activation, Aggregate, OutputFormat, RunOptions
+from ..tasks.distributed import take_shard
+from ..run.options import Activation, Aggregate, OutputFormat, RunOptions
 from ._app import app
 from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, checked_distributed,
                       distributed_options, fetch_model, label_list, load_tagger, model_config, model_identity,
@@ -57,8 +57,8 @@ def classify(
     stderr = stderr_console()
     with cli_errors(stderr, debug):
         from ..errors import UsageError
-        from ..inputs import expand_inputs, parse_extensions
-        from ..tagger import LabelSelection
+        from ..audio.inputs import expand_inputs, parse_extensions
+        from ..run.tagger import LabelSelection
 
         from . import _signals
 
@@ -117,7 +117,7 @@ def _nothing_found(paths: list[str], ext, stderr, quiet: bool) -> None:
 
 
 def _looked_for(ext) -> str:
-    from ..inputs import parse_extensions
+    from ..audio.inputs import parse_extensions
 
     if not ext:
         return "audio or video files"
@@ -129,7 +129,7 @@ def _empty_folders(paths: list[str], found, ext) -> list:
     matches nothing), so the rest goes on and the exit code says something was wrong."""
     import os
 
-    from ..inputs import InputFile
+    from ..audio.inputs import InputFile
 
     roots = {item.root for item in found}
     return [InputFile(path, error=f"no {_looked_for(ext)} in this folder") for path in dict.fromkeys(paths)
@@ -139,8 +139,8 @@ def _empty_folders(paths: list[str], found, ext) -> list:
 def _plan(items, job: _Job, format, output, output_dir, resume, overwrite):
     """The checked output, the sources still to tag (an earlier run's done files left out), and what to say of
     those (None: nothing)."""
-    from ..output import plan_output, plan_output_dir
-    from ..sources import as_sources
+    from ..run.output import plan_output, plan_output_dir
+    from ..audio.sources import as_sources
 
     if output_dir is not None:
         target, todo = plan_output_dir(output_dir, format, items, overwrite=overwrite)
@@ -184,8 +184,8 @@ def _run(target, sources, skipped: int, note: str | None, job: _Job) -> int:
 def _provenance(target, job: _Job) -> dict:
     """What records say made them (the model, and the settings that change scores), checked against a resumed
     output's records before the model loads. Unknown --include/--exclude names fail here too."""
-    from ..extract import Settings
-    from ..tagger import is_single_label
+    from ..tasks.extract import Settings
+    from ..run.tagger import is_single_label
 
     path = fetch_model(job.model, job.run, job.stderr, job.quiet)
     config, features = model_config(path)
@@ -200,8 +200,8 @@ def _provenance(target, job: _Job) -> dict:
 def _compute(job: _Job) -> str:
     """The precision the model runs in, as records name it: int8, or the dtype (auto: fp16 on CUDA, fp32
     elsewhere; a Ray worker is on CUDA when it takes GPUs)."""
-    from ..backends import pick_device
-    from ..options import DType, Quantize
+    from ..run.backends import pick_device
+    from ..run.options import DType, Quantize
 
     if job.run.quantize is Quantize.int8:
         return "int8"
@@ -215,7 +215,7 @@ def _compute(job: _Job) -> str:
 
 
 def _run_ray(target, sources, provenance: dict, progress, job: _Job) -> int:
-    from ..distributed import connect, record_to_result, run_ray
+    from ..tasks.distributed import connect, record_to_result, run_ray
     from ._io import stdout_for_data_only
 
     with stdout_for_data_only():

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ..options import FeatureFormat, FeatureKind, RunOptions
+from ..run.options import FeatureFormat, FeatureKind, RunOptions
 from ._app import app
 from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, checked_distributed,
                       distributed_options, fetch_model, load_tagger, path_stdin, refuse_piped_audio_on_ray,
@@ -50,10 +50,10 @@ def extract_features_command(
     stderr = stderr_console()
     with cli_errors(stderr, debug):
         from ..errors import UsageError
-        from ..extract import FeatureExtractor, Settings, load_feature_config, plan_outputs
-        from ..inputs import expand_inputs, parse_extensions
+        from ..tasks.extract import FeatureExtractor, Settings, load_feature_config, plan_outputs
+        from ..audio.inputs import expand_inputs, parse_extensions
 
-        from ..distributed import take_shard
+        from ..tasks.distributed import take_shard
 
         run.validate()
         cluster = checked_distributed(dist)
@@ -67,7 +67,7 @@ def extract_features_command(
 
         extractor = None  # a rerun with nothing left to do loads no model
         if todo and cluster.ray:
-            from ..distributed import connect
+            from ..tasks.distributed import connect
             from ._io import stdout_for_data_only
 
             extractor = ("ray", cluster, str(fetch_model(model, run, stderr, quiet)))
@@ -101,12 +101,12 @@ class _ExtractRecord:
 
 def _run(jobs, extractor, fmt: str, overwrite: bool, progress, counts: dict, stderr, debug: bool, run=None,
          kind=None) -> None:
-    from ..extract import extract_features
+    from ..tasks.extract import extract_features
     from ._io import native_stderr_silenced
 
     with native_stderr_silenced(not debug_enabled(debug)), progress:
         if isinstance(extractor, tuple):  # ("ray", settings, model path): the actors write the files
-            from ..distributed import run_ray_extract
+            from ..tasks.distributed import run_ray_extract
 
             _, cluster, model = extractor
             todo_jobs = [job for job in jobs if overwrite or not job.exists]

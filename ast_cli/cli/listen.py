@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..options import Activation, RunOptions, _choices
+from ..run.options import Activation, RunOptions, _choices
 from ._app import app
 from ._common import (DEFAULT_MODEL, DebugOpt, ModelOpt, QuietOpt, label_list, listen_run_options, load_tagger,
                       stderr_console)
@@ -61,10 +61,10 @@ def listen(
     stderr = stderr_console()
     with cli_errors(stderr, debug):
         from ..errors import UsageError
-        from ..listen import EventTracker, Listener, check_stall, ffmpeg_source
-        from ..resample import check_rate
-        from ..sources import StreamSource
-        from ..tagger import LabelSelection
+        from ..tasks.listen import EventTracker, Listener, check_stall, ffmpeg_source
+        from ..audio.resample import check_rate
+        from ..audio.sources import StreamSource
+        from ..run.tagger import LabelSelection
 
         run.validate()
         check_stall(stall)
@@ -123,7 +123,7 @@ def _say_pace(listener, stderr) -> None:
 def _loop(listener, stream, fmt, tracker, stderr, quiet: bool) -> None:
     import time
 
-    from ..output import dumps
+    from ..run.records import dumps
 
     if fmt is LiveFormat.live and tracker is None:
         from ._render import LiveView
@@ -155,7 +155,7 @@ def _loop(listener, stream, fmt, tracker, stderr, quiet: bool) -> None:
 
 
 def _event(event) -> str:
-    from ..output import dumps
+    from ..run.records import dumps
 
     score = None if event.score != event.score else event.score  # NaN (no score at the end) -> null
     return dumps({"event": event.kind, "label": event.label, "index": event.index, "time": event.time,

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..constants import DEFAULT_MODEL
-from ..options import ListFormat, RunOptions
+from ..run.options import ListFormat, RunOptions
 from ._app import app
 from ._common import CacheDirOpt, DebugOpt, ModelOpt, OfflineOpt, QuietOpt, model_labels, stderr_console
 from ._errors import cli_errors, debug_enabled, print_error, say
@@ -52,7 +52,7 @@ def download(
         return
     stderr = stderr_console()
     with cli_errors(stderr, debug):
-        from .. import hub
+        from ..checkpoint import hub
 
         failed_code = 0
         for name in models or [DEFAULT_MODEL]:
@@ -115,10 +115,10 @@ def _remove(names: list[str], cache_dir: str | None, debug: bool, *, yes: bool, 
     """Print what would go (--dry-run), or show it and ask on a terminal (unless --yes), then remove it."""
     stderr = stderr_console()
     with cli_errors(stderr, debug):
-        from .. import hub
+        from ..checkpoint import cache as hub_cache
         from ..errors import UsageError
 
-        plans = [hub.plan_removal(name, cache_dir, allow_other=yes) for name in names]
+        plans = [hub_cache.plan_removal(name, cache_dir, allow_other=yes) for name in names]
         lines = [f"{_removal_text(plan)} ({megabytes(plan.size)}): {plan.repo_path}" for plan in plans]
         if dry_run:
             typer.echo("\n".join(f"would remove {line}" for line in lines))
@@ -133,7 +133,7 @@ def _remove(names: list[str], cache_dir: str | None, debug: bool, *, yes: bool, 
                 say(stderr, "nothing removed")
                 raise typer.Exit(1)
         for plan in plans:
-            freed = hub.remove_cached(plan, cache_dir)
+            freed = hub_cache.remove_cached(plan, cache_dir)
             say(stderr, f"removed {_removal_text(plan)} from the cache ({megabytes(freed)} freed)")
 
 
@@ -156,25 +156,27 @@ def _list_cached(fmt: ListFormat, cache_dir: str | None, debug: bool) -> None:
     with cli_errors(stderr_console(), debug):
         import json
 
-        from .. import hub
+        from ..checkpoint import cache as hub_cache
+        from ..checkpoint.names import hub_cache_dir
 
         rows = [{"repo_id": m.repo_id, "alias": m.alias, "revision": m.commit_hash, "refs": list(m.refs),
-                 "size_on_disk": m.size_on_disk, "path": str(m.path)} for m in hub.cached_checkpoints(cache_dir)]
+                 "size_on_disk": m.size_on_disk, "path": str(m.path)} for m in hub_cache.cached_checkpoints(cache_dir)]
         if fmt is ListFormat.json:
             typer.echo(json.dumps(rows, indent=2))
             return
         from ._render import print_cached
 
-        print_cached(rows, hub.hub_cache_dir(cache_dir))
+        print_cached(rows, hub_cache_dir(cache_dir))
 
 
 def _list_models(fmt: ListFormat, cache_dir: str | None, debug: bool) -> None:
     with cli_errors(stderr_console(), debug):
         import json
 
-        from .. import hub
+        from ..checkpoint import cache as hub_cache
+        from ..checkpoint.names import REGISTRY
 
-        cached = hub.cached_models(cache_dir)
+        cached = hub_cache.cached_models(cache_dir)
         rows = [
             {
                 "alias": spec.alias, "repo_id": spec.repo_id, "num_labels": spec.num_labels,
@@ -184,7 +186,7 @@ def _list_models(fmt: ListFormat, cache_dir: str | None, debug: bool) -> None:
                 "cached": spec.repo_id in cached,
                 "path": str(cached[spec.repo_id]) if spec.repo_id in cached else None,
             }
-            for spec in hub.REGISTRY
+            for spec in REGISTRY
         ]
         if fmt is ListFormat.json:
             typer.echo(json.dumps(rows, indent=2))

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..options import ListFormat, RunOptions, _choices
+from ..run.options import ListFormat, RunOptions, _choices
 from ._app import app
 from ._common import DEFAULT_MODEL, DebugOpt, ModelOpt, QuietOpt, fetch_model, load_tagger, run_options, stderr_console
 from ._errors import cli_errors, counted, say
@@ -59,9 +59,11 @@ def train(
     stderr = stderr_console()
     with cli_errors(stderr, debug):
         from ..errors import UsageError
-        from ..extract import embedding_cache_dir
-        from ..output import check_writable_dir
-        from ..train import TrainConfig, Trainer, check_out, clips, load_dataset, split, untrained_labels
+        from ..tasks.extract import embedding_cache_dir
+        from ..run.files import check_writable_dir
+        from ..tasks.train import TrainConfig, Trainer
+        from ..tasks.train_data import clips, load_dataset, split, untrained_labels
+        from ..tasks.train_state import check_out
 
         run.validate()
         config = TrainConfig(mode=mode.value, epochs=epochs, lr=lr, batch_size=train_batch, patience=patience,
@@ -167,9 +169,9 @@ def evaluate(
         import json
 
         from ..errors import AudioDecodeError
-        from ..output import check_writable_dir
-        from ..train import evaluate as measure
-        from ..train import load_dataset
+        from ..run.files import check_writable_dir
+        from ..tasks.metrics import evaluate as measure
+        from ..tasks.train_data import load_dataset
 
         dataset = load_dataset(data)
         if features_dir:

@@ -14,13 +14,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from .constants import AUDIOSET_MAX_LENGTH, SPEECH_COMMANDS_MAX_LENGTH, SPEECH_COMMANDS_MEAN, SPEECH_COMMANDS_STD
-from .errors import CheckpointError
-from .features import FeatureConfig
-
-# The hub's repository layout; hub.py owns the names because it must stay importable without torch.
-from .hub import (CONFIG_NAME, PICKLE_NAME, PREPROCESSOR_NAME, SAFETENSORS_NAME, WEIGHT_SUFFIXES,  # noqa: F401
-                  load_labels, read_json, verify_weights)
+from ..constants import AUDIOSET_MAX_LENGTH, SPEECH_COMMANDS_MAX_LENGTH, SPEECH_COMMANDS_MEAN, SPEECH_COMMANDS_STD
+from ..errors import CheckpointError
+from ..audio.features import FeatureConfig
+from .cache import verify_weights
+# The hub's repository layout; names.py owns the names because it must stay importable without torch.
+from .names import (CONFIG_NAME, PICKLE_NAME, PREPROCESSOR_NAME, SAFETENSORS_NAME, WEIGHT_SUFFIXES,  # noqa: F401
+                    load_labels, read_json)
 from .model import AST, ASTConfig, AttnImplementation
 
 PREFIX = "audio_spectrogram_transformer."

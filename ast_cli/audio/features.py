@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .constants import (AUDIOSET_MAX_LENGTH, AUDIOSET_MEAN, AUDIOSET_STD, FRAME_LENGTH, FRAME_SECONDS, HOP_LENGTH,
+from ..constants import (AUDIOSET_MAX_LENGTH, AUDIOSET_MEAN, AUDIOSET_STD, FRAME_LENGTH, FRAME_SECONDS, HOP_LENGTH,
                         N_FFT, SAMPLE_RATE)
 
 PREEMPHASIS = 0.97

@@ -24,8 +24,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .constants import SAMPLE_RATE
-from .errors import AudioDecodeError
+from ..constants import SAMPLE_RATE
+from ..errors import AudioDecodeError
 from .resample import StreamingResampler, check_rate
 
 BLOCK_SECONDS = 30.0  # audio read per block; bounds memory for long files

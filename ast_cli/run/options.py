@@ -14,8 +14,8 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
-from .constants import FRAME_SECONDS
-from .errors import UsageError
+from ..constants import FRAME_SECONDS
+from ..errors import UsageError
 
 
 def _choices(name: str, values: str, doc: str) -> type[Enum]:

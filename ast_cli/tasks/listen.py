@@ -23,9 +23,9 @@ from typing import Iterator
 
 import numpy as np
 
-from .constants import FRAME_LENGTH, FRAME_SECONDS, HOP_LENGTH, SAMPLE_RATE
-from .errors import AstError, AudioDecodeError, UsageError
-from .tagger import LabelScore, LabelSelection, activate
+from ..constants import FRAME_LENGTH, FRAME_SECONDS, HOP_LENGTH, SAMPLE_RATE
+from ..errors import AstError, AudioDecodeError, UsageError
+from ..run.tagger import LabelScore, LabelSelection, activate
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ class Listener:
     def __init__(self, backend, labels: tuple[str, ...], *, hop_seconds: float = 1.0,
                  selection: LabelSelection = LabelSelection(), activation="sigmoid", stall_seconds: float = 30.0,
                  drop: bool = True):
-        from .options import hop_frames
+        from ..run.options import hop_frames
 
         self.backend = backend
         self.features = backend.features
@@ -142,7 +142,7 @@ class Listener:
     def _read(self, source, mailbox: _Latest) -> None:
         import torch
 
-        from .features import log_mel, normalize, pad_or_truncate
+        from ..audio.features import log_mel, normalize, pad_or_truncate
 
         cfg = self.features
         pending = torch.empty(0)  # samples not yet framed
@@ -254,7 +254,7 @@ def ffmpeg_source(url: str, name: str | None = None):
     import shutil
     import subprocess
 
-    from .sources import StreamSource
+    from ..audio.sources import StreamSource
 
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:

@@ -21,7 +21,7 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 MAX_BLOCKS = 10_000  # past it, a block holds several batches (a million files: 100 per block)
@@ -86,19 +86,19 @@ class TaggerActor:
     """One Ray actor: loads the model once, then tags batches of items with the local engine."""
 
     def __init__(self, model: str, options: dict, job: dict):
-        from .options import RunOptions
-        from .tagger import LabelSelection, Tagger
+        from ..run.options import RunOptions
+        from ..run.tagger import LabelSelection, Tagger
 
         self.tagger = Tagger.load(model, RunOptions(**options))
         self.job = job
         self.selection = LabelSelection(**job["selection"])
 
     def __call__(self, batch: dict) -> dict:
-        from .output import to_record
+        from ..run.records import to_record
 
         paths = [str(p) for p in batch["path"]]
         errors = [e if isinstance(e, str) and e else None for e in batch["error"]]
-        from .sources import FileSource
+        from ..audio.sources import FileSource
 
         sources = [FileSource(p, error=e) for p, e in zip(paths, errors)]
         records = []
@@ -116,8 +116,8 @@ class ExtractActor:
 
     def __init__(self, model: str, options: dict, kind: str, fmt: str):
         from .extract import FeatureExtractor, load_feature_config
-        from .options import RunOptions
-        from .tagger import Tagger
+        from ..run.options import RunOptions
+        from ..run.tagger import Tagger
 
         run = RunOptions(**options)
         if kind == "embedding":
@@ -131,7 +131,7 @@ class ExtractActor:
         import json
 
         from .extract import Job, extract_features
-        from .inputs import InputFile
+        from ..audio.inputs import InputFile
 
         jobs = [Job(InputFile(str(p), root=str(r) or None, error=str(e) or None), str(o))
                 for p, r, e, o in zip(batch["path"], batch["root"], batch["error"], batch["output"])]
@@ -332,7 +332,7 @@ def run_ray_extract(jobs: list, model: str, kind: str, fmt: str, options, settin
 def run_ray(sources: list, model: str, options, settings: RaySettings, *, selection, activation, aggregate,
             segments: bool) -> Iterator[dict]:
     """Tag ``sources`` (``sources.FileSource``s: a path, and an error already known) on Ray; yields their
-    records (dicts, as ``output.to_record`` makes them) in input order, as they finish."""
+    records (dicts, as ``records.to_record`` makes them) in input order, as they finish."""
     job = {"selection": {"top": selection.top, "threshold": selection.threshold, "include": selection.include,
                          "exclude": selection.exclude},
            "activation": activation.value if activation is not None else None,
@@ -344,7 +344,7 @@ def run_ray(sources: list, model: str, options, settings: RaySettings, *, select
 
 def record_to_result(record: dict):
     """A record (from a worker) back into the ``FileResult`` the writers take."""
-    from .tagger import FileResult, LabelScore, Segment
+    from ..run.tagger import FileResult, LabelScore, Segment
 
     def labels(items) -> list:
         return [LabelScore(x["label"], x["index"], x["score"]) for x in items]

@@ -26,8 +26,8 @@ from typing import BinaryIO, Iterable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
-from .audio import BLOCK_SECONDS, MAX_BLOCK_BYTES, AudioReader, ToModelRate
-from .errors import AudioDecodeError
+from .decode import BLOCK_SECONDS, MAX_BLOCK_BYTES, AudioReader, ToModelRate
+from ..errors import AudioDecodeError
 
 SAMPLE_FORMATS = {"s16le": "<i2", "s32le": "<i4", "f32le": "<f4"}
 
@@ -51,6 +51,13 @@ class AudioSource(Protocol):
 
     def identity(self) -> tuple[int | None, float | None]:
         ...
+
+
+class _InMemory:
+    """A source with no file behind it: nothing identifies it across runs, so a resumed run never skips it."""
+
+    def identity(self) -> tuple[int | None, float | None]:
+        return None, None
 
 
 class FileSource:
@@ -97,7 +104,7 @@ class FileSource:
         return f"FileSource({self.path!r})"
 
 
-class ArraySource:
+class ArraySource(_InMemory):
     """Samples in memory: (n,) mono or (n, channels), any float or int dtype (ints are scaled to [-1, 1])."""
 
     def __init__(self, samples, sample_rate: int = 16000, name: str = "<array>"):
@@ -120,19 +127,14 @@ class ArraySource:
             out = convert.push(self.samples[start : start + step])
             if out.shape[0]:
                 yield out
-        tail = convert.finish()
-        if tail.shape[0]:
-            yield tail
+        yield from _tail(convert)
 
     @property
     def duration(self) -> float | None:
         return self._converter.duration if self._converter is not None else None
 
-    def identity(self) -> tuple[int | None, float | None]:
-        return None, None
 
-
-class StreamSource:
+class StreamSource(_InMemory):
     """Audio read from a binary stream until EOF: WAV (``raw=False``), or raw PCM with ``sample_rate``,
     ``channels`` and ``sample_format`` (s16le, s32le or f32le).
 
@@ -182,9 +184,7 @@ class StreamSource:
                     yield out
         if convert.frames_in == 0:
             raise AudioDecodeError("no audio samples (the stream ended before any audio)")
-        tail = convert.finish()
-        if tail.shape[0]:
-            yield tail
+        yield from _tail(convert)
 
     def _read(self, n: int) -> bytes:
         reader = getattr(self.stream, "read1", None) or self.stream.read
@@ -240,9 +240,6 @@ class StreamSource:
     def duration(self) -> float | None:
         return self._converter.duration if self._converter is not None else None
 
-    def identity(self) -> tuple[int | None, float | None]:
-        return None, None
-
 
 def starts_like_audio(head: bytes) -> bool:
     """Whether bytes open like an audio file (see ``AUDIO_MAGIC``) rather than like text."""
@@ -279,7 +276,7 @@ def sniff(stream: BinaryIO) -> tuple[bool, io.BufferedReader]:
     return starts_like_audio(head), io.BufferedReader(_Prefixed(head, stream))
 
 
-class PipedAudio:
+class PipedAudio(_InMemory):
     """One audio file arriving on a byte stream (``sox in.flac -t flac - | ast classify -``). WAV (RIFF, RF64) is
     read as it comes, pipe headers of unknown length included (``StreamSource``); the other formats libsndfile
     reads (FLAC, Ogg, mp3, AIFF, RIFX) need to seek, so they are read into memory first, at most ``max_bytes``."""
@@ -307,7 +304,7 @@ class PipedAudio:
     def _decode(self, data: bytes) -> Iterator[np.ndarray]:
         import soundfile as sf
 
-        from .audio import _sf_reason
+        from .decode import _sf_reason
 
         try:
             with sf.SoundFile(io.BytesIO(data)) as f:
@@ -324,16 +321,18 @@ class PipedAudio:
             raise AudioDecodeError(f"not audio libsndfile can read: {_sf_reason(exc)}") from None
         if convert.frames_in == 0:
             raise AudioDecodeError("no audio samples (zero-length audio)")
-        tail = convert.finish()
-        if tail.shape[0]:
-            yield tail
+        yield from _tail(convert)
 
     @property
     def duration(self) -> float | None:
         return self._reader.duration if self._reader is not None else None
 
-    def identity(self) -> tuple[int | None, float | None]:
-        return None, None
+
+def _tail(convert: ToModelRate) -> Iterator[np.ndarray]:
+    """What the resampler still holds once the input has ended (nothing when it holds nothing)."""
+    tail = convert.finish()
+    if tail.shape[0]:
+        yield tail
 
 
 def _is_stream(path: str) -> bool:

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 
-from .constants import DEFAULT_MODEL
-from .errors import UsageError
+from ..constants import DEFAULT_MODEL
+from ..errors import UsageError
 from .options import Activation, Aggregate, RunOptions
 
 if TYPE_CHECKING:  # torch comes with these; deciding what is left to do must not wait for it
     from .engine import Engine, FileOutput
-    from .features import FeatureConfig
+    from ..audio.features import FeatureConfig
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def is_single_label(config) -> bool:
         return True
     if config.problem_type == "multi_label_classification":
         return False
-    from .hub import load_labels
+    from ..checkpoint.names import load_labels
 
     return config.id2label == load_labels("speechcommands")
 
@@ -162,8 +162,8 @@ class Tagger:
         """Resolve ``model`` (alias, hub id, directory or file; downloaded on first use unless offline), load
         it strictly and place it as ``options`` say."""
         from .backends import LocalBackend
-        from .hub import resolve_model
-        from .weights import build_model, load_checkpoint
+        from ..checkpoint.hub import resolve_model
+        from ..checkpoint.weights import build_model, load_checkpoint
 
         options.validate()
         path = resolve_model(model, offline=options.offline, cache_dir=options.cache_dir)

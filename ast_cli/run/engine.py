@@ -21,9 +21,9 @@ from typing import Callable, Generic, Hashable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
-from .errors import AstError, is_out_of_memory
-from .features import FeatureConfig, FrameStream, Window
-from .sources import AudioSource, as_sources
+from ..errors import AstError, is_out_of_memory
+from ..audio.features import FeatureConfig, FrameStream, Window
+from ..audio.sources import AudioSource, as_sources
 
 T = TypeVar("T")
 

@@ -27,16 +27,16 @@ from typing import IO, TYPE_CHECKING, Callable, Iterable, Iterator, Literal
 
 import numpy as np
 
-from . import __version__
-from .constants import FRAME_SECONDS
-from .errors import UsageError
-from .inputs import InputFile, claim_outputs, mirrored_path
-from .options import RunOptions
-from .output import atomic_write, check_writable_dir
+from .. import __version__
+from ..constants import FRAME_SECONDS
+from ..errors import UsageError
+from ..audio.inputs import InputFile, claim_outputs, mirrored_path
+from ..run.options import RunOptions
+from ..run.files import atomic_write, check_writable_dir
 
 if TYPE_CHECKING:  # torch comes with these; planning (what is done already) must not wait for it
-    from .engine import FileOutput
-    from .features import FeatureConfig
+    from ..run.engine import FileOutput
+    from ..audio.features import FeatureConfig
 
 Kind = Literal["fbank", "embedding"]
 Format = Literal["safetensors", "npy"]
@@ -234,7 +234,7 @@ class FeatureExtractor:
     @classmethod
     def fbank(cls, model: str, features: FeatureConfig, options: RunOptions = RunOptions()) -> "FeatureExtractor":
         """The model input itself: no weights needed, only the model's feature configuration."""
-        from .backends import InputsBackend
+        from ..run.backends import InputsBackend
 
         return cls("fbank", model, InputsBackend(features), options)  # (B, max_length, num_mel_bins)
 
@@ -252,8 +252,8 @@ class FeatureExtractor:
 def load_feature_config(model: str, *, offline: bool | None = None, cache_dir: str | None = None) -> FeatureConfig:
     """A model's input format from its configuration files, without reading its weights (except for a bare
     weights file with no ``config.json`` beside it, whose input shape is inferred from its tensors)."""
-    from .hub import resolve_model
-    from .weights import CONFIG_NAME, load_checkpoint, read_configs
+    from ..checkpoint.hub import resolve_model
+    from ..checkpoint.weights import CONFIG_NAME, load_checkpoint, read_configs
 
     path = resolve_model(model, offline=offline, cache_dir=cache_dir)
     if path.is_dir():
@@ -318,7 +318,7 @@ def extract_features(
     if todo:
         if extractor is None:
             raise ValueError("a FeatureExtractor is needed: some jobs have no output yet")
-        from .engine import Engine
+        from ..run.engine import Engine
 
         options = extractor.options
         engine = Engine(extractor.features, extractor.backend, batch_size=options.batch_size,

@@ -16,7 +16,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from .features import FeatureConfig
+from ..audio.features import FeatureConfig
 from .options import Attn, DType, Quantize, RunOptions, torch_dtype
 
 Output = Literal["logits", "embedding"]
@@ -45,7 +45,7 @@ def pick_device(device: str = "auto") -> str:
     """``auto`` -> cuda, then mps, then cpu. Asking for an absent device is a UsageError."""
     import torch
 
-    from .errors import UsageError
+    from ..errors import UsageError
 
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if device == "auto":
@@ -69,7 +69,7 @@ def pick_device(device: str = "auto") -> str:
 
 def resolve_dtype(dtype: DType | str, device: str):
     """``auto`` -> float16 on CUDA, float32 elsewhere; fp16 on the CPU is refused (slow and inexact there)."""
-    from .errors import UsageError
+    from ..errors import UsageError
 
     dtype = DType(dtype)
     if dtype is DType.auto:
@@ -83,7 +83,7 @@ def check_quantize(quantize: Quantize | str, device: str, dtype) -> None:
     """int8 needs the CPU and float32 around its int8 layers; a UsageError otherwise."""
     import torch
 
-    from .errors import UsageError
+    from ..errors import UsageError
 
     if Quantize(quantize) is Quantize.none:
         return
@@ -116,14 +116,14 @@ class LocalBackend:
         self.attn = Attn(attn).value if attn is not None else None
         self.windows_per_call = None
         if device == "cpu":
-            from .speed import cpu_windows_per_call
+            from ..checkpoint.speed import cpu_windows_per_call
 
             self.windows_per_call = cpu_windows_per_call(model.config.num_tokens)
 
     @classmethod
     def build(cls, model, features: FeatureConfig, options: RunOptions, output: Output = "logits") -> "LocalBackend":
         """Place a float32 CPU model as ``options`` say: device, dtype, int8, threads, attention."""
-        from .speed import quantize_dynamic, set_threads
+        from ..checkpoint.speed import quantize_dynamic, set_threads
 
         options.validate()
         device = pick_device(options.device)

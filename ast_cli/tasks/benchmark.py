@@ -20,10 +20,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Sequence
 
-from .errors import UsageError
-from .features import FeatureConfig
-from .model import AST, ASTConfig, count_parameters, flops_per_clip
-from .options import Attn, Quantize
+from ..errors import UsageError
+from ..audio.features import FeatureConfig
+from ..checkpoint.model import AST, ASTConfig, count_parameters, flops_per_clip
+from ..run.options import Attn, Quantize
 
 ATTNS = tuple(sorted(a.value for a in Attn))  # eager first: the reference
 QUANTIZE_CHOICES = tuple(q.value for q in Quantize)
@@ -170,8 +170,8 @@ def parse_attns(value: str | Iterable) -> list[str]:
 def resolve_modes(dtypes: str | Iterable, quantize: str | Iterable, device: str) -> tuple[list[Mode], list[str]]:
     """``dtype`` x ``quantize`` lists -> (modes, the combinations left out). int8 pairs with float32 only, on
     the CPU only, so e.g. bf16 x int8 is left out (and named, so that a front end can say so)."""
-    from .backends import check_quantize, resolve_dtype
-    from .options import DType, dtype_name, torch_dtype
+    from ..run.backends import check_quantize, resolve_dtype
+    from ..run.options import DType, dtype_name, torch_dtype
 
     resolved = []
     for name in parse_list(dtypes, "dtype", [d.value for d in DType]):
@@ -202,7 +202,7 @@ def random_model(config: ASTConfig | None = None, seed: int = 0) -> AST:
     """The default-shape AST (or ``config``) with random weights, float32, eval mode: nothing is downloaded."""
     import torch
 
-    from .weights import load_labels
+    from ..checkpoint.weights import load_labels
 
     config = config or RANDOM_CONFIG or ASTConfig(id2label=load_labels("audioset"))
     torch.manual_seed(seed)
@@ -217,8 +217,8 @@ def random_model(config: ASTConfig | None = None, seed: int = 0) -> AST:
 def variant(master: AST, mode: Mode, device: str, share: bool = False) -> AST:
     """``master`` (float32, CPU) in ``mode`` on ``device``. ``share``: the float32 CPU case may reuse master
     (nothing here changes a model: attention is chosen per call)."""
-    from .options import torch_dtype
-    from .speed import quantize_dynamic
+    from ..run.options import torch_dtype
+    from ..checkpoint.speed import quantize_dynamic
 
     if mode.quantize:
         return quantize_dynamic(copy.deepcopy(master), mode.quantize)
@@ -230,7 +230,7 @@ def variant(master: AST, mode: Mode, device: str, share: bool = False) -> AST:
 def environment(master: AST, features: FeatureConfig, device: str, name: str) -> Environment:
     import torch
 
-    from .speed import cpu_capabilities, cpu_has_native_bf16, int8_kernel
+    from ..checkpoint.speed import cpu_capabilities, cpu_has_native_bf16, int8_kernel
 
     if device.startswith("cuda"):
         device_name = torch.cuda.get_device_name(torch.device(device))
@@ -357,9 +357,9 @@ def _stage_pass(tagger, paths: Sequence[str], batch_size: int) -> dict:
     and the model, batch_size windows at a time."""
     import torch
 
-    from .audio import AudioReader, ToModelRate
-    from .errors import AstError
-    from .features import FrameStream
+    from ..audio.decode import AudioReader, ToModelRate
+    from ..errors import AstError
+    from ..audio.features import FrameStream
 
     totals = {"decode_s": 0.0, "resample_s": 0.0, "features_s": 0.0, "model_s": 0.0}
     pending: list[torch.Tensor] = []
@@ -418,8 +418,8 @@ def benchmark_end_to_end(
     """Time ``tagger`` on ``paths`` (files): stage by stage, then pipelined through ``Tagger.classify``."""
     import torch
 
-    from .engine import Engine
-    from .tagger import LabelSelection, Tagger
+    from ..run.engine import Engine
+    from ..run.tagger import LabelSelection, Tagger
 
     tagger = Tagger(tagger.backend.with_attn(attn), tagger.labels, name=tagger.name, options=tagger.options)
     shape = (1, tagger.features.max_length, tagger.features.num_mel_bins)
@@ -446,9 +446,9 @@ def run_benchmark(master: AST, features: FeatureConfig, name: str, *, device: st
                   paths: Sequence[str] = (), batch_size: int = 4, workers: int = 2,
                   on_step: Callable[[str], None] | None = None) -> BenchmarkReport:
     """The whole benchmark: forward timings for every mode, and end to end on ``paths`` if any."""
-    from .backends import LocalBackend
-    from .options import RunOptions, torch_dtype
-    from .tagger import Tagger
+    from ..run.backends import LocalBackend
+    from ..run.options import RunOptions, torch_dtype
+    from ..run.tagger import Tagger
 
     report = BenchmarkReport(environment(master, features, device, name))
     report.rows = benchmark_model(master, features, device=device, modes=modes, batch_sizes=batch_sizes,

@@ -187,7 +187,7 @@ def quantize_dynamic(model: nn.Module, mode: str = "int8", kernel: str | None = 
     Returns the model, in eval mode. Parameters of the replaced layers are dropped (the int8 copies are
     what runs); everything else keeps its dtype.
     """
-    from .errors import UsageError
+    from ..errors import UsageError
 
     if mode not in QUANTIZE_MODES:
         raise UsageError(f"unknown quantization {mode!r} ({', '.join(QUANTIZE_MODES)})")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, TextIO
 
-from .audio import AUDIO_EXTENSIONS
+from .decode import AUDIO_EXTENSIONS
 
 GLOB_CHARS = set("*?[")
 NOT_REGULAR = "not a regular file (a FIFO, socket or device is read only when named on its own)"
@@ -141,7 +141,7 @@ def claim_outputs(items: Iterable[InputFile], out_dir: str, suffix: str) -> list
     """(item, its mirrored output) for every item, before any work. Two usable inputs that would write the
     same file are a ``UsageError`` naming both (two files of one name given directly, or a folder given twice
     under different names)."""
-    from .errors import UsageError
+    from ..errors import UsageError
 
     pairs = []
     claimed: dict[str, str] = {}

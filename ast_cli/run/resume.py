@@ -19,7 +19,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 def path_key(path: str) -> str:

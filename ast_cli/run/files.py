@@ -1,0 +1,166 @@
+"""Output files that never harm what was there before: atomic writes beside the target, stale temporary
+files, the lock a run holds on its output, and the checks that a place can be written.
+
+New files get the mode the umask allows; a replaced file keeps its mode. From planning (before a resumed
+output is read) to the end of writing, a run holds an exclusive lock (a second run on the same output stops
+with one line).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import os
+import stat
+import tempfile
+import time
+from typing import IO, Iterator
+
+from ..errors import UsageError
+
+TEMP_SUFFIX = ".ast-tmp"  # our temporary files: `.<name>.<random>.ast-tmp` beside the output
+NAME_MAX = 255  # bytes in one file name (ext4, xfs, btrfs, APFS, NTFS)
+_BESIDE_ROOM = 32  # what our names add to `.<name>`: `.<random>.ast-tmp` (17), `.ast-lock` (9)
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def beside(path: str) -> str:
+    """The stem of our files beside ``path`` (temporary files, the lock): ``<folder>/.<name>``, or, where the
+    name is too long to take our suffixes within NAME_MAX, ``<folder>/.<hash of the name>``, so that any name
+    the file system allows can be an output."""
+    path = os.path.realpath(path)
+    name = os.path.basename(path)
+    if len(os.fsencode(name)) + 1 + _BESIDE_ROOM > NAME_MAX:
+        name = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+    return os.path.join(os.path.dirname(path), "." + name)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w") -> Iterator[IO]:
+    """Write to a temporary file beside ``path`` and rename it over ``path`` only on success, so an interrupted
+    run never leaves a half-written file. A symlink is written through; the file gets the mode the umask
+    allows, or keeps the mode of the file it replaces."""
+    path = os.path.realpath(path)  # through symlinks: the link stays a link
+    fd, tmp = _temp_file(path)
+    try:
+        try:
+            os.fchmod(fd, stat.S_IMODE(os.stat(path).st_mode))
+        except FileNotFoundError:
+            os.fchmod(fd, _umask_mode())
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _temp_file(path: str) -> tuple[int, str]:
+    """A new temporary file beside ``path``: (descriptor, name)."""
+    stem = beside(path)
+    return tempfile.mkstemp(prefix=os.path.basename(stem) + ".", suffix=TEMP_SUFFIX, dir=os.path.dirname(stem))
+
+
+def remove_stale_temp_files(path: str, older_than: float = 0.0) -> int:
+    """Remove our temporary files beside ``path`` left by runs that were killed (the caller holds the lock of
+    ``path``, so no live run owns them). Returns how many were removed."""
+    pattern = f"{glob.escape(beside(path))}.*{TEMP_SUFFIX}"
+    removed = 0
+    for stale in glob.glob(pattern):
+        with contextlib.suppress(OSError):
+            if time.time() - os.stat(stale).st_mtime >= older_than:
+                os.unlink(stale)
+                removed += 1
+    return removed
+
+
+class OutputLock:
+    """An exclusive advisory lock for one output, held while a run writes it (flock on a lock file beside it;
+    the kernel releases it when the process dies, so a killed run never blocks the next)."""
+
+    def __init__(self, path: str):
+        self.output = path
+        self.path = beside(path) + ".ast-lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UsageError(f"cannot write beside {self.path}: {exc.strerror or exc}", option="output") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UsageError(f"another run is writing {self.output} right now", option="output") from None
+        if not _same_file(fd, self.path):  # the run that held it removed it meanwhile: lock the one there now
+            os.close(fd)
+            return self.acquire()
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _kind(path: str) -> str:
+    """``missing``, ``regular`` (through symlinks), ``directory`` or ``special`` (device, FIFO, socket)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        raise UsageError(f"cannot use {path}: {exc.strerror or exc}", option="output") from None
+    if stat.S_ISDIR(info.st_mode):
+        return "directory"
+    return "regular" if stat.S_ISREG(info.st_mode) else "special"
+
+def check_writable_dir(out_dir: str, option: str = "out") -> None:
+    """Fail before any work where nothing can be written below ``out_dir`` (a read-only file system, no
+    permission), probing its nearest existing ancestor with a temporary file."""
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ast-probe-", suffix=TEMP_SUFFIX, dir=existing)
+    except OSError as exc:
+        raise UsageError(f"cannot write in {out_dir}: {exc.strerror or exc}", option=option) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _check_writable(path: str) -> None:
+    real = os.path.realpath(path)
+    directory = os.path.dirname(real)
+    if not os.path.isdir(directory):
+        raise UsageError(f"the folder of {path} does not exist", option="output")
+    try:
+        fd, probe = _temp_file(real)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}", option="output") from None
+    os.close(fd)
+    os.unlink(probe)
+    if os.path.exists(real) and not os.access(real, os.W_OK):
+        raise UsageError(f"cannot write {path}: permission denied", option="output")

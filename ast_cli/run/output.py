@@ -1,0 +1,187 @@
+"""Planning an output before any work: one file (``plan_output``) or one file per input (``plan_output_dir``).
+records.py makes the records, writers.py the writers, files.py the atomic files and locks.
+
+``plan_output`` checks an output before any work (format from the extension, not a directory, not one of the
+inputs, not an existing non-empty file unless resuming or overwriting, writable, not used by another run) and
+returns an ``OutputTarget``; ``target.open()`` then gives the writer. Files are written so that a failed or
+interrupted run leaves an earlier output byte for byte as it was:
+
+- json, csv, tsv: into a temporary file beside the target, renamed over it only when the run completes
+  (``close(commit=True)``); an interrupted run discards it. A symlink is written through (its target is
+  replaced, the link stays); a device or FIFO (``/dev/stdout``, ``>(gzip)``) is written directly.
+- jsonl: line by line into the file itself (flushed per line, so ``tail -f`` and ``--resume`` see each
+  record); fsync only where there is a disk behind it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Sequence, TextIO
+
+from ..errors import UsageError
+from .options import OutputFormat
+from .files import OutputLock, _check_writable, _kind, check_writable_dir, remove_stale_temp_files
+from .writers import CsvWriter, JsonWriter, JsonlWriter, PerFileWriter, TableWriter, Writer
+
+
+EXTENSIONS = {".json": OutputFormat.json, ".jsonl": OutputFormat.jsonl, ".ndjson": OutputFormat.jsonl,
+              ".csv": OutputFormat.csv, ".tsv": OutputFormat.tsv}
+
+
+@dataclass
+class OutputTarget:
+    """A checked output: ``format``, ``path`` (None: stdout), the resume ``journal`` (or None)."""
+
+    format: OutputFormat
+    path: str | None = None
+    kind: str = "missing"
+    append: bool = False
+    journal: object = None
+    stream: TextIO | None = None
+    lock: OutputLock | None = field(default=None, repr=False)
+
+    def take_lock(self) -> None:
+        """Hold the output's lock (a file, not a device), before its contents are read or written."""
+        if self.lock is None and self.path is not None and self.kind != "special":
+            lock = OutputLock(self.path)
+            lock.acquire()
+            self.lock = lock
+
+    def release(self) -> None:
+        """Let the lock go (a run that stops before or after writing; the writer's close does it too)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def open(self, segments: bool = False, provenance: dict | None = None) -> "Writer":
+        """The writer (for a file: holding the lock, taken now if ``plan_output`` did not; the writer
+        releases it). ``provenance``: added to every JSON record (see ``to_record``)."""
+        import sys
+
+        stream = self.stream or sys.stdout
+        if self.format is OutputFormat.table:
+            from rich.console import Console
+
+            return TableWriter(Console(file=stream, highlight=False, soft_wrap=False))
+        if self.path is not None and self.kind != "special":
+            self.take_lock()
+            remove_stale_temp_files(self.path)
+            if self.journal is not None:
+                self.journal.repair()
+        if self.format is OutputFormat.jsonl:
+            writer: Writer = JsonlWriter(stream, self.path, append=self.append, fsync=self.kind != "special")
+        elif self.format is OutputFormat.json:
+            writer = JsonWriter(stream, self.path, direct=self.kind == "special")
+        else:
+            writer = CsvWriter(stream, self.path, segments=segments, direct=self.kind == "special",
+                               delimiter="\t" if self.format is OutputFormat.tsv else ",")
+        writer.lock = self.lock
+        writer.provenance = provenance
+        return writer
+
+
+def plan_output(path: str | None, fmt: OutputFormat | str | None, *, resume: bool = False, overwrite: bool = False,
+                inputs: Sequence = (), default: str = "jsonl") -> OutputTarget:
+    """Check an output before any work, and decide its format. Raises ``UsageError`` (touching nothing).
+
+    ``fmt`` None: from the extension of ``path`` (.json, .jsonl/.ndjson, .csv, .tsv), else ``default``.
+    """
+    fmt = OutputFormat(fmt) if fmt is not None else None
+    inferred = EXTENSIONS.get(os.path.splitext(path)[1].lower()) if path else None
+    if fmt is not None and inferred is not None and fmt is not inferred and fmt is not OutputFormat.table:
+        raise UsageError(f"{path} looks like {inferred.value}, but the format asked for is {fmt.value}",
+                         option="format", hint="drop --format, or name the file after its format")
+    fmt = fmt or inferred or OutputFormat(default)
+    if resume and overwrite:
+        raise UsageError("resuming keeps the output, overwriting replaces it: choose one", option="resume")
+    if path is None:
+        if resume:
+            raise UsageError("needs an output file (--output FILE.jsonl)", option="resume")
+        return OutputTarget(fmt)
+    if fmt in (OutputFormat.audacity, OutputFormat.raven):
+        raise UsageError(f"{fmt.value} files describe one recording each: write them with --output-dir DIR",
+                         option="format")
+    if fmt is OutputFormat.table:
+        raise UsageError("a table goes to the terminal; a file takes json, jsonl, csv or tsv", option="output")
+    if resume and fmt is not OutputFormat.jsonl:
+        raise UsageError("resuming needs a JSONL output (one record per line)", option="resume",
+                         suggest={"format": "jsonl"})
+    kind = _kind(path)
+    if kind == "directory":
+        raise UsageError(f"{path} is a directory", option="output")
+    for item in inputs:
+        name = getattr(item, "path", item)
+        with contextlib.suppress(OSError):
+            if kind != "missing" and os.path.samefile(name, path):
+                raise UsageError(f"{path} is also one of the inputs: refusing to overwrite it", option="output")
+        if os.path.realpath(name) == os.path.realpath(path):
+            raise UsageError(f"{path} is also one of the inputs: refusing to overwrite it", option="output")
+    target = OutputTarget(fmt, path, kind)
+    if kind == "regular" and os.path.getsize(path) > 0 and not (resume or overwrite):
+        raise UsageError(f"{path} exists and is not empty", option="output",
+                         hint="--resume continues it (jsonl), --overwrite replaces it")
+    if kind != "special":
+        _check_writable(path)
+    target.take_lock()  # before reading the journal: a second run must not resume from what the first writes
+    if resume:
+        from .resume import Journal
+
+        try:
+            target.journal = Journal.read(path)
+        except BaseException:
+            target.release()
+            raise
+        target.append = True
+    return target
+
+
+PER_FILE_SUFFIXES = {OutputFormat.json: ".json", OutputFormat.csv: ".csv", OutputFormat.tsv: ".tsv",
+                     OutputFormat.audacity: ".labels.txt", OutputFormat.raven: ".selections.txt"}
+
+
+@dataclass
+class OutputDir:
+    """``--output-dir``: one result file per input, at the input's path mirrored below ``path``."""
+
+    path: str
+    format: OutputFormat
+    outputs: dict[str, str] = field(default_factory=dict)  # source name -> its result file
+    journal: object = None
+
+    @property
+    def needs_segments(self) -> bool:
+        """Label tracks and selection tables are made of windows."""
+        return self.format in (OutputFormat.audacity, OutputFormat.raven)
+
+    def open(self, segments: bool = False, provenance: dict | None = None) -> "Writer":
+        writer = PerFileWriter(self.outputs, self.format, segments)
+        writer.provenance = provenance
+        return writer
+
+    def release(self) -> None:
+        """Nothing to let go: each file is written atomically, with no lock."""
+
+
+def plan_output_dir(path: str, fmt: OutputFormat | str | None, items: Sequence, *, overwrite: bool = False
+                    ) -> tuple[OutputDir, list]:
+    """Check ``--output-dir`` before any work; returns it and the items still to do (a file's result already
+    there is done, unless ``overwrite``)."""
+    from ..audio.inputs import claim_outputs
+
+    fmt = OutputFormat(fmt) if fmt is not None else OutputFormat.json
+    if fmt not in PER_FILE_SUFFIXES:
+        raise UsageError(f"one file per input takes {', '.join(f.value for f in PER_FILE_SUFFIXES)}",
+                         option="format")
+    if _kind(path) not in ("missing", "directory"):
+        raise UsageError(f"{path} exists and is not a directory", option="output_dir")
+    check_writable_dir(path, option="output_dir")
+    target, todo = OutputDir(path, fmt), []
+    inputs = {os.path.realpath(getattr(item, "path", item)) for item in items}
+    for item, output in claim_outputs(items, path, PER_FILE_SUFFIXES[fmt]):
+        if os.path.realpath(output) in inputs:
+            raise UsageError(f"{output} is also one of the inputs: refusing to overwrite it", option="output_dir")
+        target.outputs[item.path] = output
+        if overwrite or item.error is not None or not os.path.isfile(output):
+            todo.append(item)
+    return target, todo

@@ -1,0 +1,58 @@
+"""Results as records: the stable JSON schema (``to_record``, ``dumps``) and how a path is shown.
+
+Paths that are not valid UTF-8 (a ``caf\\xe9.wav`` from a latin-1 file system) are written as JSON ``\\udcXX``
+escapes, which ``json.loads`` + ``os.fsencode`` turn back into the original bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .tagger import FileResult, LabelScore
+
+
+def _labels(labels: list[LabelScore]) -> list[dict]:
+    return [{"label": x.label, "index": x.index, "score": x.score} for x in labels]
+
+
+def to_record(result: FileResult, provenance: dict | None = None) -> dict:
+    """The JSON record of one file. Keys ``path``, ``duration``, ``labels``, ``error`` are the stable schema;
+    ``segments`` appears with ``--segments``; ``size`` and ``mtime`` identify the file for ``--resume``;
+    ``provenance`` (``model`` and ``settings``: what made the scores) comes last."""
+    record = {
+        "path": result.path,
+        "duration": None if result.duration is None else round(result.duration, 6),
+        "labels": _labels(result.labels),
+        "error": result.error,
+    }
+    if result.segments is not None:
+        record["segments"] = [{"start": s.start, "end": s.end, "labels": _labels(s.labels)} for s in result.segments]
+    record["size"] = result.size
+    record["mtime"] = result.mtime
+    record.update(provenance or {})
+    return record
+
+
+def dumps(record: dict, indent: int | None = None) -> str:
+    """One record as JSON text that is always valid UTF-8: names with undecodable bytes (held as surrogate
+    escapes) are written with ``\\u`` escapes, which ``json.loads`` reads back to the same string."""
+    text = json.dumps(record, ensure_ascii=False, allow_nan=False, indent=indent)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(record, ensure_ascii=True, allow_nan=False, indent=indent)
+    return text
+
+
+def display_path(path: str) -> str:
+    """A path for text outputs (CSV, table, messages): undecodable bytes shown as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace") if _has_surrogates(path) else path
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True

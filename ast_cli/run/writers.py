@@ -1,0 +1,270 @@
+"""Writers: results to table, json, jsonl, csv and tsv, and one file per input (json, csv, tsv, Audacity
+labels, Raven selection tables). A writer's ``close(commit=False)`` leaves an earlier output as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+from typing import IO, Iterator
+
+from ..errors import OutputWriteError
+from .options import OutputFormat
+from .files import OutputLock, atomic_write
+from .records import display_path, dumps, to_record
+from .tagger import FileResult, LabelScore
+
+CSV_COLUMNS = ("path", "duration", "rank", "label", "index", "score")
+CSV_SEGMENT_COLUMNS = ("start", "end")
+
+
+class Writer:
+    """Receives results one by one; ``close(commit)`` ends the output (``commit=False``: a failed or
+    interrupted run, which must leave an earlier file as it was)."""
+
+    lock: OutputLock | None = None
+    path: str | None = None
+    provenance: dict | None = None  # added to JSON records
+    per_input = False  # True: each result has a file of its own, and one that fails to write fails alone
+
+    def write(self, result: FileResult) -> None:
+        with self._errors():
+            self._write(result)
+
+    def _write(self, result: FileResult) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def close(self, commit: bool = True) -> None:
+        try:
+            with self._errors():
+                self._close(commit)
+        finally:
+            self._release()
+
+    def _close(self, commit: bool) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """An OSError of the output (disk full...) is one ``OutputWriteError`` naming it; a reader that went
+        away (BrokenPipeError) is left for the front end to end quietly."""
+        try:
+            yield
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            where = self.path or "standard output"
+            raise OutputWriteError(f"cannot write {where}: {exc.strerror or exc}", path=self.path) from exc
+
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+class _StreamWriter(Writer):
+    """Writers whose whole output is only valid once complete (json, csv): to stdout, directly to a device,
+    or to a temporary file renamed over the target on commit."""
+
+    def __init__(self, stream: IO | None, path: str | None, direct: bool = False):
+        self.path = path
+        self._atomic = atomic_write(path) if path and not direct else None
+        self._own = path is not None and direct
+        with self._errors():
+            if self._atomic is not None:
+                self.stream = self._atomic.__enter__()
+            elif self._own:
+                self.stream = open(path, "w", encoding="utf-8", newline="")
+            else:
+                self.stream = stream
+
+    def _finish(self) -> None:
+        """What a complete output ends with (json's closing bracket)."""
+
+    def _close(self, commit: bool) -> None:
+        try:
+            if commit or self._atomic is None:
+                self._finish()
+            _flush(self.stream)
+            if self._atomic is not None and commit:
+                atomic, self._atomic = self._atomic, None
+                atomic.__exit__(None, None, None)
+        finally:
+            if self._atomic is not None:  # not committed, or the commit failed: the temporary file goes
+                atomic, self._atomic = self._atomic, None
+                with contextlib.suppress(KeyboardInterrupt, OSError):
+                    atomic.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
+            elif self._own:
+                self.stream.close()
+
+
+def _flush(stream) -> None:
+    try:
+        stream.flush()
+    except ValueError:  # already closed
+        pass
+
+
+class JsonWriter(_StreamWriter):
+    """One JSON array; records are written as they come (to a temporary file when ``path`` is set)."""
+
+    def __init__(self, stream: IO | None = None, path: str | None = None, direct: bool = False):
+        super().__init__(stream, path, direct)
+        self.count = 0
+
+    def _write(self, result: FileResult) -> None:
+        self.stream.write("[\n  " if self.count == 0 else ",\n  ")
+        self.stream.write(dumps(to_record(result, self.provenance)))
+        self.count += 1
+
+    def _finish(self) -> None:
+        self.stream.write("[]\n" if self.count == 0 else "\n]\n")
+
+
+class JsonlWriter(Writer):
+    """One line per file, flushed as soon as it is written, so ``tail -f`` and ``--resume`` see it."""
+
+    def __init__(self, stream: IO | None = None, path: str | None = None, append: bool = False, fsync: bool = True):
+        self.path = path
+        self._own = path is not None
+        self._fsync = fsync
+        with self._errors():
+            self.stream = open(path, "a" if append else "w", encoding="utf-8") if path else stream
+
+    def _write(self, result: FileResult) -> None:
+        self.stream.write(dumps(to_record(result, self.provenance)) + "\n")
+        self.stream.flush()
+
+    def _close(self, commit: bool) -> None:
+        try:
+            _flush(self.stream)
+            if self._own and self._fsync:
+                os.fsync(self.stream.fileno())
+        finally:
+            if self._own:
+                self.stream.close()
+
+
+class CsvWriter(_StreamWriter):
+    """One row per (file, label): ``path,duration,rank,label,index,score`` (+ ``start,end`` with segments),
+    then ``error``. File-level rows have empty start/end; a failed file is one row with its error."""
+
+    def __init__(self, stream: IO | None = None, path: str | None = None, segments: bool = False,
+                 direct: bool = False, delimiter: str = ","):
+        super().__init__(stream, path, direct)
+        self.segments = segments
+        self.columns = CSV_COLUMNS + (CSV_SEGMENT_COLUMNS if segments else ()) + ("error",)
+        self.csv = csv.writer(self.stream, lineterminator="\n", delimiter=delimiter)
+        self.csv.writerow(self.columns)
+
+    def _rows(self, result: FileResult, labels: list[LabelScore], span: tuple | None) -> None:
+        duration = "" if result.duration is None else round(result.duration, 6)
+        extra = (span if span else ("", "")) if self.segments else ()
+        path = display_path(result.path)
+        for rank, item in enumerate(labels, 1):
+            self.csv.writerow((path, duration, rank, item.label, item.index, item.score) + extra + ("",))
+
+    def _write(self, result: FileResult) -> None:
+        if result.error is not None:
+            duration = "" if result.duration is None else round(result.duration, 6)
+            blank = ("", "") if self.segments else ()
+            self.csv.writerow((display_path(result.path), duration, "", "", "", "") + blank + (result.error,))
+            return
+        self._rows(result, result.labels, None)
+        for segment in result.segments or []:
+            self._rows(result, segment.labels, (segment.start, segment.end))
+        self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(seconds, 60.0)
+    hours, minutes = divmod(int(minutes), 60)
+    return f"{hours}:{minutes:02d}:{secs:05.2f}" if hours else f"{minutes}:{secs:05.2f}"
+
+
+class TableWriter(Writer):
+    """A rich table per file (rank, label, score), and a timeline of windows with ``--segments``."""
+
+    def __init__(self, console):
+        self.console = console
+
+    def _write(self, result: FileResult) -> None:
+        from rich.table import Table
+        from rich.text import Text
+
+        if result.error is not None:
+            return  # reported on stderr, one line, by the CLI
+        path = display_path(result.path)
+        title = f"{path} ({result.duration:.2f} s)" if result.duration is not None else path
+        self.console.print(Text(title, style="bold"), soft_wrap=True)  # a long path must not wrap
+        table = Table(show_edge=False, pad_edge=False)
+        table.add_column("rank", justify="right")
+        table.add_column("label")
+        table.add_column("score", justify="right")
+        for rank, item in enumerate(result.labels, 1):
+            table.add_row(str(rank), item.label, f"{item.score:.4f}")
+        self.console.print(table)
+        if result.segments:
+            timeline = Table(title="timeline", title_justify="left", show_edge=False, pad_edge=False)
+            timeline.add_column("start", justify="right")
+            timeline.add_column("end", justify="right")
+            timeline.add_column("labels")
+            for segment in result.segments:
+                labels = ", ".join(f"{x.label} {x.score:.2f}" for x in segment.labels[:5]) or "-"
+                timeline.add_row(_clock(segment.start), _clock(segment.end), labels)
+            self.console.print(timeline)
+        self.console.print()
+
+RAVEN_COLUMNS = ("Selection", "View", "Channel", "Begin Time (s)", "End Time (s)", "Low Freq (Hz)", "High Freq (Hz)",
+                 "Label", "Index", "Score")
+
+class PerFileWriter(Writer):
+    """Writes each result to its own file, atomically; a failed file gets no file (its error goes to stderr,
+    and a rerun tries it again). A file that cannot be written (a name too long) is that input's failure only."""
+
+    per_input = True
+
+    def __init__(self, outputs: dict[str, str], fmt: OutputFormat, segments: bool):
+        self.outputs, self.format, self.segments = outputs, fmt, segments
+
+    def _write(self, result: FileResult) -> None:
+        if result.error is not None:
+            return
+        self.path = self.outputs[result.path]
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with atomic_write(self.path) as handle:
+            if self.format is OutputFormat.json:
+                handle.write(dumps(to_record(result, self.provenance), indent=2) + "\n")
+            elif self.format in (OutputFormat.csv, OutputFormat.tsv):
+                rows = CsvWriter(handle, segments=self.segments,
+                                 delimiter="\t" if self.format is OutputFormat.tsv else ",")
+                rows.write(result)
+            elif self.format is OutputFormat.audacity:
+                handle.write(audacity_labels(result))
+            else:
+                handle.write(raven_table(result))
+
+
+def _spans(result: FileResult) -> list[tuple[float, float, list[LabelScore]]]:
+    if result.segments:
+        return [(s.start, s.end, s.labels) for s in result.segments]
+    return [(0.0, result.duration or 0.0, result.labels)]
+
+
+def audacity_labels(result: FileResult) -> str:
+    """An Audacity label track (File > Import > Labels): ``start<TAB>end<TAB>label`` per window and label."""
+    return "".join(f"{start:.6f}\t{end:.6f}\t{x.label} ({x.score:.3f})\n"
+                   for start, end, labels in _spans(result) for x in labels)
+
+
+def raven_table(result: FileResult) -> str:
+    """A Raven selection table (as BirdNET writes them): one selection per window and label, full band."""
+    lines = ["\t".join(RAVEN_COLUMNS)]
+    number = 0
+    for start, end, labels in _spans(result):
+        for x in labels:
+            number += 1
+            lines.append("\t".join(map(str, (number, "Spectrogram 1", 1, f"{start:.6f}", f"{end:.6f}", 0, 8000,
+                                             x.label, x.index, f"{x.score:.6f}"))))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,157 @@
+"""Labeled data for ``ast train`` and ``ast evaluate``: a folder of label subfolders (single-label) or a
+CSV/JSONL of ``path,labels`` (multi-label); splitting off validation data.
+"""
+
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from ..errors import UsageError
+from ..audio.inputs import expand_inputs
+
+
+SINGLE, MULTI = "single_label_classification", "multi_label_classification"
+
+
+@dataclass(frozen=True)
+class Example:
+    path: str
+    labels: tuple[str, ...]
+
+
+@dataclass
+class Dataset:
+    """Labeled files. ``root``: the data folder, or the folder of the table. ``empty``: class folders that held
+    no audio file (left out)."""
+
+    examples: list[Example]
+    labels: tuple[str, ...]
+    multi_label: bool
+    root: str | None = None
+    empty: tuple[str, ...] = ()
+
+    def targets(self, labels: tuple[str, ...] | None = None) -> np.ndarray:
+        """(files, K) 0/1 matrix over ``labels`` (default: the dataset's own)."""
+        labels = labels or self.labels
+        index = {name: i for i, name in enumerate(labels)}
+        out = np.zeros((len(self.examples), len(labels)), np.float32)
+        for row, example in enumerate(self.examples):
+            for name in example.labels:
+                if name not in index:
+                    raise UsageError(f"label {name!r} of {example.path} is not one of the model's labels",
+                                     option="data")
+                out[row, index[name]] = 1.0
+        return out
+
+    def subset(self, rows: Iterable[int]) -> "Dataset":
+        return replace(self, examples=[self.examples[i] for i in rows])
+
+    def without(self, paths: Iterable[str]) -> "Dataset":
+        drop = set(paths)
+        return replace(self, examples=[e for e in self.examples if e.path not in drop])
+
+    def regular_files(self) -> tuple["Dataset", list[dict]]:
+        """The dataset without its FIFOs, sockets and devices, and a failure for each: reading one could wait
+        forever for a writer (a file named in training data is not a stream named on the command line)."""
+        from ..audio.inputs import NOT_REGULAR, regular_or_missing
+
+        irregular = [e.path for e in self.examples if not regular_or_missing(e.path)]
+        return self.without(irregular), [{"path": path, "error": NOT_REGULAR} for path in irregular]
+
+
+def load_dataset(path: str, option: str = "data") -> Dataset:
+    """A folder of label subfolders (single-label), or a ``.csv``/``.jsonl`` of ``path,labels`` (multi-label).
+    ``option``: the parameter that named ``path``, for errors."""
+    if os.path.isdir(path):
+        examples, empty = [], []
+        for sub in sorted(p for p in Path(path).iterdir() if p.is_dir() and not p.name.startswith(".")):
+            found = [Example(item.path, (sub.name,)) for item in expand_inputs([str(sub)])]
+            examples += found
+            if not found:
+                empty.append(sub.name)
+        labels = tuple(sorted({e.labels[0] for e in examples}))
+        dataset = Dataset(examples, labels, multi_label=False, root=path, empty=tuple(empty))
+    elif os.path.isfile(path):
+        dataset = _read_table(path, option)
+    else:
+        raise UsageError(f"no such data folder or file: {path}", option=option)
+    if len(dataset.examples) == 0:
+        raise UsageError(f"{path} holds no labeled audio files", option=option,
+                         hint="a folder of label subfolders, or a CSV/JSONL of path,labels")
+    if len(dataset.labels) < 2:
+        raise UsageError(f"{path} has {len(dataset.labels)} label(s): a classifier needs at least 2", option=option)
+    return dataset
+
+
+def _read_table(path: str, option: str) -> Dataset:
+    base = os.path.dirname(os.path.abspath(path))
+    try:
+        # utf-8-sig: a CSV saved by Excel starts with a byte order mark, which would end up in the first column name
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            if path.lower().endswith((".jsonl", ".ndjson")):
+                rows = [_jsonl_row(path, number, line, option) for number, line in enumerate(handle, 1) if line.strip()]
+            else:
+                reader = csv.DictReader(handle)
+                if "path" not in (reader.fieldnames or ()):
+                    raise UsageError(f"{path} has no 'path' column (columns: path,labels)", option=option)
+                rows = [(record["path"] or "", record.get("labels") or "") for record in reader]
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read {path} as path,labels rows: {exc}", option=option) from None
+    examples = []
+    for file, text in rows:
+        labels = tuple(dict.fromkeys(x.strip() for x in text.split(";") if x.strip()))
+        examples.append(Example(file if os.path.isabs(file) else os.path.join(base, file), labels))
+    names = tuple(sorted({name for e in examples for name in e.labels}))
+    return Dataset(examples, names, multi_label=True, root=base)
+
+
+def _jsonl_row(path: str, number: int, line: str, option: str) -> tuple[str, str]:
+    """(path, labels joined by ;) of one JSONL line; a wrong type is a ``UsageError`` naming the line and field."""
+    record = json.loads(line)
+    if not isinstance(record, dict) or not isinstance(record.get("path"), str) or not record["path"]:
+        raise UsageError(f"{path} line {number}: 'path' must be a non-empty string", option=option)
+    labels = record.get("labels", "")
+    if isinstance(labels, list) and all(isinstance(x, str) for x in labels):
+        labels = ";".join(labels)
+    if not isinstance(labels, str):
+        raise UsageError(f"{path} line {number}: 'labels' must be a string or a list of strings", option=option)
+    return record["path"], labels
+
+
+def split(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Stratified (by a file's first label), seeded: about ``fraction`` of each label's files for validation,
+    at least one file of each label with two or more kept for training."""
+    if not 0 < fraction < 1:
+        raise UsageError("must be between 0 and 1", option="val_split")
+    rng = random.Random(seed)
+    by_label: dict[str, list[int]] = {}
+    for row, example in enumerate(dataset.examples):
+        by_label.setdefault(example.labels[0] if example.labels else "", []).append(row)
+    train, val = [], []
+    for rows in by_label.values():
+        rng.shuffle(rows)
+        cut = min(len(rows) - 1, max(1, round(len(rows) * fraction)))
+        val += rows[:cut]
+        train += rows[cut:]
+    if not val:
+        raise UsageError(f"no file is left for validation: every label has a single file ({len(train)} files)",
+                         option="val_split", hint="give validation data, or more files per label")
+    return dataset.subset(sorted(train)), dataset.subset(sorted(val))
+
+
+def untrained_labels(train: Dataset, val: Dataset) -> list[str]:
+    """Labels of the data that no training file has (the classifier could never learn them)."""
+    return sorted((set(train.labels) | set(val.labels)) - {name for e in train.examples for name in e.labels})
+
+
+def clips(count: int) -> str:
+    return f"{count} clip" if count == 1 else f"{count} clips"
