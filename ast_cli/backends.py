@@ -115,6 +115,7 @@ class LocalBackend:
         self.output = output
         self.attn = Attn(attn).value if attn is not None else None
         self.windows_per_call = None
+        self.fast_choice = None  # a FastChoice when built with RunOptions(fast=True)
         if device == "cpu":
             from .speed import cpu_windows_per_call
 
@@ -130,9 +131,22 @@ class LocalBackend:
         dtype = resolve_dtype(options.dtype, device)
         check_quantize(options.quantize, device, dtype)
         set_threads(options.threads)
+        if options.fast:
+            return cls._fast(model, features, device, output, options.attn)
         if options.quantize is Quantize.int8:
             model = quantize_dynamic(model, options.quantize.value)
         return cls(model, features, device=device, dtype=dtype, output=output, attn=options.attn)
+
+    @classmethod
+    def _fast(cls, model, features: FeatureConfig, device: str, output: Output, attn) -> "LocalBackend":
+        """The mode ``fast.choose`` calibrated (or cached) for this model on this machine; ``fast_choice`` says which."""
+        from .fast import choose, place
+
+        choice = choose(model, device, Attn(attn).value)
+        model, dtype = place(model, choice.mode, device)
+        backend = cls(model, features, device=device, dtype=dtype, output=output, attn=attn)
+        backend.fast_choice = choice
+        return backend
 
     def with_output(self, output: Output) -> "LocalBackend":
         """The same model (shared, not copied) giving ``output`` instead."""

@@ -6,6 +6,9 @@ num_mel_bins) for every mode (dtype or int8), batch size and attention implement
 ``torch.inference_mode()`` and device synchronisation around each timed pass. Eager and SDPA passes of one
 (mode, batch size) alternate, so that noise from other processes hits both alike.
 
+``run_benchmark`` also calibrates every ``--fast`` candidate (``fast.calibrate``: timings in turns, scores against
+fp32) and names the one ``--fast`` would pick on this machine.
+
 ``benchmark_end_to_end`` times real files: one sequential pass split by stage (decode, resample, features,
 model) and one pipelined pass through ``Tagger.classify`` (parallel decode, batched windows), which is what
 ``ast classify`` does.
@@ -112,12 +115,16 @@ class BenchmarkReport:
     environment: Environment
     rows: list[ModelRow] = field(default_factory=list)
     end_to_end: list[EndToEndRow] = field(default_factory=list)
+    fast: "FastChoice | None" = None  # noqa: F821  every --fast candidate as measured, and the one it picks
 
     def to_dict(self) -> dict:
         return {
             "environment": asdict(self.environment),
             "rows": [_named_quantize(asdict(row)) for row in self.rows],
             "end_to_end": [_named_quantize(asdict(row)) for row in self.end_to_end],
+            "fast": None if self.fast is None else {
+                "pick": self.fast.mode, "speedup": self.fast.speedup, "max_diff": self.fast.max_diff,
+                "candidates": [asdict(c) for c in self.fast.candidates]},
         }
 
     def speedups(self) -> dict[tuple[str, int], float]:
@@ -270,21 +277,21 @@ def _synchronizer(device: str) -> Callable[[], None]:
 # -- model forward ---------------------------------------------------------------------------------------
 
 
-def warm_up(run_pass: Callable[[], float], passes: int | None = None) -> int:
+def warm_up(run_pass: Callable[[], float], passes: int | None = None, most: int = MAX_WARMUP) -> int:
     """Untimed passes before timing; returns how many ran. ``run_pass`` runs one and returns its seconds.
-    ``passes``: exactly that many; None: until two in a row agree within ``WARMUP_AGREE``, at most ``MAX_WARMUP``
+    ``passes``: exactly that many; None: until two in a row agree within ``WARMUP_AGREE``, at most ``most``
     (a fixed count is too few for kernels that settle late, and wasted where they settle at once)."""
     if passes is not None:
         for _ in range(passes):
             run_pass()
         return passes
     previous = run_pass()
-    for count in range(2, MAX_WARMUP + 1):
+    for count in range(2, most + 1):
         current = run_pass()
         if abs(current - previous) <= WARMUP_AGREE * min(current, previous):
             return count
         previous = current
-    return MAX_WARMUP
+    return max(1, most)
 
 
 def benchmark_model(
@@ -447,12 +454,16 @@ def run_benchmark(master: AST, features: FeatureConfig, name: str, *, device: st
                   on_step: Callable[[str], None] | None = None) -> BenchmarkReport:
     """The whole benchmark: forward timings for every mode, and end to end on ``paths`` if any."""
     from .backends import LocalBackend
+    from .fast import calibrate, pick
     from .options import RunOptions, torch_dtype
     from .tagger import Tagger
 
     report = BenchmarkReport(environment(master, features, device, name))
     report.rows = benchmark_model(master, features, device=device, modes=modes, batch_sizes=batch_sizes,
                                   attns=attns, iters=iters, warmup=warmup, on_step=on_step)
+    if on_step is not None:
+        on_step("calibrating the --fast candidates")
+    report.fast = pick(calibrate(master, device, "sdpa" if "sdpa" in attns else attns[0]))
     for mode in modes if paths else ():
         backend = LocalBackend(variant(master, mode, device, share=True), features, device=device,
                                dtype=torch_dtype(mode.dtype))

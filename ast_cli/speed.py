@@ -173,6 +173,15 @@ def _fbgemm_works() -> bool:
         return False
 
 
+@lru_cache(maxsize=1)
+def _int_mm_works() -> bool:
+    try:
+        Int8LinearIntMM(nn.Linear(8, 4))(torch.zeros(2, 8))
+        return True
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
 def int8_kernel() -> str:
     """``fbgemm`` where this torch build has the quantized engine, else ``int_mm``; ``AST_INT8_KERNEL`` overrides."""
     wanted = os.environ.get("AST_INT8_KERNEL", "").strip().lower()
