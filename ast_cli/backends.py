@@ -124,7 +124,7 @@ class LocalBackend:
     @classmethod
     def build(cls, model, features: FeatureConfig, options: RunOptions, output: Output = "logits") -> "LocalBackend":
         """Place a float32 CPU model as ``options`` say: device, dtype, int8, threads, attention."""
-        from .speed import quantize_dynamic, set_threads
+        from .speed import place_bf16_cpu, quantize_dynamic, set_threads
 
         options.validate()
         device = pick_device(options.device)
@@ -135,6 +135,8 @@ class LocalBackend:
             return cls._fast(model, features, device, output, options.attn)
         if options.quantize is Quantize.int8:
             model = quantize_dynamic(model, options.quantize.value)
+        if device == "cpu" and dtype == torch_dtype("bf16"):
+            model = place_bf16_cpu(model)
         return cls(model, features, device=device, dtype=dtype, output=output, attn=options.attn)
 
     @classmethod

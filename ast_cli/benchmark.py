@@ -225,12 +225,14 @@ def variant(master: AST, mode: Mode, device: str, share: bool = False) -> AST:
     """``master`` (float32, CPU) in ``mode`` on ``device``. ``share``: the float32 CPU case may reuse master
     (nothing here changes a model: attention is chosen per call)."""
     from .options import torch_dtype
-    from .speed import quantize_dynamic
+    from .speed import place_bf16_cpu, quantize_dynamic
 
     if mode.quantize:
         return quantize_dynamic(copy.deepcopy(master), mode.quantize)
     if share and device == "cpu" and mode.dtype == "fp32":
         return master
+    if device == "cpu" and mode.dtype == "bf16":
+        return place_bf16_cpu(copy.deepcopy(master))
     return copy.deepcopy(master).to(device=device, dtype=torch_dtype(mode.dtype)).eval()
 
 

@@ -1,7 +1,8 @@
 """``--fast``: the fastest mode whose scores stay within ``FIDELITY`` of fp32, measured on this machine.
 
 Candidates (those the hardware supports): fp32 (the reference), bf16 (native bf16 or AMX only), int8 with
-FBGEMM's dynamic Linear, int8 with ``torch._int_mm`` (oneDNN: AMX-INT8/VNNI), and on CUDA fp16 and bf16.
+FBGEMM's dynamic Linear, int8 with oneDNN's int8 GEMM (AMX-INT8/VNNI; ``torch._int_mm`` where oneDNN's op is
+missing), and on CUDA fp16 and bf16.
 ``calibrate`` runs each on the loaded model: sigmoid scores on ``FIDELITY_WINDOWS`` fixed random windows
 against fp32's, then timed forwards after warm-up. ``pick`` takes the fastest faithful one, and never one
 slower than fp32. ``choose`` caches the choice per (CPU model and flags, torch version, weights fingerprint,
@@ -32,7 +33,7 @@ CACHE_VERSION = 1
 MAX_CACHE_BYTES = 1 << 20  # a larger cache file is not ours: ignored, rewritten
 MAX_CACHE_ENTRIES = 64  # oldest dropped beyond this
 
-CPU_CANDIDATES = ("fp32", "bf16", "int8-fbgemm", "int8-int_mm")
+CPU_CANDIDATES = ("fp32", "bf16", "int8-fbgemm", "int8-onednn", "int8-int_mm")
 CUDA_CANDIDATES = ("fp32", "fp16", "bf16")
 
 
@@ -90,7 +91,7 @@ def candidate_names(device: str) -> list[tuple[str, str | None]]:
     """(name, why it is skipped or None) for every candidate of ``device``'s kind."""
     import torch
 
-    from .speed import _fbgemm_works, _int_mm_works, cpu_has_native_bf16
+    from .speed import _fbgemm_works, _int_mm_works, _onednn_works, cpu_has_native_bf16
 
     if device.startswith("cuda"):
         bf16 = torch.cuda.is_bf16_supported()
@@ -100,17 +101,21 @@ def candidate_names(device: str) -> list[tuple[str, str | None]]:
     return [("fp32", None),
             ("bf16", None if cpu_has_native_bf16() else "no bf16 hardware (AVX512-BF16, AMX or ARM BF16)"),
             ("int8-fbgemm", None if _fbgemm_works() else "this torch has no quantized engine"),
-            ("int8-int_mm", None if _int_mm_works() else "this torch has no CPU torch._int_mm")]
+            ("int8-onednn", None if _onednn_works() else "this torch has no oneDNN int8 linear"),
+            ("int8-int_mm", "int8-onednn computes the same products faster" if _onednn_works() else
+             None if _int_mm_works() else "this torch has no CPU torch._int_mm")]
 
 
 def place(model, mode: str, device: str):
     """``model`` (float32, CPU) in ``mode`` on ``device``, changed in place: (model, input dtype)."""
     from .options import torch_dtype
-    from .speed import quantize_dynamic
+    from .speed import place_bf16_cpu, quantize_dynamic
 
     if mode.startswith("int8"):
         return quantize_dynamic(model, "int8", kernel=mode.partition("-")[2]), torch_dtype("fp32")
     dtype = torch_dtype(mode)
+    if device == "cpu" and mode == "bf16":
+        return place_bf16_cpu(model), dtype
     return model.to(device=device, dtype=dtype).eval(), dtype
 
 

@@ -17,7 +17,8 @@ from ast_cli.benchmark import random_model
 from ast_cli.cli import app
 from ast_cli.fast import Candidate, FastChoice, choose, fast_cache_path, pick
 from ast_cli.model import ASTConfig
-from ast_cli.speed import _fbgemm_works, _int_mm_works, cpu_has_native_bf16
+from ast_cli.speed import (Int8LinearIntMM, Int8LinearOneDNN, _bf16_packing_works, _fbgemm_works, _int_mm_works,
+                           _onednn_works, cpu_has_native_bf16)
 from conftest import TINY, write_audio
 from tolerances import FAST_MODE_SCORES
 
@@ -143,10 +144,22 @@ def test_26_1_bf16_candidate_runs_and_is_faithful():
     assert candidate.skipped is None and candidate.ms > 0 and candidate.faithful
 
 
-@pytest.mark.skipif(not _int_mm_works(), reason="this torch build has no CPU torch._int_mm")
-def test_26_1_int_mm_candidate_runs_and_is_faithful():
-    candidate = _real("int8-int_mm")
+@pytest.mark.skipif(not _onednn_works(), reason="this torch build has no oneDNN int8 linear (torch.ops.onednn)")
+def test_26_2_onednn_candidate_runs_and_is_faithful():
+    candidate = _real("int8-onednn")
     assert candidate.skipped is None and candidate.ms > 0 and candidate.faithful
+
+
+@pytest.mark.skipif(not (_onednn_works() and _int_mm_works()), reason="needs both oneDNN's int8 linear and CPU "
+                                                                       "torch._int_mm in this torch build")
+def test_26_2_onednn_and_int_mm_compute_the_same_products():
+    linear = torch.nn.Linear(96, 40)
+    x = torch.randn(3, 50, 96) * torch.linspace(0.01, 10, 50)[:, None]  # per-token ranges that differ a lot
+    with torch.inference_mode():
+        fast_out, portable, exact = Int8LinearOneDNN(linear)(x), Int8LinearIntMM(linear)(x), linear(x)
+    # same int32 products; only the order of two float32 scalings differs (a few ulps of the output)
+    torch.testing.assert_close(fast_out, portable, rtol=1e-5, atol=1e-5)
+    assert (fast_out - exact).abs().max() <= 0.02 * exact.abs().max()  # int8's 1/127 steps, summed over 96
 
 
 @pytest.mark.skipif(not _fbgemm_works(), reason="this torch build has no quantized engine (FBGEMM/QNNPACK)")
@@ -235,3 +248,21 @@ def test_26_1_benchmark_shows_every_candidate_and_the_pick(tiny_checkpoint):
     assert report["pick"] in [c["name"] for c in report["candidates"] if c["skipped"] is None]
     table = runner.invoke(app, args, catch_exceptions=False).stdout
     assert "--fast candidates" in table and "picked" in table
+
+
+@pytest.mark.skipif(not (cpu_has_native_bf16() and _bf16_packing_works()),
+                    reason="packed bf16 Linear layers need bf16 hardware and oneDNN's bf16 linear in this torch")
+def test_26_2_cpu_bf16_runs_packed_linears_with_the_gelu_fused(tiny_checkpoint):
+    from ast_cli.backends import LocalBackend
+    from ast_cli.options import RunOptions
+    from ast_cli.weights import build_model, load_checkpoint
+
+    checkpoint = load_checkpoint(tiny_checkpoint[0])
+    backend = LocalBackend.build(build_model(checkpoint), checkpoint.features, RunOptions(device="cpu", dtype="bf16"))
+    modules = list(backend.model.modules())
+    assert not any(type(m) is torch.nn.Linear for m in modules)
+    assert sum(getattr(m, "post_op", None) == "gelu" for m in modules) == checkpoint.config.num_hidden_layers
+    inputs = fast.calibration_inputs(checkpoint.config)
+    with torch.inference_mode():
+        reference = torch.sigmoid(build_model(checkpoint)(inputs))
+    assert (torch.sigmoid(backend.tensor(inputs)) - reference).abs().max() <= FAST_MODE_SCORES
