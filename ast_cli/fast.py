@@ -158,19 +158,27 @@ def calibrate(model, device: str = "cpu", attn: str | None = None) -> list[Candi
     from .benchmark import warm_up
 
     inputs = calibration_inputs(model.config)
-    runs, scores, times = {}, {}, {}
+    runs, scores, times, failed = {}, {}, {}, {}
     with torch.inference_mode():
         for name, skipped in candidate_names(device):
-            if skipped is None:
+            if skipped is not None:
+                continue
+            try:
                 variant, dtype = place(copy.deepcopy(model), name, device)
                 scores[name] = torch.sigmoid(variant(inputs.to(device, dtype), attn=attn).float()).cpu()
                 runs[name], times[name] = _timer(variant, dtype, device, inputs[:1], attn), []
                 warm_up(runs[name], most=MAX_WARMUP)
+            except (RuntimeError, NotImplementedError) as exc:  # a kernel this build or shape lacks: not a candidate
+                if name == "fp32":
+                    raise
+                runs.pop(name, None)
+                failed[name] = f"failed here: {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}"
         for _ in range(TIMED_PASSES):
             for name, run in runs.items():
                 times[name].append(run())
     out = []
     for name, skipped in candidate_names(device):
+        skipped = skipped or failed.get(name)
         if skipped is not None:
             out.append(Candidate(name, skipped=skipped))
             continue

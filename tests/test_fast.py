@@ -266,3 +266,19 @@ def test_26_2_cpu_bf16_runs_packed_linears_with_the_gelu_fused(tiny_checkpoint):
     with torch.inference_mode():
         reference = torch.sigmoid(build_model(checkpoint)(inputs))
     assert (torch.sigmoid(backend.tensor(inputs)) - reference).abs().max() <= FAST_MODE_SCORES
+
+
+def test_26_1_a_candidate_that_fails_here_is_skipped_with_its_reason(monkeypatch):
+    real_place = fast.place
+
+    def place(model, mode, device):
+        if mode == "bf16":
+            raise RuntimeError("no kernel for this shape\nmore detail")
+        return real_place(model, mode, device)
+
+    monkeypatch.setattr(fast, "place", place)
+    monkeypatch.setattr(fast, "candidate_names", lambda device: [("fp32", None), ("bf16", None)])
+    model = random_model(ASTConfig(**TINY, id2label=tuple(f"c{i}" for i in range(5))))
+    candidates = fast.calibrate(model, "cpu", "sdpa")
+    assert candidates[1] == Candidate("bf16", skipped="failed here: no kernel for this shape")
+    assert pick(candidates).mode == "fp32"
