@@ -21,12 +21,15 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from .errors import UsageError
 from .features import FeatureConfig
 from .model import AST, ASTConfig, count_parameters, flops_per_clip
 from .options import Attn, Quantize
+
+if TYPE_CHECKING:
+    from .fast import FastChoice
 
 ATTNS = tuple(sorted(a.value for a in Attn))  # eager first: the reference
 QUANTIZE_CHOICES = tuple(q.value for q in Quantize)
@@ -115,7 +118,7 @@ class BenchmarkReport:
     environment: Environment
     rows: list[ModelRow] = field(default_factory=list)
     end_to_end: list[EndToEndRow] = field(default_factory=list)
-    fast: "FastChoice | None" = None  # noqa: F821  every --fast candidate as measured, and the one it picks
+    fast: FastChoice | None = None  # every --fast candidate as measured, and the one it picks
 
     def to_dict(self) -> dict:
         return {
