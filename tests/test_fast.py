@@ -282,3 +282,12 @@ def test_26_1_a_candidate_that_fails_here_is_skipped_with_its_reason(monkeypatch
     candidates = fast.calibrate(model, "cpu", "sdpa")
     assert candidates[1] == Candidate("bf16", skipped="failed here: no kernel for this shape")
     assert pick(candidates).mode == "fp32"
+
+
+@pytest.mark.parametrize("command", ["classify", "extract-features"])
+def test_26_1_fast_on_ray_is_refused_before_anything_loads(tiny_checkpoint, audio, tmp_path, command):
+    out = ["--out", str(tmp_path / "o")] if command == "extract-features" else []
+    result = runner.invoke(app, [command, str(audio / "a"), "--model", str(tiny_checkpoint[0]), "--fast",
+                                 "--engine", "ray", *out])
+    assert result.exit_code == 2 and "calibrated on this machine, not on Ray workers" in result.stderr
+    assert "use --engine local" in result.stderr and not (tmp_path / "o").exists()
