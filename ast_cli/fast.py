@@ -191,8 +191,10 @@ def calibrate(model, device: str = "cpu", attn: str | None = None) -> list[Candi
 
 
 def fast_cache_path() -> str:
-    """``$XDG_CACHE_HOME/ast-cli/fast-v1.json`` (default ``~/.cache``); the environment is read at call time."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+    """``$XDG_CACHE_HOME/ast-cli/fast-v1.json`` (default ``~/.cache``); the environment is read at call time. A
+    relative XDG_CACHE_HOME is ignored, as the XDG spec says: it would put the cache wherever the run started."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    base = base if os.path.isabs(base) else os.path.join("~", ".cache")
     return os.path.join(os.path.expanduser(base), "ast-cli", f"fast-v{CACHE_VERSION}.json")
 
 

@@ -291,3 +291,9 @@ def test_26_1_fast_on_ray_is_refused_before_anything_loads(tiny_checkpoint, audi
                                  "--engine", "ray", *out])
     assert result.exit_code == 2 and "calibrated on this machine, not on Ray workers" in result.stderr
     assert "use --engine local" in result.stderr and not (tmp_path / "o").exists()
+
+
+def test_26_1_a_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    assert fast_cache_path() == str(tmp_path / ".cache" / "ast-cli" / "fast-v1.json")
