@@ -17,7 +17,7 @@ Three kernels; ``--quantize int8`` takes ``int8_kernel()``, ``--fast`` measures 
   torchao, whose int8 path needs ``torch.compile`` to be fast on CPUs; we call the underlying operator
   directly, with per-channel weights (half the error of the per-tensor default) and full-range activations
   on VNNI CPUs (``reduce_range`` only where int16 accumulation could saturate).
-- ``onednn``: per-token activation scales (``_quantize_rows``: three passes) and oneDNN's prepacked int8 GEMM,
+- ``onednn``: per-token activation scales (``_quantize_rows``: vectorized passes) and oneDNN's prepacked int8 GEMM,
   ``torch.ops.onednn.qlinear_pointwise``: AMX-INT8 where the CPU has it, else VNNI. On request:
   ``AST_INT8_KERNEL=onednn``.
 - ``int_mm``: the same with ``torch._int_mm``. Portable (any build with the aten op), same products, slower on
@@ -148,10 +148,10 @@ class Int8LinearFbgemm(nn.Module):
 def _quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) float32 -> (M, K) int8 and (M, 1) float32 per-row (per-token) symmetric scales.
 
-    Three passes over the rows: one ``aminmax`` (no ``abs`` temporary), one multiply by the reciprocal scale (no
-    division), rounding and the int8 cast in place. The largest magnitude maps to +-127 exactly, so no clamp."""
-    low, high = torch.aminmax(rows, dim=1, keepdim=True)
-    scale = torch.maximum(high, low.neg()).clamp_min_(1e-12).div_(127)  # (M, 1)
+    ``abs().amax`` (vectorized: 0.4 ms for 1214x768 on the development CPU, where ``aminmax`` along rows takes 8 ms
+    and ``vector_norm(inf)`` 10 ms), one multiply by the reciprocal scale (no division), rounding in place and the
+    int8 cast. The largest magnitude maps to +-127 exactly, so no clamp."""
+    scale = rows.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(127)  # (M, 1)
     return torch.mul(rows, scale.reciprocal()).round_().to(torch.int8), scale
 
 
