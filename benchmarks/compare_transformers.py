@@ -8,12 +8,15 @@ saved with ``save_pretrained``) and a few 10 s stereo 44.1 kHz clips, then times
   ``torchaudio.functional.resample`` where torchaudio imports, else ``ast_cli.audio.resample.resample`` (the same
   algorithm and cost; torchaudio 2.11 does not import next to torch 2.15). The extractor takes whichever path
   transformers picks (kaldi with torchaudio, numpy without): fidelity against it is then within ~1e-4;
-- ``Tagger.classify`` (what ``ast classify`` runs) in float32 and in each fast mode.
+- the same transformers path in bf16 (``model.to(torch.bfloat16)``), the reference's own fast CPU mode;
+- ``Tagger.classify`` (what ``ast classify`` runs) in float32, in each fast mode and with ``--fast`` (the mode
+  calibrated on this machine).
 
-It prints clips/s, the ratio to transformers (median wall time, fastest round, and CPU seconds of all threads,
+It prints clips/s, the ratios to transformers fp32 and to transformers bf16 (median wall time, fastest round, and CPU seconds of all threads,
 which other jobs on a shared machine disturb less) and the fidelity of each mode (max |sigmoid difference|
 against our float32 and against transformers, top-5 agreement). ``--process`` also times whole processes,
-start-up included: ``ast classify`` over the clips against a Python process running the transformers path.
+start-up included: ``ast classify`` over the clips against Python processes running the transformers path in
+fp32 and in bf16.
 
 Nothing is downloaded. Run from the repository root:
 
@@ -124,21 +127,25 @@ def transformers_scores(model, extractor, paths: list[str]) -> np.ndarray:
     return np.stack(rows)
 
 
-def load_ours(model_dir: str, mode: str):
+def mode_options(mode: str) -> dict:
+    """Our mode name -> ``RunOptions`` fields: fp32, bf16, int8, or fast (calibrated on this machine)."""
+    return {"int8": {"quantize": "int8"}, "fast": {"fast": True}}.get(mode, {"dtype": mode})
+
+
+def load_ours(model_dir: str, mode: str, batch_size: int = 4):
+    from ast_cli.run.options import RunOptions
     from ast_cli.run.tagger import Tagger
 
-    if mode == "int8":
-        return Tagger.load(model_dir, device="cpu", quantize="int8")
-    return Tagger.load(model_dir, device="cpu", dtype=mode)
+    return Tagger.load(model_dir, RunOptions(device="cpu", batch_size=batch_size, **mode_options(mode)))
 
 
-def our_scores(tagger, paths: list[str], batch_size: int = 4) -> np.ndarray:
+def our_scores(tagger, paths: list[str]) -> np.ndarray:
     """(clips, labels) sigmoid scores through ``Tagger.classify`` (parallel decode, batched windows)."""
     from ast_cli.audio.inputs import expand_inputs
     from ast_cli.run.tagger import LabelSelection
 
     rows = []
-    for result in tagger.classify(expand_inputs(paths), selection=LabelSelection(top=None), batch_size=batch_size):
+    for result in tagger.classify(expand_inputs(paths), selection=LabelSelection(top=None)):
         if result.error:
             raise RuntimeError(f"{result.path}: {result.error}")
         row = np.zeros(len(tagger.labels))
@@ -181,9 +188,9 @@ def in_process(model_dir: str, paths: list[str], modes: list[str], reference_mod
         runners[f"transformers {mode}"] = lambda m=model, e=extractor: transformers_scores(m, e, paths)
     for mode in modes:
         t0 = time.perf_counter()
-        tagger = load_ours(model_dir, mode)
-        load_s[f"ast {mode}"] = time.perf_counter() - t0
-        runners[f"ast {mode}"] = lambda t=tagger: our_scores(t, paths, batch_size)
+        tagger = load_ours(model_dir, mode, batch_size)
+        load_s[f"ast {mode}"] = time.perf_counter() - t0  # --fast: its first calibration included
+        runners[f"ast {mode}"] = lambda t=tagger: our_scores(t, paths)
     times: dict[str, list[float]] = {name: [] for name in runners}
     cpu: dict[str, list[float]] = {name: [] for name in runners}  # all threads: less sensitive to other jobs
     scores: dict[str, np.ndarray] = {}
@@ -205,9 +212,10 @@ def in_process(model_dir: str, paths: list[str], modes: list[str], reference_mod
 
 
 def process_commands(model_dir: str, paths: list[str], modes: list[str], batch_size: int = 4) -> dict[str, list[str]]:
-    commands = {"transformers fp32": [sys.executable, __file__, "--run-transformers", model_dir, *paths]}
+    commands = {f"transformers {mode}": [sys.executable, __file__, "--run-transformers", mode, model_dir, *paths]
+                for mode in ("fp32", "bf16")}
     for mode in modes:
-        extra = ["--quantize", "int8"] if mode == "int8" else ["--dtype", mode]
+        extra = {"int8": ["--quantize", "int8"], "fast": ["--fast"]}.get(mode, ["--dtype", mode])
         commands[f"ast {mode}"] = [sys.executable, "-m", "ast_cli", "classify", "--model", model_dir, "--device", "cpu",
                                    *extra, "--batch-size", str(batch_size), "--format", "json", "--top", "0", "--quiet",
                                    *paths]
@@ -268,6 +276,7 @@ def report(result: dict, paths: list[str], seconds: float, proc: tuple | None, b
     reference = "transformers fp32"
     ours_fp32 = scores.get("ast fp32")
     base, best = statistics.median(times[reference]), min(times[reference])
+    bf16 = statistics.median(times["transformers bf16"]) if "transformers bf16" in times else None
     rows = []
     for name, values in times.items():
         median = statistics.median(values)
@@ -280,6 +289,7 @@ def report(result: dict, paths: list[str], seconds: float, proc: tuple | None, b
             "x_realtime": round(len(paths) * seconds / median, 2),
             "speedup_vs_transformers_fp32": round(base / median, 2),
             "speedup_vs_transformers_fp32_best": round(best / min(values), 2),
+            "speedup_vs_transformers_bf16": round(bf16 / median, 2) if bf16 else None,
             "cpu_seconds_median": round(statistics.median(cpu[name]), 2),
             "cpu_speedup_vs_transformers_fp32": round(statistics.median(cpu[reference]) / statistics.median(cpu[name]),
                                                       2),
@@ -294,9 +304,11 @@ def report(result: dict, paths: list[str], seconds: float, proc: tuple | None, b
         proc_times, proc_cpu = proc
         base, best = statistics.median(proc_times[reference]), min(proc_times[reference])
         cpu_base = statistics.median(proc_cpu[reference])
+        bf16 = statistics.median(proc_times["transformers bf16"])
         out["processes"] = [
             {"path": name, "seconds_median": round(statistics.median(v), 2), "seconds_all": [round(x, 2) for x in v],
              "speedup_vs_transformers_fp32": round(base / statistics.median(v), 2),
+             "speedup_vs_transformers_bf16": round(bf16 / statistics.median(v), 2),
              "speedup_vs_transformers_fp32_best": round(best / min(v), 2),
              "cpu_seconds_median": round(statistics.median(proc_cpu[name]), 2),
              "cpu_speedup_vs_transformers_fp32": round(cpu_base / statistics.median(proc_cpu[name]), 2)}
@@ -315,14 +327,15 @@ def print_report(out: dict) -> None:
           f"(best: fastest round of each; cpu s: ratio of CPU seconds, all threads, which other jobs on the machine "
           f"disturb less)\n")
     print(f"{'path':<18} {'s/' + str(out['clips']) + ' clips':>9} {'clips/s':>7} {'x RT':>5} {'vs tf fp32':>10} "
-          f"{'(best)':>6} {'(cpu s)':>7}  "
+          f"{'(best)':>6} {'(cpu s)':>7} {'vs tf bf16':>10}  "
           f"{'max|d| vs ast fp32':>18} {'max|d| vs tf fp32':>17}  {'top-5 = ast fp32':>16}  {'top-5 = tf fp32':>15}")
     for row in out["in_process"]:
         ours = row.get("vs_ast_fp32", {})
         theirs = row["vs_transformers_fp32"]
         print(f"{row['path']:<18} {row['seconds_median']:>9.2f} {row['clips_per_s']:>7.3f} {row['x_realtime']:>5.2f} "
               f"{row['speedup_vs_transformers_fp32']:>9.2f}x {row['speedup_vs_transformers_fp32_best']:>5.2f}x "
-              f"{row['cpu_speedup_vs_transformers_fp32']:>6.2f}x  "
+              f"{row['cpu_speedup_vs_transformers_fp32']:>6.2f}x "
+              f"{row['speedup_vs_transformers_bf16'] or float('nan'):>9.2f}x  "
               f"{ours.get('max_abs_diff', float('nan')):>18.5f} "
               f"{theirs['max_abs_diff']:>17.5f}  "
               f"{ours.get('top5_identical', 0):>8}/{out['clips']} {ours.get('top5_overlap', 0):>5.0%}  "
@@ -331,7 +344,7 @@ def print_report(out: dict) -> None:
         print(f"\nwhole processes (interpreter start, imports, model load, {out['clips']} clips):")
         for row in out["processes"]:
             print(f"{row['path']:<18} {row['seconds_median']:>7.2f} s  {row['speedup_vs_transformers_fp32']:>5.2f}x "
-                  f"(best {row['speedup_vs_transformers_fp32_best']:.2f}x, cpu s "
+                  f"tf fp32, {row['speedup_vs_transformers_bf16']:>5.2f}x tf bf16 (best {row['speedup_vs_transformers_fp32_best']:.2f}x, cpu s "
                   f"{row['cpu_speedup_vs_transformers_fp32']:.2f}x; runs: "
                   f"{', '.join(f'{s:.2f}' for s in row['seconds_all'])} s)")
 
@@ -342,23 +355,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=2, help="Interleaved timing rounds after one warm-up round.")
     parser.add_argument("--modes", default=None,
-                        help="Our modes, comma-separated: fp32, int8, bf16 (default: fp32,int8, + bf16 on CPUs with "
-                             "native bf16).")
-    parser.add_argument("--transformers-modes", default="fp32",
+                        help="Our modes, comma-separated: fp32, int8, bf16, fast (default: fp32,int8,fast, + bf16 on "
+                             "CPUs with native bf16).")
+    parser.add_argument("--transformers-modes", default="fp32,bf16",
                         help="Reference modes to time: fp32 (always), int8 (torch.ao dynamic), bf16.")
     parser.add_argument("--process", action="store_true", help="Also time whole processes (start-up included).")
     parser.add_argument("--process-rounds", type=int, default=2)
-    parser.add_argument("--process-modes", default="fp32,int8", help="Our modes timed as whole processes.")
+    parser.add_argument("--process-modes", default="fp32,fast", help="Our modes timed as whole processes.")
     parser.add_argument("--batch-size", type=int, default=4, help="Windows per model call for ast (classify's default).")
     parser.add_argument("--workdir", default=None, help="Keep the checkpoint and clips here (default: a temp dir).")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="Also write the results to this JSON file.")
-    parser.add_argument("--run-transformers", nargs="+", metavar=("MODEL", "CLIP"), help=argparse.SUPPRESS)
+    parser.add_argument("--run-transformers", nargs="+", metavar=("MODE", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.run_transformers:  # the child process of --process: the reference path, start to end
-        model_dir, *paths = args.run_transformers
-        model, extractor = load_transformers(model_dir)
+        mode, model_dir, *paths = args.run_transformers
+        model, extractor = load_transformers(model_dir, mode)
         json.dump(transformers_scores(model, extractor, paths).round(6).tolist(), sys.stdout)
         return
 
@@ -368,7 +381,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    modes = args.modes.split(",") if args.modes else ["fp32", "int8"] + (["bf16"] if cpu_has_native_bf16() else [])
+    modes = args.modes.split(",") if args.modes else ["fp32", "int8"] + (["bf16"] if cpu_has_native_bf16() else []) + [
+        "fast"]
     if "fp32" not in modes:
         modes.insert(0, "fp32")
     reference_modes = ["fp32"] + [m for m in args.transformers_modes.split(",") if m and m != "fp32"]

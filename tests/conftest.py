@@ -164,4 +164,5 @@ def _offline_hub(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf_home"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HF_ASSETS_CACHE", raising=False)  # the embedding cache lives there
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg_cache"))  # --fast's choices
     monkeypatch.delenv("AST_DEBUG", raising=False)

@@ -57,6 +57,7 @@ RUN_OPTIONS: list[tuple[str, object, object]] = [
     ("dtype", Annotated[DType, typer.Option(help="Compute dtype: auto is fp16 on CUDA, fp32 elsewhere.")], DType.auto),
     ("attn", Annotated[Attn, typer.Option(help="Attention implementation.")], Attn.sdpa),
     ("quantize", Annotated[Quantize, typer.Option(help="int8: dynamic int8 Linear layers (CPU).")], Quantize.none),
+    ("fast", Annotated[bool, typer.Option("--fast", help="The fastest mode whose scores stay within 0.02 of fp32 on this machine (bf16, int8 or fp32; calibrated once, cached).")], False),
     ("threads", Annotated[Optional[int], typer.Option(metavar="N", help="CPU threads for the model (default: torch's).")], None),
     ("batch_size", Annotated[int, typer.Option("--batch-size", metavar="N", help="Windows per model call.")], 4),
     ("workers", Annotated[int, typer.Option(metavar="N", help="Decoding/feature threads (1-64).")], 2),
@@ -92,7 +93,8 @@ def _run_options(values: dict) -> RunOptions:
     return RunOptions(device=values["device"], dtype=values["dtype"], attn=values["attn"], quantize=values["quantize"],
                       threads=values["threads"], batch_size=values.get("batch_size", RunOptions.batch_size),
                       workers=values.get("workers", RunOptions.workers), hop_seconds=values["hop"],
-                      offline=values["offline"] or None, cache_dir=values["cache_dir"])
+                      offline=values["offline"] or None, cache_dir=values["cache_dir"],
+                      fast=values["fast"])
 
 
 run_options = _bundle("run", RUN_OPTIONS, _run_options)
@@ -121,8 +123,9 @@ def _distributed(values: dict):
     return values
 
 
-def checked_distributed(values: dict):
-    """``RaySettings`` from the distributed options; a UsageError for a bad --shard or Ray missing."""
+def checked_distributed(values: dict, run: RunOptions | None = None):
+    """``RaySettings`` from the distributed options; a UsageError for a bad --shard, Ray missing, or --fast on Ray
+    (its calibration belongs to the machine that runs the model, which Ray workers are not)."""
     from ..tasks.distributed import RaySettings, parse_shard, require_ray
     from ..errors import UsageError
 
@@ -131,6 +134,9 @@ def checked_distributed(values: dict):
     if not values["gpus_per_worker"] >= 0:
         raise UsageError(f"must be 0 or more, not {values['gpus_per_worker']:g}", option="gpus_per_worker")
     if values["engine"] is Engine.ray:
+        if run is not None and run.fast:
+            raise UsageError("the fast mode is calibrated on this machine, not on Ray workers", option="engine",
+                             suggest={"engine": "local"})
         require_ray()
     return RaySettings(values["ray_address"], values["ray_workers"], values["cpus_per_worker"],
                        values["gpus_per_worker"], engine=values["engine"].value, shard=parse_shard(values["shard"]))
@@ -292,5 +298,17 @@ def load_tagger(model: str, run: RunOptions, console, quiet: bool):
     else:
         tagger = Tagger.load(path, run)
     tagger.name = model
+    announce_fast(tagger.backend.fast_choice, console, quiet)
     warn_if_gaps(run, tagger.features, console)
     return tagger
+
+
+def announce_fast(choice, console, quiet: bool) -> None:
+    """The one stderr line saying what ``--fast`` runs, how much faster than fp32 and how close to it."""
+    from ._errors import say
+
+    if choice is None or quiet:
+        return
+    how = "cached calibration" if choice.cached else "calibrated now, cached for later runs"
+    say(console, f"fast: {choice.mode}, {choice.speedup:.2f}x fp32's speed, scores within {choice.max_diff:.4f} "
+                 f"of fp32 ({how})")

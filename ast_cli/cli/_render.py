@@ -66,6 +66,8 @@ def print_benchmark(report) -> None:
                       f"{r.ms_per_batch_median:.1f}", f"{r.ms_per_clip:.1f}", f"{r.clips_per_s:.2f}",
                       f"{r.x_realtime:.1f}")
     console.print(table)
+    if report.fast is not None:
+        print_fast_candidates(console, report.fast)
     if report.end_to_end:
         table = Table(title="End to end (stage seconds from a sequential pass; files/s from the pipelined one)",
                       title_justify="left")
@@ -78,6 +80,26 @@ def print_benchmark(report) -> None:
                           f"{r.decode_s:.2f}", f"{r.resample_s:.2f}", f"{r.features_s:.2f}", f"{r.model_s:.2f}",
                           f"{r.pipelined_s:.2f}", f"{r.files_per_s:.2f}", f"{r.x_realtime:.1f}")
         console.print(table)
+
+
+def print_fast_candidates(console, choice) -> None:
+    """Every ``--fast`` candidate: median ms of one forward, speed-up over fp32, largest score difference."""
+    from rich.table import Table
+
+    from ..run.fast import FIDELITY
+
+    table = Table(title=f"--fast candidates (batch size 1; faithful: sigmoid scores within {FIDELITY} of fp32)",
+                  title_justify="left")
+    for column in ("mode", "ms", "speed-up", "max diff", "--fast"):
+        table.add_column(column, justify="left" if column in ("mode", "--fast") else "right")
+    reference = next(c for c in choice.candidates if c.name == "fp32")
+    for c in choice.candidates:
+        if c.skipped:
+            table.add_row(c.name, "", "", "", f"skipped: {c.skipped}")
+            continue
+        verdict = "picked" if c.name == choice.mode else "" if c.faithful else "unfaithful"
+        table.add_row(c.name, f"{c.ms:.1f}", f"{c.speedup(reference):.2f}x", f"{c.max_diff:.4f}", verdict)
+    console.print(table)
 
 
 class LiveView:

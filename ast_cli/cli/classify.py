@@ -68,7 +68,7 @@ def classify(
         if output_dir is not None and (output is not None or resume):
             raise UsageError("--output-dir writes one file per input: it goes without --output and --resume")
         selection = LabelSelection.from_options(top, threshold, label_list(include), label_list(exclude), activation)
-        cluster = checked_distributed(dist)
+        cluster = checked_distributed(dist, run)
         found = expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths))
         if not found:
             return _nothing_found(paths, ext, stderr, quiet)
@@ -203,6 +203,8 @@ def _compute(job: _Job) -> str:
     from ..run.backends import pick_device
     from ..run.options import DType, Quantize
 
+    if job.run.fast:
+        return "fast"
     if job.run.quantize is Quantize.int8:
         return "int8"
     if job.run.dtype is not DType.auto:

@@ -8,7 +8,8 @@ import typer
 
 from ..run.options import ListFormat, RunOptions, _choices
 from ._app import app
-from ._common import DEFAULT_MODEL, DebugOpt, ModelOpt, QuietOpt, fetch_model, load_tagger, run_options, stderr_console
+from ._common import (DEFAULT_MODEL, DebugOpt, ModelOpt, QuietOpt, announce_fast, fetch_model, load_tagger, run_options,
+                      stderr_console)
 from ._errors import cli_errors, counted, say
 
 Mode = _choices("Mode", "head finetune", "What ast train trains.")
@@ -69,6 +70,9 @@ def train(
         config = TrainConfig(mode=mode.value, epochs=epochs, lr=lr, batch_size=train_batch, patience=patience,
                              seed=seed, mixup=mixup, accumulate=accumulate, warmup_epochs=warmup,
                              keep_normalization=keep_normalization).resolved()
+        if run.fast and mode is not Mode.head:
+            raise UsageError("the fast mode computes head training's frozen embeddings; finetune trains in fp32",
+                             option="fast", suggest={"fast": None})
         if resume and mode.value != "finetune":
             raise UsageError("--resume continues a finetune run (head training takes seconds: run it again)")
         if mode is Mode.head:
@@ -93,6 +97,8 @@ def train(
         trainer = Trainer(base, train_set, val_set, out, config, run, feature_cache=features_dir,
                           on_epoch=progress.update, model_name=model, strict=strict,
                           on_failure=lambda path, error: say(stderr, f"error: {path}: {error}"))
+        announced: list = []  # the train and validation embeddings each build the model: say it once
+        trainer.on_fast = lambda choice: announced or announced.append(announce_fast(choice, stderr, quiet))
         try:
             with progress:
                 result = trainer.run(resume=resume)

@@ -115,6 +115,7 @@ class LocalBackend:
         self.output = output
         self.attn = Attn(attn).value if attn is not None else None
         self.windows_per_call = None
+        self.fast_choice = None  # a FastChoice when built with RunOptions(fast=True)
         if device == "cpu":
             from ..checkpoint.speed import cpu_windows_per_call
 
@@ -123,16 +124,31 @@ class LocalBackend:
     @classmethod
     def build(cls, model, features: FeatureConfig, options: RunOptions, output: Output = "logits") -> "LocalBackend":
         """Place a float32 CPU model as ``options`` say: device, dtype, int8, threads, attention."""
-        from ..checkpoint.speed import quantize_dynamic, set_threads
+        from ..checkpoint.speed import place_bf16_cpu, quantize_dynamic, set_threads
 
         options.validate()
         device = pick_device(options.device)
         dtype = resolve_dtype(options.dtype, device)
         check_quantize(options.quantize, device, dtype)
         set_threads(options.threads)
+        if options.fast:
+            return cls._fast(model, features, device, output, options.attn)
         if options.quantize is Quantize.int8:
             model = quantize_dynamic(model, options.quantize.value)
+        if device == "cpu" and dtype == torch_dtype("bf16"):
+            model = place_bf16_cpu(model)
         return cls(model, features, device=device, dtype=dtype, output=output, attn=options.attn)
+
+    @classmethod
+    def _fast(cls, model, features: FeatureConfig, device: str, output: Output, attn) -> "LocalBackend":
+        """The mode ``fast.choose`` calibrated (or cached) for this model on this machine; ``fast_choice`` says which."""
+        from .fast import choose, place
+
+        choice = choose(model, device, Attn(attn).value)
+        model, dtype = place(model, choice.mode, device)
+        backend = cls(model, features, device=device, dtype=dtype, output=output, attn=attn)
+        backend.fast_choice = choice
+        return backend
 
     def with_output(self, output: Output) -> "LocalBackend":
         """The same model (shared, not copied) giving ``output`` instead."""

@@ -1,7 +1,7 @@
 """Run options shared by every front end, as one typed object, and the choice types behind them.
 
 ``RunOptions`` says how the model runs and how audio is cut (device, dtype, attention, int8, threads, batch
-size, decoding workers, window hop, hub cache and offline mode). Every command takes the same bundle; library
+size, decoding workers, window hop, hub cache and offline mode, and ``fast``: a mode calibrated on this machine). Every command takes the same bundle; library
 callers build one directly. ``validate()`` checks everything that can be checked without loading a model, so
 a bad value fails before any output is opened.
 
@@ -71,6 +71,7 @@ class RunOptions:
     hop_seconds: float | None = None  # between window starts; None: the window length (no overlap)
     offline: bool | None = None  # None: HF_HUB_OFFLINE decides
     cache_dir: str | None = None  # hub cache; None: HF_HUB_CACHE or HF_HOME/hub
+    fast: bool = False  # the fastest mode within 0.02 of fp32's scores, calibrated on this machine (fast.py)
 
     def __post_init__(self) -> None:
         for name, kind in (("dtype", DType), ("attn", Attn), ("quantize", Quantize)):
@@ -95,6 +96,9 @@ class RunOptions:
         if self.quantize is Quantize.int8 and self.dtype not in (DType.auto, DType.fp32):
             raise UsageError("int8 computes in float32 around its int8 layers", option="quantize",
                              suggest={"dtype": None})
+        if self.fast and (self.dtype is not DType.auto or self.quantize is not Quantize.none):
+            raise UsageError("the fast mode picks the dtype and int8 itself", option="fast",
+                             suggest={"dtype" if self.dtype is not DType.auto else "quantize": None})
         return self
 
     @property

@@ -6,6 +6,9 @@ num_mel_bins) for every mode (dtype or int8), batch size and attention implement
 ``torch.inference_mode()`` and device synchronisation around each timed pass. Eager and SDPA passes of one
 (mode, batch size) alternate, so that noise from other processes hits both alike.
 
+``run_benchmark`` also calibrates every ``--fast`` candidate (``fast.calibrate``: timings in turns, scores against
+fp32) and names the one ``--fast`` would pick on this machine.
+
 ``benchmark_end_to_end`` times real files: one sequential pass split by stage (decode, resample, features,
 model) and one pipelined pass through ``Tagger.classify`` (parallel decode, batched windows), which is what
 ``ast classify`` does.
@@ -18,18 +21,20 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from ..errors import UsageError
 from ..audio.features import FeatureConfig
 from ..checkpoint.model import AST, ASTConfig, count_parameters, flops_per_clip
+from ..checkpoint.speed import synchronizer, warm_up
 from ..run.options import Attn, Quantize
+
+if TYPE_CHECKING:
+    from ..run.fast import FastChoice
 
 ATTNS = tuple(sorted(a.value for a in Attn))  # eager first: the reference
 QUANTIZE_CHOICES = tuple(q.value for q in Quantize)
 
-WARMUP_AGREE = 0.05  # two warm-up passes in a row this close (relative): the kernels have settled
-MAX_WARMUP = 20  # at most this many warm-up passes, however noisy the machine
 
 # What ``--random-weights`` builds: the default AudioSet AST. None = ASTConfig() with the 527 AudioSet labels.
 # (Tests set a tiny config here.)
@@ -112,12 +117,16 @@ class BenchmarkReport:
     environment: Environment
     rows: list[ModelRow] = field(default_factory=list)
     end_to_end: list[EndToEndRow] = field(default_factory=list)
+    fast: FastChoice | None = None  # every --fast candidate as measured, and the one it picks
 
     def to_dict(self) -> dict:
         return {
             "environment": asdict(self.environment),
             "rows": [_named_quantize(asdict(row)) for row in self.rows],
             "end_to_end": [_named_quantize(asdict(row)) for row in self.end_to_end],
+            "fast": None if self.fast is None else {
+                "pick": self.fast.mode, "speedup": self.fast.speedup, "max_diff": self.fast.max_diff,
+                "candidates": [asdict(c) for c in self.fast.candidates]},
         }
 
     def speedups(self) -> dict[tuple[str, int], float]:
@@ -218,12 +227,14 @@ def variant(master: AST, mode: Mode, device: str, share: bool = False) -> AST:
     """``master`` (float32, CPU) in ``mode`` on ``device``. ``share``: the float32 CPU case may reuse master
     (nothing here changes a model: attention is chosen per call)."""
     from ..run.options import torch_dtype
-    from ..checkpoint.speed import quantize_dynamic
+    from ..checkpoint.speed import place_bf16_cpu, quantize_dynamic
 
     if mode.quantize:
         return quantize_dynamic(copy.deepcopy(master), mode.quantize)
     if share and device == "cpu" and mode.dtype == "fp32":
         return master
+    if device == "cpu" and mode.dtype == "bf16":
+        return place_bf16_cpu(copy.deepcopy(master))
     return copy.deepcopy(master).to(device=device, dtype=torch_dtype(mode.dtype)).eval()
 
 
@@ -257,34 +268,7 @@ def environment(master: AST, features: FeatureConfig, device: str, name: str) ->
     )
 
 
-def _synchronizer(device: str) -> Callable[[], None]:
-    import torch
-
-    if device.startswith("cuda"):
-        return lambda: torch.cuda.synchronize(torch.device(device))
-    if device == "mps":
-        return torch.mps.synchronize
-    return lambda: None
-
-
 # -- model forward ---------------------------------------------------------------------------------------
-
-
-def warm_up(run_pass: Callable[[], float], passes: int | None = None) -> int:
-    """Untimed passes before timing; returns how many ran. ``run_pass`` runs one and returns its seconds.
-    ``passes``: exactly that many; None: until two in a row agree within ``WARMUP_AGREE``, at most ``MAX_WARMUP``
-    (a fixed count is too few for kernels that settle late, and wasted where they settle at once)."""
-    if passes is not None:
-        for _ in range(passes):
-            run_pass()
-        return passes
-    previous = run_pass()
-    for count in range(2, MAX_WARMUP + 1):
-        current = run_pass()
-        if abs(current - previous) <= WARMUP_AGREE * min(current, previous):
-            return count
-        previous = current
-    return MAX_WARMUP
 
 
 def benchmark_model(
@@ -303,7 +287,7 @@ def benchmark_model(
     passes first (None: until two agree, see ``warm_up``)."""
     import torch
 
-    sync = _synchronizer(device)
+    sync = synchronizer(device)
     flops = flops_per_clip(master.config)
     shape = (master.config.max_length, master.config.num_mel_bins)
     generator = torch.Generator().manual_seed(0)
@@ -447,12 +431,16 @@ def run_benchmark(master: AST, features: FeatureConfig, name: str, *, device: st
                   on_step: Callable[[str], None] | None = None) -> BenchmarkReport:
     """The whole benchmark: forward timings for every mode, and end to end on ``paths`` if any."""
     from ..run.backends import LocalBackend
+    from ..run.fast import calibrate, pick
     from ..run.options import RunOptions, torch_dtype
     from ..run.tagger import Tagger
 
     report = BenchmarkReport(environment(master, features, device, name))
     report.rows = benchmark_model(master, features, device=device, modes=modes, batch_sizes=batch_sizes,
                                   attns=attns, iters=iters, warmup=warmup, on_step=on_step)
+    if on_step is not None:
+        on_step("calibrating the --fast candidates")
+    report.fast = pick(calibrate(master, device, "sdpa" if "sdpa" in attns else attns[0]))
     for mode in modes if paths else ():
         backend = LocalBackend(variant(master, mode, device, share=True), features, device=device,
                                dtype=torch_dtype(mode.dtype))
@@ -469,5 +457,5 @@ def run_benchmark(master: AST, features: FeatureConfig, name: str, *, device: st
 __all__ = [
     "ATTNS", "BenchmarkReport", "EndToEndRow", "Environment", "Mode", "ModelRow", "benchmark_end_to_end",
     "benchmark_model", "environment", "parse_attns", "parse_batch_sizes", "random_model", "resolve_modes",
-    "run_benchmark", "variant", "warm_up",
+    "run_benchmark", "variant",
 ]

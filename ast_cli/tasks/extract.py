@@ -81,12 +81,13 @@ class Settings:
     kind: str | None
     model: str
     hop_seconds: float | None = None  # as asked; None: the window length
-    compute: str = "fp32"  # fp32, fp16, bf16 or int8 (not for fbank, which does not depend on it)
+    compute: str = "fp32"  # fp32, fp16, bf16, int8 or fast (not for fbank, which does not depend on it)
     activation: str | None = None  # classify's scores: sigmoid, softmax or none
 
     @classmethod
     def of(cls, kind: str | None, model: str, options: RunOptions, activation: str | None = None) -> "Settings":
-        compute = "int8" if options.quantize.value == "int8" else options.dtype.value
+        # fast: whatever this machine's calibration picked (bf16, int8 or fp32), kept apart from exact fp32
+        compute = "fast" if options.fast else "int8" if options.quantize.value == "int8" else options.dtype.value
         return cls(kind, model, options.hop_seconds, "fp32" if compute == "auto" else compute, activation)
 
     def hop(self, window_seconds: float) -> float:

@@ -129,6 +129,7 @@ class Trainer:
         self.feature_cache = feature_cache
         self.on_epoch = on_epoch
         self.on_failure = on_failure
+        self.on_fast = None  # called with the FastChoice when a fast-mode embedding model is built
         self.strict = strict
         self.failed: list[dict] = []
         self.model_name = model_name or base
@@ -178,6 +179,8 @@ class Trainer:
         def extractor() -> FeatureExtractor:  # the model is built only when something is not cached yet
             backend = LocalBackend.build(build_model(self.checkpoint), self.checkpoint.features, self.options,
                                          output="embedding")
+            if backend.fast_choice is not None and self.on_fast is not None:
+                self.on_fast(backend.fast_choice)
             return FeatureExtractor("embedding", self.model_name, backend, self.options)
 
         return cached_embeddings([e.path for e in dataset.examples], self.checkpoint.source,

@@ -1,0 +1,288 @@
+"""``--fast``: the fastest mode whose scores stay within ``FIDELITY`` of fp32, measured on this machine.
+
+Candidates (those the hardware supports): fp32 (the reference), bf16 (native bf16 or AMX only), int8 with
+FBGEMM's dynamic Linear, int8 with oneDNN's int8 GEMM (AMX-INT8/VNNI; ``torch._int_mm`` where oneDNN's op is
+missing), and on CUDA fp16 and bf16.
+``calibrate`` runs each on the loaded model: sigmoid scores on ``FIDELITY_WINDOWS`` fixed random windows
+against fp32's, then timed forwards after warm-up. ``pick`` takes the fastest faithful one, and never one
+slower than fp32. ``choose`` caches the choice per (CPU model and flags, torch version, weights fingerprint,
+threads, device) in ``fast_cache_path()``, so later runs pay nothing; an unreadable, corrupt or foreign cache is
+ignored and rewritten. The library never prints: the choice comes back as a ``FastChoice``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Callable
+
+FIDELITY = 0.02  # the most a sigmoid score may move from fp32's (the issue's bound)
+# A candidate must beat fp32 by this much: timings on a shared machine wander by a few percent, and a tie
+# is better served exact.
+MIN_SPEEDUP = 1.05
+FIDELITY_WINDOWS = 2  # random windows scored by every candidate (the first also times the forward)
+TIMED_PASSES = 3  # median of these, after warm-up
+# Warm-up passes at most (until two agree within 5%): bf16 on AMX settles within three or four; more would make
+# the one-off calibration of a full-size model on a noisy machine cost tens of seconds.
+MAX_WARMUP = 4
+CACHE_VERSION = 1
+MAX_CACHE_BYTES = 1 << 20  # a larger cache file is not ours: ignored, rewritten
+MAX_CACHE_ENTRIES = 64  # oldest dropped beyond this
+
+CPU_CANDIDATES = ("fp32", "bf16", "int8-fbgemm", "int8-onednn", "int8-int_mm")
+CUDA_CANDIDATES = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One mode as measured: ``ms`` per forward (median), its ``max_diff`` from fp32's sigmoid scores."""
+
+    name: str
+    ms: float | None = None
+    max_diff: float | None = None
+    skipped: str | None = None  # why it was not run on this machine
+
+    def speedup(self, reference: "Candidate") -> float | None:
+        return reference.ms / self.ms if self.ms and reference.ms else None
+
+    @property
+    def faithful(self) -> bool:
+        return self.max_diff is not None and math.isfinite(self.max_diff) and self.max_diff <= FIDELITY
+
+
+@dataclass(frozen=True)
+class FastChoice:
+    """What ``--fast`` runs: ``mode`` (a candidate name), its measured speed-up over fp32 and fidelity."""
+
+    mode: str
+    speedup: float
+    max_diff: float
+    candidates: tuple[Candidate, ...] = ()
+    cached: bool = False
+
+    @property
+    def dtype(self) -> str:
+        return "fp32" if self.mode.startswith("int8") else self.mode
+
+    @property
+    def int8_kernel(self) -> str | None:
+        return self.mode.partition("-")[2] or None if self.mode.startswith("int8") else None
+
+
+def pick(candidates: list[Candidate] | tuple[Candidate, ...]) -> FastChoice:
+    """The fastest faithful candidate at least ``MIN_SPEEDUP`` times faster than fp32; else fp32."""
+    reference = next(c for c in candidates if c.name == "fp32")
+    best = replace(reference, max_diff=0.0)
+    for candidate in candidates:
+        speedup = candidate.speedup(reference)
+        if candidate.faithful and speedup is not None and speedup >= MIN_SPEEDUP and candidate.ms < best.ms:
+            best = candidate
+    return FastChoice(best.name, round(best.speedup(reference) or 1.0, 3), round(best.max_diff, 5), tuple(candidates))
+
+
+# -- what this machine supports -----------------------------------------------------------------------
+
+
+def candidate_names(device: str) -> list[tuple[str, str | None]]:
+    """(name, why it is skipped or None) for every candidate of ``device``'s kind."""
+    import torch
+
+    from ..checkpoint.speed import _fbgemm_works, _int_mm_works, _onednn_works, cpu_has_native_bf16
+
+    if device.startswith("cuda"):
+        bf16 = torch.cuda.is_bf16_supported()
+        return [("fp32", None), ("fp16", None), ("bf16", None if bf16 else "this GPU has no bf16")]
+    if device != "cpu":
+        return [("fp32", None)]
+    return [("fp32", None),
+            ("bf16", None if cpu_has_native_bf16() else "no bf16 hardware (AVX512-BF16, AMX or ARM BF16)"),
+            ("int8-fbgemm", None if _fbgemm_works() else "this torch has no quantized engine"),
+            ("int8-onednn", None if _onednn_works() else "this torch has no oneDNN int8 linear"),
+            ("int8-int_mm", "int8-onednn computes the same products faster" if _onednn_works() else
+             None if _int_mm_works() else "this torch has no CPU torch._int_mm")]
+
+
+def place(model, mode: str, device: str):
+    """``model`` (float32, CPU) in ``mode`` on ``device``, changed in place: (model, input dtype)."""
+    from .options import torch_dtype
+    from ..checkpoint.speed import place_bf16_cpu, quantize_dynamic
+
+    if mode.startswith("int8"):
+        return quantize_dynamic(model, "int8", kernel=mode.partition("-")[2]), torch_dtype("fp32")
+    dtype = torch_dtype(mode)
+    if device == "cpu" and mode == "bf16":
+        return place_bf16_cpu(model), dtype
+    return model.to(device=device, dtype=dtype).eval(), dtype
+
+
+# -- calibration ----------------------------------------------------------------------------------------
+
+
+def calibration_inputs(config):
+    """(FIDELITY_WINDOWS, max_length, num_mel_bins) fixed random model inputs, the scale of normalised fbanks."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(FIDELITY_WINDOWS, config.max_length, config.num_mel_bins, generator=generator) * 0.5
+
+
+def _timer(model, dtype, device: str, first, attn) -> Callable[[], float]:
+    """A function running one forward of ``first`` (the timing window) and returning its seconds."""
+    from ..checkpoint.speed import synchronizer
+
+    sync = synchronizer(device)
+    first = first.to(device=device, dtype=dtype)
+
+    def timed_pass() -> float:
+        sync()
+        start = time.perf_counter()
+        model(first, attn=attn)
+        sync()
+        return time.perf_counter() - start
+
+    return timed_pass
+
+
+def calibrate(model, device: str = "cpu", attn: str | None = None) -> list[Candidate]:
+    """Every candidate of ``device`` measured on copies of ``model`` (float32, CPU; left unchanged): sigmoid
+    scores against fp32's, then warm-up and ``TIMED_PASSES`` timed forwards taken in turns, so that noise from
+    other processes hits every candidate alike (medians)."""
+    import copy
+
+    import torch
+
+    from ..checkpoint.speed import warm_up
+
+    inputs = calibration_inputs(model.config)
+    runs, scores, times, failed = {}, {}, {}, {}
+    with torch.inference_mode():
+        for name, skipped in candidate_names(device):
+            if skipped is not None:
+                continue
+            try:
+                variant, dtype = place(copy.deepcopy(model), name, device)
+                scores[name] = torch.sigmoid(variant(inputs.to(device, dtype), attn=attn).float()).cpu()
+                runs[name], times[name] = _timer(variant, dtype, device, inputs[:1], attn), []
+                warm_up(runs[name], most=MAX_WARMUP)
+            except (RuntimeError, NotImplementedError) as exc:  # a kernel this build or shape lacks: not a candidate
+                if name == "fp32":
+                    raise
+                runs.pop(name, None)
+                failed[name] = f"failed here: {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}"
+        for _ in range(TIMED_PASSES):
+            for name, run in runs.items():
+                times[name].append(run())
+    out = []
+    for name, skipped in candidate_names(device):
+        skipped = skipped or failed.get(name)
+        if skipped is not None:
+            out.append(Candidate(name, skipped=skipped))
+            continue
+        max_diff = float((scores[name] - scores["fp32"]).abs().max())
+        out.append(Candidate(name, round(statistics.median(times[name]) * 1e3, 3), round(max_diff, 6)))
+    return out
+
+
+# -- the cache ------------------------------------------------------------------------------------------
+
+
+def fast_cache_path() -> str:
+    """``$XDG_CACHE_HOME/ast-cli/fast-v1.json`` (default ``~/.cache``); the environment is read at call time. A
+    relative XDG_CACHE_HOME is ignored, as the XDG spec says: it would put the cache wherever the run started."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    base = base if os.path.isabs(base) else os.path.join("~", ".cache")
+    return os.path.join(os.path.expanduser(base), "ast-cli", f"fast-v{CACHE_VERSION}.json")
+
+
+def weights_fingerprint(model) -> str:
+    """A digest of every tensor's name, shape, dtype and an evenly strided sample of up to 4096 of its values.
+
+    Hashing all 344 MB of an AudioSet AST would cost more than loading it; any two real checkpoints differ in
+    the sampled values (fine-tuning moves every weight), which is all a cache key needs."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().contiguous().numpy()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(sample.tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(model, device: str) -> dict:
+    """What a choice depends on: the CPU (model name and feature flags), torch, the weights, threads, device."""
+    import torch
+
+    from ..checkpoint.speed import _cpuinfo_flags, cpu_capabilities
+
+    caps = cpu_capabilities()
+    gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
+    return {"cpu": str(caps.get("cpu_name", "")), "cpu_flags": sorted(_cpuinfo_flags()) or sorted(
+            k for k, v in caps.items() if v is True), "torch": torch.__version__, "weights": weights_fingerprint(model),
+            "threads": torch.get_num_threads(), "device": device, "gpu": gpu}
+
+
+def _read_cache(path: str) -> list:
+    """The cache's entries; [] for a missing, oversized, corrupt or foreign file (it is rewritten later)."""
+    try:
+        if os.path.getsize(path) > MAX_CACHE_BYTES:
+            return []
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return []
+    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("entries"), list):
+        return []
+    return [entry for entry in data["entries"] if isinstance(entry, dict)]
+
+
+def _cached_choice(entries: list, key: dict, names: list[str]) -> FastChoice | None:
+    """The entry for ``key`` if it is well formed and names a mode this machine still supports."""
+    for entry in entries:
+        choice = entry.get("choice")
+        if entry.get("key") != key or not isinstance(choice, dict):
+            continue
+        mode, speedup, max_diff = choice.get("mode"), choice.get("speedup"), choice.get("max_diff")
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                      for v in (speedup, max_diff))
+        if mode in names and numbers and 0 <= max_diff <= FIDELITY and (speedup >= MIN_SPEEDUP or mode == "fp32"):
+            return FastChoice(mode, float(speedup), float(max_diff), cached=True)
+    return None
+
+
+def _write_cache(path: str, entries: list, key: dict, choice: FastChoice) -> None:
+    """Add ``choice`` for ``key``, atomically; a cache that cannot be written only costs the next run a calibration."""
+    from .files import atomic_write
+
+    entries = [e for e in entries if e.get("key") != key][-(MAX_CACHE_ENTRIES - 1):]
+    entries.append({"key": key, "choice": {"mode": choice.mode, "speedup": choice.speedup,
+                                           "max_diff": choice.max_diff,
+                                           "candidates": [asdict(c) for c in choice.candidates]}})
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with atomic_write(path) as handle:
+            json.dump({"version": CACHE_VERSION, "entries": entries}, handle, indent=1)
+    except OSError:
+        pass
+
+
+def choose(model, device: str = "cpu", attn: str | None = None) -> FastChoice:
+    """The ``--fast`` mode for ``model`` (float32, CPU; unchanged) on ``device``: cached, else calibrated."""
+    path = fast_cache_path()
+    key = cache_key(model, device)
+    entries = _read_cache(path)
+    names = [name for name, skipped in candidate_names(device) if not skipped]
+    cached = _cached_choice(entries, key, names)
+    if cached is not None:
+        return cached
+    choice = pick(calibrate(model, device, attn))
+    _write_cache(path, entries, key, choice)
+    return choice
+
+
+__all__ = ["Candidate", "FIDELITY", "FastChoice", "calibrate", "choose", "fast_cache_path", "pick", "place"]

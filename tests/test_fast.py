@@ -1,0 +1,299 @@
+"""`--fast` (issue 26): the selection never picks a slower or unfaithful mode, the cache is keyed by what the choice
+depends on and never trusted blindly, and every command runs with --fast on a tiny model. Selection tests use
+fake timings and fidelities; the real candidates run on a tiny model, so their timings say nothing about speed."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ast_cli import fast
+from ast_cli.tasks.benchmark import random_model
+from ast_cli.cli import app
+from ast_cli.run.fast import Candidate, FastChoice, choose, fast_cache_path, pick
+from ast_cli.checkpoint.model import ASTConfig
+from ast_cli.checkpoint.speed import (Int8LinearIntMM, Int8LinearOneDNN, _bf16_packing_works, _fbgemm_works, _int_mm_works,
+                           _onednn_works, cpu_has_native_bf16)
+from conftest import TINY, write_audio
+from tolerances import FAST_MODE_SCORES
+
+runner = CliRunner()
+
+
+def fp32(ms: float = 100.0) -> Candidate:
+    return Candidate("fp32", ms, 0.0)
+
+
+# -- selection ---------------------------------------------------------------------------------------------
+
+
+def test_26_1_never_slower_and_never_unfaithful():
+    choice = pick([fp32(), Candidate("bf16", 40.0, 0.03), Candidate("int8-fbgemm", 120.0, 0.001),
+                   Candidate("int8-int_mm", 99.0, 0.001), Candidate("fp16", 10.0, math.nan),
+                   Candidate("bf16", skipped="no bf16 hardware")])
+    assert (choice.mode, choice.speedup, choice.max_diff) == ("fp32", 1.0, 0.0)
+
+
+def test_26_1_the_fastest_faithful_candidate_wins():
+    choice = pick([fp32(), Candidate("bf16", 40.0, 0.01), Candidate("int8-int_mm", 30.0, FAST_MODE_SCORES),
+                   Candidate("int8-fbgemm", 20.0, 0.021)])
+    assert (choice.mode, choice.speedup, choice.max_diff) == ("int8-int_mm", pytest.approx(100 / 30, abs=1e-3), 0.02)
+    assert (choice.dtype, choice.int8_kernel) == ("fp32", "int_mm")
+    assert (FastChoice("bf16", 2, 0).dtype, FastChoice("bf16", 2, 0).int8_kernel) == ("bf16", None)
+
+
+# -- the cache ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_model():
+    return random_model(ASTConfig(**TINY, id2label=tuple(f"c{i}" for i in range(5))))
+
+
+@pytest.fixture
+def fake_calibration(monkeypatch, tmp_path):
+    """``fast.calibrate`` replaced by fake timings (bf16 twice as fast, faithful); the calls are counted."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    calls = []
+
+    def calibrate(model, device="cpu", attn=None):
+        calls.append(device)
+        return [fp32(), Candidate("bf16", 50.0, 0.004)]
+
+    monkeypatch.setattr(fast, "calibrate", calibrate)
+    monkeypatch.setattr(fast, "candidate_names", lambda device: [("fp32", None), ("bf16", None)])
+    return calls
+
+
+def test_26_1_a_cache_hit_pays_nothing(tiny_model, fake_calibration, tmp_path):
+    first = choose(tiny_model)
+    assert fast_cache_path() == str(tmp_path / "xdg" / "ast-cli" / "fast-v1.json")
+    second = choose(tiny_model)
+    assert fake_calibration == ["cpu"]
+    assert (first.mode, first.cached, second.mode, second.cached, second.speedup) == ("bf16", False, "bf16", True, 2.0)
+
+
+def test_26_1_the_cache_is_keyed_by_weights_threads_and_torch(tiny_model, fake_calibration, monkeypatch):
+    choose(tiny_model)
+    with torch.no_grad():
+        tiny_model.classifier.dense.weight.add_(0.01)  # another checkpoint
+    choose(tiny_model)
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads + 1)
+    choose(tiny_model)
+    monkeypatch.setattr(torch, "__version__", "0.0.0-other")
+    choose(tiny_model)
+    assert len(fake_calibration) == 4
+    choose(tiny_model)  # each key was kept
+    assert len(fake_calibration) == 4
+    assert len(json.loads(open(fast_cache_path()).read())["entries"]) == 4
+
+
+@pytest.mark.parametrize("content", [
+    "{not json", json.dumps({"version": 99, "entries": []}), json.dumps([1, 2]), "x" * (fast.MAX_CACHE_BYTES + 1),
+])
+def test_26_1_a_corrupt_or_foreign_cache_is_ignored_and_rewritten(tiny_model, fake_calibration, content):
+    os.makedirs(os.path.dirname(fast_cache_path()))
+    with open(fast_cache_path(), "w") as handle:
+        handle.write(content)
+    assert choose(tiny_model).mode == "bf16" and fake_calibration == ["cpu"]
+    assert json.loads(open(fast_cache_path()).read())["version"] == fast.CACHE_VERSION
+
+
+@pytest.mark.parametrize("bad", [
+    {"mode": "int8-evil", "speedup": 9.0, "max_diff": 0.0},  # no such candidate here
+    {"mode": "bf16", "speedup": 2.0, "max_diff": 0.5},  # unfaithful
+    {"mode": "bf16", "speedup": 0.5, "max_diff": 0.0},  # slower than fp32
+    {"mode": "bf16", "speedup": "fast", "max_diff": 0.0},
+    {"mode": "bf16", "speedup": math.inf, "max_diff": 0.0},
+])
+def test_26_1_a_cached_choice_is_never_trusted_blindly(tiny_model, fake_calibration, bad):
+    key = fast.cache_key(tiny_model, "cpu")
+    os.makedirs(os.path.dirname(fast_cache_path()))
+    with open(fast_cache_path(), "w") as handle:
+        json.dump({"version": fast.CACHE_VERSION, "entries": [{"key": key, "choice": bad}]}, handle)
+    choice = choose(tiny_model)
+    assert (choice.mode, choice.cached, fake_calibration) == ("bf16", False, ["cpu"])
+
+
+def test_26_1_an_unwritable_cache_costs_only_a_calibration(tiny_model, fake_calibration, monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # a file where the folder would go
+    assert choose(tiny_model).mode == "bf16" and choose(tiny_model).mode == "bf16"
+    assert len(fake_calibration) == 2 and blocker.read_text() == ""
+
+
+# -- the real candidates -----------------------------------------------------------------------------------
+
+
+def _real(name: str) -> Candidate:
+    model = random_model(ASTConfig(**TINY, id2label=tuple(f"c{i}" for i in range(5))))
+    return next(c for c in fast.calibrate(model, "cpu", "sdpa") if c.name == name)
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="bf16 is a --fast candidate only where the CPU multiplies "
+                                                       "bf16 in hardware (AVX512-BF16, AMX or ARM BF16); this one does not")
+def test_26_1_bf16_candidate_runs_and_is_faithful():
+    candidate = _real("bf16")
+    assert candidate.skipped is None and candidate.ms > 0 and candidate.faithful
+
+
+@pytest.mark.skipif(not _onednn_works(), reason="this torch build has no oneDNN int8 linear (torch.ops.onednn)")
+def test_26_2_onednn_candidate_runs_and_is_faithful():
+    candidate = _real("int8-onednn")
+    assert candidate.skipped is None and candidate.ms > 0 and candidate.faithful
+
+
+@pytest.mark.skipif(not (_onednn_works() and _int_mm_works()), reason="needs both oneDNN's int8 linear and CPU "
+                                                                       "torch._int_mm in this torch build")
+def test_26_2_onednn_and_int_mm_compute_the_same_products():
+    linear = torch.nn.Linear(96, 40)
+    x = torch.randn(3, 50, 96) * torch.linspace(0.01, 10, 50)[:, None]  # per-token ranges that differ a lot
+    with torch.inference_mode():
+        fast_out, portable, exact = Int8LinearOneDNN(linear)(x), Int8LinearIntMM(linear)(x), linear(x)
+    # same int32 products; only the order of two float32 scalings differs (a few ulps of the output)
+    torch.testing.assert_close(fast_out, portable, rtol=1e-5, atol=1e-5)
+    assert (fast_out - exact).abs().max() <= 0.02 * exact.abs().max()  # int8's 1/127 steps, summed over 96
+
+
+@pytest.mark.skipif(not _fbgemm_works(), reason="this torch build has no quantized engine (FBGEMM/QNNPACK)")
+def test_26_1_fbgemm_candidate_runs_and_is_faithful():
+    candidate = _real("int8-fbgemm")
+    assert candidate.skipped is None and candidate.ms > 0 and candidate.faithful
+
+
+def test_26_1_a_missing_feature_is_skipped_with_its_reason(monkeypatch):
+    monkeypatch.setattr("ast_cli.checkpoint.speed.cpu_has_native_bf16", lambda: False)
+    names = dict(fast.candidate_names("cpu"))
+    assert names["fp32"] is None and "bf16 hardware" in names["bf16"]
+
+
+# -- every command -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def audio(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fast_audio")
+    for kind, seed in (("a", 1), ("b", 2)):
+        (root / kind).mkdir()
+        for i in range(2):
+            write_audio(root / kind / f"{kind}{i}.wav", 0.8, 16000, 1, seed=seed * 10 + i)
+    return root
+
+
+def _fast_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("fast: ")]
+
+
+def test_26_1_classify_and_extract_features_with_fast(tiny_checkpoint, audio, tmp_path):
+    model = str(tiny_checkpoint[0])
+    result = runner.invoke(app, ["classify", str(audio / "a"), "--model", model, "--fast", "-f", "json"])
+    assert result.exit_code == 0, result.stderr
+    assert len(_fast_lines(result.stderr)) == 1, result.stderr
+    assert json.loads(result.stdout)[0]["settings"]["compute"] == "fast"
+    again = runner.invoke(app, ["classify", str(audio / "a"), "--model", model, "--fast", "-f", "json"])
+    assert "cached calibration" in _fast_lines(again.stderr)[0]
+    quiet = runner.invoke(app, ["classify", str(audio / "a"), "--model", model, "--fast", "-q"])
+    assert quiet.exit_code == 0 and not _fast_lines(quiet.stderr)
+    out = tmp_path / "features"
+    extracted = runner.invoke(app, ["extract-features", str(audio / "a"), "--model", model, "--fast",
+                                    "--out", str(out)])
+    assert extracted.exit_code == 0, extracted.stderr
+    assert len(_fast_lines(extracted.stderr)) == 1 and len(list(out.rglob("*.safetensors"))) == 2
+
+
+def test_26_1_listen_with_fast(tiny_checkpoint, audio):
+    data = (audio / "a" / "a0.wav").read_bytes()
+    result = runner.invoke(app, ["listen", "-", "--model", str(tiny_checkpoint[0]), "--fast", "-f", "jsonl"],
+                           input=data)
+    assert result.exit_code == 0, result.stderr
+    assert len(_fast_lines(result.stderr)) == 1 and result.stdout.strip()
+
+
+def test_26_1_train_and_evaluate_with_fast(tiny_checkpoint, audio, tmp_path):
+    out = tmp_path / "trained"
+    trained = runner.invoke(app, ["train", str(audio), "--out", str(out), "--model", str(tiny_checkpoint[0]),
+                                  "--fast", "--epochs", "2", "--val-split", "0.5"])
+    assert trained.exit_code == 0, trained.stderr
+    assert len(_fast_lines(trained.stderr)) == 1, trained.stderr
+    report = runner.invoke(app, ["evaluate", str(out), str(audio), "--fast", "-f", "json"])
+    assert report.exit_code == 0, report.stderr
+    assert len(_fast_lines(report.stderr)) == 1 and json.loads(report.stdout)["files"] == 4
+
+
+@pytest.mark.parametrize("args", [["--dtype", "bf16"], ["--quantize", "int8"]])
+def test_26_1_fast_picks_the_dtype_itself(tiny_checkpoint, audio, args):
+    result = runner.invoke(app, ["classify", str(audio / "a"), "--model", str(tiny_checkpoint[0]), "--fast", *args])
+    assert result.exit_code == 2 and "Error: --fast: the fast mode picks the dtype" in result.stderr
+    assert f"drop {args[0]}" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_26_1_fast_finetune_is_refused_before_anything_loads(tiny_checkpoint, audio, tmp_path):
+    result = runner.invoke(app, ["train", str(audio), "--out", str(tmp_path / "o"), "--model",
+                                 str(tiny_checkpoint[0]), "--fast", "--mode", "finetune"])
+    assert result.exit_code == 2 and "drop --fast" in result.stderr and not (tmp_path / "o").exists()
+
+
+def test_26_1_benchmark_shows_every_candidate_and_the_pick(tiny_checkpoint):
+    args = ["benchmark", "--model", str(tiny_checkpoint[0]), "--device", "cpu", "--iters", "1", "--warmup", "0",
+            "--batch-sizes", "1", "--attn", "sdpa"]
+    report = json.loads(runner.invoke(app, [*args, "-f", "json"], catch_exceptions=False).stdout)["fast"]
+    assert [c["name"] for c in report["candidates"]] == list(fast.CPU_CANDIDATES)
+    assert report["pick"] in [c["name"] for c in report["candidates"] if c["skipped"] is None]
+    table = runner.invoke(app, args, catch_exceptions=False).stdout
+    assert "--fast candidates" in table and "picked" in table
+
+
+@pytest.mark.skipif(not (cpu_has_native_bf16() and _bf16_packing_works()),
+                    reason="packed bf16 Linear layers need bf16 hardware and oneDNN's bf16 linear in this torch")
+def test_26_2_cpu_bf16_runs_packed_linears_with_the_gelu_fused(tiny_checkpoint):
+    from ast_cli.run.backends import LocalBackend
+    from ast_cli.run.options import RunOptions
+    from ast_cli.checkpoint.weights import build_model, load_checkpoint
+
+    checkpoint = load_checkpoint(tiny_checkpoint[0])
+    backend = LocalBackend.build(build_model(checkpoint), checkpoint.features, RunOptions(device="cpu", dtype="bf16"))
+    modules = list(backend.model.modules())
+    assert not any(type(m) is torch.nn.Linear for m in modules)
+    assert sum(getattr(m, "post_op", None) == "gelu" for m in modules) == checkpoint.config.num_hidden_layers
+    inputs = fast.calibration_inputs(checkpoint.config)
+    with torch.inference_mode():
+        reference = torch.sigmoid(build_model(checkpoint)(inputs))
+    assert (torch.sigmoid(backend.tensor(inputs)) - reference).abs().max() <= FAST_MODE_SCORES
+
+
+def test_26_1_a_candidate_that_fails_here_is_skipped_with_its_reason(monkeypatch):
+    real_place = fast.place
+
+    def place(model, mode, device):
+        if mode == "bf16":
+            raise RuntimeError("no kernel for this shape\nmore detail")
+        return real_place(model, mode, device)
+
+    monkeypatch.setattr(fast, "place", place)
+    monkeypatch.setattr(fast, "candidate_names", lambda device: [("fp32", None), ("bf16", None)])
+    model = random_model(ASTConfig(**TINY, id2label=tuple(f"c{i}" for i in range(5))))
+    candidates = fast.calibrate(model, "cpu", "sdpa")
+    assert candidates[1] == Candidate("bf16", skipped="failed here: no kernel for this shape")
+    assert pick(candidates).mode == "fp32"
+
+
+@pytest.mark.parametrize("command", ["classify", "extract-features"])
+def test_26_1_fast_on_ray_is_refused_before_anything_loads(tiny_checkpoint, audio, tmp_path, command):
+    out = ["--out", str(tmp_path / "o")] if command == "extract-features" else []
+    result = runner.invoke(app, [command, str(audio / "a"), "--model", str(tiny_checkpoint[0]), "--fast",
+                                 "--engine", "ray", *out])
+    assert result.exit_code == 2 and "calibrated on this machine, not on Ray workers" in result.stderr
+    assert "use --engine local" in result.stderr and not (tmp_path / "o").exists()
+
+
+def test_26_1_a_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    assert fast_cache_path() == str(tmp_path / ".cache" / "ast-cli" / "fast-v1.json")
