@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ast_cli import fast
+from ast_cli.run import fast
 from ast_cli.tasks.benchmark import random_model
 from ast_cli.cli import app
 from ast_cli.run.fast import Candidate, FastChoice, choose, fast_cache_path, pick

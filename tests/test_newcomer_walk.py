@@ -284,7 +284,7 @@ def test_24_10_benchmark_prints_the_warm_up_count(tiny_checkpoint):
     assert 2 <= row["warmup"] <= 20
     table = ast(*common, "--warmup", "3", terminal_width=200)
     assert table.exit_code == 0 and "warm-up" in table.stdout
-    [line] = [line for line in table.stdout.splitlines() if "fp32" in line and "│" in line]
+    [line] = [line for line in table.stdout.splitlines() if "fp32" in line and "sdpa" in line and "│" in line]
     assert [cell.strip() for cell in line.split("│")][4] == "3"  # (edge), mode, attn, batch size, warm-up
 
 
