@@ -205,7 +205,8 @@ def test_24_2_cat_clip_into_listen_scores_all_and_says_why(tiny_checkpoint, tmp_
     ("pipe.wav", None),  # as `sox ... -t wav -` and ffmpeg write to a pipe: RIFF, sizes unknown
     ("x.wav", dict(format="WAV")), ("x.rf64", dict(format="RF64")), ("x.flac", dict(format="FLAC")),
     ("x.ogg", dict(format="OGG", subtype="VORBIS")), ("x.aiff", dict(format="AIFF")),
-    ("x.mp3", dict(format="MP3")),
+    ("x.mp3", dict(format="MP3")), ("x.au", dict(format="AU")), ("x.caf", dict(format="CAF")),
+    ("x.w64", dict(format="W64")),
 ])
 def test_24_3_audio_on_stdin_is_one_input_named_dash(tiny_checkpoint, tmp_path, name, write):
     import numpy as np
@@ -242,6 +243,49 @@ def test_24_3_audio_on_stdin_is_one_input_named_dash(tiny_checkpoint, tmp_path, 
 def test_24_3_text_on_stdin_stays_a_list_of_paths(tiny_checkpoint, clip):
     result = ast("classify", "-", "--model", tiny_checkpoint[0], "-f", "json", input=f"{clip}\n".encode())
     assert result.exit_code == 0 and [r["path"] for r in json.loads(result.stdout)] == [str(clip)]
+
+
+def test_24_3_binary_on_stdin_that_is_not_audio_is_refused_not_read_as_paths(tiny_checkpoint):
+    """Read as lines, binary data once held a line "/" (a carriage return counted as a line break) and the run
+    walked the whole file system. A NUL in the first bytes means binary: one usage error, nothing walked."""
+    import subprocess
+    import sys
+
+    junk = b"xx" + bytes(range(256)) * 4 + b"\r/\r\n/\n"
+    result = subprocess.run([sys.executable, "-m", "ast_cli", "classify", "-", "--model", str(tiny_checkpoint[0]),
+                             "-f", "jsonl"], input=junk, capture_output=True, timeout=60)  # a walk of / never ends
+    assert result.returncode == 2 and not result.stdout
+    assert result.stderr.decode().startswith("Error: standard input is binary data but no audio format")
+
+
+def test_24_3_a_line_break_in_a_path_list_is_a_line_feed(tiny_checkpoint, clip, tmp_path):
+    """CRLF lists work; a lone carriage return is part of a name, never a line break of its own."""
+    result = ast("classify", "-", "--model", tiny_checkpoint[0], "-f", "jsonl", "-q",
+                 input=f"{clip}\r\n{tmp_path}\r{tmp_path}\n".encode())
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["path"] for r in records] == [str(clip), f"{tmp_path}\r{tmp_path}"]
+    assert records[0]["error"] is None and records[1]["error"] == "no such file"
+
+
+@pytest.mark.parametrize("data_size", [0xFFFFFFFF, 0x7FFFF000])
+def test_24_3_a_pipe_header_saved_to_a_file_is_read_to_its_end(tiny_checkpoint, tmp_path, data_size):
+    """`arecord > rec.wav`, `sox in.flac -t wav - > out.wav`: the header's sizes are placeholders (ffmpeg and
+    arecord 0xFFFFFFFF, sox 0x7FFFF000), and the data runs to the end of the file; it was "truncated"."""
+    import struct
+
+    import soundfile as sf
+
+    from conftest import tone
+
+    path = tmp_path / "rec.wav"
+    sf.write(str(path), tone(1.0), 16000, subtype="PCM_16")
+    data = bytearray(path.read_bytes())
+    at = data.index(b"data")
+    data[4:8], data[at + 4 : at + 8] = struct.pack("<I", 0xFFFFFFFF), struct.pack("<I", data_size)
+    path.write_bytes(bytes(data))
+    result = ast("classify", str(path), "--model", tiny_checkpoint[0], "-f", "jsonl", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["duration"] == pytest.approx(1.0)
 
 
 def test_24_3_piped_audio_is_bounded_in_memory(tmp_path):

@@ -65,10 +65,15 @@ def _soundfile_info(path: Path) -> AudioInfo | None:
 _SHORT_CHUNK = re.compile(r"^(data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
 
 
+# Data sizes that a writer to a pipe puts in a WAV header because it cannot know the length (ffmpeg and arecord
+# 0xFFFFFFFF, sox 0x7FFFF000): saved to a file, the data runs to its end, as libsndfile reads it.
+UNKNOWN_LENGTHS = (0xFFFFFFFF, 0x7FFFF000)
+
+
 def _truncation(extra_info: str) -> str | None:
     """libsndfile's own log says when a file ends before its header says it should."""
     match = _SHORT_CHUNK.search(extra_info)
-    if match and int(match.group(2)) > int(match.group(3)):
+    if match and int(match.group(2)) > int(match.group(3)) and int(match.group(2)) not in UNKNOWN_LENGTHS:
         return f"truncated: the {match.group(1)} chunk should hold {match.group(2)} bytes, the file has {match.group(3)}"
     if "lacks an end-of-stream bit" in extra_info:
         return "truncated: the Ogg stream ends without its final page"

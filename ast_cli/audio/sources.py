@@ -31,9 +31,11 @@ from ..errors import AudioDecodeError
 
 SAMPLE_FORMATS = {"s16le": "<i2", "s32le": "<i4", "f32le": "<f4"}
 
-# How audio files begin: WAV (RIFF, big-endian RIFX, RF64), FLAC, Ogg, an ID3 tag (mp3), AIFF (FORM); an MPEG
-# frame sync (0xFF, then three more set bits) is checked in ``starts_like_audio``. No list of paths begins so.
-AUDIO_MAGIC = (b"RIFF", b"RIFX", b"RF64", b"fLaC", b"OggS", b"ID3", b"FORM")
+# How audio files begin: WAV (RIFF, big-endian RIFX, RF64, Sony Wave64 "riff"), FLAC, Ogg, an ID3 tag (mp3), AIFF
+# (FORM), Sun/NeXT AU (.snd), Apple CAF (caff); an MPEG frame sync (0xFF, then three more set bits) is checked in
+# ``starts_like_audio``. No list of paths begins so.
+AUDIO_MAGIC = (b"RIFF", b"RIFX", b"RF64", b"riff", b"fLaC", b"OggS", b"ID3", b"FORM", b".snd", b"caff")
+BINARY_PROBE = 512  # bytes of a stream looked at for a NUL, which no list of paths holds
 MAX_PIPED_BYTES = 1 << 30  # a non-WAV file on a pipe is held in memory (libsndfile seeks): at most this much
 
 
@@ -265,15 +267,23 @@ class _Prefixed(io.RawIOBase):
         return len(data)
 
 
-def sniff(stream: BinaryIO) -> tuple[bool, io.BufferedReader]:
-    """(whether ``stream`` opens like an audio file, a stream that still gives every byte, the first ones too)."""
+def sniff(stream: BinaryIO) -> tuple[str, io.BufferedReader]:
+    """What ``stream`` holds, ``"audio"`` (it opens like an audio file), ``"binary"`` (a NUL among the bytes
+    already there, at most ``BINARY_PROBE``: no text list of paths holds one) or ``"text"``, and a stream that
+    still gives every byte, the first ones too. Never waits for more than the first 4 bytes and one read."""
     head = b""
     while len(head) < 4:
         chunk = stream.read(4 - len(head))
         if not chunk:
             break
         head += chunk
-    return starts_like_audio(head), io.BufferedReader(_Prefixed(head, stream))
+    if starts_like_audio(head):
+        kind = "audio"
+    else:
+        if len(head) == 4:
+            head += (getattr(stream, "read1", None) or stream.read)(BINARY_PROBE)
+        kind = "binary" if b"\x00" in head else "text"
+    return kind, io.BufferedReader(_Prefixed(head, stream))
 
 
 class PipedAudio(_InMemory):

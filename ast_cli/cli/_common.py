@@ -158,11 +158,17 @@ def path_stdin(paths: list[str]):
     if buffer is None:
         return sys.stdin
     from ..audio.sources import PipedAudio, sniff
+    from ..errors import UsageError
 
-    audio, stream = sniff(buffer)
-    if audio:
+    kind, stream = sniff(buffer)
+    if kind == "audio":
         return PipedAudio(stream, "-")
-    return io.TextIOWrapper(stream, encoding=sys.getfilesystemencoding(), errors="surrogateescape")
+    if kind == "binary":  # read as lines, binary data can hold "/" and walk the whole file system
+        raise UsageError("standard input is binary data but no audio format this tool recognizes, and not a "
+                         "list of paths",
+                         hint="pipe WAV, FLAC, Ogg, MP3, AIFF, AU, CAF or W64 audio, or one path per line")
+    # newline="\n": a path may hold a carriage return; only a line feed ends one (CRLF lists lose the \r below)
+    return io.TextIOWrapper(stream, encoding=sys.getfilesystemencoding(), errors="surrogateescape", newline="\n")
 
 
 def refuse_piped_audio_on_ray(items, settings) -> None:

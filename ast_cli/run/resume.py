@@ -120,7 +120,7 @@ class Journal:
                 raise UsageError(
                     f"{self.path} holds records made with another model or settings ({record['path']}: {why}): "
                     "refusing to resume into it (nothing was changed)", option="resume",
-                    hint="start it afresh (overwrite it instead of resuming), or resume into another file")
+                    suggest={"resume": None, "overwrite": True})
 
     def repair(self) -> None:
         """Cut a torn last line (a run killed mid-write), or end a whole last record with its newline, so that

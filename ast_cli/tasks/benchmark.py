@@ -448,7 +448,7 @@ def run_benchmark(master: AST, features: FeatureConfig, name: str, *, device: st
                         options=RunOptions(batch_size=batch_size, workers=workers))
         for attn in attns:
             if on_step is not None:
-                on_step(f"end to end: {mode.name} {attn}, {len(paths)} files")
+                on_step(f"end to end: {mode.name} {attn}, {len(paths)} file{'s' if len(paths) != 1 else ''}")
             report.end_to_end.append(benchmark_end_to_end(tagger, paths, attn=attn, mode=mode,
                                                           batch_size=batch_size, workers=workers))
     return report

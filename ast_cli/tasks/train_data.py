@@ -102,7 +102,9 @@ def _read_table(path: str, option: str) -> Dataset:
             else:
                 reader = csv.DictReader(handle)
                 if "path" not in (reader.fieldnames or ()):
-                    raise UsageError(f"{path} has no 'path' column (columns: path,labels)", option=option)
+                    found = ",".join(reader.fieldnames or ())
+                    raise UsageError(f"{path} has no 'path' column (found: {found}; expected: path,labels)",
+                                     option=option)
                 rows = [(record["path"] or "", record.get("labels") or "") for record in reader]
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read {path} as path,labels rows: {exc}", option=option) from None
