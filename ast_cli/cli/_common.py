@@ -43,6 +43,14 @@ ExtOpt = Annotated[
     Optional[list[str]],
     typer.Option("--ext", metavar="EXT", help="Extensions taken from directories (repeatable, or a,b,c)."),
 ]
+ThresholdOpt = Annotated[
+    Optional[str],
+    typer.Option(metavar="P|calibrated[:P]", help="Keep labels with score >= P. calibrated: each label's own threshold from ast evaluate --calibrate (--thresholds); labels without one are chosen by --top, or with calibrated:P by score >= P."),
+]
+ThresholdsOpt = Annotated[
+    Optional[str],
+    typer.Option("--thresholds", metavar="FILE", help="The thresholds file --threshold calibrated reads (default: thresholds.json in the --model folder)."),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks and library messages (also AST_DEBUG=1).")]
 OfflineOpt = Annotated[bool, typer.Option("--offline", help="Use only the local cache (also HF_HUB_OFFLINE=1).")]
@@ -196,6 +204,43 @@ def label_list(values: list[str] | None) -> list[str]:
             raise UsageError(f"cannot read the label list {value[1:]}: {exc.strerror or exc}", option="labels") from None
         out.extend(line for line in lines if line)
     return out
+
+
+def parse_threshold(value: str | None) -> tuple[float | None, bool]:
+    """``--threshold``: ``P``, ``calibrated`` or ``calibrated:P`` -> (the number P or None, calibrated or not)."""
+    from ..errors import UsageError
+
+    if value is None:
+        return None, False
+    text = value.strip().lower()
+    calibrated = text == "calibrated" or text.startswith("calibrated:")
+    number = text.partition(":")[2] if calibrated else text
+    try:
+        return (float(number) if number else None), calibrated
+    except ValueError:
+        raise UsageError(f"must be a score P, calibrated, or calibrated:P, not {value!r}", option="threshold") from None
+
+
+def read_calibration(model: str, thresholds: str | None, calibrated: bool):
+    """The ``Calibration`` that ``--threshold calibrated`` applies (None without it), read and checked before any
+    work: ``--thresholds`` FILE, else thresholds.json in the model's folder."""
+    import os
+
+    from ..errors import UsageError
+    from ..run.thresholds import FILE_NAME, beside_model, read_thresholds
+
+    if not calibrated:
+        if thresholds is not None:
+            raise UsageError("--thresholds is read by --threshold calibrated", suggest={"threshold": "calibrated"})
+        return None
+    path = thresholds or beside_model(model)
+    if path is None or (thresholds is None and not os.path.exists(path)):
+        where = f"{model} has no {FILE_NAME}" if path else f"{model} is not a local model folder"
+        raise UsageError(f"{where}: nothing to read calibrated thresholds from", option="threshold",
+                         hint="write them with `ast evaluate MODEL DATA --calibrate precision=0.9` (with "
+                              "--thresholds-out FILE for a hub model), then give --thresholds FILE if not in the "
+                              "model's folder")
+    return read_thresholds(path)
 
 
 def stderr_console():

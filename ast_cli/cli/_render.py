@@ -160,3 +160,27 @@ def print_evaluation(report: dict, multi_label: bool) -> None:
         table.add_row(name, "-" if row["ap"] is None else f"{row['ap']:.4f}",
                       "-" if row["f1"] is None else f"{row['f1']:.4f}", str(row["positives"]))
     console.print(table)
+
+
+def print_calibration(calibration: dict) -> None:
+    """``ast evaluate --calibrate``'s table: per label the chosen threshold and the metrics at it on the data, or
+    why it has none; then where the thresholds went."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    metric = calibration["target"].split("=")[0]
+    console.print(f"thresholds for {calibration['target']} (labels with at least {calibration['min_positives']} "
+                  "positive files)")
+    table = Table(show_edge=False, pad_edge=False)
+    for column in ("label", "threshold", "precision", "recall", "F1", "positives", "note"):
+        table.add_column(column, justify="left" if column in ("label", "note") else "right")
+    for row in calibration["labels"]:
+        numbers = [f"{row[k]:.4f}" if row[k] is not None else "-" for k in ("threshold", "precision", "recall", "f1")]
+        note = {"calibrated": "", "unreachable": f"unreachable: best {metric} {row['best']:.4f}" if row["best"]
+                is not None else "unreachable"}.get(row["status"], row["status"])
+        table.add_row(row["label"], *numbers, str(row["positives"]), note)
+    console.print(table)
+    done = sum(row["status"] == "calibrated" for row in calibration["labels"])
+    console.print(f"{done} of {counted(len(calibration['labels']), 'label')} calibrated: "
+                  f"{calibration['thresholds_file']}", markup=False)

@@ -11,9 +11,10 @@ import typer
 from ..tasks.distributed import take_shard
 from ..run.options import Activation, Aggregate, OutputFormat, RunOptions
 from ._app import app
-from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, checked_distributed,
-                      distributed_options, fetch_model, label_list, load_tagger, model_config, model_identity,
-                      path_stdin, refuse_piped_audio_on_ray, report_failure, run_options, stderr_console)
+from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, ThresholdOpt, ThresholdsOpt,
+                      checked_distributed, distributed_options, fetch_model, label_list, load_tagger, model_config,
+                      model_identity, parse_threshold, path_stdin, read_calibration, refuse_piped_audio_on_ray,
+                      report_failure, run_options, stderr_console)
 from ._errors import EXIT_FAILED, cli_errors, counted, debug_enabled, say
 
 
@@ -26,7 +27,8 @@ def classify(
     dist: dict,
     model: ModelOpt = DEFAULT_MODEL,
     top: Annotated[Optional[int], typer.Option(min=0, metavar="N", help="Labels per file (0 = all; default 5, or all with --threshold).")] = None,
-    threshold: Annotated[Optional[float], typer.Option(metavar="P", help="Keep labels with score >= P.")] = None,
+    threshold: ThresholdOpt = None,
+    thresholds: ThresholdsOpt = None,
     include: Annotated[Optional[list[str]], typer.Option(metavar="LABEL", help="Only these labels (repeatable, case-insensitive; @FILE: one label per line).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option(metavar="LABEL", help="Never these labels (repeatable, case-insensitive; @FILE: one label per line).")] = None,
     format: Annotated[Optional[OutputFormat], typer.Option("--format", "-f", help="Output format (default: from the --output extension, else table on a terminal and jsonl otherwise).")] = None,
@@ -36,7 +38,7 @@ def classify(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing non-empty --output.")] = False,
     activation: Annotated[Optional[Activation], typer.Option(help="sigmoid (multi-label), softmax (single-label) or none (raw logits); default: what the checkpoint was trained for.")] = None,
     segments: Annotated[bool, typer.Option(help="Add per-window results (start, end, labels).")] = False,
-    aggregate: Annotated[Aggregate, typer.Option(help="Window scores -> file score.")] = Aggregate.max,
+    aggregate: Annotated[Optional[Aggregate], typer.Option(help="Window scores -> file score (default: max; with --threshold calibrated, what the thresholds were chosen on).")] = None,
     ext: ExtOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -67,15 +69,21 @@ def classify(
             raise UsageError("stdout is closed: there is nowhere to write the results", option="output")
         if output_dir is not None and (output is not None or resume):
             raise UsageError("--output-dir writes one file per input: it goes without --output and --resume")
-        selection = LabelSelection.from_options(top, threshold, label_list(include), label_list(exclude), activation)
+        threshold_value, calibrated = parse_threshold(threshold)
+        calibration = read_calibration(model, thresholds, calibrated)  # a missing or bad file: before any work
+        if calibration is not None:
+            calibration.check(activation.value if activation else None, aggregate.value if aggregate else None)
+            aggregate = aggregate or Aggregate(calibration.aggregate)
+        selection = LabelSelection.from_options(top, threshold_value, label_list(include), label_list(exclude),
+                                                activation)
         cluster = checked_distributed(dist, run)
         found = expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths))
         if not found:
             return _nothing_found(paths, ext, stderr, quiet)
         items = take_shard(found + _empty_folders(paths, found, ext), cluster.shard)
         refuse_piped_audio_on_ray(items, cluster)
-        job = _Job(model, run, cluster, selection, activation, aggregate, segments, output_dir or output, stderr,
-                   quiet, debug)
+        job = _Job(model, run, cluster, selection, activation, aggregate or Aggregate.max, segments,
+                   output_dir or output, stderr, quiet, debug, calibration)
         target, sources, note = _plan(items, job, format, output, output_dir, resume, overwrite)
         try:
             failed = _run(target, sources, len(items) - len(sources), note, job)
@@ -100,6 +108,7 @@ class _Job:
     stderr: Any
     quiet: bool
     debug: bool
+    calibration: Any = None  # --threshold calibrated: the thresholds read (run.thresholds.Calibration)
 
 
 def _nothing_found(paths: list[str], ext, stderr, quiet: bool) -> None:
@@ -191,6 +200,9 @@ def _provenance(target, job: _Job) -> dict:
     config, features = model_config(path)
     job.selection.mask(config.id2label)
     activation = job.activation or (Activation.softmax if is_single_label(config) else Activation.sigmoid)
+    if job.calibration is not None:  # thresholds of other labels or other scores: refused before the model loads
+        job.calibration.check(activation.value)
+        job.selection = job.selection.calibrated(config.id2label, job.calibration.thresholds)
     settings = Settings(None, model_identity(job.model, path), job.run.hop_seconds, _compute(job), activation.value)
     if target.journal is not None:
         target.journal.check(settings)

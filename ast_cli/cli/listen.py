@@ -10,8 +10,8 @@ import typer
 
 from ..run.options import Activation, RunOptions, _choices
 from ._app import app
-from ._common import (DEFAULT_MODEL, DebugOpt, ModelOpt, QuietOpt, label_list, listen_run_options, load_tagger,
-                      stderr_console)
+from ._common import (DEFAULT_MODEL, DebugOpt, ModelOpt, QuietOpt, ThresholdsOpt, label_list, listen_run_options,
+                      load_tagger, parse_threshold, read_calibration, stderr_console)
 from ._errors import cli_errors, debug_enabled, say
 
 LiveFormat = _choices("LiveFormat", "live jsonl", "What listen prints.")
@@ -29,7 +29,8 @@ def listen(
     channels: Annotated[int, typer.Option(min=1, metavar="N", help="Channels of raw PCM.")] = 1,
     sample_format: Annotated[SampleFormat, typer.Option("--sample-format", help="Sample format of raw PCM.")] = SampleFormat.s16le,
     top: Annotated[Optional[int], typer.Option(min=0, metavar="N", help="Labels per window (0 = all; default 5, or all with --threshold).")] = None,
-    threshold: Annotated[Optional[float], typer.Option(metavar="P", help="Keep labels with score >= P (with --events: the on/off threshold, default 0.5).")] = None,
+    threshold: Annotated[Optional[str], typer.Option(metavar="P|calibrated[:P]", help="Keep labels with score >= P (with --events: the on/off threshold, default 0.5). calibrated: each label's own threshold from ast evaluate --calibrate (--thresholds); labels without one go by --top, or with calibrated:P by P.")] = None,
+    thresholds: ThresholdsOpt = None,
     include: Annotated[Optional[list[str]], typer.Option(metavar="LABEL", help="Only these labels (repeatable; @FILE: one per line).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option(metavar="LABEL", help="Never these labels (repeatable; @FILE: one per line).")] = None,
     events: Annotated[bool, typer.Option("--events", help="Print only onsets and offsets: a label's score crossing --threshold.")] = False,
@@ -73,6 +74,8 @@ def listen(
                 check_rate(rate)
             except ValueError as exc:
                 raise UsageError(str(exc), option="rate") from None
+        threshold, calibrated = parse_threshold(threshold)
+        calibration = read_calibration(model, thresholds, calibrated)  # a missing or bad file: before any work
         if events and threshold is None:
             threshold = 0.5
         selection = LabelSelection.from_options(top, threshold, label_list(include), label_list(exclude), activation)
@@ -94,10 +97,13 @@ def listen(
         else:
             stream = ffmpeg_source(source)
         recording = source != "-" and os.path.isfile(source)
+        if calibration is not None:
+            calibration.check((activation or tagger.default_activation).value)
+            selection = selection.calibrated(tagger.labels, calibration.thresholds)
         listener = Listener(tagger.backend, tagger.labels, hop_seconds=run.hop_seconds or 1.0,
                             selection=selection, activation=activation or tagger.default_activation, stall_seconds=stall,
                             drop=(not recording) if drop is None else drop)
-        tracker = EventTracker(tagger.labels, threshold, listener.allowed) if events else None
+        tracker = EventTracker(tagger.labels, _on_off(selection, threshold), listener.allowed) if events else None
         from ._io import native_stderr_silenced
 
         try:
@@ -106,6 +112,16 @@ def listen(
         finally:
             if not quiet:
                 _say_pace(listener, stderr)
+
+
+def _on_off(selection, threshold: float):
+    """The --events threshold of each label: its calibrated one, else ``threshold`` (broadcast over the labels)."""
+    if selection.thresholds is None:
+        return threshold
+    import numpy as np
+
+    own = np.asarray(selection.thresholds)
+    return np.where(np.isnan(own), threshold, own)
 
 
 def _say_pace(listener, stderr) -> None:

@@ -6,10 +6,11 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..constants import MIN_POSITIVES
 from ..run.options import ListFormat, RunOptions, _choices
 from ._app import app
-from ._common import (DEFAULT_MODEL, DebugOpt, ModelOpt, QuietOpt, announce_fast, fetch_model, load_tagger, run_options,
-                      stderr_console)
+from ._common import (DEFAULT_MODEL, DebugOpt, ModelOpt, QuietOpt, announce_fast, fetch_model, load_tagger,
+                      model_identity, run_options, stderr_console)
 from ._errors import cli_errors, counted, say
 
 Mode = _choices("Mode", "head finetune", "What ast train trains.")
@@ -156,43 +157,73 @@ def evaluate(
     data: DataArg,
     run: RunOptions,
     threshold: Annotated[float, typer.Option(metavar="P", help="multi-label: the score a label counts as present at (for F1).")] = 0.5,
+    calibrate: Annotated[Optional[str], typer.Option(metavar="TARGET", help="Per label, choose the threshold that reaches TARGET on DATA: precision=P (the lowest threshold with that precision), recall=R (the highest with that recall) or f1 (the best F1); written to thresholds.json in MODEL's folder, which --threshold calibrated reads.")] = None,
+    thresholds_out: Annotated[Optional[str], typer.Option("--thresholds-out", metavar="FILE", help="--calibrate: write the thresholds here (needed for a hub model or a folder that cannot be written).")] = None,
+    min_positives: Annotated[int, typer.Option("--min-positives", min=1, metavar="N", help="--calibrate: labels with fewer positive files in DATA are left uncalibrated.")] = MIN_POSITIVES,
     features_dir: Annotated[Optional[str], typer.Option("--features-dir", metavar="DIR", help="Where window embeddings are cached (default: the cache ast train shares, under HF_HOME/assets).")] = None,
     format: Annotated[ListFormat, typer.Option("--format", "-f", help="table or json.")] = ListFormat.table,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Measure a model on labeled data: accuracy, macro-F1 and a confusion table (single-label), or mAP and
-    per-label AP and F1 (multi-label).
+    per-label AP and F1 (multi-label). --calibrate also chooses a threshold per label.
 
     Examples:
 
       ast evaluate frog-ast/ frogs-test/
 
       ast evaluate ads/ test.csv --format json | jq .map
+
+      ast evaluate frog-ast/ frogs-calib/ --calibrate precision=0.9
     """
     stderr = stderr_console()
     with cli_errors(stderr, debug):
         import json
 
-        from ..errors import AudioDecodeError
+        from ..errors import AudioDecodeError, UsageError
         from ..run.files import check_writable_dir
-        from ..tasks.metrics import evaluate as measure
+        from ..tasks.calibrate import Target, destination
+        from ..tasks.metrics import report as measured, score_dataset
         from ..tasks.train_data import load_dataset
 
         dataset = load_dataset(data)
         if features_dir:
             check_writable_dir(features_dir, option="features_dir")
+        target = Target.parse(calibrate) if calibrate is not None else None
+        if target is None and thresholds_out is not None:
+            raise UsageError("--thresholds-out is where --calibrate writes", suggest={"calibrate": "precision=0.9"})
+        out = destination(model, thresholds_out, run.cache_dir) if target else None  # before the model loads
         tagger = load_tagger(model, run, stderr, quiet)
-        report = measure(tagger, dataset, threshold, feature_cache=features_dir)
+        scored = score_dataset(tagger, dataset, feature_cache=features_dir)
+        report = measured(scored, threshold)
         for failure in report["failed"]:
             say(stderr, f"error: {failure['path']}: {failure['error']}")
         if not report["files"]:
             raise AudioDecodeError(f"no file of {data} could be read: nothing to measure")
+        if target is not None:
+            report["calibration"] = _calibrate(tagger, scored, target, min_positives, data, out, run, stderr)
         if format is ListFormat.json:
             typer.echo(json.dumps(report, indent=2))
         else:
-            from ._render import print_evaluation
+            from ._render import print_calibration, print_evaluation
 
             print_evaluation(report, dataset.multi_label)
+            if target is not None:
+                print_calibration(report["calibration"])
         if report["failed"]:
             raise typer.Exit(1)
+
+
+def _calibrate(tagger, scored, target, min_positives: int, data: str, out: str, run: RunOptions, stderr) -> dict:
+    """Choose the thresholds, write them to ``out`` (atomically) and return the report's calibration part."""
+    from dataclasses import asdict
+
+    from ..run.thresholds import write_thresholds
+    from ..tasks.calibrate import calibrate, document, file_sha256
+
+    results = calibrate(scored, target, min_positives)
+    identity = model_identity(tagger.name, fetch_model(tagger.name, run, stderr, True))
+    weights = file_sha256(tagger.source) if tagger.source else None
+    write_thresholds(out, document(results, scored, target, data, identity, weights))
+    return {"target": str(target), "min_positives": min_positives, "thresholds_file": out,
+            "labels": [asdict(r) for r in results]}

@@ -18,7 +18,8 @@ def _labels(labels: list[LabelScore]) -> list[dict]:
 
 def to_record(result: FileResult, provenance: dict | None = None) -> dict:
     """The JSON record of one file. Keys ``path``, ``duration``, ``labels``, ``error`` are the stable schema;
-    ``segments`` appears with ``--segments``; ``size`` and ``mtime`` identify the file for ``--resume``;
+    ``none_of`` (true) marks a single-label clip whose best label is under its
+    calibrated threshold; ``segments`` appears with ``--segments``; ``size`` and ``mtime`` identify the file for ``--resume``;
     ``provenance`` (``model`` and ``settings``: what made the scores) comes last."""
     record = {
         "path": result.path,
@@ -26,6 +27,8 @@ def to_record(result: FileResult, provenance: dict | None = None) -> dict:
         "labels": _labels(result.labels),
         "error": result.error,
     }
+    if result.none_of:  # single-label, calibrated: none of the model's labels (``labels`` is empty)
+        record["none_of"] = True
     if result.segments is not None:
         record["segments"] = [{"start": s.start, "end": s.end, "labels": _labels(s.labels)} for s in result.segments]
     record["size"] = result.size

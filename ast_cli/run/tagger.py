@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
@@ -50,25 +51,29 @@ class FileResult:
     size: int | None = None
     mtime: float | None = None
     exception: BaseException | None = field(default=None, repr=False, compare=False)  # behind ``error``
+    none_of: bool = False  # single-label, calibrated: the best label is under its threshold (``labels`` empty)
 
 
 @dataclass(frozen=True)
 class LabelSelection:
     """Which labels to report: the ``top`` best (None = all) with score >= ``threshold``,
-    restricted to ``include`` and without ``exclude`` (label names, case-insensitive)."""
+    restricted to ``include`` and without ``exclude`` (label names, case-insensitive).
+
+    ``thresholds``: calibrated thresholds, one per label of the model in its order (NaN: none for that label).
+    A label that has one is reported when its score reaches it, whatever ``top``; the labels without one are
+    chosen by ``top`` and ``threshold`` as above."""
 
     top: int | None = 5
     threshold: float | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    thresholds: tuple[float, ...] | None = None
 
     @classmethod
     def from_options(cls, top: int | None, threshold: float | None, include=None, exclude=None,
                      activation: Activation | str | None = None) -> "LabelSelection":
         """``top`` None: 5, or all labels when a threshold is given; 0: all. A threshold must be a score the
         activation can give (sigmoid and softmax scores lie in [0, 1])."""
-        import math
-
         if threshold is not None:
             bounded = activation is None or Activation(activation) is not Activation.none
             if not math.isfinite(threshold) or (bounded and not 0.0 <= threshold <= 1.0):
@@ -102,18 +107,44 @@ class LabelSelection:
             allowed[find(name)] = False
         return allowed
 
+    def calibrated(self, labels: tuple[str, ...], thresholds: dict[str, float]) -> "LabelSelection":
+        """This selection with ``thresholds`` (label name -> calibrated threshold) over the model's ``labels``;
+        a name the model does not have is a UsageError."""
+        from dataclasses import replace
+
+        unknown = sorted(set(thresholds) - set(labels))
+        if unknown:
+            raise UsageError(f"the calibrated thresholds name label {unknown[0]!r}, which the model does not have"
+                             + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""), option="thresholds")
+        return replace(self, thresholds=tuple(float(thresholds.get(name, math.nan)) for name in labels))
+
     def select(self, scores: np.ndarray, labels: tuple[str, ...], allowed: np.ndarray) -> list[LabelScore]:
         order = np.argsort(-scores, kind="stable")
-        picked = []
+        calibrated = np.asarray(self.thresholds if self.thresholds is not None else [math.nan] * len(labels))
+        picked, fallback = [], 0
         for i in order:
             if not allowed[i]:
                 continue
-            if self.threshold is not None and scores[i] < self.threshold:
-                break
+            if not math.isnan(calibrated[i]):  # a calibrated label: its own threshold, whatever --top says
+                if scores[i] >= calibrated[i]:
+                    picked.append(LabelScore(labels[i], int(i), float(scores[i])))
+                continue
+            if (self.threshold is not None and scores[i] < self.threshold) or (
+                    self.top is not None and fallback >= self.top):
+                if self.thresholds is None:
+                    break  # scores only fall from here: nothing more to pick
+                continue
             picked.append(LabelScore(labels[i], int(i), float(scores[i])))
-            if self.top is not None and len(picked) >= self.top:
-                break
+            fallback += 1
         return picked
+
+    def none_of(self, scores: np.ndarray, allowed: np.ndarray) -> bool:
+        """Single-label scores: whether the best allowed label has a calibrated threshold that its score is under
+        (the clip is none of these labels, rather than forced into the best of them)."""
+        if self.thresholds is None or not allowed.any():
+            return False
+        best = int(np.flatnonzero(allowed)[np.argmax(scores[allowed])])
+        return not math.isnan(self.thresholds[best]) and scores[best] < self.thresholds[best]
 
 
 def activate(logits: np.ndarray, activation: Activation | str) -> np.ndarray:
@@ -245,6 +276,8 @@ class Tagger:
             return result
         pooled = scores.max(axis=0) if aggregate is Aggregate.max else scores.mean(axis=0)
         result.labels = selection.select(pooled, self.labels, allowed)
+        if activation is Activation.softmax and selection.none_of(pooled, allowed):
+            result.labels, result.none_of = [], True
         if segments:
             result.segments = []
             for (start, end), row in zip(out.windows, scores):

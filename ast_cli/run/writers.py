@@ -16,6 +16,7 @@ from .records import display_path, dumps, to_record
 from .tagger import FileResult, LabelScore
 
 CSV_COLUMNS = ("path", "duration", "rank", "label", "index", "score")
+NONE_OF = "(none of these)"  # the label text (CSV, table) of a single-label clip under its calibrated threshold
 CSV_SEGMENT_COLUMNS = ("start", "end")
 
 
@@ -148,7 +149,7 @@ class JsonlWriter(Writer):
 
 class CsvWriter(_StreamWriter):
     """One row per (file, label): ``path,duration,rank,label,index,score`` (+ ``start,end`` with segments),
-    then ``error``. File-level rows have empty start/end; a failed file is one row with its error."""
+    then ``error``; a clip that is none of the labels (calibrated, single-label) has one row labelled NONE_OF. File-level rows have empty start/end; a failed file is one row with its error."""
 
     def __init__(self, stream: IO | None = None, path: str | None = None, segments: bool = False,
                  direct: bool = False, delimiter: str = ","):
@@ -172,6 +173,10 @@ class CsvWriter(_StreamWriter):
             self.csv.writerow((display_path(result.path), duration, "", "", "", "") + blank + (result.error,))
             return
         self._rows(result, result.labels, None)
+        if result.none_of:  # a row of its own, so the file is not mistaken for one that was never tagged
+            duration = "" if result.duration is None else round(result.duration, 6)
+            self.csv.writerow((display_path(result.path), duration, "", NONE_OF, "", "")
+                              + (("", "") if self.segments else ()) + ("",))
         for segment in result.segments or []:
             self._rows(result, segment.labels, (segment.start, segment.end))
         self.stream.flush()
@@ -204,6 +209,8 @@ class TableWriter(Writer):
         table.add_column("score", justify="right")
         for rank, item in enumerate(result.labels, 1):
             table.add_row(str(rank), item.label, f"{item.score:.4f}")
+        if result.none_of:
+            table.add_row("", NONE_OF, "")
         self.console.print(table)
         if result.segments:
             timeline = Table(title="timeline", title_justify="left", show_edge=False, pad_edge=False)

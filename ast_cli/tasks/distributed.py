@@ -334,7 +334,7 @@ def run_ray(sources: list, model: str, options, settings: RaySettings, *, select
     """Tag ``sources`` (``sources.FileSource``s: a path, and an error already known) on Ray; yields their
     records (dicts, as ``records.to_record`` makes them) in input order, as they finish."""
     job = {"selection": {"top": selection.top, "threshold": selection.threshold, "include": selection.include,
-                         "exclude": selection.exclude},
+                         "exclude": selection.exclude, "thresholds": selection.thresholds},
            "activation": activation.value if activation is not None else None,
            "aggregate": aggregate.value, "segments": segments}
     rows = [{"index": i, "path": source.path, "error": source.error or ""} for i, source in enumerate(sources)]
@@ -353,4 +353,4 @@ def record_to_result(record: dict):
     if record.get("segments") is not None:
         segments = [Segment(s["start"], s["end"], labels(s["labels"])) for s in record["segments"]]
     return FileResult(record["path"], record["duration"], labels(record["labels"]), record["error"], segments,
-                      record.get("size"), record.get("mtime"))
+                      record.get("size"), record.get("mtime"), none_of=record.get("none_of", False))

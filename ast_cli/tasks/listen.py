@@ -227,9 +227,10 @@ class Listener:
 
 
 class EventTracker:
-    """Onsets and offsets: a label is "on" while its window score is at or above ``threshold``."""
+    """Onsets and offsets: a label is "on" while its window score is at or above ``threshold`` (one for every
+    label, or a (num_labels,) array: calibrated thresholds)."""
 
-    def __init__(self, labels: tuple[str, ...], threshold: float, allowed: np.ndarray):
+    def __init__(self, labels: tuple[str, ...], threshold: float | np.ndarray, allowed: np.ndarray):
         self.labels, self.threshold, self.allowed = labels, threshold, allowed
         self.on = np.zeros(len(labels), dtype=bool)
 

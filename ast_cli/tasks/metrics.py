@@ -1,11 +1,12 @@
 """How good a model is on labeled data: average precision, accuracy and the rest (``metrics``), a file's score
-from its windows' (``file_scores``), and ``evaluate``, which runs a Tagger over a dataset.
+from its windows' (``file_scores``), ``score_dataset``, which runs a Tagger over a dataset, and ``evaluate``.
 """
 
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -73,10 +74,46 @@ def _jsonable(value):
     return value
 
 
+@dataclass
+class Scored:
+    """A dataset as the model scores it: ``scores`` (files, K) over ``labels`` (the data's), each file's score as
+    classify makes it (single-label: softmax, mean over windows; multi-label: sigmoid, max), its ``targets``
+    (files, K) 0/1, the files' ``paths``, and the files that could not be scored (``failed``: path, error)."""
+
+    scores: np.ndarray
+    targets: np.ndarray
+    labels: tuple[str, ...]
+    paths: list[str]
+    multi_label: bool
+    failed: list[dict]
+
+    @property
+    def activation(self) -> str:
+        return "sigmoid" if self.multi_label else "softmax"
+
+    @property
+    def aggregate(self) -> str:
+        return "max" if self.multi_label else "mean"
+
+
 def evaluate(tagger, dataset: Dataset, threshold: float = 0.5, feature_cache: str | None = None) -> dict:
     """Metrics of ``tagger`` on ``dataset``; its labels are matched by name (every data label must be one).
     Window embeddings come from (and go to) the shared cache (``feature_cache``: another folder), so a second
     evaluation of the same model and files, or one of the base model ``train`` used, computes nothing again."""
+    return report(score_dataset(tagger, dataset, feature_cache), threshold)
+
+
+def report(scored: Scored, threshold: float = 0.5) -> dict:
+    """``metrics`` of scored data, plus its ``failed`` files, as JSON-ready values (NaN: None)."""
+    if not len(scored.paths):  # nothing to measure: no metrics (numpy would warn on empty arrays)
+        return {"files": 0, "failed": scored.failed}
+    out = metrics(scored.scores, scored.targets, scored.labels, scored.multi_label, threshold)
+    out["failed"] = scored.failed
+    return _jsonable(out)
+
+
+def score_dataset(tagger, dataset: Dataset, feature_cache: str | None = None) -> Scored:
+    """``dataset`` scored by ``tagger`` (see ``evaluate``); unreadable files are left out, named in ``failed``."""
     index = {name: i for i, name in enumerate(tagger.labels)}
     missing = sorted(set(dataset.labels) - set(index))
     if missing:
@@ -95,13 +132,10 @@ def evaluate(tagger, dataset: Dataset, threshold: float = 0.5, feature_cache: st
             failed.append({"path": example.path, "error": error})
         else:
             keep.append(row)
-    if not keep:  # nothing to measure: no metrics (numpy would warn on empty arrays)
-        return {"files": 0, "failed": failed}
     columns = [index[name] for name in dataset.labels]
-    report = metrics(scores[keep][:, columns], dataset.subset(keep).targets(), dataset.labels, dataset.multi_label,
-                     threshold)
-    report["failed"] = failed
-    return _jsonable(report)
+    kept = dataset.subset(keep)
+    return Scored(scores[keep][:, columns], kept.targets(), dataset.labels, [e.path for e in kept.examples],
+                  dataset.multi_label, failed)
 
 
 def _file_logits(tagger, dataset: Dataset, feature_cache: str | None) -> Iterator[tuple[str | None, np.ndarray]]:
