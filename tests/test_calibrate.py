@@ -77,6 +77,8 @@ def test_28_2_thresholds_on_hand_counts():
     assert calibrate(tied, Target.parse("f1"), min_positives=3)[0].status == "too few positives"
     none = Scored(np.array([[0.9], [0.1]]), np.zeros((2, 1)), ("a",), ["1", "2"], True, [])
     assert calibrate(none, Target.parse("f1"))[0].status == "no positives"
+    absent = calibrate(tied, Target.parse("f1"), min_positives=1, every_label=("b", "a"))  # b: the model's only
+    assert [(r.label, r.status) for r in absent] == [("a", "calibrated"), ("b", "no positives")]
 
 
 def test_28_2_calibration_to_precision_holds_on_a_held_out_split(head, splits):

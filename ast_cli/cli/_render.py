@@ -175,12 +175,18 @@ def print_calibration(calibration: dict) -> None:
     table = Table(show_edge=False, pad_edge=False)
     for column in ("label", "threshold", "precision", "recall", "F1", "positives", "note"):
         table.add_column(column, justify="left" if column in ("label", "note") else "right")
+    absent = [row["label"] for row in calibration["labels"] if row["status"] == "no positives"]
     for row in calibration["labels"]:
+        if row["status"] == "no positives":
+            continue  # one line below: a model of 527 labels calibrated for 3 would drown the table
         numbers = [f"{row[k]:.4f}" if row[k] is not None else "-" for k in ("threshold", "precision", "recall", "f1")]
         note = {"calibrated": "", "unreachable": f"unreachable: best {metric} {row['best']:.4f}" if row["best"]
                 is not None else "unreachable"}.get(row["status"], row["status"])
         table.add_row(row["label"], *numbers, str(row["positives"]), note)
     console.print(table)
+    if absent:
+        shown = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
+        console.print(f"no positive file in DATA, so no threshold: {shown}", markup=False)
     done = sum(row["status"] == "calibrated" for row in calibration["labels"])
     console.print(f"{done} of {counted(len(calibration['labels']), 'label')} calibrated: "
                   f"{calibration['thresholds_file']}", markup=False)

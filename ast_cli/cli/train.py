@@ -221,7 +221,7 @@ def _calibrate(tagger, scored, target, min_positives: int, data: str, out: str, 
     from ..run.thresholds import write_thresholds
     from ..tasks.calibrate import calibrate, document, file_sha256
 
-    results = calibrate(scored, target, min_positives)
+    results = calibrate(scored, target, min_positives, every_label=tagger.labels)
     identity = model_identity(tagger.name, fetch_model(tagger.name, run, stderr, True))
     weights = file_sha256(tagger.source) if tagger.source else None
     write_thresholds(out, document(results, scored, target, data, identity, weights))

@@ -64,12 +64,15 @@ class LabelCalibration:
     best: float | None = None
 
 
-def calibrate(scored: Scored, target: Target, min_positives: int = MIN_POSITIVES) -> list[LabelCalibration]:
+def calibrate(scored: Scored, target: Target, min_positives: int = MIN_POSITIVES,
+              every_label: tuple[str, ...] = ()) -> list[LabelCalibration]:
     """Each label of ``scored``: for precision, the lowest threshold whose precision reaches the target (the most
     recall at that precision); for recall, the highest whose recall does (the most precision); for f1, the one
-    with the highest F1. Labels with fewer than ``min_positives`` positive files are not calibrated."""
-    return [_one(scored.labels[k], scored.scores[:, k], scored.targets[:, k] > 0, target, min_positives)
-            for k in range(len(scored.labels))]
+    with the highest F1. Labels with fewer than ``min_positives`` positive files are not calibrated, nor those of
+    ``every_label`` (the model's) that the data does not have (no positives)."""
+    found = [_one(scored.labels[k], scored.scores[:, k], scored.targets[:, k] > 0, target, min_positives)
+             for k in range(len(scored.labels))]
+    return found + [LabelCalibration(name, "no positives", 0) for name in every_label if name not in scored.labels]
 
 
 def _one(label: str, scores: np.ndarray, positive: np.ndarray, target: Target, min_positives: int) -> LabelCalibration:
