@@ -26,7 +26,7 @@ def classify(
     run: RunOptions,
     dist: dict,
     model: ModelOpt = DEFAULT_MODEL,
-    top: Annotated[Optional[int], typer.Option(min=0, metavar="N", help="Labels per file (0 = all; default 5, or all with --threshold).")] = None,
+    top: Annotated[Optional[int], typer.Option(min=0, metavar="N", help="Labels per file (0 = all; default 5, or all with --threshold P); with --threshold calibrated, of the labels without a calibrated threshold.")] = None,
     threshold: ThresholdOpt = None,
     thresholds: ThresholdsOpt = None,
     include: Annotated[Optional[list[str]], typer.Option(metavar="LABEL", help="Only these labels (repeatable, case-insensitive; @FILE: one label per line).")] = None,

@@ -88,6 +88,9 @@ class LabelSelection:
 
     def mask(self, labels: tuple[str, ...]) -> np.ndarray:
         """Boolean (num_labels,) of labels allowed by include/exclude; unknown names are a UsageError."""
+        if self.thresholds is not None and len(self.thresholds) != len(labels):
+            raise UsageError(f"{len(self.thresholds)} calibrated thresholds for {len(labels)} labels",
+                             option="thresholds")
         lowered = [name.lower() for name in labels]
         index = {name: i for i, name in enumerate(lowered)}
 
