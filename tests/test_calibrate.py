@@ -264,3 +264,21 @@ def test_28_2_a_failed_or_interrupted_evaluate_leaves_the_earlier_thresholds_byt
     monkeypatch.undo()
     done = runner.invoke(app, ["evaluate", str(model), str(splits / "calib"), "--calibrate", "f1"])
     assert done.exit_code == 0 and read_thresholds(str(model / "thresholds.json")).thresholds, done.stderr
+
+
+def test_28_2_listen_events_turn_on_at_each_labels_calibrated_threshold(tiny_checkpoint, tmp_path):
+    import io
+
+    buffer = io.BytesIO()
+    sf.write(buffer, np.concatenate([clip("low", np.random.default_rng(3))] * 4), RATE, format="WAV")
+    thresholds = tmp_path / "t.json"
+    write_thresholds(str(thresholds), {"thresholds": {"Speech": 0.0, "Music": 1.0}, "activation": "sigmoid",
+                                       "aggregate": "max"})
+    # Speech is on from the first window (0 is reached by any score), Music never (its threshold); every other
+    # label goes by calibrated:P, a P no score of the tiny model reaches
+    result = runner.invoke(app, ["listen", "-", "--model", str(tiny_checkpoint[0]), "--events", "--threshold",
+                                 "calibrated:0.999", "--thresholds", str(thresholds), "--quiet"],
+                           input=buffer.getvalue())
+    assert result.exit_code == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(e["event"], e["label"]) for e in events] == [("onset", "Speech"), ("offset", "Speech")], events
