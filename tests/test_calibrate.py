@@ -282,3 +282,28 @@ def test_28_2_listen_events_turn_on_at_each_labels_calibrated_threshold(tiny_che
     assert result.exit_code == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(e["event"], e["label"]) for e in events] == [("onset", "Speech"), ("offset", "Speech")], events
+
+
+def test_28_2_ray_workers_get_the_calibrated_thresholds_and_none_of_comes_back(head, splits, monkeypatch):
+    # The actor and the records it sends back, run in this process: what --engine ray adds is the job's journey.
+    import ast_cli.tasks.distributed as distributed
+    from ast_cli import RunOptions
+    from ast_cli.audio.sources import FileSource
+    from ast_cli.run.options import Aggregate
+    from ast_cli.run.tagger import LabelSelection
+
+    def in_process(rows, actor, args, settings, per_task):
+        batch = {key: [row[key] for row in rows] for key in ("index", "path", "error")}
+        yield from (json.loads(record) for record in actor(*args)(batch)["record"])
+
+    monkeypatch.setattr(distributed, "_ray_map", in_process)
+    labels = tuple(PITCH)  # the head's labels, sorted as train sorts them
+    paths = sorted(str(p) for p in (splits / "test" / "mid").iterdir())[:3]
+    for value, none_of in ((1.0, True), (0.0, False)):
+        selection = LabelSelection().calibrated(tuple(sorted(labels)), dict.fromkeys(labels, value))
+        records = list(distributed.run_ray([FileSource(p) for p in paths], str(head), RunOptions(),
+                                           distributed.RaySettings(engine="ray"), selection=selection,
+                                           activation=None, aggregate=Aggregate.mean, segments=False))
+        results = [distributed.record_to_result(r) for r in records]
+        assert [r.none_of for r in results] == [none_of] * 3 and all(bool(r.labels) != none_of for r in results)
+
