@@ -17,7 +17,7 @@ from ast_cli.tasks.benchmark import random_model
 from ast_cli.cli import app
 from ast_cli.run.fast import Candidate, FastChoice, choose, fast_cache_path, pick
 from ast_cli.checkpoint.model import ASTConfig
-from ast_cli.checkpoint.speed import (Int8LinearIntMM, Int8LinearOneDNN, _bf16_packing_works, _fbgemm_works, _int_mm_works,
+from ast_cli.checkpoint.speed import (Int8LinearIntMM, PackedLayerBF16, Int8LinearOneDNN, _bf16_packing_works, _fbgemm_works, _int_mm_works,
                            _onednn_works, cpu_has_native_bf16)
 from conftest import TINY, write_audio
 from tolerances import FAST_MODE_SCORES
@@ -72,7 +72,7 @@ def fake_calibration(monkeypatch, tmp_path):
 
 def test_26_1_a_cache_hit_pays_nothing(tiny_model, fake_calibration, tmp_path):
     first = choose(tiny_model)
-    assert fast_cache_path() == str(tmp_path / "xdg" / "ast-cli" / "fast-v1.json")
+    assert fast_cache_path() == str(tmp_path / "xdg" / "ast-cli" / "fast-v2.json")
     second = choose(tiny_model)
     assert fake_calibration == ["cpu"]
     assert (first.mode, first.cached, second.mode, second.cached, second.speedup) == ("bf16", False, "bf16", True, 2.0)
@@ -262,10 +262,17 @@ def test_26_2_cpu_bf16_runs_packed_linears_with_the_gelu_fused(tiny_checkpoint):
     modules = list(backend.model.modules())
     assert not any(type(m) is torch.nn.Linear for m in modules)
     assert sum(getattr(m, "post_op", None) == "gelu" for m in modules) == checkpoint.config.num_hidden_layers
+    packed = [m for m in modules if isinstance(m, PackedLayerBF16)]  # QKV in one GEMM, residual adds fused
+    assert len(packed) == checkpoint.config.num_hidden_layers
+    assert all(m.qkv.out_features == 3 * checkpoint.config.hidden_size for m in packed)
     inputs = fast.calibration_inputs(checkpoint.config)
     with torch.inference_mode():
-        reference = torch.sigmoid(build_model(checkpoint)(inputs))
-    assert (torch.sigmoid(backend.tensor(inputs)) - reference).abs().max() <= FAST_MODE_SCORES
+        reference = build_model(checkpoint)
+        for attn in ("sdpa", "eager"):  # both attention paths of the packed blocks
+            scores = torch.sigmoid(backend.with_attn(attn).tensor(inputs))
+            assert (scores - torch.sigmoid(reference(inputs, attn=attn))).abs().max() <= FAST_MODE_SCORES
+            embedding = backend.with_output("embedding").with_attn(attn).tensor(inputs)
+            assert torch.nn.functional.cosine_similarity(embedding, reference.forward_features(inputs)).min() > 0.999
 
 
 def test_26_1_a_candidate_that_fails_here_is_skipped_with_its_reason(monkeypatch):
@@ -296,4 +303,4 @@ def test_26_1_fast_on_ray_is_refused_before_anything_loads(tiny_checkpoint, audi
 def test_26_1_a_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
-    assert fast_cache_path() == str(tmp_path / ".cache" / "ast-cli" / "fast-v1.json")
+    assert fast_cache_path() == str(tmp_path / ".cache" / "ast-cli" / "fast-v2.json")

@@ -982,3 +982,33 @@ def test_22_14_a_config_too_deep_for_the_parser_is_left_out_of_the_listing(env, 
     result = run_cli("models", "--cached", "-f", "json")
     assert result.exit_code == 0, result.stderr
     assert [row["repo_id"] for row in json.loads(result.stdout)] == [REPO]
+
+
+def test_25_classify_resolves_validates_and_loads_once(fake_hub, env, clip, monkeypatch):
+    """One load path: the CLI builds RunOptions once (checked once, when built) and calls one library function
+    (``Tagger.load``) that resolves, loads and places the model. A hub model is looked up once per run (the
+    download included), its weights read once and placed once."""
+    import ast_cli.run.tagger  # noqa: F401  (import-time defaults built before counting)
+    import ast_cli.tasks.extract  # noqa: F401
+    from ast_cli.checkpoint import weights
+    from ast_cli.run import backends, options
+
+    calls = {"hub lookups": 0, "loads": 0, "placements": 0, "validations": 0}
+
+    def count(key, original):
+        def wrapped(*args, **kwargs):
+            calls[key] += 1
+            return original(*args, **kwargs)
+        return wrapped
+
+    resolve = hub.resolve_model
+    monkeypatch.setattr(hub, "resolve_model", lambda name, **kw: (
+        calls.__setitem__("hub lookups", calls["hub lookups"] + (not names.looks_local(name))), resolve(name, **kw))[1])
+    monkeypatch.setattr(weights, "load_checkpoint", count("loads", weights.load_checkpoint))
+    build = backends.LocalBackend.build.__func__
+    monkeypatch.setattr(backends.LocalBackend, "build", classmethod(count("placements", build)))
+    monkeypatch.setattr(options.RunOptions, "validate", count("validations", options.RunOptions.validate))
+    result = run_cli("classify", str(clip), "--model", REPO, "--quiet", "--format", "jsonl", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    assert calls == {"hub lookups": 1, "loads": 1, "placements": 1, "validations": 1}, calls
+    assert fake_hub.downloads("model.safetensors") == 1

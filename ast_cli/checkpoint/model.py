@@ -179,14 +179,20 @@ class ASTSelfAttention(nn.Module):
         q = self.query(x).view(shape).transpose(1, 2)  # (B, nh, N, hs)
         k = self.key(x).view(shape).transpose(1, 2)
         v = self.value(x).view(shape).transpose(1, 2)
-        if attn == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        else:
-            scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # (B, nh, N, N)
-            # Softmax in float32 then back, as the reference eager path does for half precision.
-            probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-            out = torch.matmul(probs, v)
-        return out.transpose(1, 2).reshape(batch, tokens, -1)  # (B, N, D)
+        return attention(q, k, v, self.scale, attn)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, attn: AttnImplementation) -> torch.Tensor:
+    """(B, nh, N, hs) queries, keys, values -> (B, N, nh * hs): SDPA, or the reference's eager matmul-softmax."""
+    batch, _, tokens, _ = q.shape
+    if attn == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    else:
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, nh, N, N)
+        # Softmax in float32 then back, as the reference eager path does for half precision.
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(probs, v)
+    return out.transpose(1, 2).reshape(batch, tokens, -1)  # (B, N, D)
 
 
 class ASTSelfOutput(nn.Module):

@@ -283,21 +283,58 @@ class PackedLinearBF16(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, self.post_op, [], "none")
 
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``forward(x) + residual``, the add done by the GEMM (no post-op other than it)."""
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self._packed, self.bias, "add")
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, post_op={self.post_op}"
 
 
+class PackedLayerBF16(nn.Module):
+    """One transformer block of a bf16 CPU AST as oneDNN runs it fastest: query, key and value in one packed GEMM
+    (768 -> 2304: 2.2x faster than three 768 -> 768 GEMMs on the 2-core Sapphire Rapids CPU), the residual adds
+    fused into the output GEMMs (oneDNN's binary ``add`` post-op), GELU fused into the first MLP GEMM. The same
+    arithmetic as ``ASTLayer`` (bf16 roundings aside)."""
+
+    def __init__(self, layer: nn.Module, tokens: int, gelu: bool):
+        super().__init__()
+        from .model import attention
+
+        self._attention = attention
+        self_attention = layer.attention.attention
+        self.heads, self.head_dim, self.scale = self_attention.num_heads, self_attention.head_dim, self_attention.scale
+        self.layernorm_before, self.layernorm_after = layer.layernorm_before, layer.layernorm_after
+        parts = [self_attention.query, self_attention.key, self_attention.value]
+        qkv = nn.Linear(parts[0].in_features, 3 * parts[0].out_features, bias=parts[0].bias is not None)
+        with torch.no_grad():
+            qkv.weight.copy_(torch.cat([part.weight for part in parts]))
+            if qkv.bias is not None:
+                qkv.bias.copy_(torch.cat([part.bias for part in parts]))
+        self.qkv = PackedLinearBF16(qkv.to(torch.bfloat16), tokens)
+        self.attention_out = PackedLinearBF16(layer.attention.output.dense, tokens)
+        self.mlp_in = PackedLinearBF16(layer.intermediate.dense, tokens, gelu=gelu)
+        self.act = nn.Identity() if gelu else layer.act
+        self.mlp_out = PackedLinearBF16(layer.output.dense, tokens)
+
+    def forward(self, x: torch.Tensor, attn: str) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        qkv = self.qkv(self.layernorm_before(x)).view(batch, tokens, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, N, hs)
+        x = self.attention_out.add(self._attention(q, k, v, self.scale, attn), x)
+        return self.mlp_out.add(self.act(self.mlp_in(self.layernorm_after(x))), x)
+
+
 def pack_bf16(model: nn.Module) -> nn.Module:
-    """Every ``nn.Linear`` of a bf16 CPU AST -> ``PackedLinearBF16``, the MLP's exact GELU fused into its first
-    GEMM, in place. Returns the model; unchanged where this torch has no oneDNN bf16 linear."""
+    """A bf16 CPU AST's blocks -> ``PackedLayerBF16`` and its other ``nn.Linear`` layers (the classifier) ->
+    ``PackedLinearBF16``, in place. Returns the model; unchanged where this torch has no oneDNN bf16 linear."""
     if not _bf16_packing_works():
         return model
     tokens = model.config.num_tokens
     gelu = model.config.hidden_act == "gelu"  # the fused post-op is erf GELU, as the reference's
-    for layer in model.audio_spectrogram_transformer.encoder.layer:
-        if gelu:
-            layer.intermediate.dense = PackedLinearBF16(layer.intermediate.dense, tokens, gelu=True)
-            layer.act = nn.Identity()
+    layers = model.audio_spectrogram_transformer.encoder.layer
+    for i, layer in enumerate(layers):
+        layers[i] = PackedLayerBF16(layer, tokens, gelu)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
@@ -314,7 +351,8 @@ def place_bf16_cpu(model: nn.Module) -> nn.Module:
 def _bf16_packing_works() -> bool:
     try:
         with torch.inference_mode():
-            PackedLinearBF16(nn.Linear(8, 4), 2)(torch.zeros(2, 8, dtype=torch.bfloat16))
+            packed, x = PackedLinearBF16(nn.Linear(8, 4), 2), torch.zeros(2, 8, dtype=torch.bfloat16)
+            packed.add(x, packed(x))
         return True
     except (RuntimeError, AttributeError, NotImplementedError):
         return False

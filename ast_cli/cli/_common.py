@@ -86,8 +86,12 @@ def _bundle(name: str, params: list[tuple[str, object, object]], build: Callable
 
         @functools.wraps(command)
         def wrapper(**kwargs):
+            from ._errors import cli_errors
+
             values = {option: kwargs.pop(option) for option, _, _ in params}
-            return command(**{name: build(values)}, **kwargs)
+            with cli_errors(stderr_console(), kwargs.get("debug", False)):  # a bad value: one line, exit 2
+                bundle = build(values)
+            return command(**{name: bundle}, **kwargs)
 
         del wrapper.__wrapped__  # typer must read the signature below, not the command's own
         wrapper.__signature__ = signature.replace(parameters=own + extra)
@@ -336,18 +340,17 @@ def model_identity(model: str, path) -> str:
     return f"{parse_model_name(model)[0]}@{path.name}"
 
 
-def load_tagger(model: str, run: RunOptions, console, quiet: bool):
-    """``Tagger.load`` with the CLI's manners: a download shows its progress, loading shows a spinner."""
-    from ..run.tagger import Tagger
+def load_tagger(model: str, run: RunOptions, console, quiet: bool, resolved=None):
+    """``Tagger.load`` with the CLI's manners: a download shows its progress, loading shows a spinner.
+    ``resolved``: ``model``'s local path when the command resolved it already (no second lookup)."""
+    import contextlib
 
-    run.validate()
+    from ..run.tagger import Tagger
+    from ._progress import download_progress
+
     warn_if_slow_bf16([run.dtype], run.device, console)
-    path = str(fetch_model(model, run, console, quiet))  # first use of a hub model: download it
-    if not quiet and console.is_terminal:
-        with console.status(f"loading {model}"):
-            tagger = Tagger.load(path, run)
-    else:
-        tagger = Tagger.load(path, run)
+    spinner = console.status(f"loading {model}") if not quiet and console.is_terminal else contextlib.nullcontext()
+    tagger = Tagger.load(str(resolved or model), run, progress=download_progress(console, quiet), loading=spinner)
     tagger.name = model
     announce_fast(tagger.backend.fast_choice, console, quiet)
     warn_if_gaps(run, tagger.features, console)

@@ -64,7 +64,6 @@ def classify(
 
         from . import _signals
 
-        run.validate()
         if output is None and _signals.stdout_closed:
             raise UsageError("stdout is closed: there is nowhere to write the results", option="output")
         if output_dir is not None and (output is not None or resume):
@@ -171,7 +170,7 @@ def _run(target, sources, skipped: int, note: str | None, job: _Job) -> int:
     """Tag ``sources`` into ``target`` (planned, and holding its lock); returns how many failed."""
     from ._progress import BatchProgress
 
-    provenance = _provenance(target, job) if sources else {}  # another model or settings: refused here
+    provenance, path = _provenance(target, job) if sources else ({}, None)  # another model or settings: refused
     if note and not job.quiet:
         say(job.stderr, note)
     progress = BatchProgress(job.stderr, len(sources), enabled=not job.quiet and job.stderr.is_terminal)
@@ -180,7 +179,7 @@ def _run(target, sources, skipped: int, note: str | None, job: _Job) -> int:
         if job.cluster.ray:
             failed = _run_ray(target, sources, provenance, progress, job)
         else:
-            tagger = load_tagger(job.model, job.run, job.stderr, job.quiet)
+            tagger = load_tagger(job.model, job.run, job.stderr, job.quiet, resolved=path)
             engine = tagger.engine()
             results = tagger.classify(sources, selection=job.selection, activation=job.activation,
                                       aggregate=job.aggregate, segments=job.segments, engine=engine)
@@ -190,9 +189,10 @@ def _run(target, sources, skipped: int, note: str | None, job: _Job) -> int:
     return failed
 
 
-def _provenance(target, job: _Job) -> dict:
+def _provenance(target, job: _Job) -> tuple[dict, object]:
     """What records say made them (the model, and the settings that change scores), checked against a resumed
-    output's records before the model loads. Unknown --include/--exclude names fail here too."""
+    output's records before the model loads, and the model's local path (resolved once, here). Unknown
+    --include/--exclude names fail here too."""
     from ..tasks.extract import Settings
     from ..run.tagger import is_single_label
 
@@ -206,7 +206,7 @@ def _provenance(target, job: _Job) -> dict:
     settings = Settings(None, model_identity(job.model, path), job.run.hop_seconds, _compute(job), activation.value)
     if target.journal is not None:
         target.journal.check(settings)
-    return {"model": settings.model, "settings": settings.record(features.window_seconds)}
+    return {"model": settings.model, "settings": settings.record(features.window_seconds)}, path
 
 
 def _compute(job: _Job) -> str:

@@ -55,7 +55,6 @@ def extract_features_command(
 
         from ..tasks.distributed import take_shard
 
-        run.validate()
         cluster = checked_distributed(dist, run)
         items = take_shard(expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths)), cluster.shard)
         refuse_piped_audio_on_ray(items, cluster)

@@ -67,7 +67,6 @@ def listen(
         from ..audio.sources import StreamSource
         from ..run.tagger import LabelSelection
 
-        run.validate()
         check_stall(stall)
         if rate is not None:
             try:

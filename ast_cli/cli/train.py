@@ -67,7 +67,6 @@ def train(
         from ..tasks.train_data import clips, load_dataset, split, untrained_labels
         from ..tasks.train_state import check_out
 
-        run.validate()
         config = TrainConfig(mode=mode.value, epochs=epochs, lr=lr, batch_size=train_batch, patience=patience,
                              seed=seed, mixup=mixup, accumulate=accumulate, warmup_epochs=warmup,
                              keep_normalization=keep_normalization).resolved()

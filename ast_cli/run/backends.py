@@ -123,10 +123,10 @@ class LocalBackend:
 
     @classmethod
     def build(cls, model, features: FeatureConfig, options: RunOptions, output: Output = "logits") -> "LocalBackend":
-        """Place a float32 CPU model as ``options`` say: device, dtype, int8, threads, attention."""
+        """Place a float32 CPU model as ``options`` say (already valid: checked when built): device, dtype, int8,
+        threads, attention."""
         from ..checkpoint.speed import place_bf16_cpu, quantize_dynamic, set_threads
 
-        options.validate()
         device = pick_device(options.device)
         dtype = resolve_dtype(options.dtype, device)
         check_quantize(options.quantize, device, dtype)

@@ -2,8 +2,9 @@
 
 ``RunOptions`` says how the model runs and how audio is cut (device, dtype, attention, int8, threads, batch
 size, decoding workers, window hop, hub cache and offline mode, and ``fast``: a mode calibrated on this machine). Every command takes the same bundle; library
-callers build one directly. ``validate()`` checks everything that can be checked without loading a model, so
-a bad value fails before any output is opened.
+callers build one directly. Every value is checked when the object is built (a ``UsageError`` names the field),
+so a ``RunOptions`` that exists is valid: nothing downstream checks it again, and a bad value fails before any
+model loads or output is opened.
 
 This module imports no torch: the CLI uses the enums for option parsing and completion.
 """
@@ -83,9 +84,11 @@ class RunOptions:
             except ValueError:
                 choices = ", ".join(k.value for k in kind)
                 raise UsageError(f"must be one of {choices}, not {value!r}", option=name) from None
+        self.validate()
 
     def validate(self) -> "RunOptions":
-        """Check every value that can be checked before loading anything; returns self."""
+        """Check every value that can be checked before loading anything; returns self. Done once, when the
+        object is built (``__post_init__``); kept public for callers that used it."""
         for name, low, high in (("batch_size", 1, 1 << 16), ("workers", 1, MAX_WORKERS), ("threads", 1, 4096)):
             value = getattr(self, name)
             if value is None and name == "threads":

@@ -9,10 +9,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterable, Iterator
 
 import numpy as np
 
@@ -23,6 +24,7 @@ from .options import Activation, Aggregate, RunOptions
 if TYPE_CHECKING:  # torch comes with these; deciding what is left to do must not wait for it
     from .engine import Engine, FileOutput
     from ..audio.features import FeatureConfig
+    from ..checkpoint.hub import DownloadProgress
 
 
 @dataclass(frozen=True)
@@ -192,17 +194,21 @@ class Tagger:
         return Activation.softmax if self.single_label else Activation.sigmoid
 
     @classmethod
-    def load(cls, model: str = DEFAULT_MODEL, options: RunOptions = RunOptions()) -> "Tagger":
-        """Resolve ``model`` (alias, hub id, directory or file; downloaded on first use unless offline), load
-        it strictly and place it as ``options`` say."""
+    def load(cls, model: str = DEFAULT_MODEL, options: RunOptions = RunOptions(), *,
+             progress: DownloadProgress | None = None,
+             loading: ContextManager | None = None) -> "Tagger":
+        """The one load path: resolve ``model`` (alias, hub id, directory or file; downloaded on first use unless
+        offline, told to ``progress``), load it strictly and place it as ``options`` say
+        (``LocalBackend.build``). ``loading``: a context manager held while the weights load and are placed (the
+        CLI's spinner). ``options`` was checked when it was built."""
         from .backends import LocalBackend
         from ..checkpoint.hub import resolve_model
         from ..checkpoint.weights import build_model, load_checkpoint
 
-        options.validate()
-        path = resolve_model(model, offline=options.offline, cache_dir=options.cache_dir)
-        checkpoint = load_checkpoint(path)
-        backend = LocalBackend.build(build_model(checkpoint), checkpoint.features, options)
+        path = resolve_model(model, offline=options.offline, cache_dir=options.cache_dir, progress=progress)
+        with loading or contextlib.nullcontext():
+            checkpoint = load_checkpoint(path)
+            backend = LocalBackend.build(build_model(checkpoint), checkpoint.features, options)
         return cls(backend, checkpoint.config.id2label, name=model, options=options,
                    single_label=is_single_label(checkpoint.config), source=checkpoint.source)
 
