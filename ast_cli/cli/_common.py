@@ -279,18 +279,6 @@ def model_config(path):
     return checkpoint.config, checkpoint.features
 
 
-def model_identity(model: str, path) -> str:
-    """How records name a model: ``ORG/NAME@<commit>`` for a hub model (``path``: its cached snapshot, a
-    folder named after the commit), else the resolved local path."""
-    import os
-
-    from ..checkpoint.names import looks_local, parse_model_name
-
-    if looks_local(model):
-        return os.path.realpath(path)
-    return f"{parse_model_name(model)[0]}@{path.name}"
-
-
 def load_tagger(model: str, run: RunOptions, console, quiet: bool):
     """``Tagger.load`` with the CLI's manners: a download shows its progress, loading shows a spinner."""
     from ..run.tagger import Tagger

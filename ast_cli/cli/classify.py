@@ -12,7 +12,7 @@ from ..tasks.distributed import take_shard
 from ..run.options import Activation, Aggregate, OutputFormat, RunOptions
 from ._app import app
 from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, checked_distributed,
-                      distributed_options, fetch_model, label_list, load_tagger, model_config, model_identity,
+                      distributed_options, fetch_model, label_list, load_tagger, model_config,
                       path_stdin, refuse_piped_audio_on_ray, report_failure, run_options, stderr_console)
 from ._errors import EXIT_FAILED, cli_errors, counted, debug_enabled, say
 
@@ -184,6 +184,7 @@ def _run(target, sources, skipped: int, note: str | None, job: _Job) -> int:
 def _provenance(target, job: _Job) -> dict:
     """What records say made them (the model, and the settings that change scores), checked against a resumed
     output's records before the model loads. Unknown --include/--exclude names fail here too."""
+    from ..checkpoint.names import model_identity
     from ..tasks.extract import Settings
     from ..run.tagger import is_single_label
 
