@@ -44,6 +44,11 @@ ExtOpt = Annotated[
     typer.Option("--ext", metavar="EXT", help="Extensions taken from directories (repeatable, or a,b,c)."),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+HeadOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--head", metavar="DIR", help="Also run this head (a folder `ast train --mode head` wrote on the same model) on the same pass (repeatable)."),
+]
+NoBaseHeadOpt = Annotated[bool, typer.Option("--no-base-head", help="Leave out the model's own labels (with --head).")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks and library messages (also AST_DEBUG=1).")]
 OfflineOpt = Annotated[bool, typer.Option("--offline", help="Use only the local cache (also HF_HUB_OFFLINE=1).")]
 CacheDirOpt = Annotated[
@@ -279,7 +284,7 @@ def model_config(path):
     return checkpoint.config, checkpoint.features
 
 
-def load_tagger(model: str, run: RunOptions, console, quiet: bool):
+def load_tagger(model: str, run: RunOptions, console, quiet: bool, *, heads=(), base_head: bool = True):
     """``Tagger.load`` with the CLI's manners: a download shows its progress, loading shows a spinner."""
     from ..run.tagger import Tagger
 
@@ -288,9 +293,9 @@ def load_tagger(model: str, run: RunOptions, console, quiet: bool):
     path = str(fetch_model(model, run, console, quiet))  # first use of a hub model: download it
     if not quiet and console.is_terminal:
         with console.status(f"loading {model}"):
-            tagger = Tagger.load(path, run)
+            tagger = Tagger.load(path, run, heads=heads, base_head=base_head)
     else:
-        tagger = Tagger.load(path, run)
+        tagger = Tagger.load(path, run, heads=heads, base_head=base_head)
     tagger.name = model
     announce_fast(tagger.backend.fast_choice, console, quiet)
     warn_if_gaps(run, tagger.features, console)

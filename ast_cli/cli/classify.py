@@ -11,7 +11,8 @@ import typer
 from ..tasks.distributed import take_shard
 from ..run.options import Activation, Aggregate, OutputFormat, RunOptions
 from ._app import app
-from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, checked_distributed,
+from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, HeadOpt, ModelOpt, NoBaseHeadOpt, PathsArg, QuietOpt,
+                      checked_distributed,
                       distributed_options, fetch_model, label_list, load_tagger, model_config,
                       path_stdin, refuse_piped_audio_on_ray, report_failure, run_options, stderr_console)
 from ._errors import EXIT_FAILED, cli_errors, counted, debug_enabled, say
@@ -38,6 +39,8 @@ def classify(
     segments: Annotated[bool, typer.Option(help="Add per-window results (start, end, labels).")] = False,
     aggregate: Annotated[Aggregate, typer.Option(help="Window scores -> file score.")] = Aggregate.max,
     ext: ExtOpt = None,
+    head: HeadOpt = None,
+    no_base_head: NoBaseHeadOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -53,11 +56,14 @@ def classify(
       ast classify recordings/ --format jsonl --output tags.jsonl --resume
 
       find . -name '*.flac' | ast classify - --threshold 0.3 --format csv > tags.csv
+
+      ast classify recordings/ --head birds-head/ --head machines-head/ --top 3
     """
     stderr = stderr_console()
     with cli_errors(stderr, debug):
         from ..errors import UsageError
         from ..audio.inputs import expand_inputs, parse_extensions
+        from ..checkpoint.heads import read_heads
         from ..run.tagger import LabelSelection
 
         from . import _signals
@@ -68,14 +74,17 @@ def classify(
         if output_dir is not None and (output is not None or resume):
             raise UsageError("--output-dir writes one file per input: it goes without --output and --resume")
         selection = LabelSelection.from_options(top, threshold, label_list(include), label_list(exclude), activation)
+        heads = read_heads(head or (), not no_base_head)  # a missing folder or not a head: before anything else
         cluster = checked_distributed(dist, run)
+        if heads and cluster.ray:
+            raise UsageError("heads run in this process, not on a Ray cluster", option="heads")
         found = expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths))
         if not found:
             return _nothing_found(paths, ext, stderr, quiet)
         items = take_shard(found + _empty_folders(paths, found, ext), cluster.shard)
         refuse_piped_audio_on_ray(items, cluster)
         job = _Job(model, run, cluster, selection, activation, aggregate, segments, output_dir or output, stderr,
-                   quiet, debug)
+                   quiet, debug, tuple(heads), not no_base_head)
         target, sources, note = _plan(items, job, format, output, output_dir, resume, overwrite)
         try:
             failed = _run(target, sources, len(items) - len(sources), note, job)
@@ -100,6 +109,8 @@ class _Job:
     stderr: Any
     quiet: bool
     debug: bool
+    heads: tuple = ()  # checkpoint.heads.Head, read and checked
+    base_head: bool = True
 
 
 def _nothing_found(paths: list[str], ext, stderr, quiet: bool) -> None:
@@ -171,7 +182,7 @@ def _run(target, sources, skipped: int, note: str | None, job: _Job) -> int:
         if job.cluster.ray:
             failed = _run_ray(target, sources, provenance, progress, job)
         else:
-            tagger = load_tagger(job.model, job.run, job.stderr, job.quiet)
+            tagger = load_tagger(job.model, job.run, job.stderr, job.quiet, heads=job.heads, base_head=job.base_head)
             engine = tagger.engine()
             results = tagger.classify(sources, selection=job.selection, activation=job.activation,
                                       aggregate=job.aggregate, segments=job.segments, engine=engine)
@@ -186,13 +197,15 @@ def _provenance(target, job: _Job) -> dict:
     output's records before the model loads. Unknown --include/--exclude names fail here too."""
     from ..checkpoint.names import model_identity
     from ..tasks.extract import Settings
-    from ..run.tagger import is_single_label
+    from ..run.tagger import Scorer, head_parts, is_single_label
 
     path = fetch_model(job.model, job.run, job.stderr, job.quiet)
     config, features = model_config(path)
-    job.selection.mask(config.id2label)
+    parts = head_parts(job.model, config.id2label, is_single_label(config), job.heads, job.base_head)
+    Scorer(parts, job.selection, job.activation)  # unknown --include/--exclude names fail here
     activation = job.activation or (Activation.softmax if is_single_label(config) else Activation.sigmoid)
-    settings = Settings(None, model_identity(job.model, path), job.run.hop_seconds, _compute(job), activation.value)
+    settings = Settings(None, model_identity(job.model, path), job.run.hop_seconds, _compute(job), activation.value,
+                        tuple(p.name for p in parts) if job.heads else ())
     if target.journal is not None:
         target.journal.check(settings)
     return {"model": settings.model, "settings": settings.record(features.window_seconds)}
@@ -248,7 +261,7 @@ def _write(results, engine, target, provenance: dict, progress, job: _Job) -> in
     from . import _signals
     from ._io import native_stderr_silenced
 
-    writer = target.open(job.segments, provenance)
+    writer = target.open(job.segments, provenance, heads=bool(job.heads))
     failed = 0
     try:
         with native_stderr_silenced(not debug_enabled(job.debug)), progress:

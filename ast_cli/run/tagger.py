@@ -239,16 +239,8 @@ class Tagger:
         return HeadsBackend(self.backend, self.heads, self.base_head)
 
     def parts(self) -> tuple[HeadPart, ...]:
-        """The heads in a row of ``scoring_backend``'s logits: the model's own (named after the model, unless
-        left out), then each of ``heads``; the model alone: one part named None."""
-        if not self.heads:
-            return (HeadPart(None, self.labels, self.single_label),)
-        own = [(base_head_name(self.name), self.labels, self.single_label)] if self.base_head else []
-        parts, start = [], 0
-        for name, labels, single in own + [(h.name, h.labels, h.single_label) for h in self.heads]:
-            parts.append(HeadPart(name, labels, single, start))
-            start += len(labels)
-        return tuple(parts)
+        """The heads in a row of ``scoring_backend``'s logits (``head_parts``)."""
+        return head_parts(self.name, self.labels, self.single_label, self.heads, self.base_head)
 
     def scorer(self, selection: LabelSelection = LabelSelection(), activation: Activation | str | None = None):
         """The ``Scorer`` of this tagger's heads (``activation`` None: each head's own default)."""
@@ -340,3 +332,17 @@ def base_head_name(model: str) -> str:
     from ..checkpoint.names import looks_local
 
     return os.path.basename(os.path.normpath(model)) if looks_local(model) else model
+
+
+def head_parts(model: str, labels: tuple[str, ...], single_label: bool, heads=(), base_head: bool = True
+               ) -> tuple[HeadPart, ...]:
+    """The parts of a row of logits: the model's own head (named after ``model``, unless ``base_head`` is False),
+    then each of ``heads`` (``checkpoint.heads.Head``); the model alone: one part named None."""
+    if not heads:
+        return (HeadPart(None, labels, single_label),)
+    own = [(base_head_name(model), labels, single_label)] if base_head else []
+    parts, start = [], 0
+    for name, names, single in own + [(h.name, h.labels, h.single_label) for h in heads]:
+        parts.append(HeadPart(name, names, single, start))
+        start += len(names)
+    return tuple(parts)
