@@ -56,8 +56,6 @@ def classify(
       ast classify recordings/ --format jsonl --output tags.jsonl --resume
 
       find . -name '*.flac' | ast classify - --threshold 0.3 --format csv > tags.csv
-
-      ast classify recordings/ --head birds-head/ --head machines-head/ --top 3
     """
     stderr = stderr_console()
     with cli_errors(stderr, debug):
