@@ -204,3 +204,21 @@ def test_28_resume_refuses_records_made_with_other_heads(setup, tmp_path):
     again = runner.invoke(app, ["classify", *setup["clips"], "--model", str(setup["base"]), "--head",
                                 str(root / "pitch"), "-o", str(out), "--resume", "--quiet"])
     assert again.exit_code != 0 and "heads" in again.stderr and out.read_bytes() == before
+
+
+def test_28_listen_runs_heads_on_the_same_windows(setup):
+    clip = setup["clips"][0]
+    data = open(clip, "rb").read()
+    args = ["listen", "-", "--model", str(setup["base"]), "-f", "jsonl", "--hop", "0.32", "--quiet"]
+    joint = runner.invoke(app, [*args, "--head", str(setup["root"] / "pitch"), "--top", "0"], input=data)
+    alone = runner.invoke(app, ["listen", "-", "--model", str(setup["root"] / "pitch"), "-f", "jsonl", "--hop", "0.32",
+                                "--quiet", "--top", "0"], input=data)
+    assert joint.exit_code == 0 and alone.exit_code == 0, joint.stderr + alone.stderr
+    for mine, theirs in zip(map(json.loads, joint.stdout.splitlines()), map(json.loads, alone.stdout.splitlines())):
+        got, want = by_label(mine["labels"], "pitch"), by_label(theirs["labels"], None)
+        np.testing.assert_allclose([got[k] for k in want], list(want.values()), atol=JOINT, rtol=0)
+        assert by_label(mine["labels"], "tiny")
+    events = runner.invoke(app, [*args, "--head", str(setup["root"] / "pitch"), "--no-base-head", "--events",
+                                 "--threshold", "0.3"], input=data)
+    lines = events.stdout.splitlines()  # softmax over 3 labels: one is always >= 1/3
+    assert events.exit_code == 0 and lines and all(json.loads(x)["label"].startswith("pitch:") for x in lines)

@@ -21,8 +21,9 @@ of the model's length, all with the file's labels; a file's score is its windows
 
 The output folder holds ``config.json`` (new ``id2label``/``label2id`` and ``problem_type``),
 ``preprocessor_config.json``, ``model.safetensors``, ``train_log.jsonl`` (one line per epoch) and
-``metrics.json`` (validation, and the clips left out as unreadable), and ``MARKER`` (what makes it an output
-of this module: its mode and labels); ``transformers.ASTForAudioClassification.from_pretrained`` loads it. A run
+``metrics.json`` (validation, and the clips left out as unreadable), ``MARKER`` (what makes it an output of this
+module: its mode and labels), and in head mode what makes it a head (``checkpoint.heads``: ``head.json``,
+``head.safetensors``); ``transformers.ASTForAudioClassification.from_pretrained`` loads it. A run
 works in ``staging_dir(out)`` and renames it to ``out`` when done, so ``out`` is never half written.
 
 This module is the ``Trainer``; ``train_data`` reads the data, ``metrics`` measures (``evaluate``), ``train_state``
@@ -115,7 +116,6 @@ class Trainer:
                  feature_cache: str | None = None, on_epoch: Callable[[dict], None] | None = None,
                  model_name: str | None = None, on_failure: Callable[[str, str], None] | None = None,
                  strict: bool = False):
-        from ..checkpoint.names import model_identity
         from ..checkpoint.weights import load_checkpoint
 
         self.base_path = base
@@ -134,7 +134,6 @@ class Trainer:
         self.strict = strict
         self.failed: list[dict] = []
         self.model_name = model_name or base
-        self.base_name = model_identity(self.model_name, base)  # hub ORG/NAME@<commit>, else the path
 
     # -- windows --------------------------------------------------------------------------------------
 
@@ -372,7 +371,8 @@ class Trainer:
         ``standardize`` (head mode: the embeddings' (D,) mean and std) also usable as a head (``save_head``)."""
         save_checkpoint(self.work, model, features, self.checkpoint.source, self.multi_label)
         if standardize is not None:
-            save_head(self.work, model, *standardize, self.multi_label, self.base_name, self.base_fingerprint)
+            save_head(self.work, model, *standardize, self.multi_label, (self.model_name, self.base_path),
+                      self.base_fingerprint)
 
 
 def _training_device(device: str) -> str:
