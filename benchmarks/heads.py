@@ -10,7 +10,7 @@ max |difference| <= 1e-5.
 
 Nothing is downloaded. Run from the repository root:
 
-    python benchmarks/heads.py               # ~6 minutes on 2 cores
+    python benchmarks/heads.py               # ~27 minutes on 2 shared cores, nearly all of it the base model
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
     from ast_cli import RunOptions, Tagger
