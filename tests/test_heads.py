@@ -222,3 +222,22 @@ def test_28_listen_runs_heads_on_the_same_windows(setup):
                                  "--threshold", "0.3"], input=data)
     lines = events.stdout.splitlines()  # softmax over 3 labels: one is always >= 1/3
     assert events.exit_code == 0 and lines and all(json.loads(x)["label"].startswith("pitch:") for x in lines)
+
+
+def test_28_heads_run_on_a_bare_encoder_of_the_same_base(setup, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    encoder = tmp_path / "encoder"
+    encoder.mkdir()
+    state = {k: v for k, v in load_file(setup["base"] / "model.safetensors").items() if not k.startswith("classifier.")}
+    save_file(state, encoder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((setup["base"] / "config.json").read_text())
+    for key in ("id2label", "label2id"):
+        config.pop(key)
+    (encoder / "config.json").write_text(json.dumps(config))
+    (encoder / "preprocessor_config.json").write_bytes((setup["base"] / "preprocessor_config.json").read_bytes())
+    joint = classify(setup["clips"][0], "--model", str(encoder), "--head", str(setup["root"] / "pitch"))
+    assert {x["head"] for x in joint[0]["labels"]} == {"pitch"}
+    alone = classify(setup["clips"][0], "--model", str(setup["root"] / "pitch"))
+    np.testing.assert_allclose([by_label(joint[0]["labels"], "pitch")[k] for k in ("high", "low", "noise")],
+                               [by_label(alone[0]["labels"], None)[k] for k in ("high", "low", "noise")], atol=JOINT)

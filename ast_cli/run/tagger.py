@@ -227,7 +227,7 @@ class Tagger:
         backend = LocalBackend.build(network, checkpoint.features, options)
         return cls(backend, checkpoint.config.id2label, name=model, options=options,
                    single_label=is_single_label(checkpoint.config), source=checkpoint.source, heads=loaded,
-                   base_head=base_head)
+                   base_head=base_head and bool(checkpoint.config.id2label))  # a bare encoder has no head
 
     @property
     def scoring_backend(self):
@@ -340,7 +340,7 @@ def head_parts(model: str, labels: tuple[str, ...], single_label: bool, heads=()
     then each of ``heads`` (``checkpoint.heads.Head``); the model alone: one part named None."""
     if not heads:
         return (HeadPart(None, labels, single_label),)
-    own = [(base_head_name(model), labels, single_label)] if base_head else []
+    own = [(base_head_name(model), labels, single_label)] if base_head and labels else []
     parts, start = [], 0
     for name, names, single in own + [(h.name, h.labels, h.single_label) for h in heads]:
         parts.append(HeadPart(name, names, single, start))
