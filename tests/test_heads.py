@@ -182,6 +182,12 @@ def test_28_every_output_format_names_the_head(setup, tmp_path):
     csv = runner.invoke(app, ["classify", *args, "-f", "csv"]).stdout.splitlines()
     assert csv[0] == "path,duration,rank,head,label,index,score,error"
     assert [row.split(",")[3] for row in csv[1:]] == ["tiny", "pitch"] and all(r.split(",")[2] == "1" for r in csv[1:])
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF not really")
+    import csv as csvlib
+
+    header, row = csvlib.reader(runner.invoke(app, ["classify", str(broken), *args[1:], "-f", "csv"]).stdout.splitlines())
+    assert len(row) == len(header) and row[2:-1] == [""] * 5 and "not audio" in row[-1]  # the error in its column
     tsv = runner.invoke(app, ["classify", *args, "-f", "tsv"]).stdout.splitlines()
     assert tsv[0].split("\t")[3] == "head"
     table = runner.invoke(app, ["classify", *args, "-f", "table"]).stdout

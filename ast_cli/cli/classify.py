@@ -12,8 +12,7 @@ from ..tasks.distributed import take_shard
 from ..run.options import Activation, Aggregate, OutputFormat, RunOptions
 from ._app import app
 from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, HeadOpt, ModelOpt, NoBaseHeadOpt, PathsArg, QuietOpt,
-                      checked_distributed,
-                      distributed_options, fetch_model, label_list, load_tagger, model_config,
+                      checked_distributed, distributed_options, fetch_model, label_list, load_tagger, model_config,
                       path_stdin, refuse_piped_audio_on_ray, report_failure, run_options, stderr_console)
 from ._errors import EXIT_FAILED, cli_errors, counted, debug_enabled, say
 

@@ -172,8 +172,7 @@ class CsvWriter(_StreamWriter):
     def _write(self, result: FileResult) -> None:
         if result.error is not None:
             duration = "" if result.duration is None else round(result.duration, 6)
-            blank = ("", "", "", "", "") if self.heads else ("", "", "", "")
-            blank += ("", "") if self.segments else ()
+            blank = ("",) * (len(self.columns) - 3)  # every column but path, duration and error
             self.csv.writerow((display_path(result.path), duration) + blank + (result.error,))
             return
         self._rows(result, result.labels, None)
