@@ -34,6 +34,7 @@ _LAZY = {
     "AudioSource": "audio.sources",
     "LocalBackend": "run.backends", "Backend": "run.backends", "FeatureExtractor": "tasks.extract",
     "AstError": "errors", "AudioDecodeError": "errors", "CheckpointError": "errors", "HubError": "errors",
+    "HeadError": "errors",
     "ModelNotFoundError": "errors", "UsageError": "errors",
 }
 

@@ -75,6 +75,19 @@ class CheckpointError(AstError):
     corrupt: bool = False
 
 
+HeadProblem = Literal["missing", "not_a_head", "corrupt", "other_base"]
+
+
+class HeadError(AstError):
+    """A head folder that cannot run next to this model: ``path``; ``problem``: which of ``HeadProblem`` (no such
+    folder, not made by head-mode training, unreadable or ill-fitting files, or trained on another base);
+    ``base``: the base model the head names (``other_base``)."""
+
+    path: str | None = None
+    problem: HeadProblem | None = None
+    base: str | None = None
+
+
 class HubError(AstError):
     """The Hugging Face hub could not be reached or refused the request (``model``: the name as given)."""
 

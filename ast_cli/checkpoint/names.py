@@ -176,6 +176,14 @@ def looks_local(name: str) -> bool:
     )
 
 
+def model_identity(model: str, path) -> str:
+    """How records (and heads, of their base) name a model: ``ORG/NAME@<commit>`` for a hub model (``path``: its
+    cached snapshot, a folder named after the commit), else the resolved local path."""
+    if looks_local(model):
+        return os.path.realpath(path)
+    return f"{parse_model_name(model)[0]}@{os.path.basename(os.path.normpath(str(path)))}"
+
+
 def parse_model_name(name: str) -> tuple[str, str | None]:
     """(hub id, revision or None) for an alias or ``ORG/NAME``, each optionally followed by ``@REV``.
 

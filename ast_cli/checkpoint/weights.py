@@ -276,6 +276,32 @@ def check_state_dict(model, state_dict: Mapping[str, Any], source: str) -> None:
         raise CheckpointError(f"{source} does not fit the AST architecture: " + "; ".join(problems))
 
 
+def weights_fingerprint(state_dict: Mapping[str, Any], prefix: str = "") -> str:
+    """A sha256 over every tensor (whose name starts with ``prefix``) in order: its name, shape, dtype and an
+    evenly strided sample of up to 4096 of its values.
+
+    Hashing all 344 MB of an AudioSet AST would cost more than loading it; any two real checkpoints differ in
+    the sampled values of every tensor trained (fine-tuning moves every weight), which is all a cache key and a
+    head's reference to its base need: they tell models apart, they are no defence against forgery."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in state_dict.items():
+        if not name.startswith(prefix):
+            continue
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().contiguous().numpy()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(sample.tobytes())
+    return digest.hexdigest()
+
+
+def backbone_fingerprint(model: AST) -> str:
+    """``weights_fingerprint`` of the backbone alone (not the classifier) of a float32 model as ``build_model``
+    makes it: what a head trained on this model's pooled embeddings is bound to."""
+    return weights_fingerprint(model.state_dict(), PREFIX)
+
+
 def build_model(checkpoint: Checkpoint, attn: AttnImplementation = "sdpa") -> AST:
     """A float32 model in eval mode holding the checkpoint's weights (strictly checked)."""
     import torch

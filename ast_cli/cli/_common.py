@@ -52,6 +52,11 @@ ThresholdsOpt = Annotated[
     typer.Option("--thresholds", metavar="FILE", help="The thresholds file --threshold calibrated reads (default: thresholds.json in the --model folder)."),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+HeadOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--head", metavar="DIR", help="Also run this head (a folder `ast train --mode head` wrote on the same model) on the same pass (repeatable)."),
+]
+NoBaseHeadOpt = Annotated[bool, typer.Option("--no-base-head", help="Leave out the model's own labels (with --head).")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks and library messages (also AST_DEBUG=1).")]
 OfflineOpt = Annotated[bool, typer.Option("--offline", help="Use only the local cache (also HF_HUB_OFFLINE=1).")]
 CacheDirOpt = Annotated[
@@ -328,19 +333,8 @@ def model_config(path):
     return checkpoint.config, checkpoint.features
 
 
-def model_identity(model: str, path) -> str:
-    """How records name a model: ``ORG/NAME@<commit>`` for a hub model (``path``: its cached snapshot, a
-    folder named after the commit), else the resolved local path."""
-    import os
-
-    from ..checkpoint.names import looks_local, parse_model_name
-
-    if looks_local(model):
-        return os.path.realpath(path)
-    return f"{parse_model_name(model)[0]}@{path.name}"
-
-
-def load_tagger(model: str, run: RunOptions, console, quiet: bool, resolved=None):
+def load_tagger(model: str, run: RunOptions, console, quiet: bool, resolved=None, *, heads=(),
+                base_head: bool = True):
     """``Tagger.load`` with the CLI's manners: a download shows its progress, loading shows a spinner.
     ``resolved``: ``model``'s local path when the command resolved it already (no second lookup)."""
     import contextlib
@@ -350,7 +344,8 @@ def load_tagger(model: str, run: RunOptions, console, quiet: bool, resolved=None
 
     warn_if_slow_bf16([run.dtype], run.device, console)
     spinner = console.status(f"loading {model}") if not quiet and console.is_terminal else contextlib.nullcontext()
-    tagger = Tagger.load(str(resolved or model), run, progress=download_progress(console, quiet), loading=spinner)
+    tagger = Tagger.load(str(resolved or model), run, progress=download_progress(console, quiet), loading=spinner,
+                         heads=heads, base_head=base_head)
     tagger.name = model
     announce_fast(tagger.backend.fast_choice, console, quiet)
     warn_if_gaps(run, tagger.features, console)

@@ -22,7 +22,7 @@ FLAGS = {
     "kind": "--kind", "overwrite": "--overwrite", "activation": "--activation", "aggregate": "--aggregate",
     "RAY_ADDRESS": "RAY_ADDRESS (environment)",
     "allow_other": "--yes",
-    "data": "DATA", "warmup_epochs": "--warmup",
+    "data": "DATA", "warmup_epochs": "--warmup", "heads": "--head", "base_head": "--no-base-head",
 }
 
 
@@ -64,6 +64,14 @@ def _model_hint(exc) -> str | None:
     return None
 
 
+def _head_hint(exc) -> str | None:
+    if exc.problem in ("missing", "not_a_head"):
+        return "--head takes a folder written by `ast train --mode head`; a full checkpoint runs alone with --model"
+    if exc.problem == "other_base":
+        return f"classify with --model {exc.base}, or train the head again on this model" if exc.base else exc.hint
+    return exc.hint
+
+
 def _with_path_note(model: str | None, hint: str | None) -> str | None:
     """``recordings/model`` reads as a hub id ORG/NAME; when its first part is a local folder, the user most
     likely meant a path that does not exist: say so."""
@@ -76,7 +84,7 @@ def _with_path_note(model: str | None, hint: str | None) -> str | None:
 
 def describe_error(exc: BaseException) -> tuple[str, str | None, int]:
     """(message, hint, exit code) for an exception that reached the CLI."""
-    from ..errors import (AstError, CheckpointError, DeviceOutOfMemoryError, HubError, ModelNotFoundError,
+    from ..errors import (AstError, CheckpointError, DeviceOutOfMemoryError, HeadError, HubError, ModelNotFoundError,
                           UsageError, is_out_of_memory)
 
     if isinstance(exc, UsageError):
@@ -90,6 +98,8 @@ def describe_error(exc: BaseException) -> tuple[str, str | None, int]:
         if exc.corrupt and exc.model:
             hint = f"download it again: `ast download {exc.model} --force`"
         return str(exc), hint, EXIT_FAILED
+    if isinstance(exc, HeadError):
+        return str(exc), _head_hint(exc), EXIT_USAGE
     if isinstance(exc, HubError):
         hint = exc.hint or "check the network (and HF_ENDPOINT, proxies), then try again"
         return str(exc), _with_path_note(exc.model, hint), EXIT_FAILED

@@ -116,6 +116,8 @@ class LiveView:
     def update(self, window, dropped: int) -> None:
         from rich.table import Table
 
+        from ..run.writers import qualified
+
         table = Table(title=f"{window.start:8.2f} - {window.end:8.2f} s   (latency {window.latency * 1000:.0f} ms"
                             + (f", {dropped} windows dropped)" if dropped else ")"), title_justify="left",
                       show_edge=False, pad_edge=False)
@@ -123,7 +125,7 @@ class LiveView:
         table.add_column("score", justify="right")
         table.add_column("", min_width=30)
         for x in window.labels:
-            table.add_row(x.label, f"{x.score:.3f}", "█" * max(0, min(30, round(x.score * 30))))
+            table.add_row(qualified(x), f"{x.score:.3f}", "█" * max(0, min(30, round(x.score * 30))))
         self._live.update(table)
 
     def __exit__(self, *exc) -> None:

@@ -11,10 +11,10 @@ import typer
 from ..tasks.distributed import take_shard
 from ..run.options import Activation, Aggregate, OutputFormat, RunOptions
 from ._app import app
-from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, ThresholdOpt, ThresholdsOpt,
-                      checked_distributed, distributed_options, fetch_model, label_list, load_tagger, model_config,
-                      model_identity, parse_threshold, path_stdin, read_calibration, refuse_piped_audio_on_ray,
-                      report_failure, run_options, stderr_console)
+from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, HeadOpt, ModelOpt, NoBaseHeadOpt, PathsArg, QuietOpt,
+                      ThresholdOpt, ThresholdsOpt, checked_distributed, distributed_options, fetch_model, label_list,
+                      load_tagger, model_config, parse_threshold, path_stdin, read_calibration,
+                      refuse_piped_audio_on_ray, report_failure, run_options, stderr_console)
 from ._errors import EXIT_FAILED, cli_errors, counted, debug_enabled, say
 
 
@@ -40,6 +40,8 @@ def classify(
     segments: Annotated[bool, typer.Option(help="Add per-window results (start, end, labels).")] = False,
     aggregate: Annotated[Optional[Aggregate], typer.Option(help="Window scores -> file score (default: max; with --threshold calibrated, what the thresholds were chosen on).")] = None,
     ext: ExtOpt = None,
+    head: HeadOpt = None,
+    no_base_head: NoBaseHeadOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -60,6 +62,7 @@ def classify(
     with cli_errors(stderr, debug):
         from ..errors import UsageError
         from ..audio.inputs import expand_inputs, parse_extensions
+        from ..checkpoint.heads import read_heads
         from ..run.tagger import LabelSelection
 
         from . import _signals
@@ -75,14 +78,21 @@ def classify(
             aggregate = aggregate or Aggregate(calibration.aggregate)
         selection = LabelSelection.from_options(top, threshold_value, label_list(include), label_list(exclude),
                                                 activation)
+        if calibration is not None and head:
+            raise UsageError("calibrated thresholds are read for one model at a time, not yet with --head",
+                             option="threshold", hint="calibrate each head (ast evaluate HEAD_DIR DATA --calibrate) "
+                             "and classify it as --model HEAD_DIR")
+        heads = read_heads(head or (), not no_base_head)  # a missing folder or not a head: before anything else
         cluster = checked_distributed(dist, run)
+        if heads and cluster.ray:
+            raise UsageError("heads run in this process, not on a Ray cluster", option="heads")
         found = expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths))
         if not found:
             return _nothing_found(paths, ext, stderr, quiet)
         items = take_shard(found + _empty_folders(paths, found, ext), cluster.shard)
         refuse_piped_audio_on_ray(items, cluster)
         job = _Job(model, run, cluster, selection, activation, aggregate or Aggregate.max, segments,
-                   output_dir or output, stderr, quiet, debug, calibration)
+                   output_dir or output, stderr, quiet, debug, calibration, tuple(heads), not no_base_head)
         target, sources, note = _plan(items, job, format, output, output_dir, resume, overwrite)
         try:
             failed = _run(target, sources, len(items) - len(sources), note, job)
@@ -108,6 +118,8 @@ class _Job:
     quiet: bool
     debug: bool
     calibration: Any = None  # --threshold calibrated: the thresholds read (run.thresholds.Calibration)
+    heads: tuple = ()  # checkpoint.heads.Head, read and checked
+    base_head: bool = True
 
 
 def _nothing_found(paths: list[str], ext, stderr, quiet: bool) -> None:
@@ -179,7 +191,8 @@ def _run(target, sources, skipped: int, note: str | None, job: _Job) -> int:
         if job.cluster.ray:
             failed = _run_ray(target, sources, provenance, progress, job)
         else:
-            tagger = load_tagger(job.model, job.run, job.stderr, job.quiet, resolved=path)
+            tagger = load_tagger(job.model, job.run, job.stderr, job.quiet, resolved=path, heads=job.heads,
+                                 base_head=job.base_head)
             engine = tagger.engine()
             results = tagger.classify(sources, selection=job.selection, activation=job.activation,
                                       aggregate=job.aggregate, segments=job.segments, engine=engine)
@@ -193,17 +206,20 @@ def _provenance(target, job: _Job) -> tuple[dict, object]:
     """What records say made them (the model, and the settings that change scores), checked against a resumed
     output's records before the model loads, and the model's local path (resolved once, here). Unknown
     --include/--exclude names fail here too."""
+    from ..checkpoint.names import model_identity
     from ..tasks.extract import Settings
-    from ..run.tagger import is_single_label
+    from ..run.tagger import Scorer, head_parts, is_single_label
 
     path = fetch_model(job.model, job.run, job.stderr, job.quiet)
     config, features = model_config(path)
-    job.selection.mask(config.id2label)
+    parts = head_parts(job.model, config.id2label, is_single_label(config), job.heads, job.base_head)
+    Scorer(parts, job.selection, job.activation)  # unknown --include/--exclude names fail here
     activation = job.activation or (Activation.softmax if is_single_label(config) else Activation.sigmoid)
     if job.calibration is not None:  # thresholds of other labels or other scores: refused before the model loads
         job.calibration.check(activation.value)
         job.selection = job.selection.calibrated(config.id2label, job.calibration.thresholds)
-    settings = Settings(None, model_identity(job.model, path), job.run.hop_seconds, _compute(job), activation.value)
+    settings = Settings(None, model_identity(job.model, path), job.run.hop_seconds, _compute(job), activation.value,
+                        tuple(p.name for p in parts) if job.heads else ())
     if target.journal is not None:
         target.journal.check(settings)
     return {"model": settings.model, "settings": settings.record(features.window_seconds)}, path
@@ -259,7 +275,7 @@ def _write(results, engine, target, provenance: dict, progress, job: _Job) -> in
     from . import _signals
     from ._io import native_stderr_silenced
 
-    writer = target.open(job.segments, provenance)
+    writer = target.open(job.segments, provenance, heads=bool(job.heads))
     failed = 0
     try:
         with native_stderr_silenced(not debug_enabled(job.debug)), progress:

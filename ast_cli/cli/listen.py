@@ -10,8 +10,8 @@ import typer
 
 from ..run.options import Activation, RunOptions, _choices
 from ._app import app
-from ._common import (DEFAULT_MODEL, DebugOpt, ModelOpt, QuietOpt, ThresholdsOpt, label_list, listen_run_options,
-                      load_tagger, parse_threshold, read_calibration, stderr_console)
+from ._common import (DEFAULT_MODEL, DebugOpt, HeadOpt, ModelOpt, NoBaseHeadOpt, QuietOpt, ThresholdsOpt, label_list,
+                      listen_run_options, load_tagger, parse_threshold, read_calibration, stderr_console)
 from ._errors import cli_errors, debug_enabled, say
 
 LiveFormat = _choices("LiveFormat", "live jsonl", "What listen prints.")
@@ -38,6 +38,8 @@ def listen(
     format: Annotated[Optional[LiveFormat], typer.Option("--format", "-f", help="live (a view of the current top labels; default on a terminal) or jsonl.")] = None,
     stall: Annotated[float, typer.Option(metavar="SECONDS", help="Fail when the source sends nothing for this long.")] = 30.0,
     drop: Annotated[Optional[bool], typer.Option("--drop/--no-drop", help="Drop windows the model has no time for (default for stdin, URLs and devices), or wait for it (default for a recording on disk).")] = None,
+    head: HeadOpt = None,
+    no_base_head: NoBaseHeadOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -65,6 +67,7 @@ def listen(
         from ..tasks.listen import EventTracker, Listener, check_stall, ffmpeg_source
         from ..audio.resample import check_rate
         from ..audio.sources import StreamSource
+        from ..checkpoint.heads import read_heads
         from ..run.tagger import LabelSelection
 
         check_stall(stall)
@@ -83,7 +86,12 @@ def listen(
         if raw and rate is None:
             raise UsageError("raw PCM needs its sample rate", hint="add --rate HZ (and --channels, --sample-format)")
         fmt = format or (LiveFormat.live if sys.stdout.isatty() and not events else LiveFormat.jsonl)
-        tagger = load_tagger(model, run, stderr, quiet)
+        heads = read_heads(head or (), not no_base_head)  # a missing folder or not a head: before the model
+        if calibration is not None and head:
+            raise UsageError("calibrated thresholds are read for one model at a time, not yet with --head",
+                             option="threshold", hint="calibrate each head (ast evaluate HEAD_DIR DATA --calibrate) "
+                             "and run it as --model HEAD_DIR")
+        tagger = load_tagger(model, run, stderr, quiet, heads=heads, base_head=not no_base_head)
         if source == "-":
             # Unbuffered, not sys.stdin.buffer: a reader thread blocked in a buffered stdin would abort
             # CPython's shutdown ("could not acquire lock for <stdin>") when the run ends on an error.
@@ -99,10 +107,11 @@ def listen(
         if calibration is not None:
             calibration.check((activation or tagger.default_activation).value)
             selection = selection.calibrated(tagger.labels, calibration.thresholds)
-        listener = Listener(tagger.backend, tagger.labels, hop_seconds=run.hop_seconds or 1.0,
-                            selection=selection, activation=activation or tagger.default_activation, stall_seconds=stall,
+        own = activation or (None if heads else tagger.default_activation)  # None: each head's own
+        listener = Listener(tagger.scoring_backend, tagger.labels, hop_seconds=run.hop_seconds or 1.0,
+                            selection=selection, activation=own, stall_seconds=stall, parts=tagger.parts(),
                             drop=(not recording) if drop is None else drop)
-        tracker = EventTracker(tagger.labels, _on_off(selection, threshold), listener.allowed) if events else None
+        tracker = EventTracker(listener.labels, _on_off(selection, threshold), listener.allowed) if events else None
         from ._io import native_stderr_silenced
 
         try:
@@ -138,7 +147,7 @@ def _say_pace(listener, stderr) -> None:
 def _loop(listener, stream, fmt, tracker, stderr, quiet: bool) -> None:
     import time
 
-    from ..run.records import dumps
+    from ..run.records import dumps, label_records
 
     if fmt is LiveFormat.live and tracker is None:
         from ._render import LiveView
@@ -155,7 +164,7 @@ def _loop(listener, stream, fmt, tracker, stderr, quiet: bool) -> None:
             lines = [_event(e) for e in tracker.update(window)]
         else:
             lines = [dumps({"start": window.start, "end": window.end, "time": _iso(window.wall),
-                            "labels": [{"label": x.label, "index": x.index, "score": x.score} for x in window.labels],
+                            "labels": label_records(window.labels),
                             "latency_s": round(window.latency, 4)})]
         for line in lines:
             sys.stdout.write(line + "\n")

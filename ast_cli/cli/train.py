@@ -10,7 +10,7 @@ from ..constants import MIN_POSITIVES
 from ..run.options import ListFormat, RunOptions, _choices
 from ._app import app
 from ._common import (DEFAULT_MODEL, DebugOpt, ModelOpt, QuietOpt, announce_fast, fetch_model, load_tagger,
-                      model_identity, run_options, stderr_console)
+                      run_options, stderr_console)
 from ._errors import cli_errors, counted, say
 
 Mode = _choices("Mode", "head finetune", "What ast train trains.")
@@ -217,6 +217,7 @@ def _calibrate(tagger, scored, target, min_positives: int, data: str, out: str, 
     """Choose the thresholds, write them to ``out`` (atomically) and return the report's calibration part."""
     from dataclasses import asdict
 
+    from ..checkpoint.names import model_identity
     from ..run.thresholds import write_thresholds
     from ..tasks.calibrate import calibrate, document, file_sha256
 

@@ -5,6 +5,7 @@ rows as a numpy array: logits, embeddings, or the inputs themselves. ``features`
 expects, which the engine uses to cut windows.
 
 - ``LocalBackend``: a model in this process, on any device, in fp32/fp16/bf16 or with int8 Linear layers.
+- ``HeadsBackend``: a ``LocalBackend``'s embedding through several classifiers (its own and trained heads).
 - ``InputsBackend``: returns the model inputs (``extract-features --kind fbank``); needs no weights.
 
 A distributed backend plugs in here: same call, the batch computed elsewhere.
@@ -174,5 +175,33 @@ class LocalBackend:
             return torch.cat([forward(part, attn=self.attn).float()
                               for part in inputs.split(self.windows_per_call)])
 
+    def forward_head(self, pooled):
+        """(B, hidden_size) float32 pooled embeddings -> (B, num_labels) float32 CPU logits: the classifier alone,
+        in the model's dtype (an embedding is a float32 copy of it: casting back is exact)."""
+        import torch
+
+        with torch.inference_mode():
+            return self.model.forward_head(pooled.to(self.device, self.dtype)).float().cpu()
+
     def __call__(self, inputs) -> np.ndarray:
         return self.tensor(inputs).numpy()
+
+
+class HeadsBackend:
+    """One backbone pass, several heads: ``backend``'s pooled embedding of each window through the model's own
+    classifier (unless ``base_head`` is False) and each of ``heads`` (``checkpoint.heads.Head``, in float32 on
+    the CPU): (B, total labels) logits, side by side in that order."""
+
+    def __init__(self, backend: LocalBackend, heads, base_head: bool = True):
+        self.embedder = backend.with_output("embedding")
+        self.features = backend.features
+        self.heads, self.base_head = tuple(heads), base_head
+
+    def __call__(self, inputs) -> np.ndarray:
+        import torch
+
+        pooled = self.embedder.tensor(inputs)  # (B, D) float32 on the CPU
+        with torch.inference_mode():
+            parts = [self.embedder.forward_head(pooled)] if self.base_head else []
+            parts += [head(pooled) for head in self.heads]
+        return torch.cat(parts, dim=1).numpy()

@@ -198,33 +198,19 @@ def fast_cache_path() -> str:
     return os.path.join(os.path.expanduser(base), "ast-cli", f"fast-v{CACHE_VERSION}.json")
 
 
-def weights_fingerprint(model) -> str:
-    """A digest of every tensor's name, shape, dtype and an evenly strided sample of up to 4096 of its values.
-
-    Hashing all 344 MB of an AudioSet AST would cost more than loading it; any two real checkpoints differ in
-    the sampled values (fine-tuning moves every weight), which is all a cache key needs."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        flat = tensor.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().contiguous().numpy()
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(sample.tobytes())
-    return digest.hexdigest()
-
-
 def cache_key(model, device: str) -> dict:
     """What a choice depends on: the CPU (model name and feature flags), torch, the weights, threads, device."""
     import torch
 
     from ..checkpoint.speed import _cpuinfo_flags, cpu_capabilities
+    from ..checkpoint.weights import weights_fingerprint
 
     caps = cpu_capabilities()
     gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
     return {"cpu": str(caps.get("cpu_name", "")), "cpu_flags": sorted(_cpuinfo_flags()) or sorted(
-            k for k, v in caps.items() if v is True), "torch": torch.__version__, "weights": weights_fingerprint(model),
-            "threads": torch.get_num_threads(), "device": device, "gpu": gpu}
+            k for k, v in caps.items() if v is True), "torch": torch.__version__,
+            "weights": weights_fingerprint(model.state_dict()), "threads": torch.get_num_threads(), "device": device,
+            "gpu": gpu}
 
 
 def _read_cache(path: str) -> list:

@@ -54,9 +54,10 @@ class OutputTarget:
         if self.lock is not None:
             self.lock.release()
 
-    def open(self, segments: bool = False, provenance: dict | None = None) -> "Writer":
+    def open(self, segments: bool = False, provenance: dict | None = None, heads: bool = False) -> "Writer":
         """The writer (for a file: holding the lock, taken now if ``plan_output`` did not; the writer
-        releases it). ``provenance``: added to every JSON record (see ``to_record``)."""
+        releases it). ``provenance``: added to every JSON record (see ``to_record``); ``heads``: labels name
+        their head (a CSV column)."""
         import sys
 
         stream = self.stream or sys.stdout
@@ -75,7 +76,7 @@ class OutputTarget:
             writer = JsonWriter(stream, self.path, direct=self.kind == "special")
         else:
             writer = CsvWriter(stream, self.path, segments=segments, direct=self.kind == "special",
-                               delimiter="\t" if self.format is OutputFormat.tsv else ",")
+                               delimiter="\t" if self.format is OutputFormat.tsv else ",", heads=heads)
         writer.lock = self.lock
         writer.provenance = provenance
         return writer
@@ -154,8 +155,8 @@ class OutputDir:
         """Label tracks and selection tables are made of windows."""
         return self.format in (OutputFormat.audacity, OutputFormat.raven)
 
-    def open(self, segments: bool = False, provenance: dict | None = None) -> "Writer":
-        writer = PerFileWriter(self.outputs, self.format, segments)
+    def open(self, segments: bool = False, provenance: dict | None = None, heads: bool = False) -> "Writer":
+        writer = PerFileWriter(self.outputs, self.format, segments, heads)
         writer.provenance = provenance
         return writer
 

@@ -12,8 +12,10 @@ import os
 from .tagger import FileResult, LabelScore
 
 
-def _labels(labels: list[LabelScore]) -> list[dict]:
-    return [{"label": x.label, "index": x.index, "score": x.score} for x in labels]
+def label_records(labels: list[LabelScore]) -> list[dict]:
+    """Each label as ``{"label", "index", "score"}``, led by ``"head"`` when it is a head's (``--head``)."""
+    return [({"head": x.head} if x.head is not None else {}) | {"label": x.label, "index": x.index, "score": x.score}
+            for x in labels]
 
 
 def to_record(result: FileResult, provenance: dict | None = None) -> dict:
@@ -24,13 +26,14 @@ def to_record(result: FileResult, provenance: dict | None = None) -> dict:
     record = {
         "path": result.path,
         "duration": None if result.duration is None else round(result.duration, 6),
-        "labels": _labels(result.labels),
+        "labels": label_records(result.labels),
         "error": result.error,
     }
     if result.none_of:  # single-label, calibrated: none of the model's labels (``labels`` is empty)
         record["none_of"] = True
     if result.segments is not None:
-        record["segments"] = [{"start": s.start, "end": s.end, "labels": _labels(s.labels)} for s in result.segments]
+        record["segments"] = [{"start": s.start, "end": s.end, "labels": label_records(s.labels)}
+                              for s in result.segments]
     record["size"] = result.size
     record["mtime"] = result.mtime
     record.update(provenance or {})

@@ -30,8 +30,9 @@ if TYPE_CHECKING:  # torch comes with these; deciding what is left to do must no
 @dataclass(frozen=True)
 class LabelScore:
     label: str
-    index: int
+    index: int  # within its head's labels
     score: float
+    head: str | None = None  # with heads (``Tagger.load(heads=...)``): whose label; None when the model runs alone
 
 
 @dataclass(frozen=True)
@@ -88,26 +89,31 @@ class LabelSelection:
         return cls(top=top or None, threshold=threshold, include=tuple(include or ()),
                    exclude=tuple(exclude or ()))
 
-    def mask(self, labels: tuple[str, ...]) -> np.ndarray:
-        """Boolean (num_labels,) of labels allowed by include/exclude; unknown names are a UsageError."""
+    def mask(self, labels: tuple[str, ...], heads: tuple[str, ...] | None = None) -> np.ndarray:
+        """Boolean (num_labels,) of labels allowed by include/exclude; unknown names are a UsageError. ``heads``:
+        the head of each label, when there are several: a name then matches that label in every head, and
+        ``HEAD:LABEL`` in that head only."""
         if self.thresholds is not None and len(self.thresholds) != len(labels):
             raise UsageError(f"{len(self.thresholds)} calibrated thresholds for {len(labels)} labels",
                              option="thresholds")
-        lowered = [name.lower() for name in labels]
-        index = {name: i for i, name in enumerate(lowered)}
+        names = list(labels) + ([f"{h}:{x}" for h, x in zip(heads, labels)] if heads else [])
+        lowered = [name.lower() for name in names]
+        index: dict[str, list[int]] = {}
+        for i, name in enumerate(lowered):
+            index.setdefault(name, []).append(i % len(labels))
 
-        def find(name: str) -> int:
+        def find(name: str) -> list[int]:
             key = name.strip().lower()
             if key not in index:
                 close = difflib.get_close_matches(key, lowered, n=1)
-                hint = f" (did you mean {labels[lowered.index(close[0])]!r}?)" if close else ""
+                hint = f" (did you mean {names[lowered.index(close[0])]!r}?)" if close else ""
                 raise UsageError(f"unknown label {name!r}{hint}", option="labels")
             return index[key]
 
         allowed = np.ones(len(labels), dtype=bool)
         if self.include:
             allowed[:] = False
-            allowed[[find(n) for n in self.include]] = True
+            allowed[[i for n in self.include for i in find(n)]] = True
         for name in self.exclude:
             allowed[find(name)] = False
         return allowed
@@ -123,23 +129,27 @@ class LabelSelection:
                              + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""), option="thresholds")
         return replace(self, thresholds=tuple(float(thresholds.get(name, math.nan)) for name in labels))
 
-    def select(self, scores: np.ndarray, labels: tuple[str, ...], allowed: np.ndarray) -> list[LabelScore]:
+    def select(self, scores: np.ndarray, labels: tuple[str, ...], allowed: np.ndarray,
+               head: str | None = None, offset: int = 0) -> list[LabelScore]:
+        """The labels to report from ``scores`` (one head's: ``labels``, at ``offset`` among all the heads' labels,
+        which ``thresholds`` and ``mask`` count over), best first."""
         order = np.argsort(-scores, kind="stable")
-        calibrated = np.asarray(self.thresholds if self.thresholds is not None else [math.nan] * len(labels))
+        calibrated = np.asarray(self.thresholds[offset:offset + len(labels)] if self.thresholds is not None
+                                else [math.nan] * len(labels))
         picked, fallback = [], 0
         for i in order:
             if not allowed[i]:
                 continue
             if not math.isnan(calibrated[i]):  # a calibrated label: its own threshold, whatever --top says
                 if scores[i] >= calibrated[i]:
-                    picked.append(LabelScore(labels[i], int(i), float(scores[i])))
+                    picked.append(LabelScore(labels[i], int(i), float(scores[i]), head))
                 continue
             if (self.threshold is not None and scores[i] < self.threshold) or (
                     self.top is not None and fallback >= self.top):
                 if self.thresholds is None:
                     break  # scores only fall from here: nothing more to pick
                 continue
-            picked.append(LabelScore(labels[i], int(i), float(scores[i])))
+            picked.append(LabelScore(labels[i], int(i), float(scores[i]), head))
             fallback += 1
         return picked
 
@@ -164,6 +174,51 @@ def activate(logits: np.ndarray, activation: Activation | str) -> np.ndarray:
     return logits
 
 
+@dataclass(frozen=True)
+class HeadPart:
+    """One head's share of a row of logits: its ``labels`` at [start, start + len(labels)). ``name`` is None
+    when the model runs alone (its labels then name no head)."""
+
+    name: str | None
+    labels: tuple[str, ...]
+    single_label: bool
+    start: int = 0
+
+    @property
+    def span(self) -> slice:
+        return slice(self.start, self.start + len(self.labels))
+
+
+class Scorer:
+    """Logits of one or more heads side by side -> scores (each head's ``activation``; None: softmax for a
+    single-label head, sigmoid for the others) -> each head's selected labels in turn (``selection`` per head)."""
+
+    def __init__(self, parts: Iterable[HeadPart], selection: LabelSelection, activation: Activation | str | None):
+        self.parts, self.selection = tuple(parts), selection
+        self.activations = [Activation(activation) if activation is not None else
+                            Activation.softmax if p.single_label else Activation.sigmoid for p in self.parts]
+        self.labels = tuple(x for p in self.parts for x in p.labels)
+        heads = tuple(p.name for p in self.parts for _ in p.labels) if self.parts[0].name is not None else None
+        self.names = tuple(f"{h}:{x}" for h, x in zip(heads, self.labels)) if heads else self.labels
+        self.allowed = selection.mask(self.labels, heads)  # unknown label names fail before any work
+
+    def scores(self, logits: np.ndarray) -> np.ndarray:
+        """(..., total labels) logits -> scores, each head's activation on its own labels."""
+        return np.concatenate([activate(logits[..., p.span], a) for p, a in zip(self.parts, self.activations)], -1)
+
+    def select(self, scores: np.ndarray) -> list[LabelScore]:
+        """(total labels,) scores -> the labels ``selection`` picks, head by head (each sorted by score)."""
+        return [x for p in self.parts for x in self.selection.select(scores[p.span], p.labels, self.allowed[p.span],
+                                                                     p.name, p.start)]
+
+    def none_of(self, scores: np.ndarray) -> bool:
+        """A single-label model alone, with calibrated thresholds: whether its best label is under its threshold
+        (with heads, a head's labels under their thresholds are simply not reported)."""
+        part, activation = self.parts[0], self.activations[0]
+        return (len(self.parts) == 1 and activation is Activation.softmax
+                and self.selection.none_of(scores[part.span], self.allowed[part.span]))
+
+
 def is_single_label(config) -> bool:
     """A checkpoint trained with one label per clip: its ``problem_type`` says so, or it is speech-commands."""
     if config.problem_type == "single_label_classification":
@@ -179,8 +234,10 @@ class Tagger:
     """A model ready for inference (``backend``), with the input format and labels it was trained with."""
 
     def __init__(self, backend, labels: tuple[str, ...], *, name: str = "", options: RunOptions = RunOptions(),
-                 single_label: bool = False, source: str | None = None):
+                 single_label: bool = False, source: str | None = None, heads: tuple = (), base_head: bool = True):
         self.backend = backend
+        self.heads = tuple(heads)  # checkpoint.heads.Head: run next to the model's own head on its embedding
+        self.base_head = base_head  # False: the model's own labels are left out (only with heads)
         self.source = source  # the weights file, when loaded from one: what caches of its outputs are keyed by
         self.features: FeatureConfig = backend.features
         self.labels = labels
@@ -196,21 +253,48 @@ class Tagger:
     @classmethod
     def load(cls, model: str = DEFAULT_MODEL, options: RunOptions = RunOptions(), *,
              progress: DownloadProgress | None = None,
-             loading: ContextManager | None = None) -> "Tagger":
+             loading: ContextManager | None = None, heads: Iterable[str] = (),
+             base_head: bool = True) -> "Tagger":
         """The one load path: resolve ``model`` (alias, hub id, directory or file; downloaded on first use unless
         offline, told to ``progress``), load it strictly and place it as ``options`` say
         (``LocalBackend.build``). ``loading``: a context manager held while the weights load and are placed (the
-        CLI's spinner). ``options`` was checked when it was built."""
+        CLI's spinner). ``options`` was checked when it was built. ``heads``: folders written by head-mode
+        training on this model, run on the pooled embedding of the same backbone pass (``HeadError``, before the
+        model loads where it can: a missing folder, not a head; after: one trained on another base);
+        ``base_head`` False: without the model's own labels."""
         from .backends import LocalBackend
+        from ..checkpoint.heads import check_bases, read_heads
         from ..checkpoint.hub import resolve_model
-        from ..checkpoint.weights import build_model, load_checkpoint
+        from ..checkpoint.weights import backbone_fingerprint, build_model, load_checkpoint
 
+        loaded = read_heads(heads, base_head)
         path = resolve_model(model, offline=options.offline, cache_dir=options.cache_dir, progress=progress)
         with loading or contextlib.nullcontext():
             checkpoint = load_checkpoint(path)
-            backend = LocalBackend.build(build_model(checkpoint), checkpoint.features, options)
+            network = build_model(checkpoint)
+            if loaded:  # the fingerprint of the float32 weights as loaded, before any dtype or int8 placement
+                check_bases(loaded, backbone_fingerprint(network), model)
+            backend = LocalBackend.build(network, checkpoint.features, options)
         return cls(backend, checkpoint.config.id2label, name=model, options=options,
-                   single_label=is_single_label(checkpoint.config), source=checkpoint.source)
+                   single_label=is_single_label(checkpoint.config), source=checkpoint.source, heads=loaded,
+                   base_head=base_head and bool(checkpoint.config.id2label))  # a bare encoder has no head
+
+    @property
+    def scoring_backend(self):
+        """What ``classify`` runs on each batch: the model itself, or (with heads) its embedding through every head."""
+        if not self.heads:
+            return self.backend
+        from .backends import HeadsBackend
+
+        return HeadsBackend(self.backend, self.heads, self.base_head)
+
+    def parts(self) -> tuple[HeadPart, ...]:
+        """The heads in a row of ``scoring_backend``'s logits (``head_parts``)."""
+        return head_parts(self.name, self.labels, self.single_label, self.heads, self.base_head)
+
+    def scorer(self, selection: LabelSelection = LabelSelection(), activation: Activation | str | None = None):
+        """The ``Scorer`` of this tagger's heads (``activation`` None: each head's own default)."""
+        return Scorer(self.parts(), selection, activation)
 
     @property
     def model(self):
@@ -235,15 +319,13 @@ class Tagger:
         model's dtype (an embedding is a float32 copy of it: casting back is exact)."""
         import torch
 
-        with torch.inference_mode():
-            pooled = torch.from_numpy(np.ascontiguousarray(embeddings)).to(self.device, self.backend.dtype)
-            return self.model.forward_head(pooled).float().cpu().numpy()
+        return self.backend.forward_head(torch.from_numpy(np.ascontiguousarray(embeddings))).numpy()
 
     def engine(self, backend=None) -> Engine:
         """An engine over this tagger's windows (its ``options``: hop, batch size, workers)."""
         from .engine import Engine
 
-        return Engine(self.features, backend or self.backend, batch_size=self.options.batch_size,
+        return Engine(self.features, backend or self.scoring_backend, batch_size=self.options.batch_size,
                       workers=self.options.workers, hop_frames=self.options.hop_frames)
 
     # -- tagging -------------------------------------------------------------------------------
@@ -263,35 +345,56 @@ class Tagger:
         files are cut into windows whose scores are aggregated (``max``: an event anywhere in the file
         counts; ``mean``: typical content). ``activation`` None: ``default_activation``. ``engine``: one made
         by ``self.engine()``, to ``stop()`` it."""
-        activation = Activation(activation) if activation is not None else self.default_activation
+        scorer = self.scorer(selection, activation)  # unknown label names fail before any work
         aggregate = Aggregate(aggregate)
-        allowed = selection.mask(self.labels)  # unknown label names fail before any work
         engine = engine or self.engine()
         for out in engine.run(sources, on_progress=on_progress):
-            yield self.result(out, selection, allowed, activation, aggregate, segments)
+            yield self.result(out, scorer, aggregate, segments)
 
-    def result(self, out: FileOutput, selection: LabelSelection, allowed: np.ndarray, activation: Activation,
-               aggregate: Aggregate, segments: bool) -> FileResult:
-        """One engine output (logits per window) -> its ``FileResult``."""
+    def result(self, out: FileOutput, scorer: Scorer, aggregate: Aggregate, segments: bool) -> FileResult:
+        """One engine output (logits per window) -> its ``FileResult`` (labels head by head)."""
         result = FileResult(out.name, out.duration, error=out.error, size=out.size, mtime=out.mtime,
                             exception=out.exception)
         if out.error is not None or out.outputs is None or len(out.outputs) == 0:
             if result.error is None:
                 result.error = "no audio windows"
             return result
-        scores = activate(out.outputs, activation)  # (W, L)
+        scores = scorer.scores(out.outputs)  # (W, L)
         if not np.isfinite(scores).all():
             result.error = "the model gave non-finite scores (the audio is far outside [-1, 1]?)"
             return result
         pooled = scores.max(axis=0) if aggregate is Aggregate.max else scores.mean(axis=0)
-        result.labels = selection.select(pooled, self.labels, allowed)
-        if activation is Activation.softmax and selection.none_of(pooled, allowed):
+        result.labels = scorer.select(pooled)
+        if scorer.none_of(pooled):
             result.labels, result.none_of = [], True
         if segments:
             result.segments = []
             for (start, end), row in zip(out.windows, scores):
                 # The last window ends with the file (16 kHz rounding aside), never after it.
                 end = out.duration if out.duration is not None and end >= out.duration - 1e-3 else end
-                labels = selection.select(row, self.labels, allowed)
+                labels = scorer.select(row)
                 result.segments.append(Segment(round(start, 6), round(end, 6), labels))
         return result
+
+
+def base_head_name(model: str) -> str:
+    """The name the model's own head goes by next to other heads: a hub name as given, a local one's file name."""
+    import os
+
+    from ..checkpoint.names import looks_local
+
+    return os.path.basename(os.path.normpath(model)) if looks_local(model) else model
+
+
+def head_parts(model: str, labels: tuple[str, ...], single_label: bool, heads=(), base_head: bool = True
+               ) -> tuple[HeadPart, ...]:
+    """The parts of a row of logits: the model's own head (named after ``model``, unless ``base_head`` is False),
+    then each of ``heads`` (``checkpoint.heads.Head``); the model alone: one part named None."""
+    if not heads:
+        return (HeadPart(None, labels, single_label),)
+    own = [(base_head_name(model), labels, single_label)] if base_head and labels else []
+    parts, start = [], 0
+    for name, names, single in own + [(h.name, h.labels, h.single_label) for h in heads]:
+        parts.append(HeadPart(name, names, single, start))
+        start += len(names)
+    return tuple(parts)

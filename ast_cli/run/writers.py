@@ -15,7 +15,7 @@ from .files import OutputLock, atomic_write
 from .records import display_path, dumps, to_record
 from .tagger import FileResult, LabelScore
 
-CSV_COLUMNS = ("path", "duration", "rank", "label", "index", "score")
+CSV_COLUMNS = ("path", "duration", "rank", "label", "index", "score")  # with heads: "head" before "label"
 NONE_OF = "(none of these)"  # the label text (CSV, table) of a single-label clip under its calibrated threshold
 CSV_SEGMENT_COLUMNS = ("start", "end")
 
@@ -149,13 +149,16 @@ class JsonlWriter(Writer):
 
 class CsvWriter(_StreamWriter):
     """One row per (file, label): ``path,duration,rank,label,index,score`` (+ ``start,end`` with segments),
-    then ``error``; a clip that is none of the labels (calibrated, single-label) has one row labelled NONE_OF. File-level rows have empty start/end; a failed file is one row with its error."""
+    then ``error``; a clip that is none of the labels (calibrated, single-label) has one row labelled NONE_OF.
+    File-level rows have empty start/end; a failed file is one row with its error. With ``heads``, a ``head``
+    column before ``label``, and ranks counted within each head."""
 
     def __init__(self, stream: IO | None = None, path: str | None = None, segments: bool = False,
-                 direct: bool = False, delimiter: str = ","):
+                 direct: bool = False, delimiter: str = ",", heads: bool = False):
         super().__init__(stream, path, direct)
-        self.segments = segments
-        self.columns = CSV_COLUMNS + (CSV_SEGMENT_COLUMNS if segments else ()) + ("error",)
+        self.segments, self.heads = segments, heads
+        columns = CSV_COLUMNS[:3] + ("head",) + CSV_COLUMNS[3:] if heads else CSV_COLUMNS
+        self.columns = columns + (CSV_SEGMENT_COLUMNS if segments else ()) + ("error",)
         self.csv = csv.writer(self.stream, lineterminator="\n", delimiter=delimiter)
         self.csv.writerow(self.columns)
 
@@ -163,14 +166,16 @@ class CsvWriter(_StreamWriter):
         duration = "" if result.duration is None else round(result.duration, 6)
         extra = (span if span else ("", "")) if self.segments else ()
         path = display_path(result.path)
-        for rank, item in enumerate(labels, 1):
-            self.csv.writerow((path, duration, rank, item.label, item.index, item.score) + extra + ("",))
+        for head, items in by_head(labels):
+            for rank, item in enumerate(items, 1):
+                named = (head, item.label) if self.heads else (item.label,)
+                self.csv.writerow((path, duration, rank, *named, item.index, item.score) + extra + ("",))
 
     def _write(self, result: FileResult) -> None:
         if result.error is not None:
             duration = "" if result.duration is None else round(result.duration, 6)
-            blank = ("", "") if self.segments else ()
-            self.csv.writerow((display_path(result.path), duration, "", "", "", "") + blank + (result.error,))
+            blank = ("",) * (len(self.columns) - 3)  # every column but path, duration and error
+            self.csv.writerow((display_path(result.path), duration) + blank + (result.error,))
             return
         self._rows(result, result.labels, None)
         if result.none_of:  # a row of its own, so the file is not mistaken for one that was never tagged
@@ -180,6 +185,18 @@ class CsvWriter(_StreamWriter):
         for segment in result.segments or []:
             self._rows(result, segment.labels, (segment.start, segment.end))
         self.stream.flush()
+
+
+def by_head(labels: list[LabelScore]) -> list[tuple[str | None, list[LabelScore]]]:
+    """Labels grouped by head, in order (a result holds each head's labels together)."""
+    import itertools
+
+    return [(head, list(items)) for head, items in itertools.groupby(labels, key=lambda x: x.head)]
+
+
+def qualified(item: LabelScore) -> str:
+    """``head:label`` for a label of a head, else the label."""
+    return item.label if item.head is None else f"{item.head}:{item.label}"
 
 
 def _clock(seconds: float) -> str:
@@ -203,22 +220,24 @@ class TableWriter(Writer):
         path = display_path(result.path)
         title = f"{path} ({result.duration:.2f} s)" if result.duration is not None else path
         self.console.print(Text(title, style="bold"), soft_wrap=True)  # a long path must not wrap
-        table = Table(show_edge=False, pad_edge=False)
-        table.add_column("rank", justify="right")
-        table.add_column("label")
-        table.add_column("score", justify="right")
-        for rank, item in enumerate(result.labels, 1):
-            table.add_row(str(rank), item.label, f"{item.score:.4f}")
-        if result.none_of:
-            table.add_row("", NONE_OF, "")
-        self.console.print(table)
+        for head, items in by_head(result.labels) or [(None, [])]:
+            table = Table(title=head, title_justify="left", show_edge=False, pad_edge=False)
+            table.add_column("rank", justify="right")
+            table.add_column("label")
+            table.add_column("score", justify="right")
+            for rank, item in enumerate(items, 1):
+                table.add_row(str(rank), item.label, f"{item.score:.4f}")
+            if result.none_of:
+                table.add_row("", NONE_OF, "")
+            self.console.print(table)
         if result.segments:
             timeline = Table(title="timeline", title_justify="left", show_edge=False, pad_edge=False)
             timeline.add_column("start", justify="right")
             timeline.add_column("end", justify="right")
             timeline.add_column("labels")
             for segment in result.segments:
-                labels = ", ".join(f"{x.label} {x.score:.2f}" for x in segment.labels[:5]) or "-"
+                labels = ", ".join(f"{qualified(x)} {x.score:.2f}" for _, items in by_head(segment.labels)
+                                   for x in items[:5]) or "-"
                 timeline.add_row(_clock(segment.start), _clock(segment.end), labels)
             self.console.print(timeline)
         self.console.print()
@@ -232,8 +251,8 @@ class PerFileWriter(Writer):
 
     per_input = True
 
-    def __init__(self, outputs: dict[str, str], fmt: OutputFormat, segments: bool):
-        self.outputs, self.format, self.segments = outputs, fmt, segments
+    def __init__(self, outputs: dict[str, str], fmt: OutputFormat, segments: bool, heads: bool = False):
+        self.outputs, self.format, self.segments, self.heads = outputs, fmt, segments, heads
 
     def _write(self, result: FileResult) -> None:
         if result.error is not None:
@@ -244,7 +263,7 @@ class PerFileWriter(Writer):
             if self.format is OutputFormat.json:
                 handle.write(dumps(to_record(result, self.provenance), indent=2) + "\n")
             elif self.format in (OutputFormat.csv, OutputFormat.tsv):
-                rows = CsvWriter(handle, segments=self.segments,
+                rows = CsvWriter(handle, segments=self.segments, heads=self.heads,
                                  delimiter="\t" if self.format is OutputFormat.tsv else ",")
                 rows.write(result)
             elif self.format is OutputFormat.audacity:
@@ -261,7 +280,7 @@ def _spans(result: FileResult) -> list[tuple[float, float, list[LabelScore]]]:
 
 def audacity_labels(result: FileResult) -> str:
     """An Audacity label track (File > Import > Labels): ``start<TAB>end<TAB>label`` per window and label."""
-    return "".join(f"{start:.6f}\t{end:.6f}\t{x.label} ({x.score:.3f})\n"
+    return "".join(f"{start:.6f}\t{end:.6f}\t{qualified(x)} ({x.score:.3f})\n"
                    for start, end, labels in _spans(result) for x in labels)
 
 
@@ -273,5 +292,5 @@ def raven_table(result: FileResult) -> str:
         for x in labels:
             number += 1
             lines.append("\t".join(map(str, (number, "Spectrogram 1", 1, f"{start:.6f}", f"{end:.6f}", 0, 8000,
-                                             x.label, x.index, f"{x.score:.6f}"))))
+                                             qualified(x), x.index, f"{x.score:.6f}"))))
     return "\n".join(lines) + "\n"

@@ -83,6 +83,7 @@ class Settings:
     hop_seconds: float | None = None  # as asked; None: the window length
     compute: str = "fp32"  # fp32, fp16, bf16, int8 or fast (not for fbank, which does not depend on it)
     activation: str | None = None  # classify's scores: sigmoid, softmax or none
+    heads: tuple[str, ...] = ()  # classify --head: the heads whose labels the records carry, in order
 
     @classmethod
     def of(cls, kind: str | None, model: str, options: RunOptions, activation: str | None = None) -> "Settings":
@@ -99,8 +100,9 @@ class Settings:
     def record(self, window_seconds: float) -> dict:
         """The settings as ``classify`` records them (what ``mismatch`` reads back)."""
         window = round(window_seconds, 6)
+        heads = {"heads": list(self.heads)} if self.heads else {}
         return {"activation": self.activation, "hop_seconds": self.hop(window), "window_seconds": window,
-                "compute": self.compute}
+                "compute": self.compute, **heads}
 
     def mismatch(self, metadata: dict) -> str | None:
         """How ``metadata`` (of an existing output) differs from these settings, or None."""
@@ -118,6 +120,8 @@ class Settings:
             return f"computed in {metadata.get('compute', 'fp32')}, not {self.compute}"
         if self.activation is not None and metadata.get("activation") != self.activation:
             return f"activation {metadata.get('activation')!r}, not {self.activation!r}"
+        if self.kind is None and metadata.get("heads", []) != list(self.heads):
+            return f"heads {metadata.get('heads', [])}, not {list(self.heads)}"
         return None
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..constants import FRAME_LENGTH, FRAME_SECONDS, HOP_LENGTH, SAMPLE_RATE
 from ..errors import AstError, AudioDecodeError, UsageError
-from ..run.tagger import LabelScore, LabelSelection, activate
+from ..run.tagger import HeadPart, LabelScore, LabelSelection, Scorer
 
 
 @dataclass(frozen=True)
@@ -116,16 +116,18 @@ class Listener:
 
     def __init__(self, backend, labels: tuple[str, ...], *, hop_seconds: float = 1.0,
                  selection: LabelSelection = LabelSelection(), activation="sigmoid", stall_seconds: float = 30.0,
-                 drop: bool = True):
+                 drop: bool = True, parts: tuple[HeadPart, ...] | None = None):
         from ..run.options import hop_frames
 
         self.backend = backend
         self.features = backend.features
-        self.labels = labels
+        # parts: the heads in a row of ``backend``'s logits (``Tagger.parts``), else one: ``labels``
+        self.scorer = Scorer(parts or (HeadPart(None, labels, False),), selection, activation)
+        self.labels = self.scorer.names  # ``head:label`` with heads
         self.hop_frames = hop_frames(hop_seconds)
         check_stall(stall_seconds)
         self.selection = selection
-        self.allowed = selection.mask(labels)
+        self.allowed = self.scorer.allowed
         self.activation = activation
         self.stall_seconds = stall_seconds
         self.drop = drop
@@ -217,8 +219,8 @@ class Listener:
                     return
                 index, start, end, window, ready = item
                 logits = self.backend(window[None])[0]
-                scores = activate(logits[None], self.activation)[0]
-                labels = self.selection.select(scores, self.labels, self.allowed)
+                scores = self.scorer.scores(logits[None])[0]
+                labels = self.scorer.select(scores)
                 yield LiveWindow(index, round(start, 6), round(end, 6), labels, scores, wall=time.time(),
                                  latency=time.monotonic() - ready)
         finally:

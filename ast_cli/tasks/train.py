@@ -21,8 +21,9 @@ of the model's length, all with the file's labels; a file's score is its windows
 
 The output folder holds ``config.json`` (new ``id2label``/``label2id`` and ``problem_type``),
 ``preprocessor_config.json``, ``model.safetensors``, ``train_log.jsonl`` (one line per epoch) and
-``metrics.json`` (validation, and the clips left out as unreadable), and ``MARKER`` (what makes it an output
-of this module: its mode and labels); ``transformers.ASTForAudioClassification.from_pretrained`` loads it. A run
+``metrics.json`` (validation, and the clips left out as unreadable), ``MARKER`` (what makes it an output of this
+module: its mode and labels), and in head mode what makes it a head (``checkpoint.heads``: ``head.json``,
+``head.safetensors``); ``transformers.ASTForAudioClassification.from_pretrained`` loads it. A run
 works in ``staging_dir(out)`` and renames it to ``out`` when done, so ``out`` is never half written.
 
 This module is the ``Trainer``; ``train_data`` reads the data, ``metrics`` measures (``evaluate``), ``train_state``
@@ -43,7 +44,7 @@ from ..errors import AudioDecodeError, DeviceOutOfMemoryError, UsageError, is_ou
 from .metrics import _jsonable, file_scores, metrics
 from .train_data import MULTI, SINGLE, Dataset, clips, untrained_labels
 from .train_state import (_TrainState, _append_line, _first_line, _load_state, _save_state, _swap_into_place,
-                          _trim_log, _write_json, prepare_work, save_checkpoint, staging_dir)
+                          _trim_log, _write_json, prepare_work, save_checkpoint, save_head, staging_dir)
 
 
 @dataclass
@@ -193,9 +194,10 @@ class Trainer:
         import torch
 
         from ..checkpoint.model import AST
-        from ..checkpoint.weights import build_model
+        from ..checkpoint.weights import backbone_fingerprint, build_model
 
         base = build_model(self.checkpoint)
+        self.base_fingerprint = backbone_fingerprint(base)  # what a head made here is bound to
         config = replace(self.checkpoint.config, id2label=self.labels,
                          problem_type=MULTI if self.multi_label else SINGLE)
         torch.manual_seed(self.config.seed)
@@ -229,7 +231,7 @@ class Trainer:
             train_windows = [_renormalize(w, self.checkpoint.features, features) for w in train_windows]
             val_windows = [_renormalize(w, self.checkpoint.features, features) for w in val_windows]
         x, y = _flatten(train_windows, self.train_set.targets(self.labels))
-        model = self._model()
+        model, standardize = self._model(), None
         if kind == "embedding":
             # The head learns far better from standardized embeddings (a frozen backbone's pooled output varies
             # little around a large shared part). Standardizing is an affine map per feature, which folds exactly
@@ -238,6 +240,7 @@ class Trainer:
             x = (x - mean) / std
             val_windows = [(w - mean) / std for w in val_windows]
             _fold(model, mean, std)
+            standardize = (mean, std)
         started = time.monotonic()
         try:
             try:
@@ -249,7 +252,7 @@ class Trainer:
                                              batch_size=self.config.batch_size, training=True) from None
             if state.best_weights is not None:
                 model.load_state_dict(state.best_weights)
-            self.save(model, features)
+            self.save(model, features, standardize)
         except BaseException:
             if kind == "embedding":  # nothing to resume: leave nothing behind
                 import shutil
@@ -363,9 +366,13 @@ class Trainer:
 
     # -- saving ------------------------------------------------------------------------------------------
 
-    def save(self, model, features) -> None:
-        """``out`` as a Hugging Face checkpoint: config.json, preprocessor_config.json, model.safetensors."""
+    def save(self, model, features, standardize: tuple | None = None) -> None:
+        """``out`` as a Hugging Face checkpoint: config.json, preprocessor_config.json, model.safetensors; with
+        ``standardize`` (head mode: the embeddings' (D,) mean and std) also usable as a head (``save_head``)."""
         save_checkpoint(self.work, model, features, self.checkpoint.source, self.multi_label)
+        if standardize is not None:
+            save_head(self.work, model, *standardize, self.multi_label, (self.model_name, self.base_path),
+                      self.base_fingerprint)
 
 
 def _training_device(device: str) -> str:

@@ -50,6 +50,21 @@ def save_checkpoint(out: str, model, features, base_source: str, multi_label: bo
     _write_json(os.path.join(out, PREPROCESSOR_NAME), preprocessor)
 
 
+def save_head(out: str, model, mean, std, multi_label: bool, base: tuple[str, str], fingerprint: str) -> None:
+    """``head.json`` and ``head.safetensors`` (``checkpoint.heads``) of a head-mode ``model`` trained on
+    embeddings standardized by (D,) ``mean``/``std``, from the base ``base`` (its name as given, its local path)
+    whose backbone has ``fingerprint``."""
+    from ..checkpoint.heads import HEAD_CONFIG, HEAD_WEIGHTS, head_files
+    from ..checkpoint.names import model_identity
+    from ..run.files import atomic_write
+
+    config, weights = head_files(model.classifier.state_dict(), mean, std, model.config.id2label, multi_label,
+                                 model.config.layer_norm_eps, model_identity(*base), fingerprint)
+    with _writing(os.path.join(out, HEAD_WEIGHTS)) as path, atomic_write(path, "wb") as handle:
+        handle.write(weights)
+    _write_json(os.path.join(out, HEAD_CONFIG), config)
+
+
 @dataclass
 class _TrainState:
     epoch: int = 0

@@ -1,0 +1,168 @@
+"""Heads: classifiers trained on a base model's pooled embedding (``ast train --mode head``), saved so that they
+run next to the base's own classifier on one backbone pass.
+
+A head folder is also a full standalone checkpoint (``config.json``, ``model.safetensors``: transformers loads
+it); two more files make it a head:
+
+- ``head.json``: ``format`` ("ast-cli-head"), ``version``, ``labels``, ``problem_type``, ``hidden_size``,
+  ``layer_norm_eps``, an optional ``name`` (default: the folder's name) and ``base``: ``model`` (hub
+  ``ORG/NAME@<commit>`` or the local path it was trained from) and ``backbone_sha256``
+  (``weights.backbone_fingerprint`` of that base, computed when it was loaded for training).
+- ``head.safetensors``: ``standardize.mean``/``standardize.std`` (D,) and ``classifier.layernorm.*``,
+  ``classifier.dense.*``. Training standardizes the embeddings and folds that map into the standalone
+  checkpoint's final backbone LayerNorm, so the classifier keys of ``model.safetensors`` alone would not fit
+  the base's embedding, and the map cannot be read back from the folded weights exactly: hence a file of its
+  own, which also loads without reading the whole model (344 MB at AudioSet size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CheckpointError, HeadError, UsageError
+from .names import read_json
+
+HEAD_CONFIG = "head.json"
+HEAD_WEIGHTS = "head.safetensors"
+FORMAT, VERSION = "ast-cli-head", 1
+SINGLE, MULTI = "single_label_classification", "multi_label_classification"
+MAX_LABELS = 100_000
+MAX_HIDDEN = 1 << 16
+HEADER_BYTES = 1 << 16  # safetensors' JSON header, generously: six tensor entries
+
+
+@dataclass(frozen=True)
+class Head:
+    """A loaded head: ``labels``, ``single_label`` (softmax) or not (sigmoid), the base it was trained on
+    (``base``: its name; ``fingerprint``: its backbone's), and float32 ``tensors`` (head.safetensors)."""
+
+    name: str
+    path: str
+    labels: tuple[str, ...]
+    single_label: bool
+    base: str
+    fingerprint: str
+    eps: float = 1e-12
+    tensors: dict = field(default_factory=dict, repr=False)
+
+    def __call__(self, pooled):
+        """(B, D) float32 pooled embeddings of the base -> (B, num_labels) float32 raw logits."""
+        import torch.nn.functional as F
+
+        t = self.tensors
+        standardized = (pooled - t["standardize.mean"]) / t["standardize.std"]  # what training saw
+        normed = F.layer_norm(standardized, standardized.shape[-1:], t["classifier.layernorm.weight"],
+                              t["classifier.layernorm.bias"], self.eps)
+        return F.linear(normed, t["classifier.dense.weight"], t["classifier.dense.bias"])
+
+
+def head_files(classifier: dict, mean: np.ndarray, std: np.ndarray, labels: tuple[str, ...], multi_label: bool,
+               eps: float, base: str, fingerprint: str) -> tuple[dict, bytes]:
+    """(``head.json`` contents, ``head.safetensors`` bytes) of a trained head. ``classifier``: its state
+    (``layernorm.*``, ``dense.*``); ``mean``/``std``: the (D,) standardization training applied."""
+    import torch
+    from safetensors.torch import save
+
+    tensors = {f"classifier.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in classifier.items()}
+    tensors["standardize.mean"] = torch.from_numpy(np.asarray(mean, dtype=np.float32)).contiguous()
+    tensors["standardize.std"] = torch.from_numpy(np.asarray(std, dtype=np.float32)).contiguous()
+    config = {"format": FORMAT, "version": VERSION, "labels": list(labels),
+              "problem_type": MULTI if multi_label else SINGLE, "hidden_size": int(mean.shape[0]),
+              "layer_norm_eps": eps, "base": {"model": base, "backbone_sha256": fingerprint}}
+    return config, save(tensors, metadata={"format": "pt"})
+
+
+def read_heads(paths, base_head: bool = True) -> list[Head]:
+    """``read_head`` of each folder (a ``Head`` already read is taken as it is); two heads of one name, or no
+    labels at all (no heads and no ``base_head``), are a UsageError."""
+    heads = [path if isinstance(path, Head) else read_head(str(path)) for path in paths]
+    if not heads and not base_head:
+        raise UsageError("without the model's own labels there is nothing to report: give a head", option="base_head")
+    names = [head.name for head in heads]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise UsageError(f"two heads are named {twice[0]!r}: rename a folder, or set \"name\" in its {HEAD_CONFIG}",
+                         option="heads")
+    return heads
+
+
+def read_head(path: str) -> Head:
+    """The head in folder ``path``, every field and tensor checked (sizes before anything is allocated);
+    ``HeadError`` (missing, not_a_head, corrupt) otherwise. Needs no base model."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise HeadError(f"no such head folder: {path}", path=path, problem="missing")
+    if not (folder / HEAD_CONFIG).is_file():
+        raise HeadError(f"{path} is not a head (it has no {HEAD_CONFIG})", path=path, problem="not_a_head")
+    try:
+        config = _config(read_json(folder / HEAD_CONFIG))
+    except CheckpointError as exc:
+        raise HeadError(str(exc), path=path, problem="corrupt") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise HeadError(f"{folder / HEAD_CONFIG}: {exc}", path=path, problem="corrupt") from None
+    labels, hidden = config["labels"], config["hidden_size"]
+    tensors = _tensors(folder / HEAD_WEIGHTS, {
+        "standardize.mean": (hidden,), "standardize.std": (hidden,), "classifier.layernorm.weight": (hidden,),
+        "classifier.layernorm.bias": (hidden,), "classifier.dense.weight": (len(labels), hidden),
+        "classifier.dense.bias": (len(labels),)})
+    return Head(config.get("name") or folder.resolve().name, str(folder), labels, config["problem_type"] == SINGLE,
+                config["base"]["model"], config["base"]["backbone_sha256"], config["layer_norm_eps"], tensors)
+
+
+def _config(raw: dict) -> dict:
+    """``head.json`` checked: a KeyError/TypeError/ValueError names what is wrong."""
+    if raw.get("format") != FORMAT or raw.get("version") != VERSION:
+        raise ValueError(f"not a version {VERSION} {FORMAT} file")
+    labels, hidden, name = raw["labels"], raw["hidden_size"], raw.get("name")
+    if not isinstance(labels, list) or not 0 < len(labels) <= MAX_LABELS or not all(
+            isinstance(x, str) for x in labels):
+        raise ValueError(f"labels must be a list of 1 to {MAX_LABELS} names")
+    if not isinstance(hidden, int) or isinstance(hidden, bool) or not 0 < hidden <= MAX_HIDDEN:
+        raise ValueError(f"hidden_size must be a whole number from 1 to {MAX_HIDDEN}")
+    if raw["problem_type"] not in (SINGLE, MULTI):
+        raise ValueError(f"problem_type must be {SINGLE} or {MULTI}")
+    if name is not None and not (isinstance(name, str) and name.strip() and name.isprintable() and len(name) <= 200):
+        raise ValueError("name must be a printable name of up to 200 characters")
+    if not all(isinstance(raw["base"].get(k), str) for k in ("model", "backbone_sha256")):
+        raise ValueError("base must name its model and backbone_sha256")
+    if not isinstance(raw.get("layer_norm_eps", 1e-12), float):
+        raise ValueError("layer_norm_eps must be a number")
+    return {**raw, "labels": tuple(labels), "layer_norm_eps": raw.get("layer_norm_eps", 1e-12)}
+
+
+def _tensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict:
+    """The float32 tensors of ``head.safetensors``, exactly the keys and shapes of ``shapes``; the file's size is
+    checked against them before it is read."""
+    import torch
+
+    from .weights import read_state_dict
+
+    expected = 4 * sum(int(np.prod(shape)) for shape in shapes.values())
+    try:
+        size = path.stat().st_size
+    except OSError:
+        raise HeadError(f"{path.parent} has no readable {HEAD_WEIGHTS}", path=str(path.parent),
+                        problem="corrupt") from None
+    if size > expected + HEADER_BYTES:
+        raise HeadError(f"{path} ({size:,} bytes) is larger than its head.json's shapes allow", path=str(path.parent),
+                        problem="corrupt")
+    try:
+        state = read_state_dict(path)
+    except CheckpointError as exc:
+        raise HeadError(str(exc), path=str(path.parent), problem="corrupt") from None
+    wrong = sorted(set(state) ^ set(shapes)) or [k for k in shapes if tuple(state[k].shape) != shapes[k]]
+    if wrong or not all(t.is_floating_point() for t in state.values()):
+        raise HeadError(f"{path} does not fit its {HEAD_CONFIG} (e.g. {wrong[0] if wrong else 'dtype'})",
+                        path=str(path.parent), problem="corrupt")
+    return {k: v.to(torch.float32) for k, v in state.items()}
+
+
+def check_bases(heads: list[Head], fingerprint: str, model: str) -> None:
+    """``HeadError(other_base)`` for the first head not trained on the model whose backbone has ``fingerprint``."""
+    for head in heads:
+        if head.fingerprint != fingerprint:
+            raise HeadError(f"head {head.path} was trained on another base model ({head.base}), not on {model}",
+                            path=head.path, problem="other_base", base=head.base)
