@@ -495,3 +495,16 @@ def test_a_hostile_config_is_a_checkpoint_error(tiny_checkpoint, clips, tmp_path
     result = classify(clips[0], "--model", directory)
     assert result.exit_code == 1 and result.stderr.startswith(f"Error: {directory / 'config.json'}: ")
     assert "unexpected" not in result.stderr
+
+
+def test_a_tampered_pickle_warns_nothing_in_a_real_process(tmp_path):
+    """torch's weights_only unpickler warns (a UserWarning on stderr) about a file's pickle protocol before it
+    refuses the file: a user sees only the one Error/Hint, as in any process (not only under pytest's capture)."""
+    evil = tmp_path / "evil.bin"
+    evil.write_bytes(b"\x80\x04\x95not a tensor pickle")
+    clip = write_audio(tmp_path / "x.wav", 0.5)
+    done = subprocess.run([sys.executable, "-m", "ast_cli", "classify", str(clip), "--model", str(evil)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[0].startswith("Error: not a safe weights file"), done.stderr
+    assert len(done.stderr.splitlines()) == 2 and "UserWarning" not in done.stderr, done.stderr

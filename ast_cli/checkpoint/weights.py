@@ -10,6 +10,7 @@ unexpected or mis-shaped key is an error that names it. Pickles are only ever op
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -105,7 +106,9 @@ def read_state_dict(path: Path) -> dict:
             raise CheckpointError(f"corrupt or truncated weights file {path} ({_one_line(exc)})", path=str(path),
                                   corrupt=True) from None
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a tampered file's pickle protocol: it is refused anyway
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception:  # UnpicklingError, RuntimeError (zip), EOFError...: all mean unusable
         # torch's own message ends by suggesting weights_only=False, i.e. running the file's code: never echo it.
         raise CheckpointError(
