@@ -114,7 +114,7 @@ class Trainer:
     def __init__(self, base: str, train: Dataset, val: Dataset, out: str, config: TrainConfig, options,
                  feature_cache: str | None = None, on_epoch: Callable[[dict], None] | None = None,
                  model_name: str | None = None, on_failure: Callable[[str, str], None] | None = None,
-                 strict: bool = False):
+                 strict: bool = False, features_db: str | None = None):
         from ..checkpoint.weights import load_checkpoint
 
         self.base_path = base
@@ -133,6 +133,7 @@ class Trainer:
         self.strict = strict
         self.failed: list[dict] = []
         self.model_name = model_name or base
+        self.features_db = features_db  # head: the embeddings stored by ``ast index`` there (base: its model)
 
     # -- windows --------------------------------------------------------------------------------------
 
@@ -143,7 +144,12 @@ class Trainer:
         for failure in irregular:
             self._fail(failure["path"], failure["error"])
         if kind == "embedding":
-            results = self._cached_embeddings(dataset)
+            if self.features_db:
+                from .index import stored_embeddings
+
+                results = stored_embeddings(self.features_db, dataset.examples)
+            else:
+                results = self._cached_embeddings(dataset)
         else:
             from ..run.backends import InputsBackend
             from ..run.engine import Engine

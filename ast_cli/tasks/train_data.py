@@ -26,6 +26,7 @@ SINGLE, MULTI = "single_label_classification", "multi_label_classification"
 class Example:
     path: str
     labels: tuple[str, ...]
+    start: float | None = None  # one window of the file (a row of ``ast search --format csv``); None: all of it
 
 
 @dataclass
@@ -87,7 +88,8 @@ def load_dataset(path: str, option: str = "data") -> Dataset:
     if len(dataset.examples) == 0:
         raise UsageError(f"{path} holds no labeled audio files", option=option,
                          hint="a folder of label subfolders, or a CSV/JSONL of path,labels")
-    if len(dataset.labels) < 2:
+    negatives = dataset.multi_label and any(not e.labels for e in dataset.examples)
+    if len(dataset.labels) < 2 - negatives:  # one label and negatives: a detector for that label
         raise UsageError(f"{path} has {len(dataset.labels)} label(s): a classifier needs at least 2", option=option)
     return dataset
 
@@ -100,20 +102,30 @@ def _read_table(path: str, option: str) -> Dataset:
             if path.lower().endswith((".jsonl", ".ndjson")):
                 rows = [_jsonl_row(path, number, line, option) for number, line in enumerate(handle, 1) if line.strip()]
             else:
-                reader = csv.DictReader(handle)
-                if "path" not in (reader.fieldnames or ()):
-                    found = ",".join(reader.fieldnames or ())
-                    raise UsageError(f"{path} has no 'path' column (found: {found}; expected: path,labels)",
-                                     option=option)
-                rows = [(record["path"] or "", record.get("labels") or "") for record in reader]
+                rows = _csv_rows(path, csv.DictReader(handle), option)
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read {path} as path,labels rows: {exc}", option=option) from None
     examples = []
-    for file, text in rows:
-        labels = tuple(dict.fromkeys(x.strip() for x in text.split(";") if x.strip()))
-        examples.append(Example(file if os.path.isabs(file) else os.path.join(base, file), labels))
+    for file, text, *start in rows:
+        labels = tuple(dict.fromkeys(x.strip() for x in text.split(";") if x.strip() not in ("", "-")))
+        examples.append(Example(file if os.path.isabs(file) else os.path.join(base, file), labels, *start))
     names = tuple(sorted({name for e in examples for name in e.labels}))
     return Dataset(examples, names, multi_label=True, root=base)
+
+
+def _csv_rows(path: str, reader: csv.DictReader, option: str) -> list[tuple]:
+    """(path, labels[, start]) rows: ``path,labels``, or ``ast search``'s ``path,start,end,score,label`` (one
+    window per row; an empty label or ``-`` is a negative)."""
+    columns = reader.fieldnames or ()
+    if "path" not in columns:
+        raise UsageError(f"{path} has no 'path' column (found: {','.join(columns)}; expected: path,labels)",
+                         option=option)
+    if "label" in columns and "start" in columns and "labels" not in columns:
+        try:
+            return [(r["path"] or "", r["label"] or "", float(r["start"])) for r in reader]
+        except (TypeError, ValueError):
+            raise UsageError(f"{path}: every row needs a number in 'start'", option=option) from None
+    return [(record["path"] or "", record.get("labels") or "") for record in reader]
 
 
 def _jsonl_row(path: str, number: int, line: str, option: str) -> tuple[str, str]:
