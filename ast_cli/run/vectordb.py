@@ -286,12 +286,19 @@ def read_identity(directory: str, file: str = SQLITE_NAME) -> dict | None:
     if not os.path.isfile(path):
         return None
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
+        from urllib.request import pathname2url
+
+        # immutable (when no WAL is there): no -wal/-shm files appear beside a store this run then refuses. With a
+        # WAL (a killed writer's, or a live one's), read through it.
+        mode = "ro" if os.path.exists(path + "-wal") else "ro&immutable=1"
+        db = sqlite3.connect(f"file:{pathname2url(os.path.abspath(path))}?mode={mode}", uri=True, timeout=60)
         try:
             row = db.execute("SELECT value FROM meta WHERE key = 'identity'").fetchone()
         finally:
             db.close()
     except sqlite3.DatabaseError as exc:
+        if "no such table" in str(exc) and os.path.getsize(path) == 0:  # created, then killed before the schema
+            return None
         raise UsageError(f"{path} is not an index database: {exc}", option="db") from None
     return json.loads(row[0]) if row else None
 
