@@ -277,3 +277,25 @@ def test_27_kill_9_mid_index_then_rerun_stores_every_window_once(spread, tmp_pat
     assert again.returncode == 0, again.stderr
     assert index(files, tmp_path / "fresh", spread).exit_code == 0
     assert stored(tmp_path / "db") == stored(tmp_path / "fresh")  # every window exactly once
+
+
+@pytest.mark.slow  # starts Ray
+def test_27_engine_ray_stores_what_the_local_engine_stores(spread, tmp_path):
+    """The driver receives each file's embeddings from the actors and stores them: the same rows as a local run.
+    (usearch imported before ray.init aborts the process: the command must not import it on this path.)"""
+    import raynet
+
+    if raynet.reason_unavailable() is not None:
+        pytest.skip(raynet.reason_unavailable())
+    archive(tmp_path / "in", 3)
+    (tmp_path / "in" / "bad.wav").write_bytes(b"RIFF\x00\x00\x00\x00 not audio")
+    assert index([tmp_path / "in"], tmp_path / "local", spread).exit_code == 1
+    space = raynet.RayNamespace()
+    try:
+        remote = space.ast(["index", str(tmp_path / "in"), "--db", str(tmp_path / "ray"), "--model", str(spread),
+                            "--device", "cpu", "--dtype", "fp32", "--quiet", "--engine", "ray", "--ray-workers", "1"])
+    finally:
+        space.close()
+    assert remote.returncode == 1 and remote.stderr.count("error: ") == 1, remote.stderr
+    assert "Traceback" not in remote.stderr
+    assert stored(tmp_path / "ray") == stored(tmp_path / "local")

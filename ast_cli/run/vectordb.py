@@ -47,11 +47,12 @@ CREATE INDEX IF NOT EXISTS windows_file ON windows(file_id);
 
 
 def require_usearch() -> None:
-    """A UsageError naming the extra to install when usearch is missing."""
-    try:
-        import usearch.index  # noqa: F401
-    except ImportError:
-        raise UsageError("the index needs usearch", hint=INSTALL_HINT) from None
+    """A UsageError naming the extra to install when usearch is missing. Found, not imported: usearch loaded in
+    a process before ``ray.init`` aborts it (a C++ regex_error), and only an ANN search needs it loaded."""
+    from importlib.util import find_spec
+
+    if find_spec("usearch") is None:
+        raise UsageError("the index needs usearch", hint=INSTALL_HINT)
 
 
 @dataclass

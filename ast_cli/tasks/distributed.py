@@ -364,7 +364,9 @@ def run_ray_embed(items: list, model: str, options, settings: "RaySettings") -> 
 
     from ..run.vectordb import FileRecord
 
-    rows = [{"index": i, "path": item.path, "error": item.error or ""} for i, item in enumerate(items)]
+    from .index import file_key
+
+    rows = [{"index": i, "path": file_key(item.path), "error": item.error or ""} for i, item in enumerate(items)]
     for r in _ray_map(rows, EmbedActor, (model, _options_dict(options, settings)), settings,
                       settings.files_per_task(options.batch_size)):
         vectors = None if r["vectors"] is None else np.frombuffer(base64.b64decode(r["vectors"]), "<f4").reshape(
