@@ -144,10 +144,10 @@ def _index(store, plan, path: str, model: str, run: RunOptions, cluster, stderr,
         if not quiet:
             pruned = f", {plan.pruned} pruned" if plan.pruned else ""
             summary(stderr, f"{counts['indexed']} indexed, {plan.unchanged} unchanged, {counts['failed']} failed"
-                            f"{pruned}", progress, f"{counted(len(store), 'window')} in {store.path}")
-        lock = getattr(store, "lock", None)
-        if lock is not None:
-            lock.release()
+                            f"{pruned}", progress, f"{counted(len(store), 'window')} in "
+                            f"{store.directory if store.lock is None else store.path}")
+        if store.lock is not None:
+            store.lock.release()
     return counts["failed"]
 
 
