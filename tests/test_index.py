@@ -299,3 +299,20 @@ def test_27_engine_ray_stores_what_the_local_engine_stores(spread, tmp_path):
     assert remote.returncode == 1 and remote.stderr.count("error: ") == 1, remote.stderr
     assert "Traceback" not in remote.stderr
     assert stored(tmp_path / "ray") == stored(tmp_path / "local")
+
+
+def test_27_a_model_that_fails_to_load_leaves_no_database(spread, tmp_path):
+    """Every check and the model load come before the index is opened: a failed run creates nothing."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(spread, broken)
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(broken / "model.safetensors"))
+    tensors["renamed"] = tensors.pop(next(k for k in tensors if k.endswith("layernorm.bias")))  # strict load fails
+    save_file(tensors, str(broken / "model.safetensors"))
+    archive(tmp_path / "in", 1)
+    result = index([tmp_path / "in"], tmp_path / "db", broken)
+    assert result.exit_code == 1 and result.stderr.startswith("Error: ")
+    assert not (tmp_path / "db").exists()

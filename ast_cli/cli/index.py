@@ -47,6 +47,8 @@ def index_command(
     """
     stderr = stderr_console()
     with cli_errors(stderr, debug):
+        import os
+
         from ..errors import UsageError
         from ..audio.inputs import expand_inputs, parse_extensions
         from ..run.vectordb import require_usearch
@@ -63,9 +65,17 @@ def index_command(
             raise UsageError("audio on stdin has no path to store: index files", option="paths")
         if not items:
             raise UsageError("no audio files found in the given paths", hint="check --ext, or name files directly")
-        store, plan, path = _open(items, db, model, run, cluster, prune, stderr, quiet)
+        if os.path.exists(db) and not os.path.isdir(db):
+            raise UsageError(f"{db} exists and is not a directory", option="db")
+        identity, path = _identity(model, run, stderr, quiet)
+        plan = _plan(items, db, identity, cluster.shard)  # another model: refused before anything is written
+        records = _records(plan.todo, path, model, run, cluster, stderr, quiet)  # the model loads here
+        store = _writable(db, identity, cluster.shard)
         try:
-            failed = _index(store, plan, path, model, run, cluster, stderr, quiet, debug)
+            if prune and plan.gone:
+                store.remove(plan.gone)
+                plan.pruned = len(plan.gone)
+            failed = _index(store, plan, records, stderr, quiet, debug)
         finally:
             store.close()
         if failed:
@@ -85,46 +95,44 @@ def _identity(model: str, run: RunOptions, stderr, quiet: bool) -> tuple[dict, s
                        settings.hop(features.window_seconds), settings.compute), str(path)
 
 
-def _open(items, db: str, model: str, run: RunOptions, cluster, prune: bool, stderr, quiet: bool):
-    """The store this run writes (the index, or its shard's part), after every check; and the plan."""
+def _plan(items, db: str, identity: dict, shard):
+    """What is to do, from what the index, its shards and this run's part hold (read only), once each of them
+    is known to be made with this model and settings."""
     import os
 
-    from ..errors import UsageError
-    from ..run.vectordb import SQLITE_NAME, ShardLock, VectorStore, check_identity, read_identity
+    from ..run.vectordb import SQLITE_NAME, check_identity, read_files, read_identity, shard_paths
     from ..tasks.index import plan_index, shard_file
 
-    if os.path.exists(db) and not os.path.isdir(db):
-        raise UsageError(f"{db} exists and is not a directory", option="db")
-    identity, path = _identity(model, run, stderr, quiet)
-    target = shard_file(cluster.shard)
-    for file in {SQLITE_NAME, target}:  # another model: refused before anything is written
-        stored = read_identity(db, file)
+    stores = [os.path.join(db, SQLITE_NAME)]
+    stores += [os.path.join(db, shard_file(shard))] if shard is not None else shard_paths(db)
+    for path in stores:
+        stored = read_identity(path)
         if stored is not None:
             check_identity(stored, identity, db)
-    store = VectorStore.open(db, target)
-    if cluster.shard is not None:
+    return plan_index(items, [record for path in stores for record in read_files(path)])  # later ones win
+
+
+def _writable(db: str, identity: dict, shard):
+    """The store this run writes: the index (with finished shards merged in), or this shard's part (locked)."""
+    from ..errors import UsageError
+    from ..run.vectordb import ShardLock, VectorStore
+    from ..tasks.index import shard_file
+
+    store = VectorStore.open(db, shard_file(shard))
+    if shard is not None:
         store.lock = ShardLock(store.path)
         if not store.lock.try_acquire():
+            store.lock = None
             store.close()
-            raise UsageError(f"another run is writing shard {target} of {db}", option="shard")
+            raise UsageError(f"another run is writing shard {shard_file(shard)} of {db}", option="shard")
     store.claim(identity)
-    known = store.files()
-    if cluster.shard is None:
+    if shard is None:
         store.merge_shards()
-        known = store.files()
-    elif os.path.isfile(os.path.join(db, SQLITE_NAME)):
-        main = VectorStore.open(db)
-        known = main.files() + known  # the part's own records last: they are newer
-        main.close()
-    plan = plan_index(items, known)
-    if prune and plan.gone:
-        store.remove(plan.gone)
-    plan.pruned = len(plan.gone) if prune else 0
-    return store, plan, path
+    return store
 
 
-def _index(store, plan, path: str, model: str, run: RunOptions, cluster, stderr, quiet: bool, debug: bool) -> int:
-    """Embed and store ``plan.todo``; returns how many failed."""
+def _index(store, plan, records, stderr, quiet: bool, debug: bool) -> int:
+    """Store ``records`` (of ``plan.todo``, as they are embedded); returns how many failed."""
     from ._io import native_stderr_silenced
     from ._progress import BatchProgress, summary
 
@@ -133,9 +141,9 @@ def _index(store, plan, path: str, model: str, run: RunOptions, cluster, stderr,
     counts = {"indexed": 0, "failed": 0}
     try:
         if plan.todo:
-            records = _records(plan.todo, path, model, run, cluster, stderr, quiet, progress)
             with native_stderr_silenced(not debug_enabled(debug)), progress:
                 for record in records:
+                    progress.advance(record.duration)
                     store.put(record)
                     counts["failed" if record.error else "indexed"] += 1
                     if record.error is not None:
@@ -146,27 +154,22 @@ def _index(store, plan, path: str, model: str, run: RunOptions, cluster, stderr,
             summary(stderr, f"{counts['indexed']} indexed, {plan.unchanged} unchanged, {counts['failed']} failed"
                             f"{pruned}", progress, f"{counted(len(store), 'window')} in "
                             f"{store.directory if store.lock is None else store.path}")
-        if store.lock is not None:
-            store.lock.release()
     return counts["failed"]
 
 
-def _records(todo, path: str, model: str, run: RunOptions, cluster, stderr, quiet: bool, progress):
-    """The stored form of each file still to do, in order: embedded here, or by Ray actors (the driver stores)."""
+def _records(todo, path: str, model: str, run: RunOptions, cluster, stderr, quiet: bool):
+    """The stored form of each file still to do, in order: embedded here, or by Ray actors (the driver stores).
+    The model is loaded (or the cluster joined) now; nothing when there is nothing to do."""
+    if not todo:
+        return iter(())
     if cluster.ray:
         from ..tasks.distributed import connect, run_ray_embed
         from ._io import stdout_for_data_only
 
         with stdout_for_data_only():
-            connect(cluster)
-
-        def advanced(records):
-            for record in records:
-                progress.advance(record.duration)
-                yield record
-
-        return advanced(run_ray_embed(todo, path, run, cluster))
+            connect(cluster)  # no cluster there: one line, before the index is opened
+        return run_ray_embed(todo, path, run, cluster)
     from ..tasks.index import embed_files
 
     tagger = load_tagger(model, run, stderr, quiet)
-    return (record for record, _ in embed_files(todo, tagger, on_progress=lambda out: progress.advance(out.duration)))
+    return (record for record, _ in embed_files(todo, tagger))

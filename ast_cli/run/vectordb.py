@@ -99,6 +99,8 @@ class VectorStore:
 
     def close(self) -> None:
         self.db.close()
+        if self.lock is not None:
+            self.lock.release()
 
     # -- meta --------------------------------------------------------------------------------------
 
@@ -162,7 +164,7 @@ class VectorStore:
         left for later); returns how many were merged. Each shard goes in one transaction, then is deleted:
         a crash in between merges it again, which replaces the same files (never duplicates)."""
         merged = 0
-        for path in sorted(glob.glob(os.path.join(self.directory, SHARDS_DIR, "*.sqlite"))):
+        for path in shard_paths(self.directory):
             lock = ShardLock(path)
             if not lock.try_acquire():
                 continue
@@ -281,27 +283,45 @@ class VectorStore:
         return out
 
 
-def read_identity(directory: str, file: str = SQLITE_NAME) -> dict | None:
-    """The identity recorded in a store, read without writing anything (None: no such store, or none yet)."""
-    path = os.path.join(directory, file)
+def _read_only(path: str) -> sqlite3.Connection:
+    """A connection that writes nothing: immutable (no -wal/-shm files appear beside a store a run then refuses)
+    unless a WAL is there (a killed writer's, or a live one's), which is then read through."""
+    from urllib.request import pathname2url
+
+    mode = "ro" if os.path.exists(path + "-wal") else "ro&immutable=1"
+    return sqlite3.connect(f"file:{pathname2url(os.path.abspath(path))}?mode={mode}", uri=True, timeout=60)
+
+
+def _query_read_only(path: str, sql: str) -> list | None:
+    """Rows of ``sql`` on the store at ``path``, read only; None when there is no store (or no schema yet)."""
     if not os.path.isfile(path):
         return None
     try:
-        from urllib.request import pathname2url
-
-        # immutable (when no WAL is there): no -wal/-shm files appear beside a store this run then refuses. With a
-        # WAL (a killed writer's, or a live one's), read through it.
-        mode = "ro" if os.path.exists(path + "-wal") else "ro&immutable=1"
-        db = sqlite3.connect(f"file:{pathname2url(os.path.abspath(path))}?mode={mode}", uri=True, timeout=60)
+        db = _read_only(path)
         try:
-            row = db.execute("SELECT value FROM meta WHERE key = 'identity'").fetchone()
+            return db.execute(sql).fetchall()
         finally:
             db.close()
     except sqlite3.DatabaseError as exc:
         if "no such table" in str(exc) and os.path.getsize(path) == 0:  # created, then killed before the schema
             return None
         raise UsageError(f"{path} is not an index database: {exc}", option="db") from None
-    return json.loads(row[0]) if row else None
+
+
+def read_identity(path: str) -> dict | None:
+    """The identity recorded in the store at ``path``, read without writing anything (None: none yet)."""
+    rows = _query_read_only(path, "SELECT value FROM meta WHERE key = 'identity'")
+    return json.loads(rows[0][0]) if rows else None
+
+
+def read_files(path: str) -> list[FileRecord]:
+    """The files stored at ``path`` (no vectors), read without writing anything."""
+    rows = _query_read_only(path, "SELECT path, size, mtime_ns, duration, error FROM files") or []
+    return [FileRecord(*row) for row in rows]
+
+
+def shard_paths(directory: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(directory, SHARDS_DIR, "*.sqlite")))
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:
@@ -369,5 +389,5 @@ class ShardLock:
             self._fd = None
 
 
-__all__ = ["EXACT_LIMIT", "FileRecord", "Hit", "ShardLock", "VectorStore", "check_identity", "read_identity",
-           "require_usearch"]
+__all__ = ["EXACT_LIMIT", "FileRecord", "Hit", "ShardLock", "VectorStore", "check_identity", "read_files",
+           "read_identity", "require_usearch", "shard_paths"]
