@@ -316,3 +316,17 @@ def test_27_a_model_that_fails_to_load_leaves_no_database(spread, tmp_path):
     result = index([tmp_path / "in"], tmp_path / "db", broken)
     assert result.exit_code == 1 and result.stderr.startswith("Error: ")
     assert not (tmp_path / "db").exists()
+
+
+def test_27_audacity_label_tracks_per_file(spread, tmp_path):
+    files = archive(tmp_path / "in", 2)
+    assert index([tmp_path / "in"], tmp_path / "db", spread).exit_code == 0
+    result = ast("search", tmp_path / "db", files[0], "-f", "audacity", "--output-dir", tmp_path / "tracks",
+                 "--top", "6")
+    assert result.exit_code == 0 and not result.stdout
+    tracks = sorted(os.listdir(tmp_path / "tracks"))
+    assert tracks and set(tracks) <= {"v0.wav.labels.txt", "v1.wav.labels.txt"}
+    lines = [line.split("\t") for t in tracks for line in (tmp_path / "tracks" / t).read_text().splitlines()]
+    assert len(lines) == 6 and all(text.startswith("like v0.wav (") for _, _, text in lines)
+    wrong = ast("search", tmp_path / "db", files[0], "--output-dir", tmp_path / "other")
+    assert wrong.exit_code == 2 and wrong.stderr.startswith("Error: --output-dir: ")

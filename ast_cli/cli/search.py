@@ -26,6 +26,7 @@ def search(
     exclude_file: Annotated[bool, typer.Option("--exclude-file", help="Leave out windows of the query's own file.")] = False,
     min_score: Annotated[Optional[float], typer.Option(metavar="X", help="Only windows with cosine score >= X.")] = None,
     format: Annotated[SearchFormat, typer.Option("--format", "-f", help="table, jsonl, csv (with an empty label column to fill for ast train --features-db) or audacity labels.")] = SearchFormat.table,
+    output_dir: Annotated[Optional[str], typer.Option("--output-dir", metavar="DIR", help="--format audacity: one label track per file with hits, DIR/<name>.labels.txt (replaced).")] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Find the indexed windows most like an example: results are windows (path, start, end, cosine score),
@@ -41,11 +42,16 @@ def search(
     """
     stderr = stderr_console()
     with cli_errors(stderr, debug):
+        import os
+
         from ..errors import UsageError
         from ..tasks.index import Index
 
         if (query is None) == (label is None):
             raise UsageError("give a QUERY audio file or --label NAME (one of them)", option="label")
+        if output_dir is not None and format is not SearchFormat.audacity:
+            raise UsageError("writes Audacity label tracks: it goes with --format audacity",
+                             option="output_dir")
         index = Index.open(db)
         try:
             if label is not None:
@@ -55,7 +61,26 @@ def search(
                                     min_score=min_score)
         finally:
             index.close()
+        if output_dir is not None:
+            return _label_tracks(hits, output_dir, label or f"like {os.path.basename(query)}")
         _print(hits, format)
+
+
+def _label_tracks(hits, output_dir: str, text: str) -> None:
+    """One Audacity label track per file with hits (the writers ``classify --output-dir`` uses), each hit a
+    label ``text (score)``."""
+    from ..audio.inputs import InputFile
+    from ..run.output import plan_output_dir
+    from ..run.tagger import FileResult, LabelScore, Segment
+
+    by_file: dict[str, list] = {}
+    for hit in hits:
+        by_file.setdefault(hit.path, []).append(Segment(hit.start, hit.end, [LabelScore(text, 0, hit.score)]))
+    target, _ = plan_output_dir(output_dir, "audacity", [InputFile(path) for path in by_file], overwrite=True)
+    writer = target.open(segments=True)
+    for path, segments in by_file.items():
+        writer.write(FileResult(path, None, [], segments=sorted(segments, key=lambda s: s.start)))
+    writer.close(commit=True)
 
 
 def _print(hits, format) -> None:
