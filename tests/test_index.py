@@ -330,3 +330,14 @@ def test_27_audacity_label_tracks_per_file(spread, tmp_path):
     assert len(lines) == 6 and all(text.startswith("like v0.wav (") for _, _, text in lines)
     wrong = ast("search", tmp_path / "db", files[0], "--output-dir", tmp_path / "other")
     assert wrong.exit_code == 2 and wrong.stderr.startswith("Error: --output-dir: ")
+
+
+def test_27_a_bad_query_is_one_line_naming_it(spread, tmp_path):
+    files = archive(tmp_path / "in", 1)
+    assert index([tmp_path / "in"], tmp_path / "db", spread).exit_code == 0
+    missing = ast("search", tmp_path / "db", tmp_path / "nothere.wav")
+    assert missing.exit_code == 1 and missing.stderr.splitlines() == [f"Error: {tmp_path / 'nothere.wav'}: no such file"]
+    late = ast("search", tmp_path / "db", files[0], "--start", "50")
+    assert late.exit_code == 2 and late.stderr.startswith(f"Error: --start: {files[0]} has no audio from 50 s")
+    neither = ast("search", tmp_path / "db")
+    assert neither.exit_code == 2 and "QUERY" in neither.stderr

@@ -140,6 +140,25 @@ def stored_embeddings(db: str, examples: Iterable) -> Iterator[tuple[str | None,
         index.close()
 
 
+def _read_span(path: str, begin: int, end: int) -> np.ndarray:
+    """Samples ``begin`` to ``end`` (16 kHz mono) of an audio file, read block by block: memory stays bounded
+    however long the file."""
+    from ..audio.decode import AudioReader
+    from ..errors import AudioDecodeError
+
+    pieces, offset = [], 0
+    try:
+        for block in AudioReader(path).blocks():
+            if offset + block.shape[0] > begin:
+                pieces.append(block[max(0, begin - offset) : end - offset])
+            offset += block.shape[0]
+            if offset >= end:
+                break
+    except AudioDecodeError as exc:  # the reason alone would not say which file
+        raise AudioDecodeError(f"{path}: {exc}", needs_ffmpeg=exc.needs_ffmpeg) from None
+    return np.concatenate(pieces) if pieces else np.empty(0, np.float32)
+
+
 class Index:
     """A window index directory (``ast index`` made it): ``len`` (windows), ``files()``, ``search()``."""
 
@@ -202,19 +221,18 @@ class Index:
     def embed_query(self, path: str, start: float = 0.0, end: float | None = None) -> np.ndarray:
         """(D,) embedding of one window of ``path``: from ``start`` to ``end`` (default: one model window),
         cut on the 10 ms frame grid so that a window the index holds embeds exactly as stored."""
-        from ..audio.decode import load_audio
         from ..audio.sources import ArraySource
         from ..constants import FRAME_SECONDS
 
-        tagger = self.tagger()
-        samples, duration = load_audio(path)
         first = int(round(start / FRAME_SECONDS)) * 160  # samples: whole frames, as the engine's windows start
-        window = tagger.features.max_length * 160
+        window = int(self.identity["features"]["max_length"]) * 160
         length = min(window, int(round((end - start) * 16000))) if end is not None else window
-        if first >= samples.shape[0] or length <= 0:
-            raise UsageError(f"{path} has no audio from {start:g} s to {end if end is not None else duration:g} s",
+        # + the last frame's overlap (400-sample frames, 160 apart); an unreadable query fails before the model loads
+        piece = _read_span(path, first, first + max(0, length) + 240) if length > 0 else np.empty(0, np.float32)
+        if piece.shape[0] == 0:
+            raise UsageError(f"{path} has no audio from {start:g} s" + (f" to {end:g} s" if end is not None else ""),
                              option="start")
-        piece = samples[first : first + length + 240]  # + the last frame's overlap: 400-sample frames, 160 apart
+        tagger = self.tagger()
         engine = tagger.engine(tagger.backend.with_output("embedding"))
         out = next(iter(engine.run([ArraySource(piece, name=path)])))
         if out.error is not None:
