@@ -221,8 +221,9 @@ def test_27_ann_above_the_exact_limit_agrees_with_exact_search(tmp_path, monkeyp
     recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approximate, exact)])
     assert recall >= 0.95
     assert os.listdir(tmp_path / "db").count(f"vectors-{store.generation}.usearch") == 1
-    store.put(FileRecord("/f0", 2, 2, 1.0, None, [(0.0, 1.0)], queries[:1]))  # a new generation: rebuilt
+    store.put(FileRecord("/f0", 2, 2, 1.0, None, [(0.0, 1.0)], queries[:1]))  # a new generation: brought up to date
     assert store.search(queries[0], 1)[0].path == "/f0"
+    assert len(store.ann()) == len(store) == 39 * 50 + 1  # f0's 50 old windows removed from the HNSW graph
     assert [n for n in os.listdir(tmp_path / "db") if n.endswith(".usearch")] == [f"vectors-{store.generation}.usearch"]
 
 

@@ -40,7 +40,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS files (id INTEGER PRIMARY KEY, path TEXT NOT NULL UNIQUE, size INTEGER,
     mtime_ns INTEGER, duration REAL, error TEXT);
-CREATE TABLE IF NOT EXISTS windows (id INTEGER PRIMARY KEY, file_id INTEGER NOT NULL REFERENCES files(id),
+CREATE TABLE IF NOT EXISTS windows (id INTEGER PRIMARY KEY AUTOINCREMENT, file_id INTEGER NOT NULL REFERENCES files(id),
     start REAL NOT NULL, "end" REAL NOT NULL, vector BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS windows_file ON windows(file_id);
 """
@@ -217,9 +217,9 @@ class VectorStore:
         vectors = np.stack([np.frombuffer(r[2], DTYPE) for r in rows]) if rows else np.empty((0, 0), DTYPE)
         return [(r[0], r[1]) for r in rows], vectors
 
-    def _matrix(self) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, (N, D) unit vectors) of every window."""
-        rows = self.db.execute("SELECT id, vector FROM windows ORDER BY id").fetchall()
+    def _matrix(self, after: int = -1) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, (N, D) unit vectors) of every window (with an id above ``after``)."""
+        rows = self.db.execute("SELECT id, vector FROM windows WHERE id > ? ORDER BY id", (after,)).fetchall()
         if not rows:
             return np.empty(0, np.int64), np.empty((0, 0), np.float32)
         vectors = np.frombuffer(b"".join(r[1] for r in rows), DTYPE).reshape(len(rows), -1)
@@ -230,10 +230,11 @@ class VectorStore:
         """The ``top`` windows most like ``query`` (D,) by cosine similarity, best first."""
         query = _unit(np.asarray(query, np.float32).reshape(1, -1))[0]
         excluded = self._ids_of(exclude_path) if exclude_path else set()
-        count = len(self)
+        # MAX(id) bounds the count without a scan of a million rows (ids only grow: AUTOINCREMENT)
+        count = self.db.execute("SELECT MAX(id) FROM windows").fetchone()[0] or 0
         if count == 0 or top <= 0:
             return []
-        want = min(count, top + len(excluded))
+        want = top + len(excluded)
         ids, scores = self._exact(query, want) if count <= EXACT_LIMIT else self._approximate(query, want)
         keep = [(i, s) for i, s in zip(ids.tolist(), scores.tolist())
                 if i not in excluded and (min_score is None or s >= min_score)][:top]
@@ -257,21 +258,30 @@ class VectorStore:
         return np.asarray(matches.keys, np.int64), 1.0 - np.asarray(matches.distances, np.float32)
 
     def ann(self):
-        """The usearch index of this generation: loaded (memory-mapped) when saved, else built and saved."""
+        """The usearch index of this generation: loaded (memory-mapped) when saved, else brought up to date from
+        the last one saved (windows gone removed, windows added since added: ids only grow) or built, then saved
+        and the stale ones deleted."""
         from usearch.index import Index as UIndex
 
         path = os.path.join(self.directory, f"vectors-{self.generation}.usearch")
         if os.path.isfile(path):
             return UIndex.restore(path, view=True)
-        ids, vectors = self._matrix()
-        index = UIndex(ndim=vectors.shape[1], metric="cos", dtype="f32", connectivity=32, expansion_add=128,
-                       expansion_search=256)
-        index.add(ids, vectors)
-        for stale in glob.glob(os.path.join(self.directory, "vectors-*.usearch")):
-            os.unlink(stale)
+        stale = sorted(glob.glob(os.path.join(self.directory, "vectors-*.usearch")), key=_generation_of)
+        index = _restore(stale[-1]) if stale else None
+        known = np.asarray(index.keys, np.int64) if index is not None else np.empty(0, np.int64)
+        ids = np.array([r[0] for r in self.db.execute("SELECT id FROM windows")], np.int64)
+        if index is not None:
+            index.remove(np.setdiff1d(known, ids))
+        new_ids, vectors = self._matrix(after=int(known.max()) if known.size else -1)
+        if index is None:
+            index = UIndex(ndim=vectors.shape[1], metric="cos", dtype="f32", expansion_search=128)
+        if new_ids.size:
+            index.add(new_ids, vectors, threads=0)
         temporary = path + ".tmp"
         index.save(temporary)
         os.replace(temporary, path)  # atomic: a reader never sees half an index
+        for old in stale:
+            os.unlink(old)
         return index
 
     def _hits(self, keep: list[tuple[int, float]]) -> list[Hit]:
@@ -322,6 +332,21 @@ def read_files(path: str) -> list[FileRecord]:
 
 def shard_paths(directory: str) -> list[str]:
     return sorted(glob.glob(os.path.join(directory, SHARDS_DIR, "*.sqlite")))
+
+
+def _generation_of(path: str) -> int:
+    stem = os.path.basename(path)[len("vectors-"):-len(".usearch")]
+    return int(stem) if stem.isdigit() else -1
+
+
+def _restore(path: str):
+    """A saved usearch index to change, or None when it cannot be read (then it is built again)."""
+    from usearch.index import Index as UIndex
+
+    try:
+        return UIndex.restore(path)
+    except Exception:  # usearch raises its own kinds for a corrupt or foreign file: the rows are the truth
+        return None
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:
