@@ -136,6 +136,11 @@ def test_27_a_rerun_embeds_only_new_or_changed_files(spread, tmp_path, monkeypat
     files = archive(tmp_path / "in", 2)
     assert index([tmp_path / "in"], tmp_path / "db", spread).exit_code == 0
     before = stored(tmp_path / "db")
+    with monkeypatch.context() as patch:  # nothing to do: the model is not even loaded
+        from ast_cli.cli import index as cli_index
+
+        patch.setattr(cli_index, "load_tagger", lambda *args, **kwargs: pytest.fail("loaded the model"))
+        assert index([tmp_path / "in"], tmp_path / "db", spread).exit_code == 0
     varied(tmp_path / "in" / "v9.wav", 1.5, seed=9)
     embedded.clear()
     assert index([tmp_path / "in"], tmp_path / "db", spread).exit_code == 0
