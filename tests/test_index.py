@@ -206,6 +206,12 @@ def test_27_shards_merge_into_what_one_run_stores(spread, tmp_path):
     for shard in ("1/2", "2/2"):
         assert index([tmp_path / "in"], tmp_path / "parts", spread, "--shard", shard).exit_code == 0
     assert sorted(os.listdir(tmp_path / "parts" / "shards")) == ["1-of-2.sqlite", "2-of-2.sqlite"]
+    running = vectordb.ShardLock(str(tmp_path / "parts" / "shards" / "2-of-2.sqlite"))
+    assert running.try_acquire()  # as if its run were still writing it: left alone
+    Index.open(str(tmp_path / "parts")).close()
+    assert sorted(os.listdir(tmp_path / "parts" / "shards")) == ["2-of-2.sqlite", "2-of-2.sqlite.lock"]
+    assert index([tmp_path / "in"], tmp_path / "parts", spread, "--shard", "2/2").exit_code == 2  # taken
+    running.release()
     merged = Index.open(str(tmp_path / "parts"))  # merges the finished shards
     assert len(merged) == len(Index.open(str(tmp_path / "whole")))
     assert stored(tmp_path / "parts") == stored(tmp_path / "whole")

@@ -114,17 +114,20 @@ def _plan(items, db: str, identity: dict, shard):
 
 def _writable(db: str, identity: dict, shard):
     """The store this run writes: the index (with finished shards merged in), or this shard's part (locked)."""
+    import os
+
     from ..errors import UsageError
-    from ..run.vectordb import ShardLock, VectorStore
+    from ..run.vectordb import SHARDS_DIR, ShardLock, VectorStore
     from ..tasks.index import shard_file
 
-    store = VectorStore.open(db, shard_file(shard))
-    if shard is not None:
-        store.lock = ShardLock(store.path)
-        if not store.lock.try_acquire():
-            store.lock = None
-            store.close()
+    lock = None
+    if shard is not None:  # locked before the file exists: a merge never takes a part that is being written
+        os.makedirs(os.path.join(db, SHARDS_DIR), exist_ok=True)
+        lock = ShardLock(os.path.join(db, shard_file(shard)))
+        if not lock.try_acquire():
             raise UsageError(f"another run is writing shard {shard_file(shard)} of {db}", option="shard")
+    store = VectorStore.open(db, shard_file(shard))
+    store.lock = lock
     store.claim(identity)
     if shard is None:
         store.merge_shards()

@@ -414,5 +414,5 @@ class ShardLock:
             self._fd = None
 
 
-__all__ = ["EXACT_LIMIT", "FileRecord", "Hit", "ShardLock", "VectorStore", "check_identity", "read_files",
+__all__ = ["EXACT_LIMIT", "SHARDS_DIR", "SQLITE_NAME", "FileRecord", "Hit", "ShardLock", "VectorStore", "check_identity", "read_files",
            "read_identity", "require_usearch", "shard_paths"]
