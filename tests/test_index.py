@@ -154,8 +154,11 @@ def test_27_a_rerun_embeds_only_new_or_changed_files(spread, tmp_path, monkeypat
     os.unlink(files[1])
     assert index([tmp_path / "in"], tmp_path / "db", spread).exit_code == 0
     assert str(files[1]) in stored(tmp_path / "db")  # kept without --prune
+    other = varied(tmp_path / "elsewhere" / "x.wav", 1.0, seed=3)
+    assert index([other], tmp_path / "db", spread).exit_code == 0
     assert index([tmp_path / "in"], tmp_path / "db", spread, "--prune").exit_code == 0
     assert str(files[1]) not in stored(tmp_path / "db")
+    assert str(other) in stored(tmp_path / "db")  # not below the paths given: not this run's to drop
 
 
 def _directory_bytes(db) -> dict:

@@ -24,7 +24,7 @@ def index_command(
     run: RunOptions,
     dist: dict,
     db: DbOpt,
-    prune: Annotated[bool, typer.Option("--prune", help="Drop stored files that the given paths no longer hold.")] = False,
+    prune: Annotated[bool, typer.Option("--prune", help="Drop stored files below the given paths that are no longer there.")] = False,
     model: ModelOpt = DEFAULT_MODEL,
     ext: ExtOpt = None,
     quiet: QuietOpt = False,
@@ -68,7 +68,7 @@ def index_command(
         if os.path.exists(db) and not os.path.isdir(db):
             raise UsageError(f"{db} exists and is not a directory", option="db")
         identity, path = _identity(model, run, stderr, quiet)
-        plan = _plan(items, db, identity, cluster.shard)  # another model: refused before anything is written
+        plan = _plan(items, paths, db, identity, cluster.shard)  # another model: refused before any write
         records = _records(plan.todo, path, model, run, cluster, stderr, quiet)  # the model loads here
         store = _writable(db, identity, cluster.shard)
         try:
@@ -95,7 +95,7 @@ def _identity(model: str, run: RunOptions, stderr, quiet: bool) -> tuple[dict, s
                        settings.hop(features.window_seconds), settings.compute), str(path)
 
 
-def _plan(items, db: str, identity: dict, shard):
+def _plan(items, arguments: list[str], db: str, identity: dict, shard):
     """What is to do, from what the index, its shards and this run's part hold (read only), once each of them
     is known to be made with this model and settings."""
     import os
@@ -109,7 +109,8 @@ def _plan(items, db: str, identity: dict, shard):
         stored = read_identity(path)
         if stored is not None:
             check_identity(stored, identity, db)
-    return plan_index(items, [record for path in stores for record in read_files(path)])  # later ones win
+    known = [record for path in stores for record in read_files(path)]  # later ones win
+    return plan_index(items, known, arguments)
 
 
 def _writable(db: str, identity: dict, shard):

@@ -82,8 +82,21 @@ class Plan:
     pruned: int = 0
 
 
-def plan_index(items: list[InputFile], stored: Iterable[FileRecord]) -> Plan:
-    """Compare the inputs with what is stored (size and mtime decide; a stored error is retried)."""
+def covered(path: str, arguments: Iterable[str]) -> bool:
+    """Whether a stored ``path`` is one the command-line ``arguments`` name: the file itself, a file below a
+    named folder, or a match of a glob pattern (``-``, a list on stdin, names nothing in advance)."""
+    import fnmatch
+
+    for argument in arguments:
+        root = os.path.abspath(argument) if argument != "-" else None
+        if root and (path == root or path.startswith(root.rstrip(os.sep) + os.sep) or fnmatch.fnmatchcase(path, root)):
+            return True
+    return False
+
+
+def plan_index(items: list[InputFile], stored: Iterable[FileRecord], arguments: Iterable[str] = ()) -> Plan:
+    """Compare the inputs with what is stored (size and mtime decide; a stored error is retried). ``gone``: the
+    stored files under ``arguments`` (the paths as given) that the inputs no longer hold."""
     known = {record.path: record for record in stored}
     plan = Plan()
     for item in items:
@@ -94,7 +107,7 @@ def plan_index(items: list[InputFile], stored: Iterable[FileRecord]) -> Plan:
         else:
             plan.todo.append(item)
     found = {file_key(item.path) for item in items}
-    plan.gone = sorted(path for path in known if path not in found)
+    plan.gone = sorted(path for path in known if path not in found and covered(path, arguments))
     return plan
 
 
@@ -252,5 +265,5 @@ class Index:
         return direction - direction.mean()
 
 
-__all__ = ["Index", "Plan", "embed_files", "file_key", "identity_of", "plan_index", "shard_file",
+__all__ = ["Index", "Plan", "covered", "embed_files", "file_key", "identity_of", "plan_index", "shard_file",
            "stored_embeddings", "to_record"]
