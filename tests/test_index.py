@@ -90,6 +90,9 @@ def test_27_a_window_searched_for_finds_itself_first(spread, tmp_path):
             first = db.search(str(path), top=3, start=start)[0]
             assert (first.path, first.start) == (str(path), start)
             assert first.score == pytest.approx(1.0, abs=SAME_COMPUTE)
+    samples = sf.read(str(files[2]), dtype="float32")[0]  # audio in memory (16 kHz) is a query too
+    first = db.search(samples, top=1, start=1.28)[0]
+    assert (first.path, first.start) == (str(files[2]), 1.28) and first.score == pytest.approx(1.0, abs=SAME_COMPUTE)
     result = ast("search", tmp_path / "db", files[1], "--start", "0.64", "--format", "jsonl", "--top", "2")
     hit = json.loads(result.stdout.splitlines()[0])
     assert result.exit_code == 0 and (hit["path"], hit["start"]) == (str(files[1]), 0.64)

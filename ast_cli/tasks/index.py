@@ -222,19 +222,20 @@ class Index:
 
     def search(self, query, top: int = 10, *, start: float = 0.0, end: float | None = None,
                exclude_file: bool = False, min_score: float | None = None) -> list[Hit]:
-        """Windows most like ``query``, best first: a (D,) vector, or an audio file (its window from
-        ``start``, ``end`` seconds; the index's model embeds it). ``exclude_file``: not the query's own file."""
+        """Windows most like ``query``, best first: a (D,) vector, or audio (a file, or 16 kHz mono samples),
+        whose window from ``start`` (to ``end``) seconds the index's model embeds. ``exclude_file``: not the query
+        file's own windows."""
+        vector, exclude = np.asarray(query if not isinstance(query, (str, os.PathLike)) else [], np.float32), None
         if isinstance(query, (str, os.PathLike)):
             vector = self.embed_query(str(query), start, end)
             exclude = file_key(str(query)) if exclude_file else None
-        else:
-            vector, exclude = np.asarray(query, np.float32), None
+        elif vector.ndim == 1 and vector.shape[0] != self.identity.get("hidden_size"):  # 16 kHz samples
+            vector = self.embed_samples(vector[int(round(start * 100)) * 160 :])  # whole 10 ms frames
         return self.store.search(vector, top, exclude_path=exclude, min_score=min_score)
 
     def embed_query(self, path: str, start: float = 0.0, end: float | None = None) -> np.ndarray:
         """(D,) embedding of one window of ``path``: from ``start`` to ``end`` (default: one model window),
         cut on the 10 ms frame grid so that a window the index holds embeds exactly as stored."""
-        from ..audio.sources import ArraySource
         from ..constants import FRAME_SECONDS
 
         first = int(round(start / FRAME_SECONDS)) * 160  # samples: whole frames, as the engine's windows start
@@ -245,11 +246,17 @@ class Index:
         if piece.shape[0] == 0:
             raise UsageError(f"{path} has no audio from {start:g} s" + (f" to {end:g} s" if end is not None else ""),
                              option="start")
+        return self.embed_samples(piece, name=path)
+
+    def embed_samples(self, samples: np.ndarray, name: str = "<array>") -> np.ndarray:
+        """(D,) embedding of the first window of 16 kHz mono ``samples``, with the index's model."""
+        from ..audio.sources import ArraySource
+
         tagger = self.tagger()
         engine = tagger.engine(tagger.backend.with_output("embedding"))
-        out = next(iter(engine.run([ArraySource(piece, name=path)])))
+        out = next(iter(engine.run([ArraySource(samples, name=name)])))
         if out.error is not None:
-            raise UsageError(f"{path}: {out.error}", option="query")
+            raise UsageError(f"{name}: {out.error}", option="query")
         return out.outputs[0]
 
     def label_vector(self, label: str) -> np.ndarray:
