@@ -232,11 +232,16 @@ def test_27_ann_above_the_exact_limit_agrees_with_exact_search(tmp_path, monkeyp
         store.put(FileRecord(f"/f{f}", 1, 1, 10.0, None, [(w, w + 1.0) for w in range(50)],
                              rng.standard_normal((50, 24)).astype(np.float32)))
     queries = rng.standard_normal((20, 24)).astype(np.float32)
-    exact = [[(h.path, h.start) for h in store.search(q, 10)] for q in queries]
+    exact_hits = [store.search(q, 40) for q in queries]
+    exact = [[(h.path, h.start) for h in hits[:10]] for hits in exact_hits]
     monkeypatch.setattr(vectordb, "EXACT_LIMIT", 100)
-    approximate = [[(h.path, h.start) for h in store.search(q, 10)] for q in queries]
+    approximate_hits = [store.search(q, 10) for q in queries]
+    approximate = [[(h.path, h.start) for h in hits] for hits in approximate_hits]
     recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approximate, exact)])
     assert recall >= 0.95
+    for hits, truth in zip(approximate_hits, exact_hits):  # the candidates are scored again in float32
+        scores = {(h.path, h.start): h.score for h in truth}
+        assert all(h.score == scores[(h.path, h.start)] for h in hits if (h.path, h.start) in scores)
     assert os.listdir(tmp_path / "db").count(f"vectors-{store.generation}.usearch") == 1
     store.put(FileRecord("/f0", 2, 2, 1.0, None, [(0.0, 1.0)], queries[:1]))  # a new generation: brought up to date
     assert store.search(queries[0], 1)[0].path == "/f0"

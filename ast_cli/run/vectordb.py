@@ -254,8 +254,17 @@ class VectorStore:
         return ids[order], scores[order]
 
     def _approximate(self, query: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray]:
-        matches = self.ann().search(query, want)
-        return np.asarray(matches.keys, np.int64), 1.0 - np.asarray(matches.distances, np.float32)
+        """The ANN's candidates (twice as many as wanted), scored again exactly from the stored float32 rows:
+        scores and order never carry the index's f16 rounding."""
+        candidates = np.asarray(self.ann().search(query, 2 * want).keys, np.int64).tolist()
+        rows = self.db.execute(f"SELECT id, vector FROM windows WHERE id IN ({','.join('?' * len(candidates))})",
+                               candidates).fetchall() if candidates else []
+        if not rows:
+            return np.empty(0, np.int64), np.empty(0, np.float32)
+        ids = np.array([r[0] for r in rows], np.int64)
+        scores = _unit(np.stack([np.frombuffer(r[1], DTYPE) for r in rows])) @ query
+        order = np.lexsort((ids, -scores))[:want]
+        return ids[order], scores[order]
 
     def ann(self):
         """The usearch index of this generation: loaded (memory-mapped) when saved, else brought up to date from
@@ -274,7 +283,8 @@ class VectorStore:
             index.remove(np.setdiff1d(known, ids))
         new_ids, vectors = self._matrix(after=int(known.max()) if known.size else -1)
         if index is None:
-            index = UIndex(ndim=vectors.shape[1], metric="cos", dtype="f32", expansion_search=128)
+            # f16 as Hoplite keeps them (half the memory; recall 0.989 at 100k in wt-store's measurements)
+            index = UIndex(ndim=vectors.shape[1], metric="cos", dtype="f16", expansion_search=128)
         if new_ids.size:
             index.add(new_ids, vectors, threads=0)
         temporary = path + ".tmp"
