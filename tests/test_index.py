@@ -274,22 +274,31 @@ def test_27_search_csv_then_train_features_db_gives_a_head_classify_loads(spread
     assert tagged.exit_code == 0 and [x["label"] for x in json.loads(tagged.stdout)["labels"]] == ["door"]
 
 
-@pytest.mark.slow  # whole processes, and a kill -9
-def test_27_kill_9_mid_index_then_rerun_stores_every_window_once(spread, tmp_path):
-    files = archive(tmp_path / "in", 3)
-    live = trickle_fifo(tmp_path / "live.wav")  # keeps the run busy after the files before it are stored
-    args = ["--db", tmp_path / "db", "--model", spread, "--device", "cpu", "--dtype", "fp32", "--quiet"]
+def _started_with_two_stored(files, live, args):
+    """An ``ast index`` process over ``files`` and the never-ending ``live``, once two files are committed."""
+    from conftest import sigint_default
+
     proc = subprocess.Popen([sys.executable, "-m", "ast_cli", "index", *map(str, [*files, live, *args])],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
+    db = args[args.index("--db") + 1]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            with sqlite3.connect(f"file:{tmp_path / 'db' / 'index.sqlite'}?mode=ro", uri=True) as con:
+            with sqlite3.connect(f"file:{db / 'index.sqlite'}?mode=ro", uri=True) as con:
                 if con.execute("SELECT COUNT(*) FROM files").fetchone()[0] >= 2:
                     break
         except sqlite3.Error:
             pass
         time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.slow  # whole processes, and a kill -9
+def test_27_kill_9_mid_index_then_rerun_stores_every_window_once(spread, tmp_path):
+    files = archive(tmp_path / "in", 3)
+    live = trickle_fifo(tmp_path / "live.wav")  # keeps the run busy after the files before it are stored
+    args = ["--db", tmp_path / "db", "--model", spread, "--device", "cpu", "--dtype", "fp32", "--quiet"]
+    proc = _started_with_two_stored(files, live, args)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     killed = stored(tmp_path / "db")
@@ -364,3 +373,16 @@ def test_27_a_bad_query_is_one_line_naming_it(spread, tmp_path):
     assert late.exit_code == 2 and late.stderr.startswith(f"Error: --start: {files[0]} has no audio from 50 s")
     neither = ast("search", tmp_path / "db")
     assert neither.exit_code == 2 and "QUERY" in neither.stderr
+
+
+@pytest.mark.slow  # a whole process
+def test_27_ctrl_c_mid_index_exits_130_and_keeps_what_is_stored(spread, tmp_path):
+    files = archive(tmp_path / "in", 3)
+    live = trickle_fifo(tmp_path / "live.wav")
+    proc = _started_with_two_stored(files, live, ["--db", tmp_path / "db", "--model", spread, "--device", "cpu"])
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert "indexed, 0 unchanged, 0 failed" in stderr  # the summary, after Ctrl-C too
+    kept = stored(tmp_path / "db")
+    assert len(kept) >= 2 and str(live) not in kept
