@@ -8,7 +8,7 @@ import typer
 
 from ..run.options import RunOptions
 from ._app import app
-from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, checked_distributed,
+from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, checked_distributed, compute_name,
                       distributed_options, fetch_model, load_tagger, model_config, model_identity, path_stdin,
                       refuse_piped_audio_on_ray, report_failure, run_options, stderr_console)
 from ._errors import EXIT_FAILED, cli_errors, counted, debug_enabled
@@ -67,7 +67,7 @@ def index_command(
             raise UsageError("no audio files found in the given paths", hint="check --ext, or name files directly")
         if os.path.exists(db) and not os.path.isdir(db):
             raise UsageError(f"{db} exists and is not a directory", option="db")
-        identity, path = _identity(model, run, stderr, quiet)
+        identity, path = _identity(model, run, cluster, stderr, quiet)
         plan = _plan(items, paths, db, identity, cluster.shard)  # another model: refused before any write
         records = _records(plan.todo, path, model, run, cluster, stderr, quiet)  # the model loads here
         store = _writable(db, identity, cluster.shard)
@@ -82,7 +82,7 @@ def index_command(
             raise typer.Exit(EXIT_FAILED)
 
 
-def _identity(model: str, run: RunOptions, stderr, quiet: bool) -> tuple[dict, str]:
+def _identity(model: str, run: RunOptions, cluster, stderr, quiet: bool) -> tuple[dict, str]:
     """(identity, resolved model path): checked against the database before the model loads."""
     from ..checkpoint.names import looks_local
     from ..tasks.extract import Settings
@@ -92,7 +92,7 @@ def _identity(model: str, run: RunOptions, stderr, quiet: bool) -> tuple[dict, s
     config, features = model_config(path)
     settings = Settings.of("embedding", model, run)
     return identity_of(model_identity(model, path), str(path), looks_local(model), config, features,
-                       settings.hop(features.window_seconds), settings.compute), str(path)
+                       settings.hop(features.window_seconds), compute_name(run, cluster)), str(path)
 
 
 def _plan(items, arguments: list[str], db: str, identity: dict, shard):
