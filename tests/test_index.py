@@ -386,3 +386,16 @@ def test_27_ctrl_c_mid_index_exits_130_and_keeps_what_is_stored(spread, tmp_path
     assert "indexed, 0 unchanged, 0 failed" in stderr  # the summary, after Ctrl-C too
     kept = stored(tmp_path / "db")
     assert len(kept) >= 2 and str(live) not in kept
+
+
+def test_27_the_identity_names_the_precision_as_classify_records_it(spread, monkeypatch):
+    """--dtype auto runs fp16 on CUDA: an index made there must not claim fp32 (a CPU run would then add to it)."""
+    from ast_cli.cli import index as cli_index
+    from ast_cli.cli._common import stderr_console
+    from ast_cli.run import backends
+    from ast_cli.run.options import RunOptions
+    from ast_cli.tasks.distributed import RaySettings
+
+    monkeypatch.setattr(backends, "pick_device", lambda device: "cuda:0")
+    identity, _ = cli_index._identity(str(spread), RunOptions(), RaySettings(), stderr_console(), True)
+    assert identity["compute"] == "fp16"
