@@ -52,15 +52,12 @@ def search(
         if output_dir is not None and format is not SearchFormat.audacity:
             raise UsageError("writes Audacity label tracks: it goes with --format audacity",
                              option="output_dir")
-        index = Index.open(db)
-        try:
+        with Index.open(db) as index:
             if label is not None:
                 hits = index.search(index.label_vector(label), top, min_score=min_score)
             else:
                 hits = index.search(query, top, start=start, end=end, exclude_file=exclude_file,
                                     min_score=min_score)
-        finally:
-            index.close()
         if output_dir is not None:
             return _label_tracks(hits, output_dir, label or f"like {os.path.basename(query)}")
         _print(hits, format)

@@ -141,16 +141,13 @@ def embed_files(items: list[InputFile], tagger, on_progress: Callable | None = N
 def stored_embeddings(db: str, examples: Iterable) -> Iterator[tuple[str | None, np.ndarray | None, None]]:
     """(error, (windows, D) embeddings, None) per training example (``train_data.Example``) from the index in
     ``db``: the window that starts at the example's ``start``, or every window of its file. Nothing is computed."""
-    index = Index.open(db)
-    try:
+    with Index.open(db) as index:
         for example in examples:
             windows, vectors = index.store.vectors_of(file_key(example.path))
             if example.start is not None:  # starts are stored rounded to the microsecond; csv keeps them
                 vectors = vectors[[i for i, (start, _) in enumerate(windows) if abs(start - example.start) < 1e-3][:1]]
             where = "" if example.start is None else f" at {example.start:g} s"
             yield (None, vectors, None) if len(vectors) else (f"no window{where} in the index {db}", None, None)
-    finally:
-        index.close()
 
 
 def _read_span(path: str, begin: int, end: int) -> np.ndarray:
@@ -192,6 +189,12 @@ class Index:
 
     def close(self) -> None:
         self.store.close()
+
+    def __enter__(self) -> "Index":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __len__(self) -> int:
         return len(self.store)
