@@ -84,6 +84,7 @@ class VectorStore:
     """One SQLite file of the schema above (the index, or one shard of it)."""
 
     lock: "ShardLock | None" = None  # held while a --shard run writes this part
+    _rows: tuple | None = None  # (generation, ids, unit vectors) for exact search
 
     def __init__(self, path: str, directory: str):
         self.path, self.directory = path, directory
@@ -246,7 +247,10 @@ class VectorStore:
         return {r[0] for r in rows}
 
     def _exact(self, query: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray]:
-        ids, vectors = self._matrix()
+        generation = self.generation  # the rows are read once per generation: repeated searches reuse them
+        if self._rows is None or self._rows[0] != generation:
+            self._rows = (generation, *self._matrix())
+        _, ids, vectors = self._rows
         if vectors.shape[1] != query.shape[0]:
             raise UsageError(f"the query has {query.shape[0]} dimensions, the index {vectors.shape[1]}")
         scores = vectors @ query  # (N,)
