@@ -90,6 +90,8 @@ def test_27_a_window_searched_for_finds_itself_first(spread, tmp_path):
             first = db.search(str(path), top=3, start=start)[0]
             assert (first.path, first.start) == (str(path), start)
             assert first.score == pytest.approx(1.0, abs=SAME_COMPUTE)
+    only = db.search(str(files[0]), top=10, start=0.64, min_score=1 - 1e-6)  # the others score <= 1 - 1e-5 here
+    assert [(h.path, h.start) for h in only] == [(str(files[0]), 0.64)]
     samples = sf.read(str(files[2]), dtype="float32")[0]  # audio in memory (16 kHz) is a query too
     first = db.search(samples, top=1, start=1.28)[0]
     assert (first.path, first.start) == (str(files[2]), 1.28) and first.score == pytest.approx(1.0, abs=SAME_COMPUTE)
