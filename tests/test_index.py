@@ -401,3 +401,12 @@ def test_27_the_identity_names_the_precision_as_classify_records_it(spread, monk
     monkeypatch.setattr(backends, "pick_device", lambda device: "cuda:0")
     identity, _ = cli_index._identity(str(spread), RunOptions(), RaySettings(), stderr_console(), True)
     assert identity["compute"] == "fp16"
+
+
+def test_27_past_the_exact_size_ast_index_brings_the_ann_up_to_date(spread, tmp_path, monkeypatch):
+    """So that no search after a long run waits for the graph; with --shard the merge's run does it."""
+    monkeypatch.setattr(vectordb, "EXACT_LIMIT", 5)
+    archive(tmp_path / "in", 2)
+    assert index([tmp_path / "in"], tmp_path / "db", spread).exit_code == 0
+    store = VectorStore.open(str(tmp_path / "db"))
+    assert store.ann_is_current() and len(store.ann()) == len(store) > 5

@@ -76,6 +76,8 @@ def index_command(
                 store.remove(plan.gone)
                 plan.pruned = len(plan.gone)
             failed = _index(store, plan, records, stderr, quiet, debug)
+            if cluster.shard is None:
+                _update_ann(store, stderr, quiet)
         finally:
             store.close()
         if failed:
@@ -159,6 +161,20 @@ def _index(store, plan, records, stderr, quiet: bool, debug: bool) -> int:
                             f"{pruned}", progress, f"{counted(len(store), 'window')} in "
                             f"{store.directory if store.lock is None else store.path}")
     return counts["failed"]
+
+
+def _update_ann(store, stderr, quiet: bool) -> None:
+    """Past the exact-search size, bring the ANN index up to date now (the windows added by this run), so that
+    no search has to; a killed run leaves it to the next search."""
+    from ..run import vectordb
+    from ._errors import say
+
+    windows = len(store)
+    if windows <= vectordb.EXACT_LIMIT or store.ann_is_current():
+        return
+    if not quiet:
+        say(stderr, f"updating the search index ({counted(windows, 'window')})")
+    store.ann()
 
 
 def _records(todo, path: str, model: str, run: RunOptions, cluster, stderr, quiet: bool):

@@ -270,13 +270,19 @@ class VectorStore:
         order = np.lexsort((ids, -scores))[:want]
         return ids[order], scores[order]
 
+    def _ann_path(self) -> str:
+        return os.path.join(self.directory, f"vectors-{self.generation}.usearch")
+
+    def ann_is_current(self) -> bool:
+        return os.path.isfile(self._ann_path())
+
     def ann(self):
         """The usearch index of this generation: loaded (memory-mapped) when saved, else brought up to date from
         the last one saved (windows gone removed, windows added since added: ids only grow) or built, then saved
         and the stale ones deleted."""
         from usearch.index import Index as UIndex
 
-        path = os.path.join(self.directory, f"vectors-{self.generation}.usearch")
+        path = self._ann_path()
         if os.path.isfile(path):
             return UIndex.restore(path, view=True)
         stale = sorted(glob.glob(os.path.join(self.directory, "vectors-*.usearch")), key=_generation_of)
