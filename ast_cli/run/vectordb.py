@@ -293,8 +293,10 @@ class VectorStore:
             index.remove(np.setdiff1d(known, ids))
         new_ids, vectors = self._matrix(after=int(known.max()) if known.size else -1)
         if index is None:
-            # f16 as Hoplite keeps them (half the memory; recall 0.989 at 100k in wt-store's measurements)
-            index = UIndex(ndim=vectors.shape[1], metric="cos", dtype="f16", expansion_search=128)
+            # f16, connectivity 32, expansion_add 128: what benchmarks/index_storage.py measured (recall@10 0.989 at
+            # 100,000 with ef 16); ef 128 leaves room for real embeddings, which overlap more than its clusters
+            index = UIndex(ndim=vectors.shape[1], metric="cos", dtype="f16", connectivity=32, expansion_add=128,
+                           expansion_search=128)
         if new_ids.size:
             index.add(new_ids, vectors, threads=0)
         temporary = path + ".tmp"
