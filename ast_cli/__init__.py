@@ -32,7 +32,7 @@ _LAZY = {
     "Segment": "run.tagger", "RunOptions": "run.options", "Engine": "run.engine", "FileOutput": "run.engine",
     "ArraySource": "audio.sources", "FileSource": "audio.sources", "StreamSource": "audio.sources",
     "AudioSource": "audio.sources",
-    "LocalBackend": "run.backends", "Backend": "run.backends", "FeatureExtractor": "tasks.extract",
+    "LocalBackend": "run.backends", "Backend": "run.backends", "FeatureExtractor": "tasks.extract", "Index": "tasks.index",
     "AstError": "errors", "AudioDecodeError": "errors", "CheckpointError": "errors", "HubError": "errors",
     "HeadError": "errors",
     "ModelNotFoundError": "errors", "UsageError": "errors",

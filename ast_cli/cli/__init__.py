@@ -9,7 +9,7 @@ level, so ``ast --help`` and shell completion stay instant (torch loads only ins
 
 from __future__ import annotations
 
-from . import classify, listen, extract, train, models, benchmark  # noqa: F401, I001  (each registers its commands, in this order)
+from . import classify, listen, extract, index, search, train, models, benchmark  # noqa: F401, I001  (each registers its commands, in this order)
 from ._app import app
 from ._errors import describe_error
 

@@ -333,6 +333,25 @@ def model_config(path):
     return checkpoint.config, checkpoint.features
 
 
+def compute_name(run: RunOptions, cluster) -> str:
+    """The precision the model runs in, as records name it: fast, int8, or the dtype (auto: fp16 on CUDA, fp32
+    elsewhere; a Ray worker is on CUDA when it takes GPUs)."""
+    from ..run.backends import pick_device
+    from ..run.options import DType, Quantize
+
+    if run.fast:
+        return "fast"
+    if run.quantize is Quantize.int8:
+        return "int8"
+    if run.dtype is not DType.auto:
+        return run.dtype.value
+    if cluster.ray:
+        device = run.device if run.device != "auto" else "cuda" if cluster.gpus_per_worker else "cpu"
+    else:
+        device = pick_device(run.device)
+    return "fp16" if device.startswith("cuda") else "fp32"
+
+
 def load_tagger(model: str, run: RunOptions, console, quiet: bool, resolved=None, *, heads=(),
                 base_head: bool = True):
     """``Tagger.load`` with the CLI's manners: a download shows its progress, loading shows a spinner.

@@ -12,8 +12,8 @@ from ..tasks.distributed import take_shard
 from ..run.options import Activation, Aggregate, OutputFormat, RunOptions
 from ._app import app
 from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, HeadOpt, ModelOpt, NoBaseHeadOpt, PathsArg, QuietOpt,
-                      ThresholdOpt, ThresholdsOpt, checked_distributed, distributed_options, fetch_model, label_list,
-                      load_tagger, model_config, parse_threshold, path_stdin, read_calibration,
+                      ThresholdOpt, ThresholdsOpt, checked_distributed, compute_name, distributed_options, fetch_model,
+                      label_list, load_tagger, model_config, parse_threshold, path_stdin, read_calibration,
                       refuse_piped_audio_on_ray, report_failure, run_options, stderr_console)
 from ._errors import EXIT_FAILED, cli_errors, counted, debug_enabled, say
 
@@ -226,22 +226,7 @@ def _provenance(target, job: _Job) -> tuple[dict, object]:
 
 
 def _compute(job: _Job) -> str:
-    """The precision the model runs in, as records name it: int8, or the dtype (auto: fp16 on CUDA, fp32
-    elsewhere; a Ray worker is on CUDA when it takes GPUs)."""
-    from ..run.backends import pick_device
-    from ..run.options import DType, Quantize
-
-    if job.run.fast:
-        return "fast"
-    if job.run.quantize is Quantize.int8:
-        return "int8"
-    if job.run.dtype is not DType.auto:
-        return job.run.dtype.value
-    if job.cluster.ray:
-        device = job.run.device if job.run.device != "auto" else "cuda" if job.cluster.gpus_per_worker else "cpu"
-    else:
-        device = pick_device(job.run.device)
-    return "fp16" if device.startswith("cuda") else "fp32"
+    return compute_name(job.run, job.cluster)
 
 
 def _run_ray(target, sources, provenance: dict, progress, job: _Job) -> int:

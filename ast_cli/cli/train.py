@@ -37,6 +37,7 @@ def train(
     warmup: Annotated[float, typer.Option(metavar="EPOCHS", help="finetune: linear warm-up before the cosine decay.")] = 1.0,
     keep_normalization: Annotated[bool, typer.Option("--keep-normalization", help="finetune: keep the base model's mean/std instead of the data's.")] = False,
     features_dir: Annotated[Optional[str], typer.Option("--features-dir", metavar="DIR", help="head: where window embeddings are cached (default: a cache shared by every run, under HF_HOME/assets); reused by any later run on the same files and model.")] = None,
+    features_db: Annotated[Optional[str], typer.Option("--features-db", metavar="DB", help="head: train on the window embeddings stored in this index (ast index; its model is the base), computing none; DATA may be ast search's csv with its label column filled.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="finetune: continue from the last epoch's checkpoint in DIR.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace DIR when it holds an earlier ast train output (only once the new one is complete).")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Stop when any clip cannot be read (default: name it and train on the rest).")] = False,
@@ -92,11 +93,12 @@ def train(
         say(stderr, f"{len(train_set.examples)} training and {counted(len(val_set.examples), 'validation file')}, "
                     f"{counted(len(labels), 'label')} ({'multi' if dataset.multi_label else 'single'}-label), "
                     f"mode {mode.value}")
-        base = str(fetch_model(model, run, stderr, quiet))
+        base = _base(model, features_db, mode, run, stderr, quiet)
         progress = _EpochProgress(None if quiet else stderr, config.epochs, enabled=stderr.is_terminal)
         trainer = Trainer(base, train_set, val_set, out, config, run, feature_cache=features_dir,
                           on_epoch=progress.update, model_name=model, strict=strict,
-                          on_failure=lambda path, error: say(stderr, f"error: {path}: {error}"))
+                          on_failure=lambda path, error: say(stderr, f"error: {path}: {error}"),
+                          features_db=features_db)
         announced: list = []  # the train and validation embeddings each build the model: say it once
         trainer.on_fast = lambda choice: announced or announced.append(announce_fast(choice, stderr, quiet))
         try:
@@ -115,6 +117,23 @@ def train(
         if result.failed:
             say(stderr, f"{clips(len(result.failed))} could not be read and left out (listed in metrics.json)")
             raise typer.Exit(1)
+
+
+def _base(model: str, features_db: str | None, mode, run: RunOptions, stderr, quiet: bool) -> str:
+    """The base checkpoint's path: ``model``'s, or with --features-db the model that made that index."""
+    if features_db is None:
+        return str(fetch_model(model, run, stderr, quiet))
+    from ..errors import UsageError
+    from ..tasks.index import Index
+
+    if mode is not Mode.head:
+        raise UsageError("--features-db holds embeddings: it trains --mode head", option="features_db")
+    index = Index.open(features_db)
+    try:
+        identity = index.identity
+    finally:
+        index.close()
+    return str(fetch_model(identity.get("model_path") or identity["model"], run, stderr, quiet))
 
 
 class _EpochProgress:

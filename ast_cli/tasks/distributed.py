@@ -141,6 +141,33 @@ class ExtractActor:
         return {"index": list(batch["index"]), "record": [json.dumps(r) for r in results]}
 
 
+class EmbedActor:
+    """One Ray actor for ``ast index``: loads the model once and returns each file's window embeddings to the
+    driver, which stores them (one writer for the database)."""
+
+    def __init__(self, model: str, options: dict):
+        from ..run.options import RunOptions
+        from ..run.tagger import Tagger
+
+        self.tagger = Tagger.load(model, RunOptions(**options))
+
+    def __call__(self, batch: dict) -> dict:
+        import base64
+        import json
+
+        import numpy as np
+
+        from .index import embed_files
+        from ..audio.inputs import InputFile
+
+        items = [InputFile(str(p), error=str(e) or None) for p, e in zip(batch["path"], batch["error"])]
+        records = [{"path": r.path, "size": r.size, "mtime_ns": r.mtime_ns, "duration": r.duration, "error": r.error,
+                    "windows": r.windows, "vectors": None if r.vectors is None else
+                    base64.b64encode(np.ascontiguousarray(r.vectors, "<f4").tobytes()).decode()}
+                   for r, _ in embed_files(items, self.tagger)]
+        return {"index": list(batch["index"]), "record": [json.dumps(r) for r in records]}
+
+
 def _probe(address: str, option: str) -> None:
     """A cluster address (``host:port``, ``ray://host:port``) that nothing answers at fails in seconds, in one
     line, where ``ray.init`` would retry for minutes. ``auto`` is left to Ray, which fails fast by itself."""
@@ -327,6 +354,25 @@ def run_ray_extract(jobs: list, model: str, kind: str, fmt: str, options, settin
              "output": job.output} for i, job in enumerate(jobs)]
     return _ray_map(rows, ExtractActor, (model, _options_dict(options, settings), kind, fmt), settings,
                     settings.files_per_task(options.batch_size))
+
+
+def run_ray_embed(items: list, model: str, options, settings: "RaySettings") -> Iterator:
+    """``ast index`` on Ray: ``items`` (``InputFile``s) -> their ``vectordb.FileRecord``s, in order."""
+    import base64
+
+    import numpy as np
+
+    from ..run.vectordb import FileRecord
+
+    from .index import file_key
+
+    rows = [{"index": i, "path": file_key(item.path), "error": item.error or ""} for i, item in enumerate(items)]
+    for r in _ray_map(rows, EmbedActor, (model, _options_dict(options, settings)), settings,
+                      settings.files_per_task(options.batch_size)):
+        vectors = None if r["vectors"] is None else np.frombuffer(base64.b64decode(r["vectors"]), "<f4").reshape(
+            len(r["windows"]), -1)
+        yield FileRecord(r["path"], r["size"], r["mtime_ns"], r["duration"], r["error"],
+                         [tuple(w) for w in r["windows"]], vectors)
 
 
 def run_ray(sources: list, model: str, options, settings: RaySettings, *, selection, activation, aggregate,

@@ -42,7 +42,8 @@ import numpy as np
 
 from ..errors import AudioDecodeError, DeviceOutOfMemoryError, UsageError, is_out_of_memory
 from .metrics import _jsonable, file_scores, metrics
-from .train_data import MULTI, SINGLE, Dataset, clips, untrained_labels
+from .train_data import (MULTI, SINGLE, Dataset, clips, dataset_normalization, renormalize, spec_augment,
+                         untrained_labels)
 from .train_state import (_TrainState, _append_line, _first_line, _load_state, _save_state, _swap_into_place,
                           _trim_log, _write_json, prepare_work, save_checkpoint, save_head, staging_dir)
 
@@ -115,7 +116,7 @@ class Trainer:
     def __init__(self, base: str, train: Dataset, val: Dataset, out: str, config: TrainConfig, options,
                  feature_cache: str | None = None, on_epoch: Callable[[dict], None] | None = None,
                  model_name: str | None = None, on_failure: Callable[[str, str], None] | None = None,
-                 strict: bool = False):
+                 strict: bool = False, features_db: str | None = None):
         from ..checkpoint.weights import load_checkpoint
 
         self.base_path = base
@@ -134,6 +135,7 @@ class Trainer:
         self.strict = strict
         self.failed: list[dict] = []
         self.model_name = model_name or base
+        self.features_db = features_db  # head: the embeddings stored by ``ast index`` there (base: its model)
 
     # -- windows --------------------------------------------------------------------------------------
 
@@ -144,7 +146,12 @@ class Trainer:
         for failure in irregular:
             self._fail(failure["path"], failure["error"])
         if kind == "embedding":
-            results = self._cached_embeddings(dataset)
+            if self.features_db:
+                from .index import stored_embeddings
+
+                results = stored_embeddings(self.features_db, dataset.examples)
+            else:
+                results = self._cached_embeddings(dataset)
         else:
             from ..run.backends import InputsBackend
             from ..run.engine import Engine
@@ -227,9 +234,9 @@ class Trainer:
         prepare_work(self.out, resume, self.marker())
         features = self.checkpoint.features
         if kind == "fbank" and not self.config.keep_normalization:
-            features = _dataset_normalization(train_windows, features)
-            train_windows = [_renormalize(w, self.checkpoint.features, features) for w in train_windows]
-            val_windows = [_renormalize(w, self.checkpoint.features, features) for w in val_windows]
+            features = dataset_normalization(train_windows, features)
+            train_windows = [renormalize(w, self.checkpoint.features, features) for w in train_windows]
+            val_windows = [renormalize(w, self.checkpoint.features, features) for w in val_windows]
         x, y = _flatten(train_windows, self.train_set.targets(self.labels))
         model, standardize = self._model(), None
         if kind == "embedding":
@@ -330,7 +337,7 @@ class Trainer:
             rows = order[start : start + self.config.batch_size]
             inputs, targets = torch.from_numpy(x[rows]).to(device), torch.from_numpy(y[rows]).to(device)
             if kind == "fbank":
-                inputs = _spec_augment(inputs, features, self.config, rng)
+                inputs = spec_augment(inputs, features, self.config, rng)
                 if self.config.mixup and rng.random() < self.config.mixup and len(rows) > 1:
                     lam = float(rng.beta(10, 10))
                     perm = torch.from_numpy(rng.permutation(len(rows))).to(device)
@@ -411,39 +418,3 @@ def _warmup_cosine(optimizer, steps_per_epoch: int, config: TrainConfig):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _spec_augment(inputs, features, config: TrainConfig, rng):
-    """Frequency and time masks (AST recipe: up to 48 bins, up to 192 of 1024 frames), masking the log-mel to
-    0 before normalization, as the recipe's torchaudio masks do: (0 - mean) / (2 std) after it."""
-    batch, frames, bins = inputs.shape
-    freq = config.freq_mask if config.freq_mask is not None else min(48, bins // 4)
-    time_ = config.time_mask if config.time_mask is not None else max(1, round(192 * frames / 1024))
-    fill = (0.0 - features.mean) / (2 * features.std) if features.do_normalize else 0.0
-    inputs = inputs.clone()
-    for b in range(batch):
-        width = int(rng.integers(0, freq + 1))
-        start = int(rng.integers(0, bins - width + 1))
-        inputs[b, :, start : start + width] = fill
-        width = int(rng.integers(0, time_ + 1))
-        start = int(rng.integers(0, frames - width + 1))
-        inputs[b, start : start + width, :] = fill
-    return inputs
-
-
-def _dataset_normalization(windows: list[np.ndarray], features):
-    """The dataset's mean and std of the log-mel over its real frames (the AST recipe's statistics); padded
-    frames (all bins at the normalized value of 0) are left out."""
-    raw = []
-    for w in windows:
-        flat = w.reshape(-1, w.shape[-1])
-        values = flat * (2 * features.std) + features.mean if features.do_normalize else flat
-        real = ~np.all(flat == (0.0 - features.mean) / (2 * features.std), axis=1)  # padded frames left out
-        raw.append(values[real])
-    values = np.concatenate(raw)
-    return replace(features, mean=float(values.mean()), std=float(values.std()), do_normalize=True)
-
-
-def _renormalize(windows: np.ndarray, old, new) -> np.ndarray:
-    raw = windows * (2 * old.std) + old.mean if old.do_normalize else windows
-    return ((raw - new.mean) / (2 * new.std)).astype(np.float32)

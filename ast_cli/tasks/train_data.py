@@ -26,6 +26,7 @@ SINGLE, MULTI = "single_label_classification", "multi_label_classification"
 class Example:
     path: str
     labels: tuple[str, ...]
+    start: float | None = None  # one window of the file (a row of ``ast search --format csv``); None: all of it
 
 
 @dataclass
@@ -87,7 +88,8 @@ def load_dataset(path: str, option: str = "data") -> Dataset:
     if len(dataset.examples) == 0:
         raise UsageError(f"{path} holds no labeled audio files", option=option,
                          hint="a folder of label subfolders, or a CSV/JSONL of path,labels")
-    if len(dataset.labels) < 2:
+    negatives = dataset.multi_label and any(not e.labels for e in dataset.examples)
+    if len(dataset.labels) < 2 - negatives:  # one label and negatives: a detector for that label
         raise UsageError(f"{path} has {len(dataset.labels)} label(s): a classifier needs at least 2", option=option)
     return dataset
 
@@ -100,20 +102,30 @@ def _read_table(path: str, option: str) -> Dataset:
             if path.lower().endswith((".jsonl", ".ndjson")):
                 rows = [_jsonl_row(path, number, line, option) for number, line in enumerate(handle, 1) if line.strip()]
             else:
-                reader = csv.DictReader(handle)
-                if "path" not in (reader.fieldnames or ()):
-                    found = ",".join(reader.fieldnames or ())
-                    raise UsageError(f"{path} has no 'path' column (found: {found}; expected: path,labels)",
-                                     option=option)
-                rows = [(record["path"] or "", record.get("labels") or "") for record in reader]
+                rows = _csv_rows(path, csv.DictReader(handle), option)
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read {path} as path,labels rows: {exc}", option=option) from None
     examples = []
-    for file, text in rows:
-        labels = tuple(dict.fromkeys(x.strip() for x in text.split(";") if x.strip()))
-        examples.append(Example(file if os.path.isabs(file) else os.path.join(base, file), labels))
+    for file, text, *start in rows:
+        labels = tuple(dict.fromkeys(x.strip() for x in text.split(";") if x.strip() not in ("", "-")))
+        examples.append(Example(file if os.path.isabs(file) else os.path.join(base, file), labels, *start))
     names = tuple(sorted({name for e in examples for name in e.labels}))
     return Dataset(examples, names, multi_label=True, root=base)
+
+
+def _csv_rows(path: str, reader: csv.DictReader, option: str) -> list[tuple]:
+    """(path, labels[, start]) rows: ``path,labels``, or ``ast search``'s ``path,start,end,score,label`` (one
+    window per row; an empty label or ``-`` is a negative)."""
+    columns = reader.fieldnames or ()
+    if "path" not in columns:
+        raise UsageError(f"{path} has no 'path' column (found: {','.join(columns)}; expected: path,labels)",
+                         option=option)
+    if "label" in columns and "start" in columns and "labels" not in columns:
+        try:
+            return [(r["path"] or "", r["label"] or "", float(r["start"])) for r in reader]
+        except (TypeError, ValueError):
+            raise UsageError(f"{path}: every row needs a number in 'start'", option=option) from None
+    return [(record["path"] or "", record.get("labels") or "") for record in reader]
 
 
 def _jsonl_row(path: str, number: int, line: str, option: str) -> tuple[str, str]:
@@ -157,3 +169,43 @@ def untrained_labels(train: Dataset, val: Dataset) -> list[str]:
 
 def clips(count: int) -> str:
     return f"{count} clip" if count == 1 else f"{count} clips"
+
+
+# -- windows for training: normalization and augmentation ----------------------------------------
+
+
+def spec_augment(inputs, features, config, rng):
+    """Frequency and time masks (AST recipe: up to 48 bins, up to 192 of 1024 frames; ``config``: a
+    ``TrainConfig``'s ``freq_mask``/``time_mask``), masking the log-mel to 0 before normalization, as the recipe's
+    torchaudio masks do: (0 - mean) / (2 std) after it."""
+    batch, frames, bins = inputs.shape
+    freq = config.freq_mask if config.freq_mask is not None else min(48, bins // 4)
+    time_ = config.time_mask if config.time_mask is not None else max(1, round(192 * frames / 1024))
+    fill = (0.0 - features.mean) / (2 * features.std) if features.do_normalize else 0.0
+    inputs = inputs.clone()
+    for b in range(batch):
+        width = int(rng.integers(0, freq + 1))
+        start = int(rng.integers(0, bins - width + 1))
+        inputs[b, :, start : start + width] = fill
+        width = int(rng.integers(0, time_ + 1))
+        start = int(rng.integers(0, frames - width + 1))
+        inputs[b, start : start + width, :] = fill
+    return inputs
+
+
+def dataset_normalization(windows: list[np.ndarray], features):
+    """The dataset's mean and std of the log-mel over its real frames (the AST recipe's statistics); padded
+    frames (all bins at the normalized value of 0) are left out."""
+    raw = []
+    for w in windows:
+        flat = w.reshape(-1, w.shape[-1])
+        values = flat * (2 * features.std) + features.mean if features.do_normalize else flat
+        real = ~np.all(flat == (0.0 - features.mean) / (2 * features.std), axis=1)  # padded frames left out
+        raw.append(values[real])
+    values = np.concatenate(raw)
+    return replace(features, mean=float(values.mean()), std=float(values.std()), do_normalize=True)
+
+
+def renormalize(windows: np.ndarray, old, new) -> np.ndarray:
+    raw = windows * (2 * old.std) + old.mean if old.do_normalize else windows
+    return ((raw - new.mean) / (2 * new.std)).astype(np.float32)

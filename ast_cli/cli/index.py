@@ -1,0 +1,195 @@
+"""``ast index``: the pooled embedding of every window of every file, stored in one database directory."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ..run.options import RunOptions
+from ._app import app
+from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, checked_distributed, compute_name,
+                      distributed_options, fetch_model, load_tagger, model_config, path_stdin,
+                      refuse_piped_audio_on_ray, report_failure, run_options, stderr_console)
+from ._errors import EXIT_FAILED, cli_errors, counted, debug_enabled
+
+DbOpt = Annotated[str, typer.Option("--db", metavar="DIR", help="The index directory (created if missing).")]
+
+
+@app.command("index")
+@distributed_options
+@run_options
+def index_command(
+    paths: PathsArg,
+    run: RunOptions,
+    dist: dict,
+    db: DbOpt,
+    prune: Annotated[bool, typer.Option("--prune", help="Drop stored files below the given paths that are no longer there.")] = False,
+    model: ModelOpt = DEFAULT_MODEL,
+    ext: ExtOpt = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Store the pooled embedding of every window of every file in DIR, for ast search.
+
+    The windows are those classify scores (--hop for overlap). A rerun embeds only new or changed files
+    (size or mtime) and retries failed ones; --prune drops files no longer found. Each file is stored whole
+    or not at all, so a killed run resumes with every window once. A DIR made with another model or other
+    window settings is refused. --shard K/N runs write parts that the next run (or a search) merges.
+
+    Examples:
+
+      ast index recordings/ --db archive.db
+
+      ast index recordings/ --db archive.db --hop 5 --prune
+
+      ast search archive.db door.wav --top 20
+    """
+    stderr = stderr_console()
+    with cli_errors(stderr, debug):
+        import os
+
+        from ..errors import UsageError
+        from ..audio.inputs import expand_inputs, parse_extensions
+        from ..run.vectordb import require_usearch
+        from ..tasks.distributed import take_shard
+
+        require_usearch()
+        run.validate()
+        cluster = checked_distributed(dist, run)
+        if prune and cluster.shard is not None:
+            raise UsageError("--prune needs every file: it goes without --shard", option="prune")
+        items = take_shard(expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths)), cluster.shard)
+        refuse_piped_audio_on_ray(items, cluster)
+        if any(getattr(item, "source", None) is not None for item in items):
+            raise UsageError("audio on stdin has no path to store: index files", option="paths")
+        if not items:
+            raise UsageError("no audio files found in the given paths", hint="check --ext, or name files directly")
+        if os.path.exists(db) and not os.path.isdir(db):
+            raise UsageError(f"{db} exists and is not a directory", option="db")
+        identity, path = _identity(model, run, cluster, stderr, quiet)
+        plan = _plan(items, paths, db, identity, cluster.shard)  # another model: refused before any write
+        records = _records(plan.todo, path, model, run, cluster, stderr, quiet)  # the model loads here
+        store = _writable(db, identity, cluster.shard)
+        try:
+            if prune and plan.gone:
+                store.remove(plan.gone)
+                plan.pruned = len(plan.gone)
+            failed = _index(store, plan, records, stderr, quiet, debug)
+            if cluster.shard is None:
+                _update_ann(store, stderr, quiet)
+        finally:
+            store.close()
+        if failed:
+            raise typer.Exit(EXIT_FAILED)
+
+
+def _identity(model: str, run: RunOptions, cluster, stderr, quiet: bool) -> tuple[dict, str]:
+    """(identity, resolved model path): checked against the database before the model loads."""
+    from ..checkpoint.names import looks_local, model_identity
+    from ..tasks.extract import Settings
+    from ..tasks.index import identity_of
+
+    path = fetch_model(model, run, stderr, quiet)
+    config, features = model_config(path)
+    settings = Settings.of("embedding", model, run)
+    return identity_of(model_identity(model, path), str(path), looks_local(model), config, features,
+                       settings.hop(features.window_seconds), compute_name(run, cluster)), str(path)
+
+
+def _plan(items, arguments: list[str], db: str, identity: dict, shard):
+    """What is to do, from what the index, its shards and this run's part hold (read only), once each of them
+    is known to be made with this model and settings."""
+    import os
+
+    from ..run.vectordb import SQLITE_NAME, check_identity, read_files, read_identity, shard_paths
+    from ..tasks.index import plan_index, shard_file
+
+    stores = [os.path.join(db, SQLITE_NAME)]
+    stores += [os.path.join(db, shard_file(shard))] if shard is not None else shard_paths(db)
+    for path in stores:
+        stored = read_identity(path)
+        if stored is not None:
+            check_identity(stored, identity, db)
+    known = [record for path in stores for record in read_files(path)]  # later ones win
+    return plan_index(items, known, arguments)
+
+
+def _writable(db: str, identity: dict, shard):
+    """The store this run writes: the index (with finished shards merged in), or this shard's part (locked)."""
+    import os
+
+    from ..errors import UsageError
+    from ..run.vectordb import SHARDS_DIR, ShardLock, VectorStore
+    from ..tasks.index import shard_file
+
+    lock = None
+    if shard is not None:  # locked before the file exists: a merge never takes a part that is being written
+        os.makedirs(os.path.join(db, SHARDS_DIR), exist_ok=True)
+        lock = ShardLock(os.path.join(db, shard_file(shard)))
+        if not lock.try_acquire():
+            raise UsageError(f"another run is writing shard {shard_file(shard)} of {db}", option="shard")
+    store = VectorStore.open(db, shard_file(shard))
+    store.lock = lock
+    store.claim(identity)
+    if shard is None:
+        store.merge_shards()
+    return store
+
+
+def _index(store, plan, records, stderr, quiet: bool, debug: bool) -> int:
+    """Store ``records`` (of ``plan.todo``, as they are embedded); returns how many failed."""
+    from ._io import native_stderr_silenced
+    from ._progress import BatchProgress, summary
+
+    progress = BatchProgress(stderr, len(plan.todo), enabled=not quiet and stderr.is_terminal,
+                             description="indexing")
+    counts = {"indexed": 0, "failed": 0}
+    try:
+        if plan.todo:
+            with native_stderr_silenced(not debug_enabled(debug)), progress:
+                for record in records:
+                    progress.advance(record.duration)
+                    store.put(record)
+                    counts["failed" if record.error else "indexed"] += 1
+                    if record.error is not None:
+                        report_failure(stderr, record.path, record.error)
+    finally:  # also after Ctrl-C: every file stored so far is stored whole
+        if not quiet:
+            pruned = f", {plan.pruned} pruned" if plan.pruned else ""
+            summary(stderr, f"{counts['indexed']} indexed, {plan.unchanged} unchanged, {counts['failed']} failed"
+                            f"{pruned}", progress, f"{counted(len(store), 'window')} in "
+                            f"{store.directory if store.lock is None else store.path}")
+    return counts["failed"]
+
+
+def _update_ann(store, stderr, quiet: bool) -> None:
+    """Past the exact-search size, bring the ANN index up to date now (the windows added by this run), so that
+    no search has to; a killed run leaves it to the next search."""
+    from ..run import vectordb
+    from ._errors import say
+
+    windows = len(store)
+    if windows <= vectordb.EXACT_LIMIT or store.ann_is_current():
+        return
+    if not quiet:
+        say(stderr, f"updating the search index ({counted(windows, 'window')})")
+    store.ann()
+
+
+def _records(todo, path: str, model: str, run: RunOptions, cluster, stderr, quiet: bool):
+    """The stored form of each file still to do, in order: embedded here, or by Ray actors (the driver stores).
+    The model is loaded (or the cluster joined) now; nothing when there is nothing to do."""
+    if not todo:
+        return iter(())
+    if cluster.ray:
+        from ..tasks.distributed import connect, run_ray_embed
+        from ._io import stdout_for_data_only
+
+        with stdout_for_data_only():
+            connect(cluster)  # no cluster there: one line, before the index is opened
+        return run_ray_embed(todo, path, run, cluster)
+    from ..tasks.index import embed_files
+
+    tagger = load_tagger(model, run, stderr, quiet, resolved=path)  # resolved once, for the identity check
+    return (record for record, _ in embed_files(todo, tagger))

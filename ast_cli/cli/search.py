@@ -1,0 +1,113 @@
+"""``ast search``: the windows of an index most like an example window, or a label's direction."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ..run.options import _choices
+from ._app import app
+from ._common import DebugOpt, stderr_console
+from ._errors import cli_errors
+
+SearchFormat = _choices("SearchFormat", "table jsonl csv audacity", "How search results are printed.")
+CSV_COLUMNS = ["path", "start", "end", "score", "label"]
+
+
+@app.command()
+def search(
+    db: Annotated[str, typer.Argument(metavar="DB", help="An index directory (ast index made it).")],
+    query: Annotated[Optional[str], typer.Argument(metavar="QUERY", help="An audio file: its window from --start is the example.")] = None,
+    start: Annotated[float, typer.Option(metavar="SECONDS", help="Where the query window starts.")] = 0.0,
+    end: Annotated[Optional[float], typer.Option(metavar="SECONDS", help="Where it ends (default: one model window; a shorter one is padded).")] = None,
+    label: Annotated[Optional[str], typer.Option(metavar="NAME", help="Search along this label's classifier direction instead of a QUERY.")] = None,
+    top: Annotated[int, typer.Option(min=1, metavar="K", help="Windows to return.")] = 10,
+    exclude_file: Annotated[bool, typer.Option("--exclude-file", help="Leave out windows of the query's own file.")] = False,
+    min_score: Annotated[Optional[float], typer.Option(metavar="X", help="Only windows with cosine score >= X.")] = None,
+    format: Annotated[SearchFormat, typer.Option("--format", "-f", help="table, jsonl, csv (with an empty label column to fill for ast train --features-db) or audacity labels.")] = SearchFormat.table,
+    output_dir: Annotated[Optional[str], typer.Option("--output-dir", metavar="DIR", help="--format audacity: one label track per file with hits, DIR/<name>.labels.txt (replaced).")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Find the indexed windows most like an example: results are windows (path, start, end, cosine score),
+    best first. The query is embedded with the model the index was made with.
+
+    Examples:
+
+      ast search archive.db door.wav --start 12.5 --top 20
+
+      ast search archive.db --label Dog --format csv > hits.csv
+
+      ast train hits.csv --features-db archive.db --out dog-detector/
+    """
+    stderr = stderr_console()
+    with cli_errors(stderr, debug):
+        import os
+
+        from ..errors import UsageError
+        from ..tasks.index import Index
+
+        if (query is None) == (label is None):
+            raise UsageError("give a QUERY audio file or --label NAME (one of them)", option="label")
+        if output_dir is not None and format is not SearchFormat.audacity:
+            raise UsageError("writes Audacity label tracks: it goes with --format audacity",
+                             option="output_dir")
+        with Index.open(db) as index:
+            if label is not None:
+                hits = index.search(index.label_vector(label), top, min_score=min_score)
+            else:
+                hits = index.search(query, top, start=start, end=end, exclude_file=exclude_file,
+                                    min_score=min_score)
+        if output_dir is not None:
+            return _label_tracks(hits, output_dir, label or f"like {os.path.basename(query)}")
+        _print(hits, format)
+
+
+def _label_tracks(hits, output_dir: str, text: str) -> None:
+    """One Audacity label track per file with hits (the writers ``classify --output-dir`` uses), each hit a
+    label ``text (score)``."""
+    from ..audio.inputs import InputFile
+    from ..run.output import plan_output_dir
+    from ..run.tagger import FileResult, LabelScore, Segment
+
+    by_file: dict[str, list] = {}
+    for hit in hits:
+        by_file.setdefault(hit.path, []).append(Segment(hit.start, hit.end, [LabelScore(text, 0, hit.score)]))
+    target, _ = plan_output_dir(output_dir, "audacity", [InputFile(path) for path in by_file], overwrite=True)
+    writer = target.open(segments=True)
+    for path, segments in by_file.items():
+        writer.write(FileResult(path, None, [], segments=sorted(segments, key=lambda s: s.start)))
+    writer.close(commit=True)
+
+
+def _print(hits, format) -> None:
+    import csv
+    import json
+    import sys
+
+    if format is SearchFormat.jsonl:
+        for hit in hits:
+            sys.stdout.write(json.dumps({"path": hit.path, "start": hit.start, "end": hit.end, "score": hit.score},
+                                        ensure_ascii=False) + "\n")
+    elif format is SearchFormat.csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        writer.writerows([hit.path, hit.start, hit.end, hit.score, ""] for hit in hits)
+    elif format is SearchFormat.audacity:  # Audacity's label track: start, end, text (the file and score)
+        for hit in hits:
+            sys.stdout.write(f"{hit.start:.6f}\t{hit.end:.6f}\t{hit.path} {hit.score:.4f}\n")
+    else:
+        _table(hits)
+
+
+def _table(hits) -> None:
+    from rich.table import Table
+
+    from ._common import stdout_console
+
+    table = Table(box=None, pad_edge=False)
+    for column, justify in (("score", "right"), ("start", "right"), ("end", "right"), ("path", "left")):
+        table.add_column(column, justify=justify)
+    for hit in hits:
+        table.add_row(f"{hit.score:.4f}", f"{hit.start:.2f}", f"{hit.end:.2f}", hit.path)
+    stdout_console().print(table)

@@ -1,0 +1,440 @@
+"""The window index's storage, the one place that knows the backend: SQLite holds the truth, a usearch HNSW
+index is a cache derived from it.
+
+A database is one directory::
+
+    DIR/index.sqlite            meta (key -> JSON: the model identity, schema, generation), files, windows
+    DIR/vectors-<gen>.usearch   HNSW (cosine) over every window, built from SQLite when the store passes
+                                ``EXACT_LIMIT`` windows; <gen> is the generation it was built at (stale ones go)
+    DIR/shards/K-of-N.sqlite    what ``--shard K/N`` wrote: the same schema, merged into index.sqlite by the
+                                next writer (or ``open``) once no run holds it
+
+A file's ``files`` row and all its ``windows`` rows (start, end, float32 embedding) are written in one
+transaction (WAL journal): a killed run leaves each file wholly stored or absent, so a rerun stores every window
+exactly once. Vectors are kept as given (float32, little-endian); search normalizes them (cosine). Below
+``EXACT_LIMIT`` windows search is exact (numpy over every vector), above it approximate (usearch).
+
+No model here: storing and searching vectors needs numpy, sqlite3 and usearch only.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sqlite3
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from ..errors import UsageError
+
+SCHEMA_VERSION = 1
+SQLITE_NAME = "index.sqlite"
+SHARDS_DIR = "shards"
+EXACT_LIMIT = 20_000  # windows: exact search below (a 20,000 x 768 float32 matrix is 61 MB), ANN above
+DTYPE = np.dtype("<f4")
+INSTALL_HINT = 'pip install "ast-cli[index]"'
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files (id INTEGER PRIMARY KEY, path TEXT NOT NULL UNIQUE, size INTEGER,
+    mtime_ns INTEGER, duration REAL, error TEXT);
+CREATE TABLE IF NOT EXISTS windows (id INTEGER PRIMARY KEY AUTOINCREMENT, file_id INTEGER NOT NULL REFERENCES files(id),
+    start REAL NOT NULL, "end" REAL NOT NULL, vector BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS windows_file ON windows(file_id);
+"""
+
+
+def require_usearch() -> None:
+    """A UsageError naming the extra to install when usearch is missing. Found, not imported: usearch loaded in
+    a process before ``ray.init`` aborts it (a C++ regex_error), and only an ANN search needs it loaded."""
+    from importlib.util import find_spec
+
+    if find_spec("usearch") is None:
+        raise UsageError("the index needs usearch", hint=INSTALL_HINT)
+
+
+@dataclass
+class FileRecord:
+    """One input as stored: its identity (size, mtime), and its windows ((start, end) seconds) with their
+    (windows, D) vectors, or the error that made it fail (no windows)."""
+
+    path: str
+    size: int | None
+    mtime_ns: int | None
+    duration: float | None = None
+    error: str | None = None
+    windows: list[tuple[float, float]] = field(default_factory=list)
+    vectors: np.ndarray | None = None
+    window_count: int = 0
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One window found: score is the cosine similarity to the query."""
+
+    path: str
+    start: float
+    end: float
+    score: float
+
+
+class VectorStore:
+    """One SQLite file of the schema above (the index, or one shard of it)."""
+
+    lock: "ShardLock | None" = None  # held while a --shard run writes this part
+    _rows: tuple | None = None  # (generation, ids, unit vectors) for exact search
+
+    def __init__(self, path: str, directory: str):
+        self.path, self.directory = path, directory
+        self.db = sqlite3.connect(path, timeout=60, isolation_level=None)  # transactions are ours (BEGIN)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit is atomic; a crash loses at most the last
+        self.db.executescript(_SCHEMA)
+
+    @classmethod
+    def open(cls, directory: str, file: str = SQLITE_NAME) -> "VectorStore":
+        os.makedirs(os.path.join(directory, os.path.dirname(file)), exist_ok=True)
+        return cls(os.path.join(directory, file), directory)
+
+    def close(self) -> None:
+        self.db.close()
+        if self.lock is not None:
+            self.lock.release()
+
+    # -- meta --------------------------------------------------------------------------------------
+
+    def meta(self) -> dict:
+        return {key: json.loads(value) for key, value in self.db.execute("SELECT key, value FROM meta")}
+
+    def _set_meta(self, **values) -> None:
+        self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                            [(key, json.dumps(value)) for key, value in values.items()])
+
+    def claim(self, identity: dict) -> None:
+        """Record ``identity`` (what made the vectors) in an empty store; a store made otherwise is refused."""
+        meta = self.meta()
+        if "identity" not in meta:
+            with self.transaction():
+                self._set_meta(identity=identity, schema=SCHEMA_VERSION, generation=0)
+            return
+        check_identity(meta["identity"], identity, self.directory)
+
+    @property
+    def generation(self) -> int:
+        return int(self.meta().get("generation", 0))
+
+    # -- writing ---------------------------------------------------------------------------------------
+
+    def transaction(self):
+        return _Transaction(self.db)
+
+    def put(self, record: FileRecord) -> None:
+        """Store one file (replacing what was stored for its path), all in one transaction."""
+        with self.transaction():
+            self._put(record)
+            self._bump()
+
+    def _put(self, record: FileRecord) -> None:
+        self._delete([record.path])
+        cursor = self.db.execute("INSERT INTO files (path, size, mtime_ns, duration, error) VALUES (?, ?, ?, ?, ?)",
+                                 (record.path, record.size, record.mtime_ns, record.duration, record.error))
+        if record.vectors is not None and record.error is None:
+            vectors = np.ascontiguousarray(record.vectors, dtype=DTYPE)  # (W, D)
+            self.db.executemany('INSERT INTO windows (file_id, start, "end", vector) VALUES (?, ?, ?, ?)',
+                                [(cursor.lastrowid, start, end, row.tobytes())
+                                 for (start, end), row in zip(record.windows, vectors)])
+
+    def _delete(self, paths: Iterable[str]) -> None:
+        rows = [(path,) for path in paths]
+        self.db.executemany("DELETE FROM windows WHERE file_id IN (SELECT id FROM files WHERE path = ?)", rows)
+        self.db.executemany("DELETE FROM files WHERE path = ?", rows)
+
+    def _bump(self) -> None:
+        self.db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
+
+    def remove(self, paths: Iterable[str]) -> None:
+        """Drop these files and their windows, in one transaction."""
+        with self.transaction():
+            self._delete(paths)
+            self._bump()
+
+    def merge_shards(self) -> int:
+        """Move every finished shard under ``DIR/shards`` into this store (a shard that a run still holds is
+        left for later); returns how many were merged. Each shard goes in one transaction, then is deleted:
+        a crash in between merges it again, which replaces the same files (never duplicates)."""
+        merged = 0
+        for path in shard_paths(self.directory):
+            lock = ShardLock(path)
+            if not lock.try_acquire():
+                continue
+            try:
+                self._merge(path)
+                for suffix in ("", "-wal", "-shm"):
+                    if os.path.exists(path + suffix):
+                        os.unlink(path + suffix)
+                merged += 1
+            finally:
+                lock.release()
+        return merged
+
+    def _merge(self, path: str) -> None:
+        shard = VectorStore(path, self.directory)
+        try:
+            identity = shard.meta().get("identity")
+            if identity is not None:
+                self.claim(identity)
+            with self.transaction():
+                for record in shard.records():
+                    self._put(record)
+                self._bump()
+        finally:
+            shard.close()
+
+    def records(self) -> Iterator[FileRecord]:
+        """Every stored file with its windows and vectors (for merging)."""
+        for file_id, path, size, mtime_ns, duration, error in self.db.execute("SELECT * FROM files").fetchall():
+            rows = self.db.execute('SELECT start, "end", vector FROM windows WHERE file_id = ? ORDER BY id',
+                                   (file_id,)).fetchall()
+            vectors = np.stack([np.frombuffer(r[2], DTYPE) for r in rows]) if rows else None
+            yield FileRecord(path, size, mtime_ns, duration, error, [(r[0], r[1]) for r in rows], vectors)
+
+    # -- reading ---------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM windows").fetchone()[0]
+
+    def files(self) -> list[FileRecord]:
+        """Every stored file (no vectors), by path; ``window_count``: its windows."""
+        rows = self.db.execute("SELECT path, size, mtime_ns, duration, error, (SELECT COUNT(*) FROM windows "
+                               "WHERE file_id = files.id) FROM files ORDER BY path").fetchall()
+        return [FileRecord(p, s, m, d, e, window_count=n) for p, s, m, d, e, n in rows]
+
+    def vectors_of(self, path: str) -> tuple[list[tuple[float, float]], np.ndarray]:
+        """The (start, end) and (W, D) vectors of one stored file (W = 0 when it is not stored)."""
+        rows = self.db.execute('SELECT start, "end", vector FROM windows JOIN files ON files.id = file_id '
+                               "WHERE path = ? ORDER BY windows.id", (path,)).fetchall()
+        vectors = np.stack([np.frombuffer(r[2], DTYPE) for r in rows]) if rows else np.empty((0, 0), DTYPE)
+        return [(r[0], r[1]) for r in rows], vectors
+
+    def _matrix(self, after: int = -1) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, (N, D) unit vectors) of every window (with an id above ``after``)."""
+        rows = self.db.execute("SELECT id, vector FROM windows WHERE id > ? ORDER BY id", (after,)).fetchall()
+        if not rows:
+            return np.empty(0, np.int64), np.empty((0, 0), np.float32)
+        vectors = np.frombuffer(b"".join(r[1] for r in rows), DTYPE).reshape(len(rows), -1)
+        return np.array([r[0] for r in rows], np.int64), _unit(vectors)
+
+    def search(self, query: np.ndarray, top: int = 10, *, exclude_path: str | None = None,
+               min_score: float | None = None) -> list[Hit]:
+        """The ``top`` windows most like ``query`` (D,) by cosine similarity, best first."""
+        query = _unit(np.asarray(query, np.float32).reshape(1, -1))[0]
+        excluded = self._ids_of(exclude_path) if exclude_path else set()
+        # MAX(id) bounds the count without a scan of a million rows (ids only grow: AUTOINCREMENT)
+        count = self.db.execute("SELECT MAX(id) FROM windows").fetchone()[0] or 0
+        if count == 0 or top <= 0:
+            return []
+        want = top + len(excluded)
+        ids, scores = self._exact(query, want) if count <= EXACT_LIMIT else self._approximate(query, want)
+        keep = [(i, s) for i, s in zip(ids.tolist(), scores.tolist())
+                if i not in excluded and (min_score is None or s >= min_score)][:top]
+        return self._hits(keep)
+
+    def _ids_of(self, path: str) -> set[int]:
+        rows = self.db.execute("SELECT windows.id FROM windows JOIN files ON files.id = file_id WHERE path = ?",
+                               (path,))
+        return {r[0] for r in rows}
+
+    def _exact(self, query: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray]:
+        generation = self.generation  # the rows are read once per generation: repeated searches reuse them
+        if self._rows is None or self._rows[0] != generation:
+            self._rows = (generation, *self._matrix())
+        _, ids, vectors = self._rows
+        if vectors.shape[1] != query.shape[0]:
+            raise UsageError(f"the query has {query.shape[0]} dimensions, the index {vectors.shape[1]}")
+        scores = vectors @ query  # (N,)
+        order = np.lexsort((ids, -scores))[:want]  # best first; ties by insertion order
+        return ids[order], scores[order]
+
+    def _approximate(self, query: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ANN's candidates (twice as many as wanted), scored again exactly from the stored float32 rows:
+        scores and order never carry the index's f16 rounding."""
+        candidates = np.asarray(self.ann().search(query, 2 * want).keys, np.int64).tolist()
+        rows = self.db.execute(f"SELECT id, vector FROM windows WHERE id IN ({','.join('?' * len(candidates))})",
+                               candidates).fetchall() if candidates else []
+        if not rows:
+            return np.empty(0, np.int64), np.empty(0, np.float32)
+        ids = np.array([r[0] for r in rows], np.int64)
+        scores = _unit(np.stack([np.frombuffer(r[1], DTYPE) for r in rows])) @ query
+        order = np.lexsort((ids, -scores))[:want]
+        return ids[order], scores[order]
+
+    def _ann_path(self) -> str:
+        return os.path.join(self.directory, f"vectors-{self.generation}.usearch")
+
+    def ann_is_current(self) -> bool:
+        return os.path.isfile(self._ann_path())
+
+    def ann(self):
+        """The usearch index of this generation: loaded (memory-mapped) when saved, else brought up to date from
+        the last one saved (windows gone removed, windows added since added: ids only grow) or built, then saved
+        and the stale ones deleted."""
+        from usearch.index import Index as UIndex
+
+        path = self._ann_path()
+        if os.path.isfile(path):
+            return UIndex.restore(path, view=True)
+        stale = sorted(glob.glob(os.path.join(self.directory, "vectors-*.usearch")), key=_generation_of)
+        index = _restore(stale[-1]) if stale else None
+        known = np.asarray(index.keys, np.int64) if index is not None else np.empty(0, np.int64)
+        ids = np.array([r[0] for r in self.db.execute("SELECT id FROM windows")], np.int64)
+        if index is not None:
+            index.remove(np.setdiff1d(known, ids))
+        new_ids, vectors = self._matrix(after=int(known.max()) if known.size else -1)
+        if index is None:
+            # f16, connectivity 32, expansion_add 128: what benchmarks/index_storage.py measured (recall@10 0.989 at
+            # 100,000 with ef 16); ef 128 leaves room for real embeddings, which overlap more than its clusters
+            index = UIndex(ndim=vectors.shape[1], metric="cos", dtype="f16", connectivity=32, expansion_add=128,
+                           expansion_search=128)
+        if new_ids.size:
+            index.add(new_ids, vectors, threads=0)
+        temporary = path + ".tmp"
+        index.save(temporary)
+        os.replace(temporary, path)  # atomic: a reader never sees half an index
+        for old in stale:
+            os.unlink(old)
+        return index
+
+    def _hits(self, keep: list[tuple[int, float]]) -> list[Hit]:
+        out = []
+        for window_id, score in keep:
+            path, start, end = self.db.execute('SELECT path, start, "end" FROM windows JOIN files ON '
+                                               "files.id = file_id WHERE windows.id = ?", (window_id,)).fetchone()
+            out.append(Hit(path, start, end, round(min(1.0, float(score)), 6)))
+        return out
+
+
+def _read_only(path: str) -> sqlite3.Connection:
+    """A connection that writes nothing: immutable (no -wal/-shm files appear beside a store a run then refuses)
+    unless a WAL is there (a killed writer's, or a live one's), which is then read through."""
+    from urllib.request import pathname2url
+
+    mode = "ro" if os.path.exists(path + "-wal") else "ro&immutable=1"
+    return sqlite3.connect(f"file:{pathname2url(os.path.abspath(path))}?mode={mode}", uri=True, timeout=60)
+
+
+def _query_read_only(path: str, sql: str) -> list | None:
+    """Rows of ``sql`` on the store at ``path``, read only; None when there is no store (or no schema yet)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        db = _read_only(path)
+        try:
+            return db.execute(sql).fetchall()
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        if "no such table" in str(exc) and os.path.getsize(path) == 0:  # created, then killed before the schema
+            return None
+        raise UsageError(f"{path} is not an index database: {exc}", option="db") from None
+
+
+def read_identity(path: str) -> dict | None:
+    """The identity recorded in the store at ``path``, read without writing anything (None: none yet)."""
+    rows = _query_read_only(path, "SELECT value FROM meta WHERE key = 'identity'")
+    return json.loads(rows[0][0]) if rows else None
+
+
+def read_files(path: str) -> list[FileRecord]:
+    """The files stored at ``path`` (no vectors), read without writing anything."""
+    rows = _query_read_only(path, "SELECT path, size, mtime_ns, duration, error FROM files") or []
+    return [FileRecord(*row) for row in rows]
+
+
+def shard_paths(directory: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(directory, SHARDS_DIR, "*.sqlite")))
+
+
+def _generation_of(path: str) -> int:
+    stem = os.path.basename(path)[len("vectors-"):-len(".usearch")]
+    return int(stem) if stem.isdigit() else -1
+
+
+def _restore(path: str):
+    """A saved usearch index to change, or None when it cannot be read (then it is built again)."""
+    from usearch.index import Index as UIndex
+
+    try:
+        return UIndex.restore(path)
+    except Exception:  # usearch raises its own kinds for a corrupt or foreign file: the rows are the truth
+        return None
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def check_identity(stored: dict, wanted: dict, directory: str) -> None:
+    """A UsageError when ``wanted`` (this run's model and window settings) is not what made the store."""
+    for key in sorted(set(stored) | set(wanted)):
+        if key == "model" and stored.get("weights") and stored.get("weights") == wanted.get("weights"):
+            continue  # the same weights found at another path (another node of a cluster)
+        if key != "model_path" and stored.get(key) != wanted.get(key):
+            raise UsageError(f"{directory} was made with {key} {stored.get(key)!r}, not {wanted.get(key)!r}",
+                             option="db", hint="index into another --db, or give the model and settings it was made with")
+
+
+class _Transaction:
+    """``with``: BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception (Ctrl-C included)."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        if not self.db.in_transaction:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.owner = True
+        else:
+            self.owner = False
+        return self.db
+
+    def __exit__(self, kind, exc, tb):
+        if self.owner:
+            self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+        return False
+
+
+class ShardLock:
+    """Held by a ``--shard`` run while it writes its shard file, so a merge leaves that file alone (flock: the
+    kernel drops it when the process dies, and a killed shard is merged as far as it got)."""
+
+    def __init__(self, path: str):
+        self.path = path + ".lock"
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            os.close(self._fd)
+            self._fd = None
+
+
+__all__ = ["EXACT_LIMIT", "SHARDS_DIR", "SQLITE_NAME", "FileRecord", "Hit", "ShardLock", "VectorStore", "check_identity", "read_files",
+           "read_identity", "require_usearch", "shard_paths"]

@@ -1,0 +1,412 @@
+"""Issue #27: ``ast index`` / ``ast search`` / ``Index``: window embeddings in one database directory, found again
+by an example window or a label; incremental, crash-safe, sharded; the csv -> ``ast train --features-db`` loop."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from ast_cli import Index
+from ast_cli.cli import app
+from ast_cli.run import vectordb
+from ast_cli.run.vectordb import FileRecord, VectorStore
+from conftest import make_reference, trickle_fifo, write_audio
+
+pytest.importorskip("usearch")
+SAME_COMPUTE = 1e-5  # the same float32 model on the same machine and input: only summation order may differ
+
+
+def varied(path, seconds: float, seed: int):
+    """Audio whose windows differ: a new tone and noise level every 0.2 s."""
+    rng = np.random.default_rng(seed)
+    pieces = []
+    for _ in range(int(np.ceil(seconds / 0.2))):
+        t = np.arange(3200) / 16000
+        pieces.append(rng.uniform(0.05, 0.8) * np.sin(2 * np.pi * rng.uniform(100, 7000) * t)
+                      + rng.uniform(0, 0.3) * rng.standard_normal(t.size))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), np.clip(np.concatenate(pieces)[: int(seconds * 16000)], -1, 1).astype(np.float32), 16000)
+    return path
+
+
+@pytest.fixture(scope="module")
+def spread(tmp_path_factory):
+    """A tiny checkpoint whose window embeddings tell audio apart (the plain tiny one maps every window to nearly
+    the same direction): stronger patch projection, weaker position and class tokens."""
+    directory, model, _ = make_reference(tmp_path_factory.mktemp("spread"), "tiny", seed=3)
+    with torch.no_grad():
+        embeddings = model.audio_spectrogram_transformer.embeddings
+        embeddings.patch_embeddings.projection.weight.mul_(50)
+        for p in (embeddings.cls_token, embeddings.distillation_token, embeddings.position_embeddings):
+            p.mul_(0.01)
+        model.audio_spectrogram_transformer.layernorm.bias.zero_()
+    model.save_pretrained(directory)
+    return directory
+
+
+def archive(folder, count: int = 4):
+    return [varied(folder / f"v{i}.wav", 2.5 + 0.7 * i, seed=i) for i in range(count)]
+
+
+def ast(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def index(paths, db, model, *extra):
+    return ast("index", *paths, "--db", db, "--model", model, "--device", "cpu", "--dtype", "fp32", "--workers", "1",
+               "--quiet", *extra)
+
+
+def stored(db) -> dict:
+    """path -> [(start, end, vector bytes)] of every window stored."""
+    out: dict = {}
+    with sqlite3.connect(os.path.join(db, "index.sqlite")) as con:
+        for path, start, end, vector in con.execute('SELECT path, start, "end", vector FROM windows JOIN files '
+                                                    "ON files.id = file_id ORDER BY path, start"):
+            out.setdefault(path, []).append((start, end, vector))
+    return out
+
+
+def test_27_a_window_searched_for_finds_itself_first(spread, tmp_path):
+    files = archive(tmp_path / "in")
+    assert index([tmp_path / "in"], tmp_path / "db", spread).exit_code == 0
+    db = Index.open(str(tmp_path / "db"))
+    assert len(db) == sum(len(w) for w in stored(tmp_path / "db").values()) > 10
+    for path in files:
+        for start in (0.0, 0.64, 1.28):
+            first = db.search(str(path), top=3, start=start)[0]
+            assert (first.path, first.start) == (str(path), start)
+            assert first.score == pytest.approx(1.0, abs=SAME_COMPUTE)
+    only = db.search(str(files[0]), top=10, start=0.64, min_score=1 - 1e-6)  # the others score <= 1 - 1e-5 here
+    assert [(h.path, h.start) for h in only] == [(str(files[0]), 0.64)]
+    samples = sf.read(str(files[2]), dtype="float32")[0]  # audio in memory (16 kHz) is a query too
+    first = db.search(samples, top=1, start=1.28)[0]
+    assert (first.path, first.start) == (str(files[2]), 1.28) and first.score == pytest.approx(1.0, abs=SAME_COMPUTE)
+    result = ast("search", tmp_path / "db", files[1], "--start", "0.64", "--format", "jsonl", "--top", "2")
+    hit = json.loads(result.stdout.splitlines()[0])
+    assert result.exit_code == 0 and (hit["path"], hit["start"]) == (str(files[1]), 0.64)
+    other = ast("search", tmp_path / "db", files[1], "--start", "0.64", "-f", "jsonl", "--exclude-file")
+    assert all(json.loads(line)["path"] != str(files[1]) for line in other.stdout.splitlines())
+
+
+def test_27_top_10_equals_brute_force_over_extract_features(spread, tmp_path):
+    archive(tmp_path / "in", 5)
+    assert index([tmp_path / "in"], tmp_path / "db", spread).exit_code == 0
+    extracted = ast("extract-features", tmp_path / "in", "--out", tmp_path / "emb", "--model", spread, "--device",
+                    "cpu", "--dtype", "fp32", "--quiet")
+    assert extracted.exit_code == 0, extracted.output
+    keys, rows = [], []
+    for name in sorted(os.listdir(tmp_path / "emb")):
+        with safe_open(str(tmp_path / "emb" / name), "np") as handle:
+            starts = json.loads(handle.metadata()["window_starts"])
+            rows.append(handle.get_tensor("embedding"))
+        keys += [(str(tmp_path / "in" / name[: -len(".safetensors")]), s) for s in starts]
+    vectors = np.concatenate(rows)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    db = Index.open(str(tmp_path / "db"))
+    for query in vectors[[0, 7, 15]]:
+        scores = unit @ (query / np.linalg.norm(query))
+        hits = db.search(query, top=10)
+        brute = np.sort(scores)[::-1][:10]
+        assert [h.score for h in hits] == pytest.approx(brute, abs=SAME_COMPUTE)
+        tenth = brute[-1] - SAME_COMPUTE  # ties aside: every hit is among the brute-force best
+        best = {keys[i] for i in np.flatnonzero(scores >= tenth)}
+        assert {(h.path, h.start) for h in hits} <= best
+
+
+def test_27_a_rerun_embeds_only_new_or_changed_files(spread, tmp_path, monkeypatch):
+    from ast_cli.tasks import index as index_module
+
+    embedded: list[str] = []
+    real = index_module.embed_files
+
+    def counting(items, *args, **kwargs):
+        embedded.extend(os.path.basename(item.path) for item in items)
+        return real(items, *args, **kwargs)
+
+    monkeypatch.setattr(index_module, "embed_files", counting)
+    files = archive(tmp_path / "in", 2)
+    assert index([tmp_path / "in"], tmp_path / "db", spread).exit_code == 0
+    before = stored(tmp_path / "db")
+    with monkeypatch.context() as patch:  # nothing to do: the model is not even loaded
+        from ast_cli.cli import index as cli_index
+
+        patch.setattr(cli_index, "load_tagger", lambda *args, **kwargs: pytest.fail("loaded the model"))
+        assert index([tmp_path / "in"], tmp_path / "db", spread).exit_code == 0
+    varied(tmp_path / "in" / "v9.wav", 1.5, seed=9)
+    embedded.clear()
+    assert index([tmp_path / "in"], tmp_path / "db", spread).exit_code == 0
+    assert embedded == ["v9.wav"]
+    after = stored(tmp_path / "db")
+    assert {k: v for k, v in after.items() if not k.endswith("v9.wav")} == before  # nothing else touched
+    varied(files[0], 1.0, seed=42)  # changed: size and mtime differ
+    embedded.clear()
+    assert index([tmp_path / "in"], tmp_path / "db", spread).exit_code == 0
+    assert embedded == ["v0.wav"] and len(stored(tmp_path / "db")[str(files[0])]) == 2  # replaced, not added to
+    os.unlink(files[1])
+    assert index([tmp_path / "in"], tmp_path / "db", spread).exit_code == 0
+    assert str(files[1]) in stored(tmp_path / "db")  # kept without --prune
+    other = varied(tmp_path / "elsewhere" / "x.wav", 1.0, seed=3)
+    assert index([other], tmp_path / "db", spread).exit_code == 0
+    assert index([tmp_path / "in"], tmp_path / "db", spread, "--prune").exit_code == 0
+    assert str(files[1]) not in stored(tmp_path / "db")
+    assert str(other) in stored(tmp_path / "db")  # not below the paths given: not this run's to drop
+
+
+def _directory_bytes(db) -> dict:
+    return {name: hashlib.sha256((db / name).read_bytes()).hexdigest() for name in sorted(os.listdir(db))
+            if (db / name).is_file()}
+
+
+def test_27_a_database_from_another_model_is_refused_before_any_write(spread, tiny_checkpoint, tmp_path):
+    archive(tmp_path / "in", 2)
+    db = tmp_path / "db"
+    assert index([tmp_path / "in"], db, spread).exit_code == 0
+    varied(tmp_path / "in" / "new.wav", 1.0, seed=5)
+    before = _directory_bytes(db)
+    for extra in ([], ["--hop", "0.32"]):
+        model = tiny_checkpoint[0] if not extra else spread
+        result = index([tmp_path / "in"], db, model, *extra)
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.splitlines()
+        assert lines[0].startswith(f"Error: --db: {db} was made with ") and lines[1].startswith("Hint: ")
+        assert len(lines) == 2 and _directory_bytes(db) == before
+
+
+def test_27_bad_files_are_records_with_errors_and_the_exit_code_says_so(spread, tmp_path):
+    archive(tmp_path / "in", 2)
+    (tmp_path / "in" / "bad.wav").write_bytes(b"RIFF\x00\x00\x00\x00 not audio")
+    result = index([tmp_path / "in"], tmp_path / "db", spread)
+    assert result.exit_code == 1
+    assert [line for line in result.stderr.splitlines() if "bad.wav" in line] == [
+        line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    files = {f.path: f for f in Index.open(str(tmp_path / "db")).files()}
+    assert files[str(tmp_path / "in" / "bad.wav")].error and files[str(tmp_path / "in" / "bad.wav")].window_count == 0
+    assert all(f.error is None and f.window_count for p, f in files.items() if not p.endswith("bad.wav"))
+
+
+def test_27_without_usearch_one_line_and_the_install_hint(spread, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "usearch", None)
+    monkeypatch.setitem(sys.modules, "usearch.index", None)
+    archive(tmp_path / "in", 1)
+    for result in (index([tmp_path / "in"], tmp_path / "db", spread), ast("search", tmp_path / "db", "--label", "x")):
+        assert result.exit_code == 2
+        assert result.stderr.splitlines() == ["Error: the index needs usearch", 'Hint: pip install "ast-cli[index]"']
+    assert not (tmp_path / "db").exists()
+
+
+def test_27_shards_merge_into_what_one_run_stores(spread, tmp_path):
+    archive(tmp_path / "in", 5)
+    assert index([tmp_path / "in"], tmp_path / "whole", spread).exit_code == 0
+    for shard in ("1/2", "2/2"):
+        assert index([tmp_path / "in"], tmp_path / "parts", spread, "--shard", shard).exit_code == 0
+    assert sorted(os.listdir(tmp_path / "parts" / "shards")) == ["1-of-2.sqlite", "2-of-2.sqlite"]
+    running = vectordb.ShardLock(str(tmp_path / "parts" / "shards" / "2-of-2.sqlite"))
+    assert running.try_acquire()  # as if its run were still writing it: left alone
+    Index.open(str(tmp_path / "parts")).close()
+    assert sorted(os.listdir(tmp_path / "parts" / "shards")) == ["2-of-2.sqlite", "2-of-2.sqlite.lock"]
+    assert index([tmp_path / "in"], tmp_path / "parts", spread, "--shard", "2/2").exit_code == 2  # taken
+    running.release()
+    merged = Index.open(str(tmp_path / "parts"))  # merges the finished shards
+    assert len(merged) == len(Index.open(str(tmp_path / "whole")))
+    assert stored(tmp_path / "parts") == stored(tmp_path / "whole")
+    assert not os.listdir(tmp_path / "parts" / "shards")
+
+
+def test_27_ann_above_the_exact_limit_agrees_with_exact_search(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    store = VectorStore.open(str(tmp_path / "db"))
+    store.claim({"model": "synthetic"})
+    for f in range(40):
+        store.put(FileRecord(f"/f{f}", 1, 1, 10.0, None, [(w, w + 1.0) for w in range(50)],
+                             rng.standard_normal((50, 24)).astype(np.float32)))
+    queries = rng.standard_normal((20, 24)).astype(np.float32)
+    exact_hits = [store.search(q, 40) for q in queries]
+    exact = [[(h.path, h.start) for h in hits[:10]] for hits in exact_hits]
+    monkeypatch.setattr(vectordb, "EXACT_LIMIT", 100)
+    approximate_hits = [store.search(q, 10) for q in queries]
+    approximate = [[(h.path, h.start) for h in hits] for hits in approximate_hits]
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approximate, exact)])
+    assert recall >= 0.95
+    for hits, truth in zip(approximate_hits, exact_hits):  # the candidates are scored again in float32
+        scores = {(h.path, h.start): h.score for h in truth}
+        assert all(h.score == scores[(h.path, h.start)] for h in hits if (h.path, h.start) in scores)
+    assert os.listdir(tmp_path / "db").count(f"vectors-{store.generation}.usearch") == 1
+    store.put(FileRecord("/f0", 2, 2, 1.0, None, [(0.0, 1.0)], queries[:1]))  # a new generation: brought up to date
+    assert store.search(queries[0], 1)[0].path == "/f0"
+    assert len(store.ann()) == len(store) == 39 * 50 + 1  # f0's 50 old windows removed from the HNSW graph
+    assert [n for n in os.listdir(tmp_path / "db") if n.endswith(".usearch")] == [f"vectors-{store.generation}.usearch"]
+
+
+def test_27_label_search_uses_the_classifier_direction(spread, tmp_path):
+    archive(tmp_path / "in", 2)
+    assert index([tmp_path / "in"], tmp_path / "db", spread).exit_code == 0
+    result = ast("search", tmp_path / "db", "--label", "speech", "-f", "jsonl", "--top", "3")
+    scores = [json.loads(line)["score"] for line in result.stdout.splitlines()]
+    assert result.exit_code == 0 and len(scores) == 3 and scores == sorted(scores, reverse=True)
+    unknown = ast("search", tmp_path / "db", "--label", "No Such Label")
+    assert unknown.exit_code == 2 and unknown.stderr.startswith("Error: --label: 'No Such Label' is not one of")
+
+
+def test_27_search_csv_then_train_features_db_gives_a_head_classify_loads(spread, tmp_path):
+    files = archive(tmp_path / "in", 3)
+    assert index([tmp_path / "in"], tmp_path / "db", spread).exit_code == 0
+    hits = ast("search", tmp_path / "db", files[0], "--start", "0.64", "-f", "csv", "--top", "12")
+    assert hits.exit_code == 0 and hits.stdout.splitlines()[0] == "path,start,end,score,label"
+    rows = [line.rstrip(",") for line in hits.stdout.splitlines()[1:]]
+    marked = [f"{row},{'door' if i < 6 else ('-' if i % 2 else '')}" for i, row in enumerate(rows)]
+    (tmp_path / "labels.csv").write_text("path,start,end,score,label\n" + "\n".join(marked) + "\n")
+    trained = ast("train", tmp_path / "labels.csv", "--features-db", tmp_path / "db", "--out", tmp_path / "head",
+                  "--epochs", "5", "--quiet", "--device", "cpu")
+    assert trained.exit_code == 0, trained.output
+    tagged = ast("classify", files[0], "--model", tmp_path / "head", "-f", "jsonl", "--quiet", "--device", "cpu")
+    assert tagged.exit_code == 0 and [x["label"] for x in json.loads(tagged.stdout)["labels"]] == ["door"]
+
+
+def _started_with_two_stored(files, live, args):
+    """An ``ast index`` process over ``files`` and the never-ending ``live``, once two files are committed."""
+    from conftest import sigint_default
+
+    proc = subprocess.Popen([sys.executable, "-m", "ast_cli", "index", *map(str, [*files, live, *args])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
+    db = args[args.index("--db") + 1]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with sqlite3.connect(f"file:{db / 'index.sqlite'}?mode=ro", uri=True) as con:
+                if con.execute("SELECT COUNT(*) FROM files").fetchone()[0] >= 2:
+                    break
+        except sqlite3.Error:
+            pass
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.slow  # whole processes, and a kill -9
+def test_27_kill_9_mid_index_then_rerun_stores_every_window_once(spread, tmp_path):
+    files = archive(tmp_path / "in", 3)
+    live = trickle_fifo(tmp_path / "live.wav")  # keeps the run busy after the files before it are stored
+    args = ["--db", tmp_path / "db", "--model", spread, "--device", "cpu", "--dtype", "fp32", "--quiet"]
+    proc = _started_with_two_stored(files, live, args)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    killed = stored(tmp_path / "db")
+    assert len(killed) >= 2 and str(live) not in killed
+    os.unlink(live)
+    again = subprocess.run([sys.executable, "-m", "ast_cli", "index", *map(str, [*files, *args])],
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert index(files, tmp_path / "fresh", spread).exit_code == 0
+    assert stored(tmp_path / "db") == stored(tmp_path / "fresh")  # every window exactly once
+
+
+@pytest.mark.slow  # starts Ray
+def test_27_engine_ray_stores_what_the_local_engine_stores(spread, tmp_path):
+    """The driver receives each file's embeddings from the actors and stores them: the same rows as a local run.
+    (usearch imported before ray.init aborts the process: the command must not import it on this path.)"""
+    import raynet
+
+    if raynet.reason_unavailable() is not None:
+        pytest.skip(raynet.reason_unavailable())
+    archive(tmp_path / "in", 3)
+    (tmp_path / "in" / "bad.wav").write_bytes(b"RIFF\x00\x00\x00\x00 not audio")
+    assert index([tmp_path / "in"], tmp_path / "local", spread).exit_code == 1
+    space = raynet.RayNamespace()
+    try:
+        remote = space.ast(["index", str(tmp_path / "in"), "--db", str(tmp_path / "ray"), "--model", str(spread),
+                            "--device", "cpu", "--dtype", "fp32", "--quiet", "--engine", "ray", "--ray-workers", "1"])
+    finally:
+        space.close()
+    assert remote.returncode == 1 and remote.stderr.count("error: ") == 1, remote.stderr
+    assert "Traceback" not in remote.stderr
+    assert stored(tmp_path / "ray") == stored(tmp_path / "local")
+
+
+def test_27_a_model_that_fails_to_load_leaves_no_database(spread, tmp_path):
+    """Every check and the model load come before the index is opened: a failed run creates nothing."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(spread, broken)
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(broken / "model.safetensors"))
+    tensors["renamed"] = tensors.pop(next(k for k in tensors if k.endswith("layernorm.bias")))  # strict load fails
+    save_file(tensors, str(broken / "model.safetensors"))
+    archive(tmp_path / "in", 1)
+    result = index([tmp_path / "in"], tmp_path / "db", broken)
+    assert result.exit_code == 1 and result.stderr.startswith("Error: ")
+    assert not (tmp_path / "db").exists()
+
+
+def test_27_audacity_label_tracks_per_file(spread, tmp_path):
+    files = archive(tmp_path / "in", 2)
+    assert index([tmp_path / "in"], tmp_path / "db", spread).exit_code == 0
+    result = ast("search", tmp_path / "db", files[0], "-f", "audacity", "--output-dir", tmp_path / "tracks",
+                 "--top", "6")
+    assert result.exit_code == 0 and not result.stdout
+    tracks = sorted(os.listdir(tmp_path / "tracks"))
+    assert tracks and set(tracks) <= {"v0.wav.labels.txt", "v1.wav.labels.txt"}
+    lines = [line.split("\t") for t in tracks for line in (tmp_path / "tracks" / t).read_text().splitlines()]
+    assert len(lines) == 6 and all(text.startswith("like v0.wav (") for _, _, text in lines)
+    wrong = ast("search", tmp_path / "db", files[0], "--output-dir", tmp_path / "other")
+    assert wrong.exit_code == 2 and wrong.stderr.startswith("Error: --output-dir: ")
+
+
+def test_27_a_bad_query_is_one_line_naming_it(spread, tmp_path):
+    files = archive(tmp_path / "in", 1)
+    assert index([tmp_path / "in"], tmp_path / "db", spread).exit_code == 0
+    missing = ast("search", tmp_path / "db", tmp_path / "nothere.wav")
+    assert missing.exit_code == 1 and missing.stderr.splitlines() == [f"Error: {tmp_path / 'nothere.wav'}: no such file"]
+    late = ast("search", tmp_path / "db", files[0], "--start", "50")
+    assert late.exit_code == 2 and late.stderr.startswith(f"Error: --start: {files[0]} has no audio from 50 s")
+    neither = ast("search", tmp_path / "db")
+    assert neither.exit_code == 2 and "QUERY" in neither.stderr
+
+
+@pytest.mark.slow  # a whole process
+def test_27_ctrl_c_mid_index_exits_130_and_keeps_what_is_stored(spread, tmp_path):
+    files = archive(tmp_path / "in", 3)
+    live = trickle_fifo(tmp_path / "live.wav")
+    proc = _started_with_two_stored(files, live, ["--db", tmp_path / "db", "--model", spread, "--device", "cpu"])
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert "indexed, 0 unchanged, 0 failed" in stderr  # the summary, after Ctrl-C too
+    kept = stored(tmp_path / "db")
+    assert len(kept) >= 2 and str(live) not in kept
+
+
+def test_27_the_identity_names_the_precision_as_classify_records_it(spread, monkeypatch):
+    """--dtype auto runs fp16 on CUDA: an index made there must not claim fp32 (a CPU run would then add to it)."""
+    from ast_cli.cli import index as cli_index
+    from ast_cli.cli._common import stderr_console
+    from ast_cli.run import backends
+    from ast_cli.run.options import RunOptions
+    from ast_cli.tasks.distributed import RaySettings
+
+    monkeypatch.setattr(backends, "pick_device", lambda device: "cuda:0")
+    identity, _ = cli_index._identity(str(spread), RunOptions(), RaySettings(), stderr_console(), True)
+    assert identity["compute"] == "fp16"
+
+
+def test_27_past_the_exact_size_ast_index_brings_the_ann_up_to_date(spread, tmp_path, monkeypatch):
+    """So that no search after a long run waits for the graph; with --shard the merge's run does it."""
+    monkeypatch.setattr(vectordb, "EXACT_LIMIT", 5)
+    archive(tmp_path / "in", 2)
+    assert index([tmp_path / "in"], tmp_path / "db", spread).exit_code == 0
+    store = VectorStore.open(str(tmp_path / "db"))
+    assert store.ann_is_current() and len(store.ann()) == len(store) > 5
