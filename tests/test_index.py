@@ -25,7 +25,7 @@ from ast_cli.run import vectordb
 from ast_cli.run.vectordb import FileRecord, VectorStore
 from conftest import make_reference, trickle_fifo, write_audio
 
-pytest.importorskip("usearch")
+pytest.importorskip("faiss")
 SAME_COMPUTE = 1e-5  # the same float32 model on the same machine and input: only summation order may differ
 
 
@@ -198,13 +198,12 @@ def test_27_bad_files_are_records_with_errors_and_the_exit_code_says_so(spread, 
     assert all(f.error is None and f.window_count for p, f in files.items() if not p.endswith("bad.wav"))
 
 
-def test_27_without_usearch_one_line_and_the_install_hint(spread, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "usearch", None)
-    monkeypatch.setitem(sys.modules, "usearch.index", None)
+def test_27_without_faiss_one_line_and_the_install_hint(spread, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)
     archive(tmp_path / "in", 1)
     for result in (index([tmp_path / "in"], tmp_path / "db", spread), ast("search", tmp_path / "db", "--label", "x")):
         assert result.exit_code == 2
-        assert result.stderr.splitlines() == ["Error: the index needs usearch", 'Hint: pip install "ast-cli[index]"']
+        assert result.stderr.splitlines() == ["Error: the index needs faiss", 'Hint: pip install "ast-cli[index]"']
     assert not (tmp_path / "db").exists()
 
 
@@ -244,11 +243,11 @@ def test_27_ann_above_the_exact_limit_agrees_with_exact_search(tmp_path, monkeyp
     for hits, truth in zip(approximate_hits, exact_hits):  # the candidates are scored again in float32
         scores = {(h.path, h.start): h.score for h in truth}
         assert all(h.score == scores[(h.path, h.start)] for h in hits if (h.path, h.start) in scores)
-    assert os.listdir(tmp_path / "db").count(f"vectors-{store.generation}.usearch") == 1
+    assert os.listdir(tmp_path / "db").count(f"vectors-{store.generation}.faiss") == 1
     store.put(FileRecord("/f0", 2, 2, 1.0, None, [(0.0, 1.0)], queries[:1]))  # a new generation: brought up to date
     assert store.search(queries[0], 1)[0].path == "/f0"
-    assert len(store.ann()) == len(store) == 39 * 50 + 1  # f0's 50 old windows removed from the HNSW graph
-    assert [n for n in os.listdir(tmp_path / "db") if n.endswith(".usearch")] == [f"vectors-{store.generation}.usearch"]
+    assert store.ann().ntotal == len(store) == 39 * 50 + 1  # f0's 50 old windows removed from the IVF lists
+    assert [n for n in os.listdir(tmp_path / "db") if n.endswith(".faiss")] == [f"vectors-{store.generation}.faiss"]
 
 
 def test_27_label_search_uses_the_classifier_direction(spread, tmp_path):
@@ -316,7 +315,7 @@ def test_27_kill_9_mid_index_then_rerun_stores_every_window_once(spread, tmp_pat
 @pytest.mark.slow  # starts Ray
 def test_27_engine_ray_stores_what_the_local_engine_stores(spread, tmp_path):
     """The driver receives each file's embeddings from the actors and stores them: the same rows as a local run.
-    (usearch imported before ray.init aborts the process: the command must not import it on this path.)"""
+    (usearch imported before ray.init aborted the process; faiss, which replaced it, must not either.)"""
     import raynet
 
     if raynet.reason_unavailable() is not None:
@@ -409,4 +408,61 @@ def test_27_past_the_exact_size_ast_index_brings_the_ann_up_to_date(spread, tmp_
     archive(tmp_path / "in", 2)
     assert index([tmp_path / "in"], tmp_path / "db", spread).exit_code == 0
     store = VectorStore.open(str(tmp_path / "db"))
-    assert store.ann_is_current() and len(store.ann()) == len(store) > 5
+    assert store.ann_is_current() and store.ann().ntotal == len(store) > 5
+
+
+def _ann_store(tmp_path, monkeypatch, files: int = 40):
+    """A store of ``files`` x 50 unclustered 24-d windows, searched through the ANN (EXACT_LIMIT 100)."""
+    rng = np.random.default_rng(0)
+    store = VectorStore.open(str(tmp_path / "db"))
+    store.claim({"model": "synthetic"})
+    for f in range(files):
+        store.put(FileRecord(f"/f{f}", 1, 1, 10.0, None, [(w, w + 1.0) for w in range(50)],
+                             rng.standard_normal((50, 24)).astype(np.float32)))
+    monkeypatch.setattr(vectordb, "EXACT_LIMIT", 100)
+    return store, rng.standard_normal((10, 24)).astype(np.float32)
+
+
+def test_27_a_corrupt_or_foreign_faiss_file_is_rebuilt_from_sqlite(tmp_path, monkeypatch):
+    import faiss
+
+    store, queries = _ann_store(tmp_path, monkeypatch)
+    answers = [store.search(q, 10) for q in queries]
+    saved = tmp_path / "db" / f"vectors-{store.generation}.faiss"
+    good = saved.read_bytes()
+    foreign = tmp_path / "flat.faiss"  # a valid faiss file of another kind (and other vectors)
+    flat = faiss.IndexFlatIP(24)
+    flat.add(queries)
+    faiss.write_index(flat, str(foreign))
+    shuffled = faiss.read_index(str(saved))  # the right kind, holding other ids than the rows
+    shuffled.remove_ids(np.arange(1, 60, dtype=np.int64))
+    faiss.write_index(shuffled, str(tmp_path / "fewer.faiss"))
+    for bad in (b"", good[: len(good) // 2], b"\x00" * len(good), foreign.read_bytes(),
+                (tmp_path / "fewer.faiss").read_bytes()):
+        saved.write_bytes(bad)
+        again = VectorStore.open(str(tmp_path / "db"))  # a new reader: nothing cached
+        assert [again.search(q, 10) for q in queries] == answers
+        assert saved.read_bytes() != bad and again.ann().ntotal == len(again)
+        again.close()
+
+
+def test_27_removed_files_windows_never_come_back_from_the_ann(tmp_path, monkeypatch):
+    store, _ = _ann_store(tmp_path, monkeypatch)
+    gone = {f"/f{f}": store.vectors_of(f"/f{f}")[1] for f in range(0, 40, 3)}
+    assert store.search(gone["/f0"][7], 1)[0].path == "/f0"  # the ANN is built, with them in it
+    store.remove(list(gone))
+    store.put(FileRecord("/f1", 2, 2, 1.0, None, [(0.0, 1.0)], gone["/f0"][:1] + 1))  # replaced: old windows go
+    for reader in (store, VectorStore.open(str(tmp_path / "db"))):  # updated in place, and as saved
+        for vectors in gone.values():
+            for vector in vectors[::10]:
+                assert not {h.path for h in reader.search(vector, 20)} & set(gone)
+        assert reader.ann().ntotal == len(reader) == (40 - len(gone) - 1) * 50 + 1
+        assert {h.start for h in reader.search(gone["/f0"][0] + 1, 60) if h.path == "/f1"} == {0.0}
+
+
+def test_27_the_ann_is_retrained_once_the_store_outgrows_its_lists(tmp_path, monkeypatch):
+    store, queries = _ann_store(tmp_path, monkeypatch, files=4)
+    store.search(queries[0], 1)
+    small = store.ann().nlist
+    more, _ = _ann_store(tmp_path, monkeypatch, files=60)  # the same store: 60 files now, the 4 replaced
+    assert more.search(queries[0], 1) and more.ann().nlist >= 2 * small

@@ -51,10 +51,10 @@ def index_command(
 
         from ..errors import UsageError
         from ..audio.inputs import expand_inputs, parse_extensions
-        from ..run.vectordb import require_usearch
+        from ..run.vectordb import require_ann_backend
         from ..tasks.distributed import take_shard
 
-        require_usearch()
+        require_ann_backend()
         run.validate()
         cluster = checked_distributed(dist, run)
         if prune and cluster.shard is not None:

@@ -1,20 +1,22 @@
-"""The window index's storage, the one place that knows the backend: SQLite holds the truth, a usearch HNSW
-index is a cache derived from it.
+"""The window index's storage, the one place that knows the backend: SQLite holds the truth, a faiss IVF index
+(8-bit scalar quantized, inner product on unit vectors) is a cache derived from it.
 
 A database is one directory::
 
     DIR/index.sqlite            meta (key -> JSON: the model identity, schema, generation), files, windows
-    DIR/vectors-<gen>.usearch   HNSW (cosine) over every window, built from SQLite when the store passes
-                                ``EXACT_LIMIT`` windows; <gen> is the generation it was built at (stale ones go)
+    DIR/vectors-<gen>.faiss     IVF-SQ8 over every window (ids: the SQLite window ids), built from SQLite when the
+                                store passes ``EXACT_LIMIT`` windows; <gen> is the generation it was built at (stale
+                                ones go); a file that does not read back as what was written is rebuilt, never trusted
     DIR/shards/K-of-N.sqlite    what ``--shard K/N`` wrote: the same schema, merged into index.sqlite by the
                                 next writer (or ``open``) once no run holds it
 
 A file's ``files`` row and all its ``windows`` rows (start, end, float32 embedding) are written in one
 transaction (WAL journal): a killed run leaves each file wholly stored or absent, so a rerun stores every window
 exactly once. Vectors are kept as given (float32, little-endian); search normalizes them (cosine). Below
-``EXACT_LIMIT`` windows search is exact (numpy over every vector), above it approximate (usearch).
+``EXACT_LIMIT`` windows search is exact (numpy over every vector), above it approximate (faiss proposes candidates,
+which are scored again exactly from the float32 rows).
 
-No model here: storing and searching vectors needs numpy, sqlite3 and usearch only.
+No model here: storing and searching vectors needs numpy, sqlite3 and faiss only.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ SHARDS_DIR = "shards"
 EXACT_LIMIT = 20_000  # windows: exact search below (a 20,000 x 768 float32 matrix is 61 MB), ANN above
 DTYPE = np.dtype("<f4")
 INSTALL_HINT = 'pip install "ast-cli[index]"'
+ANN_SUFFIX = ".faiss"
+TRAIN_SAMPLE = 100_000  # rows the IVF centroids are trained on, at most (k-means wants >= 39 per list)
+ID_BATCH = 10_000  # rows read from SQLite per step when the ANN is built: bounded memory at millions of windows
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS files (id INTEGER PRIMARY KEY, path TEXT NOT NULL UNIQUE, size INTEGER,
@@ -46,13 +51,13 @@ CREATE INDEX IF NOT EXISTS windows_file ON windows(file_id);
 """
 
 
-def require_usearch() -> None:
-    """A UsageError naming the extra to install when usearch is missing. Found, not imported: usearch loaded in
-    a process before ``ray.init`` aborts it (a C++ regex_error), and only an ANN search needs it loaded."""
+def require_ann_backend() -> None:
+    """A UsageError naming the extra to install when faiss is missing. Found, not imported: only an ANN search
+    needs it loaded (importing it takes a while, and a run below ``EXACT_LIMIT`` never does)."""
     from importlib.util import find_spec
 
-    if find_spec("usearch") is None:
-        raise UsageError("the index needs usearch", hint=INSTALL_HINT)
+    if find_spec("faiss") is None:
+        raise UsageError("the index needs faiss", hint=INSTALL_HINT)
 
 
 @dataclass
@@ -85,6 +90,7 @@ class VectorStore:
 
     lock: "ShardLock | None" = None  # held while a --shard run writes this part
     _rows: tuple | None = None  # (generation, ids, unit vectors) for exact search
+    _ann: tuple | None = None  # (generation, faiss index) for approximate search
 
     def __init__(self, path: str, directory: str):
         self.path, self.directory = path, directory
@@ -258,9 +264,15 @@ class VectorStore:
         return ids[order], scores[order]
 
     def _approximate(self, query: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ANN's candidates (twice as many as wanted), scored again exactly from the stored float32 rows:
-        scores and order never carry the index's f16 rounding."""
-        candidates = np.asarray(self.ann().search(query, 2 * want).keys, np.int64).tolist()
+        """The ANN's candidates (four times as many as wanted), scored again exactly from the stored float32
+        rows: scores and order never carry the index's 8-bit rounding, and the extra candidates make up for it."""
+        index = self.ann()
+        if index is None:
+            return np.empty(0, np.int64), np.empty(0, np.float32)
+        if index.d != query.shape[0]:
+            raise UsageError(f"the query has {query.shape[0]} dimensions, the index {index.d}")
+        index.nprobe = probes(index.nlist)
+        candidates = [int(i) for i in index.search(query.reshape(1, -1), 4 * want)[1][0] if i >= 0]
         rows = self.db.execute(f"SELECT id, vector FROM windows WHERE id IN ({','.join('?' * len(candidates))})",
                                candidates).fetchall() if candidates else []
         if not rows:
@@ -271,40 +283,72 @@ class VectorStore:
         return ids[order], scores[order]
 
     def _ann_path(self) -> str:
-        return os.path.join(self.directory, f"vectors-{self.generation}.usearch")
+        return os.path.join(self.directory, f"vectors-{self.generation}{ANN_SUFFIX}")
 
     def ann_is_current(self) -> bool:
         return os.path.isfile(self._ann_path())
 
     def ann(self):
-        """The usearch index of this generation: loaded (memory-mapped) when saved, else brought up to date from
-        the last one saved (windows gone removed, windows added since added: ids only grow) or built, then saved
-        and the stale ones deleted."""
-        from usearch.index import Index as UIndex
-
+        """The faiss index of this generation: read when saved (and it holds exactly the stored windows), else
+        brought up to date from the last one saved (windows gone removed, windows added since added: ids only
+        grow; retrained when the store outgrew its lists) or built, then saved and the stale ones deleted."""
+        generation = self.generation
+        if self._ann is not None and self._ann[0] == generation:
+            return self._ann[1]
         path = self._ann_path()
-        if os.path.isfile(path):
-            return UIndex.restore(path, view=True)
-        stale = sorted(glob.glob(os.path.join(self.directory, "vectors-*.usearch")), key=_generation_of)
-        index = _restore(stale[-1]) if stale else None
-        known = np.asarray(index.keys, np.int64) if index is not None else np.empty(0, np.int64)
-        ids = np.array([r[0] for r in self.db.execute("SELECT id FROM windows")], np.int64)
-        if index is not None:
-            index.remove(np.setdiff1d(known, ids))
-        new_ids, vectors = self._matrix(after=int(known.max()) if known.size else -1)
+        count, total, last = self.db.execute("SELECT COUNT(*), TOTAL(id), MAX(id) FROM windows").fetchone()
+        if count == 0:
+            return None  # nothing to train on, nothing to find
+        index = _read_ann(path)
+        if index is None or _fingerprint(index) != (count, total, last):  # corrupt, foreign or not these rows
+            index = self._update_ann(path)
+        self._ann = (generation, index)
+        return index
+
+    def _update_ann(self, path: str):
+        import faiss
+
+        stale = sorted(glob.glob(os.path.join(self.directory, f"vectors-*{ANN_SUFFIX}")), key=_generation_of)
+        index = _read_ann(stale[-1]) if stale else None
+        ids = np.array([r[0] for r in self.db.execute("SELECT id FROM windows ORDER BY id")], np.int64)
+        if index is not None and lists_for(ids.size) >= 2 * index.nlist:
+            index = None  # grown about 4x since trained: new centroids, or the lists grow too long to scan
+        known = _ids_in(index) if index is not None else np.empty(0, np.int64)
         if index is None:
-            # f16, connectivity 32, expansion_add 128: what benchmarks/index_storage.py measured (recall@10 0.989 at
-            # 100,000 with ef 16); ef 128 leaves room for real embeddings, which overlap more than its clusters
-            index = UIndex(ndim=vectors.shape[1], metric="cos", dtype="f16", connectivity=32, expansion_add=128,
-                           expansion_search=128)
-        if new_ids.size:
-            index.add(new_ids, vectors, threads=0)
-        temporary = path + ".tmp"
-        index.save(temporary)
+            index = self._trained(ids)
+        else:
+            index.remove_ids(np.setdiff1d(known, ids))
+        missing = np.setdiff1d(ids, known)  # added since; or never there, when the file was not this store's
+        for start in range(0, missing.size, ID_BATCH):
+            index.add_with_ids(*self._rows_of(missing[start:start + ID_BATCH])[::-1])
+        temporary = f"{path}.{os.getpid()}.tmp"
+        faiss.write_index(index, temporary)
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
         os.replace(temporary, path)  # atomic: a reader never sees half an index
         for old in stale:
-            os.unlink(old)
+            if old != path:
+                os.unlink(old)
         return index
+
+    def _trained(self, ids: np.ndarray):
+        """An empty IVF-SQ8 index (inner product: the vectors are unit) trained on a sample of the stored rows."""
+        import faiss
+
+        lists = lists_for(ids.size)
+        sample = np.sort(np.random.default_rng(0).choice(ids, min(ids.size, TRAIN_SAMPLE), replace=False))
+        vectors = np.concatenate([self._rows_of(sample[i:i + ID_BATCH])[1] for i in range(0, sample.size, ID_BATCH)])
+        index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(vectors.shape[1]), vectors.shape[1], lists,
+                                              faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+        index.train(vectors)
+        return index
+
+    def _rows_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, (n, D) unit vectors) of the windows with these ids that are stored."""
+        rows = self.db.execute(f"SELECT id, vector FROM windows WHERE id IN ({','.join('?' * ids.size)}) "
+                               "ORDER BY id", ids.tolist()).fetchall()
+        vectors = np.frombuffer(b"".join(r[1] for r in rows), DTYPE).reshape(len(rows), -1)
+        return np.array([r[0] for r in rows], np.int64), _unit(vectors)
 
     def _hits(self, keep: list[tuple[int, float]]) -> list[Hit]:
         out = []
@@ -357,18 +401,56 @@ def shard_paths(directory: str) -> list[str]:
 
 
 def _generation_of(path: str) -> int:
-    stem = os.path.basename(path)[len("vectors-"):-len(".usearch")]
+    stem = os.path.basename(path)[len("vectors-"):-len(ANN_SUFFIX)]
     return int(stem) if stem.isdigit() else -1
 
 
-def _restore(path: str):
-    """A saved usearch index to change, or None when it cannot be read (then it is built again)."""
-    from usearch.index import Index as UIndex
+def lists_for(count: int) -> int:
+    """IVF lists for ``count`` windows: about 4 sqrt(N), with >= 39 training rows per list in the sample."""
+    return max(1, min(int(4 * np.sqrt(count)), min(count, TRAIN_SAMPLE) // 39))
 
-    try:
-        return UIndex.restore(path)
-    except Exception:  # usearch raises its own kinds for a corrupt or foreign file: the rows are the truth
+
+def probes(lists: int) -> int:
+    """Lists scanned per search: 1/16 of them, and at least 32 (all of a small index's): recall@10 >= 0.95 even
+    on unclustered vectors, where IVF is at its worst (real embeddings cluster more than that)."""
+    return min(lists, max(32, lists // 16))
+
+
+def _read_ann(path: str):
+    """A saved IVF-SQ8 index, or None when the file is missing, corrupt or something else (then it is built
+    again from the rows). No vector read from it may claim more bytes than the file has."""
+    import faiss
+
+    if not os.path.isfile(path):
         return None
+    limit = faiss.get_deserialization_vector_byte_limit()
+    faiss.set_deserialization_vector_byte_limit(os.path.getsize(path) + 1)
+    try:
+        index = faiss.read_index(path)
+    except RuntimeError:  # faiss's one kind for a file it cannot parse: the rows are the truth
+        return None
+    finally:
+        faiss.set_deserialization_vector_byte_limit(limit)
+    if not isinstance(index, faiss.IndexIVFScalarQuantizer) or index.metric_type != faiss.METRIC_INNER_PRODUCT \
+            or index.sq.qtype != faiss.ScalarQuantizer.QT_8bit:
+        return None
+    return index
+
+
+def _ids_in(index) -> np.ndarray:
+    """Every window id an IVF index holds."""
+    import faiss
+
+    lists = index.invlists
+    parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy() for i in range(index.nlist)
+             if lists.list_size(i)]
+    return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
+
+
+def _fingerprint(index) -> tuple[int, float, int | None]:
+    """(count, sum, max) of the ids an index holds: what SQLite says of its windows when it holds them all."""
+    ids = _ids_in(index)
+    return ids.size, float(ids.sum()), int(ids.max()) if ids.size else None
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:
@@ -437,4 +519,4 @@ class ShardLock:
 
 
 __all__ = ["EXACT_LIMIT", "SHARDS_DIR", "SQLITE_NAME", "FileRecord", "Hit", "ShardLock", "VectorStore", "check_identity", "read_files",
-           "read_identity", "require_usearch", "shard_paths"]
+           "read_identity", "require_ann_backend", "shard_paths"]

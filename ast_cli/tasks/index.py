@@ -6,7 +6,7 @@ search over it by an example window (or a label's classifier direction).
     >>> for hit in index.search("door.wav", top=5):  # the query's first window, embedded with the index's model
     ...     print(hit.path, hit.start, hit.end, round(hit.score, 3))
 
-Storage is ``run.vectordb`` (SQLite + usearch); this module plans (which inputs are new, changed or gone),
+Storage is ``run.vectordb`` (SQLite + faiss); this module plans (which inputs are new, changed or gone),
 embeds with the engine (the windows ``classify`` uses) and stores each file as it finishes, and embeds queries
 with the model named in the database.
 """
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 import numpy as np
 
 from ..errors import UsageError
-from ..run.vectordb import SHARDS_DIR, SQLITE_NAME, FileRecord, Hit, VectorStore, require_usearch
+from ..run.vectordb import SHARDS_DIR, SQLITE_NAME, FileRecord, Hit, VectorStore, require_ann_backend
 
 if TYPE_CHECKING:
     from ..audio.inputs import InputFile
@@ -179,7 +179,7 @@ class Index:
     @classmethod
     def open(cls, db: str) -> "Index":
         """Open the index in directory ``db``, merging the shards that finished runs left there."""
-        require_usearch()
+        require_ann_backend()
         if not os.path.isfile(os.path.join(db, SQLITE_NAME)) and not os.path.isdir(os.path.join(db, SHARDS_DIR)):
             raise UsageError(f"{db} is not an index (no {SQLITE_NAME} in it)", option="db",
                              hint="ast index PATH... --db DIR builds one")
