@@ -40,6 +40,7 @@ DTYPE = np.dtype("<f4")
 INSTALL_HINT = 'pip install "ast-cli[index]"'
 ANN_SUFFIX = ".faiss"
 TRAIN_SAMPLE = 100_000  # rows the IVF centroids are trained on, at most (k-means wants >= 39 per list)
+TRAIN_PER_LIST = 50  # rows sampled per list: k-means's cost grows with rows x lists, its quality stops at ~40
 ID_BATCH = 10_000  # rows read from SQLite per step when the ANN is built: bounded memory at millions of windows
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -336,7 +337,8 @@ class VectorStore:
         import faiss
 
         lists = lists_for(ids.size)
-        sample = np.sort(np.random.default_rng(0).choice(ids, min(ids.size, TRAIN_SAMPLE), replace=False))
+        rows = min(ids.size, TRAIN_SAMPLE, TRAIN_PER_LIST * lists)
+        sample = np.sort(np.random.default_rng(0).choice(ids, rows, replace=False))
         vectors = np.concatenate([self._rows_of(sample[i:i + ID_BATCH])[1] for i in range(0, sample.size, ID_BATCH)])
         index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(vectors.shape[1]), vectors.shape[1], lists,
                                               faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
@@ -406,8 +408,10 @@ def _generation_of(path: str) -> int:
 
 
 def lists_for(count: int) -> int:
-    """IVF lists for ``count`` windows: about 4 sqrt(N), with >= 39 training rows per list in the sample."""
-    return max(1, min(int(4 * np.sqrt(count)), min(count, TRAIN_SAMPLE) // 39))
+    """IVF lists for ``count`` windows: about sqrt(N) (1,000 at a million), with >= 39 training rows per list in
+    the sample. A search scans 1/16 of the vectors whatever the count of lists (see ``probes``); more lists only
+    cost more k-means (benchmarks/index_search.py: 4 sqrt(N) took 80 s to build 100,000, sqrt(N) 10 s)."""
+    return max(1, min(int(np.sqrt(count)), min(count, TRAIN_SAMPLE) // 39))
 
 
 def probes(lists: int) -> int:
