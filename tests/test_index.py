@@ -466,3 +466,30 @@ def test_27_the_ann_is_retrained_once_the_store_outgrows_its_lists(tmp_path, mon
     small = store.ann().nlist
     more, _ = _ann_store(tmp_path, monkeypatch, files=60)  # the same store: 60 files now, the 4 replaced
     assert more.search(queries[0], 1) and more.ann().nlist >= 2 * small
+
+
+def test_27_no_size_read_from_a_faiss_file_claims_more_than_the_file(tmp_path, monkeypatch):
+    """faiss allocates each vector a file declares before reading it (up to 1 TB by default): the reader bounds
+    every one by the file's own size, so a corrupt length field fails instead of allocating."""
+    import faiss
+
+    store, queries = _ann_store(tmp_path, monkeypatch)
+    store.search(queries[0], 1)
+    limits = []
+    real = faiss.read_index
+
+    def bounded(path, *args):
+        limits.append(faiss.get_deserialization_vector_byte_limit() - os.path.getsize(path))
+        return real(path, *args)
+
+    monkeypatch.setattr(faiss, "read_index", bounded)
+    assert VectorStore.open(str(tmp_path / "db")).search(queries[0], 1)
+    assert len(limits) == 1 and limits[0] <= 1
+    saved = tmp_path / "db" / f"vectors-{store.generation}.faiss"
+    data = bytearray(saved.read_bytes())
+    at = data.index(b"IxFI") + 4 + 4 + 8 + 8 + 8 + 1 + 4  # the quantizer's header, then its vectors' length
+    data[at:at + 8] = (1 << 34).to_bytes(8, "little")  # 16 G floats (64 GB) claimed by a 1.6 MB file
+    saved.write_bytes(bytes(data))
+    monkeypatch.setattr(faiss, "read_index", real)
+    assert vectordb._read_ann(str(saved)) is None  # refused before allocating, then rebuilt by ann()
+    assert VectorStore.open(str(tmp_path / "db")).search(queries[0], 1)
