@@ -493,3 +493,25 @@ def test_27_no_size_read_from_a_faiss_file_claims_more_than_the_file(tmp_path, m
     monkeypatch.setattr(faiss, "read_index", real)
     assert vectordb._read_ann(str(saved)) is None  # refused before allocating, then rebuilt by ann()
     assert VectorStore.open(str(tmp_path / "db")).search(queries[0], 1)
+
+
+def test_27_a_faiss_file_naming_another_file_never_writes_to_it(tmp_path, monkeypatch):
+    """faiss's on-disk lists name a file that a plain read opens for writing (and an update then writes to):
+    such a .faiss is read read-only, refused, and rebuilt from the rows."""
+    import faiss
+
+    store, queries = _ann_store(tmp_path, monkeypatch)
+    answers = [store.search(q, 10) for q in queries]
+    victim = tmp_path / "precious.txt"
+    index = faiss.read_index(str(tmp_path / "db" / f"vectors-{store.generation}.faiss"))
+    on_disk = faiss.OnDiskInvertedLists(index.nlist, index.code_size, str(victim))
+    index.replace_invlists(on_disk, False)
+    index.add(queries)
+    for name in (f"vectors-{store.generation}.faiss", f"vectors-{store.generation - 1}.faiss"):  # read, updated
+        faiss.write_index(index, str(tmp_path / "db" / name))
+    victim.write_bytes(b"keep me\n" * 10)
+    again = VectorStore.open(str(tmp_path / "db"))
+    assert [again.search(q, 10) for q in queries] == answers
+    again.put(FileRecord("/new", 1, 1, 1.0, None, [(0.0, 1.0)], queries[:1]))
+    assert again.search(queries[0], 1)[0].path == "/new"
+    assert victim.read_bytes() == b"keep me\n" * 10

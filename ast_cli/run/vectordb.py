@@ -410,7 +410,7 @@ def _generation_of(path: str) -> int:
 def lists_for(count: int) -> int:
     """IVF lists for ``count`` windows: about sqrt(N) (1,000 at a million), with >= 39 training rows per list in
     the sample. A search scans 1/16 of the vectors whatever the count of lists (see ``probes``); more lists only
-    cost more k-means (benchmarks/index_search.py: 4 sqrt(N) took 80 s to build 100,000, sqrt(N) 10 s)."""
+    cost more k-means (benchmarks/index_search.py: 4 sqrt(N) took 80 s to build 100,000, sqrt(N) 13.5 s)."""
     return max(1, min(int(np.sqrt(count)), min(count, TRAIN_SAMPLE) // 39))
 
 
@@ -421,8 +421,9 @@ def probes(lists: int) -> int:
 
 
 def _read_ann(path: str):
-    """A saved IVF-SQ8 index, or None when the file is missing, corrupt or something else (then it is built
-    again from the rows). No vector read from it may claim more bytes than the file has."""
+    """A saved IVF-SQ8 index held in memory, or None when the file is missing, corrupt or something else (then it
+    is built again from the rows). No vector read from it may claim more bytes than the file has; lists kept in
+    another file (faiss's on-disk kind names any path) are opened read-only, then refused."""
     import faiss
 
     if not os.path.isfile(path):
@@ -430,13 +431,14 @@ def _read_ann(path: str):
     limit = faiss.get_deserialization_vector_byte_limit()
     faiss.set_deserialization_vector_byte_limit(os.path.getsize(path) + 1)
     try:
-        index = faiss.read_index(path)
+        index = faiss.read_index(path, faiss.IO_FLAG_READ_ONLY)
     except RuntimeError:  # faiss's one kind for a file it cannot parse: the rows are the truth
         return None
     finally:
         faiss.set_deserialization_vector_byte_limit(limit)
     if not isinstance(index, faiss.IndexIVFScalarQuantizer) or index.metric_type != faiss.METRIC_INNER_PRODUCT \
-            or index.sq.qtype != faiss.ScalarQuantizer.QT_8bit:
+            or index.sq.qtype != faiss.ScalarQuantizer.QT_8bit \
+            or not isinstance(faiss.downcast_InvertedLists(index.invlists), faiss.ArrayInvertedLists):
         return None
     return index
 
