@@ -291,6 +291,7 @@ class Lance:
     def build(self, directory, data, quick):
         import lancedb
         import pyarrow as pa
+        from lancedb.index import IvfPq
 
         def batches():
             for start in range(0, len(data), CHUNK):
@@ -307,8 +308,8 @@ class Lance:
                             ("end", pa.float32()), ("vector", pa.list_(pa.float32(), DIM))])
         table = lancedb.connect(directory).create_table("windows", pa.RecordBatchReader.from_batches(schema, batches()))
         # 96 sub-vectors of 8 dims (8 bits each); partitions ~ sqrt(N), as LanceDB advises.
-        table.create_index(metric="cosine", index_type="IVF_PQ", num_partitions=max(4, int(np.sqrt(len(data)))),
-                           num_sub_vectors=96)
+        table.create_index("vector", config=IvfPq(
+            distance_type="cosine", num_partitions=max(4, int(np.sqrt(len(data)))), num_sub_vectors=96))
 
     def settings(self, size, quick):
         return [(p, r) for p in (8, 16, 32, 64) for r in (5, 10, 20, 40)]
