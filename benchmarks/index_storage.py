@@ -239,9 +239,7 @@ class Usearch:
 
         def search(query, setting):
             index.expansion_search = setting
-            found = index.search(query, TOP, threads=int(THREADS))
-            keys = found.keys.reshape(len(query), -1).astype(np.int64)
-            return keys
+            return index.search(query, TOP, threads=int(THREADS)).keys.reshape(len(query), -1).astype(np.int64)
         return search
 
 
@@ -357,7 +355,8 @@ def latency(search, directory, query, setting, budget_s) -> list[float]:
     for q in query:
         start = time.perf_counter()
         ids = search(q[None], setting)[0]
-        metadata_rows(directory, [int(i) for i in ids if i >= 0]) if (directory / "index.sqlite").exists() else None
+        if (directory / "index.sqlite").exists():  # LanceDB keeps the rows in its own table
+            metadata_rows(directory, [int(i) for i in ids if i >= 0])
         times.append((time.perf_counter() - start) * 1e3)
         if time.perf_counter() > stop and len(times) >= 20:
             break
