@@ -492,7 +492,7 @@ def test_27_no_size_read_from_a_faiss_file_claims_more_than_the_file(tmp_path, m
     data[at:at + 8] = (1 << 34).to_bytes(8, "little")  # 16 G floats (64 GB) claimed by a 1.6 MB file
     saved.write_bytes(bytes(data))
     monkeypatch.setattr(faiss, "read_index", real)
-    assert vectordb._read_ann(str(saved)) is None  # refused before allocating, then rebuilt by ann()
+    assert vectordb.read_ann(str(saved)) is None  # refused before allocating, then rebuilt by ann()
     assert VectorStore.open(str(tmp_path / "db")).search(queries[0], 1)
 
 

@@ -164,3 +164,33 @@ def _check_writable(path: str) -> None:
     os.unlink(probe)
     if os.path.exists(real) and not os.access(real, os.W_OK):
         raise UsageError(f"cannot write {path}: permission denied", option="output")
+
+
+class ShardLock:
+    """Held by a ``--shard`` run while it writes its shard file, so a merge leaves that file alone (flock: the
+    kernel drops it when the process dies, and a killed shard is merged as far as it got)."""
+
+    def __init__(self, path: str):
+        self.path = path + ".lock"
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            os.close(self._fd)
+            self._fd = None

@@ -31,6 +31,9 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from ..errors import UsageError
+from .ann import (ANN_SUFFIX, TRAIN_PER_LIST, TRAIN_SAMPLE, fingerprint, generation_of, ids_in, lists_for, probes,
+                  read_ann, save_ann, trained_ann)
+from .files import ShardLock
 
 SCHEMA_VERSION = 1
 SQLITE_NAME = "index.sqlite"
@@ -38,9 +41,6 @@ SHARDS_DIR = "shards"
 EXACT_LIMIT = 20_000  # windows: exact search below (a 20,000 x 768 float32 matrix is 61 MB), ANN above
 DTYPE = np.dtype("<f4")
 INSTALL_HINT = 'pip install "ast-cli[index]"'
-ANN_SUFFIX = ".faiss"
-TRAIN_SAMPLE = 100_000  # rows the IVF centroids are trained on, at most (k-means wants >= 39 per list)
-TRAIN_PER_LIST = 50  # rows sampled per list: k-means's cost grows with rows x lists, its quality stops at ~40
 ID_BATCH = 10_000  # rows read from SQLite per step when the ANN is built: bounded memory at millions of windows
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -301,21 +301,19 @@ class VectorStore:
         count, total, last = self.db.execute("SELECT COUNT(*), TOTAL(id), MAX(id) FROM windows").fetchone()
         if count == 0:
             return None  # nothing to train on, nothing to find
-        index = _read_ann(path)
-        if index is None or _fingerprint(index) != (count, total, last):  # corrupt, foreign or not these rows
+        index = read_ann(path)
+        if index is None or fingerprint(index) != (count, total, last):  # corrupt, foreign or not these rows
             index = self._update_ann(path)
         self._ann = (generation, index)
         return index
 
     def _update_ann(self, path: str):
-        import faiss
-
-        stale = sorted(glob.glob(os.path.join(self.directory, f"vectors-*{ANN_SUFFIX}")), key=_generation_of)
-        index = _read_ann(stale[-1]) if stale else None
+        stale = sorted(glob.glob(os.path.join(self.directory, f"vectors-*{ANN_SUFFIX}")), key=generation_of)
+        index = read_ann(stale[-1]) if stale else None
         ids = np.array([r[0] for r in self.db.execute("SELECT id FROM windows ORDER BY id")], np.int64)
         if index is not None and lists_for(ids.size) >= 2 * index.nlist:
             index = None  # grown about 4x since trained: new centroids, or the lists grow too long to scan
-        known = _ids_in(index) if index is not None else np.empty(0, np.int64)
+        known = ids_in(index) if index is not None else np.empty(0, np.int64)
         if index is None:
             index = self._trained(ids)
         else:
@@ -323,11 +321,7 @@ class VectorStore:
         missing = np.setdiff1d(ids, known)  # added since; or never there, when the file was not this store's
         for start in range(0, missing.size, ID_BATCH):
             index.add_with_ids(*self._rows_of(missing[start:start + ID_BATCH])[::-1])
-        temporary = f"{path}.{os.getpid()}.tmp"
-        faiss.write_index(index, temporary)
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)  # atomic: a reader never sees half an index
+        save_ann(index, path)
         for old in stale:
             if old != path:
                 os.unlink(old)
@@ -335,16 +329,11 @@ class VectorStore:
 
     def _trained(self, ids: np.ndarray):
         """An empty IVF-SQ8 index (inner product: the vectors are unit) trained on a sample of the stored rows."""
-        import faiss
-
         lists = lists_for(ids.size)
         rows = min(ids.size, TRAIN_SAMPLE, TRAIN_PER_LIST * lists)
         sample = np.sort(np.random.default_rng(0).choice(ids, rows, replace=False))
         vectors = np.concatenate([self._rows_of(sample[i:i + ID_BATCH])[1] for i in range(0, sample.size, ID_BATCH)])
-        index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(vectors.shape[1]), vectors.shape[1], lists,
-                                              faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
-        index.train(vectors)
-        return index
+        return trained_ann(vectors, lists)
 
     def _rows_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(ids, (n, D) unit vectors) of the windows with these ids that are stored."""
@@ -403,63 +392,6 @@ def shard_paths(directory: str) -> list[str]:
     return sorted(glob.glob(os.path.join(directory, SHARDS_DIR, "*.sqlite")))
 
 
-def _generation_of(path: str) -> int:
-    stem = os.path.basename(path)[len("vectors-"):-len(ANN_SUFFIX)]
-    return int(stem) if stem.isdigit() else -1
-
-
-def lists_for(count: int) -> int:
-    """IVF lists for ``count`` windows: about sqrt(N) (1,000 at a million), with >= 39 training rows per list in
-    the sample. A search scans 1/16 of the vectors whatever the count of lists (see ``probes``); more lists only
-    cost more k-means (benchmarks/index_search.py: 4 sqrt(N) took 80 s to build 100,000, sqrt(N) 13.5 s)."""
-    return max(1, min(int(np.sqrt(count)), min(count, TRAIN_SAMPLE) // 39))
-
-
-def probes(lists: int) -> int:
-    """Lists scanned per search: 1/16 of them, and at least 32 (all of a small index's): recall@10 >= 0.95 even
-    on unclustered vectors, where IVF is at its worst (real embeddings cluster more than that)."""
-    return min(lists, max(32, lists // 16))
-
-
-def _read_ann(path: str):
-    """A saved IVF-SQ8 index held in memory, or None when the file is missing, corrupt or something else (then it
-    is built again from the rows). No vector read from it may claim more bytes than the file has; lists kept in
-    another file (faiss's on-disk kind names any path) are opened read-only, then refused."""
-    import faiss
-
-    if not os.path.isfile(path):
-        return None
-    limit = faiss.get_deserialization_vector_byte_limit()
-    faiss.set_deserialization_vector_byte_limit(os.path.getsize(path) + 1)
-    try:
-        index = faiss.read_index(path, faiss.IO_FLAG_READ_ONLY)
-    except RuntimeError:  # faiss's one kind for a file it cannot parse: the rows are the truth
-        return None
-    finally:
-        faiss.set_deserialization_vector_byte_limit(limit)
-    if not isinstance(index, faiss.IndexIVFScalarQuantizer) or index.metric_type != faiss.METRIC_INNER_PRODUCT \
-            or index.sq.qtype != faiss.ScalarQuantizer.QT_8bit \
-            or not isinstance(faiss.downcast_InvertedLists(index.invlists), faiss.ArrayInvertedLists):
-        return None
-    return index
-
-
-def _ids_in(index) -> np.ndarray:
-    """Every window id an IVF index holds."""
-    import faiss
-
-    lists = index.invlists
-    parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy() for i in range(index.nlist)
-             if lists.list_size(i)]
-    return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
-
-
-def _fingerprint(index) -> tuple[int, float, int | None]:
-    """(count, sum, max) of the ids an index holds: what SQLite says of its windows when it holds them all."""
-    ids = _ids_in(index)
-    return ids.size, float(ids.sum()), int(ids.max()) if ids.size else None
-
-
 def _unit(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
@@ -495,35 +427,5 @@ class _Transaction:
         return False
 
 
-class ShardLock:
-    """Held by a ``--shard`` run while it writes its shard file, so a merge leaves that file alone (flock: the
-    kernel drops it when the process dies, and a killed shard is merged as far as it got)."""
-
-    def __init__(self, path: str):
-        self.path = path + ".lock"
-        self._fd: int | None = None
-
-    def try_acquire(self) -> bool:
-        import fcntl
-
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return False
-        self._fd = fd
-        return True
-
-    def release(self) -> None:
-        if self._fd is not None:
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
-            os.close(self._fd)
-            self._fd = None
-
-
-__all__ = ["EXACT_LIMIT", "SHARDS_DIR", "SQLITE_NAME", "FileRecord", "Hit", "ShardLock", "VectorStore", "check_identity", "read_files",
-           "read_identity", "require_ann_backend", "shard_paths"]
+__all__ = ["EXACT_LIMIT", "SHARDS_DIR", "SQLITE_NAME", "FileRecord", "Hit", "ShardLock", "VectorStore", "check_identity",
+           "read_files", "read_identity", "require_ann_backend", "shard_paths"]
