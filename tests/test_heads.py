@@ -249,24 +249,35 @@ def test_28_heads_run_on_a_bare_encoder_of_the_same_base(setup, tmp_path):
                                [by_label(alone[0]["labels"], None)[k] for k in ("high", "low", "noise")], atol=JOINT)
 
 
-def test_28_calibrated_thresholds_with_heads_are_refused_before_the_model_loads(setup, tmp_path, monkeypatch):
-    """A thresholds file names one model's labels; with --head it is refused (exit 2), not half applied."""
-    from ast_cli.run.tagger import Tagger
+def test_28_calibrated_thresholds_apply_per_head(setup, tmp_path):
+    """--threshold calibrated with --head: each head's labels take the thresholds in its own folder's
+    thresholds.json; the model's own labels (no thresholds file) go by --top. A label set high disappears, one
+    set low appears beyond --top."""
+    import shutil
 
-    def no_model(*args, **kwargs):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(Tagger, "load", no_model)
-    head = setup["root"] / "pitch"
-    thresholds = tmp_path / "t.json"
-    labels = json.loads((head / "head.json").read_text())["labels"]
     from ast_cli.run.thresholds import write_thresholds
 
-    write_thresholds(str(thresholds), {"thresholds": {labels[0]: 0.5}, "activation": "softmax", "aggregate": "mean"})
-    for command, extra in (("classify", ["-o", str(tmp_path / "tags.jsonl")]), ("listen", [])):
-        result = runner.invoke(app, [command, *(setup["clips"][:1] if command == "listen" else setup["clips"]),
-                                     "--model", str(setup["base"]), "--head", str(head), "--threshold", "calibrated",
-                                     "--thresholds", str(thresholds), *extra])
-        assert result.exit_code == 2, result.output
-        assert "not yet with --head" in result.stderr, result.stderr
-    assert not (tmp_path / "tags.jsonl").exists()
+    head = tmp_path / "pitch"
+    shutil.copytree(setup["root"] / "pitch", head)
+    labels = json.loads((head / "head.json").read_text())["labels"]
+    alone = classify(setup["clips"][0], "--model", str(setup["base"]), "--head", str(head), "--aggregate", "mean")
+    ranked = [x["label"] for x in alone[0]["labels"] if x["head"] == "pitch"]  # best first
+    assert len(ranked) == len(labels) >= 2
+    high, low = ranked[0], ranked[-1]
+    activation = "softmax" if json.loads((head / "head.json").read_text())["problem_type"].startswith("single") \
+        else "sigmoid"
+    write_thresholds(str(head / "thresholds.json"), {"thresholds": {high: 1.0, low: 0.0}, "activation": activation,
+                                                     "aggregate": "mean"})
+    result = runner.invoke(app, ["classify", setup["clips"][0], "--model", str(setup["base"]), "--head", str(head),
+                                 "--top", "1", "--threshold", "calibrated", "-f", "json", "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    joint = json.loads(result.stdout)
+    picked = {(x["head"], x["label"]) for x in joint[0]["labels"]}
+    assert ("pitch", low) in picked and ("pitch", high) not in picked, picked
+    base = [x for x in joint[0]["labels"] if x["head"] != "pitch"]
+    assert len(base) == 1  # the model's own labels, without thresholds: --top 1
+    result = runner.invoke(app, ["classify", setup["clips"][0], "--model", str(setup["base"]), "--head",
+                                 str(setup["root"] / "pitch"), "--threshold", "calibrated", "-o",
+                                 str(tmp_path / "none.jsonl")])
+    assert result.exit_code == 2 and "nor any --head folder has a thresholds.json" in result.stderr, result.output
+    assert not (tmp_path / "none.jsonl").exists()

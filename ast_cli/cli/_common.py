@@ -252,6 +252,52 @@ def read_calibration(model: str, thresholds: str | None, calibrated: bool):
     return read_thresholds(path)
 
 
+def calibrations_of(model: str, thresholds: str | None, calibrated: bool, heads=()) -> dict | None:
+    """``--threshold calibrated``: each head's ``Calibration`` by head (None: the model's own labels; a head's name),
+    read and checked before any work (None without it). Without ``heads`` the model's file is required
+    (``read_calibration``); with them, the model's (``--thresholds`` FILE, or its folder's) and each head folder's
+    thresholds.json where there is one, and at least one; all chosen on one aggregate."""
+    import os
+
+    from ..errors import UsageError
+    from ..run.thresholds import FILE_NAME, beside_model, read_thresholds
+
+    if not calibrated or not heads:
+        own = read_calibration(model, thresholds, calibrated)
+        return None if own is None else {None: own}
+    found = {}
+    base = thresholds or beside_model(model)
+    if base is not None and (thresholds is not None or os.path.exists(base)):
+        found[None] = read_thresholds(base)
+    for head in heads:
+        if os.path.exists(os.path.join(head.path, FILE_NAME)):
+            found[head.name] = read_thresholds(os.path.join(head.path, FILE_NAME))
+    if not found:
+        raise UsageError(f"neither {model} nor any --head folder has a {FILE_NAME}: nothing to read calibrated "
+                         "thresholds from", option="threshold",
+                         hint="write them with `ast evaluate HEAD_DIR DATA --calibrate precision=0.9`")
+    if len({c.aggregate for c in found.values()}) > 1:
+        raise UsageError("the thresholds files were chosen on different aggregates (max and mean)", option="aggregate")
+    return found
+
+
+def apply_calibrations(selection, parts, calibrations: dict, activation, heads=()):
+    """``selection`` with each part's calibrated thresholds (``calibrations_of``), each checked against the scores
+    that part gives (``activation``, else its own: softmax for a single-label head); a label without one goes by
+    ``--top``/``--threshold``."""
+    from ..run.options import Activation
+
+    names = {head.name for head in heads}
+    per_part = []
+    for part in parts:
+        calibration = calibrations.get(part.name if part.name in names else None)
+        if calibration is not None:
+            own = activation or (Activation.softmax if part.single_label else Activation.sigmoid)
+            calibration.check(Activation(own).value)
+        per_part.append(calibration.thresholds if calibration is not None else None)
+    return selection.calibrated_parts(parts, per_part)
+
+
 def stderr_console():
     from rich.console import Console
 

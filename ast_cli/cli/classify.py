@@ -12,9 +12,10 @@ from ..tasks.distributed import take_shard
 from ..run.options import Activation, Aggregate, OutputFormat, RunOptions
 from ._app import app
 from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, HeadOpt, ModelOpt, NoBaseHeadOpt, PathsArg, QuietOpt,
-                      ThresholdOpt, ThresholdsOpt, checked_distributed, compute_name, distributed_options, fetch_model,
-                      label_list, load_tagger, model_config, parse_threshold, path_stdin, read_calibration,
-                      refuse_piped_audio_on_ray, report_failure, run_options, stderr_console)
+                      ThresholdOpt, ThresholdsOpt, apply_calibrations, calibrations_of, checked_distributed,
+                      compute_name, distributed_options, fetch_model, label_list, load_tagger, model_config,
+                      parse_threshold, path_stdin, refuse_piped_audio_on_ray, report_failure, run_options,
+                      stderr_console)
 from ._errors import EXIT_FAILED, cli_errors, counted, debug_enabled, say
 
 
@@ -72,17 +73,13 @@ def classify(
         if output_dir is not None and (output is not None or resume):
             raise UsageError("--output-dir writes one file per input: it goes without --output and --resume")
         threshold_value, calibrated = parse_threshold(threshold)
-        calibration = read_calibration(model, thresholds, calibrated)  # a missing or bad file: before any work
-        if calibration is not None:
-            calibration.check(activation.value if activation else None, aggregate.value if aggregate else None)
-            aggregate = aggregate or Aggregate(calibration.aggregate)
         selection = LabelSelection.from_options(top, threshold_value, label_list(include), label_list(exclude),
                                                 activation)
-        if calibration is not None and head:
-            raise UsageError("calibrated thresholds are read for one model at a time, not yet with --head",
-                             option="threshold", hint="calibrate each head (ast evaluate HEAD_DIR DATA --calibrate) "
-                             "and classify it as --model HEAD_DIR")
         heads = read_heads(head or (), not no_base_head)  # a missing folder or not a head: before anything else
+        calibrations = calibrations_of(model, thresholds, calibrated, heads)  # a missing or bad file: before any work
+        for calibration in (calibrations or {}).values():
+            calibration.check(activation.value if activation else None, aggregate.value if aggregate else None)
+            aggregate = aggregate or Aggregate(calibration.aggregate)
         cluster = checked_distributed(dist, run)
         if heads and cluster.ray:
             raise UsageError("heads run in this process, not on a Ray cluster", option="heads")
@@ -92,7 +89,7 @@ def classify(
         items = take_shard(found + _empty_folders(paths, found, ext), cluster.shard)
         refuse_piped_audio_on_ray(items, cluster)
         job = _Job(model, run, cluster, selection, activation, aggregate or Aggregate.max, segments,
-                   output_dir or output, stderr, quiet, debug, calibration, tuple(heads), not no_base_head)
+                   output_dir or output, stderr, quiet, debug, calibrations, tuple(heads), not no_base_head)
         target, sources, note = _plan(items, job, format, output, output_dir, resume, overwrite)
         try:
             failed = _run(target, sources, len(items) - len(sources), note, job)
@@ -117,7 +114,7 @@ class _Job:
     stderr: Any
     quiet: bool
     debug: bool
-    calibration: Any = None  # --threshold calibrated: the thresholds read (run.thresholds.Calibration)
+    calibrations: Any = None  # --threshold calibrated: each head's Calibration (None: the model's own; calibrations_of)
     heads: tuple = ()  # checkpoint.heads.Head, read and checked
     base_head: bool = True
 
@@ -215,9 +212,8 @@ def _provenance(target, job: _Job) -> tuple[dict, object]:
     parts = head_parts(job.model, config.id2label, is_single_label(config), job.heads, job.base_head)
     Scorer(parts, job.selection, job.activation)  # unknown --include/--exclude names fail here
     activation = job.activation or (Activation.softmax if is_single_label(config) else Activation.sigmoid)
-    if job.calibration is not None:  # thresholds of other labels or other scores: refused before the model loads
-        job.calibration.check(activation.value)
-        job.selection = job.selection.calibrated(config.id2label, job.calibration.thresholds)
+    if job.calibrations is not None:  # thresholds of other labels or other scores: refused before the model loads
+        job.selection = apply_calibrations(job.selection, parts, job.calibrations, job.activation, job.heads)
     settings = Settings(None, model_identity(job.model, path), job.run.hop_seconds, _compute(job), activation.value,
                         tuple(p.name for p in parts) if job.heads else ())
     if target.journal is not None:

@@ -10,8 +10,9 @@ import typer
 
 from ..run.options import Activation, RunOptions, _choices
 from ._app import app
-from ._common import (DEFAULT_MODEL, DebugOpt, HeadOpt, ModelOpt, NoBaseHeadOpt, QuietOpt, ThresholdsOpt, label_list,
-                      listen_run_options, load_tagger, parse_threshold, read_calibration, stderr_console)
+from ._common import (DEFAULT_MODEL, DebugOpt, HeadOpt, ModelOpt, NoBaseHeadOpt, QuietOpt, ThresholdsOpt,
+                      apply_calibrations, calibrations_of, label_list, listen_run_options, load_tagger,
+                      parse_threshold, stderr_console)
 from ._errors import cli_errors, debug_enabled, say
 
 LiveFormat = _choices("LiveFormat", "live jsonl", "What listen prints.")
@@ -77,7 +78,6 @@ def listen(
             except ValueError as exc:
                 raise UsageError(str(exc), option="rate") from None
         threshold, calibrated = parse_threshold(threshold)
-        calibration = read_calibration(model, thresholds, calibrated)  # a missing or bad file: before any work
         if events and threshold is None:
             threshold = 0.5
         selection = LabelSelection.from_options(top, threshold, label_list(include), label_list(exclude), activation)
@@ -87,10 +87,7 @@ def listen(
             raise UsageError("raw PCM needs its sample rate", hint="add --rate HZ (and --channels, --sample-format)")
         fmt = format or (LiveFormat.live if sys.stdout.isatty() and not events else LiveFormat.jsonl)
         heads = read_heads(head or (), not no_base_head)  # a missing folder or not a head: before the model
-        if calibration is not None and head:
-            raise UsageError("calibrated thresholds are read for one model at a time, not yet with --head",
-                             option="threshold", hint="calibrate each head (ast evaluate HEAD_DIR DATA --calibrate) "
-                             "and run it as --model HEAD_DIR")
+        calibrations = calibrations_of(model, thresholds, calibrated, heads)  # a missing or bad file: before any work
         tagger = load_tagger(model, run, stderr, quiet, heads=heads, base_head=not no_base_head)
         if source == "-":
             # Unbuffered, not sys.stdin.buffer: a reader thread blocked in a buffered stdin would abort
@@ -104,9 +101,8 @@ def listen(
         else:
             stream = ffmpeg_source(source)
         recording = source != "-" and os.path.isfile(source)
-        if calibration is not None:
-            calibration.check((activation or tagger.default_activation).value)
-            selection = selection.calibrated(tagger.labels, calibration.thresholds)
+        if calibrations is not None:
+            selection = apply_calibrations(selection, tagger.parts(), calibrations, activation, heads)
         own = activation or (None if heads else tagger.default_activation)  # None: each head's own
         listener = Listener(tagger.scoring_backend, tagger.labels, hop_seconds=run.hop_seconds or 1.0,
                             selection=selection, activation=own, stall_seconds=stall, parts=tagger.parts(),

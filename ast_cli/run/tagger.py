@@ -129,6 +129,14 @@ class LabelSelection:
                              + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""), option="thresholds")
         return replace(self, thresholds=tuple(float(thresholds.get(name, math.nan)) for name in labels))
 
+    def calibrated_parts(self, parts, thresholds: list[dict[str, float] | None]) -> "LabelSelection":
+        """``calibrated`` over several heads (``parts``: ``HeadPart``s in their order): each head's labels take its
+        own thresholds (None: that head has none), placed where ``select`` looks for them (each part's offset)."""
+        from dataclasses import replace
+
+        values = [v for part, own in zip(parts, thresholds) for v in self.calibrated(part.labels, own or {}).thresholds]
+        return replace(self, thresholds=tuple(values))
+
     def select(self, scores: np.ndarray, labels: tuple[str, ...], allowed: np.ndarray,
                head: str | None = None, offset: int = 0) -> list[LabelScore]:
         """The labels to report from ``scores`` (one head's: ``labels``, at ``offset`` among all the heads' labels,
