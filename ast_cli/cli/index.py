@@ -8,7 +8,7 @@ import typer
 
 from ..run.options import RunOptions
 from ._app import app
-from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, checked_distributed, compute_name,
+from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, HeadOpt, ModelOpt, PathsArg, QuietOpt, checked_distributed, compute_name,
                       distributed_options, fetch_model, load_tagger, model_config, path_stdin,
                       refuse_piped_audio_on_ray, report_failure, run_options, stderr_console)
 from ._errors import EXIT_FAILED, cli_errors, counted, debug_enabled
@@ -26,6 +26,7 @@ def index_command(
     db: DbOpt,
     prune: Annotated[bool, typer.Option("--prune", help="Drop stored files below the given paths that are no longer there.")] = False,
     model: ModelOpt = DEFAULT_MODEL,
+    head: HeadOpt = None,
     ext: ExtOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -36,12 +37,18 @@ def index_command(
     (size or mtime) and retries failed ones; --prune drops files no longer found. Each file is stored whole
     or not at all, so a killed run resumes with every window once. A DIR made with another model or other
     window settings is refused. --shard K/N runs write parts that the next run (or a search) merges.
+    --head DIR also stores each window's scores from that head (trained on this model), for
+    ast search --label; windows stored earlier are scored from their stored embeddings.
 
     Examples:
 
       ast index recordings/ --db archive.db
 
       ast index recordings/ --db archive.db --hop 5 --prune
+
+      ast index recordings/ --db archive.db --head birds/
+
+      ast search archive.db --label robin --top 20
 
       ast search archive.db door.wav --top 20
     """
@@ -51,6 +58,7 @@ def index_command(
 
         from ..errors import UsageError
         from ..audio.inputs import expand_inputs, parse_extensions
+        from ..checkpoint.heads import read_heads
         from ..run.vectordb import require_ann_backend
         from ..tasks.distributed import take_shard
 
@@ -61,6 +69,9 @@ def index_command(
             raise UsageError("--prune needs every file: it goes without --shard", option="prune")
         items = take_shard(expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths)), cluster.shard)
         refuse_piped_audio_on_ray(items, cluster)
+        heads = read_heads(head or ())  # a missing folder or not a head: before anything else
+        if heads and cluster.ray:
+            raise UsageError("heads run in this process, not on a Ray cluster", option="heads")
         if any(getattr(item, "source", None) is not None for item in items):
             raise UsageError("audio on stdin has no path to store: index files", option="paths")
         if not items:
@@ -69,13 +80,15 @@ def index_command(
             raise UsageError(f"{db} exists and is not a directory", option="db")
         identity, path = _identity(model, run, cluster, stderr, quiet)
         plan = _plan(items, paths, db, identity, cluster.shard)  # another model: refused before any write
-        records = _records(plan.todo, path, model, run, cluster, stderr, quiet)  # the model loads here
-        store = _writable(db, identity, cluster.shard)
+        # the model loads here; a head trained on another base is refused
+        records = _records(plan.todo, path, model, run, cluster, stderr, quiet, heads)
+        store = _writable(db, identity, cluster.shard, heads, stderr)
         try:
             if prune and plan.gone:
                 store.remove(plan.gone)
                 plan.pruned = len(plan.gone)
-            failed = _index(store, plan, records, stderr, quiet, debug)
+            failed = _index(store, plan, records, stderr, quiet, debug, heads)
+            _score_stored(store, heads, stderr, quiet)
             if cluster.shard is None:
                 _update_ann(store, stderr, quiet)
         finally:
@@ -115,9 +128,14 @@ def _plan(items, arguments: list[str], db: str, identity: dict, shard):
     return plan_index(items, known, arguments)
 
 
-def _writable(db: str, identity: dict, shard):
-    """The store this run writes: the index (with finished shards merged in), or this shard's part (locked)."""
+def _writable(db: str, identity: dict, shard, heads, stderr):
+    """The store this run writes: the index (with finished shards merged in), or this shard's part (locked),
+    with ``heads`` recorded in it (one retrained since it scored the store: its old scores dropped)."""
     import os
+
+    from ..run import headscores
+    from ..tasks.index import head_entry
+    from ._errors import say
 
     from ..errors import UsageError
     from ..run.vectordb import SHARDS_DIR, ShardLock, VectorStore
@@ -134,11 +152,18 @@ def _writable(db: str, identity: dict, shard):
     store.claim(identity)
     if shard is None:
         store.merge_shards()
+    if heads:
+        with store.transaction():
+            changed = headscores.register(store.db, {head.name: head_entry(head) for head in heads})
+        for name in changed:
+            say(stderr, f"head {name} changed since it scored {db}: its scores are redone")
     return store
 
 
-def _index(store, plan, records, stderr, quiet: bool, debug: bool) -> int:
-    """Store ``records`` (of ``plan.todo``, as they are embedded); returns how many failed."""
+def _index(store, plan, records, stderr, quiet: bool, debug: bool, heads=()) -> int:
+    """Store ``records`` (of ``plan.todo``, as they are embedded, with ``heads``' scores); returns how many
+    failed."""
+    from ..tasks.index import score_heads
     from ._io import native_stderr_silenced
     from ._progress import BatchProgress, summary
 
@@ -150,6 +175,8 @@ def _index(store, plan, records, stderr, quiet: bool, debug: bool) -> int:
             with native_stderr_silenced(not debug_enabled(debug)), progress:
                 for record in records:
                     progress.advance(record.duration)
+                    if record.error is None:
+                        record.scores = score_heads(heads, record.vectors)
                     store.put(record)
                     counts["failed" if record.error else "indexed"] += 1
                     if record.error is not None:
@@ -161,6 +188,17 @@ def _index(store, plan, records, stderr, quiet: bool, debug: bool) -> int:
                             f"{pruned}", progress, f"{counted(len(store), 'window')} in "
                             f"{store.directory if store.lock is None else store.path}")
     return counts["failed"]
+
+
+def _score_stored(store, heads, stderr, quiet: bool) -> None:
+    """Windows stored before (by runs without these heads, or before one changed): scored from their stored
+    embeddings, no backbone pass."""
+    from ..tasks.index import score_stored
+    from ._errors import say
+
+    scored = score_stored(store, heads)
+    if scored and not quiet:
+        say(stderr, f"scored {counted(scored, 'stored window')} with {', '.join(head.name for head in heads)}")
 
 
 def _update_ann(store, stderr, quiet: bool) -> None:
@@ -177,10 +215,11 @@ def _update_ann(store, stderr, quiet: bool) -> None:
     store.ann()
 
 
-def _records(todo, path: str, model: str, run: RunOptions, cluster, stderr, quiet: bool):
+def _records(todo, path: str, model: str, run: RunOptions, cluster, stderr, quiet: bool, heads=()):
     """The stored form of each file still to do, in order: embedded here, or by Ray actors (the driver stores).
-    The model is loaded (or the cluster joined) now; nothing when there is nothing to do."""
-    if not todo:
+    The model is loaded (or the cluster joined) now; nothing when there is nothing to do (with ``heads`` it is
+    loaded all the same: it checks that they were trained on it)."""
+    if not todo and not heads:
         return iter(())
     if cluster.ray:
         from ..tasks.distributed import connect, run_ray_embed
@@ -191,5 +230,5 @@ def _records(todo, path: str, model: str, run: RunOptions, cluster, stderr, quie
         return run_ray_embed(todo, path, run, cluster)
     from ..tasks.index import embed_files
 
-    tagger = load_tagger(model, run, stderr, quiet, resolved=path)  # resolved once, for the identity check
-    return (record for record, _ in embed_files(todo, tagger))
+    tagger = load_tagger(model, run, stderr, quiet, resolved=path, heads=heads)  # resolved once, for the identity
+    return (record for record, _ in embed_files(todo, tagger)) if todo else iter(())

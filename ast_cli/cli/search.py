@@ -21,22 +21,26 @@ def search(
     query: Annotated[Optional[str], typer.Argument(metavar="QUERY", help="An audio file: its window from --start is the example.")] = None,
     start: Annotated[float, typer.Option(metavar="SECONDS", help="Where the query window starts.")] = 0.0,
     end: Annotated[Optional[float], typer.Option(metavar="SECONDS", help="Where it ends (default: one model window; a shorter one is padded).")] = None,
-    label: Annotated[Optional[str], typer.Option(metavar="NAME", help="Search along this label's classifier direction instead of a QUERY.")] = None,
+    label: Annotated[Optional[str], typer.Option(metavar="NAME", help="Instead of a QUERY: the windows a head the index scores (ast index --head) gives this label's highest probability, or else along the model's own classifier direction for it.")] = None,
+    head: Annotated[Optional[str], typer.Option("--head", metavar="NAME", help="With --label: this stored head's scores (when two heads have the label).")] = None,
     top: Annotated[int, typer.Option(min=1, metavar="K", help="Windows to return.")] = 10,
     exclude_file: Annotated[bool, typer.Option("--exclude-file", help="Leave out windows of the query's own file.")] = False,
-    min_score: Annotated[Optional[float], typer.Option(metavar="X", help="Only windows with cosine score >= X.")] = None,
+    min_score: Annotated[Optional[float], typer.Option(metavar="X", help="Only windows with score >= X (cosine; a head's probability).")] = None,
     format: Annotated[SearchFormat, typer.Option("--format", "-f", help="table, jsonl, csv (with an empty label column to fill for ast train --features-db) or audacity labels.")] = SearchFormat.table,
     output_dir: Annotated[Optional[str], typer.Option("--output-dir", metavar="DIR", help="--format audacity: one label track per file with hits, DIR/<name>.labels.txt (replaced).")] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Find the indexed windows most like an example: results are windows (path, start, end, cosine score),
-    best first. The query is embedded with the model the index was made with.
+    best first. The query is embedded with the model the index was made with. With --label, a label of a head
+    that ast index --head stored: the windows it scores highest (the score is its probability).
 
     Examples:
 
       ast search archive.db door.wav --start 12.5 --top 20
 
       ast search archive.db --label Dog --format csv > hits.csv
+
+      ast search archive.db --label robin --head birds --min-score 0.8
 
       ast train hits.csv --features-db archive.db --out dog-detector/
     """
@@ -49,11 +53,17 @@ def search(
 
         if (query is None) == (label is None):
             raise UsageError("give a QUERY audio file or --label NAME (one of them)", option="label")
+        if head is not None and label is None:
+            raise UsageError("names the head whose --label to search: it goes with --label", option="head")
         if output_dir is not None and format is not SearchFormat.audacity:
             raise UsageError("writes Audacity label tracks: it goes with --format audacity",
                              option="output_dir")
         with Index.open(db) as index:
-            if label is not None:
+            found = index.head_of(label, head) if label is not None else None
+            if found is not None:
+                hits = index.search_head(label, found[0], top, min_score)
+                _note_unscored(index, found[0], stderr)
+            elif label is not None:
                 hits = index.search(index.label_vector(label), top, min_score=min_score)
             else:
                 hits = index.search(query, top, start=start, end=end, exclude_file=exclude_file,
@@ -61,6 +71,15 @@ def search(
         if output_dir is not None:
             return _label_tracks(hits, output_dir, label or f"like {os.path.basename(query)}")
         _print(hits, format)
+
+
+def _note_unscored(index, head: str, stderr) -> None:
+    from ._errors import counted, say
+
+    missing = index.unscored(head)
+    if missing:
+        say(stderr, f"{counted(missing, 'window')} of the index are not scored by head {head} (a run without it "
+                    f"stored them): ast index ... --head {index.heads()[head]['path']} scores them")
 
 
 def _label_tracks(hits, output_dir: str, text: str) -> None:

@@ -31,6 +31,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from ..errors import UsageError
+from . import headscores
 from .ann import (ANN_SUFFIX, TRAIN_PER_LIST, TRAIN_SAMPLE, fingerprint, generation_of, ids_in, lists_for, probes,
                   read_ann, save_ann, trained_ann)
 from .files import ShardLock
@@ -49,7 +50,7 @@ CREATE TABLE IF NOT EXISTS files (id INTEGER PRIMARY KEY, path TEXT NOT NULL UNI
 CREATE TABLE IF NOT EXISTS windows (id INTEGER PRIMARY KEY AUTOINCREMENT, file_id INTEGER NOT NULL REFERENCES files(id),
     start REAL NOT NULL, "end" REAL NOT NULL, vector BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS windows_file ON windows(file_id);
-"""
+""" + headscores.SCHEMA
 
 
 def require_ann_backend() -> None:
@@ -75,6 +76,7 @@ class FileRecord:
     windows: list[tuple[float, float]] = field(default_factory=list)
     vectors: np.ndarray | None = None
     window_count: int = 0
+    scores: dict | None = None  # head name -> (windows, labels) probabilities (``ast index --head``)
 
 
 @dataclass(frozen=True)
@@ -153,9 +155,14 @@ class VectorStore:
             self.db.executemany('INSERT INTO windows (file_id, start, "end", vector) VALUES (?, ?, ?, ?)',
                                 [(cursor.lastrowid, start, end, row.tobytes())
                                  for (start, end), row in zip(record.windows, vectors)])
+            if record.scores:
+                ids = self.db.execute("SELECT id FROM windows WHERE file_id = ? ORDER BY id", (cursor.lastrowid,))
+                headscores.put(self.db, [r[0] for r in ids], record.scores)
 
     def _delete(self, paths: Iterable[str]) -> None:
         rows = [(path,) for path in paths]
+        for (path,) in rows:
+            headscores.delete_file(self.db, path)
         self.db.executemany("DELETE FROM windows WHERE file_id IN (SELECT id FROM files WHERE path = ?)", rows)
         self.db.executemany("DELETE FROM files WHERE path = ?", rows)
 
@@ -194,6 +201,7 @@ class VectorStore:
             if identity is not None:
                 self.claim(identity)
             with self.transaction():
+                headscores.register(self.db, headscores.registered(shard.db))  # a changed head: its old scores go
                 for record in shard.records():
                     self._put(record)
                 self._bump()
@@ -203,10 +211,11 @@ class VectorStore:
     def records(self) -> Iterator[FileRecord]:
         """Every stored file with its windows and vectors (for merging)."""
         for file_id, path, size, mtime_ns, duration, error in self.db.execute("SELECT * FROM files").fetchall():
-            rows = self.db.execute('SELECT start, "end", vector FROM windows WHERE file_id = ? ORDER BY id',
+            rows = self.db.execute('SELECT start, "end", vector, id FROM windows WHERE file_id = ? ORDER BY id',
                                    (file_id,)).fetchall()
             vectors = np.stack([np.frombuffer(r[2], DTYPE) for r in rows]) if rows else None
-            yield FileRecord(path, size, mtime_ns, duration, error, [(r[0], r[1]) for r in rows], vectors)
+            yield FileRecord(path, size, mtime_ns, duration, error, [(r[0], r[1]) for r in rows], vectors,
+                             scores=headscores.of_windows(self.db, [r[3] for r in rows]))
 
     # -- reading ---------------------------------------------------------------------------------------
 

@@ -123,6 +123,52 @@ def to_record(item: InputFile, out: FileOutput, identity: tuple[int | None, int 
                       vectors=None if error else out.outputs)
 
 
+def head_entry(head) -> dict:
+    """How the index records a head (``checkpoint.heads.Head``): its labels, kind and folder, and a digest of its
+    two files (the same name with another digest: retrained, so its stored scores are dropped and redone)."""
+    import hashlib
+
+    from ..checkpoint.heads import HEAD_CONFIG, HEAD_WEIGHTS
+
+    digest = hashlib.sha256()
+    for name in (HEAD_CONFIG, HEAD_WEIGHTS):
+        with open(os.path.join(head.path, name), "rb") as handle:
+            digest.update(handle.read())
+    return {"digest": digest.hexdigest(), "labels": list(head.labels), "single_label": head.single_label,
+            "path": os.path.abspath(head.path)}
+
+
+def score_heads(heads, vectors: np.ndarray | None) -> dict | None:
+    """head name -> (W, L) float32 probabilities of each head on the (W, D) stored embeddings (what classify
+    reports with the head: softmax for a single-label head, sigmoid for the others)."""
+    import torch
+
+    from ..run.tagger import activate
+
+    if vectors is None or not heads:
+        return None
+    with torch.inference_mode():
+        pooled = torch.from_numpy(np.array(vectors, dtype=np.float32))  # a copy: stored rows are read-only
+        return {head.name: activate(head(pooled).numpy(), "softmax" if head.single_label else "sigmoid"
+                                    ).astype(np.float32) for head in heads}
+
+
+def score_stored(store: VectorStore, heads, on_batch: Callable[[str, int], None] | None = None) -> int:
+    """Score with ``heads`` every stored window they have not scored (stored before they were given, or before
+    they changed), from the stored embeddings, one transaction per batch; returns how many windows."""
+    from ..run import headscores
+
+    done = 0
+    for head in heads:
+        for ids, vectors in headscores.unscored(store.db, head.name):
+            with store.transaction():
+                headscores.put(store.db, ids, score_heads([head], vectors))
+            done += len(ids)
+            if on_batch is not None:
+                on_batch(head.name, len(ids))
+    return done
+
+
 def embed_files(items: list[InputFile], tagger, on_progress: Callable | None = None
                 ) -> Iterator[tuple[FileRecord, FileOutput]]:
     """Embed every window of ``items`` with the local engine; one (record, engine output) each, in order."""
@@ -262,6 +308,46 @@ class Index:
             raise UsageError(f"{name}: {out.error}", option="query")
         return out.outputs[0]
 
+    def heads(self) -> dict:
+        """The heads whose scores the index holds (``ast index --head``): name -> labels, kind, folder, digest."""
+        from ..run import headscores
+
+        return headscores.registered(self.store.db)
+
+    def head_of(self, label: str, head: str | None = None) -> tuple[str, int] | None:
+        """(head name, column) of ``label`` among the stored heads' labels (``head``: that head only); None when
+        no head is named and none has the label (it is then the model's own)."""
+        heads = self.heads()
+        if head is not None and head not in heads:
+            raise UsageError(f"the index holds no scores of a head named {head!r}", option="head",
+                             hint=f"its heads: {', '.join(sorted(heads)) or 'none'} (ast index --head DIR adds one)")
+        found = [(name, [x.lower() for x in entry["labels"]].index(label.lower()))
+                 for name, entry in sorted(heads.items()) if head in (None, name)
+                 and label.lower() in (x.lower() for x in entry["labels"])]
+        if head is not None and not found:
+            raise UsageError(f"{label!r} is not one of head {head}'s labels", option="label")
+        if len(found) > 1:
+            raise UsageError(f"heads {' and '.join(name for name, _ in found)} both have a label {label!r}",
+                             option="label", hint="pick one with --head NAME")
+        return found[0] if found else None
+
+    def search_head(self, label: str, head: str | None = None, top: int = 10, min_score: float | None = None
+                    ) -> list[Hit]:
+        """The windows a stored head scores highest for ``label`` (its probability, as classify reports it with
+        that head), best first; only windows the head has scored (``unscored``: how many it has not)."""
+        from ..run import headscores
+
+        found = self.head_of(label, head)
+        if found is None:
+            raise UsageError(f"{label!r} is not a label of any head the index holds scores of", option="label")
+        return self.store._hits(headscores.best(self.store.db, *found, top, min_score))
+
+    def unscored(self, head: str) -> int:
+        """How many stored windows head ``head`` has not scored (a run without ``--head`` for it added them)."""
+        from ..run import headscores
+
+        return headscores.missing(self.store.db, head)
+
     def label_vector(self, label: str) -> np.ndarray:
         """The direction in embedding space along which the model's logit for ``label`` grows: the classifier
         row scaled by its LayerNorm's gain, centred (LayerNorm ignores a shift along the all-ones vector)."""
@@ -275,5 +361,5 @@ class Index:
         return direction - direction.mean()
 
 
-__all__ = ["Index", "Plan", "covered", "embed_files", "file_key", "identity_of", "plan_index", "shard_file",
-           "stored_embeddings", "to_record"]
+__all__ = ["Index", "Plan", "covered", "embed_files", "file_key", "head_entry", "identity_of", "plan_index",
+           "score_heads", "score_stored", "shard_file", "stored_embeddings", "to_record"]

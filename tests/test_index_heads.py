@@ -1,0 +1,148 @@
+"""``ast index --head`` (#28): an index also stores each window's scores from heads trained on its model (what
+classify gives that window with the head), searched with ``ast search --label``; a head added later (or
+retrained) scores the stored windows from their stored embeddings, with no backbone pass."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from ast_cli import Index
+from ast_cli.cli import app
+from test_heads import JOINT, classify, setup  # noqa: F401 (setup: the base, another base and three heads)
+
+pytest.importorskip("faiss")
+
+
+def ast(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def index(paths, db, model, *extra):
+    return ast("index", *paths, "--db", db, "--model", model, "--device", "cpu", "--dtype", "fp32", "--workers", "1",
+               "--quiet", *extra)
+
+
+def window_scores(db) -> dict:
+    """(path, start) -> {head: {label: score}} of every stored window's head scores."""
+    with sqlite3.connect(os.path.join(db, "index.sqlite")) as con:
+        heads = json.loads(con.execute("SELECT value FROM meta WHERE key = 'heads'").fetchone()[0])
+        rows = con.execute("SELECT path, start, head, scores FROM head_scores JOIN windows ON windows.id = window_id "
+                           "JOIN files ON files.id = file_id").fetchall()
+    out: dict = {}
+    for path, start, head, blob in rows:
+        out.setdefault((path, start), {})[head] = dict(zip(heads[head]["labels"], np.frombuffer(blob, "<f4").tolist()))
+    return out
+
+
+def classified(clips, base, *heads) -> dict:
+    """The same shape as ``window_scores``, from ``ast classify --head ... --segments``: the reference."""
+    out: dict = {}
+    args = [arg for head in heads for arg in ("--head", str(head))]
+    for record in classify(*map(str, clips), "--model", str(base), *args, "--no-base-head", "--segments"):
+        for segment in record["segments"]:
+            window = out.setdefault((os.path.abspath(record["path"]), segment["start"]), {})
+            for x in segment["labels"]:
+                window.setdefault(x["head"], {})[x["label"]] = x["score"]
+    return out
+
+
+def assert_close(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for window, heads in want.items():
+        assert got[window].keys() == heads.keys()
+        for head, labels in heads.items():
+            assert got[window][head].keys() == labels.keys()
+            assert max(abs(got[window][head][x] - s) for x, s in labels.items()) <= JOINT, (window, head)
+
+
+def test_28_index_head_stores_what_classify_gives_each_window_with_that_head(setup, tmp_path):
+    root, clips = setup["root"], setup["clips"]
+    result = index(clips, tmp_path / "db", setup["base"], "--head", root / "pitch", "--head", root / "mix")
+    assert result.exit_code == 0, result.stderr
+    got = window_scores(tmp_path / "db")
+    assert len(got) > len(clips)  # the long clip has several windows, each scored
+    assert_close(got, classified(clips, setup["base"], root / "pitch", root / "mix"))
+    with Index.open(str(tmp_path / "db")) as stored:
+        assert sorted(stored.heads()) == ["mix", "pitch"] and stored.unscored("pitch") == 0
+
+
+def test_28_index_refuses_a_head_of_another_base_before_any_write(setup, tmp_path):
+    root, clips = setup["root"], setup["clips"]
+    fresh = index(clips, tmp_path / "fresh", setup["base"], "--head", root / "foreign")
+    assert fresh.exit_code == 2 and "another base" in fresh.stderr and not (tmp_path / "fresh").exists()
+    assert index(clips[:1], tmp_path / "db", setup["base"]).exit_code == 0
+    before = {name: (tmp_path / "db" / name).read_bytes() for name in os.listdir(tmp_path / "db")}
+    again = index(clips, tmp_path / "db", setup["base"], "--head", root / "foreign")
+    assert again.exit_code == 2 and "another base" in again.stderr
+    assert {name: (tmp_path / "db" / name).read_bytes() for name in os.listdir(tmp_path / "db")} == before
+    ray = index(clips, tmp_path / "ray", setup["base"], "--head", root / "pitch", "--engine", "ray")
+    assert ray.exit_code == 2 and not (tmp_path / "ray").exists()
+
+
+def test_28_a_head_added_or_retrained_later_scores_the_stored_windows_without_the_backbone(setup, tmp_path,
+                                                                                           monkeypatch):
+    from ast_cli.tasks import index as tasks_index
+
+    root, clips = setup["root"], setup["clips"]
+    assert index(clips, tmp_path / "db", setup["base"]).exit_code == 0
+    head = tmp_path / "copy" / "pitch"
+    shutil.copytree(root / "pitch", head)
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("an unchanged file was embedded again")
+
+    monkeypatch.setattr(tasks_index, "embed_files", no_backbone)
+    added = ast("index", *clips, "--db", tmp_path / "db", "--model", setup["base"], "--head", head)
+    windows = len(window_scores(tmp_path / "db"))
+    assert added.exit_code == 0, added.stderr
+    assert f"scored {windows} stored windows with pitch" in added.stderr
+    assert_close(window_scores(tmp_path / "db"), classified(clips, setup["base"], head))
+
+    tensors = load_file(str(head / "head.safetensors"))  # retrained: other weights under the same name
+    tensors["classifier.dense.bias"] = tensors["classifier.dense.bias"] + 1.5
+    save_file(tensors, str(head / "head.safetensors"), metadata={"format": "pt"})
+    redone = ast("index", *clips, "--db", tmp_path / "db", "--model", setup["base"], "--head", head)
+    assert redone.exit_code == 0, redone.stderr
+    assert "head pitch changed since it scored" in redone.stderr
+    assert_close(window_scores(tmp_path / "db"), classified(clips, setup["base"], head))
+
+
+def test_28_search_label_ranks_windows_by_a_stored_heads_probability(setup, tmp_path):
+    root, clips = setup["root"], setup["clips"]
+    db = tmp_path / "db"
+    assert index(clips, db, setup["base"], "--head", root / "pitch", "--head", root / "mix").exit_code == 0
+    scores = sorted((s["pitch"]["high"] for s in window_scores(db).values()), reverse=True)
+    result = ast("search", db, "--label", "high", "--head", "pitch", "-f", "jsonl", "--top", "3")
+    assert result.exit_code == 0, result.stderr
+    hits = [json.loads(line)["score"] for line in result.stdout.splitlines()]
+    assert hits == pytest.approx(scores[:3], abs=1e-6)
+    floor = ast("search", db, "--label", "high", "--head", "pitch", "-f", "jsonl", "--min-score", scores[1])
+    assert len(floor.stdout.splitlines()) == 2
+    tonal = ast("search", db, "--label", "tonal", "-f", "jsonl", "--top", "1")  # only mix has it
+    assert json.loads(tonal.stdout)["score"] == pytest.approx(max(s["mix"]["tonal"] for s in window_scores(db).values()),
+                                                              abs=1e-6)
+    both = ast("search", db, "--label", "high")
+    assert both.exit_code == 2 and "pick one with --head" in both.stderr
+    unknown = ast("search", db, "--label", "high", "--head", "nope")
+    assert unknown.exit_code == 2 and "no scores of a head named 'nope'" in unknown.stderr
+    assert index([root / "mixhigh0.wav"], db, setup["base"]).exit_code == 0  # stored without the heads
+    partial = ast("search", db, "--label", "high", "--head", "pitch")
+    assert partial.exit_code == 0 and "not scored by head pitch" in partial.stderr
+
+
+def test_28_shards_with_heads_merge_into_what_one_run_stores(setup, tmp_path):
+    root, clips = setup["root"], setup["clips"]
+    assert index(clips, tmp_path / "whole", setup["base"], "--head", root / "pitch").exit_code == 0
+    for shard in ("1/2", "2/2"):
+        result = index(clips, tmp_path / "parts", setup["base"], "--head", root / "pitch", "--shard", shard)
+        assert result.exit_code == 0, result.stderr
+    Index.open(str(tmp_path / "parts")).close()
+    assert_close(window_scores(tmp_path / "parts"), window_scores(tmp_path / "whole"))
