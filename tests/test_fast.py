@@ -304,3 +304,25 @@ def test_26_1_a_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
     assert fast_cache_path() == str(tmp_path / ".cache" / "ast-cli" / "fast-v2.json")
+
+
+@pytest.mark.skipif(not (cpu_has_native_bf16() and _bf16_packing_works()),
+                    reason="packed bf16 Linear layers need bf16 hardware and oneDNN's bf16 linear in this torch")
+def test_26_2_the_mlp_output_gemm_in_token_slices_scores_as_the_whole(tiny_checkpoint, monkeypatch):
+    from ast_cli.checkpoint import speed
+    from ast_cli.checkpoint.weights import build_model, load_checkpoint
+
+    checkpoint = load_checkpoint(tiny_checkpoint[0])
+    inputs = fast.calibration_inputs(checkpoint.config)
+    with torch.inference_mode():
+        whole = torch.sigmoid(speed.place_bf16_cpu(build_model(checkpoint))(inputs.bfloat16()).float())
+        monkeypatch.setattr(speed, "MLP_OUT_ROWS", 7)  # fewer than the tiny model's tokens, and no divisor of them
+        sliced_model = speed.place_bf16_cpu(build_model(checkpoint))
+        calls = []
+        monkeypatch.setattr(speed.PackedLinearBF16, "add", lambda self, x, residual: calls.append(x.shape[1]) or
+                            torch.ops.mkldnn._linear_pointwise.binary(x, residual, self._packed, self.bias, "add"))
+        sliced = torch.sigmoid(sliced_model(inputs.bfloat16()).float())
+        reference = torch.sigmoid(build_model(checkpoint)(inputs))
+    tokens = max(calls)  # the attention output GEMM runs on all of them; the MLP's in slices of 7 and the rest
+    assert calls.count(7) == tokens // 7 * checkpoint.config.num_hidden_layers and tokens % 7 in calls
+    assert (sliced - whole).abs().max() <= 1e-2 and (sliced - reference).abs().max() <= FAST_MODE_SCORES
