@@ -312,7 +312,8 @@ class PackedLayerBF16(nn.Module):
         self.heads, self.head_dim, self.scale = self_attention.num_heads, self_attention.head_dim, self_attention.scale
         self.layernorm_before, self.layernorm_after = layer.layernorm_before, layer.layernorm_after
         parts = [self_attention.query, self_attention.key, self_attention.value]
-        qkv = nn.Linear(parts[0].in_features, 3 * parts[0].out_features, bias=parts[0].bias is not None)
+        qkv = torch.nn.utils.skip_init(nn.Linear, parts[0].in_features, 3 * parts[0].out_features,  # no random
+                                       bias=parts[0].bias is not None, dtype=parts[0].weight.dtype)  # init: ~0.1 s
         with torch.no_grad():
             qkv.weight.copy_(torch.cat([part.weight for part in parts]))
             if qkv.bias is not None:

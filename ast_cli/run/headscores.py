@@ -73,11 +73,14 @@ def of_windows(db: sqlite3.Connection, window_ids: list[int]) -> dict:
 def unscored(db: sqlite3.Connection, name: str) -> Iterator[tuple[list[int], np.ndarray]]:
     """(window ids, (n, D) stored vectors) of the windows head ``name`` has not scored, a batch at a time (each
     batch should be scored and ``put`` before the next is asked for)."""
-    while True:
-        rows = db.execute("SELECT id, vector FROM windows WHERE id NOT IN (SELECT window_id FROM head_scores "
-                          "WHERE head = ?) ORDER BY id LIMIT ?", (name, SCAN_BATCH)).fetchall()
+    after = -1
+    while True:  # by id from where the last batch ended; each row looked up in the (head, window_id) key
+        rows = db.execute("SELECT id, vector FROM windows WHERE id > ? AND NOT EXISTS (SELECT 1 FROM head_scores "
+                          "WHERE head = ? AND window_id = windows.id) ORDER BY id LIMIT ?",
+                          (after, name, SCAN_BATCH)).fetchall()
         if not rows:
             return
+        after = rows[-1][0]
         yield [r[0] for r in rows], np.frombuffer(b"".join(r[1] for r in rows), DTYPE).reshape(len(rows), -1)
 
 
