@@ -24,6 +24,7 @@ SCAN_BATCH = 10_000  # rows read per step: bounded memory however many windows a
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS head_scores (head TEXT NOT NULL, window_id INTEGER NOT NULL, scores BLOB NOT NULL,
     PRIMARY KEY (head, window_id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS head_scores_window ON head_scores(window_id);
 """
 
 
