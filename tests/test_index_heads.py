@@ -148,8 +148,8 @@ def test_28_shards_with_heads_merge_into_what_one_run_stores(setup, tmp_path):
     assert_close(window_scores(tmp_path / "parts"), window_scores(tmp_path / "whole"))
 
 
-def _scored_store(directory, files: int, windows: int = 50):
-    """A store of ``files`` x ``windows`` synthetic 8-d windows, each scored by a registered 3-label head ``h``."""
+def _scored_store(directory, files: int, windows: int = 50, labels: int = 3):
+    """A store of ``files`` x ``windows`` synthetic 8-d windows, each scored by a registered head ``h``."""
     from ast_cli.run import headscores
     from ast_cli.run.vectordb import FileRecord, VectorStore
 
@@ -157,12 +157,12 @@ def _scored_store(directory, files: int, windows: int = 50):
     store = VectorStore.open(str(directory))
     store.claim({"model": "synthetic"})
     with store.transaction():
-        headscores.register(store.db, {"h": {"digest": "d", "labels": ["a", "b", "c"], "single_label": False,
-                                             "path": "/h"}})
+        headscores.register(store.db, {"h": {"digest": "d", "labels": [f"l{i}" for i in range(labels)],
+                                             "single_label": False, "path": "/h"}})
         for f in range(files):
             store._put(FileRecord(f"/f{f}", 1, 1, 10.0, None, [(w, w + 1.0) for w in range(windows)],
                                   rng.standard_normal((windows, 8)).astype(np.float32),
-                                  scores={"h": rng.random((windows, 3)).astype(np.float32)}))
+                                  scores={"h": rng.random((windows, labels)).astype(np.float32)}))
     return store
 
 
@@ -202,3 +202,23 @@ def test_28_storing_or_merging_a_file_visits_no_other_windows_scores(tmp_path):
         store.close()
     (put_small, read_small), (put_large, read_large) = costs
     assert put_large < 2 * put_small + 5 and read_large < 2 * read_small + 5, costs  # 10x the store: not 10x the work
+
+
+def test_28_search_by_a_label_reads_that_labels_score_only(tmp_path):
+    """best() read each row's whole blob (4 bytes per label of the head) to take one float: its memory grew with
+    the head's labels (10,000 rows of a 527-label head: 21 MB a batch; of a 100,000-label one, 4 GB)."""
+    import tracemalloc
+
+    from ast_cli.run import headscores
+
+    store = _scored_store(tmp_path / "db", 4, labels=5000)  # 200 windows, 20 kB of scores each
+    want = store.db.execute("SELECT window_id, scores FROM head_scores").fetchall()
+    want = sorted(((-np.frombuffer(blob, "<f4")[4321], window_id) for window_id, blob in want))[:5]
+    tracemalloc.start()
+    try:
+        got = headscores.best(store.db, "h", 4321, 5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == [(window_id, -score) for score, window_id in want]
+    assert peak < 1_000_000, peak  # 200 x 20 kB = 4 MB when the whole rows are read

@@ -24,6 +24,7 @@ SCAN_BATCH = 10_000  # rows read per step: bounded memory however many windows a
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS head_scores (head TEXT NOT NULL, window_id INTEGER NOT NULL, scores BLOB NOT NULL,
     PRIMARY KEY (head, window_id)) WITHOUT ROWID;
+-- a file's rows by window id (dropped with it, moved by a merge): a lookup, not a scan of every head's scores
 CREATE INDEX IF NOT EXISTS head_scores_window ON head_scores(window_id);
 """
 
@@ -98,12 +99,13 @@ def best(db: sqlite3.Connection, name: str, column: int, top: int, min_score: fl
     kept: list[tuple[float, int]] = []  # a min-heap of (score, -id): the worst kept one first
     after = -1
     while True:
-        rows = db.execute("SELECT window_id, scores FROM head_scores WHERE head = ? AND window_id > ? "
-                          "ORDER BY window_id LIMIT ?", (name, after, SCAN_BATCH)).fetchall()
+        # only the label's 4 bytes of each row: memory and time do not grow with the head's labels
+        rows = db.execute("SELECT window_id, substr(scores, ?, 4) FROM head_scores WHERE head = ? AND window_id > ? "
+                          "ORDER BY window_id LIMIT ?", (4 * column + 1, name, after, SCAN_BATCH)).fetchall()
         if not rows:
             break
         after = rows[-1][0]
-        scores = np.array([np.frombuffer(r[1], DTYPE, count=1, offset=4 * column)[0] for r in rows], np.float32)
+        scores = np.frombuffer(b"".join(r[1] for r in rows), DTYPE).astype(np.float32)
         for i in np.argsort(-scores, kind="stable")[:top]:
             if min_score is not None and scores[i] < min_score:
                 break
