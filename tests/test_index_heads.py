@@ -222,3 +222,13 @@ def test_28_search_by_a_label_reads_that_labels_score_only(tmp_path):
         tracemalloc.stop()
     assert got == [(window_id, -score) for score, window_id in want]
     assert peak < 1_000_000, peak  # 200 x 20 kB = 4 MB when the whole rows are read
+
+
+def test_28_search_top_larger_than_the_index_returns_every_window(tmp_path, monkeypatch):
+    """``ast search --label`` along the classifier direction (or by example) past the exact size asked faiss for
+    4 x --top candidates: --top 10**12 allocated 14.6 TiB (a MemoryError; at 3 * 10**8 the process was killed)."""
+    from test_index import _ann_store
+
+    store, queries = _ann_store(tmp_path, monkeypatch, files=4)  # 200 windows, searched through the ANN
+    hits = store.search(queries[0], 10**12)
+    assert 0 < len(hits) <= len(store) and hits == store.search(queries[0], len(store))

@@ -252,7 +252,7 @@ class VectorStore:
         count = self.db.execute("SELECT MAX(id) FROM windows").fetchone()[0] or 0
         if count == 0 or top <= 0:
             return []
-        want = top + len(excluded)
+        want = min(top + len(excluded), count)  # --top 10**12 asks faiss for no more rows than there are
         ids, scores = self._exact(query, want) if count <= EXACT_LIMIT else self._approximate(query, want)
         keep = [(i, s) for i, s in zip(ids.tolist(), scores.tolist())
                 if i not in excluded and (min_score is None or s >= min_score)][:top]
