@@ -232,3 +232,17 @@ def test_28_search_top_larger_than_the_index_returns_every_window(tmp_path, monk
     store, queries = _ann_store(tmp_path, monkeypatch, files=4)  # 200 windows, searched through the ANN
     hits = store.search(queries[0], 10**12)
     assert 0 < len(hits) <= len(store) and hits == store.search(queries[0], len(store))
+
+
+@pytest.mark.parametrize("tensor, value", [("classifier.dense.bias", float("nan")), ("standardize.std", 0.0)])
+def test_28_a_head_with_nan_weights_is_refused_not_ranked_first(setup, tmp_path, tensor, value):
+    """A NaN weight (or a zero std: inf) made every stored score NaN, which search printed as 1.0000 for every
+    window; classify failed every file as 'audio far outside [-1, 1]'. Now a corrupt head, before any write."""
+    root, clips = setup["root"], setup["clips"]
+    head = tmp_path / "pitch"
+    shutil.copytree(root / "pitch", head)
+    tensors = load_file(str(head / "head.safetensors"))
+    tensors[tensor][0] = value
+    save_file(tensors, str(head / "head.safetensors"), metadata={"format": "pt"})
+    result = index(clips, tmp_path / "db", setup["base"], "--head", head)
+    assert result.exit_code == 2 and "non-finite" in result.stderr and not (tmp_path / "db").exists()
