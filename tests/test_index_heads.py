@@ -246,3 +246,29 @@ def test_28_a_head_with_nan_weights_is_refused_not_ranked_first(setup, tmp_path,
     save_file(tensors, str(head / "head.safetensors"), metadata={"format": "pt"})
     result = index(clips, tmp_path / "db", setup["base"], "--head", head)
     assert result.exit_code == 2 and "non-finite" in result.stderr and not (tmp_path / "db").exists()
+
+
+@pytest.mark.parametrize("by", ["head", "vector"])
+def test_28_search_reads_one_state_of_the_index_while_a_run_prunes(tmp_path, monkeypatch, by):
+    """A search ranked window ids, then read each one's file and times: a run that pruned (or re-indexed) the
+    file in between made that read come back empty, and search failed ("cannot unpack non-iterable NoneType
+    object"). Both are now read in one snapshot."""
+    from ast_cli.run import headscores
+    from ast_cli.run.vectordb import VectorStore
+
+    store = _scored_store(tmp_path / "db", 3)
+    rank = (headscores, "best") if by == "head" else (VectorStore, "_exact")
+    ranked = getattr(*rank)
+
+    def then_pruned(*args, **kwargs):
+        found = ranked(*args, **kwargs)
+        other = VectorStore.open(str(tmp_path / "db"))  # another process's run
+        other.remove(["/f0", "/f1", "/f2"])
+        other.close()
+        return found
+
+    monkeypatch.setattr(*rank, then_pruned)
+    stored = Index(store)
+    hits = stored.search_head("l1", top=3) if by == "head" else store.search(np.ones(8, np.float32), top=3)
+    assert len(hits) == 3 and {hit.path for hit in hits} <= {"/f0", "/f1", "/f2"}
+    assert len(stored) == 0  # the prune is there for the next search

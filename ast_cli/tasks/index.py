@@ -340,7 +340,8 @@ class Index:
         found = self.head_of(label, head)
         if found is None:
             raise UsageError(f"{label!r} is not a label of any head the index holds scores of", option="label")
-        return self.store._hits(headscores.best(self.store.db, *found, top, min_score))
+        with self.store.snapshot():
+            return self.store._hits(headscores.best(self.store.db, *found, top, min_score))
 
     def unscored(self, head: str) -> int:
         """How many stored windows head ``head`` has not scored (a run without ``--head`` for it added them)."""
