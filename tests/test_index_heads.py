@@ -272,3 +272,21 @@ def test_28_search_reads_one_state_of_the_index_while_a_run_prunes(tmp_path, mon
     hits = stored.search_head("l1", top=3) if by == "head" else store.search(np.ones(8, np.float32), top=3)
     assert len(hits) == 3 and {hit.path for hit in hits} <= {"/f0", "/f1", "/f2"}
     assert len(stored) == 0  # the prune is there for the next search
+
+
+def test_28_search_label_takes_the_label_of_that_case_when_a_head_has_two(tmp_path):
+    """A head may have "Bird" and "bird" (ast train keeps both); --label bird searched "Bird"'s scores (the first
+    match ignoring case)."""
+    from ast_cli.errors import UsageError
+    from ast_cli.run import headscores
+
+    store = _scored_store(tmp_path / "db", 2)
+    with store.transaction():
+        headscores.register(store.db, {"h": {"digest": "d", "labels": ["Bird", "bird", "cat"], "single_label": False,
+                                             "path": "/h"}})
+    stored = Index(store)
+    assert stored.head_of("bird") == ("h", 1) and stored.head_of("Bird") == ("h", 0) and stored.head_of("CAT") == ("h", 2)
+    best = max(np.frombuffer(blob, "<f4")[1] for (blob,) in store.db.execute("SELECT scores FROM head_scores"))
+    assert stored.search_head("bird", top=1)[0].score == pytest.approx(best, abs=1e-6)
+    with pytest.raises(UsageError, match="but for case"):
+        stored.head_of("BIRD")

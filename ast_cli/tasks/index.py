@@ -215,6 +215,18 @@ def _read_span(path: str, begin: int, end: int) -> np.ndarray:
     return np.concatenate(pieces) if pieces else np.empty(0, np.float32)
 
 
+def _column(labels: list[str], label: str) -> int | None:
+    """Where ``label`` is in a head's ``labels``: that name exactly, else the one name that differs only in case
+    (a head may have both "Bird" and "bird": then the case given picks)."""
+    if label in labels:
+        return labels.index(label)
+    folded = [i for i, name in enumerate(labels) if name.lower() == label.lower()]
+    if len(folded) > 1:
+        raise UsageError(f"{label!r} is {' and '.join(repr(labels[i]) for i in folded)} but for case",
+                         option="label", hint="give the label with its case")
+    return folded[0] if folded else None
+
+
 class Index:
     """A window index directory (``ast index`` made it): ``len`` (windows), ``files()``, ``search()``."""
 
@@ -321,9 +333,8 @@ class Index:
         if head is not None and head not in heads:
             raise UsageError(f"the index holds no scores of a head named {head!r}", option="head",
                              hint=f"its heads: {', '.join(sorted(heads)) or 'none'} (ast index --head DIR adds one)")
-        found = [(name, [x.lower() for x in entry["labels"]].index(label.lower()))
-                 for name, entry in sorted(heads.items()) if head in (None, name)
-                 and label.lower() in (x.lower() for x in entry["labels"])]
+        found = [(name, column) for name, entry in sorted(heads.items()) if head in (None, name)
+                 for column in [_column(entry["labels"], label)] if column is not None]
         if head is not None and not found:
             raise UsageError(f"{label!r} is not one of head {head}'s labels", option="label")
         if len(found) > 1:
