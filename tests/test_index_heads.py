@@ -290,3 +290,11 @@ def test_28_search_label_takes_the_label_of_that_case_when_a_head_has_two(tmp_pa
     assert stored.search_head("bird", top=1)[0].score == pytest.approx(best, abs=1e-6)
     with pytest.raises(UsageError, match="but for case"):
         stored.head_of("BIRD")
+
+
+def test_28_search_min_score_past_1_is_refused_not_an_empty_answer(tmp_path):
+    """No score (cosine, probability) exceeds 1: --min-score 80 (a percentage) answered nothing with exit 0."""
+    _scored_store(tmp_path / "db", 1).close()
+    result = ast("search", tmp_path / "db", "--label", "l0", "--min-score", "80")
+    assert result.exit_code == 2 and "--min-score" in result.stderr and result.stdout == ""
+    assert ast("search", tmp_path / "db", "--label", "l0", "--min-score", "0.5", "-f", "csv").exit_code == 0
