@@ -222,6 +222,9 @@ def test_28_search_by_a_label_reads_that_labels_score_only(tmp_path):
         tracemalloc.stop()
     assert got == [(window_id, -score) for score, window_id in want]
     assert peak < 1_000_000, peak  # 200 x 20 kB = 4 MB when the whole rows are read
+    store.db.execute("UPDATE head_scores SET scores = zeroblob(8) WHERE window_id = 7")  # damaged: 2 labels
+    with pytest.raises(ValueError, match="do not fit its labels"):  # an error, not every later row shifted
+        headscores.best(store.db, "h", 4321, 5)
 
 
 def test_28_search_top_larger_than_the_index_returns_every_window(tmp_path, monkeypatch):

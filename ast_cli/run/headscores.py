@@ -105,7 +105,10 @@ def best(db: sqlite3.Connection, name: str, column: int, top: int, min_score: fl
         if not rows:
             break
         after = rows[-1][0]
-        scores = np.frombuffer(b"".join(r[1] for r in rows), DTYPE).astype(np.float32)
+        blob = b"".join(r[1] for r in rows)
+        if len(blob) != 4 * len(rows):  # a row shorter than the head's labels: never written so, and misaligning
+            raise ValueError(f"the index's scores of head {name} do not fit its labels (a damaged database?)")
+        scores = np.frombuffer(blob, DTYPE).astype(np.float32)
         for i in np.argsort(-scores, kind="stable")[:top]:
             if min_score is not None and scores[i] < min_score:
                 break
