@@ -1,7 +1,8 @@
 """Heads' scores in a window index (``ast index --head``): per window and head, the head's probabilities (float32,
 one per label), computed from the stored pooled embedding, which is exactly what the head runs on in classify.
 
-    head_scores(head TEXT, window_id INTEGER, scores BLOB)   one row per (head, window); PRIMARY KEY (head, window_id)
+    head_scores(head TEXT, window_id INTEGER, scores BLOB)   one row per (head, window); PRIMARY KEY (head, window_id),
+                                                              and an index on window_id (a file's rows, every head)
     meta 'heads'                                              {name: {"digest", "labels", "single_label", "path"}}
 
 A file's scores are written in the transaction that writes its windows, so they are stored whole or not at all.
