@@ -301,3 +301,17 @@ def test_28_search_min_score_past_1_is_refused_not_an_empty_answer(tmp_path):
     result = ast("search", tmp_path / "db", "--label", "l0", "--min-score", "80")
     assert result.exit_code == 2 and "--min-score" in result.stderr and result.stdout == ""
     assert ast("search", tmp_path / "db", "--label", "l0", "--min-score", "0.5", "-f", "csv").exit_code == 0
+
+
+def test_28_shard_runs_with_a_head_leave_the_stored_windows_to_a_run_without_shard_and_search_says_so(setup, tmp_path):
+    """--shard runs with --head over an index whose files are all stored score nothing (each writes only its part);
+    search said the windows were stored by "a run without it", which was not so, and not how to score them."""
+    root, clips = setup["root"], setup["clips"]
+    db = tmp_path / "db"
+    assert index(clips, db, setup["base"]).exit_code == 0
+    for shard in ("1/2", "2/2"):
+        assert index(clips, db, setup["base"], "--head", root / "pitch", "--shard", shard).exit_code == 0
+    searched = ast("search", db, "--label", "high")
+    assert searched.exit_code == 0 and "(without --shard) scores them" in searched.stderr
+    assert index(clips, db, setup["base"], "--head", root / "pitch").exit_code == 0
+    assert "not scored" not in ast("search", db, "--label", "high").stderr

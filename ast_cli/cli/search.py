@@ -78,8 +78,9 @@ def _note_unscored(index, head: str, stderr) -> None:
 
     missing = index.unscored(head)
     if missing:
-        say(stderr, f"{counted(missing, 'window')} of the index are not scored by head {head} (a run without it "
-                    f"stored them): ast index ... --head {index.heads()[head]['path']} scores them")
+        # stored by a run without the head, or a --shard run (it scores only its own part), or before it changed
+        say(stderr, f"{counted(missing, 'window')} of the index are not scored by head {head}: ast index ... "
+                    f"--head {index.heads()[head]['path']} (without --shard) scores them")
 
 
 def _label_tracks(hits, output_dir: str, text: str) -> None:
