@@ -333,8 +333,8 @@ class Index:
         if head is not None and head not in heads:
             raise UsageError(f"the index holds no scores of a head named {head!r}", option="head",
                              hint=f"its heads: {', '.join(sorted(heads)) or 'none'} (ast index --head DIR adds one)")
-        found = [(name, column) for name, entry in sorted(heads.items()) if head in (None, name)
-                 for column in [_column(entry["labels"], label)] if column is not None]
+        found = [(name, column) for name, entry in sorted(heads.items())
+                 if head in (None, name) and (column := _column(entry["labels"], label)) is not None]
         if head is not None and not found:
             raise UsageError(f"{label!r} is not one of head {head}'s labels", option="label")
         if len(found) > 1:
