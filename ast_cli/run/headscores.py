@@ -81,7 +81,8 @@ def unscored(db: sqlite3.Connection, name: str) -> Iterator[tuple[list[int], np.
     # pages hold the scores (a 527-label head: 1.2 s -> 0.25 s at 200,000 windows when all are scored)
     while True:
         rows = db.execute("SELECT id, vector FROM windows WHERE id > ? AND NOT EXISTS (SELECT 1 FROM head_scores "
-                          "INDEXED BY head_scores_window WHERE head = ? AND window_id = windows.id) ORDER BY id LIMIT ?",
+                          "INDEXED BY head_scores_window WHERE head = ? AND window_id = windows.id) "
+                          "ORDER BY id LIMIT ?",
                           (after, name, SCAN_BATCH)).fetchall()
         if not rows:
             return
