@@ -288,7 +288,8 @@ def test_28_search_label_takes_the_label_of_that_case_when_a_head_has_two(tmp_pa
         headscores.register(store.db, {"h": {"digest": "d", "labels": ["Bird", "bird", "cat"], "single_label": False,
                                              "path": "/h"}})
     stored = Index(store)
-    assert stored.head_of("bird") == ("h", 1) and stored.head_of("Bird") == ("h", 0) and stored.head_of("CAT") == ("h", 2)
+    assert stored.head_of("bird") == ("h", 1) and stored.head_of("Bird") == ("h", 0)
+    assert stored.head_of("CAT") == ("h", 2)
     best = max(np.frombuffer(blob, "<f4")[1] for (blob,) in store.db.execute("SELECT scores FROM head_scores"))
     assert stored.search_head("bird", top=1)[0].score == pytest.approx(best, abs=1e-6)
     with pytest.raises(UsageError, match="but for case"):
@@ -331,3 +332,25 @@ def test_28_the_unscored_scan_looks_up_the_narrow_index_not_the_score_rows(tmp_p
     scan = next(sql for sql in statements if "NOT EXISTS" in sql)
     plan = " ".join(row[3] for row in store.db.execute("EXPLAIN QUERY PLAN " + scan))
     assert "COVERING INDEX head_scores_window" in plan, plan
+
+
+def test_28_backfill_batches_shrink_with_the_heads_labels(tmp_path, monkeypatch):
+    """A backfill batch was 10,000 windows whatever the head: with 100,000 labels (read_head's bound) its scores
+    alone were 4 GB. Batches now hold BATCH_BYTES of embeddings and scores."""
+    import torch
+
+    from ast_cli.checkpoint.heads import Head
+    from ast_cli.tasks import index as tasks_index
+
+    store = _scored_store(tmp_path / "db", 2)  # 100 windows of 8-d
+    store.db.execute("DELETE FROM head_scores")
+    labels = tuple(f"l{i}" for i in range(5000))
+    zeros, ones = torch.zeros(8), torch.ones(8)
+    head = Head("h", "/h", labels, False, "synthetic", "", tensors={
+        "standardize.mean": zeros, "standardize.std": ones, "classifier.layernorm.weight": ones,
+        "classifier.layernorm.bias": zeros, "classifier.dense.weight": torch.zeros(len(labels), 8),
+        "classifier.dense.bias": torch.zeros(len(labels))})
+    monkeypatch.setattr(tasks_index, "BATCH_BYTES", 1 << 20)  # 1 MB / (4 x 5,008 floats) = 52 windows
+    batches: list[int] = []
+    assert tasks_index.score_stored(store, [head], lambda name, n: batches.append(n)) == 100
+    assert batches == [52, 48]

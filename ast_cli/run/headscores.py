@@ -73,8 +73,8 @@ def of_windows(db: sqlite3.Connection, window_ids: list[int]) -> dict:
             for name, rows in by_head.items() if len(rows) == len(window_ids)}
 
 
-def unscored(db: sqlite3.Connection, name: str) -> Iterator[tuple[list[int], np.ndarray]]:
-    """(window ids, (n, D) stored vectors) of the windows head ``name`` has not scored, a batch at a time (each
+def unscored(db: sqlite3.Connection, name: str, batch: int = SCAN_BATCH) -> Iterator[tuple[list[int], np.ndarray]]:
+    """(window ids, (n, D) stored vectors) of the windows head ``name`` has not scored, ``batch`` rows at a time (each
     batch should be scored and ``put`` before the next is asked for)."""
     after = -1
     # by id from where the last batch ended; each row looked up in the window_id index, not the primary key, whose
@@ -83,7 +83,7 @@ def unscored(db: sqlite3.Connection, name: str) -> Iterator[tuple[list[int], np.
         rows = db.execute("SELECT id, vector FROM windows WHERE id > ? AND NOT EXISTS (SELECT 1 FROM head_scores "
                           "INDEXED BY head_scores_window WHERE head = ? AND window_id = windows.id) "
                           "ORDER BY id LIMIT ?",
-                          (after, name, SCAN_BATCH)).fetchall()
+                          (after, name, batch)).fetchall()
         if not rows:
             return
         after = rows[-1][0]

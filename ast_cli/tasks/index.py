@@ -22,6 +22,8 @@ import numpy as np
 from ..errors import UsageError
 from ..run.vectordb import SHARDS_DIR, SQLITE_NAME, FileRecord, Hit, VectorStore, require_ann_backend
 
+BATCH_BYTES = 64 << 20  # a backfill batch's float32 embeddings and scores: bounded however wide the model and head
+
 if TYPE_CHECKING:
     from ..audio.inputs import InputFile
     from ..run.engine import FileOutput
@@ -160,7 +162,9 @@ def score_stored(store: VectorStore, heads, on_batch: Callable[[str, int], None]
 
     done = 0
     for head in heads:
-        for ids, vectors in headscores.unscored(store.db, head.name):
+        width = head.tensors["standardize.mean"].numel() + len(head.labels)  # floats per window in and out
+        rows = max(1, min(headscores.SCAN_BATCH, BATCH_BYTES // (4 * width)))  # 100,000 labels: 167 rows
+        for ids, vectors in headscores.unscored(store.db, head.name, rows):
             with store.transaction():
                 headscores.put(store.db, ids, score_heads([head], vectors))
             done += len(ids)
