@@ -146,3 +146,211 @@ def test_28_shards_with_heads_merge_into_what_one_run_stores(setup, tmp_path):
         assert result.exit_code == 0, result.stderr
     Index.open(str(tmp_path / "parts")).close()
     assert_close(window_scores(tmp_path / "parts"), window_scores(tmp_path / "whole"))
+
+
+def _scored_store(directory, files: int, windows: int = 50, labels: int = 3):
+    """A store of ``files`` x ``windows`` synthetic 8-d windows, each scored by a registered head ``h``."""
+    from ast_cli.run import headscores
+    from ast_cli.run.vectordb import FileRecord, VectorStore
+
+    rng = np.random.default_rng(0)
+    store = VectorStore.open(str(directory))
+    store.claim({"model": "synthetic"})
+    with store.transaction():
+        headscores.register(store.db, {"h": {"digest": "d", "labels": [f"l{i}" for i in range(labels)],
+                                             "single_label": False, "path": "/h"}})
+        for f in range(files):
+            store._put(FileRecord(f"/f{f}", 1, 1, 10.0, None, [(w, w + 1.0) for w in range(windows)],
+                                  rng.standard_normal((windows, 8)).astype(np.float32),
+                                  scores={"h": rng.random((windows, labels)).astype(np.float32)}))
+    return store
+
+
+def _sqlite_steps(store, action) -> int:
+    """How many SQLite VM steps (in hundreds) ``action`` takes on ``store``: a measure of rows visited that no
+    machine's speed changes."""
+    ticks = [0]
+
+    def tick():
+        ticks[0] += 1
+        return 0
+
+    store.db.set_progress_handler(tick, 100)
+    try:
+        action()
+    finally:
+        store.db.set_progress_handler(None, 100)
+    return ticks[0]
+
+
+def test_28_storing_or_merging_a_file_visits_no_other_windows_scores(tmp_path):
+    """head_scores is keyed (head, window_id): dropping a file's scores (every put does, a new file too) and
+    reading them for a merge went by window_id alone, a scan of every stored score per file, so indexing or
+    merging N windows cost O(N^2) (200,000 windows, a 527-label head: 70 ms per file put, 62 ms per merged file;
+    with the window_id index 4 ms and 1 ms)."""
+    from ast_cli.run import headscores
+    from ast_cli.run.vectordb import FileRecord
+
+    costs = []
+    for files in (10, 100):
+        store = _scored_store(tmp_path / str(files), files)
+        record = FileRecord("/new", 1, 1, 10.0, None, [(w, w + 1.0) for w in range(50)],
+                            np.ones((50, 8), np.float32), scores={"h": np.ones((50, 3), np.float32)})
+        ids = [r[0] for r in store.db.execute("SELECT id FROM windows WHERE file_id = 1")]
+        costs.append((_sqlite_steps(store, lambda: store.put(record)),
+                      _sqlite_steps(store, lambda: headscores.of_windows(store.db, ids))))
+        store.close()
+    (put_small, read_small), (put_large, read_large) = costs
+    assert put_large < 2 * put_small + 5 and read_large < 2 * read_small + 5, costs  # 10x the store: not 10x the work
+
+
+def test_28_search_by_a_label_reads_that_labels_score_only(tmp_path):
+    """best() read each row's whole blob (4 bytes per label of the head) to take one float: its memory grew with
+    the head's labels (10,000 rows of a 527-label head: 21 MB a batch; of a 100,000-label one, 4 GB)."""
+    import tracemalloc
+
+    from ast_cli.run import headscores
+
+    store = _scored_store(tmp_path / "db", 4, labels=5000)  # 200 windows, 20 kB of scores each
+    want = store.db.execute("SELECT window_id, scores FROM head_scores").fetchall()
+    want = sorted(((-np.frombuffer(blob, "<f4")[4321], window_id) for window_id, blob in want))[:5]
+    tracemalloc.start()
+    try:
+        got = headscores.best(store.db, "h", 4321, 5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == [(window_id, -score) for score, window_id in want]
+    assert peak < 1_000_000, peak  # 200 x 20 kB = 4 MB when the whole rows are read
+    store.db.execute("UPDATE head_scores SET scores = zeroblob(8) WHERE window_id = 7")  # damaged: 2 labels
+    with pytest.raises(ValueError, match="do not fit its labels"):  # an error, not every later row shifted
+        headscores.best(store.db, "h", 4321, 5)
+
+
+def test_28_search_top_larger_than_the_index_returns_every_window(tmp_path, monkeypatch):
+    """``ast search --label`` along the classifier direction (or by example) past the exact size asked faiss for
+    4 x --top candidates: --top 10**12 allocated 14.6 TiB (a MemoryError; at 3 * 10**8 the process was killed)."""
+    from test_index import _ann_store
+
+    store, queries = _ann_store(tmp_path, monkeypatch, files=4)  # 200 windows, searched through the ANN
+    hits = store.search(queries[0], 10**12)
+    assert 0 < len(hits) <= len(store) and hits == store.search(queries[0], len(store))
+
+
+@pytest.mark.parametrize("tensor, value", [("classifier.dense.bias", float("nan")), ("standardize.std", 0.0)])
+def test_28_a_head_with_nan_weights_is_refused_not_ranked_first(setup, tmp_path, tensor, value):
+    """A NaN weight (or a zero std: inf) made every stored score NaN, which search printed as 1.0000 for every
+    window; classify failed every file as 'audio far outside [-1, 1]'. Now a corrupt head, before any write."""
+    root, clips = setup["root"], setup["clips"]
+    head = tmp_path / "pitch"
+    shutil.copytree(root / "pitch", head)
+    tensors = load_file(str(head / "head.safetensors"))
+    tensors[tensor][0] = value
+    save_file(tensors, str(head / "head.safetensors"), metadata={"format": "pt"})
+    result = index(clips, tmp_path / "db", setup["base"], "--head", head)
+    assert result.exit_code == 2 and "non-finite" in result.stderr and not (tmp_path / "db").exists()
+
+
+@pytest.mark.parametrize("by", ["head", "vector"])
+def test_28_search_reads_one_state_of_the_index_while_a_run_prunes(tmp_path, monkeypatch, by):
+    """A search ranked window ids, then read each one's file and times: a run that pruned (or re-indexed) the
+    file in between made that read come back empty, and search failed ("cannot unpack non-iterable NoneType
+    object"). Both are now read in one snapshot."""
+    from ast_cli.run import headscores
+    from ast_cli.run.vectordb import VectorStore
+
+    store = _scored_store(tmp_path / "db", 3)
+    rank = (headscores, "best") if by == "head" else (VectorStore, "_exact")
+    ranked = getattr(*rank)
+
+    def then_pruned(*args, **kwargs):
+        found = ranked(*args, **kwargs)
+        other = VectorStore.open(str(tmp_path / "db"))  # another process's run
+        other.remove(["/f0", "/f1", "/f2"])
+        other.close()
+        return found
+
+    monkeypatch.setattr(*rank, then_pruned)
+    stored = Index(store)
+    hits = stored.search_head("l1", top=3) if by == "head" else store.search(np.ones(8, np.float32), top=3)
+    assert len(hits) == 3 and {hit.path for hit in hits} <= {"/f0", "/f1", "/f2"}
+    assert len(stored) == 0  # the prune is there for the next search
+
+
+def test_28_search_label_takes_the_label_of_that_case_when_a_head_has_two(tmp_path):
+    """A head may have "Bird" and "bird" (ast train keeps both); --label bird searched "Bird"'s scores (the first
+    match ignoring case)."""
+    from ast_cli.errors import UsageError
+    from ast_cli.run import headscores
+
+    store = _scored_store(tmp_path / "db", 2)
+    with store.transaction():
+        headscores.register(store.db, {"h": {"digest": "d", "labels": ["Bird", "bird", "cat"], "single_label": False,
+                                             "path": "/h"}})
+    stored = Index(store)
+    assert stored.head_of("bird") == ("h", 1) and stored.head_of("Bird") == ("h", 0)
+    assert stored.head_of("CAT") == ("h", 2)
+    best = max(np.frombuffer(blob, "<f4")[1] for (blob,) in store.db.execute("SELECT scores FROM head_scores"))
+    assert stored.search_head("bird", top=1)[0].score == pytest.approx(best, abs=1e-6)
+    with pytest.raises(UsageError, match="but for case"):
+        stored.head_of("BIRD")
+
+
+def test_28_search_min_score_past_1_is_refused_not_an_empty_answer(tmp_path):
+    """No score (cosine, probability) exceeds 1: --min-score 80 (a percentage) answered nothing with exit 0."""
+    _scored_store(tmp_path / "db", 1).close()
+    result = ast("search", tmp_path / "db", "--label", "l0", "--min-score", "80")
+    assert result.exit_code == 2 and "--min-score" in result.stderr and result.stdout == ""
+    assert ast("search", tmp_path / "db", "--label", "l0", "--min-score", "0.5", "-f", "csv").exit_code == 0
+
+
+def test_28_shard_runs_with_a_head_leave_the_stored_windows_to_a_run_without_shard_and_search_says_so(setup, tmp_path):
+    """--shard runs with --head over an index whose files are all stored score nothing (each writes only its part);
+    search said the windows were stored by "a run without it", which was not so, and not how to score them."""
+    root, clips = setup["root"], setup["clips"]
+    db = tmp_path / "db"
+    assert index(clips, db, setup["base"]).exit_code == 0
+    for shard in ("1/2", "2/2"):
+        assert index(clips, db, setup["base"], "--head", root / "pitch", "--shard", shard).exit_code == 0
+    searched = ast("search", db, "--label", "high")
+    assert searched.exit_code == 0 and "(without --shard) scores them" in searched.stderr
+    assert index(clips, db, setup["base"], "--head", root / "pitch").exit_code == 0
+    assert "not scored" not in ast("search", db, "--label", "high").stderr
+
+
+def test_28_the_unscored_scan_looks_up_the_narrow_index_not_the_score_rows(tmp_path):
+    """Every ``ast index --head`` run scans for windows the head has not scored; each lookup went through the
+    primary key, whose pages hold the score rows (2 kB each for 527 labels): 1.2 s at 200,000 windows with
+    nothing to do, 0.25 s through the (window_id, head) index."""
+    from ast_cli.run import headscores
+
+    store = _scored_store(tmp_path / "db", 2)
+    statements: list[str] = []
+    store.db.set_trace_callback(statements.append)
+    assert list(headscores.unscored(store.db, "h")) == []
+    store.db.set_trace_callback(None)
+    scan = next(sql for sql in statements if "NOT EXISTS" in sql)
+    plan = " ".join(row[3] for row in store.db.execute("EXPLAIN QUERY PLAN " + scan))
+    assert "COVERING INDEX head_scores_window" in plan, plan
+
+
+def test_28_backfill_batches_shrink_with_the_heads_labels(tmp_path, monkeypatch):
+    """A backfill batch was 10,000 windows whatever the head: with 100,000 labels (read_head's bound) its scores
+    alone were 4 GB. Batches now hold BATCH_BYTES of embeddings and scores."""
+    import torch
+
+    from ast_cli.checkpoint.heads import Head
+    from ast_cli.tasks import index as tasks_index
+
+    store = _scored_store(tmp_path / "db", 2)  # 100 windows of 8-d
+    store.db.execute("DELETE FROM head_scores")
+    labels = tuple(f"l{i}" for i in range(5000))
+    zeros, ones = torch.zeros(8), torch.ones(8)
+    head = Head("h", "/h", labels, False, "synthetic", "", tensors={
+        "standardize.mean": zeros, "standardize.std": ones, "classifier.layernorm.weight": ones,
+        "classifier.layernorm.bias": zeros, "classifier.dense.weight": torch.zeros(len(labels), 8),
+        "classifier.dense.bias": torch.zeros(len(labels))})
+    monkeypatch.setattr(tasks_index, "BATCH_BYTES", 1 << 20)  # 1 MB / (4 x 5,008 floats) = 52 windows
+    batches: list[int] = []
+    assert tasks_index.score_stored(store, [head], lambda name, n: batches.append(n)) == 100
+    assert batches == [52, 48]

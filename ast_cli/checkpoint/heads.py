@@ -157,7 +157,12 @@ def _tensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict:
     if wrong or not all(t.is_floating_point() for t in state.values()):
         raise HeadError(f"{path} does not fit its {HEAD_CONFIG} (e.g. {wrong[0] if wrong else 'dtype'})",
                         path=str(path.parent), problem="corrupt")
-    return {k: v.to(torch.float32) for k, v in state.items()}
+    tensors = {k: v.to(torch.float32) for k, v in state.items()}
+    # training writes finite weights and a std > 0: anything else scores NaN (which search ranked as 1.0)
+    if not all(torch.isfinite(t).all() for t in tensors.values()) or not (tensors["standardize.std"] > 0).all():
+        raise HeadError(f"{path} holds non-finite weights or a standard deviation <= 0", path=str(path.parent),
+                        problem="corrupt")
+    return tensors
 
 
 def check_bases(heads: list[Head], fingerprint: str, model: str) -> None:

@@ -25,7 +25,7 @@ def search(
     head: Annotated[Optional[str], typer.Option("--head", metavar="NAME", help="With --label: this stored head's scores (when two heads have the label).")] = None,
     top: Annotated[int, typer.Option(min=1, metavar="K", help="Windows to return.")] = 10,
     exclude_file: Annotated[bool, typer.Option("--exclude-file", help="Leave out windows of the query's own file.")] = False,
-    min_score: Annotated[Optional[float], typer.Option(metavar="X", help="Only windows with score >= X (cosine; a head's probability).")] = None,
+    min_score: Annotated[Optional[float], typer.Option(min=-1.0, max=1.0, metavar="X", help="Only windows with score >= X (cosine, -1 to 1; a head's probability, 0 to 1).")] = None,
     format: Annotated[SearchFormat, typer.Option("--format", "-f", help="table, jsonl, csv (with an empty label column to fill for ast train --features-db) or audacity labels.")] = SearchFormat.table,
     output_dir: Annotated[Optional[str], typer.Option("--output-dir", metavar="DIR", help="--format audacity: one label track per file with hits, DIR/<name>.labels.txt (replaced).")] = None,
     debug: DebugOpt = False,
@@ -78,8 +78,9 @@ def _note_unscored(index, head: str, stderr) -> None:
 
     missing = index.unscored(head)
     if missing:
-        say(stderr, f"{counted(missing, 'window')} of the index are not scored by head {head} (a run without it "
-                    f"stored them): ast index ... --head {index.heads()[head]['path']} scores them")
+        # stored by a run without the head, or a --shard run (it scores only its own part), or before it changed
+        say(stderr, f"{counted(missing, 'window')} of the index are not scored by head {head}: ast index ... "
+                    f"--head {index.heads()[head]['path']} (without --shard) scores them")
 
 
 def _label_tracks(hits, output_dir: str, text: str) -> None:

@@ -140,6 +140,11 @@ class VectorStore:
     def transaction(self):
         return _Transaction(self.db)
 
+    def snapshot(self):
+        """``with``: every read inside sees the store as of the first one (WAL), so a run that replaces or prunes
+        files meanwhile cannot take away windows between a search ranking their ids and reading their rows."""
+        return _Transaction(self.db, "BEGIN DEFERRED")
+
     def put(self, record: FileRecord) -> None:
         """Store one file (replacing what was stored for its path), all in one transaction."""
         with self.transaction():
@@ -247,16 +252,17 @@ class VectorStore:
                min_score: float | None = None) -> list[Hit]:
         """The ``top`` windows most like ``query`` (D,) by cosine similarity, best first."""
         query = _unit(np.asarray(query, np.float32).reshape(1, -1))[0]
-        excluded = self._ids_of(exclude_path) if exclude_path else set()
-        # MAX(id) bounds the count without a scan of a million rows (ids only grow: AUTOINCREMENT)
-        count = self.db.execute("SELECT MAX(id) FROM windows").fetchone()[0] or 0
-        if count == 0 or top <= 0:
-            return []
-        want = top + len(excluded)
-        ids, scores = self._exact(query, want) if count <= EXACT_LIMIT else self._approximate(query, want)
-        keep = [(i, s) for i, s in zip(ids.tolist(), scores.tolist())
-                if i not in excluded and (min_score is None or s >= min_score)][:top]
-        return self._hits(keep)
+        with self.snapshot():
+            excluded = self._ids_of(exclude_path) if exclude_path else set()
+            # MAX(id) bounds the count without a scan of a million rows (ids only grow: AUTOINCREMENT)
+            count = self.db.execute("SELECT MAX(id) FROM windows").fetchone()[0] or 0
+            if count == 0 or top <= 0:
+                return []
+            want = min(top + len(excluded), count)  # --top 10**12 asks faiss for no more rows than there are
+            ids, scores = self._exact(query, want) if count <= EXACT_LIMIT else self._approximate(query, want)
+            keep = [(i, s) for i, s in zip(ids.tolist(), scores.tolist())
+                    if i not in excluded and (min_score is None or s >= min_score)][:top]
+            return self._hits(keep)
 
     def _ids_of(self, path: str) -> set[int]:
         rows = self.db.execute("SELECT windows.id FROM windows JOIN files ON files.id = file_id WHERE path = ?",
@@ -417,14 +423,14 @@ def check_identity(stored: dict, wanted: dict, directory: str) -> None:
 
 
 class _Transaction:
-    """``with``: BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception (Ctrl-C included)."""
+    """``with``: BEGIN IMMEDIATE (``begin``) ... COMMIT, or ROLLBACK on any exception (Ctrl-C included)."""
 
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
+    def __init__(self, db: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE"):
+        self.db, self.begin = db, begin
 
     def __enter__(self):
         if not self.db.in_transaction:
-            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute(self.begin)
             self.owner = True
         else:
             self.owner = False

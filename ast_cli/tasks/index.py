@@ -22,6 +22,8 @@ import numpy as np
 from ..errors import UsageError
 from ..run.vectordb import SHARDS_DIR, SQLITE_NAME, FileRecord, Hit, VectorStore, require_ann_backend
 
+BATCH_BYTES = 64 << 20  # a backfill batch's float32 embeddings and scores: bounded however wide the model and head
+
 if TYPE_CHECKING:
     from ..audio.inputs import InputFile
     from ..run.engine import FileOutput
@@ -160,7 +162,9 @@ def score_stored(store: VectorStore, heads, on_batch: Callable[[str, int], None]
 
     done = 0
     for head in heads:
-        for ids, vectors in headscores.unscored(store.db, head.name):
+        width = head.tensors["standardize.mean"].numel() + len(head.labels)  # floats per window in and out
+        rows = max(1, min(headscores.SCAN_BATCH, BATCH_BYTES // (4 * width)))  # 100,000 labels: 167 rows
+        for ids, vectors in headscores.unscored(store.db, head.name, rows):
             with store.transaction():
                 headscores.put(store.db, ids, score_heads([head], vectors))
             done += len(ids)
@@ -213,6 +217,18 @@ def _read_span(path: str, begin: int, end: int) -> np.ndarray:
     except AudioDecodeError as exc:  # the reason alone would not say which file
         raise AudioDecodeError(f"{path}: {exc}", needs_ffmpeg=exc.needs_ffmpeg) from None
     return np.concatenate(pieces) if pieces else np.empty(0, np.float32)
+
+
+def _column(labels: list[str], label: str) -> int | None:
+    """Where ``label`` is in a head's ``labels``: that name exactly, else the one name that differs only in case
+    (a head may have both "Bird" and "bird": then the case given picks)."""
+    if label in labels:
+        return labels.index(label)
+    folded = [i for i, name in enumerate(labels) if name.lower() == label.lower()]
+    if len(folded) > 1:
+        raise UsageError(f"{label!r} is {' and '.join(repr(labels[i]) for i in folded)} but for case",
+                         option="label", hint="give the label with its case")
+    return folded[0] if folded else None
 
 
 class Index:
@@ -321,9 +337,8 @@ class Index:
         if head is not None and head not in heads:
             raise UsageError(f"the index holds no scores of a head named {head!r}", option="head",
                              hint=f"its heads: {', '.join(sorted(heads)) or 'none'} (ast index --head DIR adds one)")
-        found = [(name, [x.lower() for x in entry["labels"]].index(label.lower()))
-                 for name, entry in sorted(heads.items()) if head in (None, name)
-                 and label.lower() in (x.lower() for x in entry["labels"])]
+        found = [(name, column) for name, entry in sorted(heads.items())
+                 if head in (None, name) and (column := _column(entry["labels"], label)) is not None]
         if head is not None and not found:
             raise UsageError(f"{label!r} is not one of head {head}'s labels", option="label")
         if len(found) > 1:
@@ -340,7 +355,8 @@ class Index:
         found = self.head_of(label, head)
         if found is None:
             raise UsageError(f"{label!r} is not a label of any head the index holds scores of", option="label")
-        return self.store._hits(headscores.best(self.store.db, *found, top, min_score))
+        with self.store.snapshot():
+            return self.store._hits(headscores.best(self.store.db, *found, top, min_score))
 
     def unscored(self, head: str) -> int:
         """How many stored windows head ``head`` has not scored (a run without ``--head`` for it added them)."""
