@@ -281,3 +281,18 @@ def test_28_calibrated_thresholds_apply_per_head(setup, tmp_path):
                                  str(tmp_path / "none.jsonl")])
     assert result.exit_code == 2 and "nor any --head folder has a thresholds.json" in result.stderr, result.output
     assert not (tmp_path / "none.jsonl").exists()
+
+
+def test_28_records_name_each_heads_activation_when_they_differ(setup, tmp_path):
+    root, base = setup["root"], setup["base"]
+    heads = ["--head", str(root / "pitch"), "--head", str(root / "mix")]
+    [record] = classify(setup["clips"][0], "--model", str(base), *heads)
+    assert record["settings"]["activation"] == f"{base.name}:sigmoid,pitch:softmax,mix:sigmoid"
+    [record] = classify(setup["clips"][0], "--model", str(base), *heads, "--activation", "sigmoid")
+    assert record["settings"]["activation"] == "sigmoid"
+    out = tmp_path / "tags.jsonl"
+    first = runner.invoke(app, ["classify", setup["clips"][0], "--model", str(base), *heads, "-o", str(out), "--quiet"])
+    assert first.exit_code == 0, first.stderr
+    other = runner.invoke(app, ["classify", *setup["clips"], "--model", str(base), *heads, "--activation", "sigmoid",
+                                "-o", str(out), "--resume", "--quiet"])
+    assert other.exit_code == 2 and "activation" in other.stderr

@@ -210,15 +210,23 @@ def _provenance(target, job: _Job) -> tuple[dict, object]:
     path = fetch_model(job.model, job.run, job.stderr, job.quiet)
     config, features = model_config(path)
     parts = head_parts(job.model, config.id2label, is_single_label(config), job.heads, job.base_head)
-    Scorer(parts, job.selection, job.activation)  # unknown --include/--exclude names fail here
-    activation = job.activation or (Activation.softmax if is_single_label(config) else Activation.sigmoid)
+    scorer = Scorer(parts, job.selection, job.activation)  # unknown --include/--exclude names fail here
     if job.calibrations is not None:  # thresholds of other labels or other scores: refused before the model loads
         job.selection = apply_calibrations(job.selection, parts, job.calibrations, job.activation, job.heads)
-    settings = Settings(None, model_identity(job.model, path), job.run.hop_seconds, _compute(job), activation.value,
-                        tuple(p.name for p in parts) if job.heads else ())
+    settings = Settings(None, model_identity(job.model, path), job.run.hop_seconds, _compute(job),
+                        _activations(scorer), tuple(p.name for p in parts) if job.heads else ())
     if target.journal is not None:
         target.journal.check(settings)
     return {"model": settings.model, "settings": settings.record(features.window_seconds)}, path
+
+
+def _activations(scorer) -> str:
+    """What made the scores, as records name it: one activation (``sigmoid``), or with heads whose defaults differ
+    each head's (``audioset:sigmoid,birds:softmax``)."""
+    kinds = [activation.value for activation in scorer.activations]
+    if len(set(kinds)) == 1:
+        return kinds[0]
+    return ",".join(f"{part.name}:{kind}" for part, kind in zip(scorer.parts, kinds))
 
 
 def _compute(job: _Job) -> str:
