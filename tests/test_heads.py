@@ -252,16 +252,17 @@ def test_28_heads_run_on_a_bare_encoder_of_the_same_base(setup, tmp_path):
 def test_28_calibrated_thresholds_apply_per_head(setup, tmp_path):
     """--threshold calibrated with --head: each head's labels take the thresholds in its own folder's
     thresholds.json; the model's own labels (no thresholds file) go by --top. A label set high disappears, one
-    set low appears beyond --top."""
+    set low appears beyond --top (a multi-label head: a single-label one whose best label is under its threshold
+    reports none, test below)."""
     import shutil
 
     from ast_cli.run.thresholds import write_thresholds
 
-    head = tmp_path / "pitch"
-    shutil.copytree(setup["root"] / "pitch", head)
+    head = tmp_path / "mix"
+    shutil.copytree(setup["root"] / "mix", head)
     labels = json.loads((head / "head.json").read_text())["labels"]
     alone = classify(setup["clips"][0], "--model", str(setup["base"]), "--head", str(head), "--aggregate", "mean")
-    ranked = [x["label"] for x in alone[0]["labels"] if x["head"] == "pitch"]  # best first
+    ranked = [x["label"] for x in alone[0]["labels"] if x["head"] == "mix"]  # best first
     assert len(ranked) == len(labels) >= 2
     high, low = ranked[0], ranked[-1]
     activation = "softmax" if json.loads((head / "head.json").read_text())["problem_type"].startswith("single") \
@@ -273,8 +274,8 @@ def test_28_calibrated_thresholds_apply_per_head(setup, tmp_path):
     assert result.exit_code == 0, result.stderr
     joint = json.loads(result.stdout)
     picked = {(x["head"], x["label"]) for x in joint[0]["labels"]}
-    assert ("pitch", low) in picked and ("pitch", high) not in picked, picked
-    base = [x for x in joint[0]["labels"] if x["head"] != "pitch"]
+    assert ("mix", low) in picked and ("mix", high) not in picked, picked
+    base = [x for x in joint[0]["labels"] if x["head"] != "mix"]
     assert len(base) == 1  # the model's own labels, without thresholds: --top 1
     result = runner.invoke(app, ["classify", setup["clips"][0], "--model", str(setup["base"]), "--head",
                                  str(setup["root"] / "pitch"), "--threshold", "calibrated", "-o",
@@ -296,3 +297,15 @@ def test_28_records_name_each_heads_activation_when_they_differ(setup, tmp_path)
     other = runner.invoke(app, ["classify", *setup["clips"], "--model", str(base), *heads, "--activation", "sigmoid",
                                 "-o", str(out), "--resume", "--quiet"])
     assert other.exit_code == 2 and "activation" in other.stderr
+
+
+def test_28_a_single_label_head_under_its_best_labels_threshold_reports_none_next_to_other_heads():
+    from ast_cli.run.tagger import HeadPart, LabelSelection, Scorer
+
+    parts = (HeadPart("base", ("a", "b"), False, 0), HeadPart("birds", ("robin", "wren", "owl"), True, 2))
+    selection = LabelSelection(top=1).calibrated_parts(parts, [None, {"robin": 0.7, "wren": 0.2, "owl": 0.9}])
+    scorer = Scorer(parts, selection, None)
+    unsure = np.array([0.9, 0.1, 0.5, 0.3, 0.2])  # robin best but under 0.7; wren reaches its own 0.2
+    assert [(x.head, x.label) for x in scorer.select(unsure)] == [("base", "a")]  # not forced into wren
+    sure = np.array([0.9, 0.1, 0.75, 0.25, 0.0])
+    assert [(x.head, x.label) for x in scorer.select(sure)] == [("base", "a"), ("birds", "robin"), ("birds", "wren")]

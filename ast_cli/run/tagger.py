@@ -161,13 +161,15 @@ class LabelSelection:
             fallback += 1
         return picked
 
-    def none_of(self, scores: np.ndarray, allowed: np.ndarray) -> bool:
-        """Single-label scores: whether the best allowed label has a calibrated threshold that its score is under
-        (the clip is none of these labels, rather than forced into the best of them)."""
+    def none_of(self, scores: np.ndarray, allowed: np.ndarray, offset: int = 0) -> bool:
+        """Single-label scores (one head's, at ``offset``): whether the best allowed label has a calibrated
+        threshold that its score is under (the clip is none of these labels, rather than forced into the best of
+        them, or into another whose lower threshold it reaches)."""
         if self.thresholds is None or not allowed.any():
             return False
         best = int(np.flatnonzero(allowed)[np.argmax(scores[allowed])])
-        return not math.isnan(self.thresholds[best]) and scores[best] < self.thresholds[best]
+        threshold = self.thresholds[offset + best]
+        return not math.isnan(threshold) and scores[best] < threshold
 
 
 def activate(logits: np.ndarray, activation: Activation | str) -> np.ndarray:
@@ -215,9 +217,12 @@ class Scorer:
         return np.concatenate([activate(logits[..., p.span], a) for p, a in zip(self.parts, self.activations)], -1)
 
     def select(self, scores: np.ndarray) -> list[LabelScore]:
-        """(total labels,) scores -> the labels ``selection`` picks, head by head (each sorted by score)."""
-        return [x for p in self.parts for x in self.selection.select(scores[p.span], p.labels, self.allowed[p.span],
-                                                                     p.name, p.start)]
+        """(total labels,) scores -> the labels ``selection`` picks, head by head (each sorted by score); next to
+        other heads, a single-label head whose best label is under its calibrated threshold reports none."""
+        return [x for p, a in zip(self.parts, self.activations)
+                if not (len(self.parts) > 1 and a is Activation.softmax
+                        and self.selection.none_of(scores[p.span], self.allowed[p.span], p.start))
+                for x in self.selection.select(scores[p.span], p.labels, self.allowed[p.span], p.name, p.start)]
 
     def none_of(self, scores: np.ndarray) -> bool:
         """A single-label model alone, with calibrated thresholds: whether its best label is under its threshold
