@@ -309,3 +309,5 @@ def test_28_a_single_label_head_under_its_best_labels_threshold_reports_none_nex
     assert [(x.head, x.label) for x in scorer.select(unsure)] == [("base", "a")]  # not forced into wren
     sure = np.array([0.9, 0.1, 0.75, 0.25, 0.0])
     assert [(x.head, x.label) for x in scorer.select(sure)] == [("base", "a"), ("birds", "robin"), ("birds", "wren")]
+    alone = Scorer([HeadPart(None, parts[1].labels, True)], LabelSelection(top=1).calibrated(parts[1].labels, {"robin": 0.7, "wren": 0.2}), None)
+    assert scorer.select(unsure)[1:] == alone.select(unsure[2:]) == []  # a window of a single-label model alone too

@@ -217,11 +217,11 @@ class Scorer:
         return np.concatenate([activate(logits[..., p.span], a) for p, a in zip(self.parts, self.activations)], -1)
 
     def select(self, scores: np.ndarray) -> list[LabelScore]:
-        """(total labels,) scores -> the labels ``selection`` picks, head by head (each sorted by score); next to
-        other heads, a single-label head whose best label is under its calibrated threshold reports none."""
+        """(total labels,) scores -> the labels ``selection`` picks, head by head (each sorted by score); a
+        single-label head (or model) whose best label is under its calibrated threshold reports none."""
         return [x for p, a in zip(self.parts, self.activations)
-                if not (len(self.parts) > 1 and a is Activation.softmax
-                        and self.selection.none_of(scores[p.span], self.allowed[p.span], p.start))
+                if not (a is Activation.softmax and self.selection.none_of(scores[p.span], self.allowed[p.span],
+                                                                           p.start))
                 for x in self.selection.select(scores[p.span], p.labels, self.allowed[p.span], p.name, p.start)]
 
     def none_of(self, scores: np.ndarray) -> bool:
