@@ -115,6 +115,31 @@ def test_28_a_head_added_or_retrained_later_scores_the_stored_windows_without_th
     assert_close(window_scores(tmp_path / "db"), classified(clips, setup["base"], head))
 
 
+def test_28_adding_heads_later_counts_each_stored_window_once_per_head_that_scored_it(setup, tmp_path):
+    """#28 walk: two heads given to a later run said "scored 26 stored windows with birds, machines" of an index of
+    13 windows, and a head that had scored them all was named as if it had scored them again."""
+    clips, db = setup["clips"], tmp_path / "db"
+    assert index(clips, db, setup["base"]).exit_code == 0
+    with Index.open(db) as stored:
+        windows = len(stored)
+    both = ast("index", *clips, "--db", db, "--model", setup["base"], "--head", setup["root"] / "pitch",
+               "--head", setup["root"] / "mix")
+    assert both.exit_code == 0, both.stderr
+    assert f"scored {windows} stored windows with pitch, mix\n" in both.stderr
+    shutil.copy(clips[0], tmp_path / "copy.wav")
+    assert index([*clips, tmp_path / "copy.wav"], db, setup["base"]).exit_code == 0  # windows neither head scored
+    with Index.open(db) as stored:
+        added = len(stored) - windows
+    one = ast("index", *clips, tmp_path / "copy.wav", "--db", db, "--model", setup["base"],
+              "--head", setup["root"] / "pitch")
+    assert one.exit_code == 0, one.stderr
+    assert f"scored {added} stored windows with pitch\n" in one.stderr
+    again = ast("index", *clips, tmp_path / "copy.wav", "--db", db, "--model", setup["base"],
+                "--head", setup["root"] / "pitch", "--head", setup["root"] / "mix")
+    assert again.exit_code == 0, again.stderr
+    assert f"scored {added} stored windows with mix\n" in again.stderr and "pitch" not in again.stderr
+
+
 def test_28_search_label_ranks_windows_by_a_stored_heads_probability(setup, tmp_path):
     root, clips = setup["root"], setup["clips"]
     db = tmp_path / "db"

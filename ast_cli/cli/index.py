@@ -196,9 +196,14 @@ def _score_stored(store, heads, stderr, quiet: bool) -> None:
     from ..tasks.index import score_stored
     from ._errors import say
 
-    scored = score_stored(store, heads)
-    if scored and not quiet:
-        say(stderr, f"scored {counted(scored, 'stored window')} with {', '.join(head.name for head in heads)}")
+    scored: dict[str, int] = {}  # per head: the windows it scored (a head that had scored them all is left out)
+    score_stored(store, heads, lambda name, rows: scored.__setitem__(name, scored.get(name, 0) + rows))
+    by_count: dict[int, list[str]] = {}
+    for name, windows in scored.items():
+        by_count.setdefault(windows, []).append(name)
+    if by_count and not quiet:
+        say(stderr, "scored " + "; ".join(f"{counted(windows, 'stored window')} with {', '.join(names)}"
+                                          for windows, names in by_count.items()))
 
 
 def _update_ann(store, stderr, quiet: bool) -> None:

@@ -157,7 +157,8 @@ def score_heads(heads, vectors: np.ndarray | None) -> dict | None:
 
 def score_stored(store: VectorStore, heads, on_batch: Callable[[str, int], None] | None = None) -> int:
     """Score with ``heads`` every stored window they have not scored (stored before they were given, or before
-    they changed), from the stored embeddings, one transaction per batch; returns how many windows."""
+    they changed), from the stored embeddings, one transaction per batch; returns how many scores (windows
+    times heads): ``on_batch`` tells them apart."""
     from ..run import headscores
 
     done = 0
