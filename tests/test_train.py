@@ -539,3 +539,20 @@ def test_22_7_a_kill_between_the_log_and_the_state_file_logs_each_epoch_once(tin
     resumed = tiny_train(small, out, tiny_checkpoint[0], "--mode", "finetune", "--epochs", "3", "--resume")
     assert resumed.exit_code == 0, resumed.stderr
     assert [json.loads(line)["epoch"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_28_data_without_two_labels_says_what_makes_a_classifier(tmp_path):
+    """#28 walk: ``ast search --format csv > hits.csv`` then ``ast train hits.csv`` before filling the label column
+    said "has 0 label(s): a classifier needs at least 2", though one label and negatives make a detector."""
+    (tmp_path / "hits.csv").write_text("path,start,end,score,label\na.wav,0.0,0.64,0.9,\nb.wav,0.0,0.64,0.8,-\n")
+    one = tmp_path / "one"
+    (one / "owl").mkdir(parents=True)
+    sf.write(str(one / "owl" / "0.wav"), np.zeros(1600, np.float32), 16000)
+    for data, found in ((tmp_path / "hits.csv", "no label (every row's labels are empty or '-': negatives)"),
+                        (one, "only one label, owl,")):
+        result = runner.invoke(app, ["train", str(data), "--out", str(tmp_path / "out"), "--quiet"])
+        assert result.exit_code == 2
+        assert result.stderr.splitlines() == [
+            f"Error: DATA: {data} has {found} and a classifier needs two labels, or one label and negatives",
+            "Hint: one subfolder per label; in a CSV/JSONL, the rows' labels (several: a;b), empty or '-' for a "
+            "negative"]

@@ -90,7 +90,11 @@ def load_dataset(path: str, option: str = "data") -> Dataset:
                          hint="a folder of label subfolders, or a CSV/JSONL of path,labels")
     negatives = dataset.multi_label and any(not e.labels for e in dataset.examples)
     if len(dataset.labels) < 2 - negatives:  # one label and negatives: a detector for that label
-        raise UsageError(f"{path} has {len(dataset.labels)} label(s): a classifier needs at least 2", option=option)
+        found = (f"only one label, {dataset.labels[0]}," if dataset.labels
+                 else "no label (every row's labels are empty or '-': negatives)")
+        raise UsageError(f"{path} has {found} and a classifier needs two labels, or one label and negatives",
+                         option=option, hint="one subfolder per label; in a CSV/JSONL, the rows' labels (several: a;b), "
+                                             "empty or '-' for a negative")
     return dataset
 
 
