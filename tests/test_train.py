@@ -199,7 +199,7 @@ def test_train_usage_errors(base, folder, tmp_path):
     (one / "dog").mkdir(parents=True)
     sf.write(str(one / "dog" / "a.wav"), np.zeros(8000, np.float32), RATE)
     cases = [
-        (["train", str(one), "--out", str(tmp_path / "x")], "at least 2"),
+        (["train", str(one), "--out", str(tmp_path / "x")], "needs two labels"),
         (["train", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")], "no such data"),
         (["train", str(folder), "--out", str(tmp_path / "x"), "--val-split", "1.5"], "between 0 and 1"),
         (["train", str(folder), "--out", str(tmp_path / "x"), "--resume"], "--resume continues a finetune run"),
