@@ -81,6 +81,24 @@ def test_28_2_thresholds_on_hand_counts():
     assert [(r.label, r.status) for r in absent] == [("a", "calibrated"), ("b", "no positives")]
 
 
+def test_28_2_calibration_report_lines_are_not_wrapped_when_piped(capsys):
+    """#28 walk: ``ast evaluate AUDIOSET_MODEL DATA --calibrate f1 > report.txt`` split its "no positive file" line
+    (and a long thresholds path) in two at column 160: one message is one line whatever its length."""
+    from ast_cli.cli._render import print_calibration
+
+    absent = ["Speech", "Male speech, man speaking", "Female speech, woman speaking", "Child speech, kid speaking",
+              "Conversation", *(f"label {i}" for i in range(519))]  # an AudioSet model calibrated for a few labels
+    labels = [{"label": "Dog", "status": "calibrated", "positives": 12, "threshold": 0.5, "precision": 1.0,
+               "recall": 0.5, "f1": 0.6667, "best": None}]
+    labels += [{"label": name, "status": "no positives", "positives": 0, "threshold": None, "precision": None,
+                "recall": None, "f1": None, "best": None} for name in absent]
+    where = "/data/" + "a-long-folder-name/" * 10 + "thresholds.json"
+    print_calibration({"target": "f1", "min_positives": 10, "thresholds_file": where, "labels": labels})
+    lines = capsys.readouterr().out.splitlines()
+    assert f"no positive file in DATA, so no threshold: {', '.join(absent[:5])} and 519 more" in lines
+    assert f"1 of 525 labels calibrated: {where}" in lines
+
+
 def test_28_2_calibration_to_precision_holds_on_a_held_out_split(head, splits):
     result = runner.invoke(app, ["evaluate", str(head), str(splits / "calib"), "--calibrate", "precision=0.9",
                                  "-f", "json"])

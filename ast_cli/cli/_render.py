@@ -173,7 +173,7 @@ def print_calibration(calibration: dict) -> None:
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     metric = calibration["target"].split("=")[0]
     console.print(f"thresholds for {calibration['target']} (labels with at least {calibration['min_positives']} "
-                  "positive files)")
+                  "positive files)", soft_wrap=True)
     table = Table(show_edge=False, pad_edge=False)
     for column in ("label", "threshold", "precision", "recall", "F1", "positives", "note"):
         table.add_column(column, justify="left" if column in ("label", "note") else "right")
@@ -188,7 +188,7 @@ def print_calibration(calibration: dict) -> None:
     console.print(table)
     if absent:
         shown = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
-        console.print(f"no positive file in DATA, so no threshold: {shown}", markup=False)
+        console.print(f"no positive file in DATA, so no threshold: {shown}", markup=False, soft_wrap=True)
     done = sum(row["status"] == "calibrated" for row in calibration["labels"])
     console.print(f"{done} of {counted(len(calibration['labels']), 'label')} calibrated: "
-                  f"{calibration['thresholds_file']}", markup=False)
+                  f"{calibration['thresholds_file']}", markup=False, soft_wrap=True)
