@@ -284,6 +284,30 @@ def test_28_calibrated_thresholds_apply_per_head(setup, tmp_path):
     assert not (tmp_path / "none.jsonl").exists()
 
 
+def test_28_a_head_alone_that_is_none_of_these_keeps_the_csv_columns(setup, tmp_path):
+    """#28 walk: ``--no-base-head --head birds/ --threshold calibrated -f csv`` wrote a clip under every threshold
+    as ``path,duration,,(none of these),,,``: one field short, its label in the head column."""
+    import csv
+    import io
+    import shutil
+
+    from ast_cli.run.thresholds import write_thresholds
+
+    head = tmp_path / "pitch"
+    shutil.copytree(setup["root"] / "pitch", head)
+    labels = json.loads((head / "head.json").read_text())["labels"]
+    write_thresholds(str(head / "thresholds.json"), {"thresholds": dict.fromkeys(labels, 1.0),
+                                                     "activation": "softmax", "aggregate": "mean"})
+    for form, delimiter in (("csv", ","), ("tsv", "\t")):
+        result = runner.invoke(app, ["classify", setup["clips"][0], "--model", str(setup["base"]), "--head",
+                                     str(head), "--no-base-head", "--threshold", "calibrated", "-f", form, "--quiet"])
+        assert result.exit_code == 0, result.stderr
+        header, *rows = csv.reader(io.StringIO(result.stdout), delimiter=delimiter)
+        assert [dict(zip(header, row)) for row in rows if len(row) == len(header)] == [
+            {"path": setup["clips"][0], "duration": rows[0][1], "rank": "", "head": "", "label": "(none of these)",
+             "index": "", "score": "", "error": ""}], result.stdout
+
+
 def test_28_records_name_each_heads_activation_when_they_differ(setup, tmp_path):
     root, base = setup["root"], setup["base"]
     heads = ["--head", str(root / "pitch"), "--head", str(root / "mix")]
