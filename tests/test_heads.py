@@ -308,6 +308,29 @@ def test_28_a_head_alone_that_is_none_of_these_keeps_the_csv_columns(setup, tmp_
              "index": "", "score": "", "error": ""}], result.stdout
 
 
+def test_28_heads_calibrated_on_different_aggregates_are_named_in_the_refusal(setup, tmp_path):
+    """#28 walk: a calibrated single-label head (mean scores) next to a calibrated multi-label one (max) was refused
+    with "the thresholds files were chosen on different aggregates (max and mean)": which files, and what then?"""
+    import shutil
+
+    from ast_cli.run.thresholds import write_thresholds
+
+    heads = []
+    for name, activation, aggregate in (("pitch", "softmax", "mean"), ("mix", "sigmoid", "max")):
+        shutil.copytree(setup["root"] / name, tmp_path / name)
+        labels = json.loads((tmp_path / name / "head.json").read_text())["labels"]
+        write_thresholds(str(tmp_path / name / "thresholds.json"), {"thresholds": dict.fromkeys(labels, 0.5),
+                                                                     "activation": activation, "aggregate": aggregate})
+        heads += ["--head", str(tmp_path / name)]
+    result = runner.invoke(app, ["classify", setup["clips"][0], "--model", str(setup["base"]), *heads,
+                                 "--threshold", "calibrated", "--quiet"])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        f"Error: --aggregate: the thresholds in {tmp_path / 'pitch' / 'thresholds.json'} were chosen on mean scores "
+        f"and those in {tmp_path / 'mix' / 'thresholds.json'} on max: one run scores each file one way",
+        "Hint: apply them in separate runs (a head without a thresholds.json, or the model without one, goes by --top)"]
+
+
 def test_28_records_name_each_heads_activation_when_they_differ(setup, tmp_path):
     root, base = setup["root"], setup["base"]
     heads = ["--head", str(root / "pitch"), "--head", str(root / "mix")]

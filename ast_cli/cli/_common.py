@@ -276,8 +276,15 @@ def calibrations_of(model: str, thresholds: str | None, calibrated: bool, heads=
         raise UsageError(f"neither {model} nor any --head folder has a {FILE_NAME}: nothing to read calibrated "
                          "thresholds from", option="threshold",
                          hint="write them with `ast evaluate HEAD_DIR DATA --calibrate precision=0.9`")
-    if len({c.aggregate for c in found.values()}) > 1:
-        raise UsageError("the thresholds files were chosen on different aggregates (max and mean)", option="aggregate")
+    first = {}  # aggregate -> the first file chosen on it
+    for calibration in found.values():
+        first.setdefault(calibration.aggregate, calibration.path)
+    if len(first) > 1:
+        (one, one_path), (other, other_path) = first.items()
+        raise UsageError(f"the thresholds in {one_path} were chosen on {one} scores and those in {other_path} on "
+                         f"{other}: one run scores each file one way", option="aggregate",
+                         hint="apply them in separate runs (a head without a thresholds.json, or the model without "
+                              "one, goes by --top)")
     return found
 
 
