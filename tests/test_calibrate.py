@@ -153,6 +153,22 @@ def test_28_2_threshold_calibrated_applies_the_written_thresholds(tiny_checkpoin
     assert [x["label"] for x in numeric[str(clip_path)]["labels"]] == [ranked[1]["label"], last["label"]]
 
 
+def test_28_2_thresholds_of_another_model_are_refused_for_their_labels_not_their_activation(tiny_checkpoint,
+                                                                                             tmp_path):
+    """#28 walk: ``--thresholds birds.json`` of another model (other labels, other activation) said "use
+    --activation sigmoid", and doing so only led to "names label 'Bird', which the model does not have"."""
+    clip_path = tmp_path / "clip.wav"
+    sf.write(str(clip_path), np.zeros(16000, np.float32), 16000)
+    thresholds = tmp_path / "frogs.json"
+    write_thresholds(str(thresholds), {"thresholds": {"croak": 0.5, "trill": 0.4}, "activation": "softmax",
+                                       "aggregate": "max"})
+    result = runner.invoke(app, ["classify", str(clip_path), "--model", str(tiny_checkpoint[0]), "--threshold",
+                                 "calibrated", "--thresholds", str(thresholds), "--quiet"])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == ["Error: --thresholds: the calibrated thresholds name label 'croak', which "
+                                          "the model does not have (and 1 more)"]
+
+
 def test_28_2_a_single_label_clip_under_its_threshold_is_none_of_these(head, splits, tmp_path):
     folder = splits / "test" / "mid"
     strict, loose = tmp_path / "strict.json", tmp_path / "loose.json"

@@ -295,14 +295,15 @@ def apply_calibrations(selection, parts, calibrations: dict, activation, heads=(
     from ..run.options import Activation
 
     names = {head.name for head in heads}
-    per_part = []
-    for part in parts:
-        calibration = calibrations.get(part.name if part.name in names else None)
+    chosen = [calibrations.get(part.name if part.name in names else None) for part in parts]
+    # labels first: a file made for another model is that, whatever its activation (a hint to change the
+    # activation would only lead to this refusal)
+    calibrated = selection.calibrated_parts(parts, [c.thresholds if c is not None else None for c in chosen])
+    for part, calibration in zip(parts, chosen):
         if calibration is not None:
             own = activation or (Activation.softmax if part.single_label else Activation.sigmoid)
             calibration.check(Activation(own).value)
-        per_part.append(calibration.thresholds if calibration is not None else None)
-    return selection.calibrated_parts(parts, per_part)
+    return calibrated
 
 
 def stderr_console():
