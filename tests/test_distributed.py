@@ -416,3 +416,20 @@ def test_sigterm_ends_a_ray_run_like_a_local_one_and_resume_finishes_it(cluster,
     assert rest.returncode == 0, rest.stderr
     got = [json.loads(line)["path"] for line in out.read_text().splitlines()]
     assert sorted(got) == [str(many / f"c{i:03d}.wav") for i in range(60)]  # each file once
+
+
+def test_28_ray_address_without_engine_ray_is_refused_not_ignored(tiny_checkpoint, tmp_path, monkeypatch):
+    """#28 walk: README said heads do not run "with --ray-address"; ``classify --head DIR --ray-address ADDR`` (and
+    any run given --ray-address without --engine ray) ran locally and said nothing of the address."""
+    from ast_cli.cli import classify as cli_classify, index as cli_index
+
+    clip = write_audio(tmp_path / "a.wav", 0.5)
+    for module in (cli_classify, cli_index):
+        monkeypatch.setattr(module, "fetch_model", lambda *a, **k: pytest.fail("the model was fetched"))
+    for command in (["classify", str(clip), "-o", str(tmp_path / "tags.jsonl")],
+                    ["index", str(clip), "--db", str(tmp_path / "db")]):
+        result = runner.invoke(app, [*command, "--model", str(tiny_checkpoint[0]), "--ray-address", "auto"])
+        assert result.exit_code == 2
+        assert result.stderr.splitlines() == ["Error: --ray-address: auto is a Ray cluster to join, and this run is "
+                                              "local", "Hint: use --engine ray"]
+    assert sorted(os.listdir(tmp_path)) == ["a.wav"]

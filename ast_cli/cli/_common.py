@@ -150,6 +150,9 @@ def checked_distributed(values: dict, run: RunOptions | None = None):
         raise UsageError(f"must be more than 0, not {values['cpus_per_worker']:g}", option="cpus_per_worker")
     if not values["gpus_per_worker"] >= 0:
         raise UsageError(f"must be 0 or more, not {values['gpus_per_worker']:g}", option="gpus_per_worker")
+    if values["engine"] is not Engine.ray and values["ray_address"] is not None:  # else it is silently not used
+        raise UsageError(f"{values['ray_address']} is a Ray cluster to join, and this run is local",
+                         option="ray_address", suggest={"engine": "ray"})
     if values["engine"] is Engine.ray:
         if run is not None and run.fast:
             raise UsageError("the fast mode is calibrated on this machine, not on Ray workers", option="engine",
