@@ -516,3 +516,22 @@ def test_27_a_faiss_file_naming_another_file_never_writes_to_it(tmp_path, monkey
     again.put(FileRecord("/new", 1, 1, 1.0, None, [(0.0, 1.0)], queries[:1]))
     assert again.search(queries[0], 1)[0].path == "/new"
     assert victim.read_bytes() == b"keep me\n" * 10
+
+
+def test_28_search_refuses_a_query_window_before_the_audio_or_ending_before_it_starts(spread, tmp_path):
+    """#28 walk: ``ast search DB door.wav --start -1`` answered with hits (a negative offset sliced from the end of
+    the first decoded block: a query of the wrong audio), and ``--start 1 --end 0.5`` said the file "has no audio
+    from 1 s to 0.5 s"."""
+    from ast_cli.errors import UsageError
+
+    files = archive(tmp_path / "in", 2)
+    assert index([tmp_path / "in"], tmp_path / "db", spread).exit_code == 0
+    for extra, line in ((["--start", "-1"], "Error: --start: input should be greater than or equal to 0"),
+                        (["--start", "1", "--end", "0.5"], "Error: --end: 0.5 s is not after --start 1 s")):
+        result = ast("search", tmp_path / "db", files[0], *extra)
+        assert result.exit_code == 2 and result.stderr.splitlines()[0] == line, result.output
+    with Index.open(tmp_path / "db") as stored:
+        for kwargs, option in (({"start": -1.0}, "start"), ({"start": 1.0, "end": 1.0}, "end")):
+            with pytest.raises(UsageError) as refused:
+                stored.search(files[0], 3, **kwargs)
+            assert refused.value.option == option

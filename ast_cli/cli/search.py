@@ -19,7 +19,7 @@ CSV_COLUMNS = ["path", "start", "end", "score", "label"]
 def search(
     db: Annotated[str, typer.Argument(metavar="DB", help="An index directory (ast index made it).")],
     query: Annotated[Optional[str], typer.Argument(metavar="QUERY", help="An audio file: its window from --start is the example.")] = None,
-    start: Annotated[float, typer.Option(metavar="SECONDS", help="Where the query window starts.")] = 0.0,
+    start: Annotated[float, typer.Option(min=0.0, metavar="SECONDS", help="Where the query window starts.")] = 0.0,
     end: Annotated[Optional[float], typer.Option(metavar="SECONDS", help="Where it ends (default: one model window; a shorter one is padded).")] = None,
     label: Annotated[Optional[str], typer.Option(metavar="NAME", help="Instead of a QUERY: the windows a head the index scores (ast index --head) gives this label's highest probability, or else along the model's own classifier direction for it.")] = None,
     head: Annotated[Optional[str], typer.Option("--head", metavar="NAME", help="With --label: this stored head's scores (when two heads have the label).")] = None,
@@ -55,6 +55,8 @@ def search(
             raise UsageError("give a QUERY audio file or --label NAME (one of them)", option="label")
         if head is not None and label is None:
             raise UsageError("names the head whose --label to search: it goes with --label", option="head")
+        if end is not None and not end > start:
+            raise UsageError(f"{end:g} s is not after --start {start:g} s", option="end")
         if output_dir is not None and format is not SearchFormat.audacity:
             raise UsageError("writes Audacity label tracks: it goes with --format audacity",
                              option="output_dir")

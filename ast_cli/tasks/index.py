@@ -304,6 +304,10 @@ class Index:
         cut on the 10 ms frame grid so that a window the index holds embeds exactly as stored."""
         from ..constants import FRAME_SECONDS
 
+        if not start >= 0:  # a negative sample offset would slice from the end of the first block
+            raise UsageError(f"the query window cannot start before the audio: {start:g} s", option="start")
+        if end is not None and not end > start:
+            raise UsageError(f"{end:g} s is not after the start, {start:g} s", option="end")
         first = int(round(start / FRAME_SECONDS)) * 160  # samples: whole frames, as the engine's windows start
         window = int(self.identity["features"]["max_length"]) * 160
         length = min(window, int(round((end - start) * 16000))) if end is not None else window
