@@ -556,3 +556,21 @@ def test_28_data_without_two_labels_says_what_makes_a_classifier(tmp_path):
             f"Error: DATA: {data} has {found} and a classifier needs two labels, or one label and negatives",
             "Hint: one subfolder per label; in a CSV/JSONL, the rows' labels (several: a;b), empty or '-' for a "
             "negative"]
+
+
+def test_28_features_db_refusals_name_features_db_once(tmp_path):
+    """#28 walk: ``ast train hits.csv --features-db nodb`` said ``Error: --db: nodb is not an index`` (train has no
+    --db), and with ``--mode finetune`` ``Error: --features-db: --features-db holds embeddings``."""
+    pytest.importorskip("faiss")
+    hits = tmp_path / "hits.csv"
+    hits.write_text("path,start,end,score,label\na.wav,0.0,0.64,0.9,door\nb.wav,0.0,0.64,0.8,-\n"
+                    "c.wav,0.0,0.64,0.7,door\nd.wav,0.0,0.64,0.6,\n")
+    missing = tmp_path / "nodb"
+    for extra, lines in (([], [f"Error: --features-db: {missing} is not an index (no index.sqlite in it)"]),
+                         (["--mode", "finetune"], [f"Error: --features-db: {missing} holds embeddings, which train a "
+                                                   "head only", "Hint: use --mode head"])):
+        result = runner.invoke(app, ["train", str(hits), "--features-db", str(missing), "--out",
+                                     str(tmp_path / "out"), "--quiet", *extra])
+        assert result.exit_code == 2
+        assert [x for x in result.stderr.splitlines() if x.startswith(("Error:", "Hint:"))][:len(lines)] == lines
+    assert not (tmp_path / "out").exists()

@@ -127,8 +127,14 @@ def _base(model: str, features_db: str | None, mode, run: RunOptions, stderr, qu
     from ..tasks.index import Index
 
     if mode is not Mode.head:
-        raise UsageError("--features-db holds embeddings: it trains --mode head", option="features_db")
-    index = Index.open(features_db)
+        raise UsageError(f"{features_db} holds embeddings, which train a head only", option="features_db",
+                         suggest={"mode": "head"})
+    try:
+        index = Index.open(features_db)
+    except UsageError as exc:  # the index's own refusal names its --db; here it is --features-db
+        if exc.option == "db":
+            exc.option = "features_db"
+        raise
     try:
         identity = index.identity
     finally:
