@@ -202,7 +202,9 @@ def test_train_usage_errors(base, folder, tmp_path):
         (["train", str(one), "--out", str(tmp_path / "x")], "needs two labels"),
         (["train", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")], "no such data"),
         (["train", str(folder), "--out", str(tmp_path / "x"), "--val-split", "1.5"], "between 0 and 1"),
-        (["train", str(folder), "--out", str(tmp_path / "x"), "--resume"], "--resume continues a finetune run"),
+        (["train", str(folder), "--out", str(tmp_path / "x"), "--resume"],
+         "Error: --resume: continues a finetune run; head training takes seconds to run again\n"
+         "Hint: drop --resume (and add --overwrite to replace an earlier --out)"),
     ]
     for args, message in cases:
         result = runner.invoke(app, [*args, "--model", str(base[0])])

@@ -75,7 +75,8 @@ def train(
             raise UsageError("the fast mode computes head training's frozen embeddings; finetune trains in fp32",
                              option="fast", suggest={"fast": None})
         if resume and mode.value != "finetune":
-            raise UsageError("--resume continues a finetune run (head training takes seconds: run it again)")
+            raise UsageError("continues a finetune run; head training takes seconds to run again", option="resume",
+                             hint="drop --resume (and add --overwrite to replace an earlier --out)")
         if mode is Mode.head:
             check_writable_dir(features_dir or embedding_cache_dir(), option="features_dir")
         dataset = load_dataset(data)
