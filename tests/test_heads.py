@@ -311,3 +311,70 @@ def test_28_a_single_label_head_under_its_best_labels_threshold_reports_none_nex
     assert [(x.head, x.label) for x in scorer.select(sure)] == [("base", "a"), ("birds", "robin"), ("birds", "wren")]
     alone = Scorer([HeadPart(None, parts[1].labels, True)], LabelSelection(top=1).calibrated(parts[1].labels, {"robin": 0.7, "wren": 0.2}), None)
     assert scorer.select(unsure)[1:] == alone.select(unsure[2:]) == []  # a window of a single-label model alone too
+
+
+def copy_head(setup, folder, **changes):
+    """A copy of the ``pitch`` head in ``folder`` (a path), its head.json changed by ``changes``."""
+    folder.mkdir()
+    for name in ("head.json", "head.safetensors"):
+        (folder / name).write_bytes((setup["root"] / "pitch" / name).read_bytes())
+    config = json.loads((folder / "head.json").read_text()) | changes
+    (folder / "head.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_28_a_head_named_as_the_models_own_labels_is_refused_before_the_model_loads(setup, tmp_path, monkeypatch):
+    # Two heads of one name: the records, --include HEAD:LABEL and the thresholds (the model's labels took the
+    # head's thresholds.json) could not tell them apart.
+    from ast_cli.run.tagger import Tagger
+    from ast_cli.run.thresholds import write_thresholds
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    twin = copy_head(setup, tmp_path / setup["base"].name)
+    write_thresholds(str(twin / "thresholds.json"), {"thresholds": {"high": 0.5}, "activation": "softmax",
+                                                     "aggregate": "max"})
+    monkeypatch.setattr(Tagger, "load", no_model)
+    out = tmp_path / "tags.jsonl"
+    for extra in ([], ["--threshold", "calibrated"]):
+        result = runner.invoke(app, ["classify", setup["clips"][0], "--model", str(setup["base"]), "--head", str(twin),
+                                     "-o", str(out), *extra])
+        assert result.exit_code == 2 and "as the model's own labels are" in result.stderr, result.output
+        assert not out.exists()
+
+
+def test_28_a_head_name_with_a_colon_or_a_control_character_and_a_nan_eps_are_refused(setup, tmp_path):
+    # head:label must read one way in Audacity, Raven and --include; NaN eps scored every file NaN (blamed on audio)
+    cases = [(copy_head(setup, tmp_path / "birds:v2"), "the folder's name 'birds:v2' cannot name a head"),
+             (copy_head(setup, tmp_path / "a\tb"), "cannot name a head"),
+             (copy_head(setup, tmp_path / "named", name="birds:v2"), "name must be printable"),
+             (copy_head(setup, tmp_path / "eps", layer_norm_eps=float("nan")), "layer_norm_eps must be a number above 0")]
+    for head, message in cases:
+        result = runner.invoke(app, ["classify", setup["clips"][0], "--model", str(setup["base"]), "--head", str(head),
+                                     "-o", str(tmp_path / "tags.jsonl")])
+        assert result.exit_code == 2 and message in result.stderr, (head, result.output)
+        assert not (tmp_path / "tags.jsonl").exists()
+    renamed = copy_head(setup, tmp_path / "birds:v3", name="birds-v3")  # the fix the message names
+    assert {x["head"] for x in classify(setup["clips"][0], "--model", str(setup["base"]), "--head", str(renamed),
+                                        "--no-base-head")[0]["labels"]} == {"birds-v3"}
+
+
+def test_28_tagger_load_takes_one_head_given_as_a_path_not_its_characters(setup):
+    from ast_cli import Tagger
+
+    for head in (str(setup["root"] / "pitch"), setup["root"] / "pitch"):
+        assert [h.name for h in Tagger.load(str(setup["base"]), heads=head).heads] == ["pitch"]
+
+
+def test_28_labels_are_shown_as_they_are_not_as_rich_markup_or_emoji(setup, tmp_path):
+    # a head's labels are its training folders' names: "[/]" crashed the table (MarkupError), ":x:" became an emoji
+    head = copy_head(setup, tmp_path / "odd", labels=["[/]", "a:x:b", "[red]c"])
+    result = runner.invoke(app, ["classify", setup["clips"][0], "--model", str(setup["base"]), "--head", str(head),
+                                 "--no-base-head", "-f", "table", "--top", "0", "--segments", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert all(label in result.stdout for label in ("[/]", "a:x:b", "[red]c", "odd:[/]")), result.stdout
+    broken = tmp_path / "bad:x:.wav"
+    broken.write_bytes(b"not audio")
+    failed = runner.invoke(app, ["classify", str(broken), "--model", str(setup["base"]), "--quiet", "-f", "jsonl"])
+    assert failed.exit_code == 1 and f"error: {broken}:" in failed.stderr, failed.stderr

@@ -17,6 +17,8 @@ it); two more files make it a head:
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +33,7 @@ FORMAT, VERSION = "ast-cli-head", 1
 SINGLE, MULTI = "single_label_classification", "multi_label_classification"
 MAX_LABELS = 100_000
 MAX_HIDDEN = 1 << 16
+NAME_RULE = "printable, up to 200 characters, without a colon"
 HEADER_BYTES = 1 << 16  # safetensors' JSON header, generously: six tensor entries
 
 
@@ -76,9 +79,11 @@ def head_files(classifier: dict, mean: np.ndarray, std: np.ndarray, labels: tupl
 
 
 def read_heads(paths, base_head: bool = True) -> list[Head]:
-    """``read_head`` of each folder (a ``Head`` already read is taken as it is); two heads of one name, or no
-    labels at all (no heads and no ``base_head``), are a UsageError."""
-    heads = [path if isinstance(path, Head) else read_head(str(path)) for path in paths]
+    """``read_head`` of each folder (a ``Head`` already read is taken as it is; one path alone is one head, not its
+    characters); two heads of one name, or no labels at all (no heads and no ``base_head``), are a UsageError."""
+    if isinstance(paths, (str, os.PathLike, Head)):
+        paths = [paths]
+    heads = [path if isinstance(path, Head) else read_head(os.fspath(path)) for path in paths]
     if not heads and not base_head:
         raise UsageError("without the model's own labels there is nothing to report: give a head", option="base_head")
     names = [head.name for head in heads]
@@ -108,8 +113,18 @@ def read_head(path: str) -> Head:
         "standardize.mean": (hidden,), "standardize.std": (hidden,), "classifier.layernorm.weight": (hidden,),
         "classifier.layernorm.bias": (hidden,), "classifier.dense.weight": (len(labels), hidden),
         "classifier.dense.bias": (len(labels),)})
-    return Head(config.get("name") or folder.resolve().name, str(folder), labels, config["problem_type"] == SINGLE,
+    name = config.get("name") or folder.resolve().name
+    if not good_name(name):  # a folder's name, unchecked so far: it names every label of this head in the outputs
+        raise HeadError(f"{path}: the folder's name {name!r} cannot name a head ({NAME_RULE}): set \"name\" in its "
+                        f"{HEAD_CONFIG}", path=path, problem="corrupt")
+    return Head(name, str(folder), labels, config["problem_type"] == SINGLE,
                 config["base"]["model"], config["base"]["backbone_sha256"], config["layer_norm_eps"], tensors)
+
+
+def good_name(name) -> bool:
+    """Whether ``name`` can name a head: outputs write its labels as ``head:label`` (Audacity, Raven, --include),
+    so a colon would make that ambiguous, and a control character would break a line of them."""
+    return isinstance(name, str) and bool(name.strip()) and name.isprintable() and ":" not in name and len(name) <= 200
 
 
 def _config(raw: dict) -> dict:
@@ -124,12 +139,13 @@ def _config(raw: dict) -> dict:
         raise ValueError(f"hidden_size must be a whole number from 1 to {MAX_HIDDEN}")
     if raw["problem_type"] not in (SINGLE, MULTI):
         raise ValueError(f"problem_type must be {SINGLE} or {MULTI}")
-    if name is not None and not (isinstance(name, str) and name.strip() and name.isprintable() and len(name) <= 200):
-        raise ValueError("name must be a printable name of up to 200 characters")
+    if name is not None and not good_name(name):
+        raise ValueError(f"name must be {NAME_RULE}")
     if not all(isinstance(raw["base"].get(k), str) for k in ("model", "backbone_sha256")):
         raise ValueError("base must name its model and backbone_sha256")
-    if not isinstance(raw.get("layer_norm_eps", 1e-12), float):
-        raise ValueError("layer_norm_eps must be a number")
+    eps = raw.get("layer_norm_eps", 1e-12)
+    if not isinstance(eps, float) or not (math.isfinite(eps) and eps > 0):  # NaN scored every file NaN
+        raise ValueError("layer_norm_eps must be a number above 0")
     return {**raw, "labels": tuple(labels), "layer_norm_eps": raw.get("layer_norm_eps", 1e-12)}
 
 

@@ -402,10 +402,15 @@ def base_head_name(model: str) -> str:
 def head_parts(model: str, labels: tuple[str, ...], single_label: bool, heads=(), base_head: bool = True
                ) -> tuple[HeadPart, ...]:
     """The parts of a row of logits: the model's own head (named after ``model``, unless ``base_head`` is False),
-    then each of ``heads`` (``checkpoint.heads.Head``); the model alone: one part named None."""
+    then each of ``heads`` (``checkpoint.heads.Head``); the model alone: one part named None. A head named as the
+    model's own head is a UsageError."""
     if not heads:
         return (HeadPart(None, labels, single_label),)
     own = [(base_head_name(model), labels, single_label)] if base_head and labels else []
+    twin = next((h for h in heads if own and h.name == own[0][0]), None)
+    if twin is not None:  # one name for two heads: records, --include HEAD:LABEL and thresholds could not tell them apart
+        raise UsageError(f"head {twin.path} is named {twin.name!r}, as the model's own labels are: set \"name\" in "
+                         "its head.json", option="heads")
     parts, start = [], 0
     for name, names, single in own + [(h.name, h.labels, h.single_label) for h in heads]:
         parts.append(HeadPart(name, names, single, start))
