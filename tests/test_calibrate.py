@@ -307,3 +307,23 @@ def test_28_2_ray_workers_get_the_calibrated_thresholds_and_none_of_comes_back(h
         results = [distributed.record_to_result(r) for r in records]
         assert [r.none_of for r in results] == [none_of] * 3 and all(bool(r.labels) != none_of for r in results)
 
+
+
+def test_28_2_resume_refuses_records_of_another_aggregate(tiny_checkpoint, tmp_path):
+    # --threshold calibrated takes the thresholds' aggregate (mean here): appended to records of max scores, one
+    # output would have held two kinds of score with nothing to tell them apart
+    clips = []
+    for i in range(2):
+        clips.append(str(tmp_path / f"{i}.wav"))
+        sf.write(clips[-1], clip("mid", np.random.default_rng(i)), RATE)
+    thresholds, out = tmp_path / "t.json", tmp_path / "tags.jsonl"
+    write_thresholds(str(thresholds), {"thresholds": {"Speech": 0.5}, "activation": "sigmoid", "aggregate": "mean"})
+    model = ["--model", str(tiny_checkpoint[0]), "-o", str(out), "--quiet"]
+    assert runner.invoke(app, ["classify", clips[0], *model]).exit_code == 0
+    before = out.read_bytes()
+    for extra in (["--threshold", "calibrated", "--thresholds", str(thresholds)], ["--aggregate", "mean"]):
+        result = runner.invoke(app, ["classify", *clips, *model, "--resume", *extra])
+        assert result.exit_code == 2 and "aggregate max, not mean" in result.stderr, result.stderr
+        assert out.read_bytes() == before
+    same = runner.invoke(app, ["classify", *clips, *model, "--resume", "--aggregate", "max"])
+    assert same.exit_code == 0 and len(out.read_text().splitlines()) == 2, same.stderr

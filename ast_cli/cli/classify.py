@@ -214,7 +214,7 @@ def _provenance(target, job: _Job) -> tuple[dict, object]:
     if job.calibrations is not None:  # thresholds of other labels or other scores: refused before the model loads
         job.selection = apply_calibrations(job.selection, parts, job.calibrations, job.activation, job.heads)
     settings = Settings(None, model_identity(job.model, path), job.run.hop_seconds, _compute(job),
-                        _activations(scorer), tuple(p.name for p in parts) if job.heads else ())
+                        _activations(scorer), tuple(p.name for p in parts) if job.heads else (), job.aggregate.value)
     if target.journal is not None:
         target.journal.check(settings)
     return {"model": settings.model, "settings": settings.record(features.window_seconds)}, path
