@@ -327,3 +327,16 @@ def test_28_2_resume_refuses_records_of_another_aggregate(tiny_checkpoint, tmp_p
         assert out.read_bytes() == before
     same = runner.invoke(app, ["classify", *clips, *model, "--resume", "--aggregate", "max"])
     assert same.exit_code == 0 and len(out.read_text().splitlines()) == 2, same.stderr
+
+
+def test_28_2_a_calibration_that_calibrates_no_label_leaves_the_earlier_thresholds_and_exits_1(head, splits, tmp_path):
+    # every label short of --min-positives: an empty thresholds.json replaced the earlier one, with exit 0
+    model = tmp_path / "model"
+    shutil.copytree(head, model)
+    earlier = b'{"format": "ast-cli thresholds", "version": 1, "thresholds": {"low": 0.5}}\n'
+    (model / "thresholds.json").write_bytes(earlier)
+    result = runner.invoke(app, ["evaluate", str(model), str(splits / "calib"), "--calibrate", "f1", "--min-positives",
+                                 "1000", "-f", "json"])
+    assert result.exit_code == 1 and "no label could be calibrated to f1" in result.stderr, result.stderr
+    assert json.loads(result.stdout)["calibration"]["thresholds_file"] is None
+    assert (model / "thresholds.json").read_bytes() == earlier

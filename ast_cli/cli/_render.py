@@ -194,4 +194,4 @@ def print_calibration(calibration: dict) -> None:
         console.print(f"no positive file in DATA, so no threshold: {shown}", markup=False)
     done = sum(row["status"] == "calibrated" for row in calibration["labels"])
     console.print(f"{done} of {counted(len(calibration['labels']), 'label')} calibrated: "
-                  f"{calibration['thresholds_file']}", markup=False)
+                  f"{calibration['thresholds_file'] or 'nothing written'}", markup=False)
