@@ -378,3 +378,14 @@ def test_28_labels_are_shown_as_they_are_not_as_rich_markup_or_emoji(setup, tmp_
     broken.write_bytes(b"not audio")
     failed = runner.invoke(app, ["classify", str(broken), "--model", str(setup["base"]), "--quiet", "-f", "jsonl"])
     assert failed.exit_code == 1 and f"error: {broken}:" in failed.stderr, failed.stderr
+
+
+def test_28_a_head_json_with_twin_or_unprintable_labels_is_refused(setup, tmp_path):
+    # thresholds, --include and search find a label by name (twins: the first hid the second); a newline or tab in a
+    # label split an Audacity or Raven line
+    cases = [(["high", "high", "low"], "labels must be distinct"), (["high", "lo\nw", "noise"], "printable names"),
+             (["high", "", "noise"], "printable names")]
+    for i, (labels, message) in enumerate(cases):
+        head = copy_head(setup, tmp_path / f"h{i}", labels=labels)
+        result = runner.invoke(app, ["classify", setup["clips"][0], "--model", str(setup["base"]), "--head", str(head)])
+        assert result.exit_code == 2 and message in result.stderr, (labels, result.output)

@@ -133,8 +133,10 @@ def _config(raw: dict) -> dict:
         raise ValueError(f"not a version {VERSION} {FORMAT} file")
     labels, hidden, name = raw["labels"], raw["hidden_size"], raw.get("name")
     if not isinstance(labels, list) or not 0 < len(labels) <= MAX_LABELS or not all(
-            isinstance(x, str) for x in labels):
-        raise ValueError(f"labels must be a list of 1 to {MAX_LABELS} names")
+            isinstance(x, str) and x.strip() and x.isprintable() for x in labels):
+        raise ValueError(f"labels must be a list of 1 to {MAX_LABELS} printable names")
+    if len(set(labels)) < len(labels):  # thresholds, --include and search find a label by its name
+        raise ValueError("labels must be distinct")
     if not isinstance(hidden, int) or isinstance(hidden, bool) or not 0 < hidden <= MAX_HIDDEN:
         raise ValueError(f"hidden_size must be a whole number from 1 to {MAX_HIDDEN}")
     if raw["problem_type"] not in (SINGLE, MULTI):
