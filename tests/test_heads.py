@@ -389,3 +389,22 @@ def test_28_a_head_json_with_twin_or_unprintable_labels_is_refused(setup, tmp_pa
         head = copy_head(setup, tmp_path / f"h{i}", labels=labels)
         result = runner.invoke(app, ["classify", setup["clips"][0], "--model", str(setup["base"]), "--head", str(head)])
         assert result.exit_code == 2 and message in result.stderr, (labels, result.output)
+
+
+def test_28_a_single_label_head_alone_that_is_none_of_these_keeps_the_csv_columns(setup, tmp_path):
+    # --no-base-head with one single-label head under its thresholds: the none-of row put "(none of these)" in the head
+    # column and was one field short of the header
+    import csv as csvlib
+
+    from ast_cli.run.thresholds import write_thresholds
+
+    head = copy_head(setup, tmp_path / "strict")
+    write_thresholds(str(head / "thresholds.json"), {"thresholds": dict.fromkeys(("high", "low", "noise"), 1.0),
+                                                     "activation": "softmax", "aggregate": "mean"})
+    for extra in ([], ["--segments"]):
+        result = runner.invoke(app, ["classify", setup["clips"][0], "--model", str(setup["base"]), "--head", str(head),
+                                     "--no-base-head", "--threshold", "calibrated", "-f", "csv", "--quiet", *extra])
+        assert result.exit_code == 0, result.output
+        header, *lines = list(csvlib.reader(result.stdout.splitlines()))
+        assert lines and all(len(line) == len(header) for line in lines), result.stdout
+        assert dict(zip(header, lines[0]))["label"] == "(none of these)", result.stdout

@@ -180,7 +180,8 @@ class CsvWriter(_StreamWriter):
         self._rows(result, result.labels, None)
         if result.none_of:  # a row of its own, so the file is not mistaken for one that was never tagged
             duration = "" if result.duration is None else round(result.duration, 6)
-            self.csv.writerow((display_path(result.path), duration, "", NONE_OF, "", "")
+            named = ("", NONE_OF) if self.heads else (NONE_OF,)  # in the label column, with heads too
+            self.csv.writerow((display_path(result.path), duration, "", *named, "", "")
                               + (("", "") if self.segments else ()) + ("",))
         for segment in result.segments or []:
             self._rows(result, segment.labels, (segment.start, segment.end))
