@@ -408,3 +408,19 @@ def test_28_a_single_label_head_alone_that_is_none_of_these_keeps_the_csv_column
         header, *lines = list(csvlib.reader(result.stdout.splitlines()))
         assert lines and all(len(line) == len(header) for line in lines), result.stdout
         assert dict(zip(header, lines[0]))["label"] == "(none of these)", result.stdout
+
+
+def test_28_a_head_of_another_width_than_the_model_is_refused_before_any_output(setup, tmp_path):
+    # its head.json names this base (the fingerprint matches) but its tensors take 16-wide embeddings: every file
+    # failed with a RuntimeError about tensor sizes, listen with an unexpected error
+    from safetensors.torch import load_file, save_file
+
+    head = copy_head(setup, tmp_path / "narrow", hidden_size=16)
+    tensors = load_file(head / "head.safetensors")
+    save_file({k: v if k == "classifier.dense.bias" else v[..., :16].contiguous() for k, v in tensors.items()},
+              head / "head.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "tags.jsonl"
+    result = runner.invoke(app, ["classify", *setup["clips"], "--model", str(setup["base"]), "--head", str(head),
+                                 "-o", str(out)])
+    assert result.exit_code == 2 and "takes 16-wide embeddings" in result.stderr, result.output
+    assert not out.exists()

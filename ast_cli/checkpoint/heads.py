@@ -183,9 +183,15 @@ def _tensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict:
     return tensors
 
 
-def check_bases(heads: list[Head], fingerprint: str, model: str) -> None:
-    """``HeadError(other_base)`` for the first head not trained on the model whose backbone has ``fingerprint``."""
+def check_bases(heads: list[Head], fingerprint: str, model: str, hidden_size: int | None = None) -> None:
+    """``HeadError(other_base)`` for the first head not trained on the model whose backbone has ``fingerprint``;
+    ``HeadError(corrupt)`` for one whose embedding width is not the model's ``hidden_size`` (a head.json that lies
+    about its base: every window failed with a shape error)."""
     for head in heads:
         if head.fingerprint != fingerprint:
             raise HeadError(f"head {head.path} was trained on another base model ({head.base}), not on {model}",
                             path=head.path, problem="other_base", base=head.base)
+        width = head.tensors["standardize.mean"].shape[0]
+        if hidden_size is not None and width != hidden_size:
+            raise HeadError(f"head {head.path} takes {width}-wide embeddings, and {model} gives {hidden_size}",
+                            path=head.path, problem="corrupt")

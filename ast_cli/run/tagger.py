@@ -286,7 +286,7 @@ class Tagger:
             checkpoint = load_checkpoint(path)
             network = build_model(checkpoint)
             if loaded:  # the fingerprint of the float32 weights as loaded, before any dtype or int8 placement
-                check_bases(loaded, backbone_fingerprint(network), model)
+                check_bases(loaded, backbone_fingerprint(network), model, network.config.hidden_size)
             backend = LocalBackend.build(network, checkpoint.features, options)
         return cls(backend, checkpoint.config.id2label, name=model, options=options,
                    single_label=is_single_label(checkpoint.config), source=checkpoint.source, heads=loaded,
