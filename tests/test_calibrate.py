@@ -340,3 +340,19 @@ def test_28_2_a_calibration_that_calibrates_no_label_leaves_the_earlier_threshol
     assert result.exit_code == 1 and "no label could be calibrated to f1" in result.stderr, result.stderr
     assert json.loads(result.stdout)["calibration"]["thresholds_file"] is None
     assert (model / "thresholds.json").read_bytes() == earlier
+
+
+def test_28_2_thresholds_out_never_replaces_a_file_that_is_not_thresholds(head, splits, tmp_path, monkeypatch):
+    # --thresholds-out MODEL/head.json (a slip of the tab key) replaced the head with JSON thresholds, exit 0
+    import ast_cli.cli.train as cli_train
+
+    model = tmp_path / "model"
+    shutil.copytree(head, model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    monkeypatch.setattr(cli_train, "load_tagger", lambda *a, **k: pytest.fail("the model was loaded"))
+    for name in ("head.json", "model.safetensors"):
+        result = runner.invoke(app, ["evaluate", str(model), str(splits / "calib"), "--calibrate", "f1",
+                                     "--thresholds-out", str(model / name)])
+        assert result.exit_code == 2 and "is not a thresholds file: refusing to replace it" in result.stderr, \
+            result.stderr
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
