@@ -424,3 +424,18 @@ def test_28_a_head_of_another_width_than_the_model_is_refused_before_any_output(
                                  "-o", str(out)])
     assert result.exit_code == 2 and "takes 16-wide embeddings" in result.stderr, result.output
     assert not out.exists()
+
+
+def test_28_a_heads_thresholds_of_labels_it_lacks_name_the_head_and_the_file(setup, tmp_path):
+    # it said "which the model does not have" under --thresholds, though the file was the head's own thresholds.json
+    from ast_cli.run.thresholds import write_thresholds
+
+    head = copy_head(setup, tmp_path / "birds")
+    write_thresholds(str(head / "thresholds.json"), {"thresholds": {"high": 0.5, "Speech": 0.5},
+                                                     "activation": "softmax", "aggregate": "max"})
+    result = runner.invoke(app, ["classify", setup["clips"][0], "--model", str(setup["base"]), "--head", str(head),
+                                 "--threshold", "calibrated", "-o", str(tmp_path / "tags.jsonl")])
+    assert result.exit_code == 2 and result.stderr.startswith(
+        f"Error: --head: the calibrated thresholds in {head / 'thresholds.json'} name label 'Speech', which head "
+        "birds does not have"), result.stderr
+    assert not (tmp_path / "tags.jsonl").exists()

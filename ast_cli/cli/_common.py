@@ -288,14 +288,16 @@ def apply_calibrations(selection, parts, calibrations: dict, activation, heads=(
     from ..run.options import Activation
 
     names = {head.name for head in heads}
-    per_part = []
+    per_part, owners, sources = [], [], []
     for part in parts:
         calibration = calibrations.get(part.name if part.name in names else None)
         if calibration is not None:
             own = activation or (Activation.softmax if part.single_label else Activation.sigmoid)
             calibration.check(Activation(own).value)
         per_part.append(calibration.thresholds if calibration is not None else None)
-    return selection.calibrated_parts(parts, per_part)
+        owners.append(part.name if part.name in names else None)
+        sources.append(calibration.path if calibration is not None else None)
+    return selection.calibrated_parts(parts, per_part, owners, sources)
 
 
 def stderr_console():
