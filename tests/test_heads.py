@@ -349,7 +349,8 @@ def test_28_a_head_name_with_a_colon_or_a_control_character_and_a_nan_eps_are_re
     cases = [(copy_head(setup, tmp_path / "birds:v2"), "the folder's name 'birds:v2' cannot name a head"),
              (copy_head(setup, tmp_path / "a\tb"), "cannot name a head"),
              (copy_head(setup, tmp_path / "named", name="birds:v2"), "name must be printable"),
-             (copy_head(setup, tmp_path / "eps", layer_norm_eps=float("nan")), "layer_norm_eps must be a number above 0")]
+             (copy_head(setup, tmp_path / "eps", layer_norm_eps=float("nan")),
+              "layer_norm_eps must be a number above 0")]
     for head, message in cases:
         result = runner.invoke(app, ["classify", setup["clips"][0], "--model", str(setup["base"]), "--head", str(head),
                                      "-o", str(tmp_path / "tags.jsonl")])

@@ -415,7 +415,7 @@ def head_parts(model: str, labels: tuple[str, ...], single_label: bool, heads=()
         return (HeadPart(None, labels, single_label),)
     own = [(base_head_name(model), labels, single_label)] if base_head and labels else []
     twin = next((h for h in heads if own and h.name == own[0][0]), None)
-    if twin is not None:  # one name for two heads: records, --include HEAD:LABEL and thresholds could not tell them apart
+    if twin is not None:  # records, HEAD:LABEL and thresholds could not tell the two apart
         raise UsageError(f"head {twin.path} is named {twin.name!r}, as the model's own labels are: set \"name\" in "
                          "its head.json", option="heads")
     parts, start = [], 0
