@@ -440,3 +440,22 @@ def test_28_a_heads_thresholds_of_labels_it_lacks_name_the_head_and_the_file(set
         f"Error: --head: the calibrated thresholds in {head / 'thresholds.json'} name label 'Speech', which head "
         "birds does not have"), result.stderr
     assert not (tmp_path / "tags.jsonl").exists()
+
+
+def test_28_no_base_head_with_calibrated_thresholds_needs_a_heads_own(setup, tmp_path):
+    # the model's thresholds.json was read and applied to nothing: the heads went by --top, exit 0, as if calibrated
+    from ast_cli.run.thresholds import write_thresholds
+
+    model = tmp_path / "base"
+    model.mkdir()
+    for path in setup["base"].iterdir():
+        (model / path.name).write_bytes(path.read_bytes())
+    write_thresholds(str(model / "thresholds.json"), {"thresholds": {"Speech": 0.5}, "activation": "sigmoid",
+                                                      "aggregate": "max"})
+    args = ["classify", setup["clips"][0], "--model", str(model), "--head", str(setup["root"] / "pitch"),
+            "--no-base-head", "--threshold", "calibrated", "-o", str(tmp_path / "tags.jsonl")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "no --head folder has a thresholds.json" in result.stderr, result.output
+    result = runner.invoke(app, [*args, "--thresholds", str(model / "thresholds.json")])
+    assert result.exit_code == 2 and "--no-base-head leaves out" in result.stderr, result.output
+    assert not (tmp_path / "tags.jsonl").exists()

@@ -252,11 +252,13 @@ def read_calibration(model: str, thresholds: str | None, calibrated: bool):
     return read_thresholds(path)
 
 
-def calibrations_of(model: str, thresholds: str | None, calibrated: bool, heads=()) -> dict | None:
+def calibrations_of(model: str, thresholds: str | None, calibrated: bool, heads=(), base_head: bool = True
+                    ) -> dict | None:
     """``--threshold calibrated``: each head's ``Calibration`` by head (None: the model's own labels; a head's name),
     read and checked before any work (None without it). Without ``heads`` the model's file is required
     (``read_calibration``); with them, the model's (``--thresholds`` FILE, or its folder's) and each head folder's
-    thresholds.json where there is one, and at least one; all chosen on one aggregate."""
+    thresholds.json where there is one, and at least one; all chosen on one aggregate. Without ``base_head`` (the
+    model's labels left out) only the heads' count."""
     import os
 
     from ..errors import UsageError
@@ -266,15 +268,18 @@ def calibrations_of(model: str, thresholds: str | None, calibrated: bool, heads=
         own = read_calibration(model, thresholds, calibrated)
         return None if own is None else {None: own}
     found = {}
-    base = thresholds or beside_model(model)
+    if thresholds is not None and not base_head:
+        raise UsageError("--thresholds is for the model's own labels, which --no-base-head leaves out",
+                         hint="a head's thresholds are the thresholds.json in its folder")
+    base = (thresholds or beside_model(model)) if base_head else None
     if base is not None and (thresholds is not None or os.path.exists(base)):
         found[None] = read_thresholds(base)
     for head in heads:
         if os.path.exists(os.path.join(head.path, FILE_NAME)):
             found[head.name] = read_thresholds(os.path.join(head.path, FILE_NAME))
-    if not found:
-        raise UsageError(f"neither {model} nor any --head folder has a {FILE_NAME}: nothing to read calibrated "
-                         "thresholds from", option="threshold",
+    if not found:  # --no-base-head: the model's file would have applied to nothing, and silently
+        where = f"neither {model} nor any --head folder" if base_head else "no --head folder"
+        raise UsageError(f"{where} has a {FILE_NAME}: nothing to read calibrated thresholds from", option="threshold",
                          hint="write them with `ast evaluate HEAD_DIR DATA --calibrate precision=0.9`")
     if len({c.aggregate for c in found.values()}) > 1:
         raise UsageError("the thresholds files were chosen on different aggregates (max and mean)", option="aggregate")

@@ -76,7 +76,8 @@ def classify(
         selection = LabelSelection.from_options(top, threshold_value, label_list(include), label_list(exclude),
                                                 activation)
         heads = read_heads(head or (), not no_base_head)  # a missing folder or not a head: before anything else
-        calibrations = calibrations_of(model, thresholds, calibrated, heads)  # a missing or bad file: before any work
+        # a missing or bad file: before any work
+        calibrations = calibrations_of(model, thresholds, calibrated, heads, not no_base_head)
         for calibration in (calibrations or {}).values():
             calibration.check(activation.value if activation else None, aggregate.value if aggregate else None)
             aggregate = aggregate or Aggregate(calibration.aggregate)
