@@ -366,6 +366,7 @@ def test_28_tagger_load_takes_one_head_given_as_a_path_not_its_characters(setup)
 
     for head in (str(setup["root"] / "pitch"), setup["root"] / "pitch"):
         assert [h.name for h in Tagger.load(str(setup["base"]), heads=head).heads] == ["pitch"]
+    assert Tagger.load(str(setup["base"]), heads=None).heads == ()  # None: no head, as an empty list
 
 
 def test_28_labels_are_shown_as_they_are_not_as_rich_markup_or_emoji(setup, tmp_path):

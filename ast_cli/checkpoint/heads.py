@@ -80,10 +80,11 @@ def head_files(classifier: dict, mean: np.ndarray, std: np.ndarray, labels: tupl
 
 def read_heads(paths, base_head: bool = True) -> list[Head]:
     """``read_head`` of each folder (a ``Head`` already read is taken as it is; one path alone is one head, not its
-    characters); two heads of one name, or no labels at all (no heads and no ``base_head``), are a UsageError."""
+    characters; None: no head); two heads of one name, or no labels at all (no heads and no ``base_head``), are a
+    UsageError."""
     if isinstance(paths, (str, os.PathLike, Head)):
         paths = [paths]
-    heads = [path if isinstance(path, Head) else read_head(os.fspath(path)) for path in paths]
+    heads = [path if isinstance(path, Head) else read_head(os.fspath(path)) for path in paths or ()]
     if not heads and not base_head:
         raise UsageError("without the model's own labels there is nothing to report: give a head", option="base_head")
     names = [head.name for head in heads]
