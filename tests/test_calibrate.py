@@ -356,3 +356,17 @@ def test_28_2_thresholds_out_never_replaces_a_file_that_is_not_thresholds(head, 
         assert result.exit_code == 2 and "is not a thresholds file: refusing to replace it" in result.stderr, \
             result.stderr
     assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+
+def test_28_2_the_evaluate_and_calibration_tables_show_labels_as_they_are(capsys):
+    # a label is a training folder's name: "[/]" crashed the tables with a MarkupError, ":x:" became an emoji
+    from ast_cli.cli._render import print_calibration, print_evaluation
+
+    row = {"status": "calibrated", "threshold": 0.5, "precision": 1.0, "recall": 1.0, "f1": 1.0, "positives": 1,
+           "best": None}
+    print_evaluation({"files": 2, "accuracy": 0.5, "macro_f1": 0.5, "labels": ["[/]", ":x:"],
+                      "confusion": [[1, 0], [0, 1]]}, False)
+    print_calibration({"target": "f1", "min_positives": 1, "thresholds_file": "t.json",
+                       "labels": [{"label": "[/]", **row}, {"label": ":x:", **row}]})
+    shown = capsys.readouterr().out
+    assert shown.count("[/]") == 3 and shown.count(":x:") == 3, shown
