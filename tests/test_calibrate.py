@@ -165,8 +165,8 @@ def test_28_2_thresholds_of_another_model_are_refused_for_their_labels_not_their
     result = runner.invoke(app, ["classify", str(clip_path), "--model", str(tiny_checkpoint[0]), "--threshold",
                                  "calibrated", "--thresholds", str(thresholds), "--quiet"])
     assert result.exit_code == 2
-    assert result.stderr.splitlines() == ["Error: --thresholds: the calibrated thresholds name label 'croak', which "
-                                          "the model does not have (and 1 more)"]
+    assert result.stderr.splitlines() == [f"Error: --thresholds: the calibrated thresholds in {thresholds} name "
+                                          "label 'croak', which the model does not have (and 1 more)"]
 
 
 def test_28_2_a_single_label_clip_under_its_threshold_is_none_of_these(head, splits, tmp_path):
@@ -341,3 +341,66 @@ def test_28_2_ray_workers_get_the_calibrated_thresholds_and_none_of_comes_back(h
         results = [distributed.record_to_result(r) for r in records]
         assert [r.none_of for r in results] == [none_of] * 3 and all(bool(r.labels) != none_of for r in results)
 
+
+
+def test_28_2_resume_refuses_records_of_another_aggregate(tiny_checkpoint, tmp_path):
+    # --threshold calibrated takes the thresholds' aggregate (mean here): appended to records of max scores, one
+    # output would have held two kinds of score with nothing to tell them apart
+    clips = []
+    for i in range(2):
+        clips.append(str(tmp_path / f"{i}.wav"))
+        sf.write(clips[-1], clip("mid", np.random.default_rng(i)), RATE)
+    thresholds, out = tmp_path / "t.json", tmp_path / "tags.jsonl"
+    write_thresholds(str(thresholds), {"thresholds": {"Speech": 0.5}, "activation": "sigmoid", "aggregate": "mean"})
+    model = ["--model", str(tiny_checkpoint[0]), "-o", str(out), "--quiet"]
+    assert runner.invoke(app, ["classify", clips[0], *model]).exit_code == 0
+    before = out.read_bytes()
+    for extra in (["--threshold", "calibrated", "--thresholds", str(thresholds)], ["--aggregate", "mean"]):
+        result = runner.invoke(app, ["classify", *clips, *model, "--resume", *extra])
+        assert result.exit_code == 2 and "aggregate max, not mean" in result.stderr, result.stderr
+        assert out.read_bytes() == before
+    same = runner.invoke(app, ["classify", *clips, *model, "--resume", "--aggregate", "max"])
+    assert same.exit_code == 0 and len(out.read_text().splitlines()) == 2, same.stderr
+
+
+def test_28_2_a_calibration_that_calibrates_no_label_leaves_the_earlier_thresholds_and_exits_1(head, splits, tmp_path):
+    # every label short of --min-positives: an empty thresholds.json replaced the earlier one, with exit 0
+    model = tmp_path / "model"
+    shutil.copytree(head, model)
+    earlier = b'{"format": "ast-cli thresholds", "version": 1, "thresholds": {"low": 0.5}}\n'
+    (model / "thresholds.json").write_bytes(earlier)
+    result = runner.invoke(app, ["evaluate", str(model), str(splits / "calib"), "--calibrate", "f1", "--min-positives",
+                                 "1000", "-f", "json"])
+    assert result.exit_code == 1 and "no label could be calibrated to f1" in result.stderr, result.stderr
+    assert json.loads(result.stdout)["calibration"]["thresholds_file"] is None
+    assert (model / "thresholds.json").read_bytes() == earlier
+
+
+def test_28_2_thresholds_out_never_replaces_a_file_that_is_not_thresholds(head, splits, tmp_path, monkeypatch):
+    # --thresholds-out MODEL/head.json (a slip of the tab key) replaced the head with JSON thresholds, exit 0
+    import ast_cli.cli.train as cli_train
+
+    model = tmp_path / "model"
+    shutil.copytree(head, model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    monkeypatch.setattr(cli_train, "load_tagger", lambda *a, **k: pytest.fail("the model was loaded"))
+    for name in ("head.json", "model.safetensors"):
+        result = runner.invoke(app, ["evaluate", str(model), str(splits / "calib"), "--calibrate", "f1",
+                                     "--thresholds-out", str(model / name)])
+        assert result.exit_code == 2 and "is not a thresholds file: refusing to replace it" in result.stderr, \
+            result.stderr
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+
+def test_28_2_the_evaluate_and_calibration_tables_show_labels_as_they_are(capsys):
+    # a label is a training folder's name: "[/]" crashed the tables with a MarkupError, ":x:" became an emoji
+    from ast_cli.cli._render import print_calibration, print_evaluation
+
+    row = {"status": "calibrated", "threshold": 0.5, "precision": 1.0, "recall": 1.0, "f1": 1.0, "positives": 1,
+           "best": None}
+    print_evaluation({"files": 2, "accuracy": 0.5, "macro_f1": 0.5, "labels": ["[/]", ":x:"],
+                      "confusion": [[1, 0], [0, 1]]}, False)
+    print_calibration({"target": "f1", "min_positives": 1, "thresholds_file": "t.json",
+                       "labels": [{"label": "[/]", **row}, {"label": ":x:", **row}]})
+    shown = capsys.readouterr().out
+    assert shown.count("[/]") == 3 and shown.count(":x:") == 3, shown

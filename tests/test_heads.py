@@ -284,30 +284,6 @@ def test_28_calibrated_thresholds_apply_per_head(setup, tmp_path):
     assert not (tmp_path / "none.jsonl").exists()
 
 
-def test_28_a_head_alone_that_is_none_of_these_keeps_the_csv_columns(setup, tmp_path):
-    """#28 walk: ``--no-base-head --head birds/ --threshold calibrated -f csv`` wrote a clip under every threshold
-    as ``path,duration,,(none of these),,,``: one field short, its label in the head column."""
-    import csv
-    import io
-    import shutil
-
-    from ast_cli.run.thresholds import write_thresholds
-
-    head = tmp_path / "pitch"
-    shutil.copytree(setup["root"] / "pitch", head)
-    labels = json.loads((head / "head.json").read_text())["labels"]
-    write_thresholds(str(head / "thresholds.json"), {"thresholds": dict.fromkeys(labels, 1.0),
-                                                     "activation": "softmax", "aggregate": "mean"})
-    for form, delimiter in (("csv", ","), ("tsv", "\t")):
-        result = runner.invoke(app, ["classify", setup["clips"][0], "--model", str(setup["base"]), "--head",
-                                     str(head), "--no-base-head", "--threshold", "calibrated", "-f", form, "--quiet"])
-        assert result.exit_code == 0, result.stderr
-        header, *rows = csv.reader(io.StringIO(result.stdout), delimiter=delimiter)
-        assert [dict(zip(header, row)) for row in rows if len(row) == len(header)] == [
-            {"path": setup["clips"][0], "duration": rows[0][1], "rank": "", "head": "", "label": "(none of these)",
-             "index": "", "score": "", "error": ""}], result.stdout
-
-
 def test_28_heads_calibrated_on_different_aggregates_are_named_in_the_refusal(setup, tmp_path):
     """#28 walk: a calibrated single-label head (mean scores) next to a calibrated multi-label one (max) was refused
     with "the thresholds files were chosen on different aggregates (max and mean)": which files, and what then?"""
@@ -358,3 +334,152 @@ def test_28_a_single_label_head_under_its_best_labels_threshold_reports_none_nex
     assert [(x.head, x.label) for x in scorer.select(sure)] == [("base", "a"), ("birds", "robin"), ("birds", "wren")]
     alone = Scorer([HeadPart(None, parts[1].labels, True)], LabelSelection(top=1).calibrated(parts[1].labels, {"robin": 0.7, "wren": 0.2}), None)
     assert scorer.select(unsure)[1:] == alone.select(unsure[2:]) == []  # a window of a single-label model alone too
+
+
+def copy_head(setup, folder, **changes):
+    """A copy of the ``pitch`` head in ``folder`` (a path), its head.json changed by ``changes``."""
+    folder.mkdir()
+    for name in ("head.json", "head.safetensors"):
+        (folder / name).write_bytes((setup["root"] / "pitch" / name).read_bytes())
+    config = json.loads((folder / "head.json").read_text()) | changes
+    (folder / "head.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_28_a_head_named_as_the_models_own_labels_is_refused_before_the_model_loads(setup, tmp_path, monkeypatch):
+    # Two heads of one name: the records, --include HEAD:LABEL and the thresholds (the model's labels took the
+    # head's thresholds.json) could not tell them apart.
+    from ast_cli.run.tagger import Tagger
+    from ast_cli.run.thresholds import write_thresholds
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    twin = copy_head(setup, tmp_path / setup["base"].name)
+    write_thresholds(str(twin / "thresholds.json"), {"thresholds": {"high": 0.5}, "activation": "softmax",
+                                                     "aggregate": "max"})
+    monkeypatch.setattr(Tagger, "load", no_model)
+    out = tmp_path / "tags.jsonl"
+    for extra in ([], ["--threshold", "calibrated"]):
+        result = runner.invoke(app, ["classify", setup["clips"][0], "--model", str(setup["base"]), "--head", str(twin),
+                                     "-o", str(out), *extra])
+        assert result.exit_code == 2 and "as the model's own labels are" in result.stderr, result.output
+        assert not out.exists()
+
+
+def test_28_a_head_name_with_a_colon_or_a_control_character_and_a_nan_eps_are_refused(setup, tmp_path):
+    # head:label must read one way in Audacity, Raven and --include; NaN eps scored every file NaN (blamed on audio)
+    cases = [(copy_head(setup, tmp_path / "birds:v2"), "the folder's name 'birds:v2' cannot name a head"),
+             (copy_head(setup, tmp_path / "a\tb"), "cannot name a head"),
+             (copy_head(setup, tmp_path / "named", name="birds:v2"), "name must be printable"),
+             (copy_head(setup, tmp_path / "eps", layer_norm_eps=float("nan")),
+              "layer_norm_eps must be a number above 0")]
+    for head, message in cases:
+        result = runner.invoke(app, ["classify", setup["clips"][0], "--model", str(setup["base"]), "--head", str(head),
+                                     "-o", str(tmp_path / "tags.jsonl")])
+        assert result.exit_code == 2 and message in result.stderr, (head, result.output)
+        assert not (tmp_path / "tags.jsonl").exists()
+    renamed = copy_head(setup, tmp_path / "birds:v3", name="birds-v3")  # the fix the message names
+    assert {x["head"] for x in classify(setup["clips"][0], "--model", str(setup["base"]), "--head", str(renamed),
+                                        "--no-base-head")[0]["labels"]} == {"birds-v3"}
+
+
+def test_28_tagger_load_takes_one_head_given_as_a_path_not_its_characters(setup):
+    from ast_cli import Tagger
+
+    for head in (str(setup["root"] / "pitch"), setup["root"] / "pitch"):
+        assert [h.name for h in Tagger.load(str(setup["base"]), heads=head).heads] == ["pitch"]
+    assert Tagger.load(str(setup["base"]), heads=None).heads == ()  # None: no head, as an empty list
+
+
+def test_28_labels_are_shown_as_they_are_not_as_rich_markup_or_emoji(setup, tmp_path):
+    # a head's labels are its training folders' names: "[/]" crashed the table (MarkupError), ":x:" became an emoji
+    head = copy_head(setup, tmp_path / "odd", labels=["[/]", "a:x:b", "[red]c"])
+    result = runner.invoke(app, ["classify", setup["clips"][0], "--model", str(setup["base"]), "--head", str(head),
+                                 "--no-base-head", "-f", "table", "--top", "0", "--segments", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert all(label in result.stdout for label in ("[/]", "a:x:b", "[red]c", "odd:[/]")), result.stdout
+    broken = tmp_path / "bad:x:.wav"
+    broken.write_bytes(b"not audio")
+    failed = runner.invoke(app, ["classify", str(broken), "--model", str(setup["base"]), "--quiet", "-f", "jsonl"])
+    assert failed.exit_code == 1 and f"error: {broken}:" in failed.stderr, failed.stderr
+
+
+def test_28_a_head_json_with_twin_or_unprintable_labels_is_refused(setup, tmp_path):
+    # thresholds, --include and search find a label by name (twins: the first hid the second); a newline or tab in a
+    # label split an Audacity or Raven line
+    cases = [(["high", "high", "low"], "labels must be distinct"), (["high", "lo\nw", "noise"], "printable names"),
+             (["high", "", "noise"], "printable names")]
+    for i, (labels, message) in enumerate(cases):
+        head = copy_head(setup, tmp_path / f"h{i}", labels=labels)
+        result = runner.invoke(app, ["classify", setup["clips"][0], "--model", str(setup["base"]), "--head", str(head)])
+        assert result.exit_code == 2 and message in result.stderr, (labels, result.output)
+
+
+def test_28_a_single_label_head_alone_that_is_none_of_these_keeps_the_csv_columns(setup, tmp_path):
+    # --no-base-head with one single-label head under its thresholds: the none-of row put "(none of these)" in the head
+    # column and was one field short of the header
+    import csv as csvlib
+
+    from ast_cli.run.thresholds import write_thresholds
+
+    head = copy_head(setup, tmp_path / "strict")
+    write_thresholds(str(head / "thresholds.json"), {"thresholds": dict.fromkeys(("high", "low", "noise"), 1.0),
+                                                     "activation": "softmax", "aggregate": "mean"})
+    for extra in ([], ["--segments"]):
+        result = runner.invoke(app, ["classify", setup["clips"][0], "--model", str(setup["base"]), "--head", str(head),
+                                     "--no-base-head", "--threshold", "calibrated", "-f", "csv", "--quiet", *extra])
+        assert result.exit_code == 0, result.output
+        header, *lines = list(csvlib.reader(result.stdout.splitlines()))
+        assert lines and all(len(line) == len(header) for line in lines), result.stdout
+        assert dict(zip(header, lines[0]))["label"] == "(none of these)", result.stdout
+
+
+def test_28_a_head_of_another_width_than_the_model_is_refused_before_any_output(setup, tmp_path):
+    # its head.json names this base (the fingerprint matches) but its tensors take 16-wide embeddings: every file
+    # failed with a RuntimeError about tensor sizes, listen with an unexpected error
+    from safetensors.torch import load_file, save_file
+
+    head = copy_head(setup, tmp_path / "narrow", hidden_size=16)
+    tensors = load_file(head / "head.safetensors")
+    save_file({k: v if k == "classifier.dense.bias" else v[..., :16].contiguous() for k, v in tensors.items()},
+              head / "head.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "tags.jsonl"
+    result = runner.invoke(app, ["classify", *setup["clips"], "--model", str(setup["base"]), "--head", str(head),
+                                 "-o", str(out)])
+    assert result.exit_code == 2 and "takes 16-wide embeddings" in result.stderr, result.output
+    assert not out.exists()
+
+
+def test_28_a_heads_thresholds_of_labels_it_lacks_name_the_head_and_the_file(setup, tmp_path):
+    # it said "which the model does not have" under --thresholds, though the file was the head's own thresholds.json
+    from ast_cli.run.thresholds import write_thresholds
+
+    head = copy_head(setup, tmp_path / "birds")
+    write_thresholds(str(head / "thresholds.json"), {"thresholds": {"high": 0.5, "Speech": 0.5},
+                                                     "activation": "softmax", "aggregate": "max"})
+    result = runner.invoke(app, ["classify", setup["clips"][0], "--model", str(setup["base"]), "--head", str(head),
+                                 "--threshold", "calibrated", "-o", str(tmp_path / "tags.jsonl")])
+    assert result.exit_code == 2 and result.stderr.startswith(
+        f"Error: --head: the calibrated thresholds in {head / 'thresholds.json'} name label 'Speech', which head "
+        "birds does not have"), result.stderr
+    assert not (tmp_path / "tags.jsonl").exists()
+
+
+def test_28_no_base_head_with_calibrated_thresholds_needs_a_heads_own(setup, tmp_path):
+    # the model's thresholds.json was read and applied to nothing: the heads went by --top, exit 0, as if calibrated
+    from ast_cli.run.thresholds import write_thresholds
+
+    model = tmp_path / "base"
+    model.mkdir()
+    for path in setup["base"].iterdir():
+        (model / path.name).write_bytes(path.read_bytes())
+    write_thresholds(str(model / "thresholds.json"), {"thresholds": {"Speech": 0.5}, "activation": "sigmoid",
+                                                      "aggregate": "max"})
+    args = ["classify", setup["clips"][0], "--model", str(model), "--head", str(setup["root"] / "pitch"),
+            "--no-base-head", "--threshold", "calibrated", "-o", str(tmp_path / "tags.jsonl")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "no --head folder has a thresholds.json" in result.stderr, result.output
+    result = runner.invoke(app, [*args, "--thresholds", str(model / "thresholds.json")])
+    assert result.exit_code == 2 and "--no-base-head leaves out" in result.stderr, result.output
+    assert not (tmp_path / "tags.jsonl").exists()

@@ -17,6 +17,8 @@ it); two more files make it a head:
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +33,7 @@ FORMAT, VERSION = "ast-cli-head", 1
 SINGLE, MULTI = "single_label_classification", "multi_label_classification"
 MAX_LABELS = 100_000
 MAX_HIDDEN = 1 << 16
+NAME_RULE = "printable, up to 200 characters, without a colon"
 HEADER_BYTES = 1 << 16  # safetensors' JSON header, generously: six tensor entries
 
 
@@ -76,9 +79,12 @@ def head_files(classifier: dict, mean: np.ndarray, std: np.ndarray, labels: tupl
 
 
 def read_heads(paths, base_head: bool = True) -> list[Head]:
-    """``read_head`` of each folder (a ``Head`` already read is taken as it is); two heads of one name, or no
-    labels at all (no heads and no ``base_head``), are a UsageError."""
-    heads = [path if isinstance(path, Head) else read_head(str(path)) for path in paths]
+    """``read_head`` of each folder (a ``Head`` already read is taken as it is; one path alone is one head, not its
+    characters; None: no head); two heads of one name, or no labels at all (no heads and no ``base_head``), are a
+    UsageError."""
+    if isinstance(paths, (str, os.PathLike, Head)):
+        paths = [paths]
+    heads = [path if isinstance(path, Head) else read_head(os.fspath(path)) for path in paths or ()]
     if not heads and not base_head:
         raise UsageError("without the model's own labels there is nothing to report: give a head", option="base_head")
     names = [head.name for head in heads]
@@ -108,8 +114,18 @@ def read_head(path: str) -> Head:
         "standardize.mean": (hidden,), "standardize.std": (hidden,), "classifier.layernorm.weight": (hidden,),
         "classifier.layernorm.bias": (hidden,), "classifier.dense.weight": (len(labels), hidden),
         "classifier.dense.bias": (len(labels),)})
-    return Head(config.get("name") or folder.resolve().name, str(folder), labels, config["problem_type"] == SINGLE,
+    name = config.get("name") or folder.resolve().name
+    if not good_name(name):  # a folder's name, unchecked so far: it names every label of this head in the outputs
+        raise HeadError(f"{path}: the folder's name {name!r} cannot name a head ({NAME_RULE}): set \"name\" in its "
+                        f"{HEAD_CONFIG}", path=path, problem="corrupt")
+    return Head(name, str(folder), labels, config["problem_type"] == SINGLE,
                 config["base"]["model"], config["base"]["backbone_sha256"], config["layer_norm_eps"], tensors)
+
+
+def good_name(name) -> bool:
+    """Whether ``name`` can name a head: outputs write its labels as ``head:label`` (Audacity, Raven, --include),
+    so a colon would make that ambiguous, and a control character would break a line of them."""
+    return isinstance(name, str) and bool(name.strip()) and name.isprintable() and ":" not in name and len(name) <= 200
 
 
 def _config(raw: dict) -> dict:
@@ -118,18 +134,21 @@ def _config(raw: dict) -> dict:
         raise ValueError(f"not a version {VERSION} {FORMAT} file")
     labels, hidden, name = raw["labels"], raw["hidden_size"], raw.get("name")
     if not isinstance(labels, list) or not 0 < len(labels) <= MAX_LABELS or not all(
-            isinstance(x, str) for x in labels):
-        raise ValueError(f"labels must be a list of 1 to {MAX_LABELS} names")
+            isinstance(x, str) and x.strip() and x.isprintable() for x in labels):
+        raise ValueError(f"labels must be a list of 1 to {MAX_LABELS} printable names")
+    if len(set(labels)) < len(labels):  # thresholds, --include and search find a label by its name
+        raise ValueError("labels must be distinct")
     if not isinstance(hidden, int) or isinstance(hidden, bool) or not 0 < hidden <= MAX_HIDDEN:
         raise ValueError(f"hidden_size must be a whole number from 1 to {MAX_HIDDEN}")
     if raw["problem_type"] not in (SINGLE, MULTI):
         raise ValueError(f"problem_type must be {SINGLE} or {MULTI}")
-    if name is not None and not (isinstance(name, str) and name.strip() and name.isprintable() and len(name) <= 200):
-        raise ValueError("name must be a printable name of up to 200 characters")
+    if name is not None and not good_name(name):
+        raise ValueError(f"name must be {NAME_RULE}")
     if not all(isinstance(raw["base"].get(k), str) for k in ("model", "backbone_sha256")):
         raise ValueError("base must name its model and backbone_sha256")
-    if not isinstance(raw.get("layer_norm_eps", 1e-12), float):
-        raise ValueError("layer_norm_eps must be a number")
+    eps = raw.get("layer_norm_eps", 1e-12)
+    if not isinstance(eps, float) or not (math.isfinite(eps) and eps > 0):  # NaN scored every file NaN
+        raise ValueError("layer_norm_eps must be a number above 0")
     return {**raw, "labels": tuple(labels), "layer_norm_eps": raw.get("layer_norm_eps", 1e-12)}
 
 
@@ -165,9 +184,15 @@ def _tensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict:
     return tensors
 
 
-def check_bases(heads: list[Head], fingerprint: str, model: str) -> None:
-    """``HeadError(other_base)`` for the first head not trained on the model whose backbone has ``fingerprint``."""
+def check_bases(heads: list[Head], fingerprint: str, model: str, hidden_size: int | None = None) -> None:
+    """``HeadError(other_base)`` for the first head not trained on the model whose backbone has ``fingerprint``;
+    ``HeadError(corrupt)`` for one whose embedding width is not the model's ``hidden_size`` (a head.json that lies
+    about its base: every window failed with a shape error)."""
     for head in heads:
         if head.fingerprint != fingerprint:
             raise HeadError(f"head {head.path} was trained on another base model ({head.base}), not on {model}",
                             path=head.path, problem="other_base", base=head.base)
+        width = head.tensors["standardize.mean"].shape[0]
+        if hidden_size is not None and width != hidden_size:
+            raise HeadError(f"head {head.path} takes {width}-wide embeddings, and {model} gives {hidden_size}",
+                            path=head.path, problem="corrupt")

@@ -255,11 +255,13 @@ def read_calibration(model: str, thresholds: str | None, calibrated: bool):
     return read_thresholds(path)
 
 
-def calibrations_of(model: str, thresholds: str | None, calibrated: bool, heads=()) -> dict | None:
+def calibrations_of(model: str, thresholds: str | None, calibrated: bool, heads=(), base_head: bool = True
+                    ) -> dict | None:
     """``--threshold calibrated``: each head's ``Calibration`` by head (None: the model's own labels; a head's name),
     read and checked before any work (None without it). Without ``heads`` the model's file is required
     (``read_calibration``); with them, the model's (``--thresholds`` FILE, or its folder's) and each head folder's
-    thresholds.json where there is one, and at least one; all chosen on one aggregate."""
+    thresholds.json where there is one, and at least one; all chosen on one aggregate. Without ``base_head`` (the
+    model's labels left out) only the heads' count."""
     import os
 
     from ..errors import UsageError
@@ -269,15 +271,18 @@ def calibrations_of(model: str, thresholds: str | None, calibrated: bool, heads=
         own = read_calibration(model, thresholds, calibrated)
         return None if own is None else {None: own}
     found = {}
-    base = thresholds or beside_model(model)
+    if thresholds is not None and not base_head:
+        raise UsageError("--thresholds is for the model's own labels, which --no-base-head leaves out",
+                         hint="a head's thresholds are the thresholds.json in its folder")
+    base = (thresholds or beside_model(model)) if base_head else None
     if base is not None and (thresholds is not None or os.path.exists(base)):
         found[None] = read_thresholds(base)
     for head in heads:
         if os.path.exists(os.path.join(head.path, FILE_NAME)):
             found[head.name] = read_thresholds(os.path.join(head.path, FILE_NAME))
-    if not found:
-        raise UsageError(f"neither {model} nor any --head folder has a {FILE_NAME}: nothing to read calibrated "
-                         "thresholds from", option="threshold",
+    if not found:  # --no-base-head: the model's file would have applied to nothing, and silently
+        where = f"neither {model} nor any --head folder" if base_head else "no --head folder"
+        raise UsageError(f"{where} has a {FILE_NAME}: nothing to read calibrated thresholds from", option="threshold",
                          hint="write them with `ast evaluate HEAD_DIR DATA --calibrate precision=0.9`")
     first = {}  # aggregate -> the first file chosen on it
     for calibration in found.values():
@@ -299,9 +304,11 @@ def apply_calibrations(selection, parts, calibrations: dict, activation, heads=(
 
     names = {head.name for head in heads}
     chosen = [calibrations.get(part.name if part.name in names else None) for part in parts]
+    owners = [part.name if part.name in names else None for part in parts]
     # labels first: a file made for another model is that, whatever its activation (a hint to change the
     # activation would only lead to this refusal)
-    calibrated = selection.calibrated_parts(parts, [c.thresholds if c is not None else None for c in chosen])
+    calibrated = selection.calibrated_parts(parts, [c.thresholds if c is not None else None for c in chosen], owners,
+                                            [c.path if c is not None else None for c in chosen])
     for part, calibration in zip(parts, chosen):
         if calibration is not None:
             own = activation or (Activation.softmax if part.single_label else Activation.sigmoid)
@@ -312,13 +319,13 @@ def apply_calibrations(selection, parts, calibrations: dict, activation, heads=(
 def stderr_console():
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    return Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)  # a name's ":x:" stays as it is
 
 
 def stdout_console():
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=False)
+    return Console(highlight=False, soft_wrap=False, emoji=False)
 
 
 def report_failure(console, name: str, error: str) -> None:

@@ -115,6 +115,7 @@ class LiveView:
 
     def update(self, window, dropped: int) -> None:
         from rich.table import Table
+        from rich.text import Text
 
         from ..run.writers import qualified
 
@@ -125,7 +126,7 @@ class LiveView:
         table.add_column("score", justify="right")
         table.add_column("", min_width=30)
         for x in window.labels:
-            table.add_row(qualified(x), f"{x.score:.3f}", "█" * max(0, min(30, round(x.score * 30))))
+            table.add_row(Text(qualified(x)), f"{x.score:.3f}", "█" * max(0, min(30, round(x.score * 30))))
         self._live.update(table)
 
     def __exit__(self, *exc) -> None:
@@ -136,6 +137,7 @@ def print_evaluation(report: dict, multi_label: bool) -> None:
     """``ast evaluate``'s table: the headline metric, then a confusion table or per-label AP and F1."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     if not multi_label:
@@ -147,9 +149,9 @@ def print_evaluation(report: dict, multi_label: bool) -> None:
         table.add_column("")
         labels = report["labels"]
         for name in labels:
-            table.add_column(name[:12], justify="right")
+            table.add_column(Text(name[:12]), justify="right")
         for name, row in zip(labels, report["confusion"]):
-            table.add_row(name, *map(str, row))
+            table.add_row(Text(name), *map(str, row))
         console.print(table)
         return
     map_ = report["map"]
@@ -159,7 +161,7 @@ def print_evaluation(report: dict, multi_label: bool) -> None:
     for column in ("label", "AP", f"F1 @ {report['threshold']:g}", "positives"):
         table.add_column(column, justify="left" if column == "label" else "right")
     for name, row in report["per_label"].items():
-        table.add_row(name, "-" if row["ap"] is None else f"{row['ap']:.4f}",
+        table.add_row(Text(name), "-" if row["ap"] is None else f"{row['ap']:.4f}",
                       "-" if row["f1"] is None else f"{row['f1']:.4f}", str(row["positives"]))
     console.print(table)
 
@@ -169,8 +171,9 @@ def print_calibration(calibration: dict) -> None:
     why it has none; then where the thresholds went."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    console = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 160)
     metric = calibration["target"].split("=")[0]
     console.print(f"thresholds for {calibration['target']} (labels with at least {calibration['min_positives']} "
                   "positive files)", soft_wrap=True)
@@ -184,11 +187,11 @@ def print_calibration(calibration: dict) -> None:
         numbers = [f"{row[k]:.4f}" if row[k] is not None else "-" for k in ("threshold", "precision", "recall", "f1")]
         note = {"calibrated": "", "unreachable": f"unreachable: best {metric} {row['best']:.4f}" if row["best"]
                 is not None else "unreachable"}.get(row["status"], row["status"])
-        table.add_row(row["label"], *numbers, str(row["positives"]), note)
+        table.add_row(Text(row["label"]), *numbers, str(row["positives"]), note)
     console.print(table)
     if absent:
         shown = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
         console.print(f"no positive file in DATA, so no threshold: {shown}", markup=False, soft_wrap=True)
     done = sum(row["status"] == "calibrated" for row in calibration["labels"])
     console.print(f"{done} of {counted(len(calibration['labels']), 'label')} calibrated: "
-                  f"{calibration['thresholds_file']}", markup=False, soft_wrap=True)
+                  f"{calibration['thresholds_file'] or 'nothing written'}", markup=False, soft_wrap=True)

@@ -76,7 +76,8 @@ def classify(
         selection = LabelSelection.from_options(top, threshold_value, label_list(include), label_list(exclude),
                                                 activation)
         heads = read_heads(head or (), not no_base_head)  # a missing folder or not a head: before anything else
-        calibrations = calibrations_of(model, thresholds, calibrated, heads)  # a missing or bad file: before any work
+        # a missing or bad file: before any work
+        calibrations = calibrations_of(model, thresholds, calibrated, heads, not no_base_head)
         for calibration in (calibrations or {}).values():
             calibration.check(activation.value if activation else None, aggregate.value if aggregate else None)
             aggregate = aggregate or Aggregate(calibration.aggregate)
@@ -214,7 +215,7 @@ def _provenance(target, job: _Job) -> tuple[dict, object]:
     if job.calibrations is not None:  # thresholds of other labels or other scores: refused before the model loads
         job.selection = apply_calibrations(job.selection, parts, job.calibrations, job.activation, job.heads)
     settings = Settings(None, model_identity(job.model, path), job.run.hop_seconds, _compute(job),
-                        _activations(scorer), tuple(p.name for p in parts) if job.heads else ())
+                        _activations(scorer), tuple(p.name for p in parts) if job.heads else (), job.aggregate.value)
     if target.journal is not None:
         target.journal.check(settings)
     return {"model": settings.model, "settings": settings.record(features.window_seconds)}, path

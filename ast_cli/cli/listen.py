@@ -87,7 +87,8 @@ def listen(
             raise UsageError("raw PCM needs its sample rate", hint="add --rate HZ (and --channels, --sample-format)")
         fmt = format or (LiveFormat.live if sys.stdout.isatty() and not events else LiveFormat.jsonl)
         heads = read_heads(head or (), not no_base_head)  # a missing folder or not a head: before the model
-        calibrations = calibrations_of(model, thresholds, calibrated, heads)  # a missing or bad file: before any work
+        # a missing or bad file: before any work
+        calibrations = calibrations_of(model, thresholds, calibrated, heads, not no_base_head)
         tagger = load_tagger(model, run, stderr, quiet, heads=heads, base_head=not no_base_head)
         if source == "-":
             # Unbuffered, not sys.stdin.buffer: a reader thread blocked in a buffered stdin would abort

@@ -235,7 +235,11 @@ def evaluate(
             print_evaluation(report, dataset.multi_label)
             if target is not None:
                 print_calibration(report["calibration"])
-        if report["failed"]:
+        unwritten = target is not None and report["calibration"]["thresholds_file"] is None
+        if unwritten:
+            say(stderr, f"error: no label could be calibrated to {target} on {data} (the report says why): {out} "
+                        "was not written")
+        if report["failed"] or unwritten:
             raise typer.Exit(1)
 
 
@@ -248,8 +252,10 @@ def _calibrate(tagger, scored, target, min_positives: int, data: str, out: str, 
     from ..tasks.calibrate import calibrate, document, file_sha256
 
     results = calibrate(scored, target, min_positives, every_label=tagger.labels)
-    identity = model_identity(tagger.name, fetch_model(tagger.name, run, stderr, True))
-    weights = file_sha256(tagger.source) if tagger.source else None
-    write_thresholds(out, document(results, scored, target, data, identity, weights))
-    return {"target": str(target), "min_positives": min_positives, "thresholds_file": out,
+    written = any(r.status == "calibrated" for r in results)  # none: an earlier file stays as it was
+    if written:
+        identity = model_identity(tagger.name, fetch_model(tagger.name, run, stderr, True))
+        weights = file_sha256(tagger.source) if tagger.source else None
+        write_thresholds(out, document(results, scored, target, data, identity, weights))
+    return {"target": str(target), "min_positives": min_positives, "thresholds_file": out if written else None,
             "labels": [asdict(r) for r in results]}

@@ -64,7 +64,7 @@ class OutputTarget:
         if self.format is OutputFormat.table:
             from rich.console import Console
 
-            return TableWriter(Console(file=stream, highlight=False, soft_wrap=False))
+            return TableWriter(Console(file=stream, highlight=False, soft_wrap=False, emoji=False))
         if self.path is not None and self.kind != "special":
             self.take_lock()
             remove_stale_temp_files(self.path)

@@ -118,23 +118,30 @@ class LabelSelection:
             allowed[find(name)] = False
         return allowed
 
-    def calibrated(self, labels: tuple[str, ...], thresholds: dict[str, float]) -> "LabelSelection":
+    def calibrated(self, labels: tuple[str, ...], thresholds: dict[str, float], owner: str | None = None,
+                   source: str | None = None) -> "LabelSelection":
         """This selection with ``thresholds`` (label name -> calibrated threshold) over the model's ``labels``;
-        a name the model does not have is a UsageError."""
+        a name the model (or head ``owner``; ``source``: the file) does not have is a UsageError."""
         from dataclasses import replace
 
         unknown = sorted(set(thresholds) - set(labels))
         if unknown:
-            raise UsageError(f"the calibrated thresholds name label {unknown[0]!r}, which the model does not have"
-                             + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""), option="thresholds")
+            raise UsageError(f"the calibrated thresholds{f' in {source}' if source else ''} name label {unknown[0]!r}, "
+                             f"which {f'head {owner}' if owner else 'the model'} does not have"
+                             + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""),
+                             option="heads" if owner else "thresholds")
         return replace(self, thresholds=tuple(float(thresholds.get(name, math.nan)) for name in labels))
 
-    def calibrated_parts(self, parts, thresholds: list[dict[str, float] | None]) -> "LabelSelection":
+    def calibrated_parts(self, parts, thresholds: list[dict[str, float] | None], owners=None,
+                         sources=None) -> "LabelSelection":
         """``calibrated`` over several heads (``parts``: ``HeadPart``s in their order): each head's labels take its
-        own thresholds (None: that head has none), placed where ``select`` looks for them (each part's offset)."""
+        own thresholds (None: that head has none), placed where ``select`` looks for them (each part's offset).
+        ``owners``/``sources``: each part's ``calibrated`` arguments of the same names (None: the model's, no file)."""
         from dataclasses import replace
 
-        values = [v for part, own in zip(parts, thresholds) for v in self.calibrated(part.labels, own or {}).thresholds]
+        owners, sources = owners or [None] * len(parts), sources or [None] * len(parts)
+        values = [v for part, own, owner, source in zip(parts, thresholds, owners, sources)
+                  for v in self.calibrated(part.labels, own or {}, owner, source).thresholds]
         return replace(self, thresholds=tuple(values))
 
     def select(self, scores: np.ndarray, labels: tuple[str, ...], allowed: np.ndarray,
@@ -286,7 +293,7 @@ class Tagger:
             checkpoint = load_checkpoint(path)
             network = build_model(checkpoint)
             if loaded:  # the fingerprint of the float32 weights as loaded, before any dtype or int8 placement
-                check_bases(loaded, backbone_fingerprint(network), model)
+                check_bases(loaded, backbone_fingerprint(network), model, network.config.hidden_size)
             backend = LocalBackend.build(network, checkpoint.features, options)
         return cls(backend, checkpoint.config.id2label, name=model, options=options,
                    single_label=is_single_label(checkpoint.config), source=checkpoint.source, heads=loaded,
@@ -402,10 +409,15 @@ def base_head_name(model: str) -> str:
 def head_parts(model: str, labels: tuple[str, ...], single_label: bool, heads=(), base_head: bool = True
                ) -> tuple[HeadPart, ...]:
     """The parts of a row of logits: the model's own head (named after ``model``, unless ``base_head`` is False),
-    then each of ``heads`` (``checkpoint.heads.Head``); the model alone: one part named None."""
+    then each of ``heads`` (``checkpoint.heads.Head``); the model alone: one part named None. A head named as the
+    model's own head is a UsageError."""
     if not heads:
         return (HeadPart(None, labels, single_label),)
     own = [(base_head_name(model), labels, single_label)] if base_head and labels else []
+    twin = next((h for h in heads if own and h.name == own[0][0]), None)
+    if twin is not None:  # records, HEAD:LABEL and thresholds could not tell the two apart
+        raise UsageError(f"head {twin.path} is named {twin.name!r}, as the model's own labels are: set \"name\" in "
+                         "its head.json", option="heads")
     parts, start = [], 0
     for name, names, single in own + [(h.name, h.labels, h.single_label) for h in heads]:
         parts.append(HeadPart(name, names, single, start))

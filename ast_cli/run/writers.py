@@ -180,8 +180,8 @@ class CsvWriter(_StreamWriter):
         self._rows(result, result.labels, None)
         if result.none_of:  # a row of its own, so the file is not mistaken for one that was never tagged
             duration = "" if result.duration is None else round(result.duration, 6)
-            self.csv.writerow((display_path(result.path), duration, "") + (("",) if self.heads else ())
-                              + (NONE_OF, "", "")
+            named = ("", NONE_OF) if self.heads else (NONE_OF,)  # in the label column, with heads too
+            self.csv.writerow((display_path(result.path), duration, "", *named, "", "")
                               + (("", "") if self.segments else ()) + ("",))
         for segment in result.segments or []:
             self._rows(result, segment.labels, (segment.start, segment.end))
@@ -222,12 +222,14 @@ class TableWriter(Writer):
         title = f"{path} ({result.duration:.2f} s)" if result.duration is not None else path
         self.console.print(Text(title, style="bold"), soft_wrap=True)  # a long path must not wrap
         for head, items in by_head(result.labels) or [(None, [])]:
-            table = Table(title=head, title_justify="left", show_edge=False, pad_edge=False)
+            # Text, not str: rich reads "[...]" in a str as markup (a label "[/]" crashed the run) and ":x:" as emoji
+            table = Table(title=None if head is None else Text(head), title_justify="left", show_edge=False,
+                          pad_edge=False)
             table.add_column("rank", justify="right")
             table.add_column("label")
             table.add_column("score", justify="right")
             for rank, item in enumerate(items, 1):
-                table.add_row(str(rank), item.label, f"{item.score:.4f}")
+                table.add_row(str(rank), Text(item.label), f"{item.score:.4f}")
             if result.none_of:
                 table.add_row("", NONE_OF, "")
             self.console.print(table)
@@ -239,7 +241,7 @@ class TableWriter(Writer):
             for segment in result.segments:
                 labels = ", ".join(f"{qualified(x)} {x.score:.2f}" for _, items in by_head(segment.labels)
                                    for x in items[:5]) or "-"
-                timeline.add_row(_clock(segment.start), _clock(segment.end), labels)
+                timeline.add_row(_clock(segment.start), _clock(segment.end), Text(labels))
             self.console.print(timeline)
         self.console.print()
 

@@ -142,6 +142,8 @@ def destination(model: str, out: str | None, cache_dir: str | None = None) -> st
                          suggest={"thresholds_out": "FILE"})
     if os.path.isdir(path):
         raise UsageError(f"{path} is a folder, not a file", option="thresholds_out")
+    if out is not None and os.path.lexists(path):  # a typo must not replace the model's weights or the data's CSV
+        _check_replaceable(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"the folder of {path} does not exist", option="thresholds_out")
@@ -151,3 +153,15 @@ def destination(model: str, out: str | None, cache_dir: str | None = None) -> st
         raise UsageError(str(exc), option="thresholds_out",
                          suggest={} if out else {"thresholds_out": "FILE"}) from None
     return path
+
+
+def _check_replaceable(path: str) -> None:
+    """A UsageError (option thresholds_out) unless the file at ``path`` is a thresholds file, which a new
+    calibration may replace."""
+    from ..run.thresholds import read_thresholds
+
+    try:
+        read_thresholds(path)
+    except UsageError:
+        raise UsageError(f"{path} exists and is not a thresholds file: refusing to replace it", option="thresholds_out",
+                         hint="give a new file, or remove this one first") from None

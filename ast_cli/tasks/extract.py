@@ -84,6 +84,7 @@ class Settings:
     compute: str = "fp32"  # fp32, fp16, bf16, int8 or fast (not for fbank, which does not depend on it)
     activation: str | None = None  # classify's scores: sigmoid, softmax or none
     heads: tuple[str, ...] = ()  # classify --head: the heads whose labels the records carry, in order
+    aggregate: str = "max"  # classify: window scores -> a file's (recorded when not max, as earlier records are)
 
     @classmethod
     def of(cls, kind: str | None, model: str, options: RunOptions, activation: str | None = None) -> "Settings":
@@ -101,8 +102,9 @@ class Settings:
         """The settings as ``classify`` records them (what ``mismatch`` reads back)."""
         window = round(window_seconds, 6)
         heads = {"heads": list(self.heads)} if self.heads else {}
+        aggregate = {"aggregate": self.aggregate} if self.aggregate != "max" else {}
         return {"activation": self.activation, "hop_seconds": self.hop(window), "window_seconds": window,
-                "compute": self.compute, **heads}
+                "compute": self.compute, **heads, **aggregate}
 
     def mismatch(self, metadata: dict) -> str | None:
         """How ``metadata`` (of an existing output) differs from these settings, or None."""
@@ -122,6 +124,8 @@ class Settings:
             return f"activation {metadata.get('activation')!r}, not {self.activation!r}"
         if self.kind is None and metadata.get("heads", []) != list(self.heads):
             return f"heads {metadata.get('heads', [])}, not {list(self.heads)}"
+        if self.kind is None and metadata.get("aggregate", "max") != self.aggregate:  # e.g. calibrated's mean
+            return f"aggregate {metadata.get('aggregate', 'max')}, not {self.aggregate}"
         return None
 
 
