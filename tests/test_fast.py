@@ -326,3 +326,26 @@ def test_26_2_the_mlp_output_gemm_in_token_slices_scores_as_the_whole(tiny_check
     tokens = max(calls)  # the attention output GEMM runs on all of them; the MLP's in slices of 7 and the rest
     assert calls.count(7) == tokens // 7 * checkpoint.config.num_hidden_layers and tokens % 7 in calls
     assert (sliced - whole).abs().max() <= 1e-2 and (sliced - reference).abs().max() <= FAST_MODE_SCORES
+
+
+COMPILER_STACK = ("sympy", "torch._dynamo", "torch._inductor", "torch.fx.experimental.symbolic_shapes")
+
+
+@pytest.mark.parametrize("args", [[], ["--dtype", "bf16"], ["--quantize", "int8"], ["--fast"]])
+def test_26_3_classify_never_imports_torchs_compiler_stack(tiny_checkpoint, audio, tmp_path, args):
+    """sympy and the compiler stack cost ~0.4 s of start-up (2-core Sapphire Rapids): a process must not pay it.
+    ``skip_init`` (meta tensors -> ``torch._refs.empty_like``) pulled sympy into every packed bf16 load."""
+    import subprocess
+    import sys
+
+    probe = ("import atexit, sys\n"
+             f"atexit.register(lambda: print('LOADED:' + ','.join(m for m in {COMPILER_STACK!r} if m in sys.modules),"
+             " file=sys.stderr))\n"
+             "from ast_cli.cli import main\nsys.argv[0] = 'ast'\nmain()\n")
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-c", probe, "classify", str(audio / "a"), "--model",
+                           str(tiny_checkpoint[0]), "--device", "cpu", "-q", "-f", "json", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    loaded = [line for line in proc.stderr.splitlines() if line.startswith("LOADED:")][-1][len("LOADED:"):]
+    assert loaded == "", f"{args}: {loaded}"
