@@ -61,7 +61,7 @@ def fake_calibration(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     calls = []
 
-    def calibrate(model, device="cpu", attn=None):
+    def calibrate(model, device="cpu", attn=None, heads=()):
         calls.append(device)
         return [fp32(), Candidate("bf16", 50.0, 0.004)]
 
@@ -349,3 +349,120 @@ def test_26_3_classify_never_imports_torchs_compiler_stack(tiny_checkpoint, audi
     assert proc.returncode == 0, proc.stderr
     loaded = [line for line in proc.stderr.splitlines() if line.startswith("LOADED:")][-1][len("LOADED:"):]
     assert loaded == "", f"{args}: {loaded}"
+
+
+# -- what the fidelity is measured on: heads, bare encoders ---------------------------------------------------
+
+
+def _magnifying_head(model, single_label: bool = False):
+    """A head whose standardization magnifies every change of the pooled embedding: centred on fp32's embedding
+    of the first calibration window, so that its LayerNorm scales whatever a fast mode's rounding leaves there up
+    to unit size. What a real head's standardization does to a backbone's rounding, exaggerated so that every
+    fast candidate moves its probabilities far beyond the bound."""
+    from ast_cli.checkpoint.heads import Head
+
+    with torch.inference_mode():
+        pooled = model.forward_features(fast.calibration_inputs(model.config), attn="sdpa")
+    hidden, labels = pooled.shape[1], ("x", "y", "z")
+    generator = torch.Generator().manual_seed(1)
+    tensors = {"standardize.mean": pooled[0].clone(), "standardize.std": torch.ones(hidden),
+               "classifier.layernorm.weight": torch.ones(hidden), "classifier.layernorm.bias": torch.zeros(hidden),
+               "classifier.dense.weight": torch.randn(len(labels), hidden, generator=generator),
+               "classifier.dense.bias": torch.zeros(len(labels))}
+    return Head("magnify", "/nowhere", labels, single_label, "tiny", "0" * 64, 1e-12, tensors)
+
+
+def test_26_3_fast_with_heads_keeps_each_heads_probabilities_within_the_bound():
+    """--fast with --head: a candidate that keeps the model's scores within 0.02 but moves a head's probabilities
+    beyond it is unfaithful (before, only the model's own scores were compared)."""
+    model = random_model(ASTConfig(**TINY, id2label=tuple(f"c{i}" for i in range(5))))
+    alone = {c.name: c for c in fast.calibrate(model, "cpu", "sdpa") if c.skipped is None}
+    if len(alone) < 2:
+        pytest.skip("no fast candidate besides fp32 runs on this machine")
+    for single in (False, True):
+        joint = {c.name: c for c in fast.calibrate(model, "cpu", "sdpa", heads=[_magnifying_head(model, single)])}
+        for name in alone:
+            if name != "fp32":
+                assert alone[name].faithful and not joint[name].faithful, (name, alone[name], joint[name])
+        assert pick(list(joint.values())).mode == "fp32"
+
+
+def test_26_3_fast_compares_what_the_heads_backend_reports():
+    model = random_model(ASTConfig(**TINY, id2label=tuple(f"c{i}" for i in range(5))))
+    head, x = _magnifying_head(model, single_label=True), fast.calibration_inputs(model.config)
+    with torch.inference_mode():
+        pooled = model.forward_features(x, attn="sdpa")
+        want = torch.cat([torch.sigmoid(model.forward_head(pooled)), torch.softmax(head(pooled), dim=-1)], dim=1)
+        torch.testing.assert_close(fast._outputs(model, x, "sdpa", [head]), want, rtol=0, atol=0)
+
+
+def test_26_3_the_cache_key_names_the_heads_only_when_there_are_heads(tiny_model, fake_calibration):
+    head = _magnifying_head(tiny_model)
+    assert "heads" not in fast.cache_key(tiny_model, "cpu")  # earlier runs' entries stay valid
+    choose(tiny_model)
+    choose(tiny_model, heads=[head])
+    choose(tiny_model, heads=[head])
+    assert fake_calibration == ["cpu", "cpu"]  # one calibration without the head, one with it, then cached
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint without its classifier: a bare encoder (no labels)."""
+    from safetensors.torch import load_file, save_file
+
+    source, folder = tiny_checkpoint[0], tmp_path_factory.mktemp("encoder") / "encoder"
+    folder.mkdir()
+    state = {k: v for k, v in load_file(source / "model.safetensors").items() if not k.startswith("classifier.")}
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    for key in ("id2label", "label2id"):
+        config.pop(key)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "preprocessor_config.json").write_bytes((source / "preprocessor_config.json").read_bytes())
+    return folder
+
+
+def test_26_3_fast_on_a_bare_encoder_compares_embeddings(encoder, audio, tmp_path, monkeypatch):
+    """A bare encoder has no scores: --fast compares its pooled embeddings (relative L2) instead of failing with
+    'this checkpoint has no classification head' (what it did before, in every command)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    out = tmp_path / "features"
+    result = runner.invoke(app, ["extract-features", str(audio / "a"), "--model", str(encoder), "--fast",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    assert "embeddings within a relative L2 distance of" in _fast_lines(result.stderr)[0]
+    assert len(list(out.rglob("*.safetensors"))) == 2
+    report = runner.invoke(app, ["benchmark", "--model", str(encoder), "--device", "cpu", "--iters", "1",
+                                 "--warmup", "0", "--batch-sizes", "1", "--attn", "sdpa", "-f", "json"])
+    assert report.exit_code == 0, report.stderr
+    assert json.loads(report.stdout)["fast"]["measure"] == "embeddings"
+
+
+def test_26_3_an_encoders_embedding_fidelity_is_relative_l2():
+    model = random_model(ASTConfig(**TINY))
+    assert model.classifier is None and fast.measure_of(model) == "embeddings"
+    reference = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    got = reference + torch.tensor([[0.0, 0.05], [0.0, 0.001]])
+    assert fast._difference("embeddings", got, reference) == pytest.approx(0.01, rel=1e-5)  # 0.05/5 beats 0.001/1
+    candidates = fast.calibrate(model, "cpu", "sdpa")
+    assert {c.measure for c in candidates} == {"embeddings"} and pick(candidates).measure == "embeddings"
+
+
+@pytest.mark.parametrize("command", ["classify", "listen"])
+def test_26_3_a_bare_encoder_without_heads_is_refused_before_it_loads(encoder, audio, tmp_path, command,
+                                                                     monkeypatch):
+    """Before, classify failed every file with 'model failed: ValueError' (exit 1) and listen crashed with an
+    unexpected error and an abort."""
+    from ast_cli.checkpoint import weights
+
+    monkeypatch.setattr(weights, "build_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "out.jsonl"
+    source = str(audio / "a") if command == "classify" else str(audio / "a" / "a0.wav")
+    args = [command, source, "--model", str(encoder), "-f", "jsonl"]
+    result = runner.invoke(app, args + (["-o", str(out)] if command == "classify" else []))
+    assert result.exit_code == 2, result.stderr
+    assert "has no labels of its own (a bare encoder): give --head" in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
+    timed = runner.invoke(app, ["benchmark", str(audio / "a"), "--end-to-end", "--model", str(encoder),
+                                "--device", "cpu"])
+    assert timed.exit_code == 2 and "a bare encoder" in timed.stderr

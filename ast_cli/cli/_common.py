@@ -442,5 +442,4 @@ def announce_fast(choice, console, quiet: bool) -> None:
     if choice is None or quiet:
         return
     how = "cached calibration" if choice.cached else "calibrated now, cached for later runs"
-    say(console, f"fast: {choice.mode}, {choice.speedup:.2f}x fp32's speed, scores within {choice.max_diff:.4f} "
-                 f"of fp32 ({how})")
+    say(console, f"fast: {choice.mode}, {choice.speedup:.2f}x fp32's speed, {choice.describe()} ({how})")

@@ -88,8 +88,9 @@ def print_fast_candidates(console, choice) -> None:
 
     from ..run.fast import FIDELITY
 
-    table = Table(title=f"--fast candidates (batch size 1; faithful: sigmoid scores within {FIDELITY} of fp32)",
-                  title_justify="left")
+    faithful = (f"embeddings within {FIDELITY} of fp32, relative L2" if choice.measure == "embeddings" else
+                f"sigmoid scores within {FIDELITY} of fp32")
+    table = Table(title=f"--fast candidates (batch size 1; faithful: {faithful})", title_justify="left")
     for column in ("mode", "ms", "speed-up", "max diff", "--fast"):
         table.add_column(column, justify="left" if column in ("mode", "--fast") else "right")
     reference = next(c for c in choice.candidates if c.name == "fp32")

@@ -10,7 +10,7 @@ import typer
 from ..constants import DEFAULT_MODEL
 from ..run.options import ListFormat, RunOptions
 from ._app import app
-from ._common import (CacheDirOpt, DebugOpt, ExtOpt, ModelOpt, OfflineOpt, QuietOpt, fetch_model, stderr_console,
+from ._common import (CacheDirOpt, DebugOpt, ExtOpt, ModelOpt, OfflineOpt, QuietOpt, fetch_model, model_labels, stderr_console,
                       warn_if_slow_bf16)
 from ._errors import cli_errors, debug_enabled, say
 
@@ -73,6 +73,9 @@ def benchmark(
         set_threads(threads)
         gpu = resolved != "cpu"
         run = RunOptions(device=resolved, offline=offline or None, cache_dir=cache_dir)
+        if end_to_end and not random_weights and not model_labels(model, run, stderr, quiet):
+            raise UsageError(f"--end-to-end times classify, and {model} has no labels of its own (a bare encoder)",
+                             hint="time its forward without --end-to-end")
         master, features, name = _model(model, random_weights, run, stderr, quiet)
         status = stderr.status("timing") if not quiet and stderr.is_terminal else None
         from ._io import native_stderr_silenced

@@ -11,7 +11,7 @@ import typer
 from ..run.options import Activation, RunOptions, _choices
 from ._app import app
 from ._common import (DEFAULT_MODEL, DebugOpt, HeadOpt, ModelOpt, NoBaseHeadOpt, QuietOpt, ThresholdsOpt,
-                      apply_calibrations, calibrations_of, label_list, listen_run_options, load_tagger,
+                      apply_calibrations, calibrations_of, label_list, listen_run_options, load_tagger, model_labels,
                       parse_threshold, stderr_console)
 from ._errors import cli_errors, debug_enabled, say
 
@@ -87,6 +87,10 @@ def listen(
             raise UsageError("raw PCM needs its sample rate", hint="add --rate HZ (and --channels, --sample-format)")
         fmt = format or (LiveFormat.live if sys.stdout.isatty() and not events else LiveFormat.jsonl)
         heads = read_heads(head or (), not no_base_head)  # a missing folder or not a head: before the model
+        if not heads and not model_labels(model, run, stderr, quiet):  # a bare encoder alone: nothing to score
+            from ..run.tagger import NO_LABELS
+
+            raise UsageError(NO_LABELS.format(model=model), option="model")
         # a missing or bad file: before any work
         calibrations = calibrations_of(model, thresholds, calibrated, heads, not no_base_head)
         tagger = load_tagger(model, run, stderr, quiet, heads=heads, base_head=not no_base_head)

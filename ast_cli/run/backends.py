@@ -123,9 +123,11 @@ class LocalBackend:
             self.windows_per_call = cpu_windows_per_call(model.config.num_tokens)
 
     @classmethod
-    def build(cls, model, features: FeatureConfig, options: RunOptions, output: Output = "logits") -> "LocalBackend":
+    def build(cls, model, features: FeatureConfig, options: RunOptions, output: Output = "logits",
+              heads=()) -> "LocalBackend":
         """Place a float32 CPU model as ``options`` say (already valid: checked when built): device, dtype, int8,
-        threads, attention."""
+        threads, attention. ``heads`` (``checkpoint.heads.Head``) that will run on its embeddings: ``--fast``
+        keeps their probabilities within its bound too."""
         from ..checkpoint.speed import place_bf16_cpu, quantize_dynamic, set_threads
 
         device = pick_device(options.device)
@@ -133,7 +135,7 @@ class LocalBackend:
         check_quantize(options.quantize, device, dtype)
         set_threads(options.threads)
         if options.fast:
-            return cls._fast(model, features, device, output, options.attn)
+            return cls._fast(model, features, device, output, options.attn, heads)
         if options.quantize is Quantize.int8:
             model = quantize_dynamic(model, options.quantize.value)
         if device == "cpu" and dtype == torch_dtype("bf16"):
@@ -141,11 +143,11 @@ class LocalBackend:
         return cls(model, features, device=device, dtype=dtype, output=output, attn=options.attn)
 
     @classmethod
-    def _fast(cls, model, features: FeatureConfig, device: str, output: Output, attn) -> "LocalBackend":
+    def _fast(cls, model, features: FeatureConfig, device: str, output: Output, attn, heads=()) -> "LocalBackend":
         """The mode ``fast.choose`` calibrated (or cached) for this model on this machine; ``fast_choice`` says which."""
         from .fast import choose, place
 
-        choice = choose(model, device, Attn(attn).value)
+        choice = choose(model, device, Attn(attn).value, heads)
         model, dtype = place(model, choice.mode, device)
         backend = cls(model, features, device=device, dtype=dtype, output=output, attn=attn)
         backend.fast_choice = choice

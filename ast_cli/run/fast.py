@@ -3,8 +3,9 @@
 Candidates (those the hardware supports): fp32 (the reference), bf16 (native bf16 or AMX only), int8 with
 FBGEMM's dynamic Linear, int8 with oneDNN's int8 GEMM (AMX-INT8/VNNI; ``torch._int_mm`` where oneDNN's op is
 missing), and on CUDA fp16 and bf16.
-``calibrate`` runs each on the loaded model: sigmoid scores on ``FIDELITY_WINDOWS`` fixed random windows
-against fp32's, then timed forwards after warm-up. ``pick`` takes the fastest faithful one, and never one
+``calibrate`` runs each on the loaded model: what the run reports on ``FIDELITY_WINDOWS`` fixed random windows
+against fp32's (the model's sigmoid scores and each head's probabilities; a bare encoder's pooled embeddings,
+as their relative L2 error), then timed forwards after warm-up. ``pick`` takes the fastest faithful one, and never one
 slower than fp32. ``choose`` caches the choice per (CPU model and flags, torch version, weights fingerprint,
 threads, device) in ``fast_cache_path()``, so later runs pay nothing; an unreadable, corrupt or foreign cache is
 ignored and rewritten. The library never prints: the choice comes back as a ``FastChoice``.
@@ -20,7 +21,9 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
-FIDELITY = 0.02  # the most a sigmoid score may move from fp32's (the issue's bound)
+FIDELITY = 0.02  # the most a sigmoid score may move from fp32's (the issue's bound); for a bare encoder's
+# embeddings, the most their L2 distance from fp32's may be, relative to fp32's norm (bf16 moves them ~0.01 on a
+# random full-size AST, int8 ~0.03 while its scores move ~0.015: scores forgive more than the embedding does)
 # A candidate must beat fp32 by this much: timings on a shared machine wander by a few percent, and a tie
 # is better served exact.
 MIN_SPEEDUP = 1.05
@@ -45,6 +48,7 @@ class Candidate:
     ms: float | None = None
     max_diff: float | None = None
     skipped: str | None = None  # why it was not run on this machine
+    measure: str = "scores"  # what max_diff compares: "scores" (probabilities) or "embeddings" (relative L2)
 
     def speedup(self, reference: "Candidate") -> float | None:
         return reference.ms / self.ms if self.ms and reference.ms else None
@@ -63,6 +67,13 @@ class FastChoice:
     max_diff: float
     candidates: tuple[Candidate, ...] = ()
     cached: bool = False
+    measure: str = "scores"  # as in Candidate
+
+    def describe(self) -> str:
+        """``scores within 0.0043 of fp32`` (or the embeddings' relative distance, for a bare encoder)."""
+        if self.measure == "embeddings":
+            return f"embeddings within a relative L2 distance of {self.max_diff:.4f} from fp32's"
+        return f"scores within {self.max_diff:.4f} of fp32"
 
     @property
     def dtype(self) -> str:
@@ -81,7 +92,8 @@ def pick(candidates: list[Candidate] | tuple[Candidate, ...]) -> FastChoice:
         speedup = candidate.speedup(reference)
         if candidate.faithful and speedup is not None and speedup >= MIN_SPEEDUP and candidate.ms < best.ms:
             best = candidate
-    return FastChoice(best.name, round(best.speedup(reference) or 1.0, 3), round(best.max_diff, 5), tuple(candidates))
+    return FastChoice(best.name, round(best.speedup(reference) or 1.0, 3), round(best.max_diff, 5), tuple(candidates),
+                      measure=reference.measure)
 
 
 # -- what this machine supports -----------------------------------------------------------------------
@@ -131,33 +143,65 @@ def calibration_inputs(config):
 
 
 def _timer(model, dtype, device: str, first, attn) -> Callable[[], float]:
-    """A function running one forward of ``first`` (the timing window) and returning its seconds."""
+    """A function running one forward of ``first`` (the timing window) and returning its seconds: to the
+    scores, or to the pooled embedding where the model has no classifier (a bare encoder)."""
     from ..checkpoint.speed import synchronizer
 
     sync = synchronizer(device)
     first = first.to(device=device, dtype=dtype)
+    forward = model if getattr(model, "classifier", None) is not None else model.forward_features
 
     def timed_pass() -> float:
         sync()
         start = time.perf_counter()
-        model(first, attn=attn)
+        forward(first, attn=attn)
         sync()
         return time.perf_counter() - start
 
     return timed_pass
 
 
-def calibrate(model, device: str = "cpu", attn: str | None = None) -> list[Candidate]:
-    """Every candidate of ``device`` measured on copies of ``model`` (float32, CPU; left unchanged): sigmoid
-    scores against fp32's, then warm-up and ``TIMED_PASSES`` timed forwards taken in turns, so that noise from
-    other processes hits every candidate alike (medians)."""
+def measure_of(model, heads=()) -> str:
+    """What ``calibrate`` compares for ``model`` run with ``heads``: scores, unless neither gives any."""
+    return "scores" if heads or getattr(model, "classifier", None) is not None else "embeddings"
+
+
+def _outputs(variant, inputs, attn, heads):
+    """What a run of ``variant`` reports on ``inputs``, float32 on the CPU: (B, labels) probabilities (the model's
+    sigmoid scores, then each head's softmax or sigmoid on the float32 pooled embedding, as ``HeadsBackend``
+    runs it), or (B, D) pooled embeddings when there are no labels at all."""
+    import torch
+
+    pooled = variant.forward_features(inputs, attn=attn)
+    if measure_of(variant, heads) == "embeddings":
+        return pooled.float().cpu()
+    parts = [torch.sigmoid(variant.forward_head(pooled).float()).cpu()] if variant.classifier is not None else []
+    embedding = pooled.float().cpu()
+    for head in heads:
+        logits = head(embedding)
+        parts.append(torch.softmax(logits, dim=-1) if head.single_label else torch.sigmoid(logits))
+    return torch.cat(parts, dim=1)
+
+
+def _difference(measure: str, got, reference) -> float:
+    """The largest score difference, or the largest relative L2 distance of one window's embedding."""
+    if measure == "embeddings":
+        return float(((got - reference).norm(dim=1) / reference.norm(dim=1).clamp_min(1e-12)).max())
+    return float((got - reference).abs().max())
+
+
+def calibrate(model, device: str = "cpu", attn: str | None = None, heads=()) -> list[Candidate]:
+    """Every candidate of ``device`` measured on copies of ``model`` (float32, CPU; left unchanged): what the run
+    reports (``_outputs``: with ``heads``, their probabilities too) against fp32's, then warm-up and
+    ``TIMED_PASSES`` timed forwards taken in turns, so that noise from other processes hits every candidate
+    alike (medians)."""
     import copy
 
     import torch
 
     from ..checkpoint.speed import warm_up
 
-    inputs = calibration_inputs(model.config)
+    inputs, measure = calibration_inputs(model.config), measure_of(model, heads)
     runs, scores, times, failed = {}, {}, {}, {}
     with torch.inference_mode():
         for name, skipped in candidate_names(device):
@@ -165,7 +209,7 @@ def calibrate(model, device: str = "cpu", attn: str | None = None) -> list[Candi
                 continue
             try:
                 variant, dtype = place(copy.deepcopy(model), name, device)
-                scores[name] = torch.sigmoid(variant(inputs.to(device, dtype), attn=attn).float()).cpu()
+                scores[name] = _outputs(variant, inputs.to(device, dtype), attn, heads)
                 runs[name], times[name] = _timer(variant, dtype, device, inputs[:1], attn), []
                 warm_up(runs[name], most=MAX_WARMUP)
             except (RuntimeError, NotImplementedError) as exc:  # a kernel this build or shape lacks: not a candidate
@@ -180,10 +224,11 @@ def calibrate(model, device: str = "cpu", attn: str | None = None) -> list[Candi
     for name, skipped in candidate_names(device):
         skipped = skipped or failed.get(name)
         if skipped is not None:
-            out.append(Candidate(name, skipped=skipped))
+            out.append(Candidate(name, skipped=skipped, measure=measure))
             continue
-        max_diff = float((scores[name] - scores["fp32"]).abs().max())
-        out.append(Candidate(name, round(statistics.median(times[name]) * 1e3, 3), round(max_diff, 6)))
+        max_diff = _difference(measure, scores[name], scores["fp32"])
+        out.append(Candidate(name, round(statistics.median(times[name]) * 1e3, 3), round(max_diff, 6),
+                             measure=measure))
     return out
 
 
@@ -198,8 +243,9 @@ def fast_cache_path() -> str:
     return os.path.join(os.path.expanduser(base), "ast-cli", f"fast-v{CACHE_VERSION}.json")
 
 
-def cache_key(model, device: str) -> dict:
-    """What a choice depends on: the CPU (model name and feature flags), torch, the weights, threads, device."""
+def cache_key(model, device: str, heads=()) -> dict:
+    """What a choice depends on: the CPU (model name and feature flags), torch, the weights, threads, device, and
+    the heads whose probabilities were compared (only when there are heads: a key without them is unchanged)."""
     import torch
 
     from ..checkpoint.speed import _cpuinfo_flags, cpu_capabilities
@@ -210,7 +256,8 @@ def cache_key(model, device: str) -> dict:
     return {"cpu": str(caps.get("cpu_name", "")), "cpu_flags": sorted(_cpuinfo_flags()) or sorted(
             k for k, v in caps.items() if v is True), "torch": torch.__version__,
             "weights": weights_fingerprint(model.state_dict()), "threads": torch.get_num_threads(), "device": device,
-            "gpu": gpu}
+            "gpu": gpu, **({"heads": [[head.single_label, weights_fingerprint(head.tensors)] for head in heads]}
+                           if heads else {})}
 
 
 def _read_cache(path: str) -> list:
@@ -234,10 +281,12 @@ def _cached_choice(entries: list, key: dict, names: list[str]) -> FastChoice | N
         if entry.get("key") != key or not isinstance(choice, dict):
             continue
         mode, speedup, max_diff = choice.get("mode"), choice.get("speedup"), choice.get("max_diff")
+        measure = choice.get("measure", "scores")
         numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                       for v in (speedup, max_diff))
-        if mode in names and numbers and 0 <= max_diff <= FIDELITY and (speedup >= MIN_SPEEDUP or mode == "fp32"):
-            return FastChoice(mode, float(speedup), float(max_diff), cached=True)
+        if (mode in names and numbers and 0 <= max_diff <= FIDELITY and measure in ("scores", "embeddings")
+                and (speedup >= MIN_SPEEDUP or mode == "fp32")):
+            return FastChoice(mode, float(speedup), float(max_diff), cached=True, measure=measure)
     return None
 
 
@@ -247,7 +296,7 @@ def _write_cache(path: str, entries: list, key: dict, choice: FastChoice) -> Non
 
     entries = [e for e in entries if e.get("key") != key][-(MAX_CACHE_ENTRIES - 1):]
     entries.append({"key": key, "choice": {"mode": choice.mode, "speedup": choice.speedup,
-                                           "max_diff": choice.max_diff,
+                                           "max_diff": choice.max_diff, "measure": choice.measure,
                                            "candidates": [asdict(c) for c in choice.candidates]}})
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -257,16 +306,17 @@ def _write_cache(path: str, entries: list, key: dict, choice: FastChoice) -> Non
         pass
 
 
-def choose(model, device: str = "cpu", attn: str | None = None) -> FastChoice:
-    """The ``--fast`` mode for ``model`` (float32, CPU; unchanged) on ``device``: cached, else calibrated."""
+def choose(model, device: str = "cpu", attn: str | None = None, heads=()) -> FastChoice:
+    """The ``--fast`` mode for ``model`` (float32, CPU; unchanged) on ``device``, run with ``heads``
+    (``checkpoint.heads.Head``): cached, else calibrated."""
     path = fast_cache_path()
-    key = cache_key(model, device)
+    key = cache_key(model, device, heads)
     entries = _read_cache(path)
     names = [name for name, skipped in candidate_names(device) if not skipped]
     cached = _cached_choice(entries, key, names)
     if cached is not None:
         return cached
-    choice = pick(calibrate(model, device, attn))
+    choice = pick(calibrate(model, device, attn, heads))
     _write_cache(path, entries, key, choice)
     return choice
 

@@ -294,7 +294,7 @@ class Tagger:
             network = build_model(checkpoint)
             if loaded:  # the fingerprint of the float32 weights as loaded, before any dtype or int8 placement
                 check_bases(loaded, backbone_fingerprint(network), model, network.config.hidden_size)
-            backend = LocalBackend.build(network, checkpoint.features, options)
+            backend = LocalBackend.build(network, checkpoint.features, options, heads=loaded)
         return cls(backend, checkpoint.config.id2label, name=model, options=options,
                    single_label=is_single_label(checkpoint.config), source=checkpoint.source, heads=loaded,
                    base_head=base_head and bool(checkpoint.config.id2label))  # a bare encoder has no head
@@ -406,12 +406,18 @@ def base_head_name(model: str) -> str:
     return os.path.basename(os.path.normpath(model)) if looks_local(model) else model
 
 
+NO_LABELS = ("{model} has no labels of its own (a bare encoder): give --head with a head trained on it, or embed "
+             "with ast extract-features")
+
+
 def head_parts(model: str, labels: tuple[str, ...], single_label: bool, heads=(), base_head: bool = True
                ) -> tuple[HeadPart, ...]:
     """The parts of a row of logits: the model's own head (named after ``model``, unless ``base_head`` is False),
     then each of ``heads`` (``checkpoint.heads.Head``); the model alone: one part named None. A head named as the
-    model's own head is a UsageError."""
+    model's own head is a UsageError, and so is a bare encoder (no labels) without heads: it has nothing to score."""
     if not heads:
+        if not labels:
+            raise UsageError(NO_LABELS.format(model=model), option="model")
         return (HeadPart(None, labels, single_label),)
     own = [(base_head_name(model), labels, single_label)] if base_head and labels else []
     twin = next((h for h in heads if own and h.name == own[0][0]), None)

@@ -102,6 +102,7 @@ class BenchmarkReport:
             "end_to_end": [_named_quantize(asdict(row)) for row in self.end_to_end],
             "fast": None if self.fast is None else {
                 "pick": self.fast.mode, "speedup": self.fast.speedup, "max_diff": self.fast.max_diff,
+                "measure": self.fast.measure,
                 "candidates": [asdict(c) for c in self.fast.candidates]},
         }
 
@@ -271,6 +272,7 @@ def benchmark_model(
     for mode in modes:
         model = variant(master, mode, device, share=True)
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        forward = model if model.classifier is not None else model.forward_features  # a bare encoder: embeddings
         for batch in batch_sizes:
             inputs = torch.randn(batch, *shape, generator=generator).to(device=device, dtype=dtype)
             times: dict[str, list[float]] = {attn: [] for attn in attns}
@@ -279,7 +281,7 @@ def benchmark_model(
             def timed_pass(attn: str) -> float:
                 sync()
                 start = time.perf_counter()
-                model(inputs, attn=attn)
+                forward(inputs, attn=attn)
                 sync()
                 return time.perf_counter() - start
 
