@@ -405,23 +405,6 @@ def test_26_3_the_cache_key_names_the_heads_only_when_there_are_heads(tiny_model
     assert fake_calibration == ["cpu", "cpu"]  # one calibration without the head, one with it, then cached
 
 
-@pytest.fixture(scope="module")
-def encoder(tiny_checkpoint, tmp_path_factory):
-    """The tiny checkpoint without its classifier: a bare encoder (no labels)."""
-    from safetensors.torch import load_file, save_file
-
-    source, folder = tiny_checkpoint[0], tmp_path_factory.mktemp("encoder") / "encoder"
-    folder.mkdir()
-    state = {k: v for k, v in load_file(source / "model.safetensors").items() if not k.startswith("classifier.")}
-    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((source / "config.json").read_text())
-    for key in ("id2label", "label2id"):
-        config.pop(key)
-    (folder / "config.json").write_text(json.dumps(config))
-    (folder / "preprocessor_config.json").write_bytes((source / "preprocessor_config.json").read_bytes())
-    return folder
-
-
 def test_26_3_fast_on_a_bare_encoder_compares_embeddings(encoder, audio, tmp_path, monkeypatch):
     """A bare encoder has no scores: --fast compares its pooled embeddings (relative L2) instead of failing with
     'this checkpoint has no classification head' (what it did before, in every command)."""

@@ -1,0 +1,48 @@
+"""A bare encoder (a checkpoint without classifier or labels) in every command that cannot use it alone: one clear
+usage error before the model loads, never a traceback, a misleading message or an empty answer (issue 26)."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from ast_cli.cli import app
+from conftest import write_audio
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Labelled data: a folder per label, two clips each."""
+    root = tmp_path_factory.mktemp("encoder_data")
+    for label, seed in (("cat", 1), ("dog", 2)):
+        for i in range(2):
+            write_audio(root / label / f"{label}{i}.wav", 0.8, seed=seed * 10 + i)
+    return root
+
+
+@pytest.fixture
+def never_loaded(monkeypatch):
+    from ast_cli.checkpoint import weights
+
+    monkeypatch.setattr(weights, "build_model", lambda *a, **k: pytest.fail("the model was loaded"))
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_26_4_evaluate_refuses_a_bare_encoder_before_it_loads(encoder, data, never_loaded, fast, tmp_path,
+                                                             monkeypatch):
+    """Before, evaluate loaded the encoder (with --fast: calibrated it and wrote the cache) and then said 'the model
+    has no label 'cat' (and 1 more)', as if the data were wrong."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    result = runner.invoke(app, ["evaluate", str(encoder), str(data)] + (["--fast"] if fast else []))
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.splitlines()[0] == (f"Error: DATA: {encoder} has no labels of its own (a bare encoder): "
+                                             "nothing to measure")
+    assert "Traceback" not in result.stderr and not (tmp_path / "xdg").exists()
+
+
+def test_26_4_evaluate_refuses_labels_the_model_lacks_before_it_loads(tiny_checkpoint, data, never_loaded):
+    result = runner.invoke(app, ["evaluate", str(tiny_checkpoint[0]), str(data)])
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.splitlines()[0] == "Error: DATA: the model has no label 'cat' (and 1 more)"
