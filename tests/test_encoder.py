@@ -46,3 +46,11 @@ def test_26_4_evaluate_refuses_labels_the_model_lacks_before_it_loads(tiny_check
     result = runner.invoke(app, ["evaluate", str(tiny_checkpoint[0]), str(data)])
     assert result.exit_code == 2, result.stderr
     assert result.stderr.splitlines()[0] == "Error: DATA: the model has no label 'cat' (and 1 more)"
+
+
+def test_26_4_labels_of_a_bare_encoder_is_an_error_not_an_empty_list(encoder):
+    """Before: no output and exit 0, which reads as a model that recognises nothing."""
+    result = runner.invoke(app, ["labels", "--model", str(encoder)])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [f"Error: --model: {encoder} has no labels of its own (a bare encoder)",
+                                          "Hint: a head trained on it has labels: ast labels --model HEAD_DIR"]
