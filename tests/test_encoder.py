@@ -54,3 +54,25 @@ def test_26_4_labels_of_a_bare_encoder_is_an_error_not_an_empty_list(encoder):
     assert result.exit_code == 2 and result.stdout == ""
     assert result.stderr.splitlines() == [f"Error: --model: {encoder} has no labels of its own (a bare encoder)",
                                           "Hint: a head trained on it has labels: ast labels --model HEAD_DIR"]
+
+
+def test_26_4_the_library_refuses_to_classify_with_a_bare_encoder_in_its_own_words(encoder, tmp_path):
+    """Tagger.load(encoder).classify: a UsageError with fields, not command-line flags (before, its message said
+    'give --head ... or embed with ast extract-features', which means nothing to a Python caller)."""
+    from ast_cli import Tagger
+    from ast_cli.errors import UsageError
+
+    clip = write_audio(tmp_path / "a.wav", 0.8)
+    tagger = Tagger.load(str(encoder))
+    assert tagger.embed(tagger_inputs(tagger)).shape == (1, tagger.model.config.hidden_size)  # embeddings work
+    with pytest.raises(UsageError) as refused:
+        list(tagger.classify([str(clip)]))
+    assert refused.value.option == "model" and refused.value.suggest == {"heads": "HEAD_DIR"}
+    assert "--" not in str(refused.value) and "ast " not in str(refused.value)
+    assert "has no labels of its own (a bare encoder)" in str(refused.value)
+
+
+def tagger_inputs(tagger):
+    import torch
+
+    return torch.zeros(1, tagger.features.max_length, tagger.features.num_mel_bins)

@@ -444,7 +444,8 @@ def test_26_3_a_bare_encoder_without_heads_is_refused_before_it_loads(encoder, a
     args = [command, source, "--model", str(encoder), "-f", "jsonl"]
     result = runner.invoke(app, args + (["-o", str(out)] if command == "classify" else []))
     assert result.exit_code == 2, result.stderr
-    assert "has no labels of its own (a bare encoder): give --head" in result.stderr
+    assert "has no labels of its own (a bare encoder)" in result.stderr
+    assert "Hint: use --head HEAD_DIR" in result.stderr
     assert "Traceback" not in result.stderr and not out.exists()
     timed = runner.invoke(app, ["benchmark", str(audio / "a"), "--end-to-end", "--model", str(encoder),
                                 "--device", "cpu"])

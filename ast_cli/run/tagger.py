@@ -406,8 +406,10 @@ def base_head_name(model: str) -> str:
     return os.path.basename(os.path.normpath(model)) if looks_local(model) else model
 
 
-NO_LABELS = ("{model} has no labels of its own (a bare encoder): give --head with a head trained on it, or embed "
-             "with ast extract-features")
+def no_labels(model: str) -> UsageError:
+    """What scoring a bare encoder (no labels) without heads is: it has nothing to score."""
+    return UsageError(f"{model} has no labels of its own (a bare encoder): it scores nothing without a head trained "
+                      "on it (its embeddings need none)", option="model", suggest={"heads": "HEAD_DIR"})
 
 
 def head_parts(model: str, labels: tuple[str, ...], single_label: bool, heads=(), base_head: bool = True
@@ -417,7 +419,7 @@ def head_parts(model: str, labels: tuple[str, ...], single_label: bool, heads=()
     model's own head is a UsageError, and so is a bare encoder (no labels) without heads: it has nothing to score."""
     if not heads:
         if not labels:
-            raise UsageError(NO_LABELS.format(model=model), option="model")
+            raise no_labels(model)
         return (HeadPart(None, labels, single_label),)
     own = [(base_head_name(model), labels, single_label)] if base_head and labels else []
     twin = next((h for h in heads if own and h.name == own[0][0]), None)
