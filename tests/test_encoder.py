@@ -1,5 +1,6 @@
-"""A bare encoder (a checkpoint without classifier or labels) in every command that cannot use it alone: one clear
-usage error before the model loads, never a traceback, a misleading message or an empty answer (issue 26)."""
+"""A review of issue 26's bare encoders (a checkpoint without classifier or labels) and of the precisions a model
+runs in, command by command: a bare encoder where it cannot be used alone is one clear usage error before the model
+loads, never a traceback, a misleading message or an empty answer; every command works in every precision."""
 
 from __future__ import annotations
 
@@ -76,3 +77,31 @@ def tagger_inputs(tagger):
     import torch
 
     return torch.zeros(1, tagger.features.max_length, tagger.features.num_mel_bins)
+
+
+@pytest.mark.parametrize("precision", [["--quantize", "int8"], ["--dtype", "bf16"]])
+def test_26_4_label_search_of_an_index_made_in_int8_or_bf16(tiny_checkpoint, data, precision, tmp_path):
+    """Before: 'unexpected error: AttributeError: 'Int8LinearFbgemm' object has no attribute 'weight'' (and
+    PackedLinearBF16's): the classifier direction was read from the model as placed, which has no plain weights."""
+    from ast_cli.tasks.index import Index
+
+    model, db, exact = str(tiny_checkpoint[0]), tmp_path / "db", tmp_path / "exact"
+    for where, how in ((db, precision), (exact, [])):
+        made = runner.invoke(app, ["index", str(data), "--db", str(where), "--model", model, "--device", "cpu", "-q",
+                                   *how])
+        assert made.exit_code == 0, made.stderr
+    result = runner.invoke(app, ["search", str(db), "--label", "Speech", "-f", "jsonl", "--top", "3"])
+    assert result.exit_code == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 3
+    with Index.open(str(db)) as placed, Index.open(str(exact)) as fp32:
+        assert (placed.label_vector("speech") == fp32.label_vector("speech")).all()  # the checkpoint's float32
+
+
+def test_26_4_label_search_of_a_bare_encoders_index_without_heads(encoder, data, tmp_path):
+    db = tmp_path / "db"
+    assert runner.invoke(app, ["index", str(data), "--db", str(db), "--model", str(encoder), "-q"]).exit_code == 0
+    result = runner.invoke(app, ["search", str(db), "--label", "cat"])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        "Error: --label: 'cat' is not a label of any head the index holds scores of, and its model has no labels of "
+        "its own (a bare encoder)", "Hint: index it again with a head trained on this model"]
