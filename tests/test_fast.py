@@ -121,6 +121,16 @@ def test_26_1_a_cached_choice_is_never_trusted_blindly(tiny_model, fake_calibrat
     assert (choice.mode, choice.cached, fake_calibration) == ("bf16", False, ["cpu"])
 
 
+def test_26_4_a_fast_choice_made_with_sdpa_is_not_reused_with_eager_attention(fake_calibration):
+    """Before, the cache key left the attention out: a bf16 pick calibrated with sdpa ran with --attn eager, where
+    bf16 can be slower than fp32 (the tiny model here: eager bf16 10.1 ms, eager fp32 7.8 ms, sdpa bf16 1.7 ms)."""
+    model = random_model(ASTConfig(**TINY, id2label=("a", "b")))
+    for attn in ("sdpa", "eager", "eager", "sdpa", None):
+        fast.choose(model, "cpu", attn)
+    assert fake_calibration == ["cpu", "cpu"]  # once per attention (None: the model's default, sdpa), then cached
+    assert fast.cache_key(model, "cpu", attn="sdpa") == fast.cache_key(model, "cpu")  # earlier entries stay valid
+
+
 def test_26_1_an_unwritable_cache_costs_only_a_calibration(tiny_model, fake_calibration, monkeypatch, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")

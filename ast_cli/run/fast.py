@@ -7,8 +7,8 @@ missing), and on CUDA fp16 and bf16.
 against fp32's (the model's sigmoid scores and each head's probabilities; a bare encoder's pooled embeddings,
 as their relative L2 error), then timed forwards after warm-up. ``pick`` takes the fastest faithful one, and never one
 slower than fp32. ``choose`` caches the choice per (CPU model and flags, torch version, weights fingerprint,
-threads, device) in ``fast_cache_path()``, so later runs pay nothing; an unreadable, corrupt or foreign cache is
-ignored and rewritten. The library never prints: the choice comes back as a ``FastChoice``.
+threads, device, heads, attention) in ``fast_cache_path()``, so later runs pay nothing; an unreadable, corrupt or
+foreign cache is ignored and rewritten. The library never prints: the choice comes back as a ``FastChoice``.
 """
 
 from __future__ import annotations
@@ -243,9 +243,11 @@ def fast_cache_path() -> str:
     return os.path.join(os.path.expanduser(base), "ast-cli", f"fast-v{CACHE_VERSION}.json")
 
 
-def cache_key(model, device: str, heads=()) -> dict:
-    """What a choice depends on: the CPU (model name and feature flags), torch, the weights, threads, device, and
-    the heads whose probabilities were compared (only when there are heads: a key without them is unchanged)."""
+def cache_key(model, device: str, heads=(), attn: str | None = None) -> dict:
+    """What a choice depends on: the CPU (model name and feature flags), torch, the weights, threads, device, the
+    heads whose probabilities were compared, and the attention (eager bf16 can be slower than eager fp32 where
+    sdpa bf16 is faster). Heads and attention are named only when there are heads and it is not sdpa (the
+    default): a key without them is unchanged."""
     import torch
 
     from ..checkpoint.speed import _cpuinfo_flags, cpu_capabilities
@@ -257,7 +259,7 @@ def cache_key(model, device: str, heads=()) -> dict:
             k for k, v in caps.items() if v is True), "torch": torch.__version__,
             "weights": weights_fingerprint(model.state_dict()), "threads": torch.get_num_threads(), "device": device,
             "gpu": gpu, **({"heads": [[head.single_label, weights_fingerprint(head.tensors)] for head in heads]}
-                           if heads else {})}
+                           if heads else {}), **({"attn": attn} if attn not in (None, "sdpa") else {})}
 
 
 def _read_cache(path: str) -> list:
@@ -310,7 +312,7 @@ def choose(model, device: str = "cpu", attn: str | None = None, heads=()) -> Fas
     """The ``--fast`` mode for ``model`` (float32, CPU; unchanged) on ``device``, run with ``heads``
     (``checkpoint.heads.Head``): cached, else calibrated."""
     path = fast_cache_path()
-    key = cache_key(model, device, heads)
+    key = cache_key(model, device, heads, attn)
     entries = _read_cache(path)
     names = [name for name, skipped in candidate_names(device) if not skipped]
     cached = _cached_choice(entries, key, names)
