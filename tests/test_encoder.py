@@ -38,8 +38,9 @@ def test_26_4_evaluate_refuses_a_bare_encoder_before_it_loads(encoder, data, nev
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     result = runner.invoke(app, ["evaluate", str(encoder), str(data)] + (["--fast"] if fast else []))
     assert result.exit_code == 2, result.stderr
-    assert result.stderr.splitlines()[0] == (f"Error: DATA: {encoder} has no labels of its own (a bare encoder): "
-                                             "nothing to measure")
+    assert result.stderr.splitlines() == [
+        f"Error: {encoder} has no labels of its own (a bare encoder): nothing to measure",
+        "Hint: evaluate a head trained on it: head-mode training writes a folder with the labels"]
     assert "Traceback" not in result.stderr and not (tmp_path / "xdg").exists()
 
 

@@ -117,7 +117,7 @@ def check_labels(labels: tuple[str, ...], data_labels, model: str = "") -> None:
     only its labels. A bare encoder (no labels at all) is named as such: it has nothing to measure."""
     if not labels:
         raise UsageError(f"{model or 'the model'} has no labels of its own (a bare encoder): nothing to measure",
-                         option="data", hint="evaluate a head trained on it: head-mode training writes a "
+                         hint="evaluate a head trained on it: head-mode training writes a "
                                              "folder with the labels")
     missing = sorted(set(data_labels) - set(labels))
     if missing:
