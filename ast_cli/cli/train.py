@@ -9,8 +9,8 @@ import typer
 from ..constants import MIN_POSITIVES
 from ..run.options import ListFormat, RunOptions, _choices
 from ._app import app
-from ._common import (DEFAULT_MODEL, DebugOpt, ModelOpt, QuietOpt, announce_fast, fetch_model, load_tagger, model_labels,
-                      run_options, stderr_console)
+from ._common import (DEFAULT_MODEL, DebugOpt, ModelOpt, QuietOpt, announce_fast, fetch_model, load_tagger,
+                      model_labels, run_options, stderr_console)
 from ._errors import cli_errors, counted, say
 
 Mode = _choices("Mode", "head finetune", "What ast train trains.")
