@@ -4,6 +4,7 @@ fake timings and fidelities; the real candidates run on a tiny model, so their t
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -61,7 +62,7 @@ def fake_calibration(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     calls = []
 
-    def calibrate(model, device="cpu", attn=None, heads=()):
+    def calibrate(model, device="cpu", attn=None, heads=(), embeddings=False):
         calls.append(device)
         return [fp32(), Candidate("bf16", 50.0, 0.004)]
 
@@ -460,3 +461,39 @@ def test_26_3_a_bare_encoder_without_heads_is_refused_before_it_loads(encoder, a
     timed = runner.invoke(app, ["benchmark", str(audio / "a"), "--end-to-end", "--model", str(encoder),
                                 "--device", "cpu"])
     assert timed.exit_code == 2 and "a bare encoder" in timed.stderr
+
+
+def test_26_4_a_run_that_reports_embeddings_keeps_them_within_the_bound():
+    """extract-features, index and head training report a labelled model's pooled embeddings, not its scores: a
+    mode is faithful there when the embeddings (and any head's probabilities) stay within the bound (before, only
+    the scores were compared, and int8 moves a full-size model's embeddings ~0.03 while its scores move ~0.015)."""
+    model = random_model(ASTConfig(**TINY, id2label=tuple(f"c{i}" for i in range(5))))
+    head, x = _magnifying_head(model), fast.calibration_inputs(model.config)
+    assert fast.measure_of(model) == "scores" and fast.measure_of(model, embeddings=True) == "embeddings"
+    alone = {c.name: c for c in fast.calibrate(model, "cpu", "sdpa", embeddings=True)}
+    joint = {c.name: c for c in fast.calibrate(model, "cpu", "sdpa", heads=[head], embeddings=True)}
+    with torch.inference_mode():
+        reference = model.forward_features(x, attn="sdpa")
+        for name, candidate in alone.items():
+            assert candidate.measure == joint[name].measure == "embeddings"
+            if candidate.skipped is None:
+                variant, dtype = fast.place(copy.deepcopy(model), name, "cpu")
+                got = variant.forward_features(x.to(dtype=dtype), attn="sdpa").float()
+                moved = ((got - reference).norm(dim=1) / reference.norm(dim=1)).max()
+                assert candidate.max_diff == pytest.approx(float(moved), abs=1e-5), name
+                assert joint[name].max_diff >= candidate.max_diff  # the head's probabilities count as well
+    assert "measure" not in fast.cache_key(model, "cpu") and "measure" not in fast.cache_key(
+        random_model(ASTConfig(**TINY)), "cpu", embeddings=True)  # a bare encoder's key is unchanged
+
+
+def test_26_4_extract_features_fast_on_a_labelled_model_compares_embeddings(tiny_checkpoint, audio, tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    model = str(tiny_checkpoint[0])
+    result = runner.invoke(app, ["extract-features", str(audio / "a"), "--model", model, "--fast",
+                                 "--out", str(tmp_path / "features")])
+    assert result.exit_code == 0, result.stderr
+    assert "embeddings within a relative L2 distance of" in _fast_lines(result.stderr)[0]
+    scored = runner.invoke(app, ["classify", str(audio / "a"), "--model", model, "--fast", "-f", "json"])
+    assert scored.exit_code == 0 and "calibrated now" in _fast_lines(scored.stderr)[0]  # not the embeddings' entry
+    assert "scores within" in _fast_lines(scored.stderr)[0]

@@ -274,14 +274,15 @@ class Tagger:
     def load(cls, model: str = DEFAULT_MODEL, options: RunOptions = RunOptions(), *,
              progress: DownloadProgress | None = None,
              loading: ContextManager | None = None, heads: Iterable[str] = (),
-             base_head: bool = True) -> "Tagger":
+             base_head: bool = True, embeddings: bool = False) -> "Tagger":
         """The one load path: resolve ``model`` (alias, hub id, directory or file; downloaded on first use unless
         offline, told to ``progress``), load it strictly and place it as ``options`` say
         (``LocalBackend.build``). ``loading``: a context manager held while the weights load and are placed (the
         CLI's spinner). ``options`` was checked when it was built. ``heads``: folders written by head-mode
         training on this model, run on the pooled embedding of the same backbone pass (``HeadError``, before the
         model loads where it can: a missing folder, not a head; after: one trained on another base);
-        ``base_head`` False: without the model's own labels."""
+        ``base_head`` False: without the model's own labels. ``embeddings``: the caller reports the pooled
+        embeddings (extract-features, index), which ``--fast`` then keeps within its bound."""
         from .backends import LocalBackend
         from ..checkpoint.heads import check_bases, read_heads
         from ..checkpoint.hub import resolve_model
@@ -294,7 +295,7 @@ class Tagger:
             network = build_model(checkpoint)
             if loaded:  # the fingerprint of the float32 weights as loaded, before any dtype or int8 placement
                 check_bases(loaded, backbone_fingerprint(network), model, network.config.hidden_size)
-            backend = LocalBackend.build(network, checkpoint.features, options, heads=loaded)
+            backend = LocalBackend.build(network, checkpoint.features, options, heads=loaded, embeddings=embeddings)
         return cls(backend, checkpoint.config.id2label, name=model, options=options,
                    single_label=is_single_label(checkpoint.config), source=checkpoint.source, heads=loaded,
                    base_head=base_head and bool(checkpoint.config.id2label))  # a bare encoder has no head

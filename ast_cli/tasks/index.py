@@ -283,7 +283,7 @@ class Index:
                 hop_seconds=identity.get("hop_seconds"), fast=compute == "fast",
                 quantize="int8" if compute == "int8" else "none",
                 dtype=compute if compute in ("fp32", "fp16", "bf16") else "auto")
-            self._tagger = Tagger.load(path if os.path.exists(path) else identity["model"], options)
+            self._tagger = Tagger.load(path if os.path.exists(path) else identity["model"], options, embeddings=True)
         return self._tagger
 
     def search(self, query, top: int = 10, *, start: float = 0.0, end: float | None = None,
