@@ -497,3 +497,22 @@ def test_26_4_extract_features_fast_on_a_labelled_model_compares_embeddings(tiny
     scored = runner.invoke(app, ["classify", str(audio / "a"), "--model", model, "--fast", "-f", "json"])
     assert scored.exit_code == 0 and "calibrated now" in _fast_lines(scored.stderr)[0]  # not the embeddings' entry
     assert "scores within" in _fast_lines(scored.stderr)[0]
+
+
+def test_26_4_evaluate_fast_chooses_as_train_does_for_the_embeddings_they_share(tiny_checkpoint, tmp_path,
+                                                                               monkeypatch):
+    """evaluate and head-mode train share cached window embeddings (keyed 'fast', not by the mode): evaluate must
+    choose for them as train does, or one could reuse embeddings made in a mode the other found unfaithful."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    data = tmp_path / "data"
+    for label, seed in (("Speech", 1), ("Music", 2)):  # two of the base's own labels: evaluate measures the base
+        for i in range(3):
+            write_audio(data / label / f"{label}{i}.wav", 0.8, seed=seed * 10 + i)
+    model, features = str(tiny_checkpoint[0]), str(tmp_path / "features")
+    trained = runner.invoke(app, ["train", str(data), "--model", model, "--out", str(tmp_path / "head"), "--fast",
+                                  "--epochs", "2", "--features-dir", features])
+    assert trained.exit_code == 0, trained.stderr
+    measured = runner.invoke(app, ["evaluate", model, str(data), "--fast", "--features-dir", features])
+    assert measured.exit_code == 0, measured.stderr
+    line = _fast_lines(measured.stderr)[0]
+    assert "embeddings within a relative L2 distance" in line and "cached calibration" in line  # train's choice

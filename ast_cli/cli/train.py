@@ -219,7 +219,8 @@ def evaluate(
             raise UsageError("--thresholds-out is where --calibrate writes", suggest={"calibrate": "precision=0.9"})
         out = destination(model, thresholds_out, run.cache_dir) if target else None  # before the model loads
         check_labels(model_labels(model, run, stderr, quiet), dataset.labels, model)  # before the model loads too
-        tagger = load_tagger(model, run, stderr, quiet)
+        # its window embeddings are cached and shared with train's: --fast chooses for them as train does
+        tagger = load_tagger(model, run, stderr, quiet, embeddings=True)
         scored = score_dataset(tagger, dataset, feature_cache=features_dir)
         report = measured(scored, threshold)
         for failure in report["failed"]:
