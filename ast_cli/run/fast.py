@@ -257,10 +257,10 @@ def fast_cache_path() -> str:
 
 def cache_key(model, device: str, heads=(), attn: str | None = None, embeddings: bool = False) -> dict:
     """What a choice depends on: the CPU (model name and feature flags), torch, the weights, threads, device, the
-    heads whose probabilities were compared, and the attention (eager bf16 can be slower than eager fp32 where
-    sdpa bf16 is faster), and what was compared when a model with labels runs for its embeddings. Each is named
-    only when it applies (heads, attention other than sdpa, embeddings of a model with labels): a key without
-    them is unchanged."""
+    heads whose probabilities were compared, the attention (eager bf16 can be slower than eager fp32 where sdpa
+    bf16 is faster) and what was compared when a model with labels runs for its embeddings. The last three are
+    named only when they apply (heads, attention other than sdpa, embeddings of a model with labels): a key
+    without them is unchanged."""
     import torch
 
     from ..checkpoint.speed import _cpuinfo_flags, cpu_capabilities
