@@ -66,6 +66,25 @@ def tiny_checkpoint(tmp_path_factory):
     return make_reference(tmp_path_factory.mktemp("ckpt"), "tiny")
 
 
+@pytest.fixture(scope="session")
+def encoder(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint without its classifier: a bare encoder (no labels)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    source, folder = tiny_checkpoint[0], tmp_path_factory.mktemp("encoder") / "encoder"
+    folder.mkdir()
+    state = {k: v for k, v in load_file(source / "model.safetensors").items() if not k.startswith("classifier.")}
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    for key in ("id2label", "label2id"):
+        config.pop(key)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "preprocessor_config.json").write_bytes((source / "preprocessor_config.json").read_bytes())
+    return folder
+
+
 def tone(seconds: float, sample_rate: int = 16000, channels: int = 1, seed: int = 0) -> np.ndarray:
     """A reproducible test signal: two tones plus noise, (frames, channels) float32 in [-1, 1]."""
     rng = np.random.default_rng(seed)

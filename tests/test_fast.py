@@ -4,6 +4,7 @@ fake timings and fidelities; the real candidates run on a tiny model, so their t
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -61,7 +62,7 @@ def fake_calibration(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     calls = []
 
-    def calibrate(model, device="cpu", attn=None, heads=()):
+    def calibrate(model, device="cpu", attn=None, heads=(), embeddings=False):
         calls.append(device)
         return [fp32(), Candidate("bf16", 50.0, 0.004)]
 
@@ -119,6 +120,16 @@ def test_26_1_a_cached_choice_is_never_trusted_blindly(tiny_model, fake_calibrat
         json.dump({"version": fast.CACHE_VERSION, "entries": [{"key": key, "choice": bad}]}, handle)
     choice = choose(tiny_model)
     assert (choice.mode, choice.cached, fake_calibration) == ("bf16", False, ["cpu"])
+
+
+def test_26_4_a_fast_choice_made_with_sdpa_is_not_reused_with_eager_attention(fake_calibration):
+    """Before, the cache key left the attention out: a bf16 pick calibrated with sdpa ran with --attn eager, where
+    bf16 can be slower than fp32 (the tiny model here: eager bf16 10.1 ms, eager fp32 7.8 ms, sdpa bf16 1.7 ms)."""
+    model = random_model(ASTConfig(**TINY, id2label=("a", "b")))
+    for attn in ("sdpa", "eager", "eager", "sdpa", None):
+        fast.choose(model, "cpu", attn)
+    assert fake_calibration == ["cpu", "cpu"]  # once per attention (None: the model's default, sdpa), then cached
+    assert fast.cache_key(model, "cpu", attn="sdpa") == fast.cache_key(model, "cpu")  # earlier entries stay valid
 
 
 def test_26_1_an_unwritable_cache_costs_only_a_calibration(tiny_model, fake_calibration, monkeypatch, tmp_path):
@@ -405,23 +416,6 @@ def test_26_3_the_cache_key_names_the_heads_only_when_there_are_heads(tiny_model
     assert fake_calibration == ["cpu", "cpu"]  # one calibration without the head, one with it, then cached
 
 
-@pytest.fixture(scope="module")
-def encoder(tiny_checkpoint, tmp_path_factory):
-    """The tiny checkpoint without its classifier: a bare encoder (no labels)."""
-    from safetensors.torch import load_file, save_file
-
-    source, folder = tiny_checkpoint[0], tmp_path_factory.mktemp("encoder") / "encoder"
-    folder.mkdir()
-    state = {k: v for k, v in load_file(source / "model.safetensors").items() if not k.startswith("classifier.")}
-    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((source / "config.json").read_text())
-    for key in ("id2label", "label2id"):
-        config.pop(key)
-    (folder / "config.json").write_text(json.dumps(config))
-    (folder / "preprocessor_config.json").write_bytes((source / "preprocessor_config.json").read_bytes())
-    return folder
-
-
 def test_26_3_fast_on_a_bare_encoder_compares_embeddings(encoder, audio, tmp_path, monkeypatch):
     """A bare encoder has no scores: --fast compares its pooled embeddings (relative L2) instead of failing with
     'this checkpoint has no classification head' (what it did before, in every command)."""
@@ -461,8 +455,64 @@ def test_26_3_a_bare_encoder_without_heads_is_refused_before_it_loads(encoder, a
     args = [command, source, "--model", str(encoder), "-f", "jsonl"]
     result = runner.invoke(app, args + (["-o", str(out)] if command == "classify" else []))
     assert result.exit_code == 2, result.stderr
-    assert "has no labels of its own (a bare encoder): give --head" in result.stderr
+    assert "has no labels of its own (a bare encoder)" in result.stderr
+    assert "Hint: use --head HEAD_DIR" in result.stderr
     assert "Traceback" not in result.stderr and not out.exists()
     timed = runner.invoke(app, ["benchmark", str(audio / "a"), "--end-to-end", "--model", str(encoder),
                                 "--device", "cpu"])
     assert timed.exit_code == 2 and "a bare encoder" in timed.stderr
+
+
+def test_26_4_a_run_that_reports_embeddings_keeps_them_within_the_bound():
+    """extract-features, index and head training report a labelled model's pooled embeddings, not its scores: a
+    mode is faithful there when the embeddings (and any head's probabilities) stay within the bound (before, only
+    the scores were compared, and int8 moves a full-size model's embeddings ~0.03 while its scores move ~0.015)."""
+    model = random_model(ASTConfig(**TINY, id2label=tuple(f"c{i}" for i in range(5))))
+    head, x = _magnifying_head(model), fast.calibration_inputs(model.config)
+    assert fast.measure_of(model) == "scores" and fast.measure_of(model, embeddings=True) == "embeddings"
+    alone = {c.name: c for c in fast.calibrate(model, "cpu", "sdpa", embeddings=True)}
+    joint = {c.name: c for c in fast.calibrate(model, "cpu", "sdpa", heads=[head], embeddings=True)}
+    with torch.inference_mode():
+        reference = model.forward_features(x, attn="sdpa")
+        for name, candidate in alone.items():
+            assert candidate.measure == joint[name].measure == "embeddings"
+            if candidate.skipped is None:
+                variant, dtype = fast.place(copy.deepcopy(model), name, "cpu")
+                got = variant.forward_features(x.to(dtype=dtype), attn="sdpa").float()
+                moved = ((got - reference).norm(dim=1) / reference.norm(dim=1)).max()
+                assert candidate.max_diff == pytest.approx(float(moved), abs=1e-5), name
+                assert joint[name].max_diff >= candidate.max_diff  # the head's probabilities count as well
+    assert "measure" not in fast.cache_key(model, "cpu") and "measure" not in fast.cache_key(
+        random_model(ASTConfig(**TINY)), "cpu", embeddings=True)  # a bare encoder's key is unchanged
+
+
+def test_26_4_extract_features_fast_on_a_labelled_model_compares_embeddings(tiny_checkpoint, audio, tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    model = str(tiny_checkpoint[0])
+    result = runner.invoke(app, ["extract-features", str(audio / "a"), "--model", model, "--fast",
+                                 "--out", str(tmp_path / "features")])
+    assert result.exit_code == 0, result.stderr
+    assert "embeddings within a relative L2 distance of" in _fast_lines(result.stderr)[0]
+    scored = runner.invoke(app, ["classify", str(audio / "a"), "--model", model, "--fast", "-f", "json"])
+    assert scored.exit_code == 0 and "calibrated now" in _fast_lines(scored.stderr)[0]  # not the embeddings' entry
+    assert "scores within" in _fast_lines(scored.stderr)[0]
+
+
+def test_26_4_evaluate_fast_chooses_as_train_does_for_the_embeddings_they_share(tiny_checkpoint, tmp_path,
+                                                                               monkeypatch):
+    """evaluate and head-mode train share cached window embeddings (keyed 'fast', not by the mode): evaluate must
+    choose for them as train does, or one could reuse embeddings made in a mode the other found unfaithful."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    data = tmp_path / "data"
+    for label, seed in (("Speech", 1), ("Music", 2)):  # two of the base's own labels: evaluate measures the base
+        for i in range(3):
+            write_audio(data / label / f"{label}{i}.wav", 0.8, seed=seed * 10 + i)
+    model, features = str(tiny_checkpoint[0]), str(tmp_path / "features")
+    trained = runner.invoke(app, ["train", str(data), "--model", model, "--out", str(tmp_path / "head"), "--fast",
+                                  "--epochs", "2", "--features-dir", features])
+    assert trained.exit_code == 0, trained.stderr
+    measured = runner.invoke(app, ["evaluate", model, str(data), "--fast", "--features-dir", features])
+    assert measured.exit_code == 0, measured.stderr
+    line = _fast_lines(measured.stderr)[0]
+    assert "embeddings within a relative L2 distance" in line and "cached calibration" in line  # train's choice

@@ -417,7 +417,7 @@ def compute_name(run: RunOptions, cluster) -> str:
 
 
 def load_tagger(model: str, run: RunOptions, console, quiet: bool, resolved=None, *, heads=(),
-                base_head: bool = True):
+                base_head: bool = True, embeddings: bool = False):
     """``Tagger.load`` with the CLI's manners: a download shows its progress, loading shows a spinner.
     ``resolved``: ``model``'s local path when the command resolved it already (no second lookup)."""
     import contextlib
@@ -428,7 +428,7 @@ def load_tagger(model: str, run: RunOptions, console, quiet: bool, resolved=None
     warn_if_slow_bf16([run.dtype], run.device, console)
     spinner = console.status(f"loading {model}") if not quiet and console.is_terminal else contextlib.nullcontext()
     tagger = Tagger.load(str(resolved or model), run, progress=download_progress(console, quiet), loading=spinner,
-                         heads=heads, base_head=base_head)
+                         heads=heads, base_head=base_head, embeddings=embeddings)
     tagger.name = model
     announce_fast(tagger.backend.fast_choice, console, quiet)
     warn_if_gaps(run, tagger.features, console)

@@ -73,7 +73,7 @@ def extract_features_command(
             with stdout_for_data_only():
                 connect(cluster)  # no cluster at --ray-address: one line, before any file is written
         elif todo and kind is FeatureKind.embedding:
-            extractor = FeatureExtractor.embeddings(load_tagger(model, run, stderr, quiet), model)
+            extractor = FeatureExtractor.embeddings(load_tagger(model, run, stderr, quiet, embeddings=True), model)
         elif todo:
             path = fetch_model(model, run, stderr, quiet)  # downloads a missing hub model, like classify
             features = load_feature_config(str(path), offline=run.offline)

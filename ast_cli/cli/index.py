@@ -235,5 +235,6 @@ def _records(todo, path: str, model: str, run: RunOptions, cluster, stderr, quie
         return run_ray_embed(todo, path, run, cluster)
     from ..tasks.index import embed_files
 
-    tagger = load_tagger(model, run, stderr, quiet, resolved=path, heads=heads)  # resolved once, for the identity
+    tagger = load_tagger(model, run, stderr, quiet, resolved=path, heads=heads,  # resolved once, for the identity
+                         embeddings=True)
     return (record for record, _ in embed_files(todo, tagger)) if todo else iter(())

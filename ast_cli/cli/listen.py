@@ -88,9 +88,9 @@ def listen(
         fmt = format or (LiveFormat.live if sys.stdout.isatty() and not events else LiveFormat.jsonl)
         heads = read_heads(head or (), not no_base_head)  # a missing folder or not a head: before the model
         if not heads and not model_labels(model, run, stderr, quiet):  # a bare encoder alone: nothing to score
-            from ..run.tagger import NO_LABELS
+            from ..run.tagger import no_labels
 
-            raise UsageError(NO_LABELS.format(model=model), option="model")
+            raise no_labels(model)
         # a missing or bad file: before any work
         calibrations = calibrations_of(model, thresholds, calibrated, heads, not no_base_head)
         tagger = load_tagger(model, run, stderr, quiet, heads=heads, base_head=not no_base_head)

@@ -214,5 +214,11 @@ def labels(
     stderr = stderr_console()
     with cli_errors(stderr, debug):
         run = RunOptions(offline=offline or None, cache_dir=cache_dir)
-        for index, name in enumerate(model_labels(model, run, stderr, quiet=False)):  # published ones: no download
+        from ..errors import UsageError
+
+        names = model_labels(model, run, stderr, quiet=False)  # published ones: no download
+        if not names:  # an empty list with exit 0 would read as a model with nothing to recognise
+            raise UsageError(f"{model} has no labels of its own (a bare encoder)", option="model",
+                             hint="a head trained on it has labels: ast labels --model HEAD_DIR")
+        for index, name in enumerate(names):
             typer.echo(f"{index}\t{name}")

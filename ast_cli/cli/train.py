@@ -10,7 +10,7 @@ from ..constants import MIN_POSITIVES
 from ..run.options import ListFormat, RunOptions, _choices
 from ._app import app
 from ._common import (DEFAULT_MODEL, DebugOpt, ModelOpt, QuietOpt, announce_fast, fetch_model, load_tagger,
-                      run_options, stderr_console)
+                      model_labels, run_options, stderr_console)
 from ._errors import cli_errors, counted, say
 
 Mode = _choices("Mode", "head finetune", "What ast train trains.")
@@ -208,7 +208,7 @@ def evaluate(
         from ..errors import AudioDecodeError, UsageError
         from ..run.files import check_writable_dir
         from ..tasks.calibrate import Target, destination
-        from ..tasks.metrics import report as measured, score_dataset
+        from ..tasks.metrics import check_labels, report as measured, score_dataset
         from ..tasks.train_data import load_dataset
 
         dataset = load_dataset(data)
@@ -218,7 +218,9 @@ def evaluate(
         if target is None and thresholds_out is not None:
             raise UsageError("--thresholds-out is where --calibrate writes", suggest={"calibrate": "precision=0.9"})
         out = destination(model, thresholds_out, run.cache_dir) if target else None  # before the model loads
-        tagger = load_tagger(model, run, stderr, quiet)
+        check_labels(model_labels(model, run, stderr, quiet), dataset.labels, model)  # before the model loads too
+        # its window embeddings are cached and shared with train's: --fast chooses for them as train does
+        tagger = load_tagger(model, run, stderr, quiet, embeddings=True)
         scored = score_dataset(tagger, dataset, feature_cache=features_dir)
         report = measured(scored, threshold)
         for failure in report["failed"]:

@@ -124,10 +124,11 @@ class LocalBackend:
 
     @classmethod
     def build(cls, model, features: FeatureConfig, options: RunOptions, output: Output = "logits",
-              heads=()) -> "LocalBackend":
+              heads=(), embeddings: bool = False) -> "LocalBackend":
         """Place a float32 CPU model as ``options`` say (already valid: checked when built): device, dtype, int8,
         threads, attention. ``heads`` (``checkpoint.heads.Head``) that will run on its embeddings: ``--fast``
-        keeps their probabilities within its bound too."""
+        keeps their probabilities within its bound too; ``embeddings`` (or ``output`` "embedding"): the run
+        reports the pooled embeddings, which ``--fast`` then keeps within its bound."""
         from ..checkpoint.speed import place_bf16_cpu, quantize_dynamic, set_threads
 
         device = pick_device(options.device)
@@ -135,7 +136,8 @@ class LocalBackend:
         check_quantize(options.quantize, device, dtype)
         set_threads(options.threads)
         if options.fast:
-            return cls._fast(model, features, device, output, options.attn, heads)
+            embeddings = embeddings or output == "embedding"
+            return cls._fast(model, features, device, output, options.attn, heads, embeddings)
         if options.quantize is Quantize.int8:
             model = quantize_dynamic(model, options.quantize.value)
         if device == "cpu" and dtype == torch_dtype("bf16"):
@@ -143,11 +145,12 @@ class LocalBackend:
         return cls(model, features, device=device, dtype=dtype, output=output, attn=options.attn)
 
     @classmethod
-    def _fast(cls, model, features: FeatureConfig, device: str, output: Output, attn, heads=()) -> "LocalBackend":
+    def _fast(cls, model, features: FeatureConfig, device: str, output: Output, attn, heads=(),
+              embeddings: bool = False) -> "LocalBackend":
         """The mode ``fast.choose`` calibrated (or cached) for this model on this machine; ``fast_choice`` says which."""
         from .fast import choose, place
 
-        choice = choose(model, device, Attn(attn).value, heads)
+        choice = choose(model, device, Attn(attn).value, heads, embeddings)
         model, dtype = place(model, choice.mode, device)
         backend = cls(model, features, device=device, dtype=dtype, output=output, attn=attn)
         backend.fast_choice = choice

@@ -4,11 +4,12 @@ Candidates (those the hardware supports): fp32 (the reference), bf16 (native bf1
 FBGEMM's dynamic Linear, int8 with oneDNN's int8 GEMM (AMX-INT8/VNNI; ``torch._int_mm`` where oneDNN's op is
 missing), and on CUDA fp16 and bf16.
 ``calibrate`` runs each on the loaded model: what the run reports on ``FIDELITY_WINDOWS`` fixed random windows
-against fp32's (the model's sigmoid scores and each head's probabilities; a bare encoder's pooled embeddings,
-as their relative L2 error), then timed forwards after warm-up. ``pick`` takes the fastest faithful one, and never one
-slower than fp32. ``choose`` caches the choice per (CPU model and flags, torch version, weights fingerprint,
-threads, device) in ``fast_cache_path()``, so later runs pay nothing; an unreadable, corrupt or foreign cache is
-ignored and rewritten. The library never prints: the choice comes back as a ``FastChoice``.
+against fp32's (the model's sigmoid scores and each head's probabilities; the pooled embeddings, as their
+relative L2 error, where the run reports them or the model is a bare encoder), then timed forwards after
+warm-up. ``pick`` takes the fastest faithful one, and never one slower than fp32. ``choose`` caches the choice
+per (CPU model and flags, torch version, weights fingerprint, threads, device, heads, attention) in
+``fast_cache_path()``, so later runs pay nothing; an unreadable, corrupt or foreign cache is ignored and
+rewritten. The library never prints: the choice comes back as a ``FastChoice``.
 """
 
 from __future__ import annotations
@@ -161,38 +162,49 @@ def _timer(model, dtype, device: str, first, attn) -> Callable[[], float]:
     return timed_pass
 
 
-def measure_of(model, heads=()) -> str:
-    """What ``calibrate`` compares for ``model`` run with ``heads``: scores, unless neither gives any."""
-    return "scores" if heads or getattr(model, "classifier", None) is not None else "embeddings"
+def measure_of(model, heads=(), embeddings: bool = False) -> str:
+    """What ``calibrate`` compares for ``model`` run with ``heads``: scores, unless neither gives any or the run
+    reports ``embeddings`` (extract-features, index, head training: then each head's probabilities as well)."""
+    scored = heads or getattr(model, "classifier", None) is not None
+    return "scores" if scored and not embeddings else "embeddings"
 
 
-def _outputs(variant, inputs, attn, heads):
+def _head_probabilities(heads, embedding) -> list:
+    """Each head's softmax or sigmoid on the (B, D) float32 pooled ``embedding``, as ``HeadsBackend`` runs it."""
+    import torch
+
+    return [torch.softmax(head(embedding), dim=-1) if head.single_label else torch.sigmoid(head(embedding))
+            for head in heads]
+
+
+def _outputs(variant, inputs, attn, heads, embeddings: bool = False):
     """What a run of ``variant`` reports on ``inputs``, float32 on the CPU: (B, labels) probabilities (the model's
     sigmoid scores, then each head's softmax or sigmoid on the float32 pooled embedding, as ``HeadsBackend``
-    runs it), or (B, D) pooled embeddings when there are no labels at all."""
+    runs it), or (B, D) pooled embeddings when there are no labels at all or the run reports ``embeddings``."""
     import torch
 
     pooled = variant.forward_features(inputs, attn=attn)
-    if measure_of(variant, heads) == "embeddings":
+    if measure_of(variant, heads, embeddings) == "embeddings":
         return pooled.float().cpu()
     parts = [torch.sigmoid(variant.forward_head(pooled).float()).cpu()] if variant.classifier is not None else []
-    embedding = pooled.float().cpu()
-    for head in heads:
-        logits = head(embedding)
-        parts.append(torch.softmax(logits, dim=-1) if head.single_label else torch.sigmoid(logits))
-    return torch.cat(parts, dim=1)
+    return torch.cat(parts + _head_probabilities(heads, pooled.float().cpu()), dim=1)
 
 
-def _difference(measure: str, got, reference) -> float:
-    """The largest score difference, or the largest relative L2 distance of one window's embedding."""
+def _difference(measure: str, got, reference, heads=()) -> float:
+    """The largest score difference, or the largest relative L2 distance of one window's embedding (and the
+    largest difference of the probabilities ``heads`` give those embeddings, when the run stores both)."""
     if measure == "embeddings":
-        return float(((got - reference).norm(dim=1) / reference.norm(dim=1).clamp_min(1e-12)).max())
+        moved = float(((got - reference).norm(dim=1) / reference.norm(dim=1).clamp_min(1e-12)).max())
+        return max([moved] + [float((g - r).abs().max()) for g, r in zip(_head_probabilities(heads, got),
+                                                                        _head_probabilities(heads, reference))])
     return float((got - reference).abs().max())
 
 
-def calibrate(model, device: str = "cpu", attn: str | None = None, heads=()) -> list[Candidate]:
+def calibrate(model, device: str = "cpu", attn: str | None = None, heads=(), embeddings: bool = False
+              ) -> list[Candidate]:
     """Every candidate of ``device`` measured on copies of ``model`` (float32, CPU; left unchanged): what the run
-    reports (``_outputs``: with ``heads``, their probabilities too) against fp32's, then warm-up and
+    reports (``_outputs``: with ``heads``, their probabilities too; ``embeddings``: the pooled embeddings, for a
+    run that reports those) against fp32's, then warm-up and
     ``TIMED_PASSES`` timed forwards taken in turns, so that noise from other processes hits every candidate
     alike (medians)."""
     import copy
@@ -201,7 +213,7 @@ def calibrate(model, device: str = "cpu", attn: str | None = None, heads=()) -> 
 
     from ..checkpoint.speed import warm_up
 
-    inputs, measure = calibration_inputs(model.config), measure_of(model, heads)
+    inputs, measure = calibration_inputs(model.config), measure_of(model, heads, embeddings)
     runs, scores, times, failed = {}, {}, {}, {}
     with torch.inference_mode():
         for name, skipped in candidate_names(device):
@@ -209,7 +221,7 @@ def calibrate(model, device: str = "cpu", attn: str | None = None, heads=()) -> 
                 continue
             try:
                 variant, dtype = place(copy.deepcopy(model), name, device)
-                scores[name] = _outputs(variant, inputs.to(device, dtype), attn, heads)
+                scores[name] = _outputs(variant, inputs.to(device, dtype), attn, heads, embeddings)
                 runs[name], times[name] = _timer(variant, dtype, device, inputs[:1], attn), []
                 warm_up(runs[name], most=MAX_WARMUP)
             except (RuntimeError, NotImplementedError) as exc:  # a kernel this build or shape lacks: not a candidate
@@ -226,7 +238,7 @@ def calibrate(model, device: str = "cpu", attn: str | None = None, heads=()) -> 
         if skipped is not None:
             out.append(Candidate(name, skipped=skipped, measure=measure))
             continue
-        max_diff = _difference(measure, scores[name], scores["fp32"])
+        max_diff = _difference(measure, scores[name], scores["fp32"], heads)
         out.append(Candidate(name, round(statistics.median(times[name]) * 1e3, 3), round(max_diff, 6),
                              measure=measure))
     return out
@@ -243,9 +255,12 @@ def fast_cache_path() -> str:
     return os.path.join(os.path.expanduser(base), "ast-cli", f"fast-v{CACHE_VERSION}.json")
 
 
-def cache_key(model, device: str, heads=()) -> dict:
-    """What a choice depends on: the CPU (model name and feature flags), torch, the weights, threads, device, and
-    the heads whose probabilities were compared (only when there are heads: a key without them is unchanged)."""
+def cache_key(model, device: str, heads=(), attn: str | None = None, embeddings: bool = False) -> dict:
+    """What a choice depends on: the CPU (model name and feature flags), torch, the weights, threads, device, the
+    heads whose probabilities were compared, the attention (eager bf16 can be slower than eager fp32 where sdpa
+    bf16 is faster) and what was compared when a model with labels runs for its embeddings. The last three are
+    named only when they apply (heads, attention other than sdpa, embeddings of a model with labels): a key
+    without them is unchanged."""
     import torch
 
     from ..checkpoint.speed import _cpuinfo_flags, cpu_capabilities
@@ -257,7 +272,8 @@ def cache_key(model, device: str, heads=()) -> dict:
             k for k, v in caps.items() if v is True), "torch": torch.__version__,
             "weights": weights_fingerprint(model.state_dict()), "threads": torch.get_num_threads(), "device": device,
             "gpu": gpu, **({"heads": [[head.single_label, weights_fingerprint(head.tensors)] for head in heads]}
-                           if heads else {})}
+                           if heads else {}), **({"attn": attn} if attn not in (None, "sdpa") else {}),
+            **({"measure": "embeddings"} if embeddings and measure_of(model, heads) == "scores" else {})}
 
 
 def _read_cache(path: str) -> list:
@@ -306,17 +322,17 @@ def _write_cache(path: str, entries: list, key: dict, choice: FastChoice) -> Non
         pass
 
 
-def choose(model, device: str = "cpu", attn: str | None = None, heads=()) -> FastChoice:
+def choose(model, device: str = "cpu", attn: str | None = None, heads=(), embeddings: bool = False) -> FastChoice:
     """The ``--fast`` mode for ``model`` (float32, CPU; unchanged) on ``device``, run with ``heads``
-    (``checkpoint.heads.Head``): cached, else calibrated."""
+    (``checkpoint.heads.Head``), for a run that reports ``embeddings`` or scores: cached, else calibrated."""
     path = fast_cache_path()
-    key = cache_key(model, device, heads)
+    key = cache_key(model, device, heads, attn, embeddings)
     entries = _read_cache(path)
     names = [name for name, skipped in candidate_names(device) if not skipped]
     cached = _cached_choice(entries, key, names)
     if cached is not None:
         return cached
-    choice = pick(calibrate(model, device, attn, heads))
+    choice = pick(calibrate(model, device, attn, heads, embeddings))
     _write_cache(path, entries, key, choice)
     return choice
 

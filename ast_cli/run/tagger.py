@@ -274,14 +274,15 @@ class Tagger:
     def load(cls, model: str = DEFAULT_MODEL, options: RunOptions = RunOptions(), *,
              progress: DownloadProgress | None = None,
              loading: ContextManager | None = None, heads: Iterable[str] = (),
-             base_head: bool = True) -> "Tagger":
+             base_head: bool = True, embeddings: bool = False) -> "Tagger":
         """The one load path: resolve ``model`` (alias, hub id, directory or file; downloaded on first use unless
         offline, told to ``progress``), load it strictly and place it as ``options`` say
         (``LocalBackend.build``). ``loading``: a context manager held while the weights load and are placed (the
         CLI's spinner). ``options`` was checked when it was built. ``heads``: folders written by head-mode
         training on this model, run on the pooled embedding of the same backbone pass (``HeadError``, before the
         model loads where it can: a missing folder, not a head; after: one trained on another base);
-        ``base_head`` False: without the model's own labels."""
+        ``base_head`` False: without the model's own labels. ``embeddings``: the caller reports the pooled
+        embeddings (extract-features, index), which ``--fast`` then keeps within its bound."""
         from .backends import LocalBackend
         from ..checkpoint.heads import check_bases, read_heads
         from ..checkpoint.hub import resolve_model
@@ -294,7 +295,7 @@ class Tagger:
             network = build_model(checkpoint)
             if loaded:  # the fingerprint of the float32 weights as loaded, before any dtype or int8 placement
                 check_bases(loaded, backbone_fingerprint(network), model, network.config.hidden_size)
-            backend = LocalBackend.build(network, checkpoint.features, options, heads=loaded)
+            backend = LocalBackend.build(network, checkpoint.features, options, heads=loaded, embeddings=embeddings)
         return cls(backend, checkpoint.config.id2label, name=model, options=options,
                    single_label=is_single_label(checkpoint.config), source=checkpoint.source, heads=loaded,
                    base_head=base_head and bool(checkpoint.config.id2label))  # a bare encoder has no head
@@ -406,8 +407,10 @@ def base_head_name(model: str) -> str:
     return os.path.basename(os.path.normpath(model)) if looks_local(model) else model
 
 
-NO_LABELS = ("{model} has no labels of its own (a bare encoder): give --head with a head trained on it, or embed "
-             "with ast extract-features")
+def no_labels(model: str) -> UsageError:
+    """What scoring a bare encoder (no labels) without heads is: it has nothing to score."""
+    return UsageError(f"{model} has no labels of its own (a bare encoder): it scores nothing without a head trained "
+                      "on it (its embeddings need none)", option="model", suggest={"heads": "HEAD_DIR"})
 
 
 def head_parts(model: str, labels: tuple[str, ...], single_label: bool, heads=(), base_head: bool = True
@@ -417,7 +420,7 @@ def head_parts(model: str, labels: tuple[str, ...], single_label: bool, heads=()
     model's own head is a UsageError, and so is a bare encoder (no labels) without heads: it has nothing to score."""
     if not heads:
         if not labels:
-            raise UsageError(NO_LABELS.format(model=model), option="model")
+            raise no_labels(model)
         return (HeadPart(None, labels, single_label),)
     own = [(base_head_name(model), labels, single_label)] if base_head and labels else []
     twin = next((h for h in heads if own and h.name == own[0][0]), None)

@@ -283,7 +283,7 @@ class Index:
                 hop_seconds=identity.get("hop_seconds"), fast=compute == "fast",
                 quantize="int8" if compute == "int8" else "none",
                 dtype=compute if compute in ("fp32", "fp16", "bf16") else "auto")
-            self._tagger = Tagger.load(path if os.path.exists(path) else identity["model"], options)
+            self._tagger = Tagger.load(path if os.path.exists(path) else identity["model"], options, embeddings=True)
         return self._tagger
 
     def search(self, query, top: int = 10, *, start: float = 0.0, end: float | None = None,
@@ -371,14 +371,22 @@ class Index:
 
     def label_vector(self, label: str) -> np.ndarray:
         """The direction in embedding space along which the model's logit for ``label`` grows: the classifier
-        row scaled by its LayerNorm's gain, centred (LayerNorm ignores a shift along the all-ones vector)."""
-        tagger = self.tagger()
-        names = {name.lower(): i for i, name in enumerate(tagger.labels)}
+        row scaled by its LayerNorm's gain, centred (LayerNorm ignores a shift along the all-ones vector). Read
+        from the checkpoint's float32 tensors: the model is not built (an int8 or bf16 one has no plain weights)."""
+        from ..checkpoint.hub import resolve_model
+        from ..checkpoint.weights import load_checkpoint
+
+        path = self.identity.get("model_path") or ""
+        checkpoint = load_checkpoint(path if os.path.exists(path) else resolve_model(self.identity["model"]))
+        names = {name.lower(): i for i, name in enumerate(checkpoint.config.id2label)}
         if label.lower() not in names:
-            raise UsageError(f"{label!r} is not one of the model's labels", option="label")
-        head = tagger.model.classifier
-        row = head.dense.weight[names[label.lower()]].detach().float().cpu().numpy()
-        direction = row * head.layernorm.weight.detach().float().cpu().numpy()
+            raise UsageError(f"{label!r} is not one of the model's labels" if names else
+                             f"{label!r} is not a label of any head the index holds scores of, and its model has "
+                             "no labels of its own (a bare encoder)", option="label",
+                             hint=None if names else "index it again with a head trained on this model")
+        state = checkpoint.state_dict
+        row = state["classifier.dense.weight"][names[label.lower()]].float().numpy()
+        direction = row * state["classifier.layernorm.weight"].float().numpy()
         return direction - direction.mean()
 
 

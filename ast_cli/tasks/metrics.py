@@ -112,13 +112,22 @@ def report(scored: Scored, threshold: float = 0.5) -> dict:
     return _jsonable(out)
 
 
-def score_dataset(tagger, dataset: Dataset, feature_cache: str | None = None) -> Scored:
-    """``dataset`` scored by ``tagger`` (see ``evaluate``); unreadable files are left out, named in ``failed``."""
-    index = {name: i for i, name in enumerate(tagger.labels)}
-    missing = sorted(set(dataset.labels) - set(index))
+def check_labels(labels: tuple[str, ...], data_labels, model: str = "") -> None:
+    """A UsageError unless every label of the data is one of ``labels`` (the model's): it needs no model loaded,
+    only its labels. A bare encoder (no labels at all) is named as such: it has nothing to measure."""
+    if not labels:
+        raise UsageError(f"{model or 'the model'} has no labels of its own (a bare encoder): nothing to measure",
+                         hint="evaluate a head trained on it: head-mode training writes a "
+                                             "folder with the labels")
+    missing = sorted(set(data_labels) - set(labels))
     if missing:
         raise UsageError(f"the model has no label {missing[0]!r} (and {len(missing) - 1} more)" if len(missing) > 1
                          else f"the model has no label {missing[0]!r}", option="data")
+
+
+def score_dataset(tagger, dataset: Dataset, feature_cache: str | None = None) -> Scored:
+    """``dataset`` scored by ``tagger`` (see ``evaluate``); unreadable files are left out, named in ``failed``."""
+    check_labels(tagger.labels, dataset.labels, tagger.name)
     dataset, failed = dataset.regular_files()
     scores = np.zeros((len(dataset.examples), len(tagger.labels)))
     keep = []
@@ -132,7 +141,7 @@ def score_dataset(tagger, dataset: Dataset, feature_cache: str | None = None) ->
             failed.append({"path": example.path, "error": error})
         else:
             keep.append(row)
-    columns = [index[name] for name in dataset.labels]
+    columns = [tagger.labels.index(name) for name in dataset.labels]
     kept = dataset.subset(keep)
     return Scored(scores[keep][:, columns], kept.targets(), dataset.labels, [e.path for e in kept.examples],
                   dataset.multi_label, failed)
