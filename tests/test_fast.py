@@ -264,6 +264,7 @@ def test_26_1_benchmark_shows_every_candidate_and_the_pick(tiny_checkpoint):
 @pytest.mark.skipif(not (cpu_has_native_bf16() and _bf16_packing_works()),
                     reason="packed bf16 Linear layers need bf16 hardware and oneDNN's bf16 linear in this torch")
 def test_26_2_cpu_bf16_runs_packed_linears_with_the_gelu_fused(tiny_checkpoint):
+    from ast_cli.checkpoint import speed
     from ast_cli.run.backends import LocalBackend
     from ast_cli.run.options import RunOptions
     from ast_cli.checkpoint.weights import build_model, load_checkpoint
@@ -272,7 +273,8 @@ def test_26_2_cpu_bf16_runs_packed_linears_with_the_gelu_fused(tiny_checkpoint):
     backend = LocalBackend.build(build_model(checkpoint), checkpoint.features, RunOptions(device="cpu", dtype="bf16"))
     modules = list(backend.model.modules())
     assert not any(type(m) is torch.nn.Linear for m in modules)
-    assert sum(getattr(m, "post_op", None) == "gelu" for m in modules) == checkpoint.config.num_hidden_layers
+    assert sum(getattr(m, "post_op", None) == "gelu" for m in modules) == (checkpoint.config.num_hidden_layers
+                                                                          * speed.MLP_PARTS)
     packed = [m for m in modules if isinstance(m, PackedLayerBF16)]  # QKV in one GEMM, residual adds fused
     assert len(packed) == checkpoint.config.num_hidden_layers
     assert all(m.qkv.out_features == 3 * checkpoint.config.hidden_size for m in packed)
@@ -319,24 +321,30 @@ def test_26_1_a_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):
 
 @pytest.mark.skipif(not (cpu_has_native_bf16() and _bf16_packing_works()),
                     reason="packed bf16 Linear layers need bf16 hardware and oneDNN's bf16 linear in this torch")
-def test_26_2_the_mlp_output_gemm_in_token_slices_scores_as_the_whole(tiny_checkpoint, monkeypatch):
+def test_26_2_the_mlp_in_parts_scores_as_the_whole(tiny_checkpoint, monkeypatch):
+    """The packed bf16 block runs its MLP's hidden units in MLP_PARTS parts (a faster GEMM shape on AMX): every
+    part runs, and the sum of the parts scores as the MLP in one piece and as fp32."""
     from ast_cli.checkpoint import speed
     from ast_cli.checkpoint.weights import build_model, load_checkpoint
 
     checkpoint = load_checkpoint(tiny_checkpoint[0])
     inputs = fast.calibration_inputs(checkpoint.config)
+    hidden = checkpoint.config.intermediate_size
     with torch.inference_mode():
+        monkeypatch.setattr(speed, "MLP_PARTS", 1)
         whole = torch.sigmoid(speed.place_bf16_cpu(build_model(checkpoint))(inputs.bfloat16()).float())
-        monkeypatch.setattr(speed, "MLP_OUT_ROWS", 7)  # fewer than the tiny model's tokens, and no divisor of them
-        sliced_model = speed.place_bf16_cpu(build_model(checkpoint))
+        monkeypatch.setattr(speed, "MLP_PARTS", 3)  # no divisor of the hidden size: the last part is smaller
+        parted_model = speed.place_bf16_cpu(build_model(checkpoint))
         calls = []
-        monkeypatch.setattr(speed.PackedLinearBF16, "add", lambda self, x, residual: calls.append(x.shape[1]) or
+        monkeypatch.setattr(speed.PackedLinearBF16, "add", lambda self, x, residual: calls.append(x.shape[-1]) or
                             torch.ops.mkldnn._linear_pointwise.binary(x, residual, self._packed, self.bias, "add"))
-        sliced = torch.sigmoid(sliced_model(inputs.bfloat16()).float())
+        parted = torch.sigmoid(parted_model(inputs.bfloat16()).float())
         reference = torch.sigmoid(build_model(checkpoint)(inputs))
-    tokens = max(calls)  # the attention output GEMM runs on all of them; the MLP's in slices of 7 and the rest
-    assert calls.count(7) == tokens // 7 * checkpoint.config.num_hidden_layers and tokens % 7 in calls
-    assert (sliced - whole).abs().max() <= 1e-2 and (sliced - reference).abs().max() <= FAST_MODE_SCORES
+    size = -(-hidden // 3)
+    mlp_calls = sorted(width for width in calls if width != checkpoint.config.hidden_size)
+    assert hidden % 3 and sorted(set(mlp_calls)) == sorted({size, hidden - 2 * size})
+    assert len(mlp_calls) == 3 * checkpoint.config.num_hidden_layers
+    assert (parted - whole).abs().max() <= 1e-2 and (parted - reference).abs().max() <= FAST_MODE_SCORES
 
 
 COMPILER_STACK = ("sympy", "torch._dynamo", "torch._inductor", "torch.fx.experimental.symbolic_shapes")

@@ -304,17 +304,19 @@ class PackedLinearBF16(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, post_op={self.post_op}"
 
 
-MLP_OUT_ROWS = 256  # tokens per call of the MLP's output GEMM (see PackedLayerBF16)
+MLP_PARTS = 2  # the MLP's hidden units in this many parts, each its own pair of GEMMs (see PackedLayerBF16)
 
 
 class PackedLayerBF16(nn.Module):
     """One transformer block of a bf16 CPU AST as oneDNN runs it fastest: query, key and value in one packed GEMM
     (768 -> 2304: 2.2x faster than three 768 -> 768 GEMMs on the 2-core Sapphire Rapids CPU), the residual adds
     fused into the output GEMMs (oneDNN's binary ``add`` post-op), GELU fused into the first MLP GEMM, and the
-    MLP's output GEMM (3072 -> 768) run on ``MLP_OUT_ROWS`` tokens at a time: on the whole 1214 tokens of a window
-    oneDNN reaches ~600 GFLOP/s on that shape there, on 256-token slices ~950 (the slice of its 3072-wide input
-    stays in the core's 2 MB L2), which takes ~10% off the forward. Every token's row is computed as before
-    (a GEMM's rows are independent): the same arithmetic as ``ASTLayer``, bf16 roundings aside."""
+    MLP's 3072 hidden units in ``MLP_PARTS`` parts: each part's 768 -> 1536 GEMM (+ GELU) and 1536 -> 768 GEMM,
+    whose output adds onto the residual and the parts before it. The output GEMM's 3072-long rows ran at ~700
+    GFLOP/s on the whole window there (~1100 on 256-token slices); at 1536 the two parts take ~5% off the whole
+    forward against the slices (296-301 ms against 317, medians of 15 interleaved rounds). The MLP's sum over its
+    hidden units is the same sum in two pieces: the same arithmetic as ``ASTLayer``, bf16 roundings aside (one
+    more: the first part's sum is rounded to bf16 before the second adds on)."""
 
     def __init__(self, layer: nn.Module, tokens: int, gelu: bool):
         super().__init__()
@@ -329,20 +331,32 @@ class PackedLayerBF16(nn.Module):
             bias = None if parts[0].bias is None else torch.cat([part.bias for part in parts])
             self.qkv = PackedLinearBF16.of(torch.cat([part.weight for part in parts]), bias, tokens)
         self.attention_out = PackedLinearBF16(layer.attention.output.dense, tokens)
-        self.mlp_in = PackedLinearBF16(layer.intermediate.dense, tokens, gelu=gelu)
         self.act = nn.Identity() if gelu else layer.act
-        self.mlp_out = PackedLinearBF16(layer.output.dense, min(tokens, MLP_OUT_ROWS))
+        self.mlp_in, self.mlp_out = self._mlp_parts(layer.intermediate.dense, layer.output.dense, tokens, gelu)
+
+    @staticmethod
+    def _mlp_parts(first: nn.Linear, second: nn.Linear, tokens: int, gelu: bool):
+        """(parts of ``first``'s output units, GELU fused; the matching parts of ``second``'s input units, the
+        bias on the first part only): ``MLP_PARTS`` of them, as equal as the hidden size allows."""
+        hidden = first.out_features
+        size = -(-hidden // min(MLP_PARTS, hidden))
+        spans = [slice(start, min(start + size, hidden)) for start in range(0, hidden, size)]
+        with torch.no_grad():
+            ins = [PackedLinearBF16.of(first.weight[span], None if first.bias is None else first.bias[span], tokens,
+                                       gelu) for span in spans]
+            outs = [PackedLinearBF16.of(second.weight[:, span].contiguous(), second.bias if i == 0 else None, tokens)
+                    for i, span in enumerate(spans)]
+        return nn.ModuleList(ins), nn.ModuleList(outs)
 
     def forward(self, x: torch.Tensor, attn: str) -> torch.Tensor:
         batch, tokens, _ = x.shape
         qkv = self.qkv(self.layernorm_before(x)).view(batch, tokens, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, N, hs)
         x = self.attention_out.add(self._attention(q, k, v, self.scale, attn), x)
-        hidden = self.act(self.mlp_in(self.layernorm_after(x)))
-        if tokens <= MLP_OUT_ROWS:
-            return self.mlp_out.add(hidden, x)
-        return torch.cat([self.mlp_out.add(hidden[:, start:start + MLP_OUT_ROWS], x[:, start:start + MLP_OUT_ROWS])
-                          for start in range(0, tokens, MLP_OUT_ROWS)], dim=1)
+        normed = self.layernorm_after(x)
+        for first, second in zip(reversed(self.mlp_in), reversed(self.mlp_out)):  # the output bias comes last
+            x = second.add(self.act(first(normed)), x)
+        return x
 
 
 def pack_bf16(model: nn.Module) -> nn.Module:
