@@ -524,3 +524,19 @@ def test_26_4_evaluate_fast_chooses_as_train_does_for_the_embeddings_they_share(
     assert measured.exit_code == 0, measured.stderr
     line = _fast_lines(measured.stderr)[0]
     assert "embeddings within a relative L2 distance" in line and "cached calibration" in line  # train's choice
+
+
+def test_26_3_a_single_label_models_softmax_is_what_fast_compares():
+    """A single-label model reports softmax probabilities: --fast compares those, not sigmoid scores (which
+    saturate where softmax does not), and keys its cache by it."""
+    labels = tuple(f"c{i}" for i in range(5))
+    single = random_model(ASTConfig(**TINY, id2label=labels, problem_type="single_label_classification"))
+    multi = random_model(ASTConfig(**TINY, id2label=labels, problem_type="multi_label_classification"))
+    x = fast.calibration_inputs(single.config)
+    with torch.inference_mode():
+        got = fast._outputs(single, x, "sdpa", ())
+        torch.testing.assert_close(got, torch.softmax(single(x, attn="sdpa"), dim=-1), rtol=0, atol=0)
+        torch.testing.assert_close(got.sum(dim=1), torch.ones(len(x)))
+        torch.testing.assert_close(fast._outputs(multi, x, "sdpa", ()), torch.sigmoid(multi(x, attn="sdpa")),
+                                   rtol=0, atol=0)
+    assert fast.cache_key(single, "cpu")["activation"] == "softmax" and "activation" not in fast.cache_key(multi, "cpu")

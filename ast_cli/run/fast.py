@@ -169,6 +169,13 @@ def measure_of(model, heads=(), embeddings: bool = False) -> str:
     return "scores" if scored and not embeddings else "embeddings"
 
 
+def _single_label(model) -> bool:
+    """The model reports softmax probabilities (a single-label checkpoint), not sigmoid scores."""
+    from .tagger import is_single_label
+
+    return getattr(model, "classifier", None) is not None and is_single_label(model.config)
+
+
 def _head_probabilities(heads, embedding) -> list:
     """Each head's softmax or sigmoid on the (B, D) float32 pooled ``embedding``, as ``HeadsBackend`` runs it."""
     import torch
@@ -179,14 +186,18 @@ def _head_probabilities(heads, embedding) -> list:
 
 def _outputs(variant, inputs, attn, heads, embeddings: bool = False):
     """What a run of ``variant`` reports on ``inputs``, float32 on the CPU: (B, labels) probabilities (the model's
-    sigmoid scores, then each head's softmax or sigmoid on the float32 pooled embedding, as ``HeadsBackend``
-    runs it), or (B, D) pooled embeddings when there are no labels at all or the run reports ``embeddings``."""
+    sigmoid scores, or softmax for a single-label model, then each head's softmax or sigmoid on the float32 pooled
+    embedding, as ``HeadsBackend`` runs it), or (B, D) pooled embeddings when there are no labels at all or the
+    run reports ``embeddings``."""
     import torch
 
     pooled = variant.forward_features(inputs, attn=attn)
     if measure_of(variant, heads, embeddings) == "embeddings":
         return pooled.float().cpu()
-    parts = [torch.sigmoid(variant.forward_head(pooled).float()).cpu()] if variant.classifier is not None else []
+    parts = []
+    if variant.classifier is not None:
+        logits = variant.forward_head(pooled).float().cpu()
+        parts.append(torch.softmax(logits, dim=-1) if _single_label(variant) else torch.sigmoid(logits))
     return torch.cat(parts + _head_probabilities(heads, pooled.float().cpu()), dim=1)
 
 
@@ -258,9 +269,9 @@ def fast_cache_path() -> str:
 def cache_key(model, device: str, heads=(), attn: str | None = None, embeddings: bool = False) -> dict:
     """What a choice depends on: the CPU (model name and feature flags), torch, the weights, threads, device, the
     heads whose probabilities were compared, the attention (eager bf16 can be slower than eager fp32 where sdpa
-    bf16 is faster) and what was compared when a model with labels runs for its embeddings. The last three are
-    named only when they apply (heads, attention other than sdpa, embeddings of a model with labels): a key
-    without them is unchanged."""
+    bf16 is faster), what was compared when a model with labels runs for its embeddings, and softmax for a
+    single-label model's scores. The last four are named only when they apply (heads, attention other than sdpa,
+    embeddings of a model with labels, a single-label model): a key without them is unchanged."""
     import torch
 
     from ..checkpoint.speed import _cpuinfo_flags, cpu_capabilities
@@ -273,7 +284,9 @@ def cache_key(model, device: str, heads=(), attn: str | None = None, embeddings:
             "weights": weights_fingerprint(model.state_dict()), "threads": torch.get_num_threads(), "device": device,
             "gpu": gpu, **({"heads": [[head.single_label, weights_fingerprint(head.tensors)] for head in heads]}
                            if heads else {}), **({"attn": attn} if attn not in (None, "sdpa") else {}),
-            **({"measure": "embeddings"} if embeddings and measure_of(model, heads) == "scores" else {})}
+            **({"measure": "embeddings"} if embeddings and measure_of(model, heads) == "scores" else {}),
+            **({"activation": "softmax"} if _single_label(model) and measure_of(model, heads, embeddings) == "scores"
+               else {})}
 
 
 def _read_cache(path: str) -> list:
