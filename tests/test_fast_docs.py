@@ -23,3 +23,19 @@ def test_26_5_benchmark_calls_a_single_label_models_softmax_scores_not_sigmoid(t
     assert result.exit_code == 0, result.output
     assert "--fast candidates" in result.stdout and "scores within 0.02 of fp32" in result.stdout
     assert "sigmoid" not in result.stdout  # --fast compares this model's softmax probabilities
+
+
+def _compare_transformers():
+    spec = importlib.util.spec_from_file_location("compare_transformers", ROOT / "benchmarks" / "compare_transformers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_26_5_compare_transformers_threads_reach_every_whole_process():
+    commands = _compare_transformers().process_commands("model", ["a.wav"], ["fp32", "fast"], 4, threads=1)
+    assert set(commands) == {"transformers fp32", "transformers bf16", "ast fp32", "ast fast"}
+    for name, command in commands.items():
+        assert command[0] == sys.executable
+        assert "--threads" in command and command[command.index("--threads") + 1] == "1", name
+    assert "--threads" not in sum(_compare_transformers().process_commands("m", ["a.wav"], ["fp32"], 4).values(), [])
