@@ -39,3 +39,15 @@ def test_26_5_compare_transformers_threads_reach_every_whole_process():
         assert command[0] == sys.executable
         assert "--threads" in command and command[command.index("--threads") + 1] == "1", name
     assert "--threads" not in sum(_compare_transformers().process_commands("m", ["a.wav"], ["fp32"], 4).values(), [])
+
+
+def _help(command: str) -> str:
+    result = runner.invoke(app, [command, "--help"], terminal_width=100)
+    assert result.exit_code == 0
+    return " ".join(result.stdout.split())
+
+
+def test_26_5_fast_help_names_the_cuda_candidates_and_benchmark_help_its_table():
+    for command in ("classify", "extract-features", "listen", "index", "train", "evaluate"):
+        assert "(fp32, bf16 or int8; fp16 or bf16 on CUDA)" in _help(command), command
+    assert "every --fast candidate" in _help("benchmark") and '"fast"' in _help("benchmark")
