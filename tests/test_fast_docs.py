@@ -51,3 +51,21 @@ def test_26_5_fast_help_names_the_cuda_candidates_and_benchmark_help_its_table()
     for command in ("classify", "extract-features", "listen", "index", "train", "evaluate"):
         assert "(fp32, bf16 or int8; fp16 or bf16 on CUDA)" in _help(command), command
     assert "every --fast candidate" in _help("benchmark") and '"fast"' in _help("benchmark")
+
+
+def test_26_5_search_on_an_index_made_with_fast_says_what_runs(tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    directory, _, _ = make_reference(tmp_path, "tiny")
+    rng = np.random.default_rng(0)
+    for name in ("a.wav", "query.wav"):
+        sf.write(tmp_path / name, (0.1 * rng.standard_normal(16000)).astype("float32"), 16000)
+    db = str(tmp_path / "db")
+    for fast in ([], ["--fast"]):
+        made = runner.invoke(app, ["index", str(tmp_path / "a.wav"), "--db", db + "".join(fast), "--model",
+                                   str(directory), "-q", *fast])
+        assert made.exit_code == 0, made.output
+        found = runner.invoke(app, ["search", db + "".join(fast), str(tmp_path / "query.wav"), "--top", "1"])
+        assert found.exit_code == 0, found.output
+        assert ("fast: " in found.stderr) == bool(fast), found.stderr  # one line, as every --fast run gives
