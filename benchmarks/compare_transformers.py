@@ -211,21 +211,24 @@ def in_process(model_dir: str, paths: list[str], modes: list[str], reference_mod
 # -- timing whole processes ------------------------------------------------------------------------------
 
 
-def process_commands(model_dir: str, paths: list[str], modes: list[str], batch_size: int = 4) -> dict[str, list[str]]:
-    commands = {f"transformers {mode}": [sys.executable, __file__, "--run-transformers", mode, model_dir, *paths]
-                for mode in ("fp32", "bf16")}
+def process_commands(model_dir: str, paths: list[str], modes: list[str], batch_size: int = 4,
+                     threads: int | None = None) -> dict[str, list[str]]:
+    """Each whole process's command line; ``threads``: its torch threads, as in the in-process rounds."""
+    threading = ["--threads", str(threads)] if threads else []
+    commands = {f"transformers {mode}": [sys.executable, __file__, *threading, "--run-transformers", mode, model_dir,
+                                         *paths] for mode in ("fp32", "bf16")}
     for mode in modes:
         extra = {"int8": ["--quantize", "int8"], "fast": ["--fast"]}.get(mode, ["--dtype", mode])
         commands[f"ast {mode}"] = [sys.executable, "-m", "ast_cli", "classify", "--model", model_dir, "--device", "cpu",
-                                   *extra, "--batch-size", str(batch_size), "--format", "json", "--top", "0", "--quiet",
-                                   *paths]
+                                   *extra, *threading, "--batch-size", str(batch_size), "--format", "json", "--top",
+                                   "0", "--quiet", *paths]
     return commands
 
 
-def processes(model_dir: str, paths: list[str], modes: list[str], rounds: int, batch_size: int = 4
-              ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+def processes(model_dir: str, paths: list[str], modes: list[str], rounds: int, batch_size: int = 4,
+              threads: int | None = None) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Wall seconds and CPU seconds (user + system, all threads) of each whole process."""
-    commands = process_commands(model_dir, paths, modes, batch_size)
+    commands = process_commands(model_dir, paths, modes, batch_size, threads)
     times: dict[str, list[float]] = {name: [] for name in commands}
     cpu: dict[str, list[float]] = {name: [] for name in commands}
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
@@ -364,13 +367,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--process-modes", default="fp32,fast", help="Our modes timed as whole processes.")
     parser.add_argument("--batch-size", type=int, default=4, help="Windows per model call for ast (classify's default).")
     parser.add_argument("--workdir", default=None, help="Keep the checkpoint and clips here (default: a temp dir).")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="Torch threads, in this process and in every --process run (default: torch's).")
     parser.add_argument("--json", default=None, help="Also write the results to this JSON file.")
     parser.add_argument("--run-transformers", nargs="+", metavar=("MODE", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.run_transformers:  # the child process of --process: the reference path, start to end
         mode, model_dir, *paths = args.run_transformers
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         model, extractor = load_transformers(model_dir, mode)
         json.dump(transformers_scores(model, extractor, paths).round(6).tolist(), sys.stdout)
         return
@@ -393,7 +401,8 @@ def main(argv: list[str] | None = None) -> None:
         paths = make_clips(work / "clips", args.clips, args.seconds)
         result = in_process(model_dir, paths, modes, reference_modes, args.rounds, args.batch_size)
         proc_modes = [m for m in args.process_modes.split(",") if m]
-        proc = processes(model_dir, paths, proc_modes, args.process_rounds, args.batch_size) if args.process else None
+        proc = (processes(model_dir, paths, proc_modes, args.process_rounds, args.batch_size, args.threads)
+                if args.process else None)
         out = report(result, paths, args.seconds, proc, args.batch_size)
     print_report(out)
     if args.json:

@@ -70,7 +70,7 @@ RUN_OPTIONS: list[tuple[str, object, object]] = [
     ("dtype", Annotated[DType, typer.Option(help="Compute dtype: auto is fp16 on CUDA, fp32 elsewhere.")], DType.auto),
     ("attn", Annotated[Attn, typer.Option(help="Attention implementation.")], Attn.sdpa),
     ("quantize", Annotated[Quantize, typer.Option(help="int8: dynamic int8 Linear layers (CPU).")], Quantize.none),
-    ("fast", Annotated[bool, typer.Option("--fast", help="The fastest mode whose scores stay within 0.02 of fp32 on this machine (bf16, int8 or fp32; calibrated once, cached).")], False),
+    ("fast", Annotated[bool, typer.Option("--fast", help="The fastest mode whose scores (or embeddings) stay within 0.02 of fp32 on this machine (fp32, bf16 or int8; fp16 or bf16 on CUDA); calibrated once, cached.")], False),
     ("threads", Annotated[Optional[int], typer.Option(metavar="N", help="CPU threads for the model (default: torch's).")], None),
     ("batch_size", Annotated[int, typer.Option("--batch-size", metavar="N", help="Windows per model call.")], 4),
     ("workers", Annotated[int, typer.Option(metavar="N", help="Decoding/feature threads (1-64).")], 2),

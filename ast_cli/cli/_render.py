@@ -89,7 +89,7 @@ def print_fast_candidates(console, choice) -> None:
     from ..run.fast import FIDELITY
 
     faithful = (f"embeddings within {FIDELITY} of fp32, relative L2" if choice.measure == "embeddings" else
-                f"sigmoid scores within {FIDELITY} of fp32")
+                f"scores within {FIDELITY} of fp32")  # sigmoid, or softmax for a single-label model
     table = Table(title=f"--fast candidates (batch size 1; faithful: {faithful})", title_justify="left")
     for column in ("mode", "ms", "speed-up", "max diff", "--fast"):
         table.add_column(column, justify="left" if column in ("mode", "--fast") else "right")

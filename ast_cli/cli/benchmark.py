@@ -41,8 +41,9 @@ def benchmark(
     """Time the model forward (every mode, batch size and attention) and, with --end-to-end, classify on files.
 
     Inputs have the checkpoint's shape (1024 frames = 10.24 s for AudioSet models). The table gives ms per
-    batch (mean and median), ms per clip, clips/s, x real-time and the SDPA-over-eager speedup; --format json
-    gives the same rows plus the environment (torch version, device, threads).
+    batch (mean and median), ms per clip, clips/s, x real-time and the SDPA-over-eager speedup; then every --fast
+    candidate (ms at batch size 1, speed-up over fp32, largest score difference) and the one --fast picks.
+    --format json gives the same rows, the environment (torch version, device, threads) and "fast".
 
     Examples:
 

@@ -70,6 +70,9 @@ def search(
             else:
                 hits = index.search(query, top, start=start, end=end, exclude_file=exclude_file,
                                     min_score=min_score)
+            from ._common import announce_fast
+
+            announce_fast(index.fast_choice, stderr, quiet=False)  # an index made with --fast searches so too
         if output_dir is not None:
             return _label_tracks(hits, output_dir, label or f"like {os.path.basename(query)}")
         _print(hits, format)

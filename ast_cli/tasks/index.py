@@ -286,6 +286,11 @@ class Index:
             self._tagger = Tagger.load(path if os.path.exists(path) else identity["model"], options, embeddings=True)
         return self._tagger
 
+    @property
+    def fast_choice(self):
+        """What ``--fast`` runs for an index made with it, once a query has loaded the model; else None."""
+        return None if self._tagger is None else self._tagger.backend.fast_choice
+
     def search(self, query, top: int = 10, *, start: float = 0.0, end: float | None = None,
                exclude_file: bool = False, min_score: float | None = None) -> list[Hit]:
         """Windows most like ``query``, best first: a (D,) vector, or audio (a file, or 16 kHz mono samples),
