@@ -58,12 +58,19 @@ def tiny_model():
 
 @pytest.fixture
 def fake_calibration(monkeypatch, tmp_path):
-    """``fast.calibrate`` replaced by fake timings (bf16 twice as fast, faithful); the calls are counted."""
+    """``fast.calibrate`` replaced by fake timings (bf16 twice as fast, faithful); the calls are counted (and the
+    timings each was given, in ``calls.timings``)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    calls = []
 
-    def calibrate(model, device="cpu", attn=None, heads=(), embeddings=False):
+    class Calls(list):
+        timings: list = []
+
+    calls = Calls()
+    calls.timings = []
+
+    def calibrate(model, device="cpu", attn=None, heads=(), embeddings=False, timings=None):
         calls.append(device)
+        calls.timings.append(timings)
         return [fp32(), Candidate("bf16", 50.0, 0.004)]
 
     monkeypatch.setattr(fast, "calibrate", calibrate)
@@ -540,3 +547,26 @@ def test_26_3_a_single_label_models_softmax_is_what_fast_compares():
         torch.testing.assert_close(fast._outputs(multi, x, "sdpa", ()), torch.sigmoid(multi(x, attn="sdpa")),
                                    rtol=0, atol=0)
     assert fast.cache_key(single, "cpu")["activation"] == "softmax" and "activation" not in fast.cache_key(multi, "cpu")
+
+
+def test_26_3_a_new_comparison_reuses_the_timings_of_the_same_model(tiny_model, fake_calibration):
+    """Adding a head (or asking for embeddings) changes what --fast compares, not how fast each mode runs: the
+    next calibration reuses the timings cached for the same model, machine, torch, threads and attention."""
+    head = _magnifying_head(tiny_model)
+    choose(tiny_model)
+    choose(tiny_model, heads=[head])
+    choose(tiny_model, embeddings=True)
+    choose(tiny_model, attn="eager")  # another attention runs at another speed: timed again
+    assert fake_calibration.timings == [{}, {"fp32": 100.0, "bf16": 50.0}, {"fp32": 100.0, "bf16": 50.0}, {}]
+
+
+def test_26_3_calibrate_with_timings_only_compares(monkeypatch):
+    """Given every candidate's timing, calibrate runs no timed pass and no warm-up, and reports those timings
+    with the fidelity it measured now."""
+    model = random_model(ASTConfig(**TINY, id2label=tuple(f"c{i}" for i in range(5))))
+    names = [name for name, skipped in fast.candidate_names("cpu") if skipped is None]
+    monkeypatch.setattr(fast, "_timer", lambda *a, **k: pytest.fail("timed again"))
+    got = fast.calibrate(model, "cpu", "sdpa", timings={name: 10.0 + i for i, name in enumerate(names)})
+    measured = {c.name: c for c in got if c.skipped is None}
+    assert {name: c.ms for name, c in measured.items()} == {name: 10.0 + i for i, name in enumerate(names)}
+    assert measured["fp32"].max_diff == 0.0 and all(c.max_diff is not None for c in measured.values())

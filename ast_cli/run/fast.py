@@ -211,13 +211,14 @@ def _difference(measure: str, got, reference, heads=()) -> float:
     return float((got - reference).abs().max())
 
 
-def calibrate(model, device: str = "cpu", attn: str | None = None, heads=(), embeddings: bool = False
-              ) -> list[Candidate]:
+def calibrate(model, device: str = "cpu", attn: str | None = None, heads=(), embeddings: bool = False,
+              timings: dict | None = None) -> list[Candidate]:
     """Every candidate of ``device`` measured on copies of ``model`` (float32, CPU; left unchanged): what the run
     reports (``_outputs``: with ``heads``, their probabilities too; ``embeddings``: the pooled embeddings, for a
     run that reports those) against fp32's, then warm-up and
     ``TIMED_PASSES`` timed forwards taken in turns, so that noise from other processes hits every candidate
-    alike (medians)."""
+    alike (medians). ``timings``: ms per candidate measured before on this machine for the same model (another
+    comparison: other heads, embeddings); used instead of timing when it has every candidate that runs."""
     import copy
 
     import torch
@@ -226,6 +227,7 @@ def calibrate(model, device: str = "cpu", attn: str | None = None, heads=(), emb
 
     inputs, measure = calibration_inputs(model.config), measure_of(model, heads, embeddings)
     runs, scores, times, failed = {}, {}, {}, {}
+    reuse = bool(timings) and all(name in timings for name, skipped in candidate_names(device) if skipped is None)
     with torch.inference_mode():
         for name, skipped in candidate_names(device):
             if skipped is not None:
@@ -233,14 +235,17 @@ def calibrate(model, device: str = "cpu", attn: str | None = None, heads=(), emb
             try:
                 variant, dtype = place(copy.deepcopy(model), name, device)
                 scores[name] = _outputs(variant, inputs.to(device, dtype), attn, heads, embeddings)
-                runs[name], times[name] = _timer(variant, dtype, device, inputs[:1], attn), []
-                warm_up(runs[name], most=MAX_WARMUP)
+                runs[name], times[name] = None if reuse else _timer(variant, dtype, device, inputs[:1], attn), []
+                if not reuse:
+                    warm_up(runs[name], most=MAX_WARMUP)
             except (RuntimeError, NotImplementedError) as exc:  # a kernel this build or shape lacks: not a candidate
                 if name == "fp32":
                     raise
                 runs.pop(name, None)
                 failed[name] = f"failed here: {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}"
-        for _ in range(TIMED_PASSES):
+        if reuse:  # speed does not depend on what is compared: not timed again
+            times = {name: [timings[name] / 1e3] for name in runs}
+        for _ in range(0 if reuse else TIMED_PASSES):
             for name, run in runs.items():
                 times[name].append(run())
     out = []
@@ -319,6 +324,28 @@ def _cached_choice(entries: list, key: dict, names: list[str]) -> FastChoice | N
     return None
 
 
+FIDELITY_ONLY = ("heads", "measure", "activation")  # key fields that change what is compared, not the speed
+
+
+def _cached_timings(entries: list, key: dict) -> dict[str, float]:
+    """ms per candidate from an entry of the same machine, torch, weights, threads, device and attention that
+    compared something else (other heads, embeddings or scores); {} when there is none, or it is malformed."""
+    def timing_key(k: dict) -> dict:
+        return {name: value for name, value in k.items() if name not in FIDELITY_ONLY}
+
+    for entry in entries:
+        other, choice = entry.get("key"), entry.get("choice")
+        if not isinstance(other, dict) or not isinstance(choice, dict) or timing_key(other) != timing_key(key):
+            continue
+        candidates = choice.get("candidates") if isinstance(choice.get("candidates"), list) else []
+        timings = {c["name"]: float(c["ms"]) for c in candidates if isinstance(c, dict) and isinstance(
+            c.get("name"), str) and isinstance(c.get("ms"), (int, float)) and not isinstance(c.get("ms"), bool)
+            and math.isfinite(c["ms"]) and c["ms"] > 0}
+        if "fp32" in timings:
+            return timings
+    return {}
+
+
 def _write_cache(path: str, entries: list, key: dict, choice: FastChoice) -> None:
     """Add ``choice`` for ``key``, atomically; a cache that cannot be written only costs the next run a calibration."""
     from .files import atomic_write
@@ -337,7 +364,8 @@ def _write_cache(path: str, entries: list, key: dict, choice: FastChoice) -> Non
 
 def choose(model, device: str = "cpu", attn: str | None = None, heads=(), embeddings: bool = False) -> FastChoice:
     """The ``--fast`` mode for ``model`` (float32, CPU; unchanged) on ``device``, run with ``heads``
-    (``checkpoint.heads.Head``), for a run that reports ``embeddings`` or scores: cached, else calibrated."""
+    (``checkpoint.heads.Head``), for a run that reports ``embeddings`` or scores: cached, else calibrated (its
+    fidelity only, where the same model was timed before for another comparison)."""
     path = fast_cache_path()
     key = cache_key(model, device, heads, attn, embeddings)
     entries = _read_cache(path)
@@ -345,7 +373,7 @@ def choose(model, device: str = "cpu", attn: str | None = None, heads=(), embedd
     cached = _cached_choice(entries, key, names)
     if cached is not None:
         return cached
-    choice = pick(calibrate(model, device, attn, heads, embeddings))
+    choice = pick(calibrate(model, device, attn, heads, embeddings, timings=_cached_timings(entries, key)))
     _write_cache(path, entries, key, choice)
     return choice
 
