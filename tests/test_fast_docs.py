@@ -26,7 +26,8 @@ def test_26_5_benchmark_calls_a_single_label_models_softmax_scores_not_sigmoid(t
 
 
 def _compare_transformers():
-    spec = importlib.util.spec_from_file_location("compare_transformers", ROOT / "benchmarks" / "compare_transformers.py")
+    spec = importlib.util.spec_from_file_location("compare_transformers",
+                                                  ROOT / "benchmarks" / "compare_transformers.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

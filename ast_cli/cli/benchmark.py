@@ -10,8 +10,8 @@ import typer
 from ..constants import DEFAULT_MODEL
 from ..run.options import ListFormat, RunOptions
 from ._app import app
-from ._common import (CacheDirOpt, DebugOpt, ExtOpt, ModelOpt, OfflineOpt, QuietOpt, fetch_model, model_labels, stderr_console,
-                      warn_if_slow_bf16)
+from ._common import (CacheDirOpt, DebugOpt, ExtOpt, ModelOpt, OfflineOpt, QuietOpt, fetch_model, model_labels,
+                      stderr_console, warn_if_slow_bf16)
 from ._errors import cli_errors, debug_enabled, say
 
 
