@@ -3,6 +3,7 @@ filters do, and a closed or broken stderr never stops a run (messages are best e
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -77,7 +78,38 @@ def _quiet_exit(code: int) -> None:
         # to finish their block would delay the exit, and CPython turns a Ctrl-C that landed inside some C
         # extensions' start-up code into death by SIGINT at exit, whatever was handled since.
         os._exit(code)
+    if _can_skip_teardown():
+        _exit_without_teardown(code)
     sys.exit(code)
+
+
+def _can_skip_teardown() -> bool:
+    """Whether this process may end without CPython's teardown: only once torch is loaded (where the teardown
+    costs: ~0.4 s of freeing torch's modules and libraries, a tenth of a six-clip ``ast classify --fast`` run on
+    the 2-core Sapphire Rapids development CPU), never under a profiler or tracer (cProfile and coverage write
+    their results after ``main`` returns), and only where this CPython has the hooks the teardown would run."""
+    import threading
+
+    return ("torch" in sys.modules and sys.getprofile() is None and sys.gettrace() is None
+            and hasattr(threading, "_shutdown") and hasattr(atexit, "_run_exitfuncs"))
+
+
+def _exit_without_teardown(code: int) -> None:
+    """End the process as CPython's own exit would, less the teardown nothing is waiting for: wait for the
+    threads that are still working (``threading._shutdown``, CPython's first step: it also joins a reader pool's
+    threads), run every ``atexit`` handler (logging's flush, ``weakref.finalize`` clean-ups such as temporary
+    directories, Ray's shutdown), flush stdout and stderr, then ``os._exit``. Every output file is closed (and
+    atomically renamed) before a command returns, so nothing buffered is left behind."""
+    import threading
+
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _to_devnull(fd: int) -> None:
