@@ -1,4 +1,4 @@
-from .cli import main
+from .cli import main_process
 
 if __name__ == "__main__":
-    main()
+    main_process()

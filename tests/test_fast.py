@@ -592,7 +592,7 @@ def late(path=sys.argv[1]):
 
 threading.Thread(target=late).start()
 sys.stdout.write("buffered, not flushed")
-_signals._quiet_exit(3)
+_signals.end_process(3)
 """
 
 
@@ -613,3 +613,37 @@ def test_26_6_a_finished_run_skips_the_teardown_and_nothing_else(tmp_path, torch
     assert marker.read_text() == "done"  # the non-daemon thread finished before the process ended
     assert "ATEXIT" in proc.stderr.splitlines()
     assert ("TEARDOWN" in proc.stderr.splitlines()) is not torch_loaded, proc.stderr
+
+
+def test_26_6_the_ast_executable_ends_without_the_teardown(tiny_checkpoint, audio, tmp_path):
+    """``python -m ast_cli`` and the ``ast`` script run ``main_process``: a classify run's records all reach
+    stdout, its exit code stays, and the interpreter's teardown (which a module global's ``__del__`` would
+    report through this sitecustomize) never runs. ``main()`` itself still ends in ``SystemExit``."""
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os\n\nclass Teardown:\n    def __del__(self, write=os.write):\n        write(2, b'TEARDOWN\\n')\n\n"
+        "keep = Teardown()\n")
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    base = [sys.executable, "-m", "ast_cli", "classify", "--model", str(tiny_checkpoint[0]), "--device", "cpu",
+            "-q", "-f", "jsonl"]
+    proc = subprocess.run([*base, str(audio / "a")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(records) >= 2 and all(r["error"] is None for r in records), proc.stdout
+    assert "TEARDOWN" not in proc.stderr
+    failed = subprocess.run([*base, str(audio / "a"), str(tmp_path / "missing.wav")], capture_output=True,
+                            text=True, env=env, timeout=300)
+    errors = [json.loads(line)["error"] for line in failed.stdout.splitlines()]
+    assert failed.returncode == 1 and len(errors) == len(records) + 1 and errors[-1], failed.stderr
+    assert "TEARDOWN" not in failed.stderr
+    helped = subprocess.run([sys.executable, "-m", "ast_cli", "--version"], capture_output=True, text=True,
+                            env=env, timeout=120)  # torch never loads: the ordinary exit
+    assert helped.returncode == 0 and "TEARDOWN" in helped.stderr
+    scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
+    assert scripts.get("ast") == "ast_cli.cli:main_process"

@@ -15,10 +15,24 @@ from ._errors import describe_error
 
 
 def main() -> None:
-    """Entry point of the ``ast`` executable."""
+    """Run the ``ast`` command line on ``sys.argv``; ends in ``SystemExit`` with the exit code."""
     from ._signals import run_main
 
     run_main(app)
 
 
-__all__ = ["app", "main", "describe_error"]
+def main_process() -> None:
+    """Entry point of the ``ast`` executable and ``python -m ast_cli``: ``main()``, then the process ends,
+    without CPython's teardown once torch is loaded (``_signals.end_process``: ~0.4 s saved)."""
+    from ._signals import end_process
+
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    else:
+        code = 0
+    end_process(code)
+
+
+__all__ = ["app", "main", "main_process", "describe_error"]

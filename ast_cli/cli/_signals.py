@@ -78,6 +78,11 @@ def _quiet_exit(code: int) -> None:
         # to finish their block would delay the exit, and CPython turns a Ctrl-C that landed inside some C
         # extensions' start-up code into death by SIGINT at exit, whatever was handled since.
         os._exit(code)
+    sys.exit(code)
+
+
+def end_process(code: int) -> None:
+    """End this process with ``code``: without CPython's teardown where it may be skipped, else as usual."""
     if _can_skip_teardown():
         _exit_without_teardown(code)
     sys.exit(code)
