@@ -19,3 +19,7 @@ DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
 # Calibrated thresholds: a label needs this many positive files in the data to get one. Below ~10 positives a
 # precision of 0.9 cannot be told from 0.7 (the binomial standard error of 0.9 on 10 is ~0.1).
 MIN_POSITIVES = 10
+
+# int8 GEMM kernels (checkpoint.speed); AST_INT8_KERNEL picks one instead of the default (fbgemm where it works).
+INT8_KERNELS = ("fbgemm", "onednn", "int_mm")
+INT8_KERNEL_ENV = "AST_INT8_KERNEL"

@@ -690,3 +690,26 @@ def test_26_7_the_last_layer_computes_only_the_pooled_tokens(mode, attn):
     tolerance = {"fp32": 1e-5, "bf16": 2e-2, "int8-onednn": 1e-5}[mode]
     assert torch.allclose(pooled.float(), whole.float(), rtol=tolerance, atol=tolerance), (
         (pooled.float() - whole.float()).abs().max())
+
+
+@pytest.mark.parametrize("value", ["onednnn", "fbgem", "amx"])
+def test_26_8_an_int8_kernel_that_does_not_exist_is_refused_before_the_model_loads(tiny_checkpoint, audio,
+                                                                                   monkeypatch, value):
+    """``AST_INT8_KERNEL`` with a typo used to run FBGEMM as if it were the kernel asked for: now a usage error
+    (exit 2) naming the variable and the kernels, before the model loads; case and spaces stay forgiven."""
+    from ast_cli.checkpoint import speed
+    from ast_cli.errors import UsageError
+
+    monkeypatch.setenv("AST_INT8_KERNEL", value)
+    loads = []
+    monkeypatch.setattr("ast_cli.checkpoint.weights.load_checkpoint", lambda *a, **k: loads.append(a))
+    result = CliRunner().invoke(app, ["classify", str(audio / "a"), "--model", str(tiny_checkpoint[0]), "--device",
+                                      "cpu", "--quantize", "int8", "-q"])
+    assert result.exit_code == 2 and "AST_INT8_KERNEL" in result.output and "onednn" in result.output, result.output
+    assert loads == []
+    with pytest.raises(UsageError):
+        speed.int8_kernel()
+    monkeypatch.setenv("AST_INT8_KERNEL", " Int_MM ")
+    assert speed.int8_kernel() == "int_mm"
+    monkeypatch.setenv("AST_INT8_KERNEL", "")
+    assert speed.int8_kernel() in ("fbgemm", "int_mm")

@@ -27,7 +27,6 @@ Three kernels; ``--quantize int8`` takes ``int8_kernel()``, ``--fast`` measures 
 
 from __future__ import annotations
 
-import os
 import warnings
 from functools import lru_cache
 from typing import Callable
@@ -35,8 +34,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..constants import INT8_KERNELS
+
 QUANTIZE_MODES = ("int8",)
-INT8_KERNELS = ("fbgemm", "onednn", "int_mm")
 
 
 # -- CPU features ----------------------------------------------------------------------------------
@@ -233,11 +233,11 @@ def _onednn_works() -> bool:
 
 
 def int8_kernel() -> str:
-    """``fbgemm`` where this torch build has the quantized engine, else ``int_mm``; ``AST_INT8_KERNEL`` overrides."""
-    wanted = os.environ.get("AST_INT8_KERNEL", "").strip().lower()
-    if wanted in INT8_KERNELS:
-        return wanted
-    return "fbgemm" if _fbgemm_works() else "int_mm"
+    """``fbgemm`` where this torch build has the quantized engine, else ``int_mm``; ``AST_INT8_KERNEL`` overrides
+    (a value that names no kernel: ``UsageError``)."""
+    from ..run.options import int8_kernel_override
+
+    return int8_kernel_override() or ("fbgemm" if _fbgemm_works() else "int_mm")
 
 
 def quantize_dynamic(model: nn.Module, mode: str = "int8", kernel: str | None = None) -> nn.Module:

@@ -12,10 +12,11 @@ This module imports no torch: the CLI uses the enums for option parsing and comp
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from enum import Enum
 
-from ..constants import FRAME_SECONDS
+from ..constants import FRAME_SECONDS, INT8_KERNEL_ENV, INT8_KERNELS
 from ..errors import UsageError
 
 
@@ -99,6 +100,8 @@ class RunOptions:
         if self.quantize is Quantize.int8 and self.dtype not in (DType.auto, DType.fp32):
             raise UsageError("int8 computes in float32 around its int8 layers", option="quantize",
                              suggest={"dtype": None})
+        if self.quantize is Quantize.int8:
+            int8_kernel_override()
         if self.fast and (self.dtype is not DType.auto or self.quantize is not Quantize.none):
             raise UsageError("the fast mode picks the dtype and int8 itself", option="fast",
                              suggest={"dtype" if self.dtype is not DType.auto else "quantize": None})
@@ -107,6 +110,18 @@ class RunOptions:
     @property
     def hop_frames(self) -> int | None:
         return hop_frames(self.hop_seconds)
+
+
+def int8_kernel_override() -> str | None:
+    """The int8 kernel ``AST_INT8_KERNEL`` names (case and spaces aside), None where it is unset or empty; a value
+    that names no kernel is a ``UsageError`` (a typo must not run the default kernel as if it were the one asked
+    for)."""
+    raw = os.environ.get(INT8_KERNEL_ENV, "")
+    wanted = raw.strip().lower()
+    if wanted and wanted not in INT8_KERNELS:
+        raise UsageError(f"{INT8_KERNEL_ENV}={raw!r} names no int8 kernel (one of {', '.join(INT8_KERNELS)}, or "
+                         "unset it for the default)")
+    return wanted or None
 
 
 def unscored_seconds(hop_seconds: float | None, window_frames: int) -> float:
