@@ -429,6 +429,8 @@ def test_ctrl_c_stops_cleanly_with_130(tiny_checkpoint, tmp_path):
 RSS_SCRIPT = """
 import resource, sys
 from ast_cli.cli import app
+from ast_cli.cli._signals import keep_freed_memory
+keep_freed_memory()  # as the ast executable does (main_process): freed memory is kept for reuse
 try:
     app(sys.argv[1:], standalone_mode=False)
 finally:

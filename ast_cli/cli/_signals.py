@@ -81,6 +81,36 @@ def _quiet_exit(code: int) -> None:
     sys.exit(code)
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+MMAP_THRESHOLD = 32 << 20  # bytes: smaller blocks come from the heap, where a freed one is reused (glibc's maximum)
+TRIM_THRESHOLD = 256 << 20  # bytes of freed heap kept for reuse rather than handed back to the kernel
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed blocks for reuse instead of returning them to the kernel: a forward's
+    activations (up to a few MB each, freed layer by layer) then land on pages already mapped, where glibc's
+    default (blocks over its moving mmap threshold get fresh pages, and freed heap past twice that goes back to
+    the kernel) gave 5-17 k page faults per bf16 forward. A six-clip ``classify --fast`` took 3.56 s against
+    3.69 (medians of 4 interleaved runs, 50-100 k fewer faults; 2-core Sapphire Rapids). Memory stays bounded by
+    the run's peak: what is kept is what a window needed. Only for the ``ast`` process (``main_process``), only
+    with glibc, and never where the user tuned malloc (``MALLOC_*_`` variables, ``GLIBC_TUNABLES``). True if set."""
+    import ctypes
+
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+            return False
+    except (ValueError, OSError, AttributeError):  # not glibc, or no confstr
+        return False
+    if ("MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ
+            or "malloc" in os.environ.get("GLIBC_TUNABLES", "")):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
 def end_process(code: int) -> None:
     """End this process with ``code``: without CPython's teardown where it may be skipped, else as usual."""
     if _can_skip_teardown():
