@@ -1,6 +1,7 @@
 """Model names and where they live, without the network: the hub layout's file names, the registry of aliases
 and their bundled labels, the parsing and checking of ``ORG/NAME[@REV]``, the cache folder, the endpoint and the
-offline switch as the environment says now, and bounded reading of config files.
+offline switch as the environment says now (and the int8 kernel ``AST_INT8_KERNEL`` names), and bounded reading
+of config files.
 
 Imports neither torch nor huggingface_hub: naming a model must not wait for either to load.
 """
@@ -14,8 +15,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..constants import (AUDIOSET_MAX_LENGTH, AUDIOSET_MEAN, AUDIOSET_STD, FRAME_SECONDS, SPEECH_COMMANDS_MAX_LENGTH,
-                         SPEECH_COMMANDS_MEAN, SPEECH_COMMANDS_STD)
+from ..constants import (AUDIOSET_MAX_LENGTH, AUDIOSET_MEAN, AUDIOSET_STD, FRAME_SECONDS, INT8_KERNEL_ENV, INT8_KERNELS,
+                         SPEECH_COMMANDS_MAX_LENGTH, SPEECH_COMMANDS_MEAN, SPEECH_COMMANDS_STD)
 from ..errors import CheckpointError, ModelNotFoundError, UsageError
 
 
@@ -272,3 +273,15 @@ def _model_type(config: Path) -> tuple[bool, str | None]:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text[:160] or type(exc).__name__
+
+
+def int8_kernel_override() -> str | None:
+    """The int8 kernel ``AST_INT8_KERNEL`` names (case and spaces aside), None where it is unset or empty; a value
+    that names no kernel is a ``UsageError`` (a typo must not run the default kernel as if it were the one asked
+    for)."""
+    raw = os.environ.get(INT8_KERNEL_ENV, "")
+    wanted = raw.strip().lower()
+    if wanted and wanted not in INT8_KERNELS:
+        raise UsageError(f"{INT8_KERNEL_ENV}={raw!r} names no int8 kernel (one of {', '.join(INT8_KERNELS)}, or "
+                         "unset it for the default)")
+    return wanted or None

@@ -235,7 +235,7 @@ def _onednn_works() -> bool:
 def int8_kernel() -> str:
     """``fbgemm`` where this torch build has the quantized engine, else ``int_mm``; ``AST_INT8_KERNEL`` overrides
     (a value that names no kernel: ``UsageError``)."""
-    from ..run.options import int8_kernel_override
+    from .names import int8_kernel_override
 
     return int8_kernel_override() or ("fbgemm" if _fbgemm_works() else "int_mm")
 

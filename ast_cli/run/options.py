@@ -12,11 +12,11 @@ This module imports no torch: the CLI uses the enums for option parsing and comp
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from enum import Enum
 
-from ..constants import FRAME_SECONDS, INT8_KERNEL_ENV, INT8_KERNELS
+from ..checkpoint.names import int8_kernel_override
+from ..constants import FRAME_SECONDS
 from ..errors import UsageError
 
 
@@ -110,18 +110,6 @@ class RunOptions:
     @property
     def hop_frames(self) -> int | None:
         return hop_frames(self.hop_seconds)
-
-
-def int8_kernel_override() -> str | None:
-    """The int8 kernel ``AST_INT8_KERNEL`` names (case and spaces aside), None where it is unset or empty; a value
-    that names no kernel is a ``UsageError`` (a typo must not run the default kernel as if it were the one asked
-    for)."""
-    raw = os.environ.get(INT8_KERNEL_ENV, "")
-    wanted = raw.strip().lower()
-    if wanted and wanted not in INT8_KERNELS:
-        raise UsageError(f"{INT8_KERNEL_ENV}={raw!r} names no int8 kernel (one of {', '.join(INT8_KERNELS)}, or "
-                         "unset it for the default)")
-    return wanted or None
 
 
 def unscored_seconds(hop_seconds: float | None, window_frames: int) -> float:
