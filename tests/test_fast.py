@@ -709,6 +709,62 @@ def test_26_6_the_ast_executable_ends_without_the_teardown(tiny_checkpoint, audi
     assert scripts.get("ast") == "ast_cli.cli:main_process"
 
 
+def _ast_process(*args, **kwargs):
+    """A real ``ast`` process (``python -m ast_cli``, the executable's entry point, fast exit included)."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "ast_cli", *map(str, args)], text=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def thirty_clips(tmp_path_factory):
+    root = tmp_path_factory.mktemp("thirty")
+    return [write_audio(root / f"c{i:02d}.wav", 1.0, seed=i) for i in range(30)]
+
+
+@pytest.mark.parametrize("failing", [True, False])
+def test_26_10_a_broken_stderr_pipe_never_stops_a_run(tiny_checkpoint, thirty_clips, tmp_path, failing):
+    """stderr a pipe whose reader went away (a log collector that died): every write to it fails with EPIPE.
+    Messages are best effort, data is not: every record still reaches stdout and the exit code is the run's.
+    (rich's default for a broken pipe pointed stdout at /dev/null and raised SystemExit(1): a run stopped at
+    its first failure line, or lost its exit code 0 at its summary line.)"""
+    import subprocess
+
+    bad = tmp_path / "a-bad.wav"  # first: its failure line is the first message
+    bad.write_bytes(b"junk" * 50)
+    inputs = ([bad] if failing else []) + thirty_clips[:6]
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will ever read stderr
+    try:
+        proc = _ast_process("classify", *inputs, "--model", tiny_checkpoint[0], "--device", "cpu", "-f", "jsonl",
+                            stdout=subprocess.PIPE, stderr=write_end,
+                            env=dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache")))
+    finally:
+        os.close(write_end)
+    out, _ = proc.communicate(timeout=300)
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["path"] for r in records] == [str(p) for p in inputs]
+    assert proc.returncode == (1 if failing else 0)
+
+
+def test_26_10_a_table_whose_reader_went_away_ends_with_141(tiny_checkpoint, thirty_clips, tmp_path):
+    """``ast classify -f table ... | head -1`` ends as every other format does (README: exit 141, quietly), not
+    with rich's SystemExit(1). Every label of 30 files: far more than a pipe holds, so the run is still writing
+    when its reader goes away."""
+    import subprocess
+
+    proc = _ast_process("classify", *thirty_clips, "--model", tiny_checkpoint[0], "--device", "cpu", "-f", "table",
+                        "--top", "0", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        env=dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache")))
+    assert proc.stdout.readline()
+    proc.stdout.close()  # `| head -1`
+    stderr = proc.stderr.read()
+    proc.wait(timeout=300)
+    assert proc.returncode == 141, stderr
+    assert "Traceback" not in stderr and "Error" not in stderr, stderr
+
+
 def _every_token_pooled(model, inputs, attn="sdpa"):
     """The pooled embedding with every token through every layer, as the reference computes it."""
     backbone = model.audio_spectrogram_transformer

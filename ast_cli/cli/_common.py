@@ -317,15 +317,15 @@ def apply_calibrations(selection, parts, calibrations: dict, activation, heads=(
 
 
 def stderr_console():
-    from rich.console import Console
+    from ..run.files import console
 
-    return Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)  # a name's ":x:" stays as it is
+    return console(stderr=True, highlight=False, soft_wrap=True, emoji=False)  # a name's ":x:" stays as it is
 
 
 def stdout_console():
-    from rich.console import Console
+    from ..run.files import console
 
-    return Console(highlight=False, soft_wrap=False, emoji=False)
+    return console(highlight=False, soft_wrap=False, emoji=False)
 
 
 def report_failure(console, name: str, error: str) -> None:

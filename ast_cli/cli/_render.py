@@ -8,7 +8,7 @@ from ._errors import counted
 
 
 def print_models(rows: list[dict]) -> None:
-    from rich.console import Console
+    from ..run.files import console as make_console
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False)
@@ -20,11 +20,11 @@ def print_models(rows: list[dict]) -> None:
                       str(row["num_labels"]), f"{row['input_seconds']:.2f} s",
                       f"{row['frequency_stride']}/{row['time_stride']}", "yes" if row["cached"] else "no")
     # Not a terminal: rich would squeeze the table into 80 columns and cut the hub ids.
-    Console(highlight=False, width=None if sys.stdout.isatty() else 160).print(table)
+    make_console(highlight=False, width=None if sys.stdout.isatty() else 160).print(table)
 
 
 def print_cached(rows: list[dict], cache) -> None:
-    from rich.console import Console
+    from ..run.files import console as make_console
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False, title=f"AST checkpoints in {cache}", title_justify="left")
@@ -34,16 +34,16 @@ def print_cached(rows: list[dict], cache) -> None:
     for row in rows:
         table.add_row(row["repo_id"], row["alias"] or "", row["revision"][:12], ",".join(row["refs"]),
                       f"{row['size_on_disk'] / 1e6:.1f} MB")
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    console = make_console(highlight=False, width=None if sys.stdout.isatty() else 160)
     console.print(table if rows else f"no AST checkpoints in {cache}")
 
 
 def print_benchmark(report) -> None:
-    from rich.console import Console
+    from ..run.files import console as make_console
     from rich.table import Table
 
     env = report.environment
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    console = make_console(highlight=False, width=None if sys.stdout.isatty() else 160)
     console.print(f"{env.model}: {env.parameters / 1e6:.1f} M parameters, input {env.input_frames} x "
                   f"{env.input_mel_bins} ({env.window_seconds:.2f} s of audio, {env.gflop_per_clip:g} GFLOP); "
                   f"{env.device} ({env.device_name}), {env.threads} threads, torch {env.torch}", markup=False)
@@ -107,10 +107,10 @@ class LiveView:
     """``ast listen`` on a terminal: the current window's top labels as bars, redrawn in place."""
 
     def __enter__(self) -> "LiveView":
-        from rich.console import Console
+        from ..run.files import console as make_console
         from rich.live import Live
 
-        self._live = Live(console=Console(highlight=False), refresh_per_second=8, transient=False)
+        self._live = Live(console=make_console(highlight=False), refresh_per_second=8, transient=False)
         self._live.__enter__()
         return self
 
@@ -136,11 +136,11 @@ class LiveView:
 
 def print_evaluation(report: dict, multi_label: bool) -> None:
     """``ast evaluate``'s table: the headline metric, then a confusion table or per-label AP and F1."""
-    from rich.console import Console
+    from ..run.files import console as make_console
     from rich.table import Table
     from rich.text import Text
 
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    console = make_console(highlight=False, width=None if sys.stdout.isatty() else 160)
     if not multi_label:
         console.print(f"{counted(report['files'], 'file')}: accuracy {report['accuracy']:.4f}, "
                       f"macro-F1 {report['macro_f1']:.4f}")
@@ -170,11 +170,11 @@ def print_evaluation(report: dict, multi_label: bool) -> None:
 def print_calibration(calibration: dict) -> None:
     """``ast evaluate --calibrate``'s table: per label the chosen threshold and the metrics at it on the data, or
     why it has none; then where the thresholds went."""
-    from rich.console import Console
+    from ..run.files import console as make_console
     from rich.table import Table
     from rich.text import Text
 
-    console = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 160)
+    console = make_console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 160)
     metric = calibration["target"].split("=")[0]
     console.print(f"thresholds for {calibration['target']} (labels with at least {calibration['min_positives']} "
                   "positive files)", soft_wrap=True)

@@ -4,6 +4,9 @@ files, the lock a run holds on its output, and the checks that a place can be wr
 New files get the mode the umask allows; a replaced file keeps its mode. From planning (before a resumed
 output is read) to the end of writing, a run holds an exclusive lock (a second run on the same output stops
 with one line).
+
+And ``console``: the rich console for stdout or stderr, which treats a reader going away as the rest of the
+package does.
 """
 
 from __future__ import annotations
@@ -194,3 +197,19 @@ class ShardLock:
                 pass
             os.close(self._fd)
             self._fd = None
+
+
+def console(**options):
+    """A rich ``Console`` (``options`` as rich's) that meets a reader going away as ``ast`` does, not as rich's
+    default does (stdout pointed at /dev/null and ``SystemExit(1)``, whichever stream broke): on stdout a
+    ``BrokenPipeError``, which the front end ends quietly with exit 141 as with every other format; on stderr
+    silence from then on, since messages are best effort and the data must go on."""
+    from rich.console import Console
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True  # nothing more reaches this stream
+            if not self.stderr:
+                raise BrokenPipeError(32, "the reader of standard output went away")
+
+    return _Console(**options)

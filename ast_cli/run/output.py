@@ -62,9 +62,9 @@ class OutputTarget:
 
         stream = self.stream or sys.stdout
         if self.format is OutputFormat.table:
-            from rich.console import Console
+            from .files import console
 
-            return TableWriter(Console(file=stream, highlight=False, soft_wrap=False, emoji=False))
+            return TableWriter(console(file=stream, highlight=False, soft_wrap=False, emoji=False))
         if self.path is not None and self.kind != "special":
             self.take_lock()
             remove_stale_temp_files(self.path)
