@@ -25,13 +25,13 @@ def main_process() -> None:
     """Entry point of the ``ast`` executable and ``python -m ast_cli``: glibc's malloc told to keep freed memory
     for reuse (``_signals.keep_freed_memory``), ``main()``, then the process ends, without CPython's teardown once
     torch is loaded (``_signals.end_process``: ~0.4 s saved)."""
-    from ._signals import end_process, keep_freed_memory
+    from ._signals import end_process, exit_code, keep_freed_memory
 
     keep_freed_memory()
     try:
         main()
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        code = exit_code(exc)
     else:
         code = 0
     end_process(code)

@@ -54,10 +54,15 @@ def run_main(app) -> None:
     try:
         app()
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        code = exit_code(exc)
     except BrokenPipeError:
         code = EXIT_BROKEN_PIPE
     _quiet_exit(code)
+
+
+def exit_code(exc: SystemExit) -> int:
+    """The process exit code a ``SystemExit`` stands for (None: 0; a message: 1)."""
+    return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
 
 
 def _quiet_exit(code: int) -> None:
@@ -90,10 +95,12 @@ def keep_freed_memory() -> bool:
     """Have glibc's malloc keep freed blocks for reuse instead of returning them to the kernel: a forward's
     activations (up to a few MB each, freed layer by layer) then land on pages already mapped, where glibc's
     default (blocks over its moving mmap threshold get fresh pages, and freed heap past twice that goes back to
-    the kernel) gave 5-17 k page faults per bf16 forward. A six-clip ``classify --fast`` took 3.56 s against
-    3.69 (medians of 4 interleaved runs, 50-100 k fewer faults; 2-core Sapphire Rapids). Memory stays bounded by
-    the run's peak: what is kept is what a window needed. Only for the ``ast`` process (``main_process``), only
-    with glibc, and never where the user tuned malloc (``MALLOC_*_`` variables, ``GLIBC_TUNABLES``). True if set."""
+    the kernel) gave some processes 5-17 k page faults per bf16 forward (~10% slower forwards there) and others
+    none; with it no process has them (2-core Sapphire Rapids: ~170 k faults per six-clip ``classify --fast``
+    against 175-570 k; its wall time 3.56 s against 3.69 in one set of runs, within noise in later ones). Memory
+    stays bounded by the run's peak: what is kept is what a window needed. Only for the ``ast`` process
+    (``main_process``), only with glibc, and never where the user tuned malloc (``MALLOC_*_`` variables,
+    ``GLIBC_TUNABLES``). True if set."""
     import ctypes
 
     try:
