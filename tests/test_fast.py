@@ -80,7 +80,7 @@ def fake_calibration(monkeypatch, tmp_path):
 
 def test_26_1_a_cache_hit_pays_nothing(tiny_model, fake_calibration, tmp_path):
     first = choose(tiny_model)
-    assert fast_cache_path() == str(tmp_path / "xdg" / "ast-cli" / "fast-v2.json")
+    assert fast_cache_path() == str(tmp_path / "xdg" / "ast-cli" / "fast-v3.json")
     second = choose(tiny_model)
     assert fake_calibration == ["cpu"]
     assert (first.mode, first.cached, second.mode, second.cached, second.speedup) == ("bf16", False, "bf16", True, 2.0)
@@ -323,7 +323,7 @@ def test_26_1_fast_on_ray_is_refused_before_anything_loads(tiny_checkpoint, audi
 def test_26_1_a_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
-    assert fast_cache_path() == str(tmp_path / ".cache" / "ast-cli" / "fast-v2.json")
+    assert fast_cache_path() == str(tmp_path / ".cache" / "ast-cli" / "fast-v3.json")
 
 
 @pytest.mark.skipif(not (cpu_has_native_bf16() and _bf16_packing_works()),

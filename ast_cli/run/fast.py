@@ -33,7 +33,7 @@ TIMED_PASSES = 3  # median of these, after warm-up
 # Warm-up passes at most (until two agree within 5%): bf16 on AMX settles within three or four; more would make
 # the one-off calibration of a full-size model on a noisy machine cost tens of seconds.
 MAX_WARMUP = 4
-CACHE_VERSION = 2  # 2: the bf16 candidate fuses QKV and the residual adds (faster: earlier picks are stale)
+CACHE_VERSION = 3  # 2: the bf16 candidate fuses QKV and the residual adds; 3: its attention runs on AMX tiles
 MAX_CACHE_BYTES = 1 << 20  # a larger cache file is not ours: ignored, rewritten
 MAX_CACHE_ENTRIES = 64  # oldest dropped beyond this
 
@@ -264,7 +264,7 @@ def calibrate(model, device: str = "cpu", attn: str | None = None, heads=(), emb
 
 
 def fast_cache_path() -> str:
-    """``$XDG_CACHE_HOME/ast-cli/fast-v2.json`` (default ``~/.cache``); the environment is read at call time. A
+    """``$XDG_CACHE_HOME/ast-cli/fast-v3.json`` (default ``~/.cache``); the environment is read at call time. A
     relative XDG_CACHE_HOME is ignored, as the XDG spec says: it would put the cache wherever the run started."""
     base = os.environ.get("XDG_CACHE_HOME", "")
     base = base if os.path.isabs(base) else os.path.join("~", ".cache")

@@ -1,0 +1,221 @@
+"""Issue 26: bf16 attention on AMX tiles (``ast_cli/checkpoint/amx.py`` and ``amx_attention.c``).
+
+The kernel's tests run where this CPU has AMX-BF16 and a C compiler builds it; elsewhere they skip and say why.
+The tests of what happens without it (no compiler, a CPU without AMX, a cached library others may write, a
+damaged one, the opt-out) run everywhere: none of them loads a library that could run AMX code.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ast_cli.checkpoint import amx
+from ast_cli.checkpoint.model import ASTConfig
+from ast_cli.checkpoint.speed import PackedLayerBF16, _bf16_packing_works, place_bf16_cpu
+from ast_cli.tasks.benchmark import random_model
+
+# A model small enough for the quick loop whose heads have the kernel's size, 64: 62 tokens, two heads.
+HEAD64 = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, max_length=64,
+              num_mel_bins=128, frequency_stride=10, time_stride=10)
+
+
+def needs_kernel():
+    if not amx.available():
+        pytest.skip(f"bf16 attention here: {amx.status()}")
+
+
+@pytest.fixture
+def kernel_cache(tmp_path, monkeypatch):
+    """A kernel cache of this test's own, and a CPU that claims AMX: for the tests of what is refused before any
+    library runs (safe on any CPU: nothing they reach loads a working library)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(amx, "_cpu_flags", lambda: set(amx.CPU_FLAGS))
+    monkeypatch.setattr(amx.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(amx.sys, "platform", "linux")
+    monkeypatch.delenv(amx.ENV, raising=False)
+    return amx.kernel_dir()
+
+
+def sdpa(qkv: torch.Tensor, heads: int, queries: int, scale: float) -> torch.Tensor:
+    windows, tokens, _ = qkv.shape
+    q, k, v = qkv.view(windows, tokens, 3, heads, 64).permute(2, 0, 3, 1, 4).unbind(0)
+    out = F.scaled_dot_product_attention(q[:, :, :queries], k, v, scale=scale)
+    return out.transpose(1, 2).reshape(windows, queries, -1)
+
+
+# -- the kernel ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("windows,tokens,heads,queries", [
+    (1, 1, 1, 1), (1, 15, 2, 15), (2, 16, 3, 7), (1, 17, 1, 17), (3, 33, 2, 33), (1, 100, 4, 2),
+    (1, 1214, 12, 1214), (2, 1214, 12, 2)])
+@pytest.mark.parametrize("spread", [1.0, 4.0])
+def test_26_12_amx_attention_is_as_close_to_float32_as_sdpa(windows, tokens, heads, queries, spread):
+    """Against float32 attention of the same bf16 inputs, the kernel's error is SDPA's (the same bf16 roundings:
+    P before P V, the output), at every size a tile leaves partly empty: one token, 15-17 and 33 keys, a partial
+    block of queries, the two queries of the last layer, a full 10.24 s window; wide scores (spread 4) too."""
+    needs_kernel()
+    generator = torch.Generator().manual_seed(tokens * 31 + heads)
+    with torch.inference_mode():
+        qkv = (torch.randn(windows, tokens, 3 * heads * 64, generator=generator) * spread).bfloat16()
+        want = amx._reference(qkv, heads, queries, 0.125)
+        got = amx.attention(qkv, heads, queries, 0.125)
+        theirs = sdpa(qkv, heads, queries, 0.125).float()
+    assert got is not None and got.shape == (windows, queries, heads * 64) and got.dtype == torch.bfloat16
+    ours, reference = (got.float() - want).abs(), (theirs - want).abs()
+    assert ours.max() <= 1.1 * reference.max() + 1e-6, (ours.max(), reference.max())
+    assert ours.mean() <= 1.1 * reference.mean() + 1e-6, (ours.mean(), reference.mean())
+
+
+def test_26_12_a_window_s_attention_depends_on_that_window_alone():
+    """Bit for bit the same whatever the batch around a window, and whatever the threads: a resumed run, a batch
+    of another size or ``--threads`` never changes a window's scores. Also on the kernel's own threads (the
+    fallback where PyTorch's OpenMP runtime is not found) as on PyTorch's."""
+    needs_kernel()
+    generator = torch.Generator().manual_seed(1)
+    lib = amx._library()
+    with torch.inference_mode():
+        qkv = torch.randn(3, 300, 3 * 4 * 64, generator=generator).bfloat16()
+        batch = amx._call(lib, qkv, 4, 300, 0.125, 2)
+        alone = torch.cat([amx._call(lib, window.contiguous(), 4, 300, 0.125, 2) for window in qkv.split(1)])
+        one_thread = amx._call(lib, qkv, 4, 300, 0.125, 1)
+        many = amx._call(lib, qkv, 4, 300, 0.125, 7)
+        lib.ast_amx_use_openmp(None)
+        try:
+            own_threads = amx._call(lib, qkv, 4, 300, 0.125, 2)
+        finally:
+            lib.ast_amx_use_openmp(amx._openmp_parallel())
+    for other in (alone, one_thread, many, own_threads):
+        assert torch.equal(batch, other)
+
+
+def test_26_12_the_kernel_runs_on_pytorch_s_threads():
+    """Threads of the kernel's own competed with PyTorch's OpenMP threads, which spin after each GEMM: the forward
+    was slower than with SDPA (212 against 202 ms on the 2-core Sapphire Rapids CPU). The kernel finds the
+    runtime PyTorch uses in this process."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("this torch does not run on OpenMP")
+    address = amx._openmp_parallel()
+    assert isinstance(address, int) and address > 0
+
+
+@pytest.mark.skipif(not _bf16_packing_works(), reason="this torch has no oneDNN bf16 linear to pack")
+def test_26_12_the_packed_bf16_model_attends_with_the_kernel(monkeypatch):
+    """``--dtype bf16`` and ``--fast``'s bf16 (``place_bf16_cpu``) run every layer's attention on the kernel (the
+    last layer's two queries too), with the scores SDPA gives within bf16's rounding; eager attention stays the
+    reference's matmul-softmax."""
+    needs_kernel()
+    torch.manual_seed(0)
+    model = place_bf16_cpu(random_model(ASTConfig(**HEAD64, id2label=("a", "b", "c"))))
+    assert all(isinstance(layer, PackedLayerBF16) for layer in model.audio_spectrogram_transformer.encoder.layer)
+    calls, call = [], amx._call
+    monkeypatch.setattr(amx, "_call", lambda lib, qkv, heads, queries, *rest: calls.append(queries)
+                        or call(lib, qkv, heads, queries, *rest))
+    inputs = torch.randn(2, model.config.max_length, model.config.num_mel_bins).bfloat16()
+    with torch.inference_mode():
+        kernel = model(inputs).float()
+        # every token's queries in the first layer; the pooled two in the last, which runs a window at a time
+        assert calls == [62, 2, 2]
+        with amx.turned_off():
+            plain = model(inputs).float()
+        eager = model(inputs, attn="eager")
+    assert len(calls) == 3  # neither SDPA's run nor eager's reached the kernel
+    assert not torch.equal(kernel, plain)  # another implementation ...
+    assert (torch.sigmoid(kernel) - torch.sigmoid(plain)).abs().max() < 0.02  # ... of the same attention
+    assert eager.shape == kernel.shape
+
+
+def test_26_12_the_kernel_is_not_asked_for_what_it_does_not_do(monkeypatch):
+    """Another head size, dtype or device, or a gradient to track: SDPA (None), without loading anything."""
+    monkeypatch.setattr(amx, "_library", lambda: pytest.fail("the kernel was looked up"))
+    bf16 = torch.zeros(1, 4, 3 * 2 * 64, dtype=torch.bfloat16)
+    assert amx.attention(torch.zeros(1, 4, 3 * 2 * 32, dtype=torch.bfloat16), 2, 4, 0.1) is None  # head size 32
+    assert amx.attention(bf16.float(), 2, 4, 0.125) is None
+    assert amx.attention(bf16.requires_grad_(), 2, 4, 0.125) is None
+    assert amx.attention(torch.zeros(1, 4, 3 * 2 * 64, dtype=torch.bfloat16), 2, 5, 0.125) is None  # 5 > 4 tokens
+    assert amx.describe(32) == "SDPA (the AMX kernel handles head size 64 only)"
+
+
+# -- building, caching, refusing --------------------------------------------------------------------------------
+
+
+def test_26_12_the_opt_out_and_a_cpu_without_amx_mean_sdpa(kernel_cache, monkeypatch):
+    monkeypatch.setenv(amx.ENV, "0")
+    with pytest.raises(amx.Unavailable, match="AST_AMX_ATTENTION=0"):
+        amx._load()
+    monkeypatch.delenv(amx.ENV)
+    monkeypatch.setattr(amx, "_cpu_flags", lambda: {"avx512f", "avx512bw", "avx512_bf16"})
+    with pytest.raises(amx.Unavailable, match="the CPU lacks amx_bf16, amx_tile"):
+        amx._load()
+    assert not kernel_cache.exists()  # nothing was built
+
+
+def test_26_12_no_compiler_means_sdpa(kernel_cache, monkeypatch):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(amx.shutil, "which", lambda name: None)
+    with pytest.raises(amx.Unavailable, match="no C compiler"):
+        amx._load()
+    assert not any(kernel_cache.glob("*.so"))
+
+
+def test_26_12_the_library_is_built_once_atomically_and_privately(kernel_cache, monkeypatch):
+    """Built into the user cache under a name that hashes the source and flags, readable by this user only; no
+    build folder is left; a build that fails leaves nothing, and says the compiler's last line."""
+    if shutil.which(os.environ.get("CC") or "cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler here")
+    source = amx._source()
+    target = amx._library_path(source)
+    try:
+        amx._build(source, target)
+    except amx.Unavailable as exc:  # a compiler too old for the AMX flags (gcc < 11)
+        pytest.skip(str(exc))
+    assert target.parent == kernel_cache and target.exists()
+    assert [p.name for p in kernel_cache.iterdir()] == [target.name]
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700 and stat.S_IMODE(kernel_cache.stat().st_mode) == 0o700
+    other = amx._library_path(source + b"\n")
+    with pytest.raises(amx.Unavailable, match="could not build amx_attention.c"):
+        amx._build(b"this is not C", other)
+    assert [p.name for p in kernel_cache.iterdir()] == [target.name]
+
+
+@pytest.mark.parametrize("damage", ["others may write it", "others may write its folder", "not a library"])
+def test_26_12_a_cached_library_is_loaded_only_if_sound_and_private(kernel_cache, damage):
+    """A shared object runs as the user: one that another user may have replaced is never loaded, and one that
+    does not load (truncated, overwritten) means SDPA, not a crash."""
+    target = amx._library_path(amx._source())
+    kernel_cache.mkdir(parents=True, mode=0o700)
+    target.write_bytes(b"\x7fELF truncated")
+    target.chmod(0o600)
+    if damage == "others may write it":
+        target.chmod(0o622)
+    elif damage == "others may write its folder":
+        kernel_cache.chmod(0o777)
+    message = "cannot load" if damage == "not a library" else "may be written by other users"
+    with pytest.raises(amx.Unavailable, match=message):
+        amx._load()
+    assert target.read_bytes() == b"\x7fELF truncated"  # never rebuilt over, never removed
+
+
+def test_26_12_status_says_what_runs_bf16_attention():
+    said = amx.status()
+    assert said == "AMX kernel" or said.startswith("SDPA (AMX attention unavailable: ")
+    assert amx.available() == (said == "AMX kernel")
+
+
+def test_26_12_an_amx_cpu_with_a_compiler_uses_the_kernel():
+    """Where everything the kernel needs is here, a kernel that fails its self-test (or does not build) is a
+    failure, not a quiet fall back to SDPA that would skip the tests above."""
+    missing = amx.CPU_FLAGS - amx._cpu_flags()
+    if missing or amx.sys.platform != "linux":
+        pytest.skip(f"the CPU lacks {', '.join(sorted(missing))}" if missing else "not Linux")
+    if shutil.which(os.environ.get("CC") or "cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler here")
+    if os.environ.get(amx.ENV, "").strip() == "0":
+        pytest.skip(f"{amx.ENV}=0")
+    assert amx.available(), amx.status()
