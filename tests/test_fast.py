@@ -129,6 +129,23 @@ def test_26_1_a_cached_choice_is_never_trusted_blindly(tiny_model, fake_calibrat
     assert (choice.mode, choice.cached, fake_calibration) == ("bf16", False, ["cpu"])
 
 
+def test_26_12_a_fast_choice_names_what_ran_bf16_attention(fake_calibration, monkeypatch):
+    """The AMX attention kernel makes bf16 faster: a choice timed with it is not reused where SDPA runs instead
+    (``AST_AMX_ATTENTION=0``, no compiler any more), nor the other way round; eager attention never runs it."""
+    from ast_cli.checkpoint import amx
+
+    model = random_model(ASTConfig(**TINY, id2label=("a", "b")))
+    said = ["AMX kernel"]
+    monkeypatch.setattr(amx, "describe", lambda head_size: said[0])
+    assert fast.cache_key(model, "cpu")["bf16_attention"] == "AMX kernel"
+    assert "bf16_attention" not in fast.cache_key(model, "cpu", attn="eager")
+    fast.choose(model, "cpu")
+    fast.choose(model, "cpu")
+    said[0] = "SDPA (AMX attention unavailable: AST_AMX_ATTENTION=0)"
+    fast.choose(model, "cpu")
+    assert fake_calibration == ["cpu", "cpu"]
+
+
 def test_26_4_a_fast_choice_made_with_sdpa_is_not_reused_with_eager_attention(fake_calibration):
     """Before, the cache key left the attention out: a bf16 pick calibrated with sdpa ran with --attn eager, where
     bf16 can be slower than fp32 (the tiny model here: eager bf16 10.1 ms, eager fp32 7.8 ms, sdpa bf16 1.7 ms)."""

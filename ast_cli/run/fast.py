@@ -276,13 +276,19 @@ def cache_key(model, device: str, heads=(), attn: str | None = None, embeddings:
     heads whose probabilities were compared, the attention (eager bf16 can be slower than eager fp32 where sdpa
     bf16 is faster), what was compared when a model with labels runs for its embeddings, and softmax for a
     single-label model's scores. The last four are named only when they apply (heads, attention other than sdpa,
-    embeddings of a model with labels, a single-label model): a key without them is unchanged."""
+    embeddings of a model with labels, a single-label model): a key without them is unchanged. On the CPU with
+    sdpa, also what runs bf16 attention (``amx.describe``): the AMX kernel, or SDPA and why (no compiler, opted
+    out), so that installing a compiler or ``AST_AMX_ATTENTION=0`` calibrates again."""
     import torch
 
+    from ..checkpoint import amx
     from ..checkpoint.speed import _cpuinfo_flags, cpu_capabilities
     from ..checkpoint.weights import weights_fingerprint
 
     caps = cpu_capabilities()
+    config = model.config
+    bf16_attention = (amx.describe(config.hidden_size // config.num_attention_heads)
+                      if device == "cpu" and attn in (None, "sdpa") else None)
     gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
     return {"cpu": str(caps.get("cpu_name", "")), "cpu_flags": sorted(_cpuinfo_flags()) or sorted(
             k for k, v in caps.items() if v is True), "torch": torch.__version__,
@@ -291,7 +297,7 @@ def cache_key(model, device: str, heads=(), attn: str | None = None, embeddings:
                            if heads else {}), **({"attn": attn} if attn not in (None, "sdpa") else {}),
             **({"measure": "embeddings"} if embeddings and measure_of(model, heads) == "scores" else {}),
             **({"activation": "softmax"} if _single_label(model) and measure_of(model, heads, embeddings) == "scores"
-               else {})}
+               else {}), **({"bf16_attention": bf16_attention} if bf16_attention else {})}
 
 
 def _read_cache(path: str) -> list:
