@@ -7,6 +7,7 @@ damaged one, the opt-out) run everywhere: none of them loads a library that coul
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import stat
@@ -103,6 +104,12 @@ def test_26_12_the_kernel_runs_on_pytorch_s_threads():
         pytest.skip("this torch does not run on OpenMP")
     address = amx._openmp_parallel()
     assert isinstance(address, int) and address > 0
+    with open("/proc/self/maps", encoding="utf-8") as maps:  # PyTorch's own runtime where it ships one
+        own = sorted({line.split()[-1] for line in maps if os.path.dirname(torch.__file__) in line
+                      and os.path.basename(line.split()[-1]).startswith(amx.OPENMP_NAMES)})
+    if own:
+        runtime = ctypes.CDLL(own[0], mode=os.RTLD_NOLOAD)
+        assert address == ctypes.cast(runtime.GOMP_parallel, ctypes.c_void_p).value
 
 
 @pytest.mark.skipif(not _bf16_packing_works(), reason="this torch has no oneDNN bf16 linear to pack")

@@ -869,3 +869,32 @@ def test_26_11_bf16_packs_from_the_float32_weights_into_the_same_model(monkeypat
     inputs = torch.randn(2, model.config.max_length, model.config.num_mel_bins).bfloat16()
     with torch.inference_mode():
         assert torch.equal(placed(inputs), reference(inputs))
+
+
+def test_26_12_a_candidate_without_a_fast_kernel_here_is_not_calibrated(tiny_model, monkeypatch):
+    """With oneDNN's ISA capped below AMX on the Sapphire Rapids CPU, oneDNN ran int8 on its reference kernel,
+    8.5 s per GEMM: calibrating it would have taken most of an hour. One probe GEMM per candidate first; a
+    candidate 4x slower than fp32 or worse is skipped, with the reason, before any model is placed in it."""
+    seconds = {"fp32": 0.004, "bf16": 0.001, "int8-fbgemm": 0.002, "int8-onednn": 0.17, "int8-int_mm": 0.002}
+    monkeypatch.setattr(fast, "_probe_seconds", lambda name: seconds[name])
+    placed, place = [], fast.place
+    monkeypatch.setattr(fast, "place", lambda model, name, device: placed.append(name) or place(model, name, device))
+    candidates = {c.name: c for c in fast.calibrate(tiny_model, "cpu")}
+    if candidates["int8-onednn"].skipped and "this torch" in candidates["int8-onednn"].skipped:
+        pytest.skip(candidates["int8-onednn"].skipped)
+    assert candidates["int8-onednn"].skipped == ("its GEMM ran 42x slower than fp32's here (no fast kernel for "
+                                                 "this CPU)")
+    assert "int8-onednn" not in placed and "fp32" in placed and "int8-fbgemm" in placed
+
+
+def test_26_12_the_probe_keeps_the_kernels_that_have_one_everywhere():
+    """The real probe on this machine keeps FBGEMM's int8 (AVX2 and up) and, where the CPU has AMX, bf16: the
+    kernels with a fast path on every CPU the suite runs on. (oneDNN's int8 may rightly be dropped on a CPU it
+    has no fast path for.)"""
+    from ast_cli.checkpoint.speed import _cpuinfo_flags
+
+    names = [name for name, skipped in fast.candidate_names("cpu") if skipped is None]
+    dropped = fast._probe(names)
+    assert "int8-fbgemm" not in dropped, dropped
+    if "amx_bf16" in _cpuinfo_flags():
+        assert "bf16" not in dropped, dropped

@@ -163,7 +163,8 @@ def _openmp_parallel() -> int | None:
             paths = {line.split(None, 5)[5].strip() for line in maps if len(line.split(None, 5)) == 6}
     except OSError:
         return None
-    for path in sorted(paths):
+    home = os.path.dirname(torch.__file__) + os.sep  # torch's own runtime first (faiss, say, may bring another)
+    for path in sorted(paths, key=lambda p: (not p.startswith(home), p)):
         if os.path.basename(path).startswith(OPENMP_NAMES) and ".so" in os.path.basename(path):
             try:
                 runtime = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LOCAL)

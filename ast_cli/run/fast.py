@@ -211,6 +211,55 @@ def _difference(measure: str, got, reference, heads=()) -> float:
     return float((got - reference).abs().max())
 
 
+PROBE_SHAPE = (128, 768, 768)  # rows, in, out: a full-size model's attention output GEMM on 128 tokens
+PROBE_SLOWER = 4.0  # a CPU candidate whose probe GEMM takes this many times fp32's is not calibrated
+
+
+def _probe_seconds(name: str) -> float:
+    """Seconds of one GEMM of ``PROBE_SHAPE`` in candidate ``name``'s kernel (the second call: the first sets it
+    up). Where a kernel has no fast implementation for this CPU, oneDNN falls back to its reference code: with
+    oneDNN's ISA capped below AMX on the Sapphire Rapids CPU (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``), int8 oneDNN
+    took 8.5 s per 1214x768x768 GEMM (``ref_int8``), and calibrating it would have taken the better part of an
+    hour. A fixed shape: a tiny model's GEMMs would measure call overheads, not the kernel."""
+    import torch
+    from torch import nn
+
+    from ..checkpoint.speed import PackedLinearBF16, quantize_dynamic
+
+    rows, inputs, outputs = PROBE_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    linear = nn.Linear(inputs, outputs)
+    x = torch.randn(rows, inputs, generator=generator)
+    if name == "bf16":
+        layer, x = PackedLinearBF16(linear, rows), x.to(torch.bfloat16)
+    elif name.startswith("int8"):
+        layer = quantize_dynamic(nn.Sequential(linear), "int8", kernel=name.partition("-")[2])
+    else:
+        layer = linear
+    with torch.inference_mode():
+        layer(x)
+        start = time.perf_counter()
+        layer(x)
+        return time.perf_counter() - start
+
+
+def _probe(names: list[str]) -> dict[str, str]:
+    """{candidate: why it is not calibrated} for the CPU candidates among ``names`` whose probe GEMM takes
+    ``PROBE_SLOWER`` times fp32's or more: a reference kernel, never the fastest mode."""
+    reference = _probe_seconds("fp32")
+    out = {}
+    for name in names:
+        if name == "fp32":
+            continue
+        try:
+            ratio = _probe_seconds(name) / max(reference, 1e-9)
+        except (RuntimeError, NotImplementedError):  # calibrate() says what failed when it places the model
+            continue
+        if ratio >= PROBE_SLOWER:
+            out[name] = f"its GEMM ran {ratio:.0f}x slower than fp32's here (no fast kernel for this CPU)"
+    return out
+
+
 def calibrate(model, device: str = "cpu", attn: str | None = None, heads=(), embeddings: bool = False,
               timings: dict | None = None) -> list[Candidate]:
     """Every candidate of ``device`` measured on copies of ``model`` (float32, CPU; left unchanged): what the run
@@ -228,9 +277,11 @@ def calibrate(model, device: str = "cpu", attn: str | None = None, heads=(), emb
     inputs, measure = calibration_inputs(model.config), measure_of(model, heads, embeddings)
     runs, scores, times, failed = {}, {}, {}, {}
     reuse = bool(timings) and all(name in timings for name, skipped in candidate_names(device) if skipped is None)
+    if device == "cpu" and not reuse:
+        failed.update(_probe([name for name, skipped in candidate_names(device) if skipped is None]))
     with torch.inference_mode():
         for name, skipped in candidate_names(device):
-            if skipped is not None:
+            if skipped is not None or name in failed:
                 continue
             try:
                 variant, dtype = place(copy.deepcopy(model), name, device)
