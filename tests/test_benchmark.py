@@ -216,6 +216,38 @@ def test_int8_linear_kernels_agree_with_float_on_random_data():
         assert (out - expected).abs().max() < 0.03 * expected.abs().max()
 
 
+@pytest.mark.parametrize("kernel", ["fbgemm", "onednn", "int_mm"])
+def test_26_12_layers_quantized_on_several_threads_are_the_layers_one_thread_gives(kernel, warm_threads):
+    """``quantize_dynamic`` builds the layers on as many threads as torch has (the packing runs on one core):
+    the same model, bit for bit, as one thread building them in turn, and the warning filters as they were."""
+    import copy
+    import warnings
+
+    from ast_cli.checkpoint import speed
+    from ast_cli.tasks.benchmark import random_model
+
+    if kernel == "fbgemm" and not speed._fbgemm_works() or kernel == "onednn" and not speed._onednn_works():
+        pytest.skip(f"this torch has no {kernel} int8 linear")
+    torch.manual_seed(0)
+    model = random_model(ASTConfig(**TINY, id2label=("a", "b", "c")))
+    x = torch.randn(2, model.config.max_length, model.config.num_mel_bins)
+    filters = list(warnings.filters)
+    torch.set_num_threads(1)
+    alone = quantize_dynamic(copy.deepcopy(model), "int8", kernel=kernel)
+    torch.set_num_threads(3)
+    together = quantize_dynamic(copy.deepcopy(model), "int8", kernel=kernel)
+    assert warnings.filters == filters
+    with torch.inference_mode():
+        assert torch.equal(alone(x), together(x))
+
+
+@pytest.fixture
+def warm_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_int8_kernel_can_be_forced(monkeypatch):
     monkeypatch.setenv("AST_INT8_KERNEL", "int_mm")
     assert int8_kernel() == "int_mm"

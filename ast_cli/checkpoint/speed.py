@@ -122,7 +122,7 @@ def _quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, in) float weight -> (out, in) int8 and (out,) float32 scales: symmetric, per output channel."""
     weight = weight.detach().float().cpu()
     scales = weight.abs().amax(dim=1).clamp_min(1e-12) / 127
-    return torch.round(weight / scales[:, None]).clamp_(-127, 127).to(torch.int8), scales
+    return torch.div(weight, scales[:, None]).round_().clamp_(-127, 127).to(torch.int8), scales  # one temporary
 
 
 class Int8LinearFbgemm(nn.Module):
@@ -256,12 +256,28 @@ def quantize_dynamic(model: nn.Module, mode: str = "int8", kernel: str | None = 
     if kernel not in INT8_KERNELS:
         raise UsageError(f"unknown int8 kernel {kernel!r} ({', '.join(INT8_KERNELS)})")
     reduce_range = not cpu_has_vnni()
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                fast = (Int8LinearFbgemm(child, reduce_range) if kernel == "fbgemm" else
-                        Int8LinearOneDNN(child) if kernel == "onednn" else Int8LinearIntMM(child))
-                setattr(parent, name, fast)
+
+    def build(child: nn.Linear) -> nn.Module:
+        return (Int8LinearFbgemm(child, reduce_range) if kernel == "fbgemm" else
+                Int8LinearOneDNN(child) if kernel == "onednn" else Int8LinearIntMM(child))
+
+    linears = [(parent, name, child) for parent in list(model.modules())
+               for name, child in list(parent.named_children()) if type(child) is nn.Linear]
+    # Each layer's quantization and packing on its own thread, as many as torch's: the packing runs on one core
+    # (a full-size model: 0.35-0.47 s -> 0.26-0.28 s on the 2-core Sapphire Rapids CPU; the same weights).
+    workers = min(torch.get_num_threads(), len(linears))
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        # Each layer silences a deprecation warning with catch_warnings, which is not thread-safe: this one, in
+        # this thread, is what the filters go back to, whatever order the layers' contexts end in.
+        with warnings.catch_warnings(), ThreadPoolExecutor(workers, thread_name_prefix="ast-quantize") as pool:
+            warnings.simplefilter("ignore")
+            built = list(pool.map(build, [child for _, _, child in linears]))
+    else:
+        built = [build(child) for _, _, child in linears]
+    for (parent, name, _), fast in zip(linears, built):
+        setattr(parent, name, fast)
     return model.eval()
 
 
