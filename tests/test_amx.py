@@ -226,3 +226,67 @@ def test_26_12_an_amx_cpu_with_a_compiler_uses_the_kernel():
     if os.environ.get(amx.ENV, "").strip() == "0":
         pytest.skip(f"{amx.ENV}=0")
     assert amx.available(), amx.status()
+
+
+@pytest.mark.parametrize("expected", [False, True])
+def test_26_12_a_cpu_that_could_run_the_kernel_but_does_not_warns(monkeypatch, expected):
+    """No compiler, a failed build or self-test on an AMX CPU: a RuntimeWarning (``ast`` shows it with
+    ``--debug``); a CPU without AMX or the opt-out: nothing to warn about."""
+    import warnings
+
+    def refuse():
+        raise amx.Unavailable("no C compiler (set CC, or install gcc)", expected=expected)
+
+    monkeypatch.setattr(amx, "_load", refuse)
+    amx._library.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert amx._library() is None
+        assert amx.status() == "SDPA (AMX attention unavailable: no C compiler (set CC, or install gcc))"
+        assert [str(w.message) for w in caught] == ([] if expected else [
+            "bf16 attention runs on PyTorch's SDPA, not the AMX kernel: no C compiler (set CC, or install gcc)"])
+    finally:
+        amx._library.cache_clear()  # the next test loads the real kernel again
+
+
+@pytest.mark.slow
+def test_26_12_ast_classify_builds_the_kernel_once_and_says_why_not_only_with_debug(tmp_path):
+    """Whole processes on an AMX CPU: the first bf16 run builds the kernel into the cache and the next reuses it,
+    silently; with a compiler that fails, bf16 still runs (SDPA), silently, and ``--debug`` says why."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import make_reference, write_audio
+
+    missing = amx.CPU_FLAGS - amx._cpu_flags()
+    if missing or shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip(f"the CPU lacks {', '.join(sorted(missing))}" if missing else "no C compiler here")
+    model = make_reference(tmp_path, "tiny-head64", hidden_size=128, num_attention_heads=2,
+                           intermediate_size=256)[0]
+    clip = write_audio(tmp_path / "a.wav", 2.0)
+
+    def classify(cache: str, *extra: str, **env: str) -> subprocess.CompletedProcess:
+        environment = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / cache), **env)
+        environment.pop("AST_DEBUG", None)
+        environment.pop(amx.ENV, None)
+        return subprocess.run([sys.executable, "-m", "ast_cli", "classify", str(clip), "--model", str(model),
+                               "--device", "cpu", "--dtype", "bf16", "-q", "-f", "jsonl", *extra],
+                              capture_output=True, text=True, env=environment, timeout=300)
+
+    kernels = tmp_path / "built" / "ast-cli" / "kernels"
+    built = None
+    for _ in range(2):
+        done = classify("built")
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+        assert json.loads(done.stdout.splitlines()[0])["labels"]
+        assert [p.suffix for p in kernels.iterdir()] == [".so"]
+        mtime = next(kernels.iterdir()).stat().st_mtime_ns
+        assert built in (None, mtime)  # the second run reused the first's library
+        built = mtime
+    failing = classify("failing", CC="/bin/false")
+    assert failing.returncode == 0 and failing.stderr == "", failing.stderr
+    assert json.loads(failing.stdout.splitlines()[0])["labels"]
+    told = classify("failing", "--debug", CC="/bin/false")
+    assert told.returncode == 0 and "not the AMX kernel: /bin/false could not build amx_attention.c" in told.stderr

@@ -306,7 +306,7 @@ def test_24_3_piped_audio_is_bounded_in_memory(tmp_path):
 # -- 10. benchmark warm-up: until two passes agree, and say how many ------------------------------------------
 
 def test_24_10_warm_up_runs_until_two_passes_agree_within_5_percent():
-    from ast_cli.checkpoint.speed import MAX_WARMUP, warm_up
+    from ast_cli.checkpoint.timing import MAX_WARMUP, warm_up
 
     def passes(*seconds):
         taken = iter(seconds)

@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from contextlib import contextmanager
 from functools import lru_cache
 from importlib import resources
@@ -49,7 +50,13 @@ MAX_TOKENS = 1 << 20  # the C side refuses more (and a window never has this man
 
 
 class Unavailable(Exception):
-    """Why the kernel is not used on this machine (``status()`` says it; ``--debug`` prints it)."""
+    """Why the kernel is not used on this machine (``status()`` says it). ``expected``: the machine or the user
+    rules it out (no AMX, the opt-out); otherwise a CPU that could run it cannot (no compiler, a failed build or
+    self-test), and a warning says so, which ``ast`` shows with ``--debug``."""
+
+    def __init__(self, reason: str, expected: bool = False):
+        super().__init__(reason)
+        self.expected = expected
 
 
 def _cpu_flags() -> set[str]:
@@ -116,12 +123,12 @@ def _build(source: bytes, target: Path) -> None:
 
 def _load() -> ctypes.CDLL:
     if os.environ.get(ENV, "").strip().lower() in ("0", "false", "no", "off"):
-        raise Unavailable(f"{ENV}=0")
+        raise Unavailable(f"{ENV}=0", expected=True)
     if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
-        raise Unavailable("not Linux on x86-64")
+        raise Unavailable("not Linux on x86-64", expected=True)
     missing = CPU_FLAGS - _cpu_flags()
     if missing:
-        raise Unavailable(f"the CPU lacks {', '.join(sorted(missing))}")
+        raise Unavailable(f"the CPU lacks {', '.join(sorted(missing))}", expected=True)
     source = _source()
     path = _library_path(source)
     if not path.exists():
@@ -214,6 +221,9 @@ def _library() -> ctypes.CDLL | None:
         lib = _load()
     except Unavailable as exc:
         _STATUS.append(f"SDPA (AMX attention unavailable: {exc})")
+        if not exc.expected:
+            warnings.warn(f"bf16 attention runs on PyTorch's SDPA, not the AMX kernel: {exc}", RuntimeWarning,
+                          stacklevel=2)
         return None
     _STATUS.append("AMX kernel")
     return lib

@@ -146,7 +146,7 @@ def calibration_inputs(config):
 def _timer(model, dtype, device: str, first, attn) -> Callable[[], float]:
     """A function running one forward of ``first`` (the timing window) and returning its seconds: to the
     scores, or to the pooled embedding where the model has no classifier (a bare encoder)."""
-    from ..checkpoint.speed import synchronizer
+    from ..checkpoint.timing import synchronizer
 
     sync = synchronizer(device)
     first = first.to(device=device, dtype=dtype)
@@ -272,7 +272,7 @@ def calibrate(model, device: str = "cpu", attn: str | None = None, heads=(), emb
 
     import torch
 
-    from ..checkpoint.speed import warm_up
+    from ..checkpoint.timing import warm_up
 
     inputs, measure = calibration_inputs(model.config), measure_of(model, heads, embeddings)
     runs, scores, times, failed = {}, {}, {}, {}

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 from ..errors import UsageError
 from ..audio.features import FeatureConfig
 from ..checkpoint.model import AST, ASTConfig, count_parameters, flops_per_clip
-from ..checkpoint.speed import synchronizer, warm_up
+from ..checkpoint.timing import synchronizer, warm_up
 from ..run.options import Attn, Quantize
 from .end_to_end import EndToEndRow, benchmark_end_to_end
 
