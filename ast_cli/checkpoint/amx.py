@@ -66,11 +66,10 @@ def _cpu_flags() -> set[str]:
 
 
 def kernel_dir() -> Path:
-    """``$XDG_CACHE_HOME/ast-cli/kernels`` (default ``~/.cache``); a relative XDG_CACHE_HOME is ignored, as the XDG
-    spec says."""
-    base = os.environ.get("XDG_CACHE_HOME", "")
-    base = base if os.path.isabs(base) else os.path.join("~", ".cache")
-    return Path(os.path.expanduser(base)) / "ast-cli" / "kernels"
+    """``$XDG_CACHE_HOME/ast-cli/kernels`` (``ast_cache_dir``)."""
+    from .names import ast_cache_dir
+
+    return ast_cache_dir() / "kernels"
 
 
 def _source() -> bytes:

@@ -112,6 +112,14 @@ def _alias_of(repo_id: str) -> str | None:
 # -- the environment, read at call time ------------------------------------------------------------
 
 
+def ast_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/ast-cli`` (default ``~/.cache/ast-cli``): ``--fast``'s choices and the AMX kernel. A
+    relative XDG_CACHE_HOME is ignored, as the XDG spec says: it would put the cache wherever the run started."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    base = base if os.path.isabs(base) else os.path.join("~", ".cache")
+    return Path(os.path.expanduser(base)) / "ast-cli"
+
+
 def hub_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """The hub cache every HF tool shares: ``cache_dir``, else HF_HUB_CACHE, else HF_HOME/hub
     (default ~/.cache/huggingface/hub)."""

@@ -315,11 +315,10 @@ def calibrate(model, device: str = "cpu", attn: str | None = None, heads=(), emb
 
 
 def fast_cache_path() -> str:
-    """``$XDG_CACHE_HOME/ast-cli/fast-v3.json`` (default ``~/.cache``); the environment is read at call time. A
-    relative XDG_CACHE_HOME is ignored, as the XDG spec says: it would put the cache wherever the run started."""
-    base = os.environ.get("XDG_CACHE_HOME", "")
-    base = base if os.path.isabs(base) else os.path.join("~", ".cache")
-    return os.path.join(os.path.expanduser(base), "ast-cli", f"fast-v{CACHE_VERSION}.json")
+    """``$XDG_CACHE_HOME/ast-cli/fast-v3.json`` (``ast_cache_dir``); the environment is read at call time."""
+    from ..checkpoint.names import ast_cache_dir
+
+    return str(ast_cache_dir() / f"fast-v{CACHE_VERSION}.json")
 
 
 def cache_key(model, device: str, heads=(), attn: str | None = None, embeddings: bool = False) -> dict:
