@@ -250,6 +250,70 @@ def test_26_12_a_cpu_that_could_run_the_kernel_but_does_not_warns(monkeypatch, e
         amx._library.cache_clear()  # the next test loads the real kernel again
 
 
+FAKES = {  # libraries that load but are not the kernel: C source of each
+    "without our symbols": "int unrelated = 1;\n",
+    "failing every call": ("int ast_amx_init(void) { return 0; }\nvoid ast_amx_use_openmp(void *p) { (void)p; }\n"
+                           "int ast_amx_attention(const void *a, void *b, int c, int d, int e, int f, float g, int h)"
+                           " { return 3; }\n"),
+}
+
+
+def _compile_fake(source: str, target) -> None:
+    import subprocess
+
+    compiler = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler here")
+    src = target.parent / "fake.c"
+    src.write_text(source)
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(target), str(src)], check=True, capture_output=True)
+    src.unlink()
+    target.chmod(0o700)
+
+
+@pytest.mark.parametrize("case", ["cache folder is a file", *FAKES])
+def test_26_12_whatever_goes_wrong_with_the_kernel_sdpa_runs(kernel_cache, tmp_path, monkeypatch, case):
+    """Found by a hostile run: a cache folder that is a file (NotADirectoryError), a cached library without our
+    symbols (AttributeError) or one whose calls fail (its self-test raised RuntimeError) failed every file of a
+    bf16 run. Now each means SDPA, with the reason in ``status()`` and a warning (``--debug``)."""
+    import warnings
+
+    if case == "cache folder is a file":
+        (tmp_path / "file").write_text("")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+        expected = "NotADirectoryError"
+    else:
+        kernel_cache.mkdir(parents=True, mode=0o700)
+        _compile_fake(FAKES[case], amx._library_path(amx._source()))
+        expected = "AttributeError" if case == "without our symbols" else "failed (status 3)"
+    amx._library.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert amx._library() is None
+        assert expected in amx.status() and len(caught) == 1, amx.status()
+    finally:
+        amx._library.cache_clear()
+
+
+def test_26_12_a_call_that_fails_runs_on_sdpa(monkeypatch):
+    """The kernel out of memory for its buffers (status 3) in the middle of a run: that call returns None, the
+    layer runs SDPA, and the run goes on."""
+    import warnings
+
+    class Failing:
+        @staticmethod
+        def ast_amx_attention(*args):
+            return 3
+
+    monkeypatch.setattr(amx, "_library", lambda: Failing())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert amx.attention(torch.zeros(1, 4, 3 * 2 * 64, dtype=torch.bfloat16), 2, 4, 0.125) is None
+    assert [str(w.message) for w in caught] == [
+        "bf16 attention falls back to PyTorch's SDPA for one call: AMX attention failed (status 3)"]
+
+
 @pytest.mark.slow
 def test_26_12_ast_classify_builds_the_kernel_once_and_says_why_not_only_with_debug(tmp_path):
     """Whole processes on an AMX CPU: the first bf16 run builds the kernel into the cache and the next reuses it,
@@ -290,3 +354,6 @@ def test_26_12_ast_classify_builds_the_kernel_once_and_says_why_not_only_with_de
     assert json.loads(failing.stdout.splitlines()[0])["labels"]
     told = classify("failing", "--debug", CC="/bin/false")
     assert told.returncode == 0 and "not the AMX kernel: /bin/false could not build amx_attention.c" in told.stderr
+    (tmp_path / "a file").write_text("")  # a cache "folder" that is a file: every file used to fail
+    blocked = classify("a file")
+    assert blocked.returncode == 0 and blocked.stderr == "", blocked.stderr
