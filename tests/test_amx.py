@@ -139,13 +139,16 @@ def test_26_12_the_packed_bf16_model_attends_with_the_kernel(monkeypatch):
 
 
 def test_26_12_the_kernel_is_not_asked_for_what_it_does_not_do(monkeypatch):
-    """Another head size, dtype or device, or a gradient to track: SDPA (None), without loading anything."""
+    """Another head size, dtype or device, a scale outside (0, 1], or a gradient to track: SDPA (None), without
+    loading anything."""
     monkeypatch.setattr(amx, "_library", lambda: pytest.fail("the kernel was looked up"))
     bf16 = torch.zeros(1, 4, 3 * 2 * 64, dtype=torch.bfloat16)
     assert amx.attention(torch.zeros(1, 4, 3 * 2 * 32, dtype=torch.bfloat16), 2, 4, 0.1) is None  # head size 32
     assert amx.attention(bf16.float(), 2, 4, 0.125) is None
     assert amx.attention(bf16.requires_grad_(), 2, 4, 0.125) is None
     assert amx.attention(torch.zeros(1, 4, 3 * 2 * 64, dtype=torch.bfloat16), 2, 5, 0.125) is None  # 5 > 4 tokens
+    for scale in (0.0, -0.125, 1e9, float("nan")):  # the softmax's maximum and padding assume 0 < scale <= 1
+        assert amx.attention(torch.zeros(1, 4, 3 * 2 * 64, dtype=torch.bfloat16), 2, 4, scale) is None
     assert amx.describe(32) == "SDPA (the AMX kernel handles head size 64 only)"
 
 
@@ -186,15 +189,19 @@ def test_26_12_the_library_is_built_once_atomically_and_privately(kernel_cache, 
     assert [p.name for p in kernel_cache.iterdir()] == [target.name]
     assert stat.S_IMODE(target.stat().st_mode) == 0o700 and stat.S_IMODE(kernel_cache.stat().st_mode) == 0o700
     other = amx._library_path(source + b"\n")
-    with pytest.raises(amx.Unavailable, match="could not build amx_attention.c"):
+    with pytest.raises(amx.Unavailable, match="could not build amx_attention.c: amx_attention.c:1:[0-9]+: error"):
+        amx._build(b"this is not C", other)  # the message names no build folder: it reads the same every run
+    assert sorted(p.name for p in kernel_cache.iterdir()) == sorted([target.name, other.stem + ".failed"])
+    with pytest.raises(amx.Unavailable, match=r"\(an earlier run; "):  # remembered for this compiler: not rerun
         amx._build(b"this is not C", other)
-    assert [p.name for p in kernel_cache.iterdir()] == [target.name]
 
 
-@pytest.mark.parametrize("damage", ["others may write it", "others may write its folder", "not a library"])
+@pytest.mark.parametrize("damage", ["others may write it", "others may write its folder",
+                                    "others may write the folder above", "not a library"])
 def test_26_12_a_cached_library_is_loaded_only_if_sound_and_private(kernel_cache, damage):
-    """A shared object runs as the user: one that another user may have replaced is never loaded, and one that
-    does not load (truncated, overwritten) means SDPA, not a crash."""
+    """A shared object runs as the user: one that another user may have replaced is never loaded; one of ours
+    that does not load (truncated, overwritten) means SDPA, not a crash, and is removed so that the next run
+    builds it again (before, a bad library stayed, and SDPA ran for good)."""
     target = amx._library_path(amx._source())
     kernel_cache.mkdir(parents=True, mode=0o700)
     target.write_bytes(b"\x7fELF truncated")
@@ -203,10 +210,15 @@ def test_26_12_a_cached_library_is_loaded_only_if_sound_and_private(kernel_cache
         target.chmod(0o622)
     elif damage == "others may write its folder":
         kernel_cache.chmod(0o777)
-    message = "cannot load" if damage == "not a library" else "may be written by other users"
+    elif damage == "others may write the folder above":  # who may write ast-cli/ may swap kernels/ itself
+        kernel_cache.parent.chmod(0o777)
+    message = "did not work and was removed" if damage == "not a library" else "is not private"
     with pytest.raises(amx.Unavailable, match=message):
         amx._load()
-    assert target.read_bytes() == b"\x7fELF truncated"  # never rebuilt over, never removed
+    if damage == "not a library":  # ours and broken: removed, so that the next run builds it again
+        assert not target.exists()
+    else:  # not ours to touch
+        assert target.read_bytes() == b"\x7fELF truncated"
 
 
 def test_26_12_status_says_what_runs_bf16_attention():
@@ -230,8 +242,9 @@ def test_26_12_an_amx_cpu_with_a_compiler_uses_the_kernel():
 
 @pytest.mark.parametrize("expected", [False, True])
 def test_26_12_a_cpu_that_could_run_the_kernel_but_does_not_warns(monkeypatch, expected):
-    """No compiler, a failed build or self-test on an AMX CPU: a RuntimeWarning (``ast`` shows it with
-    ``--debug``); a CPU without AMX or the opt-out: nothing to warn about."""
+    """No compiler, a failed build or self-test on an AMX CPU: a RuntimeWarning at the first forward, inside the
+    run (``ast`` shows it with ``--debug``; before, ``--fast``'s cache key looked the kernel up outside the run,
+    and the warning reached users without it); a CPU without AMX or the opt-out: nothing to warn about."""
     import warnings
 
     def refuse():
@@ -239,12 +252,14 @@ def test_26_12_a_cpu_that_could_run_the_kernel_but_does_not_warns(monkeypatch, e
 
     monkeypatch.setattr(amx, "_load", refuse)
     amx._library.cache_clear()
+    qkv = torch.zeros(1, 4, 3 * 2 * 64, dtype=torch.bfloat16)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            assert amx._library() is None
-        assert amx.status() == "SDPA (AMX attention unavailable: no C compiler (set CC, or install gcc))"
-        assert [str(w.message) for w in caught] == ([] if expected else [
+            assert amx.status() == "SDPA (AMX attention unavailable: no C compiler (set CC, or install gcc))"
+            assert caught == []  # status, describe, --fast's cache key: never a warning (not inside a run)
+            assert amx.attention(qkv, 2, 4, 0.125) is None and amx.attention(qkv, 2, 4, 0.125) is None
+        assert [str(w.message) for w in caught] == ([] if expected else [  # once, at the first forward
             "bf16 attention runs on PyTorch's SDPA, not the AMX kernel: no C compiler (set CC, or install gcc)"])
     finally:
         amx._library.cache_clear()  # the next test loads the real kernel again
@@ -285,13 +300,14 @@ def test_26_12_whatever_goes_wrong_with_the_kernel_sdpa_runs(kernel_cache, tmp_p
     else:
         kernel_cache.mkdir(parents=True, mode=0o700)
         _compile_fake(FAKES[case], amx._library_path(amx._source()))
-        expected = "AttributeError" if case == "without our symbols" else "failed (status 3)"
+        expected = "undefined symbol: ast_amx_init" if case == "without our symbols" else "failed (status 3)"
     amx._library.cache_clear()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            assert amx._library() is None
+            assert amx.attention(torch.zeros(1, 4, 3 * 2 * 64, dtype=torch.bfloat16), 2, 4, 0.125) is None
         assert expected in amx.status() and len(caught) == 1, amx.status()
+        assert not amx._library_path(amx._source()).exists()  # a broken library of ours is removed
     finally:
         amx._library.cache_clear()
 
@@ -336,7 +352,8 @@ def test_26_12_ast_classify_builds_the_kernel_once_and_says_why_not_only_with_de
         environment.pop("AST_DEBUG", None)
         environment.pop(amx.ENV, None)
         return subprocess.run([sys.executable, "-m", "ast_cli", "classify", str(clip), "--model", str(model),
-                               "--device", "cpu", "--dtype", "bf16", "-q", "-f", "jsonl", *extra],
+                               "--device", "cpu", *([] if "--fast" in extra else ["--dtype", "bf16"]), "-q", "-f",
+                               "jsonl", *extra],
                               capture_output=True, text=True, env=environment, timeout=300)
 
     kernels = tmp_path / "built" / "ast-cli" / "kernels"
@@ -353,7 +370,74 @@ def test_26_12_ast_classify_builds_the_kernel_once_and_says_why_not_only_with_de
     assert failing.returncode == 0 and failing.stderr == "", failing.stderr
     assert json.loads(failing.stdout.splitlines()[0])["labels"]
     told = classify("failing", "--debug", CC="/bin/false")
-    assert told.returncode == 0 and "not the AMX kernel: /bin/false could not build amx_attention.c" in told.stderr
+    assert told.returncode == 0 and "not the AMX kernel: false could not build amx_attention.c" in told.stderr
+    fast = classify("failing", "--fast", CC="/bin/false")  # --fast's cache key asks what runs bf16 attention
+    assert fast.returncode == 0 and fast.stderr == "", fast.stderr
     (tmp_path / "a file").write_text("")  # a cache "folder" that is a file: every file used to fail
     blocked = classify("a file")
     assert blocked.returncode == 0 and blocked.stderr == "", blocked.stderr
+
+
+def _script(path, body: str):
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+def test_26_12_a_compiler_that_hangs_is_stopped_with_what_it_started(kernel_cache, tmp_path, monkeypatch):
+    """A compiler that never finishes costs one run COMPILE_SECONDS (it was 120 s on every run): it and what it
+    started are killed, and the failure is remembered for that compiler."""
+    import time
+
+    marker = tmp_path / "child-still-running"
+    cc = _script(tmp_path / "hangcc", f"(sleep 3; touch {marker}) &\nsleep 60\n")
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setattr(amx, "COMPILE_SECONDS", 1)
+    start = time.monotonic()
+    with pytest.raises(amx.Unavailable, match="hangcc took over 1 s"):
+        amx._build(amx._source(), amx._library_path(amx._source()))
+    with pytest.raises(amx.Unavailable, match="an earlier run"):
+        amx._build(amx._source(), amx._library_path(amx._source()))
+    assert time.monotonic() - start < 3
+    time.sleep(3)
+    assert not marker.exists()  # its background child was killed too
+    assert not list(kernel_cache.glob("build-*"))
+
+
+def test_26_12_cc_is_taken_as_make_takes_it(kernel_cache, tmp_path, monkeypatch):
+    """``CC="gcc -m64"`` runs gcc with -m64; a CC that is not a program is said, not silently replaced by cc."""
+    seen = tmp_path / "args"
+    cc = _script(tmp_path / "mycc", f'echo "$@" > {seen}\nexit 1\n')
+    monkeypatch.setenv("CC", f"{cc} -m64")
+    with pytest.raises(amx.Unavailable, match="mycc could not build"):
+        amx._build(amx._source(), amx._library_path(amx._source()))
+    assert seen.read_text().startswith("-m64 -O2 ")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(amx.Unavailable, match="is not a program"):
+        amx._compiler()
+
+
+def test_26_12_a_build_folder_left_by_a_killed_process_is_removed_later(kernel_cache, tmp_path, monkeypatch):
+    kernel_cache.mkdir(parents=True, mode=0o700)
+    stale, fresh = kernel_cache / "build-old", kernel_cache / "build-new"
+    for folder in (stale, fresh):
+        folder.mkdir()
+        (folder / "amx_attention.c").write_text("")
+    os.utime(stale, (0, 0))
+    monkeypatch.setenv("CC", str(_script(tmp_path / "failcc", "exit 1\n")))
+    with pytest.raises(amx.Unavailable):
+        amx._build(amx._source(), amx._library_path(amx._source()))
+    assert not stale.exists() and fresh.exists()  # an hour old: gone; a build under way elsewhere: kept
+
+
+def test_26_12_the_kernel_masks_padded_keys_at_any_scale():
+    """Padded keys get probability 0 by a mask, not by a huge negative score times the scale (a tiny scale made
+    them count: the output shrank by tokens / padded tokens)."""
+    needs_kernel()
+    generator = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        qkv = torch.randn(1, 100, 3 * 2 * 64, generator=generator).bfloat16()
+        for scale in (1e-30, 1e-3, 1.0):
+            got, want = amx.attention(qkv, 2, 100, scale).float(), amx._reference(qkv, 2, 100, scale)
+            theirs = sdpa(qkv, 2, 100, scale).float()
+            assert (got - want).abs().max() <= 1.1 * (theirs - want).abs().max() + 1e-6, scale

@@ -134,16 +134,20 @@ def test_26_12_a_fast_choice_names_what_ran_bf16_attention(fake_calibration, mon
     (``AST_AMX_ATTENTION=0``, no compiler any more), nor the other way round; eager attention never runs it."""
     from ast_cli.checkpoint import amx
 
-    model = random_model(ASTConfig(**TINY, id2label=("a", "b")))
-    said = ["AMX kernel"]
-    monkeypatch.setattr(amx, "describe", lambda head_size: said[0])
-    assert fast.cache_key(model, "cpu")["bf16_attention"] == "AMX kernel"
+    model = random_model(ASTConfig(**dict(TINY, hidden_size=128, num_attention_heads=2), id2label=("a", "b")))
+    runs = [True]
+    monkeypatch.setattr(amx, "available", lambda: runs[0])
+    assert fast.cache_key(model, "cpu")["bf16_attention"] == "amx"
     assert "bf16_attention" not in fast.cache_key(model, "cpu", attn="eager")
     fast.choose(model, "cpu")
     fast.choose(model, "cpu")
-    said[0] = "SDPA (AMX attention unavailable: AST_AMX_ATTENTION=0)"
+    runs[0] = False  # AST_AMX_ATTENTION=0, the compiler gone: whatever the reason, the key says "sdpa"
     fast.choose(model, "cpu")
     assert fake_calibration == ["cpu", "cpu"]
+    assert fast.cache_key(model, "cpu")["bf16_attention"] == "sdpa"
+    tiny = random_model(ASTConfig(**TINY, id2label=("a", "b")))  # head size 8: never the kernel
+    runs[0] = True
+    assert fast.cache_key(tiny, "cpu")["bf16_attention"] == "sdpa"
 
 
 def test_26_4_a_fast_choice_made_with_sdpa_is_not_reused_with_eager_attention(fake_calibration):

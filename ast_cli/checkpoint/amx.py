@@ -24,12 +24,17 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import os
 import platform
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import warnings
 from contextlib import contextmanager
 from functools import lru_cache
@@ -45,7 +50,7 @@ FLAGS = ("-O2", "-std=gnu11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512
          "-mamx-bf16", "-fPIC", "-shared", "-pthread")
 CPU_FLAGS = {"amx_bf16", "amx_tile", "avx512_bf16", "avx512bw", "avx512f"}
 HEAD_SIZE = 64  # the only head size the kernel handles (AST: 768 / 12)
-COMPILE_SECONDS = 30  # gcc takes ~0.3 s; a compiler that hangs must not hold a run up for long
+COMPILE_SECONDS = 20  # gcc takes ~0.3 s; a compiler that hangs must not hold a run up for long
 MAX_TOKENS = 1 << 20  # the C side refuses more (and a window never has this many)
 
 
@@ -57,6 +62,10 @@ class Unavailable(Exception):
     def __init__(self, reason: str, expected: bool = False):
         super().__init__(reason)
         self.expected = expected
+
+
+class Broken(Unavailable):
+    """The cached library itself does not work (does not load, lacks our symbols, fails its self-test)."""
 
 
 def _cpu_flags() -> set[str]:
@@ -90,34 +99,99 @@ def _private(path: Path) -> bool:
     return info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
-def _compiler() -> str:
-    for name in (os.environ.get("CC"), "cc", "gcc"):
-        found = name and shutil.which(name)
+def _check_private(folder: Path) -> None:
+    """The kernels folder and ``ast-cli`` above it must be ours alone: another user who could write either could
+    swap the library between this check and the load."""
+    for path in (folder, folder.parent):
+        if not _private(path):
+            raise Unavailable(f"{path} is not private (another user owns it or may write it): no kernel loaded")
+
+
+def _compiler() -> list[str]:
+    """The compiler's command: ``$CC`` (words, as make splits it: ``gcc -m64``), else ``cc``, else ``gcc``."""
+    chosen = os.environ.get("CC", "").strip()
+    if chosen:
+        words = shlex.split(chosen)
+        found = shutil.which(words[0])
+        if not found:
+            raise Unavailable(f"CC={chosen} is not a program")
+        return [found, *words[1:]]
+    for name in ("cc", "gcc"):
+        found = shutil.which(name)
         if found:
-            return found
+            return [found]
     raise Unavailable("no C compiler (set CC, or install gcc)")
 
 
+def _compiler_identity(command: list[str]) -> str:
+    """What a remembered build failure is tied to: the compiler's command, size and modification time."""
+    info = os.stat(command[0])
+    return json.dumps([command, info.st_size, info.st_mtime_ns])
+
+
 def _build(source: bytes, target: Path) -> None:
-    """Compiles ``source`` into ``target``, atomically: a temporary file in the same folder, then a rename (two
-    processes building at once each rename a whole library)."""
-    compiler = _compiler()
-    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not _private(target.parent):
-        raise Unavailable(f"{target.parent} may be written by other users")
+    """Compiles ``source`` into ``target``, atomically: a temporary folder beside it, then a rename (two processes
+    building at once each rename a whole library). A failure is remembered beside it (``.failed``) for this
+    compiler, so that a compiler that fails or hangs costs one run, not every run."""
+    command = _compiler()
+    target.parent.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    target.parent.mkdir(exist_ok=True, mode=0o700)
+    _check_private(target.parent)
+    failed, identity = target.with_suffix(".failed"), _compiler_identity(command)
+    try:
+        remembered = json.loads(failed.read_text("utf-8"))
+    except (OSError, ValueError):
+        remembered = None
+    if isinstance(remembered, dict) and remembered.get("compiler") == identity:
+        raise Unavailable(f"{remembered.get('reason')} (an earlier run; {failed.name} in {failed.parent})")
+    _remove_stale_builds(target.parent)
     with tempfile.TemporaryDirectory(prefix="build-", dir=target.parent) as work:
         src, out = Path(work) / SOURCE, Path(work) / target.name
         src.write_bytes(source)
-        try:
-            done = subprocess.run([compiler, *FLAGS, "-o", str(out), str(src)], capture_output=True, text=True,
-                                  timeout=COMPILE_SECONDS, stdin=subprocess.DEVNULL)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise Unavailable(f"{compiler} failed: {exc}") from None
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-            raise Unavailable(f"{compiler} could not build {SOURCE}: {last}")
+        reason = _compile([*command, *FLAGS, "-o", str(out), str(src)], work)
+        if reason is not None:
+            _write_private(failed, json.dumps({"compiler": identity, "reason": reason}))
+            raise Unavailable(reason)
         os.chmod(out, 0o700)
         os.replace(out, target)
+    failed.unlink(missing_ok=True)
+
+
+def _compile(command: list[str], work: str) -> str | None:
+    """Runs the compiler in a session of its own (a timeout kills everything it started); None, or why it failed.
+    Its messages name the build folder: the reason says the compiler's last line with that folder left out, so
+    that it reads the same every time (``--fast``'s cache key must not change with it)."""
+    try:
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, errors="replace", start_new_session=True)
+    except OSError as exc:
+        return f"{os.path.basename(command[0])} failed to start: {exc.strerror}"
+    try:
+        _, err = proc.communicate(timeout=COMPILE_SECONDS)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return f"{os.path.basename(command[0])} took over {COMPILE_SECONDS} s"
+    if proc.returncode == 0:
+        return None
+    last = (err.strip().splitlines() or ["no message"])[-1].replace(work + os.sep, "")
+    return f"{os.path.basename(command[0])} could not build {SOURCE}: {last[:200]}"
+
+
+def _write_private(path: Path, text: str) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(handle.name, path)
+
+
+def _remove_stale_builds(folder: Path) -> None:
+    """Build folders an hour old: left by a process killed while it compiled."""
+    for stale in folder.glob("build-*"):
+        try:
+            if time.time() - stale.stat().st_mtime > 3600:
+                shutil.rmtree(stale)
+        except OSError:
+            pass
 
 
 def _load() -> ctypes.CDLL:
@@ -132,12 +206,23 @@ def _load() -> ctypes.CDLL:
     path = _library_path(source)
     if not path.exists():
         _build(source, path)
-    if not (_private(path) and _private(path.parent)):
-        raise Unavailable(f"{path} or its folder may be written by other users: not loaded")
+    _check_private(path.parent)
+    if not _private(path):
+        raise Unavailable(f"{path} is not private (another user owns it or may write it): not loaded")
+    try:
+        return _open(path)
+    except (Broken, AttributeError) as exc:
+        # Ours, and broken (truncated, not our code, failing its self-test): removed, so that the next process
+        # builds it again. Not rebuilt in this one: the loader would hand back the broken library by its name.
+        path.unlink(missing_ok=True)
+        raise Unavailable(f"{path.name} did not work and was removed (the next run builds it again): {exc}") from None
+
+
+def _open(path: Path) -> ctypes.CDLL:
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as exc:
-        raise Unavailable(f"cannot load {path}: {exc}") from None
+        raise Broken(f"cannot load it: {exc}") from None
     lib.ast_amx_init.restype = ctypes.c_int
     lib.ast_amx_use_openmp.restype, lib.ast_amx_use_openmp.argtypes = None, [ctypes.c_void_p]
     lib.ast_amx_attention.restype = ctypes.c_int
@@ -198,24 +283,34 @@ def _reference(qkv: torch.Tensor, heads: int, queries: int, scale: float) -> tor
 
 
 def _self_test(lib: ctypes.CDLL) -> None:
-    """A small case against float32 (two windows, a partial block of keys and of queries, two threads): within
+    """A small case against float32 (two windows, a partial block of keys and of queries, torch's threads): within
     the bf16 roundings (inputs, P, output: a few 2^-8 relative), or the kernel is not used."""
     generator = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         qkv = torch.randn(2, 45, 3 * 3 * HEAD_SIZE, generator=generator).to(torch.bfloat16)
-        got = _call(lib, qkv, 3, 37, 0.125, 2).float()
+        try:
+            got = _call(lib, qkv, 3, 37, 0.125, torch.get_num_threads()).float()
+        except RuntimeError as exc:
+            raise Broken(f"self-test failed: {exc}") from None
         want = _reference(qkv, 3, 37, 0.125)
     error = (got - want).abs().max().item()
     if not error <= 0.02:  # also NaN
-        raise Unavailable(f"self-test failed (max error {error:.3g})")
+        raise Broken(f"self-test failed (max error {error:.3g})")
 
 
 _STATUS: list[str] = []
+_UNTOLD: list[str] = []  # why the kernel is unavailable where the CPU could run it: warned about at first use
 _OFF: list[bool] = []  # non-empty inside ``turned_off()``
+_LOCK = threading.Lock()  # one build and load per process, whichever thread asks first
+
+
+def _library() -> ctypes.CDLL | None:
+    with _LOCK:
+        return _find_library()
 
 
 @lru_cache(maxsize=1)
-def _library() -> ctypes.CDLL | None:
+def _find_library() -> ctypes.CDLL | None:
     try:
         lib = _load()
     except Exception as exc:  # an optimization: whatever goes wrong (a cache folder that is a file, a library
@@ -224,11 +319,19 @@ def _library() -> ctypes.CDLL | None:
             exc = Unavailable(f"{type(exc).__name__}: {exc}")
         _STATUS.append(f"SDPA (AMX attention unavailable: {exc})")
         if not exc.expected:
-            warnings.warn(f"bf16 attention runs on PyTorch's SDPA, not the AMX kernel: {exc}", RuntimeWarning,
-                          stacklevel=2)
+            _UNTOLD.append(f"bf16 attention runs on PyTorch's SDPA, not the AMX kernel: {exc}")
         return None
     _STATUS.append("AMX kernel")
     return lib
+
+
+def _forget() -> None:
+    """The next ``_library()`` builds and loads afresh (tests)."""
+    _find_library.cache_clear()
+    _UNTOLD.clear()
+
+
+_library.cache_clear = _forget  # type: ignore[attr-defined]
 
 
 def available() -> bool:
@@ -260,13 +363,16 @@ def turned_off() -> Iterator[None]:
 def attention(qkv: torch.Tensor, heads: int, queries: int, scale: float) -> torch.Tensor | None:
     """softmax(Q K^T scale) V for a fused projection's output ``qkv`` (B, N, 3 * heads * 64) bf16 on the CPU ->
     (B, queries, heads * 64) bf16, the first ``queries`` tokens attending to all N. None where the kernel does not
-    apply (no kernel here, another dtype, device or head size, or a gradient to track): the caller runs SDPA."""
+    apply (no kernel here, another dtype, device or head size, a scale outside (0, 1], or a gradient to track):
+    the caller runs SDPA."""
     windows, tokens, width = qkv.shape
     if (qkv.dtype != torch.bfloat16 or qkv.device.type != "cpu" or width != 3 * heads * HEAD_SIZE
-            or not 0 < queries <= tokens <= MAX_TOKENS or qkv.requires_grad):
+            or not 0 < queries <= tokens <= MAX_TOKENS or not 0 < scale <= 1 or qkv.requires_grad):
         return None
     lib = None if _OFF else _library()
     if lib is None:
+        if _UNTOLD and not _OFF:  # said once, where a forward runs: ``ast`` shows warnings with --debug
+            warnings.warn(_UNTOLD.pop(), RuntimeWarning, stacklevel=3)
         return None
     try:
         return _call(lib, qkv.contiguous(), heads, queries, scale, torch.get_num_threads())

@@ -28,7 +28,6 @@
 #define QB 32       /* queries per block: two 16-row A tiles */
 #define KB 32       /* keys per block */
 #define MAX_THREADS 256
-#define PAD_SCORE (-1e30f) /* padded keys' score: exp gives 0 (never -inf: inf - inf would be NaN) */
 
 enum { AST_AMX_OK = 0, AST_AMX_NO_PERMISSION = 1, AST_AMX_BAD_ARGS = 2, AST_AMX_NO_MEMORY = 3,
        AST_AMX_NO_THREAD = 4 };
@@ -58,7 +57,7 @@ static void configure_tiles(void) {
     _tile_loadconfig(&cfg);
 }
 
-/* 2^t for t <= 0 (and t = PAD_SCORE * scale: 0): 2^n * p(f), n = round(t), f = t - n in [-1/2, 1/2], p the
+/* 2^t for t <= 0: 2^n * p(f), n = round(t), f = t - n in [-1/2, 1/2], p the
  * degree-5 Taylor polynomial of 2^f (relative error < 2.5e-6; P is then rounded to bf16, 2^-9 relative). */
 static inline __m512 exp2_ps(__m512 t) {
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -102,14 +101,36 @@ typedef struct {
     size_t kpad;               /* the keys they have room for */
 } buffers;
 
-/* A thread's buffers, kept for its next call and grown when a call has more keys (~550 KB for 1214 tokens). */
-static __thread buffers cached;
+static void free_buffers(void *arg) {
+    buffers *b = arg;
+    free(b->kt), free(b->v), free(b->q), free(b->p), free(b->s), free(b->o);
+    free(b);
+}
+
+/* A thread's buffers, kept for its next call (~550 KB for 1214 tokens) and freed when the thread ends (a
+ * thread-specific value with a destructor: threads come and go, an OpenMP team per calling thread). A call with
+ * more than KEEP_KEYS keys gets buffers of its own, freed after it (release_buffers). */
+#define KEEP_KEYS 4096
+static pthread_key_t buffers_key;
+static pthread_once_t buffers_once = PTHREAD_ONCE_INIT;
+static int buffers_key_ok;
+
+static void make_buffers_key(void) { buffers_key_ok = pthread_key_create(&buffers_key, free_buffers) == 0; }
 
 static buffers *thread_buffers(size_t kpad) {
-    buffers *b = &cached;
-    if (b->kpad >= kpad)
+    pthread_once(&buffers_once, make_buffers_key);
+    if (!buffers_key_ok)
+        return NULL;
+    buffers *b = pthread_getspecific(buffers_key);
+    if (b && b->kpad >= kpad)
         return b;
-    free(b->kt), free(b->v), free(b->q), free(b->p), free(b->s), free(b->o);
+    if (b) {
+        pthread_setspecific(buffers_key, NULL);
+        free_buffers(b);
+    }
+    b = calloc(1, sizeof *b);
+    if (!b)
+        return NULL;
     b->kt = aligned_alloc(64, kpad * HD * 2);
     b->v = aligned_alloc(64, kpad * HD * 2);
     b->q = aligned_alloc(64, QB * HD * 2);
@@ -117,12 +138,18 @@ static buffers *thread_buffers(size_t kpad) {
     b->s = aligned_alloc(64, QB * kpad * 4);
     b->o = aligned_alloc(64, QB * HD * 4);
     b->kpad = kpad;
-    if (!b->kt || !b->v || !b->q || !b->p || !b->s || !b->o) {
-        free(b->kt), free(b->v), free(b->q), free(b->p), free(b->s), free(b->o);
-        memset(b, 0, sizeof *b);
+    if (!b->kt || !b->v || !b->q || !b->p || !b->s || !b->o || pthread_setspecific(buffers_key, b) != 0) {
+        free_buffers(b);
         return NULL;
     }
     return b;
+}
+
+static void release_buffers(buffers *b) {
+    if (b->kpad > KEEP_KEYS) {
+        pthread_setspecific(buffers_key, NULL);
+        free_buffers(b);
+    }
 }
 
 /* K^T as B tiles: for each 16 keys and each half of the head (32 values = 16 pairs), a 16 x 16 tile of 32-bit
@@ -225,13 +252,15 @@ static void attend_head(const uint16_t *window, uint16_t *out, int tokens, int h
                 max0 = _mm512_max_ps(max0, _mm512_loadu_ps(si + k));
             if (tail)
                 max1 = _mm512_mask_max_ps(max1, tail, max1, _mm512_maskz_loadu_ps(tail, si + full));
-            for (k = tokens; k < kpad; k++)
-                si[k] = PAD_SCORE;
             const __m512 offset = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(max0, max1)) * scale2);
             __m512 sum0 = _mm512_setzero_ps(), sum1 = sum0;
-            for (k = 0; k < kpad; k += 32) {
-                const __m512 e0 = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(si + k), scaled, offset));
-                const __m512 e1 = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(si + k + 16), scaled, offset));
+            for (k = 0; k < kpad; k += 32) { /* padded keys (from `tokens` on) get probability 0 */
+                const __mmask16 m0 = k + 16 <= tokens ? 0xffff : k < tokens ? tail : 0;
+                const __mmask16 m1 = k + 32 <= tokens ? 0xffff : k + 16 < tokens ? tail : 0;
+                const __m512 e0 = _mm512_maskz_mov_ps(m0, exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(si + k), scaled,
+                                                                                 offset)));
+                const __m512 e1 = _mm512_maskz_mov_ps(m1, exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(si + k + 16),
+                                                                                 scaled, offset)));
                 sum0 = _mm512_add_ps(sum0, e0);
                 sum1 = _mm512_add_ps(sum1, e1);
                 _mm512_storeu_si512(pi + k, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
@@ -318,6 +347,7 @@ static void team_member(void *arg) {
         _tile_loadconfig(&saved);
     else
         _tile_release();
+    release_buffers(b);
 }
 
 static void *own_thread(void *arg) {
@@ -329,7 +359,8 @@ static void *own_thread(void *arg) {
  * unspecified (some items may not have been done). */
 int ast_amx_attention(const uint16_t *qkv, uint16_t *out, int windows, int tokens, int heads, int queries,
                       float scale, int threads) {
-    if (windows < 1 || tokens < 1 || heads < 1 || queries < 1 || queries > tokens || tokens > (1 << 20))
+    if (windows < 1 || tokens < 1 || heads < 1 || queries < 1 || queries > tokens || tokens > (1 << 20) ||
+        !(scale > 0.0f && scale <= 1.0f) || (long)windows * heads > (1L << 30))
         return AST_AMX_BAD_ARGS;
     call c = {qkv, out, tokens, heads, queries, windows * heads, scale, 0, AST_AMX_OK};
     threads = threads < 1 ? 1 : threads > c.items ? c.items : threads > MAX_THREADS ? MAX_THREADS : threads;

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import traceback
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -151,7 +152,18 @@ def traceback_text(exc: BaseException) -> str:
 
 @contextmanager
 def cli_errors(console, debug: bool = False) -> Iterator[None]:
-    """Print ``Error: ...`` (+ ``Hint: ...``) and exit non-zero instead of a traceback."""
+    """Print ``Error: ...`` (+ ``Hint: ...``) and exit non-zero instead of a traceback; without ``--debug``, no
+    library warning reaches the user either (loading and ``--fast``'s calibration run outside the runs' own
+    silencing, ``_io.native_stderr_silenced``)."""
+    with warnings.catch_warnings():
+        if not debug_enabled(debug):
+            warnings.simplefilter("ignore")
+        with _errors_as_lines(console, debug):
+            yield
+
+
+@contextmanager
+def _errors_as_lines(console, debug: bool) -> Iterator[None]:
     try:
         yield
     except typer.Exit:

@@ -327,8 +327,9 @@ def cache_key(model, device: str, heads=(), attn: str | None = None, embeddings:
     bf16 is faster), what was compared when a model with labels runs for its embeddings, and softmax for a
     single-label model's scores. The last four are named only when they apply (heads, attention other than sdpa,
     embeddings of a model with labels, a single-label model): a key without them is unchanged. On the CPU with
-    sdpa, also what runs bf16 attention (``amx.describe``): the AMX kernel, or SDPA and why (no compiler, opted
-    out), so that installing a compiler or ``AST_AMX_ATTENTION=0`` calibrates again."""
+    sdpa, also what runs bf16 attention: "amx" (the kernel) or "sdpa" (no AMX, no compiler, opted out; never the
+    reason, whose words may change from run to run), so that installing a compiler or ``AST_AMX_ATTENTION=0``
+    calibrates again."""
     import torch
 
     from ..checkpoint import amx
@@ -337,7 +338,8 @@ def cache_key(model, device: str, heads=(), attn: str | None = None, embeddings:
 
     caps = cpu_capabilities()
     config = model.config
-    bf16_attention = (amx.describe(config.hidden_size // config.num_attention_heads)
+    head_size = config.hidden_size // config.num_attention_heads
+    bf16_attention = (("amx" if head_size == amx.HEAD_SIZE and amx.available() else "sdpa")
                       if device == "cpu" and attn in (None, "sdpa") else None)
     gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
     return {"cpu": str(caps.get("cpu_name", "")), "cpu_flags": sorted(_cpuinfo_flags()) or sorted(
