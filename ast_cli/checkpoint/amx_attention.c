@@ -38,8 +38,6 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
-int ast_amx_version(void) { return 1; }
-
 /* Linux hands out AMX's tile state only on request (once per process). Returns 0 when granted. */
 int ast_amx_init(void) {
     return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) ? AST_AMX_NO_PERMISSION : AST_AMX_OK;
