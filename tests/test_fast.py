@@ -880,7 +880,7 @@ def test_26_12_a_candidate_without_a_fast_kernel_here_is_not_calibrated(tiny_mod
     8.5 s per GEMM: calibrating it would have taken most of an hour. One probe GEMM per candidate first; a
     candidate 4x slower than fp32 or worse is skipped, with the reason, before any model is placed in it."""
     seconds = {"fp32": 0.004, "bf16": 0.001, "int8-fbgemm": 0.002, "int8-onednn": 0.17, "int8-int_mm": 0.002}
-    monkeypatch.setattr(fast, "_probe_seconds", lambda name: seconds[name])
+    monkeypatch.setattr(fast, "_probe_seconds", lambda name, below=0.0: seconds[name])
     placed, place = [], fast.place
     monkeypatch.setattr(fast, "place", lambda model, name, device: placed.append(name) or place(model, name, device))
     candidates = {c.name: c for c in fast.calibrate(tiny_model, "cpu")}
@@ -902,3 +902,20 @@ def test_26_12_the_probe_keeps_the_kernels_that_have_one_everywhere():
     assert "int8-fbgemm" not in dropped, dropped
     if "amx_bf16" in _cpuinfo_flags():
         assert "bf16" not in dropped, dropped
+
+
+def test_26_13_one_stalled_probe_call_does_not_drop_a_candidate():
+    """One probe call once measured FBGEMM's int8 10x slower than fp32 (a stall of the machine): the probe takes
+    the best of a few calls, and stops as soon as one is fast enough, so a slow kernel costs few calls."""
+    import time as clock
+
+    durations = iter([0.05, 0.001, 0.001])
+
+    def stalls_once():
+        clock.sleep(next(durations))
+
+    assert fast._best_seconds(stalls_once, below=0.02) < 0.02
+    assert next(durations) == 0.001  # stopped after the first fast call
+    calls = []
+    assert fast._best_seconds(lambda: calls.append(clock.sleep(0.002)), below=0.0) >= 0.002
+    assert len(calls) == fast.PROBE_CALLS
