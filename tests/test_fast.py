@@ -80,7 +80,7 @@ def fake_calibration(monkeypatch, tmp_path):
 
 def test_26_1_a_cache_hit_pays_nothing(tiny_model, fake_calibration, tmp_path):
     first = choose(tiny_model)
-    assert fast_cache_path() == str(tmp_path / "xdg" / "ast-cli" / "fast-v3.json")
+    assert fast_cache_path() == str(tmp_path / "xdg" / "ast-cli" / "fast-v4.json")
     second = choose(tiny_model)
     assert fake_calibration == ["cpu"]
     assert (first.mode, first.cached, second.mode, second.cached, second.speedup) == ("bf16", False, "bf16", True, 2.0)
@@ -344,7 +344,7 @@ def test_26_1_fast_on_ray_is_refused_before_anything_loads(tiny_checkpoint, audi
 def test_26_1_a_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
-    assert fast_cache_path() == str(tmp_path / ".cache" / "ast-cli" / "fast-v3.json")
+    assert fast_cache_path() == str(tmp_path / ".cache" / "ast-cli" / "fast-v4.json")
 
 
 @pytest.mark.skipif(not (cpu_has_native_bf16() and _bf16_packing_works()),
@@ -914,8 +914,10 @@ def test_26_13_one_stalled_probe_call_does_not_drop_a_candidate():
     def stalls_once():
         clock.sleep(next(durations))
 
-    assert fast._best_seconds(stalls_once, below=0.02) < 0.02
+    from ast_cli.checkpoint.timing import best_seconds
+
+    assert best_seconds(stalls_once, fast.PROBE_CALLS, below=0.02) < 0.02
     assert next(durations) == 0.001  # stopped after the first fast call
     calls = []
-    assert fast._best_seconds(lambda: calls.append(clock.sleep(0.002)), below=0.0) >= 0.002
+    assert best_seconds(lambda: calls.append(clock.sleep(0.002)), fast.PROBE_CALLS) >= 0.002
     assert len(calls) == fast.PROBE_CALLS

@@ -40,14 +40,14 @@ from contextlib import contextmanager
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 SOURCE = "amx_attention.c"
 ENV = "AST_AMX_ATTENTION"  # "0": never use the kernel
-FLAGS = ("-O2", "-std=gnu11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mamx-tile",
-         "-mamx-bf16", "-fPIC", "-shared", "-pthread")
+FLAGS = ("-O2", "-std=gnu11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vnni",
+         "-mamx-tile", "-mamx-bf16", "-fPIC", "-shared", "-pthread")
 CPU_FLAGS = {"amx_bf16", "amx_tile", "avx512_bf16", "avx512bw", "avx512f"}
 HEAD_SIZE = 64  # the only head size the kernel handles (AST: 768 / 12)
 COMPILE_SECONDS = 20  # gcc takes ~0.3 s; a compiler that hangs must not hold a run up for long
@@ -194,14 +194,26 @@ def _remove_stale_builds(folder: Path) -> None:
             pass
 
 
-def _load() -> ctypes.CDLL:
-    if os.environ.get(ENV, "").strip().lower() in ("0", "false", "no", "off"):
-        raise Unavailable(f"{ENV}=0", expected=True)
+def check_machine(env: str, cpu_flags: set[str]) -> None:
+    """Unavailable (expected) where the user opted out with ``env``, or this is not Linux on x86-64, or the CPU
+    lacks one of ``cpu_flags``."""
+    if os.environ.get(env, "").strip().lower() in ("0", "false", "no", "off"):
+        raise Unavailable(f"{env}=0", expected=True)
     if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
         raise Unavailable("not Linux on x86-64", expected=True)
-    missing = CPU_FLAGS - _cpu_flags()
+    missing = cpu_flags - _cpu_flags()
     if missing:
         raise Unavailable(f"the CPU lacks {', '.join(sorted(missing))}", expected=True)
+
+
+def _load() -> ctypes.CDLL:
+    check_machine(ENV, CPU_FLAGS)
+    return load_built(_open)
+
+
+def load_built(opener: Callable[[Path], ctypes.CDLL]) -> ctypes.CDLL:
+    """The kernels' library, built first where it is not in the cache, and opened with ``opener`` (which sets up
+    and self-tests what it needs; ``int16.py`` shares the library). A broken library is removed."""
     source = _source()
     path = _library_path(source)
     if not path.exists():
@@ -210,7 +222,7 @@ def _load() -> ctypes.CDLL:
     if not _private(path):
         raise Unavailable(f"{path} is not private (another user owns it or may write it): not loaded")
     try:
-        return _open(path)
+        return opener(path)
     except (Broken, AttributeError) as exc:
         # Ours, and broken (truncated, not our code, failing its self-test): removed, so that the next process
         # builds it again. Not rebuilt in this one: the loader would hand back the broken library by its name.

@@ -96,12 +96,14 @@ static inline void transpose16(__m512i r[16]) {
 typedef struct {
     uint16_t *kt, *v, *q, *p;  /* K^T and V in B layout (kpad x 64 each), one query block, P (32 x kpad) */
     float *s, *o;              /* scores (32 x kpad), O (32 x 64) */
+    int16_t *rows;             /* int16 kernel: quantized K and V, row-major (2 x kpad x 64) */
+    float *scales;             /* int16 kernel: the keys' scales (kpad), the values' (64), the queries' (32) */
     size_t kpad;               /* the keys they have room for */
 } buffers;
 
 static void free_buffers(void *arg) {
     buffers *b = arg;
-    free(b->kt), free(b->v), free(b->q), free(b->p), free(b->s), free(b->o);
+    free(b->kt), free(b->v), free(b->q), free(b->p), free(b->s), free(b->o), free(b->rows), free(b->scales);
     free(b);
 }
 
@@ -135,8 +137,11 @@ static buffers *thread_buffers(size_t kpad) {
     b->p = aligned_alloc(64, QB * kpad * 2);
     b->s = aligned_alloc(64, QB * kpad * 4);
     b->o = aligned_alloc(64, QB * HD * 4);
+    b->rows = aligned_alloc(64, 2 * kpad * HD * 2);
+    b->scales = aligned_alloc(64, (kpad + HD + QB) * 4);
     b->kpad = kpad;
-    if (!b->kt || !b->v || !b->q || !b->p || !b->s || !b->o || pthread_setspecific(buffers_key, b) != 0) {
+    if (!b->kt || !b->v || !b->q || !b->p || !b->s || !b->o || !b->rows || !b->scales ||
+        pthread_setspecific(buffers_key, b) != 0) {
         free_buffers(b);
         return NULL;
     }
@@ -369,6 +374,299 @@ int ast_amx_attention(const uint16_t *qkv, uint16_t *out, int windows, int token
         int started = 0;
         for (int t = 0; t < threads; t++)
             if (pthread_create(&ids[started], NULL, own_thread, &c) == 0)
+                started++;
+        for (int t = 0; t < started; t++)
+            pthread_join(ids[t], NULL);
+        if (!started)
+            return AST_AMX_NO_THREAD;
+    }
+    if (c.status == AST_AMX_OK && __atomic_load_n(&c.next, __ATOMIC_SEQ_CST) < c.items)
+        return AST_AMX_NO_THREAD;
+    return c.status;
+}
+
+/* ---- float32 attention on int16 dot products (AVX512-VNNI's vpdpwssd), for CPUs without AMX ----
+ *
+ * softmax(Q K^T * scale) V for float32 q, k, v, each (window, tokens or queries, heads * 64) contiguous, out
+ * (window, queries, heads * 64) float32. vpdpwssd sums two int16 x int16 products into each int32 lane: 32
+ * multiply-adds an instruction against 16 for a float32 FMA, at the same rate on the Sapphire Rapids CPU (two a
+ * cycle). Per (window, head), on one thread:
+ *   each key and each query is rounded to int16 with a scale of its own, its largest magnitude -> QK_TOP (13
+ *   bits: 64 products of 4095 x 4095 stay below 2^31); each of the head's 64 value channels with a scale of its
+ *   own over all keys, its largest magnitude -> V_TOP;
+ *   S = Q K^T in int32, back to float32 times both scales; each row's max; P = exp(scale * (S - max)), in (0, 1],
+ *   rounded to P_TOP (15 bits), and the row sum taken of the rounded P (so the weights sum to 1 exactly);
+ *   O = P V in int32, moved into float32 every 32 keys (32 x 32767 x 2047 < 2^31: no overflow, whatever the
+ *   values), then times the channel scales / the row sum.
+ * Rounding errors: 2^-13 of a row's largest magnitude for q and k, 2^-12 of a channel's for v, 2^-16 of the
+ * row's largest weight for P. bf16 keeps 2^-9 of each value. A result depends only on its own window and head.
+ * Returns AST_AMX_BAD_ARGS where an input is not finite (the caller runs float32 SDPA, which propagates it). */
+#define QK_TOP 4095.0f
+#define V_TOP 2047.0f
+#define P_TOP 32767.0f
+#define PV_FLUSH 32 /* keys summed in int32 before the sum moves into float32 */
+
+/* 64 floats -> 64 int16 of x * inverse (round to nearest even) */
+static inline void round_row(const float *x, __m512 inverse0, __m512 inverse1, __m512 inverse2, __m512 inverse3,
+                             int16_t *dst) {
+    _mm256_storeu_si256((__m256i *)dst, _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(
+        _mm512_mul_ps(_mm512_loadu_ps(x), inverse0))));
+    _mm256_storeu_si256((__m256i *)(dst + 16), _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(
+        _mm512_mul_ps(_mm512_loadu_ps(x + 16), inverse1))));
+    _mm256_storeu_si256((__m256i *)(dst + 32), _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(
+        _mm512_mul_ps(_mm512_loadu_ps(x + 32), inverse2))));
+    _mm256_storeu_si256((__m256i *)(dst + 48), _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(
+        _mm512_mul_ps(_mm512_loadu_ps(x + 48), inverse3))));
+}
+
+/* The largest magnitude of 64 floats; NaN where one is NaN (max alone may drop a NaN: it returns its second
+ * operand when either is one) */
+static inline float row_max_abs(const float *x) {
+    const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16), x2 = _mm512_loadu_ps(x + 32),
+                 x3 = _mm512_loadu_ps(x + 48);
+    const __m512 any = _mm512_add_ps(_mm512_add_ps(x0, x1), _mm512_add_ps(x2, x3));
+    if (_mm512_cmp_ps_mask(any, any, _CMP_UNORD_Q))
+        return __builtin_nanf("");
+    const __m512 a = _mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1));
+    const __m512 b = _mm512_max_ps(_mm512_abs_ps(x2), _mm512_abs_ps(x3));
+    return _mm512_reduce_max_ps(_mm512_max_ps(a, b));
+}
+
+/* Rows `n` to `kpad` are zero with scale 0. Returns 0, or -1 where a value is not finite. */
+static int round_rows(const float *src, size_t stride, int n, int kpad, float top, int16_t *dst, float *scales) {
+    for (int j = 0; j < kpad; j++) {
+        const float largest = j < n ? row_max_abs(src + j * stride) : 0.0f;
+        if (!(largest <= __FLT_MAX__))
+            return -1;
+        const __m512 inverse = _mm512_set1_ps(largest > 0.0f ? top / largest : 0.0f);
+        scales[j] = largest / top;
+        if (j < n)
+            round_row(src + j * stride, inverse, inverse, inverse, inverse, dst + (size_t)j * HD);
+        else
+            memset(dst + (size_t)j * HD, 0, HD * 2);
+    }
+    return 0;
+}
+
+/* Values: one scale per channel over all keys. Returns 0, or -1 where a value is not finite. */
+static int round_values(const float *src, size_t stride, int n, int kpad, int16_t *dst, float *scales) {
+    __m512 largest[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int j = 0; j < n; j++)
+        for (int c = 0; c < 4; c++)
+            largest[c] = _mm512_max_ps(largest[c], _mm512_abs_ps(_mm512_loadu_ps(src + j * stride + c * 16)));
+    __m512 inverse[4];
+    const __m512 top = _mm512_set1_ps(V_TOP);
+    for (int c = 0; c < 4; c++) {
+        if (!(_mm512_reduce_max_ps(largest[c]) <= __FLT_MAX__))  /* NaN: the max above drops it, the sum keeps it */
+            return -1;
+        const __mmask16 nonzero = _mm512_cmp_ps_mask(largest[c], _mm512_setzero_ps(), _CMP_GT_OQ);
+        inverse[c] = _mm512_maskz_div_ps(nonzero, top, largest[c]);
+        _mm512_storeu_ps(scales + c * 16, _mm512_div_ps(largest[c], top));
+    }
+    for (int j = 0; j < kpad; j++) {
+        if (j < n) {
+            const __m512 x = _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(src + j * stride),
+                                                         _mm512_loadu_ps(src + j * stride + 16)),
+                                           _mm512_add_ps(_mm512_loadu_ps(src + j * stride + 32),
+                                                         _mm512_loadu_ps(src + j * stride + 48)));
+            if (_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q))  /* a NaN in this row */
+                return -1;
+            round_row(src + j * stride, inverse[0], inverse[1], inverse[2], inverse[3], dst + (size_t)j * HD);
+        } else {
+            memset(dst + (size_t)j * HD, 0, HD * 2);
+        }
+    }
+    return 0;
+}
+
+/* The two microkernels keep their accumulators in named registers, updated by inline assembly: with arrays of
+ * them, or with the _mm512_dpwssd_epi32 intrinsic, gcc 12 kept some in memory or copied them between registers
+ * at every step, and the attention ran 1.5x slower. */
+#define DPWSSD(acc, a, b) __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b))
+
+/* one query row's pair of query values times two chunks of 16 keys */
+#define S_ROW(r)                                                                                               \
+    do {                                                                                                       \
+        int32_t qp;                                                                                            \
+        memcpy(&qp, qr + r * HD, 4);                                                                           \
+        const __m512i qv = _mm512_set1_epi32(qp);                                                              \
+        DPWSSD(a##r##0, k0v, qv);                                                       \
+        DPWSSD(a##r##1, k1v, qv);                                                       \
+    } while (0)
+#define S_STORE(r)                                                                                             \
+    do {                                                                                                       \
+        const __m512 qs = _mm512_set1_ps(qscale[r0 + r]);                                                      \
+        float *row = s + (size_t)(r0 + r) * kpad + k0;                                                         \
+        _mm512_storeu_ps(row, _mm512_mul_ps(_mm512_cvtepi32_ps(a##r##0), _mm512_mul_ps(ks0, qs)));            \
+        _mm512_storeu_ps(row + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(a##r##1), _mm512_mul_ps(ks1, qs)));       \
+    } while (0)
+
+/* S rows r0 .. r0 + 7, keys k0 .. k0 + 31 = (Q K^T) * query scale * key scale */
+static void scores_int16(const int16_t *q, const int16_t *kt, const float *qscale, const float *kscale, float *s,
+                         size_t kpad, int r0, int k0) {
+    __m512i a00 = _mm512_setzero_si512(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,
+            a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00, a60 = a00, a61 = a00, a70 = a00, a71 = a00;
+    const int16_t *b0 = kt + (size_t)(k0 / 16) * 2 * 512, *b1 = b0 + 2 * 512;
+    const int16_t *qr = q + (size_t)r0 * HD;
+    for (int half = 0; half < 2; half++, b0 += 512, b1 += 512) {
+#pragma GCC unroll 1
+        for (int pair = 0; pair < 16; pair++, qr += 2) {
+            const __m512i k0v = _mm512_load_si512(b0 + pair * 32), k1v = _mm512_load_si512(b1 + pair * 32);
+            S_ROW(0); S_ROW(1); S_ROW(2); S_ROW(3); S_ROW(4); S_ROW(5); S_ROW(6); S_ROW(7);
+        }
+    }
+    const __m512 ks0 = _mm512_loadu_ps(kscale + k0), ks1 = _mm512_loadu_ps(kscale + k0 + 16);
+    S_STORE(0); S_STORE(1); S_STORE(2); S_STORE(3); S_STORE(4); S_STORE(5); S_STORE(6); S_STORE(7);
+}
+
+/* one row's pair of weights times the 64 channels of a pair of keys */
+#define PV_ROW(r)                                                                                              \
+    do {                                                                                                       \
+        int32_t pp;                                                                                            \
+        memcpy(&pp, pr + (size_t)r * kpad, 4);                                                                 \
+        const __m512i pv = _mm512_set1_epi32(pp);                                                              \
+        DPWSSD(a##r##0, v0, pv);                                                        \
+        DPWSSD(a##r##1, v1, pv);                                                        \
+        DPWSSD(a##r##2, v2, pv);                                                        \
+        DPWSSD(a##r##3, v3, pv);                                                        \
+    } while (0)
+#define PV_ADD(r, c)                                                                                           \
+    _mm512_store_ps(o + (size_t)(r0 + r) * HD + c * 16,                                                        \
+                    _mm512_add_ps(_mm512_load_ps(o + (size_t)(r0 + r) * HD + c * 16), _mm512_cvtepi32_ps(a##r##c)))
+#define PV_ADD_ROW(r) do { PV_ADD(r, 0); PV_ADD(r, 1); PV_ADD(r, 2); PV_ADD(r, 3); } while (0)
+
+/* O rows r0 .. r0 + 3 (all 64 channels, float32, not yet scaled) += P V over keys k0 .. k0 + PV_FLUSH - 1 */
+static void values_int16(const int16_t *p, const int16_t *v, float *o, size_t kpad, int r0, size_t k0) {
+    __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00,
+            a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+    const int16_t *pr = p + (size_t)r0 * kpad + k0;
+#pragma GCC unroll 1
+    for (size_t key = k0; key < k0 + PV_FLUSH; key += 2, pr += 2) {
+        const int16_t *vv = v + (key / 32) * 4 * 512 + (key % 32 / 2) * 32;
+        const __m512i v0 = _mm512_load_si512(vv), v1 = _mm512_load_si512(vv + 512),
+                      v2 = _mm512_load_si512(vv + 1024), v3 = _mm512_load_si512(vv + 1536);
+        PV_ROW(0); PV_ROW(1); PV_ROW(2); PV_ROW(3);
+    }
+    PV_ADD_ROW(0); PV_ADD_ROW(1); PV_ADD_ROW(2); PV_ADD_ROW(3);
+}
+
+static int attend_head_int16(const float *q, const float *k, const float *v, float *out, int tokens, int heads,
+                             int queries, int head, float scale, buffers *b) {
+    const size_t width = (size_t)heads * HD;
+    const int kpad = (tokens + KB - 1) / KB * KB, full = tokens / 16 * 16;
+    const float scale2 = scale * 1.44269504088896341f;
+    int16_t *krows = b->rows, *vrows = b->rows + (size_t)kpad * HD;
+    float *kscale = b->scales, *vscale = b->scales + kpad, *qscale = b->scales + kpad + HD;
+    int16_t *qb = (int16_t *)b->q, *pb = (int16_t *)b->p;
+    if (round_rows(k + (size_t)head * HD, width, tokens, kpad, QK_TOP, krows, kscale) ||
+        round_values(v + (size_t)head * HD, width, tokens, kpad, vrows, vscale))
+        return -1;
+    copy_keys_values((const uint16_t *)krows, (const uint16_t *)vrows, HD, tokens, kpad, b);
+    const int16_t *kt = (const int16_t *)b->kt, *vp = (const int16_t *)b->v;
+    float inverse[QB];
+    for (int q0 = 0; q0 < queries; q0 += QB) {
+        const int nq = queries - q0 < QB ? queries - q0 : QB, groups = (nq + 7) / 8;
+        if (round_rows(q + (size_t)q0 * width + (size_t)head * HD, width, nq, groups * 8, QK_TOP, qb, qscale))
+            return -1;
+        for (int k0 = 0; k0 < kpad; k0 += KB) /* each block of keys from L2 once, then from L1 */
+            for (int g = 0; g < groups; g++)
+                scores_int16(qb, kt, qscale, kscale, b->s, kpad, g * 8, k0);
+        const __m512 scaled = _mm512_set1_ps(scale2), top = _mm512_set1_ps(P_TOP);
+        const __mmask16 tail = (__mmask16)((1u << (tokens - full)) - 1);
+        for (int i = 0; i < nq; i++) {
+            float *si = b->s + (size_t)i * kpad;
+            int16_t *pi = pb + (size_t)i * kpad;
+            __m512 max0 = _mm512_set1_ps(-__builtin_inff());
+            for (int kk = 0; kk < full; kk += 16)
+                max0 = _mm512_max_ps(max0, _mm512_loadu_ps(si + kk));
+            if (tail)
+                max0 = _mm512_mask_max_ps(max0, tail, max0, _mm512_maskz_loadu_ps(tail, si + full));
+            /* (S - max) * scale: exactly 0 at the max, so every weight is at most 1 (S * scale - max * scale, as
+             * one FMA, is off by the rounding of max * scale: 2^0.03 at scores of 10^6, 33400 > 32767) */
+            const __m512 largest = _mm512_set1_ps(_mm512_reduce_max_ps(max0));
+            __m512i count = _mm512_setzero_si512();
+            for (int kk = 0; kk < kpad; kk += 16) {
+                const __mmask16 m = kk + 16 <= tokens ? 0xffff : kk < tokens ? tail : 0;
+                const __m512 e = _mm512_maskz_mov_ps(m, exp2_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(si + kk),
+                                                                                            largest), scaled)));
+                const __m512i rounded = _mm512_cvtps_epi32(_mm512_mul_ps(e, top));
+                count = _mm512_add_epi32(count, rounded);
+                _mm256_storeu_si256((__m256i *)(pi + kk), _mm512_cvtsepi32_epi16(rounded)); /* saturating */
+            }
+            inverse[i] = 1.0f / (float)_mm512_reduce_add_epi32(count);
+        }
+        const int rows = (nq + 3) / 4 * 4; /* rows nq .. rows - 1: zero weights, their outputs unused */
+        memset(pb + (size_t)nq * kpad, 0, (size_t)(rows - nq) * kpad * 2);
+        memset(b->o, 0, (size_t)rows * HD * 4);
+        for (size_t k0 = 0; k0 < (size_t)kpad; k0 += PV_FLUSH)
+            for (int r0 = 0; r0 < rows; r0 += 4)
+                values_int16(pb, vp, b->o, kpad, r0, k0);
+        for (int i = 0; i < nq; i++) {
+            float *dst = out + (size_t)(q0 + i) * width + (size_t)head * HD;
+            const __m512 w = _mm512_set1_ps(inverse[i]);
+            for (int c = 0; c < 4; c++)
+                _mm512_storeu_ps(dst + c * 16, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(b->o + i * HD + c * 16),
+                                                                           _mm512_loadu_ps(vscale + c * 16)), w));
+        }
+    }
+    return 0;
+}
+
+typedef struct {
+    const float *q, *k, *v;
+    float *out;
+    int tokens, heads, queries, items;
+    float scale;
+    int next, status;
+} int16_call;
+
+static void int16_member(void *arg) {
+    int16_call *c = arg;
+    const size_t kpad = (size_t)(c->tokens + KB - 1) / KB * KB;
+    buffers *b = thread_buffers(kpad);
+    if (!b) {
+        int ok = AST_AMX_OK;
+        __atomic_compare_exchange_n(&c->status, &ok, AST_AMX_NO_MEMORY, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+        return;
+    }
+    const size_t width = (size_t)c->heads * HD;
+    for (;;) {
+        const int item = __atomic_fetch_add(&c->next, 1, __ATOMIC_RELAXED);
+        if (item >= c->items)
+            break;
+        const int window = item / c->heads, head = item % c->heads;
+        if (attend_head_int16(c->q + (size_t)window * c->queries * width, c->k + (size_t)window * c->tokens * width,
+                              c->v + (size_t)window * c->tokens * width,
+                              c->out + (size_t)window * c->queries * width, c->tokens, c->heads, c->queries, head,
+                              c->scale, b)) {
+            int ok = AST_AMX_OK;
+            __atomic_compare_exchange_n(&c->status, &ok, AST_AMX_BAD_ARGS, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+        }
+    }
+    release_buffers(b);
+}
+
+static void *own_int16_thread(void *arg) {
+    int16_member(arg);
+    return NULL;
+}
+
+/* q: (windows, queries, heads * 64), k and v: (windows, tokens, heads * 64), out: (windows, queries, heads * 64),
+ * all float32 and contiguous. Returns 0, or an AST_AMX_* code with `out` unspecified. */
+int ast_int16_attention(const float *q, const float *k, const float *v, float *out, int windows, int tokens,
+                        int heads, int queries, float scale, int threads) {
+    if (windows < 1 || tokens < 1 || heads < 1 || queries < 1 || queries > tokens || tokens > (1 << 20) ||
+        !(scale > 0.0f && scale <= 1.0f) || (long)windows * heads > (1L << 30))
+        return AST_AMX_BAD_ARGS;
+    int16_call c = {q, k, v, out, tokens, heads, queries, windows * heads, scale, 0, AST_AMX_OK};
+    threads = threads < 1 ? 1 : threads > c.items ? c.items : threads > MAX_THREADS ? MAX_THREADS : threads;
+    if (pool_parallel) {
+        pool_parallel(int16_member, &c, (unsigned)threads, 0);
+    } else {
+        pthread_t ids[MAX_THREADS];
+        int started = 0;
+        for (int t = 0; t < threads; t++)
+            if (pthread_create(&ids[started], NULL, own_int16_thread, &c) == 0)
                 started++;
         for (int t = 0; t < started; t++)
             pthread_join(ids[t], NULL);

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -165,6 +165,10 @@ class ASTPatchEmbeddings(nn.Module):
 
 
 class ASTSelfAttention(nn.Module):
+    # softmax(Q K^T scale) V on (B, Q, D), (B, N, D), (B, N, D) float32 -> (B, Q, D), or None for SDPA: set on
+    # int8 models (``speed.quantize_dynamic``: ``int16.attention``); float32 and bf16 models run SDPA or eager
+    kernel: Callable[..., torch.Tensor | None] | None = None
+
     def __init__(self, cfg: ASTConfig):
         super().__init__()
         self.num_heads = cfg.num_attention_heads
@@ -179,9 +183,12 @@ class ASTSelfAttention(nn.Module):
         D), each attending to all N tokens as before."""
         batch, tokens, _ = x.shape
         shape = (batch, -1, self.num_heads, self.head_dim)
-        q = self.query(x if queries is None else x[:, :queries]).view(shape).transpose(1, 2)  # (B, nh, N, hs)
-        k = self.key(x).view(shape).transpose(1, 2)
-        v = self.value(x).view(shape).transpose(1, 2)
+        q, k, v = self.query(x if queries is None else x[:, :queries]), self.key(x), self.value(x)
+        if self.kernel is not None and attn == "sdpa":
+            out = self.kernel(q, k, v, self.num_heads, self.scale)
+            if out is not None:
+                return out
+        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))  # (B, nh, N, hs)
         return attention(q, k, v, self.scale, attn)
 
 

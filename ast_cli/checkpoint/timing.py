@@ -3,6 +3,8 @@ passes until the kernels have settled."""
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Callable
 
 WARMUP_AGREE = 0.05  # two warm-up passes in a row this close (relative): the kernels have settled
@@ -34,3 +36,15 @@ def warm_up(run_pass: Callable[[], float], passes: int | None = None, most: int 
             return count
         previous = current
     return max(1, most)
+
+
+def best_seconds(call: Callable[[], object], calls: int, below: float = 0.0) -> float:
+    """The fastest of ``calls`` timed ``call()``s, stopping at the first under ``below`` seconds."""
+    best = math.inf
+    for _ in range(calls):
+        start = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - start)
+        if best < below:
+            break
+    return best

@@ -33,7 +33,9 @@ TIMED_PASSES = 3  # median of these, after warm-up
 # Warm-up passes at most (until two agree within 5%): bf16 on AMX settles within three or four; more would make
 # the one-off calibration of a full-size model on a noisy machine cost tens of seconds.
 MAX_WARMUP = 4
-CACHE_VERSION = 3  # 2: the bf16 candidate fuses QKV and the residual adds; 3: its attention runs on AMX tiles
+# 2: the bf16 candidate fuses QKV and the residual adds; 3: its attention runs on AMX tiles; 4: the int8
+# candidates' attention runs on int16 dot products (VNNI)
+CACHE_VERSION = 4
 MAX_CACHE_BYTES = 1 << 20  # a larger cache file is not ours: ignored, rewritten
 MAX_CACHE_ENTRIES = 64  # oldest dropped beyond this
 
@@ -228,6 +230,7 @@ def _probe_seconds(name: str, below: float = 0.0) -> float:
     from torch import nn
 
     from ..checkpoint.speed import PackedLinearBF16, quantize_dynamic
+    from ..checkpoint.timing import best_seconds
 
     rows, inputs, outputs = PROBE_SHAPE
     generator = torch.Generator().manual_seed(0)
@@ -241,20 +244,7 @@ def _probe_seconds(name: str, below: float = 0.0) -> float:
         layer = linear
     with torch.inference_mode():
         layer(x)
-        return _best_seconds(lambda: layer(x), below)
-
-
-def _best_seconds(call: Callable[[], object], below: float) -> float:
-    """The fastest of ``PROBE_CALLS`` timed ``call()``s, stopping at the first under ``below`` seconds (a
-    reference kernel is not timed again and again: 0.5 s a call)."""
-    best = math.inf
-    for _ in range(PROBE_CALLS):
-        start = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - start)
-        if best < below:
-            break
-    return best
+        return best_seconds(lambda: layer(x), PROBE_CALLS, below)  # a reference kernel: 0.5 s a call
 
 
 def _probe(names: list[str]) -> dict[str, str]:
@@ -329,7 +319,7 @@ def calibrate(model, device: str = "cpu", attn: str | None = None, heads=(), emb
 
 
 def fast_cache_path() -> str:
-    """``$XDG_CACHE_HOME/ast-cli/fast-v3.json`` (``ast_cache_dir``); the environment is read at call time."""
+    """``$XDG_CACHE_HOME/ast-cli/fast-v4.json`` (``ast_cache_dir``); the environment is read at call time."""
     from ..checkpoint.names import ast_cache_dir
 
     return str(ast_cache_dir() / f"fast-v{CACHE_VERSION}.json")
@@ -342,19 +332,20 @@ def cache_key(model, device: str, heads=(), attn: str | None = None, embeddings:
     single-label model's scores. The last four are named only when they apply (heads, attention other than sdpa,
     embeddings of a model with labels, a single-label model): a key without them is unchanged. On the CPU with
     sdpa, also what runs bf16 attention: "amx" (the kernel) or "sdpa" (no AMX, no compiler, opted out; never the
-    reason, whose words may change from run to run), so that installing a compiler or ``AST_AMX_ATTENTION=0``
-    calibrates again."""
+    reason, whose words may change from run to run), and int8 attention: "int16" (VNNI) or "sdpa", so that
+    installing a compiler, ``AST_AMX_ATTENTION=0`` or ``AST_INT16_ATTENTION=0`` calibrates again."""
     import torch
 
-    from ..checkpoint import amx
+    from ..checkpoint import amx, int16
     from ..checkpoint.speed import _cpuinfo_flags, cpu_capabilities
     from ..checkpoint.weights import weights_fingerprint
 
     caps = cpu_capabilities()
     config = model.config
     head_size = config.hidden_size // config.num_attention_heads
-    bf16_attention = (("amx" if head_size == amx.HEAD_SIZE and amx.available() else "sdpa")
-                      if device == "cpu" and attn in (None, "sdpa") else None)
+    cpu_sdpa = device == "cpu" and attn in (None, "sdpa")
+    bf16_attention = ("amx" if head_size == amx.HEAD_SIZE and amx.available() else "sdpa") if cpu_sdpa else None
+    int8_attention = ("int16" if head_size == int16.HEAD_SIZE and int16.available() else "sdpa") if cpu_sdpa else None
     gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
     return {"cpu": str(caps.get("cpu_name", "")), "cpu_flags": sorted(_cpuinfo_flags()) or sorted(
             k for k, v in caps.items() if v is True), "torch": torch.__version__,
@@ -363,7 +354,7 @@ def cache_key(model, device: str, heads=(), attn: str | None = None, embeddings:
                            if heads else {}), **({"attn": attn} if attn not in (None, "sdpa") else {}),
             **({"measure": "embeddings"} if embeddings and measure_of(model, heads) == "scores" else {}),
             **({"activation": "softmax"} if _single_label(model) and measure_of(model, heads, embeddings) == "scores"
-               else {}), **({"bf16_attention": bf16_attention} if bf16_attention else {})}
+               else {}), **({"bf16_attention": bf16_attention, "int8_attention": int8_attention} if cpu_sdpa else {})}
 
 
 def _read_cache(path: str) -> list:

@@ -1,0 +1,196 @@
+"""Issue 26: an int8 model's attention on int16 dot products (``ast_cli/checkpoint/int16.py``, the
+``ast_int16_attention`` half of ``amx_attention.c``).
+
+The kernel's tests run where this CPU has AVX512-VNNI and a C compiler builds the library; elsewhere they skip
+and say why. What happens without it (the opt-out, a CPU without VNNI) is tested everywhere.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ast_cli.checkpoint import amx, int16
+from ast_cli.checkpoint.model import ASTConfig
+from ast_cli.checkpoint.speed import quantize_dynamic
+from ast_cli.run import fast
+from ast_cli.tasks.benchmark import random_model
+
+HEAD64 = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, max_length=64,
+              num_mel_bins=128, frequency_stride=10, time_stride=10)
+
+
+def needs_kernel():
+    if not int16.available():
+        pytest.skip(f"int8 attention here: {int16.status()}")
+
+
+def inputs(windows, tokens, heads, queries, spread=1.0, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(windows, queries, heads * 64, generator=generator) * spread
+    k = torch.randn(windows, tokens, heads * 64, generator=generator) * spread
+    v = torch.randn(windows, tokens, heads * 64, generator=generator)
+    return q, k, v
+
+
+def bf16_sdpa(q, k, v, heads, scale):
+    def split(t):
+        return t.bfloat16().view(t.shape[0], t.shape[1], heads, 64).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v), scale=scale)
+    return out.float().transpose(1, 2).reshape(q.shape)
+
+
+@pytest.fixture
+def fresh():
+    """The kernel loaded afresh in the test and again after it (a test that turns it off leaves no trace)."""
+    int16._forget()
+    yield
+    int16._forget()
+
+
+# -- the kernel ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("windows,tokens,heads,queries", [
+    (1, 1, 1, 1), (1, 15, 2, 15), (2, 16, 3, 7), (1, 17, 1, 17), (3, 33, 2, 33), (1, 100, 4, 2), (1, 100, 4, 9),
+    (1, 1214, 12, 1214), (2, 1214, 12, 2)])
+@pytest.mark.parametrize("spread", [1.0, 4.0])
+def test_26_13_int16_attention_is_closer_to_float64_than_bf16_sdpa(windows, tokens, heads, queries, spread):
+    """Against float64 attention, the kernel's largest and mean errors are a quarter of bf16 SDPA's or less
+    (measured: 5-10x smaller), at every size a block leaves partly empty: one token, 15-17 and 33 keys, partial
+    groups of 8 and 4 queries, the two queries of the last layer, a full 10.24 s window; wide scores too."""
+    needs_kernel()
+    q, k, v = inputs(windows, tokens, heads, queries, spread, seed=tokens * 31 + heads)
+    with torch.inference_mode():
+        got = int16.attention(q, k, v, heads, 0.125)
+        theirs = bf16_sdpa(q, k, v, heads, 0.125)
+    want = int16.reference(q, k, v, heads, 0.125)
+    assert got is not None and got.shape == q.shape and got.dtype == torch.float32
+    ours, bf16 = (got - want).abs(), (theirs - want).abs()
+    assert ours.max() <= 0.25 * bf16.max() + 1e-6, (ours.max(), bf16.max())
+    assert ours.mean() <= 0.25 * bf16.mean() + 1e-7, (ours.mean(), bf16.mean())
+
+
+def test_26_13_the_int32_sums_cannot_overflow():
+    """The bounds the kernel keeps: every weight at its largest (all scores equal: 32767 each) times every value
+    at its channel's largest, over 1214 keys, and scores as large as two 13-bit vectors give. Right answers, not
+    wrapped sums: the mean of the values, and the one key a very large score picks."""
+    needs_kernel()
+    tokens, heads = 1214, 12
+    v = torch.full((1, tokens, heads * 64), 1e6)
+    v[..., ::2] = -3e4
+    q, k = torch.zeros(1, tokens, heads * 64), torch.randn(1, tokens, heads * 64)
+    got = int16.attention(q, k, v, heads, 0.125)
+    assert torch.allclose(got, v[:, :1].expand_as(got), rtol=1e-3)
+    k = torch.zeros(1, tokens, heads * 64)
+    k[0, 700] = 1e3
+    v = torch.randn(1, tokens, heads * 64) * 1e3
+    got = int16.attention(k[:, 700:701].expand(1, 3, -1).contiguous(), k, v, heads, 1.0)
+    # each value channel is rounded to 12 bits of its largest magnitude (~3.5e3 here): ~1 at most
+    assert (got - v[:, 700:701]).abs().max() <= v.abs().max() / 2047
+
+
+def test_26_13_a_window_s_attention_depends_on_that_window_alone():
+    """Bit for bit the same whatever the batch around a window and whatever the threads."""
+    needs_kernel()
+    q, k, v = inputs(3, 200, 4, 200)
+    together = int16.attention(q, k, v, 4, 0.125)
+    alone = int16.attention(q[1:2], k[1:2], v[1:2], 4, 0.125)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = int16.attention(q, k, v, 4, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(together[1:2], alone) and torch.equal(together, one_thread)
+
+
+def test_26_13_inputs_it_does_not_take_go_to_sdpa():
+    """Not finite (NaN or infinity anywhere in q, k or v), another dtype, a gradient, another head size, a scale
+    outside (0, 1]: None, and the caller runs SDPA, which propagates a NaN as float32 attention does."""
+    needs_kernel()
+    q, k, v = inputs(1, 40, 2, 40)
+    for tensor, value in ((q, float("nan")), (k, float("inf")), (v, float("nan")), (v, float("-inf"))):
+        bad = tensor.clone()
+        bad[0, 5, 70] = value
+        args = [bad if t is tensor else t for t in (q, k, v)]
+        assert int16.attention(*args, 2, 0.125) is None
+    assert int16.attention(q.double(), k.double(), v.double(), 2, 0.125) is None
+    assert int16.attention(q.requires_grad_(), k, v, 2, 0.125) is None
+    q = q.detach()
+    assert int16.attention(q, k, v, 4, 0.125) is None  # 4 heads of 32
+    assert int16.attention(q, k, v, 2, 1.5) is None
+    assert int16.attention(q, k, v, 2, 0.125) is not None
+
+
+# -- in the int8 model -----------------------------------------------------------------------------------------
+
+
+def test_26_13_int8_models_run_attention_on_the_kernel(monkeypatch):
+    """``quantize_dynamic`` hands each block the kernel; its scores stay within 0.01 of the same int8 model on
+    float32 SDPA (0.0032 here: the next layer's int8 rounding of its input turns attention's 1e-4 into more)
+    and within 0.02 of float32 (a random full-size AST: 0.0088 with the kernel, 0.0103 without). float32
+    models never run it: their scores are the reference's."""
+    needs_kernel()
+    model = random_model(ASTConfig(**HEAD64, id2label=("a", "b", "c")))
+    calls = []
+    real = int16._call
+    monkeypatch.setattr(int16, "_call", lambda *a: calls.append(a[1].shape) or real(*a))
+    x = torch.randn(2, 64, 128) * 0.5
+    with torch.inference_mode():
+        float32 = model(x)
+        assert not calls
+        quantized = quantize_dynamic(copy.deepcopy(model), "int8", kernel="fbgemm")
+        fast_scores = torch.sigmoid(quantized(x))
+        assert calls[0] == (2, 62, 128) and len(calls) >= 2  # every block; the last with its two queries
+        with int16.turned_off():
+            sdpa_scores = torch.sigmoid(quantized(x))
+    assert (fast_scores - sdpa_scores).abs().max() <= 0.01
+    assert (fast_scores - torch.sigmoid(float32)).abs().max() <= 0.02
+
+
+def test_26_13_the_opt_out_and_a_cpu_without_vnni_run_sdpa_quietly(fresh, monkeypatch, tmp_path):
+    """``AST_INT16_ATTENTION=0`` and a CPU without VNNI: SDPA, status says why, no warning, nothing built."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv(int16.ENV, "0")
+    q, k, v = inputs(1, 20, 1, 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert int16.attention(q, k, v, 1, 0.125) is None
+    assert int16.status() == f"SDPA (int16 attention unavailable: {int16.ENV}=0)"
+    monkeypatch.delenv(int16.ENV)
+    monkeypatch.setattr(amx, "_cpu_flags", lambda: {"avx512f", "avx512bw", "avx2"})
+    int16._forget()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert int16.attention(q, k, v, 1, 0.125) is None
+    assert int16.status() == "SDPA (int16 attention unavailable: the CPU lacks avx512_vnni)"
+    assert not (tmp_path / "xdg").exists()
+
+
+def test_26_13_a_broken_self_test_means_sdpa_and_a_warning(fresh, monkeypatch):
+    """A library whose int16 kernel disagrees with float64 is not used; where the CPU could run it, a warning says
+    why (``ast`` shows it with --debug)."""
+    needs_kernel()
+    monkeypatch.setattr(int16, "SELF_TEST_ERROR", -1.0)
+    monkeypatch.setattr(amx, "load_built", lambda opener: (_ for _ in ()).throw(amx.Unavailable("self-test")))
+    int16._forget()
+    q, k, v = inputs(1, 20, 1, 20)
+    with pytest.warns(RuntimeWarning, match="not the int16 kernel: self-test"):
+        assert int16.attention(q, k, v, 1, 0.125) is None
+
+
+def test_26_13_a_fast_choice_names_what_ran_int8_attention(monkeypatch):
+    """A --fast choice timed with the int16 kernel is not reused where SDPA runs int8 attention instead."""
+    model = random_model(ASTConfig(**HEAD64, id2label=("a", "b")))
+    runs = [True]
+    monkeypatch.setattr(int16, "available", lambda: runs[0])
+    assert fast.cache_key(model, "cpu")["int8_attention"] == "int16"
+    runs[0] = False
+    assert fast.cache_key(model, "cpu")["int8_attention"] == "sdpa"
+    assert "int8_attention" not in fast.cache_key(model, "cpu", attn="eager")
