@@ -194,3 +194,30 @@ def test_26_13_a_fast_choice_names_what_ran_int8_attention(monkeypatch):
     runs[0] = False
     assert fast.cache_key(model, "cpu")["int8_attention"] == "sdpa"
     assert "int8_attention" not in fast.cache_key(model, "cpu", attn="eager")
+
+
+def test_26_13_status_says_what_runs_int8_attention_and_benchmark_shows_it():
+    from ast_cli.audio.features import FeatureConfig
+    from ast_cli.tasks.benchmark import environment
+
+    said = int16.status()
+    assert said == "int16 kernel (AVX512-VNNI)" or said.startswith("SDPA (int16 attention unavailable: ")
+    assert int16.available() == (said == "int16 kernel (AVX512-VNNI)")
+    model = random_model(ASTConfig(**HEAD64, id2label=("a", "b")))
+    assert environment(model, FeatureConfig(), "cpu", "tiny").int8_attention == said
+
+
+def test_26_13_a_vnni_cpu_with_a_compiler_uses_the_kernel():
+    """Where everything the kernel needs is here, a kernel that fails its self-test or does not build is a failure,
+    not a quiet fall back to SDPA that would skip the tests above."""
+    import os
+    import shutil
+
+    missing = int16.CPU_FLAGS - amx._cpu_flags()
+    if missing or amx.sys.platform != "linux":
+        pytest.skip(f"the CPU lacks {', '.join(sorted(missing))}" if missing else "not Linux")
+    if shutil.which(os.environ.get("CC") or "cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler here")
+    if os.environ.get(int16.ENV, "").strip() == "0":
+        pytest.skip(f"{int16.ENV}=0")
+    assert int16.available(), int16.status()

@@ -1,6 +1,8 @@
 /* Attention for bf16 on Intel AMX tiles: softmax(Q K^T * scale) V, exact (two passes over each row of scores: its
  * maximum, then exp and sum), one window and head at a time. ast_cli/checkpoint/amx.py compiles this file once per
- * machine and calls it through ctypes; see there for why, and for what it replaces.
+ * machine and calls it through ctypes; see there for why, and for what it replaces. The second half of the file
+ * is float32 attention on int16 dot products for CPUs with AVX512-VNNI (int8 models; int16.py), which shares the
+ * layouts, the exponential and the buffers; on a CPU without AMX its AMX code is never run.
  *
  * Layout: qkv is the fused projection's output, (batch, tokens, 3, heads, 64) bf16, contiguous; out is
  * (batch, queries, heads * 64) bf16, contiguous: the first `queries` tokens attend to all `tokens`.
@@ -568,10 +570,12 @@ static int attend_head_int16(const float *q, const float *k, const float *v, flo
         const int nq = queries - q0 < QB ? queries - q0 : QB, groups = (nq + 7) / 8;
         if (round_rows(q + (size_t)q0 * width + (size_t)head * HD, width, nq, groups * 8, QK_TOP, qb, qscale))
             return -1;
+        for (int i = 0; i < nq; i++) /* S comes out times scale * log2(e): the exponent's base is 2 */
+            qscale[i] *= scale2;
         for (int k0 = 0; k0 < kpad; k0 += KB) /* each block of keys from L2 once, then from L1 */
             for (int g = 0; g < groups; g++)
                 scores_int16(qb, kt, qscale, kscale, b->s, kpad, g * 8, k0);
-        const __m512 scaled = _mm512_set1_ps(scale2), top = _mm512_set1_ps(P_TOP);
+        const __m512 top = _mm512_set1_ps(P_TOP);
         const __mmask16 tail = (__mmask16)((1u << (tokens - full)) - 1);
         for (int i = 0; i < nq; i++) {
             float *si = b->s + (size_t)i * kpad;
@@ -581,14 +585,13 @@ static int attend_head_int16(const float *q, const float *k, const float *v, flo
                 max0 = _mm512_max_ps(max0, _mm512_loadu_ps(si + kk));
             if (tail)
                 max0 = _mm512_mask_max_ps(max0, tail, max0, _mm512_maskz_loadu_ps(tail, si + full));
-            /* (S - max) * scale: exactly 0 at the max, so every weight is at most 1 (S * scale - max * scale, as
-             * one FMA, is off by the rounding of max * scale: 2^0.03 at scores of 10^6, 33400 > 32767) */
+            /* S - max: exactly 0 at the max, so every weight is at most 1 (S * scale - max * scale, as one FMA, is
+             * off by the rounding of max * scale: 2^0.03 at scores of 10^6, 33400 > 32767) */
             const __m512 largest = _mm512_set1_ps(_mm512_reduce_max_ps(max0));
             __m512i count = _mm512_setzero_si512();
             for (int kk = 0; kk < kpad; kk += 16) {
                 const __mmask16 m = kk + 16 <= tokens ? 0xffff : kk < tokens ? tail : 0;
-                const __m512 e = _mm512_maskz_mov_ps(m, exp2_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(si + kk),
-                                                                                            largest), scaled)));
+                const __m512 e = _mm512_maskz_mov_ps(m, exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(si + kk), largest)));
                 const __m512i rounded = _mm512_cvtps_epi32(_mm512_mul_ps(e, top));
                 count = _mm512_add_epi32(count, rounded);
                 _mm256_storeu_si256((__m256i *)(pi + kk), _mm512_cvtsepi32_epi16(rounded)); /* saturating */

@@ -68,6 +68,7 @@ class Environment:
     native_bf16: bool | None  # CPU only: bf16 matmuls in hardware
     int8_kernel: str | None  # CPU only: the dynamic int8 Linear kernel
     bf16_attention: str | None = None  # CPU only: what runs the packed bf16 model's attention (amx.describe)
+    int8_attention: str | None = None  # CPU only: what runs an int8 model's attention (int16.describe)
 
 
 @dataclass(frozen=True)
@@ -219,7 +220,7 @@ def variant(master: AST, mode: Mode, device: str, share: bool = False) -> AST:
 def environment(master: AST, features: FeatureConfig, device: str, name: str) -> Environment:
     import torch
 
-    from ..checkpoint import amx
+    from ..checkpoint import amx, int16
     from ..checkpoint.speed import cpu_capabilities, cpu_has_native_bf16, int8_kernel
 
     if device.startswith("cuda"):
@@ -245,6 +246,7 @@ def environment(master: AST, features: FeatureConfig, device: str, name: str) ->
         native_bf16=cpu_has_native_bf16() if cpu else None,
         int8_kernel=int8_kernel() if cpu else None,
         bf16_attention=amx.describe(cfg.hidden_size // cfg.num_attention_heads) if cpu else None,
+        int8_attention=int16.describe(cfg.hidden_size // cfg.num_attention_heads) if cpu else None,
     )
 
 
