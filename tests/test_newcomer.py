@@ -186,6 +186,15 @@ def test_audacity_label_tracks_and_raven_selection_tables(tiny_checkpoint, tmp_p
     assert refused.exit_code == 2 and "--output-dir" in refused.stderr
 
 
+@pytest.mark.parametrize("fmt", ["audacity", "raven"])
+def test_26_13_a_label_track_to_stdout_is_refused_not_written_as_csv(tiny_checkpoint, tmp_path, fmt):
+    """Without --output-dir, ``-f audacity`` printed CSV rows to stdout as if nothing were wrong: now a usage
+    error before the model loads, as with --output."""
+    clip = write_audio(tmp_path / "in" / "walk.wav", 1.0, seed=4)
+    refused = ast("classify", clip, "--model", tmp_path / "no-such-model", "-f", fmt)
+    assert refused.exit_code == 2 and "--output-dir" in refused.stderr and refused.stdout == ""
+
+
 def test_include_reads_a_label_list_from_a_file(tiny_checkpoint, clips, tmp_path):
     names = tmp_path / "dogs.txt"
     names.write_text("# what we listen for\nDog\nBark  # loud\n\nHowl\n")

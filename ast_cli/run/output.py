@@ -96,13 +96,13 @@ def plan_output(path: str | None, fmt: OutputFormat | str | None, *, resume: boo
     fmt = fmt or inferred or OutputFormat(default)
     if resume and overwrite:
         raise UsageError("resuming keeps the output, overwriting replaces it: choose one", option="resume")
+    if fmt in (OutputFormat.audacity, OutputFormat.raven):  # to a file or to stdout: one recording per file
+        raise UsageError(f"{fmt.value} files describe one recording each: write them with --output-dir DIR",
+                         option="format")
     if path is None:
         if resume:
             raise UsageError("needs an output file (--output FILE.jsonl)", option="resume")
         return OutputTarget(fmt)
-    if fmt in (OutputFormat.audacity, OutputFormat.raven):
-        raise UsageError(f"{fmt.value} files describe one recording each: write them with --output-dir DIR",
-                         option="format")
     if fmt is OutputFormat.table:
         raise UsageError("a table goes to the terminal; a file takes json, jsonl, csv or tsv", option="output")
     if resume and fmt is not OutputFormat.jsonl:
