@@ -321,6 +321,18 @@ def test_losing_stderr_never_loses_data(tiny_checkpoint, clips, tmp_path, how):
     assert [r["path"] for r in records(out.read_text())] == [str(c) for c in clips] + [str(bad)]
 
 
+@pytest.mark.slow  # a whole process: seconds
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+def test_26_13_a_full_stdout_is_one_clear_line(tiny_checkpoint, clips):
+    """``ast classify ... -f csv > /dev/full`` said "unexpected error: OSError" and asked for --debug."""
+    with open("/dev/full", "w") as full:
+        proc = ast_process(*clips, *model_args(tiny_checkpoint), "-f", "csv", stdout=full)
+        _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert stderr.splitlines()[-2:] == ["Error: writing failed: No space left on device",
+                                        "Hint: make room where the output goes, then run again"]
+
+
 @pytest.mark.slow  # a whole process (or several): seconds each
 def test_a_closed_stdout_pipe_ends_quietly(tiny_checkpoint, many):
     proc = ast_process(many, *model_args(tiny_checkpoint), "-f", "jsonl", "--batch-size", "1")

@@ -3,6 +3,7 @@ options and commands, and exit codes. ``--debug`` (or AST_DEBUG=1) brings traceb
 
 from __future__ import annotations
 
+import errno
 import os
 import traceback
 import warnings
@@ -115,6 +116,8 @@ def describe_error(exc: BaseException) -> tuple[str, str | None, int]:
     text = " ".join(str(exc).split())
     if isinstance(exc, OSError) and exc.filename:
         return f"{os.fsdecode(exc.filename)}: {exc.strerror or text}", None, EXIT_FAILED
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # a stream, unnamed
+        return f"writing failed: {exc.strerror}", "make room where the output goes, then run again", EXIT_FAILED
     name = type(exc).__name__
     return f"unexpected error: {name}: {text}", "run again with --debug (or AST_DEBUG=1) for the traceback", EXIT_FAILED
 
