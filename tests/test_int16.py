@@ -164,7 +164,7 @@ def test_26_13_the_opt_out_and_a_cpu_without_vnni_run_sdpa_quietly(fresh, monkey
         assert int16.attention(q, k, v, 1, 0.125) is None
     assert int16.status() == f"SDPA (int16 attention unavailable: {int16.ENV}=0)"
     monkeypatch.delenv(int16.ENV)
-    monkeypatch.setattr(amx, "_cpu_flags", lambda: {"avx512f", "avx512bw", "avx2"})
+    monkeypatch.setattr(amx, "_cpu_flags", lambda: {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2"})
     int16._forget()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -221,3 +221,69 @@ def test_26_13_a_vnni_cpu_with_a_compiler_uses_the_kernel():
     if os.environ.get(int16.ENV, "").strip() == "0":
         pytest.skip(f"{int16.ENV}=0")
     assert int16.available(), int16.status()
+
+
+# -- found by a hostile review -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tokens", [1214, 5000])
+def test_26_13_many_small_weights_behind_one_large_one_keep_their_mass(tokens):
+    """One key at weight 1 and every other at 1.5e-5: rounded against the row's largest weight they all became 0
+    (channel 0 came out 0.0000 against 0.0179 for 1214 tokens). Each block of 32 keys now has a scale of its own:
+    as close as bf16 SDPA or closer overall, at 1214 and 5000 tokens. What is left: the 31 small weights that
+    share the large one's block (0.0174 for 0.0179 in channel 0 here; bf16 0.0176)."""
+    needs_kernel()
+    q = torch.zeros(1, 1, 64)
+    q[0, 0, 0] = 1
+    k = torch.zeros(1, tokens, 64)
+    k[0, 1:, 0] = float(torch.log(torch.tensor(1.5e-5)))
+    v = torch.zeros(1, tokens, 64)
+    v[0, 1:, 0] = 1
+    v[0, :, 1] = torch.randn(tokens, generator=torch.Generator().manual_seed(1))
+    got, want = int16.attention(q, k, v, 1, 1.0), int16.reference(q, k, v, 1, 1.0)
+    assert (got - want).abs().max() <= (bf16_sdpa(q, k, v, 1, 1.0) - want).abs().max()
+    assert float(got[0, 0, 0]) == pytest.approx(float(want[0, 0, 0]), rel=0.03)
+
+
+def test_26_13_a_sink_key_is_as_close_as_bf16():
+    """Real attention often has one key far above the rest (scores +11 over Gaussian ones)."""
+    needs_kernel()
+    q, k, v = inputs(1, 5000, 2, 64, seed=3)
+    k[0, 0] = q[0].mean(0) / q[0].mean(0).norm() * 11 / 0.125 / q[0].norm(dim=1).mean()
+    got, want = int16.attention(q, k, v, 2, 0.125), int16.reference(q, k, v, 2, 0.125)
+    assert (got - want).abs().max() <= 0.5 * (bf16_sdpa(q, k, v, 2, 0.125) - want).abs().max()
+
+
+def test_26_13_more_than_65536_tokens_do_not_wrap_the_row_sum():
+    """The row's sum of rounded weights was an int32: past 65,538 equal weights it wrapped, and the output came out
+    negated (-1.00 for a true 1.00 at 65,539 tokens)."""
+    needs_kernel()
+    tokens = 70000
+    q, k = torch.zeros(1, 3, 64), torch.zeros(1, tokens, 64)
+    v = torch.ones(1, tokens, 64)
+    got = int16.attention(q, k, v, 1, 0.125)
+    assert torch.allclose(got, torch.ones_like(got), rtol=1e-3)
+
+
+def test_26_13_magnitudes_the_scales_cannot_carry_go_to_sdpa():
+    """Finite but extreme: huge values come out right (1 / sum before the channel scale, which overflowed to inf);
+    queries and keys whose scales multiply past float32 (scores of 1e41, or of 0 with |q| = |k| = 1e23), and a row
+    so small that its inverse scale overflows (|q| ~ 1e-36), are refused (None: SDPA), not returned as inf or 0."""
+    needs_kernel()
+    generator = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 40, 64, generator=generator), torch.randn(1, 40, 64, generator=generator)
+    huge = torch.full((1, 40, 64), 1e35)
+    assert torch.allclose(int16.attention(q, k, huge, 1, 0.125), huge, rtol=1e-3)
+    q, k = torch.zeros(1, 40, 64), torch.zeros(1, 40, 64)
+    q[..., 0], k[..., 1] = 1e23, 1e23
+    assert int16.attention(q, k, huge, 1, 0.125) is None
+    q, k = torch.full((1, 40, 64), 1e20), torch.randn(1, 40, 64, generator=generator) * 1e20
+    assert int16.attention(q, k, huge, 1, 0.125) is None
+    q, k = torch.randn(1, 40, 64, generator=generator) * 1e-36, torch.randn(1, 40, 64, generator=generator) * 3e36
+    assert int16.attention(q, k, huge, 1, 1.0) is None
+
+
+def test_26_13_tensors_of_other_ranks_are_not_taken():
+    q, k, v = inputs(1, 40, 1, 40)
+    assert int16.attention(q[0], k[0], v[0], 1, 0.125) is None
+    assert int16.attention(q.unsqueeze(-1), k, v, 1, 0.125) is None

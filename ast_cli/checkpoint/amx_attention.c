@@ -99,13 +99,15 @@ typedef struct {
     uint16_t *kt, *v, *q, *p;  /* K^T and V in B layout (kpad x 64 each), one query block, P (32 x kpad) */
     float *s, *o;              /* scores (32 x kpad), O (32 x 64) */
     int16_t *rows;             /* int16 kernel: quantized K and V, row-major (2 x kpad x 64) */
+    float *pscale;             /* int16 kernel: each 32 keys' weight scale, per query (32 x kpad / 32) */
     float *scales;             /* int16 kernel: the keys' scales (kpad), the values' (64), the queries' (32) */
     size_t kpad;               /* the keys they have room for */
 } buffers;
 
 static void free_buffers(void *arg) {
     buffers *b = arg;
-    free(b->kt), free(b->v), free(b->q), free(b->p), free(b->s), free(b->o), free(b->rows), free(b->scales);
+    free(b->kt), free(b->v), free(b->q), free(b->p), free(b->s), free(b->o);
+    free(b->rows), free(b->scales), free(b->pscale);
     free(b);
 }
 
@@ -141,8 +143,9 @@ static buffers *thread_buffers(size_t kpad) {
     b->o = aligned_alloc(64, QB * HD * 4);
     b->rows = aligned_alloc(64, 2 * kpad * HD * 2);
     b->scales = aligned_alloc(64, (kpad + HD + QB) * 4);
+    b->pscale = aligned_alloc(64, QB * kpad / 32 * 4);
     b->kpad = kpad;
-    if (!b->kt || !b->v || !b->q || !b->p || !b->s || !b->o || !b->rows || !b->scales ||
+    if (!b->kt || !b->v || !b->q || !b->p || !b->s || !b->o || !b->rows || !b->scales || !b->pscale ||
         pthread_setspecific(buffers_key, b) != 0) {
         free_buffers(b);
         return NULL;
@@ -397,11 +400,14 @@ int ast_amx_attention(const uint16_t *qkv, uint16_t *out, int windows, int token
  *   bits: 64 products of 4095 x 4095 stay below 2^31); each of the head's 64 value channels with a scale of its
  *   own over all keys, its largest magnitude -> V_TOP;
  *   S = Q K^T in int32, back to float32 times both scales; each row's max; P = exp(scale * (S - max)), in (0, 1],
- *   rounded to P_TOP (15 bits), and the row sum taken of the rounded P (so the weights sum to 1 exactly);
- *   O = P V in int32, moved into float32 every 32 keys (32 x 32767 x 2047 < 2^31: no overflow, whatever the
- *   values), then times the channel scales / the row sum.
+ *   rounded to 15 bits in blocks of 32 keys, each block against its own largest weight (-> P_TOP) with a float
+ *   scale of its own, and the row sum taken of the rounded P in float32 (so the weights sum to 1 exactly);
+ *   O = P V in int32 per block of 32 keys (32 x 32767 x 2047 < 2^31: no overflow, whatever the values), moved
+ *   into float32 times the block's scale, then times 1 / the row sum and the channel scales.
+ * Inputs the scales cannot carry go to SDPA (status AST_AMX_BAD_ARGS): a value that is not finite, a row or
+ * channel so small that its inverse scale overflows, scores past float32's range.
  * Rounding errors: 2^-13 of a row's largest magnitude for q and k, 2^-12 of a channel's for v, 2^-16 of the
- * row's largest weight for P. bf16 keeps 2^-9 of each value. A result depends only on its own window and head.
+ * block's largest weight for P. bf16 keeps 2^-9 of each value. A result depends only on its own window and head.
  * Returns AST_AMX_BAD_ARGS where an input is not finite (the caller runs float32 SDPA, which propagates it). */
 #define QK_TOP 4095.0f
 #define V_TOP 2047.0f
@@ -440,7 +446,10 @@ static int round_rows(const float *src, size_t stride, int n, int kpad, float to
         const float largest = j < n ? row_max_abs(src + j * stride) : 0.0f;
         if (!(largest <= __FLT_MAX__))
             return -1;
-        const __m512 inverse = _mm512_set1_ps(largest > 0.0f ? top / largest : 0.0f);
+        const float inv = largest > 0.0f ? top / largest : 0.0f;
+        if (!(inv <= __FLT_MAX__))
+            return -1;
+        const __m512 inverse = _mm512_set1_ps(inv);
         scales[j] = largest / top;
         if (j < n)
             round_row(src + j * stride, inverse, inverse, inverse, inverse, dst + (size_t)j * HD);
@@ -463,6 +472,8 @@ static int round_values(const float *src, size_t stride, int n, int kpad, int16_
             return -1;
         const __mmask16 nonzero = _mm512_cmp_ps_mask(largest[c], _mm512_setzero_ps(), _CMP_GT_OQ);
         inverse[c] = _mm512_maskz_div_ps(nonzero, top, largest[c]);
+        if (!(_mm512_reduce_max_ps(inverse[c]) <= __FLT_MAX__))
+            return -1;
         _mm512_storeu_ps(scales + c * 16, _mm512_div_ps(largest[c], top));
     }
     for (int j = 0; j < kpad; j++) {
@@ -534,11 +545,15 @@ static void scores_int16(const int16_t *q, const int16_t *kt, const float *qscal
     } while (0)
 #define PV_ADD(r, c)                                                                                           \
     _mm512_store_ps(o + (size_t)(r0 + r) * HD + c * 16,                                                        \
-                    _mm512_add_ps(_mm512_load_ps(o + (size_t)(r0 + r) * HD + c * 16), _mm512_cvtepi32_ps(a##r##c)))
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(a##r##c), _mm512_set1_ps(ps[(size_t)(r0 + r) * nb]),           \
+                                    _mm512_load_ps(o + (size_t)(r0 + r) * HD + c * 16)))
 #define PV_ADD_ROW(r) do { PV_ADD(r, 0); PV_ADD(r, 1); PV_ADD(r, 2); PV_ADD(r, 3); } while (0)
 
 /* O rows r0 .. r0 + 3 (all 64 channels, float32, not yet scaled) += P V over keys k0 .. k0 + PV_FLUSH - 1 */
-static void values_int16(const int16_t *p, const int16_t *v, float *o, size_t kpad, int r0, size_t k0) {
+static void values_int16(const int16_t *p, const int16_t *v, float *o, size_t kpad, int r0, size_t k0,
+                         const float *pscale) {
+    const size_t nb = kpad / 32;
+    const float *ps = pscale + k0 / 32;
     __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00,
             a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
     const int16_t *pr = p + (size_t)r0 * kpad + k0;
@@ -565,17 +580,22 @@ static int attend_head_int16(const float *q, const float *k, const float *v, flo
         return -1;
     copy_keys_values((const uint16_t *)krows, (const uint16_t *)vrows, HD, tokens, kpad, b);
     const int16_t *kt = (const int16_t *)b->kt, *vp = (const int16_t *)b->v;
+    float kmax = 0.0f;
+    for (int j = 0; j < tokens; j++)
+        kmax = kscale[j] > kmax ? kscale[j] : kmax;
     float inverse[QB];
     for (int q0 = 0; q0 < queries; q0 += QB) {
         const int nq = queries - q0 < QB ? queries - q0 : QB, groups = (nq + 7) / 8;
         if (round_rows(q + (size_t)q0 * width + (size_t)head * HD, width, nq, groups * 8, QK_TOP, qb, qscale))
             return -1;
-        for (int i = 0; i < nq; i++) /* S comes out times scale * log2(e): the exponent's base is 2 */
+        for (int i = 0; i < nq; i++) { /* S comes out times scale * log2(e): the exponent's base is 2 */
             qscale[i] *= scale2;
+            if (!(qscale[i] * kmax <= __FLT_MAX__ / (64.0f * QK_TOP * QK_TOP)))
+                return -1;
+        }
         for (int k0 = 0; k0 < kpad; k0 += KB) /* each block of keys from L2 once, then from L1 */
             for (int g = 0; g < groups; g++)
                 scores_int16(qb, kt, qscale, kscale, b->s, kpad, g * 8, k0);
-        const __m512 top = _mm512_set1_ps(P_TOP);
         const __mmask16 tail = (__mmask16)((1u << (tokens - full)) - 1);
         for (int i = 0; i < nq; i++) {
             float *si = b->s + (size_t)i * kpad;
@@ -588,28 +608,43 @@ static int attend_head_int16(const float *q, const float *k, const float *v, flo
             /* S - max: exactly 0 at the max, so every weight is at most 1 (S * scale - max * scale, as one FMA, is
              * off by the rounding of max * scale: 2^0.03 at scores of 10^6, 33400 > 32767) */
             const __m512 largest = _mm512_set1_ps(_mm512_reduce_max_ps(max0));
-            __m512i count = _mm512_setzero_si512();
-            for (int kk = 0; kk < kpad; kk += 16) {
-                const __mmask16 m = kk + 16 <= tokens ? 0xffff : kk < tokens ? tail : 0;
-                const __m512 e = _mm512_maskz_mov_ps(m, exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(si + kk), largest)));
-                const __m512i rounded = _mm512_cvtps_epi32(_mm512_mul_ps(e, top));
-                count = _mm512_add_epi32(count, rounded);
-                _mm256_storeu_si256((__m256i *)(pi + kk), _mm512_cvtsepi32_epi16(rounded)); /* saturating */
+            if (!(_mm512_cvtss_f32(largest) <= __FLT_MAX__))  /* a score past float32's range */
+                return -1;
+            /* Each 32 keys' weights are rounded against their own largest, with a scale of their own: against the
+             * row's largest, a weight under 1/65534 of it became 0, and a row of many small weights behind one
+             * large one (a "sink" key) lost most of its mass. The row's sum is of the rounded weights. */
+            __m512 total = _mm512_setzero_ps();
+            for (int kk = 0; kk < kpad; kk += 32) {
+                const __mmask16 m0 = kk + 16 <= tokens ? 0xffff : kk < tokens ? tail : 0;
+                const __mmask16 m1 = kk + 32 <= tokens ? 0xffff : kk + 16 < tokens ? tail : 0;
+                const __m512 e0 = _mm512_maskz_mov_ps(m0, exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(si + kk), largest)));
+                const __m512 e1 = _mm512_maskz_mov_ps(m1, exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(si + kk + 16),
+                                                                               largest)));
+                const float block = _mm512_reduce_max_ps(_mm512_max_ps(e0, e1)), step = block / P_TOP;
+                const __m512 inv = _mm512_set1_ps(block > 0.0f ? P_TOP / block : 0.0f);
+                const __m512i lo = _mm512_cvtps_epi32(_mm512_mul_ps(e0, inv));
+                const __m512i hi = _mm512_cvtps_epi32(_mm512_mul_ps(e1, inv));
+                _mm256_storeu_si256((__m256i *)(pi + kk), _mm512_cvtsepi32_epi16(lo)); /* saturating */
+                _mm256_storeu_si256((__m256i *)(pi + kk + 16), _mm512_cvtsepi32_epi16(hi));
+                b->pscale[(size_t)i * (kpad / 32) + kk / 32] = step;
+                total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi)), _mm512_set1_ps(step), total);
             }
-            inverse[i] = 1.0f / (float)_mm512_reduce_add_epi32(count);
+            inverse[i] = 1.0f / _mm512_reduce_add_ps(total);
         }
         const int rows = (nq + 3) / 4 * 4; /* rows nq .. rows - 1: zero weights, their outputs unused */
         memset(pb + (size_t)nq * kpad, 0, (size_t)(rows - nq) * kpad * 2);
         memset(b->o, 0, (size_t)rows * HD * 4);
+        memset(b->pscale + (size_t)nq * (kpad / 32), 0, (size_t)(rows - nq) * (kpad / 32) * 4);
         for (size_t k0 = 0; k0 < (size_t)kpad; k0 += PV_FLUSH)
             for (int r0 = 0; r0 < rows; r0 += 4)
-                values_int16(pb, vp, b->o, kpad, r0, k0);
+                values_int16(pb, vp, b->o, kpad, r0, k0, b->pscale);
         for (int i = 0; i < nq; i++) {
             float *dst = out + (size_t)(q0 + i) * width + (size_t)head * HD;
             const __m512 w = _mm512_set1_ps(inverse[i]);
             for (int c = 0; c < 4; c++)
                 _mm512_storeu_ps(dst + c * 16, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(b->o + i * HD + c * 16),
-                                                                           _mm512_loadu_ps(vscale + c * 16)), w));
+                                                                           w), /* 1 / sum first: no overflow */
+                                                             _mm512_loadu_ps(vscale + c * 16)));
         }
     }
     return 0;

@@ -7,10 +7,11 @@ bf16 does not help there: without AMX, bf16 SDPA took 25 ms of one 1214-token wi
 for float32 (vdpbf16ps runs at half the rate of float32 FMAs on that CPU). AVX512-VNNI's vpdpwssd does 32
 int16 multiply-adds an instruction at the rate of 16-wide float32 FMAs: ``ast_int16_attention`` in
 ``amx_attention.c`` rounds each query and key to int16 with a scale of its own, the values with one per
-channel, and the softmax weights to 15 bits, then sums in int32 (see there for the bounds that keep it from
-overflowing). One window: 11.0 ms against 17.5-19 ms for SDPA, 2 threads. Its error against float64 attention
-is 5-10x smaller than bf16 SDPA's (2.2e-4 against 1.6e-3 at most on unit-variance inputs, 1214 tokens): small
-beside int8's own (the model's scores move ~0.015 with int8 Linear layers).
+channel, and the softmax weights to 15 bits per block of 32 keys, then sums in int32 (see there for the bounds
+that keep it from overflowing). One window: 11 ms against 17.5-19 ms for SDPA, 2 threads. Its error against
+float64 attention is 5-10x smaller than bf16 SDPA's (2.2e-4 against 1.6e-3 at most on unit-variance inputs,
+1214 tokens), also for a row of many small weights behind one large one: small beside int8's own (the model's
+scores move ~0.015 with int8 Linear layers).
 
 It builds and loads with the AMX kernel's machinery (``amx.py``: the same library, the same cache, the same
 checks), on any Linux x86-64 CPU with AVX512-F/BW and VNNI. Where anything is missing, or
@@ -32,7 +33,7 @@ import torch
 from . import amx
 
 ENV = "AST_INT16_ATTENTION"  # "0": never use the kernel
-CPU_FLAGS = {"avx512f", "avx512bw", "avx512_vnni"}
+CPU_FLAGS = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"}  # the library is built with all of them
 HEAD_SIZE = amx.HEAD_SIZE
 SELF_TEST_ERROR = 2e-3  # unit-variance inputs: the kernel's error is ~1e-4, a broken one's ~1
 
@@ -151,6 +152,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, sca
     queries being the first Q tokens' -> (B, Q, heads * 64) float32. None where the kernel does not apply (not
     here, another dtype, device or head size, a gradient to track, a scale outside (0, 1], an input that is not
     finite): the caller runs SDPA."""
+    if q.dim() != 3 or k.dim() != 3:
+        return None
     windows, tokens, width = k.shape
     if (any(t.dtype != torch.float32 or t.device.type != "cpu" or t.requires_grad for t in (q, k, v))
             or width != heads * HEAD_SIZE or v.shape != k.shape or q.shape[0] != windows or q.shape[2] != width
