@@ -144,3 +144,21 @@ def test_wrong_input_shape_is_refused(tiny_checkpoint):
     model = build_model(load_checkpoint(tiny_checkpoint[0]))
     with pytest.raises(ValueError, match=r"expected input \(B, 64, 128\)"):
         model(torch.zeros(1, 100, 128))
+
+
+def test_26_13_in_place_steps_without_autograd_change_no_bit():
+    """Without autograd the blocks add the residuals and apply GELU in place (no fresh 15 MB tensor per step):
+    the same scores bit for bit as the autograd path (x + y is y + x), with the last block's two queries too."""
+    import torch
+
+    from ast_cli.checkpoint.model import AST, ASTConfig
+
+    torch.manual_seed(0)
+    config = ASTConfig(hidden_size=128, num_hidden_layers=3, num_attention_heads=2, intermediate_size=256,
+                       max_length=64, num_mel_bins=128, frequency_stride=10, time_stride=10, id2label=("a", "b"))
+    for act in ("gelu", "gelu_new", "relu"):
+        model = AST(ASTConfig(**{**config.__dict__, "hidden_act": act})).eval()
+        x = torch.randn(2, 64, 128)
+        with torch.inference_mode():
+            fast, features = model(x), model.forward_features(x)
+        assert torch.equal(fast, model(x).detach()) and torch.equal(features, model.forward_features(x).detach())

@@ -123,12 +123,13 @@ class ASTConfig:
         return embeddings + self.num_hidden_layers * layer + 2 * d + head
 
 
-def _activation(name: str):
-    if name == "gelu":
-        return F.gelu  # exact (erf) GELU, as in the reference
+def _activation(name: str, in_place: bool = False):
+    if name == "gelu":  # exact (erf) GELU, as in the reference
+        return torch.ops.aten.gelu_ if in_place else F.gelu
     if name in ("gelu_new", "gelu_pytorch_tanh"):
-        return lambda x: F.gelu(x, approximate="tanh")
-    return F.relu
+        return (lambda x: torch.ops.aten.gelu_(x, approximate="tanh")) if in_place else (
+            lambda x: F.gelu(x, approximate="tanh"))
+    return torch.relu_ if in_place else F.relu
 
 
 class ASTEmbeddings(nn.Module):
@@ -239,15 +240,24 @@ class ASTLayer(nn.Module):
         self.output = ASTDense(cfg.intermediate_size, cfg.hidden_size)
         self.layernorm_before = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.layernorm_after = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.act = _activation(cfg.hidden_act)
+        self.act, self.act_ = _activation(cfg.hidden_act), _activation(cfg.hidden_act, in_place=True)
 
     def forward(self, x: torch.Tensor, attn: AttnImplementation, queries: int | None = None) -> torch.Tensor:
         """(B, N, D) -> (B, N, D); with ``queries``, only the first ``queries`` tokens' outputs (see
-        ``AST.forward_features``): every token's key and value, those tokens' query, attention and MLP."""
+        ``AST.forward_features``): every token's key and value, those tokens' query, attention and MLP.
+
+        Without autograd, GELU and the residual adds work in place on the fresh outputs of the layers before
+        them: the same values bit for bit (x + y is y + x), without a fresh 15 MB tensor per step whose pages
+        the kernel first faults in (GELU on the MLP's output took 2-4 ms that way against 0.7 ms in place):
+        a full-size fp32 forward 866 -> 809 ms, int8 492 -> 467 ms on the 2-core Sapphire Rapids CPU."""
+        residual = x if queries is None else x[:, :queries]
         attended = self.attention(self.layernorm_before(x), attn, queries)
-        x = (x if queries is None else x[:, :queries]) + attended
-        hidden = self.act(self.intermediate.dense(self.layernorm_after(x)))  # (B, N, 4D)
-        return x + self.output.dense(hidden)
+        if torch.is_grad_enabled():
+            x = residual + attended
+            return x + self.output.dense(self.act(self.intermediate.dense(self.layernorm_after(x))))
+        x = attended.add_(residual)
+        hidden = self.act_(self.intermediate.dense(self.layernorm_after(x)))  # (B, N, 4D)
+        return self.output.dense(hidden).add_(x)
 
 
 class ASTEncoder(nn.Module):
