@@ -358,36 +358,62 @@ static void team_member(void *arg) {
     release_buffers(b);
 }
 
-static void *own_thread(void *arg) {
-    team_member(arg);
+/* Runs member(arg) on `threads` threads: PyTorch's OpenMP team (pool_parallel), else threads of our own. Returns
+ * AST_AMX_OK, or AST_AMX_NO_THREAD where no thread of our own started. */
+typedef struct {
+    void (*member)(void *);
+    void *arg;
+} team_task;
+
+static void *own_thread(void *task) {
+    ((team_task *)task)->member(((team_task *)task)->arg);
     return NULL;
+}
+
+static int run_team(void (*member)(void *), void *arg, int threads) {
+    if (pool_parallel) {
+        pool_parallel(member, arg, (unsigned)threads, 0);
+        return AST_AMX_OK;
+    }
+    team_task task = {member, arg};
+    pthread_t ids[MAX_THREADS];
+    int started = 0;
+    for (int t = 0; t < threads; t++)
+        if (pthread_create(&ids[started], NULL, own_thread, &task) == 0)
+            started++;
+    for (int t = 0; t < started; t++)
+        pthread_join(ids[t], NULL);
+    return started ? AST_AMX_OK : AST_AMX_NO_THREAD;
+}
+
+/* The checks both entry points make of their arguments (bounds the buffers and counters rely on). */
+static int bad_shape(int windows, int tokens, int heads, int queries, float scale) {
+    return windows < 1 || tokens < 1 || heads < 1 || queries < 1 || queries > tokens || tokens > (1 << 20) ||
+           !(scale > 0.0f && scale <= 1.0f) || (long)windows * heads > (1L << 30);
+}
+
+static int team_size(int threads, int items) {
+    return threads < 1 ? 1 : threads > items ? items : threads > MAX_THREADS ? MAX_THREADS : threads;
+}
+
+/* What a call returns once its team is done: the first failure, else AST_AMX_NO_THREAD where items were left. */
+static int outcome(int team, int status, int *next, int items) {
+    if (team != AST_AMX_OK)
+        return team;
+    if (status == AST_AMX_OK && __atomic_load_n(next, __ATOMIC_SEQ_CST) < items)
+        return AST_AMX_NO_THREAD;
+    return status;
 }
 
 /* The whole call: (windows x heads) items over `threads` threads. Returns 0, or an AST_AMX_* code with `out`
  * unspecified (some items may not have been done). */
 int ast_amx_attention(const uint16_t *qkv, uint16_t *out, int windows, int tokens, int heads, int queries,
                       float scale, int threads) {
-    if (windows < 1 || tokens < 1 || heads < 1 || queries < 1 || queries > tokens || tokens > (1 << 20) ||
-        !(scale > 0.0f && scale <= 1.0f) || (long)windows * heads > (1L << 30))
+    if (bad_shape(windows, tokens, heads, queries, scale))
         return AST_AMX_BAD_ARGS;
     call c = {qkv, out, tokens, heads, queries, windows * heads, scale, 0, AST_AMX_OK};
-    threads = threads < 1 ? 1 : threads > c.items ? c.items : threads > MAX_THREADS ? MAX_THREADS : threads;
-    if (pool_parallel) {
-        pool_parallel(team_member, &c, (unsigned)threads, 0);
-    } else {
-        pthread_t ids[MAX_THREADS];
-        int started = 0;
-        for (int t = 0; t < threads; t++)
-            if (pthread_create(&ids[started], NULL, own_thread, &c) == 0)
-                started++;
-        for (int t = 0; t < started; t++)
-            pthread_join(ids[t], NULL);
-        if (!started)
-            return AST_AMX_NO_THREAD;
-    }
-    if (c.status == AST_AMX_OK && __atomic_load_n(&c.next, __ATOMIC_SEQ_CST) < c.items)
-        return AST_AMX_NO_THREAD;
-    return c.status;
+    const int team = run_team(team_member, &c, team_size(threads, c.items));
+    return outcome(team, c.status, &c.next, c.items);
 }
 
 /* ---- float32 attention on int16 dot products (AVX512-VNNI's vpdpwssd), for CPUs without AMX ----
@@ -684,34 +710,13 @@ static void int16_member(void *arg) {
     release_buffers(b);
 }
 
-static void *own_int16_thread(void *arg) {
-    int16_member(arg);
-    return NULL;
-}
-
 /* q: (windows, queries, heads * 64), k and v: (windows, tokens, heads * 64), out: (windows, queries, heads * 64),
  * all float32 and contiguous. Returns 0, or an AST_AMX_* code with `out` unspecified. */
 int ast_int16_attention(const float *q, const float *k, const float *v, float *out, int windows, int tokens,
                         int heads, int queries, float scale, int threads) {
-    if (windows < 1 || tokens < 1 || heads < 1 || queries < 1 || queries > tokens || tokens > (1 << 20) ||
-        !(scale > 0.0f && scale <= 1.0f) || (long)windows * heads > (1L << 30))
+    if (bad_shape(windows, tokens, heads, queries, scale))
         return AST_AMX_BAD_ARGS;
     int16_call c = {q, k, v, out, tokens, heads, queries, windows * heads, scale, 0, AST_AMX_OK};
-    threads = threads < 1 ? 1 : threads > c.items ? c.items : threads > MAX_THREADS ? MAX_THREADS : threads;
-    if (pool_parallel) {
-        pool_parallel(int16_member, &c, (unsigned)threads, 0);
-    } else {
-        pthread_t ids[MAX_THREADS];
-        int started = 0;
-        for (int t = 0; t < threads; t++)
-            if (pthread_create(&ids[started], NULL, own_int16_thread, &c) == 0)
-                started++;
-        for (int t = 0; t < started; t++)
-            pthread_join(ids[t], NULL);
-        if (!started)
-            return AST_AMX_NO_THREAD;
-    }
-    if (c.status == AST_AMX_OK && __atomic_load_n(&c.next, __ATOMIC_SEQ_CST) < c.items)
-        return AST_AMX_NO_THREAD;
-    return c.status;
+    const int team = run_team(int16_member, &c, team_size(threads, c.items));
+    return outcome(team, c.status, &c.next, c.items);
 }
