@@ -37,7 +37,6 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
-from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterator
@@ -310,40 +309,75 @@ def _self_test(lib: ctypes.CDLL) -> None:
         raise Broken(f"self-test failed (max error {error:.3g})")
 
 
-_STATUS: list[str] = []
-_UNTOLD: list[str] = []  # why the kernel is unavailable where the CPU could run it: warned about at first use
-_OFF: list[bool] = []  # non-empty inside ``turned_off()``
-_LOCK = threading.Lock()  # one build and load per process, whichever thread asks first
+_LOCK = threading.RLock()  # one build and load per process, whichever thread and kernel asks first
+_UNSET = object()
+
+
+class Slot:
+    """One kernel's state in this process (this module's and ``int16.py``'s): loaded once by whichever thread asks
+    first, what ``status()`` says, the warning still owed where the CPU could have run it (given at the first
+    forward that falls back, shown by ``ast`` with ``--debug``), and ``turned_off()``."""
+
+    def __init__(self, load: Callable[[], ctypes.CDLL], ready: str, unavailable: str, owed: str):
+        self._load, self.ready, self.unavailable, self.owed_text = load, ready, unavailable, owed
+        self.said: list[str] = []
+        self.owed: list[str] = []
+        self.off: list[bool] = []  # non-empty inside ``turned_off()``
+        self._lib: object = _UNSET
+
+    def library(self) -> ctypes.CDLL | None:
+        with _LOCK:
+            if self._lib is _UNSET:
+                self._lib = self._find()
+            return self._lib  # type: ignore[return-value]
+
+    def _find(self) -> ctypes.CDLL | None:
+        try:
+            lib = self._load()
+        except Exception as exc:  # an optimization: whatever goes wrong (a cache folder that is a file, a library
+            # without our symbols, one that fails its self-test), SDPA runs, as without the kernel
+            if not isinstance(exc, Unavailable):
+                exc = Unavailable(f"{type(exc).__name__}: {exc}")
+            self.said.append(self.unavailable.format(exc))
+            if not exc.expected:
+                self.owed.append(self.owed_text.format(exc))
+            return None
+        self.said.append(self.ready)
+        return lib
+
+    def forget(self) -> None:
+        """The next ``library()`` builds and loads afresh (tests)."""
+        with _LOCK:
+            self._lib = _UNSET
+            self.owed.clear()
+
+    def status(self, library: Callable[[], object]) -> str:
+        library()
+        return self.said[-1]
+
+    @contextmanager
+    def turned_off(self) -> Iterator[None]:
+        self.off.append(True)
+        try:
+            yield
+        finally:
+            self.off.pop()
+
+    def fell_back(self) -> None:
+        """A forward runs SDPA: the owed warning, once, unless the kernel was turned off on purpose."""
+        if self.owed and not self.off:
+            warnings.warn(self.owed.pop(), RuntimeWarning, stacklevel=4)
+
+
+_SLOT = Slot(lambda: _load(), "AMX kernel", "SDPA (AMX attention unavailable: {})",
+             "bf16 attention runs on PyTorch's SDPA, not the AMX kernel: {}")
 
 
 def _library() -> ctypes.CDLL | None:
-    with _LOCK:
-        return _find_library()
+    return _SLOT.library()
 
 
-@lru_cache(maxsize=1)
-def _find_library() -> ctypes.CDLL | None:
-    try:
-        lib = _load()
-    except Exception as exc:  # an optimization: whatever goes wrong (a cache folder that is a file, a library
-        # without our symbols, one that fails its self-test), SDPA runs, as without the kernel
-        if not isinstance(exc, Unavailable):
-            exc = Unavailable(f"{type(exc).__name__}: {exc}")
-        _STATUS.append(f"SDPA (AMX attention unavailable: {exc})")
-        if not exc.expected:
-            _UNTOLD.append(f"bf16 attention runs on PyTorch's SDPA, not the AMX kernel: {exc}")
-        return None
-    _STATUS.append("AMX kernel")
-    return lib
-
-
-def _forget() -> None:
-    """The next ``_library()`` builds and loads afresh (tests)."""
-    _find_library.cache_clear()
-    _UNTOLD.clear()
-
-
-_library.cache_clear = _forget  # type: ignore[attr-defined]
+_library.cache_clear = _SLOT.forget  # type: ignore[attr-defined]
 
 
 def available() -> bool:
@@ -353,8 +387,7 @@ def available() -> bool:
 
 def status() -> str:
     """What runs bf16 attention on the CPU here, and why: 'AMX kernel' or 'SDPA (AMX attention unavailable: ...)'."""
-    _library()
-    return _STATUS[-1]
+    return _SLOT.status(lambda: _library())
 
 
 def describe(head_size: int) -> str:
@@ -362,14 +395,9 @@ def describe(head_size: int) -> str:
     return status() if head_size == HEAD_SIZE else f"SDPA (the AMX kernel handles head size {HEAD_SIZE} only)"
 
 
-@contextmanager
-def turned_off() -> Iterator[None]:
+def turned_off():
     """SDPA in place of the kernel inside the block (benchmarks and tests compare the two in one process)."""
-    _OFF.append(True)
-    try:
-        yield
-    finally:
-        _OFF.pop()
+    return _SLOT.turned_off()
 
 
 def attention(qkv: torch.Tensor, heads: int, queries: int, scale: float) -> torch.Tensor | None:
@@ -381,10 +409,9 @@ def attention(qkv: torch.Tensor, heads: int, queries: int, scale: float) -> torc
     if (qkv.dtype != torch.bfloat16 or qkv.device.type != "cpu" or width != 3 * heads * HEAD_SIZE
             or not 0 < queries <= tokens <= MAX_TOKENS or not 0 < scale <= 1 or qkv.requires_grad):
         return None
-    lib = None if _OFF else _library()
+    lib = None if _SLOT.off else _library()
     if lib is None:
-        if _UNTOLD and not _OFF:  # said once, where a forward runs: ``ast`` shows warnings with --debug
-            warnings.warn(_UNTOLD.pop(), RuntimeWarning, stacklevel=3)
+        _SLOT.fell_back()
         return None
     try:
         return _call(lib, qkv.contiguous(), heads, queries, scale, torch.get_num_threads())

@@ -21,12 +21,8 @@ checks), on any Linux x86-64 CPU with AVX512-F/BW and VNNI. Where anything is mi
 from __future__ import annotations
 
 import ctypes
-import threading
 import warnings
-from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -90,37 +86,20 @@ def _self_test(lib: ctypes.CDLL) -> None:
         raise amx.Broken(f"self-test failed (max error {error:.3g})")
 
 
-_STATUS: list[str] = []
-_UNTOLD: list[str] = []
-_OFF: list[bool] = []
-_LOCK = threading.Lock()
+def _load() -> ctypes.CDLL:
+    amx.check_machine(ENV, CPU_FLAGS)
+    return amx.load_built(_open)
+
+
+_SLOT = amx.Slot(lambda: _load(), "int16 kernel (AVX512-VNNI)", "SDPA (int16 attention unavailable: {})",
+                 "int8 models' attention runs on float32 SDPA, not the int16 kernel: {}")
 
 
 def _library() -> ctypes.CDLL | None:
-    with _LOCK, amx._LOCK:  # one build of the shared library at a time
-        return _find_library()
+    return _SLOT.library()
 
 
-@lru_cache(maxsize=1)
-def _find_library() -> ctypes.CDLL | None:
-    try:
-        amx.check_machine(ENV, CPU_FLAGS)
-        lib = amx.load_built(_open)
-    except Exception as exc:  # an optimization, as the AMX kernel: whatever goes wrong, SDPA runs
-        if not isinstance(exc, amx.Unavailable):
-            exc = amx.Unavailable(f"{type(exc).__name__}: {exc}")
-        _STATUS.append(f"SDPA (int16 attention unavailable: {exc})")
-        if not exc.expected:
-            _UNTOLD.append(f"int8 models' attention runs on float32 SDPA, not the int16 kernel: {exc}")
-        return None
-    _STATUS.append("int16 kernel (AVX512-VNNI)")
-    return lib
-
-
-def _forget() -> None:
-    """The next ``_library()`` loads afresh (tests)."""
-    _find_library.cache_clear()
-    _UNTOLD.clear()
+_forget = _SLOT.forget
 
 
 def available() -> bool:
@@ -129,22 +108,16 @@ def available() -> bool:
 
 def status() -> str:
     """What runs an int8 model's attention on the CPU: 'int16 kernel (AVX512-VNNI)' or 'SDPA (... why)'."""
-    _library()
-    return _STATUS[-1]
+    return _SLOT.status(lambda: _library())
 
 
 def describe(head_size: int) -> str:
     return status() if head_size == HEAD_SIZE else f"SDPA (the int16 kernel handles head size {HEAD_SIZE} only)"
 
 
-@contextmanager
-def turned_off() -> Iterator[None]:
+def turned_off():
     """float32 SDPA in place of the kernel inside the block (benchmarks and tests compare the two)."""
-    _OFF.append(True)
-    try:
-        yield
-    finally:
-        _OFF.pop()
+    return _SLOT.turned_off()
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor | None:
@@ -159,10 +132,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, sca
             or width != heads * HEAD_SIZE or v.shape != k.shape or q.shape[0] != windows or q.shape[2] != width
             or not 0 < q.shape[1] <= tokens <= amx.MAX_TOKENS or not 0 < scale <= 1):
         return None
-    lib = None if _OFF else _library()
+    lib = None if _SLOT.off else _library()
     if lib is None:
-        if _UNTOLD and not _OFF:
-            warnings.warn(_UNTOLD.pop(), RuntimeWarning, stacklevel=3)
+        _SLOT.fell_back()
         return None
     try:
         return _call(lib, q.contiguous(), k.contiguous(), v.contiguous(), heads, scale, torch.get_num_threads())
