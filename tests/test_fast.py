@@ -878,7 +878,7 @@ def test_26_11_bf16_packs_from_the_float32_weights_into_the_same_model(monkeypat
 def test_26_12_a_candidate_without_a_fast_kernel_here_is_not_calibrated(tiny_model, monkeypatch):
     """With oneDNN's ISA capped below AMX on the Sapphire Rapids CPU, oneDNN ran int8 on its reference kernel,
     8.5 s per GEMM: calibrating it would have taken most of an hour. One probe GEMM per candidate first; a
-    candidate 4x slower than fp32 or worse is skipped, with the reason, before any model is placed in it."""
+    candidate 10x slower than fp32 or worse is skipped, with the reason, before any model is placed in it."""
     seconds = {"fp32": 0.004, "bf16": 0.001, "int8-fbgemm": 0.002, "int8-onednn": 0.17, "int8-int_mm": 0.002}
     monkeypatch.setattr(fast, "_probe_seconds", lambda name, below=0.0: seconds[name])
     placed, place = [], fast.place

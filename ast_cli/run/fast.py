@@ -214,15 +214,18 @@ def _difference(measure: str, got, reference, heads=()) -> float:
 
 
 PROBE_SHAPE = (128, 768, 768)  # rows, in, out: a full-size model's attention output GEMM on 128 tokens
-PROBE_SLOWER = 4.0  # a CPU candidate whose probe GEMM takes this many times fp32's is not calibrated
-PROBE_CALLS = 3  # timed calls at most: the fastest counts
+# A CPU candidate whose probe GEMM takes this many times fp32's is not calibrated: a reference kernel takes 1000x
+# and more; a fast kernel on a busy machine has taken 4x and more when every call of it stalled
+PROBE_SLOWER = 10.0
+PROBE_CALLS = 5  # timed calls at most: the fastest counts (~0.2 ms each for a fast kernel)
 
 
 def _probe_seconds(name: str, below: float = 0.0) -> float:
     """Seconds of one GEMM of ``PROBE_SHAPE`` in candidate ``name``'s kernel: the fastest of ``PROBE_CALLS`` calls
     after the first (which sets it up), or of fewer once one took under ``below`` seconds. One call alone once
     measured FBGEMM's int8 10x slower than fp32 on the Sapphire Rapids CPU (a stall of the machine; 0.3 ms
-    against fp32's 0.7 ms in three runs after), which would have dropped the fastest mode of a VNNI CPU. Where a kernel has no fast implementation for this CPU, oneDNN falls back to its reference code: with
+    against fp32's 0.7 ms in three runs after), which would have dropped the fastest mode of a VNNI CPU. Where a
+    kernel has no fast implementation for this CPU, oneDNN falls back to its reference code: with
     oneDNN's ISA capped below AMX on the Sapphire Rapids CPU (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``), int8 oneDNN
     took 8.5 s per 1214x768x768 GEMM (``ref_int8``), and calibrating it would have taken the better part of an
     hour. A fixed shape: a tiny model's GEMMs would measure call overheads, not the kernel."""
