@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from ast_cli.run import fast
 from ast_cli.tasks.benchmark import random_model
 from ast_cli.cli import app
+from ast_cli.run import probe
 from ast_cli.run.fast import Candidate, FastChoice, choose, fast_cache_path, pick
 from ast_cli.checkpoint.model import ASTConfig
 from ast_cli.checkpoint.speed import (Int8LinearIntMM, PackedLayerBF16, Int8LinearOneDNN, _bf16_packing_works, _fbgemm_works, _int_mm_works,
@@ -880,7 +881,7 @@ def test_26_12_a_candidate_without_a_fast_kernel_here_is_not_calibrated(tiny_mod
     8.5 s per GEMM: calibrating it would have taken most of an hour. One probe GEMM per candidate first; a
     candidate 10x slower than fp32 or worse is skipped, with the reason, before any model is placed in it."""
     seconds = {"fp32": 0.004, "bf16": 0.001, "int8-fbgemm": 0.002, "int8-onednn": 0.17, "int8-int_mm": 0.002}
-    monkeypatch.setattr(fast, "_probe_seconds", lambda name, below=0.0: seconds[name])
+    monkeypatch.setattr(probe, "probe_seconds", lambda name, below=0.0: seconds[name])
     placed, place = [], fast.place
     monkeypatch.setattr(fast, "place", lambda model, name, device: placed.append(name) or place(model, name, device))
     candidates = {c.name: c for c in fast.calibrate(tiny_model, "cpu")}
@@ -898,7 +899,7 @@ def test_26_12_the_probe_keeps_the_kernels_that_have_one_everywhere():
     from ast_cli.checkpoint.speed import _cpuinfo_flags
 
     names = [name for name, skipped in fast.candidate_names("cpu") if skipped is None]
-    dropped = fast._probe(names)
+    dropped = probe.slow_candidates(names)
     assert "int8-fbgemm" not in dropped, dropped
     if "amx_bf16" in _cpuinfo_flags():
         assert "bf16" not in dropped, dropped
@@ -916,8 +917,29 @@ def test_26_13_one_stalled_probe_call_does_not_drop_a_candidate():
 
     from ast_cli.checkpoint.timing import best_seconds
 
-    assert best_seconds(stalls_once, fast.PROBE_CALLS, below=0.02) < 0.02
+    assert best_seconds(stalls_once, probe.PROBE_CALLS, below=0.02) < 0.02
     assert next(durations) == 0.001  # stopped after the first fast call
     calls = []
-    assert best_seconds(lambda: calls.append(clock.sleep(0.002)), fast.PROBE_CALLS) >= 0.002
-    assert len(calls) == fast.PROBE_CALLS
+    assert best_seconds(lambda: calls.append(clock.sleep(0.002)), probe.PROBE_CALLS) >= 0.002
+    assert len(calls) == probe.PROBE_CALLS
+
+
+@pytest.mark.skipif(not (_onednn_works() and _int_mm_works()), reason="needs both oneDNN's int8 linear and CPU "
+                                                                       "torch._int_mm in this torch build")
+def test_26_13_int_mm_stands_in_where_onednn_has_no_fast_kernel(tiny_model, monkeypatch, tmp_path):
+    """int8-int_mm was never calibrated where oneDNN's int8 exists ("computes the same products faster"), even
+    where the probe found oneDNN on its reference kernel (AMX refused: 2100x fp32; torch._int_mm 0.49x). It is
+    calibrated then, and a choice of it is taken from the cache as any other."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    seconds = {"fp32": 0.004, "bf16": 0.001, "int8-fbgemm": 0.002, "int8-onednn": 8.5, "int8-int_mm": 0.002}
+    monkeypatch.setattr(probe, "probe_seconds", lambda name, below=0.0: seconds[name])
+    candidates = {c.name: c for c in fast.calibrate(tiny_model, "cpu")}
+    assert candidates["int8-onednn"].skipped.startswith("its GEMM ran 2125x slower")
+    assert candidates["int8-int_mm"].skipped is None and candidates["int8-int_mm"].ms > 0
+    seconds["int8-onednn"] = 0.001  # oneDNN fast again: int_mm stays out, as before
+    assert fast.calibrate(tiny_model, "cpu")[-1].skipped == fast.ONEDNN_FASTER
+    calls = []
+    monkeypatch.setattr(fast, "calibrate", lambda *a, **k: calls.append(1) or [
+        Candidate("fp32", 100.0, 0.0), Candidate("int8-int_mm", 40.0, 0.01)])
+    assert fast.choose(tiny_model).mode == fast.choose(tiny_model).mode == "int8-int_mm"
+    assert calls == [1]  # the second run read the cache

@@ -117,8 +117,22 @@ def candidate_names(device: str) -> list[tuple[str, str | None]]:
             ("bf16", None if cpu_has_native_bf16() else "no bf16 hardware (AVX512-BF16, AMX or ARM BF16)"),
             ("int8-fbgemm", None if _fbgemm_works() else "this torch has no quantized engine"),
             ("int8-onednn", None if _onednn_works() else "this torch has no oneDNN int8 linear"),
-            ("int8-int_mm", "int8-onednn computes the same products faster" if _onednn_works() else
+            ("int8-int_mm", ONEDNN_FASTER if _onednn_works() else
              None if _int_mm_works() else "this torch has no CPU torch._int_mm")]
+
+
+ONEDNN_FASTER = "int8-onednn computes the same products faster"
+
+
+def _int_mm_instead(names: list[tuple[str, str | None]], failed: dict[str, str]) -> list[tuple[str, str | None]]:
+    """``names`` with int8-int_mm taken back where oneDNN's int8 has no fast kernel on this CPU (the probe dropped
+    it): the same products on ``torch._int_mm``. With AMX refused on the Sapphire Rapids CPU, oneDNN's int8 ran
+    its reference kernel (2100x fp32's probe time) while ``torch._int_mm`` took 0.49x (FBGEMM 0.54x)."""
+    from ..checkpoint.speed import _int_mm_works
+
+    if "int8-onednn" not in failed or not _int_mm_works():
+        return names
+    return [(name, None if name == "int8-int_mm" and skipped == ONEDNN_FASTER else skipped) for name, skipped in names]
 
 
 def place(model, mode: str, device: str):
@@ -213,60 +227,6 @@ def _difference(measure: str, got, reference, heads=()) -> float:
     return float((got - reference).abs().max())
 
 
-PROBE_SHAPE = (128, 768, 768)  # rows, in, out: a full-size model's attention output GEMM on 128 tokens
-# A CPU candidate whose probe GEMM takes this many times fp32's is not calibrated: a reference kernel takes 1000x
-# and more; a fast kernel on a busy machine has taken 4x and more when every call of it stalled
-PROBE_SLOWER = 10.0
-PROBE_CALLS = 5  # timed calls at most: the fastest counts (~0.2 ms each for a fast kernel)
-
-
-def _probe_seconds(name: str, below: float = 0.0) -> float:
-    """Seconds of one GEMM of ``PROBE_SHAPE`` in candidate ``name``'s kernel: the fastest of ``PROBE_CALLS`` calls
-    after the first (which sets it up), or of fewer once one took under ``below`` seconds. One call alone once
-    measured FBGEMM's int8 10x slower than fp32 on the Sapphire Rapids CPU (a stall of the machine; 0.3 ms
-    against fp32's 0.7 ms in three runs after), which would have dropped the fastest mode of a VNNI CPU. Where a
-    kernel has no fast implementation for this CPU, oneDNN falls back to its reference code: with
-    oneDNN's ISA capped below AMX on the Sapphire Rapids CPU (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``), int8 oneDNN
-    took 8.5 s per 1214x768x768 GEMM (``ref_int8``), and calibrating it would have taken the better part of an
-    hour. A fixed shape: a tiny model's GEMMs would measure call overheads, not the kernel."""
-    import torch
-    from torch import nn
-
-    from ..checkpoint.speed import PackedLinearBF16, quantize_dynamic
-    from ..checkpoint.timing import best_seconds
-
-    rows, inputs, outputs = PROBE_SHAPE
-    generator = torch.Generator().manual_seed(0)
-    linear = nn.Linear(inputs, outputs)
-    x = torch.randn(rows, inputs, generator=generator)
-    if name == "bf16":
-        layer, x = PackedLinearBF16(linear, rows), x.to(torch.bfloat16)
-    elif name.startswith("int8"):
-        layer = quantize_dynamic(nn.Sequential(linear), "int8", kernel=name.partition("-")[2])
-    else:
-        layer = linear
-    with torch.inference_mode():
-        layer(x)
-        return best_seconds(lambda: layer(x), PROBE_CALLS, below)  # a reference kernel: 0.5 s a call
-
-
-def _probe(names: list[str]) -> dict[str, str]:
-    """{candidate: why it is not calibrated} for the CPU candidates among ``names`` whose probe GEMM takes
-    ``PROBE_SLOWER`` times fp32's or more: a reference kernel, never the fastest mode."""
-    reference = _probe_seconds("fp32")
-    out = {}
-    for name in names:
-        if name == "fp32":
-            continue
-        try:
-            ratio = _probe_seconds(name, PROBE_SLOWER * reference) / max(reference, 1e-9)
-        except (RuntimeError, NotImplementedError):  # calibrate() says what failed when it places the model
-            continue
-        if ratio >= PROBE_SLOWER:
-            out[name] = f"its GEMM ran {ratio:.0f}x slower than fp32's here (no fast kernel for this CPU)"
-    return out
-
-
 def calibrate(model, device: str = "cpu", attn: str | None = None, heads=(), embeddings: bool = False,
               timings: dict | None = None) -> list[Candidate]:
     """Every candidate of ``device`` measured on copies of ``model`` (float32, CPU; left unchanged): what the run
@@ -280,14 +240,18 @@ def calibrate(model, device: str = "cpu", attn: str | None = None, heads=(), emb
     import torch
 
     from ..checkpoint.timing import warm_up
+    from . import probe
 
     inputs, measure = calibration_inputs(model.config), measure_of(model, heads, embeddings)
     runs, scores, times, failed = {}, {}, {}, {}
-    reuse = bool(timings) and all(name in timings for name, skipped in candidate_names(device) if skipped is None)
+    names = candidate_names(device)
+    reuse = bool(timings) and all(name in timings for name, skipped in names if skipped is None)
     if device == "cpu" and not reuse:
-        failed.update(_probe([name for name, skipped in candidate_names(device) if skipped is None]))
+        failed.update(probe.slow_candidates([name for name, skipped in names if skipped is None]))
+        if names != (names := _int_mm_instead(names, failed)):
+            failed.update(probe.slow_candidates(["int8-int_mm"]))
     with torch.inference_mode():
-        for name, skipped in candidate_names(device):
+        for name, skipped in names:
             if skipped is not None or name in failed:
                 continue
             try:
@@ -307,7 +271,7 @@ def calibrate(model, device: str = "cpu", attn: str | None = None, heads=(), emb
             for name, run in runs.items():
                 times[name].append(run())
     out = []
-    for name, skipped in candidate_names(device):
+    for name, skipped in names:
         skipped = skipped or failed.get(name)
         if skipped is not None:
             out.append(Candidate(name, skipped=skipped, measure=measure))
@@ -435,7 +399,7 @@ def choose(model, device: str = "cpu", attn: str | None = None, heads=(), embedd
     path = fast_cache_path()
     key = cache_key(model, device, heads, attn, embeddings)
     entries = _read_cache(path)
-    names = [name for name, skipped in candidate_names(device) if not skipped]
+    names = [name for name, skipped in candidate_names(device) if not skipped or skipped == ONEDNN_FASTER]
     cached = _cached_choice(entries, key, names)
     if cached is not None:
         return cached
