@@ -441,3 +441,28 @@ def test_26_12_the_kernel_masks_padded_keys_at_any_scale():
             got, want = amx.attention(qkv, 2, 100, scale).float(), amx._reference(qkv, 2, 100, scale)
             theirs = sdpa(qkv, 2, 100, scale).float()
             assert (got - want).abs().max() <= 1.1 * (theirs - want).abs().max() + 1e-6, scale
+
+
+def test_26_13_without_amx_py_refuses_amx_to_a_command(tmp_path):
+    """``benchmarks/without_amx.py``, the stand-in for a CPU without AMX that the VNNI figures rest on: the
+    command and its children get EPERM for AMX's tile state, so the AMX kernel says Linux refused it, while the
+    int16 kernel (no AMX in it) still runs where the CPU has VNNI."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ast_cli.checkpoint import int16
+
+    missing = amx.CPU_FLAGS - amx._cpu_flags()
+    if missing or amx.sys.platform != "linux" or amx.platform.machine() != "x86_64":
+        pytest.skip(f"the CPU lacks {', '.join(sorted(missing))}" if missing else "not Linux on x86-64")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "without_amx.py"
+    code = "from ast_cli.checkpoint import amx, int16; print(amx.status()); print(int16.status())"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    env.pop(amx.ENV, None)
+    proc = subprocess.run([sys.executable, str(script), sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=120)
+    said = proc.stdout.splitlines()
+    assert proc.returncode == 0 and said[0] == "SDPA (AMX attention unavailable: Linux refused the AMX tile state " \
+                                               "(arch_prctl))", proc.stderr
+    assert said[1] == int16.status()  # as without the filter: "int16 kernel (AVX512-VNNI)" or why not
