@@ -1,5 +1,5 @@
-"""float32 attention on int16 dot products (AVX512-VNNI), for int8 models: ``--dtype int8`` and ``--fast``'s int8
-candidates.
+"""float32 attention on int16 dot products (AVX512-VNNI), for int8 models: ``--quantize int8`` and ``--fast``'s
+int8 candidates.
 
 An int8 model runs its Linear layers on int8 GEMMs; attention stayed float32 SDPA, 40% of its forward on a CPU
 without AMX (197 of 490 ms on the 2-core Sapphire Rapids CPU with AMX refused, ``benchmarks/without_amx.py``).
@@ -14,8 +14,9 @@ float64 attention is 5-10x smaller than bf16 SDPA's (2.2e-4 against 1.6e-3 at mo
 scores move ~0.015 with int8 Linear layers).
 
 It builds and loads with the AMX kernel's machinery (``amx.py``: the same library, the same cache, the same
-checks), on any Linux x86-64 CPU with AVX512-F/BW and VNNI. Where anything is missing, or
-``AST_INT16_ATTENTION=0``, or an input is not finite, the int8 model runs float32 SDPA as before.
+checks), on any Linux x86-64 CPU with AVX512-F/BW/DQ/VL and VNNI (its code runs no AMX or bf16 instruction).
+Where anything is missing, or ``AST_INT16_ATTENTION=0``, or an input is not finite or too extreme for its
+scales, the int8 model runs float32 SDPA as before.
 """
 
 from __future__ import annotations
@@ -52,12 +53,12 @@ def _open(path: Path) -> ctypes.CDLL:
 
 def _call(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
           threads: int) -> torch.Tensor | None:
-    """None where the kernel refused the call (an input that is not finite)."""
+    """None where the kernel refused the call (an input not finite, or too extreme for its scales)."""
     windows, tokens, width = k.shape
     out = torch.empty(windows, q.shape[1], width)
     status = lib.ast_int16_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), windows, tokens,
                                      heads, q.shape[1], scale, threads)
-    if status == 2:  # AST_AMX_BAD_ARGS: the arguments were checked here, so an input that is not finite
+    if status == 2:  # AST_AMX_BAD_ARGS: the shapes were checked here, so an input not finite or too extreme
         return None
     if status != 0:
         raise RuntimeError(f"int16 attention failed (status {status})")
