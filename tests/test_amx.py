@@ -198,10 +198,9 @@ def test_26_12_the_library_is_built_once_atomically_and_privately(kernel_cache, 
 
 @pytest.mark.parametrize("damage", ["others may write it", "others may write its folder",
                                     "others may write the folder above", "not a library"])
-def test_26_12_a_cached_library_is_loaded_only_if_sound_and_private(kernel_cache, damage):
-    """A shared object runs as the user: one that another user may have replaced is never loaded; one of ours
-    that does not load (truncated, overwritten) means SDPA, not a crash, and is removed so that the next run
-    builds it again (before, a bad library stayed, and SDPA ran for good)."""
+def test_26_12_a_cached_library_is_loaded_only_if_sound_and_private(kernel_cache, damage, monkeypatch):
+    """A shared object runs as the user: one that another user may have replaced is never loaded, nor touched;
+    one of ours cut short is removed before dlopen (which dies of SIGBUS on it) and built again."""
     target = amx._library_path(amx._source())
     kernel_cache.mkdir(parents=True, mode=0o700)
     target.write_bytes(b"\x7fELF truncated")
@@ -212,13 +211,16 @@ def test_26_12_a_cached_library_is_loaded_only_if_sound_and_private(kernel_cache
         kernel_cache.chmod(0o777)
     elif damage == "others may write the folder above":  # who may write ast-cli/ may swap kernels/ itself
         kernel_cache.parent.chmod(0o777)
-    message = "did not work and was removed" if damage == "not a library" else "is not private"
+    builds = []
+    monkeypatch.setattr(amx, "_build", lambda source, path: builds.append(path) or (_ for _ in ()).throw(
+        amx.Unavailable("no compiler in this test")))  # never a working library on a CPU that may lack AMX
+    message = "no compiler in this test" if damage == "not a library" else "is not private"
     with pytest.raises(amx.Unavailable, match=message):
         amx._load()
-    if damage == "not a library":  # ours and broken: removed, so that the next run builds it again
-        assert not target.exists()
+    if damage == "not a library":  # ours and cut short: removed before any dlopen, and built again in this run
+        assert not target.exists() and builds == [target]
     else:  # not ours to touch
-        assert target.read_bytes() == b"\x7fELF truncated"
+        assert target.read_bytes() == b"\x7fELF truncated" and not builds
 
 
 def test_26_12_status_says_what_runs_bf16_attention():
@@ -327,7 +329,7 @@ def test_26_12_a_call_that_fails_runs_on_sdpa(monkeypatch):
         warnings.simplefilter("always")
         assert amx.attention(torch.zeros(1, 4, 3 * 2 * 64, dtype=torch.bfloat16), 2, 4, 0.125) is None
     assert [str(w.message) for w in caught] == [
-        "bf16 attention falls back to PyTorch's SDPA for one call: AMX attention failed (status 3)"]
+        "bf16 attention falls back to SDPA for one call: AMX attention failed (status 3)"]
 
 
 @pytest.mark.slow
@@ -466,3 +468,59 @@ def test_26_13_without_amx_py_refuses_amx_to_a_command(tmp_path):
     assert proc.returncode == 0 and said[0] == "SDPA (AMX attention unavailable: Linux refused the AMX tile state " \
                                                "(arch_prctl))", proc.stderr
     assert said[1] == int16.status()  # as without the filter: "int16 kernel (AVX512-VNNI)" or why not
+
+
+def test_26_13_ctrl_c_during_the_build_stops_the_compiler(kernel_cache, tmp_path, monkeypatch):
+    """Ctrl-C while the compiler ran left it running (and what it started), into a build folder already gone;
+    a compiler that hangs outlived the 20 s limit. Now the interrupt kills the compiler's session first."""
+    import subprocess
+    import time
+
+    pid_file = tmp_path / "pid"
+    hang = tmp_path / "hangcc"
+    hang.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 30\n")
+    hang.chmod(0o755)
+    monkeypatch.setenv("CC", str(hang))
+
+    class Interrupted(subprocess.Popen):
+        def communicate(self, input=None, timeout=None):
+            if timeout is not None:  # the build's wait: Ctrl-C arrives once the compiler runs
+                while not pid_file.exists() or not pid_file.read_text().strip():
+                    time.sleep(0.01)
+                raise KeyboardInterrupt
+            return super().communicate(input, timeout)
+
+    monkeypatch.setattr(amx.subprocess, "Popen", Interrupted)
+    source = amx._source()
+    with pytest.raises(KeyboardInterrupt):
+        amx._build(source, amx._library_path(source))
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):  # gone (and reaped), not sleeping on
+        os.kill(pid, 0)
+    assert not list(kernel_cache.glob("build-*"))
+
+
+def test_26_13_a_failed_build_is_tried_again_a_day_later(kernel_cache, monkeypatch):
+    """A failed build was remembered for good for its compiler, though its cause may pass (a full disk, a machine
+    too loaded for 20 s): now for a day."""
+    import json
+    import time
+
+    failing = kernel_cache.parent.parent / "failcc"
+    failing.parent.mkdir(parents=True, exist_ok=True)
+    failing.write_text("#!/bin/sh\necho 'No space left on device' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("CC", str(failing))
+    source = amx._source()
+    target = amx._library_path(source)
+    with pytest.raises(amx.Unavailable, match="No space left on device"):
+        amx._build(source, target)
+    with pytest.raises(amx.Unavailable, match="an earlier run"):
+        amx._build(source, target)
+    record = target.with_suffix(".failed")
+    remembered = json.loads(record.read_text())
+    remembered["at"] = time.time() - amx.FAILURE_MEMORY - 1
+    record.write_text(json.dumps(remembered))
+    with pytest.raises(amx.Unavailable) as tried:  # run again: its own message, not the remembered one
+        amx._build(source, target)
+    assert "an earlier run" not in str(tried.value) and "No space left on device" in str(tried.value)

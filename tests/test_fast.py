@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import os
+import stat
 
 import pytest
 import torch
@@ -980,3 +981,15 @@ def test_26_13_the_fast_line_says_a_busy_calibration_will_be_taken_again():
     announce_fast(FastChoice("int8-fbgemm", 2.08, 0.016, busy=True), Console(file=out, width=200), quiet=False)
     assert out.getvalue().strip() == ("fast: int8-fbgemm, 2.08x fp32's speed, scores within 0.0160 of fp32 "
                                       "(calibrated now on a busy machine; again when it is quiet)")
+
+
+def test_26_13_the_cache_folder_is_private_whatever_the_umask(fake_calibration, tiny_model, tmp_path):
+    """Under umask 002 (common on Ubuntu) the --fast cache made ``ast-cli`` group-writable, and the attention
+    kernels in it were refused from then on as "not private" (said only with --debug)."""
+    old = os.umask(0o002)
+    try:
+        choose(tiny_model)
+    finally:
+        os.umask(old)
+    folder = os.path.dirname(fast_cache_path())
+    assert os.path.isfile(fast_cache_path()) and stat.S_IMODE(os.stat(folder).st_mode) == 0o700

@@ -287,3 +287,30 @@ def test_26_13_tensors_of_other_ranks_are_not_taken():
     q, k, v = inputs(1, 40, 1, 40)
     assert int16.attention(q[0], k[0], v[0], 1, 0.125) is None
     assert int16.attention(q.unsqueeze(-1), k, v, 1, 0.125) is None
+
+
+@pytest.mark.parametrize("keep", [5000, 14464, -1])
+def test_26_13_a_library_cut_short_is_built_again_not_loaded(tmp_path, keep):
+    """A library cut short (an interrupted copy of ~/.cache, a crash mid-write) killed every int8, bf16 and --fast
+    run with SIGBUS inside dlopen, run after run. It is now checked against its ELF header before it is opened,
+    removed and built again; run in a process of its own, so that a regression fails this test, not the suite."""
+    import os
+    import subprocess
+    import sys
+
+    needs_kernel()
+    built = amx._library_path(amx._source())
+    whole = built.read_bytes() if built.exists() else None
+    if whole is None:
+        pytest.skip("the library is not in this process's cache")
+    kernels = tmp_path / "xdg" / "ast-cli" / "kernels"
+    kernels.mkdir(parents=True, mode=0o700)
+    os.chmod(kernels.parent, 0o700)
+    target = kernels / built.name
+    target.write_bytes(whole[:keep])
+    target.chmod(0o700)
+    code = "from ast_cli.checkpoint import int16; print(int16.status())"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == int16.status(), (proc.returncode, proc.stderr[-500:])
+    assert amx._whole_elf(target) and target.stat().st_size > len(whole[:keep])  # built again

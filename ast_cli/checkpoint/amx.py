@@ -30,6 +30,7 @@ import platform
 import shlex
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,7 @@ FLAGS = ("-O2", "-std=gnu11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512
 CPU_FLAGS = {"amx_bf16", "amx_tile", "avx512_bf16", "avx512bw", "avx512f"}
 HEAD_SIZE = 64  # the only head size the kernel handles (AST: 768 / 12)
 COMPILE_SECONDS = 20  # gcc takes ~0.3 s; a compiler that hangs must not hold a run up for long
+FAILURE_MEMORY = 24 * 3600  # seconds a failed build is remembered for its compiler (a full disk passes)
 MAX_TOKENS = 1 << 20  # the C side refuses more (and a window never has this many)
 
 
@@ -141,7 +143,9 @@ def _build(source: bytes, target: Path) -> None:
         remembered = json.loads(failed.read_text("utf-8"))
     except (OSError, ValueError):
         remembered = None
-    if isinstance(remembered, dict) and remembered.get("compiler") == identity:
+    at = remembered.get("at") if isinstance(remembered, dict) else None
+    if (isinstance(remembered, dict) and remembered.get("compiler") == identity and isinstance(at, (int, float))
+            and 0 <= time.time() - at < FAILURE_MEMORY):
         raise Unavailable(f"{remembered.get('reason')} (an earlier run; {failed.name} in {failed.parent})")
     _remove_stale_builds(target.parent)
     with tempfile.TemporaryDirectory(prefix="build-", dir=target.parent) as work:
@@ -149,9 +153,11 @@ def _build(source: bytes, target: Path) -> None:
         src.write_bytes(source)
         reason = _compile([*command, *FLAGS, "-o", str(out), str(src)], work)
         if reason is not None:
-            _write_private(failed, json.dumps({"compiler": identity, "reason": reason}))
+            _write_private(failed, json.dumps({"compiler": identity, "reason": reason, "at": time.time()}))
             raise Unavailable(reason)
         os.chmod(out, 0o700)
+        with open(out, "rb") as handle:  # on disk before its name: a crash never leaves a partial library there
+            os.fsync(handle.fileno())
         os.replace(out, target)
     failed.unlink(missing_ok=True)
 
@@ -171,6 +177,10 @@ def _compile(command: list[str], work: str) -> str | None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         return f"{os.path.basename(command[0])} took over {COMPILE_SECONDS} s"
+    except BaseException:  # Ctrl-C, a signal: the compiler and what it started go too, not on in the background
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     if proc.returncode == 0:
         return None
     last = (err.strip().splitlines() or ["no message"])[-1].replace(work + os.sep, "")
@@ -215,6 +225,10 @@ def load_built(opener: Callable[[Path], ctypes.CDLL]) -> ctypes.CDLL:
     and self-tests what it needs; ``int16.py`` shares the library). A broken library is removed."""
     source = _source()
     path = _library_path(source)
+    if path.exists():
+        _check_private(path.parent)
+        if _private(path) and not _whole_elf(path):  # ours, cut short or not ELF: built again, never opened
+            path.unlink()
     if not path.exists():
         _build(source, path)
     _check_private(path.parent)
@@ -227,6 +241,22 @@ def load_built(opener: Callable[[Path], ctypes.CDLL]) -> ctypes.CDLL:
         # builds it again. Not rebuilt in this one: the loader would hand back the broken library by its name.
         path.unlink(missing_ok=True)
         raise Unavailable(f"{path.name} did not work and was removed (the next run builds it again): {exc}") from None
+
+
+def _whole_elf(path: Path) -> bool:
+    """A 64-bit little-endian ELF file as long as its header says (the section headers, written last, end in it):
+    dlopen of a library cut short (an interrupted copy of ~/.cache) kills the process with SIGBUS."""
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(64)
+            size = os.fstat(handle.fileno()).st_size
+    except OSError:
+        return False
+    if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] != 2 or header[5] != 1:
+        return False
+    shoff, = struct.unpack_from("<Q", header, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", header, 0x3A)
+    return shoff + shentsize * shnum <= size
 
 
 def _open(path: Path) -> ctypes.CDLL:
@@ -254,10 +284,8 @@ OPENMP_NAMES = ("libgomp", "libiomp5", "libomp")  # GNU, Intel, LLVM: each has t
 
 def _openmp_parallel() -> int | None:
     """The address of ``GOMP_parallel`` in the OpenMP runtime PyTorch runs on (found among this process's mapped
-    files), so that the kernel runs on the threads PyTorch's own parallel regions use. Threads of our own
-    competed with those threads, which spin for a while after each GEMM: on the 2-core Sapphire Rapids CPU the
-    forward took 212 ms that way against 202 ms with SDPA (and 175 ms with the spinning turned off). RTLD_NOLOAD:
-    the library already loaded, never a second copy."""
+    files, opened RTLD_NOLOAD: never a second copy), so that the kernel runs on PyTorch's own threads. Threads of
+    our own competed with them (they spin after each GEMM): 212 ms per forward against 202 with SDPA."""
     if torch.__config__.parallel_info().find("parallel backend: OpenMP") < 0:
         return None
     try:
@@ -314,9 +342,8 @@ _UNSET = object()
 
 
 class Slot:
-    """One kernel's state in this process (this module's and ``int16.py``'s): loaded once by whichever thread asks
-    first, what ``status()`` says, the warning still owed where the CPU could have run it (given at the first
-    forward that falls back, shown by ``ast`` with ``--debug``), and ``turned_off()``."""
+    """One kernel's state in this process (here and in ``int16.py``): loaded once, what ``status()`` says, the
+    warning owed where the CPU could have run it (at the first forward that falls back), ``turned_off()``."""
 
     def __init__(self, load: Callable[[], ctypes.CDLL], ready: str, unavailable: str, owed: str):
         self._load, self.ready, self.unavailable, self.owed_text = load, ready, unavailable, owed
@@ -366,7 +393,7 @@ class Slot:
     def fell_back(self) -> None:
         """A forward runs SDPA: the owed warning, once, unless the kernel was turned off on purpose."""
         if self.owed and not self.off:
-            warnings.warn(self.owed.pop(), RuntimeWarning, stacklevel=4)
+            warnings.warn(self.owed.pop(), RuntimeWarning, stacklevel=3)  # the layer whose forward fell back
 
 
 _SLOT = Slot(lambda: _load(), "AMX kernel", "SDPA (AMX attention unavailable: {})",
@@ -416,8 +443,7 @@ def attention(qkv: torch.Tensor, heads: int, queries: int, scale: float) -> torc
     try:
         return _call(lib, qkv.contiguous(), heads, queries, scale, torch.get_num_threads())
     except RuntimeError as exc:  # out of memory for its buffers, no thread: this call runs on SDPA
-        warnings.warn(f"bf16 attention falls back to PyTorch's SDPA for one call: {exc}", RuntimeWarning,
-                      stacklevel=2)
+        warnings.warn(f"bf16 attention falls back to SDPA for one call: {exc}", RuntimeWarning, stacklevel=2)
         return None
 
 

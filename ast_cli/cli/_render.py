@@ -48,7 +48,8 @@ def print_benchmark(report) -> None:
                   f"{env.input_mel_bins} ({env.window_seconds:.2f} s of audio, {env.gflop_per_clip:g} GFLOP); "
                   f"{env.device} ({env.device_name}), {env.threads} threads, torch {env.torch}"
                   + (f"; bf16 attention: {env.bf16_attention}" if env.bf16_attention else "")
-                  + (f"; int8 attention: {env.int8_attention}" if env.int8_attention else ""), markup=False)
+                  + (f"; int8 attention: {env.int8_attention}" if env.int8_attention else ""), markup=False,
+                  soft_wrap=True)  # one line, however long: a reason stays whole for grep
     speedups = report.speedups()
     if speedups:
         table = Table(title="SDPA vs eager (median ms per batch)", title_justify="left")

@@ -408,7 +408,8 @@ def _write_cache(path: str, entries: list, key: dict, choice: FastChoice) -> Non
                                            "candidates": [asdict(c) for c in choice.candidates],
                                            **({"busy": True} if choice.busy else {})}})
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # ours alone, whatever the umask (002 made it group-writable, and the kernels in it were refused for good)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         with atomic_write(path) as handle:
             json.dump({"version": CACHE_VERSION, "entries": entries}, handle, indent=1)
     except OSError:
