@@ -328,17 +328,27 @@ typedef struct {
     int status; /* the first failure (atomic), else 0 */
 } call;
 
+/* Records `status` as the call's outcome unless an earlier failure was recorded (atomic). */
+static void first_failure(int *outcome, int status) {
+    int ok = AST_AMX_OK;
+    __atomic_compare_exchange_n(outcome, &ok, status, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+
+/* This thread's buffers for `tokens` keys, or NULL with AST_AMX_NO_MEMORY recorded in `outcome`. */
+static buffers *member_buffers(int tokens, int *outcome) {
+    buffers *b = thread_buffers((size_t)(tokens + KB - 1) / KB * KB);
+    if (!b)
+        first_failure(outcome, AST_AMX_NO_MEMORY);
+    return b;
+}
+
 /* Takes items until none are left: a team of any size does them all, each item on one thread. The caller's tile
  * configuration (oneDNN's kernels configure tiles on these threads too) is put back afterwards. */
 static void team_member(void *arg) {
     call *c = arg;
-    const size_t kpad = (size_t)(c->tokens + KB - 1) / KB * KB;
-    buffers *b = thread_buffers(kpad);
-    if (!b) {
-        int ok = AST_AMX_OK;
-        __atomic_compare_exchange_n(&c->status, &ok, AST_AMX_NO_MEMORY, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    buffers *b = member_buffers(c->tokens, &c->status);
+    if (!b)
         return;
-    }
     tile_config saved;
     _tile_storeconfig(&saved);
     configure_tiles();
@@ -686,13 +696,9 @@ typedef struct {
 
 static void int16_member(void *arg) {
     int16_call *c = arg;
-    const size_t kpad = (size_t)(c->tokens + KB - 1) / KB * KB;
-    buffers *b = thread_buffers(kpad);
-    if (!b) {
-        int ok = AST_AMX_OK;
-        __atomic_compare_exchange_n(&c->status, &ok, AST_AMX_NO_MEMORY, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    buffers *b = member_buffers(c->tokens, &c->status);
+    if (!b)
         return;
-    }
     const size_t width = (size_t)c->heads * HD;
     for (;;) {
         const int item = __atomic_fetch_add(&c->next, 1, __ATOMIC_RELAXED);
@@ -703,8 +709,7 @@ static void int16_member(void *arg) {
                               c->v + (size_t)window * c->tokens * width,
                               c->out + (size_t)window * c->queries * width, c->tokens, c->heads, c->queries, head,
                               c->scale, b)) {
-            int ok = AST_AMX_OK;
-            __atomic_compare_exchange_n(&c->status, &ok, AST_AMX_BAD_ARGS, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+            first_failure(&c->status, AST_AMX_BAD_ARGS);
         }
     }
     release_buffers(b);
