@@ -1,23 +1,17 @@
-"""bf16 attention on Intel AMX tiles, for the packed bf16 CPU model (``PackedLayerBF16``).
+"""bf16 attention on Intel AMX tiles, for the packed bf16 CPU model (``PackedLayerBF16``), and the build and load
+of the kernels' library (``int16.py`` shares it).
 
-PyTorch's CPU flash attention runs bf16 through its generic GEMM call in 256 x 512 blocks (its AMX packing path
-is taken for fp16 only): on the 2-core Sapphire Rapids development CPU it took ~8.5 ms of a layer's ~20, 94 ms
-of the 223 ms forward. ``amx_attention.c`` (beside this file) does the same arithmetic on AMX tiles: 3.7-4.0 ms
-against 6.6-7.5 ms for ``F.scaled_dot_product_attention`` on one 1214-token window, 12 heads, 2 threads.
+PyTorch's CPU flash attention runs bf16 through its generic GEMM call (its AMX packing is for fp16 only): ~94 ms
+of a 223 ms forward on the 2-core Sapphire Rapids CPU. ``amx_attention.c`` does the same arithmetic on AMX tiles:
+3.7-4.0 ms against 6.6-7.5 ms for SDPA on one 1214-token window, 12 heads, 2 threads.
 
 The C file is compiled once per machine with the system's C compiler (~0.3 s) into the user cache
 (``$XDG_CACHE_HOME/ast-cli/kernels``, named by a hash of the source and flags), written atomically, and loaded
-with ctypes: no build step at install time, no torch headers, nothing for a CPU without AMX. Every
-precondition is checked first, and anything missing means SDPA, as before:
-
-- the CPU has AMX-BF16 and AVX512-BF16 (``/proc/cpuinfo``), on Linux x86-64 (the kernel asks Linux for the tile
-  state, ``arch_prctl(ARCH_REQ_XCOMP_PERM)``);
-- a C compiler (``$CC``, else ``cc``, ``gcc``) that builds the file;
-- ``AST_AMX_ATTENTION`` is not ``0`` (the way to measure or rule out the kernel);
-- the loaded library agrees with float32 attention on a small case (a miscompile never reaches a forward).
-
-A library is loaded from the cache only when this user owns it and the folder and nobody else may write them: a
-shared object runs as the user, as this package's own code does.
+with ctypes: no build step at install time, no torch headers. Anything missing means SDPA, as before: the CPU's
+AMX-BF16 and AVX512-BF16 on Linux x86-64 (the kernel asks Linux for the tile state); a C compiler (``$CC``, else
+``cc``, ``gcc``) that builds it; ``AST_AMX_ATTENTION`` not ``0``; agreement with float32 attention on a small case
+(a miscompile never reaches a forward). A library is loaded only when this user owns it and its folders and
+nobody else may write them: a shared object runs as the user, as this package's own code does.
 """
 
 from __future__ import annotations
@@ -259,22 +253,28 @@ def _whole_elf(path: Path) -> bool:
     return shoff + shentsize * shnum <= size
 
 
-def _open(path: Path) -> ctypes.CDLL:
+def open_library(path: Path, *entry: str) -> ctypes.CDLL:
+    """The kernels' library with its ``entry`` points, put on PyTorch's OpenMP threads (both kernels' first step)."""
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as exc:
         raise Broken(f"cannot load it: {exc}") from None
-    lib.ast_amx_init.restype = ctypes.c_int
+    for name in entry:  # not our library: AttributeError, then removed (load_built)
+        getattr(lib, name).restype = ctypes.c_int
     lib.ast_amx_use_openmp.restype, lib.ast_amx_use_openmp.argtypes = None, [ctypes.c_void_p]
-    lib.ast_amx_attention.restype = ctypes.c_int
-    lib.ast_amx_attention.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_float,
-                                                                                                   ctypes.c_int]
-    if lib.ast_amx_init() != 0:
-        raise Unavailable("Linux refused the AMX tile state (arch_prctl)")
     parallel = _openmp_parallel()
     if parallel is None:
         raise Unavailable("PyTorch's OpenMP runtime was not found in this process")
     lib.ast_amx_use_openmp(parallel)
+    return lib
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    lib = open_library(path, "ast_amx_init", "ast_amx_attention")
+    lib.ast_amx_attention.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_float,
+                                                                                                   ctypes.c_int]
+    if lib.ast_amx_init() != 0:
+        raise Unavailable("Linux refused the AMX tile state (arch_prctl)")
     _self_test(lib)
     return lib
 

@@ -36,17 +36,8 @@ SELF_TEST_ERROR = 2e-3  # unit-variance inputs: the kernel's error is ~1e-4, a b
 
 
 def _open(path: Path) -> ctypes.CDLL:
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as exc:
-        raise amx.Broken(f"cannot load it: {exc}") from None
-    lib.ast_amx_use_openmp.restype, lib.ast_amx_use_openmp.argtypes = None, [ctypes.c_void_p]
-    lib.ast_int16_attention.restype = ctypes.c_int
+    lib = amx.open_library(path, "ast_int16_attention")
     lib.ast_int16_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int]
-    parallel = amx._openmp_parallel()
-    if parallel is None:
-        raise amx.Unavailable("PyTorch's OpenMP runtime was not found in this process")
-    lib.ast_amx_use_openmp(parallel)
     _self_test(lib)
     return lib
 
