@@ -344,6 +344,18 @@ def test_a_closed_stdout_pipe_ends_quietly(tiny_checkpoint, many):
     assert proc.returncode == 141 and "Traceback" not in stderr and "unexpected error" not in stderr
 
 
+def test_a_reader_going_away_mid_table_is_noticed():
+    """A table larger than a pipe's buffer, its reader gone after one line (`ast search -f table | head -1`):
+    CPython dropped the rest of the one large write without an error, and the run exited 0."""
+    script = ("import sys\nfrom ast_cli.run.files import console\ntry:\n"
+              "    console(soft_wrap=False).print('\\n'.join(['x' * 100] * 3000))\n"
+              "except BrokenPipeError:\n    sys.exit(141)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(10) == b"x" * 10
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 141, proc.stderr.read()
+
+
 def test_stdout_closed_without_output_is_one_line(tiny_checkpoint, clips):
     proc = subprocess.run([sys.executable, "-m", "ast_cli", "classify", str(clips[0]), *map(str, model_args(tiny_checkpoint))],
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))

@@ -199,11 +199,40 @@ class ShardLock:
             self._fd = None
 
 
+PIECE = 2048  # characters: at most 8 KiB of UTF-8, within the buffer of Python's text streams
+
+
+class _Pieces:
+    """A text stream (a given one, else ``sys.stdout`` or ``sys.stderr`` as they are at each call) written in
+    pieces of at most ``PIECE`` characters. CPython loses the rest of one larger write that a pipe takes only in
+    part, without an error, when the reader goes away mid-write (`ast search -f table | head -1` exited 0 with
+    the table cut); pieces go through the stream's buffer, whose flush raises ``BrokenPipeError`` there."""
+
+    def __init__(self, stream=None, stderr: bool = False) -> None:
+        self._stream, self._stderr = stream, stderr
+
+    def _target(self):
+        import sys
+
+        target = self._stream if self._stream is not None else (sys.stderr if self._stderr else sys.stdout)
+        return getattr(target, "rich_proxied_file", target)  # under a rich Live's redirection: the stream below
+
+    def write(self, text: str) -> int:
+        target = self._target()
+        for at in range(0, len(text), PIECE):
+            target.write(text[at:at + PIECE])
+        return len(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._target(), name)
+
+
 def console(**options):
     """A rich ``Console`` (``options`` as rich's) that meets a reader going away as ``ast`` does, not as rich's
     default does (stdout pointed at /dev/null and ``SystemExit(1)``, whichever stream broke): on stdout a
     ``BrokenPipeError``, which the front end ends quietly with exit 141 as with every other format; on stderr
-    silence from then on, since messages are best effort and the data must go on."""
+    silence from then on, since messages are best effort and the data must go on. It writes in pieces
+    (``_Pieces``), so that a reader going away is always noticed."""
     from rich.console import Console
 
     class _Console(Console):
@@ -212,4 +241,5 @@ def console(**options):
             if not self.stderr:
                 raise BrokenPipeError(32, "the reader of standard output went away")
 
+    options["file"] = _Pieces(options.get("file"), stderr=options.get("stderr", False))
     return _Console(**options)
