@@ -454,6 +454,17 @@ def test_26_3_the_cache_key_names_the_heads_only_when_there_are_heads(tiny_model
     assert fake_calibration == ["cpu", "cpu"]  # one calibration without the head, one with it, then cached
 
 
+def test_26_3_the_cache_key_names_a_heads_layer_norm_eps(tiny_model, fake_calibration):
+    """Two heads that differ only in ``layer_norm_eps`` give other probabilities: each has its own choice."""
+    import dataclasses
+
+    head = _magnifying_head(tiny_model)
+    assert fast.cache_key(tiny_model, "cpu", heads=[head])["heads"][0][2:] == []  # the default: keys as before
+    choose(tiny_model, heads=[head])
+    choose(tiny_model, heads=[dataclasses.replace(head, eps=1e-3)])
+    assert fake_calibration == ["cpu", "cpu"]
+
+
 def test_26_3_fast_on_a_bare_encoder_compares_embeddings(encoder, audio, tmp_path, monkeypatch):
     """A bare encoder has no scores: --fast compares its pooled embeddings (relative L2) instead of failing with
     'this checkpoint has no classification head' (what it did before, in every command)."""

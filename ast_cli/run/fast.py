@@ -318,11 +318,19 @@ def cache_key(model, device: str, heads=(), attn: str | None = None, embeddings:
     return {"cpu": str(caps.get("cpu_name", "")), "cpu_flags": sorted(_cpuinfo_flags()) or sorted(
             k for k, v in caps.items() if v is True), "torch": torch.__version__,
             "weights": weights_fingerprint(model.state_dict()), "threads": torch.get_num_threads(), "device": device,
-            "gpu": gpu, **({"heads": [[head.single_label, weights_fingerprint(head.tensors)] for head in heads]}
-                           if heads else {}), **({"attn": attn} if attn not in (None, "sdpa") else {}),
+            "gpu": gpu, **({"heads": [_head_key(head) for head in heads]} if heads else {}), **({"attn": attn} if attn not in (None, "sdpa") else {}),
             **({"measure": "embeddings"} if embeddings and measure_of(model, heads) == "scores" else {}),
             **({"activation": "softmax"} if _single_label(model) and measure_of(model, heads, embeddings) == "scores"
                else {}), **({"bf16_attention": bf16_attention, "int8_attention": int8_attention} if cpu_sdpa else {})}
+
+
+def _head_key(head) -> list:
+    """A head as the cache key names it: softmax or not, its tensors' fingerprint, and its LayerNorm eps where
+    that is not the default (so that keys of heads with the default stay as they were)."""
+    from ..checkpoint.heads import Head
+    from ..checkpoint.weights import weights_fingerprint
+
+    return [head.single_label, weights_fingerprint(head.tensors)] + ([head.eps] if head.eps != Head.eps else [])
 
 
 def _read_cache(path: str) -> list:
