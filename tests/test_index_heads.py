@@ -379,3 +379,33 @@ def test_28_backfill_batches_shrink_with_the_heads_labels(tmp_path, monkeypatch)
     batches: list[int] = []
     assert tasks_index.score_stored(store, [head], lambda name, n: batches.append(n)) == 100
     assert batches == [52, 48]
+
+
+def test_26_3_search_embeds_queries_in_the_mode_index_fast_head_chose(setup, tmp_path, monkeypatch):
+    """``ast index --fast --head`` chooses its mode with the heads' probabilities compared too; a search of that
+    index loaded the model without them, so it calibrated again (and could pick another mode than the stored
+    windows had). It now loads the heads the index scores, and finds the index run's choice."""
+    from ast_cli.run import fast
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    calls = []
+
+    def calibrate(model, device="cpu", attn=None, heads=(), embeddings=False, timings=None):
+        calls.append(len(heads))
+        return [fast.Candidate("fp32", 100.0, 0.0), fast.Candidate("bf16", 50.0, 0.004) if not heads
+                else fast.Candidate("bf16", 50.0, 0.5)]  # unfaithful to the head: fp32 with it, bf16 without
+
+    monkeypatch.setattr(fast, "calibrate", calibrate)
+    monkeypatch.setattr(fast, "candidate_names", lambda device: [("fp32", None), ("bf16", None)])
+    clips, db, head = setup["clips"], tmp_path / "db", tmp_path / "pitch"
+    shutil.copytree(setup["root"] / "pitch", head)
+    made = ast("index", *clips, "--db", db, "--model", setup["base"], "--device", "cpu", "--fast", "--workers", "1",
+               "--quiet", "--head", head)
+    assert made.exit_code == 0, made.stderr
+    with Index.open(str(db)) as stored:
+        stored.search(clips[0], top=1)
+        assert (calls, stored.fast_choice.mode) == ([1], "fp32")  # the index run's choice, from the cache
+    (head / "head.json").write_text((head / "head.json").read_text() + " ")  # no longer what the index scored with
+    with Index.open(str(db)) as stored:
+        stored.search(clips[0], top=1)
+        assert (calls, stored.fast_choice.mode) == ([1, 0], "bf16")  # without it: its own choice

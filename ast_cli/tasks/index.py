@@ -128,16 +128,21 @@ def to_record(item: InputFile, out: FileOutput, identity: tuple[int | None, int 
 def head_entry(head) -> dict:
     """How the index records a head (``checkpoint.heads.Head``): its labels, kind and folder, and a digest of its
     two files (the same name with another digest: retrained, so its stored scores are dropped and redone)."""
+    return {"digest": head_digest(head.path), "labels": list(head.labels), "single_label": head.single_label,
+            "path": os.path.abspath(head.path)}
+
+
+def head_digest(folder: str) -> str:
+    """sha256 of a head folder's two files, in order."""
     import hashlib
 
     from ..checkpoint.heads import HEAD_CONFIG, HEAD_WEIGHTS
 
     digest = hashlib.sha256()
     for name in (HEAD_CONFIG, HEAD_WEIGHTS):
-        with open(os.path.join(head.path, name), "rb") as handle:
+        with open(os.path.join(folder, name), "rb") as handle:
             digest.update(handle.read())
-    return {"digest": digest.hexdigest(), "labels": list(head.labels), "single_label": head.single_label,
-            "path": os.path.abspath(head.path)}
+    return digest.hexdigest()
 
 
 def score_heads(heads, vectors: np.ndarray | None) -> dict | None:
@@ -283,8 +288,23 @@ class Index:
                 hop_seconds=identity.get("hop_seconds"), fast=compute == "fast",
                 quantize="int8" if compute == "int8" else "none",
                 dtype=compute if compute in ("fp32", "fp16", "bf16") else "auto")
-            self._tagger = Tagger.load(path if os.path.exists(path) else identity["model"], options, embeddings=True)
+            heads = self._unchanged_heads() if options.fast else []
+            self._tagger = Tagger.load(path if os.path.exists(path) else identity["model"], options, heads=heads,
+                                       embeddings=True)
         return self._tagger
+
+    def _unchanged_heads(self) -> list[str]:
+        """The folders of the heads the index scores that still hold what it scored with. ``ast index --fast
+        --head`` chose its mode with them (the choice keeps their probabilities within the bound too), so a
+        query embedded with them runs in the mode the index's windows were stored in."""
+        folders = []
+        for entry in self.heads().values():
+            try:
+                if head_digest(entry["path"]) == entry["digest"]:
+                    folders.append(entry["path"])
+            except (OSError, KeyError, TypeError):  # gone, unreadable, or an index older than the digests
+                pass
+        return folders
 
     @property
     def fast_choice(self):
