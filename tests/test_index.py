@@ -366,6 +366,30 @@ def test_27_audacity_label_tracks_per_file(spread, tmp_path):
     assert wrong.exit_code == 2 and wrong.stderr.startswith("Error: --output-dir: ")
 
 
+def test_s8_5_label_tracks_of_two_files_of_one_name_mirror_their_folders(spread, tmp_path):
+    """day1/v0.wav and day2/v0.wav: each gets its own track below the hits' common folder (they were refused,
+    with a hint about input paths that search does not take)."""
+    import shutil
+
+    files = archive(tmp_path / "in" / "day1", 1)
+    (tmp_path / "in" / "day2").mkdir()
+    shutil.copy(files[0], tmp_path / "in" / "day2" / "v0.wav")
+    assert index([tmp_path / "in"], tmp_path / "db", spread).exit_code == 0
+    result = ast("search", tmp_path / "db", files[0], "-f", "audacity", "--output-dir", tmp_path / "tracks",
+                 "--top", "100")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(str(p.relative_to(tmp_path / "tracks")) for p in (tmp_path / "tracks").rglob("*.txt")) == [
+        "day1/v0.wav.labels.txt", "day2/v0.wav.labels.txt"]
+
+
+def test_s8_5_an_output_dir_that_cannot_be_written_is_refused_before_the_index_opens(tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = ast("search", tmp_path / "no-index", tmp_path / "q.wav", "-f", "audacity", "--output-dir",
+                 tmp_path / "file")
+    assert result.exit_code == 2 and result.stderr.startswith("Error: --output-dir: ")
+    assert "exists and is not a directory" in result.stderr
+
+
 def test_27_a_bad_query_is_one_line_naming_it(spread, tmp_path):
     files = archive(tmp_path / "in", 1)
     assert index([tmp_path / "in"], tmp_path / "db", spread).exit_code == 0
