@@ -390,6 +390,18 @@ def test_s8_5_an_output_dir_that_cannot_be_written_is_refused_before_the_index_o
     assert "exists and is not a directory" in result.stderr
 
 
+def test_s8_N12_the_table_prints_paths_as_they_are_and_whole(spread, tmp_path):
+    """Names with rich markup (``take[/red]1.wav`` crashed the table, ``[red]take 1.wav`` lost its tag) and long
+    paths (cut to ``…`` when piped) are printed as they are."""
+    folder = tmp_path / ("in" + "-very-long-folder-name" * 6)
+    files = [varied(folder / name, 2.5, seed=i) for i, name in enumerate(["take[/red]1.wav", "[red]take 1.wav"])]
+    assert index([folder], tmp_path / "db", spread).exit_code == 0
+    result = ast("search", tmp_path / "db", files[0], "--top", "100")
+    assert result.exit_code == 0, result.stderr
+    printed = {line.split(None, 3)[3] for line in result.stdout.splitlines()[1:]}
+    assert printed == {str(f) for f in files}
+
+
 def test_27_a_bad_query_is_one_line_naming_it(spread, tmp_path):
     files = archive(tmp_path / "in", 1)
     assert index([tmp_path / "in"], tmp_path / "db", spread).exit_code == 0

@@ -322,12 +322,6 @@ def stderr_console():
     return console(stderr=True, highlight=False, soft_wrap=True, emoji=False)  # a name's ":x:" stays as it is
 
 
-def stdout_console():
-    from ..run.files import console
-
-    return console(highlight=False, soft_wrap=False, emoji=False)
-
-
 def report_failure(console, name: str, error: str) -> None:
     """The one stderr line of a file that failed."""
     from ._errors import say
@@ -336,7 +330,7 @@ def report_failure(console, name: str, error: str) -> None:
 
 
 __all__ = ["DEFAULT_MODEL", "ModelOpt", "PathsArg", "ExtOpt", "QuietOpt", "DebugOpt", "OfflineOpt", "CacheDirOpt",
-           "run_options", "stderr_console", "stdout_console", "report_failure"]
+           "run_options", "stderr_console", "report_failure"]
 
 
 def warn_if_slow_bf16(dtypes, device: str, console) -> None:

@@ -136,13 +136,19 @@ def _print(hits, format) -> None:
 
 
 def _table(hits) -> None:
-    from rich.table import Table
+    """One line per hit. A path is text, never rich markup (``[red]take 1.wav``); in a terminal a long one folds,
+    piped it is never cut (the width is then what the longest line needs)."""
+    import sys
 
-    from ._common import stdout_console
+    from rich.table import Table
+    from rich.text import Text
+
+    from ..run.files import console
 
     table = Table(box=None, pad_edge=False)
     for column, justify in (("score", "right"), ("start", "right"), ("end", "right"), ("path", "left")):
-        table.add_column(column, justify=justify)
+        table.add_column(column, justify=justify, overflow="fold")
     for hit in hits:
-        table.add_row(f"{hit.score:.4f}", f"{hit.start:.2f}", f"{hit.end:.2f}", hit.path)
-    stdout_console().print(table)
+        table.add_row(f"{hit.score:.4f}", f"{hit.start:.2f}", f"{hit.end:.2f}", Text(hit.path))
+    width = None if sys.stdout.isatty() else 30 + max([len(hit.path) for hit in hits] + [50])
+    console(highlight=False, soft_wrap=False, emoji=False, width=width).print(table)
