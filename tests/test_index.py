@@ -535,3 +535,24 @@ def test_28_search_refuses_a_query_window_before_the_audio_or_ending_before_it_s
             with pytest.raises(UsageError) as refused:
                 stored.search(files[0], 3, **kwargs)
             assert refused.value.option == option
+
+
+def test_s8_1_prune_keeps_files_that_still_exist(spread, tmp_path):
+    """A pattern's ``*`` matched across ``/`` and ``--ext`` narrowed what the run "still held": ``--prune`` dropped
+    files below the pattern's folder, every .wav of an ``--ext flac`` run, and a hidden file indexed by naming it,
+    all still there. Only a file that is gone, and that the arguments name, is pruned."""
+    arch = tmp_path / "arch"
+    for name, seed in (("0001.wav", 0), ("day2/0001.wav", 1), ("day2/0002.wav", 2), ("x.flac", 3), (".h.wav", 4)):
+        varied(arch / name, 1.0, seed)
+    db = tmp_path / "db"
+    assert index([arch], db, spread).exit_code == 0 and index([arch / ".h.wav"], db, spread).exit_code == 0
+    everything = stored(db)
+    assert len(everything) == 5
+    for paths, extra in (([f"{arch}/*.wav"], []), ([arch], ["--ext", "flac"]), ([arch], []), ([f"{arch}/*"], [])):
+        result = index(paths, db, spread, "--prune", *extra)
+        assert result.exit_code == 0 and stored(db) == everything, (paths, extra, result.output)
+    os.unlink(arch / "day2" / "0002.wav")
+    assert index([f"{arch}/*.wav"], db, spread, "--prune").exit_code == 0
+    assert stored(db) == everything  # gone, but not a match of arch/*.wav
+    assert index([f"{arch}/*/*.wav"], db, spread, "--prune").exit_code == 0
+    assert sorted(stored(db)) == sorted(p for p in everything if not p.endswith("0002.wav"))

@@ -79,7 +79,7 @@ def index_command(
         if os.path.exists(db) and not os.path.isdir(db):
             raise UsageError(f"{db} exists and is not a directory", option="db")
         identity, path = _identity(model, run, cluster, stderr, quiet)
-        plan = _plan(items, paths, db, identity, cluster.shard)  # another model: refused before any write
+        plan = _plan(items, paths if prune else (), db, identity, cluster.shard)  # another model: refused before any write
         # the model loads here; a head trained on another base is refused
         records = _records(plan.todo, path, model, run, cluster, stderr, quiet, heads)
         store = _writable(db, identity, cluster.shard, heads, stderr)
@@ -110,7 +110,7 @@ def _identity(model: str, run: RunOptions, cluster, stderr, quiet: bool) -> tupl
                        settings.hop(features.window_seconds), compute_name(run, cluster)), str(path)
 
 
-def _plan(items, arguments: list[str], db: str, identity: dict, shard):
+def _plan(items, prune_below, db: str, identity: dict, shard):
     """What is to do, from what the index, its shards and this run's part hold (read only), once each of them
     is known to be made with this model and settings."""
     import os
@@ -125,7 +125,7 @@ def _plan(items, arguments: list[str], db: str, identity: dict, shard):
         if stored is not None:
             check_identity(stored, identity, db)
     known = [record for path in stores for record in read_files(path)]  # later ones win
-    return plan_index(items, known, arguments)
+    return plan_index(items, known, prune_below)
 
 
 def _writable(db: str, identity: dict, shard, heads, stderr):

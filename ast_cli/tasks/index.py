@@ -76,7 +76,7 @@ def _stat(path: str) -> tuple[int | None, int | None]:
 @dataclass
 class Plan:
     """What a run does: ``todo`` (new, changed or failed before), how many are ``unchanged``, and the stored
-    files that the given paths no longer hold (``gone``: dropped with ``--prune``)."""
+    files that are gone (``gone``: dropped by a ``--prune`` run)."""
 
     todo: list = field(default_factory=list)
     unchanged: int = 0
@@ -84,23 +84,14 @@ class Plan:
     pruned: int = 0
 
 
-def covered(path: str, arguments: Iterable[str]) -> bool:
-    """Whether a stored ``path`` is one the command-line ``arguments`` name: the file itself, a file below a
-    named folder, or a match of a glob pattern (``-``, a list on stdin, names nothing in advance)."""
-    import fnmatch
+def plan_index(items: list[InputFile], stored: Iterable[FileRecord], prune_below: Iterable[str] = ()) -> Plan:
+    """Compare the inputs with what is stored (size and mtime decide; a stored error is retried). ``prune_below``
+    (a ``--prune`` run's arguments, as given): ``gone`` holds the stored files they name that no longer exist."""
+    from ..audio.inputs import gone, named_by
 
-    for argument in arguments:
-        root = os.path.abspath(argument) if argument != "-" else None
-        if root and (path == root or path.startswith(root.rstrip(os.sep) + os.sep) or fnmatch.fnmatchcase(path, root)):
-            return True
-    return False
-
-
-def plan_index(items: list[InputFile], stored: Iterable[FileRecord], arguments: Iterable[str] = ()) -> Plan:
-    """Compare the inputs with what is stored (size and mtime decide; a stored error is retried). ``gone``: the
-    stored files under ``arguments`` (the paths as given) that the inputs no longer hold."""
     known = {record.path: record for record in stored}
     plan = Plan()
+    plan.gone = sorted(path for path in known if named_by(path, prune_below) and gone(path))
     for item in items:
         record = known.get(file_key(item.path))
         if record is not None and record.error is None and item.error is None and \
@@ -108,8 +99,6 @@ def plan_index(items: list[InputFile], stored: Iterable[FileRecord], arguments: 
             plan.unchanged += 1
         else:
             plan.todo.append(item)
-    found = {file_key(item.path) for item in items}
-    plan.gone = sorted(path for path in known if path not in found and covered(path, arguments))
     return plan
 
 
@@ -415,5 +404,5 @@ class Index:
         return direction - direction.mean()
 
 
-__all__ = ["Index", "Plan", "covered", "embed_files", "file_key", "head_entry", "identity_of", "plan_index",
+__all__ = ["Index", "Plan", "embed_files", "file_key", "head_entry", "identity_of", "plan_index",
            "score_heads", "score_stored", "shard_file", "stored_embeddings", "to_record"]
