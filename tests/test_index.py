@@ -556,3 +556,31 @@ def test_s8_1_prune_keeps_files_that_still_exist(spread, tmp_path):
     assert stored(db) == everything  # gone, but not a match of arch/*.wav
     assert index([f"{arch}/*/*.wav"], db, spread, "--prune").exit_code == 0
     assert sorted(stored(db)) == sorted(p for p in everything if not p.endswith("0002.wav"))
+
+
+def test_s8_17_prune_drops_files_of_a_deleted_folder_or_a_deleted_named_file(spread, tmp_path):
+    """``ast index folder/ --prune`` with every file below it deleted said "no audio files found" (exit 2), and a
+    deleted file named with ``--prune`` was stored as a failed "no such file" record (exit 1): both now prune."""
+    db = tmp_path / "db"
+    kept = varied(tmp_path / "kept" / "k.wav", 1.0, seed=9)
+    files = archive(tmp_path / "in", 3)
+    assert index([tmp_path / "in", kept], db, spread).exit_code == 0
+    os.unlink(files[0])
+    result = index([files[0]], db, spread)  # without --prune: as before, a failed record
+    assert result.exit_code == 1 and Index.open(str(db)).files()[0].error == "no such file"
+    assert index([files[0]], db, spread, "--prune").exit_code == 0
+    assert sorted(stored(db)) == sorted(map(str, [kept, *files[1:]]))
+    assert str(files[0]) not in {f.path for f in Index.open(str(db)).files()}
+    for path in files[1:]:
+        os.unlink(path)
+    assert index([tmp_path / "in"], db, spread).exit_code == 2  # without --prune: nothing to do is an error
+    result = ast("index", tmp_path / "in", "--db", db, "--model", spread, "--prune")
+    assert result.exit_code == 0 and "0 failed, 2 pruned" in result.stderr, result.output
+    assert sorted(stored(db)) == [str(kept)]
+    for paths in ([tmp_path / "in"], [f"{tmp_path}/in/*.wav"]):  # the folder itself gone; a pattern matching nothing
+        os.rmdir(tmp_path / "in")
+        assert index([varied(tmp_path / "in" / "late.wav", 1.0, seed=8)], db, spread).exit_code == 0
+        os.unlink(tmp_path / "in" / "late.wav")
+        os.rmdir(tmp_path / "in")
+        assert index(paths, db, spread, "--prune").exit_code == 0 and sorted(stored(db)) == [str(kept)]
+        os.mkdir(tmp_path / "in")

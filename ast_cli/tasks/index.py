@@ -86,14 +86,21 @@ class Plan:
 
 def plan_index(items: list[InputFile], stored: Iterable[FileRecord], prune_below: Iterable[str] = ()) -> Plan:
     """Compare the inputs with what is stored (size and mtime decide; a stored error is retried). ``prune_below``
-    (a ``--prune`` run's arguments, as given): ``gone`` holds the stored files they name that no longer exist."""
+    (a ``--prune`` run's arguments, as given): ``gone`` holds the stored files they name that no longer exist, and
+    an input that names such files but is itself gone (a deleted file or folder, a pattern that matches nothing
+    now) is not tried again: its files are pruned instead."""
     from ..audio.inputs import gone, named_by
 
     known = {record.path: record for record in stored}
-    plan = Plan()
-    plan.gone = sorted(path for path in known if named_by(path, prune_below) and gone(path))
+    plan, prune_below, dropped = Plan(), list(prune_below), set()
+    if prune_below:
+        missing = sorted({item.path for item in items if item.error is not None and gone(item.path)})
+        plan.gone = sorted(path for path in known if named_by(path, prune_below + missing) and gone(path))
+        dropped = {name for name in missing if any(named_by(path, [name]) for path in plan.gone)}
     for item in items:
         record = known.get(file_key(item.path))
+        if item.path in dropped:
+            continue
         if record is not None and record.error is None and item.error is None and \
                 (record.size, record.mtime_ns) == _stat(item.path):
             plan.unchanged += 1
