@@ -584,3 +584,34 @@ def test_s8_17_prune_drops_files_of_a_deleted_folder_or_a_deleted_named_file(spr
         os.rmdir(tmp_path / "in")
         assert index(paths, db, spread, "--prune").exit_code == 0 and sorted(stored(db)) == [str(kept)]
         os.mkdir(tmp_path / "in")
+
+
+def _tree_bytes(db) -> dict:
+    return {os.path.relpath(os.path.join(folder, name), db): hashlib.sha256(open(os.path.join(folder, name), "rb")
+                                                                            .read()).hexdigest()
+            for folder, _, names in os.walk(db) for name in names}
+
+
+def test_s8_6_a_shard_of_another_model_is_refused_and_a_stuck_one_is_named(spread, tiny_checkpoint, tmp_path):
+    """A ``--shard`` run checked only the index and its own part: a part made with another model was accepted
+    (exit 0), and from then on every search and index run refused the index without naming the part. Now the
+    run is refused before it writes, naming the part that holds the other identity; an index made stuck by an
+    older version names that part, and says to delete it."""
+    files = archive(tmp_path / "in", 3)
+    db = tmp_path / "db"
+    assert index([tmp_path / "in"], db, spread, "--shard", "1/2").exit_code == 0
+    before = _tree_bytes(db)
+    result = index([tmp_path / "in"], db, tiny_checkpoint[0], "--shard", "2/2")
+    assert result.exit_code == 2 and _tree_bytes(db) == before, result.output
+    error, hint = result.stderr.splitlines()
+    assert error.startswith(f"Error: --db: {db / 'shards' / '1-of-2.sqlite'} was made with ") and "delete" in hint
+    assert index([tmp_path / "in"], tmp_path / "other", tiny_checkpoint[0], "--shard", "2/2").exit_code == 0
+    os.replace(tmp_path / "other" / "shards" / "2-of-2.sqlite", db / "shards" / "2-of-2.sqlite")  # stuck
+    before = _tree_bytes(db)
+    for result in (ast("search", db, files[0]), index([tmp_path / "in"], db, spread)):
+        assert result.exit_code == 2 and _tree_bytes(db) == before, result.output
+        error, hint = result.stderr.splitlines()
+        assert f"{db / 'shards' / '2-of-2.sqlite'} was made with " in error and "delete that file" in hint
+    os.unlink(db / "shards" / "2-of-2.sqlite")  # the way out the hint gives
+    assert index([tmp_path / "in"], db, spread).exit_code == 0 and ast("search", db, files[0]).exit_code == 0
+    assert sorted(stored(db)) == sorted(map(str, files))

@@ -61,6 +61,7 @@ def index_command(
         from ..checkpoint.heads import read_heads
         from ..run.vectordb import require_ann_backend
         from ..tasks.distributed import take_shard
+        from ..tasks.index import check_stores
 
         require_ann_backend()
         run.validate()
@@ -80,7 +81,7 @@ def index_command(
         if not items and not plan.gone:  # --prune of a folder whose files were all deleted: they are pruned
             raise UsageError("no audio files found in the given paths", hint="check --ext, or name files directly")
         identity, path = _identity(model, run, cluster, stderr, quiet)
-        _check_stores(db, identity, cluster.shard)  # another model or settings: refused before any write
+        check_stores(db, identity)  # the index or any part made otherwise: refused before any write
         # the model loads here; a head trained on another base is refused
         records = _records(plan.todo, path, model, run, cluster, stderr, quiet, heads)
         store = _writable(db, identity, cluster.shard, heads, stderr)
@@ -122,22 +123,6 @@ def _plan(items, prune_below, db: str, shard):
     stores += [os.path.join(db, shard_file(shard))] if shard is not None else shard_paths(db)
     known = [record for path in stores for record in read_files(path)]  # later ones win
     return plan_index(items, known, prune_below)
-
-
-def _check_stores(db: str, identity: dict, shard) -> None:
-    """A UsageError, read only, when the index, its shards or this run's part was made with another model or
-    settings."""
-    import os
-
-    from ..run.vectordb import SQLITE_NAME, check_identity, read_identity, shard_paths
-    from ..tasks.index import shard_file
-
-    stores = [os.path.join(db, SQLITE_NAME)]
-    stores += [os.path.join(db, shard_file(shard))] if shard is not None else shard_paths(db)
-    for path in stores:
-        stored = read_identity(path)
-        if stored is not None:
-            check_identity(stored, identity, db)
 
 
 def _writable(db: str, identity: dict, shard, heads, stderr):

@@ -109,6 +109,30 @@ def plan_index(items: list[InputFile], stored: Iterable[FileRecord], prune_below
     return plan
 
 
+def check_stores(db: str, identity: dict | None = None) -> None:
+    """A UsageError, read only and before anything is written, when a store in ``db`` (the index, or a part a
+    ``--shard`` run wrote) was made with another model or settings than ``identity`` (this run's) or, without
+    it, than the others. A part is named: an index never takes parts it cannot merge, and one that holds such a
+    part (an older version let it in) says which file it is."""
+    from ..run.vectordb import check_identity, read_identity, shard_paths
+
+    index = os.path.join(db, SQLITE_NAME)
+    for path in [index, *shard_paths(db)]:
+        stored = read_identity(path)
+        if stored is None or identity is None:
+            identity = identity or stored
+            continue
+        if path == index:
+            check_identity(stored, identity, db)
+            continue
+        try:
+            check_identity(stored, identity, path)
+        except UsageError as exc:
+            raise UsageError(str(exc), option="db", hint="every part of an index is made with the same model and "
+                             "settings: give those, or delete that file (the files it holds are then indexed "
+                             "again)") from None
+
+
 def to_record(item: InputFile, out: FileOutput, identity: tuple[int | None, int | None]) -> FileRecord:
     """One engine output (embeddings per window) as the index stores it."""
     error = out.error
@@ -247,6 +271,7 @@ class Index:
         if not os.path.isfile(os.path.join(db, SQLITE_NAME)) and not os.path.isdir(os.path.join(db, SHARDS_DIR)):
             raise UsageError(f"{db} is not an index (no {SQLITE_NAME} in it)", option="db",
                              hint="ast index PATH... --db DIR builds one")
+        check_stores(db)  # parts that cannot be merged: refused before anything is written
         store = VectorStore.open(db)
         store.merge_shards()
         return cls(store)
@@ -411,5 +436,5 @@ class Index:
         return direction - direction.mean()
 
 
-__all__ = ["Index", "Plan", "embed_files", "file_key", "head_entry", "identity_of", "plan_index",
+__all__ = ["Index", "Plan", "check_stores", "embed_files", "file_key", "head_entry", "identity_of", "plan_index",
            "score_heads", "score_stored", "shard_file", "stored_embeddings", "to_record"]
