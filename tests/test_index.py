@@ -615,3 +615,21 @@ def test_s8_6_a_shard_of_another_model_is_refused_and_a_stuck_one_is_named(sprea
     os.unlink(db / "shards" / "2-of-2.sqlite")  # the way out the hint gives
     assert index([tmp_path / "in"], db, spread).exit_code == 0 and ast("search", db, files[0]).exit_code == 0
     assert sorted(stored(db)) == sorted(map(str, files))
+
+
+def test_s8_16_a_file_added_between_shard_runs_shifts_no_other_file(spread, tmp_path):
+    """``rec8/{b,c,d,e}.wav``: ``--shard 1/2``, then ``a.wav`` added, then ``--shard 2/2``: c and e were in no
+    shard (the positions moved) and never indexed, both runs reporting success. Every file that was there for
+    both runs is now in exactly one part; the new one is in the part its own path picks."""
+    from ast_cli.tasks.distributed import shard_of
+
+    files = [varied(tmp_path / "rec8" / f"{name}.wav", 1.0, seed=i) for i, name in enumerate("bcde")]
+    assert index([tmp_path / "rec8"], tmp_path / "db", spread, "--shard", "1/2").exit_code == 0
+    added = varied(tmp_path / "rec8" / "a.wav", 1.0, seed=7)
+    assert index([tmp_path / "rec8"], tmp_path / "db", spread, "--shard", "2/2").exit_code == 0
+    parts = [{f.path for f in vectordb.read_files(str(tmp_path / "db" / "shards" / f"{k}-of-2.sqlite"))}
+             for k in (1, 2)]
+    assert not parts[0] & parts[1]
+    assert parts[0] | parts[1] == set(map(str, files)) | ({str(added)} if shard_of(str(added), 2) == 2 else set())
+    assert index([tmp_path / "rec8"], tmp_path / "db", spread).exit_code == 0  # a run without --shard: the rest
+    assert sorted(stored(tmp_path / "db")) == sorted(map(str, [added, *files]))

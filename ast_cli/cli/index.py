@@ -61,24 +61,25 @@ def index_command(
         from ..checkpoint.heads import read_heads
         from ..run.vectordb import require_ann_backend
         from ..tasks.distributed import take_shard
-        from ..tasks.index import check_stores
+        from ..tasks.index import check_stores, file_key
 
         require_ann_backend()
         run.validate()
         cluster = checked_distributed(dist, run)
         if prune and cluster.shard is not None:
             raise UsageError("--prune needs every file: it goes without --shard", option="prune")
-        items = take_shard(expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths)), cluster.shard)
-        refuse_piped_audio_on_ray(items, cluster)
+        found = expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths))
+        items = take_shard(found, cluster.shard, key=lambda item: file_key(item.path))  # as the index names it
+        refuse_piped_audio_on_ray(found, cluster)
         heads = read_heads(head or ())  # a missing folder or not a head: before anything else
         if heads and cluster.ray:
             raise UsageError("heads run in this process, not on a Ray cluster", option="heads")
-        if any(getattr(item, "source", None) is not None for item in items):
+        if any(getattr(item, "source", None) is not None for item in found):
             raise UsageError("audio on stdin has no path to store: index files", option="paths")
         if os.path.exists(db) and not os.path.isdir(db):
             raise UsageError(f"{db} exists and is not a directory", option="db")
         plan = _plan(items, paths if prune else (), db, cluster.shard)  # read only
-        if not items and not plan.gone:  # --prune of a folder whose files were all deleted: they are pruned
+        if not found and not plan.gone:  # --prune of a folder whose files were all deleted: they are pruned
             raise UsageError("no audio files found in the given paths", hint="check --ext, or name files directly")
         identity, path = _identity(model, run, cluster, stderr, quiet)
         check_stores(db, identity)  # the index or any part made otherwise: refused before any write
