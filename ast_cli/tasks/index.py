@@ -116,7 +116,7 @@ def check_stores(db: str, identity: dict | None = None) -> None:
     part (an older version let it in) says which file it is."""
     from ..run.vectordb import check_identity, read_identity, shard_paths
 
-    index = os.path.join(db, SQLITE_NAME)
+    index, run = os.path.join(db, SQLITE_NAME), identity is not None
     for path in [index, *shard_paths(db)]:
         stored = read_identity(path)
         if stored is None or identity is None:
@@ -129,8 +129,8 @@ def check_stores(db: str, identity: dict | None = None) -> None:
             check_identity(stored, identity, path)
         except UsageError as exc:
             raise UsageError(str(exc), option="db", hint="every part of an index is made with the same model and "
-                             "settings: give those, or delete that file (the files it holds are then indexed "
-                             "again)") from None
+                             "settings: " + ("give those, or delete that file" if run else "delete that file") +
+                             " (the files it holds are then indexed again)") from None
 
 
 def to_record(item: InputFile, out: FileOutput, identity: tuple[int | None, int | None]) -> FileRecord:
