@@ -97,10 +97,8 @@ def plan_index(items: list[InputFile], stored: Iterable[FileRecord], prune_below
         missing = sorted({item.path for item in items if item.error is not None and gone(item.path)})
         plan.gone = sorted(path for path in known if named_by(path, prune_below + missing) and gone(path))
         dropped = {name for name in missing if any(named_by(path, [name]) for path in plan.gone)}
-    for item in items:
+    for item in (item for item in items if item.path not in dropped):
         record = known.get(file_key(item.path))
-        if item.path in dropped:
-            continue
         if record is not None and record.error is None and item.error is None and \
                 (record.size, record.mtime_ns) == _stat(item.path):
             plan.unchanged += 1
