@@ -7,6 +7,7 @@ first use (0.3 s), never at import.
 from __future__ import annotations
 
 import os
+import struct
 
 import numpy as np
 
@@ -37,11 +38,12 @@ def probes(lists: int) -> int:
 
 def read_ann(path: str):
     """A saved IVF-SQ8 index held in memory, or None when the file is missing, corrupt or something else (then it
-    is built again from the rows). No vector read from it may claim more bytes than the file has; lists kept in
+    is built again from the rows). Every count in it is checked against the file's size before faiss reads it
+    (``laid_out_as_saved``), and no vector read from it may claim more bytes than the file has; lists kept in
     another file (faiss's on-disk kind names any path) are opened read-only, then refused."""
     import faiss
 
-    if not os.path.isfile(path):
+    if not os.path.isfile(path) or not laid_out_as_saved(path):
         return None
     limit = faiss.get_deserialization_vector_byte_limit()
     faiss.set_deserialization_vector_byte_limit(os.path.getsize(path) + 1)
@@ -56,6 +58,80 @@ def read_ann(path: str):
             or not isinstance(faiss.downcast_InvertedLists(index.invlists), faiss.ArrayInvertedLists):
         return None
     return index
+
+
+_HEADER = "<4siqqqBi"  # an index's tag, d, ntotal, two unused, is_trained, metric (0: inner product, nothing after)
+
+
+class _Fields:
+    """Little-endian fields of an open file, read in order; a count is checked against the bytes after it before
+    anything is sized from it."""
+
+    def __init__(self, handle, size: int):
+        self.handle, self.left = handle, size
+
+    def take(self, layout: str) -> tuple:
+        size = struct.calcsize(layout)
+        if size > self.left:
+            raise ValueError("the file ends inside a field")
+        self.left -= size
+        return struct.unpack(layout, self.handle.read(size))
+
+    def skip(self, item: int) -> int:
+        """Pass over a counted vector (faiss's uint64 count, then that many items of ``item`` bytes); its bytes."""
+        size = self.take("<Q")[0] * item
+        if size > self.left:
+            raise ValueError("a vector claims more bytes than the file has")
+        self.handle.seek(size, os.SEEK_CUR)
+        self.left -= size
+        return size
+
+    def words(self) -> np.ndarray:
+        """A counted vector of uint64, read once its count is known to fit in the file."""
+        size = self.take("<Q")[0] * 8
+        if size > self.left:
+            raise ValueError("a vector claims more bytes than the file has")
+        self.left -= size
+        return np.frombuffer(self.handle.read(size), "<u8")
+
+
+def laid_out_as_saved(path: str) -> bool:
+    """Whether the file at ``path`` is laid out as ``save_ann`` writes it (IVF-SQ8 over a flat inner-product
+    quantizer, no direct map, array lists), every count it declares within the bytes that follow it. faiss sizes
+    some allocations from a count before it reads what is counted (56 bytes per list from ``ilar``'s list count),
+    beyond the reach of its vector byte limit."""
+    try:
+        with open(path, "rb") as handle:
+            return _walk(_Fields(handle, os.fstat(handle.fileno()).st_size))
+    except (OSError, ValueError, struct.error):
+        return False
+
+
+def _walk(fields: _Fields) -> bool:
+    """faiss's write_index of an IndexIVFScalarQuantizer, field by field (faiss/impl/index_write.cpp)."""
+    tag, d, total, *_, metric = fields.take(_HEADER)
+    lists = fields.take("<Qq")[0]  # nlist, nprobe
+    quantizer, quantizer_d, centroids, *_, quantizer_metric = fields.take(_HEADER)
+    if (tag, quantizer, metric, quantizer_metric) != (b"IwSq", b"IxFI", 0, 0) or not 0 < d == quantizer_d \
+            or not 0 < lists == centroids or fields.skip(4) != 4 * lists * d:  # the centroids, float32
+        return False
+    direct_map = fields.take("<B")[0]
+    if direct_map != 0 or fields.skip(8) != 0:  # no map from ids to lists
+        return False
+    *_, sq_d, code_size = fields.take("<iifQQ")  # qtype, range statistic and its argument, d, code size
+    if (sq_d, code_size) != (d, d) or fields.skip(4) != 8 * d:  # 8 bits a dimension; trained: 2 floats each
+        return False
+    code_size_again, _, array_tag, lists_again, list_code_size, kind = fields.take("<QB4sQQ4s")  # B: by_residual
+    if (code_size_again, array_tag, lists_again, list_code_size) != (d, b"ilar", lists, d):
+        return False
+    sizes = fields.words()  # "full": each list's size; "sprs": (list, size) pairs of those not empty
+    if kind == b"full" and sizes.size == lists:
+        rows = sum(int(n) for n in sizes)
+    elif kind == b"sprs" and sizes.size % 2 == 0 and (sizes[::2] < lists).all():
+        rows = sum(int(n) for n in sizes[1::2])
+    else:
+        return False
+    return rows == total and rows * (d + 8) == fields.left  # then each list's codes (d bytes) and ids (8)
 
 
 def ids_in(index) -> np.ndarray:

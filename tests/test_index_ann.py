@@ -1,0 +1,48 @@
+"""Session 8 review of the index's approximate search (run/ann.py, run/vectordb.py): a .faiss file is read only once
+its sizes fit the file, stale ones vanish without errors, answers past the exact limit are complete, a full disk
+costs only the saved copy, and vectors that are not finite never score."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ast_cli.run import ann, vectordb
+from test_index import _ann_store
+
+faiss = pytest.importorskip("faiss")
+
+
+def test_s8_3_a_faiss_count_beyond_the_file_is_refused_before_faiss_reads_it(tmp_path, monkeypatch):
+    """faiss sizes 56 bytes a list from ``ilar``'s list count before reading them (40,000,000 in a 1 MB file took
+    7 GB), beyond its vector byte limit: the counts are checked against the file's size before faiss reads it, and
+    a file that fails is rebuilt from SQLite."""
+    store, queries = _ann_store(tmp_path, monkeypatch)
+    answers = [store.search(q, 10) for q in queries]
+    saved = tmp_path / "db" / f"vectors-{store.generation}.faiss"
+    good = saved.read_bytes()
+    lists_at = good.index(b"ilar") + 4
+    read: list[bool] = []  # whether each file faiss was given is the good one
+    real = faiss.read_index
+    monkeypatch.setattr(faiss, "read_index", lambda path, *args: read.append(open(path, "rb").read() == good)
+                        or real(path, *args))
+    for at, value in ((lists_at, 40_000_000), (37, 10**9), (lists_at + 8 + 8 + 4 + 8, 1 << 40)):  # ilar's lists,
+        data = bytearray(good)  # the IVF header's lists (after the tag and the index header), the first list's size
+        data[at:at + 8] = value.to_bytes(8, "little")
+        saved.write_bytes(bytes(data))
+        assert not ann.laid_out_as_saved(str(saved)) and ann.read_ann(str(saved)) is None
+        again = vectordb.VectorStore.open(str(tmp_path / "db"))
+        assert [again.search(q, 10) for q in queries] == answers and saved.read_bytes() == good  # rebuilt
+        again.close()
+    assert vectordb.VectorStore.open(str(tmp_path / "db")).search(queries[0], 10) == answers[0]  # read as saved
+    assert read == [True]
+
+
+def test_s8_3_a_sparse_list_layout_still_reads(tmp_path):
+    """faiss writes the list sizes as (list, size) pairs when most lists are empty: that layout is checked too."""
+    rng = np.random.default_rng(0)
+    index = ann.trained_ann(rng.standard_normal((64 * 39, 24)).astype(np.float32), 64)
+    index.add_with_ids(rng.standard_normal((5, 24)).astype(np.float32), np.arange(5, dtype=np.int64))
+    ann.save_ann(index, str(tmp_path / "vectors-1.faiss"))
+    assert b"sprs" in (tmp_path / "vectors-1.faiss").read_bytes()
+    assert ann.read_ann(str(tmp_path / "vectors-1.faiss")).ntotal == 5
