@@ -4,6 +4,8 @@ costs only the saved copy, and vectors that are not finite never score."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -24,13 +26,13 @@ def test_s8_3_a_faiss_count_beyond_the_file_is_refused_before_faiss_reads_it(tmp
     lists_at = good.index(b"ilar") + 4
     read: list[bool] = []  # whether each file faiss was given is the good one
     real = faiss.read_index
-    monkeypatch.setattr(faiss, "read_index", lambda path, *args: read.append(open(path, "rb").read() == good)
-                        or real(path, *args))
+    monkeypatch.setattr(faiss, "read_index", lambda reader, *args: read.append(saved.read_bytes() == good)
+                        or real(reader, *args))
     for at, value in ((lists_at, 40_000_000), (37, 10**9), (lists_at + 8 + 8 + 4 + 8, 1 << 40)):  # ilar's lists,
         data = bytearray(good)  # the IVF header's lists (after the tag and the index header), the first list's size
         data[at:at + 8] = value.to_bytes(8, "little")
         saved.write_bytes(bytes(data))
-        assert not ann.laid_out_as_saved(str(saved)) and ann.read_ann(str(saved)) is None
+        assert ann.read_ann(str(saved)) is None
         again = vectordb.VectorStore.open(str(tmp_path / "db"))
         assert [again.search(q, 10) for q in queries] == answers and saved.read_bytes() == good  # rebuilt
         again.close()
@@ -46,3 +48,43 @@ def test_s8_3_a_sparse_list_layout_still_reads(tmp_path):
     ann.save_ann(index, str(tmp_path / "vectors-1.faiss"))
     assert b"sprs" in (tmp_path / "vectors-1.faiss").read_bytes()
     assert ann.read_ann(str(tmp_path / "vectors-1.faiss")).ntotal == 5
+
+
+def test_s8_4_a_stale_faiss_file_another_search_removed_is_no_error(tmp_path, monkeypatch):
+    """Searches that find the index one generation behind each bring it up to date, read the newest stale file
+    and remove the stale ones: one that another search removed first (listed, then gone) is no error."""
+    store, queries = _ann_store(tmp_path, monkeypatch)
+    store.search(queries[0], 1)
+    store.put(vectordb.FileRecord("/new", 1, 1, 1.0, None, [(0.0, 1.0)], queries[:1]))  # the saved one is stale
+    real = vectordb.glob.glob
+
+    def listed_then_removed(pattern):
+        found = real(pattern)
+        for path in found:  # the other search's work, just after this one listed them
+            os.unlink(path)
+        return found
+
+    monkeypatch.setattr(vectordb.glob, "glob", listed_then_removed)
+    again = vectordb.VectorStore.open(str(tmp_path / "db"))
+    assert again.search(queries[0], 1)[0].path == "/new" and again.ann().ntotal == len(again)
+    monkeypatch.setattr(vectordb.glob, "glob", real)
+    assert [p.name for p in (tmp_path / "db").glob("*.faiss")] == [f"vectors-{again.generation}.faiss"]
+
+
+def test_s8_4_a_faiss_file_removed_while_it_is_read_is_read_whole(tmp_path, monkeypatch):
+    """faiss reads the file through the handle whose sizes were checked: removed meanwhile, it still reads."""
+    store, queries = _ann_store(tmp_path, monkeypatch)
+    answers = [store.search(q, 10) for q in queries]
+    saved = tmp_path / "db" / f"vectors-{store.generation}.faiss"
+    real = ann._walk
+
+    def walked_then_removed(fields):
+        fits = real(fields)
+        saved.unlink()
+        return fits
+
+    monkeypatch.setattr(ann, "_walk", walked_then_removed)
+    assert ann.read_ann(str(saved)).ntotal == len(store)
+    monkeypatch.setattr(ann, "_walk", real)
+    again = vectordb.VectorStore.open(str(tmp_path / "db"))
+    assert [again.search(q, 10) for q in queries] == answers

@@ -6,6 +6,7 @@ first use (0.3 s), never at import.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 
@@ -37,19 +38,24 @@ def probes(lists: int) -> int:
 
 
 def read_ann(path: str):
-    """A saved IVF-SQ8 index held in memory, or None when the file is missing, corrupt or something else (then it
-    is built again from the rows). Every count in it is checked against the file's size before faiss reads it
-    (``laid_out_as_saved``), and no vector read from it may claim more bytes than the file has; lists kept in
-    another file (faiss's on-disk kind names any path) are opened read-only, then refused."""
+    """A saved IVF-SQ8 index held in memory, or None when the file is missing (another search may have removed a
+    stale one meanwhile), corrupt or something else (then it is built again from the rows). faiss reads the open
+    file once every count in it is known to fit in its size (``_walk``), never more bytes a vector than the file
+    has, and never by its path (faiss's on-disk lists open whatever file they name: those are refused)."""
     import faiss
 
-    if not os.path.isfile(path) or not laid_out_as_saved(path):
+    if not os.path.isfile(path):  # not a FIFO either: opening one would wait for a writer
         return None
     limit = faiss.get_deserialization_vector_byte_limit()
-    faiss.set_deserialization_vector_byte_limit(os.path.getsize(path) + 1)
     try:
-        index = faiss.read_index(path, faiss.IO_FLAG_READ_ONLY)
-    except RuntimeError:  # faiss's one kind for a file it cannot parse: the rows are the truth
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if not _walk(_Fields(handle, size)):
+                return None
+            handle.seek(0)
+            faiss.set_deserialization_vector_byte_limit(size + 1)
+            index = faiss.read_index(faiss.PyCallbackIOReader(handle.read), faiss.IO_FLAG_READ_ONLY)
+    except (OSError, ValueError, struct.error, RuntimeError):  # gone; or cut short, or faiss's kind for a bad file
         return None
     finally:
         faiss.set_deserialization_vector_byte_limit(limit)
@@ -95,20 +101,11 @@ class _Fields:
         return np.frombuffer(self.handle.read(size), "<u8")
 
 
-def laid_out_as_saved(path: str) -> bool:
-    """Whether the file at ``path`` is laid out as ``save_ann`` writes it (IVF-SQ8 over a flat inner-product
-    quantizer, no direct map, array lists), every count it declares within the bytes that follow it. faiss sizes
-    some allocations from a count before it reads what is counted (56 bytes per list from ``ilar``'s list count),
-    beyond the reach of its vector byte limit."""
-    try:
-        with open(path, "rb") as handle:
-            return _walk(_Fields(handle, os.fstat(handle.fileno()).st_size))
-    except (OSError, ValueError, struct.error):
-        return False
-
-
 def _walk(fields: _Fields) -> bool:
-    """faiss's write_index of an IndexIVFScalarQuantizer, field by field (faiss/impl/index_write.cpp)."""
+    """Whether the file is laid out as ``save_ann`` writes it (faiss's write_index of an IndexIVFScalarQuantizer,
+    faiss/impl/index_write.cpp: IVF-SQ8 over a flat inner-product quantizer, no direct map, array lists), every
+    count in it within the bytes that follow it. faiss sizes some allocations from a count before it reads what is
+    counted (56 bytes a list from ``ilar``'s list count), beyond the reach of its vector byte limit."""
     tag, d, total, *_, metric = fields.take(_HEADER)
     lists = fields.take("<Qq")[0]  # nlist, nprobe
     quantizer, quantizer_d, centroids, *_, quantizer_metric = fields.take(_HEADER)
@@ -158,6 +155,15 @@ def trained_ann(vectors: np.ndarray, lists: int):
                                           faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
     index.train(vectors)
     return index
+
+
+def remove_stale(paths: list[str], current: str) -> None:
+    """Remove the ``.faiss`` files other than ``current``. Concurrent searches race to do this (and to read the
+    newest of them): a file gone already is no error."""
+    for path in paths:
+        if path != current:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 def save_ann(index, path: str) -> None:

@@ -33,7 +33,7 @@ import numpy as np
 from ..errors import UsageError
 from . import headscores
 from .ann import (ANN_SUFFIX, TRAIN_PER_LIST, TRAIN_SAMPLE, fingerprint, generation_of, ids_in, lists_for, probes,
-                  read_ann, save_ann, trained_ann)
+                  read_ann, remove_stale, save_ann, trained_ann)
 from .files import ShardLock
 
 SCHEMA_VERSION = 1
@@ -337,9 +337,7 @@ class VectorStore:
         for start in range(0, missing.size, ID_BATCH):
             index.add_with_ids(*self._rows_of(missing[start:start + ID_BATCH])[::-1])
         save_ann(index, path)
-        for old in stale:
-            if old != path:
-                os.unlink(old)
+        remove_stale(stale, path)
         return index
 
     def _trained(self, ids: np.ndarray):
