@@ -88,3 +88,30 @@ def test_s8_4_a_faiss_file_removed_while_it_is_read_is_read_whole(tmp_path, monk
     monkeypatch.setattr(ann, "_walk", real)
     again = vectordb.VectorStore.open(str(tmp_path / "db"))
     assert [again.search(q, 10) for q in queries] == answers
+
+
+def _windows(hits) -> list[tuple[str, float]]:
+    return [(hit.path, hit.start) for hit in hits]
+
+
+def test_s8_8_past_the_exact_limit_top_k_and_min_score_answers_are_complete(tmp_path, monkeypatch):
+    """The ANN probes some lists: asked for more than they hold (4 candidates a hit), or with --min-score leaving
+    fewer than --top, its answer was partial (--top 100000 of 25,011 windows: 6,350). Those are scanned exactly."""
+    store, queries = _ann_store(tmp_path, monkeypatch)  # 2,000 windows in 44 lists, searched through the ANN
+    monkeypatch.setattr(vectordb, "EXACT_LIMIT", 10**6)
+    exact = [store.search(q, 2000) for q in queries]
+    monkeypatch.setattr(vectordb, "EXACT_LIMIT", 100)
+    monkeypatch.setattr(vectordb, "probes", lambda lists: 4)  # 4 of 44 lists probed: about 180 windows
+    scans = []
+    real = vectordb.scan
+    monkeypatch.setattr(vectordb, "scan", lambda *args: scans.append(args[-1]) or real(*args))
+    for query, truth in zip(queries, exact):
+        assert _windows(store.search(query, 2000)) == _windows(truth)
+        threshold = (truth[5].score + truth[6].score) / 2  # six windows score more
+        found = store.search(query, 10, min_score=threshold)
+        assert _windows(found) == _windows(h for h in truth if h.score >= threshold)
+        assert [h.score for h in found] == pytest.approx([h.score for h in truth[:len(found)]], abs=1e-6)
+    assert scans == [2000, 10] * len(queries)
+    store.search(queries[0], 10)  # what the probed lists can answer is not scanned
+    store.search(queries[0], 3, min_score=exact[0][6].score)  # nor --min-score once --top windows pass it
+    assert len(scans) == 2 * len(queries)

@@ -32,17 +32,16 @@ import numpy as np
 
 from ..errors import UsageError
 from . import headscores
-from .ann import (ANN_SUFFIX, TRAIN_PER_LIST, TRAIN_SAMPLE, fingerprint, generation_of, ids_in, lists_for, probes,
-                  read_ann, remove_stale, save_ann, trained_ann)
+from .ann import (ANN_SUFFIX, TRAIN_PER_LIST, TRAIN_SAMPLE, enough_probed, fingerprint, generation_of, ids_in,
+                  lists_for, probes, read_ann, remove_stale, save_ann, trained_ann)
 from .files import ShardLock
+from .vectorrows import DTYPE, ID_BATCH, best, check_width, matrix, rows_of, scan, unit, width_of
 
 SCHEMA_VERSION = 1
 SQLITE_NAME = "index.sqlite"
 SHARDS_DIR = "shards"
 EXACT_LIMIT = 20_000  # windows: exact search below (a 20,000 x 768 float32 matrix is 61 MB), ANN above
-DTYPE = np.dtype("<f4")
 INSTALL_HINT = 'pip install "ast-cli[index]"'
-ID_BATCH = 10_000  # rows read from SQLite per step when the ANN is built: bounded memory at millions of windows
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS files (id INTEGER PRIMARY KEY, path TEXT NOT NULL UNIQUE, size INTEGER,
@@ -242,16 +241,15 @@ class VectorStore:
 
     def _matrix(self, after: int = -1) -> tuple[np.ndarray, np.ndarray]:
         """(ids, (N, D) unit vectors) of every window (with an id above ``after``)."""
-        rows = self.db.execute("SELECT id, vector FROM windows WHERE id > ? ORDER BY id", (after,)).fetchall()
-        if not rows:
-            return np.empty(0, np.int64), np.empty((0, 0), np.float32)
-        vectors = np.frombuffer(b"".join(r[1] for r in rows), DTYPE).reshape(len(rows), -1)
-        return np.array([r[0] for r in rows], np.int64), _unit(vectors)
+        return matrix(self.db, self.path, after)
 
     def search(self, query: np.ndarray, top: int = 10, *, exclude_path: str | None = None,
                min_score: float | None = None) -> list[Hit]:
-        """The ``top`` windows most like ``query`` (D,) by cosine similarity, best first."""
-        query = _unit(np.asarray(query, np.float32).reshape(1, -1))[0]
+        """The ``top`` windows most like ``query`` (D,) by cosine similarity, best first. Past ``EXACT_LIMIT``
+        windows the ANN proposes them, unless it cannot vouch for the answer: too many wanted for the lists it
+        probes, or ``min_score`` leaving fewer than ``top`` (then more may lie in lists not probed): every row is
+        then scored (seconds at a million windows, against the ANN's 12 ms)."""
+        query = unit(np.asarray(query, np.float32).reshape(1, -1))[0]
         with self.snapshot():
             excluded = self._ids_of(exclude_path) if exclude_path else set()
             # MAX(id) bounds the count without a scan of a million rows (ids only grow: AUTOINCREMENT)
@@ -259,9 +257,10 @@ class VectorStore:
             if count == 0 or top <= 0:
                 return []
             want = min(top + len(excluded), count)  # --top 10**12 asks faiss for no more rows than there are
-            ids, scores = self._exact(query, want) if count <= EXACT_LIMIT else self._approximate(query, want)
-            keep = [(i, s) for i, s in zip(ids.tolist(), scores.tolist())
-                    if i not in excluded and (min_score is None or s >= min_score)][:top]
+            found = self._exact(query, want) if count <= EXACT_LIMIT else self._approximate(query, want)
+            keep = [] if found is None else _kept(*found, excluded, min_score)[:top]
+            if found is None or count > EXACT_LIMIT and min_score is not None and len(keep) < top:
+                keep = _kept(*scan(self.db, self.path, query, want), excluded, min_score)[:top]
             return self._hits(keep)
 
     def _ids_of(self, path: str) -> set[int]:
@@ -274,30 +273,24 @@ class VectorStore:
         if self._rows is None or self._rows[0] != generation:
             self._rows = (generation, *self._matrix())
         _, ids, vectors = self._rows
-        if vectors.shape[1] != query.shape[0]:
-            raise UsageError(f"the query has {query.shape[0]} dimensions, the index {vectors.shape[1]}")
-        scores = vectors @ query  # (N,)
-        order = np.lexsort((ids, -scores))[:want]  # best first; ties by insertion order
-        return ids[order], scores[order]
+        check_width(vectors, query)
+        return best(ids, vectors @ query, want)  # ties by insertion order
 
-    def _approximate(self, query: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray]:
+    def _approximate(self, query: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray] | None:
         """The ANN's candidates (four times as many as wanted), scored again exactly from the stored float32
-        rows: scores and order never carry the index's 8-bit rounding, and the extra candidates make up for it."""
+        rows: scores and order never carry the index's 8-bit rounding, and the extra candidates make up for it.
+        None when the lists it probes hold too few windows to vouch for them (``enough_probed``)."""
         index = self.ann()
         if index is None:
             return np.empty(0, np.int64), np.empty(0, np.float32)
         if index.d != query.shape[0]:
             raise UsageError(f"the query has {query.shape[0]} dimensions, the index {index.d}")
         index.nprobe = probes(index.nlist)
-        candidates = [int(i) for i in index.search(query.reshape(1, -1), 4 * want)[1][0] if i >= 0]
-        rows = self.db.execute(f"SELECT id, vector FROM windows WHERE id IN ({','.join('?' * len(candidates))})",
-                               candidates).fetchall() if candidates else []
-        if not rows:
-            return np.empty(0, np.int64), np.empty(0, np.float32)
-        ids = np.array([r[0] for r in rows], np.int64)
-        scores = _unit(np.stack([np.frombuffer(r[1], DTYPE) for r in rows])) @ query
-        order = np.lexsort((ids, -scores))[:want]
-        return ids[order], scores[order]
+        if not enough_probed(index, 4 * want):
+            return None
+        candidates = np.unique(index.search(query.reshape(1, -1), 4 * want)[1][0])
+        ids, vectors = rows_of(self.db, self.path, candidates[candidates >= 0], index.d)
+        return best(ids, vectors @ query, want)
 
     def _ann_path(self) -> str:
         return os.path.join(self.directory, f"vectors-{self.generation}{ANN_SUFFIX}")
@@ -335,7 +328,7 @@ class VectorStore:
             index.remove_ids(np.setdiff1d(known, ids))
         missing = np.setdiff1d(ids, known)  # added since; or never there, when the file was not this store's
         for start in range(0, missing.size, ID_BATCH):
-            index.add_with_ids(*self._rows_of(missing[start:start + ID_BATCH])[::-1])
+            index.add_with_ids(*rows_of(self.db, self.path, missing[start:start + ID_BATCH], index.d)[::-1])
         save_ann(index, path)
         remove_stale(stale, path)
         return index
@@ -345,15 +338,10 @@ class VectorStore:
         lists = lists_for(ids.size)
         rows = min(ids.size, TRAIN_SAMPLE, TRAIN_PER_LIST * lists)
         sample = np.sort(np.random.default_rng(0).choice(ids, rows, replace=False))
-        vectors = np.concatenate([self._rows_of(sample[i:i + ID_BATCH])[1] for i in range(0, sample.size, ID_BATCH)])
+        width = width_of(self.db)
+        vectors = np.concatenate([rows_of(self.db, self.path, sample[i:i + ID_BATCH], width)[1]
+                                  for i in range(0, sample.size, ID_BATCH)])
         return trained_ann(vectors, lists)
-
-    def _rows_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, (n, D) unit vectors) of the windows with these ids that are stored."""
-        rows = self.db.execute(f"SELECT id, vector FROM windows WHERE id IN ({','.join('?' * ids.size)}) "
-                               "ORDER BY id", ids.tolist()).fetchall()
-        vectors = np.frombuffer(b"".join(r[1] for r in rows), DTYPE).reshape(len(rows), -1)
-        return np.array([r[0] for r in rows], np.int64), _unit(vectors)
 
     def _hits(self, keep: list[tuple[int, float]]) -> list[Hit]:
         out = []
@@ -405,9 +393,10 @@ def shard_paths(directory: str) -> list[str]:
     return sorted(glob.glob(os.path.join(directory, SHARDS_DIR, "*.sqlite")))
 
 
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+def _kept(ids: np.ndarray, scores: np.ndarray, excluded: set[int], min_score: float | None) -> list:
+    """(id, score) of the ranked windows not excluded, scoring at least ``min_score``."""
+    return [(i, s) for i, s in zip(ids.tolist(), scores.tolist())
+            if i not in excluded and (min_score is None or s >= min_score)]
 
 
 def check_identity(stored: dict, wanted: dict, directory: str) -> None:
