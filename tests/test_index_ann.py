@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ast_cli.run import ann, vectordb
-from test_index import _ann_store
+from test_index import _ann_store, archive, ast, index
 
 faiss = pytest.importorskip("faiss")
 
@@ -115,3 +115,37 @@ def test_s8_8_past_the_exact_limit_top_k_and_min_score_answers_are_complete(tmp_
     store.search(queries[0], 10)  # what the probed lists can answer is not scanned
     store.search(queries[0], 3, min_score=exact[0][6].score)  # nor --min-score once --top windows pass it
     assert len(scans) == 2 * len(queries)
+
+
+def _disk_full(monkeypatch):
+    """faiss.write_index as on a full disk: part of the file written, then faiss's RuntimeError."""
+    def write_index(index, path):
+        with open(path, "wb") as handle:
+            handle.write(b"IwSq" + b"\0" * 1000)
+        raise RuntimeError(f"Error in void faiss::write_InvertedLists(...): write error in {path}: 1528 != 4960 "
+                           "(No space left on device)")
+
+    monkeypatch.setattr(faiss, "write_index", write_index)
+
+
+def test_s8_11_a_full_disk_costs_only_the_saved_faiss_file(tiny_checkpoint, tmp_path, monkeypatch):
+    """Saving the ANN on a full disk was "unexpected error: RuntimeError" and left a .tmp per try: now the temporary
+    file goes, the search answers from the index built in memory, and stderr says once that it was not saved."""
+    store, queries = _ann_store(tmp_path, monkeypatch)
+    store.search(queries[0], 1)
+    stale = (tmp_path / "db" / f"vectors-{store.generation}.faiss").read_bytes()
+    store.put(vectordb.FileRecord("/new", 1, 1, 1.0, None, [(0.0, 1.0)], queries[:1]))
+    _disk_full(monkeypatch)
+    assert store.search(queries[0], 1)[0].path == "/new" and store.ann().ntotal == len(store)
+    assert str(store.unsaved).endswith("could not be saved: No space left on device")
+    saved = [p for p in (tmp_path / "db").iterdir() if p.suffix in (".tmp", ".faiss")]
+    assert [p.read_bytes() for p in saved] == [stale]  # the stale one stays, as it was
+    monkeypatch.setattr(vectordb, "EXACT_LIMIT", 5)
+    files = archive(tmp_path / "in", 2)
+    for result in (index([tmp_path / "in"], tmp_path / "cli", tiny_checkpoint[0]),
+                   ast("search", tmp_path / "cli", files[0], "--top", "2", "-f", "csv")):
+        assert result.exit_code == 0, result.output
+        assert result.stderr.splitlines()[-1:] == [f"warning: {tmp_path / 'cli'}/vectors-{2}.faiss could not be "
+                                                   "saved: No space left on device"]
+        assert not [p for p in (tmp_path / "cli").iterdir() if p.suffix in (".tmp", ".faiss")]
+    assert len(result.stdout.splitlines()) == 3

@@ -218,6 +218,8 @@ def _update_ann(store, stderr, quiet: bool) -> None:
     if not quiet:
         say(stderr, f"updating the search index ({counted(windows, 'window')})")
     store.ann()
+    if store.unsaved is not None:  # a full disk: the windows are stored, the next search builds it again
+        say(stderr, f"warning: {store.unsaved}")
 
 
 def _records(todo, path: str, model: str, run: RunOptions, cluster, stderr, quiet: bool, heads=()):

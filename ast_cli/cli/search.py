@@ -9,7 +9,7 @@ import typer
 from ..run.options import _choices
 from ._app import app
 from ._common import DebugOpt, stderr_console
-from ._errors import cli_errors
+from ._errors import cli_errors, say
 
 SearchFormat = _choices("SearchFormat", "table jsonl csv audacity", "How search results are printed.")
 CSV_COLUMNS = ["path", "start", "end", "score", "label"]
@@ -73,6 +73,8 @@ def search(
             from ._common import announce_fast
 
             announce_fast(index.fast_choice, stderr, quiet=False)  # an index made with --fast searches so too
+            if index.store.unsaved is not None:  # a full disk: searched all the same, built again next time
+                say(stderr, f"warning: {index.store.unsaved}")
         if output_dir is not None:
             return _label_tracks(hits, output_dir, label or f"like {os.path.basename(query)}")
         _print(hits, format)

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import struct
 
 import numpy as np
+
+from ..errors import OutputWriteError
 
 ANN_SUFFIX = ".faiss"
 TRAIN_SAMPLE = 100_000  # rows the IVF centroids are trained on, at most (k-means wants >= 39 per list)
@@ -176,11 +179,18 @@ def remove_stale(paths: list[str], current: str) -> None:
 
 def save_ann(index, path: str) -> None:
     """Write ``index`` to ``path`` atomically (a per-process temporary file, fsynced, renamed): a reader never
-    sees half an index."""
+    sees half an index. A write that fails (a full disk) leaves no temporary file: an OutputWriteError."""
     import faiss
 
     temporary = f"{path}.{os.getpid()}.tmp"
-    faiss.write_index(index, temporary)
-    with open(temporary, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        faiss.write_index(index, temporary)
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as exc:  # faiss says "... (No space left on device)" in a RuntimeError
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        found = re.search(r"\(([^()]+)\)\s*$", str(exc))
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else found[1] if found else str(exc)
+        raise OutputWriteError(f"{path} could not be saved: {reason}", path=path) from None

@@ -30,7 +30,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import OutputWriteError, UsageError
 from . import headscores
 from .ann import (ANN_SUFFIX, TRAIN_PER_LIST, TRAIN_SAMPLE, enough_probed, fingerprint, generation_of, ids_in,
                   lists_for, probes, read_ann, remove_stale, save_ann, trained_ann)
@@ -94,6 +94,7 @@ class VectorStore:
     lock: "ShardLock | None" = None  # held while a --shard run writes this part
     _rows: tuple | None = None  # (generation, ids, unit vectors) for exact search
     _ann: tuple | None = None  # (generation, faiss index) for approximate search
+    unsaved: Exception | None = None  # why the faiss index built here could not be saved (it is searched all the same)
 
     def __init__(self, path: str, directory: str):
         self.path, self.directory = path, directory
@@ -329,8 +330,12 @@ class VectorStore:
         missing = np.setdiff1d(ids, known)  # added since; or never there, when the file was not this store's
         for start in range(0, missing.size, ID_BATCH):
             index.add_with_ids(*rows_of(self.db, self.path, missing[start:start + ID_BATCH], index.d)[::-1])
-        save_ann(index, path)
-        remove_stale(stale, path)
+        try:
+            save_ann(index, path)
+        except OutputWriteError as exc:  # a full disk: this process searches the index it holds, the stale stay
+            self.unsaved = exc
+        else:
+            remove_stale(stale, path)
         return index
 
     def _trained(self, ids: np.ndarray):
