@@ -149,3 +149,24 @@ def test_s8_11_a_full_disk_costs_only_the_saved_faiss_file(tiny_checkpoint, tmp_
                                                    "saved: No space left on device"]
         assert not [p for p in (tmp_path / "cli").iterdir() if p.suffix in (".tmp", ".faiss")]
     assert len(result.stdout.splitlines()) == 3
+
+
+def test_s8_14_a_vector_that_is_no_direction_never_scores(tmp_path, monkeypatch):
+    """min(1.0, nan) scored a NaN query 1.0 against every window, and a stored NaN row 1.0 against every query:
+    such a query is refused, and a stored row that is not finite (or all zeros) never ranks, exact or by the ANN."""
+    from ast_cli.errors import UsageError
+
+    store, queries = _ann_store(tmp_path, monkeypatch)
+    bad = np.array([[np.nan] * 24, [0.0] * 24, [np.inf] + [0.0] * 23], np.float32)
+    store.put(vectordb.FileRecord("/bad", 1, 1, 3.0, None, [(0.0, 1.0), (1.0, 2.0), (2.0, 3.0)], bad))
+    for limit in (10**6, 100):  # exact, then through the ANN (whose lists hold the bad rows' ids as zeros)
+        monkeypatch.setattr(vectordb, "EXACT_LIMIT", limit)
+        for query in queries:
+            hits = store.search(query, 10)
+            assert len(hits) == 10 and "/bad" not in {h.path for h in hits} and hits[0].score < 1.0
+        everything = store.search(queries[0], 10**6)
+        assert len(everything) == len(store) - 3 and "/bad" not in {h.path for h in everything}
+        for query in bad:
+            with pytest.raises(UsageError, match="no direction"):
+                store.search(query, 10)
+    assert store.ann().ntotal == len(store)

@@ -164,8 +164,14 @@ def trained_ann(vectors: np.ndarray, lists: int):
 
     index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(vectors.shape[1]), vectors.shape[1], lists,
                                           faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
-    index.train(vectors)
+    index.train(np.nan_to_num(vectors, nan=0.0))
     return index
+
+
+def add_rows(index, ids: np.ndarray, vectors: np.ndarray) -> None:
+    """Add (n, D) unit rows under their window ids. A row that is no direction (NaN) goes in as zeros: faiss may
+    propose it, and its exact re-score (NaN) drops it; its id stays, so the index still holds every stored id."""
+    index.add_with_ids(np.nan_to_num(vectors, nan=0.0), ids)
 
 
 def remove_stale(paths: list[str], current: str) -> None:

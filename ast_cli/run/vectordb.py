@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import OutputWriteError, UsageError
 from . import headscores
-from .ann import (ANN_SUFFIX, TRAIN_PER_LIST, TRAIN_SAMPLE, enough_probed, fingerprint, generation_of, ids_in,
+from .ann import (ANN_SUFFIX, TRAIN_PER_LIST, TRAIN_SAMPLE, add_rows, enough_probed, fingerprint, generation_of, ids_in,
                   lists_for, probes, read_ann, remove_stale, save_ann, trained_ann)
 from .files import ShardLock
 from .vectorrows import DTYPE, ID_BATCH, best, check_width, matrix, rows_of, scan, unit, width_of
@@ -251,6 +251,8 @@ class VectorStore:
         probes, or ``min_score`` leaving fewer than ``top`` (then more may lie in lists not probed): every row is
         then scored (seconds at a million windows, against the ANN's 12 ms)."""
         query = unit(np.asarray(query, np.float32).reshape(1, -1))[0]
+        if np.isnan(query).any():  # NaN would score every window 1.0 (min(1.0, nan))
+            raise UsageError("the query vector is no direction: it has values that are not finite, or only zeros")
         with self.snapshot():
             excluded = self._ids_of(exclude_path) if exclude_path else set()
             # MAX(id) bounds the count without a scan of a million rows (ids only grow: AUTOINCREMENT)
@@ -329,7 +331,7 @@ class VectorStore:
             index.remove_ids(np.setdiff1d(known, ids))
         missing = np.setdiff1d(ids, known)  # added since; or never there, when the file was not this store's
         for start in range(0, missing.size, ID_BATCH):
-            index.add_with_ids(*rows_of(self.db, self.path, missing[start:start + ID_BATCH], index.d)[::-1])
+            add_rows(index, *rows_of(self.db, self.path, missing[start:start + ID_BATCH], index.d))
         try:
             save_ann(index, path)
         except OutputWriteError as exc:  # a full disk: this process searches the index it holds, the stale stay

@@ -23,12 +23,20 @@ def decoded(blobs: list[bytes], where: str, width: int | None = None) -> np.ndar
 
 
 def unit(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+    """(n, D) rows scaled to length 1; a row that is not finite or has length 0 is NaN: it is no direction, and
+    its scores are NaN, which never rank."""
+    norms = np.linalg.norm(vectors, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        out = (vectors / norms[:, None]).astype(np.float32)
+    out[~(np.isfinite(norms) & (norms > 0))] = np.nan
+    return out
 
 
 def best(ids: np.ndarray, scores: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``want`` best (ids, scores), best first, ties by id."""
+    """The ``want`` best (ids, scores), best first, ties by id; a NaN score (a row that is no direction) never
+    ranks."""
+    scored = ~np.isnan(scores)
+    ids, scores = ids[scored], scores[scored]
     order = np.lexsort((ids, -scores))[:want]
     return ids[order], scores[order]
 
