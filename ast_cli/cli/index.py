@@ -59,6 +59,7 @@ def index_command(
         from ..errors import UsageError
         from ..audio.inputs import expand_inputs, parse_extensions
         from ..checkpoint.heads import read_heads
+        from ..run.files import check_writable_dir
         from ..run.vectordb import require_ann_backend
         from ..tasks.distributed import take_shard
 
@@ -78,6 +79,7 @@ def index_command(
             raise UsageError("no audio files found in the given paths", hint="check --ext, or name files directly")
         if os.path.exists(db) and not os.path.isdir(db):
             raise UsageError(f"{db} exists and is not a directory", option="db")
+        check_writable_dir(db, option="db")  # before the model loads: /proc/nope, a read-only folder
         identity, path = _identity(model, run, cluster, stderr, quiet)
         plan = _plan(items, paths, db, identity, cluster.shard)  # another model: refused before any write
         # the model loads here; a head trained on another base is refused

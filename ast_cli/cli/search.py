@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Annotated, Optional
 
 import typer
@@ -60,7 +61,7 @@ def search(
         if output_dir is not None and format is not SearchFormat.audacity:
             raise UsageError("writes Audacity label tracks: it goes with --format audacity",
                              option="output_dir")
-        with Index.open(db) as index:
+        with named_db(), Index.open(db) as index:
             found = index.head_of(label, head) if label is not None else None
             if found is not None:
                 hits = index.search_head(label, found[0], top, min_score)
@@ -78,6 +79,19 @@ def search(
         if output_dir is not None:
             return _label_tracks(hits, output_dir, label or f"like {os.path.basename(query)}")
         _print(hits, format)
+
+
+@contextmanager
+def named_db():
+    """The library's refusals of its ``db`` (``ast index --db``) name the argument DB here."""
+    from ..errors import UsageError
+
+    try:
+        yield
+    except UsageError as exc:
+        if exc.option == "db":
+            exc.option = "db_argument"
+        raise
 
 
 def _note_unscored(index, head: str, stderr) -> None:

@@ -35,7 +35,8 @@ from . import headscores
 from .ann import (ANN_SUFFIX, TRAIN_PER_LIST, TRAIN_SAMPLE, add_rows, enough_probed, fingerprint, generation_of, ids_in,
                   lists_for, probes, read_ann, remove_stale, save_ann, trained_ann)
 from .files import ShardLock
-from .vectorrows import DTYPE, ID_BATCH, best, check_width, matrix, rows_of, scan, unit, width_of
+from .sqlstore import Transaction, checked_meta, failure
+from .vectorrows import DTYPE, ID_BATCH, best, check_width, decoded, matrix, rows_of, scan, unit, width_of
 
 SCHEMA_VERSION = 1
 SQLITE_NAME = "index.sqlite"
@@ -98,10 +99,14 @@ class VectorStore:
 
     def __init__(self, path: str, directory: str):
         self.path, self.directory = path, directory
-        self.db = sqlite3.connect(path, timeout=60, isolation_level=None)  # transactions are ours (BEGIN)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit is atomic; a crash loses at most the last
-        self.db.executescript(_SCHEMA)
+        try:
+            self.db = sqlite3.connect(path, timeout=60, isolation_level=None)  # transactions are ours (BEGIN)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit is atomic; a crash loses at most the last
+            self.db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:  # not a database (or damaged), a full disk
+            raise failure(exc, path) from None
+        self.meta()  # a hand-edited meta: said now, naming the file
 
     @classmethod
     def open(cls, directory: str, file: str = SQLITE_NAME) -> "VectorStore":
@@ -116,7 +121,7 @@ class VectorStore:
     # -- meta --------------------------------------------------------------------------------------
 
     def meta(self) -> dict:
-        return {key: json.loads(value) for key, value in self.db.execute("SELECT key, value FROM meta")}
+        return checked_meta(self.db.execute("SELECT key, value FROM meta"), self.path)
 
     def _set_meta(self, **values) -> None:
         self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
@@ -133,17 +138,17 @@ class VectorStore:
 
     @property
     def generation(self) -> int:
-        return int(self.meta().get("generation", 0))
+        return self.meta().get("generation", 0)
 
     # -- writing ---------------------------------------------------------------------------------------
 
     def transaction(self):
-        return _Transaction(self.db)
+        return Transaction(self.db, self.path)
 
     def snapshot(self):
         """``with``: every read inside sees the store as of the first one (WAL), so a run that replaces or prunes
         files meanwhile cannot take away windows between a search ranking their ids and reading their rows."""
-        return _Transaction(self.db, "BEGIN DEFERRED")
+        return Transaction(self.db, self.path, "BEGIN DEFERRED")
 
     def put(self, record: FileRecord) -> None:
         """Store one file (replacing what was stored for its path), all in one transaction."""
@@ -218,7 +223,7 @@ class VectorStore:
         for file_id, path, size, mtime_ns, duration, error in self.db.execute("SELECT * FROM files").fetchall():
             rows = self.db.execute('SELECT start, "end", vector, id FROM windows WHERE file_id = ? ORDER BY id',
                                    (file_id,)).fetchall()
-            vectors = np.stack([np.frombuffer(r[2], DTYPE) for r in rows]) if rows else None
+            vectors = decoded([r[2] for r in rows], self.path, width_of(self.db)) if rows else None
             yield FileRecord(path, size, mtime_ns, duration, error, [(r[0], r[1]) for r in rows], vectors,
                              scores=headscores.of_windows(self.db, [r[3] for r in rows]))
 
@@ -237,7 +242,7 @@ class VectorStore:
         """The (start, end) and (W, D) vectors of one stored file (W = 0 when it is not stored)."""
         rows = self.db.execute('SELECT start, "end", vector FROM windows JOIN files ON files.id = file_id '
                                "WHERE path = ? ORDER BY windows.id", (path,)).fetchall()
-        vectors = np.stack([np.frombuffer(r[2], DTYPE) for r in rows]) if rows else np.empty((0, 0), DTYPE)
+        vectors = decoded([r[2] for r in rows], self.path, width_of(self.db) if rows else 0)
         return [(r[0], r[1]) for r in rows], vectors
 
     def _matrix(self, after: int = -1) -> tuple[np.ndarray, np.ndarray]:
@@ -386,8 +391,8 @@ def _query_read_only(path: str, sql: str) -> list | None:
 
 def read_identity(path: str) -> dict | None:
     """The identity recorded in the store at ``path``, read without writing anything (None: none yet)."""
-    rows = _query_read_only(path, "SELECT value FROM meta WHERE key = 'identity'")
-    return json.loads(rows[0][0]) if rows else None
+    rows = _query_read_only(path, "SELECT key, value FROM meta")  # every key checked: before the model loads
+    return checked_meta(rows, path).get("identity") if rows else None
 
 
 def read_files(path: str) -> list[FileRecord]:
@@ -414,26 +419,6 @@ def check_identity(stored: dict, wanted: dict, directory: str) -> None:
         if key != "model_path" and stored.get(key) != wanted.get(key):
             raise UsageError(f"{directory} was made with {key} {stored.get(key)!r}, not {wanted.get(key)!r}",
                              option="db", hint="index into another --db, or give the model and settings it was made with")
-
-
-class _Transaction:
-    """``with``: BEGIN IMMEDIATE (``begin``) ... COMMIT, or ROLLBACK on any exception (Ctrl-C included)."""
-
-    def __init__(self, db: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE"):
-        self.db, self.begin = db, begin
-
-    def __enter__(self):
-        if not self.db.in_transaction:
-            self.db.execute(self.begin)
-            self.owner = True
-        else:
-            self.owner = False
-        return self.db
-
-    def __exit__(self, kind, exc, tb):
-        if self.owner:
-            self.db.execute("COMMIT" if kind is None else "ROLLBACK")
-        return False
 
 
 __all__ = ["EXACT_LIMIT", "SHARDS_DIR", "SQLITE_NAME", "FileRecord", "Hit", "ShardLock", "VectorStore", "check_identity",

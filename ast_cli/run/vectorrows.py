@@ -10,15 +10,20 @@ import sqlite3
 import numpy as np
 
 from ..errors import UsageError
+from .sqlstore import REBUILD_HINT
 
 DTYPE = np.dtype("<f4")
 ID_BATCH = 10_000  # rows read from SQLite per step past the exact size: bounded memory at millions of windows
-REBUILD_HINT = "index the files again into a new directory"
 
 
 def decoded(blobs: list[bytes], where: str, width: int | None = None) -> np.ndarray:
-    """(n, D) float32 of stored vectors."""
+    """(n, D) float32 of stored vectors: D = ``width``, or the first one's length; one of another length is a
+    damaged store (``where``: its file)."""
     width = width if width is not None else len(blobs[0]) // DTYPE.itemsize if blobs else 0
+    for blob in blobs:
+        if len(blob) != width * DTYPE.itemsize:
+            raise UsageError(f"{where} is damaged: a stored vector has {len(blob) / DTYPE.itemsize:g} values, "
+                             f"not {width}", hint=REBUILD_HINT)
     return np.frombuffer(b"".join(blobs), DTYPE).reshape(len(blobs), width)
 
 
