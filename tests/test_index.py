@@ -512,17 +512,17 @@ def test_27_no_size_read_from_a_faiss_file_claims_more_than_the_file(tmp_path, m
 
     store, queries = _ann_store(tmp_path, monkeypatch)
     store.search(queries[0], 1)
+    saved = tmp_path / "db" / f"vectors-{store.generation}.faiss"
     limits = []
     real = faiss.read_index
 
-    def bounded(path, *args):
-        limits.append(faiss.get_deserialization_vector_byte_limit() - os.path.getsize(path))
-        return real(path, *args)
+    def bounded(reader, *args):  # faiss reads the file through the handle its sizes were checked on
+        limits.append(faiss.get_deserialization_vector_byte_limit() - os.path.getsize(saved))
+        return real(reader, *args)
 
     monkeypatch.setattr(faiss, "read_index", bounded)
     assert VectorStore.open(str(tmp_path / "db")).search(queries[0], 1)
     assert len(limits) == 1 and limits[0] <= 1
-    saved = tmp_path / "db" / f"vectors-{store.generation}.faiss"
     data = bytearray(saved.read_bytes())
     at = data.index(b"IxFI") + 4 + 4 + 8 + 8 + 8 + 1 + 4  # the quantizer's header, then its vectors' length
     data[at:at + 8] = (1 << 34).to_bytes(8, "little")  # 16 G floats (64 GB) claimed by a 1.6 MB file

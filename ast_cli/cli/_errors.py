@@ -25,6 +25,7 @@ FLAGS = {
     "RAY_ADDRESS": "RAY_ADDRESS (environment)",
     "allow_other": "--yes",
     "data": "DATA", "warmup_epochs": "--warmup", "heads": "--head", "base_head": "--no-base-head",
+    "db_argument": "DB",  # ast search's index (the library's ``db`` is ast index's --db)
 }
 
 

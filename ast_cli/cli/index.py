@@ -59,6 +59,7 @@ def index_command(
         from ..errors import UsageError
         from ..audio.inputs import expand_inputs, parse_extensions
         from ..checkpoint.heads import read_heads
+        from ..run.files import check_writable_dir
         from ..run.vectordb import require_ann_backend
         from ..tasks.distributed import take_shard
         from ..tasks.index import check_stores, file_key
@@ -81,6 +82,7 @@ def index_command(
         plan = _plan(items, paths if prune else (), db, cluster.shard)  # read only
         if not found and not plan.gone:  # --prune of a folder whose files were all deleted: they are pruned
             raise UsageError("no audio files found in the given paths", hint="check --ext, or name files directly")
+        check_writable_dir(db, option="db")  # before the model loads: /proc/nope, a read-only folder
         identity, path = _identity(model, run, cluster, stderr, quiet)
         check_stores(db, identity)  # the index or any part made otherwise: refused before any write
         # the model loads here; a head trained on another base is refused
@@ -216,6 +218,8 @@ def _update_ann(store, stderr, quiet: bool) -> None:
     if not quiet:
         say(stderr, f"updating the search index ({counted(windows, 'window')})")
     store.ann()
+    if store.unsaved is not None:  # a full disk: the windows are stored, the next search builds it again
+        say(stderr, f"warning: {store.unsaved}")
 
 
 def _records(todo, path: str, model: str, run: RunOptions, cluster, stderr, quiet: bool, heads=()):

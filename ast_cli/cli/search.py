@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Annotated, Optional
 
 import typer
@@ -9,7 +10,7 @@ import typer
 from ..run.options import _choices
 from ._app import app
 from ._common import DebugOpt, stderr_console
-from ._errors import cli_errors
+from ._errors import cli_errors, say
 
 SearchFormat = _choices("SearchFormat", "table jsonl csv audacity", "How search results are printed.")
 CSV_COLUMNS = ["path", "start", "end", "score", "label"]
@@ -64,7 +65,7 @@ def search(
             from ..run.output import plan_output_dir
 
             plan_output_dir(output_dir, "audacity", [], overwrite=True)
-        with Index.open(db) as index:
+        with named_db(), Index.open(db) as index:
             found = index.head_of(label, head) if label is not None else None
             if found is not None:
                 hits = index.search_head(label, found[0], top, min_score)
@@ -77,9 +78,24 @@ def search(
             from ._common import announce_fast
 
             announce_fast(index.fast_choice, stderr, quiet=False)  # an index made with --fast searches so too
+            if index.store.unsaved is not None:  # a full disk: searched all the same, built again next time
+                say(stderr, f"warning: {index.store.unsaved}")
         if output_dir is not None:
             return _label_tracks(hits, output_dir, label or f"like {os.path.basename(query)}")
         _print(hits, format)
+
+
+@contextmanager
+def named_db():
+    """The library's refusals of its ``db`` (``ast index --db``) name the argument DB here."""
+    from ..errors import UsageError
+
+    try:
+        yield
+    except UsageError as exc:
+        if exc.option == "db":
+            exc.option = "db_argument"
+        raise
 
 
 def _note_unscored(index, head: str, stderr) -> None:

@@ -30,19 +30,19 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import OutputWriteError, UsageError
 from . import headscores
-from .ann import (ANN_SUFFIX, TRAIN_PER_LIST, TRAIN_SAMPLE, fingerprint, generation_of, ids_in, lists_for, probes,
-                  read_ann, save_ann, trained_ann)
+from .ann import (ANN_SUFFIX, TRAIN_PER_LIST, TRAIN_SAMPLE, add_rows, enough_probed, fingerprint, generation_of, ids_in,
+                  lists_for, probes, read_ann, remove_stale, save_ann, trained_ann)
 from .files import ShardLock
+from .sqlstore import Transaction, checked_meta, failure
+from .vectorrows import DTYPE, ID_BATCH, best, check_width, decoded, matrix, rows_of, scan, unit, width_of
 
 SCHEMA_VERSION = 1
 SQLITE_NAME = "index.sqlite"
 SHARDS_DIR = "shards"
 EXACT_LIMIT = 20_000  # windows: exact search below (a 20,000 x 768 float32 matrix is 61 MB), ANN above
-DTYPE = np.dtype("<f4")
 INSTALL_HINT = 'pip install "ast-cli[index]"'
-ID_BATCH = 10_000  # rows read from SQLite per step when the ANN is built: bounded memory at millions of windows
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS files (id INTEGER PRIMARY KEY, path TEXT NOT NULL UNIQUE, size INTEGER,
@@ -95,13 +95,18 @@ class VectorStore:
     lock: "ShardLock | None" = None  # held while a --shard run writes this part
     _rows: tuple | None = None  # (generation, ids, unit vectors) for exact search
     _ann: tuple | None = None  # (generation, faiss index) for approximate search
+    unsaved: Exception | None = None  # why the faiss index built here could not be saved (it is searched all the same)
 
     def __init__(self, path: str, directory: str):
         self.path, self.directory = path, directory
-        self.db = sqlite3.connect(path, timeout=60, isolation_level=None)  # transactions are ours (BEGIN)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit is atomic; a crash loses at most the last
-        self.db.executescript(_SCHEMA)
+        try:
+            self.db = sqlite3.connect(path, timeout=60, isolation_level=None)  # transactions are ours (BEGIN)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit is atomic; a crash loses at most the last
+            self.db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:  # not a database (or damaged), a full disk
+            raise failure(exc, path) from None
+        self.meta()  # a hand-edited meta: said now, naming the file
 
     @classmethod
     def open(cls, directory: str, file: str = SQLITE_NAME) -> "VectorStore":
@@ -116,7 +121,7 @@ class VectorStore:
     # -- meta --------------------------------------------------------------------------------------
 
     def meta(self) -> dict:
-        return {key: json.loads(value) for key, value in self.db.execute("SELECT key, value FROM meta")}
+        return checked_meta(self.db.execute("SELECT key, value FROM meta"), self.path)
 
     def _set_meta(self, **values) -> None:
         self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
@@ -133,17 +138,17 @@ class VectorStore:
 
     @property
     def generation(self) -> int:
-        return int(self.meta().get("generation", 0))
+        return self.meta().get("generation", 0)
 
     # -- writing ---------------------------------------------------------------------------------------
 
     def transaction(self):
-        return _Transaction(self.db)
+        return Transaction(self.db, self.path)
 
     def snapshot(self):
         """``with``: every read inside sees the store as of the first one (WAL), so a run that replaces or prunes
         files meanwhile cannot take away windows between a search ranking their ids and reading their rows."""
-        return _Transaction(self.db, "BEGIN DEFERRED")
+        return Transaction(self.db, self.path, "BEGIN DEFERRED")
 
     def put(self, record: FileRecord) -> None:
         """Store one file (replacing what was stored for its path), all in one transaction."""
@@ -218,7 +223,7 @@ class VectorStore:
         for file_id, path, size, mtime_ns, duration, error in self.db.execute("SELECT * FROM files").fetchall():
             rows = self.db.execute('SELECT start, "end", vector, id FROM windows WHERE file_id = ? ORDER BY id',
                                    (file_id,)).fetchall()
-            vectors = np.stack([np.frombuffer(r[2], DTYPE) for r in rows]) if rows else None
+            vectors = decoded([r[2] for r in rows], self.path, width_of(self.db)) if rows else None
             yield FileRecord(path, size, mtime_ns, duration, error, [(r[0], r[1]) for r in rows], vectors,
                              scores=headscores.of_windows(self.db, [r[3] for r in rows]))
 
@@ -237,21 +242,22 @@ class VectorStore:
         """The (start, end) and (W, D) vectors of one stored file (W = 0 when it is not stored)."""
         rows = self.db.execute('SELECT start, "end", vector FROM windows JOIN files ON files.id = file_id '
                                "WHERE path = ? ORDER BY windows.id", (path,)).fetchall()
-        vectors = np.stack([np.frombuffer(r[2], DTYPE) for r in rows]) if rows else np.empty((0, 0), DTYPE)
+        vectors = decoded([r[2] for r in rows], self.path, width_of(self.db) if rows else 0)
         return [(r[0], r[1]) for r in rows], vectors
 
     def _matrix(self, after: int = -1) -> tuple[np.ndarray, np.ndarray]:
         """(ids, (N, D) unit vectors) of every window (with an id above ``after``)."""
-        rows = self.db.execute("SELECT id, vector FROM windows WHERE id > ? ORDER BY id", (after,)).fetchall()
-        if not rows:
-            return np.empty(0, np.int64), np.empty((0, 0), np.float32)
-        vectors = np.frombuffer(b"".join(r[1] for r in rows), DTYPE).reshape(len(rows), -1)
-        return np.array([r[0] for r in rows], np.int64), _unit(vectors)
+        return matrix(self.db, self.path, after)
 
     def search(self, query: np.ndarray, top: int = 10, *, exclude_path: str | None = None,
                min_score: float | None = None) -> list[Hit]:
-        """The ``top`` windows most like ``query`` (D,) by cosine similarity, best first."""
-        query = _unit(np.asarray(query, np.float32).reshape(1, -1))[0]
+        """The ``top`` windows most like ``query`` (D,) by cosine similarity, best first. Past ``EXACT_LIMIT``
+        windows the ANN proposes them, unless it cannot vouch for the answer: too many wanted for the lists it
+        probes, or ``min_score`` leaving fewer than ``top`` (then more may lie in lists not probed): every row is
+        then scored (seconds at a million windows, against the ANN's 12 ms)."""
+        query = unit(np.asarray(query, np.float32).reshape(1, -1))[0]
+        if np.isnan(query).any():  # NaN would score every window 1.0 (min(1.0, nan))
+            raise UsageError("the query vector is no direction: it has values that are not finite, or only zeros")
         with self.snapshot():
             excluded = self._ids_of(exclude_path) if exclude_path else set()
             # MAX(id) bounds the count without a scan of a million rows (ids only grow: AUTOINCREMENT)
@@ -259,9 +265,10 @@ class VectorStore:
             if count == 0 or top <= 0:
                 return []
             want = min(top + len(excluded), count)  # --top 10**12 asks faiss for no more rows than there are
-            ids, scores = self._exact(query, want) if count <= EXACT_LIMIT else self._approximate(query, want)
-            keep = [(i, s) for i, s in zip(ids.tolist(), scores.tolist())
-                    if i not in excluded and (min_score is None or s >= min_score)][:top]
+            found = self._exact(query, want) if count <= EXACT_LIMIT else self._approximate(query, want)
+            keep = [] if found is None else _kept(*found, excluded, min_score)[:top]
+            if found is None or count > EXACT_LIMIT and min_score is not None and len(keep) < top:
+                keep = _kept(*scan(self.db, self.path, query, want), excluded, min_score)[:top]
             return self._hits(keep)
 
     def _ids_of(self, path: str) -> set[int]:
@@ -274,30 +281,24 @@ class VectorStore:
         if self._rows is None or self._rows[0] != generation:
             self._rows = (generation, *self._matrix())
         _, ids, vectors = self._rows
-        if vectors.shape[1] != query.shape[0]:
-            raise UsageError(f"the query has {query.shape[0]} dimensions, the index {vectors.shape[1]}")
-        scores = vectors @ query  # (N,)
-        order = np.lexsort((ids, -scores))[:want]  # best first; ties by insertion order
-        return ids[order], scores[order]
+        check_width(vectors, query)
+        return best(ids, vectors @ query, want)  # ties by insertion order
 
-    def _approximate(self, query: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray]:
+    def _approximate(self, query: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray] | None:
         """The ANN's candidates (four times as many as wanted), scored again exactly from the stored float32
-        rows: scores and order never carry the index's 8-bit rounding, and the extra candidates make up for it."""
+        rows: scores and order never carry the index's 8-bit rounding, and the extra candidates make up for it.
+        None when the lists it probes hold too few windows to vouch for them (``enough_probed``)."""
         index = self.ann()
         if index is None:
             return np.empty(0, np.int64), np.empty(0, np.float32)
         if index.d != query.shape[0]:
             raise UsageError(f"the query has {query.shape[0]} dimensions, the index {index.d}")
         index.nprobe = probes(index.nlist)
-        candidates = [int(i) for i in index.search(query.reshape(1, -1), 4 * want)[1][0] if i >= 0]
-        rows = self.db.execute(f"SELECT id, vector FROM windows WHERE id IN ({','.join('?' * len(candidates))})",
-                               candidates).fetchall() if candidates else []
-        if not rows:
-            return np.empty(0, np.int64), np.empty(0, np.float32)
-        ids = np.array([r[0] for r in rows], np.int64)
-        scores = _unit(np.stack([np.frombuffer(r[1], DTYPE) for r in rows])) @ query
-        order = np.lexsort((ids, -scores))[:want]
-        return ids[order], scores[order]
+        if not enough_probed(index, 4 * want):
+            return None
+        candidates = np.unique(index.search(query.reshape(1, -1), 4 * want)[1][0])
+        ids, vectors = rows_of(self.db, self.path, candidates[candidates >= 0], index.d)
+        return best(ids, vectors @ query, want)
 
     def _ann_path(self) -> str:
         return os.path.join(self.directory, f"vectors-{self.generation}{ANN_SUFFIX}")
@@ -335,11 +336,13 @@ class VectorStore:
             index.remove_ids(np.setdiff1d(known, ids))
         missing = np.setdiff1d(ids, known)  # added since; or never there, when the file was not this store's
         for start in range(0, missing.size, ID_BATCH):
-            index.add_with_ids(*self._rows_of(missing[start:start + ID_BATCH])[::-1])
-        save_ann(index, path)
-        for old in stale:
-            if old != path:
-                os.unlink(old)
+            add_rows(index, *rows_of(self.db, self.path, missing[start:start + ID_BATCH], index.d))
+        try:
+            save_ann(index, path)
+        except OutputWriteError as exc:  # a full disk: this process searches the index it holds, the stale stay
+            self.unsaved = exc
+        else:
+            remove_stale(stale, path)
         return index
 
     def _trained(self, ids: np.ndarray):
@@ -347,15 +350,10 @@ class VectorStore:
         lists = lists_for(ids.size)
         rows = min(ids.size, TRAIN_SAMPLE, TRAIN_PER_LIST * lists)
         sample = np.sort(np.random.default_rng(0).choice(ids, rows, replace=False))
-        vectors = np.concatenate([self._rows_of(sample[i:i + ID_BATCH])[1] for i in range(0, sample.size, ID_BATCH)])
+        width = width_of(self.db)
+        vectors = np.concatenate([rows_of(self.db, self.path, sample[i:i + ID_BATCH], width)[1]
+                                  for i in range(0, sample.size, ID_BATCH)])
         return trained_ann(vectors, lists)
-
-    def _rows_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, (n, D) unit vectors) of the windows with these ids that are stored."""
-        rows = self.db.execute(f"SELECT id, vector FROM windows WHERE id IN ({','.join('?' * ids.size)}) "
-                               "ORDER BY id", ids.tolist()).fetchall()
-        vectors = np.frombuffer(b"".join(r[1] for r in rows), DTYPE).reshape(len(rows), -1)
-        return np.array([r[0] for r in rows], np.int64), _unit(vectors)
 
     def _hits(self, keep: list[tuple[int, float]]) -> list[Hit]:
         out = []
@@ -393,8 +391,8 @@ def _query_read_only(path: str, sql: str) -> list | None:
 
 def read_identity(path: str) -> dict | None:
     """The identity recorded in the store at ``path``, read without writing anything (None: none yet)."""
-    rows = _query_read_only(path, "SELECT value FROM meta WHERE key = 'identity'")
-    return json.loads(rows[0][0]) if rows else None
+    rows = _query_read_only(path, "SELECT key, value FROM meta")  # every key checked: before the model loads
+    return checked_meta(rows, path).get("identity") if rows else None
 
 
 def read_files(path: str) -> list[FileRecord]:
@@ -407,9 +405,10 @@ def shard_paths(directory: str) -> list[str]:
     return sorted(glob.glob(os.path.join(directory, SHARDS_DIR, "*.sqlite")))
 
 
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+def _kept(ids: np.ndarray, scores: np.ndarray, excluded: set[int], min_score: float | None) -> list:
+    """(id, score) of the ranked windows not excluded, scoring at least ``min_score``."""
+    return [(i, s) for i, s in zip(ids.tolist(), scores.tolist())
+            if i not in excluded and (min_score is None or s >= min_score)]
 
 
 def check_identity(stored: dict, wanted: dict, directory: str) -> None:
@@ -420,26 +419,6 @@ def check_identity(stored: dict, wanted: dict, directory: str) -> None:
         if key != "model_path" and stored.get(key) != wanted.get(key):
             raise UsageError(f"{directory} was made with {key} {stored.get(key)!r}, not {wanted.get(key)!r}",
                              option="db", hint="index into another --db, or give the model and settings it was made with")
-
-
-class _Transaction:
-    """``with``: BEGIN IMMEDIATE (``begin``) ... COMMIT, or ROLLBACK on any exception (Ctrl-C included)."""
-
-    def __init__(self, db: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE"):
-        self.db, self.begin = db, begin
-
-    def __enter__(self):
-        if not self.db.in_transaction:
-            self.db.execute(self.begin)
-            self.owner = True
-        else:
-            self.owner = False
-        return self.db
-
-    def __exit__(self, kind, exc, tb):
-        if self.owner:
-            self.db.execute("COMMIT" if kind is None else "ROLLBACK")
-        return False
 
 
 __all__ = ["EXACT_LIMIT", "SHARDS_DIR", "SQLITE_NAME", "FileRecord", "Hit", "ShardLock", "VectorStore", "check_identity",

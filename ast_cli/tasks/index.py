@@ -346,8 +346,13 @@ class Index:
     def embed_query(self, path: str, start: float = 0.0, end: float | None = None) -> np.ndarray:
         """(D,) embedding of one window of ``path``: from ``start`` to ``end`` (default: one model window),
         cut on the 10 ms frame grid so that a window the index holds embeds exactly as stored."""
+        import math
+
         from ..constants import FRAME_SECONDS
 
+        for value, option in ((start, "start"), (end, "end")):
+            if value is not None and not math.isfinite(value):  # inf samples: an OverflowError below
+                raise UsageError(f"{value:g} s is not a time in the audio", option=option)
         if not start >= 0:  # a negative sample offset would slice from the end of the first block
             raise UsageError(f"the query window cannot start before the audio: {start:g} s", option="start")
         if end is not None and not end > start:
