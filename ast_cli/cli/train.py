@@ -137,10 +137,10 @@ def _base(model: str, features_db: str | None, mode, run: RunOptions, stderr, qu
             exc.option = "features_db"
         raise
     try:
-        identity = index.identity
+        source = index.model_source()  # the weights the stored embeddings came from, or a UsageError
     finally:
         index.close()
-    return str(fetch_model(identity.get("model_path") or identity["model"], run, stderr, quiet))
+    return str(fetch_model(source, run, stderr, quiet))
 
 
 class _EpochProgress:

@@ -14,7 +14,7 @@ with the model named in the database.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
@@ -53,8 +53,6 @@ def weights_digest(path: str) -> str:
 def identity_of(model: str, path: str, local: bool, config, features, hop_seconds: float, compute: str) -> dict:
     """What the stored vectors depend on: the model (``model``: hub id@commit or the resolved path, plus the
     weights' sha256 for a local one), its input format, the hop between windows and the precision."""
-    from dataclasses import asdict
-
     return {"model": model, "weights": weights_digest(path) if local else None, "hidden_size": config.hidden_size,
             "features": asdict(features), "hop_seconds": round(hop_seconds, 6), "compute": compute,
             "model_path": os.path.realpath(path)}
@@ -282,16 +280,37 @@ class Index:
             from ..run.tagger import Tagger
 
             identity = self.identity
-            path = identity.get("model_path") or ""
             compute = identity.get("compute", "fp32")
             options = options or RunOptions(
                 hop_seconds=identity.get("hop_seconds"), fast=compute == "fast",
                 quantize="int8" if compute == "int8" else "none",
                 dtype=compute if compute in ("fp32", "fp16", "bf16") else "auto")
             heads = self._unchanged_heads() if options.fast else []
-            self._tagger = Tagger.load(path if os.path.exists(path) else identity["model"], options, heads=heads,
-                                       embeddings=True)
+            self._tagger = Tagger.load(self.model_source(), options, heads=heads, embeddings=True)
         return self._tagger
+
+    def model_source(self) -> str:
+        """Where the index's model loads from: its recorded path, else its hub id@revision. A ``UsageError`` when
+        the path now holds other weights (their sha256, recorded for a local model) or another input format:
+        queries embedded with them would not be comparable with the stored windows."""
+        from pathlib import Path
+
+        from ..checkpoint.weights import read_configs
+
+        identity = self.identity
+        path = identity.get("model_path") or ""
+        if not os.path.exists(path):
+            return identity["model"]
+        changed = "weights" if identity.get("weights") and weights_digest(path) != identity["weights"] else None
+        if changed is None and os.path.isdir(path):
+            config, features = read_configs(Path(path))
+            if (asdict(features), config.hidden_size) != (identity.get("features"), identity.get("hidden_size")):
+                changed = "input format"
+        if changed:
+            raise UsageError(f"{self.store.directory} was made with the model at {path}, whose {changed} changed "
+                             "since", hint="put back the model it was made with, or index again into a new "
+                                           "database with this one")
+        return path
 
     def _unchanged_heads(self) -> list[str]:
         """The folders of the heads the index scores that still hold what it scored with. ``ast index --fast
@@ -401,8 +420,7 @@ class Index:
         from ..checkpoint.hub import resolve_model
         from ..checkpoint.weights import load_checkpoint
 
-        path = self.identity.get("model_path") or ""
-        checkpoint = load_checkpoint(path if os.path.exists(path) else resolve_model(self.identity["model"]))
+        checkpoint = load_checkpoint(resolve_model(self.model_source()))
         names = {name.lower(): i for i, name in enumerate(checkpoint.config.id2label)}
         if label.lower() not in names:
             raise UsageError(f"{label!r} is not one of the model's labels" if names else
