@@ -570,3 +570,26 @@ def test_s8_2_search_refuses_changed_weights_at_the_model_path(spread, tiny_chec
     assert result.exit_code == 2 and "whose input format changed since" in result.stderr.splitlines()[0]
     (mine / "preprocessor_config.json").write_text(json.dumps(pre))
     assert ast("search", tmp_path / "db", "--label", "speech").exit_code == 0  # the same model again: searched
+
+
+def test_s8_7_train_features_db_records_the_index_model_and_refuses_another_model(spread, tiny_checkpoint, tmp_path):
+    """s8 #7: ``train --features-db`` recorded the default hub model as the head's base (and named it in hints),
+    and trained on the index's embeddings whatever ``--model`` said."""
+    import shutil
+
+    mine = tmp_path / "mine"
+    shutil.copytree(spread, mine)
+    files = archive(tmp_path / "in", 2)
+    assert index([tmp_path / "in"], tmp_path / "db", mine).exit_code == 0
+    (tmp_path / "hits.csv").write_text("path,start,end,score,label\n" + "".join(
+        f"{f},{s},0,1,{'door' if s else '-'}\n" for f in files for s in (0.0, 0.64)))
+    train = ("train", tmp_path / "hits.csv", "--features-db", tmp_path / "db", "--quiet", "--epochs", "2")
+    other = ast(*train, "--out", tmp_path / "no", "--model", tiny_checkpoint[0])
+    assert other.exit_code == 2 and not (tmp_path / "no").exists(), other.output
+    assert other.stderr.splitlines() == [
+        f"Error: --model: {tiny_checkpoint[0]} is not the model {tmp_path / 'db'} was made with ({mine}), which is "
+        "the base", "Hint: drop --model"]
+    for out, extra in (("det", ()), ("det2", ("--model", mine))):
+        assert ast(*train, "--out", tmp_path / out, *extra).exit_code == 0
+        base = json.loads((tmp_path / out / "head.json").read_text())["base"]
+        assert base["model"] == str(mine)

@@ -9,11 +9,15 @@ import typer
 from ..constants import MIN_POSITIVES
 from ..run.options import ListFormat, RunOptions, _choices
 from ._app import app
-from ._common import (DEFAULT_MODEL, DebugOpt, ModelOpt, QuietOpt, announce_fast, fetch_model, load_tagger,
+from ._common import (DEFAULT_MODEL, DebugOpt, QuietOpt, _complete_model, announce_fast, fetch_model, load_tagger,
                       model_labels, run_options, stderr_console)
 from ._errors import cli_errors, counted, say
 
 Mode = _choices("Mode", "head finetune", "What ast train trains.")
+BaseOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", metavar="MODEL", autocompletion=_complete_model, envvar="AST_MODEL",
+    help=f"The base: model alias, hub id (ORG/NAME[@REV]), local directory or weights file (default: {DEFAULT_MODEL}; "
+         "with --features-db, the model that made the index).")]
 DataArg = Annotated[str, typer.Argument(metavar="DATA", help="A folder of label subfolders (single-label), or a CSV/JSONL of path,labels (labels separated by ;, multi-label).")]
 
 
@@ -23,7 +27,7 @@ def train(
     data: DataArg,
     run: RunOptions,
     out: Annotated[str, typer.Option("--out", "-o", metavar="DIR", help="Where the new checkpoint goes (a Hugging Face model folder).")],
-    model: ModelOpt = DEFAULT_MODEL,
+    model: BaseOpt = None,
     mode: Annotated[Mode, typer.Option(help="head: a classifier on frozen, cached embeddings (fast); finetune: every weight.")] = Mode.head,
     val: Annotated[Optional[str], typer.Option(metavar="DATA", help="Validation data (default: a stratified --val-split of DATA).")] = None,
     val_split: Annotated[float, typer.Option(metavar="FRACTION", help="Part of DATA held out for validation when --val is not given.")] = 0.2,
@@ -91,10 +95,12 @@ def train(
                              option="val")
         check_out(out, overwrite=overwrite, resume=resume,
                   marker={"mode": mode.value, "labels": list(labels), "multi_label": dataset.multi_label})
+        # with --features-db the base is the index's model: its name and where it loads from
+        model, source = _index_model(features_db, model, mode, run) if features_db else (model or DEFAULT_MODEL,) * 2
         say(stderr, f"{len(train_set.examples)} training and {counted(len(val_set.examples), 'validation file')}, "
                     f"{counted(len(labels), 'label')} ({'multi' if dataset.multi_label else 'single'}-label), "
                     f"mode {mode.value}")
-        base = _base(model, features_db, mode, run, stderr, quiet)
+        base = str(fetch_model(source, run, stderr, quiet))
         progress = _EpochProgress(None if quiet else stderr, config.epochs, enabled=stderr.is_terminal)
         trainer = Trainer(base, train_set, val_set, out, config, run, feature_cache=features_dir,
                           on_epoch=progress.update, model_name=model, strict=strict,
@@ -120,11 +126,12 @@ def train(
             raise typer.Exit(1)
 
 
-def _base(model: str, features_db: str | None, mode, run: RunOptions, stderr, quiet: bool) -> str:
-    """The base checkpoint's path: ``model``'s, or with --features-db the model that made that index."""
-    if features_db is None:
-        return str(fetch_model(model, run, stderr, quiet))
-    from ..errors import UsageError
+def _index_model(features_db: str, model: str | None, mode, run: RunOptions) -> tuple[str, str]:
+    """(the name the index in ``features_db`` records its model by, where that model loads from), once its weights
+    are known to be those its embeddings came from, and ``model`` (as given; None: not given) names no other."""
+    from ..checkpoint.hub import resolve_model
+    from ..checkpoint.names import model_identity
+    from ..errors import ModelNotFoundError, UsageError
     from ..tasks.index import Index
 
     if mode is not Mode.head:
@@ -137,10 +144,18 @@ def _base(model: str, features_db: str | None, mode, run: RunOptions, stderr, qu
             exc.option = "features_db"
         raise
     try:
-        source = index.model_source()  # the weights the stored embeddings came from, or a UsageError
+        name, source = index.identity["model"], index.model_source()
     finally:
         index.close()
-    return str(fetch_model(source, run, stderr, quiet))
+    if model is not None:
+        try:  # how the index would name it: the resolved path, or ORG/NAME@commit of the cached snapshot
+            given = model_identity(model, resolve_model(model, offline=True, cache_dir=run.cache_dir))
+        except ModelNotFoundError:  # not even cached: not the index's model
+            given = model
+        if given != name:
+            raise UsageError(f"{model} is not the model {features_db} was made with ({name}), which is the base",
+                             option="model", suggest={"model": None})
+    return name, source
 
 
 class _EpochProgress:
