@@ -69,7 +69,7 @@ def train(
         from ..tasks.extract import embedding_cache_dir
         from ..run.files import check_writable_dir
         from ..tasks.train import TrainConfig, Trainer
-        from ..tasks.train_data import clips, load_dataset, split, untrained_labels
+        from ..tasks.train_data import clips, load_dataset, refuse_windows, split, untrained_labels
         from ..tasks.train_state import check_out
 
         config = TrainConfig(mode=mode.value, epochs=epochs, lr=lr, batch_size=train_batch, patience=patience,
@@ -87,6 +87,9 @@ def train(
         train_set, val_set = (dataset, load_dataset(val, option="val")) if val else split(dataset, val_split, seed)
         if val and val_set.multi_label != dataset.multi_label:
             raise UsageError("--val must be labeled like DATA (both folders, or both tables)")
+        for named, option, given in ((dataset, "data", data), (val_set, "val", val)):
+            if not features_db and given:  # windows of ast search's csv: their embeddings are in the index
+                refuse_windows(named, given, option, hint="train on the index they came from: add --features-db DB")
         for name in (*dataset.empty, *(val_set.empty if val else ())):
             say(stderr, f"warning: class folder {name!r} holds no audio file: left out")
         labels = tuple(sorted(set(train_set.labels) | set(val_set.labels)))
@@ -224,9 +227,10 @@ def evaluate(
         from ..run.files import check_writable_dir
         from ..tasks.calibrate import Target, destination
         from ..tasks.metrics import check_labels, report as measured, score_dataset
-        from ..tasks.train_data import load_dataset
+        from ..tasks.train_data import load_dataset, refuse_windows
 
         dataset = load_dataset(data)
+        refuse_windows(dataset, data, hint="evaluate scores whole files: list them as path,labels rows")
         if features_dir:
             check_writable_dir(features_dir, option="features_dir")
         target = Target.parse(calibrate) if calibrate is not None else None
