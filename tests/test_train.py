@@ -605,3 +605,26 @@ def test_s8_9_a_windowed_csv_is_refused_without_features_db(tiny_checkpoint, sma
     assert val.exit_code == 2 and val.stderr.startswith("Error: --val: ")
     monkeypatch.undo()
     assert tiny_train(whole, tmp_path / "out", tiny_checkpoint[0]).exit_code == 0
+
+
+def test_s8_10_labels_a_head_would_refuse_are_refused_before_the_model_loads(tiny_checkpoint, small, tmp_path,
+                                                                            monkeypatch):
+    """s8 #10: a class folder or a CSV label with a tab trained (exit 0), then ``--head`` refused the result:
+    "labels must be a list of 1 to 100000 printable names". heads.py's rule is now checked on the data."""
+    import shutil
+
+    import ast_cli.cli.train as cli_train
+
+    odd = tmp_path / "odd"
+    shutil.copytree(small / "low", odd / "lo\tw")
+    shutil.copytree(small / "high", odd / "high")
+    table = tmp_path / "tab.csv"
+    tab = "lo\tw"
+    rows = [f'{f},"{tab if f.parent.name == "low" else "high"};x"' for f in sorted(small.rglob("*.wav"))]
+    table.write_text("path,labels\n" + "\n".join(rows) + "\n")
+    monkeypatch.setattr(cli_train, "fetch_model", lambda *a, **k: pytest.fail("the model loaded"))
+    for data, label in ((odd, "'lo\\tw'"), (table, "'lo\\tw'")):
+        result = tiny_train(data, tmp_path / "out", tiny_checkpoint[0])
+        assert result.exit_code == 2 and not (tmp_path / "out").exists()
+        assert result.stderr.splitlines() == [f"Error: DATA: {data}: label {label} cannot name a class: a label is "
+                                              "printable (no tab or other control character) and not blank"]

@@ -128,13 +128,18 @@ def good_name(name) -> bool:
     return isinstance(name, str) and bool(name.strip()) and name.isprintable() and ":" not in name and len(name) <= 200
 
 
+def good_label(label) -> bool:
+    """Whether ``label`` can be one of a head's labels: a printable name, not blank (a tab or a newline would break
+    the lines and rows outputs write)."""
+    return isinstance(label, str) and bool(label.strip()) and label.isprintable()
+
+
 def _config(raw: dict) -> dict:
     """``head.json`` checked: a KeyError/TypeError/ValueError names what is wrong."""
     if raw.get("format") != FORMAT or raw.get("version") != VERSION:
         raise ValueError(f"not a version {VERSION} {FORMAT} file")
     labels, hidden, name = raw["labels"], raw["hidden_size"], raw.get("name")
-    if not isinstance(labels, list) or not 0 < len(labels) <= MAX_LABELS or not all(
-            isinstance(x, str) and x.strip() and x.isprintable() for x in labels):
+    if not isinstance(labels, list) or not 0 < len(labels) <= MAX_LABELS or not all(map(good_label, labels)):
         raise ValueError(f"labels must be a list of 1 to {MAX_LABELS} printable names")
     if len(set(labels)) < len(labels):  # thresholds, --include and search find a label by its name
         raise ValueError("labels must be distinct")

@@ -89,6 +89,7 @@ def load_dataset(path: str, option: str = "data") -> Dataset:
     if len(dataset.examples) == 0:
         raise UsageError(f"{path} holds no labeled audio files", option=option,
                          hint="a folder of label subfolders, or a CSV/JSONL of path,labels")
+    _check_labels(dataset.labels, path, option)
     negatives = dataset.multi_label and any(not e.labels for e in dataset.examples)
     if len(dataset.labels) < 2 - negatives:  # one label and negatives: a detector for that label
         found = (f"only one label, {dataset.labels[0]}," if dataset.labels
@@ -97,6 +98,19 @@ def load_dataset(path: str, option: str = "data") -> Dataset:
                          option=option, hint="one subfolder per label; in a CSV/JSONL, the rows' labels (several: a;b), "
                                              "empty or '-' for a negative")
     return dataset
+
+
+def _check_labels(labels: tuple[str, ...], path: str, option: str) -> None:
+    """The labels a head can be saved with (``checkpoint.heads``' rule), checked before anything is trained."""
+    from ..checkpoint.heads import MAX_LABELS, good_label
+
+    bad = next((name for name in labels if not good_label(name)), None)
+    if bad is not None:
+        raise UsageError(f"{path}: label {bad!r} cannot name a class: a label is printable (no tab or other "
+                         "control character) and not blank", option=option)
+    if len(labels) > MAX_LABELS:
+        raise UsageError(f"{path} has {len(labels):,} labels; a classifier takes at most {MAX_LABELS:,}",
+                         option=option)
 
 
 def _read_table(path: str, option: str) -> Dataset:
