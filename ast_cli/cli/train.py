@@ -69,7 +69,7 @@ def train(
         from ..tasks.extract import embedding_cache_dir
         from ..run.files import check_writable_dir
         from ..tasks.train import TrainConfig, Trainer
-        from ..tasks.train_data import clips, load_dataset, refuse_windows, split, untrained_labels
+        from ..tasks.train_data import clips
         from ..tasks.train_state import check_out
 
         config = TrainConfig(mode=mode.value, epochs=epochs, lr=lr, batch_size=train_batch, patience=patience,
@@ -83,19 +83,8 @@ def train(
                              hint="drop --resume (and add --overwrite to replace an earlier --out)")
         if mode is Mode.head:
             check_writable_dir(features_dir or embedding_cache_dir(), option="features_dir")
-        dataset = load_dataset(data)
-        train_set, val_set = (dataset, load_dataset(val, option="val")) if val else split(dataset, val_split, seed)
-        if val and val_set.multi_label != dataset.multi_label:
-            raise UsageError("--val must be labeled like DATA (both folders, or both tables)")
-        for named, option, given in ((dataset, "data", data), (val_set, "val", val)):
-            if not features_db and given:  # windows of ast search's csv: their embeddings are in the index
-                refuse_windows(named, given, option, hint="train on the index they came from: add --features-db DB")
-        for name in (*dataset.empty, *(val_set.empty if val else ())):
-            say(stderr, f"warning: class folder {name!r} holds no audio file: left out")
+        dataset, train_set, val_set = _datasets(data, val, val_split, seed, features_db, stderr)
         labels = tuple(sorted(set(train_set.labels) | set(val_set.labels)))
-        if untrained_labels(train_set, val_set):
-            raise UsageError(f"no training file has label(s) {', '.join(untrained_labels(train_set, val_set))}",
-                             option="val")
         check_out(out, overwrite=overwrite, resume=resume,
                   marker={"mode": mode.value, "labels": list(labels), "multi_label": dataset.multi_label})
         # with --features-db the base is the index's model: its name and where it loads from
@@ -127,6 +116,26 @@ def train(
         if result.failed:
             say(stderr, f"{clips(len(result.failed))} could not be read and left out (listed in metrics.json)")
             raise typer.Exit(1)
+
+
+def _datasets(data: str, val: str | None, val_split: float, seed: int, features_db: str | None, stderr):
+    """(DATA, the training part, the validation part), read and checked before the model loads."""
+    from ..errors import UsageError
+    from ..tasks.train_data import load_dataset, refuse_windows, split, untrained_labels
+
+    dataset = load_dataset(data)
+    train_set, val_set = (dataset, load_dataset(val, option="val")) if val else split(dataset, val_split, seed)
+    if val and val_set.multi_label != dataset.multi_label:
+        raise UsageError("--val must be labeled like DATA (both folders, or both tables)")
+    for named, option, given in ((dataset, "data", data), (val_set, "val", val)):
+        if not features_db and given:  # windows of ast search's csv: their embeddings are in the index
+            refuse_windows(named, given, option, hint="train on the index they came from: add --features-db DB")
+    for name in (*dataset.empty, *(val_set.empty if val else ())):
+        say(stderr, f"warning: class folder {name!r} holds no audio file: left out")
+    if untrained_labels(train_set, val_set):
+        raise UsageError(f"no training file has label(s) {', '.join(untrained_labels(train_set, val_set))}",
+                         option="val")
+    return dataset, train_set, val_set
 
 
 def _index_model(features_db: str, model: str | None, mode, run: RunOptions) -> tuple[str, str]:
