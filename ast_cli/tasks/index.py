@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import ModelNotFoundError, UsageError
 from ..run.vectordb import SHARDS_DIR, SQLITE_NAME, FileRecord, Hit, VectorStore, require_ann_backend
 
 BATCH_BYTES = 64 << 20  # a backfill batch's float32 embeddings and scores: bounded however wide the model and head
@@ -290,11 +291,8 @@ class Index:
         return self._tagger
 
     def model_source(self) -> str:
-        """Where the index's model loads from: its recorded path, else its hub id@revision. A ``UsageError`` when
-        the path now holds other weights (their sha256, recorded for a local model) or another input format:
-        queries embedded with them would not be comparable with the stored windows."""
-        from pathlib import Path
-
+        """Where the index's model loads from: its recorded path, else its hub id@revision; a ``UsageError`` when the
+        path now holds other weights (sha256) or input format, which would embed unlike the stored windows."""
         from ..checkpoint.weights import read_configs
 
         identity = self.identity
@@ -380,14 +378,18 @@ class Index:
         return headscores.registered(self.store.db)
 
     def head_of(self, label: str, head: str | None = None) -> tuple[str, int] | None:
-        """(head name, column) of ``label`` among the stored heads' labels (``head``: that head only); None when
-        no head is named and none has the label (it is then the model's own)."""
+        """(head name, column) of ``label`` among the stored heads' (``head``: that head's) labels, or None: the model's
+        own. The very name wins, a head's or the model's; else one that differs only in case."""
         heads = self.heads()
         if head is not None and head not in heads:
             raise UsageError(f"the index holds no scores of a head named {head!r}", option="head",
                              hint=f"its heads: {', '.join(sorted(heads)) or 'none'} (ast index --head DIR adds one)")
-        found = [(name, column) for name, entry in sorted(heads.items())
-                 if head in (None, name) and (column := _column(entry["labels"], label)) is not None]
+        candidates = [(name, entry["labels"]) for name, entry in sorted(heads.items()) if head in (None, name)]
+        found = [(name, labels.index(label)) for name, labels in candidates if label in labels]
+        if not found:  # a name that differs only in case, unless the model's own label is this one exactly
+            found = [(name, column) for name, labels in candidates if (column := _column(labels, label)) is not None]
+            if found and head is None and label in self.model_labels():
+                return None
         if head is not None and not found:
             raise UsageError(f"{label!r} is not one of head {head}'s labels", option="label")
         if len(found) > 1:
@@ -413,6 +415,17 @@ class Index:
 
         return headscores.missing(self.store.db, head)
 
+    def model_labels(self) -> tuple[str, ...]:
+        """The labels of the index's model itself (its config's, or a bare weights file's); none when it is gone."""
+        from ..checkpoint.hub import resolve_model
+        from ..checkpoint.weights import load_checkpoint, read_configs
+
+        try:
+            path = resolve_model(self.model_source())
+        except ModelNotFoundError:  # then only a head can have the label
+            return ()
+        return (read_configs(path)[0] if path.is_dir() else load_checkpoint(path).config).id2label
+
     def label_vector(self, label: str) -> np.ndarray:
         """The direction in embedding space along which the model's logit for ``label`` grows: the classifier
         row scaled by its LayerNorm's gain, centred (LayerNorm ignores a shift along the all-ones vector). Read
@@ -421,14 +434,14 @@ class Index:
         from ..checkpoint.weights import load_checkpoint
 
         checkpoint = load_checkpoint(resolve_model(self.model_source()))
-        names = {name.lower(): i for i, name in enumerate(checkpoint.config.id2label)}
-        if label.lower() not in names:
+        column = _column(names := list(checkpoint.config.id2label), label)
+        if column is None:
             raise UsageError(f"{label!r} is not one of the model's labels" if names else
                              f"{label!r} is not a label of any head the index holds scores of, and its model has "
                              "no labels of its own (a bare encoder)", option="label",
                              hint=None if names else "index it again with a head trained on this model")
         state = checkpoint.state_dict
-        row = state["classifier.dense.weight"][names[label.lower()]].float().numpy()
+        row = state["classifier.dense.weight"][column].float().numpy()
         direction = row * state["classifier.layernorm.weight"].float().numpy()
         return direction - direction.mean()
 
