@@ -17,8 +17,8 @@ it); two more files make it a head:
 
 from __future__ import annotations
 
-import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,12 +149,14 @@ def _config(raw: dict) -> dict:
         raise ValueError(f"problem_type must be {SINGLE} or {MULTI}")
     if name is not None and not good_name(name):
         raise ValueError(f"name must be {NAME_RULE}")
-    if not all(isinstance(raw["base"].get(k), str) for k in ("model", "backbone_sha256")):
+    if not isinstance(raw["base"], dict) or not all(isinstance(raw["base"].get(k), str)
+                                                    for k in ("model", "backbone_sha256")):
         raise ValueError("base must name its model and backbone_sha256")
     eps = raw.get("layer_norm_eps", 1e-12)
-    if not isinstance(eps, float) or not (math.isfinite(eps) and eps > 0):  # NaN scored every file NaN
+    # NaN scored every file NaN; an int (1) is a number too, one too large for a float is not
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps <= sys.float_info.max:
         raise ValueError("layer_norm_eps must be a number above 0")
-    return {**raw, "labels": tuple(labels), "layer_norm_eps": raw.get("layer_norm_eps", 1e-12)}
+    return {**raw, "labels": tuple(labels), "layer_norm_eps": float(eps)}
 
 
 def _tensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict:
