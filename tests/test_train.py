@@ -628,3 +628,19 @@ def test_s8_10_labels_a_head_would_refuse_are_refused_before_the_model_loads(tin
         assert result.exit_code == 2 and not (tmp_path / "out").exists()
         assert result.stderr.splitlines() == [f"Error: DATA: {data}: label {label} cannot name a class: a label is "
                                               "printable (no tab or other control character) and not blank"]
+
+
+def test_s8_18_resume_refuses_another_base_model_naming_both(tiny_checkpoint, small, tmp_path):
+    """s8 #18: ``--resume --model OTHER`` continued the old run's weights under OTHER's name and input format."""
+    out = tmp_path / "ft"
+    other = make_reference(tmp_path, "tiny-other", seed=1)[0]
+    assert tiny_train(small, out, tiny_checkpoint[0], "--mode", "finetune", "--epochs", "1").exit_code == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    refused = tiny_train(small, out, other, "--mode", "finetune", "--epochs", "2", "--resume")
+    assert refused.exit_code == 2 and refused.stderr.splitlines() == [
+        f"Error: --model: cannot resume {out}: it was trained from {tiny_checkpoint[0]}, not {other}",
+        f"Hint: use --model {tiny_checkpoint[0]}"]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    resumed = tiny_train(small, out, tiny_checkpoint[0], "--mode", "finetune", "--epochs", "2", "--resume")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 2

@@ -85,8 +85,9 @@ def train(
             check_writable_dir(features_dir or embedding_cache_dir(), option="features_dir")
         dataset, train_set, val_set = _datasets(data, val, val_split, seed, features_db, stderr)
         labels = tuple(sorted(set(train_set.labels) | set(val_set.labels)))
+        base = _as_recorded(model or DEFAULT_MODEL, run) if resume else None  # --resume: the base it continues
         check_out(out, overwrite=overwrite, resume=resume,
-                  marker={"mode": mode.value, "labels": list(labels), "multi_label": dataset.multi_label})
+                  marker={"mode": mode.value, "labels": list(labels), "multi_label": dataset.multi_label, "base": base})
         # with --features-db the base is the index's model: its name and where it loads from
         model, source = _index_model(features_db, model, mode, run) if features_db else (model or DEFAULT_MODEL,) * 2
         say(stderr, f"{len(train_set.examples)} training and {counted(len(val_set.examples), 'validation file')}, "
@@ -141,9 +142,7 @@ def _datasets(data: str, val: str | None, val_split: float, seed: int, features_
 def _index_model(features_db: str, model: str | None, mode, run: RunOptions) -> tuple[str, str]:
     """(the name the index in ``features_db`` records its model by, where that model loads from), once its weights
     are known to be those its embeddings came from, and ``model`` (as given; None: not given) names no other."""
-    from ..checkpoint.hub import resolve_model
-    from ..checkpoint.names import model_identity
-    from ..errors import ModelNotFoundError, UsageError
+    from ..errors import UsageError
     from ..tasks.index import Index
 
     if mode is not Mode.head:
@@ -159,15 +158,23 @@ def _index_model(features_db: str, model: str | None, mode, run: RunOptions) -> 
         name, source = index.identity["model"], index.model_source()
     finally:
         index.close()
-    if model is not None:
-        try:  # how the index would name it: the resolved path, or ORG/NAME@commit of the cached snapshot
-            given = model_identity(model, resolve_model(model, offline=True, cache_dir=run.cache_dir))
-        except ModelNotFoundError:  # not even cached: not the index's model
-            given = model
-        if given != name:
-            raise UsageError(f"{model} is not the model {features_db} was made with ({name}), which is the base",
-                             option="model", suggest={"model": None})
+    if model is not None and _as_recorded(model, run) != name:
+        raise UsageError(f"{model} is not the model {features_db} was made with ({name}), which is the base",
+                         option="model", suggest={"model": None})
     return name, source
+
+
+def _as_recorded(model: str, run: RunOptions) -> str:
+    """How records name ``model`` (its resolved path, or ORG/NAME@commit of its cached snapshot), downloading
+    nothing; as given when it is not there (then it is not a model that was used before)."""
+    from ..checkpoint.hub import resolve_model
+    from ..checkpoint.names import model_identity
+    from ..errors import ModelNotFoundError
+
+    try:
+        return model_identity(model, resolve_model(model, offline=True, cache_dir=run.cache_dir))
+    except ModelNotFoundError:
+        return model
 
 
 class _EpochProgress:
