@@ -18,6 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ast_cli.cli import app
+from ast_cli.audio.inputs import expand_inputs
 from ast_cli.tasks.distributed import parse_shard, ray_available, take_shard
 from ast_cli.errors import UsageError
 import raynet
@@ -42,10 +43,13 @@ def records(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
 
 
-def test_shards_split_the_sorted_list_exactly():
-    items = list(range(11))
+def test_shards_split_the_list_exactly():
+    from ast_cli.audio.inputs import InputFile
+
+    items = [InputFile(f"in/{i:02d}.wav") for i in range(60)]
     shards = [take_shard(items, (k, 3)) for k in (1, 2, 3)]
-    assert sorted(x for s in shards for x in s) == items and [len(s) for s in shards] == [4, 4, 3]
+    assert sorted((x for s in shards for x in s), key=items.index) == items and all(shards)
+    assert all(shard == sorted(shard, key=items.index) for shard in shards)  # in input order
     assert take_shard(items, None) == items
     for bad in ("0/3", "4/3", "a/b", "3", "-1/2"):
         with pytest.raises(UsageError):
@@ -291,7 +295,9 @@ def test_two_nodes_give_the_local_engines_records(cluster, tiny_checkpoint, tree
     same_records(records(local.stdout), records(remote.stdout))
     # --shard and --resume mean the same with Ray: shard 1 of 2 first, then the rest resumed into the same file
     out = tmp_path / "tags.jsonl"
-    first = cluster.ast([*base, "--engine", "ray", "--ray-address", "auto", "--shard", "1/2", "-o", str(out)])
+    found = expand_inputs([str(tree)])  # shards go by a hash of the path: one that holds some files but not all
+    part = next(f"1/{n}" for n in range(2, 9) if 0 < len(take_shard(found, (1, n))) < len(found))
+    first = cluster.ast([*base, "--engine", "ray", "--ray-address", "auto", "--shard", part, "-o", str(out)])
     assert first.returncode in (0, 1), first.stderr
     done = {r["path"] for r in records(out.read_text())}
     rest = cluster.ast([*base, "--engine", "ray", "--ray-address", "auto", "-o", str(out), "--resume"])
@@ -433,3 +439,19 @@ def test_28_ray_address_without_engine_ray_is_refused_not_ignored(tiny_checkpoin
         assert result.stderr.splitlines() == ["Error: --ray-address: auto is a Ray cluster to join, and this run is "
                                               "local", "Hint: use --engine ray"]
     assert sorted(os.listdir(tmp_path)) == ["a.wav"]
+
+
+def test_s8_16_files_added_between_shard_runs_move_no_other_file():
+    """Shard K of N was the K-th of every N files of the sorted list: a file added between two shard runs shifted
+    the others, so some were in no shard (never processed, every run reporting success) and some in two. Each
+    file's shard now comes from a hash of its path alone."""
+    from ast_cli.audio.inputs import InputFile
+
+    before = [InputFile(f"rec/{name}.wav") for name in "bcdefghijklmnop"]
+    after = sorted([InputFile("rec/a.wav"), InputFile("rec/ff.wav"), *before[1:]], key=lambda item: item.path)
+    for n in (2, 3, 7):
+        for k in range(1, n + 1):  # the files of both lists keep their shard
+            assert [i for i in take_shard(before, (k, n)) if i in after] == [i for i in take_shard(after, (k, n))
+                                                                             if i in before]
+        union = [item for k in range(1, n + 1) for item in take_shard(after, (k, n))]
+        assert sorted(union, key=lambda item: item.path) == after  # every file, each exactly once

@@ -366,6 +366,42 @@ def test_27_audacity_label_tracks_per_file(spread, tmp_path):
     assert wrong.exit_code == 2 and wrong.stderr.startswith("Error: --output-dir: ")
 
 
+def test_s8_5_label_tracks_of_two_files_of_one_name_mirror_their_folders(spread, tmp_path):
+    """day1/v0.wav and day2/v0.wav: each gets its own track below the hits' common folder (they were refused,
+    with a hint about input paths that search does not take)."""
+    import shutil
+
+    files = archive(tmp_path / "in" / "day1", 1)
+    (tmp_path / "in" / "day2").mkdir()
+    shutil.copy(files[0], tmp_path / "in" / "day2" / "v0.wav")
+    assert index([tmp_path / "in"], tmp_path / "db", spread).exit_code == 0
+    result = ast("search", tmp_path / "db", files[0], "-f", "audacity", "--output-dir", tmp_path / "tracks",
+                 "--top", "100")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(str(p.relative_to(tmp_path / "tracks")) for p in (tmp_path / "tracks").rglob("*.txt")) == [
+        "day1/v0.wav.labels.txt", "day2/v0.wav.labels.txt"]
+
+
+def test_s8_5_an_output_dir_that_cannot_be_written_is_refused_before_the_index_opens(tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = ast("search", tmp_path / "no-index", tmp_path / "q.wav", "-f", "audacity", "--output-dir",
+                 tmp_path / "file")
+    assert result.exit_code == 2 and result.stderr.startswith("Error: --output-dir: ")
+    assert "exists and is not a directory" in result.stderr
+
+
+def test_s8_N12_the_table_prints_paths_as_they_are_and_whole(spread, tmp_path):
+    """Names with rich markup (``take[/red]1.wav`` crashed the table, ``[red]take 1.wav`` lost its tag) and long
+    paths (cut to ``…`` when piped) are printed as they are."""
+    folder = tmp_path / ("in" + "-very-long-folder-name" * 6)
+    files = [varied(folder / name, 2.5, seed=i) for i, name in enumerate(["take[/red]1.wav", "[red]take 1.wav"])]
+    assert index([folder], tmp_path / "db", spread).exit_code == 0
+    result = ast("search", tmp_path / "db", files[0], "--top", "100")
+    assert result.exit_code == 0, result.stderr
+    printed = {line.split(None, 3)[3] for line in result.stdout.splitlines()[1:]}
+    assert printed == {str(f) for f in files}
+
+
 def test_27_a_bad_query_is_one_line_naming_it(spread, tmp_path):
     files = archive(tmp_path / "in", 1)
     assert index([tmp_path / "in"], tmp_path / "db", spread).exit_code == 0
@@ -593,3 +629,101 @@ def test_s8_7_train_features_db_records_the_index_model_and_refuses_another_mode
         assert ast(*train, "--out", tmp_path / out, *extra).exit_code == 0
         base = json.loads((tmp_path / out / "head.json").read_text())["base"]
         assert base["model"] == str(mine)
+
+
+def test_s8_1_prune_keeps_files_that_still_exist(spread, tmp_path):
+    """A pattern's ``*`` matched across ``/`` and ``--ext`` narrowed what the run "still held": ``--prune`` dropped
+    files below the pattern's folder, every .wav of an ``--ext flac`` run, and a hidden file indexed by naming it,
+    all still there. Only a file that is gone, and that the arguments name, is pruned."""
+    arch = tmp_path / "arch"
+    for name, seed in (("0001.wav", 0), ("day2/0001.wav", 1), ("day2/0002.wav", 2), ("x.flac", 3), (".h.wav", 4)):
+        varied(arch / name, 1.0, seed)
+    db = tmp_path / "db"
+    assert index([arch], db, spread).exit_code == 0 and index([arch / ".h.wav"], db, spread).exit_code == 0
+    everything = stored(db)
+    assert len(everything) == 5
+    for paths, extra in (([f"{arch}/*.wav"], []), ([arch], ["--ext", "flac"]), ([arch], []), ([f"{arch}/*"], [])):
+        result = index(paths, db, spread, "--prune", *extra)
+        assert result.exit_code == 0 and stored(db) == everything, (paths, extra, result.output)
+    os.unlink(arch / "day2" / "0002.wav")
+    assert index([f"{arch}/*.wav"], db, spread, "--prune").exit_code == 0
+    assert stored(db) == everything  # gone, but not a match of arch/*.wav
+    assert index([f"{arch}/*/*.wav"], db, spread, "--prune").exit_code == 0
+    assert sorted(stored(db)) == sorted(p for p in everything if not p.endswith("0002.wav"))
+
+
+def test_s8_17_prune_drops_files_of_a_deleted_folder_or_a_deleted_named_file(spread, tmp_path):
+    """``ast index folder/ --prune`` with every file below it deleted said "no audio files found" (exit 2), and a
+    deleted file named with ``--prune`` was stored as a failed "no such file" record (exit 1): both now prune."""
+    db = tmp_path / "db"
+    kept = varied(tmp_path / "kept" / "k.wav", 1.0, seed=9)
+    files = archive(tmp_path / "in", 3)
+    assert index([tmp_path / "in", kept], db, spread).exit_code == 0
+    os.unlink(files[0])
+    result = index([files[0]], db, spread)  # without --prune: as before, a failed record
+    assert result.exit_code == 1 and Index.open(str(db)).files()[0].error == "no such file"
+    assert index([files[0]], db, spread, "--prune").exit_code == 0
+    assert sorted(stored(db)) == sorted(map(str, [kept, *files[1:]]))
+    assert str(files[0]) not in {f.path for f in Index.open(str(db)).files()}
+    for path in files[1:]:
+        os.unlink(path)
+    assert index([tmp_path / "in"], db, spread).exit_code == 2  # without --prune: nothing to do is an error
+    result = ast("index", tmp_path / "in", "--db", db, "--model", spread, "--prune")
+    assert result.exit_code == 0 and "0 failed, 2 pruned" in result.stderr, result.output
+    assert sorted(stored(db)) == [str(kept)]
+    for paths in ([tmp_path / "in"], [f"{tmp_path}/in/*.wav"]):  # the folder itself gone; a pattern matching nothing
+        os.rmdir(tmp_path / "in")
+        assert index([varied(tmp_path / "in" / "late.wav", 1.0, seed=8)], db, spread).exit_code == 0
+        os.unlink(tmp_path / "in" / "late.wav")
+        os.rmdir(tmp_path / "in")
+        assert index(paths, db, spread, "--prune").exit_code == 0 and sorted(stored(db)) == [str(kept)]
+        os.mkdir(tmp_path / "in")
+
+
+def _tree_bytes(db) -> dict:
+    return {os.path.relpath(os.path.join(folder, name), db): hashlib.sha256(open(os.path.join(folder, name), "rb")
+                                                                            .read()).hexdigest()
+            for folder, _, names in os.walk(db) for name in names}
+
+
+def test_s8_6_a_shard_of_another_model_is_refused_and_a_stuck_one_is_named(spread, tiny_checkpoint, tmp_path):
+    """A ``--shard`` run checked only the index and its own part: a part made with another model was accepted
+    (exit 0), and from then on every search and index run refused the index without naming the part. Now the
+    run is refused before it writes, naming the part that holds the other identity; an index made stuck by an
+    older version names that part, and says to delete it."""
+    files = archive(tmp_path / "in", 3)
+    db = tmp_path / "db"
+    assert index([tmp_path / "in"], db, spread, "--shard", "1/2").exit_code == 0
+    before = _tree_bytes(db)
+    result = index([tmp_path / "in"], db, tiny_checkpoint[0], "--shard", "2/2")
+    assert result.exit_code == 2 and _tree_bytes(db) == before, result.output
+    error, hint = result.stderr.splitlines()
+    assert error.startswith(f"Error: --db: {db / 'shards' / '1-of-2.sqlite'} was made with ") and "delete" in hint
+    assert index([tmp_path / "in"], tmp_path / "other", tiny_checkpoint[0], "--shard", "2/2").exit_code == 0
+    os.replace(tmp_path / "other" / "shards" / "2-of-2.sqlite", db / "shards" / "2-of-2.sqlite")  # stuck
+    before = _tree_bytes(db)
+    for result in (ast("search", db, files[0]), index([tmp_path / "in"], db, spread)):
+        assert result.exit_code == 2 and _tree_bytes(db) == before, result.output
+        error, hint = result.stderr.splitlines()
+        assert f"{db / 'shards' / '2-of-2.sqlite'} was made with " in error and "delete that file" in hint
+    os.unlink(db / "shards" / "2-of-2.sqlite")  # the way out the hint gives
+    assert index([tmp_path / "in"], db, spread).exit_code == 0 and ast("search", db, files[0]).exit_code == 0
+    assert sorted(stored(db)) == sorted(map(str, files))
+
+
+def test_s8_16_a_file_added_between_shard_runs_shifts_no_other_file(spread, tmp_path):
+    """``rec8/{b,c,d,e}.wav``: ``--shard 1/2``, then ``a.wav`` added, then ``--shard 2/2``: c and e were in no
+    shard (the positions moved) and never indexed, both runs reporting success. Every file that was there for
+    both runs is now in exactly one part; the new one is in the part its own path picks."""
+    from ast_cli.tasks.distributed import shard_of
+
+    files = [varied(tmp_path / "rec8" / f"{name}.wav", 1.0, seed=i) for i, name in enumerate("bcde")]
+    assert index([tmp_path / "rec8"], tmp_path / "db", spread, "--shard", "1/2").exit_code == 0
+    added = varied(tmp_path / "rec8" / "a.wav", 1.0, seed=7)
+    assert index([tmp_path / "rec8"], tmp_path / "db", spread, "--shard", "2/2").exit_code == 0
+    parts = [{f.path for f in vectordb.read_files(str(tmp_path / "db" / "shards" / f"{k}-of-2.sqlite"))}
+             for k in (1, 2)]
+    assert not parts[0] & parts[1]
+    assert parts[0] | parts[1] == set(map(str, files)) | ({str(added)} if shard_of(str(added), 2) == 2 else set())
+    assert index([tmp_path / "rec8"], tmp_path / "db", spread).exit_code == 0  # a run without --shard: the rest
+    assert sorted(stored(tmp_path / "db")) == sorted(map(str, [added, *files]))

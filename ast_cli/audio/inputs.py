@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 import stat
@@ -125,6 +126,49 @@ def expand_inputs(
         else:
             handle(arg)
     return out
+
+
+def named_by(path: str, arguments: Iterable[str]) -> bool:
+    """Whether one of the command-line ``arguments`` (files, folders, glob patterns; ``-``, a list on stdin, names
+    nothing in advance) names ``path``, whether or not either exists now: the path itself, one below a named
+    folder, or a pattern's match or one below it. As ``glob`` matches: ``*``, ``?`` and ``[...]`` within one path
+    component (never across a ``/``), ``**`` any number of components, a hidden name only where the pattern's
+    component starts with a dot."""
+    parts = _components(path)
+    for argument in arguments:
+        pattern = _components(argument) if argument != "-" else None
+        if pattern is not None and (parts[: len(pattern)] == pattern or
+                                    (bool(GLOB_CHARS & set(argument)) and _glob_prefix(parts, pattern))):
+            return True
+    return False
+
+
+def gone(path: str) -> bool:
+    """Whether nothing is at ``path`` any more (a folder on the way that cannot be read now: not gone)."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _components(path: str) -> list[str]:
+    return [part for part in os.path.abspath(path).split(os.sep) if part]
+
+
+def _glob_prefix(parts: list[str], pattern: list[str]) -> bool:
+    """Whether the first of ``parts`` (path components) match the glob ``pattern``'s components, all of them."""
+    if not pattern:
+        return True
+    if pattern[0] == "**":  # none of the components, or one more (not a hidden one)
+        return _glob_prefix(parts, pattern[1:]) or (
+            bool(parts) and not parts[0].startswith(".") and _glob_prefix(parts[1:], pattern))
+    if not parts or not fnmatch.fnmatchcase(parts[0], pattern[0]):
+        return False
+    hidden = parts[0].startswith(".") and not pattern[0].startswith(".") and bool(GLOB_CHARS & set(pattern[0]))
+    return not hidden and _glob_prefix(parts[1:], pattern[1:])
 
 
 def mirrored_path(item: InputFile, out_dir: str, suffix: str) -> str:

@@ -126,7 +126,7 @@ listen_run_options = _bundle("run", [(name, LISTEN_HOP if name == "hop" else ann
 
 Engine = _choices("Engine", "local ray", "Where a batch runs.")
 DISTRIBUTED_OPTIONS: list[tuple[str, object, object]] = [
-    ("shard", Annotated[Optional[str], typer.Option(metavar="K/N", help="Only shard K of N of the expanded, sorted inputs (for job arrays; the shards together are every file once).")], None),
+    ("shard", Annotated[Optional[str], typer.Option(metavar="K/N", help="Only shard K of N of the inputs, by a hash of each path (for job arrays; the shards together are every file once).")], None),
     ("engine", Annotated[Engine, typer.Option(help="local (this process) or ray (a Ray cluster; pip install 'ast-cli[ray]').")], Engine.local),
     ("ray_address", Annotated[Optional[str], typer.Option("--ray-address", metavar="ADDR", help="Ray cluster to join: auto, or host:port (default: RAY_ADDRESS, else a local Ray).")], None),
     ("ray_workers", Annotated[Optional[int], typer.Option("--ray-workers", min=1, metavar="N", help="Ray actors, each with the model loaded once (default: as many as the cluster's CPUs, and GPUs with --gpus-per-worker, hold).")], None),
@@ -322,12 +322,6 @@ def stderr_console():
     return console(stderr=True, highlight=False, soft_wrap=True, emoji=False)  # a name's ":x:" stays as it is
 
 
-def stdout_console():
-    from ..run.files import console
-
-    return console(highlight=False, soft_wrap=False, emoji=False)
-
-
 def report_failure(console, name: str, error: str) -> None:
     """The one stderr line of a file that failed."""
     from ._errors import say
@@ -336,7 +330,7 @@ def report_failure(console, name: str, error: str) -> None:
 
 
 __all__ = ["DEFAULT_MODEL", "ModelOpt", "PathsArg", "ExtOpt", "QuietOpt", "DebugOpt", "OfflineOpt", "CacheDirOpt",
-           "run_options", "stderr_console", "stdout_console", "report_failure"]
+           "run_options", "stderr_console", "report_failure"]
 
 
 def warn_if_slow_bf16(dtypes, device: str, console) -> None:

@@ -56,10 +56,11 @@ def extract_features_command(
         from ..tasks.distributed import take_shard
 
         cluster = checked_distributed(dist, run)
-        items = take_shard(expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths)), cluster.shard)
-        refuse_piped_audio_on_ray(items, cluster)
-        if not items:
+        found = expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths))
+        if not found:  # a shard may be empty: its run has nothing to do
             raise UsageError("no audio files found in the given paths", hint="check --ext, or name files directly")
+        items = take_shard(found, cluster.shard)
+        refuse_piped_audio_on_ray(items, cluster)
         settings = None if overwrite else Settings.of(kind.value, model, run)
         jobs = plan_outputs(items, out, format.value, settings)  # collisions, other settings: fail before any work
         todo = sum(1 for job in jobs if overwrite or not job.exists)

@@ -61,25 +61,28 @@ def index_command(
         from ..checkpoint.heads import read_heads
         from ..run.vectordb import require_ann_backend
         from ..tasks.distributed import take_shard
+        from ..tasks.index import check_stores, file_key
 
         require_ann_backend()
         run.validate()
         cluster = checked_distributed(dist, run)
         if prune and cluster.shard is not None:
             raise UsageError("--prune needs every file: it goes without --shard", option="prune")
-        items = take_shard(expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths)), cluster.shard)
-        refuse_piped_audio_on_ray(items, cluster)
+        found = expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths))
+        items = take_shard(found, cluster.shard, key=lambda item: file_key(item.path))  # as the index names it
+        refuse_piped_audio_on_ray(found, cluster)
         heads = read_heads(head or ())  # a missing folder or not a head: before anything else
         if heads and cluster.ray:
             raise UsageError("heads run in this process, not on a Ray cluster", option="heads")
-        if any(getattr(item, "source", None) is not None for item in items):
+        if any(getattr(item, "source", None) is not None for item in found):
             raise UsageError("audio on stdin has no path to store: index files", option="paths")
-        if not items:
-            raise UsageError("no audio files found in the given paths", hint="check --ext, or name files directly")
         if os.path.exists(db) and not os.path.isdir(db):
             raise UsageError(f"{db} exists and is not a directory", option="db")
+        plan = _plan(items, paths if prune else (), db, cluster.shard)  # read only
+        if not found and not plan.gone:  # --prune of a folder whose files were all deleted: they are pruned
+            raise UsageError("no audio files found in the given paths", hint="check --ext, or name files directly")
         identity, path = _identity(model, run, cluster, stderr, quiet)
-        plan = _plan(items, paths, db, identity, cluster.shard)  # another model: refused before any write
+        check_stores(db, identity)  # the index or any part made otherwise: refused before any write
         # the model loads here; a head trained on another base is refused
         records = _records(plan.todo, path, model, run, cluster, stderr, quiet, heads)
         store = _writable(db, identity, cluster.shard, heads, stderr)
@@ -110,22 +113,17 @@ def _identity(model: str, run: RunOptions, cluster, stderr, quiet: bool) -> tupl
                        settings.hop(features.window_seconds), compute_name(run, cluster)), str(path)
 
 
-def _plan(items, arguments: list[str], db: str, identity: dict, shard):
-    """What is to do, from what the index, its shards and this run's part hold (read only), once each of them
-    is known to be made with this model and settings."""
+def _plan(items, prune_below, db: str, shard):
+    """What is to do, from what the index and its shards (or this run's part) hold, read only."""
     import os
 
-    from ..run.vectordb import SQLITE_NAME, check_identity, read_files, read_identity, shard_paths
+    from ..run.vectordb import SQLITE_NAME, read_files, shard_paths
     from ..tasks.index import plan_index, shard_file
 
     stores = [os.path.join(db, SQLITE_NAME)]
     stores += [os.path.join(db, shard_file(shard))] if shard is not None else shard_paths(db)
-    for path in stores:
-        stored = read_identity(path)
-        if stored is not None:
-            check_identity(stored, identity, db)
     known = [record for path in stores for record in read_files(path)]  # later ones win
-    return plan_index(items, known, arguments)
+    return plan_index(items, known, prune_below)
 
 
 def _writable(db: str, identity: dict, shard, heads, stderr):

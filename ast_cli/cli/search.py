@@ -27,7 +27,7 @@ def search(
     exclude_file: Annotated[bool, typer.Option("--exclude-file", help="Leave out windows of the query's own file.")] = False,
     min_score: Annotated[Optional[float], typer.Option(min=-1.0, max=1.0, metavar="X", help="Only windows with score >= X (cosine, -1 to 1; a head's probability, 0 to 1).")] = None,
     format: Annotated[SearchFormat, typer.Option("--format", "-f", help="table, jsonl, csv (with an empty label column to fill for ast train --features-db) or audacity labels.")] = SearchFormat.table,
-    output_dir: Annotated[Optional[str], typer.Option("--output-dir", metavar="DIR", help="--format audacity: one label track per file with hits, DIR/<name>.labels.txt (replaced).")] = None,
+    output_dir: Annotated[Optional[str], typer.Option("--output-dir", metavar="DIR", help="--format audacity: one label track per file with hits, DIR/<name>.labels.txt (replaced; files in several folders: their tree below the common one).")] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Find the indexed windows most like an example: results are windows (path, start, end, cosine score),
@@ -60,6 +60,10 @@ def search(
         if output_dir is not None and format is not SearchFormat.audacity:
             raise UsageError("writes Audacity label tracks: it goes with --format audacity",
                              option="output_dir")
+        if output_dir is not None:  # a folder that cannot take the tracks: before the model loads
+            from ..run.output import plan_output_dir
+
+            plan_output_dir(output_dir, "audacity", [], overwrite=True)
         with Index.open(db) as index:
             found = index.head_of(label, head) if label is not None else None
             if found is not None:
@@ -91,6 +95,8 @@ def _note_unscored(index, head: str, stderr) -> None:
 def _label_tracks(hits, output_dir: str, text: str) -> None:
     """One Audacity label track per file with hits (the writers ``classify --output-dir`` uses), each hit a
     label ``text (score)``."""
+    import os
+
     from ..audio.inputs import InputFile
     from ..run.output import plan_output_dir
     from ..run.tagger import FileResult, LabelScore, Segment
@@ -98,7 +104,11 @@ def _label_tracks(hits, output_dir: str, text: str) -> None:
     by_file: dict[str, list] = {}
     for hit in hits:
         by_file.setdefault(hit.path, []).append(Segment(hit.start, hit.end, [LabelScore(text, 0, hit.score)]))
-    target, _ = plan_output_dir(output_dir, "audacity", [InputFile(path) for path in by_file], overwrite=True)
+    # below the hits' common folder, as classify mirrors a folder it was given: two files of one name in
+    # different folders (day1/0001.wav, day2/0001.wav) each get their own track
+    root = os.path.commonpath([os.path.dirname(path) for path in by_file]) if len(by_file) > 1 else None
+    target, _ = plan_output_dir(output_dir, "audacity", [InputFile(path, root=root) for path in by_file],
+                                overwrite=True)
     writer = target.open(segments=True)
     for path, segments in by_file.items():
         writer.write(FileResult(path, None, [], segments=sorted(segments, key=lambda s: s.start)))
@@ -126,13 +136,19 @@ def _print(hits, format) -> None:
 
 
 def _table(hits) -> None:
-    from rich.table import Table
+    """One line per hit. A path is text, never rich markup (``[red]take 1.wav``); in a terminal a long one folds,
+    piped it is never cut (the width is then what the longest line needs)."""
+    import sys
 
-    from ._common import stdout_console
+    from rich.table import Table
+    from rich.text import Text
+
+    from ..run.files import console
 
     table = Table(box=None, pad_edge=False)
     for column, justify in (("score", "right"), ("start", "right"), ("end", "right"), ("path", "left")):
-        table.add_column(column, justify=justify)
+        table.add_column(column, justify=justify, overflow="fold")
     for hit in hits:
-        table.add_row(f"{hit.score:.4f}", f"{hit.start:.2f}", f"{hit.end:.2f}", hit.path)
-    stdout_console().print(table)
+        table.add_row(f"{hit.score:.4f}", f"{hit.start:.2f}", f"{hit.end:.2f}", Text(hit.path))
+    width = None if sys.stdout.isatty() else 30 + max([len(hit.path) for hit in hits] + [50])
+    console(highlight=False, soft_wrap=False, emoji=False, width=width).print(table)

@@ -19,7 +19,7 @@ import functools
 import signal
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from ..errors import UsageError
 
@@ -37,13 +37,24 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return int(k), int(n)
 
 
-def take_shard(items: list, shard: tuple[int, int] | None) -> list:
-    """Shard K of N of the expanded, sorted input list: items K-1, K-1+N, K-1+2N, ... (every item in exactly
-    one shard, and shards balanced within one item)."""
+def take_shard(items: list, shard: tuple[int, int] | None,
+               key: Callable[[Any], str] = lambda item: item.path) -> list:
+    """The items of shard K of N, in order: those whose ``key`` (the path the run records) hashes to K. Every
+    item is in exactly one shard, and a file added or removed between the shards' runs moves no other one
+    (a position in the sorted list would shift them: some files in no shard, some in two); balanced on average."""
     if shard is None:
         return items
     k, n = shard
-    return items[k - 1 :: n]
+    return [item for item in items if shard_of(key(item), n) == k]
+
+
+def shard_of(name: str, count: int) -> int:
+    """1 to ``count``: the shard of the file named ``name``, from its sha256 (the same on every machine and
+    Python, unlike ``hash``)."""
+    import hashlib
+
+    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") % count + 1
 
 
 def require_ray() -> None:

@@ -75,7 +75,7 @@ def _stat(path: str) -> tuple[int | None, int | None]:
 @dataclass
 class Plan:
     """What a run does: ``todo`` (new, changed or failed before), how many are ``unchanged``, and the stored
-    files that the given paths no longer hold (``gone``: dropped with ``--prune``)."""
+    files that are gone (``gone``: dropped by a ``--prune`` run)."""
 
     todo: list = field(default_factory=list)
     unchanged: int = 0
@@ -83,33 +83,51 @@ class Plan:
     pruned: int = 0
 
 
-def covered(path: str, arguments: Iterable[str]) -> bool:
-    """Whether a stored ``path`` is one the command-line ``arguments`` name: the file itself, a file below a
-    named folder, or a match of a glob pattern (``-``, a list on stdin, names nothing in advance)."""
-    import fnmatch
+def plan_index(items: list[InputFile], stored: Iterable[FileRecord], prune_below: Iterable[str] = ()) -> Plan:
+    """Compare the inputs with what is stored (size and mtime decide; a stored error is retried). ``prune_below``
+    (a ``--prune`` run's arguments, as given): ``gone`` holds the stored files they name that no longer exist, and
+    an input that names such files but is itself gone (a deleted file or folder, a pattern that matches nothing
+    now) is not tried again: its files are pruned instead."""
+    from ..audio.inputs import gone, named_by
 
-    for argument in arguments:
-        root = os.path.abspath(argument) if argument != "-" else None
-        if root and (path == root or path.startswith(root.rstrip(os.sep) + os.sep) or fnmatch.fnmatchcase(path, root)):
-            return True
-    return False
-
-
-def plan_index(items: list[InputFile], stored: Iterable[FileRecord], arguments: Iterable[str] = ()) -> Plan:
-    """Compare the inputs with what is stored (size and mtime decide; a stored error is retried). ``gone``: the
-    stored files under ``arguments`` (the paths as given) that the inputs no longer hold."""
     known = {record.path: record for record in stored}
-    plan = Plan()
-    for item in items:
+    plan, prune_below, dropped = Plan(), list(prune_below), set()
+    if prune_below:
+        missing = sorted({item.path for item in items if item.error is not None and gone(item.path)})
+        plan.gone = sorted(path for path in known if named_by(path, prune_below + missing) and gone(path))
+        dropped = {name for name in missing if any(named_by(path, [name]) for path in plan.gone)}
+    for item in (item for item in items if item.path not in dropped):
         record = known.get(file_key(item.path))
         if record is not None and record.error is None and item.error is None and \
                 (record.size, record.mtime_ns) == _stat(item.path):
             plan.unchanged += 1
         else:
             plan.todo.append(item)
-    found = {file_key(item.path) for item in items}
-    plan.gone = sorted(path for path in known if path not in found and covered(path, arguments))
     return plan
+
+
+def check_stores(db: str, identity: dict | None = None) -> None:
+    """A UsageError, read only and before anything is written, when a store in ``db`` (the index, or a part a
+    ``--shard`` run wrote) was made with another model or settings than ``identity`` (this run's) or, without
+    it, than the others. A part is named: an index never takes parts it cannot merge, and one that holds such a
+    part (an older version let it in) says which file it is."""
+    from ..run.vectordb import check_identity, read_identity, shard_paths
+
+    index, run = os.path.join(db, SQLITE_NAME), identity is not None
+    for path in [index, *shard_paths(db)]:
+        stored = read_identity(path)
+        if stored is None or identity is None:
+            identity = identity or stored
+            continue
+        if path == index:
+            check_identity(stored, identity, db)
+            continue
+        try:
+            check_identity(stored, identity, path)
+        except UsageError as exc:
+            raise UsageError(str(exc), option="db", hint="every part of an index is made with the same model and "
+                             "settings: " + ("give those, or delete that file" if run else "delete that file") +
+                             " (the files it holds are then indexed again)") from None
 
 
 def to_record(item: InputFile, out: FileOutput, identity: tuple[int | None, int | None]) -> FileRecord:
@@ -250,6 +268,7 @@ class Index:
         if not os.path.isfile(os.path.join(db, SQLITE_NAME)) and not os.path.isdir(os.path.join(db, SHARDS_DIR)):
             raise UsageError(f"{db} is not an index (no {SQLITE_NAME} in it)", option="db",
                              hint="ast index PATH... --db DIR builds one")
+        check_stores(db)  # parts that cannot be merged: refused before anything is written
         store = VectorStore.open(db)
         store.merge_shards()
         return cls(store)
@@ -446,5 +465,5 @@ class Index:
         return direction - direction.mean()
 
 
-__all__ = ["Index", "Plan", "covered", "embed_files", "file_key", "head_entry", "identity_of", "plan_index",
+__all__ = ["Index", "Plan", "check_stores", "embed_files", "file_key", "head_entry", "identity_of", "plan_index",
            "score_heads", "score_stored", "shard_file", "stored_embeddings", "to_record"]
