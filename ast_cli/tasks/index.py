@@ -37,18 +37,13 @@ def shard_file(shard: tuple[int, int] | None) -> str:
 
 def weights_digest(path: str) -> str:
     """sha256 of a local checkpoint's weights file (``path``: the file, or a folder holding it)."""
-    import hashlib
-
     from ..checkpoint.weights import PICKLE_NAME, SAFETENSORS_NAME
+    from .calibrate import file_sha256
 
     if os.path.isdir(path):
         path = next((os.path.join(path, name) for name in (SAFETENSORS_NAME, PICKLE_NAME)
                      if os.path.isfile(os.path.join(path, name))), path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def identity_of(model: str, path: str, local: bool, config, features, hop_seconds: float, compute: str) -> dict:
@@ -223,25 +218,6 @@ def stored_embeddings(db: str, examples: Iterable) -> Iterator[tuple[str | None,
             yield (None, vectors, None) if len(vectors) else (f"no window{where} in the index {db}", None, None)
 
 
-def _read_span(path: str, begin: int, end: int) -> np.ndarray:
-    """Samples ``begin`` to ``end`` (16 kHz mono) of an audio file, read block by block: memory stays bounded
-    however long the file."""
-    from ..audio.decode import AudioReader
-    from ..errors import AudioDecodeError
-
-    pieces, offset = [], 0
-    try:
-        for block in AudioReader(path).blocks():
-            if offset + block.shape[0] > begin:
-                pieces.append(block[max(0, begin - offset) : end - offset])
-            offset += block.shape[0]
-            if offset >= end:
-                break
-    except AudioDecodeError as exc:  # the reason alone would not say which file
-        raise AudioDecodeError(f"{path}: {exc}", needs_ffmpeg=exc.needs_ffmpeg) from None
-    return np.concatenate(pieces) if pieces else np.empty(0, np.float32)
-
-
 def _column(labels: list[str], label: str) -> int | None:
     """Where ``label`` is in a head's ``labels``: that name exactly, else the one name that differs only in case
     (a head may have both "Bird" and "bird": then the case given picks)."""
@@ -363,6 +339,7 @@ class Index:
     def embed_query(self, path: str, start: float = 0.0, end: float | None = None) -> np.ndarray:
         """(D,) embedding of one window of ``path``: from ``start`` to ``end`` (default: one model window),
         cut on the 10 ms frame grid so that a window the index holds embeds exactly as stored."""
+        from ..audio.decode import read_span
         from ..constants import FRAME_SECONDS
 
         if not start >= 0:  # a negative sample offset would slice from the end of the first block
@@ -373,7 +350,7 @@ class Index:
         window = int(self.identity["features"]["max_length"]) * 160
         length = min(window, int(round((end - start) * 16000))) if end is not None else window
         # + the last frame's overlap (400-sample frames, 160 apart); an unreadable query fails before the model loads
-        piece = _read_span(path, first, first + max(0, length) + 240) if length > 0 else np.empty(0, np.float32)
+        piece = read_span(path, first, first + max(0, length) + 240) if length > 0 else np.empty(0, np.float32)
         if piece.shape[0] == 0:
             raise UsageError(f"{path} has no audio from {start:g} s" + (f" to {end:g} s" if end is not None else ""),
                              option="start")
