@@ -483,3 +483,18 @@ def test_28_no_base_head_with_calibrated_thresholds_needs_a_heads_own(setup, tmp
     result = runner.invoke(app, [*args, "--thresholds", str(model / "thresholds.json")])
     assert result.exit_code == 2 and "--no-base-head leaves out" in result.stderr, result.output
     assert not (tmp_path / "tags.jsonl").exists()
+
+
+def test_s8_13_a_head_json_base_not_an_object_names_the_file_and_an_int_eps_is_a_number(setup, tmp_path):
+    """s8 #13: ``"base": "x"`` gave "unexpected error: AttributeError" (exit 1); ``"layer_norm_eps": 1`` was
+    refused as "must be a number above 0"."""
+    for i, (changes, message) in enumerate([({"base": "x"}, "base must name its model and backbone_sha256"),
+                                            ({"layer_norm_eps": 10 ** 400}, "layer_norm_eps must be a number above 0"),
+                                            ({"layer_norm_eps": True}, "layer_norm_eps must be a number above 0")]):
+        head = copy_head(setup, tmp_path / f"h{i}", **changes)
+        result = runner.invoke(app, ["classify", setup["clips"][0], "--model", str(setup["base"]), "--head", str(head)])
+        assert result.exit_code == 2 and result.stderr.splitlines()[0] == f"Error: {head / 'head.json'}: {message}"
+    heads = [copy_head(setup, tmp_path / name, layer_norm_eps=eps) for name, eps in (("int", 1), ("float", 1.0))]
+    scores = [[(x["label"], x["score"]) for x in classify(setup["clips"][0], "--model", str(setup["base"]), "--head",
+                                                          str(head), "--no-base-head")[0]["labels"]] for head in heads]
+    assert scores[0] == scores[1] and len(scores[0]) == 3

@@ -573,6 +573,64 @@ def test_28_search_refuses_a_query_window_before_the_audio_or_ending_before_it_s
             assert refused.value.option == option
 
 
+def test_s8_2_search_refuses_changed_weights_at_the_model_path(spread, tiny_checkpoint, tmp_path, monkeypatch):
+    """s8 #2: search (a query, ``--label``) and ``train --features-db`` loaded whatever weights were now at the
+    index's model path (e.g. after ``ast train --out mine/ --overwrite``): wrong scores, and a head bound to the
+    new backbone although trained on the old one's embeddings. They are refused, before any model loads."""
+    import shutil
+
+    from ast_cli.run.tagger import Tagger
+
+    mine = tmp_path / "mine"
+    shutil.copytree(spread, mine)
+    files = archive(tmp_path / "in", 2)
+    assert index([tmp_path / "in"], tmp_path / "db", mine).exit_code == 0
+    assert ast("search", tmp_path / "db", files[0], "-f", "csv").exit_code == 0
+    (tmp_path / "hits.csv").write_text("path,start,end,score,label\n" + "".join(
+        f"{f},{s},0,1,{'door' if s else '-'}\n" for f in files for s in (0.0, 0.64)))
+    original = (mine / "model.safetensors").read_bytes()
+    shutil.copy(tiny_checkpoint[0] / "model.safetensors", mine / "model.safetensors")  # same shapes, other weights
+    monkeypatch.setattr(Tagger, "load", lambda *a, **k: pytest.fail("the model loaded"))
+    line = f"Error: {tmp_path / 'db'} was made with the model at {mine}, whose weights changed since"
+    for args in ([files[0]], ["--label", "speech"]):
+        result = ast("search", tmp_path / "db", *args, "-f", "csv")
+        assert result.exit_code == 2 and result.stdout == "", result.output
+        assert result.stderr.splitlines()[0] == line and result.stderr.splitlines()[1].startswith("Hint: ")
+    trained = ast("train", tmp_path / "hits.csv", "--features-db", tmp_path / "db", "--out", tmp_path / "det",
+                  "--quiet", "--device", "cpu")
+    assert trained.exit_code == 2 and line in trained.stderr.splitlines() and not (tmp_path / "det").exists()
+    (mine / "model.safetensors").write_bytes(original)
+    pre = json.loads((mine / "preprocessor_config.json").read_text())
+    (mine / "preprocessor_config.json").write_text(json.dumps({**pre, "mean": pre["mean"] + 1}))
+    result = ast("search", tmp_path / "db", "--label", "speech")
+    assert result.exit_code == 2 and "whose input format changed since" in result.stderr.splitlines()[0]
+    (mine / "preprocessor_config.json").write_text(json.dumps(pre))
+    assert ast("search", tmp_path / "db", "--label", "speech").exit_code == 0  # the same model again: searched
+
+
+def test_s8_7_train_features_db_records_the_index_model_and_refuses_another_model(spread, tiny_checkpoint, tmp_path):
+    """s8 #7: ``train --features-db`` recorded the default hub model as the head's base (and named it in hints),
+    and trained on the index's embeddings whatever ``--model`` said."""
+    import shutil
+
+    mine = tmp_path / "mine"
+    shutil.copytree(spread, mine)
+    files = archive(tmp_path / "in", 2)
+    assert index([tmp_path / "in"], tmp_path / "db", mine).exit_code == 0
+    (tmp_path / "hits.csv").write_text("path,start,end,score,label\n" + "".join(
+        f"{f},{s},0,1,{'door' if s else '-'}\n" for f in files for s in (0.0, 0.64)))
+    train = ("train", tmp_path / "hits.csv", "--features-db", tmp_path / "db", "--quiet", "--epochs", "2")
+    other = ast(*train, "--out", tmp_path / "no", "--model", tiny_checkpoint[0])
+    assert other.exit_code == 2 and not (tmp_path / "no").exists(), other.output
+    assert other.stderr.splitlines() == [
+        f"Error: --model: {tiny_checkpoint[0]} is not the model {tmp_path / 'db'} was made with ({mine}), which is "
+        "the base", "Hint: drop --model"]
+    for out, extra in (("det", ()), ("det2", ("--model", mine))):
+        assert ast(*train, "--out", tmp_path / out, *extra).exit_code == 0
+        base = json.loads((tmp_path / out / "head.json").read_text())["base"]
+        assert base["model"] == str(mine)
+
+
 def test_s8_1_prune_keeps_files_that_still_exist(spread, tmp_path):
     """A pattern's ``*`` matched across ``/`` and ``--ext`` narrowed what the run "still held": ``--prune`` dropped
     files below the pattern's folder, every .wav of an ``--ext flac`` run, and a hidden file indexed by naming it,

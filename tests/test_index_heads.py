@@ -409,3 +409,22 @@ def test_26_3_search_embeds_queries_in_the_mode_index_fast_head_chose(setup, tmp
     with Index.open(str(db)) as stored:
         stored.search(clips[0], top=1)
         assert (calls, stored.fast_choice.mode) == ([1, 0], "bf16")  # without it: its own choice
+
+
+def test_s8_12_search_label_prefers_the_exact_case_whether_a_heads_or_the_models_own(setup, tmp_path):
+    """s8 #12: with a head that has ``noise``, ``--label Noise`` searched the head's ``noise`` (case-folded) and
+    the model's own ``Noise`` could not be reached. The same name wins; case-folding only when nothing has it."""
+    root, clips = setup["root"], setup["clips"]
+    db = tmp_path / "db"
+    assert index(clips, db, setup["base"], "--head", root / "pitch").exit_code == 0
+    with Index.open(str(db)) as stored:
+        column = stored.heads()["pitch"]["labels"].index("noise")
+        assert stored.head_of("noise") == stored.head_of("NOISE") == ("pitch", column)
+        assert stored.head_of("Noise") is None and stored.head_of("Noise", "pitch") == ("pitch", column)
+        model = [hit.score for hit in stored.search(stored.label_vector("Noise"), 2)]
+    head = sorted((s["pitch"]["noise"] for s in window_scores(db).values()), reverse=True)[:2]
+    for label, want in (("Noise", model), ("noise", head), ("NOISE", head)):
+        result = ast("search", db, "--label", label, "-f", "jsonl", "--top", "2")
+        assert result.exit_code == 0, result.stderr
+        assert [json.loads(line)["score"] for line in result.stdout.splitlines()] == pytest.approx(want, abs=1e-6)
+    assert model != pytest.approx(head, abs=1e-3)  # the two are told apart

@@ -162,3 +162,24 @@ def test_26_13_in_place_steps_without_autograd_change_no_bit():
         with torch.inference_mode():
             fast, features = model(x), model.forward_features(x)
         assert torch.equal(fast, model(x).detach()) and torch.equal(features, model.forward_features(x).detach())
+
+
+def test_s8_an_astmodel_save_pretrained_encoder_loads_and_pools_as_transformers(tmp_path):
+    """s8, outside the area: an encoder saved by transformers' ``ASTModel.save_pretrained`` (keys without the
+    ``audio_spectrogram_transformer.`` prefix) was refused as "does not fit the AST architecture"."""
+    from transformers import ASTConfig as HFConfig, ASTModel
+
+    from conftest import TINY
+
+    torch.manual_seed(2)
+    encoder = ASTModel(HFConfig(**TINY)).eval()
+    encoder.save_pretrained(tmp_path / "encoder")
+    inputs = torch.randn(2, TINY["max_length"], TINY["num_mel_bins"])
+    with torch.inference_mode():
+        expected = encoder(inputs).pooler_output
+    for path in (tmp_path / "encoder", tmp_path / "encoder" / "model.safetensors"):  # the folder, the weights file
+        checkpoint = load_checkpoint(path)
+        model = build_model(checkpoint)
+        assert model.classifier is None and checkpoint.config.id2label == ()
+        with torch.inference_mode():
+            torch.testing.assert_close(model.forward_features(inputs), expected, atol=TOLERANCE, rtol=0)

@@ -576,3 +576,71 @@ def test_28_features_db_refusals_name_features_db_once(tmp_path):
         assert result.exit_code == 2
         assert [x for x in result.stderr.splitlines() if x.startswith(("Error:", "Hint:"))][:len(lines)] == lines
     assert not (tmp_path / "out").exists()
+
+
+def test_s8_9_a_windowed_csv_is_refused_without_features_db(tiny_checkpoint, small, tmp_path, monkeypatch):
+    """s8 #9: without --features-db, ``ast search -f csv`` rows (one window each) were trained and evaluated as
+    their whole files, a file under several labels at once. Refused before the model loads; a csv whose start and
+    end columns are empty is whole files, as before."""
+    import ast_cli.cli.train as cli_train
+
+    files = sorted(small.rglob("*.wav"))
+    windows = tmp_path / "hits.csv"
+    windows.write_text("path,start,end,score,label\n" + "".join(
+        f"{f},{s},{s + 0.64},0.9,{f.parent.name if s else '-'}\n" for f in files for s in (0.0, 0.64)))
+    whole = tmp_path / "whole.csv"
+    whole.write_text("path,start,end,labels\n" + "".join(f"{f},,,{f.parent.name}\n" for f in files))
+    (tmp_path / "mixed.csv").write_text(f"path,labels,start\n{files[0]},high,\n{files[3]},low,0.64\n{files[1]},low,\n")
+    monkeypatch.setattr(cli_train, "load_tagger", lambda *a, **k: pytest.fail("the model loaded"))
+    for data in (windows, tmp_path / "mixed.csv"):
+        count = 1 if data.name == "mixed.csv" else 12
+        message = f"{data} lists windows ({count} rows with a start), which would be taken as whole files"
+        trained = tiny_train(data, tmp_path / "out", tiny_checkpoint[0])
+        assert trained.exit_code == 2 and not (tmp_path / "out").exists()
+        assert trained.stderr.splitlines() == [f"Error: DATA: {message}",
+                                               "Hint: train on the index they came from: add --features-db DB"]
+        evaluated = runner.invoke(app, ["evaluate", str(tiny_checkpoint[0]), str(data)])
+        assert evaluated.exit_code == 2 and evaluated.stderr.splitlines()[0] == f"Error: DATA: {message}"
+    val = tiny_train(whole, tmp_path / "out", tiny_checkpoint[0], "--val", str(windows))
+    assert val.exit_code == 2 and val.stderr.startswith("Error: --val: ")
+    monkeypatch.undo()
+    assert tiny_train(whole, tmp_path / "out", tiny_checkpoint[0]).exit_code == 0
+
+
+def test_s8_10_labels_a_head_would_refuse_are_refused_before_the_model_loads(tiny_checkpoint, small, tmp_path,
+                                                                            monkeypatch):
+    """s8 #10: a class folder or a CSV label with a tab trained (exit 0), then ``--head`` refused the result:
+    "labels must be a list of 1 to 100000 printable names". heads.py's rule is now checked on the data."""
+    import shutil
+
+    import ast_cli.cli.train as cli_train
+
+    odd = tmp_path / "odd"
+    shutil.copytree(small / "low", odd / "lo\tw")
+    shutil.copytree(small / "high", odd / "high")
+    table = tmp_path / "tab.csv"
+    tab = "lo\tw"
+    rows = [f'{f},"{tab if f.parent.name == "low" else "high"};x"' for f in sorted(small.rglob("*.wav"))]
+    table.write_text("path,labels\n" + "\n".join(rows) + "\n")
+    monkeypatch.setattr(cli_train, "fetch_model", lambda *a, **k: pytest.fail("the model loaded"))
+    for data, label in ((odd, "'lo\\tw'"), (table, "'lo\\tw'")):
+        result = tiny_train(data, tmp_path / "out", tiny_checkpoint[0])
+        assert result.exit_code == 2 and not (tmp_path / "out").exists()
+        assert result.stderr.splitlines() == [f"Error: DATA: {data}: label {label} cannot name a class: a label is "
+                                              "printable (no tab or other control character) and not blank"]
+
+
+def test_s8_18_resume_refuses_another_base_model_naming_both(tiny_checkpoint, small, tmp_path):
+    """s8 #18: ``--resume --model OTHER`` continued the old run's weights under OTHER's name and input format."""
+    out = tmp_path / "ft"
+    other = make_reference(tmp_path, "tiny-other", seed=1)[0]
+    assert tiny_train(small, out, tiny_checkpoint[0], "--mode", "finetune", "--epochs", "1").exit_code == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    refused = tiny_train(small, out, other, "--mode", "finetune", "--epochs", "2", "--resume")
+    assert refused.exit_code == 2 and refused.stderr.splitlines() == [
+        f"Error: --model: cannot resume {out}: it was trained from {tiny_checkpoint[0]}, not {other}",
+        f"Hint: use --model {tiny_checkpoint[0]}"]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    resumed = tiny_train(small, out, tiny_checkpoint[0], "--mode", "finetune", "--epochs", "2", "--resume")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 2

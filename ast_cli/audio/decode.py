@@ -282,3 +282,19 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     reader = AudioReader(path)
     blocks = list(reader.blocks())
     return (np.concatenate(blocks) if blocks else np.empty(0, dtype=np.float32)), reader.duration
+
+
+def read_span(path: str | os.PathLike, begin: int, end: int) -> np.ndarray:
+    """Samples ``begin`` to ``end`` (16 kHz mono) of an audio file, read block by block: memory stays bounded
+    however long the file."""
+    pieces, offset = [], 0
+    try:
+        for block in AudioReader(path).blocks():
+            if offset + block.shape[0] > begin:
+                pieces.append(block[max(0, begin - offset) : end - offset])
+            offset += block.shape[0]
+            if offset >= end:
+                break
+    except AudioDecodeError as exc:  # the reason alone would not say which file
+        raise AudioDecodeError(f"{path}: {exc}", needs_ffmpeg=exc.needs_ffmpeg) from None
+    return np.concatenate(pieces) if pieces else np.empty(0, np.float32)

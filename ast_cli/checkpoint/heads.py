@@ -17,8 +17,8 @@ it); two more files make it a head:
 
 from __future__ import annotations
 
-import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,13 +128,18 @@ def good_name(name) -> bool:
     return isinstance(name, str) and bool(name.strip()) and name.isprintable() and ":" not in name and len(name) <= 200
 
 
+def good_label(label) -> bool:
+    """Whether ``label`` can be one of a head's labels: a printable name, not blank (a tab or a newline would break
+    the lines and rows outputs write)."""
+    return isinstance(label, str) and bool(label.strip()) and label.isprintable()
+
+
 def _config(raw: dict) -> dict:
     """``head.json`` checked: a KeyError/TypeError/ValueError names what is wrong."""
     if raw.get("format") != FORMAT or raw.get("version") != VERSION:
         raise ValueError(f"not a version {VERSION} {FORMAT} file")
     labels, hidden, name = raw["labels"], raw["hidden_size"], raw.get("name")
-    if not isinstance(labels, list) or not 0 < len(labels) <= MAX_LABELS or not all(
-            isinstance(x, str) and x.strip() and x.isprintable() for x in labels):
+    if not isinstance(labels, list) or not 0 < len(labels) <= MAX_LABELS or not all(map(good_label, labels)):
         raise ValueError(f"labels must be a list of 1 to {MAX_LABELS} printable names")
     if len(set(labels)) < len(labels):  # thresholds, --include and search find a label by its name
         raise ValueError("labels must be distinct")
@@ -144,12 +149,14 @@ def _config(raw: dict) -> dict:
         raise ValueError(f"problem_type must be {SINGLE} or {MULTI}")
     if name is not None and not good_name(name):
         raise ValueError(f"name must be {NAME_RULE}")
-    if not all(isinstance(raw["base"].get(k), str) for k in ("model", "backbone_sha256")):
+    if not isinstance(raw["base"], dict) or not all(isinstance(raw["base"].get(k), str)
+                                                    for k in ("model", "backbone_sha256")):
         raise ValueError("base must name its model and backbone_sha256")
     eps = raw.get("layer_norm_eps", 1e-12)
-    if not isinstance(eps, float) or not (math.isfinite(eps) and eps > 0):  # NaN scored every file NaN
+    # NaN scored every file NaN; an int (1) is a number too, one too large for a float is not
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps <= sys.float_info.max:
         raise ValueError("layer_norm_eps must be a number above 0")
-    return {**raw, "labels": tuple(labels), "layer_norm_eps": raw.get("layer_norm_eps", 1e-12)}
+    return {**raw, "labels": tuple(labels), "layer_norm_eps": float(eps)}
 
 
 def _tensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict:

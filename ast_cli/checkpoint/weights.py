@@ -1,8 +1,8 @@
 """Checkpoints on disk -> a ready ``AST`` model and its ``FeatureConfig``.
 
 Accepts a directory in Hugging Face hub layout (``config.json``, ``preprocessor_config.json``,
-``model.safetensors`` or ``pytorch_model.bin``) or a single weights file (HF key names, or the original
-YuanGongND/ast ``module.v.*`` naming, remapped by ``remap_original``). Loading is strict: any missing,
+``model.safetensors`` or ``pytorch_model.bin``) or a single weights file (HF key names, a bare ``ASTModel``'s
+unprefixed ones, or the original YuanGongND/ast ``module.v.*`` naming; ``hf_names`` maps them). Loading is strict: any missing,
 unexpected or mis-shaped key is an error that names it. Pickles are only ever opened with
 ``torch.load(weights_only=True)``; safetensors is preferred.
 """
@@ -190,6 +190,20 @@ def remap_original(state_dict: Mapping[str, Any]) -> dict:
     return out
 
 
+ENCODER_PARTS = ("embeddings.", "encoder.", "layernorm.")  # transformers' ASTModel: the backbone, unprefixed
+
+
+def hf_names(state_dict: Mapping[str, Any]) -> dict:
+    """Any supported checkpoint's keys -> ``ASTForAudioClassification``'s. Pure function: the original repo's are
+    remapped (``remap_original``), a bare encoder's (``ASTModel.save_pretrained``) prefixed with ``PREFIX``;
+    anything else keeps its name, so that strict loading reports it."""
+    if is_original_layout(state_dict):
+        return remap_original(state_dict)
+    if not any(k.startswith(PREFIX) for k in state_dict):
+        return {PREFIX + k if k.startswith(ENCODER_PARTS) else k: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
 def infer_config(state_dict: Mapping[str, Any]) -> tuple[ASTConfig, FeatureConfig]:
     """Architecture of a bare weights file (no config.json), from tensor shapes.
 
@@ -241,19 +255,14 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                 f"{path} has no {SAFETENSORS_NAME} or {PICKLE_NAME}", path=str(path),
                 hint=f"a checkpoint directory holds {CONFIG_NAME}, {PREPROCESSOR_NAME} and {SAFETENSORS_NAME}",
             )
-        state_dict = read_state_dict(weights)
-        if is_original_layout(state_dict):
-            state_dict = remap_original(state_dict)
-        return Checkpoint(config, features, state_dict, str(weights))
+        return Checkpoint(config, features, hf_names(read_state_dict(weights)), str(weights))
     if not path.is_file():
         raise CheckpointError(f"no such checkpoint: {path}", path=str(path))
     if path.suffix.lower() not in WEIGHT_SUFFIXES:
         raise CheckpointError(f"{path} is not a weights file (expected one of {', '.join(WEIGHT_SUFFIXES)}, "
                               "or a checkpoint directory)", path=str(path))
     configs = read_configs(path.parent, path) if (path.parent / CONFIG_NAME).is_file() else None
-    state_dict = read_state_dict(path)
-    if is_original_layout(state_dict):
-        state_dict = remap_original(state_dict)
+    state_dict = hf_names(read_state_dict(path))
     config, features = configs or infer_config(state_dict)
     return Checkpoint(config, features, state_dict, str(path))
 

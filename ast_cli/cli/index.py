@@ -134,7 +134,6 @@ def _writable(db: str, identity: dict, shard, heads, stderr):
     import os
 
     from ..run import headscores
-    from ..tasks.index import head_entry
     from ._errors import say
 
     from ..errors import UsageError
@@ -154,7 +153,7 @@ def _writable(db: str, identity: dict, shard, heads, stderr):
         store.merge_shards()
     if heads:
         with store.transaction():
-            changed = headscores.register(store.db, {head.name: head_entry(head) for head in heads})
+            changed = headscores.register(store.db, {head.name: headscores.head_entry(head) for head in heads})
         for name in changed:
             say(stderr, f"head {name} changed since it scored {db}: its scores are redone")
     return store

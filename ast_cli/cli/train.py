@@ -9,11 +9,15 @@ import typer
 from ..constants import MIN_POSITIVES
 from ..run.options import ListFormat, RunOptions, _choices
 from ._app import app
-from ._common import (DEFAULT_MODEL, DebugOpt, ModelOpt, QuietOpt, announce_fast, fetch_model, load_tagger,
+from ._common import (DEFAULT_MODEL, DebugOpt, QuietOpt, _complete_model, announce_fast, fetch_model, load_tagger,
                       model_labels, run_options, stderr_console)
 from ._errors import cli_errors, counted, say
 
 Mode = _choices("Mode", "head finetune", "What ast train trains.")
+BaseOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", metavar="MODEL", autocompletion=_complete_model, envvar="AST_MODEL",
+    help=f"The base: model alias, hub id (ORG/NAME[@REV]), local directory or weights file (default: {DEFAULT_MODEL}; "
+         "with --features-db, the model that made the index).")]
 DataArg = Annotated[str, typer.Argument(metavar="DATA", help="A folder of label subfolders (single-label), or a CSV/JSONL of path,labels (labels separated by ;, multi-label).")]
 
 
@@ -23,7 +27,7 @@ def train(
     data: DataArg,
     run: RunOptions,
     out: Annotated[str, typer.Option("--out", "-o", metavar="DIR", help="Where the new checkpoint goes (a Hugging Face model folder).")],
-    model: ModelOpt = DEFAULT_MODEL,
+    model: BaseOpt = None,
     mode: Annotated[Mode, typer.Option(help="head: a classifier on frozen, cached embeddings (fast); finetune: every weight.")] = Mode.head,
     val: Annotated[Optional[str], typer.Option(metavar="DATA", help="Validation data (default: a stratified --val-split of DATA).")] = None,
     val_split: Annotated[float, typer.Option(metavar="FRACTION", help="Part of DATA held out for validation when --val is not given.")] = 0.2,
@@ -65,7 +69,7 @@ def train(
         from ..tasks.extract import embedding_cache_dir
         from ..run.files import check_writable_dir
         from ..tasks.train import TrainConfig, Trainer
-        from ..tasks.train_data import clips, load_dataset, split, untrained_labels
+        from ..tasks.train_data import clips
         from ..tasks.train_state import check_out
 
         config = TrainConfig(mode=mode.value, epochs=epochs, lr=lr, batch_size=train_batch, patience=patience,
@@ -79,22 +83,17 @@ def train(
                              hint="drop --resume (and add --overwrite to replace an earlier --out)")
         if mode is Mode.head:
             check_writable_dir(features_dir or embedding_cache_dir(), option="features_dir")
-        dataset = load_dataset(data)
-        train_set, val_set = (dataset, load_dataset(val, option="val")) if val else split(dataset, val_split, seed)
-        if val and val_set.multi_label != dataset.multi_label:
-            raise UsageError("--val must be labeled like DATA (both folders, or both tables)")
-        for name in (*dataset.empty, *(val_set.empty if val else ())):
-            say(stderr, f"warning: class folder {name!r} holds no audio file: left out")
+        dataset, train_set, val_set = _datasets(data, val, val_split, seed, features_db, stderr)
         labels = tuple(sorted(set(train_set.labels) | set(val_set.labels)))
-        if untrained_labels(train_set, val_set):
-            raise UsageError(f"no training file has label(s) {', '.join(untrained_labels(train_set, val_set))}",
-                             option="val")
+        base = _as_recorded(model or DEFAULT_MODEL, run) if resume else None  # --resume: the base it continues
         check_out(out, overwrite=overwrite, resume=resume,
-                  marker={"mode": mode.value, "labels": list(labels), "multi_label": dataset.multi_label})
+                  marker={"mode": mode.value, "labels": list(labels), "multi_label": dataset.multi_label, "base": base})
+        # with --features-db the base is the index's model: its name and where it loads from
+        model, source = _index_model(features_db, model, mode, run) if features_db else (model or DEFAULT_MODEL,) * 2
         say(stderr, f"{len(train_set.examples)} training and {counted(len(val_set.examples), 'validation file')}, "
                     f"{counted(len(labels), 'label')} ({'multi' if dataset.multi_label else 'single'}-label), "
                     f"mode {mode.value}")
-        base = _base(model, features_db, mode, run, stderr, quiet)
+        base = str(fetch_model(source, run, stderr, quiet))
         progress = _EpochProgress(None if quiet else stderr, config.epochs, enabled=stderr.is_terminal)
         trainer = Trainer(base, train_set, val_set, out, config, run, feature_cache=features_dir,
                           on_epoch=progress.update, model_name=model, strict=strict,
@@ -120,10 +119,29 @@ def train(
             raise typer.Exit(1)
 
 
-def _base(model: str, features_db: str | None, mode, run: RunOptions, stderr, quiet: bool) -> str:
-    """The base checkpoint's path: ``model``'s, or with --features-db the model that made that index."""
-    if features_db is None:
-        return str(fetch_model(model, run, stderr, quiet))
+def _datasets(data: str, val: str | None, val_split: float, seed: int, features_db: str | None, stderr):
+    """(DATA, the training part, the validation part), read and checked before the model loads."""
+    from ..errors import UsageError
+    from ..tasks.train_data import load_dataset, refuse_windows, split, untrained_labels
+
+    dataset = load_dataset(data)
+    train_set, val_set = (dataset, load_dataset(val, option="val")) if val else split(dataset, val_split, seed)
+    if val and val_set.multi_label != dataset.multi_label:
+        raise UsageError("--val must be labeled like DATA (both folders, or both tables)")
+    for named, option, given in ((dataset, "data", data), (val_set, "val", val)):
+        if not features_db and given:  # windows of ast search's csv: their embeddings are in the index
+            refuse_windows(named, given, option, hint="train on the index they came from: add --features-db DB")
+    for name in (*dataset.empty, *(val_set.empty if val else ())):
+        say(stderr, f"warning: class folder {name!r} holds no audio file: left out")
+    if untrained_labels(train_set, val_set):
+        raise UsageError(f"no training file has label(s) {', '.join(untrained_labels(train_set, val_set))}",
+                         option="val")
+    return dataset, train_set, val_set
+
+
+def _index_model(features_db: str, model: str | None, mode, run: RunOptions) -> tuple[str, str]:
+    """(the name the index in ``features_db`` records its model by, where that model loads from), once its weights
+    are known to be those its embeddings came from, and ``model`` (as given; None: not given) names no other."""
     from ..errors import UsageError
     from ..tasks.index import Index
 
@@ -137,10 +155,26 @@ def _base(model: str, features_db: str | None, mode, run: RunOptions, stderr, qu
             exc.option = "features_db"
         raise
     try:
-        identity = index.identity
+        name, source = index.identity["model"], index.model_source()
     finally:
         index.close()
-    return str(fetch_model(identity.get("model_path") or identity["model"], run, stderr, quiet))
+    if model is not None and _as_recorded(model, run) != name:
+        raise UsageError(f"{model} is not the model {features_db} was made with ({name}), which is the base",
+                         option="model", suggest={"model": None})
+    return name, source
+
+
+def _as_recorded(model: str, run: RunOptions) -> str:
+    """How records name ``model`` (its resolved path, or ORG/NAME@commit of its cached snapshot), downloading
+    nothing; as given when it is not there (then it is not a model that was used before)."""
+    from ..checkpoint.hub import resolve_model
+    from ..checkpoint.names import model_identity
+    from ..errors import ModelNotFoundError
+
+    try:
+        return model_identity(model, resolve_model(model, offline=True, cache_dir=run.cache_dir))
+    except ModelNotFoundError:
+        return model
 
 
 class _EpochProgress:
@@ -209,9 +243,10 @@ def evaluate(
         from ..run.files import check_writable_dir
         from ..tasks.calibrate import Target, destination
         from ..tasks.metrics import check_labels, report as measured, score_dataset
-        from ..tasks.train_data import load_dataset
+        from ..tasks.train_data import load_dataset, refuse_windows
 
         dataset = load_dataset(data)
+        refuse_windows(dataset, data, hint="evaluate scores whole files: list them as path,labels rows")
         if features_dir:
             check_writable_dir(features_dir, option="features_dir")
         target = Target.parse(calibrate) if calibrate is not None else None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import os
 import sqlite3
 from typing import Iterator
 
@@ -96,6 +97,34 @@ def missing(db: sqlite3.Connection, name: str) -> int:
                       "AND window_id IN (SELECT id FROM windows))", (name,)).fetchone()[0]
 
 
+def head_entry(head) -> dict:
+    """How the index records a head (``checkpoint.heads.Head``): its labels, kind and folder, and a digest of its
+    two files (the same name with another digest: retrained, so its stored scores are dropped and redone)."""
+    return {"digest": head_digest(head.path), "labels": list(head.labels), "single_label": head.single_label,
+            "path": os.path.abspath(head.path)}
+
+
+def same_head(entry: dict) -> bool:
+    """Whether a head the index records still has the files it scored with (not gone, unreadable or changed)."""
+    try:
+        return head_digest(entry["path"]) == entry["digest"]
+    except (OSError, KeyError, TypeError):
+        return False
+
+
+def head_digest(folder: str) -> str:
+    """sha256 of a head folder's two files, in order."""
+    import hashlib
+
+    from ..checkpoint.heads import HEAD_CONFIG, HEAD_WEIGHTS
+
+    digest = hashlib.sha256()
+    for name in (HEAD_CONFIG, HEAD_WEIGHTS):
+        with open(os.path.join(folder, name), "rb") as handle:
+            digest.update(handle.read())
+    return digest.hexdigest()
+
+
 def best(db: sqlite3.Connection, name: str, column: int, top: int, min_score: float | None = None
          ) -> list[tuple[int, float]]:
     """(window id, score) of the ``top`` windows with the highest stored score in ``column`` of head ``name``,
@@ -124,4 +153,5 @@ def best(db: sqlite3.Connection, name: str, column: int, top: int, min_score: fl
     return [(-negative, score) for score, negative in sorted(kept, reverse=True)]
 
 
-__all__ = ["SCHEMA", "best", "delete_file", "missing", "of_windows", "put", "register", "registered", "unscored"]
+__all__ = ["SCHEMA", "best", "delete_file", "head_digest", "head_entry", "missing", "of_windows", "put", "register",
+           "registered", "same_head", "unscored"]

@@ -14,12 +14,13 @@ with the model named in the database.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import ModelNotFoundError, UsageError
 from ..run.vectordb import SHARDS_DIR, SQLITE_NAME, FileRecord, Hit, VectorStore, require_ann_backend
 
 BATCH_BYTES = 64 << 20  # a backfill batch's float32 embeddings and scores: bounded however wide the model and head
@@ -36,25 +37,18 @@ def shard_file(shard: tuple[int, int] | None) -> str:
 
 def weights_digest(path: str) -> str:
     """sha256 of a local checkpoint's weights file (``path``: the file, or a folder holding it)."""
-    import hashlib
-
     from ..checkpoint.weights import PICKLE_NAME, SAFETENSORS_NAME
+    from .calibrate import file_sha256
 
     if os.path.isdir(path):
         path = next((os.path.join(path, name) for name in (SAFETENSORS_NAME, PICKLE_NAME)
                      if os.path.isfile(os.path.join(path, name))), path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def identity_of(model: str, path: str, local: bool, config, features, hop_seconds: float, compute: str) -> dict:
     """What the stored vectors depend on: the model (``model``: hub id@commit or the resolved path, plus the
     weights' sha256 for a local one), its input format, the hop between windows and the precision."""
-    from dataclasses import asdict
-
     return {"model": model, "weights": weights_digest(path) if local else None, "hidden_size": config.hidden_size,
             "features": asdict(features), "hop_seconds": round(hop_seconds, 6), "compute": compute,
             "model_path": os.path.realpath(path)}
@@ -143,26 +137,6 @@ def to_record(item: InputFile, out: FileOutput, identity: tuple[int | None, int 
                       vectors=None if error else out.outputs)
 
 
-def head_entry(head) -> dict:
-    """How the index records a head (``checkpoint.heads.Head``): its labels, kind and folder, and a digest of its
-    two files (the same name with another digest: retrained, so its stored scores are dropped and redone)."""
-    return {"digest": head_digest(head.path), "labels": list(head.labels), "single_label": head.single_label,
-            "path": os.path.abspath(head.path)}
-
-
-def head_digest(folder: str) -> str:
-    """sha256 of a head folder's two files, in order."""
-    import hashlib
-
-    from ..checkpoint.heads import HEAD_CONFIG, HEAD_WEIGHTS
-
-    digest = hashlib.sha256()
-    for name in (HEAD_CONFIG, HEAD_WEIGHTS):
-        with open(os.path.join(folder, name), "rb") as handle:
-            digest.update(handle.read())
-    return digest.hexdigest()
-
-
 def score_heads(heads, vectors: np.ndarray | None) -> dict | None:
     """head name -> (W, L) float32 probabilities of each head on the (W, D) stored embeddings (what classify
     reports with the head: softmax for a single-label head, sigmoid for the others)."""
@@ -224,25 +198,6 @@ def stored_embeddings(db: str, examples: Iterable) -> Iterator[tuple[str | None,
             yield (None, vectors, None) if len(vectors) else (f"no window{where} in the index {db}", None, None)
 
 
-def _read_span(path: str, begin: int, end: int) -> np.ndarray:
-    """Samples ``begin`` to ``end`` (16 kHz mono) of an audio file, read block by block: memory stays bounded
-    however long the file."""
-    from ..audio.decode import AudioReader
-    from ..errors import AudioDecodeError
-
-    pieces, offset = [], 0
-    try:
-        for block in AudioReader(path).blocks():
-            if offset + block.shape[0] > begin:
-                pieces.append(block[max(0, begin - offset) : end - offset])
-            offset += block.shape[0]
-            if offset >= end:
-                break
-    except AudioDecodeError as exc:  # the reason alone would not say which file
-        raise AudioDecodeError(f"{path}: {exc}", needs_ffmpeg=exc.needs_ffmpeg) from None
-    return np.concatenate(pieces) if pieces else np.empty(0, np.float32)
-
-
 def _column(labels: list[str], label: str) -> int | None:
     """Where ``label`` is in a head's ``labels``: that name exactly, else the one name that differs only in case
     (a head may have both "Bird" and "bird": then the case given picks)."""
@@ -301,29 +256,42 @@ class Index:
             from ..run.tagger import Tagger
 
             identity = self.identity
-            path = identity.get("model_path") or ""
             compute = identity.get("compute", "fp32")
             options = options or RunOptions(
                 hop_seconds=identity.get("hop_seconds"), fast=compute == "fast",
                 quantize="int8" if compute == "int8" else "none",
                 dtype=compute if compute in ("fp32", "fp16", "bf16") else "auto")
             heads = self._unchanged_heads() if options.fast else []
-            self._tagger = Tagger.load(path if os.path.exists(path) else identity["model"], options, heads=heads,
-                                       embeddings=True)
+            self._tagger = Tagger.load(self.model_source(), options, heads=heads, embeddings=True)
         return self._tagger
+
+    def model_source(self) -> str:
+        """Where the index's model loads from: its recorded path, else its hub id@revision; a ``UsageError`` when the
+        path now holds other weights (sha256) or input format, which would embed unlike the stored windows."""
+        from ..checkpoint.weights import read_configs
+
+        identity = self.identity
+        path = identity.get("model_path") or ""
+        if not os.path.exists(path):
+            return identity["model"]
+        changed = "weights" if identity.get("weights") and weights_digest(path) != identity["weights"] else None
+        if changed is None and os.path.isdir(path):
+            config, features = read_configs(Path(path))
+            if (asdict(features), config.hidden_size) != (identity.get("features"), identity.get("hidden_size")):
+                changed = "input format"
+        if changed:
+            raise UsageError(f"{self.store.directory} was made with the model at {path}, whose {changed} changed "
+                             "since", hint="put back the model it was made with, or index again into a new "
+                                           "database with this one")
+        return path
 
     def _unchanged_heads(self) -> list[str]:
         """The folders of the heads the index scores that still hold what it scored with. ``ast index --fast
         --head`` chose its mode with them (the choice keeps their probabilities within the bound too), so a
         query embedded with them runs in the mode the index's windows were stored in."""
-        folders = []
-        for entry in self.heads().values():
-            try:
-                if head_digest(entry["path"]) == entry["digest"]:
-                    folders.append(entry["path"])
-            except (OSError, KeyError, TypeError):  # gone, unreadable, or an index older than the digests
-                pass
-        return folders
+        from ..run import headscores
+
+        return [entry["path"] for entry in self.heads().values() if headscores.same_head(entry)]
 
     @property
     def fast_choice(self):
@@ -348,6 +316,7 @@ class Index:
         cut on the 10 ms frame grid so that a window the index holds embeds exactly as stored."""
         import math
 
+        from ..audio.decode import read_span
         from ..constants import FRAME_SECONDS
 
         for value, option in ((start, "start"), (end, "end")):
@@ -361,7 +330,7 @@ class Index:
         window = int(self.identity["features"]["max_length"]) * 160
         length = min(window, int(round((end - start) * 16000))) if end is not None else window
         # + the last frame's overlap (400-sample frames, 160 apart); an unreadable query fails before the model loads
-        piece = _read_span(path, first, first + max(0, length) + 240) if length > 0 else np.empty(0, np.float32)
+        piece = read_span(path, first, first + max(0, length) + 240) if length > 0 else np.empty(0, np.float32)
         if piece.shape[0] == 0:
             raise UsageError(f"{path} has no audio from {start:g} s" + (f" to {end:g} s" if end is not None else ""),
                              option="start")
@@ -385,14 +354,18 @@ class Index:
         return headscores.registered(self.store.db)
 
     def head_of(self, label: str, head: str | None = None) -> tuple[str, int] | None:
-        """(head name, column) of ``label`` among the stored heads' labels (``head``: that head only); None when
-        no head is named and none has the label (it is then the model's own)."""
+        """(head name, column) of ``label`` among the stored heads' (``head``: that head's) labels, or None: the model's
+        own. The very name wins, a head's or the model's; else one that differs only in case."""
         heads = self.heads()
         if head is not None and head not in heads:
             raise UsageError(f"the index holds no scores of a head named {head!r}", option="head",
                              hint=f"its heads: {', '.join(sorted(heads)) or 'none'} (ast index --head DIR adds one)")
-        found = [(name, column) for name, entry in sorted(heads.items())
-                 if head in (None, name) and (column := _column(entry["labels"], label)) is not None]
+        candidates = [(name, entry["labels"]) for name, entry in sorted(heads.items()) if head in (None, name)]
+        found = [(name, labels.index(label)) for name, labels in candidates if label in labels]
+        if not found:  # a name that differs only in case, unless the model's own label is this one exactly
+            found = [(name, column) for name, labels in candidates if (column := _column(labels, label)) is not None]
+            if found and head is None and label in self.model_labels():
+                return None
         if head is not None and not found:
             raise UsageError(f"{label!r} is not one of head {head}'s labels", option="label")
         if len(found) > 1:
@@ -418,6 +391,17 @@ class Index:
 
         return headscores.missing(self.store.db, head)
 
+    def model_labels(self) -> tuple[str, ...]:
+        """The labels of the index's model itself (its config's, or a bare weights file's); none when it is gone."""
+        from ..checkpoint.hub import resolve_model
+        from ..checkpoint.weights import load_checkpoint, read_configs
+
+        try:
+            path = resolve_model(self.model_source())
+        except ModelNotFoundError:  # then only a head can have the label
+            return ()
+        return (read_configs(path)[0] if path.is_dir() else load_checkpoint(path).config).id2label
+
     def label_vector(self, label: str) -> np.ndarray:
         """The direction in embedding space along which the model's logit for ``label`` grows: the classifier
         row scaled by its LayerNorm's gain, centred (LayerNorm ignores a shift along the all-ones vector). Read
@@ -425,19 +409,18 @@ class Index:
         from ..checkpoint.hub import resolve_model
         from ..checkpoint.weights import load_checkpoint
 
-        path = self.identity.get("model_path") or ""
-        checkpoint = load_checkpoint(path if os.path.exists(path) else resolve_model(self.identity["model"]))
-        names = {name.lower(): i for i, name in enumerate(checkpoint.config.id2label)}
-        if label.lower() not in names:
+        checkpoint = load_checkpoint(resolve_model(self.model_source()))
+        column = _column(names := list(checkpoint.config.id2label), label)
+        if column is None:
             raise UsageError(f"{label!r} is not one of the model's labels" if names else
                              f"{label!r} is not a label of any head the index holds scores of, and its model has "
                              "no labels of its own (a bare encoder)", option="label",
                              hint=None if names else "index it again with a head trained on this model")
         state = checkpoint.state_dict
-        row = state["classifier.dense.weight"][names[label.lower()]].float().numpy()
+        row = state["classifier.dense.weight"][column].float().numpy()
         direction = row * state["classifier.layernorm.weight"].float().numpy()
         return direction - direction.mean()
 
 
-__all__ = ["Index", "Plan", "check_stores", "embed_files", "file_key", "head_entry", "identity_of", "plan_index",
+__all__ = ["Index", "Plan", "check_stores", "embed_files", "file_key", "identity_of", "plan_index",
            "score_heads", "score_stored", "shard_file", "stored_embeddings", "to_record"]

@@ -274,8 +274,11 @@ class Trainer:
         return result
 
     def marker(self) -> dict:
-        """What ``MARKER`` records: the run's mode and labels, which ``--resume`` must match."""
-        return {"mode": self.config.mode, "labels": list(self.labels), "multi_label": self.multi_label}
+        """What ``MARKER`` records: the run's mode, labels and base, which ``--resume`` must match."""
+        from ..checkpoint.names import model_identity
+
+        return {"mode": self.config.mode, "labels": list(self.labels), "multi_label": self.multi_label,
+                "base": model_identity(self.model_name, self.base_path)}
 
     def _check_clips(self) -> None:
         if self.failed and self.strict:

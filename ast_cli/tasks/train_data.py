@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import random
 from dataclasses import dataclass, replace
@@ -88,6 +89,7 @@ def load_dataset(path: str, option: str = "data") -> Dataset:
     if len(dataset.examples) == 0:
         raise UsageError(f"{path} holds no labeled audio files", option=option,
                          hint="a folder of label subfolders, or a CSV/JSONL of path,labels")
+    _check_labels(dataset.labels, path, option)
     negatives = dataset.multi_label and any(not e.labels for e in dataset.examples)
     if len(dataset.labels) < 2 - negatives:  # one label and negatives: a detector for that label
         found = (f"only one label, {dataset.labels[0]}," if dataset.labels
@@ -96,6 +98,19 @@ def load_dataset(path: str, option: str = "data") -> Dataset:
                          option=option, hint="one subfolder per label; in a CSV/JSONL, the rows' labels (several: a;b), "
                                              "empty or '-' for a negative")
     return dataset
+
+
+def _check_labels(labels: tuple[str, ...], path: str, option: str) -> None:
+    """The labels a head can be saved with (``checkpoint.heads``' rule), checked before anything is trained."""
+    from ..checkpoint.heads import MAX_LABELS, good_label
+
+    bad = next((name for name in labels if not good_label(name)), None)
+    if bad is not None:
+        raise UsageError(f"{path}: label {bad!r} cannot name a class: a label is printable (no tab or other "
+                         "control character) and not blank", option=option)
+    if len(labels) > MAX_LABELS:
+        raise UsageError(f"{path} has {len(labels):,} labels; a classifier takes at most {MAX_LABELS:,}",
+                         option=option)
 
 
 def _read_table(path: str, option: str) -> Dataset:
@@ -118,18 +133,34 @@ def _read_table(path: str, option: str) -> Dataset:
 
 
 def _csv_rows(path: str, reader: csv.DictReader, option: str) -> list[tuple]:
-    """(path, labels[, start]) rows: ``path,labels``, or ``ast search``'s ``path,start,end,score,label`` (one
-    window per row; an empty label or ``-`` is a negative)."""
+    """(path, labels, start or None) rows: ``path,labels``, or ``ast search``'s ``path,start,end,score,label`` (an
+    empty label or ``-`` is a negative). A row with a ``start`` is that one window of its file."""
     columns = reader.fieldnames or ()
     if "path" not in columns:
         raise UsageError(f"{path} has no 'path' column (found: {','.join(columns)}; expected: path,labels)",
                          option=option)
-    if "label" in columns and "start" in columns and "labels" not in columns:
+    text = "label" if "label" in columns and "start" in columns and "labels" not in columns else "labels"
+    rows = []
+    for number, record in enumerate(reader, 2):
+        start, end = ((record.get(key) or "").strip() for key in ("start", "end"))
         try:
-            return [(r["path"] or "", r["label"] or "", float(r["start"])) for r in reader]
-        except (TypeError, ValueError):
-            raise UsageError(f"{path}: every row needs a number in 'start'", option=option) from None
-    return [(record["path"] or "", record.get("labels") or "") for record in reader]
+            seconds = float(start) if start or end else None
+        except ValueError:
+            seconds = None
+        if (start or end) and not (seconds is not None and math.isfinite(seconds) and seconds >= 0):
+            raise UsageError(f"{path} line {number}: 'start' must be a number of seconds from 0 (found {start!r})",
+                             option=option)
+        rows.append((record["path"] or "", record.get(text) or "", seconds))
+    return rows
+
+
+def refuse_windows(dataset: Dataset, path: str, option: str = "data", hint: str | None = None) -> None:
+    """A UsageError when ``dataset`` lists windows (rows with a start, as ``ast search``'s csv): read from the
+    audio, each would stand for its whole file; only an index that stored them has each window on its own."""
+    windowed = sum(example.start is not None for example in dataset.examples)
+    if windowed:
+        raise UsageError(f"{path} lists windows ({windowed} rows with a start), which would be taken as whole files",
+                         option=option, hint=hint)
 
 
 def _jsonl_row(path: str, number: int, line: str, option: str) -> tuple[str, str]:

@@ -149,7 +149,7 @@ def read_marker(folder: str) -> dict | None:
 
 def check_out(out: str, *, overwrite: bool, resume: bool, marker: dict) -> None:
     """Before any work: ``out`` is absent, empty, or an ast training output that ``overwrite`` replaces or
-    ``resume`` continues (with the same mode and labels as ``marker``)."""
+    ``resume`` continues (with the same mode, labels and base as ``marker``)."""
     from ..run.files import check_writable_dir
 
     if os.path.exists(out) and not os.path.isdir(out):
@@ -178,6 +178,9 @@ def _check_resumable(folder: str, marker: dict) -> None:
         if found.get(key) != marker[key]:
             raise UsageError(f"cannot resume {folder}: its {key} {found.get(key)!r} differ(s) from this run's "
                              f"{marker[key]!r}", option="resume", hint="train into a new folder instead")
+    if found.get("base", marker.get("base")) != marker.get("base"):  # recorded since s8: older runs resume as before
+        raise UsageError(f"cannot resume {folder}: it was trained from {found['base']}, not {marker['base']}",
+                         option="model", suggest={"model": found["base"]})
 
 
 def _state_time(folder: str) -> float:
