@@ -267,3 +267,47 @@ def test_24_5_records_name_the_precision_the_model_runs_in(monkeypatch):
     assert compute(local) == "fp16" and compute(ray_gpu) == "fp16"  # auto is fp16 on CUDA
     assert compute(SimpleNamespace(ray=True, gpus_per_worker=0.0)) == "fp32"
     assert compute(local, dtype="bf16") == "bf16" and compute(local, quantize="int8") == "int8"
+
+
+# -- session 8: outputs ------------------------------------------------------------------------------------------
+
+def _result(path):
+    from ast_cli.run.tagger import FileResult, LabelScore
+
+    return FileResult(str(path), 1.0, [LabelScore("Speech", 0, 0.9)])
+
+
+def test_s8_7_an_overwritten_jsonl_stays_as_it_was_until_the_first_record(clips, tmp_path):
+    from ast_cli.run.output import plan_output
+
+    out = tmp_path / "week.jsonl"
+    out.write_text('{"path": "last week"}\n')
+    writer = plan_output(str(out), None, overwrite=True).open()
+    assert out.read_text() == '{"path": "last week"}\n'  # opening the writer truncates nothing
+    writer.close(commit=False)  # interrupted before any record
+    assert out.read_text() == '{"path": "last week"}\n' and sorted(tmp_path.iterdir()) == [out]
+    writer = plan_output(str(out), None, overwrite=True).open()
+    writer.write(_result(clips[0]))  # the first record replaces the earlier file ...
+    assert [r["path"] for r in records(out.read_text())] == [str(clips[0])]
+    writer.write(_result(clips[1]))  # ... and the rest is appended, each line as it comes
+    assert [r["path"] for r in records(out.read_text())] == [str(clips[0]), str(clips[1])]
+    writer.close(commit=False)  # interrupted after two records: they stay, for --resume
+    assert [r["path"] for r in records(out.read_text())] == [str(clips[0]), str(clips[1])]
+    assert sorted(tmp_path.iterdir()) == [out]
+
+
+def test_s8_7_an_interrupted_overwrite_run_that_tagged_nothing_keeps_the_jsonl(clips, model, tmp_path, monkeypatch):
+    from ast_cli.run.tagger import Tagger
+
+    out = tmp_path / "week.jsonl"
+    assert classify(*clips, *model, "-o", out).exit_code == 0
+    before = out.read_bytes()
+
+    def interrupted(self, sources, **kwargs):
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(Tagger, "classify", interrupted)
+    result = classify(clips[0], *model, "-o", out, "--overwrite")
+    assert result.exit_code == 130 and out.read_bytes() == before
+    assert sorted(tmp_path.iterdir()) == [out]

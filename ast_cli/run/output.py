@@ -9,8 +9,9 @@ interrupted run leaves an earlier output byte for byte as it was:
 - json, csv, tsv: into a temporary file beside the target, renamed over it only when the run completes
   (``close(commit=True)``); an interrupted run discards it. A symlink is written through (its target is
   replaced, the link stays); a device or FIFO (``/dev/stdout``, ``>(gzip)``) is written directly.
-- jsonl: line by line into the file itself (flushed per line, so ``tail -f`` and ``--resume`` see each
-  record); fsync only where there is a disk behind it.
+- jsonl: line by line (flushed per line, so ``tail -f`` and ``--resume`` see each record); appended to the
+  file itself when resuming, else to a temporary file that replaces the target with the first record (a run
+  that writes none leaves an earlier file as it was); fsync only where there is a disk behind it.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ class OutputTarget:
             if self.journal is not None:
                 self.journal.repair()
         if self.format is OutputFormat.jsonl:
-            writer: Writer = JsonlWriter(stream, self.path, append=self.append, fsync=self.kind != "special")
+            writer: Writer = JsonlWriter(stream, self.path, append=self.append, fsync=self.kind != "special",
+                                         direct=self.kind == "special")
         elif self.format is OutputFormat.json:
             writer = JsonWriter(stream, self.path, direct=self.kind == "special")
         else:
