@@ -311,3 +311,20 @@ def test_s8_7_an_interrupted_overwrite_run_that_tagged_nothing_keeps_the_jsonl(c
     result = classify(clips[0], *model, "-o", out, "--overwrite")
     assert result.exit_code == 130 and out.read_bytes() == before
     assert sorted(tmp_path.iterdir()) == [out]
+
+
+def test_s8_4_a_run_never_removes_another_outputs_or_a_live_runs_temporary_file(clips, model, tmp_path):
+    import fcntl
+
+    out = tmp_path / "tags.csv"
+    other = tmp_path / ".tags.csv.week2.csv.abcd1234.ast-tmp"  # tags.csv.week2.csv's, being written
+    other.write_text("path,duration\n")
+    stale = tmp_path / ".tags.csv.k1ll3d00.ast-tmp"  # ours, of a run that was killed
+    stale.write_text("half")
+    live = tmp_path / ".tags.csv.l1ve0000.ast-tmp"  # ours by name, but a live process holds it
+    live.write_text("live")
+    with open(live) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = classify(clips[0], *model, "-o", out, "-q")
+    assert result.exit_code == 0, result.stderr
+    assert other.read_text() == "path,duration\n" and live.read_text() == "live" and not stale.exists()
