@@ -297,3 +297,12 @@ def test_usage_errors(tmp_path):
     (tmp_path / "file").write_text("")
     result = run(audio, "--out", tmp_path / "file")
     assert result.exit_code == 2 and "--out: " in result.stderr and "is not a directory" in result.stderr
+
+
+def test_s8_5_audio_piped_on_stdin_is_never_already_extracted(tiny_checkpoint, tmp_path):
+    short, long = (write_audio(tmp_path / f"{n}.wav", seconds, seed=n) for n, seconds in ((1, 1.0), (2, 3.0)))
+    out = tmp_path / "xfs"
+    assert run("-", "--out", out, *common_args(tiny_checkpoint[0]), input=short.read_bytes()).exit_code == 0
+    again = run("-", "--out", out, "--model", tiny_checkpoint[0], input=long.read_bytes())
+    assert again.exit_code == 0 and "1 written, 0 skipped" in again.stderr, again.stderr
+    assert json.loads(read_safetensors(out / "-.safetensors")[1]["duration"]) == pytest.approx(3.0)

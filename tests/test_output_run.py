@@ -328,3 +328,12 @@ def test_s8_4_a_run_never_removes_another_outputs_or_a_live_runs_temporary_file(
         result = classify(clips[0], *model, "-o", out, "-q")
     assert result.exit_code == 0, result.stderr
     assert other.read_text() == "path,duration\n" and live.read_text() == "live" and not stale.exists()
+
+
+def test_s8_5_audio_piped_on_stdin_is_never_already_in_an_output_dir(model, tmp_path):
+    short, long = (write_audio(tmp_path / f"{n}.wav", seconds, seed=n) for n, seconds in ((1, 1.0), (2, 3.0)))
+    ods = tmp_path / "ods"
+    assert classify("-", *model, "--output-dir", ods, "-q", input=short.read_bytes()).exit_code == 0
+    again = classify("-", *model, "--output-dir", ods, input=long.read_bytes())
+    assert again.exit_code == 0 and "already in" not in again.stderr, again.stderr
+    assert json.loads((ods / "-.json").read_text())["duration"] == pytest.approx(3.0)

@@ -169,7 +169,7 @@ class OutputDir:
 def plan_output_dir(path: str, fmt: OutputFormat | str | None, items: Sequence, *, overwrite: bool = False
                     ) -> tuple[OutputDir, list]:
     """Check ``--output-dir`` before any work; returns it and the items still to do (a file's result already
-    there is done, unless ``overwrite``)."""
+    there is done, unless ``overwrite``; audio piped on stdin never is: nothing ties it to an earlier ``-``)."""
     from ..audio.inputs import claim_outputs
 
     fmt = OutputFormat(fmt) if fmt is not None else OutputFormat.json
@@ -185,6 +185,6 @@ def plan_output_dir(path: str, fmt: OutputFormat | str | None, items: Sequence, 
         if os.path.realpath(output) in inputs:
             raise UsageError(f"{output} is also one of the inputs: refusing to overwrite it", option="output_dir")
         target.outputs[item.path] = output
-        if overwrite or item.error is not None or not os.path.isfile(output):
+        if overwrite or item.error is not None or item.source is not None or not os.path.isfile(output):
             todo.append(item)
     return target, todo
