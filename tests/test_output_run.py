@@ -337,3 +337,45 @@ def test_s8_5_audio_piped_on_stdin_is_never_already_in_an_output_dir(model, tmp_
     again = classify("-", *model, "--output-dir", ods, input=long.read_bytes())
     assert again.exit_code == 0 and "already in" not in again.stderr, again.stderr
     assert json.loads((ods / "-.json").read_text())["duration"] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("changed", [["--activation", "softmax"], ["--hop", "0.32"], ["--model", "other"]])
+def test_s8_6_an_output_dir_refuses_json_results_of_another_model_or_settings(clips, model, tmp_path, changed):
+    from conftest import make_reference
+
+    if changed[0] == "--model":
+        changed = ["--model", make_reference(tmp_path, "tiny-other", seed=1)[0]]
+    ods = tmp_path / "ods"
+    assert classify(*clips[:2], *model, "--output-dir", ods, "-q").exit_code == 0
+    before = {p: p.read_bytes() for p in ods.iterdir()}
+    for inputs in (clips[:2], clips):  # nothing left to do, and one input to add: refused all the same
+        refused = classify(*inputs, *model, *changed, "--output-dir", ods)
+        assert refused.exit_code == 2, refused.stderr
+        assert refused.stderr.startswith(f"Error: --output-dir: {ods} holds results made with another model or "
+                                         f"settings ({ods / clips[0].name}.json: ")
+        assert {p: p.read_bytes() for p in ods.iterdir()} == before
+    replaced = classify(*clips, *model, *changed, "--output-dir", ods, "--overwrite", "-q")
+    assert replaced.exit_code == 0 and len(list(ods.iterdir())) == 3
+
+
+def test_s8_6_an_output_dir_redoes_an_input_that_changed_since_its_json_result(model, tmp_path):
+    source = write_audio(tmp_path / "src" / "a.wav", 1.0)
+    ods = tmp_path / "ods"
+    assert classify(source.parent, *model, "--output-dir", ods, "-q").exit_code == 0
+    write_audio(source, 3.0, seed=5)  # replaced: another size and mtime
+    again = classify(source.parent, *model, "--output-dir", ods)
+    assert again.exit_code == 0 and "already in" not in again.stderr, again.stderr
+    assert json.loads((ods / "a.wav.json").read_text())["duration"] == pytest.approx(3.0)
+    unchanged = classify(source.parent, *model, "--output-dir", ods)
+    assert "1 of 1 file already in" in unchanged.stderr
+    (ods / "a.wav.json").write_text("my own notes\n")  # not ours: never replaced without --overwrite
+    refused = classify(source.parent, *model, "--output-dir", ods)
+    assert refused.exit_code == 2 and "is not a result file of `ast`" in refused.stderr
+    assert (ods / "a.wav.json").read_text() == "my own notes\n"
+
+
+def test_s8_6_resume_with_nothing_left_to_do_still_refuses_another_model(clips, model, tmp_path):
+    out = tmp_path / "tags.jsonl"
+    assert classify(*clips, *model, "-o", out).exit_code == 0
+    refused = classify(*clips, *model, "--activation", "softmax", "-o", out, "--resume")
+    assert refused.exit_code == 2 and "another model or settings" in refused.stderr

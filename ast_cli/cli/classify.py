@@ -180,7 +180,8 @@ def _run(target, sources, skipped: int, note: str | None, job: _Job) -> int:
     """Tag ``sources`` into ``target`` (planned, and holding its lock); returns how many failed."""
     from ._progress import BatchProgress
 
-    provenance, path = _provenance(target, job) if sources else ({}, None)  # another model or settings: refused
+    kept = target.journal is not None and target.journal.records  # earlier results: made as this run makes them?
+    provenance, path = _provenance(target, job) if sources or kept else ({}, None)  # if not: refused
     if note and not job.quiet:
         say(job.stderr, note)
     progress = BatchProgress(job.stderr, len(sources), enabled=not job.quiet and job.stderr.is_terminal)
