@@ -177,7 +177,8 @@ class JsonlWriter(Writer):
 
 class CsvWriter(_StreamWriter):
     """One row per (file, label): ``path,duration,rank,label,index,score`` (+ ``start,end`` with segments),
-    then ``error``; a clip that is none of the labels (calibrated, single-label) has one row labelled NONE_OF.
+    then ``error``; a clip that is none of the labels (calibrated, single-label) has one row labelled NONE_OF, one
+    with no label at all (none reached the threshold) one row with the label empty.
     File-level rows have empty start/end; a failed file is one row with its error. With ``heads``, a ``head``
     column before ``label``, and ranks counted within each head."""
 
@@ -206,9 +207,11 @@ class CsvWriter(_StreamWriter):
             self.csv.writerow((display_path(result.path), duration) + blank + (result.error,))
             return
         self._rows(result, result.labels, None)
-        if result.none_of:  # a row of its own, so the file is not mistaken for one that was never tagged
+        if result.none_of or not result.labels:  # a row of its own, so the file is not mistaken for one that was
+            # never tagged: none of the labels (calibrated, single-label), or no label reached --threshold
             duration = "" if result.duration is None else round(result.duration, 6)
-            named = ("", NONE_OF) if self.heads else (NONE_OF,)  # in the label column, with heads too
+            label = NONE_OF if result.none_of else ""
+            named = ("", label) if self.heads else (label,)  # in the label column, with heads too
             self.csv.writerow((display_path(result.path), duration, "", *named, "", "")
                               + (("", "") if self.segments else ()) + ("",))
         for segment in result.segments or []:
