@@ -306,3 +306,17 @@ def test_s8_5_audio_piped_on_stdin_is_never_already_extracted(tiny_checkpoint, t
     again = run("-", "--out", out, "--model", tiny_checkpoint[0], input=long.read_bytes())
     assert again.exit_code == 0 and "1 written, 0 skipped" in again.stderr, again.stderr
     assert json.loads(read_safetensors(out / "-.safetensors")[1]["duration"]) == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("how", ["empty stdin", "empty shard"])
+def test_s8_12_nothing_to_extract_exits_0_and_writes_nothing(tiny_checkpoint, tmp_path, how):
+    out = tmp_path / "out"
+    if how == "empty stdin":
+        result = run("-", "--out", out, "--model", tiny_checkpoint[0], input="")
+        said = "nothing to extract: standard input listed no files"
+    else:
+        clip = write_audio(tmp_path / "in" / "a.wav", 1.0)
+        result = run(clip.parent, "--out", out, "--model", tiny_checkpoint[0], "--shard", "2/3")
+        said = "nothing to extract: shard 2/3 holds none of the 1 input"
+    assert result.exit_code == 0 and result.stderr.splitlines() == [said] and not out.exists()
+    assert run("-", "--out", out, "--model", tiny_checkpoint[0], "-q", input="").stderr == ""

@@ -379,3 +379,10 @@ def test_s8_6_resume_with_nothing_left_to_do_still_refuses_another_model(clips, 
     assert classify(*clips, *model, "-o", out).exit_code == 0
     refused = classify(*clips, *model, "--activation", "softmax", "-o", out, "--resume")
     assert refused.exit_code == 2 and "another model or settings" in refused.stderr
+
+
+def test_s8_12_an_empty_shard_exits_0_and_names_no_file_it_did_not_write(clips, model, tmp_path):
+    out = tmp_path / "e7.json"
+    result = classify(*clips, *model, "--shard", "7/10", "-o", out)
+    assert result.exit_code == 0 and not out.exists() and list(tmp_path.iterdir()) == []
+    assert result.stderr.splitlines() == ["nothing to tag: shard 7/10 holds none of the 3 inputs"]
