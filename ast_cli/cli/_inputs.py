@@ -1,9 +1,12 @@
-"""The audio inputs of a run (``classify``, ``extract-features``): named paths, folders, patterns and ``-``, one
-``--shard`` of them, and what to say when there are none."""
+"""What a run reads from the paths it is given: its audio inputs (``classify``, ``extract-features``: named paths,
+folders, patterns and ``-``, one ``--shard`` of them, and what to say when there are none), and label lists
+(``--include @FILE``)."""
 
 from __future__ import annotations
 
 from ._errors import counted, say
+
+MAX_LABEL_LIST_BYTES = 4 << 20  # far more than any model's labels: anything larger (@/dev/zero) is not a list
 
 
 def run_inputs(paths: list[str], ext, shard: tuple[int, int] | None, stderr, quiet: bool, verb: str) -> list:
@@ -49,3 +52,23 @@ def _empty_folders(paths: list[str], found, ext) -> list:
     roots = {item.root for item in found}
     return [InputFile(path, error=f"no {_looked_for(ext)} in this folder") for path in dict.fromkeys(paths)
             if path != "-" and path not in roots and os.path.isdir(path)]
+
+
+def label_file(path: str) -> list[str]:
+    """The labels in ``--include``/``--exclude`` ``@FILE``: one per line, UTF-8, ``#`` comments, read with a bound.
+    One that cannot be read, is larger than MAX_LABEL_LIST_BYTES or is not UTF-8 is a UsageError naming it."""
+    from ..errors import UsageError
+
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_LABEL_LIST_BYTES + 1)
+        if len(data) > MAX_LABEL_LIST_BYTES:
+            raise UsageError(f"the label list {path} is larger than {MAX_LABEL_LIST_BYTES >> 20} MiB: not a list "
+                             "of labels", option="labels")
+        text = data.decode("utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read the label list {path}: {exc.strerror or exc}", option="labels") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"the label list {path} is not UTF-8 text", option="labels") from None
+    lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    return [line for line in lines if line]
