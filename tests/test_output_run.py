@@ -374,13 +374,6 @@ def test_s8_6_an_output_dir_redoes_an_input_that_changed_since_its_json_result(m
     assert (ods / "a.wav.json").read_text() == "my own notes\n"
 
 
-def test_s8_6_resume_with_nothing_left_to_do_still_refuses_another_model(clips, model, tmp_path):
-    out = tmp_path / "tags.jsonl"
-    assert classify(*clips, *model, "-o", out).exit_code == 0
-    refused = classify(*clips, *model, "--activation", "softmax", "-o", out, "--resume")
-    assert refused.exit_code == 2 and "another model or settings" in refused.stderr
-
-
 def test_s8_12_an_empty_shard_exits_0_and_names_no_file_it_did_not_write(clips, model, tmp_path):
     out = tmp_path / "e7.json"
     result = classify(*clips, *model, "--shard", "7/10", "-o", out)

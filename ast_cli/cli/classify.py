@@ -144,8 +144,9 @@ def _run(target, sources, skipped: int, note: str | None, job: _Job) -> int:
     """Tag ``sources`` into ``target`` (planned, and holding its lock); returns how many failed."""
     from ._progress import BatchProgress
 
-    kept = target.journal is not None and target.journal.records  # earlier results: made as this run makes them?
-    provenance, path = _provenance(target, job) if sources or kept else ({}, None)  # if not: refused
+    journal = target.journal  # earlier results: made as this run makes them? If not, refused
+    checked = sources or (journal is not None and journal.checked_when_done and journal.records)
+    provenance, path = _provenance(target, job) if checked else ({}, None)
     if note and not job.quiet:
         say(job.stderr, note)
     progress = BatchProgress(job.stderr, len(sources), enabled=not job.quiet and job.stderr.is_terminal)
