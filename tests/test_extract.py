@@ -43,7 +43,7 @@ def reference_windows(audio, extractor, hop_frames: int, count: int) -> np.ndarr
 
 
 def common_args(directory):
-    return ["--model", directory, "--device", "cpu", "--dtype", "fp32", "--workers", "1", "--quiet"]
+    return ["--model", directory, "--device", "cpu", "--dtype", "fp32", "--workers", "1"]  # not quiet: a summary
 
 
 # -- numbers -------------------------------------------------------------------------------------------
@@ -320,3 +320,12 @@ def test_s8_12_nothing_to_extract_exits_0_and_writes_nothing(tiny_checkpoint, tm
         said = "nothing to extract: shard 2/3 holds none of the 1 input"
     assert result.exit_code == 0 and result.stderr.splitlines() == [said] and not out.exists()
     assert run("-", "--out", out, "--model", tiny_checkpoint[0], "-q", input="").stderr == ""
+
+
+def test_s8_19_quiet_extract_features_prints_no_summary_as_classify(tiny_checkpoint, tmp_path):
+    clip = write_audio(tmp_path / "a.wav", 1.0)
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"junk" * 50)
+    result = run(clip, bad, "--out", tmp_path / "out", "--model", tiny_checkpoint[0], "-q")
+    lines = result.stderr.splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith(f"error: {bad}: "), lines

@@ -52,7 +52,7 @@ def fake_cache(cache: Path, repo_id: str, source_dir: Path, commit: str = "a" * 
 @pytest.mark.parametrize("changed", [["--kind", "fbank"], ["--hop", "0.3"], ["--quantize", "int8"]])
 def test_extract_refuses_outputs_made_with_other_settings(tiny_checkpoint, clips, tmp_path, changed):
     out = tmp_path / "feat"
-    base = ["extract-features", *clips, "--out", out, "--model", tiny_checkpoint[0], "--quiet"]
+    base = ["extract-features", *clips, "--out", out, "--model", tiny_checkpoint[0]]  # not quiet: a summary
     assert ast(*base).exit_code == 0
     before = {p: p.read_bytes() for p in out.rglob("*.safetensors")}
     again = ast(*base)

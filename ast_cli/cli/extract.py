@@ -80,9 +80,10 @@ def extract_features_command(
         progress = BatchProgress(stderr, todo, enabled=not quiet and stderr.is_terminal, description="extracting")
         try:
             _run(jobs, extractor, format.value, overwrite, progress, counts, stderr, debug, run, kind)
-        finally:  # also after Ctrl-C: what was written is complete and stays
-            summary(stderr, f"{counts['written']} written, {counts['skipped']} skipped (already in {out}), "
-                            f"{counts['failed']} failed", progress, f"results in {out}")
+        finally:  # also after Ctrl-C: what was written is complete and stays; not with --quiet, as classify
+            if not quiet:
+                summary(stderr, f"{counts['written']} written, {counts['skipped']} skipped (already in {out}), "
+                                f"{counts['failed']} failed", progress, f"results in {out}")
         if counts["failed"]:
             raise typer.Exit(EXIT_FAILED)
 
