@@ -379,3 +379,23 @@ def test_s8_12_an_empty_shard_exits_0_and_names_no_file_it_did_not_write(clips, 
     result = classify(*clips, *model, "--shard", "7/10", "-o", out)
     assert result.exit_code == 0 and not out.exists() and list(tmp_path.iterdir()) == []
     assert result.stderr.splitlines() == ["nothing to tag: shard 7/10 holds none of the 3 inputs"]
+
+
+def test_s8_7_a_jsonl_whose_first_record_cannot_replace_the_earlier_file_is_one_line(clips, model, tmp_path,
+                                                                                     monkeypatch):
+    import ast_cli.run.files as files
+
+    out = tmp_path / "week.jsonl"
+    out.write_text('{"path": "last week"}\n')
+    real_replace = os.replace
+
+    def full(src, dst):
+        if os.path.realpath(dst) == os.path.realpath(out):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", full)
+    result = classify(clips[0], *model, "-o", out, "--overwrite")
+    assert result.exit_code == 1 and result.stderr.splitlines()[-1] == \
+        f"Error: cannot write {out}: No space left on device"
+    assert out.read_text() == '{"path": "last week"}\n' and sorted(tmp_path.iterdir()) == [out]

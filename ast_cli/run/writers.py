@@ -165,7 +165,7 @@ class JsonlWriter(Writer):
             if commit and self._atomic is not None:  # a complete run with no record: an empty output
                 self._replace()
             _flush(self.stream)
-            if self._own and self._fsync:
+            if self._own and self._fsync and not self.stream.closed:  # closed: its replacing failed
                 os.fsync(self.stream.fileno())
         finally:
             if self._atomic is not None:  # no record written: the earlier file stays
