@@ -329,3 +329,14 @@ def test_s8_19_quiet_extract_features_prints_no_summary_as_classify(tiny_checkpo
     result = run(clip, bad, "--out", tmp_path / "out", "--model", tiny_checkpoint[0], "-q")
     lines = result.stderr.splitlines()
     assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith(f"error: {bad}: "), lines
+
+
+def test_s8_12_a_named_folder_without_audio_fails_as_in_classify(tiny_checkpoint, tmp_path):
+    empty, clip = tmp_path / "empty", write_audio(tmp_path / "in" / "a.wav", 1.0)
+    empty.mkdir()
+    alone = run(empty, "--out", tmp_path / "out", "--model", tiny_checkpoint[0])
+    assert alone.exit_code == 1 and alone.stderr.splitlines()[0] == f"Error: no audio or video files in {empty}"
+    beside = run(clip, empty, "--out", tmp_path / "out", "--model", tiny_checkpoint[0], "-q")
+    assert beside.exit_code == 1 and beside.stderr.splitlines() == [f"error: {empty}: no audio or video files in "
+                                                                    "this folder"]
+    assert (tmp_path / "out" / "a.wav.safetensors").exists()
