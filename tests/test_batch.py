@@ -484,3 +484,14 @@ def test_twelve_formats_and_bad_files(tiny_checkpoint, tmp_path):
     failures = [r for r in records.values() if r["error"]]
     assert sorted(os.path.basename(r["path"]) for r in failures) == sorted(bad)
     assert len(result.stderr.splitlines()) == len(bad)
+
+
+@pytest.mark.parametrize("fmt, delimiter", [("csv", ","), ("tsv", "\t")])
+def test_s8_10_a_file_with_no_label_over_the_threshold_has_one_row(tiny_checkpoint, two_clips, tmp_path, fmt,
+                                                                   delimiter):
+    args = [*two_clips, "--model", tiny_checkpoint[0], "--threshold", "1", "-f", fmt]
+    rows = list(csv.reader(io.StringIO(run(*args).stdout), delimiter=delimiter))
+    assert rows[1:] == [[str(two_clips[0]), "1.0", "", "", "", "", ""], [str(two_clips[1]), "0.5", "", "", "", "", ""]]
+    assert run(*args, "--output-dir", tmp_path / "per-file").exit_code == 0
+    per_file = (tmp_path / "per-file" / f"x.wav.{fmt}").read_text().splitlines()
+    assert per_file[1].split(delimiter) == [str(two_clips[0]), "1.0", "", "", "", "", ""]

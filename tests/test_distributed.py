@@ -314,7 +314,7 @@ def test_extract_features_on_two_nodes_writes_the_local_engines_features(cluster
     from safetensors.numpy import load_file
 
     local_dir, ray_dir = tmp_path / "local", tmp_path / "ray"
-    common = ["extract-features", str(tree), "--model", str(tiny_checkpoint[0]), "--quiet"]
+    common = ["extract-features", str(tree), "--model", str(tiny_checkpoint[0])]  # not quiet: a summary
     assert runner.invoke(app, [*common, "--out", str(local_dir)]).exit_code == 1
     remote = cluster.ast([*common, "--out", str(ray_dir), "--engine", "ray", "--ray-address", "auto"])
     assert remote.returncode == 1 and "5 written, 0 skipped" in remote.stderr, remote.stderr

@@ -43,7 +43,7 @@ def reference_windows(audio, extractor, hop_frames: int, count: int) -> np.ndarr
 
 
 def common_args(directory):
-    return ["--model", directory, "--device", "cpu", "--dtype", "fp32", "--workers", "1", "--quiet"]
+    return ["--model", directory, "--device", "cpu", "--dtype", "fp32", "--workers", "1"]  # not quiet: a summary
 
 
 # -- numbers -------------------------------------------------------------------------------------------
@@ -297,3 +297,46 @@ def test_usage_errors(tmp_path):
     (tmp_path / "file").write_text("")
     result = run(audio, "--out", tmp_path / "file")
     assert result.exit_code == 2 and "--out: " in result.stderr and "is not a directory" in result.stderr
+
+
+def test_s8_5_audio_piped_on_stdin_is_never_already_extracted(tiny_checkpoint, tmp_path):
+    short, long = (write_audio(tmp_path / f"{n}.wav", seconds, seed=n) for n, seconds in ((1, 1.0), (2, 3.0)))
+    out = tmp_path / "xfs"
+    assert run("-", "--out", out, *common_args(tiny_checkpoint[0]), input=short.read_bytes()).exit_code == 0
+    again = run("-", "--out", out, "--model", tiny_checkpoint[0], input=long.read_bytes())
+    assert again.exit_code == 0 and "1 written, 0 skipped" in again.stderr, again.stderr
+    assert json.loads(read_safetensors(out / "-.safetensors")[1]["duration"]) == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("how", ["empty stdin", "empty shard"])
+def test_s8_12_nothing_to_extract_exits_0_and_writes_nothing(tiny_checkpoint, tmp_path, how):
+    out = tmp_path / "out"
+    if how == "empty stdin":
+        result = run("-", "--out", out, "--model", tiny_checkpoint[0], input="")
+        said = "nothing to extract: standard input listed no files"
+    else:
+        clip = write_audio(tmp_path / "in" / "a.wav", 1.0)
+        result = run(clip.parent, "--out", out, "--model", tiny_checkpoint[0], "--shard", "2/3")
+        said = "nothing to extract: shard 2/3 holds none of the 1 input"
+    assert result.exit_code == 0 and result.stderr.splitlines() == [said] and not out.exists()
+    assert run("-", "--out", out, "--model", tiny_checkpoint[0], "-q", input="").stderr == ""
+
+
+def test_s8_19_quiet_extract_features_prints_no_summary_as_classify(tiny_checkpoint, tmp_path):
+    clip = write_audio(tmp_path / "a.wav", 1.0)
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"junk" * 50)
+    result = run(clip, bad, "--out", tmp_path / "out", "--model", tiny_checkpoint[0], "-q")
+    lines = result.stderr.splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith(f"error: {bad}: "), lines
+
+
+def test_s8_12_a_named_folder_without_audio_fails_as_in_classify(tiny_checkpoint, tmp_path):
+    empty, clip = tmp_path / "empty", write_audio(tmp_path / "in" / "a.wav", 1.0)
+    empty.mkdir()
+    alone = run(empty, "--out", tmp_path / "out", "--model", tiny_checkpoint[0])
+    assert alone.exit_code == 1 and alone.stderr.splitlines()[0] == f"Error: no audio or video files in {empty}"
+    beside = run(clip, empty, "--out", tmp_path / "out", "--model", tiny_checkpoint[0], "-q")
+    assert beside.exit_code == 1 and beside.stderr.splitlines() == [f"error: {empty}: no audio or video files in "
+                                                                    "this folder"]
+    assert (tmp_path / "out" / "a.wav.safetensors").exists()

@@ -52,7 +52,7 @@ def fake_cache(cache: Path, repo_id: str, source_dir: Path, commit: str = "a" * 
 @pytest.mark.parametrize("changed", [["--kind", "fbank"], ["--hop", "0.3"], ["--quantize", "int8"]])
 def test_extract_refuses_outputs_made_with_other_settings(tiny_checkpoint, clips, tmp_path, changed):
     out = tmp_path / "feat"
-    base = ["extract-features", *clips, "--out", out, "--model", tiny_checkpoint[0], "--quiet"]
+    base = ["extract-features", *clips, "--out", out, "--model", tiny_checkpoint[0]]  # not quiet: a summary
     assert ast(*base).exit_code == 0
     before = {p: p.read_bytes() for p in out.rglob("*.safetensors")}
     again = ast(*base)
@@ -202,6 +202,26 @@ def test_include_reads_a_label_list_from_a_file(tiny_checkpoint, clips, tmp_path
     assert sorted(x["label"] for x in json.loads(result.stdout)[0]["labels"]) == ["Bark", "Dog", "Howl"]
     missing = ast("classify", clips[0], "--model", tiny_checkpoint[0], "--include", f"@{tmp_path / 'none.txt'}")
     assert missing.exit_code == 2 and "cannot read the label list" in missing.stderr
+
+
+@pytest.mark.parametrize("content, said", [(b"RIFF\xfe\xff\x00 not text", "is not UTF-8 text"),
+                                           (b"Dog\n" * (1 << 20) + b"Bark\n", "is larger than 4 MiB")])
+def test_s8_14_a_label_list_that_is_not_one_is_a_usage_error_naming_it(tiny_checkpoint, clips, tmp_path, content,
+                                                                       said):
+    names = tmp_path / "labels.txt"
+    names.write_bytes(content)
+    result = ast("classify", clips[0], "--model", tiny_checkpoint[0], "--include", f"@{names}")
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.startswith(f"Error: --include/--exclude: the label list {names} {said}")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="no /dev/zero here")
+def test_s8_14_a_label_list_is_read_with_a_bound():
+    from ast_cli.cli._inputs import label_file
+    from ast_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="larger than 4 MiB"):
+        label_file("/dev/zero")
 
 
 # -- 10. bad weights files --------------------------------------------------------------------------------------

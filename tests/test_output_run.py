@@ -267,3 +267,135 @@ def test_24_5_records_name_the_precision_the_model_runs_in(monkeypatch):
     assert compute(local) == "fp16" and compute(ray_gpu) == "fp16"  # auto is fp16 on CUDA
     assert compute(SimpleNamespace(ray=True, gpus_per_worker=0.0)) == "fp32"
     assert compute(local, dtype="bf16") == "bf16" and compute(local, quantize="int8") == "int8"
+
+
+# -- session 8: outputs ------------------------------------------------------------------------------------------
+
+def _result(path):
+    from ast_cli.run.tagger import FileResult, LabelScore
+
+    return FileResult(str(path), 1.0, [LabelScore("Speech", 0, 0.9)])
+
+
+def test_s8_7_an_overwritten_jsonl_stays_as_it_was_until_the_first_record(clips, tmp_path):
+    from ast_cli.run.output import plan_output
+
+    out = tmp_path / "week.jsonl"
+    out.write_text('{"path": "last week"}\n')
+    writer = plan_output(str(out), None, overwrite=True).open()
+    assert out.read_text() == '{"path": "last week"}\n'  # opening the writer truncates nothing
+    writer.close(commit=False)  # interrupted before any record
+    assert out.read_text() == '{"path": "last week"}\n' and sorted(tmp_path.iterdir()) == [out]
+    writer = plan_output(str(out), None, overwrite=True).open()
+    writer.write(_result(clips[0]))  # the first record replaces the earlier file ...
+    assert [r["path"] for r in records(out.read_text())] == [str(clips[0])]
+    writer.write(_result(clips[1]))  # ... and the rest is appended, each line as it comes
+    assert [r["path"] for r in records(out.read_text())] == [str(clips[0]), str(clips[1])]
+    writer.close(commit=False)  # interrupted after two records: they stay, for --resume
+    assert [r["path"] for r in records(out.read_text())] == [str(clips[0]), str(clips[1])]
+    assert sorted(tmp_path.iterdir()) == [out]
+
+
+def test_s8_7_an_interrupted_overwrite_run_that_tagged_nothing_keeps_the_jsonl(clips, model, tmp_path, monkeypatch):
+    from ast_cli.run.tagger import Tagger
+
+    out = tmp_path / "week.jsonl"
+    assert classify(*clips, *model, "-o", out).exit_code == 0
+    before = out.read_bytes()
+
+    def interrupted(self, sources, **kwargs):
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(Tagger, "classify", interrupted)
+    result = classify(clips[0], *model, "-o", out, "--overwrite")
+    assert result.exit_code == 130 and out.read_bytes() == before
+    assert sorted(tmp_path.iterdir()) == [out]
+
+
+def test_s8_4_a_run_never_removes_another_outputs_or_a_live_runs_temporary_file(clips, model, tmp_path):
+    import fcntl
+
+    out = tmp_path / "tags.csv"
+    other = tmp_path / ".tags.csv.week2.csv.abcd1234.ast-tmp"  # tags.csv.week2.csv's, being written
+    other.write_text("path,duration\n")
+    stale = tmp_path / ".tags.csv.k1ll3d00.ast-tmp"  # ours, of a run that was killed
+    stale.write_text("half")
+    live = tmp_path / ".tags.csv.l1ve0000.ast-tmp"  # ours by name, but a live process holds it
+    live.write_text("live")
+    with open(live) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = classify(clips[0], *model, "-o", out, "-q")
+    assert result.exit_code == 0, result.stderr
+    assert other.read_text() == "path,duration\n" and live.read_text() == "live" and not stale.exists()
+
+
+def test_s8_5_audio_piped_on_stdin_is_never_already_in_an_output_dir(model, tmp_path):
+    short, long = (write_audio(tmp_path / f"{n}.wav", seconds, seed=n) for n, seconds in ((1, 1.0), (2, 3.0)))
+    ods = tmp_path / "ods"
+    assert classify("-", *model, "--output-dir", ods, "-q", input=short.read_bytes()).exit_code == 0
+    again = classify("-", *model, "--output-dir", ods, input=long.read_bytes())
+    assert again.exit_code == 0 and "already in" not in again.stderr, again.stderr
+    assert json.loads((ods / "-.json").read_text())["duration"] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("changed", [["--activation", "softmax"], ["--hop", "0.32"], ["--model", "other"]])
+def test_s8_6_an_output_dir_refuses_json_results_of_another_model_or_settings(clips, model, tmp_path, changed):
+    from conftest import make_reference
+
+    if changed[0] == "--model":
+        changed = ["--model", make_reference(tmp_path, "tiny-other", seed=1)[0]]
+    ods = tmp_path / "ods"
+    assert classify(*clips[:2], *model, "--output-dir", ods, "-q").exit_code == 0
+    before = {p: p.read_bytes() for p in ods.iterdir()}
+    for inputs in (clips[:2], clips):  # nothing left to do, and one input to add: refused all the same
+        refused = classify(*inputs, *model, *changed, "--output-dir", ods)
+        assert refused.exit_code == 2, refused.stderr
+        assert refused.stderr.startswith(f"Error: --output-dir: {ods} holds results made with another model or "
+                                         f"settings ({ods / clips[0].name}.json: ")
+        assert {p: p.read_bytes() for p in ods.iterdir()} == before
+    replaced = classify(*clips, *model, *changed, "--output-dir", ods, "--overwrite", "-q")
+    assert replaced.exit_code == 0 and len(list(ods.iterdir())) == 3
+
+
+def test_s8_6_an_output_dir_redoes_an_input_that_changed_since_its_json_result(model, tmp_path):
+    source = write_audio(tmp_path / "src" / "a.wav", 1.0)
+    ods = tmp_path / "ods"
+    assert classify(source.parent, *model, "--output-dir", ods, "-q").exit_code == 0
+    write_audio(source, 3.0, seed=5)  # replaced: another size and mtime
+    again = classify(source.parent, *model, "--output-dir", ods)
+    assert again.exit_code == 0 and "already in" not in again.stderr, again.stderr
+    assert json.loads((ods / "a.wav.json").read_text())["duration"] == pytest.approx(3.0)
+    unchanged = classify(source.parent, *model, "--output-dir", ods)
+    assert "1 of 1 file already in" in unchanged.stderr
+    (ods / "a.wav.json").write_text("my own notes\n")  # not ours: never replaced without --overwrite
+    refused = classify(source.parent, *model, "--output-dir", ods)
+    assert refused.exit_code == 2 and "is not a result file of `ast`" in refused.stderr
+    assert (ods / "a.wav.json").read_text() == "my own notes\n"
+
+
+def test_s8_12_an_empty_shard_exits_0_and_names_no_file_it_did_not_write(clips, model, tmp_path):
+    out = tmp_path / "e7.json"
+    result = classify(*clips, *model, "--shard", "7/10", "-o", out)
+    assert result.exit_code == 0 and not out.exists() and list(tmp_path.iterdir()) == []
+    assert result.stderr.splitlines() == ["nothing to tag: shard 7/10 holds none of the 3 inputs"]
+
+
+def test_s8_7_a_jsonl_whose_first_record_cannot_replace_the_earlier_file_is_one_line(clips, model, tmp_path,
+                                                                                     monkeypatch):
+    import ast_cli.run.files as files
+
+    out = tmp_path / "week.jsonl"
+    out.write_text('{"path": "last week"}\n')
+    real_replace = os.replace
+
+    def full(src, dst):
+        if os.path.realpath(dst) == os.path.realpath(out):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", full)
+    result = classify(clips[0], *model, "-o", out, "--overwrite")
+    assert result.exit_code == 1 and result.stderr.splitlines()[-1] == \
+        f"Error: cannot write {out}: No space left on device"
+    assert out.read_text() == '{"path": "last week"}\n' and sorted(tmp_path.iterdir()) == [out]

@@ -205,7 +205,7 @@ def test_a_run_started_with_sigint_ignored_keeps_ignoring_it(tiny_checkpoint, tm
 
 def test_stale_temporary_files_of_killed_runs_are_removed(tiny_checkpoint, clips, tmp_path):
     out = tmp_path / "tags.json"
-    stale = tmp_path / ".tags.json.k1ll3d.ast-tmp"
+    stale = tmp_path / ".tags.json.k1ll3d00.ast-tmp"  # as mkstemp names them: 8 characters
     stale.write_text("[\n  {half a record")
     other = tmp_path / ".someone-else.tmp"
     other.write_text("not ours")

@@ -2,7 +2,8 @@
 level, so ``ast --help`` and shell completion stay instant (torch loads only inside commands).
 
 - ``_app``: the Typer app; ``_common``: shared option types and the RunOptions bundle; ``_errors``: the error
-  table; ``_io``: stderr handling; ``_progress`` and ``_render``: what a person sees.
+  table; ``_io``: stderr handling; ``_inputs``: the audio inputs of a run; ``_progress`` and ``_render``: what a
+  person sees.
 - ``classify``, ``listen``, ``extract``, ``train`` (train, evaluate), ``models`` (download, models, labels),
   ``benchmark``: the commands.
 """

@@ -201,20 +201,12 @@ def refuse_piped_audio_on_ray(items, settings) -> None:
 
 
 def label_list(values: list[str] | None) -> list[str]:
-    """``--include`` values, where ``@FILE`` stands for the labels in FILE (one per line; # comments)."""
-    from ..errors import UsageError
+    """``--include`` values, where ``@FILE`` stands for the labels in FILE (``_inputs.label_file``)."""
+    from ._inputs import label_file
 
     out: list[str] = []
     for value in values or ():
-        if not value.startswith("@"):
-            out.append(value)
-            continue
-        try:
-            with open(value[1:], encoding="utf-8") as handle:
-                lines = [line.split("#", 1)[0].strip() for line in handle]
-        except OSError as exc:
-            raise UsageError(f"cannot read the label list {value[1:]}: {exc.strerror or exc}", option="labels") from None
-        out.extend(line for line in lines if line)
+        out.extend(label_file(value[1:]) if value.startswith("@") else [value])
     return out
 
 

@@ -8,15 +8,15 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ..tasks.distributed import take_shard
 from ..run.options import Activation, Aggregate, OutputFormat, RunOptions
 from ._app import app
 from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, HeadOpt, ModelOpt, NoBaseHeadOpt, PathsArg, QuietOpt,
                       ThresholdOpt, ThresholdsOpt, apply_calibrations, calibrations_of, checked_distributed,
                       compute_name, distributed_options, fetch_model, label_list, load_tagger, model_config,
-                      parse_threshold, path_stdin, refuse_piped_audio_on_ray, report_failure, run_options,
+                      parse_threshold, refuse_piped_audio_on_ray, report_failure, run_options,
                       stderr_console)
 from ._errors import EXIT_FAILED, cli_errors, counted, debug_enabled, say
+from ._inputs import run_inputs
 
 
 @app.command()
@@ -62,7 +62,6 @@ def classify(
     stderr = stderr_console()
     with cli_errors(stderr, debug):
         from ..errors import UsageError
-        from ..audio.inputs import expand_inputs, parse_extensions
         from ..checkpoint.heads import read_heads
         from ..run.tagger import LabelSelection
 
@@ -84,10 +83,9 @@ def classify(
         cluster = checked_distributed(dist, run)
         if heads and cluster.ray:
             raise UsageError("heads run in this process, not on a Ray cluster", option="heads")
-        found = expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths))
-        if not found:
-            return _nothing_found(paths, ext, stderr, quiet)
-        items = take_shard(found + _empty_folders(paths, found, ext), cluster.shard)
+        items = run_inputs(paths, ext, cluster.shard, stderr, quiet, "tag")
+        if not items:
+            return  # an empty list on stdin, an empty shard: nothing written, exit 0
         refuse_piped_audio_on_ray(items, cluster)
         job = _Job(model, run, cluster, selection, activation, aggregate or Aggregate.max, segments,
                    output_dir or output, stderr, quiet, debug, calibrations, tuple(heads), not no_base_head)
@@ -120,40 +118,6 @@ class _Job:
     base_head: bool = True
 
 
-def _nothing_found(paths: list[str], ext, stderr, quiet: bool) -> None:
-    """No input at all: fine for an empty list on stdin (exit 0, no output written); a named folder or pattern
-    with no audio in it is a failure (a typo in a path or --ext must not look like success)."""
-    from ..errors import AstError
-
-    named = [path for path in paths if path != "-"]
-    if not named:
-        if not quiet:
-            say(stderr, "nothing to tag: standard input listed no files")
-        return
-    raise AstError(f"no {_looked_for(ext)} in {', '.join(named)}",
-                   hint="check the paths and --ext" if ext else "--ext chooses the extensions taken from folders")
-
-
-def _looked_for(ext) -> str:
-    from ..audio.inputs import parse_extensions
-
-    if not ext:
-        return "audio or video files"
-    return "files ending in " + ", ".join("." + e for e in sorted(parse_extensions(ext)))
-
-
-def _empty_folders(paths: list[str], found, ext) -> list:
-    """A folder named next to other inputs that gave no file: an error item of its own (like a pattern that
-    matches nothing), so the rest goes on and the exit code says something was wrong."""
-    import os
-
-    from ..audio.inputs import InputFile
-
-    roots = {item.root for item in found}
-    return [InputFile(path, error=f"no {_looked_for(ext)} in this folder") for path in dict.fromkeys(paths)
-            if path != "-" and path not in roots and os.path.isdir(path)]
-
-
 def _plan(items, job: _Job, format, output, output_dir, resume, overwrite):
     """The checked output, the sources still to tag (an earlier run's done files left out), and what to say of
     those (None: nothing)."""
@@ -180,7 +144,9 @@ def _run(target, sources, skipped: int, note: str | None, job: _Job) -> int:
     """Tag ``sources`` into ``target`` (planned, and holding its lock); returns how many failed."""
     from ._progress import BatchProgress
 
-    provenance, path = _provenance(target, job) if sources else ({}, None)  # another model or settings: refused
+    journal = target.journal  # earlier results: made as this run makes them? If not, refused
+    checked = sources or (journal is not None and journal.checked_when_done and journal.records)
+    provenance, path = _provenance(target, job) if checked else ({}, None)
     if note and not job.quiet:
         say(job.stderr, note)
     progress = BatchProgress(job.stderr, len(sources), enabled=not job.quiet and job.stderr.is_terminal)

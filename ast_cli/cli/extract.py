@@ -9,9 +9,10 @@ import typer
 from ..run.options import FeatureFormat, FeatureKind, RunOptions
 from ._app import app
 from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, ModelOpt, PathsArg, QuietOpt, checked_distributed,
-                      distributed_options, fetch_model, load_tagger, path_stdin, refuse_piped_audio_on_ray,
+                      distributed_options, fetch_model, load_tagger, refuse_piped_audio_on_ray,
                       report_failure, run_options, stderr_console, warn_if_gaps)
 from ._errors import EXIT_FAILED, cli_errors, debug_enabled
+from ._inputs import run_inputs
 from ._progress import BatchProgress, summary
 
 
@@ -49,17 +50,12 @@ def extract_features_command(
     """
     stderr = stderr_console()
     with cli_errors(stderr, debug):
-        from ..errors import UsageError
         from ..tasks.extract import FeatureExtractor, Settings, load_feature_config, plan_outputs
-        from ..audio.inputs import expand_inputs, parse_extensions
-
-        from ..tasks.distributed import take_shard
 
         cluster = checked_distributed(dist, run)
-        found = expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths))
-        if not found:  # a shard may be empty: its run has nothing to do
-            raise UsageError("no audio files found in the given paths", hint="check --ext, or name files directly")
-        items = take_shard(found, cluster.shard)
+        items = run_inputs(paths, ext, cluster.shard, stderr, quiet, "extract")
+        if not items:
+            return  # an empty list on stdin, an empty shard: nothing written, exit 0, as classify
         refuse_piped_audio_on_ray(items, cluster)
         settings = None if overwrite else Settings.of(kind.value, model, run)
         jobs = plan_outputs(items, out, format.value, settings)  # collisions, other settings: fail before any work
@@ -84,9 +80,10 @@ def extract_features_command(
         progress = BatchProgress(stderr, todo, enabled=not quiet and stderr.is_terminal, description="extracting")
         try:
             _run(jobs, extractor, format.value, overwrite, progress, counts, stderr, debug, run, kind)
-        finally:  # also after Ctrl-C: what was written is complete and stays
-            summary(stderr, f"{counts['written']} written, {counts['skipped']} skipped (already in {out}), "
-                            f"{counts['failed']} failed", progress, f"results in {out}")
+        finally:  # also after Ctrl-C: what was written is complete and stays; not with --quiet, as classify
+            if not quiet:
+                summary(stderr, f"{counts['written']} written, {counts['skipped']} skipped (already in {out}), "
+                                f"{counts['failed']} failed", progress, f"results in {out}")
         if counts["failed"]:
             raise typer.Exit(EXIT_FAILED)
 

@@ -15,6 +15,7 @@ import contextlib
 import glob
 import hashlib
 import os
+import re
 import stat
 import tempfile
 import time
@@ -68,21 +69,43 @@ def atomic_write(path: str, mode: str = "w") -> Iterator[IO]:
 
 
 def _temp_file(path: str) -> tuple[int, str]:
-    """A new temporary file beside ``path``: (descriptor, name)."""
+    """A new temporary file beside ``path``: (descriptor, name). The descriptor holds a lock on it (flock, released
+    by the kernel when the process dies), so that ``remove_stale_temp_files`` leaves a live run's file alone."""
+    import fcntl
+
     stem = beside(path)
-    return tempfile.mkstemp(prefix=os.path.basename(stem) + ".", suffix=TEMP_SUFFIX, dir=os.path.dirname(stem))
+    fd, name = tempfile.mkstemp(prefix=os.path.basename(stem) + ".", suffix=TEMP_SUFFIX, dir=os.path.dirname(stem))
+    with contextlib.suppress(OSError):  # a file system without flock: the output's lock alone guards it
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it
+    return fd, name
+
+
+def _ours(name: str, stem: str) -> bool:
+    """``name`` is exactly a temporary file ``_temp_file`` makes for the output whose stem is ``stem``:
+    ``.<name>.<8 of mkstemp's characters>.ast-tmp``, not that of another output whose name begins the same
+    (``.tags.csv.week2.csv.<random>.ast-tmp`` beside ``tags.csv``)."""
+    return re.fullmatch(re.escape(stem) + r"\.[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX), name) is not None
 
 
 def remove_stale_temp_files(path: str, older_than: float = 0.0) -> int:
-    """Remove our temporary files beside ``path`` left by runs that were killed (the caller holds the lock of
-    ``path``, so no live run owns them). Returns how many were removed."""
-    pattern = f"{glob.escape(beside(path))}.*{TEMP_SUFFIX}"
+    """Remove our temporary files beside ``path`` left by runs that were killed: exactly the names made for
+    ``path``, and only those no live process holds. Returns how many were removed."""
+    import fcntl
+
+    stem = beside(path)
     removed = 0
-    for stale in glob.glob(pattern):
+    for stale in glob.glob(f"{glob.escape(stem)}.*{TEMP_SUFFIX}"):
+        if not _ours(os.path.basename(stale), os.path.basename(stem)):
+            continue
         with contextlib.suppress(OSError):
-            if time.time() - os.stat(stale).st_mtime >= older_than:
-                os.unlink(stale)
-                removed += 1
+            fd = os.open(stale, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: a live run writes it
+                if time.time() - os.fstat(fd).st_mtime >= older_than:
+                    os.unlink(stale)
+                    removed += 1
+            finally:
+                os.close(fd)
     return removed
 
 
@@ -163,8 +186,8 @@ def _check_writable(path: str) -> None:
         fd, probe = _temp_file(real)
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}", option="output") from None
+    os.unlink(probe)  # while its lock is held: no clean-up of another run takes it first
     os.close(fd)
-    os.unlink(probe)
     if os.path.exists(real) and not os.access(real, os.W_OK):
         raise UsageError(f"cannot write {path}: permission denied", option="output")
 

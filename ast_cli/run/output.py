@@ -9,8 +9,9 @@ interrupted run leaves an earlier output byte for byte as it was:
 - json, csv, tsv: into a temporary file beside the target, renamed over it only when the run completes
   (``close(commit=True)``); an interrupted run discards it. A symlink is written through (its target is
   replaced, the link stays); a device or FIFO (``/dev/stdout``, ``>(gzip)``) is written directly.
-- jsonl: line by line into the file itself (flushed per line, so ``tail -f`` and ``--resume`` see each
-  record); fsync only where there is a disk behind it.
+- jsonl: line by line (flushed per line, so ``tail -f`` and ``--resume`` see each record); appended to the
+  file itself when resuming, else to a temporary file that replaces the target with the first record (a run
+  that writes none leaves an earlier file as it was); fsync only where there is a disk behind it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Sequence, TextIO
 
 from ..errors import UsageError
 from .options import OutputFormat
+from .resume import Journal, path_key
 from .files import OutputLock, _check_writable, _kind, check_writable_dir, remove_stale_temp_files
 from .writers import CsvWriter, JsonWriter, JsonlWriter, PerFileWriter, TableWriter, Writer
 
@@ -71,7 +73,8 @@ class OutputTarget:
             if self.journal is not None:
                 self.journal.repair()
         if self.format is OutputFormat.jsonl:
-            writer: Writer = JsonlWriter(stream, self.path, append=self.append, fsync=self.kind != "special")
+            writer: Writer = JsonlWriter(stream, self.path, append=self.append, fsync=self.kind != "special",
+                                         direct=self.kind == "special")
         elif self.format is OutputFormat.json:
             writer = JsonWriter(stream, self.path, direct=self.kind == "special")
         else:
@@ -126,8 +129,6 @@ def plan_output(path: str | None, fmt: OutputFormat | str | None, *, resume: boo
         _check_writable(path)
     target.take_lock()  # before reading the journal: a second run must not resume from what the first writes
     if resume:
-        from .resume import Journal
-
         try:
             target.journal = Journal.read(path)
         except BaseException:
@@ -148,7 +149,7 @@ class OutputDir:
     path: str
     format: OutputFormat
     outputs: dict[str, str] = field(default_factory=dict)  # source name -> its result file
-    journal: object = None
+    journal: object = None  # json: the results already there (``Results``), checked as --resume checks its own
 
     @property
     def needs_segments(self) -> bool:
@@ -167,7 +168,9 @@ class OutputDir:
 def plan_output_dir(path: str, fmt: OutputFormat | str | None, items: Sequence, *, overwrite: bool = False
                     ) -> tuple[OutputDir, list]:
     """Check ``--output-dir`` before any work; returns it and the items still to do (a file's result already
-    there is done, unless ``overwrite``)."""
+    there is done, unless ``overwrite``; audio piped on stdin never is: nothing ties it to an earlier ``-``). A
+    json result is done only while the input has the size and mtime it records; ``target.journal`` holds those
+    records, for the check of their model and settings."""
     from ..audio.inputs import claim_outputs
 
     fmt = OutputFormat(fmt) if fmt is not None else OutputFormat.json
@@ -177,12 +180,51 @@ def plan_output_dir(path: str, fmt: OutputFormat | str | None, items: Sequence, 
     if _kind(path) not in ("missing", "directory"):
         raise UsageError(f"{path} exists and is not a directory", option="output_dir")
     check_writable_dir(path, option="output_dir")
-    target, todo = OutputDir(path, fmt), []
+    target, todo = OutputDir(path, fmt, journal=Results(path) if fmt is OutputFormat.json else None), []
     inputs = {os.path.realpath(getattr(item, "path", item)) for item in items}
     for item, output in claim_outputs(items, path, PER_FILE_SUFFIXES[fmt]):
         if os.path.realpath(output) in inputs:
             raise UsageError(f"{output} is also one of the inputs: refusing to overwrite it", option="output_dir")
         target.outputs[item.path] = output
-        if overwrite or item.error is not None or not os.path.isfile(output):
+        if overwrite or item.error is not None or item.source is not None or not os.path.isfile(output):
             todo.append(item)
+        elif fmt is OutputFormat.json and not target.journal.done(item.path, output):
+            todo.append(item)  # the input changed since its result was made
     return target, todo
+
+
+@dataclass
+class Results(Journal):
+    """The json results already in an ``--output-dir`` (``path``), read before any work: ``done`` tells whether an
+    input's result still describes it (size and mtime, as ``--resume`` does), ``check`` (``Journal``'s) refuses
+    results made with another model or settings, naming one of them."""
+
+    files: dict[str, str] = field(default_factory=dict)  # path_key of the input -> its result file
+    checked_when_done = True
+
+    def done(self, source: str, output: str) -> bool:
+        from ..audio.sources import FileSource
+
+        record = _result_record(output)
+        self.records[path_key(source)], self.files[path_key(source)] = record, output
+        return self.is_done(source, *FileSource(source).identity())
+
+    def refusal(self, key: str, record: dict, why: str) -> UsageError:
+        return UsageError(f"{self.path} holds results made with another model or settings ({self.files[key]}: "
+                          f"{why}): refusing to mix them (nothing was changed)", option="output_dir",
+                          hint="--overwrite replaces them, or write to another --output-dir")
+
+
+def _result_record(output: str) -> dict:
+    """The record in a json result file; a file that holds none is refused, never replaced."""
+    import json
+
+    try:
+        with open(output, encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, ValueError) as exc:
+        record = exc
+    if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+        raise UsageError(f"{output} is not a result file of `ast`: refusing to replace it (nothing was changed)",
+                         option="output_dir", hint="move it away, or write to another --output-dir")
+    return record

@@ -40,6 +40,9 @@ class Journal:
     size: int = 0  # length of the file when read
     lines: int = 0
     unterminated: bool = False  # the last line is a whole record without its newline
+    # checked only by a run that adds records (one with nothing left to do imports no torch); results an
+    # --output-dir run keeps are reported as its own, so they are checked even then (``output.Results``)
+    checked_when_done = False
 
     @classmethod
     def read(cls, path: str) -> "Journal":
@@ -112,15 +115,19 @@ class Journal:
     def check(self, settings) -> None:
         """Refuse (``UsageError``, changing nothing) to add records made otherwise than the ones there:
         ``settings.mismatch`` (``extract.Settings``) reads each record's ``model`` and ``settings``."""
-        for record in self.records.values():
+        for key, record in self.records.items():
             made = record.get("settings")
             why = (settings.mismatch({"model": record["model"], **made}) if "model" in record and isinstance(made, dict)
                    else "it names no model (an older ast wrote it)")
             if why:
-                raise UsageError(
-                    f"{self.path} holds records made with another model or settings ({record['path']}: {why}): "
-                    "refusing to resume into it (nothing was changed)", option="resume",
-                    suggest={"resume": None, "overwrite": True})
+                raise self.refusal(key, record, why)
+
+    def refusal(self, key: str, record: dict, why: str) -> UsageError:
+        """What ``check`` raises for ``record`` (under ``key``), made otherwise (``why``)."""
+        return UsageError(
+            f"{self.path} holds records made with another model or settings ({record['path']}: {why}): "
+            "refusing to resume into it (nothing was changed)", option="resume",
+            suggest={"resume": None, "overwrite": True})
 
     def repair(self) -> None:
         """Cut a torn last line (a run killed mid-write), or end a whole last record with its newline, so that

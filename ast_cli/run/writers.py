@@ -94,8 +94,7 @@ class _StreamWriter(Writer):
         finally:
             if self._atomic is not None:  # not committed, or the commit failed: the temporary file goes
                 atomic, self._atomic = self._atomic, None
-                with contextlib.suppress(KeyboardInterrupt, OSError):
-                    atomic.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
+                _discard(atomic)
             elif self._own:
                 self.stream.close()
 
@@ -105,6 +104,12 @@ def _flush(stream) -> None:
         stream.flush()
     except ValueError:  # already closed
         pass
+
+
+def _discard(atomic) -> None:
+    """End an ``atomic_write`` without renaming: its temporary file goes, the target stays as it was."""
+    with contextlib.suppress(KeyboardInterrupt, OSError):
+        atomic.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
 
 
 class JsonWriter(_StreamWriter):
@@ -124,32 +129,56 @@ class JsonWriter(_StreamWriter):
 
 
 class JsonlWriter(Writer):
-    """One line per file, flushed as soon as it is written, so ``tail -f`` and ``--resume`` see it."""
+    """One line per file, flushed as soon as it is written, so ``tail -f`` and ``--resume`` see it.
 
-    def __init__(self, stream: IO | None = None, path: str | None = None, append: bool = False, fsync: bool = True):
+    A file that is not appended to (new, or replaced with ``--overwrite``) starts as a temporary file beside it,
+    renamed over the target with its first record: a run that writes no record (interrupted, failed) leaves an
+    earlier file byte for byte, and from the first record on the file holds whole lines of what the run did,
+    which ``--resume`` continues. ``direct``: a device or FIFO, written as it is."""
+
+    def __init__(self, stream: IO | None = None, path: str | None = None, append: bool = False, fsync: bool = True,
+                 direct: bool = False):
         self.path = path
         self._own = path is not None
         self._fsync = fsync
+        self._atomic = atomic_write(path) if path and not (append or direct) else None
         with self._errors():
-            self.stream = open(path, "a" if append else "w", encoding="utf-8") if path else stream
+            if self._atomic is not None:
+                self.stream = self._atomic.__enter__()
+            else:
+                self.stream = open(path, "a" if append else "w", encoding="utf-8") if path else stream
 
     def _write(self, result: FileResult) -> None:
         self.stream.write(dumps(to_record(result, self.provenance)) + "\n")
         self.stream.flush()
+        if self._atomic is not None:
+            self._replace()
+
+    def _replace(self) -> None:
+        """The temporary file (fsynced) takes the target's place; the run appends to it from now on."""
+        atomic, self._atomic = self._atomic, None
+        atomic.__exit__(None, None, None)
+        self.stream = open(os.path.realpath(self.path), "a", encoding="utf-8")
 
     def _close(self, commit: bool) -> None:
         try:
+            if commit and self._atomic is not None:  # a complete run with no record: an empty output
+                self._replace()
             _flush(self.stream)
-            if self._own and self._fsync:
+            if self._own and self._fsync and not self.stream.closed:  # closed: its replacing failed
                 os.fsync(self.stream.fileno())
         finally:
-            if self._own:
+            if self._atomic is not None:  # no record written: the earlier file stays
+                atomic, self._atomic = self._atomic, None
+                _discard(atomic)
+            elif self._own:
                 self.stream.close()
 
 
 class CsvWriter(_StreamWriter):
     """One row per (file, label): ``path,duration,rank,label,index,score`` (+ ``start,end`` with segments),
-    then ``error``; a clip that is none of the labels (calibrated, single-label) has one row labelled NONE_OF.
+    then ``error``; a clip that is none of the labels (calibrated, single-label) has one row labelled NONE_OF, one
+    with no label at all (none reached the threshold) one row with the label empty.
     File-level rows have empty start/end; a failed file is one row with its error. With ``heads``, a ``head``
     column before ``label``, and ranks counted within each head."""
 
@@ -178,9 +207,11 @@ class CsvWriter(_StreamWriter):
             self.csv.writerow((display_path(result.path), duration) + blank + (result.error,))
             return
         self._rows(result, result.labels, None)
-        if result.none_of:  # a row of its own, so the file is not mistaken for one that was never tagged
+        if result.none_of or not result.labels:  # a row of its own, so the file is not mistaken for one that was
+            # never tagged: none of the labels (calibrated, single-label), or no label reached --threshold
             duration = "" if result.duration is None else round(result.duration, 6)
-            named = ("", NONE_OF) if self.heads else (NONE_OF,)  # in the label column, with heads too
+            label = NONE_OF if result.none_of else ""
+            named = ("", label) if self.heads else (label,)  # in the label column, with heads too
             self.csv.writerow((display_path(result.path), duration, "", *named, "", "")
                               + (("", "") if self.segments else ()) + ("",))
         for segment in result.segments or []:

@@ -157,7 +157,8 @@ def plan_outputs(items: Iterable[InputFile], out_dir: str, fmt: Format = "safete
 
     Two inputs that would write the same file are a ``UsageError`` naming both (typically two files with the
     same name given directly, or a folder given twice under different names). Inputs that are already
-    unusable (``item.error``) take no part: they fail without writing anything. With ``settings``, an existing
+    unusable (``item.error``) take no part: they fail without writing anything. Audio piped on stdin is never
+    done already (nothing ties it to an earlier ``-``). With ``settings``, an existing
     output made with other settings (another kind, model, hop or precision) is a ``UsageError`` too, unless
     ``overwrite`` is meant: callers that overwrite pass no settings.
     """
@@ -166,7 +167,7 @@ def plan_outputs(items: Iterable[InputFile], out_dir: str, fmt: Format = "safete
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"{out_dir} exists and is not a directory", option="out")
     check_writable_dir(out_dir)
-    jobs = [Job(item, output, exists=item.error is None and is_done(output, fmt))
+    jobs = [Job(item, output, exists=item.error is None and item.source is None and is_done(output, fmt))
             for item, output in claim_outputs(items, out_dir, SUFFIXES[fmt])]
     if settings is not None:
         stale = [(job, settings.mismatch(read_metadata(job.output, fmt))) for job in jobs if job.exists]

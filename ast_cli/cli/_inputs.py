@@ -1,0 +1,74 @@
+"""What a run reads from the paths it is given: its audio inputs (``classify``, ``extract-features``: named paths,
+folders, patterns and ``-``, one ``--shard`` of them, and what to say when there are none), and label lists
+(``--include @FILE``)."""
+
+from __future__ import annotations
+
+from ._errors import counted, say
+
+MAX_LABEL_LIST_BYTES = 4 << 20  # far more than any model's labels: anything larger (@/dev/zero) is not a list
+
+
+def run_inputs(paths: list[str], ext, shard: tuple[int, int] | None, stderr, quiet: bool, verb: str) -> list:
+    """The inputs of a run (``inputs.InputFile``), ``shard``'s part of them; a folder named next to other inputs
+    that holds no audio is an error item of its own. [] when there is nothing to do, an empty list on stdin or an
+    empty shard: said on stderr (not with ``quiet``), and the run ends with exit 0, writing nothing. Named folders
+    or patterns with no audio at all are an ``AstError`` (exit 1): a typo in a path or --ext must not look like
+    success."""
+    from ..audio.inputs import expand_inputs, parse_extensions
+    from ..errors import AstError
+    from ..tasks.distributed import take_shard
+    from ._common import path_stdin
+
+    found = expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths))
+    named = [path for path in paths if path != "-"]
+    if not found and named:
+        raise AstError(f"no {_looked_for(ext)} in {', '.join(named)}",
+                       hint="check the paths and --ext" if ext else "--ext chooses the extensions taken from folders")
+    every = found + _empty_folders(paths, found, ext)
+    items = take_shard(every, shard)
+    if not items and not quiet:
+        where = "standard input listed no files" if not found else (
+            f"shard {shard[0]}/{shard[1]} holds none of the {counted(len(every), 'input')}")
+        say(stderr, f"nothing to {verb}: {where}")
+    return items
+
+
+def _looked_for(ext) -> str:
+    from ..audio.inputs import parse_extensions
+
+    if not ext:
+        return "audio or video files"
+    return "files ending in " + ", ".join("." + e for e in sorted(parse_extensions(ext)))
+
+
+def _empty_folders(paths: list[str], found, ext) -> list:
+    """A folder named next to other inputs that gave no file: an error item of its own (like a pattern that
+    matches nothing), so the rest goes on and the exit code says something was wrong."""
+    import os
+
+    from ..audio.inputs import InputFile
+
+    roots = {item.root for item in found}
+    return [InputFile(path, error=f"no {_looked_for(ext)} in this folder") for path in dict.fromkeys(paths)
+            if path != "-" and path not in roots and os.path.isdir(path)]
+
+
+def label_file(path: str) -> list[str]:
+    """The labels in ``--include``/``--exclude`` ``@FILE``: one per line, UTF-8, ``#`` comments, read with a bound.
+    One that cannot be read, is larger than MAX_LABEL_LIST_BYTES or is not UTF-8 is a UsageError naming it."""
+    from ..errors import UsageError
+
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_LABEL_LIST_BYTES + 1)
+        if len(data) > MAX_LABEL_LIST_BYTES:
+            raise UsageError(f"the label list {path} is larger than {MAX_LABEL_LIST_BYTES >> 20} MiB: not a list "
+                             "of labels", option="labels")
+        text = data.decode("utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read the label list {path}: {exc.strerror or exc}", option="labels") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"the label list {path} is not UTF-8 text", option="labels") from None
+    lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    return [line for line in lines if line]
