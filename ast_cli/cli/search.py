@@ -117,14 +117,17 @@ def _label_tracks(hits, output_dir: str, text: str) -> None:
 
 def _print(hits, format) -> None:
     import csv
-    import json
     import sys
+    from dataclasses import replace
 
-    if format is SearchFormat.jsonl:
+    from ..run.records import display_path, dumps
+
+    if format is SearchFormat.jsonl:  # a name that is not UTF-8 as \udcXX escapes, as classify writes it
         for hit in hits:
-            sys.stdout.write(json.dumps({"path": hit.path, "start": hit.start, "end": hit.end, "score": hit.score},
-                                        ensure_ascii=False) + "\n")
-    elif format is SearchFormat.csv:
+            sys.stdout.write(dumps({"path": hit.path, "start": hit.start, "end": hit.end, "score": hit.score}) + "\n")
+        return
+    hits = [replace(hit, path=display_path(hit.path)) for hit in hits]  # as classify shows it: \xNN
+    if format is SearchFormat.csv:
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(CSV_COLUMNS)
         writer.writerows([hit.path, hit.start, hit.end, hit.score, ""] for hit in hits)

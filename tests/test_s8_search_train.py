@@ -1,0 +1,91 @@
+"""Session 8, second hostile review of index/search/train (s8-h24): names that are not UTF-8, non-finite training
+data, indexes searched read-only, on another machine or with the model moved, and small input checks."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+from typer.testing import CliRunner
+
+from ast_cli.cli import app
+from conftest import tone
+
+pytest.importorskip("faiss")
+NOT_UTF8 = os.fsdecode(b"b\xff.wav")  # a latin-1 name: held as a surrogate escape
+
+
+def write_audio(path, seconds: float, seed: int = 0):
+    """conftest's tone at ``path``, a name that need not be UTF-8 (opened by its bytes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(os.fsencode(path), tone(seconds, seed=seed), 16000)
+
+
+def ast(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def two_labels(root, extra: dict | None = None):
+    """Two labels of three one-window clips each, plus ``extra`` (label -> file name -> samples)."""
+    rng = np.random.default_rng(2)
+    for label, freq in (("high", 3000), ("low", 200)):
+        (root / label).mkdir(parents=True)
+        for i in range(3):
+            t = np.arange(9000) / 16000
+            x = 0.3 * np.sin(2 * np.pi * freq * (1 + 0.05 * i) * t) + 0.02 * rng.standard_normal(t.size)
+            sf.write(str(root / label / f"{i}.wav"), x.astype(np.float32), 16000)
+    for label, files in (extra or {}).items():
+        for name, samples in files.items():
+            sf.write(os.fsencode(root / label / name), samples, 16000, subtype="FLOAT")
+    return root
+
+
+def train(data, out, model, *extra):
+    return ast("train", data, "--out", out, "--model", model, "--val-split", "0.34", "--epochs", "2", "--quiet",
+               *extra)
+
+
+# -- N1: a file name that is not valid UTF-8 --------------------------------------------------------------------
+
+def test_s8_N1_a_non_utf8_name_is_indexed_searchable_and_resumable(tiny_checkpoint, tmp_path):
+    folder = tmp_path / "arch"
+    for i, name in enumerate(["a.wav", NOT_UTF8, "c.wav"]):
+        write_audio(folder / name, 1.0, seed=i)
+    db, model = tmp_path / "arch.db", tiny_checkpoint[0]
+    first = ast("index", folder, "--db", db, "--model", model, "--workers", "1")
+    assert first.exit_code == 0 and "3 indexed, 0 unchanged, 0 failed" in first.stderr, first.stderr
+    again = ast("index", folder, "--db", db, "--model", model, "--workers", "1")
+    assert again.exit_code == 0 and "0 indexed, 3 unchanged, 0 failed" in again.stderr, again.stderr
+    query = folder / NOT_UTF8
+    found = ast("search", db, query, "--top", "6", "-f", "jsonl")
+    assert found.exit_code == 0, found.stderr
+    paths = {json.loads(line)["path"] for line in found.stdout.splitlines()}
+    assert str(query) in paths and os.path.exists(os.fsencode(str(query)))  # round-trips to the same bytes
+    shown = ast("search", db, query, "--top", "6", "-f", "csv")
+    assert str(folder / "b\\xff.wav") in shown.stdout  # as classify shows it
+    others = ast("search", db, query, "--top", "6", "-f", "jsonl", "--exclude-file")
+    assert others.exit_code == 0 and str(query) not in {json.loads(x)["path"] for x in others.stdout.splitlines()}
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "npy"])
+def test_s8_N1_extract_features_records_a_non_utf8_source_name(tiny_checkpoint, tmp_path, fmt):
+    write_audio(tmp_path / "in" / NOT_UTF8, 1.0)
+    result = ast("extract-features", tmp_path / "in", "--out", tmp_path / "out", "--model", tiny_checkpoint[0],
+                 "--format", fmt, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    from ast_cli.tasks.extract import read_metadata
+
+    output = str(tmp_path / "out" / NOT_UTF8) + "." + fmt
+    assert read_metadata(output, fmt)["source"] == str(tmp_path / "in" / NOT_UTF8)
+
+
+def test_s8_N1_train_and_evaluate_take_a_non_utf8_name(tiny_checkpoint, tmp_path):
+    data = two_labels(tmp_path / "data")
+    os.link(data / "low" / "0.wav", os.fsencode(data / "low" / NOT_UTF8))
+    trained = train(data, tmp_path / "out", tiny_checkpoint[0])
+    assert trained.exit_code == 0, trained.stderr
+    evaluated = ast("evaluate", tmp_path / "out", data, "--quiet")
+    assert evaluated.exit_code == 0, evaluated.stderr
