@@ -89,3 +89,62 @@ def test_s8_N1_train_and_evaluate_take_a_non_utf8_name(tiny_checkpoint, tmp_path
     assert trained.exit_code == 0, trained.stderr
     evaluated = ast("evaluate", tmp_path / "out", data, "--quiet")
     assert evaluated.exit_code == 0, evaluated.stderr
+
+
+# -- N3: non-finite training data ------------------------------------------------------------------------------
+
+def tree_digest(folder) -> dict:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def all_finite(path) -> bool:
+    from safetensors.numpy import load_file
+
+    return all(np.isfinite(v).all() for v in load_file(str(path)).values())
+
+
+def test_s8_N3_a_non_finite_clip_fails_alone_and_the_model_stays_finite(tiny_checkpoint, tmp_path):
+    loud = np.full(9000, 3e38, np.float32)
+    loud[::2] = -3e38
+    data = two_labels(tmp_path / "data", {"low": {"loud.wav": loud}})
+    out = tmp_path / "out"
+    result = train(data, out, tiny_checkpoint[0])
+    assert result.exit_code == 1, result.stderr
+    assert [line for line in result.stderr.splitlines() if "loud.wav" in line] == \
+        [f"error: {data / 'low' / 'loud.wav'}: non-finite embeddings (audio far outside [-1, 1], or a damaged cache "
+         "or index)"]
+    failed = json.loads((out / "metrics.json").read_text())["failed"]
+    assert [os.path.basename(f["path"]) for f in failed] == ["loud.wav"]
+    assert all_finite(out / "model.safetensors") and all_finite(out / "head.safetensors")
+
+
+def test_s8_N3_a_nan_in_a_cached_embedding_fails_that_clip_alone(tiny_checkpoint, tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    data, cache = two_labels(tmp_path / "data"), tmp_path / "cache"
+    first = train(data, tmp_path / "first", tiny_checkpoint[0], "--features-dir", cache)
+    assert first.exit_code == 0, first.stderr
+    victim = sorted(cache.rglob("*.safetensors"))[0]
+    with safe_open(str(victim), framework="np") as handle:
+        metadata, embedding = handle.metadata(), handle.get_tensor("embedding")
+    save_file({"embedding": np.full_like(embedding, np.nan)}, str(victim), metadata=metadata)
+    out = tmp_path / "second"
+    result = train(data, out, tiny_checkpoint[0], "--features-dir", cache)
+    assert result.exit_code == 1 and result.stderr.count("non-finite embeddings") == 1, result.stderr
+    assert len(json.loads((out / "metrics.json").read_text())["failed"]) == 1
+    assert all_finite(out / "model.safetensors") and all_finite(out / "head.safetensors")
+
+
+def test_s8_N3_a_loss_that_goes_non_finite_saves_nothing_and_keeps_the_earlier_output(tiny_checkpoint, tmp_path):
+    data, out = two_labels(tmp_path / "data"), tmp_path / "out"
+    assert train(data, out, tiny_checkpoint[0]).exit_code == 0
+    before = tree_digest(tmp_path)
+    result = train(data, out, tiny_checkpoint[0], "--overwrite", "--lr", "1e30")
+    assert result.exit_code == 1, result.stderr
+    assert result.stderr.splitlines()[-2:] == ["Error: the training loss became non-finite in epoch 1: nothing was "
+                                               "saved", "Hint: train again with a lower learning rate"]
+    assert tree_digest(tmp_path) == before
