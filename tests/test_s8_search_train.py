@@ -148,3 +148,70 @@ def test_s8_N3_a_loss_that_goes_non_finite_saves_nothing_and_keeps_the_earlier_o
     assert result.stderr.splitlines()[-2:] == ["Error: the training loss became non-finite in epoch 1: nothing was "
                                                "saved", "Hint: train again with a lower learning rate"]
     assert tree_digest(tmp_path) == before
+
+
+# -- N10 + N18: an index search cannot write; a database that is not an index -----------------------------------
+
+def indexed(tmp_path, model, *extra):
+    """An index of three one-second files under tmp_path/in, in tmp_path/db."""
+    for i in range(3):
+        write_audio(tmp_path / "in" / f"{i}.wav", 1.0, seed=i)
+    result = ast("index", tmp_path / "in", "--db", tmp_path / "db", "--model", model, "--workers", "1", "--quiet",
+                 *extra)
+    assert result.exit_code == 0, result.stderr
+    return tmp_path / "db"
+
+
+def test_s8_N10_a_read_only_open_writes_nothing_and_builds_the_ann_in_memory(tiny_checkpoint, tmp_path, monkeypatch):
+    from ast_cli import Index
+    from ast_cli.run import vectordb
+
+    db = indexed(tmp_path, tiny_checkpoint[0])
+    with Index.open(str(db)) as index:
+        query = index.store.vectors_of(str(tmp_path / "in" / "1.wav"))[1][0]
+        exact = index.search(query, 3)
+    before = tree_digest(db)
+    monkeypatch.setattr(vectordb, "EXACT_LIMIT", 1)  # an approximate search, with no ANN file saved yet
+    with Index.open(str(db), read_only=True) as index:
+        assert index.read_only and [h.path for h in index.search(query, 3)] == [h.path for h in exact]
+    assert tree_digest(db) == before and sorted(os.listdir(db)) == ["index.sqlite"]
+
+
+@pytest.mark.slow  # whole processes in a mount namespace
+def test_s8_N10_search_answers_on_a_read_only_mount_and_says_the_shards_wait(tiny_checkpoint, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+        pytest.skip("needs unshare -m (a mount namespace) to mount a folder read-only")
+    db = indexed(tmp_path, tiny_checkpoint[0])
+    write_audio(tmp_path / "in" / "new.wav", 1.0, seed=9)
+    shard = ast("index", tmp_path / "in", "--db", db, "--model", tiny_checkpoint[0], "--shard", "1/2", "--quiet")
+    assert shard.exit_code == 0, shard.stderr
+    before = tree_digest(db)
+    search = f"{sys.executable} -m ast_cli search {db} {tmp_path / 'in' / '0.wav'} --top 1 -f jsonl"
+    done = subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind {db} {db} && mount -o remount,bind,ro {db} "
+                           f"{db} && {search}"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["path"] == str(tmp_path / "in" / "0.wav")
+    assert done.stderr.splitlines() == [f"note: {db} cannot be written here: 1 shard not merged (searched without "
+                                        "them)"]
+    assert tree_digest(db) == before
+
+
+def test_s8_N18_a_sqlite_file_that_is_not_an_index_is_refused_untouched(tmp_path):
+    import hashlib
+    import sqlite3
+
+    for name, table in (("notes", "notes(x)"), ("meta", "meta(key, value)")):
+        (tmp_path / name).mkdir()
+        path = tmp_path / name / "index.sqlite"
+        with sqlite3.connect(path) as db:
+            db.execute(f"CREATE TABLE {table}")
+        before = hashlib.sha256(path.read_bytes()).hexdigest()
+        result = ast("search", tmp_path / name, tmp_path / "query.wav")
+        assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1 and str(path) in result.stderr, \
+            result.stderr
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == before and os.listdir(tmp_path / name) == \
+            ["index.sqlite"]

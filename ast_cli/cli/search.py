@@ -65,6 +65,7 @@ def search(
 
             plan_output_dir(output_dir, "audacity", [], overwrite=True)
         with Index.open(db) as index:
+            _note_read_only(index, db, stderr)
             found = index.head_of(label, head) if label is not None else None
             if found is not None:
                 hits = index.search_head(label, found[0], top, min_score)
@@ -80,6 +81,19 @@ def search(
         if output_dir is not None:
             return _label_tracks(hits, output_dir, label or f"like {os.path.basename(query)}")
         _print(hits, format)
+
+
+def _note_read_only(index, db: str, stderr) -> None:
+    """Once, what a search that cannot write the index leaves undone."""
+    from ..run.vectordb import EXACT_LIMIT, shard_paths
+    from ._errors import counted, say
+
+    undone = [f"{counted(len(shards), 'shard')} not merged (searched without them)"] if index.read_only and (
+        shards := shard_paths(db)) else []
+    if index.read_only and len(index) > EXACT_LIMIT and not index.store.ann_is_current():
+        undone.append("its search index is built in memory, not saved")
+    if undone:
+        say(stderr, f"note: {db} cannot be written here: {'; '.join(undone)}")
 
 
 def _note_unscored(index, head: str, stderr) -> None:

@@ -245,15 +245,19 @@ class Index:
         self._tagger = None
 
     @classmethod
-    def open(cls, db: str) -> "Index":
-        """Open the index in directory ``db``, merging the shards that finished runs left there."""
+    def open(cls, db: str, read_only: bool | None = None) -> "Index":
+        """Open the index in directory ``db``, merging the shards that finished runs left there; ``read_only``:
+        write nothing (``run.readonly.open_store``: by default so where ``db`` cannot be written)."""
+        from ..run.readonly import open_store
+
         require_ann_backend()
-        if not os.path.isfile(os.path.join(db, SQLITE_NAME)) and not os.path.isdir(os.path.join(db, SHARDS_DIR)):
-            raise UsageError(f"{db} is not an index (no {SQLITE_NAME} in it)", option="db",
-                             hint="ast index PATH... --db DIR builds one")
-        store = VectorStore.open(db)
-        store.merge_shards()
-        return cls(store)
+        return cls(open_store(db, read_only))
+
+    @property
+    def read_only(self) -> bool:
+        from ..run.readonly import ReadOnlyStore
+
+        return isinstance(self.store, ReadOnlyStore)
 
     def close(self) -> None:
         self.store.close()
