@@ -215,3 +215,30 @@ def test_s8_N18_a_sqlite_file_that_is_not_an_index_is_refused_untouched(tmp_path
             result.stderr
         assert hashlib.sha256(path.read_bytes()).hexdigest() == before and os.listdir(tmp_path / name) == \
             ["index.sqlite"]
+
+
+# -- N9: an index made on a GPU, searched on a CPU --------------------------------------------------------------
+
+def set_identity(db, **changes) -> None:
+    """Change what the index records about how it was made (as another machine or an older run would have)."""
+    import sqlite3
+
+    with sqlite3.connect(db / "index.sqlite") as con:
+        identity = json.loads(con.execute("SELECT value FROM meta WHERE key = 'identity'").fetchone()[0])
+        con.execute("UPDATE meta SET value = ? WHERE key = 'identity'", (json.dumps({**identity, **changes}),))
+
+
+def test_s8_N9_an_fp16_index_is_searched_in_fp32_on_a_cpu(tiny_checkpoint, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 runs here: nothing falls back")
+    db = indexed(tmp_path, tiny_checkpoint[0])
+    set_identity(db, compute="fp16")  # what a GPU with default options records
+    query = tmp_path / "in" / "1.wav"
+    result = ast("search", db, query, "--top", "1", "-f", "jsonl")
+    assert result.exit_code == 0, result.stderr
+    hit = json.loads(result.stdout)
+    assert hit["path"] == str(query) and hit["score"] > 0.999  # fp16's rounding of the stored window, at most
+    assert result.stderr.splitlines() == ["note: the index was made in fp16, which does not run here: the query is "
+                                          "embedded in fp32 (scores within fp16's rounding of the stored ones)"]

@@ -78,6 +78,12 @@ def search(
             from ._common import announce_fast
 
             announce_fast(index.fast_choice, stderr, quiet=False)  # an index made with --fast searches so too
+            if index.fallback is not None:
+                from ._errors import say
+
+                say(stderr, f"note: the index was made in {index.identity['compute']}, which does not run here: the "
+                            f"query is embedded in {index.fallback} (scores within {index.identity['compute']}'s "
+                            "rounding of the stored ones)")
         if output_dir is not None:
             return _label_tracks(hits, output_dir, label or f"like {os.path.basename(query)}")
         _print(hits, format)

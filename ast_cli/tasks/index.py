@@ -243,6 +243,7 @@ class Index:
     def __init__(self, store: VectorStore):
         self.store = store
         self._tagger = None
+        self.fallback: str | None = None  # the precision queries run in where the index's cannot run here
 
     @classmethod
     def open(cls, db: str, read_only: bool | None = None) -> "Index":
@@ -282,12 +283,15 @@ class Index:
         """The model that made the index (its recorded path, else its hub id@revision), loaded once, run in the
         precision the index was made in."""
         if self._tagger is None:
+            from ..run.backends import pick_device
             from ..run.options import RunOptions
             from ..run.tagger import Tagger
 
             identity = self.identity
             path = identity.get("model_path") or ""
             compute = identity.get("compute", "fp32")
+            if compute == "fp16" and pick_device() == "cpu":  # a GPU's default: fp32 here (refused in fp16 on CPUs)
+                compute = self.fallback = "fp32"
             options = options or RunOptions(
                 hop_seconds=identity.get("hop_seconds"), fast=compute == "fast",
                 quantize="int8" if compute == "int8" else "none",
