@@ -165,6 +165,7 @@ def indexed(tmp_path, model, *extra):
 def test_s8_N10_a_read_only_open_writes_nothing_and_builds_the_ann_in_memory(tiny_checkpoint, tmp_path, monkeypatch):
     from ast_cli import Index
     from ast_cli.run import vectordb
+    from ast_cli.run.readonly import ReadOnlyStore
 
     db = indexed(tmp_path, tiny_checkpoint[0])
     with Index.open(str(db)) as index:
@@ -173,7 +174,7 @@ def test_s8_N10_a_read_only_open_writes_nothing_and_builds_the_ann_in_memory(tin
     before = tree_digest(db)
     monkeypatch.setattr(vectordb, "EXACT_LIMIT", 1)  # an approximate search, with no ANN file saved yet
     with Index.open(str(db), read_only=True) as index:
-        assert index.read_only and [h.path for h in index.search(query, 3)] == [h.path for h in exact]
+        assert isinstance(index.store, ReadOnlyStore) and [h.path for h in index.search(query, 3)] == [h.path for h in exact]
     assert tree_digest(db) == before and sorted(os.listdir(db)) == ["index.sqlite"]
 
 
@@ -242,3 +243,31 @@ def test_s8_N9_an_fp16_index_is_searched_in_fp32_on_a_cpu(tiny_checkpoint, tmp_p
     assert hit["path"] == str(query) and hit["score"] > 0.999  # fp16's rounding of the stored window, at most
     assert result.stderr.splitlines() == ["note: the index was made in fp16, which does not run here: the query is "
                                           "embedded in fp32 (scores within fp16's rounding of the stored ones)"]
+
+
+# -- N8: the index's model moved --------------------------------------------------------------------------------
+
+def test_s8_N8_search_takes_the_moved_model_by_model_and_checks_its_weights(tiny_checkpoint, tmp_path, monkeypatch):
+    import shutil
+
+    from ast_cli.run.tagger import Tagger
+
+    moved = tmp_path / "old"
+    shutil.copytree(tiny_checkpoint[0], moved)
+    db = indexed(tmp_path, moved)
+    moved.rename(tmp_path / "new")
+    query = tmp_path / "in" / "2.wav"
+    lost = ast("search", db, query)
+    assert lost.exit_code == 2 and lost.stderr.splitlines() == [
+        f"Error: --model: the model {db} was made with is no longer at {moved}",
+        "Hint: give the folder where it is now (its weights are checked against the index's)"], lost.stderr
+    found = ast("search", db, query, "--model", tmp_path / "new", "--top", "3", "-f", "jsonl")
+    assert found.exit_code == 0 and str(query) in {json.loads(x)["path"] for x in found.stdout.splitlines()}
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "new", other)
+    with open(other / "model.safetensors", "ab") as handle:  # another weights file
+        handle.write(b" ")
+    monkeypatch.setattr(Tagger, "load", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    refused = ast("search", db, query, "--model", other)
+    assert refused.exit_code == 2 and refused.stderr.splitlines() == [
+        f"Error: --model: {other} does not hold the weights {db} was made with ({moved})"], refused.stderr

@@ -27,6 +27,7 @@ def search(
     exclude_file: Annotated[bool, typer.Option("--exclude-file", help="Leave out windows of the query's own file.")] = False,
     min_score: Annotated[Optional[float], typer.Option(min=-1.0, max=1.0, metavar="X", help="Only windows with score >= X (cosine, -1 to 1; a head's probability, 0 to 1).")] = None,
     format: Annotated[SearchFormat, typer.Option("--format", "-f", help="table, jsonl, csv (with an empty label column to fill for ast train --features-db) or audacity labels.")] = SearchFormat.table,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", metavar="PATH", help="Where the index's model is now, when its folder moved (its weights must be the ones the index was made with).")] = None,
     output_dir: Annotated[Optional[str], typer.Option("--output-dir", metavar="DIR", help="--format audacity: one label track per file with hits, DIR/<name>.labels.txt (replaced; files in several folders: their tree below the common one).")] = None,
     debug: DebugOpt = False,
 ) -> None:
@@ -66,6 +67,8 @@ def search(
             plan_output_dir(output_dir, "audacity", [], overwrite=True)
         with Index.open(db) as index:
             _note_read_only(index, db, stderr)
+            if model is not None:  # checked before the model loads
+                index.use_model(model)
             found = index.head_of(label, head) if label is not None else None
             if found is not None:
                 hits = index.search_head(label, found[0], top, min_score)
@@ -91,12 +94,15 @@ def search(
 
 def _note_read_only(index, db: str, stderr) -> None:
     """Once, what a search that cannot write the index leaves undone."""
+    from ..run.readonly import ReadOnlyStore
     from ..run.vectordb import EXACT_LIMIT, shard_paths
     from ._errors import counted, say
 
-    undone = [f"{counted(len(shards), 'shard')} not merged (searched without them)"] if index.read_only and (
+    if not isinstance(index.store, ReadOnlyStore):
+        return
+    undone = [f"{counted(len(shards), 'shard')} not merged (searched without them)"] if (
         shards := shard_paths(db)) else []
-    if index.read_only and len(index) > EXACT_LIMIT and not index.store.ann_is_current():
+    if len(index) > EXACT_LIMIT and not index.store.ann_is_current():
         undone.append("its search index is built in memory, not saved")
     if undone:
         say(stderr, f"note: {db} cannot be written here: {'; '.join(undone)}")

@@ -243,6 +243,7 @@ class Index:
     def __init__(self, store: VectorStore):
         self.store = store
         self._tagger = None
+        self.model: str | None = None  # ``use_model``: where the index's model is now
         self.fallback: str | None = None  # the precision queries run in where the index's cannot run here
 
     @classmethod
@@ -253,12 +254,6 @@ class Index:
 
         require_ann_backend()
         return cls(open_store(db, read_only))
-
-    @property
-    def read_only(self) -> bool:
-        from ..run.readonly import ReadOnlyStore
-
-        return isinstance(self.store, ReadOnlyStore)
 
     def close(self) -> None:
         self.store.close()
@@ -280,15 +275,14 @@ class Index:
         return self.store.meta().get("identity") or {}
 
     def tagger(self, options=None):
-        """The model that made the index (its recorded path, else its hub id@revision), loaded once, run in the
-        precision the index was made in."""
+        """The model that made the index (``model_source``), loaded once, run in the precision the index was made
+        in (fp32 where that is fp16 and there is no GPU)."""
         if self._tagger is None:
             from ..run.backends import pick_device
             from ..run.options import RunOptions
             from ..run.tagger import Tagger
 
             identity = self.identity
-            path = identity.get("model_path") or ""
             compute = identity.get("compute", "fp32")
             if compute == "fp16" and pick_device() == "cpu":  # a GPU's default: fp32 here (refused in fp16 on CPUs)
                 compute = self.fallback = "fp32"
@@ -297,9 +291,28 @@ class Index:
                 quantize="int8" if compute == "int8" else "none",
                 dtype=compute if compute in ("fp32", "fp16", "bf16") else "auto")
             heads = self._unchanged_heads() if options.fast else []
-            self._tagger = Tagger.load(path if os.path.exists(path) else identity["model"], options, heads=heads,
-                                       embeddings=True)
+            self._tagger = Tagger.load(self.model_source(), options, heads=heads, embeddings=True)
         return self._tagger
+
+    def use_model(self, path: str) -> None:
+        """Load the index's model from ``path`` (its folder moved): refused unless its weights are the ones the
+        index recorded (a hub model is found by its id and revision, never elsewhere)."""
+        try:
+            same = weights_digest(path) == self.identity.get("weights")
+        except OSError:  # not there, or no weights in it
+            same = False
+        if not same:
+            raise UsageError(f"{path} does not hold the weights {self.store.directory} was made with "
+                             f"({self.identity.get('model')})", option="model")
+        self.model = path
+
+    def model_source(self) -> str:
+        """Where the index's model loads from: ``use_model``'s path, its recorded path, else its hub id@revision."""
+        path = self.model or self.identity.get("model_path") or self.identity.get("model") or ""
+        if os.path.exists(path) or not self.identity.get("weights"):
+            return path if os.path.exists(path) else self.identity["model"]
+        raise UsageError(f"the model {self.store.directory} was made with is no longer at {path}", option="model",
+                         hint="give the folder where it is now (its weights are checked against the index's)")
 
     def _unchanged_heads(self) -> list[str]:
         """The folders of the heads the index scores that still hold what it scored with. ``ast index --fast
@@ -409,8 +422,7 @@ class Index:
         from ..checkpoint.hub import resolve_model
         from ..checkpoint.weights import load_checkpoint
 
-        path = self.identity.get("model_path") or ""
-        checkpoint = load_checkpoint(path if os.path.exists(path) else resolve_model(self.identity["model"]))
+        checkpoint = load_checkpoint(resolve_model(self.model_source()))
         names = {name.lower(): i for i, name in enumerate(checkpoint.config.id2label)}
         if label.lower() not in names:
             raise UsageError(f"{label!r} is not one of the model's labels" if names else
