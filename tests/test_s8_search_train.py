@@ -271,3 +271,18 @@ def test_s8_N8_search_takes_the_moved_model_by_model_and_checks_its_weights(tiny
     refused = ast("search", db, query, "--model", other)
     assert refused.exit_code == 2 and refused.stderr.splitlines() == [
         f"Error: --model: {other} does not hold the weights {db} was made with ({moved})"], refused.stderr
+
+
+# -- N20: a head retrained after it scored the index ------------------------------------------------------------
+
+def test_s8_N20_search_label_says_the_head_changed_since_it_scored_the_index(tiny_checkpoint, tmp_path):
+    data, head = two_labels(tmp_path / "data"), tmp_path / "hd"
+    assert train(data, head, tiny_checkpoint[0]).exit_code == 0
+    db = indexed(tmp_path, tiny_checkpoint[0], "--head", head)
+    same = ast("search", db, "--label", "high", "--top", "1")
+    assert same.exit_code == 0 and same.stderr == "", same.stderr
+    assert train(data, head, tiny_checkpoint[0], "--overwrite", "--epochs", "3").exit_code == 0  # retrained in place
+    changed = ast("search", db, "--label", "high", "--top", "1")
+    assert changed.exit_code == 0 and changed.stdout == same.stdout  # the stored scores, as before
+    assert changed.stderr.splitlines() == [f"note: head hd changed since it scored {db}: these are its old scores; "
+                                           f"ast index ... --db {db} --head {head} scores the index again"]

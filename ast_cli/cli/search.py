@@ -73,6 +73,7 @@ def search(
             if found is not None:
                 hits = index.search_head(label, found[0], top, min_score)
                 _note_unscored(index, found[0], stderr)
+                _note_changed(index, found[0], db, stderr)
             elif label is not None:
                 hits = index.search(index.label_vector(label), top, min_score=min_score)
             else:
@@ -106,6 +107,21 @@ def _note_read_only(index, db: str, stderr) -> None:
         undone.append("its search index is built in memory, not saved")
     if undone:
         say(stderr, f"note: {db} cannot be written here: {'; '.join(undone)}")
+
+
+def _note_changed(index, head: str, db: str, stderr) -> None:
+    """A head retrained in its folder since it scored the index: the stored scores are its old ones."""
+    from ..tasks.index import head_digest
+    from ._errors import say
+
+    entry = index.heads()[head]
+    try:
+        changed = head_digest(entry["path"]) != entry["digest"]
+    except (OSError, KeyError):  # its folder gone or unreadable: the stored scores are all there is
+        return
+    if changed:
+        say(stderr, f"note: head {head} changed since it scored {db}: these are its old scores; ast index ... "
+                    f"--db {db} --head {entry['path']} scores the index again")
 
 
 def _note_unscored(index, head: str, stderr) -> None:
