@@ -286,3 +286,59 @@ def test_s8_N20_search_label_says_the_head_changed_since_it_scored_the_index(tin
     assert changed.exit_code == 0 and changed.stdout == same.stdout  # the stored scores, as before
     assert changed.stderr.splitlines() == [f"note: head hd changed since it scored {db}: these are its old scores; "
                                            f"ast index ... --db {db} --head {head} scores the index again"]
+
+
+# -- N21: small ones ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """A model load fails the test: the check under test comes before it."""
+    from ast_cli.checkpoint import weights
+
+    monkeypatch.setattr(weights, "load_checkpoint", lambda *a, **k: pytest.fail("the model loaded first"))
+
+
+def test_s8_N21_deeply_nested_thresholds_are_a_usage_error(tiny_checkpoint, tmp_path, no_model_load):
+    (tmp_path / "deep.json").write_text("[" * 200_000)
+    result = ast("classify", tmp_path / "x.wav", "--model", tiny_checkpoint[0], "--threshold", "calibrated",
+                 "--thresholds", tmp_path / "deep.json")
+    assert result.exit_code == 2 and result.stderr.startswith(f"Error: --thresholds: {tmp_path / 'deep.json'} is "
+                                                              "not JSON: maximum recursion depth"), result.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_s8_N21_a_csv_field_over_the_csv_limit_is_a_usage_error(tiny_checkpoint, tmp_path, no_model_load, command):
+    data = tmp_path / "big.csv"
+    data.write_text("path,labels\n" + "x" * 140_000 + ",a\n")
+    args = [data, "--out", tmp_path / "out", "--model", tiny_checkpoint[0]] if command == "train" else \
+        [tiny_checkpoint[0], data]
+    result = ast(command, *args)
+    assert result.exit_code == 2 and result.stderr == f"Error: DATA: cannot read {data} as path,labels rows: field " \
+                                                      "larger than field limit (131072)\n", result.stderr
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_s8_N21_a_seed_out_of_range_is_refused_before_the_model_loads(tiny_checkpoint, tmp_path, no_model_load, seed):
+    result = train(two_labels(tmp_path / "data"), tmp_path / "out", tiny_checkpoint[0], "--seed", seed)
+    assert result.exit_code == 2 and result.stderr == f"Error: --seed: must be from 0 to 2**63 - 1, not {seed}\n"
+
+
+def test_s8_N21_an_empty_db_is_refused_before_the_model_loads(tiny_checkpoint, tmp_path, no_model_load):
+    write_audio(tmp_path / "a.wav", 1.0)
+    result = ast("index", tmp_path / "a.wav", "--db", "", "--model", tiny_checkpoint[0])
+    assert result.exit_code == 2 and result.stderr == "Error: --db: is empty: it names the index directory\n"
+
+
+def test_s8_N21_search_says_stdin_audio_is_not_a_query(tmp_path):
+    result = ast("search", tmp_path / "db", "-")
+    assert result.exit_code == 2 and result.stderr.splitlines() == [
+        "Error: QUERY is an audio file: audio on stdin (-) is not taken as a query",
+        "Hint: save it to a file and give its path"]
+
+
+def test_s8_N21_a_directory_in_a_data_csv_is_named_a_directory(tiny_checkpoint, tmp_path):
+    data = two_labels(tmp_path / "data")
+    rows = [f"{path},{path.parent.name}" for path in sorted(data.rglob("*.wav"))] + ["high,high"]
+    (data / "list.csv").write_text("path,labels\n" + "\n".join(rows) + "\n")
+    result = train(data / "list.csv", tmp_path / "out", tiny_checkpoint[0])
+    assert result.exit_code == 1 and f"error: {data / 'high'}: a directory" in result.stderr.splitlines()

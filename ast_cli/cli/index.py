@@ -76,6 +76,8 @@ def index_command(
             raise UsageError("audio on stdin has no path to store: index files", option="paths")
         if not items:
             raise UsageError("no audio files found in the given paths", hint="check --ext, or name files directly")
+        if not db:
+            raise UsageError("is empty: it names the index directory", option="db")
         if os.path.exists(db) and not os.path.isdir(db):
             raise UsageError(f"{db} exists and is not a directory", option="db")
         identity, path = _identity(model, run, cluster, stderr, quiet)

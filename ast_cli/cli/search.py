@@ -54,6 +54,9 @@ def search(
 
         if (query is None) == (label is None):
             raise UsageError("give a QUERY audio file or --label NAME (one of them)", option="label")
+        if query == "-":  # a query window is read at an offset, from a file
+            raise UsageError("QUERY is an audio file: audio on stdin (-) is not taken as a query",
+                             hint="save it to a file and give its path")
         if head is not None and label is None:
             raise UsageError("names the head whose --label to search: it goes with --label", option="head")
         if end is not None and not end > start:

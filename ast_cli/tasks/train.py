@@ -77,6 +77,8 @@ class TrainConfig:
             raise UsageError("must be a probability from 0 to 1", option="mixup")
         if not (math.isfinite(lr) and lr > 0):
             raise UsageError(f"must be a positive number, not {lr}", option="lr")
+        if not 0 <= self.seed < 2**63:  # torch.manual_seed takes 64 bits, numpy's generators no negative seed
+            raise UsageError(f"must be from 0 to 2**63 - 1, not {self.seed}", option="seed")
         if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
             raise UsageError(f"must be a number of epochs from 0 up, not {self.warmup_epochs}", option="warmup_epochs")
         return replace(self, epochs=epochs, lr=lr)
