@@ -284,7 +284,7 @@ class Index:
 
             identity = self.identity
             compute = identity.get("compute", "fp32")
-            if compute == "fp16" and pick_device() == "cpu":  # a GPU's default: fp32 here (refused in fp16 on CPUs)
+            if options is None and compute == "fp16" and pick_device() == "cpu":  # a GPU's default: refused on CPUs
                 compute = self.fallback = "fp32"
             options = options or RunOptions(
                 hop_seconds=identity.get("hop_seconds"), fast=compute == "fast",
