@@ -174,7 +174,8 @@ def test_s8_N10_a_read_only_open_writes_nothing_and_builds_the_ann_in_memory(tin
     before = tree_digest(db)
     monkeypatch.setattr(vectordb, "EXACT_LIMIT", 1)  # an approximate search, with no ANN file saved yet
     with Index.open(str(db), read_only=True) as index:
-        assert isinstance(index.store, ReadOnlyStore) and [h.path for h in index.search(query, 3)] == [h.path for h in exact]
+        assert isinstance(index.store, ReadOnlyStore)
+        assert [h.path for h in index.search(query, 3)] == [h.path for h in exact]
     assert tree_digest(db) == before and sorted(os.listdir(db)) == ["index.sqlite"]
 
 

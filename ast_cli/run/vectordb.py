@@ -154,8 +154,8 @@ class VectorStore:
 
     def _put(self, record: FileRecord) -> None:
         self._delete([record.path])
-        cursor = self.db.execute("INSERT INTO files (path, size, mtime_ns, duration, error) VALUES (?, ?, ?, ?, ?)",
-                                 (stored_path(record.path), record.size, record.mtime_ns, record.duration, record.error))
+        row = (stored_path(record.path), record.size, record.mtime_ns, record.duration, record.error)
+        cursor = self.db.execute("INSERT INTO files (path, size, mtime_ns, duration, error) VALUES (?,?,?,?,?)", row)
         if record.vectors is not None and record.error is None:
             vectors = np.ascontiguousarray(record.vectors, dtype=DTYPE)  # (W, D)
             self.db.executemany('INSERT INTO windows (file_id, start, "end", vector) VALUES (?, ?, ?, ?)',
@@ -220,8 +220,8 @@ class VectorStore:
             rows = self.db.execute('SELECT start, "end", vector, id FROM windows WHERE file_id = ? ORDER BY id',
                                    (file_id,)).fetchall()
             vectors = np.stack([np.frombuffer(r[2], DTYPE) for r in rows]) if rows else None
-            yield FileRecord(path_from_store(path), size, mtime_ns, duration, error, [(r[0], r[1]) for r in rows], vectors,
-                             scores=headscores.of_windows(self.db, [r[3] for r in rows]))
+            yield FileRecord(path_from_store(path), size, mtime_ns, duration, error, [(r[0], r[1]) for r in rows],
+                             vectors, scores=headscores.of_windows(self.db, [r[3] for r in rows]))
 
     # -- reading ---------------------------------------------------------------------------------------
 
