@@ -77,6 +77,8 @@ def index_command(
             raise UsageError("heads run in this process, not on a Ray cluster", option="heads")
         if any(getattr(item, "source", None) is not None for item in found):
             raise UsageError("audio on stdin has no path to store: index files", option="paths")
+        if not db:
+            raise UsageError("is empty: it names the index directory", option="db")
         if os.path.exists(db) and not os.path.isdir(db):
             raise UsageError(f"{db} exists and is not a directory", option="db")
         plan = _plan(items, paths if prune else (), db, cluster.shard)  # read only

@@ -28,6 +28,7 @@ def search(
     exclude_file: Annotated[bool, typer.Option("--exclude-file", help="Leave out windows of the query's own file.")] = False,
     min_score: Annotated[Optional[float], typer.Option(min=-1.0, max=1.0, metavar="X", help="Only windows with score >= X (cosine, -1 to 1; a head's probability, 0 to 1).")] = None,
     format: Annotated[SearchFormat, typer.Option("--format", "-f", help="table, jsonl, csv (with an empty label column to fill for ast train --features-db) or audacity labels.")] = SearchFormat.table,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", metavar="PATH", help="Where the index's model is now, when its folder moved (its weights must be the ones the index was made with).")] = None,
     output_dir: Annotated[Optional[str], typer.Option("--output-dir", metavar="DIR", help="--format audacity: one label track per file with hits, DIR/<name>.labels.txt (replaced; files in several folders: their tree below the common one).")] = None,
     debug: DebugOpt = False,
 ) -> None:
@@ -54,6 +55,9 @@ def search(
 
         if (query is None) == (label is None):
             raise UsageError("give a QUERY audio file or --label NAME (one of them)", option="label")
+        if query == "-":  # a query window is read at an offset, from a file
+            raise UsageError("QUERY is an audio file: audio on stdin (-) is not taken as a query",
+                             hint="save it to a file and give its path")
         if head is not None and label is None:
             raise UsageError("names the head whose --label to search: it goes with --label", option="head")
         if end is not None and not end > start:
@@ -66,10 +70,14 @@ def search(
 
             plan_output_dir(output_dir, "audacity", [], overwrite=True)
         with named_db(), Index.open(db) as index:
+            _note_read_only(index, db, stderr)
+            if model is not None:  # checked before the model loads
+                index.use_model(model)
             found = index.head_of(label, head) if label is not None else None
             if found is not None:
                 hits = index.search_head(label, found[0], top, min_score)
                 _note_unscored(index, found[0], stderr)
+                _note_changed(index, found[0], db, stderr)
             elif label is not None:
                 hits = index.search(index.label_vector(label), top, min_score=min_score)
             else:
@@ -80,6 +88,10 @@ def search(
             announce_fast(index.fast_choice, stderr, quiet=False)  # an index made with --fast searches so too
             if index.store.unsaved is not None:  # a full disk: searched all the same, built again next time
                 say(stderr, f"warning: {index.store.unsaved}")
+            if index.fallback is not None:
+                say(stderr, f"note: the index was made in {index.identity['compute']}, which does not run here: the "
+                            f"query is embedded in {index.fallback} (scores within {index.identity['compute']}'s "
+                            "rounding of the stored ones)")
         if output_dir is not None:
             return _label_tracks(hits, output_dir, label or f"like {os.path.basename(query)}")
         _print(hits, format)
@@ -96,6 +108,37 @@ def named_db():
         if exc.option == "db":
             exc.option = "db_argument"
         raise
+
+
+def _note_read_only(index, db: str, stderr) -> None:
+    """Once, what a search that cannot write the index leaves undone."""
+    from ..run.readonly import ReadOnlyStore
+    from ..run.vectordb import EXACT_LIMIT, shard_paths
+    from ._errors import counted, say
+
+    if not isinstance(index.store, ReadOnlyStore):
+        return
+    undone = [f"{counted(len(shards), 'shard')} not merged (searched without them)"] if (
+        shards := shard_paths(db)) else []
+    if len(index) > EXACT_LIMIT and not index.store.ann_is_current():
+        undone.append("its search index is built in memory, not saved")
+    if undone:
+        say(stderr, f"note: {db} cannot be written here: {'; '.join(undone)}")
+
+
+def _note_changed(index, head: str, db: str, stderr) -> None:
+    """A head retrained in its folder since it scored the index: the stored scores are its old ones."""
+    from ..run.headscores import head_digest
+    from ._errors import say
+
+    entry = index.heads()[head]
+    try:
+        changed = head_digest(entry["path"]) != entry["digest"]
+    except (OSError, KeyError):  # its folder gone or unreadable: the stored scores are all there is
+        return
+    if changed:
+        say(stderr, f"note: head {head} changed since it scored {db}: these are its old scores; ast index ... "
+                    f"--db {db} --head {entry['path']} scores the index again")
 
 
 def _note_unscored(index, head: str, stderr) -> None:
@@ -133,14 +176,17 @@ def _label_tracks(hits, output_dir: str, text: str) -> None:
 
 def _print(hits, format) -> None:
     import csv
-    import json
     import sys
+    from dataclasses import replace
 
-    if format is SearchFormat.jsonl:
+    from ..run.records import display_path, dumps
+
+    if format is SearchFormat.jsonl:  # a name that is not UTF-8 as \udcXX escapes, as classify writes it
         for hit in hits:
-            sys.stdout.write(json.dumps({"path": hit.path, "start": hit.start, "end": hit.end, "score": hit.score},
-                                        ensure_ascii=False) + "\n")
-    elif format is SearchFormat.csv:
+            sys.stdout.write(dumps({"path": hit.path, "start": hit.start, "end": hit.end, "score": hit.score}) + "\n")
+        return
+    hits = [replace(hit, path=display_path(hit.path)) for hit in hits]  # as classify shows it: \xNN
+    if format is SearchFormat.csv:
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(CSV_COLUMNS)
         writer.writerows([hit.path, hit.start, hit.end, hit.score, ""] for hit in hits)

@@ -1,4 +1,4 @@
-"""Results as records: the stable JSON schema (``to_record``, ``dumps``) and how a path is shown.
+"""Results as records: the stable JSON schema (``to_record``, ``dumps``) and how a path is shown and stored.
 
 Paths that are not valid UTF-8 (a ``caf\\xe9.wav`` from a latin-1 file system) are written as JSON ``\\udcXX``
 escapes, which ``json.loads`` + ``os.fsencode`` turn back into the original bytes.
@@ -53,10 +53,22 @@ def dumps(record: dict, indent: int | None = None) -> str:
 
 def display_path(path: str) -> str:
     """A path for text outputs (CSV, table, messages): undecodable bytes shown as ``\\xNN``."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace") if _has_surrogates(path) else path
+    return os.fsencode(path).decode("utf-8", "backslashreplace") if has_surrogates(path) else path
 
 
-def _has_surrogates(text: str) -> bool:
+def stored_path(path: str) -> str | bytes:
+    """A path as SQLite can hold it: the text, or, where it is not valid UTF-8, its bytes (a BLOB, which
+    ``path_from_store`` turns back into the same name)."""
+    return os.fsencode(path) if has_surrogates(path) else path
+
+
+def path_from_store(value: str | bytes) -> str:
+    """A path as ``stored_path`` stored it."""
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+def has_surrogates(text: str) -> bool:
+    """Whether ``text`` holds bytes that are not UTF-8 (as surrogate escapes: a name from the file system)."""
     try:
         text.encode("utf-8")
         return False

@@ -60,7 +60,7 @@ def read_thresholds(path: str) -> Calibration:
         raise UsageError(f"{path} is larger than {MAX_BYTES >> 20} MB: not a thresholds file", option="thresholds")
     try:
         document = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: '[' nested 200,000 deep
         raise UsageError(f"{path} is not JSON: {exc}", option="thresholds") from None
     return _checked(document, path)
 

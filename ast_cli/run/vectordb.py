@@ -35,6 +35,7 @@ from . import headscores
 from .ann import (ANN_SUFFIX, TRAIN_PER_LIST, TRAIN_SAMPLE, add_rows, enough_probed, fingerprint, generation_of, ids_in,
                   lists_for, probes, read_ann, remove_stale, save_ann, trained_ann)
 from .files import ShardLock
+from .records import path_from_store, stored_path
 from .sqlstore import Transaction, checked_meta, failure
 from .vectorrows import DTYPE, ID_BATCH, best, check_width, decoded, matrix, rows_of, scan, unit, width_of
 
@@ -158,8 +159,8 @@ class VectorStore:
 
     def _put(self, record: FileRecord) -> None:
         self._delete([record.path])
-        cursor = self.db.execute("INSERT INTO files (path, size, mtime_ns, duration, error) VALUES (?, ?, ?, ?, ?)",
-                                 (record.path, record.size, record.mtime_ns, record.duration, record.error))
+        row = (stored_path(record.path), record.size, record.mtime_ns, record.duration, record.error)
+        cursor = self.db.execute("INSERT INTO files (path, size, mtime_ns, duration, error) VALUES (?,?,?,?,?)", row)
         if record.vectors is not None and record.error is None:
             vectors = np.ascontiguousarray(record.vectors, dtype=DTYPE)  # (W, D)
             self.db.executemany('INSERT INTO windows (file_id, start, "end", vector) VALUES (?, ?, ?, ?)',
@@ -170,7 +171,7 @@ class VectorStore:
                 headscores.put(self.db, [r[0] for r in ids], record.scores)
 
     def _delete(self, paths: Iterable[str]) -> None:
-        rows = [(path,) for path in paths]
+        rows = [(stored_path(path),) for path in paths]  # not UTF-8: bytes
         for (path,) in rows:
             headscores.delete_file(self.db, path)
         self.db.executemany("DELETE FROM windows WHERE file_id IN (SELECT id FROM files WHERE path = ?)", rows)
@@ -224,8 +225,8 @@ class VectorStore:
             rows = self.db.execute('SELECT start, "end", vector, id FROM windows WHERE file_id = ? ORDER BY id',
                                    (file_id,)).fetchall()
             vectors = decoded([r[2] for r in rows], self.path, width_of(self.db)) if rows else None
-            yield FileRecord(path, size, mtime_ns, duration, error, [(r[0], r[1]) for r in rows], vectors,
-                             scores=headscores.of_windows(self.db, [r[3] for r in rows]))
+            yield FileRecord(path_from_store(path), size, mtime_ns, duration, error, [(r[0], r[1]) for r in rows],
+                             vectors, scores=headscores.of_windows(self.db, [r[3] for r in rows]))
 
     # -- reading ---------------------------------------------------------------------------------------
 
@@ -236,12 +237,12 @@ class VectorStore:
         """Every stored file (no vectors), by path; ``window_count``: its windows."""
         rows = self.db.execute("SELECT path, size, mtime_ns, duration, error, (SELECT COUNT(*) FROM windows "
                                "WHERE file_id = files.id) FROM files ORDER BY path").fetchall()
-        return [FileRecord(p, s, m, d, e, window_count=n) for p, s, m, d, e, n in rows]
+        return [FileRecord(path_from_store(p), s, m, d, e, window_count=n) for p, s, m, d, e, n in rows]
 
     def vectors_of(self, path: str) -> tuple[list[tuple[float, float]], np.ndarray]:
         """The (start, end) and (W, D) vectors of one stored file (W = 0 when it is not stored)."""
         rows = self.db.execute('SELECT start, "end", vector FROM windows JOIN files ON files.id = file_id '
-                               "WHERE path = ? ORDER BY windows.id", (path,)).fetchall()
+                               "WHERE path = ? ORDER BY windows.id", (stored_path(path),)).fetchall()
         vectors = decoded([r[2] for r in rows], self.path, width_of(self.db) if rows else 0)
         return [(r[0], r[1]) for r in rows], vectors
 
@@ -273,7 +274,7 @@ class VectorStore:
 
     def _ids_of(self, path: str) -> set[int]:
         rows = self.db.execute("SELECT windows.id FROM windows JOIN files ON files.id = file_id WHERE path = ?",
-                               (path,))
+                               (stored_path(path),))
         return {r[0] for r in rows}
 
     def _exact(self, query: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray]:
@@ -360,7 +361,7 @@ class VectorStore:
         for window_id, score in keep:
             path, start, end = self.db.execute('SELECT path, start, "end" FROM windows JOIN files ON '
                                                "files.id = file_id WHERE windows.id = ?", (window_id,)).fetchone()
-            out.append(Hit(path, start, end, round(min(1.0, float(score)), 6)))
+            out.append(Hit(path_from_store(path), start, end, round(min(1.0, float(score)), 6)))
         return out
 
 
@@ -398,7 +399,7 @@ def read_identity(path: str) -> dict | None:
 def read_files(path: str) -> list[FileRecord]:
     """The files stored at ``path`` (no vectors), read without writing anything."""
     rows = _query_read_only(path, "SELECT path, size, mtime_ns, duration, error FROM files") or []
-    return [FileRecord(*row) for row in rows]
+    return [FileRecord(path_from_store(row[0]), *row[1:]) for row in rows]
 
 
 def shard_paths(directory: str) -> list[str]:

@@ -185,8 +185,11 @@ def plan_outputs(items: Iterable[InputFile], out_dir: str, fmt: Format = "safete
 
 
 def _header_strings(metadata: dict) -> dict[str, str]:
-    """safetensors metadata must be str -> str: strings stay, anything else is JSON."""
-    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    """safetensors metadata must be str -> str, valid UTF-8: strings stay, anything else is JSON, and so is a
+    name that is not UTF-8 (its \\udcXX escapes, which ``read_metadata`` turns back into the same name)."""
+    from ..run.records import has_surrogates
+
+    return {k: v if isinstance(v, str) and not has_surrogates(v) else json.dumps(v) for k, v in metadata.items()}
 
 
 def _serialize(handle: IO[bytes], fmt: Format, name: str, array: np.ndarray, metadata: dict) -> None:
@@ -206,14 +209,15 @@ def write_features(output: str, name: str, array: np.ndarray, metadata: dict, fm
     place, then the ``.npy``: the ``.npy`` existing means both are there. A failure leaves any previous
     output as it was and no temporary file.
     """
+    from ..run.records import dumps
+
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     array = np.ascontiguousarray(array, dtype=np.float32)
     with atomic_write(output, "wb") as handle:
         _serialize(handle, fmt, name, array, metadata)
         if fmt == "npy":
             with atomic_write(_sidecar(output)) as sidecar:
-                json.dump(metadata, sidecar, ensure_ascii=False)
-                sidecar.write("\n")
+                sidecar.write(dumps(metadata) + "\n")  # a name that is not UTF-8: \\udcXX escapes
 
 
 # -- running -----------------------------------------------------------------------------------------

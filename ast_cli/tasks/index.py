@@ -216,18 +216,18 @@ class Index:
     def __init__(self, store: VectorStore):
         self.store = store
         self._tagger = None
+        self.model: str | None = None  # ``use_model``: where the index's model is now
+        self.fallback: str | None = None  # the precision queries run in where the index's cannot run here
 
     @classmethod
-    def open(cls, db: str) -> "Index":
-        """Open the index in directory ``db``, merging the shards that finished runs left there."""
+    def open(cls, db: str, read_only: bool | None = None) -> "Index":
+        """Open the index in directory ``db``, merging the shards that finished runs left there; ``read_only``:
+        write nothing (``run.readonly.open_store``: by default so where ``db`` cannot be written)."""
+        from ..run.readonly import open_store
+
         require_ann_backend()
-        if not os.path.isfile(os.path.join(db, SQLITE_NAME)) and not os.path.isdir(os.path.join(db, SHARDS_DIR)):
-            raise UsageError(f"{db} is not an index (no {SQLITE_NAME} in it)", option="db",
-                             hint="ast index PATH... --db DIR builds one")
         check_stores(db)  # parts that cannot be merged: refused before anything is written
-        store = VectorStore.open(db)
-        store.merge_shards()
-        return cls(store)
+        return cls(open_store(db, read_only))
 
     def close(self) -> None:
         self.store.close()
@@ -249,14 +249,17 @@ class Index:
         return self.store.meta().get("identity") or {}
 
     def tagger(self, options=None):
-        """The model that made the index (its recorded path, else its hub id@revision), loaded once, run in the
-        precision the index was made in."""
+        """The model that made the index (``model_source``), loaded once, run in the precision the index was made
+        in (fp32 where that is fp16 and there is no GPU)."""
         if self._tagger is None:
+            from ..run.backends import pick_device
             from ..run.options import RunOptions
             from ..run.tagger import Tagger
 
             identity = self.identity
             compute = identity.get("compute", "fp32")
+            if options is None and compute == "fp16" and pick_device() == "cpu":  # a GPU's default: refused on CPUs
+                compute = self.fallback = "fp32"
             options = options or RunOptions(
                 hop_seconds=identity.get("hop_seconds"), fast=compute == "fast",
                 quantize="int8" if compute == "int8" else "none",
@@ -265,15 +268,32 @@ class Index:
             self._tagger = Tagger.load(self.model_source(), options, heads=heads, embeddings=True)
         return self._tagger
 
+    def use_model(self, path: str) -> None:
+        """Load the index's model from ``path`` (its folder moved): refused unless its weights are the ones the
+        index recorded (a hub model is found by its id and revision, never elsewhere)."""
+        try:
+            same = weights_digest(path) == self.identity.get("weights")
+        except OSError:  # not there, or no weights in it
+            same = False
+        if not same:
+            raise UsageError(f"{path} does not hold the weights {self.store.directory} was made with "
+                             f"({self.identity.get('model')})", option="model")
+        self.model = path
+
     def model_source(self) -> str:
-        """Where the index's model loads from: its recorded path, else its hub id@revision; a ``UsageError`` when the
-        path now holds other weights (sha256) or input format, which would embed unlike the stored windows."""
+        """Where the index's model loads from: ``use_model``'s path, its recorded path, else its hub id@revision;
+        a ``UsageError`` when a local model is no longer at its recorded path, or the path now holds other weights
+        (sha256) or input format, which would embed unlike the stored windows."""
         from ..checkpoint.weights import read_configs
 
         identity = self.identity
-        path = identity.get("model_path") or ""
-        if not os.path.exists(path):
-            return identity["model"]
+        path = self.model or identity.get("model_path") or ""
+        if self.model is not None or not os.path.exists(path):
+            if self.model is None and identity.get("weights"):  # a local model that moved
+                raise UsageError(f"the model {self.store.directory} was made with is no longer at {path}",
+                                 option="model", hint="give the folder where it is now (its weights are checked "
+                                                      "against the index's)")
+            return self.model or identity["model"]
         changed = "weights" if identity.get("weights") and weights_digest(path) != identity["weights"] else None
         if changed is None and os.path.isdir(path):
             config, features = read_configs(Path(path))

@@ -40,7 +40,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ..errors import AudioDecodeError, DeviceOutOfMemoryError, UsageError, is_out_of_memory
+from ..errors import AstError, AudioDecodeError, DeviceOutOfMemoryError, UsageError, is_out_of_memory
 from .metrics import _jsonable, file_scores, metrics
 from .train_data import (MULTI, SINGLE, Dataset, clips, dataset_normalization, renormalize, spec_augment,
                          untrained_labels)
@@ -77,6 +77,8 @@ class TrainConfig:
             raise UsageError("must be a probability from 0 to 1", option="mixup")
         if not (math.isfinite(lr) and lr > 0):
             raise UsageError(f"must be a positive number, not {lr}", option="lr")
+        if not 0 <= self.seed < 2**63:  # torch.manual_seed takes 64 bits, numpy's generators no negative seed
+            raise UsageError(f"must be from 0 to 2**63 - 1, not {self.seed}", option="seed")
         if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
             raise UsageError(f"must be a number of epochs from 0 up, not {self.warmup_epochs}", option="warmup_epochs")
         return replace(self, epochs=epochs, lr=lr)
@@ -98,6 +100,10 @@ class BadClipsError(AudioDecodeError):
     """Some clips could not be read and strict training stops at any: ``failed`` [{"path", "error"}]."""
 
     failed: list = []
+
+
+class NonFiniteError(AstError):
+    """Training went non-finite (a NaN or infinite loss or weight): the run stops and saves nothing."""
 
 
 class Trainer:
@@ -166,6 +172,9 @@ class Trainer:
             if exception is not None and is_out_of_memory(exception):  # the machine's limit, not a bad clip
                 raise DeviceOutOfMemoryError(f"out of memory while computing the model's windows: {error}",
                                              batch_size=self.options.batch_size) from None
+            if not error and not np.isfinite(array).all():  # a NaN would make every trained weight NaN
+                error = "non-finite embeddings (audio far outside [-1, 1], or a damaged cache or index)" \
+                    if kind == "embedding" else "non-finite model inputs (audio far outside [-1, 1])"
             if error:
                 bad.append(example.path)
                 self._fail(example.path, error)
@@ -308,6 +317,9 @@ class Trainer:
             for epoch in range(state.epoch + 1, self.config.epochs + 1):
                 loss = self._epoch(model, kind, x, y, optimizer, schedule, rng, device, features)
                 val_loss, val_metrics = self._validate(model, kind, val_windows, device)
+                if not (math.isfinite(loss) and math.isfinite(val_loss)):  # nothing of this epoch is kept
+                    raise NonFiniteError(f"the training loss became non-finite in epoch {epoch}: nothing was saved",
+                                         hint="train again with a lower learning rate")
                 state.epoch = epoch
                 record = {"epoch": epoch, "loss": round(loss, 6), "val_loss": round(val_loss, 6),
                           **{k: v for k, v in val_metrics.items() if k in ("accuracy", "macro_f1", "map")},
@@ -378,7 +390,13 @@ class Trainer:
 
     def save(self, model, features, standardize: tuple | None = None) -> None:
         """``out`` as a Hugging Face checkpoint: config.json, preprocessor_config.json, model.safetensors; with
-        ``standardize`` (head mode: the embeddings' (D,) mean and std) also usable as a head (``save_head``)."""
+        ``standardize`` (head mode: the embeddings' (D,) mean and std) also usable as a head (``save_head``).
+        A model with a non-finite weight is never saved."""
+        import torch
+
+        if not all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()):
+            raise NonFiniteError("training gave non-finite weights: nothing was saved",
+                                 hint="train again with a lower learning rate")
         save_checkpoint(self.work, model, features, self.checkpoint.source, self.multi_label)
         if standardize is not None:
             save_head(self.work, model, *standardize, self.multi_label, (self.model_name, self.base_path),

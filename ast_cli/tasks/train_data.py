@@ -67,7 +67,8 @@ class Dataset:
         from ..audio.inputs import NOT_REGULAR, regular_or_missing
 
         irregular = [e.path for e in self.examples if not regular_or_missing(e.path)]
-        return self.without(irregular), [{"path": path, "error": NOT_REGULAR} for path in irregular]
+        return self.without(irregular), [{"path": path, "error": "a directory" if os.path.isdir(path) else NOT_REGULAR}
+                                         for path in irregular]
 
 
 def load_dataset(path: str, option: str = "data") -> Dataset:
@@ -122,7 +123,7 @@ def _read_table(path: str, option: str) -> Dataset:
                 rows = [_jsonl_row(path, number, line, option) for number, line in enumerate(handle, 1) if line.strip()]
             else:
                 rows = _csv_rows(path, csv.DictReader(handle), option)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError, csv.Error) as exc:  # csv.Error: a field over 131072 characters
         raise UsageError(f"cannot read {path} as path,labels rows: {exc}", option=option) from None
     examples = []
     for file, text, *start in rows:
