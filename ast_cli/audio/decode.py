@@ -12,12 +12,15 @@ Long files never sit in memory whole: ``StreamingResampler`` gives exactly the s
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
+import select
 import shutil
 import stat
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -29,6 +32,11 @@ from ..errors import AudioDecodeError
 from .resample import StreamingResampler, check_rate
 
 BLOCK_SECONDS = 30.0  # audio read per block; bounds memory for long files
+# How long ffprobe may take, and ffmpeg or a pipe may go without giving a byte, before that input is given up (an
+# error record; the batch goes on). A healthy local file gives its first bytes within a second even on a busy
+# machine; a live writer on a FIFO pauses less than this; ``ast listen --stall`` waits as long by default.
+STALL_SECONDS = 30.0
+STDERR_TAIL_BYTES = 8192  # what is kept of ffmpeg's stderr for an error's reason (it may print megabytes)
 
 # Extensions taken when walking directories (lower case, without the dot).
 AUDIO_EXTENSIONS = frozenset(
@@ -163,6 +171,52 @@ def _sf_reason(exc: Exception) -> str:
     return text or "libsndfile error"
 
 
+class TimedPipe(io.RawIOBase):
+    """A pipe or device read with a progress limit: each read waits at most ``STALL_SECONDS`` for a byte, then
+    raises AudioDecodeError(``stalled``). A plain read would wait for ever on a FIFO nobody writes to, or on a
+    stuck ffmpeg, and with it the whole batch. ``fd``: a descriptor, blocking or not, closed with the pipe when
+    ``closefd``."""
+
+    def __init__(self, fd: int, stalled: str, closefd: bool = True):
+        self.fd, self.stalled, self.closefd = fd, stalled, closefd
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)  # a writer gone (POLLHUP) wakes it too: the read then gives EOF
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def readinto(self, buffer) -> int:
+        while True:
+            if not self._poll.poll(STALL_SECONDS * 1000):
+                raise AudioDecodeError(self.stalled)
+            try:
+                return os.readv(self.fd, [buffer])
+            except BlockingIOError:  # a non-blocking descriptor had nothing after all
+                continue
+
+    def close(self) -> None:
+        if not self.closed and self.closefd:
+            os.close(self.fd)
+        super().close()
+
+
+class _StderrTail(threading.Thread):
+    """Reads a child's stderr as it comes (a child with a lot to say blocks once the pipe is full: ffmpeg printing
+    150 KB of "Invalid data" did), keeping its last ``STDERR_TAIL_BYTES``."""
+
+    def __init__(self, stream):
+        super().__init__(name="ast-ffmpeg-stderr", daemon=True)
+        self.stream, self.tail = stream, b""
+        self.start()
+
+    def run(self) -> None:
+        while chunk := self.stream.read(1 << 16):
+            self.tail = (self.tail + chunk)[-STDERR_TAIL_BYTES:]
+
+
 def _ffmpeg_blocks(path: Path, channels: int, block_frames: int) -> Iterator[np.ndarray]:
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
@@ -170,25 +224,26 @@ def _ffmpeg_blocks(path: Path, channels: int, block_frames: int) -> Iterator[np.
     cmd = [ffmpeg, "-nostdin", "-v", "error", "-i", _ffmpeg_input(path), "-map", "0:a:0", "-vn",
            "-f", "f32le", "-acodec", "pcm_f32le", "-"]
     frame_bytes = 4 * channels
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL) as proc:
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                          bufsize=0) as proc:
+        stderr = _StderrTail(proc.stderr)
         try:
-            pending = b""
-            while True:
-                chunk = proc.stdout.read(block_frames * frame_bytes)
-                if not chunk:
-                    break
-                pending += chunk
-                usable = len(pending) - len(pending) % frame_bytes
+            stalled = f"ffmpeg gave no audio for {STALL_SECONDS:g} s"
+            audio = io.BufferedReader(TimedPipe(proc.stdout.fileno(), stalled, closefd=False))
+            while chunk := audio.read(block_frames * frame_bytes):  # whole frames, but at a truncated file's end
+                usable = len(chunk) - len(chunk) % frame_bytes
                 if usable:
-                    data = np.frombuffer(pending[:usable], dtype="<f4").reshape(-1, channels)
-                    pending = pending[usable:]
-                    yield data
-            stderr = proc.stderr.read().decode("utf-8", "replace")
-            if proc.wait() != 0:
-                raise AudioDecodeError(f"decode failed (ffmpeg: {_last_line(stderr) or 'error'})")
+                    yield np.frombuffer(chunk[:usable], dtype="<f4").reshape(-1, channels)
+            returncode = proc.wait(STALL_SECONDS)
+        except subprocess.TimeoutExpired:
+            raise AudioDecodeError(f"ffmpeg did not exit {STALL_SECONDS:g} s after its last audio") from None
         finally:
             if proc.poll() is None:
                 proc.kill()
+            stderr.join()  # ffmpeg is gone, so its stderr ends
+        if returncode != 0:
+            reason = _last_line(stderr.tail.decode("utf-8", "replace"))
+            raise AudioDecodeError(f"decode failed (ffmpeg: {reason or 'error'})")
 
 
 MAX_BLOCK_BYTES = 32 << 20  # decoded float32 bytes per block, whatever the channel count (64 channels: 2.6 s)

@@ -1,0 +1,91 @@
+"""The ffmpeg/ffprobe decode path and pipes under hostile input (session 8, #1, #2, #8, #13, #17, #19): a file or
+pipe that floods, stalls or points elsewhere gives one error record for itself, quickly, and the batch goes on."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+import ast_cli.audio.decode as decode
+from ast_cli.errors import AudioDecodeError
+from conftest import write_audio
+
+needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None,
+                                  reason="needs the ffmpeg and ffprobe executables")
+# A run as `ast`, with ``decode.STALL_SECONDS`` set from the first argument, so a stall test takes seconds.
+WITH_STALL = ("import sys, ast_cli.audio.decode as d; d.STALL_SECONDS = float(sys.argv.pop(1)); "
+              "from ast_cli.cli import main_process; main_process()")
+
+
+def records(text: str) -> dict[str, dict]:
+    return {r["path"]: r for r in map(json.loads, filter(str.strip, text.splitlines()))}
+
+
+def ast_run(*args, stall: float | None = None, timeout: float = 90) -> subprocess.CompletedProcess:
+    """``ast classify ARGS`` as its own process, with ``stall`` as its ``STALL_SECONDS``; a hang fails the test at
+    ``timeout`` instead of hanging it."""
+    command = ["-m", "ast_cli"] if stall is None else ["-c", WITH_STALL, str(stall)]
+    return subprocess.run([sys.executable, *command, "classify", *map(str, args), "-f", "jsonl", "--quiet"],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ffmpeg(*args) -> None:
+    subprocess.run(["ffmpeg", "-v", "error", "-y", *map(str, args)], check=True)
+
+
+def fake_executable(tmp_path, name: str, body: str) -> str:
+    path = tmp_path / name
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+# -- 1. ffmpeg's stderr is drained as it comes; ffmpeg making no progress is stopped ----------------------------------
+
+def flooding_aac(path, copies: int = 2000):
+    """ADTS AAC whose frames all fail to decode: ffmpeg prints ~116 bytes of errors a frame, far past a pipe's 64 KB."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:sample_rate=16000:duration=1", "-c:a", "aac", "-f", "adts",
+           path.with_suffix(".src"))
+    data, frames, i = path.with_suffix(".src").read_bytes(), [], 0
+    while i + 7 < len(data):
+        length = ((data[i + 3] & 3) << 11) | (data[i + 4] << 3) | (data[i + 5] >> 5)
+        frames.append(data[i:i + length])
+        i += length
+    bad = bytearray(max(frames[4:], key=len))
+    for k in range(9, len(bad), 3):
+        bad[k] ^= 0x5A
+    path.write_bytes(b"".join(frames[:4]) + bytes(bad) * copies)
+    return path
+
+
+@pytest.mark.slow  # a whole process: a hang must fail at the timeout, not hang the suite
+@needs_ffmpeg
+def test_s8_1_a_decoder_flooding_stderr_never_hangs_the_batch(tiny_checkpoint, tmp_path):
+    flood = flooding_aac(tmp_path / "dead" / "corrupt.aac")
+    write_audio(tmp_path / "dead" / "z.wav", 1.0)
+    proc = ast_run(tmp_path / "dead", "--model", tiny_checkpoint[0], timeout=60)
+    got = records(proc.stdout)
+    assert proc.returncode == 1, proc.stderr
+    assert got[str(flood)]["error"].startswith("decode failed (ffmpeg: ")
+    assert got[str(tmp_path / "dead" / "z.wav")]["error"] is None
+    assert proc.stderr.splitlines() == [f"error: {flood}: {got[str(flood)]['error']}"]
+
+
+def test_s8_1_ffmpeg_giving_no_audio_is_stopped_at_the_progress_limit(tmp_path, monkeypatch):
+    pid_file = tmp_path / "pid"
+    fake = fake_executable(tmp_path, "ffmpeg", f"echo $$ > {pid_file}; exec sleep 5")
+    monkeypatch.setattr(decode.shutil, "which", lambda name: fake)
+    monkeypatch.setattr(decode, "STALL_SECONDS", 0.5)
+    start = time.monotonic()
+    with pytest.raises(AudioDecodeError, match=r"^ffmpeg gave no audio for 0.5 s$"):
+        list(decode._ffmpeg_blocks(tmp_path / "x.m4a", 1, 1000))
+    assert time.monotonic() - start < 4
+    with pytest.raises(ProcessLookupError):  # killed and reaped
+        os.kill(int(pid_file.read_text()), 0)
