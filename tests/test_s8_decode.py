@@ -11,11 +11,14 @@ import sys
 import time
 
 import pytest
+from typer.testing import CliRunner
 
 import ast_cli.audio.decode as decode
+from ast_cli.cli import app
 from ast_cli.errors import AudioDecodeError
 from conftest import write_audio
 
+runner = CliRunner()
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None,
                                   reason="needs the ffmpeg and ffprobe executables")
 # A run as `ast`, with ``decode.STALL_SECONDS`` set from the first argument, so a stall test takes seconds.
@@ -89,3 +92,18 @@ def test_s8_1_ffmpeg_giving_no_audio_is_stopped_at_the_progress_limit(tmp_path, 
     assert time.monotonic() - start < 4
     with pytest.raises(ProcessLookupError):  # killed and reaped
         os.kill(int(pid_file.read_text()), 0)
+
+
+# -- 13, 19. reasons: names that are not UTF-8 or hold a newline ----------------------------------------------------
+
+@needs_ffmpeg
+@pytest.mark.parametrize("name", [b"bad\xfename.wav", b"two\nlines.wav"])
+def test_s8_13_an_odd_name_ffprobe_cannot_read_gets_the_whole_usual_reason(tiny_checkpoint, tmp_path, name):
+    path = os.path.join(os.fsencode(tmp_path), name)
+    with open(path, "wb") as handle:
+        handle.write(b"junk")
+    result = runner.invoke(app, ["classify", str(tmp_path), "--model", str(tiny_checkpoint[0]), "-f", "jsonl"])
+    assert result.exit_code == 1
+    assert list(records(result.stdout).values())[0]["error"] == (
+        "not audio, or a format neither libsndfile nor ffmpeg can read (ffprobe: Invalid data found when processing "
+        "input)")

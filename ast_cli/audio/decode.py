@@ -101,16 +101,15 @@ def _ffprobe_info(path: Path) -> AudioInfo:
                                hint="install ffmpeg to read m4a/aac/mp4/webm/wma and other formats")
     cmd = [ffprobe, "-v", "error", "-select_streams", "a:0", "-show_entries", "stream=sample_rate,channels",
            "-of", "json", _ffmpeg_input(path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL)
     streams = []
     if proc.returncode == 0:
         try:
-            streams = json.loads(proc.stdout or "{}").get("streams", [])
-        except json.JSONDecodeError:
+            streams = json.loads(proc.stdout or b"{}").get("streams", [])
+        except (json.JSONDecodeError, UnicodeDecodeError):
             streams = []
     if not streams:
-        reason = _last_line(proc.stderr).replace(f"{_ffmpeg_input(path)}: ", "").replace(f"{path}: ", "")
-        reason = reason or "no audio stream"
+        reason = _reason(proc.stderr, path) or "no audio stream"
         raise AudioDecodeError(f"not audio, or a format neither libsndfile nor ffmpeg can read (ffprobe: {reason})")
     stream = streams[0]
     try:
@@ -119,8 +118,11 @@ def _ffprobe_info(path: Path) -> AudioInfo:
         raise AudioDecodeError("not a readable audio file (ffprobe reports no sample rate)") from None
 
 
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+def _reason(stderr: bytes, path: Path) -> str:
+    """ffmpeg's last message, without the file's name. Bytes: a name need not be UTF-8, and may hold a newline."""
+    for name in (_ffmpeg_input(path), str(path)):
+        stderr = stderr.replace(os.fsencode(name) + b": ", b"")
+    lines = [line.strip() for line in stderr.decode("utf-8", "replace").splitlines() if line.strip()]
     return lines[-1] if lines else ""
 
 
@@ -242,8 +244,7 @@ def _ffmpeg_blocks(path: Path, channels: int, block_frames: int) -> Iterator[np.
                 proc.kill()
             stderr.join()  # ffmpeg is gone, so its stderr ends
         if returncode != 0:
-            reason = _last_line(stderr.tail.decode("utf-8", "replace"))
-            raise AudioDecodeError(f"decode failed (ffmpeg: {reason or 'error'})")
+            raise AudioDecodeError(f"decode failed (ffmpeg: {_reason(stderr.tail, path) or 'error'})")
 
 
 MAX_BLOCK_BYTES = 32 << 20  # decoded float32 bytes per block, whatever the channel count (64 channels: 2.6 s)
