@@ -94,7 +94,7 @@ def test_s8_1_ffmpeg_giving_no_audio_is_stopped_at_the_progress_limit(tmp_path, 
         os.kill(int(pid_file.read_text()), 0)
 
 
-# -- 13, 19. reasons: names that are not UTF-8 or hold a newline ----------------------------------------------------
+# -- 13, 19. reasons: names that are not UTF-8 or hold a newline; a truncated Ogg file ------------------------------
 
 @needs_ffmpeg
 @pytest.mark.parametrize("name", [b"bad\xfename.wav", b"two\nlines.wav"])
@@ -107,3 +107,11 @@ def test_s8_13_an_odd_name_ffprobe_cannot_read_gets_the_whole_usual_reason(tiny_
     assert list(records(result.stdout).values())[0]["error"] == (
         "not audio, or a format neither libsndfile nor ffmpeg can read (ffprobe: Invalid data found when processing "
         "input)")
+
+
+def test_s8_19_a_truncated_ogg_file_is_truncated_not_zero_length(tiny_checkpoint, tmp_path):
+    path = write_audio(tmp_path / "good.ogg", 1.0, subtype="VORBIS")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    result = runner.invoke(app, ["classify", str(path), "--model", str(tiny_checkpoint[0]), "-f", "jsonl"])
+    assert result.exit_code == 1
+    assert records(result.stdout)[str(path)]["error"] == "truncated: the Ogg stream ends without its final page"

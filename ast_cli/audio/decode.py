@@ -310,10 +310,10 @@ class AudioReader:
         for block in decoded:
             self.frames_read += block.shape[0]
             yield block
+        if self.info.truncated:  # first: a truncated Ogg file may hold no whole page, yet is not zero-length
+            raise AudioDecodeError(self.info.truncated)
         if self.frames_read == 0:
             raise AudioDecodeError("no audio samples (zero-length audio)")
-        if self.info.truncated:
-            raise AudioDecodeError(self.info.truncated)
         expected = self.info.frames or 0
         if expected - self.frames_read > max(0.01 * expected, 0.1 * self.info.sample_rate):
             raise AudioDecodeError(
