@@ -3,6 +3,7 @@ pipe that floods, stalls or points elsewhere gives one error record for itself, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -85,6 +86,7 @@ def test_s8_1_ffmpeg_giving_no_audio_is_stopped_at_the_progress_limit(tmp_path, 
     pid_file = tmp_path / "pid"
     fake = fake_executable(tmp_path, "ffmpeg", f"echo $$ > {pid_file}; exec sleep 5")
     monkeypatch.setattr(decode.shutil, "which", lambda name: fake)
+    monkeypatch.setattr(decode, "_input_options", lambda executable: ())
     monkeypatch.setattr(decode, "STALL_SECONDS", 0.5)
     start = time.monotonic()
     with pytest.raises(AudioDecodeError, match=r"^ffmpeg gave no audio for 0.5 s$"):
@@ -115,3 +117,42 @@ def test_s8_19_a_truncated_ogg_file_is_truncated_not_zero_length(tiny_checkpoint
     result = runner.invoke(app, ["classify", str(path), "--model", str(tiny_checkpoint[0]), "-f", "jsonl"])
     assert result.exit_code == 1
     assert records(result.stdout)[str(path)]["error"] == "truncated: the Ogg stream ends without its final page"
+
+
+# -- 8. playlists are refused before ffmpeg opens what they name; ffprobe has a time limit ---------------------------
+
+@pytest.mark.slow  # a whole process: a hang must fail at the timeout, not hang the suite
+@needs_ffmpeg
+def test_s8_8_a_playlist_is_one_quick_error_record_and_the_next_file_is_tagged(tiny_checkpoint, tmp_path):
+    www, folder = tmp_path / "www", tmp_path / "hls"
+    www.mkdir(), folder.mkdir()
+    os.mkfifo(www / "fifo.ts")
+    ffmpeg("-f", "lavfi", "-i", "sine=f=300:sample_rate=16000:duration=2", "-c:a", "aac", "-f", "mpegts",
+           www / "real.ts")
+    for name, target in (("f.m4a", www / "fifo.ts"), ("r.m4a", www / "real.ts")):
+        (folder / name).write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2.0,\n{target}\n#EXT-X-ENDLIST\n")
+    (folder / "c.m4a").write_text(f"ffconcat version 1.0\nfile {www / 'real.ts'}\n")
+    write_audio(folder / "g.wav", 1.0)
+    start = time.monotonic()
+    try:
+        proc = ast_run(folder, "--model", tiny_checkpoint[0], timeout=60)
+    finally:  # a failing run leaves ffprobe blocked opening the FIFO: let it go
+        with contextlib.suppress(OSError):  # ENXIO: nobody is opening it, as it should be
+            os.close(os.open(www / "fifo.ts", os.O_WRONLY | os.O_NONBLOCK))
+    got = records(proc.stdout)
+    assert proc.returncode == 1 and time.monotonic() - start < 30, proc.stderr
+    assert got[str(folder / "g.wav")]["error"] is None
+    for name, demuxer in (("f.m4a", "hls"), ("r.m4a", "hls"), ("c.m4a", "concat")):
+        assert got[str(folder / name)]["error"] == (f"not audio: a playlist ({demuxer}), naming other files to read "
+                                                    "in its place")
+
+
+def test_s8_8_ffprobe_that_never_answers_is_stopped(tmp_path, monkeypatch):
+    fake = fake_executable(tmp_path, "ffprobe", "exec sleep 5")
+    monkeypatch.setattr(decode.shutil, "which", lambda name: fake)
+    monkeypatch.setattr(decode, "_input_options", lambda executable: ())
+    monkeypatch.setattr(decode, "STALL_SECONDS", 0.5)
+    start = time.monotonic()
+    with pytest.raises(AudioDecodeError, match=r"^ffprobe gave no answer in 0.5 s$"):
+        decode._ffprobe_info(tmp_path / "x.m4a")
+    assert time.monotonic() - start < 4

@@ -12,6 +12,7 @@ Long files never sit in memory whole: ``StreamingResampler`` gives exactly the s
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -94,14 +95,48 @@ def _ffmpeg_input(path: Path) -> str:
     return "file:" + os.path.abspath(path)
 
 
-def _ffprobe_info(path: Path) -> AudioInfo:
-    ffprobe = shutil.which("ffprobe")
-    if ffprobe is None:
+# Demuxers that make ffmpeg open what a file names: playlists (hls, concat, dash, imf), other files (image2
+# patterns, vobsub's .sub), streams (sdp, rtp, rtsp, sap), scripts (avisynth, vapoursynth). A 100-byte "audio"
+# file could otherwise have another local file decoded in its place, or block on a FIFO it points at.
+REFUSED_DEMUXERS = frozenset(
+    "hls applehttp concat dash imf image2 vobsub sdp rtp rtsp sap avisynth vapoursynth".split())
+_REFUSED = re.compile(rb"\[([\w,]+) @ [^\]]*\] Format not on whitelist")
+
+
+@functools.lru_cache(maxsize=None)
+def _input_options(executable: str) -> tuple[str, ...]:
+    """Options that keep ``executable`` (ffmpeg or ffprobe) to the local file it is given: the ``file`` protocol
+    only, and every demuxer it has but ``REFUSED_DEMUXERS`` (ffmpeg has an allow list, not a deny list)."""
+    try:
+        listing = subprocess.run([executable, "-hide_banner", "-demuxers"], capture_output=True,
+                                 stdin=subprocess.DEVNULL, timeout=STALL_SECONDS).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise AudioDecodeError(f"cannot run {os.path.basename(executable)}: {exc}") from None
+    names = set()
+    for line in listing.decode("ascii", "replace").split("--", 1)[-1].splitlines():
+        words = [word for word in line.split() if word.strip("DEd.")]  # " D  name", " DE name", " D d name"
+        names.update(words[0].split(",") if words else ())
+    if not names:
+        raise AudioDecodeError(f"{os.path.basename(executable)} -demuxers lists no demuxers")
+    return "-protocol_whitelist", "file", "-format_whitelist", ",".join(sorted(names - REFUSED_DEMUXERS))
+
+
+def _executable(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
         raise AudioDecodeError("unsupported format (libsndfile cannot read it, and ffmpeg is not installed)",
                                hint="install ffmpeg to read m4a/aac/mp4/webm/wma and other formats")
-    cmd = [ffprobe, "-v", "error", "-select_streams", "a:0", "-show_entries", "stream=sample_rate,channels",
-           "-of", "json", _ffmpeg_input(path)]
-    proc = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL)
+    return found
+
+
+def _ffprobe_info(path: Path) -> AudioInfo:
+    ffprobe = _executable("ffprobe")
+    cmd = [ffprobe, "-v", "error", *_input_options(ffprobe), "-select_streams", "a:0",
+           "-show_entries", "stream=sample_rate,channels", "-of", "json", _ffmpeg_input(path)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL, timeout=STALL_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise AudioDecodeError(f"ffprobe gave no answer in {STALL_SECONDS:g} s") from None
     streams = []
     if proc.returncode == 0:
         try:
@@ -109,6 +144,10 @@ def _ffprobe_info(path: Path) -> AudioInfo:
         except (json.JSONDecodeError, UnicodeDecodeError):
             streams = []
     if not streams:
+        refused = _REFUSED.search(proc.stderr)
+        if refused:
+            raise AudioDecodeError(f"not audio: a playlist ({refused.group(1).decode()}), naming other files to "
+                                   "read in its place")
         reason = _reason(proc.stderr, path) or "no audio stream"
         raise AudioDecodeError(f"not audio, or a format neither libsndfile nor ffmpeg can read (ffprobe: {reason})")
     stream = streams[0]
@@ -220,11 +259,9 @@ class _StderrTail(threading.Thread):
 
 
 def _ffmpeg_blocks(path: Path, channels: int, block_frames: int) -> Iterator[np.ndarray]:
-    ffmpeg = shutil.which("ffmpeg")
-    if ffmpeg is None:
-        raise AudioDecodeError("unsupported format (libsndfile cannot read it, and ffmpeg is not installed)")
-    cmd = [ffmpeg, "-nostdin", "-v", "error", "-i", _ffmpeg_input(path), "-map", "0:a:0", "-vn",
-           "-f", "f32le", "-acodec", "pcm_f32le", "-"]
+    ffmpeg = _executable("ffmpeg")
+    cmd = [ffmpeg, "-nostdin", "-v", "error", *_input_options(ffmpeg), "-i", _ffmpeg_input(path),
+           "-map", "0:a:0", "-vn", "-f", "f32le", "-acodec", "pcm_f32le", "-"]
     frame_bytes = 4 * channels
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                           bufsize=0) as proc:
