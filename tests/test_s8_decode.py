@@ -156,3 +156,26 @@ def test_s8_8_ffprobe_that_never_answers_is_stopped(tmp_path, monkeypatch):
     with pytest.raises(AudioDecodeError, match=r"^ffprobe gave no answer in 0.5 s$"):
         decode._ffprobe_info(tmp_path / "x.m4a")
     assert time.monotonic() - start < 4
+
+
+# -- 2. a cut-off m4a/webm is a truncated file, a whole one still decodes ---------------------------------------------
+
+@needs_ffmpeg
+def test_s8_2_cut_m4a_and_webm_are_truncated_and_whole_files_still_decode(tiny_checkpoint, tmp_path):
+    source = write_audio(tmp_path / "src.wav", 3.0, 44100, 2)
+    cut, whole = tmp_path / "cut", tmp_path / "whole"
+    cut.mkdir(), whole.mkdir()
+    for ext, options in (("m4a", ["-c:a", "aac", "-movflags", "+faststart"]), ("webm", ["-c:a", "libvorbis"]),
+                         ("mka", ["-c:a", "flac"]), ("mp3", []), ("ogg", []), ("opus", ["-c:a", "libopus"])):
+        ffmpeg("-i", source, *options, whole / f"clip.{ext}")
+        if ext in ("m4a", "webm", "mka"):
+            data = (whole / f"clip.{ext}").read_bytes()
+            (cut / f"clip.{ext}").write_bytes(data[: len(data) * 6 // 10])
+    result = runner.invoke(app, ["classify", str(cut), str(whole), "--model", str(tiny_checkpoint[0]), "-f", "jsonl"])
+    got = records(result.stdout)
+    assert result.exit_code == 1 and len(got) == 9
+    for path, record in got.items():
+        if path.startswith(str(cut)):
+            assert record["error"].startswith("truncated: the file ends before its audio does (ffmpeg: "), path
+        else:
+            assert record["error"] is None and record["duration"] == pytest.approx(3.0, abs=0.1), path

@@ -244,17 +244,25 @@ class TimedPipe(io.RawIOBase):
         super().close()
 
 
+# What ffmpeg says, at -v error and with exit code 0, when a file ends before its own index or headers do: the mov
+# demuxer (m4a, mp4, mov) "stream 0, offset 0x12794: partial file", matroska/webm "File ended prematurely".
+_TRUNCATED = re.compile(rb"partial file|File ended prematurely")
+
+
 class _StderrTail(threading.Thread):
     """Reads a child's stderr as it comes (a child with a lot to say blocks once the pipe is full: ffmpeg printing
-    150 KB of "Invalid data" did), keeping its last ``STDERR_TAIL_BYTES``."""
+    150 KB of "Invalid data" did), keeping its last ``STDERR_TAIL_BYTES`` and the first sign of a truncated file."""
 
     def __init__(self, stream):
         super().__init__(name="ast-ffmpeg-stderr", daemon=True)
-        self.stream, self.tail = stream, b""
+        self.stream, self.tail, self.truncated = stream, b"", None
         self.start()
 
     def run(self) -> None:
         while chunk := self.stream.read(1 << 16):
+            found = self.truncated is None and _TRUNCATED.search(self.tail[-64:] + chunk)
+            if found:
+                self.truncated = found.group(0).decode()
             self.tail = (self.tail + chunk)[-STDERR_TAIL_BYTES:]
 
 
@@ -280,6 +288,8 @@ def _ffmpeg_blocks(path: Path, channels: int, block_frames: int) -> Iterator[np.
             if proc.poll() is None:
                 proc.kill()
             stderr.join()  # ffmpeg is gone, so its stderr ends
+        if stderr.truncated:
+            raise AudioDecodeError(f"truncated: the file ends before its audio does (ffmpeg: {stderr.truncated})")
         if returncode != 0:
             raise AudioDecodeError(f"decode failed (ffmpeg: {_reason(stderr.tail, path) or 'error'})")
 
