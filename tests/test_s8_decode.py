@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -17,7 +18,7 @@ from typer.testing import CliRunner
 import ast_cli.audio.decode as decode
 from ast_cli.cli import app
 from ast_cli.errors import AudioDecodeError
-from conftest import write_audio
+from conftest import trickle_fifo, write_audio
 
 runner = CliRunner()
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None,
@@ -179,3 +180,38 @@ def test_s8_2_cut_m4a_and_webm_are_truncated_and_whole_files_still_decode(tiny_c
             assert record["error"].startswith("truncated: the file ends before its audio does (ffmpeg: "), path
         else:
             assert record["error"] is None and record["duration"] == pytest.approx(3.0, abs=0.1), path
+
+
+# -- 17. a FIFO with no writer is an error record; audio arriving slowly on one still works ---------------------------
+
+@pytest.mark.slow  # a whole process: a hang must fail at the timeout, not hang the suite
+def test_s8_17_a_fifo_with_no_writer_is_an_error_record_and_the_batch_goes_on(tiny_checkpoint, tmp_path):
+    silent = tmp_path / "silent.wav"
+    os.mkfifo(silent)
+    clip = write_audio(tmp_path / "c0.wav", 1.0)
+    live = trickle_fifo(tmp_path / "live.wav", limit_seconds=2.0)  # 0.1 s of audio every 0.1 s, for 2 s
+    proc = ast_run(silent, clip, live, "--model", tiny_checkpoint[0], stall=1.5, timeout=60)
+    got = records(proc.stdout)
+    assert proc.returncode == 1, proc.stderr
+    assert got[str(silent)]["error"] == "no data came for 1.5 s (a pipe with no writer?)"
+    assert got[str(clip)]["error"] is None
+    assert got[str(live)]["error"] is None and got[str(live)]["duration"] >= 1.0
+
+
+def test_s8_17_a_pipe_read_waits_for_a_slow_writer_within_the_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(decode, "STALL_SECONDS", 1.5)
+    fifo = tmp_path / "slow"
+    os.mkfifo(fifo)
+
+    def slow_writer():
+        with open(fifo, "wb") as pipe:
+            for _ in range(3):
+                time.sleep(0.6)  # each pause under the limit, all of them over it
+                pipe.write(b"x")
+                pipe.flush()
+
+    writer = threading.Thread(target=slow_writer)
+    writer.start()
+    with decode.open_pipe(str(fifo)) as pipe:
+        assert pipe.read(10) + pipe.read(10) + pipe.read(10) + pipe.read(10) == b"xxx"
+    writer.join(10)

@@ -244,6 +244,15 @@ class TimedPipe(io.RawIOBase):
         super().close()
 
 
+def open_pipe(path: str) -> TimedPipe:
+    """A FIFO or device, opened without waiting for a writer (a FIFO nobody opens is then a stall, not a hang)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise AudioDecodeError(f"cannot open: {exc.strerror or exc}") from None
+    return TimedPipe(fd, f"no data came for {STALL_SECONDS:g} s (a pipe with no writer?)")
+
+
 # What ffmpeg says, at -v error and with exit code 0, when a file ends before its own index or headers do: the mov
 # demuxer (m4a, mp4, mov) "stream 0, offset 0x12794: partial file", matroska/webm "File ended prematurely".
 _TRUNCATED = re.compile(rb"partial file|File ended prematurely")
