@@ -97,6 +97,21 @@ def test_s8_1_ffmpeg_giving_no_audio_is_stopped_at_the_progress_limit(tmp_path, 
         os.kill(int(pid_file.read_text()), 0)
 
 
+def test_s8_1_the_stderr_reader_never_prints_a_traceback(monkeypatch):
+    """Ctrl-C while ffmpeg's stderr is joined closes the pipe under its reader thread: no traceback from it."""
+    escaped = []
+    monkeypatch.setattr(threading, "excepthook", escaped.append)
+    read_end, write_end = os.pipe()
+    stream = open(read_end, "rb", buffering=0)
+    reader = decode._StderrTail(stream)
+    stream.close()
+    with contextlib.suppress(BrokenPipeError):  # the reader may have stopped already
+        os.write(write_end, b"[aac @ 0x1] invalid band type\n")
+    os.close(write_end)
+    reader.join(5)
+    assert not reader.is_alive() and escaped == []
+
+
 # -- 13, 19. reasons: names that are not UTF-8 or hold a newline; a truncated Ogg file ------------------------------
 
 @needs_ffmpeg

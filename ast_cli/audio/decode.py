@@ -268,11 +268,14 @@ class _StderrTail(threading.Thread):
         self.start()
 
     def run(self) -> None:
-        while chunk := self.stream.read(1 << 16):
-            found = self.truncated is None and _TRUNCATED.search(self.tail[-64:] + chunk)
-            if found:
-                self.truncated = found.group(0).decode()
-            self.tail = (self.tail + chunk)[-STDERR_TAIL_BYTES:]
+        try:
+            while chunk := self.stream.read(1 << 16):
+                found = self.truncated is None and _TRUNCATED.search(self.tail[-64:] + chunk)
+                if found:
+                    self.truncated = found.group(0).decode()
+                self.tail = (self.tail + chunk)[-STDERR_TAIL_BYTES:]
+        except (OSError, ValueError):  # the pipe closed under it (Ctrl-C while joining): no traceback from a thread
+            pass
 
 
 def _ffmpeg_blocks(path: Path, channels: int, block_frames: int) -> Iterator[np.ndarray]:
