@@ -12,12 +12,16 @@ Long files never sit in memory whole: ``StreamingResampler`` gives exactly the s
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import os
 import re
+import select
 import shutil
 import stat
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -29,6 +33,11 @@ from ..errors import AudioDecodeError
 from .resample import StreamingResampler, check_rate
 
 BLOCK_SECONDS = 30.0  # audio read per block; bounds memory for long files
+# How long ffprobe may take, and ffmpeg or a pipe may go without giving a byte, before that input is given up (an
+# error record; the batch goes on). A healthy local file gives its first bytes within a second even on a busy
+# machine; a live writer on a FIFO pauses less than this; ``ast listen --stall`` waits as long by default.
+STALL_SECONDS = 30.0
+STDERR_TAIL_BYTES = 8192  # what is kept of ffmpeg's stderr for an error's reason (it may print megabytes)
 
 # Extensions taken when walking directories (lower case, without the dot).
 AUDIO_EXTENSIONS = frozenset(
@@ -86,23 +95,60 @@ def _ffmpeg_input(path: Path) -> str:
     return "file:" + os.path.abspath(path)
 
 
-def _ffprobe_info(path: Path) -> AudioInfo:
-    ffprobe = shutil.which("ffprobe")
-    if ffprobe is None:
+# Demuxers that make ffmpeg open what a file names: playlists (hls, concat, dash, imf), other files (image2
+# patterns, vobsub's .sub), streams (sdp, rtp, rtsp, sap), scripts (avisynth, vapoursynth). A 100-byte "audio"
+# file could otherwise have another local file decoded in its place, or block on a FIFO it points at.
+REFUSED_DEMUXERS = frozenset(
+    "hls applehttp concat dash imf image2 vobsub sdp rtp rtsp sap avisynth vapoursynth".split())
+_REFUSED = re.compile(rb"\[([\w,]+) @ [^\]]*\] Format not on whitelist")
+
+
+@functools.lru_cache(maxsize=None)
+def _input_options(executable: str) -> tuple[str, ...]:
+    """Options that keep ``executable`` (ffmpeg or ffprobe) to the local file it is given: the ``file`` protocol
+    only, and every demuxer it has but ``REFUSED_DEMUXERS`` (ffmpeg has an allow list, not a deny list)."""
+    try:
+        listing = subprocess.run([executable, "-hide_banner", "-demuxers"], capture_output=True,
+                                 stdin=subprocess.DEVNULL, timeout=STALL_SECONDS).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise AudioDecodeError(f"cannot run {os.path.basename(executable)}: {exc}") from None
+    names = set()
+    for line in listing.decode("ascii", "replace").split("--", 1)[-1].splitlines():
+        words = [word for word in line.split() if word.strip("DEd.")]  # " D  name", " DE name", " D d name"
+        names.update(words[0].split(",") if words else ())
+    if not names:
+        raise AudioDecodeError(f"{os.path.basename(executable)} -demuxers lists no demuxers")
+    return "-protocol_whitelist", "file", "-format_whitelist", ",".join(sorted(names - REFUSED_DEMUXERS))
+
+
+def _executable(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
         raise AudioDecodeError("unsupported format (libsndfile cannot read it, and ffmpeg is not installed)",
                                hint="install ffmpeg to read m4a/aac/mp4/webm/wma and other formats")
-    cmd = [ffprobe, "-v", "error", "-select_streams", "a:0", "-show_entries", "stream=sample_rate,channels",
-           "-of", "json", _ffmpeg_input(path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    return found
+
+
+def _ffprobe_info(path: Path) -> AudioInfo:
+    ffprobe = _executable("ffprobe")
+    cmd = [ffprobe, "-v", "error", *_input_options(ffprobe), "-select_streams", "a:0",
+           "-show_entries", "stream=sample_rate,channels", "-of", "json", _ffmpeg_input(path)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL, timeout=STALL_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise AudioDecodeError(f"ffprobe gave no answer in {STALL_SECONDS:g} s") from None
     streams = []
     if proc.returncode == 0:
         try:
-            streams = json.loads(proc.stdout or "{}").get("streams", [])
-        except json.JSONDecodeError:
+            streams = json.loads(proc.stdout or b"{}").get("streams", [])
+        except (json.JSONDecodeError, UnicodeDecodeError):
             streams = []
     if not streams:
-        reason = _last_line(proc.stderr).replace(f"{_ffmpeg_input(path)}: ", "").replace(f"{path}: ", "")
-        reason = reason or "no audio stream"
+        refused = _REFUSED.search(proc.stderr)
+        if refused:
+            raise AudioDecodeError(f"not audio: a playlist ({refused.group(1).decode()}), naming other files to "
+                                   "read in its place")
+        reason = _reason(proc.stderr, path) or "no audio stream"
         raise AudioDecodeError(f"not audio, or a format neither libsndfile nor ffmpeg can read (ffprobe: {reason})")
     stream = streams[0]
     try:
@@ -111,8 +157,11 @@ def _ffprobe_info(path: Path) -> AudioInfo:
         raise AudioDecodeError("not a readable audio file (ffprobe reports no sample rate)") from None
 
 
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+def _reason(stderr: bytes, path: Path) -> str:
+    """ffmpeg's last message, without the file's name. Bytes: a name need not be UTF-8, and may hold a newline."""
+    for name in (_ffmpeg_input(path), str(path)):
+        stderr = stderr.replace(os.fsencode(name) + b": ", b"")
+    lines = [line.strip() for line in stderr.decode("utf-8", "replace").splitlines() if line.strip()]
     return lines[-1] if lines else ""
 
 
@@ -163,32 +212,98 @@ def _sf_reason(exc: Exception) -> str:
     return text or "libsndfile error"
 
 
-def _ffmpeg_blocks(path: Path, channels: int, block_frames: int) -> Iterator[np.ndarray]:
-    ffmpeg = shutil.which("ffmpeg")
-    if ffmpeg is None:
-        raise AudioDecodeError("unsupported format (libsndfile cannot read it, and ffmpeg is not installed)")
-    cmd = [ffmpeg, "-nostdin", "-v", "error", "-i", _ffmpeg_input(path), "-map", "0:a:0", "-vn",
-           "-f", "f32le", "-acodec", "pcm_f32le", "-"]
-    frame_bytes = 4 * channels
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL) as proc:
+class TimedPipe(io.RawIOBase):
+    """A pipe or device read with a progress limit: each read waits at most ``STALL_SECONDS`` for a byte, then
+    raises AudioDecodeError(``stalled``). A plain read would wait for ever on a FIFO nobody writes to, or on a
+    stuck ffmpeg, and with it the whole batch. ``fd``: a descriptor, blocking or not, closed with the pipe when
+    ``closefd``."""
+
+    def __init__(self, fd: int, stalled: str, closefd: bool = True):
+        self.fd, self.stalled, self.closefd = fd, stalled, closefd
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)  # a writer gone (POLLHUP) wakes it too: the read then gives EOF
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def readinto(self, buffer) -> int:
+        while True:
+            if not self._poll.poll(STALL_SECONDS * 1000):
+                raise AudioDecodeError(self.stalled)
+            try:
+                return os.readv(self.fd, [buffer])
+            except BlockingIOError:  # a non-blocking descriptor had nothing after all
+                continue
+
+    def close(self) -> None:
+        if not self.closed and self.closefd:
+            os.close(self.fd)
+        super().close()
+
+
+def open_pipe(path: str) -> TimedPipe:
+    """A FIFO or device, opened without waiting for a writer (a FIFO nobody opens is then a stall, not a hang)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise AudioDecodeError(f"cannot open: {exc.strerror or exc}") from None
+    return TimedPipe(fd, f"no data came for {STALL_SECONDS:g} s (a pipe with no writer?)")
+
+
+# What ffmpeg says, at -v error and with exit code 0, when a file ends before its own index or headers do: the mov
+# demuxer (m4a, mp4, mov) "stream 0, offset 0x12794: partial file", matroska/webm "File ended prematurely".
+_TRUNCATED = re.compile(rb"partial file|File ended prematurely")
+
+
+class _StderrTail(threading.Thread):
+    """Reads a child's stderr as it comes (a child with a lot to say blocks once the pipe is full: ffmpeg printing
+    150 KB of "Invalid data" did), keeping its last ``STDERR_TAIL_BYTES`` and the first sign of a truncated file."""
+
+    def __init__(self, stream):
+        super().__init__(name="ast-ffmpeg-stderr", daemon=True)
+        self.stream, self.tail, self.truncated = stream, b"", None
+        self.start()
+
+    def run(self) -> None:
         try:
-            pending = b""
-            while True:
-                chunk = proc.stdout.read(block_frames * frame_bytes)
-                if not chunk:
-                    break
-                pending += chunk
-                usable = len(pending) - len(pending) % frame_bytes
+            while chunk := self.stream.read(1 << 16):
+                found = self.truncated is None and _TRUNCATED.search(self.tail[-64:] + chunk)
+                if found:
+                    self.truncated = found.group(0).decode()
+                self.tail = (self.tail + chunk)[-STDERR_TAIL_BYTES:]
+        except (OSError, ValueError):  # the pipe closed under it (Ctrl-C while joining): no traceback from a thread
+            pass
+
+
+def _ffmpeg_blocks(path: Path, channels: int, block_frames: int) -> Iterator[np.ndarray]:
+    ffmpeg = _executable("ffmpeg")
+    cmd = [ffmpeg, "-nostdin", "-v", "error", *_input_options(ffmpeg), "-i", _ffmpeg_input(path),
+           "-map", "0:a:0", "-vn", "-f", "f32le", "-acodec", "pcm_f32le", "-"]
+    frame_bytes = 4 * channels
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                          bufsize=0) as proc:
+        stderr = _StderrTail(proc.stderr)
+        try:
+            stalled = f"ffmpeg gave no audio for {STALL_SECONDS:g} s"
+            audio = io.BufferedReader(TimedPipe(proc.stdout.fileno(), stalled, closefd=False))
+            while chunk := audio.read(block_frames * frame_bytes):  # whole frames, but at a truncated file's end
+                usable = len(chunk) - len(chunk) % frame_bytes
                 if usable:
-                    data = np.frombuffer(pending[:usable], dtype="<f4").reshape(-1, channels)
-                    pending = pending[usable:]
-                    yield data
-            stderr = proc.stderr.read().decode("utf-8", "replace")
-            if proc.wait() != 0:
-                raise AudioDecodeError(f"decode failed (ffmpeg: {_last_line(stderr) or 'error'})")
+                    yield np.frombuffer(chunk[:usable], dtype="<f4").reshape(-1, channels)
+            returncode = proc.wait(STALL_SECONDS)
+        except subprocess.TimeoutExpired:
+            raise AudioDecodeError(f"ffmpeg did not exit {STALL_SECONDS:g} s after its last audio") from None
         finally:
             if proc.poll() is None:
                 proc.kill()
+            stderr.join()  # ffmpeg is gone, so its stderr ends
+        if stderr.truncated:
+            raise AudioDecodeError(f"truncated: the file ends before its audio does (ffmpeg: {stderr.truncated})")
+        if returncode != 0:
+            raise AudioDecodeError(f"decode failed (ffmpeg: {_reason(stderr.tail, path) or 'error'})")
 
 
 MAX_BLOCK_BYTES = 32 << 20  # decoded float32 bytes per block, whatever the channel count (64 channels: 2.6 s)
@@ -254,10 +369,10 @@ class AudioReader:
         for block in decoded:
             self.frames_read += block.shape[0]
             yield block
+        if self.info.truncated:  # first: a truncated Ogg file may hold no whole page, yet is not zero-length
+            raise AudioDecodeError(self.info.truncated)
         if self.frames_read == 0:
             raise AudioDecodeError("no audio samples (zero-length audio)")
-        if self.info.truncated:
-            raise AudioDecodeError(self.info.truncated)
         expected = self.info.frames or 0
         if expected - self.frames_read > max(0.01 * expected, 0.1 * self.info.sample_rate):
             raise AudioDecodeError(

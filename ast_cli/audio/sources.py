@@ -26,7 +26,7 @@ from typing import BinaryIO, Iterable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
-from .decode import BLOCK_SECONDS, MAX_BLOCK_BYTES, AudioReader, ToModelRate
+from .decode import BLOCK_SECONDS, MAX_BLOCK_BYTES, AudioReader, ToModelRate, open_pipe
 from ..errors import AudioDecodeError
 
 SAMPLE_FORMATS = {"s16le": "<i2", "s32le": "<i4", "f32le": "<f4"}
@@ -78,12 +78,8 @@ class FileSource:
             raise AudioDecodeError(self.error)
         try:
             if _is_stream(self.path):  # /dev/stdin, <(sox ... -t wav -), a named pipe: read once, as a WAV stream
-                try:
-                    handle = open(self.path, "rb")
-                except OSError as exc:
-                    raise AudioDecodeError(f"cannot open: {exc.strerror or exc}") from None
-                with handle:
-                    self._reader = StreamSource(handle, self.name)
+                with open_pipe(self.path) as pipe:  # no writer, or one gone quiet: an error record, not a hang
+                    self._reader = StreamSource(io.BufferedReader(pipe), self.name)
                     yield from self._reader.blocks()
                 return
             self._reader = AudioReader(self.path, block_seconds=self.block_seconds)
