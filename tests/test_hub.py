@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
@@ -1012,3 +1013,22 @@ def test_25_classify_resolves_validates_and_loads_once(fake_hub, env, clip, monk
     assert result.exit_code == 0, result.stderr
     assert calls == {"hub lookups": 1, "loads": 1, "placements": 1, "validations": 1}, calls
     assert fake_hub.downloads("model.safetensors") == 1
+
+
+def test_s8_3_a_hub_that_never_answers_is_one_error_line(env, monkeypatch):  # CLI
+    """A hub that accepts the connection and then says nothing: the bounded wait ends in the usual error."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel accepts the connections; nobody ever reads or answers them
+    monkeypatch.setattr(hub, "HUB_TIMEOUT_SECONDS", 0.5, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    results = []
+    worker = threading.Thread(target=lambda: results.append(run_cli("download", REPO)), daemon=True)
+    worker.start()
+    worker.join(10)
+    hung = worker.is_alive()
+    silent.close()  # resets the waiting connections, so a hung download ends too
+    worker.join(10)
+    assert not hung, "the download still waited after 10 s"
+    assert_clean_error(results[0], "cannot reach the hub at http://127.0.0.1:")
+    assert "Hint: " in results[0].stderr

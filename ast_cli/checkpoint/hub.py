@@ -35,6 +35,9 @@ from .names import (AST_MODEL_TYPE, COMMIT_HASH, CONFIG_NAME, DEFAULT_REVISION, 
                     _one_line, _token, _weights_in, check_revision, hub_endpoint, is_offline, looks_local,
                     parse_model_name)
 
+# Seconds the hub may take to accept a connection or send the next bytes (huggingface_hub's own default for
+# file requests; its model_info waits forever unless told).
+HUB_TIMEOUT_SECONDS = 10.0
 
 # -- progress --------------------------------------------------------------------------------------
 
@@ -163,11 +166,12 @@ def download(name: str = DEFAULT_MODEL, *, revision: str | None = None, cache_di
 
     endpoint, token, cache = hub_endpoint(), _token(), str(_cache(cache_dir))
     common = dict(cache_dir=cache, endpoint=endpoint, token=token, force_download=force, library_name=LIBRARY_NAME,
-                  library_version=__version__)
+                  library_version=__version__, etag_timeout=HUB_TIMEOUT_SECONDS)
     state: dict = {"files": None}  # which files are on the wire, for messages
     with _hub_errors(label, repo_id, revision, endpoint, state):
         api = HfApi(endpoint=endpoint, token=token, library_name=LIBRARY_NAME, library_version=__version__)
-        info = api.model_info(repo_id, revision=revision, files_metadata=True)  # with sizes, for progress
+        info = api.model_info(repo_id, revision=revision, files_metadata=True,  # with sizes, for progress
+                              timeout=HUB_TIMEOUT_SECONDS)
         sha = info.sha
         if not sha or not COMMIT_HASH.fullmatch(sha):  # it becomes a folder name: snapshots/<sha>
             raise HubError(f"{endpoint} gave no valid commit for {repo_id} (it does not answer like a Hugging Face "
