@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -229,3 +230,59 @@ def test_cli_through_ffmpeg_and_a_broken_source(tiny_checkpoint, tmp_path):
     broken = runner.invoke(app, ["listen", str(tmp_path / "nothing.mp3"), "--model", str(tiny_checkpoint[0])])
     assert broken.exit_code == 1 and "ffmpeg could not read the source" in broken.stderr
     assert len(broken.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg executable")
+def test_s8_9_ffmpeg_is_ended_and_reaped_after_a_stall(tiny_checkpoint, monkeypatch):
+    from ast_cli.tasks import listen as listen_task
+
+    streams = []
+    original = listen_task._FfmpegStream.__init__
+
+    def recorded(self, stream, process):
+        streams.append(self)
+        original(self, stream, process)
+
+    monkeypatch.setattr(listen_task._FfmpegStream, "__init__", recorded)
+    silent = socket.socket()  # accepts ffmpeg's connection, never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    try:
+        result = CliRunner().invoke(app, ["listen", f"http://127.0.0.1:{silent.getsockname()[1]}/s.mp3", "--model",
+                                          str(tiny_checkpoint[0]), "-f", "jsonl", "--stall", "1"])
+        alive = [s.process for s in streams if s.process.poll() is None]
+    finally:
+        for process in (s.process for s in streams):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        silent.close()
+    assert result.exit_code == 1 and "the stream sent no audio for 1 s" in result.stderr
+    assert len(streams) == 1 and not alive, "ffmpeg still runs after the run ended"
+
+
+def test_s8_1_a_chatty_ffmpeg_stderr_never_stalls_the_stream():
+    """ffmpeg writing much more to stderr than a pipe holds, then audio: read at once, the last line kept."""
+    from ast_cli.tasks.listen import _FfmpegStream
+
+    header = wav_header(16000, 1)
+    script = ("import sys; sys.stderr.write('Invalid data found\\n' * 20000); sys.stderr.write('the last word\\n');"
+              f"sys.stderr.flush(); sys.stdout.buffer.write({header!r} + bytes(32000)); sys.exit(3)")
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stream = _FfmpegStream(StreamSource(process.stdout, "chatty"), process)
+    outcome = []
+
+    def read() -> None:
+        try:
+            outcome.append(sum(block.shape[0] for block in stream.blocks()))
+        except Exception as exc:  # noqa: BLE001 - the test reads it
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(20)
+    if reader.is_alive():
+        process.kill()
+        process.wait()
+    assert outcome, "the stream stalled on ffmpeg's full stderr pipe"
+    assert "ffmpeg stopped: the last word" in str(outcome[0]) and process.returncode == 3

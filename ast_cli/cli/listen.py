@@ -94,6 +94,14 @@ def listen(
         # a missing or bad file: before any work
         calibrations = calibrations_of(model, thresholds, calibrated, heads, not no_base_head)
         tagger = load_tagger(model, run, stderr, quiet, heads=heads, base_head=not no_base_head)
+        recording = source != "-" and os.path.isfile(source)
+        if calibrations is not None:
+            selection = apply_calibrations(selection, tagger.parts(), calibrations, activation, heads)
+        own = activation or (None if heads else tagger.default_activation)  # None: each head's own
+        listener = Listener(tagger.scoring_backend, tagger.labels, hop_seconds=run.hop_seconds or 1.0,
+                            selection=selection, activation=own, stall_seconds=stall, parts=tagger.parts(),
+                            drop=(not recording) if drop is None else drop)
+        tracker = EventTracker(listener.labels, _on_off(selection, threshold), listener.allowed) if events else None
         if source == "-":
             # Unbuffered, not sys.stdin.buffer: a reader thread blocked in a buffered stdin would abort
             # CPython's shutdown ("could not acquire lock for <stdin>") when the run ends on an error.
@@ -105,20 +113,13 @@ def listen(
                                   sample_format=sample_format.value)
         else:
             stream = ffmpeg_source(source)
-        recording = source != "-" and os.path.isfile(source)
-        if calibrations is not None:
-            selection = apply_calibrations(selection, tagger.parts(), calibrations, activation, heads)
-        own = activation or (None if heads else tagger.default_activation)  # None: each head's own
-        listener = Listener(tagger.scoring_backend, tagger.labels, hop_seconds=run.hop_seconds or 1.0,
-                            selection=selection, activation=own, stall_seconds=stall, parts=tagger.parts(),
-                            drop=(not recording) if drop is None else drop)
-        tracker = EventTracker(listener.labels, _on_off(selection, threshold), listener.allowed) if events else None
         from ._io import native_stderr_silenced
 
         try:
             with native_stderr_silenced(not debug_enabled(debug)):
                 _loop(listener, stream, fmt, tracker, stderr, quiet)
         finally:
+            getattr(stream, "close", lambda: None)()  # ffmpeg ends with the run, however it ends
             if not quiet:
                 _say_pace(listener, stderr)
 

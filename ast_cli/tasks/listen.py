@@ -251,9 +251,14 @@ class EventTracker:
         return events
 
 
+_FFMPEG_TAIL_LINES = 20  # of ffmpeg's stderr, kept for the reason a stream failed
+_FFMPEG_LINE_BYTES = 4096  # longer lines are kept in pieces
+
+
 def ffmpeg_source(url: str, name: str | None = None):
     """A ``StreamSource`` over anything the ffmpeg executable can open (a URL, a device, a growing file):
-    ffmpeg decodes it to WAV on a pipe, at its own rate and channels (our resampler does the rest)."""
+    ffmpeg decodes it to WAV on a pipe, at its own rate and channels (our resampler does the rest). Call its
+    ``close()`` when done with it: that ends ffmpeg."""
     import shutil
     import subprocess
 
@@ -271,10 +276,30 @@ def ffmpeg_source(url: str, name: str | None = None):
 
 
 class _FfmpegStream:
-    """A StreamSource whose bytes come from an ffmpeg process; ffmpeg's own error is the stream's error."""
+    """A StreamSource whose bytes come from an ffmpeg process; ffmpeg's own error is the stream's error.
+
+    ffmpeg's stderr is read as it comes (a full pipe would stop ffmpeg mid-stream), keeping its last lines for
+    the reason. ``close`` kills and reaps ffmpeg: its owner calls it on every way out (a stall, an error, Ctrl-C),
+    since a reader blocked on ffmpeg's output never gets to its own clean-up."""
 
     def __init__(self, stream, process):
+        import collections
+
         self.stream, self.process, self.name = stream, process, stream.name
+        self._tail: collections.deque[bytes] = collections.deque(maxlen=_FFMPEG_TAIL_LINES)
+        self._drain = threading.Thread(target=self._read_stderr, name="ast-ffmpeg-stderr", daemon=True)
+        self._drain.start()
+
+    def _read_stderr(self) -> None:
+        for line in iter(lambda: self.process.stderr.readline(_FFMPEG_LINE_BYTES), b""):
+            if line.strip():
+                self._tail.append(line)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self._drain.join(1.0)
 
     def blocks(self):
         try:
@@ -284,15 +309,14 @@ class _FfmpegStream:
                 raise AudioDecodeError(f"ffmpeg could not read the source: {self._ffmpeg_error()}") from None
             raise
         finally:
-            if self.process.poll() is None:
-                self.process.kill()
-            self.process.wait()
+            self.close()
         if self.process.returncode not in (0, -9):
             raise AudioDecodeError(f"ffmpeg stopped: {self._ffmpeg_error()}")
 
     def _ffmpeg_error(self) -> str:
-        text = self.process.stderr.read().decode("utf-8", "replace").strip().splitlines()
-        return text[-1] if text else f"exit code {self.process.returncode}"
+        self._drain.join(1.0)  # ffmpeg has exited: the rest of its stderr is a moment away
+        lines = [line.decode("utf-8", "replace").strip() for line in list(self._tail)]
+        return lines[-1] if lines else f"exit code {self.process.returncode}"
 
     @property
     def duration(self):
