@@ -1031,3 +1031,24 @@ def test_s8_3_a_hub_that_never_answers_is_one_error_line(env, monkeypatch):  # C
     assert not hung, "the download still waited after 10 s"
     assert_clean_error(results[0], "cannot reach the hub at http://127.0.0.1:")
     assert "Hint: " in results[0].stderr
+
+
+def test_s8_15_a_config_that_is_a_fifo_is_a_checkpoint_error(tmp_path):
+    fifo = tmp_path / "config.json"
+    os.mkfifo(fifo)
+    raised = []
+
+    def read() -> None:
+        try:
+            names.read_json(fifo)
+        except CheckpointError as exc:
+            raised.append(exc)
+
+    worker = threading.Thread(target=read, daemon=True)
+    worker.start()
+    worker.join(10)
+    hung = worker.is_alive()
+    if hung:  # blocked opening the FIFO: a writer lets it go
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert not hung, "reading the config waited on the FIFO"
+    assert raised and "not a regular file" in str(raised[0]) and str(fifo) in str(raised[0])
