@@ -286,3 +286,38 @@ def test_s8_1_a_chatty_ffmpeg_stderr_never_stalls_the_stream():
         process.wait()
     assert outcome, "the stream stalled on ffmpeg's full stderr pipe"
     assert "ffmpeg stopped: the last word" in str(outcome[0]) and process.returncode == 3
+
+
+def test_s8_16_a_file_piped_at_a_low_rate_drops_no_window(tagger):
+    """5 samples at 1 Hz come at once: before, the clock's zero was taken from the first resampled block, which
+    held the whole 5 s, so every window was overdue on arrival and 4 of 5 were dropped."""
+    samples = (np.random.default_rng(0).standard_normal(5) * 0.1).astype("<f4")
+    data = wav_header(1, 1, bits=32, fmt=3) + samples.tobytes()
+    listener = Listener(SlowBackend(tagger.backend, 0.05), tagger.labels, hop_seconds=1.0)
+    windows = list(listener.windows(StreamSource(io.BytesIO(data), "sr1")))
+    assert (listener.dropped, [w.end for w in windows]) == (0, pytest.approx([1.0, 2.0, 3.0, 4.0, 5.0]))
+    assert listener.stream_seconds == pytest.approx(5.0) and listener.stream_wall_seconds < 4.0
+
+
+class Backlogged(Paced):
+    """A live stream whose first ``backlog`` seconds waited in the pipe while the model loaded."""
+
+    def __init__(self, wave: np.ndarray, backlog: float):
+        super().__init__(wave)
+        self.backlog = int(backlog * 16000)
+
+    def blocks(self):
+        for i in range(0, self.wave.shape[0], 800):
+            if i >= self.backlog:
+                time.sleep(0.05)
+            yield self.wave[i : i + 800]
+
+
+def test_s8_16_a_backlog_at_start_up_is_audio_that_has_played(tagger):
+    """The clock's zero was the first block's arrival: a live stream with 2 s buffered at start-up looked 2 s
+    ahead of real time ("the audio came faster than real time")."""
+    listener = Listener(tagger.backend, tagger.labels, hop_seconds=1.0)
+    windows = list(listener.windows(Backlogged(tone(3.0, 16000, seed=27)[:, 0], 2.0)))
+    assert [w.end for w in windows] == pytest.approx([1.0, 2.0, 3.0]) and listener.dropped == 0
+    assert listener.stream_seconds == pytest.approx(3.0)
+    assert listener.stream_wall_seconds == pytest.approx(3.0, abs=0.4)  # it played in real time

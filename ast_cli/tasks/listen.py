@@ -11,11 +11,14 @@ own clock (a window is still unscored when the stream, counted from its first sa
 passed the end of the next one), the older window is dropped and counted, never queued: memory stays flat on
 an endless stream, and the output never falls further and further behind. Audio that arrives faster than
 real time (a file piped in) is no reason to drop: the reader then waits for the model, and every window is
-scored.
+scored. The clock is set by the first block the source made the reader wait for (the live edge): the stream's
+first sample played all the audio received so far before it, a backlog buffered at start-up included. Until
+then, nothing is dropped.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -96,6 +99,20 @@ class _Latest:
             return item
 
 
+def _timed(blocks: Iterator[np.ndarray]) -> Iterator[tuple[np.ndarray, bool]]:
+    """Each block, and whether the source made us wait for it (at least half its length): it came as it played.
+
+    Until a block comes so, the stream's clock is unknown: what comes at once is a backlog (audio buffered while
+    the model loaded) or a file piped in, and neither tells when the first sample played."""
+    blocks = iter(blocks)
+    while True:
+        asked = time.monotonic()
+        block = next(blocks, None)
+        if block is None:
+            return
+        yield block, time.monotonic() - asked >= 0.5 * block.shape[0] / SAMPLE_RATE
+
+
 def check_stall(seconds: float) -> float:
     """``seconds`` if it is a positive, finite wait a thread can make (``threading.TIMEOUT_MAX``); else UsageError
     (inf overflowed the wait, nan waited forever)."""
@@ -133,7 +150,8 @@ class Listener:
         self.drop = drop
         self.dropped = 0
         self.stream_seconds = 0.0  # audio received so far ...
-        self.stream_wall_seconds = 0.0  # ... in this much wall time, from the first sample to the latest block
+        self.stream_wall_seconds = 0.0  # ... in this much wall time: from the stream clock's zero, while unknown
+        # from the first read, to the latest block
         self._stop = threading.Event()
 
     def stop(self) -> None:
@@ -153,6 +171,7 @@ class Listener:
         samples = 0
         next_end = self.hop_frames
         index = 0
+        started = time.monotonic()
         first_sample = None  # time.monotonic() when the stream's first sample was played: its clock's zero
 
         def cut(end: int, end_seconds: float) -> None:
@@ -160,19 +179,19 @@ class Listener:
             local = frames[max(0, frames.shape[0] - (done - end) - cfg.max_length) : frames.shape[0] - (done - end)]
             window = normalize(pad_or_truncate(local, cfg.max_length), cfg)
             start = max(0, end - cfg.max_length)
-            mailbox.put((index, start * FRAME_SECONDS, end_seconds, window, time.monotonic()),
-                        due=first_sample + end_seconds)
+            due = math.inf if first_sample is None else first_sample + end_seconds  # unknown: never behind
+            mailbox.put((index, start * FRAME_SECONDS, end_seconds, window, time.monotonic()), due=due)
             index += 1
 
         try:
-            for block in source.blocks():
+            for block, waited in _timed(source.blocks()):
                 if self._stop.is_set():
                     break
-                if first_sample is None:  # the first block ends now: its first sample played its length ago
-                    first_sample = time.monotonic() - block.shape[0] / SAMPLE_RATE
                 samples += block.shape[0]
+                if first_sample is None and waited:  # the live edge: all that came so far has played by now
+                    first_sample = time.monotonic() - samples / SAMPLE_RATE
                 self.stream_seconds = samples / SAMPLE_RATE
-                self.stream_wall_seconds = time.monotonic() - first_sample
+                self.stream_wall_seconds = time.monotonic() - (started if first_sample is None else first_sample)
                 pending = torch.cat([pending, torch.from_numpy(block)])
                 new = log_mel(pending, cfg.num_mel_bins)
                 if new.shape[0] == 0:
