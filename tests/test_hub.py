@@ -1052,3 +1052,29 @@ def test_s8_15_a_config_that_is_a_fifo_is_a_checkpoint_error(tmp_path):
         os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
     assert not hung, "reading the config waited on the FIFO"
     assert raised and "not a regular file" in str(raised[0]) and str(fifo) in str(raised[0])
+
+
+def test_s8_18_a_damaged_repo_is_listed_and_removable(env, repo_files):  # CLI
+    """A missing blob (and, in another repo, a ref to a missing snapshot) made huggingface_hub's scan drop the
+    repo: --cached did not list it and --rm said it was not cached."""
+    cache = cache_root(env)
+    files = {name: repo_files[name] for name in SNAPSHOT_FILES}
+    sound = _fake_snapshot(cache, "test/sound", "a" * 40, files)
+    blob = _fake_snapshot(cache, "test/no-blob", "b" * 40, files)
+    (blob / "model.safetensors").resolve().unlink()
+    _fake_snapshot(cache, "test/dangling-ref", "c" * 40, files)
+    (cache / "models--test--dangling-ref" / "refs" / "v1").write_text("d" * 40)
+    _fake_snapshot(cache, "acme/bert", "e" * 40, {"config.json": b'{"model_type": "bert"}'})
+    (cache / "models--acme--bert" / "refs" / "v1").write_text("d" * 40)  # damaged, but not an AST: not listed
+    rows = json.loads(run_cli("models", "--cached", "-f", "json").stdout)
+    assert [(row["repo_id"], bool(row.get("damaged"))) for row in rows] == [
+        ("test/dangling-ref", True), ("test/no-blob", True), ("test/sound", False)]
+    assert "Blob missing" in rows[1]["damaged"] and rows[1]["path"] == str(cache / "models--test--no-blob")
+    at_rev = run_cli("models", "--rm", f"test/no-blob@{'b' * 40}", "--yes")
+    assert_clean_error(at_rev, "is damaged", code=2)
+    for repo_id in ("test/no-blob", "test/dangling-ref"):
+        result = run_cli("models", "--rm", repo_id, "--yes")
+        assert result.exit_code == 0 and f"removed {repo_id} from the cache" in result.stderr, result.stderr
+    assert sorted(p.name for p in cache.iterdir()) == ["models--acme--bert", "models--test--sound"]
+    assert (sound / "model.safetensors").read_bytes() == repo_files["model.safetensors"]
+    assert_clean_error(run_cli("models", "--rm", "acme/bert"), "holds no AST checkpoint", code=2)
