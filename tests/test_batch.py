@@ -484,3 +484,19 @@ def test_twelve_formats_and_bad_files(tiny_checkpoint, tmp_path):
     failures = [r for r in records.values() if r["error"]]
     assert sorted(os.path.basename(r["path"]) for r in failures) == sorted(bad)
     assert len(result.stderr.splitlines()) == len(bad)
+
+
+def test_s8_11_linked_folders_are_walked_each_real_folder_once(tmp_path):
+    """A linked sub-folder was skipped in silence. Now it is walked; a loop, or a second link to a folder already
+    walked, is not entered again, so every file comes once and the walk ends."""
+    from ast_cli.audio.inputs import expand_inputs
+
+    root, elsewhere = tmp_path / "arch", tmp_path / "elsewhere"
+    write_audio(root / "a.wav", 0.1)
+    write_audio(elsewhere / "deep" / "b.wav", 0.1)
+    (root / "linked").symlink_to("../elsewhere")
+    (root / "again").symlink_to("../elsewhere")  # a second way to the same folder
+    (root / "self").symlink_to(".")  # a loop
+    (elsewhere / "deep" / "up").symlink_to("../..")  # a loop through the link
+    found = [os.path.relpath(item.path, root) for item in expand_inputs([str(root)])]
+    assert found == ["a.wav", os.path.join("again", "deep", "b.wav")]
