@@ -321,3 +321,11 @@ def test_s8_16_a_backlog_at_start_up_is_audio_that_has_played(tagger):
     assert [w.end for w in windows] == pytest.approx([1.0, 2.0, 3.0]) and listener.dropped == 0
     assert listener.stream_seconds == pytest.approx(3.0)
     assert listener.stream_wall_seconds == pytest.approx(3.0, abs=0.4)  # it played in real time
+
+
+def test_s8_19_an_absurd_channel_count_is_a_usage_error_before_the_model_loads(tmp_path):
+    """--channels 1000000000 loaded the model, then said the stream ended before any audio."""
+    result = CliRunner().invoke(app, ["listen", "-", "--raw", "--rate", "16000", "--channels", "1000000000",
+                                      "--model", str(tmp_path / "no-such-model")], input=b"\0" * 64000)
+    assert result.exit_code == 2, result.stderr
+    assert "--channels" in result.stderr and "no-such-model" not in result.stderr

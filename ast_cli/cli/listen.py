@@ -27,7 +27,7 @@ def listen(
     model: ModelOpt = DEFAULT_MODEL,
     raw: Annotated[bool, typer.Option("--raw", help="stdin is raw PCM (give --rate, --channels, --sample-format).")] = False,
     rate: Annotated[Optional[int], typer.Option(min=1, metavar="HZ", help="Sample rate of raw PCM.")] = None,
-    channels: Annotated[int, typer.Option(min=1, metavar="N", help="Channels of raw PCM.")] = 1,
+    channels: Annotated[int, typer.Option(min=1, max=65535, metavar="N", help="Channels of raw PCM (at most 65535, as in a WAV header).")] = 1,
     sample_format: Annotated[SampleFormat, typer.Option("--sample-format", help="Sample format of raw PCM.")] = SampleFormat.s16le,
     top: Annotated[Optional[int], typer.Option(min=0, metavar="N", help="Labels per window (0 = all; default 5, or all with --threshold P); with --threshold calibrated, of the labels without a calibrated threshold.")] = None,
     threshold: Annotated[Optional[str], typer.Option(metavar="P|calibrated[:P]", help="Keep labels with score >= P (with --events: the on/off threshold, default 0.5). calibrated: each label's own threshold from ast evaluate --calibrate (--thresholds); labels without one go by --top, or with calibrated:P by P.")] = None,
