@@ -9,6 +9,7 @@ marked ``# CLI`` go through ``ast ...`` and check only exit codes and the ``Erro
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -1078,3 +1079,30 @@ def test_s8_18_a_damaged_repo_is_listed_and_removable(env, repo_files):  # CLI
     assert sorted(p.name for p in cache.iterdir()) == ["models--acme--bert", "models--test--sound"]
     assert (sound / "model.safetensors").read_bytes() == repo_files["model.safetensors"]
     assert_clean_error(run_cli("models", "--rm", "acme/bert"), "holds no AST checkpoint", code=2)
+
+
+def test_s8_19_an_unwritable_cache_is_named_with_a_hint(fake_hub, env, monkeypatch):  # CLI
+    import huggingface_hub
+
+    folder = str(env / "locked" / "models--acme--tiny-ast")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted", folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    result = run_cli("download", REPO, "-q")
+    assert_clean_error(result, f"cannot write into the Hugging Face cache: {folder}: Operation not permitted")
+    assert "Hint: make that folder writable" in result.stderr
+
+
+def test_s8_19_huggingface_hubs_warnings_stay_off_stderr_without_debug(tmp_path):
+    """Its logger is set up when huggingface_hub is first imported, which happens inside the run."""
+    code = ("from ast_cli.cli._errors import cli_errors\n"
+            "with cli_errors(None, debug={debug}):\n"
+            "    from huggingface_hub.utils import logging\n"
+            "    logging.get_logger('huggingface_hub._tree_cache').warning('Ignored error while writing')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_VERBOSITY", "AST_DEBUG")}
+    for debug, shown in ((False, False), (True, True)):
+        done = subprocess.run([sys.executable, "-c", code.format(debug=debug)], capture_output=True, text=True,
+                              env=env, timeout=120)
+        assert done.returncode == 0 and ("Ignored error" in done.stderr) == shown, done.stderr

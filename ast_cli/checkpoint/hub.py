@@ -28,7 +28,7 @@ from typing import Iterator, Protocol
 
 from .. import __version__
 from ..constants import DEFAULT_MODEL
-from ..errors import AstError, HubError, ModelNotFoundError, UsageError
+from ..errors import AstError, HubError, ModelNotFoundError, OutputWriteError, UsageError
 from .cache import cached_snapshot, verify_weights
 from .names import (AST_MODEL_TYPE, COMMIT_HASH, CONFIG_NAME, DEFAULT_REVISION, LIBRARY_NAME, PICKLE_NAME,
                     PREPROCESSOR_NAME, SAFETENSORS_NAME, _RETRY_HINT, _cache, _hub_library_offline, _model_type,
@@ -357,6 +357,10 @@ def _map_hub_error(exc: BaseException, name: str, repo_id: str, revision: str | 
             return HubError(f"download of {repo_id} interrupted while fetching {' and '.join(files)} "
                             f"({_one_line(root)})", model=name, hint=_RETRY_HINT)
         return HubError(f"cannot reach the hub at {endpoint} ({_one_line(root)})", model=name, hint=_RETRY_HINT)
+    if isinstance(root, OSError) and root.filename is not None:  # the cache, not the hub: a folder we cannot write
+        path = os.fsdecode(root.filename)
+        return OutputWriteError(f"cannot write into the Hugging Face cache: {path}: {root.strerror or root}",
+                                path=path, hint="make that folder writable, or download into a cache you can write")
     if isinstance(root, hf.HFValidationError):
         return ModelNotFoundError(f"{name!r} is not a valid hub model id ({_one_line(root)})", model=name,
                                   problem="unknown_name")
