@@ -1106,3 +1106,33 @@ def test_s8_19_huggingface_hubs_warnings_stay_off_stderr_without_debug(tmp_path)
         done = subprocess.run([sys.executable, "-c", code.format(debug=debug)], capture_output=True, text=True,
                               env=env, timeout=120)
         assert done.returncode == 0 and ("Ignored error" in done.stderr) == shown, done.stderr
+
+
+def test_s8_19_rm_takes_the_revision_as_cached_prints_it(env, repo_files):  # CLI
+    """--cached prints 12 digits of the commit; --rm ORG/NAME@<those 12> said "not in the Hugging Face cache"."""
+    cache = cache_root(env)
+    files = {name: repo_files[name] for name in SNAPSHOT_FILES}
+    _fake_snapshot(cache, "test/x", "abcdef1" + "0" * 33, files)
+    _fake_snapshot(cache, "test/x", "abcdef1" + "1" * 33, files, refs=("v1",))
+    ambiguous = run_cli("models", "--rm", "test/x@abcdef1", "--yes")
+    assert_clean_error(ambiguous, "abcdef1 is the start of 2 cached commits of test/x", code=2)
+    shown = json.loads(run_cli("models", "--cached", "-f", "json").stdout)[1]["revision"][:12]
+    result = run_cli("models", "--rm", f"test/x@{shown}", "--yes")
+    assert result.exit_code == 0 and f"removed test/x@{shown}" in result.stderr, result.stderr
+    assert [row.commit_hash for row in hub_cache.cached_checkpoints()] == ["abcdef1" + "0" * 33]
+
+
+def test_s8_19_a_failed_removal_names_the_path_with_a_hint(env, repo_files, monkeypatch):  # CLI
+    import shutil
+
+    cache = cache_root(env)
+    _fake_snapshot(cache, "test/x", "a" * 40, {name: repo_files[name] for name in SNAPSHOT_FILES})
+    blob = next((cache / "models--test--x" / "blobs").iterdir())
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(blob))
+
+    monkeypatch.setattr(shutil, "rmtree", refuse)
+    result = run_cli("models", "--rm", "test/x", "--yes")
+    assert_clean_error(result, f"cannot remove {blob} from the cache: Operation not permitted")
+    assert "Hint: the cache folder" in result.stderr

@@ -6,6 +6,7 @@ network.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,7 +156,8 @@ def _is_ast_snapshot(path: Path) -> bool:
 
 def plan_removal(name: str, cache_dir: str | os.PathLike | None = None, *, allow_other: bool = False) -> Removal:
     """What removing ``name`` (alias or ``ORG/NAME``: every cached revision; ``ORG/NAME@REV``: the snapshot REV
-    names, a ref or a commit hash, and the refs pointing at it) would delete. Deletes nothing.
+    names, a ref or a commit hash or its first 7 or more digits, and the refs pointing at it) would delete.
+    Deletes nothing.
 
     Raises ``ModelNotFoundError(problem="not_cached")`` when the cache has no such repo or revision, and
     ``UsageError`` for a repo that holds no AST checkpoint unless ``allow_other`` and ``name`` spells its hub id
@@ -167,6 +169,11 @@ def plan_removal(name: str, cache_dir: str | os.PathLike | None = None, *, allow
     if broken is not None:
         return _plan_damaged(broken, name, revision, allow_other)
     revisions = [rev for rev in (repo.revisions if repo else ()) if revision in (None, rev.commit_hash, *rev.refs)]
+    if not revisions and revision and re.fullmatch(r"[0-9a-f]{7,39}", revision):  # as --cached shows it: 12
+        revisions = [rev for rev in repo.revisions if rev.commit_hash.startswith(revision)] if repo else []
+        if len(revisions) > 1:
+            raise UsageError(f"{revision} is the start of {len(revisions)} cached commits of {repo_id}",
+                             hint="give more of the commit hash")
     if not revisions:
         what = f"{repo_id!r}" + (f" at revision {revision!r}" if revision and repo else "")
         raise ModelNotFoundError(f"model {what} is not in the Hugging Face cache ({_cache(cache_dir)})",
@@ -209,13 +216,19 @@ def remove_cached(plan: Removal, cache_dir: str | os.PathLike | None = None) -> 
     if repo.parent != _cache(cache_dir) or not repo.name.startswith("models--") or any(
             repo not in Path(os.path.abspath(path)).parents for path in doomed):
         raise AstError(f"{repo} is not a model folder of the cache {_cache(cache_dir)}: not removing it")
-    if plan.whole_repo:
-        shutil.rmtree(repo)
-    for path in [] if plan.whole_repo else doomed:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+    try:
+        if plan.whole_repo:
+            shutil.rmtree(repo)
+        for path in [] if plan.whole_repo else doomed:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    except OSError as exc:
+        where = os.fsdecode(exc.filename) if exc.filename else str(repo)
+        raise AstError(f"cannot remove {where} from the cache: {exc.strerror or exc}",
+                       hint=f"the cache folder {repo.parent} must be writable by you; what was removed stays "
+                            "removed, run again to remove the rest") from None
     expected = {key for key in before if key[0] != plan.repo_id or (not plan.whole_repo
                                                                       and key[1] not in plan.commits)}
     after = _snapshots(cache_dir)
