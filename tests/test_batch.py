@@ -500,3 +500,19 @@ def test_s8_11_linked_folders_are_walked_each_real_folder_once(tmp_path):
     (elsewhere / "deep" / "up").symlink_to("../..")  # a loop through the link
     found = [os.path.relpath(item.path, root) for item in expand_inputs([str(root)])]
     assert found == ["a.wav", os.path.join("again", "deep", "b.wav")]
+
+
+@pytest.mark.parametrize("settings, why", [
+    ({"hop_seconds": [1]}, "settings.hop_seconds is [1], not a number of seconds"),
+    ({"hop_seconds": 1.0, "window_seconds": "10"}, 'settings.window_seconds is "10", not a number of seconds'),
+    ([1], "its model or settings are not what ast writes"),
+])
+def test_s8_19_resume_into_a_malformed_record_says_it_is_malformed(tiny_checkpoint, tmp_path, settings, why):
+    """It said "hop [1] s, not None s", as if the record were of other settings."""
+    clip = write_audio(tmp_path / "x.wav", 0.5)
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"path": "y.wav", "model": str(tiny_checkpoint[0]), "settings": settings}) + "\n")
+    before = out.read_bytes()
+    result = run(clip, "--model", tiny_checkpoint[0], "-f", "jsonl", "-o", out, "--resume")
+    assert result.exit_code == 2 and f"holds a malformed record (y.wav: {why})" in result.stderr, result.stderr
+    assert out.read_bytes() == before
