@@ -1136,3 +1136,26 @@ def test_s8_19_a_failed_removal_names_the_path_with_a_hint(env, repo_files, monk
     result = run_cli("models", "--rm", "test/x", "--yes")
     assert_clean_error(result, f"cannot remove {blob} from the cache: Operation not permitted")
     assert "Hint: the cache folder" in result.stderr
+
+
+def test_s8_3_a_hub_that_stops_answering_mid_download_is_one_error_line(fake_hub, env, monkeypatch):  # CLI
+    """model_info answered, then the file listing never is (snapshot_download asks it with no timeout). Each try
+    now ends in the bounded wait; huggingface_hub's own retries (5, 1 to 8 s apart) are kept, their pauses
+    skipped here."""
+    from types import SimpleNamespace
+
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setattr(_http, "time", SimpleNamespace(sleep=lambda seconds: None))
+    release = threading.Event()
+    monkeypatch.setattr(fake_hub, "_tree", lambda *args: release.wait(30), raising=False)
+    monkeypatch.setattr(hub, "HUB_TIMEOUT_SECONDS", 0.5)
+    results = []
+    worker = threading.Thread(target=lambda: results.append(run_cli("download", REPO, "-q")), daemon=True)
+    worker.start()
+    worker.join(10)
+    hung = worker.is_alive()
+    release.set()
+    worker.join(10)
+    assert not hung, "the download still waited after 10 s"
+    assert_clean_error(results[0], f"download of {REPO} interrupted while fetching config.json")

@@ -11,9 +11,10 @@ the files, reads the environment and names the failures.
 
 The environment (``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``, ``HF_HOME``, ``HF_HUB_CACHE``) is read at call
 time and passed to huggingface_hub explicitly, since that library reads most of it once, at import. Nothing
-process-wide is changed: the one setting that cannot be passed per call is huggingface_hub's own offline
-switch (``HF_HUB_OFFLINE`` as it was when huggingface_hub was first imported); when it is on, this module
-keeps to the cache too, and says why (see ``is_offline``).
+process-wide is changed beyond a call: the one setting that cannot be passed per call is huggingface_hub's own
+offline switch (``HF_HUB_OFFLINE`` as it was when huggingface_hub was first imported); when it is on, this module
+keeps to the cache too, and says why (see ``is_offline``). While a download runs, a request hook on
+huggingface_hub's shared HTTP client bounds the waits it would leave unbounded (``_bounded_requests``).
 
 Failures are our few named exceptions with structured fields (``ModelNotFoundError.problem``,
 ``CheckpointError.corrupt``...); their text and hints never name command-line options.
@@ -168,7 +169,7 @@ def download(name: str = DEFAULT_MODEL, *, revision: str | None = None, cache_di
     common = dict(cache_dir=cache, endpoint=endpoint, token=token, force_download=force, library_name=LIBRARY_NAME,
                   library_version=__version__, etag_timeout=HUB_TIMEOUT_SECONDS)
     state: dict = {"files": None}  # which files are on the wire, for messages
-    with _hub_errors(label, repo_id, revision, endpoint, state):
+    with _hub_errors(label, repo_id, revision, endpoint, state), _bounded_requests():
         api = HfApi(endpoint=endpoint, token=token, library_name=LIBRARY_NAME, library_version=__version__)
         info = api.model_info(repo_id, revision=revision, files_metadata=True,  # with sizes, for progress
                               timeout=HUB_TIMEOUT_SECONDS)
@@ -203,6 +204,26 @@ def download(name: str = DEFAULT_MODEL, *, revision: str | None = None, cache_di
     _record_ref(cache, repo_id, revision or DEFAULT_REVISION, sha)
     verify_weights(path / files[-1], label)
     return DownloadResult(path, files, _stats(path, files) != before, _size(path, files))
+
+
+@contextmanager
+def _bounded_requests() -> Iterator[None]:
+    """Requests huggingface_hub makes with no timeout at all (snapshot_download's listing of the files) wait
+    HUB_TIMEOUT_SECONDS too, while a download runs: a request hook on its shared HTTP client (``get_session``),
+    removed afterwards. A timeout a request was given stands."""
+    from huggingface_hub import get_session
+
+    def bound(request) -> None:
+        given = request.extensions.get("timeout") or {}
+        request.extensions["timeout"] = {part: HUB_TIMEOUT_SECONDS if given.get(part) is None else given[part]
+                                         for part in ("connect", "read", "write", "pool")}
+
+    hooks = get_session().event_hooks["request"]
+    hooks.append(bound)
+    try:
+        yield
+    finally:
+        hooks.remove(bound)
 
 
 def _cached_download(label: str, repo_id: str, revision: str | None, cache_dir: str | None, *, force: bool,
