@@ -120,4 +120,5 @@ def is_out_of_memory(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
     # MPS and the CPU allocator raise a plain RuntimeError; its text is the only mark they leave.
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)

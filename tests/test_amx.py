@@ -524,3 +524,35 @@ def test_26_13_a_failed_build_is_tried_again_a_day_later(kernel_cache, monkeypat
     with pytest.raises(amx.Unavailable) as tried:  # run again: its own message, not the remembered one
         amx._build(source, target)
     assert "an earlier run" not in str(tried.value) and "No space left on device" in str(tried.value)
+
+
+def test_s8_15_a_fifo_as_the_failure_memory_is_no_memory(kernel_cache, monkeypatch):
+    """A FIFO where a failed build is remembered blocked the first forward for good; now it is no memory."""
+    import threading
+
+    failing = kernel_cache.parent.parent / "failcc"
+    failing.parent.mkdir(parents=True, exist_ok=True)
+    failing.write_text("#!/bin/sh\necho 'No space left on device' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("CC", str(failing))
+    source = amx._source()
+    target = amx._library_path(source)
+    kernel_cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.mkfifo(target.with_suffix(".failed"))
+    raised = []
+
+    def build() -> None:
+        try:
+            amx._build(source, target)
+        except amx.Unavailable as exc:
+            raised.append(exc)
+
+    worker = threading.Thread(target=build, daemon=True)
+    worker.start()
+    worker.join(20)
+    hung = worker.is_alive()
+    if hung:  # still blocked on the FIFO: a writer lets it go
+        os.close(os.open(target.with_suffix(".failed"), os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(20)
+    assert not hung, "the build waited on the FIFO"
+    assert raised and "an earlier run" not in str(raised[0]) and "No space left on device" in str(raised[0])

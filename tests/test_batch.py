@@ -495,3 +495,35 @@ def test_s8_10_a_file_with_no_label_over_the_threshold_has_one_row(tiny_checkpoi
     assert run(*args, "--output-dir", tmp_path / "per-file").exit_code == 0
     per_file = (tmp_path / "per-file" / f"x.wav.{fmt}").read_text().splitlines()
     assert per_file[1].split(delimiter) == [str(two_clips[0]), "1.0", "", "", "", "", ""]
+
+
+def test_s8_11_linked_folders_are_walked_each_real_folder_once(tmp_path):
+    """A linked sub-folder was skipped in silence. Now it is walked; a loop, or a second link to a folder already
+    walked, is not entered again, so every file comes once and the walk ends."""
+    from ast_cli.audio.inputs import expand_inputs
+
+    root, elsewhere = tmp_path / "arch", tmp_path / "elsewhere"
+    write_audio(root / "a.wav", 0.1)
+    write_audio(elsewhere / "deep" / "b.wav", 0.1)
+    (root / "linked").symlink_to("../elsewhere")
+    (root / "again").symlink_to("../elsewhere")  # a second way to the same folder
+    (root / "self").symlink_to(".")  # a loop
+    (elsewhere / "deep" / "up").symlink_to("../..")  # a loop through the link
+    found = [os.path.relpath(item.path, root) for item in expand_inputs([str(root)])]
+    assert found == ["a.wav", os.path.join("again", "deep", "b.wav")]
+
+
+@pytest.mark.parametrize("settings, why", [
+    ({"hop_seconds": [1]}, "settings.hop_seconds is [1], not a number of seconds"),
+    ({"hop_seconds": 1.0, "window_seconds": "10"}, 'settings.window_seconds is "10", not a number of seconds'),
+    ([1], "its model or settings are not what ast writes"),
+])
+def test_s8_19_resume_into_a_malformed_record_says_it_is_malformed(tiny_checkpoint, tmp_path, settings, why):
+    """It said "hop [1] s, not None s", as if the record were of other settings."""
+    clip = write_audio(tmp_path / "x.wav", 0.5)
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"path": "y.wav", "model": str(tiny_checkpoint[0]), "settings": settings}) + "\n")
+    before = out.read_bytes()
+    result = run(clip, "--model", tiny_checkpoint[0], "-f", "jsonl", "-o", out, "--resume")
+    assert result.exit_code == 2 and f"holds a malformed record (y.wav: {why})" in result.stderr, result.stderr
+    assert out.read_bytes() == before

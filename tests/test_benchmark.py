@@ -135,7 +135,7 @@ def test_end_to_end_library_counts_bad_files(tiny_checkpoint, clips, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (("--batch-sizes", "0"), "--batch-sizes: takes whole numbers of at least 1"),
+        (("--batch-sizes", "0"), "--batch-sizes: takes whole numbers from 1 to 65536"),
         (("--batch-sizes", "two"), "whole numbers"),
         (("--attn", "flash"), "eager and/or sdpa"),
         (("--quantize", "int4"), "none and/or int8"),
@@ -360,3 +360,28 @@ def test_cuda_fp16_scores_are_close_to_fp32(tiny_checkpoint, tiny_features):
 def test_quantize_on_cuda_is_a_usage_error(tiny_checkpoint):
     result = run("--model", tiny_checkpoint[0], "--device", "cuda", "--quantize", "int8", "--iters", "1")
     assert result.exit_code == 2 and "CPU only" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--batch-sizes", "100000000"), "--batch-sizes: takes whole numbers from 1 to 65536, not '100000000'"),
+    (("--end-to-end", "/nonexistent"), "/nonexistent: no such file"),
+])
+def test_s8_19_absurd_batch_sizes_and_missing_paths_are_usage_errors(tiny_checkpoint, args, message):
+    """--batch-sizes 100000000 was "unexpected error: RuntimeError"; a missing path "needs audio files"."""
+    test_usage_errors_are_one_line_and_exit_2(tiny_checkpoint, args, message)
+
+
+def test_s8_19_the_cpu_allocators_refusal_is_out_of_memory(tiny_checkpoint, monkeypatch):
+    """A batch within the bound that the CPU cannot hold was "unexpected error: RuntimeError"."""
+    from ast_cli.errors import is_out_of_memory
+
+    refusal = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 3276800000000 bytes. Error code 12")
+    assert is_out_of_memory(refusal)
+
+    def refuse(*args, **kwargs):
+        raise refusal
+
+    monkeypatch.setattr(bench, "benchmark_model", refuse)
+    result = quick("--model", tiny_checkpoint[0], "--batch-sizes", "65536")
+    assert result.exit_code == 1 and result.stderr.startswith("Error: out of memory"), result.stderr

@@ -8,7 +8,11 @@ import copy
 import json
 import math
 import os
+import resource
 import stat
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
@@ -1004,3 +1008,37 @@ def test_26_13_the_cache_folder_is_private_whatever_the_umask(fake_calibration, 
         os.umask(old)
     folder = os.path.dirname(fast_cache_path())
     assert os.path.isfile(fast_cache_path()) and stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+
+
+def _in_time(call, seconds: float = 20.0) -> list:
+    """``[call()]``, or [] when it has not returned after ``seconds`` (it goes on in a daemon thread)."""
+    out: list = []
+    worker = threading.Thread(target=lambda: out.append(call()), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    return out
+
+
+def test_s8_15_a_fifo_as_the_cache_file_is_no_cache(tiny_model, fake_calibration):
+    path = fast_cache_path()
+    os.makedirs(os.path.dirname(path))
+    os.mkfifo(path)
+    try:
+        chosen = _in_time(lambda: choose(tiny_model))
+    finally:
+        if stat.S_ISFIFO(os.lstat(path).st_mode):  # a reader still blocked there: a writer lets it go
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    assert chosen and chosen[0].mode == "bf16", "the run waited on the FIFO"
+    assert json.loads(open(path).read())["version"] == fast.CACHE_VERSION  # replaced by a regular file
+
+
+def test_s8_15_a_link_to_a_device_is_read_with_a_bound(tmp_path):
+    """A link to /dev/zero was read without end: in a process with 1 GiB of address space, so that a failure is
+    a MemoryError there, not memory taken from the machine."""
+    link = tmp_path / "fast-v4.json"
+    link.symlink_to("/dev/zero")
+    code = "import sys; from ast_cli.run import fast; print(fast._read_cache(sys.argv[1]))"
+    limit = (1 << 30, 1 << 30)
+    done = subprocess.run([sys.executable, "-c", code, str(link)], capture_output=True, text=True, timeout=60,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, limit))
+    assert (done.returncode, done.stdout.strip()) == (0, "[]"), done.stderr[-500:]

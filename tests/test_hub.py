@@ -9,6 +9,7 @@ marked ``# CLI`` go through ``ast ...`` and check only exit codes and the ``Erro
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -1012,3 +1013,149 @@ def test_25_classify_resolves_validates_and_loads_once(fake_hub, env, clip, monk
     assert result.exit_code == 0, result.stderr
     assert calls == {"hub lookups": 1, "loads": 1, "placements": 1, "validations": 1}, calls
     assert fake_hub.downloads("model.safetensors") == 1
+
+
+def test_s8_3_a_hub_that_never_answers_is_one_error_line(env, monkeypatch):  # CLI
+    """A hub that accepts the connection and then says nothing: the bounded wait ends in the usual error."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel accepts the connections; nobody ever reads or answers them
+    monkeypatch.setattr(hub, "HUB_TIMEOUT_SECONDS", 0.5, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    results = []
+    worker = threading.Thread(target=lambda: results.append(run_cli("download", REPO)), daemon=True)
+    worker.start()
+    worker.join(10)
+    hung = worker.is_alive()
+    silent.close()  # resets the waiting connections, so a hung download ends too
+    worker.join(10)
+    assert not hung, "the download still waited after 10 s"
+    assert_clean_error(results[0], "cannot reach the hub at http://127.0.0.1:")
+    assert "Hint: " in results[0].stderr
+
+
+def test_s8_15_a_config_that_is_a_fifo_is_a_checkpoint_error(tmp_path):
+    fifo = tmp_path / "config.json"
+    os.mkfifo(fifo)
+    raised = []
+
+    def read() -> None:
+        try:
+            names.read_json(fifo)
+        except CheckpointError as exc:
+            raised.append(exc)
+
+    worker = threading.Thread(target=read, daemon=True)
+    worker.start()
+    worker.join(10)
+    hung = worker.is_alive()
+    if hung:  # blocked opening the FIFO: a writer lets it go
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert not hung, "reading the config waited on the FIFO"
+    assert raised and "not a regular file" in str(raised[0]) and str(fifo) in str(raised[0])
+
+
+def test_s8_18_a_damaged_repo_is_listed_and_removable(env, repo_files):  # CLI
+    """A missing blob (and, in another repo, a ref to a missing snapshot) made huggingface_hub's scan drop the
+    repo: --cached did not list it and --rm said it was not cached."""
+    cache = cache_root(env)
+    files = {name: repo_files[name] for name in SNAPSHOT_FILES}
+    sound = _fake_snapshot(cache, "test/sound", "a" * 40, files)
+    blob = _fake_snapshot(cache, "test/no-blob", "b" * 40, files)
+    (blob / "model.safetensors").resolve().unlink()
+    _fake_snapshot(cache, "test/dangling-ref", "c" * 40, files)
+    (cache / "models--test--dangling-ref" / "refs" / "v1").write_text("d" * 40)
+    _fake_snapshot(cache, "acme/bert", "e" * 40, {"config.json": b'{"model_type": "bert"}'})
+    (cache / "models--acme--bert" / "refs" / "v1").write_text("d" * 40)  # damaged, but not an AST: not listed
+    rows = json.loads(run_cli("models", "--cached", "-f", "json").stdout)
+    assert [(row["repo_id"], bool(row.get("damaged"))) for row in rows] == [
+        ("test/dangling-ref", True), ("test/no-blob", True), ("test/sound", False)]
+    assert "Blob missing" in rows[1]["damaged"] and rows[1]["path"] == str(cache / "models--test--no-blob")
+    at_rev = run_cli("models", "--rm", f"test/no-blob@{'b' * 40}", "--yes")
+    assert_clean_error(at_rev, "is damaged", code=2)
+    for repo_id in ("test/no-blob", "test/dangling-ref"):
+        result = run_cli("models", "--rm", repo_id, "--yes")
+        assert result.exit_code == 0 and f"removed {repo_id} from the cache" in result.stderr, result.stderr
+    assert sorted(p.name for p in cache.iterdir()) == ["models--acme--bert", "models--test--sound"]
+    assert (sound / "model.safetensors").read_bytes() == repo_files["model.safetensors"]
+    assert_clean_error(run_cli("models", "--rm", "acme/bert"), "holds no AST checkpoint", code=2)
+
+
+def test_s8_19_an_unwritable_cache_is_named_with_a_hint(fake_hub, env, monkeypatch):  # CLI
+    import huggingface_hub
+
+    folder = str(env / "locked" / "models--acme--tiny-ast")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted", folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    result = run_cli("download", REPO, "-q")
+    assert_clean_error(result, f"cannot write into the Hugging Face cache: {folder}: Operation not permitted")
+    assert "Hint: make that folder writable" in result.stderr
+
+
+def test_s8_19_huggingface_hubs_warnings_stay_off_stderr_without_debug(tmp_path):
+    """Its logger is set up when huggingface_hub is first imported, which happens inside the run."""
+    code = ("from ast_cli.cli._errors import cli_errors\n"
+            "with cli_errors(None, debug={debug}):\n"
+            "    from huggingface_hub.utils import logging\n"
+            "    logging.get_logger('huggingface_hub._tree_cache').warning('Ignored error while writing')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_VERBOSITY", "AST_DEBUG")}
+    for debug, shown in ((False, False), (True, True)):
+        done = subprocess.run([sys.executable, "-c", code.format(debug=debug)], capture_output=True, text=True,
+                              env=env, timeout=120)
+        assert done.returncode == 0 and ("Ignored error" in done.stderr) == shown, done.stderr
+
+
+def test_s8_19_rm_takes_the_revision_as_cached_prints_it(env, repo_files):  # CLI
+    """--cached prints 12 digits of the commit; --rm ORG/NAME@<those 12> said "not in the Hugging Face cache"."""
+    cache = cache_root(env)
+    files = {name: repo_files[name] for name in SNAPSHOT_FILES}
+    _fake_snapshot(cache, "test/x", "abcdef1" + "0" * 33, files)
+    _fake_snapshot(cache, "test/x", "abcdef1" + "1" * 33, files, refs=("v1",))
+    ambiguous = run_cli("models", "--rm", "test/x@abcdef1", "--yes")
+    assert_clean_error(ambiguous, "abcdef1 is the start of 2 cached commits of test/x", code=2)
+    shown = json.loads(run_cli("models", "--cached", "-f", "json").stdout)[1]["revision"][:12]
+    result = run_cli("models", "--rm", f"test/x@{shown}", "--yes")
+    assert result.exit_code == 0 and f"removed test/x@{shown}" in result.stderr, result.stderr
+    assert [row.commit_hash for row in hub_cache.cached_checkpoints()] == ["abcdef1" + "0" * 33]
+
+
+def test_s8_19_a_failed_removal_names_the_path_with_a_hint(env, repo_files, monkeypatch):  # CLI
+    import shutil
+
+    cache = cache_root(env)
+    _fake_snapshot(cache, "test/x", "a" * 40, {name: repo_files[name] for name in SNAPSHOT_FILES})
+    blob = next((cache / "models--test--x" / "blobs").iterdir())
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(blob))
+
+    monkeypatch.setattr(shutil, "rmtree", refuse)
+    result = run_cli("models", "--rm", "test/x", "--yes")
+    assert_clean_error(result, f"cannot remove {blob} from the cache: Operation not permitted")
+    assert "Hint: the cache folder" in result.stderr
+
+
+def test_s8_3_a_hub_that_stops_answering_mid_download_is_one_error_line(fake_hub, env, monkeypatch):  # CLI
+    """model_info answered, then the file listing never is (snapshot_download asks it with no timeout). Each try
+    now ends in the bounded wait; huggingface_hub's own retries (5, 1 to 8 s apart) are kept, their pauses
+    skipped here."""
+    from types import SimpleNamespace
+
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setattr(_http, "time", SimpleNamespace(sleep=lambda seconds: None))
+    release = threading.Event()
+    monkeypatch.setattr(fake_hub, "_tree", lambda *args: release.wait(30), raising=False)
+    monkeypatch.setattr(hub, "HUB_TIMEOUT_SECONDS", 0.5)
+    results = []
+    worker = threading.Thread(target=lambda: results.append(run_cli("download", REPO, "-q")), daemon=True)
+    worker.start()
+    worker.join(10)
+    hung = worker.is_alive()
+    release.set()
+    worker.join(10)
+    assert not hung, "the download still waited after 10 s"
+    assert_clean_error(results[0], f"download of {REPO} interrupted while fetching config.json")

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -229,3 +230,102 @@ def test_cli_through_ffmpeg_and_a_broken_source(tiny_checkpoint, tmp_path):
     broken = runner.invoke(app, ["listen", str(tmp_path / "nothing.mp3"), "--model", str(tiny_checkpoint[0])])
     assert broken.exit_code == 1 and "ffmpeg could not read the source" in broken.stderr
     assert len(broken.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg executable")
+def test_s8_9_ffmpeg_is_ended_and_reaped_after_a_stall(tiny_checkpoint, monkeypatch):
+    from ast_cli.tasks import listen as listen_task
+
+    streams = []
+    original = listen_task._FfmpegStream.__init__
+
+    def recorded(self, stream, process):
+        streams.append(self)
+        original(self, stream, process)
+
+    monkeypatch.setattr(listen_task._FfmpegStream, "__init__", recorded)
+    silent = socket.socket()  # accepts ffmpeg's connection, never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    try:
+        result = CliRunner().invoke(app, ["listen", f"http://127.0.0.1:{silent.getsockname()[1]}/s.mp3", "--model",
+                                          str(tiny_checkpoint[0]), "-f", "jsonl", "--stall", "1"])
+        alive = [s.process for s in streams if s.process.poll() is None]
+    finally:
+        for process in (s.process for s in streams):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        silent.close()
+    assert result.exit_code == 1 and "the stream sent no audio for 1 s" in result.stderr
+    assert len(streams) == 1 and not alive, "ffmpeg still runs after the run ended"
+
+
+def test_s8_1_a_chatty_ffmpeg_stderr_never_stalls_the_stream():
+    """ffmpeg writing much more to stderr than a pipe holds, then audio: read at once, the last line kept."""
+    from ast_cli.tasks.listen import _FfmpegStream
+
+    header = wav_header(16000, 1)
+    script = ("import sys; sys.stderr.write('Invalid data found\\n' * 20000); sys.stderr.write('the last word\\n');"
+              f"sys.stderr.flush(); sys.stdout.buffer.write({header!r} + bytes(32000)); sys.exit(3)")
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stream = _FfmpegStream(StreamSource(process.stdout, "chatty"), process)
+    outcome = []
+
+    def read() -> None:
+        try:
+            outcome.append(sum(block.shape[0] for block in stream.blocks()))
+        except Exception as exc:  # noqa: BLE001 - the test reads it
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(20)
+    if reader.is_alive():
+        process.kill()
+        process.wait()
+    assert outcome, "the stream stalled on ffmpeg's full stderr pipe"
+    assert "ffmpeg stopped: the last word" in str(outcome[0]) and process.returncode == 3
+
+
+def test_s8_16_a_file_piped_at_a_low_rate_drops_no_window(tagger):
+    """5 samples at 1 Hz come at once: before, the clock's zero was taken from the first resampled block, which
+    held the whole 5 s, so every window was overdue on arrival and 4 of 5 were dropped."""
+    samples = (np.random.default_rng(0).standard_normal(5) * 0.1).astype("<f4")
+    data = wav_header(1, 1, bits=32, fmt=3) + samples.tobytes()
+    listener = Listener(SlowBackend(tagger.backend, 0.05), tagger.labels, hop_seconds=1.0)
+    windows = list(listener.windows(StreamSource(io.BytesIO(data), "sr1")))
+    assert (listener.dropped, [w.end for w in windows]) == (0, pytest.approx([1.0, 2.0, 3.0, 4.0, 5.0]))
+    assert listener.stream_seconds == pytest.approx(5.0) and listener.stream_wall_seconds < 4.0
+
+
+class Backlogged(Paced):
+    """A live stream whose first ``backlog`` seconds waited in the pipe while the model loaded."""
+
+    def __init__(self, wave: np.ndarray, backlog: float):
+        super().__init__(wave)
+        self.backlog = int(backlog * 16000)
+
+    def blocks(self):
+        for i in range(0, self.wave.shape[0], 800):
+            if i >= self.backlog:
+                time.sleep(0.05)
+            yield self.wave[i : i + 800]
+
+
+def test_s8_16_a_backlog_at_start_up_is_audio_that_has_played(tagger):
+    """The clock's zero was the first block's arrival: a live stream with 2 s buffered at start-up looked 2 s
+    ahead of real time ("the audio came faster than real time")."""
+    listener = Listener(tagger.backend, tagger.labels, hop_seconds=1.0)
+    windows = list(listener.windows(Backlogged(tone(3.0, 16000, seed=27)[:, 0], 2.0)))
+    assert [w.end for w in windows] == pytest.approx([1.0, 2.0, 3.0]) and listener.dropped == 0
+    assert listener.stream_seconds == pytest.approx(3.0)
+    assert listener.stream_wall_seconds == pytest.approx(3.0, abs=0.4)  # it played in real time
+
+
+def test_s8_19_an_absurd_channel_count_is_a_usage_error_before_the_model_loads(tmp_path):
+    """--channels 1000000000 loaded the model, then said the stream ended before any audio."""
+    result = CliRunner().invoke(app, ["listen", "-", "--raw", "--rate", "16000", "--channels", "1000000000",
+                                      "--model", str(tmp_path / "no-such-model")], input=b"\0" * 64000)
+    assert result.exit_code == 2, result.stderr
+    assert "--channels" in result.stderr and "no-such-model" not in result.stderr

@@ -173,3 +173,14 @@ def test_22_14_a_bad_config_is_one_line_for_the_whole_batch(tiny_checkpoint, tmp
     assert result.stderr.splitlines()[0] == (f"Error: {directory / 'preprocessor_config.json'}: mean must be a "
                                              "finite number, not 'abc'")
     assert len(result.stderr.splitlines()) <= 2 and "Traceback" not in result.stderr
+
+
+def test_s8_19_an_oversized_config_value_is_called_too_large(tiny_checkpoint, tmp_path):
+    """intermediate_size 2**30 was "must be a positive whole number", which it is."""
+    directory = _edited(tiny_checkpoint, tmp_path, "config.json", intermediate_size=1 << 30)
+    too_large = "intermediate_size is 1073741824: too large (at most 1048576)"
+    with pytest.raises(CheckpointError, match=re.escape(too_large)):
+        load_checkpoint(directory)
+    directory = _edited(tiny_checkpoint, tmp_path, "config.json", intermediate_size=0)
+    with pytest.raises(CheckpointError, match="intermediate_size must be a positive whole number, not 0"):
+        load_checkpoint(directory)

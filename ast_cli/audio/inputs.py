@@ -53,14 +53,25 @@ def regular_or_missing(path: str) -> bool:
 def _walk(directory: str, extensions: frozenset[str],
           unreadable: list[tuple[str, str]]) -> list[tuple[str, str | None]]:
     """(path, error) of the audio files below ``directory``, sorted; the error is ``NOT_REGULAR`` for a FIFO,
-    socket or device, else None. Directories that cannot be read are added to ``unreadable``."""
+    socket or device, else None. Directories that cannot be read are added to ``unreadable``.
+
+    Links to folders are followed (an archive put together from links is common), each real folder once: a
+    loop, or a second way to a folder already walked, is not entered again."""
     found = []
+    walked = {_identity(directory)}
 
     def onerror(exc: OSError) -> None:
         unreadable.append((exc.filename or directory, f"cannot read this directory: {exc.strerror or exc}"))
 
-    for current, dirs, files in os.walk(directory, onerror=onerror):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    def first_visit(folder: str) -> bool:
+        identity = _identity(folder)
+        if identity in walked:
+            return False
+        walked.add(identity)
+        return True
+
+    for current, dirs, files in os.walk(directory, onerror=onerror, followlinks=True):
+        dirs[:] = [d for d in sorted(dirs) if not d.startswith(".") and first_visit(os.path.join(current, d))]
         for name in files:
             if name.startswith("."):
                 continue
@@ -69,6 +80,16 @@ def _walk(directory: str, extensions: frozenset[str],
                 found.append((path, None if regular_or_missing(path) else NOT_REGULAR))
     # Sort by path components so that "a/b.wav" < "a b.wav" ordering is the same on every machine.
     return sorted(found, key=lambda item: Path(os.path.relpath(item[0], directory)).parts)
+
+
+def _identity(folder: str) -> tuple[int, int] | str:
+    """What a folder is, whatever the path to it: (device, inode), or its path when it cannot be looked at (the
+    walk then says why)."""
+    try:
+        info = os.stat(folder)
+    except OSError:
+        return folder
+    return info.st_dev, info.st_ino
 
 
 def expand_inputs(

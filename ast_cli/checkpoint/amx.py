@@ -38,6 +38,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from .names import ast_cache_dir, read_regular
+
 SOURCE = "amx_attention.c"
 ENV = "AST_AMX_ATTENTION"  # "0": never use the kernel
 FLAGS = ("-O2", "-std=gnu11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vnni",
@@ -71,8 +73,6 @@ def _cpu_flags() -> set[str]:
 
 def kernel_dir() -> Path:
     """``$XDG_CACHE_HOME/ast-cli/kernels`` (``ast_cache_dir``)."""
-    from .names import ast_cache_dir
-
     return ast_cache_dir() / "kernels"
 
 
@@ -134,7 +134,7 @@ def _build(source: bytes, target: Path) -> None:
     _check_private(target.parent)
     failed, identity = target.with_suffix(".failed"), _compiler_identity(command)
     try:
-        remembered = json.loads(failed.read_text("utf-8"))
+        remembered = json.loads(read_regular(failed, 1 << 16))  # a line of JSON; a FIFO, a device: no memory
     except (OSError, ValueError):
         remembered = None
     at = remembered.get("at") if isinstance(remembered, dict) else None

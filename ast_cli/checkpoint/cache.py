@@ -6,6 +6,7 @@ network.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,9 @@ class CachedModel:
 
     ``path``: the snapshot folder; ``commit_hash``: the commit it holds; ``refs``: the branches and tags that
     point at it (``("main",)``), possibly none; ``size_on_disk``: bytes of its files (blobs shared with another
-    snapshot of the repo count in each); ``last_modified``: newest file, as a POSIX timestamp.
+    snapshot of the repo count in each); ``last_modified``: newest file, as a POSIX timestamp. ``damaged``: why
+    huggingface_hub's scan refused the repo (a missing blob, a ref to a missing snapshot), None for a sound one;
+    a damaged repo is one row for its folder (no commit, no refs), whose only use is to be removed whole.
     """
 
     repo_id: str
@@ -43,6 +46,7 @@ class CachedModel:
     refs: tuple[str, ...]
     size_on_disk: int
     last_modified: float
+    damaged: str | None = None
 
     @property
     def alias(self) -> str | None:
@@ -51,16 +55,33 @@ class CachedModel:
 
 
 def _scan(cache_dir: str | os.PathLike | None):
-    """huggingface_hub's scan of the cache: the model repos, or () when there is no cache yet. Repos it finds
-    corrupt (a ref to a missing snapshot, a broken symlink) are in its warnings and left out."""
+    """huggingface_hub's scan of the cache: the sound model repos, or () when there is no cache yet."""
+    return _scan_all(cache_dir)[0]
+
+
+def _scan_all(cache_dir: str | os.PathLike | None) -> tuple[list, list[CachedModel]]:
+    """(sound model repos, damaged ones): repos huggingface_hub finds corrupt (a ref to a missing snapshot, a
+    broken symlink) are only in its warnings; each model folder of the cache among them (a real folder, not a
+    link) is a ``CachedModel`` with ``damaged`` set."""
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.utils import CacheNotFound
 
     try:
         info = scan_cache_dir(_cache(cache_dir))
     except CacheNotFound:
-        return ()
-    return sorted((repo for repo in info.repos if repo.repo_type == "model"), key=lambda repo: repo.repo_id)
+        return [], []
+    repos = sorted((repo for repo in info.repos if repo.repo_type == "model"), key=lambda repo: repo.repo_id)
+    sound = {Path(repo.repo_path).name for repo in info.repos}
+    damaged = []
+    for folder in sorted(Path(_cache(cache_dir)).glob("models--*")):
+        if folder.name in sound or folder.is_symlink() or not folder.is_dir():
+            continue
+        why = next((_one_line(w) for w in info.warnings if str(folder) in str(w)), "damaged")
+        files = [os.lstat(os.path.join(top, name)) for top, _, names in os.walk(folder) for name in names]
+        damaged.append(CachedModel(repo_id=folder.name[len("models--"):].replace("--", "/"), path=folder,
+                                   commit_hash="", refs=(), size_on_disk=sum(st.st_size for st in files),
+                                   last_modified=folder.stat().st_mtime, damaged=why))
+    return repos, damaged
 
 
 def _by_preference(revisions) -> list:
@@ -85,9 +106,11 @@ def cached_models(cache_dir: str | os.PathLike | None = None) -> dict[str, Path]
 def cached_checkpoints(cache_dir: str | os.PathLike | None = None) -> list[CachedModel]:
     """Every cached snapshot that holds an AST checkpoint, of any repo (not only the registry's): a config.json
     whose ``model_type`` is the AST's (or absent) and weights. Sorted by hub id, then as ``cached_models``
-    prefers them. Never touches the network."""
+    prefers them; a damaged repo (``CachedModel.damaged``) unless a config in it describes another model. Never
+    touches the network."""
     rows: list[CachedModel] = []
-    for repo in _scan(cache_dir):
+    repos, damaged = _scan_all(cache_dir)
+    for repo in repos:
         for revision in _by_preference(repo.revisions):
             path = Path(revision.snapshot_path)
             if not _is_ast_snapshot(path):
@@ -95,7 +118,17 @@ def cached_checkpoints(cache_dir: str | os.PathLike | None = None) -> list[Cache
             rows.append(CachedModel(repo_id=repo.repo_id, path=path, commit_hash=revision.commit_hash,
                                     refs=tuple(sorted(revision.refs)), size_on_disk=revision.size_on_disk,
                                     last_modified=revision.last_modified))
-    return rows
+    rows += [row for row in damaged if _may_be_ast(row.path)]
+    return sorted(rows, key=lambda row: row.repo_id)  # stable: each repo's rows keep their order
+
+
+def _may_be_ast(repo: Path) -> bool:
+    """No readable config in the repo's snapshots describes a model other than the AST."""
+    for config in repo.glob(f"snapshots/*/{CONFIG_NAME}"):
+        readable, model_type = _model_type(config)
+        if readable and model_type not in (None, AST_MODEL_TYPE):
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -123,14 +156,24 @@ def _is_ast_snapshot(path: Path) -> bool:
 
 def plan_removal(name: str, cache_dir: str | os.PathLike | None = None, *, allow_other: bool = False) -> Removal:
     """What removing ``name`` (alias or ``ORG/NAME``: every cached revision; ``ORG/NAME@REV``: the snapshot REV
-    names, a ref or a commit hash, and the refs pointing at it) would delete. Deletes nothing.
+    names, a ref or a commit hash or its first 7 or more digits, and the refs pointing at it) would delete.
+    Deletes nothing.
 
     Raises ``ModelNotFoundError(problem="not_cached")`` when the cache has no such repo or revision, and
     ``UsageError`` for a repo that holds no AST checkpoint unless ``allow_other`` and ``name`` spells its hub id
     exactly (not an alias)."""
     repo_id, revision = parse_model_name(name)
-    repo = next((repo for repo in _scan(cache_dir) if repo.repo_id == repo_id), None)
+    repos, damaged = _scan_all(cache_dir)
+    repo = next((repo for repo in repos if repo.repo_id == repo_id), None)
+    broken = next((row for row in damaged if row.repo_id == repo_id), None)
+    if broken is not None:
+        return _plan_damaged(broken, name, revision, allow_other)
     revisions = [rev for rev in (repo.revisions if repo else ()) if revision in (None, rev.commit_hash, *rev.refs)]
+    if not revisions and revision and re.fullmatch(r"[0-9a-f]{7,39}", revision):  # as --cached shows it: 12
+        revisions = [rev for rev in repo.revisions if rev.commit_hash.startswith(revision)] if repo else []
+        if len(revisions) > 1:
+            raise UsageError(f"{revision} is the start of {len(revisions)} cached commits of {repo_id}",
+                             hint="give more of the commit hash")
     if not revisions:
         what = f"{repo_id!r}" + (f" at revision {revision!r}" if revision and repo else "")
         raise ModelNotFoundError(f"model {what} is not in the Hugging Face cache ({_cache(cache_dir)})",
@@ -148,6 +191,18 @@ def plan_removal(name: str, cache_dir: str | os.PathLike | None = None, *, allow
                    size=repo.size_on_disk if whole else sum(blobs.values()))
 
 
+def _plan_damaged(row: CachedModel, name: str, revision: str | None, allow_other: bool) -> Removal:
+    """Removing a damaged repo (``CachedModel.damaged``): the whole folder, as ``plan_removal`` checks it."""
+    if revision is not None:
+        raise UsageError(f"{row.repo_id} in the cache is damaged ({row.damaged}): only the whole repo can be removed",
+                         hint=f"name it without @{revision}")
+    if not (_may_be_ast(row.path) or allow_other and name == row.repo_id):
+        raise UsageError(f"{row.repo_id} in the cache holds no AST checkpoint: not removing it unless named by its "
+                         "hub id and confirmed", suggest={"allow_other": True})
+    return Removal(repo_id=row.repo_id, repo_path=row.path, commits=(), refs=(), whole_repo=True, blobs=(),
+                   size=row.size_on_disk)
+
+
 def remove_cached(plan: Removal, cache_dir: str | os.PathLike | None = None) -> int:
     """Delete what ``plan`` names (nothing outside its repo folder), then check in a new scan of the cache
     that exactly that went: every other snapshot of every repo is still there. Returns the bytes freed.
@@ -161,13 +216,19 @@ def remove_cached(plan: Removal, cache_dir: str | os.PathLike | None = None) -> 
     if repo.parent != _cache(cache_dir) or not repo.name.startswith("models--") or any(
             repo not in Path(os.path.abspath(path)).parents for path in doomed):
         raise AstError(f"{repo} is not a model folder of the cache {_cache(cache_dir)}: not removing it")
-    if plan.whole_repo:
-        shutil.rmtree(repo)
-    for path in [] if plan.whole_repo else doomed:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+    try:
+        if plan.whole_repo:
+            shutil.rmtree(repo)
+        for path in [] if plan.whole_repo else doomed:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    except OSError as exc:
+        where = os.fsdecode(exc.filename) if exc.filename else str(repo)
+        raise AstError(f"cannot remove {where} from the cache: {exc.strerror or exc}",
+                       hint=f"the cache folder {repo.parent} must be writable by you; what was removed stays "
+                            "removed, run again to remove the rest") from None
     expected = {key for key in before if key[0] != plan.repo_id or (not plan.whole_repo
                                                                       and key[1] not in plan.commits)}
     after = _snapshots(cache_dir)

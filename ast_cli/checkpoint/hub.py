@@ -11,9 +11,10 @@ the files, reads the environment and names the failures.
 
 The environment (``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``, ``HF_HOME``, ``HF_HUB_CACHE``) is read at call
 time and passed to huggingface_hub explicitly, since that library reads most of it once, at import. Nothing
-process-wide is changed: the one setting that cannot be passed per call is huggingface_hub's own offline
-switch (``HF_HUB_OFFLINE`` as it was when huggingface_hub was first imported); when it is on, this module
-keeps to the cache too, and says why (see ``is_offline``).
+process-wide is changed beyond a call: the one setting that cannot be passed per call is huggingface_hub's own
+offline switch (``HF_HUB_OFFLINE`` as it was when huggingface_hub was first imported); when it is on, this module
+keeps to the cache too, and says why (see ``is_offline``). While a download runs, a request hook on
+huggingface_hub's shared HTTP client bounds the waits it would leave unbounded (``_bounded_requests``).
 
 Failures are our few named exceptions with structured fields (``ModelNotFoundError.problem``,
 ``CheckpointError.corrupt``...); their text and hints never name command-line options.
@@ -28,13 +29,16 @@ from typing import Iterator, Protocol
 
 from .. import __version__
 from ..constants import DEFAULT_MODEL
-from ..errors import AstError, HubError, ModelNotFoundError, UsageError
+from ..errors import AstError, HubError, ModelNotFoundError, OutputWriteError, UsageError
 from .cache import cached_snapshot, verify_weights
 from .names import (AST_MODEL_TYPE, COMMIT_HASH, CONFIG_NAME, DEFAULT_REVISION, LIBRARY_NAME, PICKLE_NAME,
                     PREPROCESSOR_NAME, SAFETENSORS_NAME, _RETRY_HINT, _cache, _hub_library_offline, _model_type,
                     _one_line, _token, _weights_in, check_revision, hub_endpoint, is_offline, looks_local,
                     parse_model_name)
 
+# Seconds the hub may take to accept a connection or send the next bytes (huggingface_hub's own default for
+# file requests; its model_info waits forever unless told).
+HUB_TIMEOUT_SECONDS = 10.0
 
 # -- progress --------------------------------------------------------------------------------------
 
@@ -163,11 +167,12 @@ def download(name: str = DEFAULT_MODEL, *, revision: str | None = None, cache_di
 
     endpoint, token, cache = hub_endpoint(), _token(), str(_cache(cache_dir))
     common = dict(cache_dir=cache, endpoint=endpoint, token=token, force_download=force, library_name=LIBRARY_NAME,
-                  library_version=__version__)
+                  library_version=__version__, etag_timeout=HUB_TIMEOUT_SECONDS)
     state: dict = {"files": None}  # which files are on the wire, for messages
-    with _hub_errors(label, repo_id, revision, endpoint, state):
+    with _hub_errors(label, repo_id, revision, endpoint, state), _bounded_requests():
         api = HfApi(endpoint=endpoint, token=token, library_name=LIBRARY_NAME, library_version=__version__)
-        info = api.model_info(repo_id, revision=revision, files_metadata=True)  # with sizes, for progress
+        info = api.model_info(repo_id, revision=revision, files_metadata=True,  # with sizes, for progress
+                              timeout=HUB_TIMEOUT_SECONDS)
         sha = info.sha
         if not sha or not COMMIT_HASH.fullmatch(sha):  # it becomes a folder name: snapshots/<sha>
             raise HubError(f"{endpoint} gave no valid commit for {repo_id} (it does not answer like a Hugging Face "
@@ -199,6 +204,26 @@ def download(name: str = DEFAULT_MODEL, *, revision: str | None = None, cache_di
     _record_ref(cache, repo_id, revision or DEFAULT_REVISION, sha)
     verify_weights(path / files[-1], label)
     return DownloadResult(path, files, _stats(path, files) != before, _size(path, files))
+
+
+@contextmanager
+def _bounded_requests() -> Iterator[None]:
+    """Requests huggingface_hub makes with no timeout at all (snapshot_download's listing of the files) wait
+    HUB_TIMEOUT_SECONDS too, while a download runs: a request hook on its shared HTTP client (``get_session``),
+    removed afterwards. A timeout a request was given stands."""
+    from huggingface_hub import get_session
+
+    def bound(request) -> None:
+        given = request.extensions.get("timeout") or {}
+        request.extensions["timeout"] = {part: HUB_TIMEOUT_SECONDS if given.get(part) is None else given[part]
+                                         for part in ("connect", "read", "write", "pool")}
+
+    hooks = get_session().event_hooks["request"]
+    hooks.append(bound)
+    try:
+        yield
+    finally:
+        hooks.remove(bound)
 
 
 def _cached_download(label: str, repo_id: str, revision: str | None, cache_dir: str | None, *, force: bool,
@@ -353,6 +378,10 @@ def _map_hub_error(exc: BaseException, name: str, repo_id: str, revision: str | 
             return HubError(f"download of {repo_id} interrupted while fetching {' and '.join(files)} "
                             f"({_one_line(root)})", model=name, hint=_RETRY_HINT)
         return HubError(f"cannot reach the hub at {endpoint} ({_one_line(root)})", model=name, hint=_RETRY_HINT)
+    if isinstance(root, OSError) and root.filename is not None:  # the cache, not the hub: a folder we cannot write
+        path = os.fsdecode(root.filename)
+        return OutputWriteError(f"cannot write into the Hugging Face cache: {path}: {root.strerror or root}",
+                                path=path, hint="make that folder writable, or download into a cache you can write")
     if isinstance(root, hf.HFValidationError):
         return ModelNotFoundError(f"{name!r} is not a valid hub model id ({_one_line(root)})", model=name,
                                   problem="unknown_name")

@@ -22,6 +22,7 @@ POOLED_TOKENS = 2  # the CLS and distillation tokens, whose mean is the pooled e
 # ask for 10^10 labels in one line). Generous: the published checkpoints have 527 labels and 1024 x 128 inputs.
 MAX_LABELS = 1 << 17
 MAX_INPUT_VALUES = 1 << 22  # max_length x num_mel_bins of one window: 32 times the published 1024 x 128
+MAX_DIMENSION = 1 << 20  # each size in the config (hidden_size, layers, strides...); the published: 768, 12, 10
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,10 @@ class ASTConfig:
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size",
                      "frequency_stride", "time_stride", "max_length", "num_mel_bins"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1 << 20:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive whole number, not {value!r}")
+            if value > MAX_DIMENSION:
+                raise ValueError(f"{name} is {value}: too large (at most {MAX_DIMENSION})")
         if not isinstance(self.layer_norm_eps, (int, float)) or not 0 < self.layer_norm_eps < 1:
             raise ValueError(f"layer_norm_eps must be a small positive number, not {self.layer_norm_eps!r}")
         if self.max_length < self.patch_size or self.num_mel_bins < self.patch_size:

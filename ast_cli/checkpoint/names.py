@@ -9,9 +9,11 @@ Imports neither torch nor huggingface_hub: naming a model must not wait for eith
 from __future__ import annotations
 
 import difflib
+import errno
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,12 +252,22 @@ def _weights_in(snapshot: Path) -> Path | None:
 MAX_CONFIG_BYTES = 8 << 20  # a config.json of the published checkpoints is 40 kB
 
 
+def read_regular(path, max_bytes: int) -> bytes:
+    """At most ``max_bytes + 1`` bytes of ``path`` (one more than allowed: the caller tells a file that is too
+    large). OSError unless it is a regular file: a FIFO would block the read (opened non-blocking, it blocks not
+    even the open) and a device such as /dev/zero never ends."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with open(fd, "rb") as handle:  # closes fd
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return handle.read(max_bytes + 1)
+
+
 def read_json(path: Path) -> dict:
     """The JSON object in ``path`` (a config file), or ``CheckpointError`` naming the file: unreadable, larger
     than MAX_CONFIG_BYTES, not JSON, nested too deep for the parser, or not an object."""
     try:
-        with open(path, "rb") as handle:
-            text = handle.read(MAX_CONFIG_BYTES + 1)
+        text = read_regular(path, MAX_CONFIG_BYTES)
         if len(text) > MAX_CONFIG_BYTES:
             raise CheckpointError(f"{path} is larger than a config file can be ({MAX_CONFIG_BYTES >> 20} MiB)",
                                   path=str(path))

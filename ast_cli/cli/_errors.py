@@ -159,11 +159,32 @@ def cli_errors(console, debug: bool = False) -> Iterator[None]:
     """Print ``Error: ...`` (+ ``Hint: ...``) and exit non-zero instead of a traceback; without ``--debug``, no
     library warning reaches the user either (loading and ``--fast``'s calibration run outside the runs' own
     silencing, ``_io.native_stderr_silenced``)."""
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _hub_logs_quiet(not debug_enabled(debug)):
         if not debug_enabled(debug):
             warnings.simplefilter("ignore")
         with _errors_as_lines(console, debug):
             yield
+
+
+@contextmanager
+def _hub_logs_quiet(enabled: bool) -> Iterator[None]:
+    """huggingface_hub logs its own warnings to stderr ("Ignored error while writing tree cache file ..."): only
+    its errors, while ``enabled``. It sets its level when first imported, from HF_HUB_VERBOSITY (a user's own
+    setting stands), so both are set; its logger by name, so nothing is imported here."""
+    import logging
+
+    if not enabled or "HF_HUB_VERBOSITY" in os.environ:
+        yield
+        return
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # imported already
+    os.environ["HF_HUB_VERBOSITY"] = "error"  # imported in the run
+    try:
+        yield
+    finally:
+        del os.environ["HF_HUB_VERBOSITY"]
+        logger.setLevel(level)
 
 
 @contextmanager

@@ -32,7 +32,7 @@ def print_cached(rows: list[dict], cache) -> None:
                             ("size", "right")):
         table.add_column(column, justify=justify)
     for row in rows:
-        table.add_row(row["repo_id"], row["alias"] or "", row["revision"][:12], ",".join(row["refs"]),
+        table.add_row(row["repo_id"], row["alias"] or "", row["revision"][:12] or "damaged", ",".join(row["refs"]),
                       f"{row['size_on_disk'] / 1e6:.1f} MB")
     console = make_console(highlight=False, width=None if sys.stdout.isatty() else 160)
     console.print(table if rows else f"no AST checkpoints in {cache}")

@@ -101,7 +101,11 @@ def _files(paths, ext) -> list[str]:
     from ..errors import UsageError
     from ..audio.inputs import expand_inputs, parse_extensions
 
-    files = [item.path for item in expand_inputs(paths or [], parse_extensions(ext)) if item.error is None]
+    items = expand_inputs(paths or [], parse_extensions(ext))
+    for item in items:
+        if item.error is not None and item.root is None:  # a path as given: a typo is named, not timed as nothing
+            raise UsageError(f"{item.path}: {item.error}")
+    files = [item.path for item in items if item.error is None]
     if not files:
         raise UsageError("--end-to-end needs audio files", hint="ast benchmark --end-to-end clips/")
     return files

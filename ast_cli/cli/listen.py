@@ -27,7 +27,7 @@ def listen(
     model: ModelOpt = DEFAULT_MODEL,
     raw: Annotated[bool, typer.Option("--raw", help="stdin is raw PCM (give --rate, --channels, --sample-format).")] = False,
     rate: Annotated[Optional[int], typer.Option(min=1, metavar="HZ", help="Sample rate of raw PCM.")] = None,
-    channels: Annotated[int, typer.Option(min=1, metavar="N", help="Channels of raw PCM.")] = 1,
+    channels: Annotated[int, typer.Option(min=1, max=65535, metavar="N", help="Channels of raw PCM (at most 65535, as in a WAV header).")] = 1,
     sample_format: Annotated[SampleFormat, typer.Option("--sample-format", help="Sample format of raw PCM.")] = SampleFormat.s16le,
     top: Annotated[Optional[int], typer.Option(min=0, metavar="N", help="Labels per window (0 = all; default 5, or all with --threshold P); with --threshold calibrated, of the labels without a calibrated threshold.")] = None,
     threshold: Annotated[Optional[str], typer.Option(metavar="P|calibrated[:P]", help="Keep labels with score >= P (with --events: the on/off threshold, default 0.5). calibrated: each label's own threshold from ast evaluate --calibrate (--thresholds); labels without one go by --top, or with calibrated:P by P.")] = None,
@@ -94,6 +94,14 @@ def listen(
         # a missing or bad file: before any work
         calibrations = calibrations_of(model, thresholds, calibrated, heads, not no_base_head)
         tagger = load_tagger(model, run, stderr, quiet, heads=heads, base_head=not no_base_head)
+        recording = source != "-" and os.path.isfile(source)
+        if calibrations is not None:
+            selection = apply_calibrations(selection, tagger.parts(), calibrations, activation, heads)
+        own = activation or (None if heads else tagger.default_activation)  # None: each head's own
+        listener = Listener(tagger.scoring_backend, tagger.labels, hop_seconds=run.hop_seconds or 1.0,
+                            selection=selection, activation=own, stall_seconds=stall, parts=tagger.parts(),
+                            drop=(not recording) if drop is None else drop)
+        tracker = EventTracker(listener.labels, _on_off(selection, threshold), listener.allowed) if events else None
         if source == "-":
             # Unbuffered, not sys.stdin.buffer: a reader thread blocked in a buffered stdin would abort
             # CPython's shutdown ("could not acquire lock for <stdin>") when the run ends on an error.
@@ -105,20 +113,13 @@ def listen(
                                   sample_format=sample_format.value)
         else:
             stream = ffmpeg_source(source)
-        recording = source != "-" and os.path.isfile(source)
-        if calibrations is not None:
-            selection = apply_calibrations(selection, tagger.parts(), calibrations, activation, heads)
-        own = activation or (None if heads else tagger.default_activation)  # None: each head's own
-        listener = Listener(tagger.scoring_backend, tagger.labels, hop_seconds=run.hop_seconds or 1.0,
-                            selection=selection, activation=own, stall_seconds=stall, parts=tagger.parts(),
-                            drop=(not recording) if drop is None else drop)
-        tracker = EventTracker(listener.labels, _on_off(selection, threshold), listener.allowed) if events else None
         from ._io import native_stderr_silenced
 
         try:
             with native_stderr_silenced(not debug_enabled(debug)):
                 _loop(listener, stream, fmt, tracker, stderr, quiet)
         finally:
+            getattr(stream, "close", lambda: None)()  # ffmpeg ends with the run, however it ends
             if not quiet:
                 _say_pace(listener, stderr)
 

@@ -160,7 +160,8 @@ def _list_cached(fmt: ListFormat, cache_dir: str | None, debug: bool) -> None:
         from ..checkpoint.names import hub_cache_dir
 
         rows = [{"repo_id": m.repo_id, "alias": m.alias, "revision": m.commit_hash, "refs": list(m.refs),
-                 "size_on_disk": m.size_on_disk, "path": str(m.path)} for m in hub_cache.cached_checkpoints(cache_dir)]
+                 "size_on_disk": m.size_on_disk, "path": str(m.path), "damaged": m.damaged}
+                for m in hub_cache.cached_checkpoints(cache_dir)]
         if fmt is ListFormat.json:
             typer.echo(json.dumps(rows, indent=2))
             return

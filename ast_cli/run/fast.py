@@ -334,13 +334,16 @@ def _head_key(head) -> list:
 
 
 def _read_cache(path: str) -> list:
-    """The cache's entries; [] for a missing, oversized, corrupt or foreign file (it is rewritten later)."""
+    """The cache's entries; [] for a missing, oversized, corrupt or foreign file (it is rewritten later), and for
+    anything but a regular file (a FIFO would block, a device never end)."""
+    from ..checkpoint.names import read_regular
+
     try:
-        if os.path.getsize(path) > MAX_CACHE_BYTES:
+        text = read_regular(path, MAX_CACHE_BYTES)
+        if len(text) > MAX_CACHE_BYTES:
             return []
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, ValueError):
+        data = json.loads(text.decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
         return []
     if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("entries"), list):
         return []

@@ -57,6 +57,7 @@ def dtype_name(dtype) -> str:
 
 
 MAX_WORKERS = 64  # decoding threads: more only costs memory (each holds a decode block)
+MAX_BATCH_SIZE = 1 << 16  # windows per model call: 64k full-size windows are 34 GB of input already
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class RunOptions:
     def validate(self) -> "RunOptions":
         """Check every value that can be checked before loading anything; returns self. Done once, when the
         object is built (``__post_init__``); kept public for callers that used it."""
-        for name, low, high in (("batch_size", 1, 1 << 16), ("workers", 1, MAX_WORKERS), ("threads", 1, 4096)):
+        for name, low, high in (("batch_size", 1, MAX_BATCH_SIZE), ("workers", 1, MAX_WORKERS), ("threads", 1, 4096)):
             value = getattr(self, name)
             if value is None and name == "threads":
                 continue

@@ -117,6 +117,11 @@ class Journal:
         ``settings.mismatch`` (``extract.Settings``) reads each record's ``model`` and ``settings``."""
         for key, record in self.records.items():
             made = record.get("settings")
+            malformed = _malformed(record)
+            if malformed:
+                raise UsageError(f"{self.path} holds a malformed record ({record['path']}: {malformed}): refusing to "
+                                 "resume into it (nothing was changed)", option="resume",
+                                 suggest={"resume": None, "overwrite": True})
             why = (settings.mismatch({"model": record["model"], **made}) if "model" in record and isinstance(made, dict)
                    else "it names no model (an older ast wrote it)")
             if why:
@@ -143,6 +148,21 @@ class Journal:
                 handle.truncate(self.intact_bytes)
             else:
                 handle.write(b"\n")
+
+
+def _malformed(record: dict) -> str | None:
+    """What is wrong with the shape of a record that names its model (None: nothing): a model that is no string,
+    settings that are no object, or a hop or window that is no number of seconds."""
+    if "model" not in record:
+        return None  # an older ast's record: ``check`` says so
+    made = record.get("settings")
+    if not isinstance(record["model"], str) or not isinstance(made, dict):
+        return "its model or settings are not what ast writes"
+    for key in ("hop_seconds", "window_seconds"):
+        value = made.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            return f"settings.{key} is {json.dumps(value)}, not a number of seconds"
+    return None
 
 
 def _record(line: bytes) -> dict | None:

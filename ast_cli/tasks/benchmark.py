@@ -25,7 +25,7 @@ from ..errors import UsageError
 from ..audio.features import FeatureConfig
 from ..checkpoint.model import AST, ASTConfig, count_parameters, flops_per_clip
 from ..checkpoint.timing import synchronizer, warm_up
-from ..run.options import Attn, Quantize
+from ..run.options import MAX_BATCH_SIZE, Attn, Quantize
 from .end_to_end import EndToEndRow, benchmark_end_to_end
 
 if TYPE_CHECKING:
@@ -145,8 +145,8 @@ def parse_list(value: str | Iterable, option: str, choices: Iterable[str] | None
 def parse_batch_sizes(value: str | Iterable) -> list[int]:
     sizes = []
     for item in parse_list(value, "batch_sizes"):
-        if not item.isdigit() or int(item) < 1:
-            raise UsageError(f"takes whole numbers of at least 1, not {item!r}", option="batch_sizes")
+        if not item.isdigit() or not 1 <= int(item) <= MAX_BATCH_SIZE:
+            raise UsageError(f"takes whole numbers from 1 to {MAX_BATCH_SIZE}, not {item!r}", option="batch_sizes")
         sizes.append(int(item))
     return sizes
 

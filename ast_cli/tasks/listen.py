@@ -11,11 +11,14 @@ own clock (a window is still unscored when the stream, counted from its first sa
 passed the end of the next one), the older window is dropped and counted, never queued: memory stays flat on
 an endless stream, and the output never falls further and further behind. Audio that arrives faster than
 real time (a file piped in) is no reason to drop: the reader then waits for the model, and every window is
-scored.
+scored. The clock is set by the first block the source made the reader wait for (the live edge): the stream's
+first sample played all the audio received so far before it, a backlog buffered at start-up included. Until
+then, nothing is dropped.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -96,6 +99,20 @@ class _Latest:
             return item
 
 
+def _timed(blocks: Iterator[np.ndarray]) -> Iterator[tuple[np.ndarray, bool]]:
+    """Each block, and whether the source made us wait for it (at least half its length): it came as it played.
+
+    Until a block comes so, the stream's clock is unknown: what comes at once is a backlog (audio buffered while
+    the model loaded) or a file piped in, and neither tells when the first sample played."""
+    blocks = iter(blocks)
+    while True:
+        asked = time.monotonic()
+        block = next(blocks, None)
+        if block is None:
+            return
+        yield block, time.monotonic() - asked >= 0.5 * block.shape[0] / SAMPLE_RATE
+
+
 def check_stall(seconds: float) -> float:
     """``seconds`` if it is a positive, finite wait a thread can make (``threading.TIMEOUT_MAX``); else UsageError
     (inf overflowed the wait, nan waited forever)."""
@@ -133,7 +150,8 @@ class Listener:
         self.drop = drop
         self.dropped = 0
         self.stream_seconds = 0.0  # audio received so far ...
-        self.stream_wall_seconds = 0.0  # ... in this much wall time, from the first sample to the latest block
+        self.stream_wall_seconds = 0.0  # ... in this much wall time: from the stream clock's zero, while unknown
+        # from the first read, to the latest block
         self._stop = threading.Event()
 
     def stop(self) -> None:
@@ -153,6 +171,7 @@ class Listener:
         samples = 0
         next_end = self.hop_frames
         index = 0
+        started = time.monotonic()
         first_sample = None  # time.monotonic() when the stream's first sample was played: its clock's zero
 
         def cut(end: int, end_seconds: float) -> None:
@@ -160,19 +179,19 @@ class Listener:
             local = frames[max(0, frames.shape[0] - (done - end) - cfg.max_length) : frames.shape[0] - (done - end)]
             window = normalize(pad_or_truncate(local, cfg.max_length), cfg)
             start = max(0, end - cfg.max_length)
-            mailbox.put((index, start * FRAME_SECONDS, end_seconds, window, time.monotonic()),
-                        due=first_sample + end_seconds)
+            due = math.inf if first_sample is None else first_sample + end_seconds  # unknown: never behind
+            mailbox.put((index, start * FRAME_SECONDS, end_seconds, window, time.monotonic()), due=due)
             index += 1
 
         try:
-            for block in source.blocks():
+            for block, waited in _timed(source.blocks()):
                 if self._stop.is_set():
                     break
-                if first_sample is None:  # the first block ends now: its first sample played its length ago
-                    first_sample = time.monotonic() - block.shape[0] / SAMPLE_RATE
                 samples += block.shape[0]
+                if first_sample is None and waited:  # the live edge: all that came so far has played by now
+                    first_sample = time.monotonic() - samples / SAMPLE_RATE
                 self.stream_seconds = samples / SAMPLE_RATE
-                self.stream_wall_seconds = time.monotonic() - first_sample
+                self.stream_wall_seconds = time.monotonic() - (started if first_sample is None else first_sample)
                 pending = torch.cat([pending, torch.from_numpy(block)])
                 new = log_mel(pending, cfg.num_mel_bins)
                 if new.shape[0] == 0:
@@ -251,9 +270,14 @@ class EventTracker:
         return events
 
 
+_FFMPEG_TAIL_LINES = 20  # of ffmpeg's stderr, kept for the reason a stream failed
+_FFMPEG_LINE_BYTES = 4096  # longer lines are kept in pieces
+
+
 def ffmpeg_source(url: str, name: str | None = None):
     """A ``StreamSource`` over anything the ffmpeg executable can open (a URL, a device, a growing file):
-    ffmpeg decodes it to WAV on a pipe, at its own rate and channels (our resampler does the rest)."""
+    ffmpeg decodes it to WAV on a pipe, at its own rate and channels (our resampler does the rest). Call its
+    ``close()`` when done with it: that ends ffmpeg."""
     import shutil
     import subprocess
 
@@ -271,10 +295,30 @@ def ffmpeg_source(url: str, name: str | None = None):
 
 
 class _FfmpegStream:
-    """A StreamSource whose bytes come from an ffmpeg process; ffmpeg's own error is the stream's error."""
+    """A StreamSource whose bytes come from an ffmpeg process; ffmpeg's own error is the stream's error.
+
+    ffmpeg's stderr is read as it comes (a full pipe would stop ffmpeg mid-stream), keeping its last lines for
+    the reason. ``close`` kills and reaps ffmpeg: its owner calls it on every way out (a stall, an error, Ctrl-C),
+    since a reader blocked on ffmpeg's output never gets to its own clean-up."""
 
     def __init__(self, stream, process):
+        import collections
+
         self.stream, self.process, self.name = stream, process, stream.name
+        self._tail: collections.deque[bytes] = collections.deque(maxlen=_FFMPEG_TAIL_LINES)
+        self._drain = threading.Thread(target=self._read_stderr, name="ast-ffmpeg-stderr", daemon=True)
+        self._drain.start()
+
+    def _read_stderr(self) -> None:
+        for line in iter(lambda: self.process.stderr.readline(_FFMPEG_LINE_BYTES), b""):
+            if line.strip():
+                self._tail.append(line)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self._drain.join(1.0)
 
     def blocks(self):
         try:
@@ -284,15 +328,14 @@ class _FfmpegStream:
                 raise AudioDecodeError(f"ffmpeg could not read the source: {self._ffmpeg_error()}") from None
             raise
         finally:
-            if self.process.poll() is None:
-                self.process.kill()
-            self.process.wait()
+            self.close()
         if self.process.returncode not in (0, -9):
             raise AudioDecodeError(f"ffmpeg stopped: {self._ffmpeg_error()}")
 
     def _ffmpeg_error(self) -> str:
-        text = self.process.stderr.read().decode("utf-8", "replace").strip().splitlines()
-        return text[-1] if text else f"exit code {self.process.returncode}"
+        self._drain.join(1.0)  # ffmpeg has exited: the rest of its stderr is a moment away
+        lines = [line.decode("utf-8", "replace").strip() for line in list(self._tail)]
+        return lines[-1] if lines else f"exit code {self.process.returncode}"
 
     @property
     def duration(self):
