@@ -190,7 +190,8 @@ def test_s8_N10_search_answers_on_a_read_only_mount_and_says_the_shards_wait(tin
     db = indexed(tmp_path, tiny_checkpoint[0])
     from ast_cli.tasks.distributed import shard_of
 
-    new = write_audio(tmp_path / "in" / "new.wav", 1.0, seed=9)
+    new = tmp_path / "in" / "new.wav"
+    write_audio(new, 1.0, seed=9)
     part = f"{shard_of(os.path.abspath(new), 2)}/2"  # the part that holds the new file (its path's hash)
     shard = ast("index", tmp_path / "in", "--db", db, "--model", tiny_checkpoint[0], "--shard", part, "--quiet")
     assert shard.exit_code == 0, shard.stderr
