@@ -500,19 +500,24 @@ def test_26_13_ctrl_c_during_the_build_stops_the_compiler(kernel_cache, tmp_path
     assert not list(kernel_cache.glob("build-*"))
 
 
-def test_26_13_a_failed_build_is_tried_again_a_day_later(kernel_cache, monkeypatch):
-    """A failed build was remembered for good for its compiler, though its cause may pass (a full disk, a machine
-    too loaded for 20 s): now for a day."""
-    import json
-    import time
-
+def _failing_compiler(kernel_cache, monkeypatch):
+    """(source, library path) with ``CC`` a compiler that fails as on a full disk."""
     failing = kernel_cache.parent.parent / "failcc"
     failing.parent.mkdir(parents=True, exist_ok=True)
     failing.write_text("#!/bin/sh\necho 'No space left on device' >&2\nexit 1\n")
     failing.chmod(0o755)
     monkeypatch.setenv("CC", str(failing))
     source = amx._source()
-    target = amx._library_path(source)
+    return source, amx._library_path(source)
+
+
+def test_26_13_a_failed_build_is_tried_again_a_day_later(kernel_cache, monkeypatch):
+    """A failed build was remembered for good for its compiler, though its cause may pass (a full disk, a machine
+    too loaded for 20 s): now for a day."""
+    import json
+    import time
+
+    source, target = _failing_compiler(kernel_cache, monkeypatch)
     with pytest.raises(amx.Unavailable, match="No space left on device"):
         amx._build(source, target)
     with pytest.raises(amx.Unavailable, match="an earlier run"):
@@ -530,13 +535,7 @@ def test_s8_15_a_fifo_as_the_failure_memory_is_no_memory(kernel_cache, monkeypat
     """A FIFO where a failed build is remembered blocked the first forward for good; now it is no memory."""
     import threading
 
-    failing = kernel_cache.parent.parent / "failcc"
-    failing.parent.mkdir(parents=True, exist_ok=True)
-    failing.write_text("#!/bin/sh\necho 'No space left on device' >&2\nexit 1\n")
-    failing.chmod(0o755)
-    monkeypatch.setenv("CC", str(failing))
-    source = amx._source()
-    target = amx._library_path(source)
+    source, target = _failing_compiler(kernel_cache, monkeypatch)
     kernel_cache.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.mkfifo(target.with_suffix(".failed"))
     raised = []
