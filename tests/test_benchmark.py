@@ -201,6 +201,27 @@ def test_int8_scores_are_close_to_fp32(tiny_checkpoint, tiny_features, kernel):
     assert sum(overlap) >= 13  # of 15: at most a near-tie at the 5th place swaps
 
 
+@pytest.mark.parametrize("kernel", ["fbgemm", "onednn", "int_mm"])
+def test_s8_N15_an_int8_windows_numbers_never_depend_on_its_batch(tiny_checkpoint, kernel):
+    """FBGEMM's activation scale spans its whole input, so with --batch-size (or an index's batches) a window's
+    int8 scores and embedding moved with the windows beside it (0.46-0.55 for one head score). Every int8 kernel
+    now gives a window the same bits alone or in a batch."""
+    from ast_cli.checkpoint.speed import _fbgemm_works, _onednn_works
+
+    if not {"fbgemm": _fbgemm_works, "onednn": _onednn_works, "int_mm": lambda: True}[kernel]():
+        pytest.skip(f"this torch build or CPU has no {kernel} int8 kernel")
+    model = quantize_dynamic(build_model(load_checkpoint(tiny_checkpoint[0])), "int8", kernel=kernel)
+    batch = torch.randn(5, *tiny_features_shape(model), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        for forward in (model, model.forward_features):
+            alone = torch.cat([forward(window) for window in batch.split(1)])
+            assert torch.equal(forward(batch), alone)
+
+
+def tiny_features_shape(model) -> tuple[int, int]:
+    return model.config.max_length, model.config.num_mel_bins
+
+
 def test_int8_linear_kernels_agree_with_float_on_random_data():
     torch.manual_seed(0)
     linear = nn.Linear(96, 40)

@@ -143,7 +143,15 @@ class Int8LinearFbgemm(nn.Module):
             self._packed = torch.ops.quantized.linear_prepack(wrapped, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x.float(), self._packed, self.reduce_range)
+        # The kernel's activation scale spans its whole input: one call per window (the first dimension: a
+        # window's tokens, or the classifier's pooled rows), so that a window's numbers never depend on the
+        # windows it shares a batch with (--batch-size, an index's batches). ``AST.windows_alone`` makes the
+        # model's body take one window at a time, faster than splitting here (no copies of the outputs).
+        x = x.float()
+        if x.dim() < 2 or x.shape[0] == 1:
+            return torch.ops.quantized.linear_dynamic(x, self._packed, self.reduce_range)
+        return torch.cat([torch.ops.quantized.linear_dynamic(window, self._packed, self.reduce_range)
+                          for window in x.split(1)])
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel=fbgemm"
@@ -282,6 +290,7 @@ def quantize_dynamic(model: nn.Module, mode: str = "int8", kernel: str | None = 
     for module in model.modules():  # attention on int16 dot products where the CPU has VNNI (int16.py)
         if isinstance(module, ASTSelfAttention):
             module.kernel = int16.attention
+    model.windows_alone = kernel == "fbgemm"  # its activation scale spans a call: one window per call
     return model.eval()
 
 
