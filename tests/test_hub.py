@@ -1159,3 +1159,44 @@ def test_s8_3_a_hub_that_stops_answering_mid_download_is_one_error_line(fake_hub
     worker.join(10)
     assert not hung, "the download still waited after 10 s"
     assert_clean_error(results[0], f"download of {REPO} interrupted while fetching config.json")
+
+
+def test_s8_3_the_bound_survives_huggingface_hubs_client_reset(fake_hub, env, monkeypatch, request):
+    """The file listing's first try meets a refused connection: huggingface_hub's http_backoff calls
+    close_session() and retries on a NEW shared client, which lacked _bounded_requests' hook; the retry then
+    waited with no timeout at all on a hub that accepts and never answers (found by a review)."""
+    from types import SimpleNamespace
+
+    import httpx2
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setattr(_http, "time", SimpleNamespace(sleep=lambda seconds: None))
+    monkeypatch.setattr(hub, "HUB_TIMEOUT_SECONDS", 0.5)
+    release = threading.Event()
+    original_tree = fake_hub._tree
+    monkeypatch.setattr(fake_hub, "_tree", lambda *args: (release.wait(30), original_tree(*args))[1], raising=False)
+    refused = []
+
+    def refuse_first_listing(request):  # stands for a connection refused/reset once
+        if "/tree/" in str(request.url) and not refused:
+            refused.append(1)
+            raise httpx2.ConnectError("connection refused (injected)", request=request)
+
+    def factory():  # a client factory of the user's: each client it makes refuses the first listing once
+        client = default_factory()
+        client.event_hooks["request"].append(refuse_first_listing)
+        return client
+
+    default_factory = _http._GLOBAL_CLIENT_FACTORY
+    set_client_factory(factory)
+    request.addfinalizer(lambda: set_client_factory(default_factory))
+    results = []
+    worker = threading.Thread(target=lambda: results.append(run_cli("download", REPO, "-q")), daemon=True)
+    worker.start()
+    worker.join(10)
+    hung = worker.is_alive()
+    release.set()
+    worker.join(10)
+    assert refused
+    assert not hung, "the retried listing waited with no bound"

@@ -210,20 +210,37 @@ def download(name: str = DEFAULT_MODEL, *, revision: str | None = None, cache_di
 def _bounded_requests() -> Iterator[None]:
     """Requests huggingface_hub makes with no timeout at all (snapshot_download's listing of the files) wait
     HUB_TIMEOUT_SECONDS too, while a download runs: a request hook on its shared HTTP client (``get_session``),
-    removed afterwards. A timeout a request was given stands."""
-    from huggingface_hub import get_session
+    and on any client it makes in the meantime (after a refused connection its retries close the shared client
+    and build another from its client factory, which we wrap), removed afterwards. A timeout a request was given
+    stands."""
+    from huggingface_hub import get_session, set_client_factory
+    from huggingface_hub.utils import _http
 
     def bound(request) -> None:
         given = request.extensions.get("timeout") or {}
         request.extensions["timeout"] = {part: HUB_TIMEOUT_SECONDS if given.get(part) is None else given[part]
                                          for part in ("connect", "read", "write", "pool")}
 
-    hooks = get_session().event_hooks["request"]
-    hooks.append(bound)
+    factory = getattr(_http, "_GLOBAL_CLIENT_FACTORY", None)  # private: where it is missing, the client only
+
+    def bounded_factory():
+        client = factory()
+        client.event_hooks["request"].append(bound)
+        return client
+
+    if factory is not None:
+        set_client_factory(bounded_factory)  # closes the shared client: the next request makes a bounded one
+    else:
+        get_session().event_hooks["request"].append(bound)
     try:
         yield
     finally:
-        hooks.remove(bound)
+        if factory is not None:
+            set_client_factory(factory)  # and the bounded client goes
+        else:
+            hooks = get_session().event_hooks["request"]
+            if bound in hooks:
+                hooks.remove(bound)
 
 
 def _cached_download(label: str, repo_id: str, revision: str | None, cache_dir: str | None, *, force: bool,
