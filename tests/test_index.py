@@ -668,9 +668,15 @@ def test_s8_17_prune_drops_files_of_a_deleted_folder_or_a_deleted_named_file(spr
     for path in files[1:]:
         os.unlink(path)
     assert index([tmp_path / "in"], db, spread).exit_code == 2  # without --prune: nothing to do is an error
+    before = sorted(stored(db))
+    refused = ast("index", tmp_path / "in", "--db", db, "--model", spread, "--prune")  # an unmounted drive?
+    assert refused.exit_code == 2 and "gives no audio now, but the index holds 2 files below it" in refused.stderr
+    assert sorted(stored(db)) == before  # found by a review: an empty mount point pruned everything below it
+    os.rmdir(tmp_path / "in")  # gone for good: the folder itself
     result = ast("index", tmp_path / "in", "--db", db, "--model", spread, "--prune")
     assert result.exit_code == 0 and "0 failed, 2 pruned" in result.stderr, result.output
     assert sorted(stored(db)) == [str(kept)]
+    os.mkdir(tmp_path / "in")
     for paths in ([tmp_path / "in"], [f"{tmp_path}/in/*.wav"]):  # the folder itself gone; a pattern matching nothing
         os.rmdir(tmp_path / "in")
         assert index([varied(tmp_path / "in" / "late.wav", 1.0, seed=8)], db, spread).exit_code == 0

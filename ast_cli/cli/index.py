@@ -82,8 +82,9 @@ def index_command(
         if os.path.exists(db) and not os.path.isdir(db):
             raise UsageError(f"{db} exists and is not a directory", option="db")
         plan = _plan(items, paths if prune else (), db, cluster.shard)  # read only
-        if not found and not plan.gone:  # --prune of a folder whose files were all deleted: they are pruned
+        if not found and not plan.gone:  # --prune of a folder deleted with its files: they are pruned
             raise UsageError("no audio files found in the given paths", hint="check --ext, or name files directly")
+        _refuse_emptied_folders(paths, found, plan.gone)
         check_writable_dir(db, option="db")  # before the model loads: /proc/nope, a read-only folder
         identity, path = _identity(model, run, cluster, stderr, quiet)
         check_stores(db, identity)  # the index or any part made otherwise: refused before any write
@@ -102,6 +103,27 @@ def index_command(
             store.close()
         if failed:
             raise typer.Exit(EXIT_FAILED)
+
+
+def _refuse_emptied_folders(paths: list[str], found, gone: list[str]) -> None:
+    """``--prune`` of a folder that is there but gives no audio now, while the index holds files below it: an
+    unmounted drive or share looks just like this. Refused before anything is written; a folder that is gone
+    itself (deleted with its files) prunes them."""
+    import os
+
+    from ..audio.inputs import named_by
+    from ..errors import UsageError
+    from ._errors import counted
+
+    for path in paths:
+        if path == "-" or not os.path.isdir(path) or any(named_by(item.path, [path]) for item in found):
+            continue
+        below = sum(named_by(stored, [path]) for stored in gone)
+        if below:
+            raise UsageError(f"{path} gives no audio now, but the index holds {counted(below, 'file')} below it: "
+                             "--prune would drop them (an unmounted drive or share looks like this)", option="prune",
+                             hint=f"if they are gone for good, remove the empty folder {path} (or name the "
+                                  "deleted files) and run again")
 
 
 def _identity(model: str, run: RunOptions, cluster, stderr, quiet: bool) -> tuple[dict, str]:
