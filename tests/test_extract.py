@@ -334,6 +334,17 @@ def test_s8_19_quiet_extract_features_prints_no_summary_as_classify(tiny_checkpo
     assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith(f"error: {bad}: "), lines
 
 
+def test_s8_review_a_folder_named_twice_or_inside_another_is_not_empty(tiny_checkpoint, tmp_path):
+    """``extract-features ov ov/sub``: ov/sub's file is found under ov first, so ov/sub was called a folder with
+    no audio (exit 1; found by a review). A folder holds audio when any input found lies below it."""
+    write_audio(tmp_path / "ov" / "a.wav", 1.0)
+    write_audio(tmp_path / "ov" / "sub" / "b.wav", 1.0)
+    result = run(tmp_path / "ov", tmp_path / "ov" / "sub", "--out", tmp_path / "out", "--model", tiny_checkpoint[0],
+                 "-q")
+    assert result.exit_code == 0 and result.stderr == "", result.stderr
+    assert (tmp_path / "out" / "sub" / "b.wav.safetensors").exists()
+
+
 def test_s8_12_a_named_folder_without_audio_fails_as_in_classify(tiny_checkpoint, tmp_path):
     empty, clip = tmp_path / "empty", write_audio(tmp_path / "in" / "a.wav", 1.0)
     empty.mkdir()

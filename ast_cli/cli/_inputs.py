@@ -47,11 +47,10 @@ def _empty_folders(paths: list[str], found, ext) -> list:
     matches nothing), so the rest goes on and the exit code says something was wrong."""
     import os
 
-    from ..audio.inputs import InputFile
+    from ..audio.inputs import InputFile, named_by
 
-    roots = {item.root for item in found}
     return [InputFile(path, error=f"no {_looked_for(ext)} in this folder") for path in dict.fromkeys(paths)
-            if path != "-" and path not in roots and os.path.isdir(path)]
+            if path != "-" and os.path.isdir(path) and not any(named_by(item.path, [path]) for item in found)]
 
 
 def label_file(path: str) -> list[str]:
