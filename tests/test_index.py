@@ -606,6 +606,9 @@ def test_s8_2_search_refuses_changed_weights_at_the_model_path(spread, tiny_chec
     assert result.exit_code == 2 and "whose input format changed since" in result.stderr.splitlines()[0]
     (mine / "preprocessor_config.json").write_text(json.dumps(pre))
     assert ast("search", tmp_path / "db", "--label", "speech").exit_code == 0  # the same model again: searched
+    (mine / "model.safetensors").unlink()  # found by a review: "Error: .../mine: Is a directory", exit 1
+    result = ast("search", tmp_path / "db", files[0])
+    assert result.exit_code == 2 and result.stderr.splitlines()[0] == line
 
 
 def test_s8_7_train_features_db_records_the_index_model_and_refuses_another_model(spread, tiny_checkpoint, tmp_path):

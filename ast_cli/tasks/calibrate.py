@@ -108,6 +108,16 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def weights_digest(path: str) -> str:
+    """sha256 of a local checkpoint's weights file (``path``: the file, or a folder holding it)."""
+    from ..checkpoint.weights import PICKLE_NAME, SAFETENSORS_NAME
+
+    if os.path.isdir(path):
+        path = next((os.path.join(path, name) for name in (SAFETENSORS_NAME, PICKLE_NAME)
+                     if os.path.isfile(os.path.join(path, name))), path)
+    return file_sha256(path)
+
+
 def document(results: list[LabelCalibration], scored: Scored, target: Target, data: str, model: str,
              weights: str | None) -> dict:
     """What ``thresholds.json`` holds: the thresholds, the scores they apply to, and what they came from."""

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import ModelNotFoundError, UsageError
 from ..run.vectordb import SHARDS_DIR, SQLITE_NAME, FileRecord, Hit, VectorStore, require_ann_backend
+from .calibrate import weights_digest
 
 BATCH_BYTES = 64 << 20  # a backfill batch's float32 embeddings and scores: bounded however wide the model and head
 
@@ -33,17 +34,6 @@ if TYPE_CHECKING:
 def shard_file(shard: tuple[int, int] | None) -> str:
     """Where a run writes, inside the database directory: the index, or its shard's part."""
     return SQLITE_NAME if shard is None else os.path.join(SHARDS_DIR, f"{shard[0]}-of-{shard[1]}.sqlite")
-
-
-def weights_digest(path: str) -> str:
-    """sha256 of a local checkpoint's weights file (``path``: the file, or a folder holding it)."""
-    from ..checkpoint.weights import PICKLE_NAME, SAFETENSORS_NAME
-    from .calibrate import file_sha256
-
-    if os.path.isdir(path):
-        path = next((os.path.join(path, name) for name in (SAFETENSORS_NAME, PICKLE_NAME)
-                     if os.path.isfile(os.path.join(path, name))), path)
-    return file_sha256(path)
 
 
 def identity_of(model: str, path: str, local: bool, config, features, hop_seconds: float, compute: str) -> dict:
@@ -217,6 +207,7 @@ class Index:
         self.store = store
         self._tagger = None
         self.model: str | None = None  # ``use_model``: where the index's model is now
+        self._checked: str | None = None  # the recorded model path, once found to hold the index's model
         self.fallback: str | None = None  # the precision queries run in where the index's cannot run here
 
     @classmethod
@@ -294,7 +285,12 @@ class Index:
                                  option="model", hint="give the folder where it is now (its weights are checked "
                                                       "against the index's)")
             return self.model or identity["model"]
-        changed = "weights" if identity.get("weights") and weights_digest(path) != identity["weights"] else None
+        if self._checked == path:  # a search asks up to three times: the weights are read once
+            return path
+        try:
+            changed = "weights" if identity.get("weights") and weights_digest(path) != identity["weights"] else None
+        except OSError:  # its weights file gone from the folder
+            changed = "weights"
         if changed is None and os.path.isdir(path):
             config, features = read_configs(Path(path))
             if (asdict(features), config.hidden_size) != (identity.get("features"), identity.get("hidden_size")):
@@ -303,6 +299,7 @@ class Index:
             raise UsageError(f"{self.store.directory} was made with the model at {path}, whose {changed} changed "
                              "since", hint="put back the model it was made with, or index again into a new "
                                            "database with this one")
+        self._checked = path
         return path
 
     def _unchanged_heads(self) -> list[str]:
