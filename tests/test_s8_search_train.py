@@ -275,7 +275,13 @@ def test_s8_N8_search_takes_the_moved_model_by_model_and_checks_its_weights(tiny
     monkeypatch.setattr(Tagger, "load", lambda *a, **k: pytest.fail("the model loaded before the check"))
     refused = ast("search", db, query, "--model", other)
     assert refused.exit_code == 2 and refused.stderr.splitlines() == [
-        f"Error: --model: {other} does not hold the weights {db} was made with ({moved})"], refused.stderr
+        f"Error: --model: {other} does not hold the model {db} was made with ({moved}): other weights"]
+    (other / "model.safetensors").write_bytes((tmp_path / "new" / "model.safetensors").read_bytes())
+    pre = json.loads((other / "preprocessor_config.json").read_text())
+    (other / "preprocessor_config.json").write_text(json.dumps({**pre, "mean": 0.0}))  # found by a review
+    refused = ast("search", db, query, "--model", other)
+    assert refused.exit_code == 2 and refused.stderr.splitlines() == [
+        f"Error: --model: {other} does not hold the model {db} was made with ({moved}): other input format"]
 
 
 # -- N20: a head retrained after it scored the index ------------------------------------------------------------

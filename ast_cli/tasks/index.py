@@ -260,16 +260,10 @@ class Index:
         return self._tagger
 
     def use_model(self, path: str) -> None:
-        """Load the index's model from ``path`` (its folder moved): refused unless its weights are the ones the
-        index recorded (a hub model is found by its id and revision, never elsewhere)."""
-        try:
-            same = weights_digest(path) == self.identity.get("weights")
-        except OSError:  # not there, or no weights in it
-            same = False
-        if not same:
-            raise UsageError(f"{path} does not hold the weights {self.store.directory} was made with "
-                             f"({self.identity.get('model')})", option="model")
+        """Load the index's model from ``path`` (its folder moved): refused unless it holds the weights and input
+        format the index recorded (a hub model is found by its id and revision, never elsewhere)."""
         self.model = path
+        self.model_source()
 
     def model_source(self) -> str:
         """Where the index's model loads from: ``use_model``'s path, its recorded path, else its hub id@revision;
@@ -279,22 +273,26 @@ class Index:
 
         identity = self.identity
         path = self.model or identity.get("model_path") or ""
-        if self.model is not None or not os.path.exists(path):
-            if self.model is None and identity.get("weights"):  # a local model that moved
+        if self.model is None and not os.path.exists(path):
+            if identity.get("weights"):  # a local model that moved
                 raise UsageError(f"the model {self.store.directory} was made with is no longer at {path}",
                                  option="model", hint="give the folder where it is now (its weights are checked "
                                                       "against the index's)")
-            return self.model or identity["model"]
+            return identity["model"]
         if self._checked == path:  # a search asks up to three times: the weights are read once
             return path
         try:
-            changed = "weights" if identity.get("weights") and weights_digest(path) != identity["weights"] else None
-        except OSError:  # its weights file gone from the folder
+            changed = "weights" if (identity.get("weights") or self.model) and \
+                weights_digest(path) != identity.get("weights") else None
+        except OSError:  # no weights file there (any more)
             changed = "weights"
         if changed is None and os.path.isdir(path):
             config, features = read_configs(Path(path))
             if (asdict(features), config.hidden_size) != (identity.get("features"), identity.get("hidden_size")):
                 changed = "input format"
+        if changed and self.model is not None:
+            raise UsageError(f"{path} does not hold the model {self.store.directory} was made with "
+                             f"({identity.get('model')}): other {changed}", option="model")
         if changed:
             raise UsageError(f"{self.store.directory} was made with the model at {path}, whose {changed} changed "
                              "since", hint="put back the model it was made with, or index again into a new "
