@@ -65,6 +65,18 @@ def test_shards_on_the_local_engine_together_give_the_unsharded_set(tiny_checkpo
     assert len(whole) == 7
 
 
+def test_s8_D7_a_path_written_another_way_is_in_the_same_shard(tiny_checkpoint, tree, monkeypatch):
+    """Shard 1 of ``tree`` and shard 2 of ``./tree`` (a job array's tasks started another way) tagged some files
+    twice and others never (found by a review): the path is hashed written one way."""
+    monkeypatch.chdir(tree.parent)
+    paths = []
+    for k, written in ((1, tree.name), (2, f"./{tree.name}/"), (3, f"{tree.name}//.")):
+        result = runner.invoke(app, ["classify", written, "--model", str(tiny_checkpoint[0]), "-f", "jsonl",
+                                     "--shard", f"{k}/3"])
+        paths += [os.path.normpath(r["path"]) for r in records(result.stdout)]
+    assert len(paths) == len(set(paths)) == 7
+
+
 def test_engine_ray_without_ray_is_one_line(tiny_checkpoint, tree, monkeypatch):
     import ast_cli.tasks.distributed as distributed
 

@@ -26,7 +26,10 @@ def run_inputs(paths: list[str], ext, shard: tuple[int, int] | None, stderr, qui
         raise AstError(f"no {_looked_for(ext)} in {', '.join(named)}",
                        hint="check the paths and --ext" if ext else "--ext chooses the extensions taken from folders")
     every = found + _empty_folders(paths, found, ext)
-    items = take_shard(every, shard)
+    import os
+
+    # a path as given, written one way: ./data/a.wav and data/a.wav (or data//a.wav) are in the same shard
+    items = take_shard(every, shard, key=lambda item: os.path.normpath(item.path))
     if not items and not quiet:
         where = "standard input listed no files" if not found else (
             f"shard {shard[0]}/{shard[1]} holds none of the {counted(len(every), 'input')}")
