@@ -61,8 +61,8 @@ def archive(folder, count: int = 4):
     return [varied(folder / f"v{i}.wav", 2.5 + 0.7 * i, seed=i) for i in range(count)]
 
 
-def ast(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
+def ast(*args, input: str | None = None):
+    return CliRunner().invoke(app, [str(a) for a in args], input=input)
 
 
 def index(paths, db, model, *extra):
@@ -653,6 +653,20 @@ def test_s8_1_prune_keeps_files_that_still_exist(spread, tmp_path):
     assert stored(db) == everything  # gone, but not a match of arch/*.wav
     assert index([f"{arch}/*/*.wav"], db, spread, "--prune").exit_code == 0
     assert sorted(stored(db)) == sorted(p for p in everything if not p.endswith("0002.wav"))
+
+
+def test_s8_D5_prune_takes_folders_listed_on_stdin_and_an_empty_list_is_nothing_to_do(spread, tmp_path):
+    """A folder listed on stdin was not among the run's paths for --prune, so its deleted files stayed (found by
+    a review); and an empty list on stdin was "no audio files found" (exit 2), where classify exits 0."""
+    db, files = tmp_path / "db", archive(tmp_path / "ps", 3)
+    assert index([tmp_path / "ps"], db, spread).exit_code == 0
+    os.unlink(files[2])
+    result = ast("index", "-", "--db", db, "--model", spread, "--prune", input=f"{tmp_path / 'ps'}\n")
+    assert result.exit_code == 0 and "1 pruned" in result.stderr, result.output
+    assert sorted(stored(db)) == sorted(map(str, files[:2]))
+    empty = ast("index", "-", "--db", tmp_path / "none", "--model", spread, input="")
+    assert empty.exit_code == 0 and empty.stderr.splitlines() == ["nothing to index: standard input listed no files"]
+    assert not (tmp_path / "none").exists()
 
 
 def test_s8_17_prune_drops_files_of_a_deleted_folder_or_a_deleted_named_file(spread, tmp_path):

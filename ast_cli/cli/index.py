@@ -11,7 +11,7 @@ from ._app import app
 from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, HeadOpt, ModelOpt, PathsArg, QuietOpt, checked_distributed, compute_name,
                       distributed_options, fetch_model, load_tagger, model_config, path_stdin,
                       refuse_piped_audio_on_ray, report_failure, run_options, stderr_console)
-from ._errors import EXIT_FAILED, cli_errors, counted, debug_enabled
+from ._errors import EXIT_FAILED, cli_errors, counted, debug_enabled, say
 
 DbOpt = Annotated[str, typer.Option("--db", metavar="DIR", help="The index directory (created if missing).")]
 
@@ -54,6 +54,7 @@ def index_command(
     """
     stderr = stderr_console()
     with cli_errors(stderr, debug):
+        import glob
         import os
 
         from ..errors import UsageError
@@ -69,7 +70,8 @@ def index_command(
         cluster = checked_distributed(dist, run)
         if prune and cluster.shard is not None:
             raise UsageError("--prune needs every file: it goes without --shard", option="prune")
-        found = expand_inputs(paths, parse_extensions(ext), stdin=path_stdin(paths))
+        listed: list[str] = []  # the paths a list on stdin named: --prune takes them as the run's paths too
+        found = expand_inputs(paths, parse_extensions(ext), stdin=_recorded(path_stdin(paths), listed))
         items = take_shard(found, cluster.shard, key=lambda item: file_key(item.path))  # as the index names it
         refuse_piped_audio_on_ray(found, cluster)
         heads = read_heads(head or ())  # a missing folder or not a head: before anything else
@@ -81,10 +83,13 @@ def index_command(
             raise UsageError("is empty: it names the index directory", option="db")
         if os.path.exists(db) and not os.path.isdir(db):
             raise UsageError(f"{db} exists and is not a directory", option="db")
-        plan = _plan(items, paths if prune else (), db, cluster.shard)  # read only
+        named = [path for path in paths if path != "-"] + [glob.escape(path) for path in listed]  # names, not patterns
+        plan = _plan(items, named if prune else (), db, cluster.shard)  # read only
         if not found and not plan.gone:  # --prune of a folder deleted with its files: they are pruned
+            if set(paths) == {"-"}:  # an empty list on stdin: nothing to do (exit 0), as in classify
+                return None if quiet else say(stderr, "nothing to index: standard input listed no files")
             raise UsageError("no audio files found in the given paths", hint="check --ext, or name files directly")
-        _refuse_emptied_folders(paths, found, plan.gone)
+        _refuse_emptied_folders(named, found, plan.gone)
         check_writable_dir(db, option="db")  # before the model loads: /proc/nope, a read-only folder
         identity, path = _identity(model, run, cluster, stderr, quiet)
         check_stores(db, identity)  # the index or any part made otherwise: refused before any write
@@ -105,6 +110,19 @@ def index_command(
             raise typer.Exit(EXIT_FAILED)
 
 
+def _recorded(stdin, listed: list[str]):
+    """``stdin`` as ``expand_inputs`` reads it, each path of a list on it also added to ``listed``."""
+    if stdin is None or hasattr(stdin, "blocks"):  # no stdin, or audio on it
+        return stdin
+
+    def lines():
+        for line in stdin:
+            if line.strip():
+                listed.append(line.rstrip("\r\n"))
+            yield line
+    return lines()
+
+
 def _refuse_emptied_folders(paths: list[str], found, gone: list[str]) -> None:
     """``--prune`` of a folder that is there but gives no audio now, while the index holds files below it: an
     unmounted drive or share looks just like this. Refused before anything is written; a folder that is gone
@@ -113,7 +131,6 @@ def _refuse_emptied_folders(paths: list[str], found, gone: list[str]) -> None:
 
     from ..audio.inputs import named_by
     from ..errors import UsageError
-    from ._errors import counted
 
     for path in paths:
         if path == "-" or not os.path.isdir(path) or any(named_by(item.path, [path]) for item in found):
