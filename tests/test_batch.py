@@ -513,6 +513,19 @@ def test_s8_11_linked_folders_are_walked_each_real_folder_once(tmp_path):
     assert found == ["a.wav", os.path.join("again", "deep", "b.wav")]
 
 
+def test_s8_D9_a_link_to_a_folder_that_holds_the_archive_is_not_followed(tmp_path):
+    """A link to ``/`` in an archive walked the whole file system, /proc included (found by a review); a link
+    to ``..`` the archive's neighbours. Neither is entered: they lead around and out of the archive."""
+    from ast_cli.audio.inputs import expand_inputs
+
+    root = tmp_path / "arch"
+    write_audio(root / "a.wav", 0.1)
+    write_audio(tmp_path / "neighbour" / "n.wav", 0.1)
+    (root / "root").symlink_to("/")
+    (root / "up").symlink_to("..")
+    assert [os.path.relpath(item.path, root) for item in expand_inputs([str(root)])] == ["a.wav"]
+
+
 @pytest.mark.parametrize("settings, why", [
     ({"hop_seconds": [1]}, "settings.hop_seconds is [1], not a number of seconds"),
     ({"hop_seconds": 1.0, "window_seconds": "10"}, 'settings.window_seconds is "10", not a number of seconds'),

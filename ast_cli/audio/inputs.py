@@ -56,16 +56,18 @@ def _walk(directory: str, extensions: frozenset[str],
     socket or device, else None. Directories that cannot be read are added to ``unreadable``.
 
     Links to folders are followed (an archive put together from links is common), each real folder once: a
-    loop, or a second way to a folder already walked, is not entered again."""
+    loop, or a second way to a folder already walked, is not entered again; nor is a link to a folder that holds
+    ``directory`` (``/``, ``..``): it leads around and out of it, up to the whole file system."""
     found = []
     walked = {_identity(directory)}
+    top = os.path.realpath(directory)
 
     def onerror(exc: OSError) -> None:
         unreadable.append((exc.filename or directory, f"cannot read this directory: {exc.strerror or exc}"))
 
     def first_visit(folder: str) -> bool:
         identity = _identity(folder)
-        if identity in walked:
+        if identity in walked or (os.path.islink(folder) and _holds(os.path.realpath(folder), top)):
             return False
         walked.add(identity)
         return True
@@ -80,6 +82,11 @@ def _walk(directory: str, extensions: frozenset[str],
                 found.append((path, None if regular_or_missing(path) else NOT_REGULAR))
     # Sort by path components so that "a/b.wav" < "a b.wav" ordering is the same on every machine.
     return sorted(found, key=lambda item: Path(os.path.relpath(item[0], directory)).parts)
+
+
+def _holds(folder: str, path: str) -> bool:
+    """Whether real path ``folder`` is ``path`` or one of the folders above it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _identity(folder: str) -> tuple[int, int] | str:
