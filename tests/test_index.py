@@ -626,12 +626,17 @@ def test_s8_7_train_features_db_records_the_index_model_and_refuses_another_mode
     other = ast(*train, "--out", tmp_path / "no", "--model", tiny_checkpoint[0])
     assert other.exit_code == 2 and not (tmp_path / "no").exists(), other.output
     assert other.stderr.splitlines() == [
-        f"Error: --model: {tiny_checkpoint[0]} is not the model {tmp_path / 'db'} was made with ({mine}), which is "
-        "the base", "Hint: drop --model"]
+        f"Error: --model: {tiny_checkpoint[0]} does not hold the model {tmp_path / 'db'} was made with ({mine}): "
+        "other weights"]
+    hub = ast(*train, "--out", tmp_path / "no", "--model", "acme/not-this-one")
+    assert hub.exit_code == 2 and "is not the model" in hub.stderr and "Hint: drop --model" in hub.stderr
     for out, extra in (("det", ()), ("det2", ("--model", mine))):
         assert ast(*train, "--out", tmp_path / out, *extra).exit_code == 0
         base = json.loads((tmp_path / out / "head.json").read_text())["base"]
         assert base["model"] == str(mine)
+    mine.rename(tmp_path / "moved")  # found by a review: --model could not name where the model is now
+    moved = ast(*train, "--out", tmp_path / "det3", "--model", tmp_path / "moved")
+    assert moved.exit_code == 0, moved.output
 
 
 def test_s8_1_prune_keeps_files_that_still_exist(spread, tmp_path):

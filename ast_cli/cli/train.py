@@ -142,6 +142,8 @@ def _datasets(data: str, val: str | None, val_split: float, seed: int, features_
 def _index_model(features_db: str, model: str | None, mode, run: RunOptions) -> tuple[str, str]:
     """(the name the index in ``features_db`` records its model by, where that model loads from), once its weights
     are known to be those its embeddings came from, and ``model`` (as given; None: not given) names no other."""
+    import os
+
     from ..errors import UsageError
     from ..tasks.index import Index
 
@@ -155,13 +157,15 @@ def _index_model(features_db: str, model: str | None, mode, run: RunOptions) -> 
             exc.option = "features_db"
         raise
     try:
-        name, source = index.identity["model"], index.model_source()
+        name = index.identity["model"]
+        if model is not None and _as_recorded(model, run) != name:
+            if not os.path.exists(model):
+                raise UsageError(f"{model} is not the model {features_db} was made with ({name}), which is the base",
+                                 option="model", suggest={"model": None})
+            index.use_model(model)  # its folder moved, or a copy: the same weights and input format, or refused
+        return name, index.model_source()
     finally:
         index.close()
-    if model is not None and _as_recorded(model, run) != name:
-        raise UsageError(f"{model} is not the model {features_db} was made with ({name}), which is the base",
-                         option="model", suggest={"model": None})
-    return name, source
 
 
 def _as_recorded(model: str, run: RunOptions) -> str:
