@@ -178,8 +178,9 @@ def test_24_5_records_name_the_model_and_the_settings_that_change_scores(clips, 
     assert classify(*clips[:2], *model, "-o", out).exit_code == 0
     got = records(out.read_text())
     assert {r["model"] for r in got} == {os.path.realpath(tiny_checkpoint[0])}
+    weights = (tiny_checkpoint[0] / "model.safetensors").stat()
     assert got[0]["settings"] == {"activation": "sigmoid", "hop_seconds": 0.64, "window_seconds": 0.64,
-                                  "compute": "fp32"}
+                                  "compute": "fp32", "weights": f"{weights.st_size}:{weights.st_mtime_ns}"}
 
 
 @pytest.mark.parametrize("changed", [["--activation", "softmax"], ["--hop", "0.32"], ["--quantize", "int8"],
@@ -402,3 +403,25 @@ def test_s8_7_a_jsonl_whose_first_record_cannot_replace_the_earlier_file_is_one_
     assert result.exit_code == 1 and result.stderr.splitlines()[-1] == \
         f"Error: cannot write {out}: No space left on device"
     assert out.read_text() == '{"path": "last week"}\n' and sorted(tmp_path.iterdir()) == [out]
+
+
+def test_s8_D4_records_of_a_model_retrained_in_place_are_not_mixed(clips, tiny_checkpoint, tmp_path):
+    """``--resume`` and ``--output-dir`` knew a local model by its path only: after ``ast train --out mine/
+    --overwrite`` records of two sets of weights ended up in one output (found by a review). Records now carry the
+    weights file's size and time; another one is refused, before the model loads."""
+    import shutil
+
+    mine = tmp_path / "mine"
+    shutil.copytree(tiny_checkpoint[0], mine)
+    out, ods = tmp_path / "tags.jsonl", tmp_path / "ods"
+    assert classify(clips[0], "--model", mine, "-o", out).exit_code == 0
+    assert classify(clips[0], "--model", mine, "--output-dir", ods).exit_code == 0
+    assert classify(*clips[:2], "--model", mine, "-o", out, "--resume").exit_code == 0  # the same weights
+    before = out.read_bytes()
+    weights = mine / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # written again
+    resumed = classify(*clips, "--model", mine, "-o", out, "--resume")
+    assert resumed.exit_code == 2 and "weights changed since" in resumed.stderr and out.read_bytes() == before
+    rerun = classify(*clips, "--model", mine, "--output-dir", ods)
+    assert rerun.exit_code == 2 and "weights changed since" in rerun.stderr
+

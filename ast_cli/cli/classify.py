@@ -181,10 +181,28 @@ def _provenance(target, job: _Job) -> tuple[dict, object]:
     if job.calibrations is not None:  # thresholds of other labels or other scores: refused before the model loads
         job.selection = apply_calibrations(job.selection, parts, job.calibrations, job.activation, job.heads)
     settings = Settings(None, model_identity(job.model, path), job.run.hop_seconds, _compute(job),
-                        _activations(scorer), tuple(p.name for p in parts) if job.heads else (), job.aggregate.value)
+                        _activations(scorer), tuple(p.name for p in parts) if job.heads else (), job.aggregate.value,
+                        _stamp(job.model, path, job.heads))
     if target.journal is not None:
         target.journal.check(settings)
     return {"model": settings.model, "settings": settings.record(features.window_seconds)}, path
+
+
+def _stamp(model: str, path, heads) -> str | None:
+    """What a local model's weights file and each head's two files are now, as ``size:mtime_ns`` (a stat, not a
+    hash: every run pays it): records carry it, so that ``--resume`` and ``--output-dir`` refuse to mix records of
+    a model or head retrained in place. A hub model is left out: its commit already names it."""
+    import os
+
+    from ..checkpoint.heads import HEAD_CONFIG, HEAD_WEIGHTS
+    from ..checkpoint.names import PICKLE_NAME, SAFETENSORS_NAME, looks_local
+
+    files = [os.path.join(head.path, name) for head in heads for name in (HEAD_CONFIG, HEAD_WEIGHTS)]
+    if looks_local(model):
+        files.insert(0, next((os.path.join(path, name) for name in (SAFETENSORS_NAME, PICKLE_NAME)
+                              if os.path.isfile(os.path.join(path, name))), path) if os.path.isdir(path) else path)
+    stats = [os.stat(file) for file in files]
+    return " ".join(f"{stat.st_size}:{stat.st_mtime_ns}" for stat in stats) or None
 
 
 def _activations(scorer) -> str:

@@ -85,6 +85,7 @@ class Settings:
     activation: str | None = None  # classify's scores: sigmoid, softmax or none
     heads: tuple[str, ...] = ()  # classify --head: the heads whose labels the records carry, in order
     aggregate: str = "max"  # classify: window scores -> a file's (recorded when not max, as earlier records are)
+    weights: str | None = None  # classify of a local model: its weights' and heads' files, as size:mtime (stamp)
 
     @classmethod
     def of(cls, kind: str | None, model: str, options: RunOptions, activation: str | None = None) -> "Settings":
@@ -104,7 +105,7 @@ class Settings:
         heads = {"heads": list(self.heads)} if self.heads else {}
         aggregate = {"aggregate": self.aggregate} if self.aggregate != "max" else {}
         return {"activation": self.activation, "hop_seconds": self.hop(window), "window_seconds": window,
-                "compute": self.compute, **heads, **aggregate}
+                "compute": self.compute, **heads, **aggregate, **({"weights": self.weights} if self.weights else {})}
 
     def mismatch(self, metadata: dict) -> str | None:
         """How ``metadata`` (of an existing output) differs from these settings, or None."""
@@ -126,6 +127,8 @@ class Settings:
             return f"heads {metadata.get('heads', [])}, not {list(self.heads)}"
         if self.kind is None and metadata.get("aggregate", "max") != self.aggregate:  # e.g. calibrated's mean
             return f"aggregate {metadata.get('aggregate', 'max')}, not {self.aggregate}"
+        if self.weights and metadata.get("weights") not in (None, self.weights):  # older records have none
+            return "the model's or a head's weights changed since (their files' size or time)"
         return None
 
 
