@@ -1042,3 +1042,20 @@ def test_s8_15_a_link_to_a_device_is_read_with_a_bound(tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(link)], capture_output=True, text=True, timeout=60,
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, limit))
     assert (done.returncode, done.stdout.strip()) == (0, "[]"), done.stderr[-500:]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs")
+def test_s8_review_a_cache_file_linked_to_a_device_is_never_replaced(tiny_model, fake_calibration, tmp_path):
+    """A ``fast-v4.json`` planted as a link to /dev/zero: the cache's atomic rename went through the link and
+    replaced /dev/zero itself with a regular file holding the cache (found on this machine after a hostile
+    test). A target that is not a regular file is never replaced; here a FIFO stands for the device."""
+    import stat
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    cache = tmp_path / "xdg" / "ast-cli" / "fast-v4.json"
+    cache.parent.mkdir(parents=True, mode=0o700)
+    cache.symlink_to(fifo)
+    assert choose(tiny_model).mode == "bf16"  # calibrated; the cache could not be written, which costs nothing else
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and cache.is_symlink()
+

@@ -12,6 +12,7 @@ package does.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import os
@@ -50,13 +51,17 @@ def atomic_write(path: str, mode: str = "w") -> Iterator[IO]:
     """Write to a temporary file beside ``path`` and rename it over ``path`` only on success, so an interrupted
     run never leaves a half-written file. A symlink is written through; the file gets the mode the umask
     allows, or keeps the mode of the file it replaces."""
-    path = os.path.realpath(path)  # through symlinks: the link stays a link
+    link, path = os.path.islink(path), os.path.realpath(path)  # through symlinks: the link stays a link
+    try:
+        before = os.stat(path).st_mode
+    except FileNotFoundError:
+        before = None
+    if link and before is not None and not stat.S_ISREG(before):  # a link to a device or FIFO (a planted link
+        # to /dev/zero): the rename would replace that, wherever it is
+        raise OSError(errno.EINVAL, "a link to what is not a regular file: not replaced", path)
     fd, tmp = _temp_file(path)
     try:
-        try:
-            os.fchmod(fd, stat.S_IMODE(os.stat(path).st_mode))
-        except FileNotFoundError:
-            os.fchmod(fd, _umask_mode())
+        os.fchmod(fd, _umask_mode() if before is None else stat.S_IMODE(before))
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as handle:
             yield handle
             handle.flush()
