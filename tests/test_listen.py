@@ -371,3 +371,41 @@ def test_s8_D1_a_reader_waiting_for_a_slow_model_is_no_stall(tagger):
                         drop=False)
     windows = list(listener.windows(ArraySource(tone(1.0, 16000, seed=29)[:, 0], 16000, "clip")))
     assert [w.end for w in windows] == pytest.approx([0.25, 0.5, 0.75, 1.0]) and listener.dropped == 0
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg executable")
+def test_s8_D12_a_local_playlist_is_refused_and_a_url_still_streams(tiny_checkpoint, tmp_path):
+    """A local "f.m4a" that is an HLS playlist had ffmpeg decode the file it names (as classify no longer does);
+    an http URL is still opened as ffmpeg opens it."""
+    import functools
+    import http.server
+    import soundfile as sf
+
+    segment = tmp_path / "r.ts"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=16000:"
+                    "duration=2", "-c:a", "aac", "-f", "mpegts", str(segment)], check=True, timeout=60)
+    playlist = tmp_path / "f.m4a"
+    playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2.0,\n{segment}\n#EXT-X-ENDLIST\n")
+    model = str(tiny_checkpoint[0])
+    for source in (str(playlist), playlist.as_uri()):
+        result = CliRunner().invoke(app, ["listen", source, "--model", model, "-f", "jsonl", "--quiet"])
+        assert (result.exit_code, result.stdout) == (1, ""), source
+        assert result.stderr.splitlines() == ["Error: not audio: a playlist (hls), naming other files to read in "
+                                              "its place"]
+    sf.write(str(tmp_path / "clip.wav"), tone(2.0, 16000, seed=30), 16000)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/clip.wav"
+        result = CliRunner().invoke(app, ["listen", url, "--model", model, "-f", "jsonl", "--quiet"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.exit_code == 0, result.stderr
+    assert [json.loads(line)["end"] for line in result.stdout.splitlines()] == [1.0, 2.0]

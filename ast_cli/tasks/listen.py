@@ -301,18 +301,27 @@ _FFMPEG_LINE_BYTES = 4096  # longer lines are kept in pieces
 def ffmpeg_source(url: str, name: str | None = None):
     """A ``StreamSource`` over anything the ffmpeg executable can open (a URL, a device, a growing file):
     ffmpeg decodes it to WAV on a pipe, at its own rate and channels (our resampler does the rest). Call its
-    ``close()`` when done with it: that ends ffmpeg."""
+    ``close()`` when done with it: that ends ffmpeg.
+
+    A local file (a path, ``/dev/...`` or a ``file://`` URL) is read as ``classify`` reads one: a playlist in it
+    is refused, not followed to the files it names. A stream (http, rtsp, ``pipe:``) is opened as ffmpeg opens it."""
     import shutil
     import subprocess
 
+    from ..audio.decode import local_input
     from ..audio.sources import StreamSource
 
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
         raise UsageError("reading anything but a WAV or raw stream on stdin needs the ffmpeg executable",
                          hint="install ffmpeg, or pipe WAV into `ast listen -`")
-    target = url if "://" in url or url.startswith(("/dev/", "pipe:")) else "file:" + url
-    process = subprocess.Popen([ffmpeg, "-nostdin", "-v", "error", "-i", target,
+    if url.startswith("file://"):  # ffmpeg's file protocol reads the rest as the path
+        url_input = local_input(ffmpeg, url[len("file:"):])
+    elif "://" in url or url.startswith("pipe:"):
+        url_input = ["-i", url]
+    else:
+        url_input = local_input(ffmpeg, url)
+    process = subprocess.Popen([ffmpeg, "-nostdin", "-v", "error", *url_input,
                                 "-map", "0:a:0", "-vn", "-f", "wav", "-acodec", "pcm_f32le", "-"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     return _FfmpegStream(StreamSource(process.stdout, name or url), process)
@@ -349,12 +358,20 @@ class _FfmpegStream:
             yield from self.stream.blocks()
         except AudioDecodeError:
             if self.process.wait() != 0:
-                raise AudioDecodeError(f"ffmpeg could not read the source: {self._ffmpeg_error()}") from None
+                raise AudioDecodeError(self._refused() or f"ffmpeg could not read the source: {self._ffmpeg_error()}"
+                                       ) from None
             raise
         finally:
             self.close()
         if self.process.returncode not in (0, -9):
             raise AudioDecodeError(f"ffmpeg stopped: {self._ffmpeg_error()}")
+
+    def _refused(self) -> str | None:
+        """Why ffmpeg refused a local file that is a playlist (its message is the whole allow list), else None."""
+        from ..audio.decode import refused_playlist
+
+        self._drain.join(1.0)
+        return refused_playlist(b"".join(self._tail))
 
     def _ffmpeg_error(self) -> str:
         self._drain.join(1.0)  # ffmpeg has exited: the rest of its stderr is a moment away
