@@ -21,6 +21,7 @@ import torch
 from typer.testing import CliRunner
 
 from ast_cli.cli import app
+from ast_cli.errors import AudioDecodeError
 from ast_cli.tasks.listen import EventTracker, Listener, LiveWindow
 from ast_cli.run.options import RunOptions
 from ast_cli.audio.sources import ArraySource, StreamSource
@@ -329,3 +330,82 @@ def test_s8_19_an_absurd_channel_count_is_a_usage_error_before_the_model_loads(t
                                       "--model", str(tmp_path / "no-such-model")], input=b"\0" * 64000)
     assert result.exit_code == 2, result.stderr
     assert "--channels" in result.stderr and "no-such-model" not in result.stderr
+
+
+class PacedThenSilent(Paced):
+    """Audio as it plays, then nothing while the connection stays open (until ``release``)."""
+
+    def __init__(self, wave: np.ndarray):
+        super().__init__(wave)
+        self.release, self.last_block = threading.Event(), 0.0
+
+    def blocks(self):
+        for block in super().blocks():
+            self.last_block = time.monotonic()
+            yield block
+        self.release.wait(30)
+
+
+def test_s8_D1_a_hop_longer_than_the_stall_works_and_a_silent_source_still_fails(tagger):
+    """--stall timed the wait for the next window, not for the next audio: --hop 4 --stall 2 on a live stream
+    said "the stream sent no audio for 2 s" while audio came every 0.1 s."""
+    wave = tone(1.5, 16000, seed=28)[:, 0]
+    listener = Listener(tagger.backend, tagger.labels, hop_seconds=0.5, stall_seconds=0.2)
+    assert [w.end for w in listener.windows(Paced(wave))] == pytest.approx([0.5, 1.0, 1.5])
+    silent = PacedThenSilent(wave[:8800])  # 0.55 s: windows end at 0.25 and 0.5 s, then it goes quiet
+    windows = []
+    try:
+        with pytest.raises(AudioDecodeError, match="the stream sent no audio for 0.2 s"):
+            for window in Listener(tagger.backend, tagger.labels, hop_seconds=0.25, stall_seconds=0.2).windows(silent):
+                windows.append(window)
+        failed_after = time.monotonic() - silent.last_block
+    finally:
+        silent.release.set()
+    assert [w.end for w in windows] == pytest.approx([0.25, 0.5]) and 0.2 <= failed_after < 2.0
+
+
+def test_s8_D1_a_reader_waiting_for_a_slow_model_is_no_stall(tagger):
+    """The stall counts only the wait for the source: a recording (the reader waits for the model) scored by a
+    model slower than --stall is not a stream that stopped."""
+    listener = Listener(SlowBackend(tagger.backend, 0.3), tagger.labels, hop_seconds=0.25, stall_seconds=0.1,
+                        drop=False)
+    windows = list(listener.windows(ArraySource(tone(1.0, 16000, seed=29)[:, 0], 16000, "clip")))
+    assert [w.end for w in windows] == pytest.approx([0.25, 0.5, 0.75, 1.0]) and listener.dropped == 0
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg executable")
+def test_s8_D12_a_local_playlist_is_refused_and_a_url_still_streams(tiny_checkpoint, tmp_path):
+    """A local "f.m4a" that is an HLS playlist had ffmpeg decode the file it names (as classify no longer does);
+    an http URL is still opened as ffmpeg opens it."""
+    import functools
+    import http.server
+    import soundfile as sf
+
+    segment = tmp_path / "r.ts"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=16000:"
+                    "duration=2", "-c:a", "aac", "-f", "mpegts", str(segment)], check=True, timeout=60)
+    playlist = tmp_path / "f.m4a"
+    playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2.0,\n{segment}\n#EXT-X-ENDLIST\n")
+    model = str(tiny_checkpoint[0])
+    for source in (str(playlist), playlist.as_uri()):
+        result = CliRunner().invoke(app, ["listen", source, "--model", model, "-f", "jsonl", "--quiet"])
+        assert (result.exit_code, result.stdout) == (1, ""), source
+        assert result.stderr.splitlines() == ["Error: not audio: a playlist (hls), naming other files to read in "
+                                              "its place"]
+    sf.write(str(tmp_path / "clip.wav"), tone(2.0, 16000, seed=30), 16000)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/clip.wav"
+        result = CliRunner().invoke(app, ["listen", url, "--model", model, "-f", "jsonl", "--quiet"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.exit_code == 0, result.stderr
+    assert [json.loads(line)["end"] for line in result.stdout.splitlines()] == [1.0, 2.0]

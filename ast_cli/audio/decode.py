@@ -121,6 +121,20 @@ def _input_options(executable: str) -> tuple[str, ...]:
     return "-protocol_whitelist", "file", "-format_whitelist", ",".join(sorted(names - REFUSED_DEMUXERS))
 
 
+def local_input(executable: str, path: str | os.PathLike) -> list[str]:
+    """The arguments that give ``executable`` (ffmpeg) the local file ``path`` as its input and keep it to that
+    file (``_input_options``): a playlist in it is refused, not followed to the files it names."""
+    return [*_input_options(executable), "-i", _ffmpeg_input(Path(path))]
+
+
+def refused_playlist(stderr: bytes) -> str | None:
+    """Why ffmpeg or ffprobe refused its input, when it was for a demuxer in ``REFUSED_DEMUXERS``; else None."""
+    refused = _REFUSED.search(stderr)
+    if refused is None:
+        return None
+    return f"not audio: a playlist ({refused.group(1).decode()}), naming other files to read in its place"
+
+
 def _executable(name: str) -> str:
     found = shutil.which(name)
     if found is None:
@@ -144,10 +158,9 @@ def _ffprobe_info(path: Path) -> AudioInfo:
         except (json.JSONDecodeError, UnicodeDecodeError):
             streams = []
     if not streams:
-        refused = _REFUSED.search(proc.stderr)
+        refused = refused_playlist(proc.stderr)
         if refused:
-            raise AudioDecodeError(f"not audio: a playlist ({refused.group(1).decode()}), naming other files to "
-                                   "read in its place")
+            raise AudioDecodeError(refused)
         reason = _reason(proc.stderr, path) or "no audio stream"
         raise AudioDecodeError(f"not audio, or a format neither libsndfile nor ffmpeg can read (ffprobe: {reason})")
     stream = streams[0]
@@ -280,8 +293,8 @@ class _StderrTail(threading.Thread):
 
 def _ffmpeg_blocks(path: Path, channels: int, block_frames: int) -> Iterator[np.ndarray]:
     ffmpeg = _executable("ffmpeg")
-    cmd = [ffmpeg, "-nostdin", "-v", "error", *_input_options(ffmpeg), "-i", _ffmpeg_input(path),
-           "-map", "0:a:0", "-vn", "-f", "f32le", "-acodec", "pcm_f32le", "-"]
+    cmd = [ffmpeg, "-nostdin", "-v", "error", *local_input(ffmpeg, path), "-map", "0:a:0", "-vn", "-f", "f32le",
+           "-acodec", "pcm_f32le", "-"]
     frame_bytes = 4 * channels
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                           bufsize=0) as proc:

@@ -99,15 +99,31 @@ class _Latest:
             return item
 
 
-def _timed(blocks: Iterator[np.ndarray]) -> Iterator[tuple[np.ndarray, bool]]:
+class _Waiting:
+    """Since when (``time.monotonic()``) the reader has been waiting for the source's next block; None while it
+    is busy with the last one (framing it, or handing a window to a model that has not taken the previous one).
+    A stall is the source sending nothing for that long, whatever the hop and however slow the model."""
+
+    since: float | None = None
+
+    def seconds(self) -> float:
+        since = self.since  # one read: the reader may set it meanwhile
+        return 0.0 if since is None else time.monotonic() - since
+
+
+def _timed(blocks: Iterator[np.ndarray], waiting: _Waiting) -> Iterator[tuple[np.ndarray, bool]]:
     """Each block, and whether the source made us wait for it (at least half its length): it came as it played.
 
     Until a block comes so, the stream's clock is unknown: what comes at once is a backlog (audio buffered while
-    the model loaded) or a file piped in, and neither tells when the first sample played."""
+    the model loaded) or a file piped in, and neither tells when the first sample played. ``waiting`` says when
+    the wait for the next block began."""
     blocks = iter(blocks)
     while True:
-        asked = time.monotonic()
-        block = next(blocks, None)
+        waiting.since = asked = time.monotonic()
+        try:
+            block = next(blocks, None)
+        finally:
+            waiting.since = None
         if block is None:
             return
         yield block, time.monotonic() - asked >= 0.5 * block.shape[0] / SAMPLE_RATE
@@ -159,7 +175,7 @@ class Listener:
 
     # -- the reader: blocks -> frames -> windows -----------------------------------------------------------
 
-    def _read(self, source, mailbox: _Latest) -> None:
+    def _read(self, source, mailbox: _Latest, waiting: _Waiting) -> None:
         import torch
 
         from ..audio.features import log_mel, normalize, pad_or_truncate
@@ -184,7 +200,7 @@ class Listener:
             index += 1
 
         try:
-            for block, waited in _timed(source.blocks()):
+            for block, waited in _timed(source.blocks(), waiting):
                 if self._stop.is_set():
                     break
                 samples += block.shape[0]
@@ -219,15 +235,12 @@ class Listener:
 
     def windows(self, source) -> Iterator[LiveWindow]:
         """Yield scored windows as they come, until the source ends (or ``stop()``)."""
-        mailbox = _Latest(self.drop, self._stop)
-        reader = threading.Thread(target=self._read, args=(source, mailbox), name="ast-listen", daemon=True)
+        mailbox, waiting = _Latest(self.drop, self._stop), _Waiting()
+        reader = threading.Thread(target=self._read, args=(source, mailbox, waiting), name="ast-listen", daemon=True)
         reader.start()
         try:
             while not self._stop.is_set():
-                try:
-                    item = mailbox.get(self.stall_seconds)
-                except TimeoutError:
-                    raise AudioDecodeError(f"the stream sent no audio for {self.stall_seconds:g} s") from None
+                item = self._next(mailbox, waiting)
                 self.dropped = mailbox.dropped
                 if item is None:
                     if mailbox.error is not None:
@@ -245,6 +258,17 @@ class Listener:
         finally:
             self._stop.set()
             self.dropped = mailbox.dropped
+
+    def _next(self, mailbox: _Latest, waiting: _Waiting):
+        """The next window (None at the end); AudioDecodeError once the reader has waited ``stall_seconds`` for
+        the source. Not the time between windows: a hop may be longer than the stall, and a reader busy with the
+        audio it has (or waiting for the model) is no stalled source."""
+        while True:
+            try:  # the earliest the stall can be reached: a wait that began already, else one beginning now
+                return mailbox.get(max(self.stall_seconds - waiting.seconds(), 0.001))
+            except TimeoutError:
+                if waiting.seconds() >= self.stall_seconds:
+                    raise AudioDecodeError(f"the stream sent no audio for {self.stall_seconds:g} s") from None
 
 
 class EventTracker:
@@ -277,18 +301,27 @@ _FFMPEG_LINE_BYTES = 4096  # longer lines are kept in pieces
 def ffmpeg_source(url: str, name: str | None = None):
     """A ``StreamSource`` over anything the ffmpeg executable can open (a URL, a device, a growing file):
     ffmpeg decodes it to WAV on a pipe, at its own rate and channels (our resampler does the rest). Call its
-    ``close()`` when done with it: that ends ffmpeg."""
+    ``close()`` when done with it: that ends ffmpeg.
+
+    A local file (a path, ``/dev/...`` or a ``file://`` URL) is read as ``classify`` reads one: a playlist in it
+    is refused, not followed to the files it names. A stream (http, rtsp, ``pipe:``) is opened as ffmpeg opens it."""
     import shutil
     import subprocess
 
+    from ..audio.decode import local_input
     from ..audio.sources import StreamSource
 
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
         raise UsageError("reading anything but a WAV or raw stream on stdin needs the ffmpeg executable",
                          hint="install ffmpeg, or pipe WAV into `ast listen -`")
-    target = url if "://" in url or url.startswith(("/dev/", "pipe:")) else "file:" + url
-    process = subprocess.Popen([ffmpeg, "-nostdin", "-v", "error", "-i", target,
+    if url.startswith("file://"):  # ffmpeg's file protocol reads the rest as the path
+        url_input = local_input(ffmpeg, url[len("file:"):])
+    elif "://" in url or url.startswith("pipe:"):
+        url_input = ["-i", url]
+    else:
+        url_input = local_input(ffmpeg, url)
+    process = subprocess.Popen([ffmpeg, "-nostdin", "-v", "error", *url_input,
                                 "-map", "0:a:0", "-vn", "-f", "wav", "-acodec", "pcm_f32le", "-"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     return _FfmpegStream(StreamSource(process.stdout, name or url), process)
@@ -325,12 +358,20 @@ class _FfmpegStream:
             yield from self.stream.blocks()
         except AudioDecodeError:
             if self.process.wait() != 0:
-                raise AudioDecodeError(f"ffmpeg could not read the source: {self._ffmpeg_error()}") from None
+                raise AudioDecodeError(self._refused() or f"ffmpeg could not read the source: {self._ffmpeg_error()}"
+                                       ) from None
             raise
         finally:
             self.close()
         if self.process.returncode not in (0, -9):
             raise AudioDecodeError(f"ffmpeg stopped: {self._ffmpeg_error()}")
+
+    def _refused(self) -> str | None:
+        """Why ffmpeg refused a local file that is a playlist (its message is the whole allow list), else None."""
+        from ..audio.decode import refused_playlist
+
+        self._drain.join(1.0)
+        return refused_playlist(b"".join(self._tail))
 
     def _ffmpeg_error(self) -> str:
         self._drain.join(1.0)  # ffmpeg has exited: the rest of its stderr is a moment away
