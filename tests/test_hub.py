@@ -1138,6 +1138,19 @@ def test_s8_19_a_failed_removal_names_the_path_with_a_hint(env, repo_files, monk
     assert "Hint: the cache folder" in result.stderr
 
 
+def _download_waiting(release: threading.Event) -> tuple[bool, list]:
+    """``ast download REPO -q`` in a thread, ``release`` set (the fake hub answers) after 10 s: (whether it was
+    still waiting then, [its result])."""
+    results: list = []
+    worker = threading.Thread(target=lambda: results.append(run_cli("download", REPO, "-q")), daemon=True)
+    worker.start()
+    worker.join(10)
+    hung = worker.is_alive()
+    release.set()
+    worker.join(10)
+    return hung, results
+
+
 def test_s8_3_a_hub_that_stops_answering_mid_download_is_one_error_line(fake_hub, env, monkeypatch):  # CLI
     """model_info answered, then the file listing never is (snapshot_download asks it with no timeout). Each try
     now ends in the bounded wait; huggingface_hub's own retries (5, 1 to 8 s apart) are kept, their pauses
@@ -1150,13 +1163,7 @@ def test_s8_3_a_hub_that_stops_answering_mid_download_is_one_error_line(fake_hub
     release = threading.Event()
     monkeypatch.setattr(fake_hub, "_tree", lambda *args: release.wait(30), raising=False)
     monkeypatch.setattr(hub, "HUB_TIMEOUT_SECONDS", 0.5)
-    results = []
-    worker = threading.Thread(target=lambda: results.append(run_cli("download", REPO, "-q")), daemon=True)
-    worker.start()
-    worker.join(10)
-    hung = worker.is_alive()
-    release.set()
-    worker.join(10)
+    hung, results = _download_waiting(release)
     assert not hung, "the download still waited after 10 s"
     assert_clean_error(results[0], f"download of {REPO} interrupted while fetching config.json")
 
@@ -1191,12 +1198,6 @@ def test_s8_3_the_bound_survives_huggingface_hubs_client_reset(fake_hub, env, mo
     default_factory = _http._GLOBAL_CLIENT_FACTORY
     set_client_factory(factory)
     request.addfinalizer(lambda: set_client_factory(default_factory))
-    results = []
-    worker = threading.Thread(target=lambda: results.append(run_cli("download", REPO, "-q")), daemon=True)
-    worker.start()
-    worker.join(10)
-    hung = worker.is_alive()
-    release.set()
-    worker.join(10)
+    hung, results = _download_waiting(release)
     assert refused
     assert not hung, "the retried listing waited with no bound"
