@@ -379,8 +379,13 @@ class Index:
         found = [(name, labels.index(label)) for name, labels in candidates if label in labels]
         if not found:  # a name that differs only in case, unless the model's own label is this one exactly
             found = [(name, column) for name, labels in candidates if (column := _column(labels, label)) is not None]
-            if found and head is None and label in self.model_labels():
+            own = [name for name in self.model_labels() if name.lower() == label.lower()] if head is None else []
+            if found and label in own:
                 return None
+            if found and own:  # DOG: a head's dog and the model's Dog, neither the very name
+                raise UsageError(f"{label!r} is head {found[0][0]}'s {heads[found[0][0]]['labels'][found[0][1]]!r} "
+                                 f"and the model's {own[0]!r} but for case", option="label",
+                                 hint="give the label with its case (or the head with --head NAME)")
         if head is not None and not found:
             raise UsageError(f"{label!r} is not one of head {head}'s labels", option="label")
         if len(found) > 1:
