@@ -132,3 +132,18 @@ def test_s8_13_a_stored_vector_of_another_length_is_a_damaged_index(tmp_path, mo
     with pytest.raises(UsageError, match="is damaged"):
         fresh.vectors_of("/f0")
     assert np.isfinite(queries).all()
+
+
+def test_s8_review_a_damaged_first_row_is_the_one_named(tmp_path):
+    """The width was the first stored row's: a short first row made every other row "the damaged one" (a
+    stored vector has 24 values, not 22). The index's recorded hidden size is the width now."""
+    store = vectordb.VectorStore.open(str(tmp_path / "db"))
+    store.claim({"model": "synthetic", "hidden_size": 24})
+    rng = np.random.default_rng(0)
+    store.put(vectordb.FileRecord("/f0", 1, 1, 10.0, None, [(w, w + 1.0) for w in range(5)],
+                                  rng.standard_normal((5, 24)).astype(np.float32)))
+    first, blob = store.db.execute("SELECT id, vector FROM windows ORDER BY id LIMIT 1").fetchone()
+    store.db.execute("UPDATE windows SET vector = ? WHERE id = ?", (blob[:-8], first))
+    store.db.commit()
+    with pytest.raises(UsageError, match="a stored vector has 22 values, not 24"):
+        store.search(rng.standard_normal(24).astype(np.float32), 3)

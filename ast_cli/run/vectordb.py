@@ -248,7 +248,7 @@ class VectorStore:
 
     def _matrix(self, after: int = -1) -> tuple[np.ndarray, np.ndarray]:
         """(ids, (N, D) unit vectors) of every window (with an id above ``after``)."""
-        return matrix(self.db, self.path, after)
+        return matrix(self.db, self.path, after, width=width_of(self.db))
 
     def search(self, query: np.ndarray, top: int = 10, *, exclude_path: str | None = None,
                min_score: float | None = None) -> list[Hit]:

@@ -64,9 +64,19 @@ def rows_of(db: sqlite3.Connection, where: str, ids: np.ndarray,
 
 
 def width_of(db: sqlite3.Connection) -> int | None:
-    """How many values the first stored vector has (every other one must have as many); None: none stored."""
+    """How many values every stored vector has: the model's hidden size the index records, else the first stored
+    vector's length (so that a damaged first row is the one named); None: none stored."""
+    import json
+
     row = db.execute("SELECT length(vector) FROM windows ORDER BY id LIMIT 1").fetchone()
-    return None if row is None else row[0] // DTYPE.itemsize
+    if row is None:
+        return None
+    try:
+        hidden = json.loads(db.execute("SELECT value FROM meta WHERE key = 'identity'").fetchone()[0])["hidden_size"]
+    except (sqlite3.Error, TypeError, ValueError, KeyError, IndexError):  # no meta (a bare store), or hand-edited
+        hidden = None
+    return hidden if isinstance(hidden, int) and not isinstance(hidden, bool) and hidden > 0 else \
+        row[0] // DTYPE.itemsize
 
 
 def check_width(vectors: np.ndarray, query: np.ndarray) -> None:
