@@ -249,6 +249,13 @@ def _weights_in(snapshot: Path) -> Path | None:
     return None
 
 
+def weights_path(path) -> str:
+    """The weights file of a local checkpoint: ``path`` itself, or the one in the folder ``path`` (safetensors
+    first); the folder when it holds none (reading it then fails, naming it)."""
+    found = _weights_in(Path(path)) if os.path.isdir(path) else None
+    return str(found if found is not None else path)
+
+
 MAX_CONFIG_BYTES = 8 << 20  # a config.json of the published checkpoints is 40 kB
 
 

@@ -195,12 +195,11 @@ def _stamp(model: str, path, heads) -> str | None:
     import os
 
     from ..checkpoint.heads import HEAD_CONFIG, HEAD_WEIGHTS
-    from ..checkpoint.names import PICKLE_NAME, SAFETENSORS_NAME, looks_local
+    from ..checkpoint.names import looks_local, weights_path
 
     files = [os.path.join(head.path, name) for head in heads for name in (HEAD_CONFIG, HEAD_WEIGHTS)]
     if looks_local(model):
-        files.insert(0, next((os.path.join(path, name) for name in (SAFETENSORS_NAME, PICKLE_NAME)
-                              if os.path.isfile(os.path.join(path, name))), path) if os.path.isdir(path) else path)
+        files.insert(0, weights_path(path))
     stats = [os.stat(file) for file in files]
     return " ".join(f"{stat.st_size}:{stat.st_mtime_ns}" for stat in stats) or None
 

@@ -110,12 +110,9 @@ def file_sha256(path: str) -> str:
 
 def weights_digest(path: str) -> str:
     """sha256 of a local checkpoint's weights file (``path``: the file, or a folder holding it)."""
-    from ..checkpoint.weights import PICKLE_NAME, SAFETENSORS_NAME
+    from ..checkpoint.names import weights_path
 
-    if os.path.isdir(path):
-        path = next((os.path.join(path, name) for name in (SAFETENSORS_NAME, PICKLE_NAME)
-                     if os.path.isfile(os.path.join(path, name))), path)
-    return file_sha256(path)
+    return file_sha256(weights_path(path))
 
 
 def document(results: list[LabelCalibration], scored: Scored, target: Target, data: str, model: str,
