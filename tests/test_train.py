@@ -119,6 +119,7 @@ def test_head_mode_learns_new_labels_and_saves_a_checkpoint_transformers_loads(b
     out = tmp_path / "sounds-ast"
     result = runner.invoke(app, ["train", str(folder), "--out", str(out), "--model", str(base[0]), "--quiet"])
     assert result.exit_code == 0, result.stderr
+    assert result.stderr == "" and result.stdout.strip() == str(out)  # --quiet: errors only, as classify
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["val"]["accuracy"] >= 0.9, saved
     config = json.loads((out / "config.json").read_text())

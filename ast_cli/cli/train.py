@@ -90,9 +90,10 @@ def train(
                   marker={"mode": mode.value, "labels": list(labels), "multi_label": dataset.multi_label, "base": base})
         # with --features-db the base is the index's model: its name and where it loads from
         model, source = _index_model(features_db, model, mode, run) if features_db else (model or DEFAULT_MODEL,) * 2
-        say(stderr, f"{len(train_set.examples)} training and {counted(len(val_set.examples), 'validation file')}, "
-                    f"{counted(len(labels), 'label')} ({'multi' if dataset.multi_label else 'single'}-label), "
-                    f"mode {mode.value}")
+        if not quiet:  # --quiet: errors only, as classify and extract-features (metrics.json has the rest)
+            say(stderr, f"{len(train_set.examples)} training and {counted(len(val_set.examples), 'validation file')}"
+                        f", {counted(len(labels), 'label')} ({'multi' if dataset.multi_label else 'single'}-label), "
+                        f"mode {mode.value}")
         base = str(fetch_model(source, run, stderr, quiet))
         progress = _EpochProgress(None if quiet else stderr, config.epochs, enabled=stderr.is_terminal)
         trainer = Trainer(base, train_set, val_set, out, config, run, feature_cache=features_dir,
@@ -111,8 +112,9 @@ def train(
         best = result.val
         metric = (f"accuracy {best.get('accuracy', 0):.3f}, macro-F1 {best.get('macro_f1', 0):.3f}"
                   if not result.multi_label else f"mAP {best.get('map', 0):.3f}")
-        say(stderr, f"best epoch {result.best_epoch} of {result.epochs}: validation {metric}; "
-                    f"{result.seconds_per_epoch:.2f} s per epoch")
+        if not quiet:
+            say(stderr, f"best epoch {result.best_epoch} of {result.epochs}: validation {metric}; "
+                        f"{result.seconds_per_epoch:.2f} s per epoch")
         typer.echo(out)
         if result.failed:
             say(stderr, f"{clips(len(result.failed))} could not be read and left out (listed in metrics.json)")
