@@ -49,6 +49,7 @@ class FakeHub:
     Unknown repos answer 404 ``X-Error-Code: RepoNotFound``.
 
     ``drop``: a file name whose GET is cut off half-way, after which the whole server stops (connection refused).
+    ``trickle``: (a file name, an Event): its GET body comes a byte every 0.1 s until the event is set.
     ``requests``: (method, path) of every request, to count downloads.
     ``on_request``: called with (method, path) after each request is answered, e.g. to push a commit.
     """
@@ -57,6 +58,7 @@ class FakeHub:
         self.repos: dict[str, dict] = {}
         self.requests: list[tuple[str, str]] = []
         self.drop: str | None = None
+        self.trickle: tuple[str, threading.Event] | None = None
         self.on_request: Callable[[str, str], None] | None = None
         hub_ = self
 
@@ -187,6 +189,18 @@ class FakeHub:
             request.wfile.flush()
             self.stop()
             return
+        if self.trickle is not None and filename == self.trickle[0]:
+            for at in range(start, len(data)):
+                if self.trickle[1].wait(0.1):
+                    start = at
+                    break
+                try:
+                    request.wfile.write(data[at:at + 1])
+                    request.wfile.flush()
+                except OSError:  # the client gave up
+                    return
+            else:
+                return
         request.wfile.write(data[start:])
 
     @staticmethod
@@ -1201,3 +1215,19 @@ def test_s8_3_the_bound_survives_huggingface_hubs_client_reset(fake_hub, env, mo
     hung, results = _download_waiting(release)
     assert refused
     assert not hung, "the retried listing waited with no bound"
+
+
+def test_s9_a_hub_that_trickles_is_one_error_line_and_not_retried(fake_hub, env, monkeypatch):  # CLI
+    """The weights come a byte every 0.1 s: every read is within the per-read bound, so the download used to take
+    days. Under HUB_SLOW_BYTES per HUB_SLOW_SECONDS (made small here) it is stalled: one error line, one GET of
+    the weights (huggingface_hub's resumed tries would trickle again), nothing left in the snapshot."""
+    release = threading.Event()
+    fake_hub.trickle = ("model.safetensors", release)
+    monkeypatch.setattr(hub, "HUB_SLOW_SECONDS", 0.5)
+    monkeypatch.setattr(hub, "HUB_SLOW_BYTES", 1024)
+    hung, results = _download_waiting(release)
+    assert not hung, "the trickled download still ran after 10 s"
+    assert_clean_error(results[0], f"download of {REPO} interrupted while fetching model.safetensors",
+                       "bytes in 1 s: stalled")
+    assert fake_hub.downloads("model.safetensors") == 1
+    assert not list(Path(os.environ["HF_HOME"]).rglob("model.safetensors"))

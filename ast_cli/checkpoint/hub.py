@@ -39,6 +39,17 @@ from .names import (AST_MODEL_TYPE, COMMIT_HASH, CONFIG_NAME, DEFAULT_REVISION, 
 # Seconds the hub may take to accept a connection or send the next bytes (huggingface_hub's own default for
 # file requests; its model_info waits forever unless told).
 HUB_TIMEOUT_SECONDS = 10.0
+# A transfer slower than this is stalled, as curl's --speed-limit/--speed-time: fewer than HUB_SLOW_BYTES in
+# HUB_SLOW_SECONDS (about 1 KiB/s over a minute). A hub that trickles a byte every few seconds passes the per-read
+# bound above forever; at that rate nothing would ever arrive anyway.
+HUB_SLOW_SECONDS = 60.0
+HUB_SLOW_BYTES = 64 * 1024
+
+
+class HubStalled(TimeoutError):
+    """A response body that came slower than HUB_SLOW_BYTES per HUB_SLOW_SECONDS. Not an HTTP client error, so
+    huggingface_hub does not retry it (its resumed downloads would trickle again, with their retry count reset by
+    every byte that did come)."""
 
 # -- progress --------------------------------------------------------------------------------------
 
@@ -226,21 +237,52 @@ def _bounded_requests() -> Iterator[None]:
     def bounded_factory():
         client = factory()
         client.event_hooks["request"].append(bound)
+        client.event_hooks["response"].append(_guard_speed)
         return client
 
     if factory is not None:
         set_client_factory(bounded_factory)  # closes the shared client: the next request makes a bounded one
     else:
         get_session().event_hooks["request"].append(bound)
+        get_session().event_hooks["response"].append(_guard_speed)
     try:
         yield
     finally:
         if factory is not None:
             set_client_factory(factory)  # and the bounded client goes
         else:
-            hooks = get_session().event_hooks["request"]
-            if bound in hooks:
-                hooks.remove(bound)
+            for kind, hook in (("request", bound), ("response", _guard_speed)):
+                hooks = get_session().event_hooks[kind]
+                if hook in hooks:
+                    hooks.remove(hook)
+
+
+def _guard_speed(response) -> None:
+    """A response hook: its body (read as a stream by huggingface_hub, or at once) raises HubStalled when it comes
+    slower than HUB_SLOW_BYTES per HUB_SLOW_SECONDS. The HTTP client's own byte-stream class is the base, as
+    its responses require."""
+    import sys
+    import time
+
+    inner = response.stream
+    base = sys.modules[type(response).__module__.split(".")[0]].SyncByteStream
+
+    class Guarded(base):
+        def __iter__(self):
+            start, got = time.monotonic(), 0
+            for chunk in inner:
+                got += len(chunk)
+                elapsed = time.monotonic() - start
+                if elapsed >= HUB_SLOW_SECONDS:
+                    if got < HUB_SLOW_BYTES:
+                        raise HubStalled(f"the hub sent {got} bytes in {elapsed:.0f} s: stalled")
+                    start, got = time.monotonic(), 0
+                yield chunk
+
+        def close(self):
+            inner.close()
+
+    response.stream = Guarded()
 
 
 def _cached_download(label: str, repo_id: str, revision: str | None, cache_dir: str | None, *, force: bool,
