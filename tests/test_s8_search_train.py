@@ -206,6 +206,37 @@ def test_s8_N10_search_answers_on_a_read_only_mount_and_says_the_shards_wait(tin
     assert tree_digest(db) == before
 
 
+@pytest.mark.slow  # whole processes in a mount namespace
+def test_s9_a_read_only_index_with_a_log_and_no_shm_says_so(tiny_checkpoint, tmp_path):
+    """A writer's -wal copied without its -shm onto a read-only mount: SQLite cannot make the -shm it needs to read
+    the log. It used to say "not an index database"."""
+    import shutil
+    import sqlite3
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+        pytest.skip("needs unshare -m (a mount namespace) to mount a folder read-only")
+    db = indexed(tmp_path, tiny_checkpoint[0])
+    writer = sqlite3.connect(db / "index.sqlite")  # a live writer's log, copied as a colleague would
+    writer.execute("PRAGMA wal_autocheckpoint=0")
+    writer.executescript("CREATE TABLE scratch(x); DROP TABLE scratch;")
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("index.sqlite", "index.sqlite-wal"):
+        shutil.copyfile(db / name, copy / name)
+    writer.close()
+    before = tree_digest(copy)
+    search = f"{sys.executable} -m ast_cli search {copy} {tmp_path / 'in' / '0.wav'} --top 1 -f jsonl"
+    done = subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind {copy} {copy} && mount -o remount,bind,ro "
+                           f"{copy} {copy} && {search}"], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith(f"Error: DB: {copy / 'index.sqlite'} has a write-ahead log (-wal) and no -shm "
+                                  "file beside it"), done.stderr
+    assert "Hint: search it once where its folder can be written, or copy the folder" in done.stderr
+    assert tree_digest(copy) == before
+
+
 def test_s8_N18_a_sqlite_file_that_is_not_an_index_is_refused_untouched(tmp_path):
     import hashlib
     import sqlite3

@@ -387,6 +387,10 @@ def _query_read_only(path: str, sql: str) -> list | None:
     except sqlite3.DatabaseError as exc:
         if "no such table" in str(exc) and os.path.getsize(path) == 0:  # created, then killed before the schema
             return None
+        if os.path.exists(path + "-wal") and not os.path.exists(path + "-shm") and "unable to open" in str(exc):
+            raise UsageError(f"{path} has a write-ahead log (-wal) and no -shm file beside it, which SQLite could "
+                             "not create to read the log (a read-only folder?)", option="db",
+                             hint="search it once where its folder can be written, or copy the folder") from None
         raise UsageError(f"{path} is not an index database: {exc}", option="db") from None
 
 
