@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -269,8 +270,9 @@ def test_27_search_csv_then_train_features_db_gives_a_head_classify_loads(spread
     marked = [f"{row},{'door' if i < 6 else ('-' if i % 2 else '')}" for i, row in enumerate(rows)]
     (tmp_path / "labels.csv").write_text("path,start,end,score,label\n" + "\n".join(marked) + "\n")
     trained = ast("train", tmp_path / "labels.csv", "--features-db", tmp_path / "db", "--out", tmp_path / "head",
-                  "--epochs", "5", "--quiet", "--device", "cpu")
+                  "--epochs", "5", "--device", "cpu")
     assert trained.exit_code == 0, trained.output
+    assert re.match(r"\d+ training and \d+ validation windows, ", trained.stderr), trained.stderr  # not "files"
     tagged = ast("classify", files[0], "--model", tmp_path / "head", "-f", "jsonl", "--quiet", "--device", "cpu")
     assert tagged.exit_code == 0 and [x["label"] for x in json.loads(tagged.stdout)["labels"]] == ["door"]
 

@@ -91,7 +91,8 @@ def train(
         # with --features-db the base is the index's model: its name and where it loads from
         model, source = _index_model(features_db, model, mode, run) if features_db else (model or DEFAULT_MODEL,) * 2
         if not quiet:  # --quiet: errors only, as classify and extract-features (metrics.json has the rest)
-            say(stderr, f"{len(train_set.examples)} training and {counted(len(val_set.examples), 'validation file')}"
+            unit = _unit(train_set.examples + val_set.examples)
+            say(stderr, f"{len(train_set.examples)} training and {counted(len(val_set.examples), 'validation ' + unit)}"
                         f", {counted(len(labels), 'label')} ({'multi' if dataset.multi_label else 'single'}-label), "
                         f"mode {mode.value}")
         base = str(fetch_model(source, run, stderr, quiet))
@@ -139,6 +140,12 @@ def _datasets(data: str, val: str | None, val_split: float, seed: int, features_
         raise UsageError(f"no training file has label(s) {', '.join(untrained_labels(train_set, val_set))}",
                          option="val")
     return dataset, train_set, val_set
+
+
+def _unit(examples) -> str:
+    """What the examples are: files, windows (rows of ``ast search``'s csv, with --features-db) or a mix."""
+    windows = sum(example.start is not None for example in examples)
+    return "window" if windows == len(examples) else "file" if not windows else "example"
 
 
 def _index_model(features_db: str, model: str | None, mode, run: RunOptions) -> tuple[str, str]:
