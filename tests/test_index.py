@@ -24,7 +24,7 @@ from ast_cli import Index
 from ast_cli.cli import app
 from ast_cli.run import vectordb
 from ast_cli.run.vectordb import FileRecord, VectorStore
-from conftest import make_reference, trickle_fifo, write_audio
+from conftest import make_reference, trickle_fifo
 
 pytest.importorskip("faiss")
 SAME_COMPUTE = 1e-5  # the same float32 model on the same machine and input: only summation order may differ
