@@ -266,6 +266,26 @@ def test_nothing_to_do_imports_no_torch(tiny_checkpoint, clips, tmp_path):
         assert "TORCH:False" in proc.stderr, (args, proc.stderr)
 
 
+@pytest.mark.parametrize("changed", [["--model", "other"], ["--activation", "softmax"], ["--dtype", "bf16"]])
+def test_s9_a_resume_with_nothing_left_still_refuses_records_of_another_model(tiny_checkpoint, clips, tmp_path,
+                                                                               changed):
+    """It said "0 tagged, 2 skipped (already in ...)" and exit 0 over records of another model or settings, so
+    the run looked as if it had tagged with them. It is refused as a resume with work left is, still without
+    importing torch."""
+    from conftest import make_reference
+
+    if changed[0] == "--model":
+        changed = ["--model", str(make_reference(tmp_path, "tiny-other", seed=1)[0])]
+    tags = tmp_path / "tags.jsonl"
+    assert ast("classify", *clips, "--model", tiny_checkpoint[0], "-o", tags, "-q").exit_code == 0
+    before = tags.read_bytes()
+    args = ["classify", *map(str, clips), "--model", str(tiny_checkpoint[0]), "-o", str(tags), "--resume", *changed]
+    proc = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"Error: --resume: {tags} holds records made with another model or settings")
+    assert "TORCH:False" in proc.stderr and tags.read_bytes() == before
+
+
 # -- 12. polish -------------------------------------------------------------------------------------------------
 
 def test_help_shows_choices_and_no_python_types(tiny_checkpoint):

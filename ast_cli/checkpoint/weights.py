@@ -13,16 +13,19 @@ import re
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ..constants import AUDIOSET_MAX_LENGTH, SPEECH_COMMANDS_MAX_LENGTH, SPEECH_COMMANDS_MEAN, SPEECH_COMMANDS_STD
 from ..errors import CheckpointError
-from ..audio.features import FeatureConfig
+from ..audio.featureconfig import FeatureConfig
 from .cache import verify_weights
 # The hub's repository layout; names.py owns the names because it must stay importable without torch.
 from .names import (CONFIG_NAME, PICKLE_NAME, PREPROCESSOR_NAME, SAFETENSORS_NAME, WEIGHT_SUFFIXES,  # noqa: F401
                     load_labels, read_json)
-from .model import AST, ASTConfig, AttnImplementation
+from .config import ASTConfig, AttnImplementation
+
+if TYPE_CHECKING:  # the model code imports torch: taken where a model is built
+    from .model import AST
 
 PREFIX = "audio_spectrogram_transformer."
 
@@ -317,6 +320,8 @@ def backbone_fingerprint(model: AST) -> str:
 def build_model(checkpoint: Checkpoint, attn: AttnImplementation = "sdpa") -> AST:
     """A float32 model in eval mode holding the checkpoint's weights (strictly checked)."""
     import torch
+
+    from .model import AST
 
     with torch.device("meta"):
         model = AST(checkpoint.config, attn=attn)

@@ -383,10 +383,10 @@ def model_config(path):
     return checkpoint.config, checkpoint.features
 
 
-def compute_name(run: RunOptions, cluster) -> str:
+def compute_name(run: RunOptions, cluster, *, probe: bool = True) -> str | None:
     """The precision the model runs in, as records name it: fast, int8, or the dtype (auto: fp16 on CUDA, fp32
-    elsewhere; a Ray worker is on CUDA when it takes GPUs)."""
-    from ..run.backends import pick_device
+    elsewhere; a Ray worker is on CUDA when it takes GPUs). Not ``probe``: None where that needs torch to look
+    for a GPU (a run that loads no model does not import it)."""
     from ..run.options import DType, Quantize
 
     if run.fast:
@@ -397,7 +397,11 @@ def compute_name(run: RunOptions, cluster) -> str:
         return run.dtype.value
     if cluster.ray:
         device = run.device if run.device != "auto" else "cuda" if cluster.gpus_per_worker else "cpu"
+    elif not probe:
+        return None
     else:
+        from ..run.backends import pick_device
+
         device = pick_device(run.device)
     return "fp16" if device.startswith("cuda") else "fp32"
 

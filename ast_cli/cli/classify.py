@@ -144,9 +144,9 @@ def _run(target, sources, skipped: int, note: str | None, job: _Job) -> int:
     """Tag ``sources`` into ``target`` (planned, and holding its lock); returns how many failed."""
     from ._progress import BatchProgress
 
-    journal = target.journal  # earlier results: made as this run makes them? If not, refused
-    checked = sources or (journal is not None and journal.checked_when_done and journal.records)
-    provenance, path = _provenance(target, job) if checked else ({}, None)
+    journal = target.journal  # earlier results: made as this run makes them? If not, refused (with nothing left to
+    checked = sources or (journal is not None and journal.records)  # do too, importing no torch: see _provenance)
+    provenance, path = _provenance(target, job, loads=bool(sources)) if checked else ({}, None)
     if note and not job.quiet:
         say(job.stderr, note)
     progress = BatchProgress(job.stderr, len(sources), enabled=not job.quiet and job.stderr.is_terminal)
@@ -166,10 +166,11 @@ def _run(target, sources, skipped: int, note: str | None, job: _Job) -> int:
     return failed
 
 
-def _provenance(target, job: _Job) -> tuple[dict, object]:
+def _provenance(target, job: _Job, loads: bool = True) -> tuple[dict, object]:
     """What records say made them (the model, and the settings that change scores), checked against a resumed
     output's records before the model loads, and the model's local path (resolved once, here). Unknown
-    --include/--exclude names fail here too."""
+    --include/--exclude names fail here too. Not ``loads`` (nothing is left to tag): torch is not imported, so
+    the precision of ``--dtype auto`` (fp16 on a GPU, else fp32) is not checked."""
     from ..checkpoint.names import model_identity
     from ..tasks.extract import Settings
     from ..run.tagger import Scorer, head_parts, is_single_label
@@ -180,7 +181,7 @@ def _provenance(target, job: _Job) -> tuple[dict, object]:
     scorer = Scorer(parts, job.selection, job.activation)  # unknown --include/--exclude names fail here
     if job.calibrations is not None:  # thresholds of other labels or other scores: refused before the model loads
         job.selection = apply_calibrations(job.selection, parts, job.calibrations, job.activation, job.heads)
-    settings = Settings(None, model_identity(job.model, path), job.run.hop_seconds, _compute(job),
+    settings = Settings(None, model_identity(job.model, path), job.run.hop_seconds, _compute(job, probe=loads),
                         _activations(scorer), tuple(p.name for p in parts) if job.heads else (), job.aggregate.value,
                         _stamp(job.model, path, job.heads))
     if target.journal is not None:
@@ -213,8 +214,8 @@ def _activations(scorer) -> str:
     return ",".join(f"{part.name}:{kind}" for part, kind in zip(scorer.parts, kinds))
 
 
-def _compute(job: _Job) -> str:
-    return compute_name(job.run, job.cluster)
+def _compute(job: _Job, probe: bool = True) -> str | None:
+    return compute_name(job.run, job.cluster, probe=probe)
 
 
 def _run_ray(target, sources, provenance: dict, progress, job: _Job) -> int:

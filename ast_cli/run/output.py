@@ -200,7 +200,6 @@ class Results(Journal):
     results made with another model or settings, naming one of them."""
 
     files: dict[str, str] = field(default_factory=dict)  # path_key of the input -> its result file
-    checked_when_done = True
 
     def done(self, source: str, output: str) -> bool:
         from ..audio.sources import FileSource

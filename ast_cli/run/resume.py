@@ -40,9 +40,6 @@ class Journal:
     size: int = 0  # length of the file when read
     lines: int = 0
     unterminated: bool = False  # the last line is a whole record without its newline
-    # checked only by a run that adds records (one with nothing left to do imports no torch); results an
-    # --output-dir run keeps are reported as its own, so they are checked even then (``output.Results``)
-    checked_when_done = False
 
     @classmethod
     def read(cls, path: str) -> "Journal":

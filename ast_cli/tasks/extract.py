@@ -81,7 +81,7 @@ class Settings:
     kind: str | None
     model: str
     hop_seconds: float | None = None  # as asked; None: the window length
-    compute: str = "fp32"  # fp32, fp16, bf16, int8 or fast (not for fbank, which does not depend on it)
+    compute: str | None = "fp32"  # fp32, fp16, bf16, int8 or fast (not for fbank); None: not checked
     activation: str | None = None  # classify's scores: sigmoid, softmax or none
     heads: tuple[str, ...] = ()  # classify --head: the heads whose labels the records carry, in order
     aggregate: str = "max"  # classify: window scores -> a file's (recorded when not max, as earlier records are)
@@ -119,7 +119,7 @@ class Settings:
         wanted = self.hop(window)
         if hop != wanted:
             return f"hop {hop} s, not {wanted} s"
-        if self.kind != "fbank" and metadata.get("compute", "fp32") != self.compute:
+        if self.kind != "fbank" and self.compute is not None and metadata.get("compute", "fp32") != self.compute:
             return f"computed in {metadata.get('compute', 'fp32')}, not {self.compute}"
         if self.activation is not None and metadata.get("activation") != self.activation:
             return f"activation {metadata.get('activation')!r}, not {self.activation!r}"
