@@ -228,6 +228,7 @@ def test_cli_through_ffmpeg_and_a_broken_source(tiny_checkpoint, tmp_path):
     result = runner.invoke(app, ["listen", str(path), "--model", str(tiny_checkpoint[0]), "-f", "jsonl"])
     assert result.exit_code == 0, result.stderr
     assert [json.loads(line)["end"] for line in result.stdout.splitlines()] == [1.0, 2.0]
+    (tmp_path / "nothing.mp3").write_bytes(b"not audio at all")  # a missing file is refused earlier (test_s9_walk)
     broken = runner.invoke(app, ["listen", str(tmp_path / "nothing.mp3"), "--model", str(tiny_checkpoint[0])])
     assert broken.exit_code == 1 and "ffmpeg could not read the source" in broken.stderr
     assert len(broken.stderr.strip().splitlines()) == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ._errors import counted, say
 
+_MISSING = ("no such file", "no file matches this pattern")  # inputs.expand_inputs' errors for a path not there
 MAX_LABEL_LIST_BYTES = 4 << 20  # far more than any model's labels: anything larger (@/dev/zero) is not a list
 
 
@@ -25,6 +26,7 @@ def run_inputs(paths: list[str], ext, shard: tuple[int, int] | None, stderr, qui
     if not found and named:
         raise AstError(f"no {_looked_for(ext)} in {', '.join(named)}",
                        hint="check the paths and --ext" if ext else "--ext chooses the extensions taken from folders")
+    refuse_only_missing(found, verb)
     every = found + _empty_folders(paths, found, ext)
     import os
 
@@ -35,6 +37,18 @@ def run_inputs(paths: list[str], ext, shard: tuple[int, int] | None, stderr, qui
             f"shard {shard[0]}/{shard[1]} holds none of the {counted(len(every), 'input')}")
         say(stderr, f"nothing to {verb}: {where}")
     return items
+
+
+def refuse_only_missing(found, verb: str) -> None:
+    """An ``AstError`` (exit 1) when every input is a path that is not there (a typo, a pattern that matches
+    nothing): not a run whose every file fails, which would open the output (and with --overwrite replace a good
+    one with its error records) and load the model first."""
+    from ..errors import AstError
+
+    if found and all(item.error in _MISSING for item in found):
+        shown = "; ".join(f"{item.path}: {item.error}" for item in found[:3])
+        more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+        raise AstError(f"nothing to {verb}: {shown}{more}", hint="check the paths")
 
 
 def _looked_for(ext) -> str:

@@ -12,6 +12,7 @@ from ._common import (DEFAULT_MODEL, DebugOpt, ExtOpt, HeadOpt, ModelOpt, PathsA
                       distributed_options, fetch_model, load_tagger, model_config, path_stdin,
                       refuse_piped_audio_on_ray, report_failure, run_options, stderr_console)
 from ._errors import EXIT_FAILED, cli_errors, counted, debug_enabled, say
+from ._inputs import refuse_only_missing
 
 DbOpt = Annotated[str, typer.Option("--db", metavar="DIR", help="The index directory (created if missing).")]
 
@@ -90,6 +91,8 @@ def index_command(
                 return None if quiet else say(stderr, "nothing to index: standard input listed no files")
             raise UsageError("no audio files found in the given paths", hint="check --ext, or name files directly")
         _refuse_emptied_folders(named, found, plan.gone)
+        if not plan.gone:  # --prune of named files deleted since: they are pruned
+            refuse_only_missing(found, "index")
         check_writable_dir(db, option="db")  # before the model loads: /proc/nope, a read-only folder
         identity, path = _identity(model, run, cluster, stderr, quiet)
         check_stores(db, identity)  # the index or any part made otherwise: refused before any write

@@ -71,7 +71,7 @@ def listen(
         from ..checkpoint.heads import read_heads
         from ..run.tagger import LabelSelection
 
-        check_stall(stall)
+        check_stall(stall), _refuse_missing(source)
         if rate is not None:
             try:
                 check_rate(rate)
@@ -144,6 +144,15 @@ def _say_pace(listener, stderr) -> None:
     elif listener.drop and listener.stream_seconds > 1.1 * listener.stream_wall_seconds + 0.5:
         say(stderr, f"note: the audio came faster than real time ({pace}): every window was scored, as fast "
                     "as the model goes, none dropped")
+
+
+def _refuse_missing(source: str) -> None:
+    """A local file that is not there (a typo): said before the model loads, where ffmpeg would say it after."""
+    from ..errors import AstError
+
+    local = source[len("file://"):] if source.startswith("file://") else None if "://" in source else source
+    if source != "-" and not source.startswith("pipe:") and local is not None and not os.path.lexists(local):
+        raise AstError(f"{source}: no such file", hint="name a file, a URL (http://, rtsp://...) or - for stdin")
 
 
 def _loop(listener, stream, fmt, tracker, stderr, quiet: bool) -> None:

@@ -1,0 +1,43 @@
+"""Session 9's newcomer walk: what a new user met following the README (each test fails without its fix)."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from ast_cli.cli import app
+from conftest import write_audio
+
+runner = CliRunner()
+
+
+def ast(*args, **kwargs):
+    return runner.invoke(app, [str(a) for a in args], **kwargs)
+
+
+@pytest.mark.parametrize("paths", [["recordngs"], ["recordings/*.flca"], ["nosuch.wav", "recordings/*.flca"]])
+def test_a_misspelt_path_is_refused_before_the_model_and_the_output(tiny_checkpoint, tmp_path, paths, monkeypatch):
+    """``ast classify recordngs -o tags.json --overwrite`` replaced a good output with one error record, after
+    loading the model (a newcomer's default model is a 346 MB download). Every input missing is a typo: exit 1,
+    one line, before either; a missing file next to real ones stays an error record of its own."""
+    monkeypatch.chdir(tmp_path)
+    write_audio(tmp_path / "recordings" / "a.wav", 1.0)
+    model = ["--model", tiny_checkpoint[0]]
+    assert ast("classify", "recordings", *model, "-o", "tags.json", "-q").exit_code == 0
+    before = (tmp_path / "tags.json").read_bytes()
+    refused = ast("classify", *paths, "--model", "/no/such/model", "-o", "tags.json", "--overwrite")
+    assert refused.exit_code == 1 and refused.stderr.startswith(f"Error: nothing to tag: {paths[0]}: "), refused.stderr
+    assert (tmp_path / "tags.json").read_bytes() == before
+    for command, extra, verb in (("extract-features", ["--out", "feat"], "extract"), ("index", ["--db", "db"], "index")):
+        result = ast(command, *paths, "--model", "/no/such/model", *extra)
+        assert result.exit_code == 1 and result.stderr.startswith(f"Error: nothing to {verb}: {paths[0]}: ")
+        assert not (tmp_path / extra[1]).exists()
+    mixed = ast("classify", "recordings", "nosuch.wav", *model, "-f", "jsonl")
+    assert mixed.exit_code == 1 and "error: nosuch.wav: no such file" in mixed.stderr
+    assert len(mixed.stdout.splitlines()) == 2
+
+
+def test_listen_names_a_missing_file_before_the_model(tmp_path):
+    result = ast("listen", tmp_path / "nosuch.wav", "--model", "/no/such/model")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[0] == f"Error: {tmp_path / 'nosuch.wav'}: no such file"
