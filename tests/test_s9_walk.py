@@ -41,3 +41,32 @@ def test_listen_names_a_missing_file_before_the_model(tmp_path):
     result = ast("listen", tmp_path / "nosuch.wav", "--model", "/no/such/model")
     assert result.exit_code == 1
     assert result.stderr.splitlines()[0] == f"Error: {tmp_path / 'nosuch.wav'}: no such file"
+
+
+def test_benchmark_random_weights_takes_no_model_from_the_command_line_only(tiny_checkpoint, monkeypatch):
+    """AST_MODEL, which the README recommends, made ``--random-weights`` fail with "drop --model"."""
+    from ast_cli.tasks import benchmark as task
+
+    def reached(*args, **kwargs):
+        raise SystemExit(7)
+
+    monkeypatch.setattr(task, "run_benchmark", reached)
+    monkeypatch.setenv("AST_MODEL", str(tiny_checkpoint[0]))
+    args = ["benchmark", "--random-weights", "--batch-sizes", "1", "--iters", "1", "--warmup", "0"]
+    assert ast(*args).exit_code == 7
+    refused = ast(*args, "--model", tiny_checkpoint[0])
+    assert refused.exit_code == 2 and refused.stderr.startswith("Error: --random-weights builds its own model")
+
+
+def test_an_allocation_failure_of_the_cpu_is_not_called_the_devices():
+    """``ast benchmark --batch-sizes 65536`` under a memory limit said "out of memory on the device", with a hint
+    naming --batch-size (benchmark's is --batch-sizes) and --device cpu (the run was on the CPU)."""
+    from ast_cli.cli._errors import describe_error
+
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: you tried "
+                       "to allocate 123 bytes")
+    message, hint, code = describe_error(cpu)
+    assert (message, code) == ("out of memory", 1) and "--batch-sizes in ast benchmark" in hint
+    assert "--device cpu" not in hint
+    message, hint, _ = describe_error(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert message == "out of memory on the device" and hint.endswith("or --device cpu")

@@ -109,9 +109,10 @@ def describe_error(exc: BaseException) -> tuple[str, str | None, int]:
     if isinstance(exc, DeviceOutOfMemoryError) and exc.training:
         return str(exc), "use a smaller --train-batch (or --device cpu)", EXIT_FAILED
     if isinstance(exc, DeviceOutOfMemoryError) or (not isinstance(exc, AstError) and is_out_of_memory(exc)):
-        if isinstance(exc, MemoryError):
-            return "out of memory", "use a smaller --batch-size or fewer --workers", EXIT_FAILED
-        return "out of memory on the device", "use a smaller --batch-size, or --device cpu", EXIT_FAILED
+        smaller = "use a smaller --batch-size (--batch-sizes in ast benchmark)"
+        if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):  # Python's, or torch's CPU allocator
+            return "out of memory", f"{smaller} or fewer --workers", EXIT_FAILED
+        return "out of memory on the device", f"{smaller}, or --device cpu", EXIT_FAILED
     if isinstance(exc, AstError):
         return str(exc), exc.hint, EXIT_FAILED
     text = " ".join(str(exc).split())

@@ -17,6 +17,7 @@ from ._errors import cli_errors, debug_enabled, say
 
 @app.command()
 def benchmark(
+    ctx: typer.Context,
     paths: Annotated[Optional[list[str]], typer.Argument(metavar="PATH...", help="Audio files or directories timed with --end-to-end.")] = None,
     model: ModelOpt = DEFAULT_MODEL,
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Time a default-shape AST with random weights (nothing downloaded; for hardware comparisons).")] = False,
@@ -63,7 +64,8 @@ def benchmark(
         sizes, attns = parse_batch_sizes(batch_sizes), parse_attns(attn)
         if paths and not end_to_end:
             raise UsageError("files are timed only with --end-to-end", hint="ast benchmark --end-to-end PATH...")
-        if random_weights and model != DEFAULT_MODEL:
+        given = getattr(ctx.get_parameter_source("model"), "name", None) == "COMMANDLINE"  # not from AST_MODEL
+        if random_weights and given:
             raise UsageError("--random-weights builds its own model", hint="drop --model")
         files = _files(paths, ext) if end_to_end else []
         resolved = pick_device(device)
