@@ -70,3 +70,30 @@ def test_an_allocation_failure_of_the_cpu_is_not_called_the_devices():
     assert "--device cpu" not in hint
     message, hint, _ = describe_error(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert message == "out of memory on the device" and hint.endswith("or --device cpu")
+
+
+def test_download_with_no_name_takes_ast_model_and_a_local_path_names_the_argument(monkeypatch, tmp_path):
+    """``ast download`` ignored AST_MODEL (classify's default, which --help and the README promise), and a local
+    path was refused as "--name: ...", an option download does not have."""
+    monkeypatch.setenv("AST_MODEL", "speech-commands-v2")
+    result = ast("download")  # offline in the tests: the name shows which model it wanted
+    assert result.exit_code == 1 and "'MIT/ast-finetuned-speech-commands-v2' is not in" in result.stderr
+    local = ast("download", tmp_path)
+    assert local.exit_code == 2 and local.stderr.startswith(f"Error: MODEL: {tmp_path} is a local path: nothing ")
+
+
+def test_the_resume_refusal_says_to_replace_resume_with_overwrite(tiny_checkpoint, tmp_path):
+    """"drop --resume, or add --overwrite": dropping --resume alone is refused too (the output exists)."""
+    clip = write_audio(tmp_path / "a.wav", 1.0)
+    tags = tmp_path / "t.jsonl"
+    assert ast("classify", clip, "--model", tiny_checkpoint[0], "-o", tags, "-q").exit_code == 0
+    refused = ast("classify", clip, "--model", tiny_checkpoint[0], "--hop", "0.32", "-o", tags, "--resume")
+    assert refused.exit_code == 2 and refused.stderr.splitlines()[-1] == "Hint: drop --resume and add --overwrite"
+
+
+def test_a_missing_dot_slash_model_path_is_one_line_not_a_hint_that_repeats_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nosuchdir").mkdir()  # a folder of that name one level down: the error is still about ./x/y
+    clip = write_audio(tmp_path / "a.wav", 1.0)
+    result = ast("classify", clip, "-m", "./nosuchdir/model")
+    assert result.exit_code == 1 and "does not exist either" not in result.stderr, result.stderr

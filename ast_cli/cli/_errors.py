@@ -26,6 +26,7 @@ FLAGS = {
     "allow_other": "--yes",
     "data": "DATA", "warmup_epochs": "--warmup", "heads": "--head", "base_head": "--no-base-head",
     "db_argument": "DB",  # ast search's index (the library's ``db`` is ast index's --db)
+    "name": "MODEL",  # hub.download's model name: ast download's argument
 }
 
 
@@ -46,7 +47,7 @@ def _suggestion(suggest: dict[str, Any]) -> str:
             parts.append(f"add {flag(option)}")
         else:
             parts.append(f"use {flag(option)} {value}")
-    return ", or ".join(parts)
+    return " and ".join(parts)  # together: drop --resume and add --overwrite
 
 
 def _model_hint(exc) -> str | None:
@@ -78,9 +79,9 @@ def _head_hint(exc) -> str | None:
 def _with_path_note(model: str | None, hint: str | None) -> str | None:
     """``recordings/model`` reads as a hub id ORG/NAME; when its first part is a local folder, the user most
     likely meant a path that does not exist: say so."""
-    if model and "/" in model and os.path.isdir(model.split("/", 1)[0]) and not os.path.exists(model):
-        shown = model if model.startswith(("./", "../", "/")) else f"./{model}"
-        note = f"as a local path, {shown} does not exist either"
+    if model and "/" in model and not model.startswith(("./", "../", "/")) and os.path.isdir(model.split("/", 1)[0]) \
+            and not os.path.exists(model):  # (./x, ../x, /x: the error is about that path already)
+        note = f"as a local path, ./{model} does not exist either"
         return f"{hint}; {note}" if hint else note
     return hint
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Optional
 
 import typer
@@ -22,7 +23,8 @@ def download(
     models: Annotated[
         Optional[list[str]],
         typer.Argument(metavar="MODEL...", show_default=False,
-                       help="Aliases or hub ids (ORG/NAME[@REV]); default: the default model of classify."),
+                       help="Aliases or hub ids (ORG/NAME[@REV]); default: the default model of classify "
+                            "(AST_MODEL, else MIT/ast-finetuned-audioset-10-10-0.4593)."),
     ] = None,
     revision: Annotated[Optional[str], typer.Option(metavar="REV", help="Branch, tag or commit (default: main).")] = None,
     cache_dir: CacheDirOpt = None,
@@ -55,7 +57,7 @@ def download(
         from ..checkpoint import hub
 
         failed_code = 0
-        for name in models or [DEFAULT_MODEL]:
+        for name in models or [os.environ.get("AST_MODEL") or DEFAULT_MODEL]:  # classify's default, as --model's
             try:
                 result = hub.download(name, revision=revision, cache_dir=cache_dir, force=force,
                                       progress=download_progress(stderr, quiet))
