@@ -207,7 +207,24 @@ def hf_names(state_dict: Mapping[str, Any]) -> dict:
     return dict(state_dict)
 
 
-def infer_config(state_dict: Mapping[str, Any]) -> tuple[ASTConfig, FeatureConfig]:
+_LAYER_KEY = re.compile(re.escape(PREFIX) + r"encoder\.layer\.([0-9]{1,9})\.")  # ASCII digits, at most 9
+
+
+def encoder_layers(state_dict: Mapping[str, Any], source: str, expected: int | None = None) -> int:
+    """How many encoder layers ``state_dict`` holds: they must be numbered 0 to n - 1, n the config's ``expected``
+    (None: however many there are). Checked before a model is built from the count: a config's
+    ``num_hidden_layers`` or one stray ``encoder.layer.1000000.*`` key made it build that many layers first."""
+    layers = {int(m.group(1)) for m in map(_LAYER_KEY.match, state_dict) if m}
+    count = len(layers) if expected is None else expected
+    if layers == set(range(count)):
+        return count
+    held = f"{len(layers)} encoder layers numbered {min(layers)} to {max(layers)}" if layers else "no encoder layers"
+    reason = (f"the file holds {held}, not 0 to {count - 1}" if expected is None else
+              f"its config asks for {count} encoder layers (numbered 0 to {count - 1}), the file holds {held}")
+    raise CheckpointError(f"{source} does not fit the AST architecture: {reason}", path=source)
+
+
+def infer_config(state_dict: Mapping[str, Any], source: str) -> tuple[ASTConfig, FeatureConfig]:
     """Architecture of a bare weights file (no config.json), from tensor shapes.
 
     The stride is not stored anywhere, so it is found from the number of position embeddings, trying the
@@ -215,12 +232,11 @@ def infer_config(state_dict: Mapping[str, Any]) -> tuple[ASTConfig, FeatureConfi
     """
     try:
         pos = state_dict[PREFIX + "embeddings.position_embeddings"]
-        hidden = int(pos.shape[-1])
-        tokens = int(pos.shape[1])
-        layers = 1 + max(int(k.split(".")[3]) for k in state_dict if k.startswith(PREFIX + "encoder.layer."))
+        hidden, tokens = int(pos.shape[-1]), int(pos.shape[1])
         inner = int(state_dict[PREFIX + "encoder.layer.0.intermediate.dense.weight"].shape[0])
-    except (KeyError, ValueError, IndexError) as exc:
-        raise CheckpointError(f"not an AST state dict (missing {exc})") from None
+    except (KeyError, IndexError) as exc:
+        raise CheckpointError(f"{source}: not an AST state dict (missing {exc})", path=source) from None
+    layers = encoder_layers(state_dict, source)
     num_labels = int(state_dict["classifier.dense.weight"].shape[0]) if "classifier.dense.weight" in state_dict else 0
     labels: tuple[str, ...] = ()
     if num_labels == 527:
@@ -237,37 +253,45 @@ def infer_config(state_dict: Mapping[str, Any]) -> tuple[ASTConfig, FeatureConfi
                 max_length=max_length, id2label=labels,
             )
             if cfg.num_tokens == tokens:
+                try:
+                    cfg.check()
+                except ValueError as exc:
+                    raise CheckpointError(f"{source}: {exc}", path=source) from None
                 features = FeatureConfig(max_length=max_length)
                 if num_labels == 35:  # speech-commands normalization
                     features = replace(features, mean=SPEECH_COMMANDS_MEAN, std=SPEECH_COMMANDS_STD)
                 return cfg, features
-    raise CheckpointError(
-        f"cannot infer the input shape from {tokens} position embeddings",
-        hint="put the checkpoint's config.json next to the weights file",
-    )
+    raise CheckpointError(f"{source}: cannot infer the input shape from {tokens} position embeddings",
+                          path=source,
+                          hint="put the checkpoint's config.json next to the weights file")
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a hub-layout directory or a single weights file (with an optional config.json beside it)."""
+    """Read a hub-layout directory or a single weights file (with an optional config.json beside it), and check
+    all that needs no model (sizes, layers) before one is built."""
     path = Path(path)
     if path.is_dir():
-        config, features = read_configs(path)
+        configs = read_configs(path)
         weights = _weights_file(path)
         if weights is None:
             raise CheckpointError(
                 f"{path} has no {SAFETENSORS_NAME} or {PICKLE_NAME}", path=str(path),
                 hint=f"a checkpoint directory holds {CONFIG_NAME}, {PREPROCESSOR_NAME} and {SAFETENSORS_NAME}",
             )
-        return Checkpoint(config, features, hf_names(read_state_dict(weights)), str(weights))
+        return _checked(hf_names(read_state_dict(weights)), configs, str(weights))
     if not path.is_file():
         raise CheckpointError(f"no such checkpoint: {path}", path=str(path))
     if path.suffix.lower() not in WEIGHT_SUFFIXES:
         raise CheckpointError(f"{path} is not a weights file (expected one of {', '.join(WEIGHT_SUFFIXES)}, "
                               "or a checkpoint directory)", path=str(path))
     configs = read_configs(path.parent, path) if (path.parent / CONFIG_NAME).is_file() else None
-    state_dict = hf_names(read_state_dict(path))
-    config, features = configs or infer_config(state_dict)
-    return Checkpoint(config, features, state_dict, str(path))
+    return _checked(hf_names(read_state_dict(path)), configs, str(path))
+
+
+def _checked(state_dict: dict, configs: tuple[ASTConfig, FeatureConfig] | None, source: str) -> Checkpoint:
+    config, features = configs or infer_config(state_dict, source)
+    encoder_layers(state_dict, source, config.num_hidden_layers)
+    return Checkpoint(config, features, state_dict, source)
 
 
 def check_state_dict(model, state_dict: Mapping[str, Any], source: str) -> None:
