@@ -243,3 +243,20 @@ def test_s9_a_bare_weights_file_needs_layers_numbered_from_0_and_a_sane_config(t
     _bare_weights(tmp_path, "wide.safetensors", **{wide: torch.zeros(1 << 21, 0)})
     with pytest.raises(CheckpointError, match=re.escape("intermediate_size is 2097152: too large")):
         load_checkpoint(tmp_path / "wide.safetensors")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool, torch.complex64])
+def test_s9_an_integer_bool_or_complex_tensor_is_named(tiny_checkpoint, tmp_path, dtype):
+    """An int or bool tensor was "unexpected error: RuntimeError" from torch mid-load; a complex one lost its
+    imaginary part silently."""
+    directory = tmp_path / "dtype"
+    shutil.copytree(tiny_checkpoint[0], directory)
+    state = load_checkpoint(directory).state_dict
+    name = "audio_spectrogram_transformer.encoder.layer.0.attention.attention.query.bias"
+    state[name] = state[name].to(dtype)
+    save_file(state, str(directory / "model.safetensors"))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(directory)
+    dtype_name = str(dtype).removeprefix("torch.")
+    assert str(info.value) == (f"{directory / 'model.safetensors'}: tensor {name} is {dtype_name}, expected a "
+                               "floating-point tensor")

@@ -224,6 +224,16 @@ def encoder_layers(state_dict: Mapping[str, Any], source: str, expected: int | N
     raise CheckpointError(f"{source} does not fit the AST architecture: {reason}", path=source)
 
 
+def check_dtypes(state_dict: Mapping[str, Any], source: str) -> None:
+    """Every tensor is a real floating-point one: an integer or bool one cannot become a parameter, and a
+    complex one would lose its imaginary part."""
+    for name, tensor in state_dict.items():
+        if not tensor.is_floating_point():
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise CheckpointError(f"{source}: tensor {name} is {dtype}, expected a floating-point tensor",
+                                  path=source)
+
+
 def infer_config(state_dict: Mapping[str, Any], source: str) -> tuple[ASTConfig, FeatureConfig]:
     """Architecture of a bare weights file (no config.json), from tensor shapes.
 
@@ -268,7 +278,7 @@ def infer_config(state_dict: Mapping[str, Any], source: str) -> tuple[ASTConfig,
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a hub-layout directory or a single weights file (with an optional config.json beside it), and check
-    all that needs no model (sizes, layers) before one is built."""
+    all that needs no model (sizes, dtypes, layers) before one is built."""
     path = Path(path)
     if path.is_dir():
         configs = read_configs(path)
@@ -289,6 +299,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def _checked(state_dict: dict, configs: tuple[ASTConfig, FeatureConfig] | None, source: str) -> Checkpoint:
+    check_dtypes(state_dict, source)
     config, features = configs or infer_config(state_dict, source)
     encoder_layers(state_dict, source, config.num_hidden_layers)
     return Checkpoint(config, features, state_dict, source)
