@@ -260,3 +260,15 @@ def test_s9_an_integer_bool_or_complex_tensor_is_named(tiny_checkpoint, tmp_path
     dtype_name = str(dtype).removeprefix("torch.")
     assert str(info.value) == (f"{directory / 'model.safetensors'}: tensor {name} is {dtype_name}, expected a "
                                "floating-point tensor")
+
+
+def test_s9_a_bare_weights_file_whose_head_count_is_not_certain_asks_for_its_config(tiny_checkpoint, tmp_path):
+    """A 4-head 32-wide model's bare weights file loaded with 32 // 64 -> 1 head: other scores, silently."""
+    _bare_weights(tmp_path, hidden_size=32, num_attention_heads=4)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "bare.safetensors")
+    assert str(info.value) == (f"{tmp_path / 'bare.safetensors'}: the number of attention heads of a 32-wide model "
+                               "is not stored in its weights")
+    assert info.value.hint == "keep the weights file in a folder with its config.json"
+    _bare_weights(tmp_path, hidden_size=128, num_attention_heads=4)  # a multiple of 64: 2 heads, as published
+    assert load_checkpoint(tmp_path / "bare.safetensors").config.num_attention_heads == 2

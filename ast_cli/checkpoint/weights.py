@@ -207,6 +207,8 @@ def hf_names(state_dict: Mapping[str, Any]) -> dict:
     return dict(state_dict)
 
 
+HEAD_SIZE = 64  # width of one attention head in every published AST (768 = 12 x 64): not stored in the weights
+NEEDS_CONFIG = "keep the weights file in a folder with its config.json"
 _LAYER_KEY = re.compile(re.escape(PREFIX) + r"encoder\.layer\.([0-9]{1,9})\.")  # ASCII digits, at most 9
 
 
@@ -238,7 +240,8 @@ def infer_config(state_dict: Mapping[str, Any], source: str) -> tuple[ASTConfig,
     """Architecture of a bare weights file (no config.json), from tensor shapes.
 
     The stride is not stored anywhere, so it is found from the number of position embeddings, trying the
-    published input shapes (128 mel bins, 1024 or 128 frames) and strides 10 to 16.
+    published input shapes (128 mel bins, 1024 or 128 frames) and strides 10 to 16. Neither is the head count:
+    it is found only for widths that are a multiple of ``HEAD_SIZE``, as every published AST's.
     """
     try:
         pos = state_dict[PREFIX + "embeddings.position_embeddings"]
@@ -247,6 +250,9 @@ def infer_config(state_dict: Mapping[str, Any], source: str) -> tuple[ASTConfig,
     except (KeyError, IndexError) as exc:
         raise CheckpointError(f"{source}: not an AST state dict (missing {exc})", path=source) from None
     layers = encoder_layers(state_dict, source)
+    if hidden % HEAD_SIZE:
+        raise CheckpointError(f"{source}: the number of attention heads of a {hidden}-wide model is not stored in "
+                              "its weights", path=source, hint=NEEDS_CONFIG)
     num_labels = int(state_dict["classifier.dense.weight"].shape[0]) if "classifier.dense.weight" in state_dict else 0
     labels: tuple[str, ...] = ()
     if num_labels == 527:
@@ -258,7 +264,7 @@ def infer_config(state_dict: Mapping[str, Any], source: str) -> tuple[ASTConfig,
     for max_length in (AUDIOSET_MAX_LENGTH, SPEECH_COMMANDS_MAX_LENGTH, 512, 256):
         for stride in range(10, 17):
             cfg = ASTConfig(
-                hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+                hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // HEAD_SIZE),
                 intermediate_size=inner, frequency_stride=stride, time_stride=stride,
                 max_length=max_length, id2label=labels,
             )
@@ -272,8 +278,7 @@ def infer_config(state_dict: Mapping[str, Any], source: str) -> tuple[ASTConfig,
                     features = replace(features, mean=SPEECH_COMMANDS_MEAN, std=SPEECH_COMMANDS_STD)
                 return cfg, features
     raise CheckpointError(f"{source}: cannot infer the input shape from {tokens} position embeddings",
-                          path=source,
-                          hint="put the checkpoint's config.json next to the weights file")
+                          path=source, hint=NEEDS_CONFIG)
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
