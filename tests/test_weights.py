@@ -191,10 +191,16 @@ def test_s8_19_an_oversized_config_value_is_called_too_large(tiny_checkpoint, tm
 
 @pytest.fixture
 def no_model_built(monkeypatch):
-    """Building a model fails the test: every check here must come first."""
+    """Building a model fails the test (but for the one-layer template of ``expected_shapes``): every check here
+    must come first."""
     from ast_cli.checkpoint import model
 
-    monkeypatch.setattr(model, "AST", lambda *a, **k: pytest.fail("a model was built"))
+    def guarded(config, *args, **kwargs):
+        if config.num_hidden_layers > 1:
+            pytest.fail(f"a model of {config.num_hidden_layers} layers was built")
+        return AST(config, *args, **kwargs)
+
+    monkeypatch.setattr(model, "AST", guarded)
 
 
 def test_s9_a_config_with_more_layers_than_its_weights_is_refused_before_a_model_is_built(
@@ -214,6 +220,20 @@ def test_s9_a_config_with_more_layers_than_its_weights_is_refused_before_a_model
     directory = _edited(tiny_checkpoint, tmp_path, "config.json", num_hidden_layers=3)
     with pytest.raises(CheckpointError, match=re.escape("asks for 3 encoder layers (numbered 0 to 2), the file "
                                                         "holds 2 encoder layers numbered 0 to 1")):
+        build_model(load_checkpoint(directory))
+
+
+def test_s9_a_layer_with_keys_missing_is_refused_before_a_model_is_built(tiny_checkpoint, tmp_path, no_model_built):
+    """Layers numbered 0 to n - 1 with one small key each passed the layer check, and n layers were built before
+    the key check: names and shapes are now checked against the config first."""
+    from safetensors.torch import load_file
+
+    directory = _edited(tiny_checkpoint, tmp_path, "config.json", num_hidden_layers=3)
+    state = load_file(directory / "model.safetensors")
+    state["audio_spectrogram_transformer.encoder.layer.2.attention.attention.query.bias"] = torch.zeros(32)
+    save_file(state, str(directory / "model.safetensors"))
+    missing = "15 missing (e.g. audio_spectrogram_transformer.encoder.layer.2.attention.attention.query.weight, "
+    with pytest.raises(CheckpointError, match=re.escape(missing)):
         build_model(load_checkpoint(directory))
 
 

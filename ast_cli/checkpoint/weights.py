@@ -12,8 +12,9 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass, replace
+from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from ..constants import AUDIOSET_MAX_LENGTH, SPEECH_COMMANDS_MAX_LENGTH, SPEECH_COMMANDS_MEAN, SPEECH_COMMANDS_STD
 from ..errors import CheckpointError
@@ -209,7 +210,8 @@ def hf_names(state_dict: Mapping[str, Any]) -> dict:
 
 HEAD_SIZE = 64  # width of one attention head in every published AST (768 = 12 x 64): not stored in the weights
 NEEDS_CONFIG = "keep the weights file in a folder with its config.json"
-_LAYER_KEY = re.compile(re.escape(PREFIX) + r"encoder\.layer\.([0-9]{1,9})\.")  # ASCII digits, at most 9
+LAYERS = PREFIX + "encoder.layer."
+_LAYER_KEY = re.compile(re.escape(LAYERS) + r"(0|[1-9][0-9]{0,8})\.")  # as the model names them: ASCII, no 0 first
 
 
 def encoder_layers(state_dict: Mapping[str, Any], source: str, expected: int | None = None) -> int:
@@ -283,7 +285,7 @@ def infer_config(state_dict: Mapping[str, Any], source: str) -> tuple[ASTConfig,
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a hub-layout directory or a single weights file (with an optional config.json beside it), and check
-    all that needs no model (sizes, dtypes, layers) before one is built."""
+    all of it that needs no model (sizes, dtypes, names and shapes) before one is built."""
     path = Path(path)
     if path.is_dir():
         configs = read_configs(path)
@@ -306,23 +308,56 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 def _checked(state_dict: dict, configs: tuple[ASTConfig, FeatureConfig] | None, source: str) -> Checkpoint:
     check_dtypes(state_dict, source)
     config, features = configs or infer_config(state_dict, source)
-    encoder_layers(state_dict, source, config.num_hidden_layers)
+    check_state_dict(config, state_dict, source)
     return Checkpoint(config, features, state_dict, source)
 
 
-def check_state_dict(model, state_dict: Mapping[str, Any], source: str) -> None:
-    """Raise CheckpointError naming the first missing, unexpected or mis-shaped keys."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    shapes = [
-        f"{k} {tuple(state_dict[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
-    ]
+def _template(config: ASTConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter of a one-layer model of ``config``, built on the meta device (no memory):
+    what a checkpoint of ``config`` must hold, with the names of layer 0 standing for every layer's."""
+    import torch
+
+    from .model import AST
+
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in AST(replace(config, num_hidden_layers=1)).state_dict().items()}
+
+
+def _template_name(name: str) -> str:
+    """A layer's key -> layer 0's (``..layer.7.x`` -> ``..layer.0.x``); any other name as it is."""
+    match = _LAYER_KEY.match(name)
+    return f"{LAYERS}0.{name[match.end():]}" if match else name
+
+
+def _expected_names(template: Mapping[str, Any], layers: int) -> Iterator[str]:
+    """Every parameter name of a model of ``layers`` layers, in the model's order, one at a time."""
+    first = True
+    for name in template:
+        if not name.startswith(LAYERS):
+            yield name
+        elif first:  # every layer's names, once, where the first layer's stand
+            first = False
+            per_layer = [k[len(LAYERS) + 2:] for k in template if k.startswith(LAYERS)]  # "0." dropped
+            yield from (f"{LAYERS}{i}.{k}" for i in range(layers) for k in per_layer)
+
+
+def check_state_dict(config: ASTConfig, state_dict: Mapping[str, Any], source: str) -> None:
+    """Raise CheckpointError naming the first missing, unexpected or mis-shaped keys, before a model of ``config``
+    is built: its layers first (``encoder_layers``); then each key against the one-layer ``_template``, so that
+    the work is bounded by the file's keys, whatever the config asks for."""
+    layers = encoder_layers(state_dict, source, config.num_hidden_layers)
+    template = _template(config)
+    names = {k: _template_name(k) for k in state_dict}
+    unexpected = [k for k, name in names.items() if name not in template]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} != {template[name]}" for k, name in names.items()
+              if name in template and tuple(state_dict[k].shape) != template[name]]
+    per_layer = sum(k.startswith(LAYERS) for k in template)
+    missing_count = len(template) + (layers - 1) * per_layer - (len(state_dict) - len(unexpected))
+    absent = (k for k in _expected_names(template, layers) if k not in state_dict)
+    missing = list(islice(absent, 3)) if missing_count else []
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        problems.append(f"{missing_count} missing (e.g. {', '.join(missing)})")
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
     if shapes:
@@ -363,9 +398,9 @@ def build_model(checkpoint: Checkpoint, attn: AttnImplementation = "sdpa") -> AS
 
     from .model import AST
 
+    check_state_dict(checkpoint.config, checkpoint.state_dict, checkpoint.source)
     with torch.device("meta"):
         model = AST(checkpoint.config, attn=attn)
-    check_state_dict(model, checkpoint.state_dict, checkpoint.source)
     state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in checkpoint.state_dict.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
