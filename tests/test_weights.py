@@ -265,6 +265,13 @@ def test_s9_a_bare_weights_file_needs_layers_numbered_from_0_and_a_sane_config(t
         load_checkpoint(tmp_path / "wide.safetensors")
 
 
+def test_s9_a_bare_weights_file_with_a_0_d_classifier_is_refused(tmp_path):
+    """A 0-d ``classifier.dense.weight`` made the shape inference fail with an IndexError (a traceback)."""
+    _bare_weights(tmp_path, **{"classifier.dense.weight": torch.zeros(())})
+    with pytest.raises(CheckpointError, match="not an AST state dict .a tensor with too few dimensions."):
+        load_checkpoint(tmp_path / "bare.safetensors")
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool, torch.complex64])
 def test_s9_an_integer_bool_or_complex_tensor_is_named(tiny_checkpoint, tmp_path, dtype):
     """An int or bool tensor was "unexpected error: RuntimeError" from torch mid-load; a complex one lost its

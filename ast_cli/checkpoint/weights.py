@@ -249,13 +249,17 @@ def infer_config(state_dict: Mapping[str, Any], source: str) -> tuple[ASTConfig,
         pos = state_dict[PREFIX + "embeddings.position_embeddings"]
         hidden, tokens = int(pos.shape[-1]), int(pos.shape[1])
         inner = int(state_dict[PREFIX + "encoder.layer.0.intermediate.dense.weight"].shape[0])
-    except (KeyError, IndexError) as exc:
+        head = state_dict.get("classifier.dense.weight")
+        num_labels = 0 if head is None else int(head.shape[0])
+    except KeyError as exc:
         raise CheckpointError(f"{source}: not an AST state dict (missing {exc})", path=source) from None
+    except IndexError:  # a 0-d tensor where a matrix belongs
+        raise CheckpointError(f"{source}: not an AST state dict (a tensor with too few dimensions)",
+                              path=source) from None
     layers = encoder_layers(state_dict, source)
     if hidden % HEAD_SIZE:
         raise CheckpointError(f"{source}: the number of attention heads of a {hidden}-wide model is not stored in "
                               "its weights", path=source, hint=NEEDS_CONFIG)
-    num_labels = int(state_dict["classifier.dense.weight"].shape[0]) if "classifier.dense.weight" in state_dict else 0
     labels: tuple[str, ...] = ()
     if num_labels == 527:
         labels = load_labels("audioset")
