@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from ast_cli.errors import CheckpointError
-from ast_cli.checkpoint.model import ASTConfig
+from ast_cli.checkpoint.model import AST, ASTConfig  # AST bound here: no_model_built replaces the module's
 from ast_cli.checkpoint.weights import build_model, load_checkpoint, read_configs
 
 
@@ -184,3 +184,118 @@ def test_s8_19_an_oversized_config_value_is_called_too_large(tiny_checkpoint, tm
     directory = _edited(tiny_checkpoint, tmp_path, "config.json", intermediate_size=0)
     with pytest.raises(CheckpointError, match="intermediate_size must be a positive whole number, not 0"):
         load_checkpoint(directory)
+
+
+# -- s9: what a checkpoint can ask for is checked before a model is built ----------------------------------------
+
+
+@pytest.fixture
+def no_model_built(monkeypatch):
+    """Building a model fails the test (but for the one-layer template of ``expected_shapes``): every check here
+    must come first."""
+    from ast_cli.checkpoint import model
+
+    def guarded(config, *args, **kwargs):
+        if config.num_hidden_layers > 1:
+            pytest.fail(f"a model of {config.num_hidden_layers} layers was built")
+        return AST(config, *args, **kwargs)
+
+    monkeypatch.setattr(model, "AST", guarded)
+
+
+def test_s9_a_config_with_more_layers_than_its_weights_is_refused_before_a_model_is_built(
+        tiny_checkpoint, tmp_path, no_model_built):
+    """30000 layers of width 1 fit the size check of a 1.2 MB file: 2.1 GB and 51 s of modules were built first."""
+    directory = tmp_path / "layers"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({
+        "model_type": "audio-spectrogram-transformer", "hidden_size": 1, "num_hidden_layers": 30000,
+        "num_attention_heads": 1, "intermediate_size": 1, "max_length": 16, "num_mel_bins": 16,
+        "frequency_stride": 16, "time_stride": 16, "id2label": {"0": "a"}}))
+    save_file({"pad": torch.zeros(300000)}, str(directory / "model.safetensors"))
+    with pytest.raises(CheckpointError) as info:
+        build_model(load_checkpoint(directory))
+    assert str(info.value) == (f"{directory / 'model.safetensors'} does not fit the AST architecture: its config "
+                               "asks for 30000 encoder layers (numbered 0 to 29999), the file holds no encoder layers")
+    directory = _edited(tiny_checkpoint, tmp_path, "config.json", num_hidden_layers=3)
+    with pytest.raises(CheckpointError, match=re.escape("asks for 3 encoder layers (numbered 0 to 2), the file "
+                                                        "holds 2 encoder layers numbered 0 to 1")):
+        build_model(load_checkpoint(directory))
+
+
+def test_s9_a_layer_with_keys_missing_is_refused_before_a_model_is_built(tiny_checkpoint, tmp_path, no_model_built):
+    """Layers numbered 0 to n - 1 with one small key each passed the layer check, and n layers were built before
+    the key check: names and shapes are now checked against the config first."""
+    from safetensors.torch import load_file
+
+    directory = _edited(tiny_checkpoint, tmp_path, "config.json", num_hidden_layers=3)
+    state = load_file(directory / "model.safetensors")
+    state["audio_spectrogram_transformer.encoder.layer.2.attention.attention.query.bias"] = torch.zeros(32)
+    save_file(state, str(directory / "model.safetensors"))
+    missing = "15 missing (e.g. audio_spectrogram_transformer.encoder.layer.2.attention.attention.query.weight, "
+    with pytest.raises(CheckpointError, match=re.escape(missing)):
+        build_model(load_checkpoint(directory))
+
+
+def _bare_weights(tmp_path, name: str = "bare.safetensors", hidden_size: int = 64, num_attention_heads: int = 1,
+                  **changes) -> dict:
+    """A bare weights file (no config.json beside) of a tiny model in a published input shape (128 x 128,
+    strides 10), ``changes`` merged into its tensors; returns them."""
+    config = ASTConfig(hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=num_attention_heads,
+                       intermediate_size=64, max_length=128, id2label=("a", "b"))
+    tensors = dict(AST(config).state_dict(), **changes)
+    save_file(tensors, str(tmp_path / name))
+    return tensors
+
+
+def test_s9_a_bare_weights_file_needs_layers_numbered_from_0_and_a_sane_config(tmp_path, no_model_built):
+    """One stray ``encoder.layer.1000000.*`` key made the loader build a million layers (~70 GB) before the key
+    check; the config inferred from the shapes is checked as a config.json's is."""
+    _bare_weights(tmp_path)
+    assert load_checkpoint(tmp_path / "bare.safetensors").config.num_hidden_layers == 2
+    stray = "audio_spectrogram_transformer.encoder.layer.1000000.attention.attention.query.bias"
+    _bare_weights(tmp_path, "stray.safetensors", **{stray: torch.zeros(1)})
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "stray.safetensors")
+    assert str(info.value) == (f"{tmp_path / 'stray.safetensors'} does not fit the AST architecture: the file "
+                               "holds 3 encoder layers numbered 0 to 1000000, not 0 to 2")
+    wide = "audio_spectrogram_transformer.encoder.layer.0.intermediate.dense.weight"
+    _bare_weights(tmp_path, "wide.safetensors", **{wide: torch.zeros(1 << 21, 0)})
+    with pytest.raises(CheckpointError, match=re.escape("intermediate_size is 2097152: too large")):
+        load_checkpoint(tmp_path / "wide.safetensors")
+
+
+def test_s9_a_bare_weights_file_with_a_0_d_classifier_is_refused(tmp_path):
+    """A 0-d ``classifier.dense.weight`` made the shape inference fail with an IndexError (a traceback)."""
+    _bare_weights(tmp_path, **{"classifier.dense.weight": torch.zeros(())})
+    with pytest.raises(CheckpointError, match="not an AST state dict .a tensor with too few dimensions."):
+        load_checkpoint(tmp_path / "bare.safetensors")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool, torch.complex64])
+def test_s9_an_integer_bool_or_complex_tensor_is_named(tiny_checkpoint, tmp_path, dtype):
+    """An int or bool tensor was "unexpected error: RuntimeError" from torch mid-load; a complex one lost its
+    imaginary part silently."""
+    directory = tmp_path / "dtype"
+    shutil.copytree(tiny_checkpoint[0], directory)
+    state = load_checkpoint(directory).state_dict
+    name = "audio_spectrogram_transformer.encoder.layer.0.attention.attention.query.bias"
+    state[name] = state[name].to(dtype)
+    save_file(state, str(directory / "model.safetensors"))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(directory)
+    dtype_name = str(dtype).removeprefix("torch.")
+    assert str(info.value) == (f"{directory / 'model.safetensors'}: tensor {name} is {dtype_name}, expected a "
+                               "floating-point tensor")
+
+
+def test_s9_a_bare_weights_file_whose_head_count_is_not_certain_asks_for_its_config(tiny_checkpoint, tmp_path):
+    """A 4-head 32-wide model's bare weights file loaded with 32 // 64 -> 1 head: other scores, silently."""
+    _bare_weights(tmp_path, hidden_size=32, num_attention_heads=4)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "bare.safetensors")
+    assert str(info.value) == (f"{tmp_path / 'bare.safetensors'}: the number of attention heads of a 32-wide model "
+                               "is not stored in its weights")
+    assert info.value.hint == "keep the weights file in a folder with its config.json"
+    _bare_weights(tmp_path, hidden_size=128, num_attention_heads=4)  # a multiple of 64: 2 heads, as published
+    assert load_checkpoint(tmp_path / "bare.safetensors").config.num_attention_heads == 2

@@ -12,8 +12,9 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass, replace
+from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from ..constants import AUDIOSET_MAX_LENGTH, SPEECH_COMMANDS_MAX_LENGTH, SPEECH_COMMANDS_MEAN, SPEECH_COMMANDS_STD
 from ..errors import CheckpointError
@@ -207,21 +208,58 @@ def hf_names(state_dict: Mapping[str, Any]) -> dict:
     return dict(state_dict)
 
 
-def infer_config(state_dict: Mapping[str, Any]) -> tuple[ASTConfig, FeatureConfig]:
+HEAD_SIZE = 64  # width of one attention head in every published AST (768 = 12 x 64): not stored in the weights
+NEEDS_CONFIG = "keep the weights file in a folder with its config.json"
+LAYERS = PREFIX + "encoder.layer."
+_LAYER_KEY = re.compile(re.escape(LAYERS) + r"(0|[1-9][0-9]{0,8})\.")  # as the model names them: ASCII, no 0 first
+
+
+def encoder_layers(state_dict: Mapping[str, Any], source: str, expected: int | None = None) -> int:
+    """How many encoder layers ``state_dict`` holds: they must be numbered 0 to n - 1, n the config's ``expected``
+    (None: however many there are). Checked before a model is built from the count: a config's
+    ``num_hidden_layers`` or one stray ``encoder.layer.1000000.*`` key made it build that many layers first."""
+    layers = {int(m.group(1)) for m in map(_LAYER_KEY.match, state_dict) if m}
+    count = len(layers) if expected is None else expected
+    if layers == set(range(count)):
+        return count
+    held = f"{len(layers)} encoder layers numbered {min(layers)} to {max(layers)}" if layers else "no encoder layers"
+    reason = (f"the file holds {held}, not 0 to {count - 1}" if expected is None else
+              f"its config asks for {count} encoder layers (numbered 0 to {count - 1}), the file holds {held}")
+    raise CheckpointError(f"{source} does not fit the AST architecture: {reason}", path=source)
+
+
+def check_dtypes(state_dict: Mapping[str, Any], source: str) -> None:
+    """Every tensor is a real floating-point one: an integer or bool one cannot become a parameter, and a
+    complex one would lose its imaginary part."""
+    for name, tensor in state_dict.items():
+        if not tensor.is_floating_point():
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise CheckpointError(f"{source}: tensor {name} is {dtype}, expected a floating-point tensor",
+                                  path=source)
+
+
+def infer_config(state_dict: Mapping[str, Any], source: str) -> tuple[ASTConfig, FeatureConfig]:
     """Architecture of a bare weights file (no config.json), from tensor shapes.
 
     The stride is not stored anywhere, so it is found from the number of position embeddings, trying the
-    published input shapes (128 mel bins, 1024 or 128 frames) and strides 10 to 16.
+    published input shapes (128 mel bins, 1024 or 128 frames) and strides 10 to 16. Neither is the head count:
+    it is found only for widths that are a multiple of ``HEAD_SIZE``, as every published AST's.
     """
     try:
         pos = state_dict[PREFIX + "embeddings.position_embeddings"]
-        hidden = int(pos.shape[-1])
-        tokens = int(pos.shape[1])
-        layers = 1 + max(int(k.split(".")[3]) for k in state_dict if k.startswith(PREFIX + "encoder.layer."))
+        hidden, tokens = int(pos.shape[-1]), int(pos.shape[1])
         inner = int(state_dict[PREFIX + "encoder.layer.0.intermediate.dense.weight"].shape[0])
-    except (KeyError, ValueError, IndexError) as exc:
-        raise CheckpointError(f"not an AST state dict (missing {exc})") from None
-    num_labels = int(state_dict["classifier.dense.weight"].shape[0]) if "classifier.dense.weight" in state_dict else 0
+        head = state_dict.get("classifier.dense.weight")
+        num_labels = 0 if head is None else int(head.shape[0])
+    except KeyError as exc:
+        raise CheckpointError(f"{source}: not an AST state dict (missing {exc})", path=source) from None
+    except IndexError:  # a 0-d tensor where a matrix belongs
+        raise CheckpointError(f"{source}: not an AST state dict (a tensor with too few dimensions)",
+                              path=source) from None
+    layers = encoder_layers(state_dict, source)
+    if hidden % HEAD_SIZE:
+        raise CheckpointError(f"{source}: the number of attention heads of a {hidden}-wide model is not stored in "
+                              "its weights", path=source, hint=NEEDS_CONFIG)
     labels: tuple[str, ...] = ()
     if num_labels == 527:
         labels = load_labels("audioset")
@@ -232,57 +270,98 @@ def infer_config(state_dict: Mapping[str, Any]) -> tuple[ASTConfig, FeatureConfi
     for max_length in (AUDIOSET_MAX_LENGTH, SPEECH_COMMANDS_MAX_LENGTH, 512, 256):
         for stride in range(10, 17):
             cfg = ASTConfig(
-                hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+                hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // HEAD_SIZE),
                 intermediate_size=inner, frequency_stride=stride, time_stride=stride,
                 max_length=max_length, id2label=labels,
             )
             if cfg.num_tokens == tokens:
+                try:
+                    cfg.check()
+                except ValueError as exc:
+                    raise CheckpointError(f"{source}: {exc}", path=source) from None
                 features = FeatureConfig(max_length=max_length)
                 if num_labels == 35:  # speech-commands normalization
                     features = replace(features, mean=SPEECH_COMMANDS_MEAN, std=SPEECH_COMMANDS_STD)
                 return cfg, features
-    raise CheckpointError(
-        f"cannot infer the input shape from {tokens} position embeddings",
-        hint="put the checkpoint's config.json next to the weights file",
-    )
+    raise CheckpointError(f"{source}: cannot infer the input shape from {tokens} position embeddings",
+                          path=source, hint=NEEDS_CONFIG)
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a hub-layout directory or a single weights file (with an optional config.json beside it)."""
+    """Read a hub-layout directory or a single weights file (with an optional config.json beside it), and check
+    all of it that needs no model (sizes, dtypes, names and shapes) before one is built."""
     path = Path(path)
     if path.is_dir():
-        config, features = read_configs(path)
+        configs = read_configs(path)
         weights = _weights_file(path)
         if weights is None:
             raise CheckpointError(
                 f"{path} has no {SAFETENSORS_NAME} or {PICKLE_NAME}", path=str(path),
                 hint=f"a checkpoint directory holds {CONFIG_NAME}, {PREPROCESSOR_NAME} and {SAFETENSORS_NAME}",
             )
-        return Checkpoint(config, features, hf_names(read_state_dict(weights)), str(weights))
+        return _checked(hf_names(read_state_dict(weights)), configs, str(weights))
     if not path.is_file():
         raise CheckpointError(f"no such checkpoint: {path}", path=str(path))
     if path.suffix.lower() not in WEIGHT_SUFFIXES:
         raise CheckpointError(f"{path} is not a weights file (expected one of {', '.join(WEIGHT_SUFFIXES)}, "
                               "or a checkpoint directory)", path=str(path))
     configs = read_configs(path.parent, path) if (path.parent / CONFIG_NAME).is_file() else None
-    state_dict = hf_names(read_state_dict(path))
-    config, features = configs or infer_config(state_dict)
-    return Checkpoint(config, features, state_dict, str(path))
+    return _checked(hf_names(read_state_dict(path)), configs, str(path))
 
 
-def check_state_dict(model, state_dict: Mapping[str, Any], source: str) -> None:
-    """Raise CheckpointError naming the first missing, unexpected or mis-shaped keys."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    shapes = [
-        f"{k} {tuple(state_dict[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
-    ]
+def _checked(state_dict: dict, configs: tuple[ASTConfig, FeatureConfig] | None, source: str) -> Checkpoint:
+    check_dtypes(state_dict, source)
+    config, features = configs or infer_config(state_dict, source)
+    check_state_dict(config, state_dict, source)
+    return Checkpoint(config, features, state_dict, source)
+
+
+def _template(config: ASTConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter of a one-layer model of ``config``, built on the meta device (no memory):
+    what a checkpoint of ``config`` must hold, with the names of layer 0 standing for every layer's."""
+    import torch
+
+    from .model import AST
+
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in AST(replace(config, num_hidden_layers=1)).state_dict().items()}
+
+
+def _template_name(name: str) -> str:
+    """A layer's key -> layer 0's (``..layer.7.x`` -> ``..layer.0.x``); any other name as it is."""
+    match = _LAYER_KEY.match(name)
+    return f"{LAYERS}0.{name[match.end():]}" if match else name
+
+
+def _expected_names(template: Mapping[str, Any], layers: int) -> Iterator[str]:
+    """Every parameter name of a model of ``layers`` layers, in the model's order, one at a time."""
+    first = True
+    for name in template:
+        if not name.startswith(LAYERS):
+            yield name
+        elif first:  # every layer's names, once, where the first layer's stand
+            first = False
+            per_layer = [k[len(LAYERS) + 2:] for k in template if k.startswith(LAYERS)]  # "0." dropped
+            yield from (f"{LAYERS}{i}.{k}" for i in range(layers) for k in per_layer)
+
+
+def check_state_dict(config: ASTConfig, state_dict: Mapping[str, Any], source: str) -> None:
+    """Raise CheckpointError naming the first missing, unexpected or mis-shaped keys, before a model of ``config``
+    is built: its layers first (``encoder_layers``); then each key against the one-layer ``_template``, so that
+    the work is bounded by the file's keys, whatever the config asks for."""
+    layers = encoder_layers(state_dict, source, config.num_hidden_layers)
+    template = _template(config)
+    names = {k: _template_name(k) for k in state_dict}
+    unexpected = [k for k, name in names.items() if name not in template]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} != {template[name]}" for k, name in names.items()
+              if name in template and tuple(state_dict[k].shape) != template[name]]
+    per_layer = sum(k.startswith(LAYERS) for k in template)
+    missing_count = len(template) + (layers - 1) * per_layer - (len(state_dict) - len(unexpected))
+    absent = (k for k in _expected_names(template, layers) if k not in state_dict)
+    missing = list(islice(absent, 3)) if missing_count else []
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        problems.append(f"{missing_count} missing (e.g. {', '.join(missing)})")
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
     if shapes:
@@ -323,9 +402,9 @@ def build_model(checkpoint: Checkpoint, attn: AttnImplementation = "sdpa") -> AS
 
     from .model import AST
 
+    check_state_dict(checkpoint.config, checkpoint.state_dict, checkpoint.source)
     with torch.device("meta"):
         model = AST(checkpoint.config, attn=attn)
-    check_state_dict(model, checkpoint.state_dict, checkpoint.source)
     state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in checkpoint.state_dict.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
