@@ -97,3 +97,20 @@ def test_a_missing_dot_slash_model_path_is_one_line_not_a_hint_that_repeats_it(t
     clip = write_audio(tmp_path / "a.wav", 1.0)
     result = ast("classify", clip, "-m", "./nosuchdir/model")
     assert result.exit_code == 1 and "does not exist either" not in result.stderr, result.stderr
+
+
+def test_a_damaged_cached_model_is_called_damaged_not_missing(tiny_checkpoint, tmp_path, monkeypatch):
+    """A cached snapshot whose weights blob was deleted was "not in the Hugging Face cache ... (it is not in the
+    cache yet)", while ``ast models --cached`` called it damaged. Offline, it is named damaged, with the repair."""
+    from test_newcomer import fake_cache
+
+    cache = tmp_path / "cache"
+    snapshot = fake_cache(cache, "acme/tiny-ast", tiny_checkpoint[0])
+    (snapshot / "model.safetensors").resolve().unlink()  # the blob goes; the link stays, broken
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    clip = write_audio(tmp_path / "a.wav", 1.0)
+    result = ast("classify", clip, "--model", "acme/tiny-ast", "--cache-dir", cache)
+    assert result.exit_code == 1 and "not in the cache yet" not in result.stderr, result.stderr
+    assert result.stderr.splitlines() == [
+        f"Error: the cached snapshot of acme/tiny-ast is damaged: {snapshot} lacks its config.json or weights file",
+        "Hint: download it again: `ast download acme/tiny-ast --force`"]

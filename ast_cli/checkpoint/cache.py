@@ -29,6 +29,23 @@ def cached_snapshot(repo_id: str, revision: str | None = None,
     return snapshot if _weights_in(snapshot) else None
 
 
+def damaged_snapshot(repo_id: str, revision: str | None = None,
+                     cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """The snapshot folder ``revision`` (default main: its ref, or a commit hash) names in the cache when it is
+    there but lacks its config or weights (a blob deleted, a link broken); None otherwise."""
+    repo = _cache(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    revision = revision or DEFAULT_REVISION
+    try:
+        ref = repo / "refs" / revision
+        commit = ref.read_text().strip() if ref.is_file() else revision
+    except (OSError, UnicodeDecodeError):
+        return None
+    snapshot = repo / "snapshots" / commit
+    if "/" in commit or commit in ("", ".", "..") or not snapshot.is_dir():
+        return None
+    return None if (snapshot / CONFIG_NAME).is_file() and _weights_in(snapshot) else snapshot
+
+
 @dataclass(frozen=True)
 class CachedModel:
     """One cached snapshot of an AST checkpoint (a row of ``cached_checkpoints``).

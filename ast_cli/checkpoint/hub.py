@@ -29,8 +29,8 @@ from typing import Iterator, Protocol
 
 from .. import __version__
 from ..constants import DEFAULT_MODEL
-from ..errors import AstError, HubError, ModelNotFoundError, OutputWriteError, UsageError
-from .cache import cached_snapshot, verify_weights
+from ..errors import AstError, CheckpointError, HubError, ModelNotFoundError, OutputWriteError, UsageError
+from .cache import cached_snapshot, damaged_snapshot, verify_weights
 from .names import (AST_MODEL_TYPE, COMMIT_HASH, CONFIG_NAME, DEFAULT_REVISION, LIBRARY_NAME, PICKLE_NAME,
                     PREPROCESSOR_NAME, SAFETENSORS_NAME, _RETRY_HINT, _cache, _hub_library_offline, _model_type,
                     _one_line, _token, _weights_in, check_revision, hub_endpoint, is_offline, looks_local,
@@ -47,9 +47,8 @@ HUB_SLOW_BYTES = 64 * 1024
 
 
 class HubStalled(TimeoutError):
-    """A response body that came slower than HUB_SLOW_BYTES per HUB_SLOW_SECONDS. Not an HTTP client error, so
-    huggingface_hub does not retry it (its resumed downloads would trickle again, with their retry count reset by
-    every byte that did come)."""
+    """A response body slower than HUB_SLOW_BYTES per HUB_SLOW_SECONDS. Not an HTTP client error, so huggingface_hub
+    does not retry it (its resumed tries would trickle again, their retry count reset by every byte that came)."""
 
 # -- progress --------------------------------------------------------------------------------------
 
@@ -124,11 +123,15 @@ def resolve_model(name: str, *, offline: bool | None = None, cache_dir: str | No
         verify_weights(_weights_in(snapshot), name)
         return snapshot
     if is_offline(offline) or _hub_library_offline():
-        raise _not_cached(name, repo_id, cache_dir, library=not is_offline(offline))
+        raise _not_cached(name, repo_id, cache_dir, library=not is_offline(offline), revision=revision)
     return download(name, cache_dir=cache_dir, offline=False, progress=progress).path
 
 
-def _not_cached(name: str, repo_id: str, cache_dir: str | None, *, library: bool = False) -> ModelNotFoundError:
+def _not_cached(name: str, repo_id: str, cache_dir: str | None, *, library: bool = False,
+                revision: str | None = None) -> AstError:
+    if (snapshot := damaged_snapshot(repo_id, revision, cache_dir)) is not None:  # there, a file of it gone
+        return CheckpointError(f"the cached snapshot of {repo_id} is damaged: {snapshot} lacks its config.json or "
+                               "weights file", path=str(snapshot), model=name, corrupt=True)
     if library:  # we would go online, but huggingface_hub was imported under HF_HUB_OFFLINE=1
         return ModelNotFoundError(
             f"model {repo_id!r} is not in the Hugging Face cache ({_cache(cache_dir)}) and huggingface_hub is in "
@@ -295,7 +298,7 @@ def _cached_download(label: str, repo_id: str, revision: str | None, cache_dir: 
                          option="force", suggest={"force": None})
     snapshot = cached_snapshot(repo_id, revision, cache_dir)
     if snapshot is None:
-        raise _not_cached(label, repo_id, cache_dir, library=library)
+        raise _not_cached(label, repo_id, cache_dir, library=library, revision=revision)
     verify_weights(_weights_in(snapshot), label)
     files = tuple(f for f in (CONFIG_NAME, PREPROCESSOR_NAME, SAFETENSORS_NAME, PICKLE_NAME)
                   if (snapshot / f).is_file() and (f != PICKLE_NAME or not (snapshot / SAFETENSORS_NAME).is_file()))
