@@ -114,3 +114,11 @@ def test_a_damaged_cached_model_is_called_damaged_not_missing(tiny_checkpoint, t
     assert result.stderr.splitlines() == [
         f"Error: the cached snapshot of acme/tiny-ast is damaged: {snapshot} lacks its config.json or weights file",
         "Hint: download it again: `ast download acme/tiny-ast --force`"]
+
+
+def test_an_option_without_its_value_gets_the_hint_every_usage_error_has():
+    result = ast("classify", "x.wav", "--top")
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == ["Error: option '--top' requires an argument",
+                                          "Hint: `ast classify --help` lists the options"]
+    assert "141 the reader of stdout went away" in " ".join(ast("--help").stdout.split())

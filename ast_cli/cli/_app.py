@@ -24,16 +24,20 @@ class _OneLineUsageError(_UsageError):
         bad_value = re.match(r"Invalid value for '([^']+)'(?: / '[^']+')*: (?:Value error, )?(.*)", message, re.S)
         if bad_value:  # "Invalid value for '--format' / '-f': Value error, 'x' is ..." -> "--format: 'x' is ..."
             flag, message = f"{bad_value[1]}: ", bad_value[2]
-        message = flag + message[:1].lower() + message[1:]  # "No such option" -> "no such option", as ours read
+        message = flag + message[:1].lower() + message[1:].rstrip(".")  # "No such option" -> "no such option"
         hint = None
         if self.ctx is not None:
             listed = "commands" if isinstance(self.ctx.command, TyperGroup) else "options"
             hint = f"`{self.ctx.command_path} --help` lists the {listed}"
+        elif getattr(self, "command_path", None):  # raised before the command's context was made (--top, no value)
+            hint = f"`{self.command_path} --help` lists the options"
         typer.echo(f"Error: {message}" + (f"\nHint: {hint}" if hint else ""), err=True)
 
 
-def _one_line(exc) -> _OneLineUsageError:
-    return _OneLineUsageError(exc.format_message(), ctx=exc.ctx)
+def _one_line(exc, command_path: str | None = None) -> _OneLineUsageError:
+    error = _OneLineUsageError(exc.format_message(), ctx=exc.ctx)
+    error.command_path = command_path
+    return error
 
 
 class _Group(TyperGroup):
@@ -53,7 +57,8 @@ class _Group(TyperGroup):
         except _OneLineUsageError:
             raise
         except _UsageError as exc:
-            raise _one_line(exc) from None
+            name = ctx.invoked_subcommand  # set before the command's own context is made
+            raise _one_line(exc, f"{ctx.command_path} {name}" if name else None) from None
 
 
 app = typer.Typer(
@@ -81,5 +86,6 @@ def main_callback(
     """Tag audio with the Audio Spectrogram Transformer (AST).
 
     Data goes to stdout, progress and messages to stderr. Exit codes: 0 all good, 1 some files failed
-    (or the model could not be loaded), 2 usage error, 130 interrupted (143 on SIGTERM).
+    (or the model could not be loaded, an output could not be written, the paths named held no audio),
+    2 usage error, 130 interrupted (143 on SIGTERM), 141 the reader of stdout went away.
     """
