@@ -125,17 +125,18 @@ class ExtractActor:
     """One Ray actor for ``extract-features``: loads the model (or only its configuration, for fbank) once and
     writes each item's features where the driver planned them (a file system every node shares)."""
 
-    def __init__(self, model: str, options: dict, kind: str, fmt: str):
+    def __init__(self, model: str, options: dict, kind: str, fmt: str, recorded: tuple = (None, None)):
         from .extract import FeatureExtractor, load_feature_config
         from ..run.options import RunOptions
         from ..run.tagger import Tagger
 
         run = RunOptions(**options)
+        name, weights = recorded[0] or model, recorded[1]  # what the outputs record: the driver's identity, stamp
         if kind == "embedding":
-            self.extractor = FeatureExtractor.embeddings(Tagger.load(model, run), model)
+            self.extractor = FeatureExtractor.embeddings(Tagger.load(model, run), name, weights)
         else:
-            self.extractor = FeatureExtractor.fbank(model, load_feature_config(model, offline=run.offline,
-                                                                               cache_dir=run.cache_dir), run)
+            self.extractor = FeatureExtractor.fbank(name, load_feature_config(model, offline=run.offline,
+                                                                              cache_dir=run.cache_dir), run, weights)
         self.fmt = fmt
 
     def __call__(self, batch: dict) -> dict:
@@ -359,11 +360,13 @@ def _options_dict(options, settings: "RaySettings") -> dict:
             "offline": options.offline, "cache_dir": options.cache_dir}
 
 
-def run_ray_extract(jobs: list, model: str, kind: str, fmt: str, options, settings: "RaySettings") -> Iterator[dict]:
-    """``extract-features`` on Ray: ``jobs`` (``extract.Job``s still to do) -> result dicts, in order."""
+def run_ray_extract(jobs: list, model: str, kind: str, fmt: str, options, settings: "RaySettings",
+                    recorded: tuple = (None, None)) -> Iterator[dict]:
+    """``extract-features`` on Ray: ``jobs`` (``extract.Job``s still to do) -> result dicts, in order.
+    ``recorded``: the model's identity and weights stamp, as the outputs' metadata name them."""
     rows = [{"index": i, "path": job.item.path, "root": job.item.root or "", "error": job.item.error or "",
              "output": job.output} for i, job in enumerate(jobs)]
-    return _ray_map(rows, ExtractActor, (model, _options_dict(options, settings), kind, fmt), settings,
+    return _ray_map(rows, ExtractActor, (model, _options_dict(options, settings), kind, fmt, recorded), settings,
                     settings.files_per_task(options.batch_size))
 
 
