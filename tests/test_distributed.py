@@ -325,6 +325,8 @@ def test_two_nodes_give_the_local_engines_records(cluster, tiny_checkpoint, tree
 def test_extract_features_on_two_nodes_writes_the_local_engines_features(cluster, tiny_checkpoint, tree, tmp_path):
     from safetensors.numpy import load_file
 
+    from ast_cli.tasks.extract import read_metadata
+
     local_dir, ray_dir = tmp_path / "local", tmp_path / "ray"
     common = ["extract-features", str(tree), "--model", str(tiny_checkpoint[0])]  # not quiet: a summary
     assert runner.invoke(app, [*common, "--out", str(local_dir)]).exit_code == 1
@@ -335,6 +337,10 @@ def test_extract_features_on_two_nodes_writes_the_local_engines_features(cluster
     for path in written:
         mine = load_file(ray_dir / path.relative_to(local_dir))["embedding"]
         np.testing.assert_allclose(mine, load_file(path)["embedding"], atol=SAME_MACHINE_BATCHING)
+        made = [read_metadata(str(p), "safetensors") for p in (path, ray_dir / path.relative_to(local_dir))]
+        assert made[0]["model"] == made[1]["model"] and made[0]["weights"] == made[1]["weights"]  # one model (s9)
+    again = runner.invoke(app, [*common, "--out", str(ray_dir)])  # the local engine knows the Ray run's outputs
+    assert again.exit_code == 1 and "0 written, 5 skipped" in again.stderr, again.stderr
 
 
 @pytest.mark.slow
