@@ -71,7 +71,7 @@ def extract_features_command(
 
             extractor = ("ray", cluster, str(path), (settings.model, settings.weights))
             with stdout_for_data_only():
-                connect(cluster)  # no cluster at --ray-address: one line, before any file is written
+                connect(cluster, not debug_enabled(debug))  # no cluster at --ray-address: one line, before any write
         elif todo and kind is FeatureKind.embedding:
             tagger = load_tagger(model, run, stderr, quiet, resolved=path, embeddings=True)
             extractor = FeatureExtractor.embeddings(tagger, settings.model, settings.weights)
