@@ -325,6 +325,8 @@ def test_two_nodes_give_the_local_engines_records(cluster, tiny_checkpoint, tree
 def test_extract_features_on_two_nodes_writes_the_local_engines_features(cluster, tiny_checkpoint, tree, tmp_path):
     from safetensors.numpy import load_file
 
+    from ast_cli.tasks.extract import read_metadata
+
     local_dir, ray_dir = tmp_path / "local", tmp_path / "ray"
     common = ["extract-features", str(tree), "--model", str(tiny_checkpoint[0])]  # not quiet: a summary
     assert runner.invoke(app, [*common, "--out", str(local_dir)]).exit_code == 1
@@ -335,6 +337,10 @@ def test_extract_features_on_two_nodes_writes_the_local_engines_features(cluster
     for path in written:
         mine = load_file(ray_dir / path.relative_to(local_dir))["embedding"]
         np.testing.assert_allclose(mine, load_file(path)["embedding"], atol=SAME_MACHINE_BATCHING)
+        made = [read_metadata(str(p), "safetensors") for p in (path, ray_dir / path.relative_to(local_dir))]
+        assert made[0]["model"] == made[1]["model"] and made[0]["weights"] == made[1]["weights"]  # one model (s9)
+    again = runner.invoke(app, [*common, "--out", str(ray_dir)])  # the local engine knows the Ray run's outputs
+    assert again.exit_code == 1 and "0 written, 5 skipped" in again.stderr, again.stderr
 
 
 @pytest.mark.slow
@@ -467,3 +473,53 @@ def test_s8_16_files_added_between_shard_runs_move_no_other_file():
                                                                              if i in before]
         union = [item for k in range(1, n + 1) for item in take_shard(after, (k, n))]
         assert sorted(union, key=lambda item: item.path) == after  # every file, each exactly once
+
+
+@pytest.mark.skipif(not ray_available(), reason="the ray extra is not installed")
+@pytest.mark.parametrize("silenced", [True, False])
+def test_s9_ray_start_up_notes_stay_off_stderr_unless_debugging(monkeypatch, capfd, silenced):
+    """A Ray of the run's own printed "Token authentication is enabled for this Ray cluster. Set
+    RAY_AUTH_MODE=disabled to opt out..." (a warning of Ray's own logger) and notes of its C++ core on fd 2 at
+    every ``--engine ray`` run. ray.init now runs with both kept off stderr; --debug (not silenced) shows them."""
+    import logging
+
+    import ray
+
+    from ast_cli.tasks.distributed import RaySettings, connect
+
+    def init(**kwargs):
+        os.write(2, b"network_util.cc:330: Failed to determine local IP\n")  # as Ray's C++ core prints
+        logging.getLogger("ray._private.authentication.authentication_token_setup").warning(
+            "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    logged, handler = [], logging.Handler()
+    handler.emit = logged.append  # what Ray's logger would hand its stderr handler
+    logging.getLogger("ray._private.authentication").addHandler(handler)
+    level = logging.getLogger("ray").level
+    try:
+        connect(RaySettings(engine="ray"), silence_native=silenced)
+    finally:
+        logging.getLogger("ray._private.authentication").removeHandler(handler)
+    assert ("network_util" in capfd.readouterr().err) is not silenced
+    assert bool(logged) is not silenced, logged
+    assert logging.getLogger("ray").level == level  # as Ray set it: only the start-up is quieted
+
+
+@pytest.mark.slow  # starts Ray
+@needs_ray
+def test_s9_a_local_ray_run_prints_only_our_lines(tiny_checkpoint, tree, tmp_path):
+    """The same, for real: Ray's own auth mode (RAY_AUTH_MODE unset, as a user's is) and a home of its own."""
+    space = raynet.RayNamespace()
+    try:
+        run = space.exec(["env", "-u", "RAY_AUTH_MODE", f"HOME={tmp_path}", sys.executable, "-m", "ast_cli",
+                          *classify_args(tree, tiny_checkpoint[0]), "--engine", "ray", "--ray-workers", "1"],
+                         timeout=300)
+    finally:
+        space.close()
+    lines = run.stderr.splitlines()
+    assert run.returncode == 1 and len(records(run.stdout)) == 7, run.stderr  # the two bad files
+    assert [line for line in lines if not line.startswith("error: ")] == [lines[-1]], run.stderr  # and a summary
+    assert lines[-1].startswith("5 tagged, 2 failed"), run.stderr

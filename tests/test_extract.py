@@ -99,9 +99,10 @@ def test_metadata(tiny_checkpoint, tmp_path):
     audio = write_audio(tmp_path / "clip.wav", 1.0)
     assert run(audio, "--out", tmp_path / "out", "--kind", "fbank", *common_args(directory)).exit_code == 0
     _, meta = read_safetensors(tmp_path / "out" / "clip.wav.safetensors")
+    weights = os.stat(os.path.join(directory, "model.safetensors"))
     assert meta == {
         "kind": "fbank",
-        "model": str(directory),
+        "model": os.path.realpath(directory),
         "sample_rate": "16000",
         "window_seconds": "0.64",
         "hop_seconds": "0.64",
@@ -110,6 +111,7 @@ def test_metadata(tiny_checkpoint, tmp_path):
         "source": str(audio),
         "duration": "1.0",
         "compute": "fp32",
+        "weights": f"{weights.st_size}:{weights.st_mtime_ns}",
         "ast_cli_version": __version__,
     }
 
@@ -354,3 +356,48 @@ def test_s8_12_a_named_folder_without_audio_fails_as_in_classify(tiny_checkpoint
     assert beside.exit_code == 1 and beside.stderr.splitlines() == [f"error: {empty}: no audio or video files in "
                                                                     "this folder"]
     assert (tmp_path / "out" / "a.wav.safetensors").exists()
+
+
+# -- s9: outputs are known by the model they were made with, not by its name as typed --------------------------
+
+
+def test_s9_extract_refuses_outputs_of_a_model_replaced_in_place(tiny_checkpoint, tmp_path, monkeypatch):
+    """Outputs named the model ``--model`` as typed: a model replaced in place (same path, other weights) had its
+    files mixed with the old one's ("1 written, 1 skipped", exit 0), and ``./m`` for ``m/`` was refused. They now
+    record the resolved model and its weights' size:mtime, as ``classify --resume`` does."""
+    import shutil
+
+    from conftest import make_reference
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_checkpoint[0], "m")
+    a, b = write_audio(tmp_path / "in" / "a.wav", 0.5, seed=1), write_audio(tmp_path / "in" / "b.wav", 0.5, seed=2)
+    assert run(a, "--out", "emb", *common_args("m/"), "-q").exit_code == 0
+    again = run(a, b, "--out", "emb", *common_args("./m"))  # the same model, spelt otherwise: its output is done
+    assert again.exit_code == 0 and "1 written, 1 skipped" in again.stderr, again.stderr
+    before = {p: p.read_bytes() for p in (tmp_path / "emb").iterdir()}
+    shutil.rmtree("m")
+    shutil.copytree(make_reference(tmp_path / "other", "tiny", seed=5)[0], "m")  # other weights, same path
+    replaced = run(a, b, write_audio(tmp_path / "in" / "c.wav", 0.5, seed=3), "--out", "emb", *common_args("m/"))
+    assert replaced.exit_code == 2 and "weights changed" in replaced.stderr, replaced.stderr
+    assert {p: p.read_bytes() for p in (tmp_path / "emb").iterdir()} == before
+
+
+def test_s9_extract_still_skips_an_earlier_versions_outputs_of_the_name_typed(tiny_checkpoint, tmp_path,
+                                                                               monkeypatch):
+    """Outputs of the previous version name the model as typed and carry no weights: the same name finds them
+    done (an upgrade must not refuse every earlier output); another spelling cannot tell them apart, so refuses."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_checkpoint[0], "m")
+    clip = write_audio(tmp_path / "a.wav", 0.5)
+    assert run(clip, "--out", "emb", "-f", "npy", *common_args("m/"), "-q").exit_code == 0
+    sidecar = tmp_path / "emb" / "a.wav.json"
+    metadata = json.loads(sidecar.read_text())
+    metadata.pop("weights", None)
+    sidecar.write_text(json.dumps({**metadata, "model": "m/"}))  # as the previous version wrote it
+    same = run(clip, "--out", "emb", "-f", "npy", *common_args("m/"))
+    assert same.exit_code == 0 and "0 written, 1 skipped" in same.stderr, same.stderr
+    other = run(clip, "--out", "emb", "-f", "npy", *common_args("./m"))
+    assert other.exit_code == 2 and "model 'm/', not " in other.stderr, other.stderr

@@ -410,3 +410,29 @@ def test_s8_D12_a_local_playlist_is_refused_and_a_url_still_streams(tiny_checkpo
         server.server_close()
     assert result.exit_code == 0, result.stderr
     assert [json.loads(line)["end"] for line in result.stdout.splitlines()] == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("ending, code, said", [
+    (AudioDecodeError("the stream sent no audio for 2 s"), 1, "Error: the stream sent no audio for 2 s"),
+    (KeyboardInterrupt(), 130, "Interrupted."),
+])
+def test_s9_events_still_open_get_their_offsets_however_the_stream_ends(tiny_checkpoint, monkeypatch, ending, code,
+                                                                         said):
+    """Only EOF closed open events: a stall, a failed source or Ctrl-C left onsets that never got an offset. Every
+    ending now closes them at the end of the last window scored, then says its error and exits as before."""
+    real = Listener.windows
+
+    def two_then_ending(self, source):
+        windows = real(self, source)
+        yield next(windows)
+        yield next(windows)
+        windows.close()
+        raise ending
+
+    monkeypatch.setattr(Listener, "windows", two_then_ending)
+    data = wav_header(16000, 1) + (tone(3.0)[:, 0] * 32767).astype("<i2").tobytes()
+    result = CliRunner().invoke(app, ["listen", "-", "--model", str(tiny_checkpoint[0]), "--events", "--include",
+                                      "Speech", "--threshold", "0"], input=data)  # Speech is on from the first window
+    assert result.exit_code == code and result.stderr.splitlines()[-1] == said, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(e["event"], e["label"], e["time"]) for e in events] == [("onset", "Speech", 1.0), ("offset", "Speech", 2.0)]

@@ -645,3 +645,20 @@ def test_s8_18_resume_refuses_another_base_model_naming_both(tiny_checkpoint, sm
     resumed = tiny_train(small, out, tiny_checkpoint[0], "--mode", "finetune", "--epochs", "2", "--resume")
     assert resumed.exit_code == 0, resumed.stderr
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 2
+
+
+def test_s9_train_evaluate_and_search_keep_c_library_notes_off_stderr(tiny_checkpoint, small, tmp_path, capfd):
+    """mpg123 (in libsndfile) printed "warning: ID3v2: unrealistic small tag lengh 0" and "Note: Illegal
+    Audio-MPEG-Header ..." on file descriptor 2 before our own error line in train, evaluate and search; classify,
+    extract-features, index and listen keep them off, and so do these now."""
+    bad = small / "high" / "bad.mp3"
+    bad.write_bytes(b"ID3\x03\x00\x00\x00\x00\x00\x00garbage")
+    trained = tiny_train(small, tmp_path / "h", tiny_checkpoint[0])
+    evaluated = runner.invoke(app, ["evaluate", str(tmp_path / "h"), str(small)])
+    indexed = runner.invoke(app, ["index", str(small / "low"), "--db", str(tmp_path / "db"), "--model",
+                                  str(tiny_checkpoint[0]), "-q"])
+    searched = runner.invoke(app, ["search", str(tmp_path / "db"), str(bad)])
+    assert (trained.exit_code, evaluated.exit_code, indexed.exit_code, searched.exit_code) == (1, 1, 0, 1)
+    assert all(f"{bad}: not audio" in r.stderr for r in (trained, evaluated, searched)), searched.stderr
+    native = capfd.readouterr().err  # what C libraries wrote on fd 2 (the runner captures Python's sys.stderr)
+    assert "mpg123" not in native and "Note:" not in native, native

@@ -191,6 +191,20 @@ def _tensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict:
     return tensors
 
 
+def weights_stamp(model: str, path, heads=()) -> str | None:
+    """What a local model's weights file (``path``: ``model`` resolved) and each head's two files are now, as
+    ``size:mtime_ns`` (a stat, not a hash: every run pays it): records and extracted features carry it, so that
+    ``--resume``, ``--output-dir`` and ``extract-features`` refuse to mix outputs of a model or head retrained or
+    replaced in place. A hub model is left out: its commit already names it."""
+    from .names import looks_local, weights_path
+
+    files = [os.path.join(head.path, name) for head in heads for name in (HEAD_CONFIG, HEAD_WEIGHTS)]
+    if looks_local(model):
+        files.insert(0, weights_path(path))
+    stats = [os.stat(file) for file in files]
+    return " ".join(f"{stat.st_size}:{stat.st_mtime_ns}" for stat in stats) or None
+
+
 def check_bases(heads: list[Head], fingerprint: str, model: str, hidden_size: int | None = None) -> None:
     """``HeadError(other_base)`` for the first head not trained on the model whose backbone has ``fingerprint``;
     ``HeadError(corrupt)`` for one whose embedding width is not the model's ``hidden_size`` (a head.json that lies

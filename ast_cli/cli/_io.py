@@ -1,4 +1,5 @@
-"""File descriptors and streams: C-library noise kept off stderr while a batch runs."""
+"""File descriptors and streams: C-library noise kept off stderr while a batch runs (``native_stderr_silenced``,
+in ``run.files`` so that the tasks use it too), our records kept apart from libraries that print on stdout."""
 
 from __future__ import annotations
 
@@ -7,48 +8,9 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator
 
+from ..run.files import native_stderr_silenced
 
-@contextmanager
-def native_stderr_silenced(enabled: bool = True) -> Iterator[None]:
-    """Send what C libraries print on file descriptor 2 (mpg123's "Note: Trying to resync...", ffmpeg,
-    libsndfile) to /dev/null while a batch runs, so that stderr carries only our progress and one line
-    per failure. Python's own ``sys.stderr`` keeps writing to the real stderr. Off with --debug."""
-    if not enabled:
-        yield
-        return
-    import io
-    import warnings
-
-    try:
-        python_fd = sys.stderr.fileno()
-    except (AttributeError, OSError, io.UnsupportedOperation):
-        python_fd = None  # sys.stderr is not a real file (a test runner's capture): leave it alone
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    os.close(devnull)
-    old_stderr = sys.stderr
-    if python_fd == 2:
-        sys.stderr = open(os.dup(saved), "w", encoding=old_stderr.encoding or "utf-8", errors="backslashreplace",
-                          buffering=1)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # library warnings are not the user's business without --debug
-            yield
-    finally:
-        if sys.stderr is not old_stderr:
-            try:  # stderr may be full or gone (2>/dev/full): messages are best effort
-                sys.stderr.flush()
-            except (OSError, ValueError):
-                pass
-            try:
-                sys.stderr.close()
-            except (OSError, ValueError):
-                pass
-            sys.stderr = old_stderr
-        os.dup2(saved, 2)
-        os.close(saved)
+__all__ = ["native_stderr_silenced", "stdout_for_data_only"]
 
 
 @contextmanager

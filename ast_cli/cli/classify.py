@@ -171,6 +171,7 @@ def _provenance(target, job: _Job, loads: bool = True) -> tuple[dict, object]:
     output's records before the model loads, and the model's local path (resolved once, here). Unknown
     --include/--exclude names fail here too. Not ``loads`` (nothing is left to tag): torch is not imported, so
     the precision of ``--dtype auto`` (fp16 on a GPU, else fp32) is not checked."""
+    from ..checkpoint.heads import weights_stamp
     from ..checkpoint.names import model_identity
     from ..tasks.extract import Settings
     from ..run.tagger import Scorer, head_parts, is_single_label
@@ -183,26 +184,10 @@ def _provenance(target, job: _Job, loads: bool = True) -> tuple[dict, object]:
         job.selection = apply_calibrations(job.selection, parts, job.calibrations, job.activation, job.heads)
     settings = Settings(None, model_identity(job.model, path), job.run.hop_seconds, _compute(job, probe=loads),
                         _activations(scorer), tuple(p.name for p in parts) if job.heads else (), job.aggregate.value,
-                        _stamp(job.model, path, job.heads))
+                        weights_stamp(job.model, path, job.heads))
     if target.journal is not None:
         target.journal.check(settings)
     return {"model": settings.model, "settings": settings.record(features.window_seconds)}, path
-
-
-def _stamp(model: str, path, heads) -> str | None:
-    """What a local model's weights file and each head's two files are now, as ``size:mtime_ns`` (a stat, not a
-    hash: every run pays it): records carry it, so that ``--resume`` and ``--output-dir`` refuse to mix records of
-    a model or head retrained in place. A hub model is left out: its commit already names it."""
-    import os
-
-    from ..checkpoint.heads import HEAD_CONFIG, HEAD_WEIGHTS
-    from ..checkpoint.names import looks_local, weights_path
-
-    files = [os.path.join(head.path, name) for head in heads for name in (HEAD_CONFIG, HEAD_WEIGHTS)]
-    if looks_local(model):
-        files.insert(0, weights_path(path))
-    stats = [os.stat(file) for file in files]
-    return " ".join(f"{stat.st_size}:{stat.st_mtime_ns}" for stat in stats) or None
 
 
 def _activations(scorer) -> str:

@@ -50,15 +50,18 @@ def extract_features_command(
     """
     stderr = stderr_console()
     with cli_errors(stderr, debug):
-        from ..tasks.extract import FeatureExtractor, Settings, load_feature_config, plan_outputs
+        from ..tasks.extract import FeatureExtractor, load_feature_config, plan_outputs, refuse_other_settings
 
         cluster = checked_distributed(dist, run)
         items = run_inputs(paths, ext, cluster.shard, stderr, quiet, "extract")
         if not items:
             return  # an empty list on stdin, an empty shard: nothing written, exit 0, as classify
         refuse_piped_audio_on_ray(items, cluster)
-        settings = None if overwrite else Settings.of(kind.value, model, run)
-        jobs = plan_outputs(items, out, format.value, settings)  # collisions, other settings: fail before any work
+        jobs = plan_outputs(items, out, format.value)  # collisions: before the model is looked for
+        path = fetch_model(model, run, stderr, quiet)  # downloads a missing hub model, like classify
+        settings = _settings(model, path, kind.value, run)
+        if not overwrite:
+            refuse_other_settings(jobs, out, format.value, settings)  # before any work
         todo = sum(1 for job in jobs if overwrite or not job.exists)
 
         extractor = None  # a rerun with nothing left to do loads no model
@@ -66,16 +69,16 @@ def extract_features_command(
             from ..tasks.distributed import connect
             from ._io import stdout_for_data_only
 
-            extractor = ("ray", cluster, str(fetch_model(model, run, stderr, quiet)))
+            extractor = ("ray", cluster, str(path), (settings.model, settings.weights))
             with stdout_for_data_only():
-                connect(cluster)  # no cluster at --ray-address: one line, before any file is written
+                connect(cluster, not debug_enabled(debug))  # no cluster at --ray-address: one line, before any write
         elif todo and kind is FeatureKind.embedding:
-            extractor = FeatureExtractor.embeddings(load_tagger(model, run, stderr, quiet, embeddings=True), model)
+            tagger = load_tagger(model, run, stderr, quiet, resolved=path, embeddings=True)
+            extractor = FeatureExtractor.embeddings(tagger, settings.model, settings.weights)
         elif todo:
-            path = fetch_model(model, run, stderr, quiet)  # downloads a missing hub model, like classify
             features = load_feature_config(str(path), offline=run.offline)
             warn_if_gaps(run, features, stderr)
-            extractor = FeatureExtractor.fbank(model, features, run)
+            extractor = FeatureExtractor.fbank(settings.model, features, run, settings.weights)
         counts = {"written": 0, "skipped": 0, "failed": 0}
         progress = BatchProgress(stderr, todo, enabled=not quiet and stderr.is_terminal, description="extracting")
         try:
@@ -86,6 +89,20 @@ def extract_features_command(
                                 f"{counts['failed']} failed", progress, f"results in {out}")
         if counts["failed"]:
             raise typer.Exit(EXIT_FAILED)
+
+
+def _settings(model: str, path, kind: str, run: RunOptions):
+    """What outputs record of their making: the model's identity (``model_identity``: a hub commit, or the resolved
+    path) and a local model's weights stamp, not ``model`` as typed, which earlier versions recorded instead (their
+    outputs are still recognised by it)."""
+    from dataclasses import replace
+
+    from ..checkpoint.heads import weights_stamp
+    from ..checkpoint.names import model_identity
+    from ..tasks.extract import Settings
+
+    settings = Settings.of(kind, model_identity(model, path), run)
+    return replace(settings, weights=weights_stamp(model, path), given_as=model)
 
 
 class _ExtractRecord:
@@ -102,13 +119,14 @@ def _run(jobs, extractor, fmt: str, overwrite: bool, progress, counts: dict, std
     from ._io import native_stderr_silenced
 
     with native_stderr_silenced(not debug_enabled(debug)), progress:
-        if isinstance(extractor, tuple):  # ("ray", settings, model path): the actors write the files
+        if isinstance(extractor, tuple):  # ("ray", cluster, model path, (identity, weights)): the actors write
             from ..tasks.distributed import run_ray_extract
 
-            _, cluster, model = extractor
+            _, cluster, model, recorded = extractor
             todo_jobs = [job for job in jobs if overwrite or not job.exists]
             counts["skipped"] += len(jobs) - len(todo_jobs)
-            results = (_ExtractRecord(**r) for r in run_ray_extract(todo_jobs, model, kind.value, fmt, run, cluster))
+            results = (_ExtractRecord(**r) for r in run_ray_extract(todo_jobs, model, kind.value, fmt, run, cluster,
+                                                                    recorded))
         else:
             results = extract_features(jobs, extractor, fmt=fmt, overwrite=overwrite,
                                        on_progress=lambda done: progress.advance(done.duration))

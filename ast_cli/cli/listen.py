@@ -169,24 +169,41 @@ def _loop(listener, stream, fmt, tracker, stderr, quiet: bool) -> None:
         return
     reported, last_note = 0, 0.0
     last = None
-    for window in listener.windows(stream):
-        last = window
-        if tracker is not None:
-            lines = [_event(e) for e in tracker.update(window)]
-        else:
-            lines = [dumps({"start": window.start, "end": window.end, "time": _iso(window.wall),
-                            "labels": label_records(window.labels),
-                            "latency_s": round(window.latency, 4)})]
-        for line in lines:
-            sys.stdout.write(line + "\n")
-        sys.stdout.flush()
-        if listener.dropped > reported and time.monotonic() - last_note > 10 and not quiet:
-            say(stderr, f"dropped {listener.dropped} windows so far: the model fell behind the stream")
-            reported, last_note = listener.dropped, time.monotonic()
-    if tracker is not None and last is not None:
+    try:
+        for window in listener.windows(stream):
+            last = window
+            if tracker is not None:
+                lines = [_event(e) for e in tracker.update(window)]
+            else:
+                lines = [dumps({"start": window.start, "end": window.end, "time": _iso(window.wall),
+                                "labels": label_records(window.labels),
+                                "latency_s": round(window.latency, 4)})]
+            for line in lines:
+                sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+            if listener.dropped > reported and time.monotonic() - last_note > 10 and not quiet:
+                say(stderr, f"dropped {listener.dropped} windows so far: the model fell behind the stream")
+                reported, last_note = listener.dropped, time.monotonic()
+    except BaseException:  # a stall, a failed source, Ctrl-C or SIGTERM: its onsets get their offsets too
+        _close_events(tracker, last, failing=True)
+        raise
+    _close_events(tracker, last)
+
+
+def _close_events(tracker, last, failing: bool = False) -> None:
+    """Offsets, at the end of the ``last`` window scored, for the labels still on when the stream ended (however
+    it did). ``failing``: the run ends on an error, which is what is said if stdout cannot take them."""
+    import time
+
+    if tracker is None or last is None:
+        return
+    try:
         for event in tracker.close(last.end, time.time()):
             sys.stdout.write(_event(event) + "\n")
         sys.stdout.flush()
+    except (OSError, ValueError):  # stdout gone (a reader that went away, closed): nothing to write them to
+        if not failing:
+            raise
 
 
 def _event(event) -> str:

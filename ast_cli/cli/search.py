@@ -10,7 +10,8 @@ import typer
 from ..run.options import _choices
 from ._app import app
 from ._common import DebugOpt, stderr_console
-from ._errors import cli_errors, say
+from ._errors import cli_errors, debug_enabled, say
+from ._io import native_stderr_silenced
 
 SearchFormat = _choices("SearchFormat", "table jsonl csv audacity", "How search results are printed.")
 CSV_COLUMNS = ["path", "start", "end", "score", "label"]
@@ -69,7 +70,8 @@ def search(
             from ..run.output import plan_output_dir
 
             plan_output_dir(output_dir, "audacity", [], overwrite=True)
-        with named_db(), Index.open(db) as index:
+        # a query that cannot be decoded: our one line, without mpg123's or libsndfile's notes before it
+        with native_stderr_silenced(not debug_enabled(debug)), named_db(), Index.open(db) as index:
             _note_read_only(index, db, stderr)
             if model is not None:  # checked before the model loads
                 index.use_model(model)

@@ -11,7 +11,8 @@ from ..run.options import ListFormat, RunOptions, _choices
 from ._app import app
 from ._common import (DEFAULT_MODEL, DebugOpt, QuietOpt, _complete_model, announce_fast, fetch_model, load_tagger,
                       model_labels, run_options, stderr_console)
-from ._errors import cli_errors, counted, say
+from ._errors import cli_errors, counted, debug_enabled, say
+from ._io import native_stderr_silenced
 
 Mode = _choices("Mode", "head finetune", "What ast train trains.")
 BaseOpt = Annotated[Optional[str], typer.Option(
@@ -104,7 +105,7 @@ def train(
         announced: list = []  # the train and validation embeddings each build the model: say it once
         trainer.on_fast = lambda choice: announced or announced.append(announce_fast(choice, stderr, quiet))
         try:
-            with progress:
+            with native_stderr_silenced(not debug_enabled(debug)), progress:  # mpg123's notes on a bad clip
                 result = trainer.run(resume=resume)
         except KeyboardInterrupt:
             if mode.value == "finetune":
@@ -269,7 +270,8 @@ def evaluate(
         check_labels(model_labels(model, run, stderr, quiet), dataset.labels, model)  # before the model loads too
         # its window embeddings are cached and shared with train's: --fast chooses for them as train does
         tagger = load_tagger(model, run, stderr, quiet, embeddings=True)
-        scored = score_dataset(tagger, dataset, feature_cache=features_dir)
+        with native_stderr_silenced(not debug_enabled(debug)):  # C libraries' notes on a bad file: our line only
+            scored = score_dataset(tagger, dataset, feature_cache=features_dir)
         report = measured(scored, threshold)
         for failure in report["failed"]:
             say(stderr, f"error: {failure['path']}: {failure['error']}")

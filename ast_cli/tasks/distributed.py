@@ -15,6 +15,7 @@ access, or a path that exists on every node.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import signal
 import threading
@@ -125,17 +126,18 @@ class ExtractActor:
     """One Ray actor for ``extract-features``: loads the model (or only its configuration, for fbank) once and
     writes each item's features where the driver planned them (a file system every node shares)."""
 
-    def __init__(self, model: str, options: dict, kind: str, fmt: str):
+    def __init__(self, model: str, options: dict, kind: str, fmt: str, recorded: tuple = (None, None)):
         from .extract import FeatureExtractor, load_feature_config
         from ..run.options import RunOptions
         from ..run.tagger import Tagger
 
         run = RunOptions(**options)
+        name, weights = recorded[0] or model, recorded[1]  # what the outputs record: the driver's identity, stamp
         if kind == "embedding":
-            self.extractor = FeatureExtractor.embeddings(Tagger.load(model, run), model)
+            self.extractor = FeatureExtractor.embeddings(Tagger.load(model, run), name, weights)
         else:
-            self.extractor = FeatureExtractor.fbank(model, load_feature_config(model, offline=run.offline,
-                                                                               cache_dir=run.cache_dir), run)
+            self.extractor = FeatureExtractor.fbank(name, load_feature_config(model, offline=run.offline,
+                                                                              cache_dir=run.cache_dir), run, weights)
         self.fmt = fmt
 
     def __call__(self, batch: dict) -> dict:
@@ -238,10 +240,15 @@ def _ray_reason(exc: BaseException) -> str:
     return " ".join(kept).rstrip(".")
 
 
-def connect(settings: "RaySettings") -> None:
+def connect(settings: "RaySettings", silence_native: bool = True) -> None:
     """Join the cluster ``settings`` names, or start a Ray of this run's own; a UsageError, in one line, when
-    there is none to join. Called before any output is opened; does nothing once connected."""
+    there is none to join. Called before any output is opened; does nothing once connected. ``silence_native``:
+    what Ray prints while it starts is kept off stderr: its C++ core's notes on file descriptor 2
+    (``files.native_stderr_silenced``) and its loggers' warnings ("Token authentication is enabled for this Ray
+    cluster ..."); its errors still show."""
     import os
+
+    from ..run.files import native_stderr_silenced
 
     require_ray()
     import ray
@@ -259,7 +266,8 @@ def connect(settings: "RaySettings") -> None:
     try:
         init = functools.partial(ray.init, address=address or "local", include_dashboard=False, log_to_driver=False,
                                  configure_logging=False, **local)
-        init() if not address else _interruptible(init)  # a Ray of our own must start from the main thread
+        with native_stderr_silenced(silence_native), _log_level("ray", silence_native):
+            init() if not address else _interruptible(init)  # a Ray of our own must start from the main thread
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise UsageError(f"cannot join the Ray cluster at {address or 'a local Ray'}: {_ray_reason(exc)}",
                          option=option, hint="start one with `ray start --head`, or leave out --ray-address and "
@@ -270,6 +278,21 @@ def connect(settings: "RaySettings") -> None:
         if sigterm is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, sigterm)
     check_resources(ray.nodes(), settings)
+
+
+@contextlib.contextmanager
+def _log_level(name: str, quiet: bool = True) -> Iterator[None]:
+    """Logger ``name`` (and those below it that set no level) says only errors while this lasts, when ``quiet``."""
+    import logging
+
+    log = logging.getLogger(name)
+    level = log.level
+    if quiet:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _interruptible(call):
@@ -283,18 +306,11 @@ def _interruptible(call):
         except BaseException as exc:  # handed to the waiting thread
             outcome["error"] = exc
 
-    import logging
-
     thread = threading.Thread(target=run, name="ast-ray-init", daemon=True)
-    worker_log = logging.getLogger("ray._private.worker")
-    level = worker_log.level
-    worker_log.setLevel(logging.ERROR)  # not "SIGTERM handler is not set ...": ours stays, as we want
-    try:
+    with _log_level("ray._private.worker"):  # not "SIGTERM handler is not set ...": ours stays, as we want
         thread.start()
         while thread.is_alive():
             thread.join(0.1)
-    finally:
-        worker_log.setLevel(level)
     if "error" in outcome:
         raise outcome["error"]
     return outcome.get("value")
@@ -359,11 +375,13 @@ def _options_dict(options, settings: "RaySettings") -> dict:
             "offline": options.offline, "cache_dir": options.cache_dir}
 
 
-def run_ray_extract(jobs: list, model: str, kind: str, fmt: str, options, settings: "RaySettings") -> Iterator[dict]:
-    """``extract-features`` on Ray: ``jobs`` (``extract.Job``s still to do) -> result dicts, in order."""
+def run_ray_extract(jobs: list, model: str, kind: str, fmt: str, options, settings: "RaySettings",
+                    recorded: tuple = (None, None)) -> Iterator[dict]:
+    """``extract-features`` on Ray: ``jobs`` (``extract.Job``s still to do) -> result dicts, in order.
+    ``recorded``: the model's identity and weights stamp, as the outputs' metadata name them."""
     rows = [{"index": i, "path": job.item.path, "root": job.item.root or "", "error": job.item.error or "",
              "output": job.output} for i, job in enumerate(jobs)]
-    return _ray_map(rows, ExtractActor, (model, _options_dict(options, settings), kind, fmt), settings,
+    return _ray_map(rows, ExtractActor, (model, _options_dict(options, settings), kind, fmt, recorded), settings,
                     settings.files_per_task(options.batch_size))
 
 

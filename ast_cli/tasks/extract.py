@@ -85,7 +85,8 @@ class Settings:
     activation: str | None = None  # classify's scores: sigmoid, softmax or none
     heads: tuple[str, ...] = ()  # classify --head: the heads whose labels the records carry, in order
     aggregate: str = "max"  # classify: window scores -> a file's (recorded when not max, as earlier records are)
-    weights: str | None = None  # classify of a local model: its weights' and heads' files, as size:mtime (stamp)
+    weights: str | None = None  # a local model: its weights' (and classify's heads') files, as size:mtime (stamp)
+    given_as: str | None = None  # extract-features: the model as typed, which earlier versions recorded instead
 
     @classmethod
     def of(cls, kind: str | None, model: str, options: RunOptions, activation: str | None = None) -> "Settings":
@@ -113,7 +114,8 @@ class Settings:
             return "unreadable, or not written by ast-cli"
         if self.kind is not None and metadata.get("kind") != self.kind:
             return f"kind {metadata.get('kind')!r}, not {self.kind!r}"
-        if metadata.get("model") != self.model:
+        earlier = self.given_as is not None and "weights" not in metadata and metadata.get("model") == self.given_as
+        if metadata.get("model") != self.model and not earlier:  # an earlier version's output, of the same name
             return f"model {metadata.get('model')!r}, not {self.model!r}"
         hop, window = metadata.get("hop_seconds"), metadata.get("window_seconds")
         wanted = self.hop(window)
@@ -173,15 +175,19 @@ def plan_outputs(items: Iterable[InputFile], out_dir: str, fmt: Format = "safete
     jobs = [Job(item, output, exists=item.error is None and item.source is None and is_done(output, fmt))
             for item, output in claim_outputs(items, out_dir, SUFFIXES[fmt])]
     if settings is not None:
-        stale = [(job, settings.mismatch(read_metadata(job.output, fmt))) for job in jobs if job.exists]
-        stale = [(job, why) for job, why in stale if why]
-        if stale:
-            job, why = stale[0]
-            raise UsageError(
-                f"{len(stale)} existing output(s) in {out_dir} were made with other settings or are not ours "
-                f"({job.output}: {why})",
-                option="out", hint="extract into another --out, or replace them with --overwrite")
+        refuse_other_settings(jobs, out_dir, fmt, settings)
     return jobs
+
+
+def refuse_other_settings(jobs: list[Job], out_dir: str, fmt: Format, settings: Settings) -> None:
+    """A ``UsageError`` when an existing output of ``jobs`` was made otherwise than ``settings`` say."""
+    stale = [(job, settings.mismatch(read_metadata(job.output, fmt))) for job in jobs if job.exists]
+    stale = [(job, why) for job, why in stale if why]
+    if stale:
+        job, why = stale[0]
+        raise UsageError(f"{len(stale)} existing output(s) in {out_dir} were made with other settings or are not "
+                         f"ours ({job.output}: {why})",
+                         option="out", hint="extract into another --out, or replace them with --overwrite")
 
 
 # -- writing -----------------------------------------------------------------------------------------
@@ -230,14 +236,15 @@ def write_features(output: str, name: str, array: np.ndarray, metadata: dict, fm
 class FeatureExtractor:
     """What to compute per window and how: ``backend`` maps (B, T, F) model inputs to (B, ...) float32 rows.
 
-    ``kind`` names the tensor; ``model`` is the model id recorded in the metadata; ``options`` give the hop,
-    batch size and workers.
+    ``kind`` names the tensor; ``model`` is the model id recorded in the metadata (the CLI's: ``model_identity``),
+    with ``weights`` (``heads.weights_stamp``); ``options`` give the hop, batch size and workers.
     """
 
     kind: Kind
     model: str
     backend: Callable
     options: RunOptions = RunOptions()
+    weights: str | None = None
 
     @property
     def compute(self) -> str:
@@ -249,16 +256,17 @@ class FeatureExtractor:
         return self.backend.features
 
     @classmethod
-    def fbank(cls, model: str, features: FeatureConfig, options: RunOptions = RunOptions()) -> "FeatureExtractor":
+    def fbank(cls, model: str, features: FeatureConfig, options: RunOptions = RunOptions(),
+              weights: str | None = None) -> "FeatureExtractor":
         """The model input itself: no weights needed, only the model's feature configuration."""
         from ..run.backends import InputsBackend
 
-        return cls("fbank", model, InputsBackend(features), options)  # (B, max_length, num_mel_bins)
+        return cls("fbank", model, InputsBackend(features), options, weights)  # (B, max_length, num_mel_bins)
 
     @classmethod
-    def embeddings(cls, tagger, model: str | None = None) -> "FeatureExtractor":
+    def embeddings(cls, tagger, model: str | None = None, weights: str | None = None) -> "FeatureExtractor":
         """Pooled embeddings (B, hidden_size) of a loaded ``Tagger``, with its options."""
-        return cls("embedding", model or tagger.name, tagger.backend.with_output("embedding"), tagger.options)
+        return cls("embedding", model or tagger.name, tagger.backend.with_output("embedding"), tagger.options, weights)
 
     def extract(self, jobs: Iterable[Job], *, fmt: Format = "safetensors", overwrite: bool = False,
                 on_progress: Callable[[FileOutput], None] | None = None) -> Iterator[ExtractResult]:
@@ -308,6 +316,7 @@ def metadata_for(out: FileOutput, extractor: FeatureExtractor) -> dict:
         "source": out.name,
         "duration": None if out.duration is None else round(out.duration, 6),
         "compute": extractor.compute,
+        **({"weights": extractor.weights} if extractor.weights else {}),
         "ast_cli_version": __version__,
     }
 
@@ -436,6 +445,6 @@ def cached_embeddings(paths: list[str], weights: str, features: FeatureConfig, o
 
 __all__ = [
     "ExtractResult", "FeatureExtractor", "Job", "KINDS", "FORMATS", "cached_embeddings", "embedding_cache_dir",
-    "extract_features", "load_feature_config",
-    "metadata_for", "output_path", "plan_outputs", "write_features",
+    "extract_features", "load_feature_config", "metadata_for", "output_path", "plan_outputs", "refuse_other_settings",
+    "write_features",
 ]
