@@ -208,7 +208,7 @@ def _run_ray(target, sources, provenance: dict, progress, job: _Job) -> int:
     from ._io import stdout_for_data_only
 
     with stdout_for_data_only():
-        connect(job.cluster)  # no cluster at --ray-address: one line, before any output is opened
+        connect(job.cluster, not debug_enabled(job.debug))  # no cluster there: one line, before any output opens
     with stdout_for_data_only() as data:  # Ray prints its workers' troubles on stdout: keep them off
         target.stream = data
         results = (record_to_result(r) for r in run_ray(sources, job.model, job.run, job.cluster,

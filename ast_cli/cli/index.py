@@ -97,7 +97,7 @@ def index_command(
         identity, path = _identity(model, run, cluster, stderr, quiet)
         check_stores(db, identity)  # the index or any part made otherwise: refused before any write
         # the model loads here; a head trained on another base is refused
-        records = _records(plan.todo, path, model, run, cluster, stderr, quiet, heads)
+        records = _records(plan.todo, path, model, run, cluster, stderr, quiet, heads, debug)
         store = _writable(db, identity, cluster.shard, heads, stderr)
         try:
             if prune and plan.gone:
@@ -265,7 +265,7 @@ def _update_ann(store, stderr, quiet: bool) -> None:
         say(stderr, f"warning: {store.unsaved}")
 
 
-def _records(todo, path: str, model: str, run: RunOptions, cluster, stderr, quiet: bool, heads=()):
+def _records(todo, path: str, model: str, run: RunOptions, cluster, stderr, quiet: bool, heads=(), debug=False):
     """The stored form of each file still to do, in order: embedded here, or by Ray actors (the driver stores).
     The model is loaded (or the cluster joined) now; nothing when there is nothing to do (with ``heads`` it is
     loaded all the same: it checks that they were trained on it)."""
@@ -276,7 +276,7 @@ def _records(todo, path: str, model: str, run: RunOptions, cluster, stderr, quie
         from ._io import stdout_for_data_only
 
         with stdout_for_data_only():
-            connect(cluster)  # no cluster there: one line, before the index is opened
+            connect(cluster, not debug_enabled(debug))  # no cluster there: one line, before the index is opened
         return run_ray_embed(todo, path, run, cluster)
     from ..tasks.index import embed_files
 
