@@ -18,7 +18,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ast_cli.run import fast
+from ast_cli.run import fast, fastcache
 from ast_cli.tasks.benchmark import random_model
 from ast_cli.cli import app
 from ast_cli.run import probe
@@ -109,14 +109,15 @@ def test_26_1_the_cache_is_keyed_by_weights_threads_and_torch(tiny_model, fake_c
 
 
 @pytest.mark.parametrize("content", [
-    "{not json", json.dumps({"version": 99, "entries": []}), json.dumps([1, 2]), "x" * (fast.MAX_CACHE_BYTES + 1),
+    "{not json", json.dumps({"version": 99, "entries": []}), json.dumps([1, 2]),
+    "x" * (fastcache.MAX_CACHE_BYTES + 1),
 ])
 def test_26_1_a_corrupt_or_foreign_cache_is_ignored_and_rewritten(tiny_model, fake_calibration, content):
     os.makedirs(os.path.dirname(fast_cache_path()))
     with open(fast_cache_path(), "w") as handle:
         handle.write(content)
     assert choose(tiny_model).mode == "bf16" and fake_calibration == ["cpu"]
-    assert json.loads(open(fast_cache_path()).read())["version"] == fast.CACHE_VERSION
+    assert json.loads(open(fast_cache_path()).read())["version"] == fastcache.CACHE_VERSION
 
 
 @pytest.mark.parametrize("bad", [
@@ -130,7 +131,7 @@ def test_26_1_a_cached_choice_is_never_trusted_blindly(tiny_model, fake_calibrat
     key = fast.cache_key(tiny_model, "cpu")
     os.makedirs(os.path.dirname(fast_cache_path()))
     with open(fast_cache_path(), "w") as handle:
-        json.dump({"version": fast.CACHE_VERSION, "entries": [{"key": key, "choice": bad}]}, handle)
+        json.dump({"version": fastcache.CACHE_VERSION, "entries": [{"key": key, "choice": bad}]}, handle)
     choice = choose(tiny_model)
     assert (choice.mode, choice.cached, fake_calibration) == ("bf16", False, ["cpu"])
 
@@ -982,7 +983,8 @@ def test_26_13_a_choice_calibrated_on_a_busy_machine_is_taken_again_when_it_is_q
 
 
 def test_26_13_busy_means_a_load_average_of_half_the_cpus():
-    assert fast.is_busy(1.0, 2) and fast.is_busy(40.0, 64) and not fast.is_busy(0.6, 2) and not fast.is_busy(0, 1)
+    busy = fastcache.is_busy
+    assert busy(1.0, 2) and busy(40.0, 64) and not busy(0.6, 2) and not busy(0, 1)
 
 
 def test_26_13_the_fast_line_says_a_busy_calibration_will_be_taken_again():
@@ -1029,7 +1031,7 @@ def test_s8_15_a_fifo_as_the_cache_file_is_no_cache(tiny_model, fake_calibration
         if stat.S_ISFIFO(os.lstat(path).st_mode):  # a reader still blocked there: a writer lets it go
             os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
     assert chosen and chosen[0].mode == "bf16", "the run waited on the FIFO"
-    assert json.loads(open(path).read())["version"] == fast.CACHE_VERSION  # replaced by a regular file
+    assert json.loads(open(path).read())["version"] == fastcache.CACHE_VERSION  # replaced by a regular file
 
 
 def test_s8_15_a_link_to_a_device_is_read_with_a_bound(tmp_path):
@@ -1037,7 +1039,7 @@ def test_s8_15_a_link_to_a_device_is_read_with_a_bound(tmp_path):
     a MemoryError there, not memory taken from the machine."""
     link = tmp_path / "fast-v4.json"
     link.symlink_to("/dev/zero")
-    code = "import sys; from ast_cli.run import fast; print(fast._read_cache(sys.argv[1]))"
+    code = "import sys; from ast_cli.run import fastcache; print(fastcache.read_cache(sys.argv[1]))"
     limit = (1 << 30, 1 << 30)
     done = subprocess.run([sys.executable, "-c", code, str(link)], capture_output=True, text=True, timeout=60,
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, limit))
@@ -1056,6 +1058,56 @@ def test_s8_review_a_cache_file_linked_to_a_device_is_never_replaced(tiny_model,
     cache = tmp_path / "xdg" / "ast-cli" / "fast-v4.json"
     cache.parent.mkdir(parents=True, mode=0o700)
     cache.symlink_to(fifo)
-    assert choose(tiny_model).mode == "bf16"  # calibrated; the cache could not be written, which costs nothing else
-    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and cache.is_symlink()
+    assert choose(tiny_model).mode == "bf16"  # calibrated; the link itself was replaced, never what it points to
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and not cache.is_symlink()
+
+
+
+def test_s9_the_fast_cache_never_writes_through_a_link(tiny_model, fake_calibration, tmp_path):
+    """A ``fast-v4.json`` planted as a link to a file of the user's was overwritten with the cache, and one to a
+    name that did not exist created it, outside the cache folder. A link is neither read nor written through:
+    the write replaces the link itself."""
+    victim, elsewhere = tmp_path / "victim.txt", tmp_path / "elsewhere.json"
+    victim.write_text("precious\n")
+    cache = tmp_path / "xdg" / "ast-cli" / "fast-v4.json"
+    cache.parent.mkdir(parents=True, mode=0o700)
+    for target in (victim, elsewhere):
+        cache.symlink_to(target)
+        assert not choose(tiny_model).cached
+        assert not cache.is_symlink() and json.loads(cache.read_text())["version"] == fastcache.CACHE_VERSION
+        cache.unlink()
+    assert victim.read_text() == "precious\n" and not elsewhere.exists()
+    assert len(fake_calibration) == 2
+
+
+def test_s9_a_cache_folder_others_may_write_is_neither_read_nor_written(tiny_model, fake_calibration, tmp_path):
+    """Under umask 002 an older version left ``ast-cli`` group-writable: a member of the group could plant links or
+    choices there. Such a folder, another user's, or a link in its place, is checked as the AMX kernels' folder is:
+    the run calibrates, caches nothing, and its fast line says why."""
+    import io
+
+    from rich.console import Console
+
+    from ast_cli.cli._common import announce_fast
+
+    folder = tmp_path / "xdg" / "ast-cli"
+    folder.mkdir(parents=True, mode=0o700)
+    planted = {"key": fast.cache_key(tiny_model, "cpu"), "choice": {"mode": "fp32", "speedup": 1.0, "max_diff": 0.0}}
+    (folder / "fast-v4.json").write_text(json.dumps({"version": fastcache.CACHE_VERSION, "entries": [planted]}))
+    before = (folder / "fast-v4.json").read_bytes()
+    folder.chmod(0o770)
+    choice = choose(tiny_model)
+    assert (choice.mode, choice.cached, fake_calibration) == ("bf16", False, ["cpu"])  # the planted fp32 unread
+    assert (folder / "fast-v4.json").read_bytes() == before and sorted(os.listdir(folder)) == ["fast-v4.json"]
+    out = io.StringIO()
+    announce_fast(choice, Console(file=out, width=400), quiet=False)
+    assert out.getvalue().strip().endswith(f"(calibrated now, not cached: {folder} is not private (a link, another "
+                                           "user's, or writable by others: chmod 700 it))")
+    folder.chmod(0o700)
+    folder.rename(tmp_path / "real")
+    folder.symlink_to(tmp_path / "real")  # a link in the folder's place: it could lead anywhere
+    assert choose(tiny_model).not_cached and (tmp_path / "real" / "fast-v4.json").read_bytes() == before
+    folder.unlink()
+    (tmp_path / "real").rename(folder)
+    assert choose(tiny_model).cached and choose(tiny_model).mode == "fp32"  # ours alone again: read as before
 

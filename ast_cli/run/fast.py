@@ -8,19 +8,21 @@ against fp32's (the model's sigmoid scores and each head's probabilities; the po
 relative L2 error, where the run reports them or the model is a bare encoder), then timed forwards after
 warm-up. ``pick`` takes the fastest faithful one, and never one slower than fp32. ``choose`` caches the choice
 per (CPU model and flags, torch version, weights fingerprint, threads, device, heads, attention) in
-``fast_cache_path()``, so later runs pay nothing; an unreadable, corrupt or foreign cache is ignored and
-rewritten. The library never prints: the choice comes back as a ``FastChoice``.
+``fast_cache_path()`` (``fastcache``), so later runs pay nothing; an unreadable, corrupt or foreign cache is
+ignored and rewritten, a cache folder that others could write is neither read nor written. The library never
+prints: the choice comes back as a ``FastChoice``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Callable
+
+from .fastcache import cached_timings, fast_cache_path, machine_busy, read_cache, untrusted, write_cache
 
 FIDELITY = 0.02  # the most a sigmoid score may move from fp32's (the issue's bound); for a bare encoder's
 # embeddings, the most their L2 distance from fp32's may be, relative to fp32's norm (bf16 moves them ~0.01 on a
@@ -33,11 +35,6 @@ TIMED_PASSES = 3  # median of these, after warm-up
 # Warm-up passes at most (until two agree within 5%): bf16 on AMX settles within three or four; more would make
 # the one-off calibration of a full-size model on a noisy machine cost tens of seconds.
 MAX_WARMUP = 4
-# 2: the bf16 candidate fuses QKV and the residual adds; 3: its attention runs on AMX tiles; 4: the int8
-# candidates' attention runs on int16 dot products (VNNI)
-CACHE_VERSION = 4
-MAX_CACHE_BYTES = 1 << 20  # a larger cache file is not ours: ignored, rewritten
-MAX_CACHE_ENTRIES = 64  # oldest dropped beyond this
 
 CPU_CANDIDATES = ("fp32", "bf16", "int8-fbgemm", "int8-onednn", "int8-int_mm")
 CUDA_CANDIDATES = ("fp32", "fp16", "bf16")
@@ -72,6 +69,7 @@ class FastChoice:
     cached: bool = False
     measure: str = "scores"  # as in Candidate
     busy: bool = False  # calibrated while other jobs loaded the machine (``machine_busy``): taken again when quiet
+    not_cached: str | None = None  # why a choice calibrated now was not cached (an untrusted or unwritable cache)
 
     def describe(self) -> str:
         """``scores within 0.0043 of fp32`` (or the embeddings' relative distance, for a bare encoder)."""
@@ -286,13 +284,6 @@ def calibrate(model, device: str = "cpu", attn: str | None = None, heads=(), emb
 # -- the cache ------------------------------------------------------------------------------------------
 
 
-def fast_cache_path() -> str:
-    """``$XDG_CACHE_HOME/ast-cli/fast-v4.json`` (``ast_cache_dir``); the environment is read at call time."""
-    from ..checkpoint.names import ast_cache_dir
-
-    return str(ast_cache_dir() / f"fast-v{CACHE_VERSION}.json")
-
-
 def cache_key(model, device: str, heads=(), attn: str | None = None, embeddings: bool = False) -> dict:
     """What a choice depends on: the CPU (model name and feature flags), torch, the weights, threads, device, the
     heads whose probabilities were compared, the attention (eager bf16 can be slower than eager fp32 where sdpa
@@ -333,23 +324,6 @@ def _head_key(head) -> list:
     return [head.single_label, weights_fingerprint(head.tensors)] + ([head.eps] if head.eps != Head.eps else [])
 
 
-def _read_cache(path: str) -> list:
-    """The cache's entries; [] for a missing, oversized, corrupt or foreign file (it is rewritten later), and for
-    anything but a regular file (a FIFO would block, a device never end)."""
-    from ..checkpoint.names import read_regular
-
-    try:
-        text = read_regular(path, MAX_CACHE_BYTES)
-        if len(text) > MAX_CACHE_BYTES:
-            return []
-        data = json.loads(text.decode("utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return []
-    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("entries"), list):
-        return []
-    return [entry for entry in data["entries"] if isinstance(entry, dict)]
-
-
 def _cached_choice(entries: list, key: dict, names: list[str]) -> FastChoice | None:
     """The entry for ``key`` if it is well formed and names a mode this machine still supports."""
     for entry in entries:
@@ -367,66 +341,6 @@ def _cached_choice(entries: list, key: dict, names: list[str]) -> FastChoice | N
     return None
 
 
-BUSY_LOAD = 0.5  # the 1-minute load average, per CPU, from which the machine counts as busy
-
-
-def machine_busy() -> bool:
-    """Whether other jobs load the machine now: a calibration taken then is timed on a machine that slows some
-    candidates more than others (int8 timed at 1522 ms against fp32's 774 while the test suite ran beside it on
-    the 2-core Sapphire Rapids CPU, 362 against 754 quiet: fp32 was cached). The load average is the whole
-    machine's, as ``os.cpu_count``."""
-    try:
-        return is_busy(os.getloadavg()[0], os.cpu_count() or 1)
-    except (OSError, AttributeError):  # no load average on this platform
-        return False
-
-
-def is_busy(load: float, cpus: int) -> bool:
-    return load >= BUSY_LOAD * cpus
-
-
-FIDELITY_ONLY = ("heads", "measure", "activation")  # key fields that change what is compared, not the speed
-
-
-def _cached_timings(entries: list, key: dict) -> dict[str, float]:
-    """ms per candidate from an entry of the same machine, torch, weights, threads, device and attention that
-    compared something else (other heads, embeddings or scores); {} when there is none, or it is malformed."""
-    def timing_key(k: dict) -> dict:
-        return {name: value for name, value in k.items() if name not in FIDELITY_ONLY}
-
-    for entry in entries:
-        other, choice = entry.get("key"), entry.get("choice")
-        if not isinstance(other, dict) or not isinstance(choice, dict) or timing_key(other) != timing_key(key):
-            continue
-        if choice.get("busy") is True:  # timed on a busy machine: not reused
-            continue
-        candidates = choice.get("candidates") if isinstance(choice.get("candidates"), list) else []
-        timings = {c["name"]: float(c["ms"]) for c in candidates if isinstance(c, dict) and isinstance(
-            c.get("name"), str) and isinstance(c.get("ms"), (int, float)) and not isinstance(c.get("ms"), bool)
-            and math.isfinite(c["ms"]) and c["ms"] > 0}
-        if "fp32" in timings:
-            return timings
-    return {}
-
-
-def _write_cache(path: str, entries: list, key: dict, choice: FastChoice) -> None:
-    """Add ``choice`` for ``key``, atomically; a cache that cannot be written only costs the next run a calibration."""
-    from .files import atomic_write
-
-    entries = [e for e in entries if e.get("key") != key][-(MAX_CACHE_ENTRIES - 1):]
-    entries.append({"key": key, "choice": {"mode": choice.mode, "speedup": choice.speedup,
-                                           "max_diff": choice.max_diff, "measure": choice.measure,
-                                           "candidates": [asdict(c) for c in choice.candidates],
-                                           **({"busy": True} if choice.busy else {})}})
-    try:
-        # ours alone, whatever the umask (002 made it group-writable, and the kernels in it were refused for good)
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        with atomic_write(path) as handle:
-            json.dump({"version": CACHE_VERSION, "entries": entries}, handle, indent=1)
-    except OSError:
-        pass
-
-
 def choose(model, device: str = "cpu", attn: str | None = None, heads=(), embeddings: bool = False) -> FastChoice:
     """The ``--fast`` mode for ``model`` (float32, CPU; unchanged) on ``device``, run with ``heads``
     (``checkpoint.heads.Head``), for a run that reports ``embeddings`` or scores: cached, else calibrated (its
@@ -434,15 +348,15 @@ def choose(model, device: str = "cpu", attn: str | None = None, heads=(), embedd
     machine was busy is calibrated again by the first run that finds it quiet."""
     path = fast_cache_path()
     key = cache_key(model, device, heads, attn, embeddings)
-    entries = _read_cache(path)
+    distrust = untrusted(os.path.dirname(path))
+    entries = read_cache(path) if distrust is None else []
     names = [name for name, skipped in candidate_names(device) if not skipped or skipped == ONEDNN_FASTER]
     cached, busy = _cached_choice(entries, key, names), machine_busy()
     if cached is not None and not (cached.busy and not busy):  # a busy machine's choice is taken again when quiet
         return cached
-    choice = pick(calibrate(model, device, attn, heads, embeddings, timings=_cached_timings(entries, key)))
+    choice = pick(calibrate(model, device, attn, heads, embeddings, timings=cached_timings(entries, key)))
     choice = replace(choice, busy=busy)
-    _write_cache(path, entries, key, choice)
-    return choice
+    return replace(choice, not_cached=distrust or write_cache(path, entries, key, choice))
 
 
 __all__ = ["Candidate", "FIDELITY", "FastChoice", "calibrate", "choose", "fast_cache_path", "pick", "place"]
