@@ -1111,3 +1111,37 @@ def test_s9_a_cache_folder_others_may_write_is_neither_read_nor_written(tiny_mod
     (tmp_path / "real").rename(folder)
     assert choose(tiny_model).cached and choose(tiny_model).mode == "fp32"  # ours alone again: read as before
 
+
+def test_s9_two_runs_calibrating_at_once_both_keep_their_choice(tiny_model, fake_calibration, monkeypatch):
+    """Two ``--fast`` runs of two models calibrating at once kept only the choice of the one that wrote last: each
+    wrote the entries it had read before calibrating. Now the writer merges with what is there under a lock."""
+    other = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        other.classifier.dense.weight.add_(0.01)
+    calibrate = fast.calibrate
+    monkeypatch.setattr(fast, "calibrate", lambda model, *a, **k: (
+        choose(other) if model is tiny_model else None, calibrate(model, *a, **k))[1])
+    choose(tiny_model)  # read the cache (empty), then the other run calibrated and wrote meanwhile
+    assert len(json.loads(open(fast_cache_path()).read())["entries"]) == 2
+    assert choose(tiny_model).cached and choose(other).cached and len(fake_calibration) == 2
+
+
+def test_s9_a_cache_writer_waits_for_the_lock_and_gives_up_in_bounded_time(tmp_path):
+    import fcntl
+
+    lock = str(tmp_path / ".fast-v4.json.lock")
+    now, naps = [0.0], []
+
+    def sleep(seconds):
+        naps.append(seconds)
+        now[0] += seconds
+
+    with fastcache._locked(lock, 1.0, clock=lambda: now[0], sleep=sleep) as held:
+        assert held
+        fd = os.open(lock, os.O_RDWR)
+        with pytest.raises(BlockingIOError):  # held: nobody else has it meanwhile
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with fastcache._locked(lock, 1.0, clock=lambda: now[0], sleep=sleep) as second:
+            assert not second and 1.0 <= now[0] < 1.2  # waited its time, then gave up
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the block ended
+    os.close(fd)

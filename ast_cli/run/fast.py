@@ -356,7 +356,7 @@ def choose(model, device: str = "cpu", attn: str | None = None, heads=(), embedd
         return cached
     choice = pick(calibrate(model, device, attn, heads, embeddings, timings=cached_timings(entries, key)))
     choice = replace(choice, busy=busy)
-    return replace(choice, not_cached=distrust or write_cache(path, entries, key, choice))
+    return replace(choice, not_cached=distrust or write_cache(path, key, choice))
 
 
 __all__ = ["Candidate", "FIDELITY", "FastChoice", "calibrate", "choose", "fast_cache_path", "pick", "place"]

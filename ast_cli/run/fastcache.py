@@ -3,21 +3,26 @@
 Read and written only in a folder that is ours alone (owned by this user, writable by nobody else, not a link),
 as the AMX kernels' folder is: under umask 002 an older version left ``ast-cli`` group-writable, where another
 user could have planted a link that a write would have gone through. A link in place of the file is never read
-nor written through: the write replaces the link itself.
+nor written through: the write replaces the link itself. Writers take a lock beside the file and merge with what
+is there just before the rename, so that two runs calibrating at once both keep their choice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import time
 from dataclasses import asdict
+from typing import Iterator
 
 # 2: the bf16 candidate fuses QKV and the residual adds; 3: its attention runs on AMX tiles; 4: the int8
 # candidates' attention runs on int16 dot products (VNNI)
 CACHE_VERSION = 4
 MAX_CACHE_BYTES = 1 << 20  # a larger cache file is not ours: ignored, rewritten
 MAX_CACHE_ENTRIES = 64  # oldest dropped beyond this
+LOCK_SECONDS = 10.0  # the most a writer waits for another's lock (a write takes milliseconds): then it skips
 
 
 def fast_cache_path() -> str:
@@ -59,9 +64,40 @@ def read_cache(path: str) -> list:
     return [entry for entry in data["entries"] if isinstance(entry, dict)]
 
 
-def write_cache(path: str, entries: list, key: dict, choice) -> str | None:
-    """Add ``choice`` (a ``FastChoice``) for ``key`` to ``entries``, atomically; None, or why it was not cached
-    (a cache that cannot be written only costs the next run a calibration)."""
+@contextlib.contextmanager
+def _locked(path: str, seconds: float = LOCK_SECONDS, clock=time.monotonic, sleep=time.sleep) -> Iterator[bool]:
+    """Holds an exclusive flock on ``path`` (made if missing, never through a link) while the block runs; yields
+    False, holding nothing, where it is still taken by another after ``seconds`` or cannot be had at all."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError:
+        yield False
+        return
+    try:
+        deadline = clock() + seconds
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if clock() >= deadline:
+                    yield False
+                    return
+                sleep(0.05)
+            except OSError:  # a file system without flock
+                yield False
+                return
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def write_cache(path: str, key: dict, choice) -> str | None:
+    """Add ``choice`` (a ``FastChoice``) for ``key`` to the entries there now, atomically, under the lock (two
+    runs that calibrated at once both keep theirs); None, or why it was not cached (a cache that cannot be
+    written only costs the next run a calibration)."""
     from .files import atomic_write
 
     entry = {"key": key, "choice": {"mode": choice.mode, "speedup": choice.speedup, "max_diff": choice.max_diff,
@@ -73,11 +109,14 @@ def write_cache(path: str, entries: list, key: dict, choice) -> str | None:
         os.makedirs(folder, mode=0o700, exist_ok=True)
         if (why := untrusted(folder)) is not None:
             return why
-        entries = [e for e in entries if e.get("key") != key][-(MAX_CACHE_ENTRIES - 1):]
-        if os.path.islink(path):  # the rename replaces the link itself, never what it points to
-            os.unlink(path)
-        with atomic_write(path) as handle:
-            json.dump({"version": CACHE_VERSION, "entries": entries + [entry]}, handle, indent=1)
+        with _locked(os.path.join(folder, f".{os.path.basename(path)}.lock")) as held:
+            if not held:
+                return "another run held its lock"
+            entries = [e for e in read_cache(path) if e.get("key") != key][-(MAX_CACHE_ENTRIES - 1):]
+            if os.path.islink(path):  # the rename replaces the link itself, never what it points to
+                os.unlink(path)
+            with atomic_write(path) as handle:
+                json.dump({"version": CACHE_VERSION, "entries": entries + [entry]}, handle, indent=1)
     except OSError as exc:
         return f"cannot write {path}: {exc.strerror or exc}"
     return None
