@@ -1145,3 +1145,20 @@ def test_s9_a_cache_writer_waits_for_the_lock_and_gives_up_in_bounded_time(tmp_p
             assert not second and 1.0 <= now[0] < 1.2  # waited its time, then gave up
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the block ended
     os.close(fd)
+
+
+@pytest.mark.parametrize("command", ["classify", "listen"])
+def test_s9_fast_refuses_raw_logits_before_the_model_loads(tiny_checkpoint, audio, tmp_path, monkeypatch, command):
+    """``--fast --activation none`` said "scores within 0.0059 of fp32" while the raw logits it reported moved
+    0.0247: the calibration compares scores. Refused (exit 2) before the model loads and before any output."""
+    from ast_cli.run.tagger import Tagger
+
+    monkeypatch.setattr(Tagger, "load", classmethod(lambda *a, **k: pytest.fail("the model loaded")))
+    out = tmp_path / "tags.json"
+    args = [str(audio / "a"), "-o", str(out)] if command == "classify" else [str(audio / "a" / "a0.wav")]
+    result = runner.invoke(app, [command, *args, "--model", str(tiny_checkpoint[0]), "--fast", "--activation", "none"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [
+        "Error: --activation: raw logits go with no fast mode: it keeps scores within 0.02 of fp32's, and logits "
+        "move more; choose the mode by hand instead", "Hint: use --dtype bf16, or use --quantize int8"]
+    assert not out.exists() and not list(tmp_path.iterdir())
