@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 import time
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -31,10 +30,15 @@ FIDELITY = 0.02  # the most a sigmoid score may move from fp32's (the issue's bo
 # is better served exact.
 MIN_SPEEDUP = 1.05
 FIDELITY_WINDOWS = 2  # random windows scored by every candidate (the first also times the forward)
-TIMED_PASSES = 3  # median of these, after warm-up
-# Warm-up passes at most (until two agree within 5%): bf16 on AMX settles within three or four; more would make
-# the one-off calibration of a full-size model on a noisy machine cost tens of seconds.
-MAX_WARMUP = 4
+# Timing, after one pass of each candidate: WARMUP_ROUNDS untimed rounds of every candidate in turns, then at
+# least TIMED_ROUNDS timed ones, more (up to MAX_TIMED_ROUNDS) until they took TIMED_SECONDS; each candidate's
+# fastest pass counts. A full-size model (~1.7 s a round of four candidates at 2 threads) gets 2 + 4 passes of
+# each, as the warm-up until two passes agree (2-4) and a median of 3 cost before; a tiny one (~4 ms a round)
+# gets 40 rounds, where 3 passes of under a millisecond picked bf16 at 4.8x while bf16 was slower than fp32.
+WARMUP_ROUNDS = 1
+TIMED_ROUNDS = 4
+MAX_TIMED_ROUNDS = 40
+TIMED_SECONDS = 1.0
 
 CPU_CANDIDATES = ("fp32", "bf16", "int8-fbgemm", "int8-onednn", "int8-int_mm")
 CUDA_CANDIDATES = ("fp32", "fp16", "bf16")
@@ -42,7 +46,8 @@ CUDA_CANDIDATES = ("fp32", "fp16", "bf16")
 
 @dataclass(frozen=True)
 class Candidate:
-    """One mode as measured: ``ms`` per forward (median), its ``max_diff`` from fp32's sigmoid scores."""
+    """One mode as measured: ``ms`` per forward (the fastest of its timed passes), its ``max_diff`` from fp32's
+    sigmoid scores."""
 
     name: str
     ms: float | None = None
@@ -230,19 +235,20 @@ def calibrate(model, device: str = "cpu", attn: str | None = None, heads=(), emb
               timings: dict | None = None) -> list[Candidate]:
     """Every candidate of ``device`` measured on copies of ``model`` (float32, CPU; left unchanged): what the run
     reports (``_outputs``: with ``heads``, their probabilities too; ``embeddings``: the pooled embeddings, for a
-    run that reports those) against fp32's, then warm-up and
-    ``TIMED_PASSES`` timed forwards taken in turns, so that noise from other processes hits every candidate
-    alike (medians). ``timings``: ms per candidate measured before on this machine for the same model (another
-    comparison: other heads, embeddings); used instead of timing when it has every candidate that runs."""
+    run that reports those) against fp32's, then a pass of each (a failure there is the candidate's, too) and
+    timed forwards taken in turns (``timing.interleaved_fastest``: so that noise from other processes hits every
+    candidate alike; the fastest pass of each). ``timings``: ms per candidate measured before on this machine
+    for the same model (another comparison: other heads, embeddings); used instead of timing when it has every
+    candidate that runs."""
     import copy
 
     import torch
 
-    from ..checkpoint.timing import warm_up
+    from ..checkpoint.timing import interleaved_fastest
     from . import probe
 
     inputs, measure = calibration_inputs(model.config), measure_of(model, heads, embeddings)
-    runs, scores, times, failed = {}, {}, {}, {}
+    runs, scores, failed = {}, {}, {}
     names = candidate_names(device)
     reuse = bool(timings) and all(name in timings for name, skipped in names if skipped is None)
     if device == "cpu" and not reuse:
@@ -256,19 +262,17 @@ def calibrate(model, device: str = "cpu", attn: str | None = None, heads=(), emb
             try:
                 variant, dtype = place(copy.deepcopy(model), name, device)
                 scores[name] = _outputs(variant, inputs.to(device, dtype), attn, heads, embeddings)
-                runs[name], times[name] = None if reuse else _timer(variant, dtype, device, inputs[:1], attn), []
+                runs[name] = None if reuse else _timer(variant, dtype, device, inputs[:1], attn)
                 if not reuse:
-                    warm_up(runs[name], most=MAX_WARMUP)
+                    runs[name]()  # the first pass: sets the kernels up, and fails where this shape has none
             except (RuntimeError, NotImplementedError) as exc:  # a kernel this build or shape lacks: not a candidate
                 if name == "fp32":
                     raise
                 runs.pop(name, None)
                 failed[name] = f"failed here: {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}"
-        if reuse:  # speed does not depend on what is compared: not timed again
-            times = {name: [timings[name] / 1e3] for name in runs}
-        for _ in range(0 if reuse else TIMED_PASSES):
-            for name, run in runs.items():
-                times[name].append(run())
+        # speed does not depend on what is compared: with ``timings``, not timed again
+        seconds = ({name: timings[name] / 1e3 for name in runs} if reuse else
+                   interleaved_fastest(runs, WARMUP_ROUNDS, TIMED_ROUNDS, MAX_TIMED_ROUNDS, TIMED_SECONDS))
     out = []
     for name, skipped in names:
         skipped = skipped or failed.get(name)
@@ -276,8 +280,7 @@ def calibrate(model, device: str = "cpu", attn: str | None = None, heads=(), emb
             out.append(Candidate(name, skipped=skipped, measure=measure))
             continue
         max_diff = _difference(measure, scores[name], scores["fp32"], heads)
-        out.append(Candidate(name, round(statistics.median(times[name]) * 1e3, 3), round(max_diff, 6),
-                             measure=measure))
+        out.append(Candidate(name, round(seconds[name] * 1e3, 3), round(max_diff, 6), measure=measure))
     return out
 
 
