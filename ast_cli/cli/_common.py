@@ -431,6 +431,7 @@ def announce_fast(choice, console, quiet: bool) -> None:
 
     if choice is None or quiet:
         return
-    how = ("cached calibration" if choice.cached else "calibrated now on a busy machine; again when it is quiet"
+    how = ("cached calibration" if choice.cached else f"calibrated now, not cached: {choice.not_cached}"
+           if choice.not_cached else "calibrated now on a busy machine; again when it is quiet"
            if choice.busy else "calibrated now, cached for later runs")
     say(console, f"fast: {choice.mode}, {choice.speedup:.2f}x fp32's speed, {choice.describe()} ({how})")

@@ -86,7 +86,7 @@ def print_benchmark(report) -> None:
 
 
 def print_fast_candidates(console, choice) -> None:
-    """Every ``--fast`` candidate: median ms of one forward, speed-up over fp32, largest score difference."""
+    """Every ``--fast`` candidate: fastest ms of one forward, speed-up over fp32, largest score difference."""
     from rich.table import Table
 
     from ..run.fast import FIDELITY

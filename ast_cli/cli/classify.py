@@ -73,7 +73,7 @@ def classify(
             raise UsageError("--output-dir writes one file per input: it goes without --output and --resume")
         threshold_value, calibrated = parse_threshold(threshold)
         selection = LabelSelection.from_options(top, threshold_value, label_list(include), label_list(exclude),
-                                                activation)
+                                                activation, fast=run.fast)
         heads = read_heads(head or (), not no_base_head)  # a missing folder or not a head: before anything else
         # a missing or bad file: before any work
         calibrations = calibrations_of(model, thresholds, calibrated, heads, not no_base_head)

@@ -78,9 +78,9 @@ def listen(
             except ValueError as exc:
                 raise UsageError(str(exc), option="rate") from None
         threshold, calibrated = parse_threshold(threshold)
-        if events and threshold is None:
-            threshold = 0.5
-        selection = LabelSelection.from_options(top, threshold, label_list(include), label_list(exclude), activation)
+        threshold = 0.5 if events and threshold is None else threshold
+        selection = LabelSelection.from_options(top, threshold, label_list(include), label_list(exclude), activation,
+                                                fast=run.fast)
         if raw and source != "-":
             raise UsageError("--raw reads stdin: give - as the source")
         if raw and rate is None:

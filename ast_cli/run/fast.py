@@ -8,19 +8,20 @@ against fp32's (the model's sigmoid scores and each head's probabilities; the po
 relative L2 error, where the run reports them or the model is a bare encoder), then timed forwards after
 warm-up. ``pick`` takes the fastest faithful one, and never one slower than fp32. ``choose`` caches the choice
 per (CPU model and flags, torch version, weights fingerprint, threads, device, heads, attention) in
-``fast_cache_path()``, so later runs pay nothing; an unreadable, corrupt or foreign cache is ignored and
-rewritten. The library never prints: the choice comes back as a ``FastChoice``.
+``fast_cache_path()`` (``fastcache``), so later runs pay nothing; an unreadable, corrupt or foreign cache is
+ignored and rewritten, a cache folder that others could write is neither read nor written. The library never
+prints: the choice comes back as a ``FastChoice``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Callable
+
+from .fastcache import cached_timings, fast_cache_path, machine_busy, read_cache, untrusted, write_cache
 
 FIDELITY = 0.02  # the most a sigmoid score may move from fp32's (the issue's bound); for a bare encoder's
 # embeddings, the most their L2 distance from fp32's may be, relative to fp32's norm (bf16 moves them ~0.01 on a
@@ -29,15 +30,15 @@ FIDELITY = 0.02  # the most a sigmoid score may move from fp32's (the issue's bo
 # is better served exact.
 MIN_SPEEDUP = 1.05
 FIDELITY_WINDOWS = 2  # random windows scored by every candidate (the first also times the forward)
-TIMED_PASSES = 3  # median of these, after warm-up
-# Warm-up passes at most (until two agree within 5%): bf16 on AMX settles within three or four; more would make
-# the one-off calibration of a full-size model on a noisy machine cost tens of seconds.
-MAX_WARMUP = 4
-# 2: the bf16 candidate fuses QKV and the residual adds; 3: its attention runs on AMX tiles; 4: the int8
-# candidates' attention runs on int16 dot products (VNNI)
-CACHE_VERSION = 4
-MAX_CACHE_BYTES = 1 << 20  # a larger cache file is not ours: ignored, rewritten
-MAX_CACHE_ENTRIES = 64  # oldest dropped beyond this
+# Timing, after one pass of each candidate: WARMUP_ROUNDS untimed rounds of every candidate in turns, then at
+# least TIMED_ROUNDS timed ones, more (up to MAX_TIMED_ROUNDS) until they took TIMED_SECONDS; each candidate's
+# fastest pass counts. A full-size model (~1.7 s a round of four candidates at 2 threads) gets 2 + 4 passes of
+# each, as the warm-up until two passes agree (2-4) and a median of 3 cost before; a tiny one (~4 ms a round)
+# gets 40 rounds, where 3 passes of under a millisecond picked bf16 at 4.8x while bf16 was slower than fp32.
+WARMUP_ROUNDS = 1
+TIMED_ROUNDS = 4
+MAX_TIMED_ROUNDS = 40
+TIMED_SECONDS = 1.0
 
 CPU_CANDIDATES = ("fp32", "bf16", "int8-fbgemm", "int8-onednn", "int8-int_mm")
 CUDA_CANDIDATES = ("fp32", "fp16", "bf16")
@@ -45,7 +46,8 @@ CUDA_CANDIDATES = ("fp32", "fp16", "bf16")
 
 @dataclass(frozen=True)
 class Candidate:
-    """One mode as measured: ``ms`` per forward (median), its ``max_diff`` from fp32's sigmoid scores."""
+    """One mode as measured: ``ms`` per forward (the fastest of its timed passes), its ``max_diff`` from fp32's
+    sigmoid scores."""
 
     name: str
     ms: float | None = None
@@ -72,6 +74,7 @@ class FastChoice:
     cached: bool = False
     measure: str = "scores"  # as in Candidate
     busy: bool = False  # calibrated while other jobs loaded the machine (``machine_busy``): taken again when quiet
+    not_cached: str | None = None  # why a choice calibrated now was not cached (an untrusted or unwritable cache)
 
     def describe(self) -> str:
         """``scores within 0.0043 of fp32`` (or the embeddings' relative distance, for a bare encoder)."""
@@ -232,19 +235,20 @@ def calibrate(model, device: str = "cpu", attn: str | None = None, heads=(), emb
               timings: dict | None = None) -> list[Candidate]:
     """Every candidate of ``device`` measured on copies of ``model`` (float32, CPU; left unchanged): what the run
     reports (``_outputs``: with ``heads``, their probabilities too; ``embeddings``: the pooled embeddings, for a
-    run that reports those) against fp32's, then warm-up and
-    ``TIMED_PASSES`` timed forwards taken in turns, so that noise from other processes hits every candidate
-    alike (medians). ``timings``: ms per candidate measured before on this machine for the same model (another
-    comparison: other heads, embeddings); used instead of timing when it has every candidate that runs."""
+    run that reports those) against fp32's, then a pass of each (a failure there is the candidate's, too) and
+    timed forwards taken in turns (``timing.interleaved_fastest``: so that noise from other processes hits every
+    candidate alike; the fastest pass of each). ``timings``: ms per candidate measured before on this machine
+    for the same model (another comparison: other heads, embeddings); used instead of timing when it has every
+    candidate that runs."""
     import copy
 
     import torch
 
-    from ..checkpoint.timing import warm_up
+    from ..checkpoint.timing import interleaved_fastest
     from . import probe
 
     inputs, measure = calibration_inputs(model.config), measure_of(model, heads, embeddings)
-    runs, scores, times, failed = {}, {}, {}, {}
+    runs, scores, failed = {}, {}, {}
     names = candidate_names(device)
     reuse = bool(timings) and all(name in timings for name, skipped in names if skipped is None)
     if device == "cpu" and not reuse:
@@ -258,19 +262,17 @@ def calibrate(model, device: str = "cpu", attn: str | None = None, heads=(), emb
             try:
                 variant, dtype = place(copy.deepcopy(model), name, device)
                 scores[name] = _outputs(variant, inputs.to(device, dtype), attn, heads, embeddings)
-                runs[name], times[name] = None if reuse else _timer(variant, dtype, device, inputs[:1], attn), []
+                runs[name] = None if reuse else _timer(variant, dtype, device, inputs[:1], attn)
                 if not reuse:
-                    warm_up(runs[name], most=MAX_WARMUP)
+                    runs[name]()  # the first pass: sets the kernels up, and fails where this shape has none
             except (RuntimeError, NotImplementedError) as exc:  # a kernel this build or shape lacks: not a candidate
                 if name == "fp32":
                     raise
                 runs.pop(name, None)
                 failed[name] = f"failed here: {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}"
-        if reuse:  # speed does not depend on what is compared: not timed again
-            times = {name: [timings[name] / 1e3] for name in runs}
-        for _ in range(0 if reuse else TIMED_PASSES):
-            for name, run in runs.items():
-                times[name].append(run())
+        # speed does not depend on what is compared: with ``timings``, not timed again
+        seconds = ({name: timings[name] / 1e3 for name in runs} if reuse else
+                   interleaved_fastest(runs, WARMUP_ROUNDS, TIMED_ROUNDS, MAX_TIMED_ROUNDS, TIMED_SECONDS))
     out = []
     for name, skipped in names:
         skipped = skipped or failed.get(name)
@@ -278,19 +280,11 @@ def calibrate(model, device: str = "cpu", attn: str | None = None, heads=(), emb
             out.append(Candidate(name, skipped=skipped, measure=measure))
             continue
         max_diff = _difference(measure, scores[name], scores["fp32"], heads)
-        out.append(Candidate(name, round(statistics.median(times[name]) * 1e3, 3), round(max_diff, 6),
-                             measure=measure))
+        out.append(Candidate(name, round(seconds[name] * 1e3, 3), round(max_diff, 6), measure=measure))
     return out
 
 
 # -- the cache ------------------------------------------------------------------------------------------
-
-
-def fast_cache_path() -> str:
-    """``$XDG_CACHE_HOME/ast-cli/fast-v4.json`` (``ast_cache_dir``); the environment is read at call time."""
-    from ..checkpoint.names import ast_cache_dir
-
-    return str(ast_cache_dir() / f"fast-v{CACHE_VERSION}.json")
 
 
 def cache_key(model, device: str, heads=(), attn: str | None = None, embeddings: bool = False) -> dict:
@@ -333,23 +327,6 @@ def _head_key(head) -> list:
     return [head.single_label, weights_fingerprint(head.tensors)] + ([head.eps] if head.eps != Head.eps else [])
 
 
-def _read_cache(path: str) -> list:
-    """The cache's entries; [] for a missing, oversized, corrupt or foreign file (it is rewritten later), and for
-    anything but a regular file (a FIFO would block, a device never end)."""
-    from ..checkpoint.names import read_regular
-
-    try:
-        text = read_regular(path, MAX_CACHE_BYTES)
-        if len(text) > MAX_CACHE_BYTES:
-            return []
-        data = json.loads(text.decode("utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return []
-    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("entries"), list):
-        return []
-    return [entry for entry in data["entries"] if isinstance(entry, dict)]
-
-
 def _cached_choice(entries: list, key: dict, names: list[str]) -> FastChoice | None:
     """The entry for ``key`` if it is well formed and names a mode this machine still supports."""
     for entry in entries:
@@ -367,66 +344,6 @@ def _cached_choice(entries: list, key: dict, names: list[str]) -> FastChoice | N
     return None
 
 
-BUSY_LOAD = 0.5  # the 1-minute load average, per CPU, from which the machine counts as busy
-
-
-def machine_busy() -> bool:
-    """Whether other jobs load the machine now: a calibration taken then is timed on a machine that slows some
-    candidates more than others (int8 timed at 1522 ms against fp32's 774 while the test suite ran beside it on
-    the 2-core Sapphire Rapids CPU, 362 against 754 quiet: fp32 was cached). The load average is the whole
-    machine's, as ``os.cpu_count``."""
-    try:
-        return is_busy(os.getloadavg()[0], os.cpu_count() or 1)
-    except (OSError, AttributeError):  # no load average on this platform
-        return False
-
-
-def is_busy(load: float, cpus: int) -> bool:
-    return load >= BUSY_LOAD * cpus
-
-
-FIDELITY_ONLY = ("heads", "measure", "activation")  # key fields that change what is compared, not the speed
-
-
-def _cached_timings(entries: list, key: dict) -> dict[str, float]:
-    """ms per candidate from an entry of the same machine, torch, weights, threads, device and attention that
-    compared something else (other heads, embeddings or scores); {} when there is none, or it is malformed."""
-    def timing_key(k: dict) -> dict:
-        return {name: value for name, value in k.items() if name not in FIDELITY_ONLY}
-
-    for entry in entries:
-        other, choice = entry.get("key"), entry.get("choice")
-        if not isinstance(other, dict) or not isinstance(choice, dict) or timing_key(other) != timing_key(key):
-            continue
-        if choice.get("busy") is True:  # timed on a busy machine: not reused
-            continue
-        candidates = choice.get("candidates") if isinstance(choice.get("candidates"), list) else []
-        timings = {c["name"]: float(c["ms"]) for c in candidates if isinstance(c, dict) and isinstance(
-            c.get("name"), str) and isinstance(c.get("ms"), (int, float)) and not isinstance(c.get("ms"), bool)
-            and math.isfinite(c["ms"]) and c["ms"] > 0}
-        if "fp32" in timings:
-            return timings
-    return {}
-
-
-def _write_cache(path: str, entries: list, key: dict, choice: FastChoice) -> None:
-    """Add ``choice`` for ``key``, atomically; a cache that cannot be written only costs the next run a calibration."""
-    from .files import atomic_write
-
-    entries = [e for e in entries if e.get("key") != key][-(MAX_CACHE_ENTRIES - 1):]
-    entries.append({"key": key, "choice": {"mode": choice.mode, "speedup": choice.speedup,
-                                           "max_diff": choice.max_diff, "measure": choice.measure,
-                                           "candidates": [asdict(c) for c in choice.candidates],
-                                           **({"busy": True} if choice.busy else {})}})
-    try:
-        # ours alone, whatever the umask (002 made it group-writable, and the kernels in it were refused for good)
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        with atomic_write(path) as handle:
-            json.dump({"version": CACHE_VERSION, "entries": entries}, handle, indent=1)
-    except OSError:
-        pass
-
-
 def choose(model, device: str = "cpu", attn: str | None = None, heads=(), embeddings: bool = False) -> FastChoice:
     """The ``--fast`` mode for ``model`` (float32, CPU; unchanged) on ``device``, run with ``heads``
     (``checkpoint.heads.Head``), for a run that reports ``embeddings`` or scores: cached, else calibrated (its
@@ -434,15 +351,15 @@ def choose(model, device: str = "cpu", attn: str | None = None, heads=(), embedd
     machine was busy is calibrated again by the first run that finds it quiet."""
     path = fast_cache_path()
     key = cache_key(model, device, heads, attn, embeddings)
-    entries = _read_cache(path)
+    distrust = untrusted(os.path.dirname(path))
+    entries = read_cache(path) if distrust is None else []
     names = [name for name, skipped in candidate_names(device) if not skipped or skipped == ONEDNN_FASTER]
     cached, busy = _cached_choice(entries, key, names), machine_busy()
     if cached is not None and not (cached.busy and not busy):  # a busy machine's choice is taken again when quiet
         return cached
-    choice = pick(calibrate(model, device, attn, heads, embeddings, timings=_cached_timings(entries, key)))
+    choice = pick(calibrate(model, device, attn, heads, embeddings, timings=cached_timings(entries, key)))
     choice = replace(choice, busy=busy)
-    _write_cache(path, entries, key, choice)
-    return choice
+    return replace(choice, not_cached=distrust or write_cache(path, key, choice))
 
 
 __all__ = ["Candidate", "FIDELITY", "FastChoice", "calibrate", "choose", "fast_cache_path", "pick", "place"]

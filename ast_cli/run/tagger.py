@@ -74,9 +74,14 @@ class LabelSelection:
 
     @classmethod
     def from_options(cls, top: int | None, threshold: float | None, include=None, exclude=None,
-                     activation: Activation | str | None = None) -> "LabelSelection":
+                     activation: Activation | str | None = None, fast: bool = False) -> "LabelSelection":
         """``top`` None: 5, or all labels when a threshold is given; 0: all. A threshold must be a score the
-        activation can give (sigmoid and softmax scores lie in [0, 1])."""
+        activation can give (sigmoid and softmax scores lie in [0, 1]). ``fast`` (``RunOptions.fast``) bounds
+        how far scores move from fp32's, not raw logits (which moved 0.025 where the scores moved 0.006)."""
+        if fast and activation is not None and Activation(activation) is Activation.none:
+            raise UsageError("raw logits go with no fast mode: it keeps scores within 0.02 of fp32's, and logits "
+                             "move more; choose the mode by hand instead", option="activation",
+                             suggest={"dtype": "bf16", "quantize": "int8"})
         if threshold is not None:
             bounded = activation is None or Activation(activation) is not Activation.none
             if not math.isfinite(threshold) or (bounded and not 0.0 <= threshold <= 1.0):
