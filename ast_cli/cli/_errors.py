@@ -47,7 +47,8 @@ def _suggestion(suggest: dict[str, Any]) -> str:
             parts.append(f"add {flag(option)}")
         else:
             parts.append(f"use {flag(option)} {value}")
-    return " and ".join(parts)  # together: drop --resume and add --overwrite
+    replace = None in suggest.values() and any(value is not None for value in suggest.values())
+    return (" and " if replace else ", or ").join(parts)  # drop --resume and add --overwrite; use A, or use B
 
 
 def _model_hint(exc) -> str | None:
