@@ -122,3 +122,18 @@ def test_an_option_without_its_value_gets_the_hint_every_usage_error_has():
     assert result.stderr.splitlines() == ["Error: option '--top' requires an argument",
                                           "Hint: `ast classify --help` lists the options"]
     assert "141 the reader of stdout went away" in " ".join(ast("--help").stdout.split())
+
+
+def test_records_of_a_fast_run_say_which_mode_it_ran(tiny_checkpoint, tmp_path, monkeypatch):
+    """``compute: "fast"`` alone did not say whether bf16, int8 or fp32 made the numbers."""
+    import json
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    clip = write_audio(tmp_path / "a.wav", 1.0)
+    result = ast("classify", clip, "--model", tiny_checkpoint[0], "--fast", "-f", "jsonl", "-q")
+    assert result.exit_code == 0, result.stderr
+    settings = json.loads(result.stdout)["settings"]
+    assert settings["compute"] == "fast" and settings["fast"] in ("fp32", "bf16", "int8-fbgemm", "int8-onednn",
+                                                                   "int8-int_mm", "fp16")
+    exact = json.loads(ast("classify", clip, "--model", tiny_checkpoint[0], "-f", "jsonl", "-q").stdout)
+    assert "fast" not in exact["settings"]

@@ -157,6 +157,8 @@ def _run(target, sources, skipped: int, note: str | None, job: _Job) -> int:
         else:
             tagger = load_tagger(job.model, job.run, job.stderr, job.quiet, resolved=path, heads=job.heads,
                                  base_head=job.base_head)
+            if tagger.backend.fast_choice is not None:  # which mode --fast ran: the records say it
+                provenance["settings"]["fast"] = tagger.backend.fast_choice.mode
             engine = tagger.engine()
             results = tagger.classify(sources, selection=job.selection, activation=job.activation,
                                       aggregate=job.aggregate, segments=job.segments, engine=engine)
