@@ -137,3 +137,24 @@ def test_records_of_a_fast_run_say_which_mode_it_ran(tiny_checkpoint, tmp_path, 
                                                                    "int8-int_mm", "fp16")
     exact = json.loads(ast("classify", clip, "--model", tiny_checkpoint[0], "-f", "jsonl", "-q").stdout)
     assert "fast" not in exact["settings"]
+
+
+def test_a_resume_with_nothing_left_fetches_no_model(tiny_checkpoint, tmp_path):
+    """The check of a no-op resume (s9) downloaded a hub model that was not cached (346 MB for nothing), or failed
+    offline; before it, such a run exited 0. A model that is not there is not checked, and nothing is fetched."""
+    clip = write_audio(tmp_path / "a.wav", 1.0)
+    tags = tmp_path / "t.jsonl"
+    assert ast("classify", clip, "--model", tiny_checkpoint[0], "-o", tags, "-q").exit_code == 0
+    before = tags.read_bytes()
+    again = ast("classify", clip, "--model", "org/not-cached-ast", "-o", tags, "--resume")  # offline in the tests
+    assert again.exit_code == 0 and "1 skipped" in again.stderr, again.stderr
+    assert tags.read_bytes() == before
+
+
+def test_a_no_op_resume_on_a_named_device_checks_the_precision(tiny_checkpoint, tmp_path):
+    clip = write_audio(tmp_path / "a.wav", 1.0)
+    tags = tmp_path / "t.jsonl"
+    assert ast("classify", clip, "--model", tiny_checkpoint[0], "-o", tags, "-q").exit_code == 0
+    tags.write_text(tags.read_text().replace('"compute": "fp32"', '"compute": "fp16"'))
+    refused = ast("classify", clip, "--model", tiny_checkpoint[0], "-o", tags, "--resume", "--device", "cpu")
+    assert refused.exit_code == 2 and "computed in fp16, not fp32" in refused.stderr

@@ -397,8 +397,10 @@ def compute_name(run: RunOptions, cluster, *, probe: bool = True) -> str | None:
         return run.dtype.value
     if cluster.ray:
         device = run.device if run.device != "auto" else "cuda" if cluster.gpus_per_worker else "cpu"
-    elif not probe:
-        return None
+    elif not probe:  # a named device needs no torch to ask; auto does
+        if run.device == "auto":
+            return None
+        device = run.device
     else:
         from ..run.backends import pick_device
 

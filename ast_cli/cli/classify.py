@@ -171,14 +171,23 @@ def _run(target, sources, skipped: int, note: str | None, job: _Job) -> int:
 def _provenance(target, job: _Job, loads: bool = True) -> tuple[dict, object]:
     """What records say made them (the model, and the settings that change scores), checked against a resumed
     output's records before the model loads, and the model's local path (resolved once, here). Unknown
-    --include/--exclude names fail here too. Not ``loads`` (nothing is left to tag): torch is not imported, so
-    the precision of ``--dtype auto`` (fp16 on a GPU, else fp32) is not checked."""
+    --include/--exclude names fail here too. Not ``loads`` (nothing is left to tag): nothing is downloaded (a hub
+    model not in the cache is not checked) and torch is not imported, so the precision of ``--dtype auto`` with
+    ``--device auto`` (fp16 on a GPU, else fp32) is not checked."""
     from ..checkpoint.heads import weights_stamp
+    from ..checkpoint.hub import resolve_model
     from ..checkpoint.names import model_identity
+    from ..errors import ModelNotFoundError
     from ..tasks.extract import Settings
     from ..run.tagger import Scorer, head_parts, is_single_label
 
-    path = fetch_model(job.model, job.run, job.stderr, job.quiet)
+    if loads:
+        path = fetch_model(job.model, job.run, job.stderr, job.quiet)
+    else:
+        try:
+            path = resolve_model(job.model, offline=True, cache_dir=job.run.cache_dir)
+        except ModelNotFoundError:
+            return {}, None
     config, features = model_config(path)
     parts = head_parts(job.model, config.id2label, is_single_label(config), job.heads, job.base_head)
     scorer = Scorer(parts, job.selection, job.activation)  # unknown --include/--exclude names fail here
