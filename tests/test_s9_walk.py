@@ -37,6 +37,20 @@ def test_a_misspelt_path_is_refused_before_the_model_and_the_output(tiny_checkpo
     assert len(mixed.stdout.splitlines()) == 2
 
 
+def test_a_broken_link_alone_is_a_path_that_is_not_there(tiny_checkpoint, tmp_path, monkeypatch):
+    """A dangling symlink got past the check above: ``--overwrite`` replaced a good output with its error record."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "broken.wav").symlink_to(tmp_path / "nowhere.wav")
+    write_audio(tmp_path / "a.wav", 1.0)
+    assert ast("classify", "a.wav", "--model", tiny_checkpoint[0], "-o", "tags.json", "-q").exit_code == 0
+    before = (tmp_path / "tags.json").read_bytes()
+    refused = ast("classify", "broken.wav", "--model", tiny_checkpoint[0], "-o", "tags.json", "--overwrite")
+    assert refused.exit_code == 1 and refused.stderr.startswith("Error: nothing to tag: broken.wav: no such file")
+    assert (tmp_path / "tags.json").read_bytes() == before
+    listen = ast("listen", "broken.wav", "--model", "/no/such/model")
+    assert listen.exit_code == 1 and listen.stderr.startswith("Error: broken.wav: no such file")
+
+
 def test_listen_names_a_missing_file_before_the_model(tmp_path):
     result = ast("listen", tmp_path / "nosuch.wav", "--model", "/no/such/model")
     assert result.exit_code == 1

@@ -45,8 +45,12 @@ def refuse_only_missing(found, verb: str) -> None:
     one with its error records) and load the model first."""
     from ..errors import AstError
 
-    if found and all(item.error in _MISSING for item in found):
-        shown = "; ".join(f"{item.path}: {item.error}" for item in found[:3])
+    import os
+
+    if found and all(item.error in _MISSING or (item.error is None and getattr(item, "source", None) is None
+                                                and os.path.islink(item.path) and not os.path.exists(item.path))
+                     for item in found):  # (a link to nothing is not there either)
+        shown = "; ".join(f"{item.path}: {item.error or 'no such file (a broken link)'}" for item in found[:3])
         more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
         raise AstError(f"nothing to {verb}: {shown}{more}", hint="check the paths")
 

@@ -151,7 +151,7 @@ def _refuse_missing(source: str) -> None:
     from ..errors import AstError
 
     local = source[len("file://"):] if source.startswith("file://") else None if "://" in source else source
-    if source != "-" and not source.startswith("pipe:") and local is not None and not os.path.lexists(local):
+    if source != "-" and not source.startswith("pipe:") and local is not None and not os.path.exists(local):
         raise AstError(f"{source}: no such file", hint="name a file, a URL (http://, rtsp://...) or - for stdin")
 
 
