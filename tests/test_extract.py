@@ -99,8 +99,7 @@ def test_metadata(tiny_checkpoint, tmp_path):
     audio = write_audio(tmp_path / "clip.wav", 1.0)
     assert run(audio, "--out", tmp_path / "out", "--kind", "fbank", *common_args(directory)).exit_code == 0
     _, meta = read_safetensors(tmp_path / "out" / "clip.wav.safetensors")
-    weights = os.stat(os.path.join(directory, "model.safetensors"))
-    assert meta == {
+    assert meta == {  # no "weights": fbank outputs are made without them (s9)
         "kind": "fbank",
         "model": os.path.realpath(directory),
         "sample_rate": "16000",
@@ -111,7 +110,6 @@ def test_metadata(tiny_checkpoint, tmp_path):
         "source": str(audio),
         "duration": "1.0",
         "compute": "fp32",
-        "weights": f"{weights.st_size}:{weights.st_mtime_ns}",
         "ast_cli_version": __version__,
     }
 

@@ -172,3 +172,18 @@ def test_a_no_op_resume_on_a_named_device_checks_the_precision(tiny_checkpoint, 
     tags.write_text(tags.read_text().replace('"compute": "fp32"', '"compute": "fp16"'))
     refused = ast("classify", clip, "--model", tiny_checkpoint[0], "-o", tags, "--resume", "--device", "cpu")
     assert refused.exit_code == 2 and "computed in fp16, not fp32" in refused.stderr
+
+
+def test_fbank_outputs_do_not_depend_on_the_weights_file(tiny_checkpoint, tmp_path):
+    """``--kind fbank`` (model inputs, made without the weights) was refused after the weights file was touched."""
+    import os
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_checkpoint[0], model)
+    clip = write_audio(tmp_path / "a.wav", 1.0)
+    args = ["extract-features", clip, "--out", tmp_path / "f", "--model", model, "--kind", "fbank"]
+    assert ast(*args, "-q").exit_code == 0
+    os.utime(model / "model.safetensors", ns=(1, 1))
+    again = ast(*args)
+    assert again.exit_code == 0 and "0 written, 1 skipped" in again.stderr, again.stderr

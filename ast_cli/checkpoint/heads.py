@@ -199,7 +199,7 @@ def weights_stamp(model: str, path, heads=()) -> str | None:
     from .names import looks_local, weights_path
 
     files = [os.path.join(head.path, name) for head in heads for name in (HEAD_CONFIG, HEAD_WEIGHTS)]
-    if looks_local(model):
+    if looks_local(model) and not os.path.isdir(weights_path(path)):  # a folder with no weights: none to stamp
         files.insert(0, weights_path(path))
     stats = [os.stat(file) for file in files]
     return " ".join(f"{stat.st_size}:{stat.st_mtime_ns}" for stat in stats) or None

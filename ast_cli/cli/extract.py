@@ -102,7 +102,8 @@ def _settings(model: str, path, kind: str, run: RunOptions):
     from ..tasks.extract import Settings
 
     settings = Settings.of(kind, model_identity(model, path), run)
-    return replace(settings, weights=weights_stamp(model, path), given_as=model)
+    stamp = None if kind == "fbank" else weights_stamp(model, path)  # model inputs: no weights make them
+    return replace(settings, weights=stamp, given_as=model)
 
 
 class _ExtractRecord:
