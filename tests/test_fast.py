@@ -1160,7 +1160,7 @@ def test_s9_fast_refuses_raw_logits_before_the_model_loads(tiny_checkpoint, audi
     assert result.exit_code == 2, result.output
     assert result.stderr.splitlines() == [
         "Error: --activation: raw logits go with no fast mode: it keeps scores within 0.02 of fp32's, and logits "
-        "move more; choose the mode by hand instead", "Hint: use --dtype bf16, or use --quantize int8"]
+        "move more; choose the mode by hand instead (bf16, or int8)", "Hint: drop --fast and use --dtype bf16"]
     assert not out.exists() and not list(tmp_path.iterdir())
 
 

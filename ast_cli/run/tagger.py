@@ -80,8 +80,8 @@ class LabelSelection:
         how far scores move from fp32's, not raw logits (which moved 0.025 where the scores moved 0.006)."""
         if fast and activation is not None and Activation(activation) is Activation.none:
             raise UsageError("raw logits go with no fast mode: it keeps scores within 0.02 of fp32's, and logits "
-                             "move more; choose the mode by hand instead", option="activation",
-                             suggest={"dtype": "bf16", "quantize": "int8"})
+                             "move more; choose the mode by hand instead (bf16, or int8)",
+                             option="activation", suggest={"fast": None, "dtype": "bf16"})
         if threshold is not None:
             bounded = activation is None or Activation(activation) is not Activation.none
             if not math.isfinite(threshold) or (bounded and not 0.0 <= threshold <= 1.0):
