@@ -126,8 +126,14 @@ def test_a_damaged_cached_model_is_called_damaged_not_missing(tiny_checkpoint, t
     result = ast("classify", clip, "--model", "acme/tiny-ast", "--cache-dir", cache)
     assert result.exit_code == 1 and "not in the cache yet" not in result.stderr, result.stderr
     assert result.stderr.splitlines() == [
-        f"Error: the cached snapshot of acme/tiny-ast is damaged: {snapshot} lacks its config.json or weights file",
-        "Hint: download it again: `ast download acme/tiny-ast --force`"]
+        f"Error: the cached snapshot of acme/tiny-ast is damaged: {snapshot} is gone or lacks its config.json or "
+        "weights file", "Hint: download it again: `ast download acme/tiny-ast --force`"]
+    ref = cache / "models--acme--tiny-ast" / "refs" / "main"
+    ref.write_text("d" * 40)  # a ref to a snapshot that is not there
+    gone = ast("classify", clip, "--model", "acme/tiny-ast", "--cache-dir", cache)
+    assert gone.exit_code == 1 and "is damaged" in gone.stderr and "not in the cache yet" not in gone.stderr
+    other = ast("classify", clip, "--model", "acme/tiny-ast@v9", "--cache-dir", cache)  # never cached at all
+    assert other.exit_code == 1 and "not in the Hugging Face cache" in other.stderr
 
 
 def test_an_option_without_its_value_gets_the_hint_every_usage_error_has():

@@ -37,12 +37,13 @@ def damaged_snapshot(repo_id: str, revision: str | None = None,
     revision = revision or DEFAULT_REVISION
     try:
         ref = repo / "refs" / revision
-        commit = ref.read_text().strip() if ref.is_file() else revision
+        referred = ref.is_file()
+        commit = ref.read_text().strip() if referred else revision
     except (OSError, UnicodeDecodeError):
         return None
     snapshot = repo / "snapshots" / commit
-    if "/" in commit or commit in ("", ".", "..") or not snapshot.is_dir():
-        return None
+    if "/" in commit or commit in ("", ".", "..") or not (snapshot.is_dir() or referred):
+        return None  # (a ref to a snapshot that is gone: damaged too)
     return None if (snapshot / CONFIG_NAME).is_file() and _weights_in(snapshot) else snapshot
 
 

@@ -130,8 +130,8 @@ def resolve_model(name: str, *, offline: bool | None = None, cache_dir: str | No
 def _not_cached(name: str, repo_id: str, cache_dir: str | None, *, library: bool = False,
                 revision: str | None = None) -> AstError:
     if (snapshot := damaged_snapshot(repo_id, revision, cache_dir)) is not None:  # there, a file of it gone
-        return CheckpointError(f"the cached snapshot of {repo_id} is damaged: {snapshot} lacks its config.json or "
-                               "weights file", path=str(snapshot), model=name, corrupt=True)
+        return CheckpointError(f"the cached snapshot of {repo_id} is damaged: {snapshot} is gone or lacks its "
+                               "config.json or weights file", path=str(snapshot), model=name, corrupt=True)
     if library:  # we would go online, but huggingface_hub was imported under HF_HUB_OFFLINE=1
         return ModelNotFoundError(
             f"model {repo_id!r} is not in the Hugging Face cache ({_cache(cache_dir)}) and huggingface_hub is in "
