@@ -1208,3 +1208,17 @@ def test_s9_the_probe_tries_again_with_fp32_before_it_drops_a_kernel(monkeypatch
     dropped = probe.slow_candidates(["fp32", "int8-fbgemm", "int8-onednn"])
     assert list(dropped) == ["int8-onednn"] and dropped["int8-onednn"].endswith("(no fast kernel for this CPU)")
     assert calls == ["fp32", "int8-fbgemm", "fp32", "int8-fbgemm", "fp32", "int8-onednn"]
+
+
+def test_s9_a_lock_that_cannot_be_made_is_not_called_another_runs(tmp_path):
+    from types import SimpleNamespace
+
+    """A read-only cache folder, or a directory where the lock file goes, said "another run held its lock"."""
+    from ast_cli.run import fastcache
+
+    folder = tmp_path / "ast-cli"
+    folder.mkdir(mode=0o700)
+    (folder / ".fast-v4.json.lock").mkdir()  # stands for any lock file that cannot be opened
+    choice = SimpleNamespace(mode="fp32", speedup=1.0, max_diff=0.0, measure="sigmoid", candidates=[], busy=False)
+    why = fastcache.write_cache(str(folder / "fast-v4.json"), {"k": 1}, choice)
+    assert why is not None and why.startswith("cannot write") and "lock" in why, why

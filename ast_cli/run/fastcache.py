@@ -67,14 +67,11 @@ def read_cache(path: str) -> list:
 @contextlib.contextmanager
 def _locked(path: str, seconds: float = LOCK_SECONDS, clock=time.monotonic, sleep=time.sleep) -> Iterator[bool]:
     """Holds an exclusive flock on ``path`` (made if missing, never through a link) while the block runs; yields
-    False, holding nothing, where it is still taken by another after ``seconds`` or cannot be had at all."""
+    False, holding nothing, where it is still taken by another after ``seconds``. OSError where it cannot be
+    made or locked at all (a read-only folder, a directory in its place, a file system without flock)."""
     import fcntl
 
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
-    except OSError:
-        yield False
-        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
     try:
         deadline = clock() + seconds
         while True:
@@ -86,9 +83,6 @@ def _locked(path: str, seconds: float = LOCK_SECONDS, clock=time.monotonic, slee
                     yield False
                     return
                 sleep(0.05)
-            except OSError:  # a file system without flock
-                yield False
-                return
         yield True
     finally:
         os.close(fd)  # releases the lock
