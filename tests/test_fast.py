@@ -1211,9 +1211,9 @@ def test_s9_the_probe_tries_again_with_fp32_before_it_drops_a_kernel(monkeypatch
 
 
 def test_s9_a_lock_that_cannot_be_made_is_not_called_another_runs(tmp_path):
+    """A read-only cache folder, or a directory where the lock file goes, said "another run held its lock"."""
     from types import SimpleNamespace
 
-    """A read-only cache folder, or a directory where the lock file goes, said "another run held its lock"."""
     from ast_cli.run import fastcache
 
     folder = tmp_path / "ast-cli"
