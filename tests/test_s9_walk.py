@@ -94,6 +94,9 @@ def test_download_with_no_name_takes_ast_model_and_a_local_path_names_the_argume
     assert result.exit_code == 1 and "'MIT/ast-finetuned-speech-commands-v2' is not in" in result.stderr
     local = ast("download", tmp_path)
     assert local.exit_code == 2 and local.stderr.startswith(f"Error: MODEL: {tmp_path} is a local path: nothing ")
+    monkeypatch.setenv("AST_MODEL", str(tmp_path))  # a local default: nothing to do, said once
+    default = ast("download")
+    assert default.exit_code == 0 and default.stderr == f"nothing to download: AST_MODEL names a local model ({tmp_path})\n"
 
 
 def test_the_resume_refusal_says_to_replace_resume_with_overwrite(tiny_checkpoint, tmp_path):

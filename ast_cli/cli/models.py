@@ -55,9 +55,13 @@ def download(
     stderr = stderr_console()
     with cli_errors(stderr, debug):
         from ..checkpoint import hub
+        from ..checkpoint.names import looks_local
 
+        default = os.environ.get("AST_MODEL") or DEFAULT_MODEL  # classify's default, as --model's
+        if not models and looks_local(default):
+            return say(stderr, f"nothing to download: AST_MODEL names a local model ({default})")
         failed_code = 0
-        for name in models or [os.environ.get("AST_MODEL") or DEFAULT_MODEL]:  # classify's default, as --model's
+        for name in models or [default]:
             try:
                 result = hub.download(name, revision=revision, cache_dir=cache_dir, force=force,
                                       progress=download_progress(stderr, quiet))
