@@ -178,9 +178,10 @@ def test_24_5_records_name_the_model_and_the_settings_that_change_scores(clips, 
     assert classify(*clips[:2], *model, "-o", out).exit_code == 0
     got = records(out.read_text())
     assert {r["model"] for r in got} == {os.path.realpath(tiny_checkpoint[0])}
-    weights = (tiny_checkpoint[0] / "model.safetensors").stat()
+    stamp = " ".join(f"{s.st_size}:{s.st_mtime_ns}" for s in (
+        (tiny_checkpoint[0] / name).stat() for name in ("model.safetensors", "config.json", "preprocessor_config.json")))
     assert got[0]["settings"] == {"activation": "sigmoid", "hop_seconds": 0.64, "window_seconds": 0.64,
-                                  "compute": "fp32", "weights": f"{weights.st_size}:{weights.st_mtime_ns}"}
+                                  "compute": "fp32", "weights": stamp}
 
 
 @pytest.mark.parametrize("changed", [["--activation", "softmax"], ["--hop", "0.32"], ["--quantize", "int8"],

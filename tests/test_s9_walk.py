@@ -196,3 +196,27 @@ def test_fbank_outputs_do_not_depend_on_the_weights_file(tiny_checkpoint, tmp_pa
     os.utime(model / "model.safetensors", ns=(1, 1))
     again = ast(*args)
     assert again.exit_code == 0 and "0 written, 1 skipped" in again.stderr, again.stderr
+
+
+def test_a_model_whose_preprocessor_config_changed_is_another_model(tiny_checkpoint, tmp_path):
+    """A new mean/std in preprocessor_config.json makes other numbers, but only the weights file was stamped: a
+    resume mixed both. An earlier record whose stamp has no configs' part is still taken as this model's."""
+    import json
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_checkpoint[0], model)
+    clips = [write_audio(tmp_path / f"{n}.wav", 1.0, seed=n) for n in range(2)]
+    tags = tmp_path / "t.jsonl"
+    assert ast("classify", clips[0], "--model", model, "-o", tags, "-q").exit_code == 0
+    record = json.loads(tags.read_text())
+    old = dict(record, settings=dict(record["settings"], weights=record["settings"]["weights"].split(" ")[0]))
+    tags.write_text(json.dumps(old) + "\n")  # as the previous version wrote it: the weights file's stamp alone
+    assert ast("classify", *clips, "--model", model, "-o", tags, "--resume", "-q").exit_code == 0
+    config = json.loads((model / "preprocessor_config.json").read_text())
+    (model / "preprocessor_config.json").write_text(json.dumps(dict(config, mean=0.0, std=1.0)))
+    before = tags.read_bytes()
+    clips.append(write_audio(tmp_path / "2.wav", 1.0, seed=2))
+    refused = ast("classify", *clips, "--model", model, "-o", tags, "--resume")
+    assert refused.exit_code == 2 and "or its configs" in refused.stderr, refused.stderr
+    assert tags.read_bytes() == before

@@ -192,15 +192,19 @@ def _tensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict:
 
 
 def weights_stamp(model: str, path, heads=()) -> str | None:
-    """What a local model's weights file (``path``: ``model`` resolved) and each head's two files are now, as
-    ``size:mtime_ns`` (a stat, not a hash: every run pays it): records and extracted features carry it, so that
+    """What a local model's weights file (``path``: ``model`` resolved), each head's two files and the model
+    folder's configs are now, as ``size:mtime_ns`` (a stat, not a hash: every run pays it): records and
+    extracted features carry it, so that
     ``--resume``, ``--output-dir`` and ``extract-features`` refuse to mix outputs of a model or head retrained or
     replaced in place. A hub model is left out: its commit already names it."""
-    from .names import looks_local, weights_path
+    from .names import CONFIG_NAME, PREPROCESSOR_NAME, looks_local, weights_path
 
     files = [os.path.join(head.path, name) for head in heads for name in (HEAD_CONFIG, HEAD_WEIGHTS)]
     if looks_local(model) and not os.path.isdir(weights_path(path)):  # a folder with no weights: none to stamp
         files.insert(0, weights_path(path))
+    if looks_local(model) and os.path.isdir(path):  # its configs too (a new mean/std makes other numbers), last:
+        files += [file for file in (os.path.join(path, name) for name in (CONFIG_NAME, PREPROCESSOR_NAME))
+                  if os.path.isfile(file)]  # an earlier stamp without them is then a prefix of this one
     stats = [os.stat(file) for file in files]
     return " ".join(f"{stat.st_size}:{stat.st_mtime_ns}" for stat in stats) or None
 

@@ -129,8 +129,9 @@ class Settings:
             return f"heads {metadata.get('heads', [])}, not {list(self.heads)}"
         if self.kind is None and metadata.get("aggregate", "max") != self.aggregate:  # e.g. calibrated's mean
             return f"aggregate {metadata.get('aggregate', 'max')}, not {self.aggregate}"
-        if self.weights and metadata.get("weights") not in (None, self.weights):  # older records have none
-            return "the model's or a head's weights changed since (their files' size or time)"
+        recorded = metadata.get("weights")  # older records have none, or no configs' stamps at its end
+        if self.weights and recorded not in (None, self.weights) and not self.weights.startswith(f"{recorded} "):
+            return "the model's or a head's weights changed since (or its configs: their files' size or time)"
         return None
 
 
