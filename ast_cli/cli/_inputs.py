@@ -39,7 +39,7 @@ def run_inputs(paths: list[str], ext, shard: tuple[int, int] | None, stderr, qui
     return items
 
 
-def refuse_only_missing(found, verb: str) -> None:
+def refuse_only_missing(found, verb: str, hint: str = "check the paths") -> None:
     """An ``AstError`` (exit 1) when every input is a path that is not there (a typo, a pattern that matches
     nothing): not a run whose every file fails, which would open the output (and with --overwrite replace a good
     one with its error records) and load the model first."""
@@ -52,7 +52,7 @@ def refuse_only_missing(found, verb: str) -> None:
                      for item in found):  # (a link to nothing is not there either)
         shown = "; ".join(f"{item.path}: {item.error or 'no such file (a broken link)'}" for item in found[:3])
         more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
-        raise AstError(f"nothing to {verb}: {shown}{more}", hint="check the paths")
+        raise AstError(f"nothing to {verb}: {shown}{more}", hint=hint)
 
 
 def _looked_for(ext) -> str:

@@ -92,7 +92,7 @@ def index_command(
             raise UsageError("no audio files found in the given paths", hint="check --ext, or name files directly")
         _refuse_emptied_folders(named, found, plan.gone)
         if not plan.gone:  # --prune of named files deleted since: they are pruned
-            refuse_only_missing(found, "index")
+            refuse_only_missing(found, "index", hint="check the paths; add --prune to drop indexed files deleted since")
         check_writable_dir(db, option="db")  # before the model loads: /proc/nope, a read-only folder
         identity, path = _identity(model, run, cluster, stderr, quiet)
         check_stores(db, identity)  # the index or any part made otherwise: refused before any write

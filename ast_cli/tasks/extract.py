@@ -11,8 +11,7 @@ Output files (``fmt``):
 - ``safetensors``: ``<out>/<relative path>.safetensors`` holding one float32 tensor named after the kind
   (``fbank`` (windows, max_length, num_mel_bins) or ``embedding`` (windows, hidden_size)); the metadata in
   its header are strings, JSON-encoded where they are not strings already (numbers, lists).
-- ``npy``: ``<out>/<relative path>.npy`` holding the same array, plus ``<out>/<relative path>.json`` beside it
-  with the same metadata as plain JSON values.
+- ``npy``: ``<out>/<relative path>.npy`` holding the same array, and its metadata as JSON in ``<...>.json``.
 
 Every file is written to a temporary file in the same directory and renamed into place, so an interrupted run
 never leaves a partial output; an existing output counts as done (skipped unless ``overwrite``).
@@ -129,7 +128,7 @@ class Settings:
             return f"heads {metadata.get('heads', [])}, not {list(self.heads)}"
         if self.kind is None and metadata.get("aggregate", "max") != self.aggregate:  # e.g. calibrated's mean
             return f"aggregate {metadata.get('aggregate', 'max')}, not {self.aggregate}"
-        recorded = metadata.get("weights")  # older records have none, or no configs' stamps at its end
+        recorded = metadata.get("weights")  # older records: none, or no configs' stamps at its end (a prefix)
         if self.weights and recorded not in (None, self.weights) and not self.weights.startswith(f"{recorded} "):
             return "the model's or a head's weights changed since (or its configs: their files' size or time)"
         return None
